@@ -1,0 +1,197 @@
+"""Typed configuration: preprocessing, targets, calibration and evaluation specs, with JSON/YAML I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from quantship.errors import ConfigError
+
+
+def _choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(str(value).lower())
+    except ValueError:
+        names = ", ".join(m.value for m in enum_cls)
+        raise ConfigError(f"unknown {what} '{value}'; choose one of: {names}") from None
+
+
+class Interpolation(str, enum.Enum):
+    NEAREST = "nearest"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    AREA = "area"
+
+
+class ChannelOrder(str, enum.Enum):
+    RGB = "rgb"
+    BGR = "bgr"
+
+
+class Layout(str, enum.Enum):
+    NHWC = "nhwc"
+    NCHW = "nchw"
+
+
+class CropMode(str, enum.Enum):
+    """How many views of each image are evaluated; the model's outputs are averaged over the views."""
+
+    CENTER = "center"  # one centre crop
+    TEN = "10crop"  # 4 corners + centre, and their mirror images
+    TWELVE = "12crop"  # the 10 crops + the whole image resized to the crop size, and its mirror
+
+
+# Normalisation families of the field; mean/std are per channel in RGB order on the 0..255 scale.
+NORMALIZATION_MODES: dict[str, dict[str, Any]] = {
+    "caffe": {"mean": (123.68, 116.779, 103.939), "std": (1.0, 1.0, 1.0), "channel_order": ChannelOrder.BGR},
+    "tf": {"mean": (127.5, 127.5, 127.5), "std": (127.5, 127.5, 127.5), "channel_order": ChannelOrder.RGB},
+    "torch": {
+        "mean": (123.675, 116.28, 103.53),
+        "std": (58.395, 57.12, 57.375),
+        "channel_order": ChannelOrder.RGB,
+    },
+    "raw": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "channel_order": ChannelOrder.RGB},
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Classification preprocessing as data: resize the shorter side, crop, normalise, order, layout.
+
+    The shorter side is resized to ``round(crop / crop_pct)`` and the centre ``crop`` x ``crop`` is taken
+    (``crop_pct=1`` resizes straight to the crop). Pixel values are ``(x - mean) / std`` per channel, with
+    mean/std given in RGB order on the 0..255 scale, applied before any channel reordering.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    crop_pct: float = 0.875
+    interpolation: Interpolation = Interpolation.BILINEAR
+    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    std: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    channel_order: ChannelOrder = ChannelOrder.RGB
+    layout: Layout = Layout.NHWC
+    crops: CropMode = CropMode.CENTER
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        object.__setattr__(self, "interpolation", _choice(Interpolation, self.interpolation, "interpolation"))
+        object.__setattr__(self, "channel_order", _choice(ChannelOrder, self.channel_order, "channel order"))
+        object.__setattr__(self, "layout", _choice(Layout, self.layout, "layout"))
+        object.__setattr__(self, "crops", _choice(CropMode, self.crops, "crop mode"))
+        if len(self.size) != 2 or min(self.size) <= 0:
+            raise ConfigError(f"preprocess size must be two positive integers, got {self.size}")
+        if not 0.1 <= self.crop_pct <= 1.0:
+            raise ConfigError(f"crop_pct must be in [0.1, 1.0], got {self.crop_pct}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError("mean and std need three values each, std positive")
+
+    @classmethod
+    def from_mode(cls, mode: str, **overrides: Any) -> "PreprocessSpec":
+        """Build a spec from a named normalisation family (caffe, tf, torch, raw) plus overrides."""
+        if mode not in NORMALIZATION_MODES:
+            raise ConfigError(f"unknown normalisation mode '{mode}'; choose one of: {', '.join(NORMALIZATION_MODES)}")
+        return cls(**{**NORMALIZATION_MODES[mode], **overrides})
+
+    @property
+    def resize_shorter(self) -> int:
+        return int(round(min(self.size) / self.crop_pct))
+
+    def with_overrides(self, **overrides: Any) -> "PreprocessSpec":
+        """Return a copy with user overrides applied (``mode=`` expands to mean/std/channel order)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        mode = overrides.pop("mode", None)
+        if mode is not None:
+            if mode not in NORMALIZATION_MODES:
+                raise ConfigError(
+                    f"unknown normalisation mode '{mode}'; choose one of: {', '.join(NORMALIZATION_MODES)}"
+                )
+            overrides = {**NORMALIZATION_MODES[mode], **overrides}
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigError(f"unknown preprocessing option(s): {', '.join(sorted(unknown))}")
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=lambda o: o.value))
+
+    def hash(self) -> str:
+        from quantship.fileio import sha256_json
+
+        return sha256_json(self.to_dict())[:16]
+
+
+class Backend(str, enum.Enum):
+    KERAS = "keras"
+    TFLITE = "tflite"
+    ONNX = "onnx"
+    TENSORRT = "trt"
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    DYNAMIC = "dynamic"  # int8 weights, float activations (TFLite dynamic-range)
+    INT8 = "int8"
+    INT16X8 = "int16x8"  # int16 activations, int8 weights
+
+
+class IODType(str, enum.Enum):
+    """Input/output type of a full-integer TFLite model."""
+
+    FLOAT32 = "float32"
+    INT8 = "int8"
+    UINT8 = "uint8"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One thing to evaluate: a runtime at a precision (and calibration method where it applies)."""
+
+    name: str
+    backend: Backend
+    precision: Precision
+    calibration: str | None = None  # max / entropy / percentile / mse, for int8 ONNX and TensorRT
+    io_dtype: IODType = IODType.FLOAT32
+    description: str = ""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.precision in (Precision.INT8, Precision.INT16X8)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """How the calibration split is drawn and used."""
+
+    num_images: int = 100
+    seed: int = 0
+    method: str = "entropy"
+    percentile: float = 99.99
+    batch_size: int = 1
+
+
+@dataclass
+class EvalSpec:
+    """Everything ``quantship eval`` needs; also the record of how a result was produced."""
+
+    model: str
+    data: str
+    targets: list[str]
+    out_dir: Path
+    weights: str | None = None
+    labels: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    threads: int | None = None
+    workers: int = 4
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    preprocess_overrides: dict[str, Any] = field(default_factory=dict)

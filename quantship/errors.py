@@ -1,0 +1,39 @@
+"""Typed exceptions. Library code raises these; only the CLI turns them into messages and exit codes."""
+
+
+class QuantshipError(Exception):
+    """Base class of every error quantship reports to the user."""
+
+    exit_code = 2
+
+
+class ConfigError(QuantshipError):
+    """An unknown option, model, target or method name, or option values that do not fit together."""
+
+
+class ModelLoadError(QuantshipError):
+    """A model or weights file that cannot be read or does not fit the architecture."""
+
+
+class DataError(QuantshipError):
+    """A dataset that is missing, unreadable, malformed or smaller than asked."""
+
+
+class ConversionError(QuantshipError):
+    """A converter (TFLite, tf2onnx, TensorRT) failed."""
+
+
+class RuntimeBackendError(QuantshipError):
+    """A runtime could not load an artifact or run it (wrong input shape, corrupt file, ...)."""
+
+
+class CalibrationError(QuantshipError):
+    """The calibration feed or the collected statistics are unusable (empty, NaN/inf, wrong shape)."""
+
+
+class MissingDependencyError(QuantshipError):
+    """An optional dependency (TensorRT, CUDA, ...) that the requested feature needs is not installed."""
+
+
+class UnsafePickleError(QuantshipError):
+    """A pickle asked for something the restricted unpickler does not allow."""

@@ -1,0 +1,118 @@
+"""The architectures the field benchmarks, registered with their default preprocessing.
+
+Nothing is built or downloaded at import: each entry holds a builder that makes the model with random
+weights (``weights=None``); trained weights come from the user's file or, for EfficientNet-Lite0, from the
+offline port in :mod:`quantship.models.pretrained`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from quantship.config import Interpolation, PreprocessSpec
+from quantship.lazy import lazy_import
+from quantship.models.registry import ModelSpec, register_model
+
+
+def _keras_app(app_name: str, **fixed):
+    def build(num_classes: int = 1000, input_shape=None, classifier_activation: str | None = "softmax"):
+        keras = lazy_import("keras")
+        ctor = getattr(keras.applications, app_name)
+        return ctor(
+            weights=None,
+            classes=num_classes,
+            input_shape=input_shape,
+            classifier_activation=classifier_activation,
+            **fixed,
+        )
+
+    return build
+
+
+def _register_keras_app(name, app_name, size, mode, family, crop_pct=0.875, description="", **fixed):
+    register_model(
+        ModelSpec(
+            name=name,
+            build=_keras_app(app_name, **fixed),
+            input_size=(size, size),
+            preprocess=PreprocessSpec.from_mode(mode, size=(size, size), crop_pct=crop_pct),
+            family=family,
+            description=description,
+            extra={"keras_application": app_name, **fixed},
+        )
+    )
+
+
+# Classic CNNs (Keras Applications). Eval crop: resize shorter side to crop/0.875, centre crop.
+_register_keras_app("vgg16", "VGG16", 224, "caffe", "vgg", description="VGG16 (Simonyan & Zisserman)")
+_register_keras_app("resnet50", "ResNet50", 224, "caffe", "resnet", description="ResNet-50 v1")
+_register_keras_app("inception_v3", "InceptionV3", 299, "tf", "inception", description="Inception v3")
+_register_keras_app(
+    "inception_resnet_v2", "InceptionResNetV2", 299, "tf", "inception", description="Inception-ResNet v2"
+)
+_register_keras_app("xception", "Xception", 299, "tf", "xception", description="Xception")
+_register_keras_app("densenet121", "DenseNet121", 224, "torch", "densenet", description="DenseNet-121")
+
+# MobileNet v1 at every width multiplier and resolution of the original release.
+for _alpha in (0.25, 0.5, 0.75, 1.0):
+    for _res in (128, 160, 192, 224):
+        _register_keras_app(
+            f"mobilenet_{_alpha}_{_res}",
+            "MobileNet",
+            _res,
+            "tf",
+            "mobilenet",
+            description=f"MobileNet v1, width {_alpha}, {_res}x{_res}",
+            alpha=_alpha,
+        )
+_register_keras_app("mobilenet_v2", "MobileNetV2", 224, "tf", "mobilenet_v2", description="MobileNetV2 1.0 224")
+
+
+def _squeezenet(num_classes: int = 1000, input_shape=None, classifier_activation="softmax"):
+    from quantship.models.squeezenet import build_squeezenet_v1_1
+
+    return build_squeezenet_v1_1(num_classes, input_shape or (227, 227, 3), classifier_activation)
+
+
+register_model(
+    ModelSpec(
+        name="squeezenet_v1_1",
+        build=_squeezenet,
+        input_size=(227, 227),
+        preprocess=PreprocessSpec.from_mode("caffe", size=(227, 227)),
+        family="squeezenet",
+        description="SqueezeNet v1.1",
+    )
+)
+
+
+def _efficientnet_lite(variant: str, num_classes: int = 1000, input_shape=None, classifier_activation="softmax"):
+    from quantship.models.efficientnet_lite import build_efficientnet_lite
+
+    return build_efficientnet_lite(variant, num_classes, input_shape, classifier_activation)
+
+
+def _lite0_pretrained():
+    from quantship.models.pretrained import efficientnet_lite0_imagenet_weights
+
+    return efficientnet_lite0_imagenet_weights()
+
+
+register_model(
+    ModelSpec(
+        name="efficientnet_lite0",
+        build=functools.partial(_efficientnet_lite, "lite0"),
+        input_size=(224, 224),
+        # The preprocessing the ported ImageNet checkpoint expects; see quantship/models/pretrained.py.
+        preprocess=PreprocessSpec(
+            size=(224, 224),
+            crop_pct=0.875,
+            interpolation=Interpolation.BICUBIC,
+            mean=(127.0, 127.0, 127.0),
+            std=(128.0, 128.0, 128.0),
+        ),
+        family="efficientnet_lite",
+        pretrained=_lite0_pretrained,
+        description="EfficientNet-Lite0 (ReLU6, no SE); ImageNet weights built in",
+    )
+)
