@@ -1,0 +1,5 @@
+import sys
+
+from quantship.cli import main
+
+sys.exit(main())

@@ -1,0 +1,247 @@
+"""The ``quantship`` command: subcommands built from shared argument groups.
+
+Only this module turns :class:`QuantshipError` into a message and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from quantship import __version__
+from quantship.errors import ConfigError, QuantshipError
+
+log = logging.getLogger("quantship")
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def deco(fn):
+        _COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------------------- argument groups
+
+
+def _parse_overrides(text: str | None) -> dict[str, Any]:
+    """``mode=tf,size=224,crop_pct=0.875,interpolation=bicubic,layout=nchw,crops=10crop`` -> dict."""
+    if not text:
+        return {}
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--preprocess expects key=value pairs separated by commas, got '{item}'")
+        if key == "size":
+            parts = value.lower().replace("x", " ").split()
+            try:
+                nums = [int(p) for p in parts]
+            except ValueError:
+                raise ConfigError(f"--preprocess size must be N or HxW, got '{value}'") from None
+            out["size"] = (nums[0], nums[-1])
+        elif key in ("crop_pct",):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"--preprocess {key} must be a number, got '{value}'") from None
+        elif key in ("mean", "std"):
+            try:
+                vals = [float(v) for v in value.split("/")]
+            except ValueError:
+                raise ConfigError(f"--preprocess {key} expects three numbers separated by '/', got '{value}'") from None
+            out[key] = tuple(vals * 3 if len(vals) == 1 else vals)
+        else:
+            out[key] = value
+    return out
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="registry name (see 'quantship models') or a model file")
+    g.add_argument("--weights", help="weights file (.keras, .weights.h5, .h5, SavedModel dir), 'pretrained' or 'random'")
+    g.add_argument(
+        "--preprocess",
+        help="preprocessing overrides: mode=caffe|tf|torch|raw, size=224, crop_pct=0.875, "
+        "interpolation=bilinear|bicubic|area, mean=a/b/c, std=a/b/c, channel_order=rgb|bgr, layout=nhwc|nchw, "
+        "crops=center|10crop|12crop",
+    )
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=required, help="KIND:PATH, e.g. imagenet:/data/imagenet/val")
+    g.add_argument("--labels", help="ground-truth file for a flat image folder (found in the folder by default)")
+    g.add_argument("--limit", type=int, help="evaluate only the first N images")
+    g.add_argument("--calib-images", type=int, default=100, help="calibration images, disjoint from evaluation (100)")
+    g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
+    g.add_argument("--workers", type=int, default=max(2, min(8, os.cpu_count() or 2)), help="image decoding threads")
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--threads", type=int, help="CPU threads of LiteRT / ONNX Runtime")
+    g.add_argument("--batch-size", type=int, default=8)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+# ------------------------------------------------------------------------------------- commands
+
+
+@command("models")
+def _cmd_models(args: argparse.Namespace) -> int:
+    from quantship.models.stats import model_table
+
+    print(model_table(with_stats=not args.no_stats))
+    return 0
+
+
+@command("targets")
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from quantship.targets import list_targets
+
+    for t in list_targets():
+        print(f"{t.name:24s} {t.spec.description}")
+    return 0
+
+
+@command("eval")
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from quantship.config import CalibrationSpec, EvalSpec
+    from quantship.evaluate.results import text_table
+    from quantship.pipeline import run_eval
+
+    spec = EvalSpec(
+        model=args.model,
+        data=args.data,
+        targets=[t for t in args.targets.split(",") if t.strip()],
+        out_dir=Path(args.out),
+        weights=args.weights,
+        labels=args.labels,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        workers=args.workers,
+        calibration=CalibrationSpec(num_images=args.calib_images, seed=args.calib_seed),
+        preprocess_overrides=_parse_overrides(args.preprocess),
+    )
+    print(f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})")
+    rows = run_eval(spec)
+    print()
+    print(text_table(rows))
+    skipped = rows[0]["skipped"] if rows else 0
+    print(f"\n{rows[0]['images']} images, {rows[0]['calibration_images']} calibration images" + (f", {skipped} unreadable skipped (skipped.txt)" if skipped else ""))
+    print(f"results: {spec.out_dir / 'results.jsonl'}, {spec.out_dir / 'results.md'}")
+    return 0
+
+
+@command("convert")
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from quantship.pipeline import run_convert
+
+    artifacts = run_convert(
+        model=args.model,
+        weights=args.weights,
+        targets=[t for t in args.targets.split(",") if t.strip()],
+        out_dir=Path(args.out),
+        data=args.data,
+        labels=args.labels,
+        calib_images=args.calib_images,
+        calib_seed=args.calib_seed,
+        preprocess_overrides=_parse_overrides(args.preprocess),
+        workers=args.workers,
+    )
+    for name, art in artifacts.items():
+        if art is not None:
+            print(f"{name:22s} {art.path}  ({art.manifest['size_bytes'] / 1e6:.2f} MB, manifest {art.manifest_path.name})")
+    return 0
+
+
+@command("demo")
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from quantship.demo import run_demo
+
+    return run_demo(Path(args.out), threads=args.threads, print_fn=print)
+
+
+# ----------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from quantship.targets import DEFAULT_TARGETS
+
+    parser = argparse.ArgumentParser(
+        prog="quantship",
+        description="Export Keras models to TFLite / ONNX / TensorRT, evaluate every runtime on the same data, sign off.",
+    )
+    parser.add_argument("--version", action="version", version=f"quantship {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the registered architectures")
+    p.add_argument("--no-stats", action="store_true", help="skip building models to count parameters and MACs")
+    _common(p)
+
+    p = sub.add_parser("targets", help="list evaluation targets")
+    _common(p)
+
+    p = sub.add_parser("eval", help="evaluate targets on a dataset, side by side")
+    _model_args(p)
+    _data_args(p)
+    _runtime_args(p)
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated targets (see 'quantship targets')")
+    p.add_argument("--out", default="quantship-out", help="output folder (artifacts, results.jsonl, results.md)")
+    _common(p)
+
+    p = sub.add_parser("convert", help="write the artifacts of the given targets (with manifests)")
+    _model_args(p)
+    _data_args(p, required=False)
+    p.add_argument("--targets", default="tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8,tflite-int16x8")
+    p.add_argument("--out", default="quantship-out", help="output folder")
+    _common(p)
+
+    p = sub.add_parser("demo", help="pretrained EfficientNet-Lite0 on sample photos, every TFLite precision")
+    p.add_argument("--out", default="quantship-demo", help="output folder")
+    p.add_argument("--threads", type=int, default=2)
+    _common(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from quantship import progress
+    from quantship.fileio import cache_dir
+    from quantship.logs import route_native_stderr
+
+    progress.set_enabled(not args.quiet and sys.stderr.isatty())
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not args.verbose:
+        out = getattr(args, "out", None)
+        route_native_stderr(Path(out) / "native.log" if out else cache_dir() / "native.log")
+    try:
+        return _COMMANDS[args.command](args)
+    except QuantshipError as exc:
+        print(f"quantship {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"quantship {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

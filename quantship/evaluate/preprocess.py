@@ -1,0 +1,109 @@
+"""Image decoding and classification preprocessing, driven entirely by a :class:`PreprocessSpec`.
+
+Every runtime is fed by this one function so that no two targets ever see differently prepared pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantship.config import ChannelOrder, CropMode, Interpolation, Layout, PreprocessSpec
+from quantship.errors import DataError
+from quantship.lazy import lazy_import
+
+_CV2_INTERP = {
+    Interpolation.NEAREST: "INTER_NEAREST",
+    Interpolation.BILINEAR: "INTER_LINEAR",
+    Interpolation.BICUBIC: "INTER_CUBIC",
+    Interpolation.AREA: "INTER_AREA",
+}
+
+
+def _cv2():
+    return lazy_import("cv2", "opencv-python-headless", "image decoding")
+
+
+def decode_image(data: bytes, source: str = "image") -> np.ndarray:
+    """Decode JPEG/PNG/... bytes to an RGB uint8 array (H, W, 3).
+
+    Raises:
+        DataError: The bytes are not a readable image, or a JPEG is truncated (no end-of-image marker;
+            OpenCV would otherwise return a partly grey picture without complaint).
+    """
+    cv2 = _cv2()
+    if not data:
+        raise DataError(f"{source}: empty file")
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < 2:
+        raise DataError(f"{source}: truncated JPEG (no end-of-image marker)")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise DataError(f"{source}: not a readable image")
+    if img.dtype != np.uint8:  # 16-bit PNG and the like
+        img = (img / (np.iinfo(img.dtype).max / 255.0)).astype(np.uint8) if img.dtype.kind == "u" else None
+        if img is None:
+            raise DataError(f"{source}: unsupported pixel type")
+    if img.ndim == 2:
+        return np.repeat(img[:, :, None], 3, axis=2)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    if img.shape[2] == 1:
+        return np.repeat(img, 3, axis=2)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def resize_shorter(img: np.ndarray, shorter: int, interpolation: Interpolation) -> np.ndarray:
+    """Resize so that the shorter side is ``shorter`` pixels, keeping the aspect ratio."""
+    cv2 = _cv2()
+    h, w = img.shape[:2]
+    scale = shorter / min(h, w)
+    new_w, new_h = max(shorter, int(round(w * scale))), max(shorter, int(round(h * scale)))
+    if (new_h, new_w) == (h, w):
+        return img
+    return cv2.resize(img, (new_w, new_h), interpolation=getattr(cv2, _CV2_INTERP[interpolation]))
+
+
+def _crop(img: np.ndarray, top: int, left: int, size: tuple[int, int]) -> np.ndarray:
+    return img[top : top + size[0], left : left + size[1]]
+
+
+def crop_views(img: np.ndarray, spec: PreprocessSpec) -> list[np.ndarray]:
+    """The crops of ``img`` the spec asks for (uint8, RGB): 1, 10 or 12 views."""
+    ch, cw = spec.size
+    resized = resize_shorter(img, max(spec.resize_shorter, ch, cw), spec.interpolation)
+    h, w = resized.shape[:2]
+    centre = _crop(resized, (h - ch) // 2, (w - cw) // 2, spec.size)
+    if spec.crops is CropMode.CENTER:
+        return [centre]
+    corners = [
+        _crop(resized, 0, 0, spec.size),
+        _crop(resized, 0, w - cw, spec.size),
+        _crop(resized, h - ch, 0, spec.size),
+        _crop(resized, h - ch, w - cw, spec.size),
+        centre,
+    ]
+    views = corners + [v[:, ::-1] for v in corners]
+    if spec.crops is CropMode.TWELVE:
+        cv2 = _cv2()
+        whole = cv2.resize(img, (cw, ch), interpolation=getattr(cv2, _CV2_INTERP[spec.interpolation]))
+        views += [whole, whole[:, ::-1]]
+    return views
+
+
+def normalize(views: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(..., H, W, 3) uint8 RGB -> float32 normalised, in the spec's channel order and layout."""
+    x = (views.astype(np.float32) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    if spec.channel_order is ChannelOrder.BGR:
+        x = x[..., ::-1]
+    if spec.layout is Layout.NCHW:
+        x = np.moveaxis(x, -1, -3)
+    return np.ascontiguousarray(x)
+
+
+def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """RGB uint8 image -> float32 array of shape (views, *input_shape)."""
+    return normalize(np.stack(crop_views(img, spec)), spec)
+
+
+def num_views(spec: PreprocessSpec) -> int:
+    return {CropMode.CENTER: 1, CropMode.TEN: 10, CropMode.TWELVE: 12}[spec.crops]

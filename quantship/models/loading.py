@@ -1,0 +1,201 @@
+"""Load a model: a registry architecture with the user's weights, or a whole model from a file.
+
+Accepted weight sources: ``.keras`` archives, ``.weights.h5``, legacy Keras-2 ``.h5`` (full model or weights
+only) and SavedModel directories; ``pretrained`` (built-in weights) and ``random`` (no weights, for latency).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantship.config import PreprocessSpec
+from quantship.errors import ConfigError, ModelLoadError
+from quantship.fileio import sha256_file
+from quantship.lazy import lazy_import
+from quantship.models.registry import ModelSpec, get_model_spec
+
+
+@dataclass
+class LoadedModel:
+    """A ready Keras model with what evaluation needs to know about it."""
+
+    name: str
+    model: Any
+    preprocess: PreprocessSpec
+    weights: str
+    weights_hash: str
+    spec: ModelSpec | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.model.inputs[0].shape[1:])
+
+
+def _keras():
+    return lazy_import("keras", purpose="loading Keras models")
+
+
+def _is_legacy_full_h5(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "model_config" in f.attrs
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: not a readable HDF5 file ({exc})") from None
+
+
+def _legacy_custom_objects() -> dict[str, Any]:
+    """Keras-2 configs carry arguments Keras 3 refuses (``groups`` on DepthwiseConv2D): accept and drop."""
+    keras = _keras()
+
+    class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+        def __init__(self, *args: Any, groups: Any = None, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+
+    return {"DepthwiseConv2D": DepthwiseConv2D, "relu6": keras.activations.relu6}
+
+
+def _load_full_model(path: Path) -> Any:
+    keras = _keras()
+    try:
+        if path.is_dir():
+            if not (path / "saved_model.pb").is_file():
+                raise ModelLoadError(f"{path}: a directory without saved_model.pb is not a SavedModel")
+            layer = keras.layers.TFSMLayer(str(path), call_endpoint="serving_default")
+            return layer
+        if path.suffix == ".keras":
+            if not zipfile.is_zipfile(path):
+                raise ModelLoadError(f"{path}: not a .keras archive (truncated or corrupt file)")
+            return keras.saving.load_model(str(path), compile=False, safe_mode=True)
+        # legacy full-model .h5
+        try:
+            return keras.saving.load_model(str(path), compile=False, custom_objects=_legacy_custom_objects())
+        except Exception as exc:  # noqa: BLE001
+            tf_keras = None
+            try:
+                import tf_keras  # type: ignore[no-redef]
+            except ImportError:
+                pass
+            if tf_keras is None:
+                raise ModelLoadError(
+                    f"{path}: Keras 3 cannot rebuild this Keras-2 model ({exc}); load its weights into a registry "
+                    "architecture with --model NAME --weights FILE, or install tf-keras (pip install quantship[legacy])"
+                ) from None
+            return tf_keras.models.load_model(str(path), compile=False)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Keras/h5py raise many types for a bad file
+        raise ModelLoadError(f"{path}: cannot load model ({_short(exc)})") from None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _wrap_savedmodel_layer(layer: Any, spec: ModelSpec | None, preprocess: PreprocessSpec) -> Any:
+    keras = _keras()
+    shape = (*preprocess.size, 3) if spec is None else (*spec.input_size, 3)
+    inputs = keras.Input(shape=shape, name="input")
+    out = layer(inputs)
+    if isinstance(out, dict):
+        out = out[sorted(out)[0]]
+    return keras.Model(inputs, out, name="savedmodel")
+
+
+def load_model(
+    model: str,
+    weights: str | os.PathLike | None = None,
+    preprocess: PreprocessSpec | None = None,
+    num_classes: int | None = None,
+) -> LoadedModel:
+    """Build or load a Keras model.
+
+    Args:
+        model: Registry name, or the path of a full model (``.keras``, full ``.h5``, SavedModel dir).
+        weights: Weights for a registry model: a file, ``pretrained`` (default when the model has built-in
+            weights) or ``random``.
+        preprocess: Preprocessing to use; defaults to the registry model's.
+        num_classes: Classifier width when it differs from the registry default.
+
+    Raises:
+        ConfigError: Unknown model, or a path model without preprocessing.
+        ModelLoadError: Unreadable file, or weights that do not fit the architecture.
+    """
+    path = Path(model).expanduser()
+    if path.suffix in (".keras", ".h5") or path.is_dir() or (os.sep in model and path.exists()):
+        if not path.exists():
+            raise ModelLoadError(f"model file not found: {path}")
+        if preprocess is None:
+            raise ConfigError(f"{path}: a model given as a file needs --preprocess (e.g. mode=tf,size=224)")
+        loaded = _load_full_model(path)
+        if not hasattr(loaded, "inputs"):
+            loaded = _wrap_savedmodel_layer(loaded, None, preprocess)
+        return LoadedModel(path.stem, loaded, preprocess, str(path), sha256_file(path)[:16])
+
+    spec = get_model_spec(model)
+    pre = preprocess or spec.preprocess
+    build_kwargs: dict[str, Any] = {"num_classes": num_classes or spec.num_classes}
+    if pre.size != spec.input_size:
+        build_kwargs["input_shape"] = (*pre.size, 3)
+    if weights is None:
+        if spec.pretrained is None:
+            raise ConfigError(
+                f"model '{spec.name}' has no built-in weights here; pass --weights FILE (or --weights random to "
+                "measure latency with untrained weights)"
+            )
+        weights = "pretrained"
+    weights = str(weights)
+    if weights == "random":
+        keras_model = spec.build(**build_kwargs)
+        return LoadedModel(spec.name, keras_model, pre, "random", weights_fingerprint(keras_model), spec)
+    if weights == "pretrained":
+        if spec.pretrained is None:
+            raise ConfigError(f"model '{spec.name}' has no built-in weights")
+        wpath = spec.pretrained()
+    else:
+        wpath = Path(weights).expanduser()
+    if not wpath.exists():
+        raise ModelLoadError(f"weights file not found: {wpath}")
+    wpath = Path(wpath)
+    name = wpath.name
+    if wpath.is_dir() or name.endswith(".keras") or (name.endswith(".h5") and not name.endswith(".weights.h5") and _is_legacy_full_h5(wpath)):
+        keras_model = _load_full_model(wpath)
+        if not hasattr(keras_model, "inputs"):
+            keras_model = _wrap_savedmodel_layer(keras_model, spec, pre)
+        _check_fits(keras_model, spec, pre, wpath)
+        return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)
+    if not name.endswith(".h5"):
+        raise ModelLoadError(f"{wpath}: unsupported weights file (use .keras, .weights.h5, .h5 or a SavedModel dir)")
+    keras_model = spec.build(**build_kwargs)
+    try:
+        keras_model.load_weights(str(wpath))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{wpath}: weights do not fit {spec.name}: {_short(exc)}") from None
+    return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)
+
+
+def _check_fits(model: Any, spec: ModelSpec, pre: PreprocessSpec, path: Path) -> None:
+    shape = tuple(model.inputs[0].shape[1:])
+    if len(shape) != 3 or (shape[0] is not None and tuple(shape[:2]) != tuple(pre.size)):
+        raise ModelLoadError(
+            f"{path}: the model takes input {shape}, but {spec.name} is evaluated at {pre.size}; give matching "
+            "--preprocess size=..."
+        )
+
+
+def weights_fingerprint(model: Any) -> str:
+    """Hash of a model's weight values (for models not loaded from a file)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for w in model.weights:
+        h.update(np.asarray(w).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,75 @@
+"""Parameter and multiply-accumulate counts of registered models (cached: building them takes seconds)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from quantship.fileio import cache_dir, write_json_atomic
+from quantship.models.registry import list_models
+
+
+def count_macs(model: Any) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (convolutions and dense layers)."""
+    keras = __import__("keras")
+    total = 0
+    for layer in model.layers:
+        try:
+            out_shape = layer.output.shape
+            in_shape = layer.input.shape
+        except (AttributeError, ValueError):
+            continue
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            kh, kw = layer.kernel_size
+            total += int(np.prod(out_shape[1:])) * kh * kw
+        elif isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            cin = in_shape[-1] // getattr(layer, "groups", 1)
+            total += int(np.prod(out_shape[1:])) * kh * kw * cin
+        elif isinstance(layer, keras.layers.Dense):
+            total += int(in_shape[-1]) * int(out_shape[-1]) * int(np.prod(out_shape[1:-1]) or 1)
+        elif hasattr(layer, "layers"):  # nested model
+            total += count_macs(layer)
+    return int(total)
+
+
+def model_stats(name: str) -> dict[str, Any]:
+    """``{"params": ..., "macs": ...}`` for a registered model, from the cache when available."""
+    import keras
+
+    from quantship.models.registry import get_model_spec
+
+    path = cache_dir() / f"model_stats-keras{keras.__version__}.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if name not in cache:
+        spec = get_model_spec(name)
+        model = spec.build()
+        cache[name] = {"params": int(model.count_params()), "macs": count_macs(model)}
+        del model
+        keras.backend.clear_session()
+        write_json_atomic(path, cache)
+    return cache[name]
+
+
+def model_table(with_stats: bool = True) -> str:
+    rows = []
+    for spec in list_models():
+        stats = model_stats(spec.name) if with_stats else {}
+        pre = spec.preprocess
+        rows.append(
+            (
+                spec.name,
+                f"{spec.input_size[0]}x{spec.input_size[1]}",
+                f"{stats['params'] / 1e6:.2f}M" if stats else "-",
+                f"{stats['macs'] / 1e6:.0f}M" if stats else "-",
+                "yes" if spec.pretrained else "-",
+                f"mean={'/'.join(f'{m:g}' for m in pre.mean)} std={'/'.join(f'{s:g}' for s in pre.std)} "
+                f"{pre.channel_order.value} crop_pct={pre.crop_pct:g} {pre.interpolation.value}",
+            )
+        )
+    header = ("model", "input", "params", "MACs", "built-in weights", "default preprocessing")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])

@@ -1,0 +1,239 @@
+"""The jobs the CLI runs, as library functions: convert a model to targets, evaluate targets on data."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from quantship.config import CropMode, EvalSpec
+from quantship.convert.manifest import Artifact
+from quantship.errors import DataError
+from quantship.evaluate.datasets import ImageDataset, Skipped, iter_batches, load_dataset, split_calibration
+from quantship.evaluate.metrics import TopKAccuracy
+from quantship.evaluate.results import write_results
+from quantship.fileio import sha256_json, write_text_atomic
+from quantship.models.loading import LoadedModel, load_model
+from quantship.progress import track
+from quantship.runtime.base import Runner
+from quantship.targets import BuildContext, Target, get_target
+
+log = logging.getLogger("quantship")
+REFERENCE_TARGET = "keras-fp32"
+
+
+def calibration_batches_factory(calib: ImageDataset, loaded: LoadedModel, batch_size: int = 8, workers: int = 4):
+    """A callable returning the calibration batches (decoded once, then kept in memory).
+
+    Calibration always uses the single centre crop, whatever the evaluation crop mode.
+    """
+    spec = dataclasses.replace(loaded.preprocess, crops=CropMode.CENTER)
+    cache: list[np.ndarray] = []
+
+    def batches() -> list[np.ndarray]:
+        if not cache:
+            skipped: list[Skipped] = []
+            for b in iter_batches(calib, spec, batch_size, workers, skipped):
+                cache.append(b.inputs[:, 0])
+            if not cache:
+                raise DataError(f"no readable calibration image among {len(calib)} ({skipped[0].reason if skipped else ''})")
+        return cache
+
+    return batches
+
+
+def calibration_info(calib: ImageDataset, loaded: LoadedModel, method: str | None = None) -> dict[str, Any]:
+    info = {"num_images": len(calib), "data_hash": calib.keys_hash(), "source": calib.source}
+    if method:
+        info["method"] = method
+    return info
+
+
+@dataclass
+class TargetResult:
+    target: Target
+    artifact: Artifact | None
+    runner: Runner
+    metric: TopKAccuracy = field(default_factory=TopKAccuracy)
+    seconds: float = 0.0  # runtime time over the timed batches (the first batch is warm-up)
+    timed_images: int = 0
+    probs: list[np.ndarray] = field(default_factory=list)
+
+
+def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> dict[str, Artifact | None]:
+    artifacts = {}
+    for t in track(targets, total=len(targets), desc="convert"):
+        log.info("building %s", t.name)
+        artifacts[t.name] = t.build(ctx, t.spec)
+    return artifacts
+
+
+def evaluate_classification(
+    dataset: ImageDataset,
+    ctx: BuildContext,
+    targets: Sequence[Target],
+    artifacts: dict[str, Artifact | None],
+    batch_size: int = 8,
+    workers: int = 4,
+    keep_probs: bool = False,
+) -> tuple[list[TargetResult], list[Skipped]]:
+    """Run every target on the same decoded, preprocessed batches (one decode per image for all targets)."""
+    results = [TargetResult(t, artifacts[t.name], t.make_runner(ctx, t.spec, artifacts[t.name])) for t in targets]
+    skipped: list[Skipped] = []
+    for r in results:
+        r.runner.activate()
+    try:
+        spec = ctx.loaded.preprocess
+        n_batches = (len(dataset) + batch_size - 1) // batch_size
+        batches = iter_batches(dataset, spec, batch_size, workers, skipped)
+        for i, batch in enumerate(track(batches, total=n_batches, desc="evaluate")):
+            b, v = batch.inputs.shape[:2]
+            flat = batch.inputs.reshape(b * v, *batch.inputs.shape[2:])
+            for r in results:
+                out = r.runner.infer(flat)
+                scores = next(iter(out.values())).reshape(b, v, -1).mean(axis=1)
+                if i > 0 or n_batches == 1:  # the first call traces/allocates: not a latency sample
+                    r.seconds += r.runner.last_inference_time or 0.0
+                    r.timed_images += b
+                r.metric.update(scores, batch.labels)
+                if keep_probs:
+                    r.probs.append(scores)
+    finally:
+        for r in results:
+            r.runner.deactivate()
+    return results, skipped
+
+
+def result_rows(
+    results: Sequence[TargetResult], loaded: LoadedModel, dataset: ImageDataset, skipped: Sequence[Skipped], extra: dict | None = None
+) -> list[dict[str, Any]]:
+    """One flat row per target, with differences and top-1 agreement against the reference target."""
+    ref = next((r for r in results if r.target.name == REFERENCE_TARGET), results[0])
+    ref_m = ref.metric.result()
+    rows = []
+    for r in results:
+        m = r.metric.result()
+        n = r.metric.count
+        agree = float(np.mean(np.asarray(r.metric.top1) == np.asarray(ref.metric.top1))) if n else float("nan")
+        art = r.artifact
+        rows.append(
+            {
+                "model": loaded.name,
+                "target": r.target.name,
+                "runtime": r.target.spec.backend.value,
+                "precision": r.target.spec.precision.value,
+                "dataset": dataset.source,
+                "task": "classification",
+                "images": n,
+                "skipped": len(skipped),
+                "top1": m["top1"],
+                "top5": m["top5"],
+                "delta_top1": m["top1"] - ref_m["top1"],
+                "delta_top5": m["top5"] - ref_m["top5"],
+                "reference": ref.target.name,
+                "agreement_top1": agree,
+                "latency_ms": 1e3 * r.seconds / r.timed_images if r.timed_images else None,
+                "artifact": str(art.path) if art else None,
+                "manifest": str(art.manifest_path) if art else None,
+                "size_mb": art.manifest["size_bytes"] / 1e6 if art else None,
+                "weights": loaded.weights,
+                "preprocess_hash": loaded.preprocess.hash(),
+                "eval_data_hash": dataset.keys_hash(),
+                "crops": loaded.preprocess.crops.value,
+                **(extra or {}),
+            }
+        )
+    return rows
+
+
+def run_eval(spec: EvalSpec) -> list[dict[str, Any]]:
+    """``quantship eval``: build every target, evaluate all on the same images, write results.
+
+    Returns:
+        The result rows (also written to ``out_dir/results.jsonl`` and ``results.md``).
+    """
+    targets = [get_target(n) for n in spec.targets]  # unknown names fail before any work
+    preprocess = None
+    if spec.preprocess_overrides:
+        from quantship.models.registry import get_model_spec
+
+        base = None
+        try:
+            base = get_model_spec(spec.model).preprocess
+        except Exception:  # noqa: BLE001 - a model given as a file has no registry defaults
+            from quantship.config import PreprocessSpec
+
+            base = PreprocessSpec()
+        preprocess = base.with_overrides(**spec.preprocess_overrides)
+    dataset = load_dataset(spec.data, labels=spec.labels)
+    loaded = load_model(spec.model, spec.weights, preprocess)
+    out_dir = Path(spec.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    needs_calib = any(t.spec.needs_calibration for t in targets)
+    n_calib = spec.calibration.num_images if needs_calib else 0
+    calib, evalset = split_calibration(dataset, n_calib, spec.limit, spec.calibration.seed)
+    ctx = BuildContext(
+        loaded,
+        out_dir,
+        calibration_batches=calibration_batches_factory(calib, loaded, workers=spec.workers) if needs_calib else None,
+        calibration_info=calibration_info(calib, loaded) if needs_calib else {},
+        threads=spec.threads,
+        log_path=out_dir / "convert.log",
+    )
+    try:
+        artifacts = build_targets(ctx, targets)
+        results, skipped = evaluate_classification(evalset, ctx, targets, artifacts, spec.batch_size, spec.workers)
+    finally:
+        ctx.close()
+    if skipped:
+        write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
+    rows = result_rows(results, loaded, evalset, skipped, {"calibration_images": len(calib), "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16]})
+    notes = [f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"]
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
+    write_results(out_dir, rows, f"quantship eval: {loaded.name}", notes)
+    return rows
+
+
+def run_convert(
+    model: str,
+    targets: Sequence[str],
+    out_dir: Path,
+    weights: str | None = None,
+    data: str | None = None,
+    labels: str | None = None,
+    calib_images: int = 100,
+    calib_seed: int = 0,
+    preprocess_overrides: dict[str, Any] | None = None,
+    workers: int = 4,
+) -> dict[str, Artifact | None]:
+    """``quantship convert``: write each target's artifact and manifest under ``out_dir/artifacts``."""
+    from quantship.errors import ConfigError
+
+    chosen = [get_target(n) for n in targets]
+    needs_calib = any(t.spec.needs_calibration for t in chosen)
+    if needs_calib and not data:
+        names = ", ".join(t.name for t in chosen if t.spec.needs_calibration)
+        raise ConfigError(f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)")
+    preprocess = None
+    if preprocess_overrides:
+        from quantship.models.registry import get_model_spec
+
+        preprocess = get_model_spec(model).preprocess.with_overrides(**preprocess_overrides)
+    loaded = load_model(model, weights, preprocess)
+    ctx = BuildContext(loaded, Path(out_dir), log_path=Path(out_dir) / "convert.log")
+    if needs_calib:
+        dataset = load_dataset(data, labels=labels)
+        if len(dataset) < calib_images:
+            raise DataError(f"{dataset.source}: {len(dataset)} images, fewer than the {calib_images} calibration images asked for")
+        calib, _ = split_calibration(dataset, calib_images, limit=None, seed=calib_seed) if len(dataset) > calib_images else (dataset, None)
+        ctx.calibration_batches = calibration_batches_factory(calib, loaded, workers=workers)
+        ctx.calibration_info = calibration_info(calib, loaded)
+    try:
+        return build_targets(ctx, chosen)
+    finally:
+        ctx.close()

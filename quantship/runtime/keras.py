@@ -1,0 +1,42 @@
+"""Keras runner: the fp32 reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from quantship.runtime.base import Runner, TensorMeta
+
+
+class KerasRunner(Runner):
+    """Runs an in-memory ``keras.Model`` (TensorFlow backend, CPU here) in inference mode."""
+
+    def __init__(self, model: Any, name: str = "keras-fp32"):
+        super().__init__(name)
+        self.model = model
+        self._fn = None
+
+    def activate_impl(self) -> None:
+        import tensorflow as tf
+
+        model = self.model
+        self._fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), reduce_retracing=True)
+
+    def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
+        out = self._fn(*[feed[m.name] for m in self.input_metadata()])
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return {m.name: np.asarray(o) for m, o in zip(self.output_metadata(), outs)}
+
+    def deactivate_impl(self) -> None:
+        self._fn = None
+
+    def input_metadata(self) -> list[TensorMeta]:
+        return [
+            TensorMeta(t.name.split(":")[0], tuple(t.shape), np.dtype("float32")) for t in self.model.inputs
+        ]
+
+    def output_metadata(self) -> list[TensorMeta]:
+        return [
+            TensorMeta(f"output_{i}", tuple(t.shape), np.dtype("float32")) for i, t in enumerate(self.model.outputs)
+        ]

@@ -1,0 +1,138 @@
+"""Evaluation targets by name: how each one's artifact is built and which runner runs it.
+
+A target is ``backend-precision`` (``tflite-int8``, ``keras-fp32``, ...). Adding a runtime means registering
+its targets here; nothing else dispatches on target names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from quantship.config import Backend, IODType, Precision, TargetSpec
+from quantship.convert.manifest import Artifact
+from quantship.errors import ConfigError
+from quantship.models.loading import LoadedModel
+from quantship.runtime.base import Runner
+
+
+@dataclass
+class BuildContext:
+    """What building artifacts and runners for one model needs; shared by all targets of a run."""
+
+    loaded: LoadedModel
+    out_dir: Path
+    calibration_batches: Callable[[], list[np.ndarray]] | None = None
+    calibration_info: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    log_path: Path | None = None
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def shared(self, key: str, factory: Callable[[], Any]) -> Any:
+        """One object per run (e.g. the SavedModel export every TFLite precision converts from)."""
+        if key not in self._cache:
+            self._cache[key] = factory()
+        return self._cache[key]
+
+    def close(self) -> None:
+        for obj in self._cache.values():
+            close = getattr(obj, "close", None)
+            if close:
+                close()
+        self._cache.clear()
+
+    def base_manifest(self, target: TargetSpec) -> dict[str, Any]:
+        lm = self.loaded
+        return {
+            "target": target.name,
+            "backend": target.backend.value,
+            "source_model": {"name": lm.name, "weights": lm.weights, "weights_sha256": lm.weights_hash},
+            "preprocess": lm.preprocess.to_dict(),
+            "preprocess_hash": lm.preprocess.hash(),
+            "calibration": dict(self.calibration_info),
+        }
+
+    def artifact_path(self, target: TargetSpec, suffix: str) -> Path:
+        return self.out_dir / "artifacts" / f"{self.loaded.name}-{target.name}{suffix}"
+
+
+@dataclass(frozen=True)
+class Target:
+    spec: TargetSpec
+    build: Callable[[BuildContext, TargetSpec], Artifact | None]
+    make_runner: Callable[[BuildContext, TargetSpec, Artifact | None], Runner]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+_TARGETS: dict[str, Target] = {}
+
+
+def register_target(spec: TargetSpec, build, make_runner) -> None:
+    if spec.name in _TARGETS:
+        raise ValueError(f"target '{spec.name}' registered twice")
+    _TARGETS[spec.name] = Target(spec, build, make_runner)
+
+
+def get_target(name: str) -> Target:
+    key = name.strip().lower()
+    if key not in _TARGETS:
+        raise ConfigError(f"unknown target '{name}'; known targets: {', '.join(_TARGETS)}")
+    return _TARGETS[key]
+
+
+def list_targets() -> list[Target]:
+    return list(_TARGETS.values())
+
+
+# ------------------------------------------------------------------------------------------ keras
+
+
+def _keras_build(ctx: BuildContext, spec: TargetSpec) -> None:
+    return None
+
+
+def _keras_runner(ctx: BuildContext, spec: TargetSpec, artifact: Artifact | None) -> Runner:
+    from quantship.runtime.keras import KerasRunner
+
+    return KerasRunner(ctx.loaded.model, name=spec.name)
+
+
+register_target(TargetSpec("keras-fp32", Backend.KERAS, Precision.FP32, description="Keras, float32 (reference)"), _keras_build, _keras_runner)
+
+# ----------------------------------------------------------------------------------------- tflite
+
+
+def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    from quantship.convert.tflite import TfliteConverter, TfliteSpec, convert_to_tflite
+
+    converter = ctx.shared("tflite-converter", lambda: TfliteConverter(ctx.loaded.model, ctx.log_path))
+    tspec = TfliteSpec(spec.precision, spec.io_dtype)
+    calib = ctx.calibration_batches if tspec.needs_calibration else None
+    return convert_to_tflite(converter, tspec, ctx.artifact_path(spec, ".tflite"), calib, ctx.base_manifest(spec))
+
+
+def _tflite_runner(ctx: BuildContext, spec: TargetSpec, artifact: Artifact | None) -> Runner:
+    from quantship.runtime.tflite import TfliteRunner
+
+    assert artifact is not None
+    return TfliteRunner(artifact.path, num_threads=ctx.threads, name=spec.name)
+
+
+for _name, _prec, _io, _desc in (
+    ("tflite-fp32", Precision.FP32, IODType.FLOAT32, "TFLite float32"),
+    ("tflite-fp16", Precision.FP16, IODType.FLOAT32, "TFLite float16 weights"),
+    ("tflite-dynamic", Precision.DYNAMIC, IODType.FLOAT32, "TFLite dynamic range (int8 weights, float activations)"),
+    ("tflite-int8", Precision.INT8, IODType.INT8, "TFLite full integer int8, int8 I/O"),
+    ("tflite-int8-uint8io", Precision.INT8, IODType.UINT8, "TFLite full integer int8, uint8 I/O"),
+    ("tflite-int8-floatio", Precision.INT8, IODType.FLOAT32, "TFLite full integer int8, float I/O"),
+    ("tflite-int16x8", Precision.INT16X8, IODType.FLOAT32, "TFLite int16 activations, int8 weights"),
+):
+    register_target(TargetSpec(_name, Backend.TFLITE, _prec, io_dtype=_io, description=_desc), _tflite_build, _tflite_runner)
+
+DEFAULT_TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8")
