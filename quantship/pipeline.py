@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from quantship.config import CropMode, EvalSpec
+from quantship.config import CropMode, EvalSpec, PreprocessSpec
 from quantship.convert.manifest import Artifact
 from quantship.errors import DataError
 from quantship.evaluate.datasets import ImageDataset, Skipped, iter_batches, load_dataset, split_calibration
@@ -24,6 +24,24 @@ from quantship.targets import BuildContext, Target, get_target
 
 log = logging.getLogger("quantship")
 REFERENCE_TARGET = "keras-fp32"
+
+
+def resolve_preprocess(model: str, overrides: dict[str, Any] | None) -> PreprocessSpec | None:
+    """The model's default preprocessing with user overrides (as timm's ``resolve_data_config``).
+
+    Returns None when there is nothing to override for a registry model (its default applies). A model given
+    as a file has no defaults: the overrides are applied to :class:`PreprocessSpec`'s.
+
+    Raises:
+        ConfigError: Unknown registry model or option.
+    """
+    from quantship.models.registry import get_model_spec
+
+    is_file = Path(model).suffix in (".keras", ".h5") or Path(model).exists()
+    base = PreprocessSpec() if is_file else get_model_spec(model).preprocess
+    if not overrides:
+        return None
+    return base.with_overrides(**overrides)
 
 
 def calibration_batches_factory(calib: ImageDataset, loaded: LoadedModel, batch_size: int = 8, workers: int = 4):
@@ -156,19 +174,9 @@ def run_eval(spec: EvalSpec) -> list[dict[str, Any]]:
     Returns:
         The result rows (also written to ``out_dir/results.jsonl`` and ``results.md``).
     """
-    targets = [get_target(n) for n in spec.targets]  # unknown names fail before any work
-    preprocess = None
-    if spec.preprocess_overrides:
-        from quantship.models.registry import get_model_spec
-
-        base = None
-        try:
-            base = get_model_spec(spec.model).preprocess
-        except Exception:  # noqa: BLE001 - a model given as a file has no registry defaults
-            from quantship.config import PreprocessSpec
-
-            base = PreprocessSpec()
-        preprocess = base.with_overrides(**spec.preprocess_overrides)
+    # Names are checked before any work: unknown targets, models or options fail at once.
+    targets = [get_target(n) for n in spec.targets]
+    preprocess = resolve_preprocess(spec.model, spec.preprocess_overrides)
     dataset = load_dataset(spec.data, labels=spec.labels)
     loaded = load_model(spec.model, spec.weights, preprocess)
     out_dir = Path(spec.out_dir)
@@ -215,15 +223,11 @@ def run_convert(
     from quantship.errors import ConfigError
 
     chosen = [get_target(n) for n in targets]
+    preprocess = resolve_preprocess(model, preprocess_overrides)
     needs_calib = any(t.spec.needs_calibration for t in chosen)
     if needs_calib and not data:
         names = ", ".join(t.name for t in chosen if t.spec.needs_calibration)
         raise ConfigError(f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)")
-    preprocess = None
-    if preprocess_overrides:
-        from quantship.models.registry import get_model_spec
-
-        preprocess = get_model_spec(model).preprocess.with_overrides(**preprocess_overrides)
     loaded = load_model(model, weights, preprocess)
     ctx = BuildContext(loaded, Path(out_dir), log_path=Path(out_dir) / "convert.log")
     if needs_calib:

@@ -7,6 +7,8 @@ only) and SavedModel directories; ``pretrained`` (built-in weights) and ``random
 from __future__ import annotations
 
 import os
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,9 +178,16 @@ def load_model(
         raise ModelLoadError(f"{wpath}: unsupported weights file (use .keras, .weights.h5, .h5 or a SavedModel dir)")
     keras_model = spec.build(**build_kwargs)
     try:
-        keras_model.load_weights(str(wpath))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            keras_model.load_weights(str(wpath))
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{wpath}: weights do not fit {spec.name}: {_short(exc)}") from None
+    # Keras warns, rather than fails, when it skips layers it finds no weights for: those layers would keep
+    # their random initial values, so treat it as the mismatch it is.
+    skipped = [str(w.message) for w in caught if re.search(r"[Ss]kipping|freshly-initialized|not loaded|mismatch", str(w.message))]
+    if skipped:
+        raise ModelLoadError(f"{wpath}: weights do not fit {spec.name}: {skipped[0].splitlines()[0][:300]}")
     return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)
 
 

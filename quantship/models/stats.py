@@ -21,7 +21,12 @@ def count_macs(model: Any) -> int:
             in_shape = layer.input.shape
         except (AttributeError, ValueError):
             continue
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            kh, kw = layer.kernel_size
+            cin = int(in_shape[-1])
+            spatial = int(np.prod(out_shape[1:-1]))
+            total += spatial * kh * kw * cin * layer.depth_multiplier + spatial * cin * layer.depth_multiplier * int(out_shape[-1])
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
             kh, kw = layer.kernel_size
             total += int(np.prod(out_shape[1:])) * kh * kw
         elif isinstance(layer, keras.layers.Conv2D):
@@ -41,7 +46,7 @@ def model_stats(name: str) -> dict[str, Any]:
 
     from quantship.models.registry import get_model_spec
 
-    path = cache_dir() / f"model_stats-keras{keras.__version__}.json"
+    path = cache_dir() / f"model_stats-v2-keras{keras.__version__}.json"
     cache = json.loads(path.read_text()) if path.is_file() else {}
     if name not in cache:
         spec = get_model_spec(name)

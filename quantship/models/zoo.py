@@ -14,14 +14,14 @@ from quantship.lazy import lazy_import
 from quantship.models.registry import ModelSpec, register_model
 
 
-def _keras_app(app_name: str, **fixed):
+def _keras_app(app_name: str, size: int, **fixed):
     def build(num_classes: int = 1000, input_shape=None, classifier_activation: str | None = "softmax"):
         keras = lazy_import("keras")
         ctor = getattr(keras.applications, app_name)
         return ctor(
             weights=None,
             classes=num_classes,
-            input_shape=input_shape,
+            input_shape=input_shape or (size, size, 3),
             classifier_activation=classifier_activation,
             **fixed,
         )
@@ -33,7 +33,7 @@ def _register_keras_app(name, app_name, size, mode, family, crop_pct=0.875, desc
     register_model(
         ModelSpec(
             name=name,
-            build=_keras_app(app_name, **fixed),
+            build=_keras_app(app_name, size, **fixed),
             input_size=(size, size),
             preprocess=PreprocessSpec.from_mode(mode, size=(size, size), crop_pct=crop_pct),
             family=family,
