@@ -1,0 +1,105 @@
+"""Keras -> ONNX with tf2onnx (opset 17 by default), fixed or dynamic batch, checked with onnx.checker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantship.convert.manifest import Artifact, load_reusable, write_artifact
+from quantship.errors import ConfigError, ConversionError
+from quantship.fileio import sha256_json
+from quantship.lazy import lazy_import
+from quantship.logs import redirect_native_output
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+@dataclass(frozen=True)
+class OnnxSpec:
+    """Attributes:
+        opset: ONNX opset (tf2onnx 1.17 supports up to 18; per-channel Q/DQ needs at least 13).
+        batch: Fixed batch size, or None for a dynamic batch dimension.
+    """
+
+    opset: int = 17
+    batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 13 <= self.opset <= 18:
+            raise ConfigError(f"ONNX opset must be between 13 and 18 for this exporter, got {self.opset}")
+        if self.batch is not None and self.batch <= 0:
+            raise ConfigError(f"fixed batch must be positive, got {self.batch}")
+
+
+def keras_to_onnx(model: Any, spec: OnnxSpec = OnnxSpec(), log_path: str | Path | None = None):
+    """Export a single-input, single-output Keras model to an ``onnx.ModelProto``.
+
+    The input keeps the Keras layout (NHWC) and is named ``input``; the output is named ``output``.
+
+    Raises:
+        ConversionError: tf2onnx failed, or the result does not pass ``onnx.checker``.
+    """
+    tf = lazy_import("tensorflow", purpose="ONNX export")
+    tf2onnx = lazy_import("tf2onnx", purpose="ONNX export")
+    onnx = lazy_import("onnx")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ConversionError("ONNX export supports single-input, single-output models")
+    shape = (spec.batch, *model.inputs[0].shape[1:])
+    signature = [tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)]
+    fn = tf.function(lambda x: model(x, training=False), input_signature=signature)
+    try:
+        with redirect_native_output(log_path):
+            proto, _ = tf2onnx.convert.from_function(fn, input_signature=signature, opset=spec.opset)
+    except Exception as exc:  # noqa: BLE001 - tf2onnx raises many types
+        where = f"; log: {log_path}" if log_path else ""
+        raise ConversionError(f"tf2onnx export failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}{where}") from None
+    _rename_output(proto, OUTPUT_NAME)
+    proto.doc_string = "exported by quantship with tf2onnx"
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001
+        raise ConversionError(f"exported ONNX model fails onnx.checker: {exc}") from None
+    return proto
+
+
+def _rename_output(proto: Any, new: str) -> None:
+    old = proto.graph.output[0].name
+    if old == new:
+        return
+    for node in proto.graph.node:
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+    proto.graph.output[0].name = new
+
+
+def save_onnx(proto: Any, path: str | Path, manifest: dict[str, Any]) -> Artifact:
+    """Serialise ``proto`` to ``path`` atomically with its manifest."""
+    return write_artifact(path, proto.SerializeToString(), {"format": "onnx", "opset": _opset(proto), **manifest})
+
+
+def _opset(proto: Any) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def convert_to_onnx(
+    model: Any,
+    out_path: str | Path,
+    spec: OnnxSpec = OnnxSpec(),
+    manifest: dict[str, Any] | None = None,
+    log_path: str | Path | None = None,
+    reuse: bool = True,
+) -> Artifact:
+    """Export ``model`` to ``out_path`` (+ manifest); reuse an identical earlier export."""
+    manifest = {**(manifest or {}), "precision": "fp32", "onnx_batch": spec.batch, "requested_opset": spec.opset}
+    manifest.pop("calibration", None)
+    build_key = sha256_json(manifest)
+    if reuse and (existing := load_reusable(out_path, build_key)) is not None:
+        return existing
+    proto = keras_to_onnx(model, spec, log_path)
+    return save_onnx(proto, out_path, {**manifest, "build_key": build_key})
