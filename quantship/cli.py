@@ -168,6 +168,39 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("calibrate")
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from quantship.pipeline import run_calibrate
+
+    out = run_calibrate(
+        model=args.model,
+        weights=args.weights,
+        data=args.data,
+        labels=args.labels,
+        method=args.method,
+        percentile=args.percentile,
+        cache=args.cache,
+        qdq=args.qdq,
+        ranges=args.ranges,
+        exclude=[e for e in (args.exclude or "").split(",") if e],
+        calib_images=args.calib_images,
+        calib_seed=args.calib_seed,
+        preprocess_overrides=_parse_overrides(args.preprocess),
+        workers=args.workers,
+        threads=args.threads,
+        trt_version=args.trt_version,
+        log_path=Path(args.out) / "convert.log",
+    )
+    print(f"{args.method} calibration on {out['images']} images: ranges for {out['tensors']} of {out['observed']} observed tensors "
+          f"(histograms: {out['histogram_bytes'] / 1e6:.1f} MB); float model: {out['onnx']}")
+    for what, path in (("TensorRT calibration cache", args.cache), ("Q/DQ ONNX model", args.qdq), ("ranges JSON", args.ranges)):
+        if path:
+            print(f"  {what}: {path}")
+    for line in out["report"]:
+        print(f"  Q/DQ: {line}")
+    return 0
+
+
 @command("demo")
 def _cmd_demo(args: argparse.Namespace) -> int:
     from quantship.demo import run_demo
@@ -210,7 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quantship-out", help="output folder")
     _common(p)
 
-    p = sub.add_parser("demo", help="pretrained EfficientNet-Lite0 on sample photos, every TFLite precision")
+    p = sub.add_parser("calibrate", help="calibrate once; write a TensorRT cache, a Q/DQ ONNX model and/or ranges JSON")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--method", default="entropy", help="max | entropy | percentile | mse (default entropy)")
+    p.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
+    p.add_argument("--cache", help="write a TensorRT calibration cache here")
+    p.add_argument("--qdq", help="write the Q/DQ ONNX model (TensorRT explicit quantization) here")
+    p.add_argument("--ranges", help="write the per-tensor ranges as JSON here")
+    p.add_argument("--exclude", help="comma-separated node or Keras layer names to keep in float in the Q/DQ model")
+    p.add_argument("--trt-version", help="version field of the cache header (default that of TensorRT 10)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime / histogram threads")
+    p.add_argument("--out", default="quantship-out", help="folder for logs")
+    _common(p)
+
+    p = sub.add_parser("demo", help="pretrained EfficientNet-Lite0 on sample photos: every TFLite precision, ONNX and Q/DQ int8")
     p.add_argument("--out", default="quantship-demo", help="output folder")
     p.add_argument("--threads", type=int, default=2)
     _common(p)

@@ -1,4 +1,5 @@
-"""``quantship demo``: the pretrained EfficientNet-Lite0 through every TFLite precision on real photos.
+"""``quantship demo``: the pretrained EfficientNet-Lite0 through every TFLite precision and the ONNX / Q/DQ
+int8 targets (TensorRT's explicit-quantization model, run on ONNX Runtime's CPU provider) on real photos.
 
 No user data: scikit-image ships natural photos. Four with an obvious ImageNet class are evaluated; crops and
 flips of *other* photos form the calibration set, so calibration and evaluation images are disjoint. Both
@@ -21,7 +22,19 @@ from quantship.fileio import write_bytes_atomic, write_text_atomic
 from quantship.lazy import lazy_import
 
 MODEL = "efficientnet_lite0"
-TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8")
+TARGETS = (
+    "keras-fp32",
+    "tflite-fp32",
+    "tflite-fp16",
+    "tflite-dynamic",
+    "tflite-int8",
+    "tflite-int16x8",
+    "onnx-fp32",
+    "onnx-int8-entropy",
+    "onnx-int8-max",
+    "onnx-int8-percentile",
+    "onnx-int8-mse",
+)
 
 # photo -> (primary label, labels that count as the obvious class)
 EVAL_PHOTOS = {
@@ -105,7 +118,7 @@ def run_demo(out: Path, threads: int = 2, print_fn: Callable[[str], None] = prin
     try:
         t = time.perf_counter()
         artifacts = build_targets(ctx, targets)
-        print_fn(f"converted {len(targets) - 1} TFLite precisions in {time.perf_counter() - t:.0f} s")
+        print_fn(f"built {len(targets) - 1} artifacts in {time.perf_counter() - t:.0f} s")
         results, skipped = evaluate_classification(evalset, ctx, targets, artifacts, batch_size=len(evalset), keep_probs=True)
         rows = result_rows(results, loaded, evalset, skipped, {"calibration_images": len(calib)})
         # Latency: batch 1, `threads` threads, after warm-up; the runtime call alone is timed.
@@ -131,7 +144,7 @@ def run_demo(out: Path, threads: int = 2, print_fn: Callable[[str], None] = prin
             all_ok &= ok
             same = "same top-1 as fp32" if top3[0] == np.argmax(fp32[i]) else "DIFFERENT top-1 from fp32"
             desc = ", ".join(f"{class_name(int(c))} {p[c]:.2f}" for c in top3)
-            lines.append(f"  {'ok ' if ok else 'BAD'} {r.target.name:15s} {desc}   ({same})")
+            lines.append(f"  {'ok ' if ok else 'BAD'} {r.target.name:20s} {desc}   ({same})")
     print_fn("\nPrediction check (top-3 with probabilities; ok = the photo's obvious class is top-1):" + "\n".join(lines))
     columns = (
         ("target", "target", "{}"),
@@ -144,7 +157,7 @@ def run_demo(out: Path, threads: int = 2, print_fn: Callable[[str], None] = prin
     print_fn(f"\nSummary ({len(evalset)} photos; latency at batch 1 on {threads} threads):\n" + text_table(rows, columns))
     from quantship.evaluate.results import write_results
 
-    write_results(out, rows, "quantship demo: EfficientNet-Lite0, every TFLite precision", [f"latency at batch 1, {threads} threads"])
+    write_results(out, rows, "quantship demo: EfficientNet-Lite0, every TFLite precision, ONNX and Q/DQ int8", [f"latency at batch 1, {threads} threads"])
     write_text_atomic(out / "predictions.md", "# Prediction check\n```" + "\n".join(lines) + "\n```\n\n" + markdown_table(rows, columns) + "\n")
     verdict = "every target predicts the obvious class on every photo" if all_ok else "some target MISSES the obvious class"
     print_fn(f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, {out / 'predictions.md'}")

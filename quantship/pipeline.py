@@ -241,3 +241,71 @@ def run_convert(
         return build_targets(ctx, chosen)
     finally:
         ctx.close()
+
+
+def run_calibrate(
+    model: str,
+    data: str,
+    method: str,
+    weights: str | None = None,
+    labels: str | None = None,
+    cache: str | None = None,
+    qdq: str | None = None,
+    ranges: str | None = None,
+    exclude: Sequence[str] = (),
+    percentile: float | None = None,
+    calib_images: int = 100,
+    calib_seed: int = 0,
+    preprocess_overrides: dict[str, Any] | None = None,
+    workers: int = 4,
+    threads: int | None = None,
+    trt_version: str | None = None,
+    log_path: Path | None = None,
+) -> dict[str, Any]:
+    """``quantship calibrate``: one statistics pass, then the TensorRT cache / Q/DQ model / ranges asked for.
+
+    ``model`` may be a registry name or Keras file (exported to ONNX with tf2onnx first), or an ``.onnx`` file
+    (then ``--preprocess`` describes its input).
+    """
+    from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
+    from quantship.calibrate.calibrators import get_calibrator
+    from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION
+    from quantship.convert.onnx import convert_to_onnx
+    from quantship.errors import ConfigError
+
+    get_calibrator(method, percentile=percentile)  # unknown method: fail before any work
+    if not (cache or qdq or ranges):
+        raise ConfigError("nothing to write: give at least one of --cache, --qdq, --ranges")
+    dataset = load_dataset(data, labels=labels)
+    layer_names: list[str] = []
+    if model.endswith(".onnx"):
+        onnx_path = Path(model)
+        if not onnx_path.is_file():
+            raise DataError(f"ONNX model not found: {onnx_path}")
+        if not preprocess_overrides:
+            raise ConfigError("an ONNX model needs --preprocess to describe its input (e.g. mode=tf,size=224)")
+        loaded = LoadedModel(onnx_path.stem, None, PreprocessSpec().with_overrides(**preprocess_overrides), str(onnx_path), "")
+        source = {"onnx": str(onnx_path)}
+    else:
+        loaded = load_model(model, weights, resolve_preprocess(model, preprocess_overrides))
+        out_dir = Path(qdq or cache or ranges).parent
+        onnx_path = out_dir / f"{loaded.name}-fp32.onnx"
+        convert_to_onnx(loaded.model, onnx_path, manifest={"source_model": {"name": loaded.name, "weights": loaded.weights, "weights_sha256": loaded.weights_hash}}, log_path=log_path)
+        layer_names = [layer.name for layer in loaded.model.layers]
+        source = {"onnx": str(onnx_path), "weights": loaded.weights}
+    if len(dataset) < calib_images:
+        raise DataError(f"{dataset.source}: {len(dataset)} images, fewer than the {calib_images} calibration images asked for")
+    calib = dataset if len(dataset) == calib_images else split_calibration(dataset, calib_images, None, calib_seed)[0]
+    batches = calibration_batches_factory(calib, loaded, workers=workers)
+    collector = collect_statistics(onnx_path, batches(), scope="all" if (cache or ranges) else "qdq", threads=threads)
+    result = calibrate(collector, method, percentile)
+    info = {**calibration_info(calib, loaded, method), "preprocess": loaded.preprocess.to_dict(), **source}
+    report = write_outputs(result, onnx_path, cache, qdq, ranges, exclude, layer_names, trt_version or DEFAULT_TRT_VERSION, {"calibration": info})
+    return {
+        "tensors": len(result.amax),
+        "observed": len(collector.stats),
+        "images": collector.images,
+        "histogram_bytes": collector.memory_bytes(),
+        "onnx": str(onnx_path),
+        "report": report.lines() if report else [],
+    }

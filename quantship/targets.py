@@ -135,4 +135,58 @@ for _name, _prec, _io, _desc in (
 ):
     register_target(TargetSpec(_name, Backend.TFLITE, _prec, io_dtype=_io, description=_desc), _tflite_build, _tflite_runner)
 
+# ------------------------------------------------------------------------------------------- onnx
+
+
+def _onnx_export(ctx: BuildContext) -> Artifact:
+    from quantship.config import TargetSpec as _TS
+    from quantship.convert.onnx import convert_to_onnx
+
+    def export() -> Artifact:
+        spec = _TS("onnx-fp32", Backend.ONNX, Precision.FP32)
+        return convert_to_onnx(ctx.loaded.model, ctx.artifact_path(spec, ".onnx"), manifest=ctx.base_manifest(spec), log_path=ctx.log_path)
+
+    return ctx.shared("onnx-export", export)
+
+
+def _onnx_fp32_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    return _onnx_export(ctx)
+
+
+def _onnx_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
+    from quantship.convert.manifest import load_reusable
+    from quantship.fileio import sha256_json
+
+    fp32 = _onnx_export(ctx)
+    path = ctx.artifact_path(spec, ".onnx")
+    manifest = {**ctx.base_manifest(spec), "source_onnx_sha256": fp32.manifest["sha256"], "calibration_method": spec.calibration}
+    build_key = sha256_json(manifest)
+    if (existing := load_reusable(path, build_key)) is not None:
+        return existing
+    if ctx.calibration_batches is None:
+        raise ConfigError(f"{spec.name} needs calibration data")
+    # One statistics pass serves every calibration method of the run.
+    collector = ctx.shared("onnx-stats", lambda: collect_statistics(fp32.path, ctx.calibration_batches(), scope="qdq", threads=ctx.threads))
+    result = calibrate(collector, spec.calibration)
+    layer_names = [layer.name for layer in ctx.loaded.model.layers]
+    write_outputs(result, fp32.path, qdq=path, layer_names=layer_names, manifest={**manifest, "build_key": build_key})
+    return load_reusable(path, build_key)
+
+
+def _onnx_runner(ctx: BuildContext, spec: TargetSpec, artifact: Artifact | None) -> Runner:
+    from quantship.runtime.onnxruntime import OnnxRunner
+
+    assert artifact is not None
+    return OnnxRunner(artifact.path, num_threads=ctx.threads, name=spec.name)
+
+
+register_target(TargetSpec("onnx-fp32", Backend.ONNX, Precision.FP32, description="ONNX (tf2onnx) on ONNX Runtime, float32"), _onnx_fp32_build, _onnx_runner)
+for _method in ("max", "entropy", "percentile", "mse"):
+    register_target(
+        TargetSpec(f"onnx-int8-{_method}", Backend.ONNX, Precision.INT8, calibration=_method, description=f"Q/DQ int8 ONNX (TensorRT placement), {_method} calibration, on ONNX Runtime CPU"),
+        _onnx_int8_build,
+        _onnx_runner,
+    )
+
 DEFAULT_TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8")

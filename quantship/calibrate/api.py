@@ -1,0 +1,105 @@
+"""From one statistics pass to every calibration output: ranges JSON, TensorRT cache, Q/DQ ONNX model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from quantship.calibrate.calibrators import Calibrator, compute_ranges, get_calibrator
+from quantship.calibrate.collector import StatisticsCollector
+from quantship.calibrate.histogram import TensorStats
+from quantship.calibrate.qdq import QdqReport, insert_qdq, qdq_tensors
+from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION, CalibrationCache, write_cache
+from quantship.errors import ConfigError
+from quantship.fileio import write_json_atomic
+from quantship.lazy import lazy_import
+
+
+@dataclass
+class CalibrationResult:
+    """Statistics of one pass and what a calibrator made of them."""
+
+    stats: dict[str, TensorStats]
+    calibrator: Calibrator
+    amax: dict[str, float]
+    images: int
+
+    def ranges_document(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The ranges as a JSON document other tools can read."""
+        return {
+            "format": "quantship-ranges-v1",
+            "calibrator": self.calibrator.describe(),
+            "images": self.images,
+            "quantization": {"type": "int8", "symmetric": True, "scale": "amax / 127", "zero_point": 0},
+            "tensors": {
+                name: {**self.stats[name].to_dict(), "calibrated_amax": amax, "scale": amax / 127.0}
+                for name, amax in self.amax.items()
+            },
+            **(extra or {}),
+        }
+
+    def trt_cache(self, version: str = DEFAULT_TRT_VERSION) -> CalibrationCache:
+        algo = self.calibrator.trt_algorithm
+        if algo is None:
+            # TensorRT has no percentile / MSE calibrator; the cache still carries the scales, labelled as
+            # entropy so that TensorRT 10 reads them (it checks the algorithm name of the header).
+            algo = "EntropyCalibration2"
+        return CalibrationCache.from_amax(self.amax, algo, version)
+
+
+def collect_statistics(onnx_model: Any, feed: Iterable, scope: str = "all", threads: int | None = None) -> StatisticsCollector:
+    """One pass of the feed through the model.
+
+    Args:
+        onnx_model: ``onnx.ModelProto`` or path.
+        feed: Iterable of input batches.
+        scope: ``all`` (every float activation: what a TensorRT cache holds) or ``qdq`` (only the tensors the
+            Q/DQ pass needs: faster).
+    """
+    onnx = lazy_import("onnx")
+    model = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
+    if scope not in ("all", "qdq"):
+        raise ConfigError(f"statistics scope must be 'all' or 'qdq', got '{scope}'")
+    collector = StatisticsCollector(model, None if scope == "all" else qdq_tensors(model), threads=threads)
+    collector.collect(feed)
+    return collector
+
+
+def calibrate(collector: StatisticsCollector, method: str, percentile: float | None = None) -> CalibrationResult:
+    cal = get_calibrator(method, percentile=percentile)
+    return CalibrationResult(collector.stats, cal, compute_ranges(collector.stats, cal), collector.images)
+
+
+def write_outputs(
+    result: CalibrationResult,
+    onnx_model: Any,
+    cache: str | Path | None = None,
+    qdq: str | Path | None = None,
+    ranges: str | Path | None = None,
+    exclude: Iterable[str] = (),
+    layer_names: Iterable[str] = (),
+    trt_version: str = DEFAULT_TRT_VERSION,
+    manifest: dict[str, Any] | None = None,
+) -> QdqReport | None:
+    """Write whichever of cache / Q/DQ model / ranges JSON are asked for (each atomically)."""
+    report = None
+    if cache:
+        write_cache(cache, result.trt_cache(trt_version))
+    if ranges:
+        write_json_atomic(ranges, result.ranges_document(manifest))
+    if qdq:
+        from quantship.convert.onnx import save_onnx
+
+        onnx = lazy_import("onnx")
+        model = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
+        qmodel, report = insert_qdq(model, result.amax, exclude, layer_names)
+        save_onnx(qmodel, qdq, {**(manifest or {}), "precision": "int8-qdq", "calibration_method": result.calibrator.describe(), "qdq_report": report.lines()})
+    return report
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of rows whose argmax agrees."""
+    return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
