@@ -277,7 +277,7 @@ def run_calibrate(
     if not (cache or qdq or ranges):
         raise ConfigError("nothing to write: give at least one of --cache, --qdq, --ranges")
     dataset = load_dataset(data, labels=labels)
-    layer_names: list[str] = []
+    node_layers: dict[str, str] = {}
     if model.endswith(".onnx"):
         onnx_path = Path(model)
         if not onnx_path.is_file():
@@ -291,7 +291,11 @@ def run_calibrate(
         out_dir = Path(qdq or cache or ranges).parent
         onnx_path = out_dir / f"{loaded.name}-fp32.onnx"
         convert_to_onnx(loaded.model, onnx_path, manifest={"source_model": {"name": loaded.name, "weights": loaded.weights, "weights_sha256": loaded.weights_hash}}, log_path=log_path)
-        layer_names = [layer.name for layer in loaded.model.layers]
+        import onnx
+
+        from quantship.convert.onnx import onnx_node_layers
+
+        node_layers = onnx_node_layers(onnx.load(str(onnx_path)), loaded.model)
         source = {"onnx": str(onnx_path), "weights": loaded.weights}
     if len(dataset) < calib_images:
         raise DataError(f"{dataset.source}: {len(dataset)} images, fewer than the {calib_images} calibration images asked for")
@@ -300,7 +304,7 @@ def run_calibrate(
     collector = collect_statistics(onnx_path, batches(), scope="all" if (cache or ranges) else "qdq", threads=threads)
     result = calibrate(collector, method, percentile)
     info = {**calibration_info(calib, loaded, method), "preprocess": loaded.preprocess.to_dict(), **source}
-    report = write_outputs(result, onnx_path, cache, qdq, ranges, exclude, layer_names, trt_version or DEFAULT_TRT_VERSION, {"calibration": info})
+    report = write_outputs(result, onnx_path, cache, qdq, ranges, exclude, node_layers, trt_version or DEFAULT_TRT_VERSION, {"calibration": info})
     return {
         "tensors": len(result.amax),
         "observed": len(collector.stats),

@@ -169,8 +169,7 @@ def _onnx_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     # One statistics pass serves every calibration method of the run.
     collector = ctx.shared("onnx-stats", lambda: collect_statistics(fp32.path, ctx.calibration_batches(), scope="qdq", threads=ctx.threads))
     result = calibrate(collector, spec.calibration)
-    layer_names = [layer.name for layer in ctx.loaded.model.layers]
-    write_outputs(result, fp32.path, qdq=path, layer_names=layer_names, manifest={**manifest, "build_key": build_key})
+    write_outputs(result, fp32.path, qdq=path, manifest={**manifest, "build_key": build_key})
     return load_reusable(path, build_key)
 
 

@@ -80,7 +80,7 @@ def write_outputs(
     qdq: str | Path | None = None,
     ranges: str | Path | None = None,
     exclude: Iterable[str] = (),
-    layer_names: Iterable[str] = (),
+    node_layers: dict[str, str] | None = None,
     trt_version: str = DEFAULT_TRT_VERSION,
     manifest: dict[str, Any] | None = None,
 ) -> QdqReport | None:
@@ -95,7 +95,7 @@ def write_outputs(
 
         onnx = lazy_import("onnx")
         model = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
-        qmodel, report = insert_qdq(model, result.amax, exclude, layer_names)
+        qmodel, report = insert_qdq(model, result.amax, exclude, node_layers)
         save_onnx(qmodel, qdq, {**(manifest or {}), "precision": "int8-qdq", "calibration_method": result.calibrator.describe(), "qdq_report": report.lines()})
     return report
 

@@ -80,7 +80,9 @@ class StatisticsCollector:
         """Run the feed through the model once, updating the statistics of every observed tensor."""
         session = self._session()
         inputs = [(i.name, tuple(d if isinstance(d, int) else None for d in i.shape)) for i in session.get_inputs()]
-        out_names = [o.name for o in session.get_outputs() if o.name in self.stats]
+        # Graph order: when a NaN appears, the first tensor reported is where it arose, not a later one.
+        produced = {o.name for o in session.get_outputs()}
+        out_names = [t for t in self.tensors if t in produced]
         with cf.ThreadPoolExecutor(max_workers=self.threads) as pool:
             for batch in checked_batches(feed, inputs):
                 values = session.run(out_names, batch)

@@ -12,7 +12,6 @@ TensorRT-bound model without a GPU. Ops the pass does not know are left in float
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -58,26 +57,8 @@ class QdqReport:
         return out
 
 
-def keras_layer_of(node_name: str, layer_names: Iterable[str]) -> str | None:
-    """The Keras layer a tf2onnx node comes from: a ``/``-separated segment equal to the layer name, or to
-    the name with the ``_N`` suffix TensorFlow's name scopes add."""
-    names = set(layer_names)
-    for seg in node_name.split("/"):
-        if seg in names:
-            return seg
-        base = re.sub(r"_\d+$", "", seg)
-        if base in names:
-            return base
-    return None
-
-
-def _is_excluded(node: Any, exclude: set[str], layer_names: set[str]) -> bool:
-    if not exclude:
-        return False
-    if node.name in exclude:
-        return True
-    layer = keras_layer_of(node.name, layer_names) if layer_names else None
-    return layer is not None and layer in exclude
+def _is_excluded(node: Any, exclude: set[str], node_layers: dict[str, str]) -> bool:
+    return bool(exclude) and (node.name in exclude or node_layers.get(node.name) in exclude)
 
 
 def _weight_axis(node: Any, weight: np.ndarray) -> int:
@@ -130,19 +111,20 @@ def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def insert_qdq(model: Any, amax: dict[str, float], exclude: Iterable[str] = (), layer_names: Iterable[str] = ()) -> tuple[Any, QdqReport]:
+def insert_qdq(model: Any, amax: dict[str, float], exclude: Iterable[str] = (), node_layers: dict[str, str] | None = None) -> tuple[Any, QdqReport]:
     """Return a copy of ``model`` with Q/DQ nodes, and a report.
 
     Args:
         model: Float ``onnx.ModelProto`` (opset >= 13).
         amax: Calibrated range per activation tensor (scale = amax / 127).
         exclude: Node names or Keras layer names to keep in float.
-        layer_names: The Keras model's layer names, to match ``exclude`` against tf2onnx node names.
+        node_layers: ONNX node name -> Keras layer name (see :func:`quantship.convert.onnx.onnx_node_layers`),
+            to match ``exclude`` against Keras names.
     """
     onnx = lazy_import("onnx")
     from onnx import helper, numpy_helper
 
-    exclude, layer_names = set(exclude), set(layer_names)
+    exclude, node_layers = set(exclude), dict(node_layers or {})
     src = model
     inits = {i.name: i for i in src.graph.initializer}
     act_inputs = activation_inputs(src)
@@ -193,7 +175,7 @@ def insert_qdq(model: Any, amax: dict[str, float], exclude: Iterable[str] = (), 
         node_copy.CopyFrom(node)
         if node.op_type not in WEIGHTED_OPS and node.op_type not in POOLING_OPS and node.op_type != "Add" and node.op_type not in FLOAT_OPS:
             report.unknown_ops.append((node.op_type, node.name))
-        elif k in act_inputs and _is_excluded(node, exclude, layer_names):
+        elif k in act_inputs and _is_excluded(node, exclude, node_layers):
             report.excluded.append(node.name)
         elif k in act_inputs:
             changed = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,61 @@ def _rename_output(proto: Any, new: str) -> None:
             if name == old:
                 node.input[i] = new
     proto.graph.output[0].name = new
+
+
+WEIGHTED_KERAS = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose", "Dense")
+
+
+def _segment_layer(name: str, layer_names: set[str]) -> str | None:
+    """The Keras layer named by a ``/``-separated segment of a TensorFlow op name (TensorFlow's name scopes
+    add ``_N`` suffixes: ``conv1_1`` is layer ``conv1``)."""
+    for seg in name.split("/"):
+        if seg in layer_names:
+            return seg
+        base = re.sub(r"_\d+$", "", seg)
+        if base in layer_names:
+            return base
+    return None
+
+
+def onnx_node_layers(onnx_model: Any, keras_model: Any) -> dict[str, str]:
+    """Map each weighted ONNX node (Conv, Gemm, MatMul) of a tf2onnx export to the Keras layer it came from.
+
+    tf2onnx names a convolution after the last TensorFlow op it absorbed (a folded batch norm, a bias add) or
+    after nothing at all (``Conv__21``). The layer is found from the node's name, its weight/bias inputs and
+    its consumers, and a match on a batch-norm or activation layer is followed upstream to the weighted layer
+    that feeds it.
+    """
+    layers = {layer.name: layer for layer in keras_model.layers}
+    names = set(layers)
+    consumers: dict[str, list[str]] = {}
+    for node in onnx_model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node.name)
+
+    def upstream_weighted(layer_name: str) -> str | None:
+        layer = layers[layer_name]
+        for _ in range(4):
+            if type(layer).__name__ in WEIGHTED_KERAS:
+                return layer.name
+            inbound = getattr(layer, "_inbound_nodes", [])
+            parents = inbound[0].parent_nodes if inbound else []
+            if len(parents) != 1:
+                return None
+            layer = parents[0].operation
+        return None
+
+    out = {}
+    for node in onnx_model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        candidates = [node.name, *node.input[1:], *(c for o in node.output for c in consumers.get(o, []))]
+        for cand in candidates:
+            layer = _segment_layer(cand, names)
+            if layer and (weighted := upstream_weighted(layer)):
+                out[node.name] = weighted
+                break
+    return out
 
 
 def save_onnx(proto: Any, path: str | Path, manifest: dict[str, Any]) -> Artifact:
