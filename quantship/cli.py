@@ -91,6 +91,27 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8)
 
 
+def _trt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TensorRT (trt-* targets; needs TensorRT and an NVIDIA GPU)")
+    g.add_argument("--trt-batch", default="1:8:32", help="batch optimization profile MIN:OPT:MAX, or N for a fixed batch")
+    g.add_argument("--trt-workspace-mb", type=int, default=2048, help="builder workspace limit in MiB")
+    g.add_argument("--trt-timing-cache", help="timing cache file (loaded if present, saved after the build)")
+    g.add_argument("--trt-calib-cache", help="TensorRT 10 calibration cache: reused if present (e.g. from 'quantship calibrate --cache'), written otherwise")
+    g.add_argument("--trt-qdq-method", default="entropy", help="calibration of the Q/DQ model behind trt-int8-qdq (default entropy)")
+    g.add_argument("--trt-cuda-graph", action="store_true", help="run engines through captured CUDA graphs")
+
+
+def _trt_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "trt_batch": args.trt_batch,
+        "trt_workspace_mb": args.trt_workspace_mb,
+        "trt_timing_cache": args.trt_timing_cache,
+        "trt_calibration_cache": args.trt_calib_cache,
+        "trt_qdq_method": args.trt_qdq_method,
+        "trt_cuda_graph": args.trt_cuda_graph,
+    }
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -135,6 +156,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         workers=args.workers,
         calibration=CalibrationSpec(num_images=args.calib_images, seed=args.calib_seed),
         preprocess_overrides=_parse_overrides(args.preprocess),
+        options=_trt_options(args),
     )
     print(f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})")
     rows = run_eval(spec)
@@ -161,6 +183,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         calib_seed=args.calib_seed,
         preprocess_overrides=_parse_overrides(args.preprocess),
         workers=args.workers,
+        options=_trt_options(args),
     )
     for name, art in artifacts.items():
         if art is not None:
@@ -234,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(p)
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated targets (see 'quantship targets')")
     p.add_argument("--out", default="quantship-out", help="output folder (artifacts, results.jsonl, results.md)")
+    _trt_args(p)
     _common(p)
 
     p = sub.add_parser("convert", help="write the artifacts of the given targets (with manifests)")
@@ -241,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=False)
     p.add_argument("--targets", default="tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8,tflite-int16x8")
     p.add_argument("--out", default="quantship-out", help="output folder")
+    _trt_args(p)
     _common(p)
 
     p = sub.add_parser("calibrate", help="calibrate once; write a TensorRT cache, a Q/DQ ONNX model and/or ranges JSON")

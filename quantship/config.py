@@ -195,3 +195,4 @@ class EvalSpec:
     workers: int = 4
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     preprocess_overrides: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # backend options (trt_workspace_mb, ...)

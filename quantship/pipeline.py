@@ -191,6 +191,7 @@ def run_eval(spec: EvalSpec) -> list[dict[str, Any]]:
         calibration_info=calibration_info(calib, loaded) if needs_calib else {},
         threads=spec.threads,
         log_path=out_dir / "convert.log",
+        options=dict(spec.options),
     )
     try:
         artifacts = build_targets(ctx, targets)
@@ -218,18 +219,22 @@ def run_convert(
     calib_seed: int = 0,
     preprocess_overrides: dict[str, Any] | None = None,
     workers: int = 4,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Artifact | None]:
     """``quantship convert``: write each target's artifact and manifest under ``out_dir/artifacts``."""
     from quantship.errors import ConfigError
 
     chosen = [get_target(n) for n in targets]
     preprocess = resolve_preprocess(model, preprocess_overrides)
-    needs_calib = any(t.spec.needs_calibration for t in chosen)
+    options = dict(options or {})
+    # TensorRT's implicit int8 can take its ranges from a calibration cache instead of data.
+    from_cache = {"trt-int8-entropy", "trt-int8-max"} if options.get("trt_calibration_cache") else set()
+    needs_calib = any(t.spec.needs_calibration and t.name not in from_cache for t in chosen)
     if needs_calib and not data:
         names = ", ".join(t.name for t in chosen if t.spec.needs_calibration)
         raise ConfigError(f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)")
     loaded = load_model(model, weights, preprocess)
-    ctx = BuildContext(loaded, Path(out_dir), log_path=Path(out_dir) / "convert.log")
+    ctx = BuildContext(loaded, Path(out_dir), log_path=Path(out_dir) / "convert.log", options=options)
     if needs_calib:
         dataset = load_dataset(data, labels=labels)
         if len(dataset) < calib_images:

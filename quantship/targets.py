@@ -29,6 +29,7 @@ class BuildContext:
     calibration_info: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     log_path: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # backend options, e.g. trt_workspace_mb
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def shared(self, key: str, factory: Callable[[], Any]) -> Any:
@@ -187,5 +188,53 @@ for _method in ("max", "entropy", "percentile", "mse"):
         _onnx_int8_build,
         _onnx_runner,
     )
+
+# --------------------------------------------------------------------------------------- tensorrt
+
+
+def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    from quantship.convert.tensorrt import BatchProfile, EngineSpec, build_engine, import_tensorrt
+
+    import_tensorrt()  # say so before exporting or calibrating anything
+    opts = ctx.options
+    precision = {Precision.FP32: "fp32", Precision.FP16: "fp16"}.get(spec.precision)
+    if precision is None:
+        precision = "int8-qdq" if spec.calibration == "qdq" else "int8"
+    if precision == "int8-qdq":
+        qdq_method = opts.get("trt_qdq_method", "entropy")
+        source = _onnx_int8_build(ctx, TargetSpec(f"onnx-int8-{qdq_method}", Backend.ONNX, Precision.INT8, calibration=qdq_method))
+    else:
+        source = _onnx_export(ctx)
+    cache = opts.get("trt_calibration_cache")
+    if precision == "int8" and cache is None:
+        cache = ctx.artifact_path(spec, ".cache")  # TensorRT writes it after calibrating; the next build reuses it
+    engine_spec = EngineSpec(
+        precision,
+        calibration=spec.calibration if precision == "int8" else None,
+        batch=BatchProfile.parse(opts.get("trt_batch", "1:8:32")),
+        workspace_mb=int(opts.get("trt_workspace_mb", 2048)),
+        timing_cache=Path(opts["trt_timing_cache"]) if opts.get("trt_timing_cache") else None,
+        calibration_cache=Path(cache) if cache else None,
+    )
+    feed = ctx.calibration_batches() if (precision == "int8" and ctx.calibration_batches is not None) else None
+    manifest = {**ctx.base_manifest(spec), "calibration_method": spec.calibration, "source_onnx_sha256": source.manifest["sha256"]}
+    return build_engine(source.path, engine_spec, ctx.artifact_path(spec, ".engine"), feed, manifest)
+
+
+def _trt_runner(ctx: BuildContext, spec: TargetSpec, artifact: Artifact | None) -> Runner:
+    from quantship.runtime.tensorrt import TrtRunner
+
+    assert artifact is not None
+    return TrtRunner(artifact.path, name=spec.name, cuda_graph=bool(ctx.options.get("trt_cuda_graph")))
+
+
+for _name, _prec, _cal, _desc in (
+    ("trt-fp32", Precision.FP32, None, "TensorRT float32"),
+    ("trt-fp16", Precision.FP16, None, "TensorRT float16 (TensorRT 10: builder flag; 11: fp16 ONNX, float32 I/O)"),
+    ("trt-int8-entropy", Precision.INT8, "entropy", "TensorRT 10 implicit int8, IInt8EntropyCalibrator2"),
+    ("trt-int8-max", Precision.INT8, "max", "TensorRT 10 implicit int8, IInt8MinMaxCalibrator"),
+    ("trt-int8-qdq", Precision.INT8, "qdq", "TensorRT explicit int8 from the Q/DQ ONNX (10.x and 11.x)"),
+):
+    register_target(TargetSpec(_name, Backend.TENSORRT, _prec, calibration=_cal, description=_desc), _trt_build, _trt_runner)
 
 DEFAULT_TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8")

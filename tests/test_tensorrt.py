@@ -1,0 +1,163 @@
+"""TensorRT support: every part that needs no TensorRT runs here; the rest runs where TensorRT and a GPU are."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantship.calibrate.trt_cache import CalibrationCache, write_cache
+from quantship.convert.tensorrt import (
+    BatchProfile,
+    EngineSpec,
+    FixedBatches,
+    TrtVersion,
+    cache_ranges,
+    check_engine_compatible,
+    plan_build,
+)
+from quantship.errors import ConfigError, MissingDependencyError, RuntimeBackendError
+from quantship.lazy import is_available
+from quantship.runtime.tensorrt import IOTensor, buffer_plan, output_max_shape
+
+HAVE_TRT = is_available("tensorrt")
+TRT10, TRT11 = TrtVersion.parse("10.13.3.9"), TrtVersion.parse("11.0.0")
+
+
+def test_version_parsing_and_generation():
+    assert TRT10 == TrtVersion(10, 13, 3) and not TRT10.strongly_typed_only
+    assert TRT11.strongly_typed_only
+    assert TrtVersion.parse("10.0") < TrtVersion.parse("10.1.0") < TRT11
+    with pytest.raises(ConfigError):
+        TrtVersion.parse("ten")
+    with pytest.raises(ConfigError, match="not supported"):
+        plan_build(EngineSpec("fp32"), TrtVersion.parse("8.6.1"), False, False)
+
+
+@pytest.mark.parametrize("precision,calib,data,cache,expected", [
+    ("fp32", None, False, False, ((), (), "fp32", None)),
+    ("fp16", None, False, False, ((), ("FP16",), "fp32", None)),
+    ("int8", "entropy", True, False, ((), ("INT8",), "fp32", "calibrator")),
+    ("int8", "max", True, True, ((), ("INT8",), "fp32", "calibrator")),
+    ("int8", "entropy", False, True, ((), ("INT8",), "fp32", "cache-ranges")),
+    ("int8-qdq", None, False, False, ((), ("INT8",), "qdq", None)),
+])
+def test_plan_trt10(precision, calib, data, cache, expected):
+    plan = plan_build(EngineSpec(precision, calibration=calib), TRT10, data, cache)
+    assert (plan.network_flags, plan.builder_flags, plan.onnx_input, plan.int8_source) == expected
+    if plan.int8_source == "calibrator":
+        assert plan.calibrator == {"entropy": "IInt8EntropyCalibrator2", "max": "IInt8MinMaxCalibrator"}[calib]
+
+
+@pytest.mark.parametrize("precision,onnx_input", [("fp32", "fp32"), ("fp16", "fp16"), ("int8-qdq", "qdq")])
+def test_plan_trt11_is_strongly_typed(precision, onnx_input):
+    plan = plan_build(EngineSpec(precision), TRT11, True, True)
+    assert plan.network_flags == ("STRONGLY_TYPED",) and plan.builder_flags == () and plan.onnx_input == onnx_input
+
+
+def test_trt11_implicit_int8_says_what_to_do():
+    with pytest.raises(ConfigError, match="TensorRT 11.*trt-int8-qdq"):
+        plan_build(EngineSpec("int8", calibration="entropy"), TRT11, True, False)
+
+
+def test_trt10_int8_without_data_or_cache():
+    with pytest.raises(ConfigError, match="calibration data or an existing calibration cache"):
+        plan_build(EngineSpec("int8", calibration="entropy"), TRT10, False, False)
+
+
+def test_option_validation():
+    with pytest.raises(ConfigError, match="unknown TensorRT precision"):
+        EngineSpec("int4")
+    with pytest.raises(ConfigError, match="entropy' or 'max'"):
+        EngineSpec("int8", calibration="percentile")
+    assert BatchProfile.parse("8") == BatchProfile(8, 8, 8)
+    assert BatchProfile.parse("1:4:16") == BatchProfile(1, 4, 16)
+    for bad in ("0", "4:2:8", "a:b:c", "1:2"):
+        with pytest.raises(ConfigError):
+            BatchProfile.parse(bad)
+
+
+def test_fixed_batches_rechunk_in_order_and_count_the_rest():
+    feed = [np.arange(5 * 2, dtype=np.float32).reshape(5, 2) + 100 * k for k in range(3)]
+    fb = FixedBatches(feed, 4, ["input"])
+    out = list(fb)
+    assert [b["input"].shape for b in out] == [(4, 2)] * 3
+    np.testing.assert_array_equal(np.concatenate([b["input"] for b in out]), np.concatenate(feed)[:12])
+    assert fb.images == 12 and fb.dropped == 3
+    with pytest.raises(ConfigError, match="lacks input"):
+        list(FixedBatches([{"other": feed[0]}], 2, ["input"]))
+
+
+def test_cache_ranges_from_a_quantship_cache(tmp_path):
+    cache = CalibrationCache.from_amax({"input": 1.0, "conv1:0": 6.35}, "EntropyCalibration2")
+    write_cache(tmp_path / "c.cache", cache)
+    from quantship.calibrate.trt_cache import read_cache
+
+    ranges, missing = cache_ranges(["input", "conv1:0", "softmax:0"], read_cache(tmp_path / "c.cache"))
+    assert ranges == pytest.approx({"input": 1.0, "conv1:0": 6.35}, rel=1e-6)
+    assert missing == ["softmax:0"]
+
+
+def test_engine_from_another_machine_is_refused_naming_both():
+    manifest = {"environment": {"tensorrt": "10.3.0", "gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}}
+    here = {"tensorrt": "10.8.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    with pytest.raises(RuntimeBackendError) as exc:
+        check_engine_compatible(manifest, here, "m.engine")
+    msg = str(exc.value)
+    assert "10.3.0" in msg and "10.8.0" in msg and "A100" in msg and "H100" in msg and "8.0" in msg and "9.0" in msg
+    check_engine_compatible(manifest, dict(manifest["environment"]))  # same machine: fine
+
+
+def test_buffer_sizing_from_tensor_metadata():
+    inp = IOTensor("input", True, (-1, 224, 224, 3), (32, 224, 224, 3), np.dtype(np.float32))
+    out = IOTensor("output", False, (-1, 1000), output_max_shape((-1, 1000), 32), np.dtype(np.float16))
+    assert out.max_shape == (32, 1000)
+    assert buffer_plan([inp, out]) == {"input": 32 * 224 * 224 * 3 * 4, "output": 32 * 1000 * 2}
+    with pytest.raises(RuntimeBackendError, match="data-dependent"):
+        buffer_plan([IOTensor("boxes", False, (-1, -1), (-1, -1), np.dtype(np.float32))])
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
+def test_missing_tensorrt_is_a_clear_error():
+    from quantship.convert.tensorrt import import_tensorrt
+
+    with pytest.raises(MissingDependencyError, match="TensorRT is not installed.*pip install"):
+        import_tensorrt()
+
+
+@pytest.mark.slow
+def test_fp16_onnx_keeps_float32_io(trained_tiny, tmp_path):
+    """TensorRT 11 builds fp16 engines from fp16 ONNX models; I/O stays float32."""
+    import onnx
+
+    from quantship.convert.onnx import convert_to_onnx
+    from quantship.convert.tensorrt import onnx_fp16
+
+    art = convert_to_onnx(trained_tiny[0], tmp_path / "m.onnx")
+    half = onnx.load(str(onnx_fp16(art.path, tmp_path / "m16.onnx")))
+    onnx.checker.check_model(half)
+    assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    kinds = {i.data_type for i in half.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    assert kinds == {onnx.TensorProto.FLOAT16}
+
+
+# ----------------------------------------------------------------- on a machine with TensorRT + GPU
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT and an NVIDIA GPU (not installable on CPU machines)")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_matches_onnx_runtime(trained_tiny, tmp_path, precision):
+    from quantship.convert.onnx import convert_to_onnx
+    from quantship.convert.tensorrt import build_engine
+    from quantship.runtime.onnxruntime import OnnxRunner
+    from quantship.runtime.tensorrt import TrtRunner
+
+    art = convert_to_onnx(trained_tiny[0], tmp_path / "m.onnx")
+    engine = build_engine(art.path, EngineSpec(precision, batch=BatchProfile(1, 4, 8)), tmp_path / f"m-{precision}.engine")
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    with OnnxRunner(art.path) as ref, TrtRunner(engine.path) as trt:
+        expected, got = ref.infer(x)["output"], trt.infer(x)["output"]
+        assert set(trt.last_timings) == {"h2d_ms", "compute_ms", "d2h_ms"}
+    np.testing.assert_allclose(got, expected, atol=1e-4 if precision == "fp32" else 2e-2)
