@@ -440,7 +440,9 @@ def build_engine(
     builder = trt.Builder(logger)
     flags = 0
     for name in plan.network_flags:
-        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+        member = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+        if member is not None:  # a release where strong typing is the only mode may drop the flag
+            flags |= 1 << int(member)
     network = builder.create_network(flags)
     with tempfile.TemporaryDirectory(prefix="quantship-trt-") as tmp:
         source = onnx_fp16(onnx_path, Path(tmp) / "model-fp16.onnx") if plan.onnx_input == "fp16" else onnx_path

@@ -120,16 +120,16 @@ class TrtRunner(Runner):
         from quantship.runtime.cuda import check, cudart
 
         if not self.cuda_graph:
-            if not self._context.execute_async_v3(self._stream.handle):
+            if not self._context.execute_async_v3(int(self._stream.handle)):
                 raise RuntimeBackendError(f"{self.name}: TensorRT execution failed ({'; '.join(self._errors[-2:])})")
             return
         rt = cudart()
         if key not in self._graphs:
             # One plain run first: TensorRT allocates lazily on the first enqueue, which a capture must not see.
-            self._context.execute_async_v3(self._stream.handle)
+            self._context.execute_async_v3(int(self._stream.handle))
             self._stream.synchronize()
             check(rt.cudaStreamBeginCapture(self._stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
-            self._context.execute_async_v3(self._stream.handle)
+            self._context.execute_async_v3(int(self._stream.handle))
             graph = check(rt.cudaStreamEndCapture(self._stream.handle), "cudaStreamEndCapture")
             self._graphs[key] = (graph, check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate"))
         check(rt.cudaGraphLaunch(self._graphs[key][1], self._stream.handle), "cudaGraphLaunch")
