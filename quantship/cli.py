@@ -6,6 +6,7 @@ Only this module turns :class:`QuantshipError` into a message and an exit code.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -224,6 +225,88 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("bench")
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from quantship.evaluate.bench import BenchConfig, bench, mobile_profile
+    from quantship.evaluate.results import text_table
+    from quantship.fileio import write_json_atomic, write_text_atomic
+
+    artifacts: list[tuple[str, str]] = [(Path(a).stem, a) for a in (args.artifact or [])]
+    if args.model:
+        from quantship.pipeline import run_convert
+
+        built = run_convert(
+            model=args.model, weights=args.weights, targets=[t for t in args.targets.split(",") if t.strip()],
+            out_dir=Path(args.out), data=args.data, labels=args.labels, calib_images=args.calib_images,
+            calib_seed=args.calib_seed, preprocess_overrides=_parse_overrides(args.preprocess), workers=args.workers,
+            options=_trt_options(args),
+        )
+        artifacts += [(name, str(a.path)) for name, a in built.items() if a is not None]
+    if not artifacts:
+        raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
+    try:
+        batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be integers separated by commas, got '{args.batch_sizes}'") from None
+    common = dict(warmup_seconds=args.warmup, min_queries=args.min_queries, min_seconds=args.min_seconds, batch_sizes=batch_sizes, cuda_graph=args.trt_cuda_graph)
+    configs = []
+    for name, path in artifacts:
+        if args.mobile and path.endswith(".tflite"):
+            configs += mobile_profile(path, name, **common)
+        else:
+            configs.append(BenchConfig(path, target=name, threads=args.threads, **common))
+    print(f"benchmarking {len(configs)} configuration(s): warm-up {args.warmup:g} s, then >= {args.min_queries} queries and >= {args.min_seconds:g} s each")
+    rows = bench(configs)
+    for r in rows:
+        r["model"] = args.model or ""
+    out = Path(args.out)
+    from quantship.evaluate.environment import environment
+    from quantship.evaluate.report import BENCH_COLUMNS, load_results  # noqa: F401
+
+    write_text_atomic(out / "bench.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_json_atomic(out / "environment.json", environment())
+    for r in rows:
+        r["size_mb"] = r["file_size_bytes"] / 1e6
+        r["throughput"] = max(v for k, v in r.items() if k.startswith("throughput_ips_b"))
+        r["warning"] = "; ".join(r.get("warnings", []))
+    print(text_table(rows, BENCH_COLUMNS))
+    for r in rows:
+        for w in r.get("warnings", []):
+            print(f"warning: {r['target']}: {w}")
+        if r.get("compute_ms_mean") is not None:
+            print(f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H {r['d2h_ms_mean']:.3f} ms")
+    print(f"results: {out / 'bench.jsonl'}")
+    return 0
+
+
+@command("signoff")
+def _cmd_signoff(args: argparse.Namespace) -> int:
+    from quantship.config import SignoffPlan
+    from quantship.evaluate.report import VERDICT_COLUMNS, build_report, load_results
+    from quantship.evaluate.results import text_table
+    from quantship.evaluate.signoff import run_signoff
+
+    plan = SignoffPlan.load(args.plan)
+    out = Path(args.out or f"runs/{plan.name}")
+    print(f"quantship signoff: {len(plan.models)} model(s) x {len(plan.targets)} target(s) on {plan.data} -> {out} (resumable: run again to continue)")
+    rows, verdicts = run_signoff(plan, out)
+    md, page = build_report(out, f"sign-off: {plan.name}")
+    shown = load_results(out)["verdicts"]
+    print(text_table(shown, VERDICT_COLUMNS))
+    failed = [v for v in verdicts if not v["passed"]]
+    print(f"\n{'FAIL' if failed else 'PASS'}: {len(verdicts) - len(failed)} of {len(verdicts)} gates passed. Report: {page}, {md}")
+    return 1 if failed else 0
+
+
+@command("report")
+def _cmd_report(args: argparse.Namespace) -> int:
+    from quantship.evaluate.report import build_report
+
+    md, page = build_report(Path(args.results))
+    print(f"report: {page}, {md}")
+    return 0
+
+
 @command("demo")
 def _cmd_demo(args: argparse.Namespace) -> int:
     from quantship.demo import run_demo
@@ -280,6 +363,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt-version", help="version field of the cache header (default that of TensorRT 10)")
     p.add_argument("--threads", type=int, help="ONNX Runtime / histogram threads")
     p.add_argument("--out", default="quantship-out", help="folder for logs")
+    _common(p)
+
+    p = sub.add_parser("bench", help="latency: percentiles, throughput, init time, peak memory (each config in its own process)")
+    p.add_argument("--artifact", action="append", help="a .tflite / .onnx / .engine file (repeatable)")
+    p.add_argument("--model", help="build these targets' artifacts first (registry name or model file)")
+    p.add_argument("--weights")
+    p.add_argument("--preprocess")
+    p.add_argument("--targets", default="tflite-fp32,tflite-fp16,tflite-int8")
+    p.add_argument("--data", help="calibration data for int8 targets (KIND:PATH)")
+    p.add_argument("--labels")
+    p.add_argument("--calib-images", type=int, default=100)
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--threads", type=int, help="CPU threads (LiteRT / ONNX Runtime)")
+    p.add_argument("--mobile", action="store_true", help="mobile-class CPU profile: LiteRT on 1, 2 and 4 threads pinned to fixed cores")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated; batch 1 gives the latency percentiles, each gives a throughput")
+    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds (1)")
+    p.add_argument("--min-queries", type=int, default=200, help="at least this many timed queries (200)")
+    p.add_argument("--min-seconds", type=float, default=5.0, help="and at least this many seconds (5)")
+    p.add_argument("--out", default="quantship-bench")
+    _trt_args(p)
+    _common(p)
+
+    p = sub.add_parser("signoff", help="run a sign-off plan (YAML): matrix, gates with bootstrap intervals, report; exit 1 if a gate fails")
+    p.add_argument("plan", help="plan file (YAML)")
+    p.add_argument("--out", help="results folder (default runs/<plan name>)")
+    _common(p)
+
+    p = sub.add_parser("report", help="rebuild report.md and report.html from a results folder")
+    p.add_argument("results", help="folder with results.jsonl / signoff.jsonl / bench.jsonl")
     _common(p)
 
     p = sub.add_parser("demo", help="pretrained EfficientNet-Lite0 on sample photos: every TFLite precision, ONNX and Q/DQ int8")

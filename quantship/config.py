@@ -79,9 +79,20 @@ class PreprocessSpec:
     crops: CropMode = CropMode.CENTER
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        def triple(v: Any, what: str) -> tuple[float, ...]:
+            vals = [v] * 3 if isinstance(v, (int, float)) else list(v)
+            try:
+                return tuple(float(x) for x in vals)
+            except (TypeError, ValueError):
+                raise ConfigError(f"preprocess {what} must be numbers, got {v!r}") from None
+
+        size = [self.size] * 2 if isinstance(self.size, int) else list(self.size)
+        try:
+            object.__setattr__(self, "size", tuple(int(s) for s in size))
+        except (TypeError, ValueError):
+            raise ConfigError(f"preprocess size must be N or (H, W), got {self.size!r}") from None
+        object.__setattr__(self, "mean", triple(self.mean, "mean"))
+        object.__setattr__(self, "std", triple(self.std, "std"))
         object.__setattr__(self, "interpolation", _choice(Interpolation, self.interpolation, "interpolation"))
         object.__setattr__(self, "channel_order", _choice(ChannelOrder, self.channel_order, "channel order"))
         object.__setattr__(self, "layout", _choice(Layout, self.layout, "layout"))
@@ -196,3 +207,101 @@ class EvalSpec:
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     preprocess_overrides: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # backend options (trt_workspace_mb, ...)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """An accuracy gate on targets against the reference.
+
+    Exactly one of ``relative`` (target >= relative * reference, e.g. 0.99) and ``max_drop_points``
+    (reference - target <= N percentage points) is set. ``targets`` holds glob patterns (default: all).
+    """
+
+    metric: str = "top1"
+    relative: float | None = None
+    max_drop_points: float | None = None
+    targets: tuple[str, ...] = ("*",)
+
+    def __post_init__(self) -> None:
+        if (self.relative is None) == (self.max_drop_points is None):
+            raise ConfigError(f"gate on {self.metric}: give exactly one of 'relative' and 'max_drop_points'")
+        if self.relative is not None and not 0 < self.relative <= 1.5:
+            raise ConfigError(f"gate on {self.metric}: relative must be in (0, 1.5], got {self.relative}")
+        if self.max_drop_points is not None and self.max_drop_points < 0:
+            raise ConfigError(f"gate on {self.metric}: max_drop_points must not be negative")
+
+    def applies(self, target: str) -> bool:
+        import fnmatch
+
+        return any(fnmatch.fnmatch(target, pat) for pat in self.targets)
+
+    def describe(self) -> str:
+        if self.relative is not None:
+            return f"{self.metric} >= {self.relative:g} x reference"
+        return f"{self.metric} drop <= {self.max_drop_points:g} points"
+
+
+@dataclass(frozen=True)
+class PlanModel:
+    name: str
+    weights: str | None = None
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SignoffPlan:
+    """A sign-off matrix: models x targets on one dataset, with gates."""
+
+    models: tuple[PlanModel, ...]
+    targets: tuple[str, ...]
+    data: str
+    gates: tuple[Gate, ...]
+    reference: str = "keras-fp32"
+    labels: str | None = None
+    limit: int | None = None
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    batch_size: int = 8
+    threads: int | None = None
+    workers: int = 4
+    chunk_images: int = 256
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    name: str = "signoff"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "SignoffPlan":
+        d = dict(d)
+        known = {f.name for f in fields(cls)} | {"dataset"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        if "dataset" in d:
+            d["data"] = d.pop("dataset")
+        for key in ("models", "targets", "data", "gates"):
+            if not d.get(key):
+                raise ConfigError(f"{source}: '{key}' is required")
+        try:
+            models = tuple(PlanModel(m) if isinstance(m, str) else PlanModel(**m) for m in d.pop("models"))
+            gates = tuple(Gate(**{**g, "targets": tuple(g.get("targets", ("*",)))}) for g in d.pop("gates"))
+            calib = CalibrationSpec(**d.pop("calibration", {}))
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        targets = d.pop("targets")
+        targets = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets))
+        return cls(models=models, targets=targets, gates=gates, calibration=calib, **d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SignoffPlan":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"plan not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a plan is a mapping of keys (models, targets, dataset, gates, ...)")
+        return cls.from_dict(data, str(path))

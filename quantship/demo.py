@@ -158,7 +158,13 @@ def run_demo(out: Path, threads: int = 2, print_fn: Callable[[str], None] = prin
     from quantship.evaluate.results import write_results
 
     write_results(out, rows, "quantship demo: EfficientNet-Lite0, every TFLite precision, ONNX and Q/DQ int8", [f"latency at batch 1, {threads} threads"])
+    from quantship.evaluate.environment import environment
+    from quantship.evaluate.report import build_report
+    from quantship.fileio import write_json_atomic
+
+    write_json_atomic(out / "environment.json", environment())
+    _, report_html = build_report(out, "quantship demo: EfficientNet-Lite0")
     write_text_atomic(out / "predictions.md", "# Prediction check\n```" + "\n".join(lines) + "\n```\n\n" + markdown_table(rows, columns) + "\n")
     verdict = "every target predicts the obvious class on every photo" if all_ok else "some target MISSES the obvious class"
-    print_fn(f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, {out / 'predictions.md'}")
+    print_fn(f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, {out / 'predictions.md'}; report: {report_html}")
     return 0 if all_ok else 1

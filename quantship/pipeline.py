@@ -80,6 +80,7 @@ class TargetResult:
     seconds: float = 0.0  # runtime time over the timed batches (the first batch is warm-up)
     timed_images: int = 0
     probs: list[np.ndarray] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
 
 
 def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> dict[str, Artifact | None]:
@@ -109,21 +110,30 @@ def evaluate_classification(
         n_batches = (len(dataset) + batch_size - 1) // batch_size
         batches = iter_batches(dataset, spec, batch_size, workers, skipped)
         for i, batch in enumerate(track(batches, total=n_batches, desc="evaluate")):
-            b, v = batch.inputs.shape[:2]
-            flat = batch.inputs.reshape(b * v, *batch.inputs.shape[2:])
-            for r in results:
-                out = r.runner.infer(flat)
-                scores = next(iter(out.values())).reshape(b, v, -1).mean(axis=1)
-                if i > 0 or n_batches == 1:  # the first call traces/allocates: not a latency sample
-                    r.seconds += r.runner.last_inference_time or 0.0
-                    r.timed_images += b
-                r.metric.update(scores, batch.labels)
-                if keep_probs:
-                    r.probs.append(scores)
+            classify_batch(results, batch, timed=i > 0 or n_batches == 1, keep_probs=keep_probs)
     finally:
         for r in results:
             r.runner.deactivate()
     return results, skipped
+
+
+def classify_batch(results: Sequence[TargetResult], batch: Any, timed: bool = True, keep_probs: bool = False) -> None:
+    """Run one batch through every target, averaging over the views of multi-crop evaluation.
+
+    ``timed=False`` leaves the call out of the latency figures (the first call traces and allocates).
+    """
+    b, v = batch.inputs.shape[:2]
+    flat = batch.inputs.reshape(b * v, *batch.inputs.shape[2:])
+    for r in results:
+        out = r.runner.infer(flat)
+        scores = next(iter(out.values())).reshape(b, v, -1).mean(axis=1)
+        if timed:
+            r.seconds += r.runner.last_inference_time or 0.0
+            r.timed_images += b
+        r.metric.update(scores, batch.labels)
+        r.keys.extend(batch.keys)
+        if keep_probs:
+            r.probs.append(scores)
 
 
 def result_rows(

@@ -1,0 +1,239 @@
+"""Latency statistics, bootstrap intervals, sign-off gates, kill-and-resume, and the reports."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_PREPROCESS
+from quantship.config import Gate, SignoffPlan
+from quantship.errors import ConfigError
+from quantship.evaluate.bench import BenchConfig, annotate, mobile_profile
+from quantship.evaluate.latency import latency_stats
+from quantship.evaluate.stats import bootstrap_diff_ci, bootstrap_mean_ci
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_latency_percentiles_match_numpy():
+    ms = np.random.default_rng(3).lognormal(1.0, 0.4, 1001)
+    s = latency_stats(ms)
+    for p in (50, 90, 95, 99):
+        assert s[f"latency_ms_p{p}"] == pytest.approx(np.percentile(ms, p))
+    assert s["latency_ms_min"] == ms.min() and s["latency_ms_max"] == ms.max()
+    assert s["latency_ms_mean"] == pytest.approx(ms.mean()) and s["iterations"] == 1001
+
+
+def test_bootstrap_matches_a_plain_numpy_loop():
+    rng = np.random.default_rng(5)
+    x = (rng.random(300) < 0.7).astype(float)
+    lo, hi = bootstrap_mean_ci(x, samples=500, confidence=0.9, seed=11)
+    r = np.random.default_rng(11)
+    idx = r.integers(0, x.size, size=(500, x.size))
+    means = np.array([x[row].mean() for row in idx])
+    assert (lo, hi) == (pytest.approx(np.quantile(means, 0.05)), pytest.approx(np.quantile(means, 0.95)))
+    assert lo < x.mean() < hi
+
+
+def test_paired_difference_interval():
+    rng = np.random.default_rng(0)
+    ref = (rng.random(2000) < 0.75).astype(float)
+    same = bootstrap_diff_ci(ref, ref)
+    assert same == (0.0, 0.0)
+    worse = ref.copy()
+    worse[np.flatnonzero(ref)[:100]] = 0  # 5 points lower
+    lo, hi = bootstrap_diff_ci(worse, ref)
+    assert lo <= -0.05 <= hi and hi < 0
+
+
+# --------------------------------------------------------------------------------------------- plans
+
+
+def test_plan_validation():
+    base = {"models": ["m"], "targets": ["tflite-int8"], "dataset": "imagenet:/x", "gates": [{"metric": "top1", "relative": 0.99}]}
+    plan = SignoffPlan.from_dict(base)
+    assert plan.data == "imagenet:/x" and plan.gates[0].applies("tflite-int8")
+    with pytest.raises(ConfigError, match="unknown key"):
+        SignoffPlan.from_dict({**base, "tagrets": []})
+    with pytest.raises(ConfigError, match="exactly one"):
+        Gate(relative=0.99, max_drop_points=1.0)
+    with pytest.raises(ConfigError, match="'gates' is required"):
+        SignoffPlan.from_dict({**base, "gates": []})
+    assert Gate(max_drop_points=0.5, targets=("tflite-*",)).applies("tflite-fp16")
+    assert not Gate(max_drop_points=0.5, targets=("onnx-*",)).applies("tflite-fp16")
+
+
+def _write_plan(path: Path, model: Path, data: Path, gates: list[dict], targets: list[str], limit: int = 90, chunk: int = 32) -> Path:
+    import yaml
+
+    mode, size, crop = (kv.split("=")[1] for kv in TINY_PREPROCESS.split(","))
+    path.write_text(yaml.safe_dump({
+        "name": "test-plan",
+        "dataset": f"imagenet:{data}",
+        "limit": limit,
+        "calibration": {"num_images": 12},
+        "chunk_images": chunk,
+        "models": [{"name": str(model), "preprocess": {"mode": mode, "size": int(size), "crop_pct": float(crop)}}],
+        "targets": targets,
+        "gates": gates,
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bigger_dataset(tmp_path_factory):
+    from conftest import CLASSES, encode, synthetic_set
+
+    root = tmp_path_factory.mktemp("signoff-data")
+    x, y = synthetic_set(40, seed=9)
+    for i, (img, label) in enumerate(zip(x, y)):
+        d = root / CLASSES[label]
+        d.mkdir(exist_ok=True)
+        (d / f"{i:04d}.JPEG").write_bytes(encode(img))
+    return root
+
+
+def _signoff(plan: Path, out: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(out)], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_failing_gate_fails_the_run(trained_tiny, bigger_dataset, tmp_path):
+    _, model = trained_tiny
+    plan = _write_plan(tmp_path / "plan.yaml", model, bigger_dataset,
+                       [{"metric": "top1", "relative": 0.9}, {"metric": "top1", "relative": 1.01, "targets": ["tflite-fp16"]}],
+                       ["tflite-fp32", "tflite-fp16"])
+    res = _signoff(plan, tmp_path / "out")
+    assert res.returncode == 1, res.stdout + res.stderr
+    verdicts = [json.loads(line) for line in (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()]
+    assert [(v["target"], v["gate"], v["passed"]) for v in verdicts] == [
+        ("tflite-fp32", "top1 >= 0.9 x reference", True),
+        ("tflite-fp16", "top1 >= 0.9 x reference", True),
+        ("tflite-fp16", "top1 >= 1.01 x reference", False),
+    ]
+    assert all(v["ci_low"] <= v["value"] <= v["ci_high"] for v in verdicts)
+    assert "FAIL: 2 of 3 gates passed" in res.stdout
+
+
+@pytest.mark.slow
+def test_kill_and_resume_keeps_every_stored_result(trained_tiny, bigger_dataset, tmp_path):
+    _, model = trained_tiny
+    plan = _write_plan(tmp_path / "plan.yaml", model, bigger_dataset, [{"metric": "top1", "max_drop_points": 5}],
+                       ["tflite-fp32", "tflite-int8", "onnx-fp32"], limit=96, chunk=8)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        chunks = list((out / "state").glob("*/chunk-*.npz")) if (out / "state").exists() else []
+        rows = (out / "signoff.jsonl").read_text().count("\n") if (out / "signoff.jsonl").exists() else 0
+        if rows >= 1 and len(chunks) >= 16:  # the reference finished, the next target half way
+            break
+        if proc.poll() is not None:
+            pytest.fail("sign-off finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "state").glob("*/chunk-*.npz")}
+    rows_before = (out / "signoff.jsonl").read_text()
+    assert before and rows_before
+
+    res = _signoff(plan, out)
+    assert res.returncode == 0, res.stderr
+    for p, (mtime, data) in before.items():
+        assert p.stat().st_mtime_ns == mtime and p.read_bytes() == data, f"{p.name} was recomputed"
+    text = (out / "signoff.jsonl").read_text()
+    assert text.startswith(rows_before)  # stored rows untouched
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert sorted(r["target"] for r in rows) == ["keras-fp32", "onnx-fp32", "tflite-fp32", "tflite-int8"]
+    assert all(r["images"] == 96 for r in rows)
+    for r in rows:
+        assert len(list(Path(r["state"]).glob("chunk-*.npz"))) == 12
+    # A third run recomputes nothing at all.
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "state").glob("*/chunk-*.npz")}
+    assert _signoff(plan, out).returncode == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "state").glob("*/chunk-*.npz")} == mtimes
+    assert (out / "signoff.jsonl").read_text() == text
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs).get("src", ""))
+        if tag == "table":
+            self.tables += 1
+
+
+@pytest.mark.slow
+def test_report_is_rebuilt_from_stored_results_and_holds_its_plot(trained_tiny, bigger_dataset, tmp_path):
+    _, model = trained_tiny
+    plan = _write_plan(tmp_path / "plan.yaml", model, bigger_dataset, [{"metric": "top1", "relative": 0.95}], ["tflite-fp32", "tflite-int8"])
+    out = tmp_path / "out"
+    assert _signoff(plan, out).returncode == 0
+    (out / "report.html").unlink()
+    res = subprocess.run([sys.executable, "-m", "quantship", "report", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    parser = _Images()
+    page = (out / "report.html").read_text()
+    parser.feed(page)
+    (src,) = parser.images
+    assert src.startswith("data:image/png;base64,")
+    assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert parser.tables >= 2 and "tflite-int8" in page and "PASS" in page
+    assert "onnxruntime" in page or "tensorflow" in page  # environment section
+    assert (out / "report.md").read_text().count("| tiny |") >= 3
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def test_bench_config_validation(tmp_path):
+    with pytest.raises(ConfigError, match="cannot benchmark"):
+        BenchConfig(str(tmp_path / "model.pb"))
+    cfgs = mobile_profile(tmp_path / "m.tflite", "tflite-int8")
+    assert [c.threads for c in cfgs] == [1, 2, 4]
+    assert all(len(c.cores) == min(c.threads, len(os.sched_getaffinity(0))) for c in cfgs)
+
+
+def test_int8_slower_than_sibling_is_flagged():
+    rows = [
+        {"target": "tflite-fp32", "runtime": "tflite", "threads": 2, "latency_ms_p50": 5.0},
+        {"target": "tflite-int8", "runtime": "tflite", "threads": 2, "latency_ms_p50": 7.0},
+        {"target": "onnx-fp32", "runtime": "onnx", "threads": 2, "latency_ms_p50": 1.0},
+    ]
+    out = annotate(rows)
+    assert out[1]["warnings"] == ["int8 is slower than tflite-fp32 (7.00 vs 5.00 ms p50)"]
+    assert "warnings" not in out[0] and "warnings" not in out[2]
+
+
+@pytest.mark.slow
+def test_bench_cli_on_a_tflite_file(trained_tiny, bigger_dataset, tmp_path):
+    _, model = trained_tiny
+    res = subprocess.run(
+        [sys.executable, "-m", "quantship", "bench", "--model", str(model), "--preprocess", TINY_PREPROCESS,
+         "--targets", "tflite-fp32,tflite-int8", "--data", f"imagenet:{bigger_dataset}", "--calib-images", "10",
+         "--threads", "1", "--batch-sizes", "1,4", "--min-queries", "30", "--min-seconds", "0.2", "--warmup", "0.1",
+         "--out", str(tmp_path / "b")],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in (tmp_path / "b" / "bench.jsonl").read_text().splitlines()]
+    assert [r["target"] for r in rows] == ["tflite-fp32", "tflite-int8"]
+    for r in rows:
+        assert r["iterations"] >= 30
+        assert r["latency_ms_min"] <= r["latency_ms_p50"] <= r["latency_ms_p90"] <= r["latency_ms_p99"] <= r["latency_ms_max"]
+        assert r["throughput_ips_b1"] > 0 and r["throughput_ips_b4"] > 0
+        assert r["init_ms"] > 0 and r["peak_rss_mb"] > 10 and r["file_size_bytes"] > 0
