@@ -11,9 +11,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from quantship.config import PreprocessSpec
+from quantship.config import ChannelOrder, PreprocessSpec
 from quantship.errors import ConfigError, DataError
 from quantship.evaluate.preprocess import decode_image, preprocess_image
+from quantship.lazy import lazy_import
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,11 @@ def iter_batches(
     """
     if batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
+    # The default path decodes to OpenCV's native BGR and folds the channel order into normalisation (no
+    # colour conversion); OpenCV's own threads are off since the pool already runs one image per thread.
+    fast = prepare is preprocess_image
+    cv2 = lazy_import("cv2", "opencv-python-headless")
+    cv2.setNumThreads(1)
 
     def load(sample: Sample):
         try:
@@ -170,10 +176,13 @@ def iter_batches(
         except OSError as exc:
             return sample, None, f"cannot read: {exc}"
         try:
-            img = decode_image(data, sample.key)
+            img = decode_image(data, sample.key, ChannelOrder.BGR if fast else ChannelOrder.RGB)
         except DataError as exc:
             return sample, None, str(exc)
-        return sample, (img, prepare(img, spec)), None
+        x = preprocess_image(img, spec, ChannelOrder.BGR) if fast else prepare(img, spec)
+        if keep_images and fast:
+            img = np.ascontiguousarray(img[..., ::-1])
+        return sample, (img if keep_images else None, x), None
 
     samples = dataset.samples
     with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -23,8 +23,9 @@ def _cv2():
     return lazy_import("cv2", "opencv-python-headless", "image decoding")
 
 
-def decode_image(data: bytes, source: str = "image") -> np.ndarray:
-    """Decode JPEG/PNG/... bytes to an RGB uint8 array (H, W, 3).
+def decode_image(data: bytes, source: str = "image", order: ChannelOrder = ChannelOrder.RGB) -> np.ndarray:
+    """Decode JPEG/PNG/... bytes to a uint8 array (H, W, 3) in ``order`` (RGB by default; BGR saves the
+    conversion when the caller folds the channel order into normalisation).
 
     Raises:
         DataError: The bytes are not a readable image, or a JPEG is truncated (no end-of-image marker;
@@ -45,11 +46,12 @@ def decode_image(data: bytes, source: str = "image") -> np.ndarray:
             raise DataError(f"{source}: unsupported pixel type")
     if img.ndim == 2:
         return np.repeat(img[:, :, None], 3, axis=2)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     if img.shape[2] == 1:
         return np.repeat(img, 3, axis=2)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    bgr = order is ChannelOrder.BGR
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR if bgr else cv2.COLOR_BGRA2RGB)
+    return img if bgr else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def resize_shorter(img: np.ndarray, shorter: int, interpolation: Interpolation) -> np.ndarray:
@@ -90,19 +92,24 @@ def crop_views(img: np.ndarray, spec: PreprocessSpec) -> list[np.ndarray]:
     return views
 
 
-def normalize(views: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """(..., H, W, 3) uint8 RGB -> float32 normalised, in the spec's channel order and layout."""
-    x = (views.astype(np.float32) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    if spec.channel_order is ChannelOrder.BGR:
+def normalize(views: np.ndarray, spec: PreprocessSpec, input_order: ChannelOrder = ChannelOrder.RGB) -> np.ndarray:
+    """(..., H, W, 3) uint8 in ``input_order`` -> float32 normalised, in the spec's channel order and layout."""
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    if input_order is ChannelOrder.BGR:  # mean/std are given in RGB order
+        mean, std = mean[::-1], std[::-1]
+    x = views.astype(np.float32)
+    x -= mean
+    x *= np.float32(1.0) / std
+    if input_order is not spec.channel_order:
         x = x[..., ::-1]
     if spec.layout is Layout.NCHW:
         x = np.moveaxis(x, -1, -3)
     return np.ascontiguousarray(x)
 
 
-def preprocess_image(img: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """RGB uint8 image -> float32 array of shape (views, *input_shape)."""
-    return normalize(np.stack(crop_views(img, spec)), spec)
+def preprocess_image(img: np.ndarray, spec: PreprocessSpec, input_order: ChannelOrder = ChannelOrder.RGB) -> np.ndarray:
+    """uint8 image (RGB unless ``input_order`` says BGR) -> float32 array of shape (views, *input_shape)."""
+    return normalize(np.stack(crop_views(img, spec)), spec, input_order)
 
 
 def num_views(spec: PreprocessSpec) -> int:

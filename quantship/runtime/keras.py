@@ -28,7 +28,7 @@ class KerasRunner(Runner):
         )
 
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
-        out = self._fn(*[feed[m.name] for m in self.input_metadata()])
+        out = self._time_runtime(self._fn, *[feed[m.name] for m in self.input_metadata()])
         outs = out if isinstance(out, (list, tuple)) else [out]
         return {m.name: np.asarray(o) for m, o in zip(self.output_metadata(), outs)}
 

@@ -66,7 +66,7 @@ class OnnxRunner(Runner):
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
         names = [o.name for o in self._session.get_outputs()]
         try:
-            outs = self._session.run(names, feed)
+            outs = self._time_runtime(self._session.run, names, feed)
         except Exception as exc:  # noqa: BLE001
             raise RuntimeBackendError(f"{self.name}: inference failed: {str(exc).strip().splitlines()[0][:400]}") from None
         return dict(zip(names, outs))

@@ -76,7 +76,7 @@ class TfliteRunner(Runner):
             if not raw and m.quantized:
                 x = quantize(x, m)
             interp.set_tensor(d["index"], np.ascontiguousarray(x.astype(d["dtype"], copy=False)))
-        interp.invoke()
+        self._time_runtime(interp.invoke)
         out = {}
         for d in interp.get_output_details():
             m = _meta(d)
