@@ -111,7 +111,13 @@ def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def insert_qdq(model: Any, amax: dict[str, float], exclude: Iterable[str] = (), node_layers: dict[str, str] | None = None) -> tuple[Any, QdqReport]:
+def insert_qdq(
+    model: Any,
+    amax: dict[str, float],
+    exclude: Iterable[str] = (),
+    node_layers: dict[str, str] | None = None,
+    include: Iterable[str] | None = None,
+) -> tuple[Any, QdqReport]:
     """Return a copy of ``model`` with Q/DQ nodes, and a report.
 
     Args:
@@ -120,11 +126,14 @@ def insert_qdq(model: Any, amax: dict[str, float], exclude: Iterable[str] = (), 
         exclude: Node names or Keras layer names to keep in float.
         node_layers: ONNX node name -> Keras layer name (see :func:`quantship.convert.onnx.onnx_node_layers`),
             to match ``exclude`` against Keras names.
+        include: When given, only these nodes (node or Keras layer names) are quantized and every other
+            quantizable node stays float: the one-layer-at-a-time mode of sensitivity analysis.
     """
     onnx = lazy_import("onnx")
     from onnx import helper, numpy_helper
 
     exclude, node_layers = set(exclude), dict(node_layers or {})
+    include = set(include) if include is not None else None
     src = model
     inits = {i.name: i for i in src.graph.initializer}
     act_inputs = activation_inputs(src)
@@ -175,7 +184,9 @@ def insert_qdq(model: Any, amax: dict[str, float], exclude: Iterable[str] = (), 
         node_copy.CopyFrom(node)
         if node.op_type not in WEIGHTED_OPS and node.op_type not in POOLING_OPS and node.op_type != "Add" and node.op_type not in FLOAT_OPS:
             report.unknown_ops.append((node.op_type, node.name))
-        elif k in act_inputs and _is_excluded(node, exclude, node_layers):
+        elif k in act_inputs and (
+            _is_excluded(node, exclude, node_layers) or (include is not None and not _is_excluded(node, include, node_layers))
+        ):
             report.excluded.append(node.name)
         elif k in act_inputs:
             changed = False

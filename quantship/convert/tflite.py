@@ -36,12 +36,15 @@ class TfliteSpec:
 
     precision: Precision
     io_dtype: IODType = IODType.FLOAT32
+    float_layers: tuple[str, ...] = ()  # Keras layer names kept in float (int8 only; float I/O)
 
     def __post_init__(self) -> None:
         if self.precision not in TFLITE_PRECISIONS:
             raise ConfigError(f"TFLite has no precision '{self.precision.value}'")
         if self.io_dtype is not IODType.FLOAT32 and self.precision is not Precision.INT8:
             raise ConfigError(f"integer I/O ({self.io_dtype.value}) applies to full-integer int8 only")
+        if self.float_layers and (self.precision is not Precision.INT8 or self.io_dtype is not IODType.FLOAT32):
+            raise ConfigError("float layers (a denylist) apply to int8 with float I/O only")
 
     @property
     def needs_calibration(self) -> bool:
@@ -119,6 +122,8 @@ class TfliteConverter:
             conv.inference_output_type = io
         if p is Precision.INT16X8:
             conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        if spec.float_layers:
+            return self._convert_with_denylist(conv, spec, calibration, seen)
         try:
             with redirect_native_output(self.log_path):
                 data = conv.convert()
@@ -129,6 +134,41 @@ class TfliteConverter:
         if spec.needs_calibration and seen[0] == 0:
             raise CalibrationError("the calibration feed yielded no images")
         return bytes(data)
+
+    def float_model_tensor_names(self) -> list[str]:
+        """Output tensor names of the float model's ops (what the quantization debugger's denylist takes)."""
+        if getattr(self, "_op_names", None) is None:
+            litert = lazy_import("ai_edge_litert.interpreter", "ai-edge-litert")
+            data = self.convert(TfliteSpec(Precision.FP32))
+            interp = litert.Interpreter(model_content=data)
+            self._op_names = [d["name"] for d in interp.get_tensor_details()]
+        return self._op_names
+
+    def _convert_with_denylist(self, conv: Any, spec: TfliteSpec, calibration: CalibrationFeed, seen: list[int]) -> bytes:
+        """int8 with the given Keras layers kept in float, via the converter's quantization debugger."""
+        from quantship.convert.onnx import _segment_layer
+
+        tf = lazy_import("tensorflow")
+        layer_names = {layer.name for layer in self.model.layers}
+        wanted = set(spec.float_layers)
+        nodes = [n for n in self.float_model_tensor_names() if any(_segment_layer(part, layer_names) in wanted for part in n.split(";"))]
+        missing = wanted - {_segment_layer(part, layer_names) for n in nodes for part in n.split(";")}
+        if missing:
+            raise ConfigError(f"no TFLite op found for Keras layer(s) {sorted(missing)}")
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        conv.inference_input_type = tf.float32
+        conv.inference_output_type = tf.float32
+        options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
+        try:
+            with redirect_native_output(self.log_path):
+                debugger = tf.lite.experimental.QuantizationDebugger(
+                    converter=conv, debug_dataset=_representative(calibration, seen), debug_options=options
+                )
+                return bytes(debugger.get_nondebug_quantized_model())
+        except CalibrationError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure(spec, exc) from None
 
     def _failure(self, spec: TfliteSpec, exc: Exception) -> ConversionError:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -175,6 +215,7 @@ def convert_to_tflite(
             "format": "tflite",
             "precision": spec.precision.value,
             "io_dtype": spec.io_dtype.value,
+            "float_layers": list(spec.float_layers),
         }
     )
     if not spec.needs_calibration:

@@ -1,0 +1,306 @@
+"""Which layers lose accuracy when quantized, how few bits their weights can keep, and which layers to keep
+in float so an int8 model passes its gate.
+
+* Layer sensitivity: quantize one layer at a time (the rest float), or layers 0..k cumulatively, for the
+  Q/DQ ONNX model (TensorRT's placement; a layer = a weighted node with its input activation) and for TFLite
+  full int8 (the converter's quantization-debugger denylist; TFLite quantizes op outputs, and a tensor
+  between a float op and an int8 op is quantized at that boundary, so a hostile activation is reached from
+  both of its neighbours). Ops that are not layers with weights (pooling, softmax) stay quantized in every
+  TFLite configuration. Measured: task metric, top-1 agreement with fp32, output SQNR.
+* Weight-precision studies on the Keras model: fp16 weights, int8 fixed point (max |w| -> 127, per tensor or
+  per output channel), float32 mantissa truncation to k bits; per layer, all layers, or a mixed recipe.
+* Depthwise vs pointwise: quantize only pointwise/dense layers vs all.
+* Automatic fallback: rank by sensitivity, keep layers in float greedily until the gate passes on held-out
+  images, apply the set to both the TFLite and the Q/DQ model, and report what it costs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from quantship.config import Gate
+from quantship.errors import ConfigError
+from quantship.evaluate.classes import class_name
+
+WEIGHT_KINDS = ("fp16", "int8-tensor", "int8-channel", "mantissa")
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class HeldOut:
+    """Preprocessed images, their labels (None when the data has none) and the fp32 reference outputs."""
+
+    x: np.ndarray
+    labels: np.ndarray | None
+    reference: np.ndarray
+
+    def subset(self, idx: Sequence[int]) -> "HeldOut":
+        idx = np.asarray(idx)
+        return HeldOut(self.x[idx], None if self.labels is None else self.labels[idx], self.reference[idx])
+
+
+def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``output`` against ``reference`` in dB (inf when identical)."""
+    noise = float(np.sum((reference.astype(np.float64) - output) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    return math.inf if noise == 0 else 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def score(output: np.ndarray, held: HeldOut) -> dict[str, float]:
+    pred = output.argmax(axis=1)
+    ref_pred = held.reference.argmax(axis=1)
+    out = {"agreement_top1": float(np.mean(pred == ref_pred)), "sqnr_db": sqnr_db(held.reference, output)}
+    if held.labels is not None:
+        out["top1"] = float(np.mean(pred == held.labels))
+        out["reference_top1"] = float(np.mean(ref_pred == held.labels))
+    else:  # no labels: fp32's predictions are the ground truth
+        out["top1"] = out["agreement_top1"]
+        out["reference_top1"] = 1.0
+    out["delta_top1"] = out["top1"] - out["reference_top1"]
+    return out
+
+
+def parse_gate(text: str) -> Gate:
+    """``top1>=0.99`` (relative to fp32) or ``drop<=0.5`` (top-1 points)."""
+    t = text.replace(" ", "").lower()
+    if m := re.fullmatch(r"(top1|top5)?>=([0-9.]+)x?", t):
+        return Gate(metric=m.group(1) or "top1", relative=float(m.group(2)))
+    if m := re.fullmatch(r"(?:top1)?-?drop<=([0-9.]+)", t):
+        return Gate(metric="top1", max_drop_points=float(m.group(1)))
+    raise ConfigError(f"gate '{text}' not understood; use e.g. 'top1>=0.99' (relative to fp32) or 'drop<=0.5' (points)")
+
+
+def gate_passes(gate: Gate, metrics: dict[str, float]) -> bool:
+    if gate.relative is not None:
+        return metrics["top1"] >= gate.relative * metrics["reference_top1"]
+    return 100.0 * (metrics["reference_top1"] - metrics["top1"]) <= gate.max_drop_points
+
+
+# ------------------------------------------------------------------------------------------ backends
+
+
+class QdqBackend:
+    """Runs the Q/DQ ONNX model with any subset of layers quantized (one calibration pass, reused)."""
+
+    name = "qdq"
+
+    def __init__(self, onnx_model: Any, amax: dict[str, float], node_layers: dict[str, str], threads: int | None = None):
+        self.model, self.amax, self.node_layers, self.threads = onnx_model, amax, node_layers, threads
+        order = [n.name for n in onnx_model.graph.node if n.name in node_layers]
+        self.layers = list(dict.fromkeys(node_layers[n] for n in order))  # Keras names in graph order
+
+    def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
+        import onnxruntime as ort
+
+        from quantship.calibrate.qdq import insert_qdq
+
+        model, _ = insert_qdq(self.model, self.amax, exclude=float_layers, node_layers=self.node_layers, include=only)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        return np.concatenate([sess.run(None, {name: x[i : i + 32]})[0] for i in range(0, len(x), 32)])
+
+
+class TfliteBackend:
+    """Converts to TFLite int8 with any set of Keras layers kept in float (quantization-debugger denylist)."""
+
+    name = "tflite"
+
+    def __init__(self, converter: Any, calibration: Callable[[], Iterable], threads: int | None = None):
+        from quantship.convert.onnx import WEIGHTED_KERAS
+
+        self.converter, self.calibration, self.threads = converter, calibration, threads
+        self.layers = [layer.name for layer in converter.model.layers if type(layer).__name__ in WEIGHTED_KERAS]
+
+    def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
+        from quantship.config import Precision
+        from quantship.convert.tflite import TfliteSpec
+        from quantship.runtime.tflite import TfliteRunner
+
+        floats = set(float_layers)
+        if only is not None:
+            floats |= set(self.layers) - set(only)
+        spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)))
+        data = self.converter.convert(spec, self.calibration)
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.tflite"
+            path.write_bytes(data)
+            with TfliteRunner(path, num_threads=self.threads) as r:
+                return np.concatenate([next(iter(r.infer(x[i : i + 32]).values())) for i in range(0, len(x), 32)])
+
+
+# ----------------------------------------------------------------------------------- layer sensitivity
+
+
+def layer_sensitivity(backend: Any, held: HeldOut, cumulative: bool = False, layers: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per layer: that layer alone quantized (or layers 0..k with ``cumulative``)."""
+    layers = list(layers or backend.layers)
+    rows = []
+    for k, layer in enumerate(layers):
+        only = layers[: k + 1] if cumulative else [layer]
+        out = backend.run(held.x, only=only)
+        rows.append({"kind": "cumulative" if cumulative else "single", "backend": backend.name, "index": k, "layer": layer, "quantized_layers": len(only), **score(out, held)})
+    if not cumulative:
+        rows.sort(key=lambda r: (r["delta_top1"], r["agreement_top1"], r["sqnr_db"]))
+        for rank, r in enumerate(rows, 1):
+            r["rank"] = rank
+    return rows
+
+
+def depthwise_vs_pointwise(backend: Any, held: HeldOut, layer_types: dict[str, str]) -> list[dict[str, Any]]:
+    """Quantize only pointwise (1x1) convolutions and dense layers, vs every layer."""
+    pointwise = [name for name in backend.layers if layer_types.get(name) in ("pointwise", "dense")]
+    rows = []
+    for label, only in (("pointwise+dense only", pointwise), ("all layers", None)):
+        out = backend.run(held.x, only=only)
+        rows.append({"kind": "depthwise_vs_pointwise", "backend": backend.name, "setting": label, "quantized_layers": len(only) if only is not None else len(backend.layers), **score(out, held)})
+    return rows
+
+
+def layer_types(model: Any) -> dict[str, str]:
+    """Keras layer name -> depthwise / pointwise / conv / dense."""
+    out = {}
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "DepthwiseConv2D":
+            out[layer.name] = "depthwise"
+        elif kind in ("Conv2D", "Conv1D"):
+            out[layer.name] = "pointwise" if all(k == 1 for k in layer.kernel_size) else "conv"
+        elif kind == "SeparableConv2D":
+            out[layer.name] = "separable"
+        elif kind == "Dense":
+            out[layer.name] = "dense"
+    return out
+
+
+# -------------------------------------------------------------------------------------------- fallback
+
+
+@dataclass
+class FallbackResult:
+    float_layers: list[str]
+    passed: bool
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def auto_fallback(backend: Any, ranking: Sequence[str], verify: HeldOut, gate: Gate, max_layers: int | None = None) -> FallbackResult:
+    """Keep layers in float, most harmful first, until the int8 model passes ``gate`` on ``verify``."""
+    floats: list[str] = []
+    steps = []
+    limit = len(ranking) if max_layers is None else min(max_layers, len(ranking))
+    for k in range(limit + 1):
+        metrics = score(backend.run(verify.x, float_layers=floats), verify)
+        ok = gate_passes(gate, metrics)
+        steps.append({"kind": "fallback", "backend": backend.name, "float_layers": list(floats), "passed": ok, **metrics})
+        if ok:
+            return FallbackResult(floats, True, steps)
+        if k < limit:
+            floats.append(ranking[k])
+    return FallbackResult(floats, False, steps)
+
+
+# --------------------------------------------------------------------------------- weight precision
+
+
+def mantissa_truncate(w: np.ndarray, bits: int) -> np.ndarray:
+    """Keep the top ``bits`` of float32's 23 mantissa bits (sign and exponent untouched); 23 is identity."""
+    if not 0 <= bits <= 23:
+        raise ConfigError(f"mantissa bits must be in 0..23, got {bits}")
+    mask = np.uint32((0xFFFFFFFF << (23 - bits)) & 0xFFFFFFFF)
+    return (np.ascontiguousarray(w, dtype=np.float32).view(np.uint32) & mask).view(np.float32)
+
+
+def fixed_point_int8(w: np.ndarray, per_channel: bool) -> np.ndarray:
+    """Symmetric int8: max |w| -> 127, over the tensor or per output channel (last axis), dequantized."""
+    w = np.asarray(w, dtype=np.float32)
+    if per_channel:
+        amax = np.abs(w.reshape(-1, w.shape[-1])).max(axis=0)
+    else:
+        amax = np.abs(w).max()
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
+
+
+def weight_variant(w: np.ndarray, kind: str) -> np.ndarray:
+    """``fp16``, ``int8-tensor``, ``int8-channel`` or ``mantissa:K``."""
+    if kind == "fp16":
+        return np.asarray(w, np.float32).astype(np.float16).astype(np.float32)
+    if kind == "int8-tensor":
+        return fixed_point_int8(w, per_channel=False)
+    if kind == "int8-channel":
+        return fixed_point_int8(w, per_channel=True)
+    if kind.startswith("mantissa:"):
+        return mantissa_truncate(w, int(kind.split(":", 1)[1]))
+    raise ConfigError(f"unknown weight precision '{kind}'; use fp16, int8-tensor, int8-channel or mantissa:K (K = 0..23)")
+
+
+def _kernels(model: Any) -> dict[str, int]:
+    """Layer name -> index of its kernel among the layer's weights (convolutions and dense layers)."""
+    from quantship.convert.onnx import WEIGHTED_KERAS
+
+    return {layer.name: 0 for layer in model.layers if type(layer).__name__ in WEIGHTED_KERAS}
+
+
+def apply_weight_recipe(model: Any, recipe: dict[str, str]) -> Callable[[], None]:
+    """Replace kernels per ``{layer: kind}`` in place; returns a function that restores the originals."""
+    saved = {}
+    kernels = _kernels(model)
+    for name, kind in recipe.items():
+        if name not in kernels:
+            raise ConfigError(f"'{name}' is not a convolution or dense layer of the model")
+        layer = model.get_layer(name)
+        weights = layer.get_weights()
+        saved[name] = [w.copy() for w in weights]
+        weights[kernels[name]] = weight_variant(weights[kernels[name]], kind)
+        layer.set_weights(weights)
+
+    def restore() -> None:
+        for name, weights in saved.items():
+            model.get_layer(name).set_weights(weights)
+
+    return restore
+
+
+def _predict(model: Any, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(model(x[i : i + 32], training=False)) for i in range(0, len(x), 32)])
+
+
+def top3(probs: np.ndarray, n: int = 3) -> list[str]:
+    """'label p' for the top classes of each of the first ``n`` images (the prediction check)."""
+    out = []
+    for p in probs[:n]:
+        idx = np.argsort(-p, kind="stable")[:3]
+        out.append(", ".join(f"{class_name(int(i)) if p.shape[-1] == 1000 else int(i)} {p[i]:.2f}" for i in idx))
+    return out
+
+
+def weight_study(model: Any, held: HeldOut, kinds: Sequence[str], per_layer: bool = False, recipe: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Accuracy and a prediction check for each weight precision, for all layers at once (and per layer)."""
+    rows = []
+    layers = list(_kernels(model))
+    configs: list[tuple[str, str, dict[str, str]]] = [(kind, "all", {name: kind for name in layers}) for kind in kinds]
+    if per_layer:
+        configs += [(kind, name, {name: kind}) for kind in kinds for name in layers]
+    if recipe:
+        configs.append(("recipe", "mixed", recipe))
+    for kind, scope, rec in configs:
+        restore = apply_weight_recipe(model, rec)
+        try:
+            out = _predict(model, held.x)
+        finally:
+            restore()
+        rows.append({"kind": "weights", "precision": kind, "layers": scope, **score(out, held), "prediction_check": top3(out)})
+    return rows

@@ -1,0 +1,164 @@
+"""Layer sensitivity, weight-precision studies and automatic float fallback on a model made hostile to
+quantization: one channel of conv1's output is 3000x larger (compensated in conv2, so float is unchanged)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import synthetic_set, tf_preprocess
+from quantship.config import Gate
+from quantship.errors import ConfigError
+from quantship.sensitivity import (
+    HeldOut,
+    QdqBackend,
+    TfliteBackend,
+    auto_fallback,
+    depthwise_vs_pointwise,
+    fixed_point_int8,
+    layer_sensitivity,
+    layer_types,
+    mantissa_truncate,
+    parse_gate,
+    sqnr_db,
+    weight_study,
+)
+
+# ---------------------------------------------------------------------------------------- by hand
+
+
+def test_mantissa_23_bits_is_bit_identical_and_fewer_bits_truncate():
+    w = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    assert mantissa_truncate(w, 23).tobytes() == w.tobytes()
+    assert mantissa_truncate(np.float32([1.75]), 1)[0] == 1.5  # 1.11b -> 1.1b
+    assert mantissa_truncate(np.float32([-1.75]), 0)[0] == -1.0
+    assert mantissa_truncate(np.float32([3.0e-3]), 2)[0] == np.float32(0.0029296875)  # mantissa .10b of 2^-9 * 1.536
+    with pytest.raises(ConfigError):
+        mantissa_truncate(w, 24)
+
+
+def test_fixed_point_round_trips_by_hand():
+    w = np.array([[0.5, -2.0], [1.27, 0.02]], np.float32)  # (in=2, out=2)
+    t = fixed_point_int8(w, per_channel=False)  # scale 2/127
+    np.testing.assert_allclose(t, np.array([[32, -127], [81, 1]]) * (2.0 / 127), rtol=1e-6)
+    c = fixed_point_int8(w, per_channel=True)  # column scales 1.27/127 and 2/127
+    np.testing.assert_allclose(c, np.array([[50 * 0.01, -127 * 2 / 127], [127 * 0.01, 1 * 2 / 127]]), rtol=1e-5)
+    assert np.array_equal(fixed_point_int8(t, per_channel=False), t)  # quantized values are a fixed point
+
+
+def test_gate_parsing_and_sqnr():
+    assert parse_gate("top1>=0.99") == Gate(metric="top1", relative=0.99)
+    assert parse_gate("drop<=0.5") == Gate(metric="top1", max_drop_points=0.5)
+    with pytest.raises(ConfigError):
+        parse_gate("accuracy is fine")
+    ref = np.ones((4, 3))
+    assert sqnr_db(ref, ref) == float("inf")
+    assert sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)
+
+
+# ----------------------------------------------------------------------------------- hostile model
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    import keras
+
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((32, 32, 3), name="input")
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(x)
+    x = keras.layers.Conv2D(16, 1, activation="relu", name="pw")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = keras.layers.Dense(3, activation="softmax", name="fc")(x)
+    model = keras.Model(inputs, out)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    tx, ty = synthetic_set(60, seed=31)
+    model.fit(tf_preprocess(tx), ty, epochs=8, batch_size=32, verbose=0)
+    # Make conv1's output channel 0 huge and undo it in conv2: the float function stays the same.
+    k, b = model.get_layer("conv1").get_weights()
+    live = int(np.argmax(np.abs(k).sum(axis=(0, 1, 2))))
+    k[..., live] *= 3000
+    b[live] *= 3000
+    model.get_layer("conv1").set_weights([k, b])
+    k2, b2 = model.get_layer("conv2").get_weights()
+    k2[:, :, live, :] /= 3000
+    model.get_layer("conv2").set_weights([k2, b2])
+    cx, _ = synthetic_set(10, seed=32)
+    ex, ey = synthetic_set(30, seed=33)
+    calib, x = tf_preprocess(cx), tf_preprocess(ex)
+    held = HeldOut(x, ey, model.predict(x, verbose=0))
+    assert (held.reference.argmax(1) == ey).mean() >= 0.9
+    return model, calib, held
+
+
+@pytest.fixture(scope="module")
+def qdq_backend(hostile, tmp_path_factory):
+    import onnx
+
+    from quantship.calibrate.api import calibrate, collect_statistics
+    from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
+
+    model, calib, _ = hostile
+    art = convert_to_onnx(model, tmp_path_factory.mktemp("h") / "h.onnx")
+    proto = onnx.load(str(art.path))
+    amax = calibrate(collect_statistics(proto, [calib[i : i + 10] for i in range(0, len(calib), 10)], scope="qdq"), "max").amax
+    return QdqBackend(proto, amax, onnx_node_layers(proto, model))
+
+
+GATE = Gate(metric="top1", relative=0.99)
+
+
+@pytest.mark.slow
+def test_qdq_ranking_puts_the_hostile_layer_first(qdq_backend, hostile):
+    _, _, held = hostile
+    assert qdq_backend.layers == ["conv1", "conv2", "dw", "pw", "fc"]
+    rows = layer_sensitivity(qdq_backend, held)
+    assert rows[0]["layer"] == "conv2" and rows[0]["rank"] == 1  # its input is the hostile activation
+    assert rows[0]["sqnr_db"] == min(r["sqnr_db"] for r in rows)
+    assert rows[0]["agreement_top1"] < 0.9 and all(r["agreement_top1"] >= 0.95 for r in rows[1:])
+    cumulative = layer_sensitivity(qdq_backend, held, cumulative=True)
+    assert [r["quantized_layers"] for r in cumulative] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_qdq_fallback_keeps_exactly_the_hostile_layer(qdq_backend, hostile):
+    _, _, held = hostile
+    ranking = [r["layer"] for r in layer_sensitivity(qdq_backend, held.subset(range(0, 90, 2)))]
+    result = auto_fallback(qdq_backend, ranking, held.subset(range(1, 90, 2)), GATE)
+    assert result.passed and result.float_layers == ["conv2"]
+    assert not result.steps[0]["passed"]  # the plain int8 model fails the gate
+
+
+@pytest.mark.slow
+def test_tflite_ranking_and_fallback(hostile, tmp_path):
+    from quantship.convert.tflite import TfliteConverter
+
+    model, calib, held = hostile
+    with TfliteConverter(model, tmp_path / "convert.log") as conv:
+        backend = TfliteBackend(conv, lambda: [calib])
+        rows = layer_sensitivity(backend, held)
+        # In TFLite the hostile tensor (conv1's output) is quantized whichever of its two ops is int8: conv1
+        # quantizes its output, and an int8 conv2 after a float conv1 gets a QUANTIZE op on its input.
+        assert {rows[0]["layer"], rows[1]["layer"]} == {"conv1", "conv2"}
+        assert all(r["agreement_top1"] < 0.9 for r in rows[:2]) and all(r["agreement_top1"] >= 0.95 for r in rows[2:])
+        result = auto_fallback(backend, [r["layer"] for r in rows], held, GATE)
+    assert result.passed and sorted(result.float_layers) == ["conv1", "conv2"]
+    assert [s["passed"] for s in result.steps] == [False, False, True]
+
+
+@pytest.mark.slow
+def test_depthwise_vs_pointwise_and_weight_study(qdq_backend, hostile):
+    model, _, held = hostile
+    types = layer_types(model)
+    assert types == {"conv1": "conv", "conv2": "conv", "dw": "depthwise", "pw": "pointwise", "fc": "dense"}
+    rows = depthwise_vs_pointwise(qdq_backend, held, types)
+    assert [r["quantized_layers"] for r in rows] == [2, 5]
+    study = weight_study(model, held, ["fp16", "int8-channel", "mantissa:23", "mantissa:1"], per_layer=True, recipe={"conv1": "fp16", "fc": "int8-tensor"})
+    by = {(r["precision"], r["layers"]): r for r in study}
+    assert by[("mantissa:23", "all")]["sqnr_db"] == float("inf")  # bit-identical weights
+    assert by[("fp16", "all")]["agreement_top1"] == 1.0
+    assert by[("mantissa:1", "all")]["sqnr_db"] < by[("fp16", "all")]["sqnr_db"]
+    assert ("int8-channel", "conv1") in by and ("recipe", "mixed") in by
+    assert all(len(r["prediction_check"]) == 3 for r in study)
+    np.testing.assert_array_equal(model.predict(held.x[:4], verbose=0), held.reference[:4])  # weights restored
