@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+
+import numpy as np
 import os
 import sys
 from pathlib import Path
@@ -173,6 +175,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from quantship.pipeline import run_convert
 
+    if args.auto_fallback:
+        return _auto_fallback(args)
     artifacts = run_convert(
         model=args.model,
         weights=args.weights,
@@ -307,6 +311,64 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("sensitivity")
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from quantship.evaluate.report import build_report
+    from quantship.evaluate.results import text_table
+    from quantship.fileio import write_text_atomic
+    from quantship import sensitivity as sens
+
+    out = Path(args.out)
+    backends = [b for b in args.backend.split(",") if b]
+    gate = sens.parse_gate(args.gate) if args.gate else None
+    kinds = [k for k in (args.weight_study or "").split(",") if k]
+    recipe = dict(item.split("=", 1) for item in args.recipe.split(",")) if args.recipe else None
+    setup = sens.prepare(args.model, args.weights, args.data, args.labels, args.images, args.calib_images, out,
+                         _parse_overrides(args.preprocess), threads=args.threads, workers=args.workers)
+    try:
+        rows = sens.run_analyses(
+            setup, backends, method=args.method, cumulative=args.cumulative, depthwise=args.depthwise, weight_kinds=kinds,
+            per_layer=args.per_layer, recipe=recipe, gate=gate, threads=args.threads, print_fn=print,
+        )
+    finally:
+        setup.close()
+    write_text_atomic(out / "sensitivity.jsonl", "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
+    single = [r for r in rows if r["kind"] == "single"]
+    cols = (("backend", "backend", "{}"), ("rank", "rank", "{}"), ("layer", "layer", "{}"), ("top1", "top-1", "{:.4f}"),
+            ("delta_top1", "Δ top-1", "{:+.4f}"), ("agreement_top1", "agree", "{:.4f}"), ("sqnr_db", "SQNR dB", "{:.1f}"))
+    print(text_table(single[: 2 * args.show], cols))
+    for r in rows:
+        if r["kind"] == "fallback_cost":
+            print(f"{r['backend']:7s} {r['variant']:14s} top-1 {r['top1']:.4f}  agree {r['agreement_top1']:.4f}  {r['size_mb']:.2f} MB  p50 {r['latency_ms_p50']:.2f} ms")
+    md, page = build_report(out, f"sensitivity: {setup.loaded.name}")
+    print(f"results: {out / 'sensitivity.jsonl'}; report: {page}, {md}")
+    return 0
+
+
+def _auto_fallback(args: argparse.Namespace) -> int:
+    """``convert --auto-fallback``: the smallest float set (greedy by sensitivity) for the gate, applied to
+    TFLite int8 and the Q/DQ ONNX."""
+    from quantship import sensitivity as sens
+    from quantship.fileio import write_text_atomic
+
+    if not args.gate or not args.data:
+        raise ConfigError("--auto-fallback needs --gate (e.g. 'top1>=0.99') and --data (calibration and held-out images)")
+    gate = sens.parse_gate(args.gate)
+    out = Path(args.out)
+    setup = sens.prepare(args.model, args.weights, args.data, args.labels, args.fallback_images, args.calib_images, out,
+                         _parse_overrides(args.preprocess), threads=None, workers=args.workers)
+    try:
+        rows = sens.run_analyses(setup, ["qdq", "tflite"], method=args.fallback_method, gate=gate, print_fn=print)
+    finally:
+        setup.close()
+    write_text_atomic(out / "fallback.jsonl", "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
+    for r in rows:
+        if r["kind"] == "fallback_cost":
+            print(f"{r['artifact']}: top-1 {r['top1']:.4f}, agreement {r['agreement_top1']:.4f}, {r['size_mb']:.2f} MB, p50 {r['latency_ms_p50']:.2f} ms")
+    passed = any(r["kind"] == "fallback" and r["passed"] and r["backend"] == "tflite" for r in rows)
+    return 0 if passed else 1
+
+
 @command("demo")
 def _cmd_demo(args: argparse.Namespace) -> int:
     from quantship.demo import run_demo
@@ -348,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, required=False)
     p.add_argument("--targets", default="tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8,tflite-int16x8")
     p.add_argument("--out", default="quantship-out", help="output folder")
+    p.add_argument("--auto-fallback", action="store_true", help="int8 TFLite + Q/DQ ONNX with the fewest float layers that pass --gate")
+    p.add_argument("--gate", help="with --auto-fallback: e.g. 'top1>=0.99' (relative to fp32) or 'drop<=0.5' (points)")
+    p.add_argument("--fallback-images", type=int, default=200, help="held-out images for ranking and verifying the fallback")
+    p.add_argument("--fallback-method", default="max", help="calibration of the Q/DQ model (max)")
     _trt_args(p)
     _common(p)
 
@@ -393,6 +459,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild report.md and report.html from a results folder")
     p.add_argument("results", help="folder with results.jsonl / signoff.jsonl / bench.jsonl")
+    _common(p)
+
+    p = sub.add_parser("sensitivity", help="per-layer quantization sensitivity, weight-precision studies, float fallback for a gate")
+    _model_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="KIND:PATH")
+    g.add_argument("--labels")
+    g.add_argument("--images", type=int, default=200, help="held-out images (200)")
+    g.add_argument("--calib-images", type=int, default=100)
+    g.add_argument("--workers", type=int, default=4)
+    p.add_argument("--backend", default="qdq,tflite", help="qdq (Q/DQ ONNX on ONNX Runtime) and/or tflite (full int8)")
+    p.add_argument("--method", default="max", help="calibration of the Q/DQ model (max)")
+    p.add_argument("--cumulative", action="store_true", help="also quantize layers 0..k in order, row by row")
+    p.add_argument("--depthwise", action="store_true", help="also compare pointwise/dense-only vs all layers quantized")
+    p.add_argument("--weight-study", help="weight precisions: fp16,int8-tensor,int8-channel,mantissa:K")
+    p.add_argument("--per-layer", action="store_true", help="weight study per layer too (not only all layers at once)")
+    p.add_argument("--recipe", help="mixed weight recipe: layer=kind,layer=kind")
+    p.add_argument("--gate", help="find float layers so int8 passes, e.g. 'top1>=0.99' or 'drop<=0.5'")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--show", type=int, default=10, help="rows shown per backend")
+    p.add_argument("--out", default="quantship-sensitivity")
     _common(p)
 
     p = sub.add_parser("demo", help="pretrained EfficientNet-Lite0 on sample photos: every TFLite precision, ONNX and Q/DQ int8")

@@ -304,3 +304,173 @@ def weight_study(model: Any, held: HeldOut, kinds: Sequence[str], per_layer: boo
             restore()
         rows.append({"kind": "weights", "precision": kind, "layers": scope, **score(out, held), "prediction_check": top3(out)})
     return rows
+
+
+# --------------------------------------------------------------------------------------- orchestration
+
+
+def combined_ranking(per_backend: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Layers ordered by their worst single-layer harm over the backends (top-1 change, agreement, SQNR)."""
+    worst: dict[str, tuple] = {}
+    for rows in per_backend.values():
+        for r in rows:
+            key = (r["delta_top1"], r["agreement_top1"], r["sqnr_db"])
+            worst[r["layer"]] = min(worst.get(r["layer"], key), key)
+    return sorted(worst, key=lambda name: worst[name])
+
+
+def find_fallback(backends: Sequence[Any], ranking: Sequence[str], verify: HeldOut, gate: Gate, max_layers: int | None = None) -> FallbackResult:
+    """Greedy float set that makes *every* backend pass ``gate`` on ``verify`` (one set for all of them)."""
+    floats: list[str] = []
+    steps: list[dict[str, Any]] = []
+    limit = len(ranking) if max_layers is None else min(max_layers, len(ranking))
+    for k in range(limit + 1):
+        results = [(b.name, score(b.run(verify.x, float_layers=floats), verify)) for b in backends]
+        ok = all(gate_passes(gate, m) for _, m in results)
+        for name, m in results:
+            steps.append({"kind": "fallback", "backend": name, "float_layers": list(floats), "passed": gate_passes(gate, m), **m})
+        if ok:
+            return FallbackResult(floats, True, steps)
+        if k < limit:
+            floats.append(ranking[k])
+    return FallbackResult(floats, False, steps)
+
+
+@dataclass
+class SensitivitySetup:
+    """Everything the analyses share for one model and dataset."""
+
+    loaded: Any
+    calib_batches: Callable[[], list[np.ndarray]]
+    held: HeldOut
+    onnx_path: Any
+    node_layers: dict[str, str]
+    work: Any
+    threads: int | None = None
+
+    def qdq(self, method: str = "max") -> QdqBackend:
+        import onnx
+
+        from quantship.calibrate.api import calibrate, collect_statistics
+
+        proto = onnx.load(str(self.onnx_path))
+        if not hasattr(self, "_collector"):
+            self._collector = collect_statistics(proto, self.calib_batches(), scope="qdq", threads=self.threads)
+        return QdqBackend(proto, calibrate(self._collector, method).amax, self.node_layers, self.threads)
+
+    def tflite(self) -> TfliteBackend:
+        from quantship.convert.tflite import TfliteConverter
+
+        if not hasattr(self, "_converter"):
+            self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log")
+        return TfliteBackend(self._converter, self.calib_batches, self.threads)
+
+    def close(self) -> None:
+        if hasattr(self, "_converter"):
+            self._converter.close()
+
+
+def prepare(model: str, weights: str | None, data: str, labels: str | None, images: int, calib_images: int, work: Any,
+            preprocess_overrides: dict | None = None, seed: int = 0, threads: int | None = None, workers: int = 4) -> SensitivitySetup:
+    """Load the model, split the data (calibration / held-out), compute fp32 outputs, export ONNX."""
+    from pathlib import Path
+
+    import onnx
+
+    from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
+    from quantship.evaluate.datasets import iter_batches, load_dataset, split_calibration
+    from quantship.models.loading import load_model
+    from quantship.pipeline import calibration_batches_factory, resolve_preprocess
+
+    work = Path(work)
+    dataset = load_dataset(data, labels=labels)
+    calib, held_set = split_calibration(dataset, calib_images, limit=min(images, len(dataset) - calib_images), seed=seed)
+    loaded = load_model(model, weights, resolve_preprocess(model, preprocess_overrides))
+    xs, ys = [], []
+    for b in iter_batches(held_set, loaded.preprocess.with_overrides(crops="center"), 32, workers):
+        xs.append(b.inputs[:, 0])
+        ys += list(b.labels)
+    x = np.concatenate(xs)
+    reference = _predict(loaded.model, x)
+    onnx_art = convert_to_onnx(loaded.model, work / "artifacts" / f"{loaded.name}-onnx-fp32.onnx", manifest={"source_model": {"name": loaded.name, "weights": loaded.weights}}, log_path=work / "convert.log")
+    node_layers = onnx_node_layers(onnx.load(str(onnx_art.path)), loaded.model)
+    return SensitivitySetup(
+        loaded, calibration_batches_factory(calib, loaded, workers=workers), HeldOut(x, np.asarray(ys), reference),
+        onnx_art.path, node_layers, work, threads,
+    )
+
+
+def apply_fallback(setup: SensitivitySetup, float_layers: Sequence[str], method: str = "max", threads: int = 2) -> list[dict[str, Any]]:
+    """Write the TFLite and Q/DQ int8 models with ``float_layers`` in float next to the plain int8 ones, and
+    report what the fallback costs (file size, batch-1 latency) and gains (held-out metrics)."""
+    from quantship.calibrate.qdq import insert_qdq
+    from quantship.config import IODType, Precision
+    from quantship.convert.manifest import write_artifact
+    from quantship.convert.tflite import TfliteSpec
+    from quantship.evaluate.bench import make_runner
+    from quantship.evaluate.latency import measure_latency
+
+    art_dir = setup.work / "artifacts"
+    name = setup.loaded.name
+    base_manifest = {"source_model": {"name": name, "weights": setup.loaded.weights}, "float_layers": list(float_layers)}
+    rows = []
+    tfl = setup.tflite()
+    qdq = setup.qdq(method)
+    for label, floats in (("int8", ()), ("int8+fallback", tuple(float_layers))):
+        spec = TfliteSpec(Precision.INT8, IODType.FLOAT32, float_layers=tuple(sorted(floats)))
+        path = art_dir / f"{name}-tflite-{label.replace('+', '-')}.tflite"
+        write_artifact(path, tfl.converter.convert(spec, setup.calib_batches), {**base_manifest, "format": "tflite", "precision": label, "float_layers": list(floats)})
+        model, _ = insert_qdq(qdq.model, qdq.amax, exclude=floats, node_layers=qdq.node_layers)
+        opath = art_dir / f"{name}-qdq-{method}-{label.replace('+', '-')}.onnx"
+        write_artifact(opath, model.SerializeToString(), {**base_manifest, "format": "onnx", "precision": f"{label} (Q/DQ)", "float_layers": list(floats), "calibration_method": method})
+        for backend, p in (("tflite", path), ("qdq", opath)):
+            with make_runner(p, threads=threads) as r:
+                out = np.concatenate([next(iter(r.infer(setup.held.x[i : i + 32]).values())) for i in range(0, len(setup.held.x), 32)])
+                lat = measure_latency(r, setup.held.x[:1], warmup=5, min_iters=30)
+            rows.append({"kind": "fallback_cost", "backend": backend, "variant": label, "float_layers": list(floats), "artifact": str(p),
+                         "size_mb": p.stat().st_size / 1e6, "latency_ms_p50": lat["latency_ms_p50"], **score(out, setup.held)})
+    return rows
+
+
+def run_analyses(
+    setup: SensitivitySetup,
+    backends: Sequence[str],
+    method: str = "max",
+    cumulative: bool = False,
+    depthwise: bool = False,
+    weight_kinds: Sequence[str] = (),
+    per_layer: bool = False,
+    recipe: dict[str, str] | None = None,
+    gate: Gate | None = None,
+    threads: int | None = None,
+    print_fn: Callable[[str], None] = lambda s: None,
+) -> list[dict[str, Any]]:
+    """Every analysis asked for, as flat rows. With a gate, layers are ranked on half of the held-out images
+    and the fallback is verified on the other half, then applied and costed."""
+    chosen = {"qdq": lambda: setup.qdq(method), "tflite": setup.tflite}
+    unknown = set(backends) - set(chosen)
+    if unknown:
+        raise ConfigError(f"unknown backend(s) {sorted(unknown)}; use qdq and/or tflite")
+    idx = np.arange(len(setup.held.x))
+    rank_set = setup.held.subset(idx[0::2]) if gate is not None else setup.held
+    rows: list[dict[str, Any]] = []
+    per_backend = {}
+    for name in backends:
+        backend = chosen[name]()
+        print_fn(f"{name}: {len(backend.layers)} layers, one at a time, on {len(rank_set.x)} held-out images")
+        per_backend[name] = layer_sensitivity(backend, rank_set)
+        rows += per_backend[name]
+        if cumulative:
+            rows += layer_sensitivity(backend, setup.held, cumulative=True)
+        if depthwise:
+            rows += depthwise_vs_pointwise(backend, setup.held, layer_types(setup.loaded.model))
+    if weight_kinds or recipe:
+        rows += weight_study(setup.loaded.model, setup.held, weight_kinds, per_layer=per_layer, recipe=recipe)
+    if gate is not None and per_backend:
+        result = find_fallback([chosen[n]() for n in backends], combined_ranking(per_backend), setup.held.subset(idx[1::2]), gate)
+        rows += result.steps
+        verdict = "passes" if result.passed else "still FAILS"
+        print_fn(f"fallback for gate '{gate.describe()}': float layers {result.float_layers or 'none needed'}; {verdict} on held-out images")
+        if result.float_layers:
+            rows += apply_fallback(setup, result.float_layers, method, threads=threads or 2)
+    return rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -160,7 +161,9 @@ class TfliteConverter:
         conv.inference_output_type = tf.float32
         options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=nodes)
         try:
-            with redirect_native_output(self.log_path):
+            # The debugger runs TensorFlow's deprecated tf.lite.Interpreter and says so on every call.
+            with redirect_native_output(self.log_path), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 debugger = tf.lite.experimental.QuantizationDebugger(
                     converter=conv, debug_dataset=_representative(calibration, seen), debug_options=options
                 )

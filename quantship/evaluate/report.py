@@ -61,10 +61,16 @@ def load_results(folder: Path) -> dict[str, Any]:
         "rows": read_jsonl(folder / "signoff.jsonl") or read_jsonl(folder / "results.jsonl"),
         "verdicts": read_jsonl(folder / "verdicts.jsonl"),
         "bench": read_jsonl(folder / "bench.jsonl"),
+        "sensitivity": read_jsonl(folder / "sensitivity.jsonl"),
         "environment": json.loads((folder / "environment.json").read_text()) if (folder / "environment.json").is_file() else {},
     }
-    if not data["rows"] and not data["bench"]:
-        raise DataError(f"{folder}: no stored results (results.jsonl, signoff.jsonl or bench.jsonl)")
+    if not data["rows"] and not data["bench"] and not data["sensitivity"]:
+        raise DataError(f"{folder}: no stored results (results.jsonl, signoff.jsonl, bench.jsonl or sensitivity.jsonl)")
+    for r in data["sensitivity"]:
+        if isinstance(r.get("float_layers"), list):
+            r["float_layers_text"] = ", ".join(r["float_layers"]) or "-"
+        if isinstance(r.get("prediction_check"), list):
+            r["prediction_text"] = " | ".join(r["prediction_check"])
     for r in data["rows"]:
         if "delta_top1" not in r:
             ref = next((x for x in data["rows"] if x.get("model") == r.get("model") and x["target"] == "keras-fp32"), None)
@@ -128,6 +134,63 @@ def accuracy_latency_chart(data: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+SENSITIVITY_TABLES = {
+    "single": ("Layer sensitivity (one layer quantized, the rest float), most harmful first", (
+        ("backend", "backend", "{}"), ("rank", "rank", "{}"), ("layer", "layer", "{}"), ("top1", "top-1", "{:.4f}"),
+        ("delta_top1", "Δ top-1", "{:+.4f}"), ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("sqnr_db", "SQNR dB", "{:.1f}"))),
+    "cumulative": ("Cumulative (layers 0..k quantized)", (
+        ("backend", "backend", "{}"), ("quantized_layers", "k", "{}"), ("layer", "up to layer", "{}"), ("top1", "top-1", "{:.4f}"),
+        ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("sqnr_db", "SQNR dB", "{:.1f}"))),
+    "depthwise_vs_pointwise": ("Depthwise vs pointwise", (
+        ("backend", "backend", "{}"), ("setting", "quantized", "{}"), ("quantized_layers", "layers", "{}"), ("top1", "top-1", "{:.4f}"),
+        ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("sqnr_db", "SQNR dB", "{:.1f}"))),
+    "weights": ("Weight precision (Keras model, activations float)", (
+        ("precision", "weights", "{}"), ("layers", "layers", "{}"), ("top1", "top-1", "{:.4f}"), ("agreement_top1", "agree w/ fp32", "{:.4f}"),
+        ("sqnr_db", "SQNR dB", "{:.1f}"), ("prediction_text", "prediction check (first images)", "{}"))),
+    "fallback": ("Float fallback search", (
+        ("backend", "backend", "{}"), ("float_layers_text", "float layers", "{}"), ("top1", "top-1", "{:.4f}"),
+        ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("passed", "gate", "{}"))),
+    "fallback_cost": ("What the fallback costs", (
+        ("backend", "backend", "{}"), ("variant", "model", "{}"), ("float_layers_text", "float layers", "{}"), ("top1", "top-1", "{:.4f}"),
+        ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("size_mb", "size MB", "{:.2f}"), ("latency_ms_p50", "p50 ms", "{:.2f}"))),
+}
+
+
+def sensitivity_chart(rows: Sequence[dict], top: int = 30) -> bytes | None:
+    """PNG: per-layer harm (1 - top-1 agreement with fp32) of quantizing that layer alone, per backend."""
+    single = [r for r in rows if r.get("kind") == "single"]
+    if not single:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = sorted({r["backend"] for r in single})
+    order = []
+    for r in sorted(single, key=lambda r: (r["agreement_top1"], r["sqnr_db"])):
+        if r["layer"] not in order:
+            order.append(r["layer"])
+    order = order[:top]
+    harm = {(r["backend"], r["layer"]): 1.0 - r["agreement_top1"] for r in single}
+    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.28 * len(order) + 1)), dpi=110)
+    height = 0.8 / len(backends)
+    for bi, b in enumerate(backends):
+        ys = [i + bi * height for i in range(len(order))]
+        ax.barh(ys, [harm.get((b, name), 0.0) for name in order], height=height, label=b, color=f"C{bi}")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(order))])
+    ax.set_yticklabels(order, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("1 - top-1 agreement with fp32 (that layer alone quantized)")
+    ax.set_title("per-layer quantization harm")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _html_table(rows: Sequence[dict], columns) -> str:
     from quantship.evaluate.results import table_rows
 
@@ -166,6 +229,14 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
         md += ["## Accuracy", "", markdown_table(data["rows"], ACCURACY_COLUMNS), ""]
     if data["bench"]:
         md += ["## Latency", "", markdown_table(data["bench"], BENCH_COLUMNS), ""]
+    sens_chart = sensitivity_chart(data["sensitivity"]) if data["sensitivity"] else None
+    if sens_chart:
+        write_bytes_atomic(folder / "sensitivity_chart.png", sens_chart)
+        md += ["## Quantization sensitivity", "", "![per-layer harm](sensitivity_chart.png)", ""]
+    for kind, (heading, cols) in SENSITIVITY_TABLES.items():
+        rows_k = [r for r in data["sensitivity"] if r.get("kind") == kind]
+        if rows_k:
+            md += [f"### {heading}", "", markdown_table(rows_k, cols), ""]
     if env:
         md += ["## Environment", "", f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} cores)"]
         md += [f"- {k}: {v}" for k, v in sorted(env.get("libraries", {}).items())] + [""]
@@ -194,6 +265,12 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
         parts += ["<h2>Accuracy</h2>", _html_table(data["rows"], ACCURACY_COLUMNS)]
     if data["bench"]:
         parts += ["<h2>Latency</h2>", _html_table(data["bench"], BENCH_COLUMNS)]
+    if sens_chart:
+        parts += ["<h2>Quantization sensitivity</h2>", f"<img alt='per-layer harm' src='data:image/png;base64,{base64.b64encode(sens_chart).decode()}'>"]
+    for kind, (heading, cols) in SENSITIVITY_TABLES.items():
+        rows_k = [r for r in data["sensitivity"] if r.get("kind") == kind]
+        if rows_k:
+            parts += [f"<h3>{html.escape(heading)}</h3>", _html_table(rows_k, cols)]
     if env:
         libs = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in sorted(env.get("libraries", {}).items()))
         parts += ["<h2>Environment</h2>", f"<p>CPU: {html.escape(str(env.get('cpu')))} ({env.get('cpu_count')} cores)</p><ul>{libs}</ul>"]
