@@ -3,6 +3,8 @@ quantization: one channel of conv1's output is 3000x larger (compensated in conv
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -162,3 +164,38 @@ def test_depthwise_vs_pointwise_and_weight_study(qdq_backend, hostile):
     assert ("int8-channel", "conv1") in by and ("recipe", "mixed") in by
     assert all(len(r["prediction_check"]) == 3 for r in study)
     np.testing.assert_array_equal(model.predict(held.x[:4], verbose=0), held.reference[:4])  # weights restored
+
+
+@pytest.mark.slow
+def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import CLASSES, encode
+
+    model, _, _ = hostile
+    path = tmp_path / "hostile.keras"
+    model.save(path)
+    data = tmp_path / "data"
+    x, y = synthetic_set(24, seed=41)
+    for i, (img, label) in enumerate(zip(x, y)):
+        (data / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        (data / CLASSES[label] / f"{i:03d}.JPEG").write_bytes(encode(img))
+    common = ["--model", str(path), "--preprocess", "mode=tf,size=32,crop_pct=1.0", "--data", f"imagenet:{data}", "--calib-images", "12"]
+    res = subprocess.run([sys.executable, "-m", "quantship", "convert", *common, "--auto-fallback", "--gate", "top1>=0.99",
+                          "--fallback-images", "60", "--out", str(tmp_path / "fb")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in (tmp_path / "fb" / "fallback.jsonl").read_text().splitlines()]
+    costs = {(r["backend"], r["variant"]): r for r in rows if r["kind"] == "fallback_cost"}
+    assert costs[("qdq", "int8+fallback")]["float_layers"] == ["conv2", "conv1"]
+    for backend in ("qdq", "tflite"):
+        assert costs[(backend, "int8+fallback")]["agreement_top1"] > costs[(backend, "int8")]["agreement_top1"]
+        assert Path(costs[(backend, "int8+fallback")]["artifact"]).is_file()
+
+    res = subprocess.run([sys.executable, "-m", "quantship", "sensitivity", *common, "--images", "60", "--backend", "qdq",
+                          "--cumulative", "--weight-study", "fp16,mantissa:8", "--out", str(tmp_path / "s")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    page = (tmp_path / "s" / "report.html").read_text()
+    assert "per-layer quantization harm" not in page or "data:image/png;base64," in page
+    assert page.count("data:image/png;base64,") == 1 and "Cumulative" in page and "mantissa:8" in page
