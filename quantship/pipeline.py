@@ -178,6 +178,33 @@ def result_rows(
     return rows
 
 
+def prepare_run(
+    loaded: LoadedModel,
+    targets: Sequence[Target],
+    dataset: ImageDataset,
+    calibration: Any,
+    limit: int | None,
+    out_dir: Path,
+    threads: int | None,
+    workers: int,
+    options: dict[str, Any],
+) -> tuple[BuildContext, ImageDataset, ImageDataset]:
+    """Split calibration/evaluation images (calibration only when a target needs it) and make the context
+    that builds every target's artifact."""
+    needs_calib = any(t.spec.needs_calibration for t in targets)
+    calib, evalset = split_calibration(dataset, calibration.num_images if needs_calib else 0, limit, calibration.seed)
+    ctx = BuildContext(
+        loaded,
+        out_dir,
+        calibration_batches=calibration_batches_factory(calib, loaded, workers=workers) if needs_calib else None,
+        calibration_info=calibration_info(calib, loaded) if needs_calib else {},
+        threads=threads,
+        log_path=out_dir / "convert.log",
+        options=dict(options),
+    )
+    return ctx, calib, evalset
+
+
 def run_eval(spec: EvalSpec) -> list[dict[str, Any]]:
     """``quantship eval``: build every target, evaluate all on the same images, write results.
 
@@ -191,18 +218,7 @@ def run_eval(spec: EvalSpec) -> list[dict[str, Any]]:
     loaded = load_model(spec.model, spec.weights, preprocess)
     out_dir = Path(spec.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    needs_calib = any(t.spec.needs_calibration for t in targets)
-    n_calib = spec.calibration.num_images if needs_calib else 0
-    calib, evalset = split_calibration(dataset, n_calib, spec.limit, spec.calibration.seed)
-    ctx = BuildContext(
-        loaded,
-        out_dir,
-        calibration_batches=calibration_batches_factory(calib, loaded, workers=spec.workers) if needs_calib else None,
-        calibration_info=calibration_info(calib, loaded) if needs_calib else {},
-        threads=spec.threads,
-        log_path=out_dir / "convert.log",
-        options=dict(spec.options),
-    )
+    ctx, calib, evalset = prepare_run(loaded, targets, dataset, spec.calibration, spec.limit, out_dir, spec.threads, spec.workers, spec.options)
     try:
         artifacts = build_targets(ctx, targets)
         results, skipped = evaluate_classification(evalset, ctx, targets, artifacts, spec.batch_size, spec.workers)

@@ -91,13 +91,17 @@ def trained_tiny(tmp_path_factory):
 TINY_PREPROCESS = "mode=tf,size=32,crop_pct=1.0"
 
 
-@pytest.fixture(scope="session")
-def synset_dataset(tmp_path_factory) -> Path:
-    """ImageNet layout with one folder per synset, 12 JPEGs per class."""
-    root = tmp_path_factory.mktemp("synsets")
-    x, y = synthetic_set(12, seed=7)
+def write_synset_dataset(root: Path, n_per_class: int, seed: int) -> Path:
+    """ImageNet layout with one folder per synset holding generated JPEGs."""
+    x, y = synthetic_set(n_per_class, seed=seed)
     for i, (img, label) in enumerate(zip(x, y)):
         d = root / CLASSES[label]
-        d.mkdir(exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)
         (d / f"img_{i:03d}.JPEG").write_bytes(encode(img))
     return root
+
+
+@pytest.fixture(scope="session")
+def synset_dataset(tmp_path_factory) -> Path:
+    """12 JPEGs per class."""
+    return write_synset_dataset(tmp_path_factory.mktemp("synsets"), 12, seed=7)

@@ -172,16 +172,12 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
     import subprocess
     import sys
 
-    from conftest import CLASSES, encode
+    from conftest import write_synset_dataset
 
     model, _, _ = hostile
     path = tmp_path / "hostile.keras"
     model.save(path)
-    data = tmp_path / "data"
-    x, y = synthetic_set(24, seed=41)
-    for i, (img, label) in enumerate(zip(x, y)):
-        (data / CLASSES[label]).mkdir(parents=True, exist_ok=True)
-        (data / CLASSES[label] / f"{i:03d}.JPEG").write_bytes(encode(img))
+    data = write_synset_dataset(tmp_path / "data", 24, seed=41)
     common = ["--model", str(path), "--preprocess", "mode=tf,size=32,crop_pct=1.0", "--data", f"imagenet:{data}", "--calib-images", "12"]
     res = subprocess.run([sys.executable, "-m", "quantship", "convert", *common, "--auto-fallback", "--gate", "top1>=0.99",
                           "--fallback-images", "60", "--out", str(tmp_path / "fb")], capture_output=True, text=True)

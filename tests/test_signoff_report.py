@@ -92,15 +92,9 @@ def _write_plan(path: Path, model: Path, data: Path, gates: list[dict], targets:
 
 @pytest.fixture(scope="module")
 def bigger_dataset(tmp_path_factory):
-    from conftest import CLASSES, encode, synthetic_set
+    from conftest import write_synset_dataset
 
-    root = tmp_path_factory.mktemp("signoff-data")
-    x, y = synthetic_set(40, seed=9)
-    for i, (img, label) in enumerate(zip(x, y)):
-        d = root / CLASSES[label]
-        d.mkdir(exist_ok=True)
-        (d / f"{i:04d}.JPEG").write_bytes(encode(img))
-    return root
+    return write_synset_dataset(tmp_path_factory.mktemp("signoff-data"), 40, seed=9)
 
 
 def _signoff(plan: Path, out: Path, **kw) -> subprocess.CompletedProcess:

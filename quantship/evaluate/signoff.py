@@ -18,7 +18,7 @@ import numpy as np
 
 from quantship.config import SignoffPlan
 from quantship.errors import DataError
-from quantship.evaluate.datasets import ImageDataset, Skipped, iter_batches, load_dataset, split_calibration
+from quantship.evaluate.datasets import ImageDataset, Skipped, iter_batches, load_dataset
 from quantship.evaluate.stats import bootstrap_diff_ci, bootstrap_ratio_ci
 from quantship.fileio import append_jsonl, atomic_path, read_jsonl, sha256_json, write_json_atomic
 from quantship.progress import track
@@ -173,8 +173,8 @@ def run_signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]],
     under ``out_dir``."""
     from quantship.evaluate.environment import environment
     from quantship.models.loading import load_model
-    from quantship.pipeline import calibration_batches_factory, calibration_info, resolve_preprocess
-    from quantship.targets import BuildContext, get_target
+    from quantship.pipeline import prepare_run, resolve_preprocess
+    from quantship.targets import get_target
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,19 +189,8 @@ def run_signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]],
         if all(k in stored for k in keys.values()):
             continue
         dataset = dataset or load_dataset(plan.data, labels=plan.labels)
-        needs_calib = any(t.spec.needs_calibration for t in targets)
-        n_calib = plan.calibration.num_images if needs_calib else 0
-        calib, evalset = split_calibration(dataset, n_calib, plan.limit, plan.calibration.seed)
         loaded = load_model(entry.name, entry.weights, resolve_preprocess(entry.name, entry.preprocess))
-        ctx = BuildContext(
-            loaded,
-            out_dir,
-            calibration_batches=calibration_batches_factory(calib, loaded, workers=plan.workers) if needs_calib else None,
-            calibration_info=calibration_info(calib, loaded) if needs_calib else {},
-            threads=plan.threads,
-            log_path=out_dir / "convert.log",
-            options=dict(plan.options),
-        )
+        ctx, _, evalset = prepare_run(loaded, targets, dataset, plan.calibration, plan.limit, out_dir, plan.threads, plan.workers, plan.options)
         try:
             for t in targets:
                 key = keys[t.name]
