@@ -112,6 +112,7 @@ def _trt_options(args: argparse.Namespace) -> dict[str, Any]:
         "trt_calibration_cache": args.trt_calib_cache,
         "trt_qdq_method": args.trt_qdq_method,
         "trt_cuda_graph": args.trt_cuda_graph,
+        "anchors": getattr(args, "anchors", None),
     }
 
 
@@ -146,6 +147,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from quantship.evaluate.results import text_table
     from quantship.pipeline import run_eval
 
+    if args.task:
+        kind = args.data.split(":", 1)[0]
+        if (kind in ("voc2007", "coco")) != (args.task == "detection"):
+            raise ConfigError(f"--task {args.task} does not fit --data {kind}:... (voc2007 and coco are detection, imagenet is classification)")
     spec = EvalSpec(
         model=args.model,
         data=args.data,
@@ -164,9 +169,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})")
     rows = run_eval(spec)
     print()
-    print(text_table(rows))
+    if rows and rows[0].get("task") == "detection":
+        from quantship.pipeline import DETECTION_COLUMNS
+
+        print(text_table(rows, DETECTION_COLUMNS))
+    else:
+        print(text_table(rows))
     skipped = rows[0]["skipped"] if rows else 0
-    print(f"\n{rows[0]['images']} images, {rows[0]['calibration_images']} calibration images" + (f", {skipped} unreadable skipped (skipped.txt)" if skipped else ""))
+    print(f"\n{rows[0]['images']} images, {rows[0].get('calibration_images', 0)} calibration images" + (f", {skipped} unreadable skipped (skipped.txt)" if skipped else ""))
     print(f"results: {spec.out_dir / 'results.jsonl'}, {spec.out_dir / 'results.md'}")
     return 0
 
@@ -402,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(p)
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated targets (see 'quantship targets')")
     p.add_argument("--out", default="quantship-out", help="output folder (artifacts, results.jsonl, results.md)")
+    p.add_argument("--task", choices=("classification", "detection"), help="checked against the dataset's task (voc2007:/coco: are detection)")
+    p.add_argument("--anchors", help="anchor configuration (JSON) of a detection model given as a file")
     _trt_args(p)
     _common(p)
 

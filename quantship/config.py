@@ -39,6 +39,11 @@ class Layout(str, enum.Enum):
     NCHW = "nchw"
 
 
+class ResizeMode(str, enum.Enum):
+    SHORTER_CROP = "shorter_crop"  # classification: shorter side to crop / crop_pct, then a centre crop
+    STRETCH = "stretch"  # detection (SSD): the whole image resized to the input size, aspect not kept
+
+
 class CropMode(str, enum.Enum):
     """How many views of each image are evaluated; the model's outputs are averaged over the views."""
 
@@ -77,6 +82,7 @@ class PreprocessSpec:
     channel_order: ChannelOrder = ChannelOrder.RGB
     layout: Layout = Layout.NHWC
     crops: CropMode = CropMode.CENTER
+    resize: ResizeMode = ResizeMode.SHORTER_CROP
 
     def __post_init__(self) -> None:
         def triple(v: Any, what: str) -> tuple[float, ...]:
@@ -97,6 +103,7 @@ class PreprocessSpec:
         object.__setattr__(self, "channel_order", _choice(ChannelOrder, self.channel_order, "channel order"))
         object.__setattr__(self, "layout", _choice(Layout, self.layout, "layout"))
         object.__setattr__(self, "crops", _choice(CropMode, self.crops, "crop mode"))
+        object.__setattr__(self, "resize", _choice(ResizeMode, self.resize, "resize mode"))
         if len(self.size) != 2 or min(self.size) <= 0:
             raise ConfigError(f"preprocess size must be two positive integers, got {self.size}")
         if not 0.1 <= self.crop_pct <= 1.0:

@@ -205,6 +205,91 @@ def prepare_run(
     return ctx, calib, evalset
 
 
+def detection_anchors(loaded: LoadedModel, dataset: ImageDataset, anchors_file: str | None):
+    """The anchor configuration of a detection model (registry default or ``--anchors FILE``), checked
+    against the dataset's classes and the model's output."""
+    from quantship.errors import ConfigError
+    from quantship.models.ssd import AnchorConfig, make_anchors
+
+    n_classes = len(dataset.meta["classes"]) + 1
+    if anchors_file:
+        cfg = AnchorConfig.load(anchors_file)
+    elif loaded.spec is not None and "anchors" in loaded.spec.extra:
+        cfg = loaded.spec.extra["anchors"](n_classes)
+    else:
+        raise ConfigError(f"{loaded.name}: a detection model given as a file needs --anchors FILE (its anchor configuration as JSON)")
+    out_shape = tuple(loaded.model.outputs[0].shape[1:])
+    if out_shape != (len(make_anchors(cfg)), cfg.num_classes + 4):
+        raise ConfigError(f"{loaded.name}: output {out_shape} does not fit {len(make_anchors(cfg))} anchors x ({cfg.num_classes} classes + 4)")
+    if cfg.num_classes != n_classes:
+        raise ConfigError(f"{loaded.name}: {cfg.num_classes - 1} object classes, the dataset has {n_classes - 1}")
+    return cfg
+
+
+@dataclass
+class DetectionResult:
+    target: Target
+    artifact: Artifact | None
+    runner: Runner
+    metric: Any
+    seconds: float = 0.0
+    timed_images: int = 0
+
+
+def evaluate_detection(dataset: ImageDataset, ctx: BuildContext, targets: Sequence[Target], artifacts: dict[str, Artifact | None], anchors_cfg: Any, batch_size: int = 8, workers: int = 4):
+    """Every target on the same batches; one numpy post-processing (anchors, decoding, NMS) for all."""
+    from quantship.evaluate.detection_metrics import CocoMetric, VocMetric
+    from quantship.models.ssd import make_anchors, postprocess
+
+    anchors = make_anchors(anchors_cfg)
+
+    def metric():
+        if dataset.meta.get("metric") == "coco":
+            return CocoMetric(dataset.meta["annotation_file"], dataset.meta["category_ids"])
+        return VocMetric(dataset.meta["classes"])
+
+    results = [DetectionResult(t, artifacts[t.name], t.make_runner(ctx, t.spec, artifacts[t.name]), metric()) for t in targets]
+    skipped: list[Skipped] = []
+    for r in results:
+        r.runner.activate()
+    try:
+        n_batches = (len(dataset) + batch_size - 1) // batch_size
+        for i, batch in enumerate(track(iter_batches(dataset, ctx.loaded.preprocess, batch_size, workers, skipped), total=n_batches, desc="evaluate")):
+            flat = batch.inputs[:, 0]
+            for r in results:
+                out = next(iter(r.runner.infer(flat).values()))
+                if i > 0 or n_batches == 1:
+                    r.seconds += r.runner.last_inference_time or 0.0
+                    r.timed_images += len(flat)
+                dets = [postprocess(o, anchors, anchors_cfg, (lab["width"], lab["height"])) for o, lab in zip(out, batch.labels)]
+                r.metric.update(dets, batch.labels)
+    finally:
+        for r in results:
+            r.runner.deactivate()
+    return results, skipped
+
+
+def detection_rows(results: Sequence[DetectionResult], loaded: LoadedModel, dataset: ImageDataset, skipped: Sequence[Skipped]) -> list[dict[str, Any]]:
+    ref = next((r for r in results if r.target.name == REFERENCE_TARGET), results[0])
+    metrics = [r.metric.result() for r in results]
+    ref_m = metrics[results.index(ref)]
+    rows = []
+    for r, m in zip(results, metrics):
+        art = r.artifact
+        rows.append({
+            "model": loaded.name, "target": r.target.name, "runtime": r.target.spec.backend.value, "precision": r.target.spec.precision.value,
+            "dataset": dataset.source, "task": "detection", "images": r.metric.count, "skipped": len(skipped),
+            **{k: v for k, v in m.items() if not isinstance(v, dict)},
+            "delta_mAP": m["mAP"] - ref_m["mAP"], "reference": ref.target.name,
+            "per_class_ap": m.get("per_class_ap"),
+            "latency_ms": 1e3 * r.seconds / r.timed_images if r.timed_images else None,
+            "artifact": str(art.path) if art else None, "manifest": str(art.manifest_path) if art else None,
+            "size_mb": art.manifest["size_bytes"] / 1e6 if art else None, "weights": loaded.weights,
+            "preprocess_hash": loaded.preprocess.hash(), "eval_data_hash": dataset.keys_hash(),
+        })
+    return rows
+
+
 def run_eval(spec: EvalSpec) -> list[dict[str, Any]]:
     """``quantship eval``: build every target, evaluate all on the same images, write results.
 
@@ -215,6 +300,8 @@ def run_eval(spec: EvalSpec) -> list[dict[str, Any]]:
     targets = [get_target(n) for n in spec.targets]
     preprocess = resolve_preprocess(spec.model, spec.preprocess_overrides)
     dataset = load_dataset(spec.data, labels=spec.labels)
+    if dataset.task == "detection":
+        return _run_eval_detection(spec, targets, preprocess, dataset)
     loaded = load_model(spec.model, spec.weights, preprocess)
     out_dir = Path(spec.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,3 +431,40 @@ def run_calibrate(
         "onnx": str(onnx_path),
         "report": report.lines() if report else [],
     }
+
+
+DETECTION_COLUMNS = (
+    ("target", "target", "{}"), ("images", "images", "{}"), ("mAP", "mAP", "{:.4f}"), ("delta_mAP", "Δ mAP", "{:+.4f}"),
+    ("mAP_allpoint", "mAP (all-point)", "{:.4f}"), ("AP50", "AP50", "{:.4f}"), ("AP75", "AP75", "{:.4f}"),
+    ("latency_ms", "ms/image", "{:.2f}"), ("size_mb", "size MB", "{:.2f}"),
+)
+
+
+def _run_eval_detection(spec: EvalSpec, targets: Sequence[Target], preprocess: PreprocessSpec | None, dataset: ImageDataset) -> list[dict[str, Any]]:
+    from quantship.evaluate.results import markdown_table
+
+    n_classes = len(dataset.meta["classes"]) + 1
+    loaded = load_model(spec.model, spec.weights, preprocess, num_classes=n_classes if not Path(spec.model).exists() else None)
+    anchors_cfg = detection_anchors(loaded, dataset, spec.options.get("anchors"))
+    out_dir = Path(spec.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx, calib, evalset = prepare_run(loaded, targets, dataset, spec.calibration, spec.limit, out_dir, spec.threads, spec.workers, spec.options)
+    try:
+        artifacts = build_targets(ctx, targets)
+        results, skipped = evaluate_detection(evalset, ctx, targets, artifacts, anchors_cfg, spec.batch_size, spec.workers)
+    finally:
+        ctx.close()
+    rows = detection_rows(results, loaded, evalset, skipped)
+    for r in rows:
+        r["calibration_images"] = len(calib)
+    import json as _json
+
+    write_text_atomic(out_dir / "results.jsonl", "".join(_json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    md = [f"# quantship eval (detection): {loaded.name} on {dataset.source}", "", markdown_table(rows, DETECTION_COLUMNS), ""]
+    if rows and rows[0].get("per_class_ap"):
+        classes = list(rows[0]["per_class_ap"])
+        md += ["## Per-class AP (VOC07 11-point)", "", "| class | " + " | ".join(r["target"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+        for c in classes:
+            md.append(f"| {c} | " + " | ".join("-" if np.isnan(r["per_class_ap"][c]) else f"{r['per_class_ap'][c]:.4f}" for r in rows) + " |")
+    write_text_atomic(out_dir / "results.md", "\n".join(md) + "\n")
+    return rows

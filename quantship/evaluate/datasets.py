@@ -67,7 +67,7 @@ def register_dataset(kind: str) -> Callable[[DatasetLoader], DatasetLoader]:
 
 def load_dataset(spec: str, **kwargs: Any) -> ImageDataset:
     """Open ``KIND:PATH`` (e.g. ``imagenet:/data/val``) with the registered loader."""
-    from quantship.evaluate import imagenet  # noqa: F401  (registers loaders)
+    from quantship.evaluate import detection_data, imagenet  # noqa: F401  (registers loaders)
 
     kind, sep, path = spec.partition(":")
     if not sep or not path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantship.config import ChannelOrder, CropMode, Interpolation, Layout, PreprocessSpec
+from quantship.config import ChannelOrder, CropMode, Interpolation, Layout, PreprocessSpec, ResizeMode
 from quantship.errors import DataError
 from quantship.lazy import lazy_import
 
@@ -72,6 +72,9 @@ def _crop(img: np.ndarray, top: int, left: int, size: tuple[int, int]) -> np.nda
 def crop_views(img: np.ndarray, spec: PreprocessSpec) -> list[np.ndarray]:
     """The crops of ``img`` the spec asks for (uint8, RGB): 1, 10 or 12 views."""
     ch, cw = spec.size
+    if spec.resize is ResizeMode.STRETCH:
+        cv2 = _cv2()
+        return [cv2.resize(img, (cw, ch), interpolation=getattr(cv2, _CV2_INTERP[spec.interpolation]))]
     resized = resize_shorter(img, max(spec.resize_shorter, ch, cw), spec.interpolation)
     h, w = resized.shape[:2]
     centre = _crop(resized, (h - ch) // 2, (w - cw) // 2, spec.size)

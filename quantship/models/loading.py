@@ -177,6 +177,12 @@ def load_model(
     if not name.endswith(".h5"):
         raise ModelLoadError(f"{wpath}: unsupported weights file (use .keras, .weights.h5, .h5 or a SavedModel dir)")
     keras_model = spec.build(**build_kwargs)
+    if spec.task == "detection" and not name.endswith(".weights.h5"):
+        # Detection weight files of the Keras SSD implementation are matched by layer name.
+        from quantship.models.ssd import load_weights_by_name
+
+        load_weights_by_name(keras_model, wpath)
+        return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -116,3 +116,57 @@ register_model(
         description="EfficientNet-Lite0 (ReLU6, no SE); ImageNet weights built in",
     )
 )
+
+
+# --------------------------------------------------------------------------------------------- detection
+
+
+def _ssd(size: int, num_classes: int = 21, input_shape=None, classifier_activation=None):
+    from quantship.models.ssd import build_ssd_vgg16
+
+    return build_ssd_vgg16(size, num_classes)
+
+
+def _ssdlite(num_classes: int = 21, input_shape=None, classifier_activation=None):
+    from quantship.models.ssd import build_ssdlite_mobilenet_v2
+
+    return build_ssdlite_mobilenet_v2(num_classes)
+
+
+def _anchors(kind: str):
+    def make(num_classes: int = 21):
+        from quantship.models import ssd
+
+        return ssd.ssd_anchor_config(int(kind), num_classes) if kind in ("300", "512") else ssd.ssdlite_anchor_config(num_classes)
+
+    return make
+
+
+# The Keras SSD implementation feeds BGR images minus the ImageNet mean, resized to the input (no crop).
+for _size in (300, 512):
+    register_model(
+        ModelSpec(
+            name=f"ssd{_size}",
+            build=functools.partial(_ssd, _size),
+            input_size=(_size, _size),
+            preprocess=PreprocessSpec(size=(_size, _size), crop_pct=1.0, mean=(123.0, 117.0, 104.0), std=(1.0, 1.0, 1.0), channel_order="bgr", resize="stretch"),
+            family="ssd",
+            task="detection",
+            num_classes=21,
+            description=f"SSD{_size}, VGG16 + L2-normalised conv4_3 (Keras SSD layer names)",
+            extra={"anchors": _anchors(str(_size))},
+        )
+    )
+register_model(
+    ModelSpec(
+        name="ssdlite_mobilenet_v2",
+        build=_ssdlite,
+        input_size=(320, 320),
+        preprocess=PreprocessSpec.from_mode("tf", size=(320, 320), crop_pct=1.0, resize="stretch"),
+        family="ssdlite",
+        task="detection",
+        num_classes=21,
+        description="SSDLite 320, MobileNetV2 backbone, depthwise-separable heads",
+        extra={"anchors": _anchors("lite")},
+    )
+)

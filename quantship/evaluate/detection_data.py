@@ -1,0 +1,164 @@
+"""Detection datasets: PASCAL VOC (VOCdevkit layout) and COCO 2017 (images + instances JSON).
+
+Each sample's label is a dict of numpy arrays in the image's pixel coordinates: ``boxes`` (N, 4) as
+x1, y1, x2, y2, ``classes`` (N,) as contiguous indices 0..C-1, ``difficult`` (N,) bools (VOC) or
+``iscrowd`` (COCO), plus ``image_id``, ``width``, ``height``.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantship.errors import DataError
+from quantship.evaluate.datasets import ImageDataset, Sample, register_dataset
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+
+def _reader(path: Path):
+    return lambda: path.read_bytes()
+
+
+def _find_voc_root(path: Path) -> Path:
+    for cand in (path, path / "VOC2007", path / "VOCdevkit" / "VOC2007"):
+        if (cand / "Annotations").is_dir() and (cand / "ImageSets" / "Main").is_dir():
+            return cand
+    raise DataError(f"{path}: not a VOCdevkit folder (expected Annotations/ and ImageSets/Main/ in it or in VOC2007/)")
+
+
+def parse_voc_xml(path: Path, classes: tuple[str, ...] = VOC_CLASSES) -> dict[str, Any]:
+    """One VOC annotation file -> label dict. Raises DataError naming the file and element."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise DataError(f"{path}: malformed XML ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read annotation ({exc})") from None
+
+    def text(node, tag, where):
+        el = node.find(tag)
+        if el is None or el.text is None:
+            raise DataError(f"{path}: <{where}> has no <{tag}>")
+        return el.text.strip()
+
+    try:
+        width, height = int(float(text(root, "size/width", "annotation"))), int(float(text(root, "size/height", "annotation")))
+    except ValueError:
+        raise DataError(f"{path}: <size> holds non-numeric width/height") from None
+    boxes, labels, difficult = [], [], []
+    for k, obj in enumerate(root.findall("object")):
+        name = text(obj, "name", f"object {k}")
+        if name not in classes:
+            raise DataError(f"{path}: object {k} has unknown class '{name}' (known: {', '.join(classes)})")
+        try:
+            box = [float(text(obj, f"bndbox/{c}", f"object {k}")) for c in ("xmin", "ymin", "xmax", "ymax")]
+        except ValueError:
+            raise DataError(f"{path}: object {k} ({name}) has a non-numeric <bndbox>") from None
+        x1, y1, x2, y2 = box
+        if not (x1 <= x2 and y1 <= y2) or x2 < 1 or y2 < 1 or x1 > width or y1 > height or x2 > width + 1 or y2 > height + 1:
+            raise DataError(f"{path}: object {k} ({name}) box {box} is outside the {width}x{height} image or inverted")
+        diff = obj.find("difficult")
+        boxes.append(box)
+        labels.append(classes.index(name))
+        difficult.append(diff is not None and (diff.text or "0").strip() == "1")
+    return {
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "classes": np.asarray(labels, np.int64),
+        "difficult": np.asarray(difficult, bool),
+        "width": width,
+        "height": height,
+    }
+
+
+@register_dataset("voc2007")
+def load_voc(path: Path, labels: str | None = None, split: str = "test") -> ImageDataset:
+    """VOCdevkit/VOC2007 with ``ImageSets/Main/<split>.txt`` (``--labels`` may name another list file)."""
+    root = _find_voc_root(Path(path))
+    listing = Path(labels) if labels else root / "ImageSets" / "Main" / f"{split}.txt"
+    if not listing.is_file():
+        raise DataError(f"image list not found: {listing}")
+    ids = [ln.split()[0] for ln in listing.read_text().splitlines() if ln.strip()]
+    if not ids:
+        raise DataError(f"{listing}: lists no images")
+    missing = [i for i in ids if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
+    if missing:
+        raise DataError(f"{listing}: {len(missing)} listed image(s) missing from {root / 'JPEGImages'}, e.g. {missing[0]}.jpg")
+    samples = []
+    for image_id in ids:
+        xml = root / "Annotations" / f"{image_id}.xml"
+        if not xml.is_file():
+            raise DataError(f"annotation missing for listed image {image_id}: {xml}")
+        label = parse_voc_xml(xml)
+        label["image_id"] = image_id
+        img = root / "JPEGImages" / f"{image_id}.jpg"
+        samples.append(Sample(str(img.resolve()), label, _reader(img)))
+    return ImageDataset("voc2007", str(root), samples, task="detection", meta={"classes": list(VOC_CLASSES), "metric": "voc"})
+
+
+@register_dataset("coco")
+def load_coco(path: Path, labels: str | None = None, split: str = "val2017") -> ImageDataset:
+    """COCO: ``<path>/<split>/*.jpg`` and ``<path>/annotations/instances_<split>.json`` (or ``--labels``)."""
+    path = Path(path)
+    ann = Path(labels) if labels else path / "annotations" / f"instances_{split}.json"
+    images_dir = path / split
+    if not ann.is_file():
+        raise DataError(f"COCO annotations not found: {ann}")
+    if not images_dir.is_dir():
+        raise DataError(f"COCO image folder not found: {images_dir}")
+    try:
+        doc = json.loads(ann.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{ann}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(doc.get(key), list):
+            raise DataError(f"{ann}: '{key}' must be a list")
+    try:
+        cats = sorted(doc["categories"], key=lambda c: c["id"])
+        cat_ids = [int(c["id"]) for c in cats]  # the 91-id space, 80 used
+        to_contiguous = {cid: i for i, cid in enumerate(cat_ids)}
+        per_image: dict[int, list] = {}
+        for k, a in enumerate(doc["annotations"]):
+            if a["category_id"] not in to_contiguous:
+                raise DataError(f"{ann}: annotations[{k}] has unknown category_id {a['category_id']}")
+            per_image.setdefault(int(a["image_id"]), []).append(a)
+        samples = []
+        missing = []
+        for img in doc["images"]:
+            file = images_dir / img["file_name"]
+            if not file.is_file():
+                missing.append(img["file_name"])
+                continue
+            w, h = int(img["width"]), int(img["height"])
+            anns = per_image.get(int(img["id"]), [])
+            boxes = []
+            for a in anns:
+                x, y, bw, bh = (float(v) for v in a["bbox"])
+                if bw < 0 or bh < 0 or x > w or y > h or x + bw > w + 1 or y + bh > h + 1:
+                    raise DataError(f"{ann}: annotation {a.get('id')} of image {img['id']} box {a['bbox']} is outside the {w}x{h} image")
+                boxes.append([x, y, x + bw, y + bh])
+            label = {
+                "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+                "classes": np.asarray([to_contiguous[a["category_id"]] for a in anns], np.int64),
+                "iscrowd": np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool),
+                "difficult": np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool),
+                "image_id": int(img["id"]),
+                "width": w,
+                "height": h,
+            }
+            samples.append(Sample(str(file.resolve()), label, _reader(file)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{ann}: unexpected structure ({type(exc).__name__}: {exc})") from None
+    if missing:
+        raise DataError(f"{ann}: {len(missing)} listed image(s) missing from {images_dir}, e.g. {missing[0]}")
+    if not samples:
+        raise DataError(f"{ann}: lists no images")
+    meta = {"classes": [c["name"] for c in cats], "category_ids": cat_ids, "metric": "coco", "annotation_file": str(ann)}
+    return ImageDataset("coco", str(path), samples, task="detection", meta=meta)

@@ -1,0 +1,213 @@
+"""Detection: VOC/COCO loaders, metrics on hand-computed cases, SSD models, and every runtime on a tiny
+detector trained here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from detection_fixtures import COCO_IDS, SIZE, train_tiny_detector, write_coco, write_voc
+from quantship.errors import DataError
+from quantship.evaluate.datasets import load_dataset
+from quantship.evaluate.detection_metrics import CocoMetric, Detections, VocMetric, coco_evaluate, voc_ap
+from quantship.models.ssd import decode_boxes, encode_boxes, make_anchors, nms, ssd_anchor_config
+
+# ------------------------------------------------------------------------------------- metrics by hand
+
+
+def _gt(boxes, classes, difficult=None):
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    return {"boxes": boxes, "classes": np.asarray(classes, np.int64), "difficult": np.asarray(difficult or [False] * len(boxes), bool)}
+
+
+def _det(boxes, scores, classes):
+    return Detections(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32), np.asarray(classes, np.int64))
+
+
+def test_duplicate_detection_is_a_false_positive():
+    m = VocMetric(["a", "b"])
+    m.update([_det([[10, 10, 50, 50], [11, 10, 50, 51]], [0.9, 0.8], [0, 0]), _det([[0, 0, 20, 20]], [0.7], [0])],
+             [_gt([[10, 10, 50, 50]], [0]), _gt([[0, 0, 20, 20]], [0])])
+    # tp=[1,0,1] fp=[0,1,0]: recall [.5,.5,1], precision [1,.5,2/3]
+    assert m.per_class_ap(False)["a"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert m.per_class_ap(True)["a"] == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+
+
+def test_difficult_objects_are_ignored():
+    gt = _gt([[10, 10, 50, 50], [60, 60, 90, 90]], [0, 0], [False, True])
+    m = VocMetric(["a"])
+    m.update([_det([[60, 60, 90, 90], [10, 10, 50, 50]], [0.95, 0.9], [0, 0])], [gt])
+    assert m.per_class_ap(True)["a"] == pytest.approx(1.0)  # the hit on the difficult object is neither TP nor FP
+    plain = VocMetric(["a"])
+    plain.update([_det([[60, 60, 90, 90], [10, 10, 50, 50]], [0.95, 0.9], [0, 0])], [_gt([[10, 10, 50, 50]], [0])])
+    assert plain.per_class_ap(True)["a"] < 1.0  # the same detection on background is a false positive
+
+
+def test_class_without_detections_and_class_without_ground_truth():
+    m = VocMetric(["a", "b", "c"])
+    m.update([_det([[10, 10, 50, 50]], [0.9], [0])], [_gt([[10, 10, 50, 50], [0, 0, 5, 5]], [0, 1])])
+    ap = m.per_class_ap(True)
+    assert ap["a"] == pytest.approx(1.0) and ap["b"] == 0.0 and np.isnan(ap["c"])
+    assert m.result()["mAP"] == pytest.approx(0.5)  # c is left out
+
+
+def test_voc_ap_interpolations():
+    rec, prec = np.array([0.2, 0.4, 0.4, 0.8]), np.array([1.0, 1.0, 0.67, 0.8])
+    assert voc_ap(rec, prec, False) == pytest.approx(0.4 * 1.0 + 0.4 * 0.8)
+    assert voc_ap(rec, prec, True) == pytest.approx((5 * 1.0 + 4 * 0.8) / 11)
+
+
+def test_anchor_encoding_round_trip_and_nms():
+    anchors = make_anchors(ssd_anchor_config(300))
+    assert len(anchors) == 8732
+    boxes = np.clip(np.random.default_rng(0).uniform(0, 1, (len(anchors), 4)), 0, 1)
+    boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:]) + 0.01], axis=1)
+    np.testing.assert_allclose(decode_boxes(encode_boxes(boxes, anchors), anchors), boxes, atol=1e-5)
+    keep = nms(np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], np.float32), np.array([0.9, 0.8, 0.7]), 0.45)
+    assert keep.tolist() == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_voc_and_coco_loaders_agree(tmp_path):
+    voc = load_dataset(f"voc2007:{write_voc(tmp_path / 'v', 6, seed=5)}")
+    coco = load_dataset(f"coco:{write_coco(tmp_path / 'c', 6, seed=5)}")
+    assert voc.task == coco.task == "detection" and len(voc) == len(coco) == 6
+    for a, b in zip(voc.samples, coco.samples):
+        np.testing.assert_array_equal(a.label["classes"], b.label["classes"])
+        # VOC: 1-based inclusive corners; COCO: 0-based x, y, w, h (x + w is one past the last pixel)
+        np.testing.assert_allclose(a.label["boxes"] - np.array([1, 1, 0, 0]), b.label["boxes"])
+    assert coco.meta["category_ids"] == COCO_IDS and voc.meta["classes"][7] == "cat"
+    assert any(s.label["difficult"].any() for s in voc.samples)
+
+
+def test_bad_detection_data(tmp_path):
+    root = write_voc(tmp_path / "v", 3, seed=1) / "VOC2007"
+    (root / "Annotations" / "000001.xml").write_text("<annotation><size><width>10</width>")
+    with pytest.raises(DataError, match="000001.xml: malformed XML"):
+        load_dataset(f"voc2007:{root}")
+    root = write_voc(tmp_path / "w", 3, seed=1) / "VOC2007"
+    xml = root / "Annotations" / "000002.xml"
+    xml.write_text(xml.read_text().replace("<xmax>", "<xmax>9").replace("<ymax>", "<ymax>9"))
+    with pytest.raises(DataError, match="000002.xml: object 0 .* outside"):
+        load_dataset(f"voc2007:{root}")
+    root = write_voc(tmp_path / "x", 3, seed=1) / "VOC2007"
+    (root / "JPEGImages" / "000000.jpg").unlink()
+    with pytest.raises(DataError, match="1 listed image.*missing.*000000.jpg"):
+        load_dataset(f"voc2007:{root}")
+    root = write_voc(tmp_path / "y", 3, seed=1) / "VOC2007"
+    xml = root / "Annotations" / "000000.xml"
+    xml.write_text(xml.read_text().replace("<name>cat</name>", "<name>unicorn</name>").replace("<name>dog</name>", "<name>unicorn</name>"))
+    with pytest.raises(DataError, match="unknown class 'unicorn'"):
+        load_dataset(f"voc2007:{root}")
+    coco = write_coco(tmp_path / "c", 2, seed=1)
+    ann = coco / "annotations" / "instances_val2017.json"
+    ann.write_text(ann.read_text()[:-20])
+    with pytest.raises(DataError, match="instances_val2017.json: malformed JSON at line 1"):
+        load_dataset(f"coco:{coco}")
+
+
+def test_our_coco_numbers_equal_pycocotools(tmp_path):
+    root = write_coco(tmp_path / "c", 8, seed=3)
+    ds = load_dataset(f"coco:{root}")
+    rng = np.random.default_rng(0)
+    dets = []
+    for s in ds.samples:
+        b = s.label["boxes"] + rng.normal(0, 2, s.label["boxes"].shape).astype(np.float32)
+        dets.append(_det(np.vstack([b, [[1, 1, 20, 20]]]), rng.uniform(0.3, 1.0, len(b) + 1), np.append(s.label["classes"], 7)))
+    ours = CocoMetric(ds.meta["annotation_file"], ds.meta["category_ids"])
+    ours.update(dets, [s.label for s in ds.samples])
+    # Straight pycocotools on the same detections, written as the COCO results format by hand.
+    results = [{"image_id": s.label["image_id"], "category_id": COCO_IDS[int(c)], "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(sc)}
+               for s, d in zip(ds.samples, dets) for (x1, y1, x2, y2), sc, c in zip(d.boxes, d.scores, d.classes)]
+    direct = coco_evaluate(root / "annotations" / "instances_val2017.json", results, [s.label["image_id"] for s in ds.samples])
+    assert ours.result() == direct
+    assert 0.3 < direct["AP50"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@pytest.mark.slow
+def test_ssd300_loads_a_keras_ssd_weight_file_by_layer_name(tmp_path):
+    import h5py
+
+    from quantship.models.loading import load_model
+
+    model = load_model("ssd300", "random").model
+    rng = np.random.default_rng(0)
+    path = tmp_path / "VGG_VOC0712_SSD_300x300_iter_120000.h5"
+    expected = {}
+    with h5py.File(path, "w") as f:
+        names = ["input_1"] + [l.name for l in model.layers if l.weights] + ["conv4_3_norm_mbox_priorbox", "mbox_conf_softmax"]
+        f.attrs["layer_names"] = [n.encode() for n in names]
+        for layer in model.layers:
+            if not layer.weights:
+                continue
+            g = f.create_group(layer.name)
+            wn = [f"{layer.name}/{'gamma' if layer.name == 'conv4_3_norm' else ('kernel' if i == 0 else 'bias')}:0" for i in range(len(layer.weights))]
+            g.attrs["weight_names"] = [w.encode() for w in wn]
+            vals = [rng.normal(size=w.shape).astype(np.float32) for w in layer.get_weights()]
+            for w, v in zip(wn, vals):
+                g.create_dataset(w, data=v)
+            expected[layer.name] = vals
+        f.create_group("input_1").attrs["weight_names"] = []
+    loaded = load_model("ssd300", path).model
+    for name, vals in expected.items():
+        for got, want in zip(loaded.get_layer(name).get_weights(), vals):
+            np.testing.assert_array_equal(got, want)
+    assert loaded.get_layer("conv4_3_norm").get_weights()[0].shape == (512,)
+
+
+@pytest.mark.slow
+def test_detection_models_build_with_their_anchor_counts():
+    from quantship.models import get_model_spec
+    from quantship.models.ssd import make_anchors
+
+    for name, n in (("ssd512", 24564), ("ssdlite_mobilenet_v2", None)):
+        spec = get_model_spec(name)
+        model = spec.build()
+        anchors = len(make_anchors(spec.extra["anchors"](21)))
+        assert model.outputs[0].shape[1:] == (anchors, 25) and (n is None or anchors == n)
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tmp_path_factory):
+    model, cfg = train_tiny_detector()
+    root = tmp_path_factory.mktemp("det")
+    model.save(root / "tiny_ssd.keras")
+    cfg.save(root / "anchors.json")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["voc2007", "coco"])
+def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind):
+    data = write_voc(tmp_path / "v", 60, seed=9) if kind == "voc2007" else write_coco(tmp_path / "c", 60, seed=9)
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "quantship", "eval", "--task", "detection", "--data", f"{kind}:{data}",
+         "--model", str(tiny_detector / "tiny_ssd.keras"), "--anchors", str(tiny_detector / "anchors.json"),
+         "--preprocess", f"mode=tf,size={SIZE},crop_pct=1.0,resize=stretch", "--calib-images", "20",
+         "--targets", "keras-fp32,tflite-fp32,tflite-int8,onnx-fp32,onnx-int8-entropy", "--out", str(out)],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    rows = {r["target"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    ref = rows["keras-fp32"]
+    assert ref["images"] == 40 and ref["mAP"] > 0.5, ref  # the detector learned the task
+    assert rows["tflite-fp32"]["mAP"] == pytest.approx(ref["mAP"], abs=0.01)
+    assert rows["onnx-fp32"]["mAP"] == pytest.approx(ref["mAP"], abs=0.01)
+    for t in ("tflite-int8", "onnx-int8-entropy"):
+        assert abs(rows[t]["delta_mAP"]) < 0.15  # int8 stays close to fp32 on this easy task
+    assert "mAP" in res.stdout and "tflite-int8" in res.stdout
+    if kind == "voc2007":
+        md = (out / "results.md").read_text()
+        assert "Per-class AP" in md and "| cat |" in md and "| dog |" in md
+    else:
+        assert "AP50" in ref and 0 < ref["AP50"] <= 1
