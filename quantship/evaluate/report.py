@@ -25,6 +25,8 @@ ACCURACY_COLUMNS = (
     ("top1", "top-1", "{:.4f}"),
     ("top5", "top-5", "{:.4f}"),
     ("delta_top1", "Δ top-1", "{:+.4f}"),
+    ("mAP", "mAP", "{:.4f}"),
+    ("delta_mAP", "Δ mAP", "{:+.4f}"),
     ("latency_ms", "ms/image (eval)", "{:.2f}"),
     ("skipped", "skipped", "{}"),
 )
@@ -103,6 +105,10 @@ def _latency_for(data: dict[str, Any], row: dict[str, Any]) -> float | None:
     return row.get("latency_ms_p50") or row.get("latency_ms")
 
 
+def _accuracy(row: dict[str, Any]) -> float | None:
+    return row.get("mAP") if row.get("task") == "detection" else row.get("top1")
+
+
 def accuracy_latency_chart(data: dict[str, Any]) -> bytes:
     """PNG: top-1 against latency, one point per (model, target)."""
     import matplotlib
@@ -113,16 +119,16 @@ def accuracy_latency_chart(data: dict[str, Any]) -> bytes:
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     models = sorted({r.get("model", "") for r in data["rows"]})
     for mi, model in enumerate(models):
-        pts = [(r, _latency_for(data, r)) for r in data["rows"] if r.get("model", "") == model and r.get("top1") is not None]
-        pts = [(r, x) for r, x in pts if x is not None and not math.isnan(r["top1"])]
+        pts = [(r, _latency_for(data, r), _accuracy(r)) for r in data["rows"] if r.get("model", "") == model]
+        pts = [(r, x, y) for r, x, y in pts if x is not None and y is not None and not math.isnan(y)]
         if not pts:
             continue
-        ax.scatter([x for _, x in pts], [100 * r["top1"] for r, _ in pts], label=model or "model", s=40, color=f"C{mi}")
-        for r, x in pts:
-            ax.annotate(r["target"], (x, 100 * r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.scatter([x for _, x, _ in pts], [100 * y for _, _, y in pts], label=model or "model", s=40, color=f"C{mi}")
+        for r, x, y in pts:
+            ax.annotate(r["target"], (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("latency, ms per image (log scale)")
-    ax.set_ylabel("top-1 accuracy, %")
+    ax.set_ylabel("top-1 accuracy or mAP, %")
     ax.set_title("accuracy vs latency")
     ax.grid(True, alpha=0.3)
     if models:
