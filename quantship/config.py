@@ -234,6 +234,8 @@ class Gate:
             raise ConfigError(f"gate on {self.metric}: give exactly one of 'relative' and 'max_drop_points'")
         if self.relative is not None and not 0 < self.relative <= 1.5:
             raise ConfigError(f"gate on {self.metric}: relative must be in (0, 1.5], got {self.relative}")
+        if self.metric not in ("top1", "top5", "mAP"):
+            raise ConfigError(f"gate metric must be top1, top5 (classification) or mAP (detection), got '{self.metric}'")
         if self.max_drop_points is not None and self.max_drop_points < 0:
             raise ConfigError(f"gate on {self.metric}: max_drop_points must not be negative")
 

@@ -211,3 +211,24 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
         assert "Per-class AP" in md and "| cat |" in md and "| dog |" in md
     else:
         assert "AP50" in ref and 0 < ref["AP50"] <= 1
+
+
+@pytest.mark.slow
+def test_signoff_gates_detection_on_map(tiny_detector, tmp_path):
+    import yaml
+
+    data = write_voc(tmp_path / "v", 50, seed=4)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "name": "det", "dataset": f"voc2007:{data}", "limit": 40, "calibration": {"num_images": 10}, "chunk_images": 16,
+        "models": [{"name": str(tiny_detector / "tiny_ssd.keras"), "preprocess": {"mode": "tf", "size": SIZE, "crop_pct": 1.0, "resize": "stretch"}}],
+        "targets": ["tflite-int8"], "options": {"anchors": str(tiny_detector / "anchors.json")}, "bootstrap_samples": 50,
+        "gates": [{"metric": "mAP", "relative": 0.9}, {"metric": "mAP", "relative": 1.2}],
+    }))
+    res = subprocess.run([sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr  # the second gate cannot pass
+    verdicts = [json.loads(line) for line in (tmp_path / "o" / "verdicts.jsonl").read_text().splitlines()]
+    assert [v["passed"] for v in verdicts] == [True, False]
+    assert all(v["metric"] == "mAP" and v["images"] == 40 and v["ci_low"] <= v["ci_high"] for v in verdicts)
+    rows = [json.loads(line) for line in (tmp_path / "o" / "signoff.jsonl").read_text().splitlines()]
+    assert {r["target"] for r in rows} == {"keras-fp32", "tflite-int8"} and all(r["task"] == "detection" for r in rows)
