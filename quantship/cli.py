@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 
-import numpy as np
 import os
 import sys
 from pathlib import Path
@@ -275,7 +274,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         r["model"] = args.model or ""
     out = Path(args.out)
     from quantship.evaluate.environment import environment
-    from quantship.evaluate.report import BENCH_COLUMNS, load_results  # noqa: F401
+    from quantship.evaluate.report import BENCH_COLUMNS
 
     write_text_atomic(out / "bench.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     write_json_atomic(out / "environment.json", environment())

@@ -39,7 +39,6 @@ def reference_entropy_amax(hist, edges, num_quantized_bins=128, start=128):
     """TensorRT's entropy calibration, loop by loop (as in pytorch-quantization's _compute_amax_entropy)."""
     bins = hist.astype(np.float64).copy()
     bins[0] = bins[1]
-    total = bins.sum()
     divergences, arguments = [], []
     for i in range(start, len(bins) + 1):
         space = np.linspace(0, i, num=num_quantized_bins + 1)

@@ -196,7 +196,6 @@ def test_feed_errors_are_clear(onnx_model):
 @pytest.mark.slow
 def test_nan_activation_names_the_tensor(tmp_path):
     """An activation that turns to NaN inside the model (log of a negative) is reported by tensor name."""
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
