@@ -234,8 +234,15 @@ def fixed_point_int8(w: np.ndarray, per_channel: bool) -> np.ndarray:
     return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
 
 
-def weight_variant(w: np.ndarray, kind: str) -> np.ndarray:
-    """``fp16``, ``int8-tensor``, ``int8-channel`` or ``mantissa:K``."""
+def weight_variant(w: np.ndarray, kind: str, depthwise: bool = False) -> np.ndarray:
+    """``fp16``, ``int8-tensor``, ``int8-channel`` or ``mantissa:K``.
+
+    Output channels are the last axis of Conv2D/Dense kernels; a DepthwiseConv2D kernel (kh, kw, C, mult)
+    has C * mult of them (``depthwise=True``).
+    """
+    if kind == "int8-channel" and depthwise:
+        kh, kw = w.shape[:2]
+        return fixed_point_int8(np.asarray(w).reshape(kh, kw, -1), per_channel=True).reshape(w.shape)
     if kind == "fp16":
         return np.asarray(w, np.float32).astype(np.float16).astype(np.float32)
     if kind == "int8-tensor":
@@ -264,7 +271,8 @@ def apply_weight_recipe(model: Any, recipe: dict[str, str]) -> Callable[[], None
         layer = model.get_layer(name)
         weights = layer.get_weights()
         saved[name] = [w.copy() for w in weights]
-        weights[kernels[name]] = weight_variant(weights[kernels[name]], kind)
+        depthwise = type(layer).__name__ == "DepthwiseConv2D"
+        weights[kernels[name]] = weight_variant(weights[kernels[name]], kind, depthwise)
         layer.set_weights(weights)
 
     def restore() -> None:

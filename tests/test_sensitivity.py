@@ -46,6 +46,12 @@ def test_fixed_point_round_trips_by_hand():
     c = fixed_point_int8(w, per_channel=True)  # column scales 1.27/127 and 2/127
     np.testing.assert_allclose(c, np.array([[50 * 0.01, -127 * 2 / 127], [127 * 0.01, 1 * 2 / 127]]), rtol=1e-5)
     assert np.array_equal(fixed_point_int8(t, per_channel=False), t)  # quantized values are a fixed point
+    from quantship.sensitivity import weight_variant
+
+    dw = np.zeros((1, 1, 2, 1), np.float32)
+    dw[0, 0, :, 0] = [0.01, 1.0]  # a depthwise kernel: channels on axis 2
+    np.testing.assert_allclose(weight_variant(dw, "int8-channel", depthwise=True)[0, 0, :, 0], [0.01, 1.0], rtol=1e-6)
+    assert weight_variant(dw, "int8-channel")[0, 0, 0, 0] == pytest.approx(1 / 127)  # read as one channel
 
 
 def test_gate_parsing_and_sqnr():
