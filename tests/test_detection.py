@@ -232,3 +232,19 @@ def test_signoff_gates_detection_on_map(tiny_detector, tmp_path):
     assert all(v["metric"] == "mAP" and v["images"] == 40 and v["ci_low"] <= v["ci_high"] for v in verdicts)
     rows = [json.loads(line) for line in (tmp_path / "o" / "signoff.jsonl").read_text().splitlines()]
     assert {r["target"] for r in rows} == {"keras-fp32", "tflite-int8"} and all(r["task"] == "detection" for r in rows)
+
+
+def test_saved_model_with_l2_normalization_loads_in_a_fresh_process(tmp_path):
+    import keras
+
+    from quantship.models.ssd import _l2norm_layer
+
+    inputs = keras.Input((8, 8, 4))
+    model = keras.Model(inputs, _l2norm_layer()(20.0, name="conv4_3_norm")(inputs))
+    model.save(tmp_path / "m.keras")
+    code = ("from quantship.models.loading import load_model; from quantship.config import PreprocessSpec; "
+            f"m = load_model({str(tmp_path / 'm.keras')!r}, preprocess=PreprocessSpec(size=(8, 8))).model; "
+            "print(m.get_layer('conv4_3_norm').get_weights()[0][:2])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "20." in out.stdout

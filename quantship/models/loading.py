@@ -75,6 +75,9 @@ def _load_full_model(path: Path) -> Any:
         if path.suffix == ".keras":
             if not zipfile.is_zipfile(path):
                 raise ModelLoadError(f"{path}: not a .keras archive (truncated or corrupt file)")
+            from quantship.models.ssd import _l2norm_layer
+
+            _l2norm_layer()  # our custom layers must be registered before Keras reads a config naming them
             return keras.saving.load_model(str(path), compile=False, safe_mode=True)
         # legacy full-model .h5
         try:

@@ -11,6 +11,7 @@ published ``.h5`` weight files load by name.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -190,7 +191,9 @@ def match_anchors(gt_boxes: np.ndarray, gt_classes: np.ndarray, anchors: np.ndar
 # ---------------------------------------------------------------------------------------------- models
 
 
+@functools.lru_cache(maxsize=1)
 def _l2norm_layer():
+    """The L2Normalization layer class (defined, and registered for .keras loading, on first use)."""
     keras = lazy_import("keras")
 
     @keras.saving.register_keras_serializable(package="quantship")
