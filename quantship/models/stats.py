@@ -66,15 +66,18 @@ def model_table(with_stats: bool = True) -> str:
         rows.append(
             (
                 spec.name,
+                spec.task,
                 f"{spec.input_size[0]}x{spec.input_size[1]}",
                 f"{stats['params'] / 1e6:.2f}M" if stats else "-",
                 f"{stats['macs'] / 1e6:.0f}M" if stats else "-",
                 "yes" if spec.pretrained else "-",
                 f"mean={'/'.join(f'{m:g}' for m in pre.mean)} std={'/'.join(f'{s:g}' for s in pre.std)} "
-                f"{pre.channel_order.value} crop_pct={pre.crop_pct:g} {pre.interpolation.value}",
+                f"{pre.channel_order.value} "
+                + ("resize to input" if pre.resize.value == "stretch" else f"crop_pct={pre.crop_pct:g}")
+                + f" {pre.interpolation.value}",
             )
         )
-    header = ("model", "input", "params", "MACs", "built-in weights", "default preprocessing")
+    header = ("model", "task", "input", "params", "MACs", "built-in weights", "default preprocessing")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
