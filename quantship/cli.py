@@ -31,6 +31,11 @@ def command(name: str):
 # ------------------------------------------------------------------------------- argument groups
 
 
+def _names(text: str | None) -> list[str]:
+    """A comma-separated list of names (targets, layers), blanks dropped."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
 def _parse_overrides(text: str | None) -> dict[str, Any]:
     """``mode=tf,size=224,crop_pct=0.875,interpolation=bicubic,layout=nchw,crops=10crop`` -> dict."""
     if not text:
@@ -152,7 +157,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     spec = EvalSpec(
         model=args.model,
         data=args.data,
-        targets=[t for t in args.targets.split(",") if t.strip()],
+        targets=_names(args.targets),
         out_dir=Path(args.out),
         weights=args.weights,
         labels=args.labels,
@@ -188,7 +193,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     artifacts = run_convert(
         model=args.model,
         weights=args.weights,
-        targets=[t for t in args.targets.split(",") if t.strip()],
+        targets=_names(args.targets),
         out_dir=Path(args.out),
         data=args.data,
         labels=args.labels,
@@ -218,7 +223,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         cache=args.cache,
         qdq=args.qdq,
         ranges=args.ranges,
-        exclude=[e for e in (args.exclude or "").split(",") if e],
+        exclude=_names(args.exclude),
         calib_images=args.calib_images,
         calib_seed=args.calib_seed,
         preprocess_overrides=_parse_overrides(args.preprocess),
@@ -248,7 +253,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from quantship.pipeline import run_convert
 
         built = run_convert(
-            model=args.model, weights=args.weights, targets=[t for t in args.targets.split(",") if t.strip()],
+            model=args.model, weights=args.weights, targets=_names(args.targets),
             out_dir=Path(args.out), data=args.data, labels=args.labels, calib_images=args.calib_images,
             calib_seed=args.calib_seed, preprocess_overrides=_parse_overrides(args.preprocess), workers=args.workers,
             options=_trt_options(args),
