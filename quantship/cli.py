@@ -244,7 +244,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 @command("bench")
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from quantship.evaluate.bench import BenchConfig, bench, mobile_profile
+    from quantship.evaluate.bench import BenchConfig, bench, display_fields, mobile_profile
     from quantship.evaluate.results import text_table
     from quantship.fileio import write_json_atomic, write_text_atomic
 
@@ -283,9 +283,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     write_text_atomic(out / "bench.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     write_json_atomic(out / "environment.json", environment())
     for r in rows:
-        r["size_mb"] = r["file_size_bytes"] / 1e6
-        r["throughput"] = max(v for k, v in r.items() if k.startswith("throughput_ips_b"))
-        r["warning"] = "; ".join(r.get("warnings", []))
+        display_fields(r)
     print(text_table(rows, BENCH_COLUMNS))
     for r in rows:
         for w in r.get("warnings", []):

@@ -238,17 +238,11 @@ class DetectionResult:
 
 def evaluate_detection(dataset: ImageDataset, ctx: BuildContext, targets: Sequence[Target], artifacts: dict[str, Artifact | None], anchors_cfg: Any, batch_size: int = 8, workers: int = 4):
     """Every target on the same batches; one numpy post-processing (anchors, decoding, NMS) for all."""
-    from quantship.evaluate.detection_metrics import CocoMetric, VocMetric
+    from quantship.evaluate.detection_metrics import metric_for
     from quantship.models.ssd import make_anchors, postprocess
 
     anchors = make_anchors(anchors_cfg)
-
-    def metric():
-        if dataset.meta.get("metric") == "coco":
-            return CocoMetric(dataset.meta["annotation_file"], dataset.meta["category_ids"])
-        return VocMetric(dataset.meta["classes"])
-
-    results = [DetectionResult(t, artifacts[t.name], t.make_runner(ctx, t.spec, artifacts[t.name]), metric()) for t in targets]
+    results = [DetectionResult(t, artifacts[t.name], t.make_runner(ctx, t.spec, artifacts[t.name]), metric_for(dataset.meta)) for t in targets]
     skipped: list[Skipped] = []
     for r in results:
         r.runner.activate()

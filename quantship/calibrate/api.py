@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 
 from quantship.calibrate.calibrators import Calibrator, compute_ranges, get_calibrator
 from quantship.calibrate.collector import StatisticsCollector
@@ -99,7 +98,3 @@ def write_outputs(
         save_onnx(qmodel, qdq, {**(manifest or {}), "precision": "int8-qdq", "calibration_method": result.calibrator.describe(), "qdq_report": report.lines()})
     return report
 
-
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Fraction of rows whose argmax agrees."""
-    return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))

@@ -174,6 +174,15 @@ def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def display_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """Add what tables show of a bench row: size in MB, best throughput, warnings as one string."""
+    row["size_mb"] = row.get("file_size_bytes", 0) / 1e6
+    tp = [v for k, v in row.items() if k.startswith("throughput_ips_b")]
+    row["throughput"] = max(tp) if tp else None
+    row["warning"] = "; ".join(row.get("warnings", []))
+    return row
+
+
 def mobile_profile(artifact: str | Path, target: str = "", thread_counts: Sequence[int] = (1, 2, 4), **kw: Any) -> list[BenchConfig]:
     """LiteRT on 1, 2 and 4 threads, each pinned to that many fixed cores (0..n-1) like a phone's big cores.
 

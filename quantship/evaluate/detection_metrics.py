@@ -172,6 +172,13 @@ class CocoMetric:
         return coco_evaluate(self.annotation_file, self._results, self._image_ids)
 
 
+def metric_for(meta: dict[str, Any]) -> "VocMetric | CocoMetric":
+    """The metric a detection dataset is scored with (from its loader's ``meta``)."""
+    if meta.get("metric") == "coco":
+        return CocoMetric(meta["annotation_file"], meta["category_ids"])
+    return VocMetric(meta["classes"])
+
+
 COCO_STATS = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 
 

@@ -81,11 +81,10 @@ def load_results(folder: Path) -> dict[str, Any]:
     for v in data["verdicts"]:
         v["ci"] = f"[{v['ci_low']:+.4g}, {v['ci_high']:+.4g}]" if v["kind"] == "drop_points" else f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]"
         v["verdict"] = "PASS" if v["passed"] else "FAIL"
+    from quantship.evaluate.bench import display_fields
+
     for b in data["bench"]:
-        b["size_mb"] = b.get("file_size_bytes", 0) / 1e6
-        tp = [v for k, v in b.items() if k.startswith("throughput_ips_b")]
-        b["throughput"] = max(tp) if tp else None
-        b["warning"] = "; ".join(b.get("warnings", []))
+        display_fields(b)
     manifests = {}
     for r in data["rows"]:
         m = r.get("manifest")

@@ -126,9 +126,11 @@ def _evaluate_unit(plan: SignoffPlan, ctx: Any, target: Any, evalset: ImageDatas
 
 
 def _detections_by_image(d: dict[str, np.ndarray]) -> list[Any]:
+    """Stored flat detections back to one Detections per image (owners are stored in image order)."""
     from quantship.evaluate.detection_metrics import Detections
 
-    return [Detections(d["det_boxes"][d["det_image"] == i], d["det_scores"][d["det_image"] == i], d["det_classes"][d["det_image"] == i]) for i in range(len(d["keys"]))]
+    cuts = np.searchsorted(d["det_image"], np.arange(1, len(d["keys"])))
+    return [Detections(b, s, c) for b, s, c in zip(np.split(d["det_boxes"], cuts), np.split(d["det_scores"], cuts), np.split(d["det_classes"], cuts))]
 
 
 def _load_detection_chunks(state: Path) -> dict[str, np.ndarray]:
@@ -141,22 +143,26 @@ def _load_detection_chunks(state: Path) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
-def detection_metric(dataset: ImageDataset, d: dict[str, np.ndarray], images: np.ndarray | None = None) -> dict[str, Any]:
-    """mAP (and COCO's figures) of stored detections, over all images or the given image indices."""
-    from quantship.evaluate.detection_metrics import CocoMetric, VocMetric
-
+def stored_detections(dataset: ImageDataset, d: dict[str, np.ndarray]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """(detections, ground truth) per stored image, paired by image key."""
     labels = {s.key: s.label for s in dataset.samples}
-    dets = _detections_by_image(d)
+    return _detections_by_image(d), [labels[str(k)] for k in d["keys"]]
+
+
+def detection_metric(meta: dict[str, Any], dets: list[Any], labels: list[dict[str, Any]], images: np.ndarray | None = None) -> dict[str, Any]:
+    """mAP (and COCO's figures) of per-image detections, over all images or the given image indices."""
+    from quantship.evaluate.detection_metrics import metric_for
+
     idx = range(len(dets)) if images is None else images
-    metric = CocoMetric(dataset.meta["annotation_file"], dataset.meta["category_ids"]) if dataset.meta.get("metric") == "coco" else VocMetric(dataset.meta["classes"])
-    metric.update([dets[i] for i in idx], [labels[str(d["keys"][i])] for i in idx])
+    metric = metric_for(meta)
+    metric.update([dets[i] for i in idx], [labels[i] for i in idx])
     return metric.result()
 
 
 def _unit_row(plan: SignoffPlan, model: str, target: Any, key: str, state: Path, artifact_path: str | None, dataset: ImageDataset | None = None) -> dict[str, Any]:
     if dataset is not None and dataset.task == "detection":
         d = _load_detection_chunks(state)
-        m = detection_metric(dataset, d)
+        m = detection_metric(dataset.meta, *stored_detections(dataset, d))
         timed = int(d["timed_images"].sum())
         return {
             "model": model, "target": target.name, "runtime": target.spec.backend.value, "precision": target.spec.precision.value,
@@ -196,7 +202,8 @@ def _detection_verdicts(plan: SignoffPlan, model: str, targets: dict[str, dict],
     rng = np.random.default_rng(0)
     samples = min(plan.bootstrap_samples, 200)
     resamples = [rng.integers(0, n, n) for _ in range(samples)]
-    ref_boot = np.array([detection_metric(dataset, ref_d, idx)["mAP"] for idx in resamples])
+    ref_dets, labels = stored_detections(dataset, ref_d)
+    ref_boot = np.array([detection_metric(dataset.meta, ref_dets, labels, idx)["mAP"] for idx in resamples])
     rv = ref["mAP"]
     alpha = (1 - plan.confidence) / 2
     out = []
@@ -206,7 +213,8 @@ def _detection_verdicts(plan: SignoffPlan, model: str, targets: dict[str, dict],
         d = _load_detection_chunks(Path(row["state"]))
         if list(d["keys"]) != list(ref_d["keys"]):
             raise DataError(f"{name}: evaluated images differ from the reference's; cannot pair them")
-        boot = np.array([detection_metric(dataset, d, idx)["mAP"] for idx in resamples])
+        dets = _detections_by_image(d)  # same images as the reference (checked above): same labels
+        boot = np.array([detection_metric(dataset.meta, dets, labels, idx)["mAP"] for idx in resamples])
         tv = row["mAP"]
         for gate in plan.gates:
             if not gate.applies(name):
