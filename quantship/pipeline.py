@@ -76,7 +76,7 @@ class TargetResult:
     target: Target
     artifact: Artifact | None
     runner: Runner
-    metric: TopKAccuracy = field(default_factory=TopKAccuracy)
+    metric: Any = field(default_factory=TopKAccuracy)  # TopKAccuracy, or a detection metric
     seconds: float = 0.0  # runtime time over the timed batches (the first batch is warm-up)
     timed_images: int = 0
     probs: list[np.ndarray] = field(default_factory=list)
@@ -226,23 +226,13 @@ def detection_anchors(loaded: LoadedModel, dataset: ImageDataset, anchors_file: 
     return cfg
 
 
-@dataclass
-class DetectionResult:
-    target: Target
-    artifact: Artifact | None
-    runner: Runner
-    metric: Any
-    seconds: float = 0.0
-    timed_images: int = 0
-
-
 def evaluate_detection(dataset: ImageDataset, ctx: BuildContext, targets: Sequence[Target], artifacts: dict[str, Artifact | None], anchors_cfg: Any, batch_size: int = 8, workers: int = 4):
     """Every target on the same batches; one numpy post-processing (anchors, decoding, NMS) for all."""
     from quantship.evaluate.detection_metrics import metric_for
     from quantship.models.ssd import make_anchors, postprocess
 
     anchors = make_anchors(anchors_cfg)
-    results = [DetectionResult(t, artifacts[t.name], t.make_runner(ctx, t.spec, artifacts[t.name]), metric_for(dataset.meta)) for t in targets]
+    results = [TargetResult(t, artifacts[t.name], t.make_runner(ctx, t.spec, artifacts[t.name]), metric_for(dataset.meta)) for t in targets]
     skipped: list[Skipped] = []
     for r in results:
         r.runner.activate()
@@ -263,7 +253,7 @@ def evaluate_detection(dataset: ImageDataset, ctx: BuildContext, targets: Sequen
     return results, skipped
 
 
-def detection_rows(results: Sequence[DetectionResult], loaded: LoadedModel, dataset: ImageDataset, skipped: Sequence[Skipped]) -> list[dict[str, Any]]:
+def detection_rows(results: Sequence[TargetResult], loaded: LoadedModel, dataset: ImageDataset, skipped: Sequence[Skipped]) -> list[dict[str, Any]]:
     ref = next((r for r in results if r.target.name == REFERENCE_TARGET), results[0])
     metrics = [r.metric.result() for r in results]
     ref_m = metrics[results.index(ref)]
