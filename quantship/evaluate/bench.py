@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.errors import ConfigError, RuntimeBackendError
-from quantship.evaluate.latency import latency_stats
+from quantship.evaluate.latency import latency_stats, time_runner
 
 RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx", ".engine": "trt", ".plan": "trt"}
 
@@ -86,21 +86,6 @@ def _feed(runner, batch: int) -> dict[str, np.ndarray]:
     return feed
 
 
-def _timed(runner, feed, cfg: BenchConfig) -> tuple[np.ndarray, dict[str, list[float]]]:
-    end = time.perf_counter() + cfg.warmup_seconds
-    runner.infer(feed)
-    while time.perf_counter() < end:
-        runner.infer(feed)
-    times, phases = [], {}
-    start = time.perf_counter()
-    while len(times) < cfg.min_queries or time.perf_counter() - start < cfg.min_seconds:
-        runner.infer(feed)
-        times.append(runner.last_inference_time)
-        for k, v in (getattr(runner, "last_timings", None) or {}).items():
-            phases.setdefault(k, []).append(v)
-    return np.asarray(times) * 1e3, phases
-
-
 def run_config(cfg: BenchConfig) -> dict[str, Any]:
     """Benchmark in this process (the worker side of :func:`bench`)."""
     import resource
@@ -122,7 +107,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
     }
     try:
         for b in cfg.batch_sizes:
-            ms, phases = _timed(runner, _feed(runner, b), cfg)
+            ms, phases = time_runner(runner, _feed(runner, b), 1, cfg.warmup_seconds, cfg.min_queries, cfg.min_seconds)
             if b == 1 or "latency_ms_p50" not in row:
                 row.update(latency_stats(ms))
                 row["latency_batch"] = b
