@@ -55,6 +55,10 @@ class TfliteRunner(Runner):
         except (ValueError, RuntimeError) as exc:
             raise RuntimeBackendError(f"{self.path}: not a loadable TFLite model ({str(exc).strip()})") from None
         self._batch = None
+        # Indices, dtypes, quantization and shape signatures do not change when the batch is resized: read
+        # them once rather than on every inference.
+        self._inputs = [(d["index"], d["dtype"], _meta(d)) for d in self._interp.get_input_details()]
+        self._outputs = [(d["index"], _meta(d)) for d in self._interp.get_output_details()]
 
     def _ensure_batch(self, batch: int) -> None:
         if batch == self._batch:
@@ -71,29 +75,29 @@ class TfliteRunner(Runner):
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
         interp = self._interp
         self._ensure_batch(next(iter(feed.values())).shape[0])
-        for d, m in zip(interp.get_input_details(), self.input_metadata()):
+        for index, dtype, m in self._inputs:
             x = feed[m.name]
             if not raw and m.quantized:
                 x = quantize(x, m)
-            interp.set_tensor(d["index"], np.ascontiguousarray(x.astype(d["dtype"], copy=False)))
+            interp.set_tensor(index, np.ascontiguousarray(x.astype(dtype, copy=False)))
         self._time_runtime(interp.invoke)
         out = {}
-        for d in interp.get_output_details():
-            m = _meta(d)
-            y = interp.get_tensor(d["index"])
+        for index, m in self._outputs:
+            y = interp.get_tensor(index)
             out[m.name] = y if raw or not m.quantized else dequantize(y, m)
         return out
 
     def deactivate_impl(self) -> None:
         self._interp = None
 
-    def _details(self, which: str) -> list[dict]:
+    def _require_active(self) -> None:
         if self._interp is None:
             raise RuntimeBackendError(f"{self.name}: activate() the runner before asking for its metadata")
-        return getattr(self._interp, which)()
 
     def input_metadata(self) -> list[TensorMeta]:
-        return [_meta(d) for d in self._details("get_input_details")]
+        self._require_active()
+        return [m for _, _, m in self._inputs]
 
     def output_metadata(self) -> list[TensorMeta]:
-        return [_meta(d) for d in self._details("get_output_details")]
+        self._require_active()
+        return [m for _, m in self._outputs]
