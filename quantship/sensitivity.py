@@ -46,6 +46,16 @@ class HeldOut:
         return HeldOut(self.x[idx], None if self.labels is None else self.labels[idx], self.reference[idx])
 
 
+def in_batches(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """``fn`` over ``x`` in batches, outputs concatenated (bounded memory on long held-out sets)."""
+    return np.concatenate([np.asarray(fn(x[i : i + batch])) for i in range(0, len(x), batch)])
+
+
+def runner_output(runner: Any, x: np.ndarray) -> np.ndarray:
+    """The first output of an active runner over ``x``, in batches."""
+    return in_batches(lambda b: next(iter(runner.infer(b).values())), x)
+
+
 def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio of ``output`` against ``reference`` in dB (inf when identical)."""
     noise = float(np.sum((reference.astype(np.float64) - output) ** 2))
@@ -108,7 +118,7 @@ class QdqBackend:
             opts.intra_op_num_threads = self.threads
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        return np.concatenate([sess.run(None, {name: x[i : i + 32]})[0] for i in range(0, len(x), 32)])
+        return in_batches(lambda b: sess.run(None, {name: b})[0], x)
 
 
 class TfliteBackend:
@@ -139,7 +149,7 @@ class TfliteBackend:
             path = Path(tmp) / "m.tflite"
             path.write_bytes(data)
             with TfliteRunner(path, num_threads=self.threads) as r:
-                return np.concatenate([next(iter(r.infer(x[i : i + 32]).values())) for i in range(0, len(x), 32)])
+                return runner_output(r, x)
 
 
 # ----------------------------------------------------------------------------------- layer sensitivity
@@ -283,7 +293,7 @@ def apply_weight_recipe(model: Any, recipe: dict[str, str]) -> Callable[[], None
 
 
 def _predict(model: Any, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.asarray(model(x[i : i + 32], training=False)) for i in range(0, len(x), 32)])
+    return in_batches(lambda b: model(b, training=False), x)
 
 
 def top3(probs: np.ndarray, n: int = 3) -> list[str]:
@@ -433,7 +443,7 @@ def apply_fallback(setup: SensitivitySetup, float_layers: Sequence[str], method:
         write_artifact(opath, model.SerializeToString(), {**base_manifest, "format": "onnx", "precision": f"{label} (Q/DQ)", "float_layers": list(floats), "calibration_method": method})
         for backend, p in (("tflite", path), ("qdq", opath)):
             with make_runner(p, threads=threads) as r:
-                out = np.concatenate([next(iter(r.infer(setup.held.x[i : i + 32]).values())) for i in range(0, len(setup.held.x), 32)])
+                out = runner_output(r, setup.held.x)
                 lat = measure_latency(r, setup.held.x[:1], warmup=5, min_iters=30)
             rows.append({"kind": "fallback_cost", "backend": backend, "variant": label, "float_layers": list(floats), "artifact": str(p),
                          "size_mb": p.stat().st_size / 1e6, "latency_ms_p50": lat["latency_ms_p50"], **score(out, setup.held)})
