@@ -64,6 +64,17 @@ def calibration_batches_factory(calib: ImageDataset, loaded: LoadedModel, batch_
     return batches
 
 
+def draw_calibration(dataset: ImageDataset, num_images: int, seed: int) -> ImageDataset:
+    """``num_images`` calibration images drawn (seeded) from a dataset used for calibration only.
+
+    Raises:
+        DataError: The dataset holds fewer images than asked for.
+    """
+    if len(dataset) < num_images:
+        raise DataError(f"{dataset.source}: {len(dataset)} images, fewer than the {num_images} calibration images asked for")
+    return dataset if len(dataset) == num_images else split_calibration(dataset, num_images, None, seed)[0]
+
+
 def calibration_info(calib: ImageDataset, loaded: LoadedModel, method: str | None = None) -> dict[str, Any]:
     info = {"num_images": len(calib), "data_hash": calib.keys_hash(), "source": calib.source}
     if method:
@@ -334,9 +345,7 @@ def run_convert(
     ctx = BuildContext(loaded, Path(out_dir), log_path=Path(out_dir) / "convert.log", options=options)
     if needs_calib:
         dataset = load_dataset(data, labels=labels)
-        if len(dataset) < calib_images:
-            raise DataError(f"{dataset.source}: {len(dataset)} images, fewer than the {calib_images} calibration images asked for")
-        calib, _ = split_calibration(dataset, calib_images, limit=None, seed=calib_seed) if len(dataset) > calib_images else (dataset, None)
+        calib = draw_calibration(dataset, calib_images, calib_seed)
         ctx.calibration_batches = calibration_batches_factory(calib, loaded, workers=workers)
         ctx.calibration_info = calibration_info(calib, loaded)
     try:
@@ -399,9 +408,7 @@ def run_calibrate(
 
         node_layers = onnx_node_layers(onnx.load(str(onnx_path)), loaded.model)
         source = {"onnx": str(onnx_path), "weights": loaded.weights}
-    if len(dataset) < calib_images:
-        raise DataError(f"{dataset.source}: {len(dataset)} images, fewer than the {calib_images} calibration images asked for")
-    calib = dataset if len(dataset) == calib_images else split_calibration(dataset, calib_images, None, calib_seed)[0]
+    calib = draw_calibration(dataset, calib_images, calib_seed)
     batches = calibration_batches_factory(calib, loaded, workers=workers)
     collector = collect_statistics(onnx_path, batches(), scope="all" if (cache or ranges) else "qdq", threads=threads)
     result = calibrate(collector, method, percentile)
