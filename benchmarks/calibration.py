@@ -81,13 +81,13 @@ def photo_crops(n: int, size: int, seed: int) -> np.ndarray:
 def prepare(args, work: Path) -> None:
     """Export the model to ONNX and write preprocessed calibration and evaluation arrays."""
     from quantship.convert.onnx import convert_to_onnx
-    from quantship.evaluate.preprocess import normalize, preprocess_image
+    from quantship.data.preprocess import normalize, preprocess_image
     from quantship.models.loading import load_model
 
     loaded = load_model(args.model, args.weights)
     convert_to_onnx(loaded.model, work / "model.onnx", log_path=work / "convert.log")
     if args.data:
-        from quantship.evaluate.datasets import iter_batches, load_dataset, split_calibration
+        from quantship.data.datasets import iter_batches, load_dataset, split_calibration
 
         ds = load_dataset(args.data)
         calib, ev = split_calibration(ds, args.images, limit=args.eval_images, seed=0)

@@ -35,7 +35,7 @@ def make_jpegs(root: Path, n: int) -> Path:
 
     from calibration import photo_crops
 
-    from quantship.evaluate.classes import imagenet_classes
+    from quantship.data.classes import imagenet_classes
 
     wnids = [w for w, _ in imagenet_classes()[:10]]
     rng = np.random.default_rng(0)
@@ -103,9 +103,9 @@ def main() -> None:
         return
 
     from quantship.evaluate.bench import BenchConfig, bench
-    from quantship.evaluate.datasets import iter_batches, load_dataset, split_calibration
+    from quantship.data.datasets import iter_batches, load_dataset, split_calibration
     from quantship.models.loading import load_model
-    from quantship.pipeline import calibration_batches_factory, calibration_info, evaluate_classification
+    from quantship.jobs.common import calibration_batches_factory, calibration_info, evaluate_classification
     from quantship.targets import BuildContext, get_target
 
     work = Path(tempfile.mkdtemp(prefix="quantship-overhead-"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -147,11 +148,46 @@ class PreprocessSpec:
         return sha256_json(self.to_dict())[:16]
 
 
-class Backend(str, enum.Enum):
-    KERAS = "keras"
-    TFLITE = "tflite"
-    ONNX = "onnx"
-    TENSORRT = "trt"
+def parse_preprocess_overrides(text: str | None, where: str = "--preprocess") -> dict[str, Any]:
+    """``mode=tf,size=224,crop_pct=0.875,interpolation=bicubic,layout=nchw,crops=10crop`` -> dict (the form of
+    ``--preprocess`` and of a plan model's ``preprocess:`` string); values are checked when the spec is made.
+
+    Raises:
+        ConfigError: An item that is not ``key=value``, an empty value, or a malformed number.
+    """
+    if not text or not text.strip():
+        return {}
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ConfigError(f"{where} expects key=value pairs separated by commas, got '{item.strip()}'")
+        if key == "size":
+            parts = value.lower().replace("x", " ").split()
+            try:
+                nums = [int(p) for p in parts]
+            except ValueError:
+                raise ConfigError(f"{where} size must be N or HxW, got '{value}'") from None
+            if len(nums) not in (1, 2):
+                raise ConfigError(f"{where} size must be N or HxW, got '{value}'")
+            out["size"] = (nums[0], nums[-1])
+        elif key == "crop_pct":
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} {key} must be a number, got '{value}'") from None
+        elif key in ("mean", "std"):
+            try:
+                vals = [float(v) for v in value.split("/")]
+            except ValueError:
+                raise ConfigError(f"{where} {key} expects three numbers separated by '/', got '{value}'") from None
+            if len(vals) not in (1, 3):
+                raise ConfigError(f"{where} {key} expects one or three numbers separated by '/', got '{value}'")
+            out[key] = tuple(vals * 3 if len(vals) == 1 else vals)
+        else:
+            out[key] = value
+    return out
 
 
 class Precision(str, enum.Enum):
@@ -170,15 +206,48 @@ class IODType(str, enum.Enum):
     UINT8 = "uint8"
 
 
+class CalibrationMethod(str, enum.Enum):
+    """How a tensor's int8 range is chosen from its calibration statistics."""
+
+    MAX = "max"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+    @classmethod
+    def parse(cls, value: Any) -> "CalibrationMethod":
+        return _choice(cls, value, "calibration method")
+
+
+class TrtInt8Mode(str, enum.Enum):
+    """TensorRT int8: ranges from TensorRT's own calibrator (implicit, TensorRT 10 only) or from the Q/DQ
+    nodes of the ONNX model (explicit, TensorRT 10 and 11)."""
+
+    IMPLICIT = "implicit"
+    EXPLICIT = "explicit"
+
+
 @dataclass(frozen=True)
 class TargetSpec:
-    """One thing to evaluate: a runtime at a precision (and calibration method where it applies)."""
+    """One thing to evaluate: a runtime at a precision (and calibration method where it applies).
+
+    Attributes:
+        name: Canonical target name (``tflite-int8``).
+        backend: Name of the runtime in the runtime registry (``keras``, ``tflite``, ``onnx``, ``trt``, or a
+            runtime registered by the user).
+        precision: Numeric precision of the artifact.
+        calibration: Calibration method for int8 targets whose ranges come from our calibrators.
+        io_dtype: I/O type of a full-integer TFLite model.
+        trt_int8: For TensorRT int8: implicit (TensorRT's calibrator) or explicit (Q/DQ).
+        description: One line for ``quantship targets``.
+    """
 
     name: str
-    backend: Backend
+    backend: str
     precision: Precision
-    calibration: str | None = None  # max / entropy / percentile / mse, for int8 ONNX and TensorRT
+    calibration: CalibrationMethod | None = None
     io_dtype: IODType = IODType.FLOAT32
+    trt_int8: TrtInt8Mode | None = None
     description: str = ""
 
     @property
@@ -192,28 +261,70 @@ class CalibrationSpec:
 
     num_images: int = 100
     seed: int = 0
-    method: str = "entropy"
+    method: CalibrationMethod = CalibrationMethod.ENTROPY
     percentile: float = 99.99
     batch_size: int = 1
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
 
-@dataclass
-class EvalSpec:
-    """Everything ``quantship eval`` needs; also the record of how a result was produced."""
 
-    model: str
-    data: str
-    targets: list[str]
-    out_dir: Path
-    weights: str | None = None
-    labels: str | None = None
-    limit: int | None = None
-    batch_size: int = 8
-    threads: int | None = None
-    workers: int = 4
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    preprocess_overrides: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)  # backend options (trt_workspace_mb, ...)
+@dataclass(frozen=True)
+class BatchProfile:
+    """Optimization profile of the batch dimension (min <= opt <= max); min == max is a fixed batch."""
+
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ConfigError(f"batch profile needs 1 <= min <= opt <= max, got {self.min}:{self.opt}:{self.max}")
+
+    @classmethod
+    def parse(cls, text: str) -> "BatchProfile":
+        """``"8"`` (fixed) or ``"1:8:32"``."""
+        try:
+            parts = [int(p) for p in str(text).split(":")]
+        except ValueError:
+            raise ConfigError(f"batch profile must be N or MIN:OPT:MAX, got '{text}'") from None
+        if len(parts) == 1:
+            return cls(parts[0], parts[0], parts[0])
+        if len(parts) != 3:
+            raise ConfigError(f"batch profile must be N or MIN:OPT:MAX, got '{text}'")
+        return cls(*parts)
+
+
+@dataclass(frozen=True)
+class TrtOptions:
+    """Options of the TensorRT targets.
+
+    Attributes:
+        batch: Optimization profile of the batch dimension.
+        workspace_mb: Builder workspace memory pool limit.
+        timing_cache: File to load the timing cache from and save it back to.
+        calibration_cache: An explicit TensorRT calibration cache (used as given).
+        qdq_method: Calibration of the Q/DQ model behind ``trt-int8-qdq``.
+        cuda_graph: Run engines through captured CUDA graphs.
+    """
+
+    batch: BatchProfile = field(default_factory=BatchProfile)
+    workspace_mb: int = 2048
+    timing_cache: Path | None = None
+    calibration_cache: Path | None = None
+    qdq_method: CalibrationMethod = CalibrationMethod.ENTROPY
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch, str):
+            object.__setattr__(self, "batch", BatchProfile.parse(self.batch))
+        object.__setattr__(self, "qdq_method", CalibrationMethod.parse(self.qdq_method))
+        for name in ("timing_cache", "calibration_cache"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if self.workspace_mb <= 0:
+            raise ConfigError(f"TensorRT workspace must be positive, got {self.workspace_mb} MiB")
 
 
 @dataclass(frozen=True)
@@ -234,15 +345,48 @@ class Gate:
             raise ConfigError(f"gate on {self.metric}: give exactly one of 'relative' and 'max_drop_points'")
         if self.relative is not None and not 0 < self.relative <= 1.5:
             raise ConfigError(f"gate on {self.metric}: relative must be in (0, 1.5], got {self.relative}")
-        if self.metric not in ("top1", "top5", "mAP"):
+        if self.metric not in GATE_METRICS:
             raise ConfigError(f"gate metric must be top1, top5 (classification) or mAP (detection), got '{self.metric}'")
         if self.max_drop_points is not None and self.max_drop_points < 0:
             raise ConfigError(f"gate on {self.metric}: max_drop_points must not be negative")
+
+    @classmethod
+    def parse(cls, text: str) -> "Gate":
+        """The command-line form: ``top1>=0.99`` / ``top5>=0.99x`` / ``mAP>=0.95`` (relative to the reference)
+        or ``drop<=0.5`` / ``top5-drop<=0.5`` (points)."""
+        t = text.replace(" ", "")
+        metrics = "|".join(GATE_METRICS)
+        if m := re.fullmatch(rf"(?i:({metrics}))?>=([0-9.]+)x?", t):
+            return cls(metric=_gate_metric(m.group(1) or "top1"), relative=_number(m.group(2), text))
+        if m := re.fullmatch(rf"(?i:(?:({metrics})-?)?drop<=([0-9.]+))", t):
+            return cls(metric=_gate_metric(m.group(1) or "top1"), max_drop_points=_number(m.group(2), text))
+        raise ConfigError(f"gate '{text}' not understood; use e.g. 'top1>=0.99' (relative to fp32) or 'drop<=0.5' (points)")
 
     def applies(self, target: str) -> bool:
         import fnmatch
 
         return any(fnmatch.fnmatch(target, pat) for pat in self.targets)
+
+    def value(self, target: float, reference: float) -> float:
+        """The gated quantity: target / reference (relative gates) or target - reference in points."""
+        if self.relative is not None:
+            return target / reference if reference > 0 else float("nan")
+        return 100.0 * (target - reference)
+
+    def passes_value(self, value: float) -> bool:
+        """Whether a gated quantity (as :meth:`value` computes it) clears the gate."""
+        if self.relative is not None:
+            return bool(value >= self.relative)
+        return bool(-value <= self.max_drop_points)
+
+    def evaluate(self, target: float, reference: float) -> bool:
+        """PASS or FAIL on point values of the gate's metric."""
+        value = self.value(target, reference)
+        return not (isinstance(value, float) and value != value) and self.passes_value(value)
+
+    @property
+    def kind(self) -> str:
+        return "relative" if self.relative is not None else "drop_points"
 
     def describe(self) -> str:
         if self.relative is not None:
@@ -250,67 +394,15 @@ class Gate:
         return f"{self.metric} drop <= {self.max_drop_points:g} points"
 
 
-@dataclass(frozen=True)
-class PlanModel:
-    name: str
-    weights: str | None = None
-    preprocess: dict[str, Any] = field(default_factory=dict)
+GATE_METRICS = ("top1", "top5", "mAP")
 
 
-@dataclass(frozen=True)
-class SignoffPlan:
-    """A sign-off matrix: models x targets on one dataset, with gates."""
+def _gate_metric(text: str) -> str:
+    return next(m for m in GATE_METRICS if m.lower() == text.lower())
 
-    models: tuple[PlanModel, ...]
-    targets: tuple[str, ...]
-    data: str
-    gates: tuple[Gate, ...]
-    reference: str = "keras-fp32"
-    labels: str | None = None
-    limit: int | None = None
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    batch_size: int = 8
-    threads: int | None = None
-    workers: int = 4
-    chunk_images: int = 256
-    bootstrap_samples: int = 1000
-    confidence: float = 0.95
-    name: str = "signoff"
-    options: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "SignoffPlan":
-        d = dict(d)
-        known = {f.name for f in fields(cls)} | {"dataset"}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        if "dataset" in d:
-            d["data"] = d.pop("dataset")
-        for key in ("models", "targets", "data", "gates"):
-            if not d.get(key):
-                raise ConfigError(f"{source}: '{key}' is required")
-        try:
-            models = tuple(PlanModel(m) if isinstance(m, str) else PlanModel(**m) for m in d.pop("models"))
-            gates = tuple(Gate(**{**g, "targets": tuple(g.get("targets", ("*",)))}) for g in d.pop("gates"))
-            calib = CalibrationSpec(**d.pop("calibration", {}))
-        except TypeError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        targets = d.pop("targets")
-        targets = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets))
-        return cls(models=models, targets=targets, gates=gates, calibration=calib, **d)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SignoffPlan":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"plan not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a plan is a mapping of keys (models, targets, dataset, gates, ...)")
-        return cls.from_dict(data, str(path))
+def _number(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"gate '{where}': '{text}' is not a number") from None

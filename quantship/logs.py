@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -43,16 +43,32 @@ def redirect_native_output(log_path: str | os.PathLike | None) -> Iterator[None]
                 lg.setLevel(lvl)
 
 
-def route_native_stderr(log_path: str | os.PathLike) -> Path:
+def route_native_stderr(log_path: str | os.PathLike) -> Callable[[], None]:
     """For the CLI: send file descriptor 2 (where TensorFlow, absl, LiteRT and ONNX Runtime write their C++
-    messages) to ``log_path`` for the rest of the process, while ``sys.stderr`` keeps writing to the
-    terminal, so our own messages, warnings and progress bars stay visible."""
+    messages) to ``log_path``, while ``sys.stderr`` keeps writing to the terminal, so our own messages,
+    warnings and progress bars stay visible.
+
+    Returns:
+        A function that puts file descriptor 2 and ``sys.stderr`` back as they were (``main()`` calls it when
+        it returns, so the CLI can run in-process, e.g. from tests).
+    """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr.flush()
+    saved_fd = os.dup(2)
+    saved_stream = sys.stderr
     terminal = os.dup(2)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     os.dup2(log, 2)
     os.close(log)
     sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding="utf-8", errors="replace")
-    return log_path
+
+    def restore() -> None:
+        ours = sys.stderr
+        ours.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        sys.stderr = saved_stream
+        ours.close()
+
+    return restore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 _enabled = False
@@ -26,3 +26,20 @@ def track(iterable: Iterable[T], total: int | None = None, desc: str = "") -> It
 
     with tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         yield from bar
+
+
+_note: Callable[[str], None] | None = None
+
+
+def set_note(fn: Callable[[str], None] | None) -> None:
+    """Where :func:`note` sends its lines (the CLI prints them; library use drops them)."""
+    global _note
+    _note = fn
+
+
+def note(text: str) -> None:
+    """A line about what a long job is doing now (shown by the CLI as it happens)."""
+    if _note is not None:
+        _note(text)
+    else:
+        log.info("%s", text)

@@ -1,22 +1,36 @@
-"""Evaluation targets by name: how each one's artifact is built and which runner runs it.
+"""Evaluation targets by name: how each one's artifact is built; its runner comes from the runtime registry.
 
-A target is ``backend-precision`` (``tflite-int8``, ``keras-fp32``, ...). Adding a runtime means registering
-its targets here; nothing else dispatches on target names.
+A target is ``backend-precision[-method]`` (``tflite-int8``, ``keras-fp32``, ``onnx-int8-entropy``). This
+module sits below the jobs and above the converters, calibrators and runtimes: it is the only place that
+knows which converter makes which target, and :func:`parse_targets` is the only place target names are
+parsed. Adding a runtime means registering the runtime (``quantship.runtime.registry``) and its targets
+here (or from any module, with :func:`register_target`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from quantship.config import Backend, IODType, Precision, TargetSpec
-from quantship.convert.manifest import Artifact
+from quantship.config import CalibrationMethod, IODType, Precision, TargetSpec, TrtInt8Mode, TrtOptions
 from quantship.errors import ConfigError
+from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel
-from quantship.runtime.base import Runner
+from quantship.runtime.base import Runner, RunnerOptions
+from quantship.runtime.registry import get_runtime
+
+
+@dataclass
+class CalibrationData:
+    """The calibration batches of a run (a callable, so they are decoded only when a target needs them) and
+    what identifies them in manifests (count, data hash, source)."""
+
+    batches: Callable[[], list[np.ndarray]]
+    info: dict[str, Any]
 
 
 @dataclass
@@ -25,11 +39,10 @@ class BuildContext:
 
     loaded: LoadedModel
     out_dir: Path
-    calibration_batches: Callable[[], list[np.ndarray]] | None = None
-    calibration_info: dict[str, Any] = field(default_factory=dict)
-    threads: int | None = None
+    calibration: CalibrationData | None = None
+    runner_options: RunnerOptions = field(default_factory=RunnerOptions)
+    trt: TrtOptions = field(default_factory=TrtOptions)
     log_path: Path | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # backend options, e.g. trt_workspace_mb
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def shared(self, key: str, factory: Callable[[], Any]) -> Any:
@@ -45,15 +58,20 @@ class BuildContext:
                 close()
         self._cache.clear()
 
+    def calibration_batches(self, target: str) -> Callable[[], list[np.ndarray]]:
+        if self.calibration is None:
+            raise ConfigError(f"{target} needs calibration data")
+        return self.calibration.batches
+
     def base_manifest(self, target: TargetSpec) -> dict[str, Any]:
         lm = self.loaded
         return {
             "target": target.name,
-            "backend": target.backend.value,
+            "backend": target.backend,
             "source_model": {"name": lm.name, "weights": lm.weights, "weights_sha256": lm.weights_hash},
             "preprocess": lm.preprocess.to_dict(),
             "preprocess_hash": lm.preprocess.hash(),
-            "calibration": dict(self.calibration_info),
+            "calibration": dict(self.calibration.info) if self.calibration else {},
         }
 
     def artifact_path(self, target: TargetSpec, suffix: str) -> Path:
@@ -62,22 +80,41 @@ class BuildContext:
 
 @dataclass(frozen=True)
 class Target:
+    """A named target: its spec and how its artifact is built (None for in-memory runtimes).
+
+    Attributes:
+        session_config: Runtime session settings this target always runs with (merged into the run's
+            :class:`RunnerOptions`).
+    """
+
     spec: TargetSpec
     build: Callable[[BuildContext, TargetSpec], Artifact | None]
-    make_runner: Callable[[BuildContext, TargetSpec, Artifact | None], Runner]
+    session_config: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    def runner_options(self, ctx: BuildContext) -> RunnerOptions:
+        return dataclasses.replace(ctx.runner_options, session_config=ctx.runner_options.session_config + self.session_config)
+
+    def make_runner(self, ctx: BuildContext, artifact: Artifact | None) -> Runner:
+        """The runner of this target's artifact (or of the in-memory model), from the runtime registry."""
+        source = artifact.path if artifact is not None else ctx.loaded.model
+        return get_runtime(self.spec.backend).make_runner(source, self.runner_options(ctx), self.spec.name)
+
 
 _TARGETS: dict[str, Target] = {}
 
 
-def register_target(spec: TargetSpec, build, make_runner) -> None:
+def register_target(spec: TargetSpec, build: Callable[[BuildContext, TargetSpec], Artifact | None], session_config: Iterable[tuple[str, str]] = ()) -> Target:
+    """Add a target (names are unique; its backend must be a registered runtime)."""
     if spec.name in _TARGETS:
         raise ValueError(f"target '{spec.name}' registered twice")
-    _TARGETS[spec.name] = Target(spec, build, make_runner)
+    get_runtime(spec.backend)
+    target = Target(spec, build, tuple(session_config))
+    _TARGETS[spec.name] = target
+    return target
 
 
 def get_target(name: str) -> Target:
@@ -87,6 +124,26 @@ def get_target(name: str) -> Target:
     return _TARGETS[key]
 
 
+def parse_targets(names: str | Iterable[str], option: str = "--targets") -> list[Target]:
+    """Targets from a comma-separated string or a list of names, in order, without repeats.
+
+    Raises:
+        ConfigError: No name at all, or an unknown name.
+    """
+    items = names.split(",") if isinstance(names, str) else list(names)
+    if not all(isinstance(n, str) for n in items):
+        raise ConfigError(f"{option}: target names must be strings, got {items!r}")
+    out: list[Target] = []
+    for n in items:
+        if n.strip():
+            t = get_target(n)
+            if t not in out:
+                out.append(t)
+    if not out:
+        raise ConfigError(f"{option}: no target given; see 'quantship targets'")
+    return out
+
+
 def list_targets() -> list[Target]:
     return list(_TARGETS.values())
 
@@ -94,17 +151,11 @@ def list_targets() -> list[Target]:
 # ------------------------------------------------------------------------------------------ keras
 
 
-def _keras_build(ctx: BuildContext, spec: TargetSpec) -> None:
+def _in_memory(ctx: BuildContext, spec: TargetSpec) -> None:
     return None
 
 
-def _keras_runner(ctx: BuildContext, spec: TargetSpec, artifact: Artifact | None) -> Runner:
-    from quantship.runtime.keras import KerasRunner
-
-    return KerasRunner(ctx.loaded.model, name=spec.name)
-
-
-register_target(TargetSpec("keras-fp32", Backend.KERAS, Precision.FP32, description="Keras, float32 (reference)"), _keras_build, _keras_runner)
+register_target(TargetSpec("keras-fp32", "keras", Precision.FP32, description="Keras, float32 (reference)"), _in_memory)
 
 # ----------------------------------------------------------------------------------------- tflite
 
@@ -114,15 +165,8 @@ def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
     converter = ctx.shared("tflite-converter", lambda: TfliteConverter(ctx.loaded.model, ctx.log_path))
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
-    calib = ctx.calibration_batches if tspec.needs_calibration else None
+    calib = ctx.calibration_batches(spec.name) if tspec.needs_calibration else None
     return convert_to_tflite(converter, tspec, ctx.artifact_path(spec, ".tflite"), calib, ctx.base_manifest(spec))
-
-
-def _tflite_runner(ctx: BuildContext, spec: TargetSpec, artifact: Artifact | None) -> Runner:
-    from quantship.runtime.tflite import TfliteRunner
-
-    assert artifact is not None
-    return TfliteRunner(artifact.path, num_threads=ctx.threads, name=spec.name)
 
 
 for _name, _prec, _io, _desc in (
@@ -134,17 +178,16 @@ for _name, _prec, _io, _desc in (
     ("tflite-int8-floatio", Precision.INT8, IODType.FLOAT32, "TFLite full integer int8, float I/O"),
     ("tflite-int16x8", Precision.INT16X8, IODType.FLOAT32, "TFLite int16 activations, int8 weights"),
 ):
-    register_target(TargetSpec(_name, Backend.TFLITE, _prec, io_dtype=_io, description=_desc), _tflite_build, _tflite_runner)
+    register_target(TargetSpec(_name, "tflite", _prec, io_dtype=_io, description=_desc), _tflite_build)
 
 # ------------------------------------------------------------------------------------------- onnx
 
 
 def _onnx_export(ctx: BuildContext) -> Artifact:
-    from quantship.config import TargetSpec as _TS
     from quantship.convert.onnx import convert_to_onnx
 
     def export() -> Artifact:
-        spec = _TS("onnx-fp32", Backend.ONNX, Precision.FP32)
+        spec = get_target("onnx-fp32").spec
         return convert_to_onnx(ctx.loaded.model, ctx.artifact_path(spec, ".onnx"), manifest=ctx.base_manifest(spec), log_path=ctx.log_path)
 
     return ctx.shared("onnx-export", export)
@@ -154,87 +197,77 @@ def _onnx_fp32_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     return _onnx_export(ctx)
 
 
-def _onnx_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
-    from quantship.convert.manifest import load_reusable
     from quantship.fileio import sha256_json
+    from quantship.manifest import load_reusable
 
     fp32 = _onnx_export(ctx)
     path = ctx.artifact_path(spec, ".onnx")
-    manifest = {**ctx.base_manifest(spec), "source_onnx_sha256": fp32.manifest["sha256"], "calibration_method": spec.calibration}
+    manifest = {**ctx.base_manifest(spec), "source_onnx_sha256": fp32.manifest["sha256"], "calibration_method": spec.calibration.value}
     build_key = sha256_json(manifest)
     if (existing := load_reusable(path, build_key)) is not None:
         return existing
-    if ctx.calibration_batches is None:
-        raise ConfigError(f"{spec.name} needs calibration data")
+    batches = ctx.calibration_batches(spec.name)
     # One statistics pass serves every calibration method of the run.
-    collector = ctx.shared("onnx-stats", lambda: collect_statistics(fp32.path, ctx.calibration_batches(), scope="qdq", threads=ctx.threads))
-    result = calibrate(collector, spec.calibration)
-    write_outputs(result, fp32.path, qdq=path, manifest={**manifest, "build_key": build_key})
+    collector = ctx.shared("onnx-stats", lambda: collect_statistics(fp32.path, batches(), scope="qdq", threads=ctx.runner_options.threads))
+    write_outputs(calibrate(collector, spec.calibration), fp32.path, qdq=path, manifest={**manifest, "build_key": build_key})
     return load_reusable(path, build_key)
 
 
-def _onnx_runner(ctx: BuildContext, spec: TargetSpec, artifact: Artifact | None) -> Runner:
-    from quantship.runtime.onnxruntime import OnnxRunner
-
-    assert artifact is not None
-    return OnnxRunner(artifact.path, num_threads=ctx.threads, name=spec.name)
-
-
-register_target(TargetSpec("onnx-fp32", Backend.ONNX, Precision.FP32, description="ONNX (tf2onnx) on ONNX Runtime, float32"), _onnx_fp32_build, _onnx_runner)
-for _method in ("max", "entropy", "percentile", "mse"):
+register_target(TargetSpec("onnx-fp32", "onnx", Precision.FP32, description="ONNX (tf2onnx) on ONNX Runtime, float32"), _onnx_fp32_build)
+for _method in CalibrationMethod:
     register_target(
-        TargetSpec(f"onnx-int8-{_method}", Backend.ONNX, Precision.INT8, calibration=_method, description=f"Q/DQ int8 ONNX (TensorRT placement), {_method} calibration, on ONNX Runtime CPU"),
-        _onnx_int8_build,
-        _onnx_runner,
+        TargetSpec(f"onnx-int8-{_method.value}", "onnx", Precision.INT8, calibration=_method,
+                   description=f"Q/DQ int8 ONNX (TensorRT placement), {_method.value} calibration, on ONNX Runtime CPU"),
+        _qdq_build,
     )
 
 # --------------------------------------------------------------------------------------- tensorrt
 
 
 def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.tensorrt import BatchProfile, EngineSpec, build_engine, import_tensorrt
+    from quantship.convert.tensorrt import EngineSpec, build_engine
+    from quantship.trt_util import import_tensorrt
 
     import_tensorrt()  # say so before exporting or calibrating anything
-    opts = ctx.options
-    precision = {Precision.FP32: "fp32", Precision.FP16: "fp16"}.get(spec.precision)
-    if precision is None:
-        precision = "int8-qdq" if spec.calibration == "qdq" else "int8"
-    if precision == "int8-qdq":
-        qdq_method = opts.get("trt_qdq_method", "entropy")
-        source = _onnx_int8_build(ctx, TargetSpec(f"onnx-int8-{qdq_method}", Backend.ONNX, Precision.INT8, calibration=qdq_method))
+    opts = ctx.trt
+    if spec.trt_int8 is TrtInt8Mode.EXPLICIT:
+        source = _qdq_build(ctx, get_target(f"onnx-int8-{opts.qdq_method.value}").spec)
     else:
         source = _onnx_export(ctx)
-    cache = opts.get("trt_calibration_cache")
-    if precision == "int8" and cache is None:
+    implicit = spec.trt_int8 is TrtInt8Mode.IMPLICIT
+    cache = opts.calibration_cache
+    if implicit and cache is None:
         cache = ctx.artifact_path(spec, ".cache")  # TensorRT writes it after calibrating; the next build reuses it
     engine_spec = EngineSpec(
-        precision,
-        calibration=spec.calibration if precision == "int8" else None,
-        batch=BatchProfile.parse(opts.get("trt_batch", "1:8:32")),
-        workspace_mb=int(opts.get("trt_workspace_mb", 2048)),
-        timing_cache=Path(opts["trt_timing_cache"]) if opts.get("trt_timing_cache") else None,
-        calibration_cache=Path(cache) if cache else None,
+        spec.precision,
+        int8_mode=spec.trt_int8,
+        calibration=spec.calibration if implicit else None,
+        batch=opts.batch,
+        workspace_mb=opts.workspace_mb,
+        timing_cache=opts.timing_cache,
+        calibration_cache=cache,
     )
-    feed = ctx.calibration_batches() if (precision == "int8" and ctx.calibration_batches is not None) else None
-    manifest = {**ctx.base_manifest(spec), "calibration_method": spec.calibration, "source_onnx_sha256": source.manifest["sha256"]}
+    feed = ctx.calibration.batches() if (implicit and ctx.calibration is not None) else None
+    manifest = {**ctx.base_manifest(spec), "calibration_method": spec.calibration.value if spec.calibration else None,
+                "source_onnx_sha256": source.manifest["sha256"]}
     return build_engine(source.path, engine_spec, ctx.artifact_path(spec, ".engine"), feed, manifest)
 
 
-def _trt_runner(ctx: BuildContext, spec: TargetSpec, artifact: Artifact | None) -> Runner:
-    from quantship.runtime.tensorrt import TrtRunner
-
-    assert artifact is not None
-    return TrtRunner(artifact.path, name=spec.name, cuda_graph=bool(ctx.options.get("trt_cuda_graph")))
-
-
-for _name, _prec, _cal, _desc in (
-    ("trt-fp32", Precision.FP32, None, "TensorRT float32"),
-    ("trt-fp16", Precision.FP16, None, "TensorRT float16 (TensorRT 10: builder flag; 11: fp16 ONNX, float32 I/O)"),
-    ("trt-int8-entropy", Precision.INT8, "entropy", "TensorRT 10 implicit int8, IInt8EntropyCalibrator2"),
-    ("trt-int8-max", Precision.INT8, "max", "TensorRT 10 implicit int8, IInt8MinMaxCalibrator"),
-    ("trt-int8-qdq", Precision.INT8, "qdq", "TensorRT explicit int8 from the Q/DQ ONNX (10.x and 11.x)"),
+for _name, _prec, _mode, _cal, _desc in (
+    ("trt-fp32", Precision.FP32, None, None, "TensorRT float32"),
+    ("trt-fp16", Precision.FP16, None, None, "TensorRT float16 (TensorRT 10: builder flag; 11: fp16 ONNX, float32 I/O)"),
+    ("trt-int8-entropy", Precision.INT8, TrtInt8Mode.IMPLICIT, CalibrationMethod.ENTROPY, "TensorRT 10 implicit int8, IInt8EntropyCalibrator2"),
+    ("trt-int8-max", Precision.INT8, TrtInt8Mode.IMPLICIT, CalibrationMethod.MAX, "TensorRT 10 implicit int8, IInt8MinMaxCalibrator"),
+    ("trt-int8-qdq", Precision.INT8, TrtInt8Mode.EXPLICIT, None, "TensorRT explicit int8 from the Q/DQ ONNX (10.x and 11.x)"),
 ):
-    register_target(TargetSpec(_name, Backend.TENSORRT, _prec, calibration=_cal, description=_desc), _trt_build, _trt_runner)
+    register_target(TargetSpec(_name, "trt", _prec, calibration=_cal, trt_int8=_mode, description=_desc), _trt_build)
 
 DEFAULT_TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8")
+
+
+def needs_calibration(targets: Iterable[Target], trt: TrtOptions = TrtOptions()) -> list[Target]:
+    """The targets that need calibration images (implicit TensorRT int8 can read its ranges from a given
+    calibration cache instead)."""
+    return [t for t in targets if t.spec.needs_calibration and not (t.spec.trt_int8 is TrtInt8Mode.IMPLICIT and trt.calibration_cache)]

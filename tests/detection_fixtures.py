@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantship.evaluate.detection_data import VOC_CLASSES
+from quantship.data.detection import VOC_CLASSES
 
 SIZE = 64
 OBJECT_CLASSES = (7, 11)  # VOC 'cat' and 'dog': red squares and blue wide bars

@@ -18,7 +18,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_help_without_heavy_imports():
     code = "import sys; from quantship.cli import build_parser; build_parser().format_help(); " \
-           "import quantship.models.zoo, quantship.targets, quantship.pipeline; " \
+           "import quantship.models.zoo, quantship.targets, quantship.jobs.common; " \
            "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'tensorrt', 'ai_edge_litert') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

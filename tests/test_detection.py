@@ -12,7 +12,7 @@ import pytest
 
 from detection_fixtures import COCO_IDS, SIZE, train_tiny_detector, write_coco, write_voc
 from quantship.errors import DataError
-from quantship.evaluate.datasets import load_dataset
+from quantship.data.datasets import load_dataset
 from quantship.evaluate.detection_metrics import CocoMetric, Detections, VocMetric, coco_evaluate, voc_ap
 from quantship.models.ssd import decode_boxes, encode_boxes, make_anchors, nms, ssd_anchor_config
 
@@ -222,7 +222,7 @@ def test_signoff_gates_detection_on_map(tiny_detector, tmp_path):
     plan.write_text(yaml.safe_dump({
         "name": "det", "dataset": f"voc2007:{data}", "limit": 40, "calibration": {"num_images": 10}, "chunk_images": 16,
         "models": [{"name": str(tiny_detector / "tiny_ssd.keras"), "preprocess": {"mode": "tf", "size": SIZE, "crop_pct": 1.0, "resize": "stretch"}}],
-        "targets": ["tflite-int8"], "options": {"anchors": str(tiny_detector / "anchors.json")}, "bootstrap_samples": 50,
+        "targets": ["tflite-int8"], "anchors": str(tiny_detector / "anchors.json"), "bootstrap_samples": 50,
         "gates": [{"metric": "mAP", "relative": 0.9}, {"metric": "mAP", "relative": 1.2}],
     }))
     res = subprocess.run([sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(tmp_path / "o")], capture_output=True, text=True)

@@ -11,8 +11,8 @@ import pytest
 from conftest import CLASSES, encode, synthetic_set
 from quantship.config import PreprocessSpec
 from quantship.errors import ConfigError, DataError
-from quantship.evaluate.classes import wnid_to_label
-from quantship.evaluate.datasets import Skipped, check_disjoint, iter_batches, load_dataset, split_calibration
+from quantship.data.classes import wnid_to_label
+from quantship.data.datasets import Skipped, check_disjoint, iter_batches, load_dataset, split_calibration
 
 # A devkit numbering for our three synsets that differs from the sorted-wnid label order, so a loader
 # that ignored the mapping would get the labels wrong.

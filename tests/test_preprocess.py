@@ -5,7 +5,7 @@ import pytest
 
 from quantship.config import PreprocessSpec
 from quantship.errors import ConfigError, DataError
-from quantship.evaluate.preprocess import crop_views, decode_image, preprocess_image
+from quantship.data.preprocess import crop_views, decode_image, preprocess_image
 
 
 def _img(h=60, w=80):

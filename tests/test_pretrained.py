@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from quantship.evaluate.classes import class_name
-from quantship.evaluate.preprocess import preprocess_image
+from quantship.data.classes import class_name
+from quantship.data.preprocess import preprocess_image
 
 pytestmark = pytest.mark.slow
 

@@ -11,17 +11,16 @@ import pytest
 from conftest import synthetic_set, tf_preprocess
 from quantship.config import Gate
 from quantship.errors import ConfigError
-from quantship.sensitivity import (
+from quantship.jobs.sensitivity import (
     HeldOut,
     QdqBackend,
     TfliteBackend,
-    auto_fallback,
     depthwise_vs_pointwise,
+    find_fallback,
     fixed_point_int8,
     layer_sensitivity,
     layer_types,
     mantissa_truncate,
-    parse_gate,
     sqnr_db,
     weight_study,
 )
@@ -46,7 +45,7 @@ def test_fixed_point_round_trips_by_hand():
     c = fixed_point_int8(w, per_channel=True)  # column scales 1.27/127 and 2/127
     np.testing.assert_allclose(c, np.array([[50 * 0.01, -127 * 2 / 127], [127 * 0.01, 1 * 2 / 127]]), rtol=1e-5)
     assert np.array_equal(fixed_point_int8(t, per_channel=False), t)  # quantized values are a fixed point
-    from quantship.sensitivity import weight_variant
+    from quantship.jobs.sensitivity import weight_variant
 
     dw = np.zeros((1, 1, 2, 1), np.float32)
     dw[0, 0, :, 0] = [0.01, 1.0]  # a depthwise kernel: channels on axis 2
@@ -55,10 +54,13 @@ def test_fixed_point_round_trips_by_hand():
 
 
 def test_gate_parsing_and_sqnr():
-    assert parse_gate("top1>=0.99") == Gate(metric="top1", relative=0.99)
-    assert parse_gate("drop<=0.5") == Gate(metric="top1", max_drop_points=0.5)
+    assert Gate.parse("top1>=0.99") == Gate(metric="top1", relative=0.99)
+    assert Gate.parse("drop<=0.5") == Gate(metric="top1", max_drop_points=0.5)
+    assert Gate.parse("top5>=0.995") == Gate(metric="top5", relative=0.995)
+    assert Gate.parse("top5-drop<=1") == Gate(metric="top5", max_drop_points=1.0)
+    assert Gate.parse("mAP>=0.95") == Gate(metric="mAP", relative=0.95)
     with pytest.raises(ConfigError):
-        parse_gate("accuracy is fine")
+        Gate.parse("accuracy is fine")
     ref = np.ones((4, 3))
     assert sqnr_db(ref, ref) == float("inf")
     assert sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)
@@ -133,7 +135,7 @@ def test_qdq_ranking_puts_the_hostile_layer_first(qdq_backend, hostile):
 def test_qdq_fallback_keeps_exactly_the_hostile_layer(qdq_backend, hostile):
     _, _, held = hostile
     ranking = [r["layer"] for r in layer_sensitivity(qdq_backend, held.subset(range(0, 90, 2)))]
-    result = auto_fallback(qdq_backend, ranking, held.subset(range(1, 90, 2)), GATE)
+    result = find_fallback([qdq_backend], ranking, held.subset(range(1, 90, 2)), GATE)
     assert result.passed and result.float_layers == ["conv2"]
     assert not result.steps[0]["passed"]  # the plain int8 model fails the gate
 
@@ -150,7 +152,7 @@ def test_tflite_ranking_and_fallback(hostile, tmp_path):
         # quantizes its output, and an int8 conv2 after a float conv1 gets a QUANTIZE op on its input.
         assert {rows[0]["layer"], rows[1]["layer"]} == {"conv1", "conv2"}
         assert all(r["agreement_top1"] < 0.9 for r in rows[:2]) and all(r["agreement_top1"] >= 0.95 for r in rows[2:])
-        result = auto_fallback(backend, [r["layer"] for r in rows], held, GATE)
+        result = find_fallback([backend], [r["layer"] for r in rows], held, GATE)
     assert result.passed and sorted(result.float_layers) == ["conv1", "conv2"]
     assert [s["passed"] for s in result.steps] == [False, False, True]
 

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from conftest import TINY_PREPROCESS
-from quantship.config import Gate, SignoffPlan
+from quantship.config import Gate
 from quantship.errors import ConfigError
 from quantship.evaluate.bench import BenchConfig, annotate, mobile_profile
 from quantship.evaluate.latency import latency_stats
 from quantship.evaluate.stats import bootstrap_diff_ci, bootstrap_mean_ci
+from quantship.jobs.specs import SignoffPlan
 
 # ------------------------------------------------------------------------------------------ statistics
 
@@ -195,7 +196,7 @@ def test_report_is_rebuilt_from_stored_results_and_holds_its_plot(trained_tiny, 
 
 
 def test_bench_config_validation(tmp_path):
-    with pytest.raises(ConfigError, match="cannot benchmark"):
+    with pytest.raises(ConfigError, match="no runtime runs .model.pb.: expected one of .engine, .onnx"):
         BenchConfig(str(tmp_path / "model.pb"))
     cfgs = mobile_profile(tmp_path / "m.tflite", "tflite-int8")
     assert [c.threads for c in cfgs] == [1, 2, 4]

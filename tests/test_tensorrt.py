@@ -5,19 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from quantship.calibrate.feed import FixedBatches
 from quantship.calibrate.trt_cache import CalibrationCache, write_cache
-from quantship.convert.tensorrt import (
-    BatchProfile,
-    EngineSpec,
-    FixedBatches,
-    TrtVersion,
-    cache_ranges,
-    check_engine_compatible,
-    plan_build,
-)
-from quantship.errors import ConfigError, MissingDependencyError, RuntimeBackendError
+from quantship.config import BatchProfile, Precision, TrtInt8Mode
+from quantship.convert.tensorrt import EngineSpec, cache_ranges, plan_build
+from quantship.errors import CalibrationError, ConfigError, MissingDependencyError, RuntimeBackendError
 from quantship.lazy import is_available
 from quantship.runtime.tensorrt import IOTensor, buffer_plan, output_max_shape
+from quantship.trt_util import TrtVersion, check_engine_compatible
 
 HAVE_TRT = is_available("tensorrt")
 TRT10, TRT11 = TrtVersion.parse("10.13.3.9"), TrtVersion.parse("11.0.0")
@@ -33,42 +28,47 @@ def test_version_parsing_and_generation():
         plan_build(EngineSpec("fp32"), TrtVersion.parse("8.6.1"), False, False)
 
 
-@pytest.mark.parametrize("precision,calib,data,cache,expected", [
-    ("fp32", None, False, False, ((), (), "fp32", None)),
-    ("fp16", None, False, False, ((), ("FP16",), "fp32", None)),
-    ("int8", "entropy", True, False, ((), ("INT8",), "fp32", "calibrator")),
-    ("int8", "max", True, True, ((), ("INT8",), "fp32", "calibrator")),
-    ("int8", "entropy", False, True, ((), ("INT8",), "fp32", "cache-ranges")),
-    ("int8-qdq", None, False, False, ((), ("INT8",), "qdq", None)),
+IMPLICIT, EXPLICIT = TrtInt8Mode.IMPLICIT, TrtInt8Mode.EXPLICIT
+
+
+@pytest.mark.parametrize("precision,mode,calib,data,cache,expected", [
+    ("fp32", None, None, False, False, ((), (), "fp32", None)),
+    ("fp16", None, None, False, False, ((), ("FP16",), "fp32", None)),
+    ("int8", IMPLICIT, "entropy", True, False, ((), ("INT8",), "fp32", "calibrator")),
+    ("int8", IMPLICIT, "max", True, True, ((), ("INT8",), "fp32", "calibrator")),
+    ("int8", IMPLICIT, "entropy", False, True, ((), ("INT8",), "fp32", "cache-ranges")),
+    ("int8", EXPLICIT, None, False, False, ((), ("INT8",), "qdq", None)),
 ])
-def test_plan_trt10(precision, calib, data, cache, expected):
-    plan = plan_build(EngineSpec(precision, calibration=calib), TRT10, data, cache)
+def test_plan_trt10(precision, mode, calib, data, cache, expected):
+    plan = plan_build(EngineSpec(precision, int8_mode=mode, calibration=calib), TRT10, data, cache)
     assert (plan.network_flags, plan.builder_flags, plan.onnx_input, plan.int8_source) == expected
     if plan.int8_source == "calibrator":
         assert plan.calibrator == {"entropy": "IInt8EntropyCalibrator2", "max": "IInt8MinMaxCalibrator"}[calib]
 
 
-@pytest.mark.parametrize("precision,onnx_input", [("fp32", "fp32"), ("fp16", "fp16"), ("int8-qdq", "qdq")])
-def test_plan_trt11_is_strongly_typed(precision, onnx_input):
-    plan = plan_build(EngineSpec(precision), TRT11, True, True)
+@pytest.mark.parametrize("precision,mode,onnx_input", [("fp32", None, "fp32"), ("fp16", None, "fp16"), ("int8", EXPLICIT, "qdq")])
+def test_plan_trt11_is_strongly_typed(precision, mode, onnx_input):
+    plan = plan_build(EngineSpec(precision, int8_mode=mode), TRT11, True, True)
     assert plan.network_flags == ("STRONGLY_TYPED",) and plan.builder_flags == () and plan.onnx_input == onnx_input
 
 
 def test_trt11_implicit_int8_says_what_to_do():
     with pytest.raises(ConfigError, match="TensorRT 11.*trt-int8-qdq"):
-        plan_build(EngineSpec("int8", calibration="entropy"), TRT11, True, False)
+        plan_build(EngineSpec(Precision.INT8, IMPLICIT, "entropy"), TRT11, True, False)
 
 
 def test_trt10_int8_without_data_or_cache():
     with pytest.raises(ConfigError, match="calibration data or an existing calibration cache"):
-        plan_build(EngineSpec("int8", calibration="entropy"), TRT10, False, False)
+        plan_build(EngineSpec(Precision.INT8, IMPLICIT, "entropy"), TRT10, False, False)
 
 
 def test_option_validation():
     with pytest.raises(ConfigError, match="unknown TensorRT precision"):
         EngineSpec("int4")
     with pytest.raises(ConfigError, match="entropy' or 'max'"):
-        EngineSpec("int8", calibration="percentile")
+        EngineSpec("int8", IMPLICIT, calibration="percentile")
+    with pytest.raises(ConfigError, match="needs a mode"):
+        EngineSpec("int8")
     assert BatchProfile.parse("8") == BatchProfile(8, 8, 8)
     assert BatchProfile.parse("1:4:16") == BatchProfile(1, 4, 16)
     for bad in ("0", "4:2:8", "a:b:c", "1:2"):
@@ -78,13 +78,15 @@ def test_option_validation():
 
 def test_fixed_batches_rechunk_in_order_and_count_the_rest():
     feed = [np.arange(5 * 2, dtype=np.float32).reshape(5, 2) + 100 * k for k in range(3)]
-    fb = FixedBatches(feed, 4, ["input"])
+    fb = FixedBatches(feed, 4, [("input", (None, 2))])
     out = list(fb)
     assert [b["input"].shape for b in out] == [(4, 2)] * 3
     np.testing.assert_array_equal(np.concatenate([b["input"] for b in out]), np.concatenate(feed)[:12])
     assert fb.images == 12 and fb.dropped == 3
-    with pytest.raises(ConfigError, match="lacks input"):
-        list(FixedBatches([{"other": feed[0]}], 2, ["input"]))
+    with pytest.raises(CalibrationError, match="do not match the model's"):
+        list(FixedBatches([{"other": feed[0]}], 2, [("input", (None, 2))]))
+    with pytest.raises(CalibrationError, match="NaN"):
+        list(FixedBatches([np.full((4, 2), np.nan, np.float32)], 2, [("input", (None, 2))]))
 
 
 def test_cache_ranges_from_a_quantship_cache(tmp_path):
@@ -118,7 +120,7 @@ def test_buffer_sizing_from_tensor_metadata():
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
 def test_missing_tensorrt_is_a_clear_error():
-    from quantship.convert.tensorrt import import_tensorrt
+    from quantship.trt_util import import_tensorrt
 
     with pytest.raises(MissingDependencyError, match="TensorRT is not installed.*pip install"):
         import_tensorrt()

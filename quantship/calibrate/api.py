@@ -6,14 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-
 from quantship.calibrate.calibrators import Calibrator, compute_ranges, get_calibrator
 from quantship.calibrate.collector import StatisticsCollector
 from quantship.calibrate.histogram import TensorStats
 from quantship.calibrate.qdq import QdqReport, insert_qdq, qdq_tensors
 from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION, CalibrationCache, write_cache
+from quantship.config import CalibrationMethod
 from quantship.errors import ConfigError
 from quantship.fileio import write_json_atomic
+from quantship.manifest import write_onnx_artifact
 from quantship.lazy import lazy_import
 
 
@@ -67,7 +68,7 @@ def collect_statistics(onnx_model: Any, feed: Iterable, scope: str = "all", thre
     return collector
 
 
-def calibrate(collector: StatisticsCollector, method: str, percentile: float | None = None) -> CalibrationResult:
+def calibrate(collector: StatisticsCollector, method: CalibrationMethod | str, percentile: float | None = None) -> CalibrationResult:
     cal = get_calibrator(method, percentile=percentile)
     return CalibrationResult(collector.stats, cal, compute_ranges(collector.stats, cal), collector.images)
 
@@ -90,11 +91,9 @@ def write_outputs(
     if ranges:
         write_json_atomic(ranges, result.ranges_document(manifest))
     if qdq:
-        from quantship.convert.onnx import save_onnx
-
         onnx = lazy_import("onnx")
         model = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
         qmodel, report = insert_qdq(model, result.amax, exclude, node_layers)
-        save_onnx(qmodel, qdq, {**(manifest or {}), "precision": "int8-qdq", "calibration_method": result.calibrator.describe(), "qdq_report": report.lines()})
+        write_onnx_artifact(qmodel, qdq, {**(manifest or {}), "precision": "int8-qdq", "calibration_method": result.calibrator.describe(), "qdq_report": report.lines()})
     return report
 

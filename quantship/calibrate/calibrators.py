@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from quantship.calibrate.histogram import TensorStats
+from quantship.config import CalibrationMethod
 from quantship.errors import ConfigError
 
 INT8_MAX = 127
@@ -154,23 +155,23 @@ class EntropyCalibrator(Calibrator):
         return {"method": self.name, "num_quantized_bins": self.num_quantized_bins, "start_bin": self.start_bin}
 
 
-CALIBRATORS: dict[str, type[Calibrator]] = {
-    "max": MaxCalibrator,
-    "entropy": EntropyCalibrator,
-    "percentile": PercentileCalibrator,
-    "mse": MseCalibrator,
+CALIBRATORS: dict[CalibrationMethod, type[Calibrator]] = {
+    CalibrationMethod.MAX: MaxCalibrator,
+    CalibrationMethod.ENTROPY: EntropyCalibrator,
+    CalibrationMethod.PERCENTILE: PercentileCalibrator,
+    CalibrationMethod.MSE: MseCalibrator,
 }
 
 
-def get_calibrator(name: str, **kwargs: Any) -> Calibrator:
-    """Instantiate a calibrator by name (``max``, ``entropy``, ``percentile``, ``mse``)."""
-    key = name.strip().lower()
-    if key not in CALIBRATORS:
-        raise ConfigError(f"unknown calibration method '{name}'; choose one of: {', '.join(CALIBRATORS)}")
-    cls = CALIBRATORS[key]
-    if key == "percentile" and "percentile" in kwargs and kwargs["percentile"] is not None:
-        return cls(percentile=float(kwargs["percentile"]))
-    return cls()
+def get_calibrator(method: CalibrationMethod | str, percentile: float | None = None) -> Calibrator:
+    """Instantiate a calibrator (``max``, ``entropy``, ``percentile``, ``mse``); ``percentile`` applies to the
+    percentile method only."""
+    method = CalibrationMethod.parse(method)
+    if method not in CALIBRATORS:
+        raise ConfigError(f"no calibrator for method '{method.value}'; choose one of: {', '.join(m.value for m in CALIBRATORS)}")
+    if method is CalibrationMethod.PERCENTILE and percentile is not None:
+        return PercentileCalibrator(percentile=float(percentile))
+    return CALIBRATORS[method]()
 
 
 def compute_ranges(stats: dict[str, TensorStats], calibrator: Calibrator) -> dict[str, float]:

@@ -58,23 +58,21 @@ class StatisticsCollector:
         self.images = 0
 
     def _session(self):
+        from quantship.errors import RuntimeBackendError
+        from quantship.runtime.onnxruntime import make_session
+
         onnx = lazy_import("onnx")
-        ort = lazy_import("onnxruntime")
         aug = onnx.ModelProto()
         aug.CopyFrom(self.model)
         existing = {o.name for o in aug.graph.output}
         for name in self.tensors:
             if name not in existing:
                 aug.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = self.threads
-        # Fusions would remove the intermediate tensors we observe; keep the graph as it is.
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(aug.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001
-            raise CalibrationError(f"ONNX Runtime cannot run the model for calibration: {str(exc).strip().splitlines()[0][:300]}") from None
+            # Fusions would remove the intermediate tensors we observe: keep the graph as it is.
+            return make_session(aug, self.threads, optimization="disable", what="calibration model")
+        except RuntimeBackendError as exc:
+            raise CalibrationError(f"ONNX Runtime cannot run the model for calibration: {exc}") from None
 
     def collect(self, feed: Iterable[dict[str, np.ndarray] | np.ndarray]) -> dict[str, TensorStats]:
         """Run the feed through the model once, updating the statistics of every observed tensor."""

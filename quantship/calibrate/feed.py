@@ -51,3 +51,38 @@ def checked_batches(
         yield out
     if count == 0:
         raise CalibrationError("the calibration feed is empty: no batch was produced")
+
+
+class FixedBatches:
+    """The checked feed re-chunked into batches of exactly ``batch_size`` (TensorRT's calibrator has one
+    batch size); the incomplete remainder is dropped and counted.
+
+    Args:
+        feed: The batches (any size).
+        batch_size: Size of every batch yielded.
+        inputs: (name, shape) of each model input, as for :func:`checked_batches`.
+    """
+
+    def __init__(self, feed: Iterable[Mapping[str, np.ndarray] | np.ndarray], batch_size: int, inputs: Sequence[tuple[str, tuple[int | None, ...]]]):
+        if batch_size <= 0:
+            raise CalibrationError(f"calibration batch size must be positive, got {batch_size}")
+        self.feed, self.batch_size, self.inputs = feed, batch_size, list(inputs)
+        self.images = 0
+        self.dropped = 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        names = [n for n, _ in self.inputs]
+        pending: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        have = 0
+        for batch in checked_batches(self.feed, self.inputs):
+            for name in names:
+                pending[name].append(batch[name])
+            have += next(iter(batch.values())).shape[0]
+            while have >= self.batch_size:
+                merged = {name: np.concatenate(parts) for name, parts in pending.items()}
+                out = {name: np.ascontiguousarray(a[: self.batch_size]) for name, a in merged.items()}
+                pending = {name: [a[self.batch_size :]] for name, a in merged.items()}
+                have -= self.batch_size
+                self.images += self.batch_size
+                yield out
+        self.dropped = have

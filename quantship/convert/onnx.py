@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantship.convert.manifest import Artifact, load_reusable, write_artifact
+from quantship.manifest import Artifact, load_reusable, write_onnx_artifact
 from quantship.errors import ConfigError, ConversionError
 from quantship.fileio import sha256_json
 from quantship.lazy import lazy_import
@@ -134,15 +134,6 @@ def onnx_node_layers(onnx_model: Any, keras_model: Any) -> dict[str, str]:
     return out
 
 
-def save_onnx(proto: Any, path: str | Path, manifest: dict[str, Any]) -> Artifact:
-    """Serialise ``proto`` to ``path`` atomically with its manifest."""
-    return write_artifact(path, proto.SerializeToString(), {"format": "onnx", "opset": _opset(proto), **manifest})
-
-
-def _opset(proto: Any) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def convert_to_onnx(
     model: Any,
     out_path: str | Path,
@@ -158,4 +149,4 @@ def convert_to_onnx(
     if reuse and (existing := load_reusable(out_path, build_key)) is not None:
         return existing
     proto = keras_to_onnx(model, spec, log_path)
-    return save_onnx(proto, out_path, {**manifest, "build_key": build_key})
+    return write_onnx_artifact(proto, out_path, {**manifest, "build_key": build_key})

@@ -9,95 +9,23 @@ documented Python API and runs where TensorRT and a GPU are present (``scripts/t
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable
 
-import numpy as np
-
+from quantship.calibrate.feed import FixedBatches
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache
-from quantship.convert.manifest import Artifact, load_reusable, write_artifact
-from quantship.errors import ConfigError, ConversionError, MissingDependencyError, RuntimeBackendError
+from quantship.calibrate.trt_calibrator import TRT_CALIBRATORS, make_calibrator
+from quantship.config import BatchProfile, CalibrationMethod, Precision, TrtInt8Mode, _choice
+from quantship.errors import ConfigError, ConversionError
 from quantship.fileio import sha256_json, write_bytes_atomic
+from quantship.manifest import Artifact, load_reusable, write_artifact
+from quantship.trt_util import TrtVersion, engine_environment, import_tensorrt, make_logger
 
 log = logging.getLogger("quantship.tensorrt")
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")
-IMPLICIT_CALIBRATORS = ("entropy", "max")
-
-
-def import_tensorrt() -> Any:
-    """``import tensorrt`` with a message that says how to get it."""
-    try:
-        import tensorrt as trt  # noqa: PLC0415
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"TensorRT is not installed ({exc}). Install it on a machine with an NVIDIA GPU: "
-            "pip install --extra-index-url https://pypi.nvidia.com tensorrt cuda-python, or use docker/Dockerfile.gpu"
-        ) from None
-    except OSError as exc:  # the wheel is there but its shared libraries are not
-        raise MissingDependencyError(f"TensorRT is installed but its libraries cannot be loaded: {exc}") from None
-    return trt
-
-
-# ------------------------------------------------------------------------------------------- versions
-
-
-@dataclass(frozen=True, order=True)
-class TrtVersion:
-    major: int
-    minor: int = 0
-    patch: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> "TrtVersion":
-        m = re.match(r"^\s*(\d+)(?:\.(\d+))?(?:\.(\d+))?", str(text))
-        if not m:
-            raise ConfigError(f"cannot parse TensorRT version '{text}'")
-        return cls(int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0))
-
-    @property
-    def strongly_typed_only(self) -> bool:
-        """TensorRT 11 removed weak typing: no precision flags, no calibrators."""
-        return self.major >= 11
-
-    @property
-    def supported(self) -> bool:
-        return self.major in (10, 11)
-
-    def __str__(self) -> str:
-        return f"{self.major}.{self.minor}.{self.patch}"
-
-
-# ----------------------------------------------------------------------------------------- the spec
-
-
-@dataclass(frozen=True)
-class BatchProfile:
-    """Optimization profile of the batch dimension (min <= opt <= max); min == max is a fixed batch."""
-
-    min: int = 1
-    opt: int = 8
-    max: int = 32
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise ConfigError(f"batch profile needs 1 <= min <= opt <= max, got {self.min}:{self.opt}:{self.max}")
-
-    @classmethod
-    def parse(cls, text: str) -> "BatchProfile":
-        """``"8"`` (fixed) or ``"1:8:32"``."""
-        try:
-            parts = [int(p) for p in str(text).split(":")]
-        except ValueError:
-            raise ConfigError(f"batch profile must be N or MIN:OPT:MAX, got '{text}'") from None
-        if len(parts) == 1:
-            return cls(parts[0], parts[0], parts[0])
-        if len(parts) != 3:
-            raise ConfigError(f"batch profile must be N or MIN:OPT:MAX, got '{text}'")
-        return cls(*parts)
+ENGINE_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
 
 
 @dataclass(frozen=True)
@@ -105,9 +33,10 @@ class EngineSpec:
     """What engine to build.
 
     Attributes:
-        precision: ``fp32``, ``fp16``, ``int8`` (implicit, calibrated by TensorRT; TensorRT 10 only) or
-            ``int8-qdq`` (explicit, from a Q/DQ ONNX model).
-        calibration: ``entropy`` or ``max`` for implicit int8.
+        precision: fp32, fp16 or int8.
+        int8_mode: For int8: implicit (TensorRT's calibrator; TensorRT 10 only) or explicit (from a Q/DQ ONNX
+            model).
+        calibration: For implicit int8: entropy or max.
         batch: Optimization profile of the batch dimension.
         workspace_mb: Builder workspace memory pool limit.
         timing_cache: File to load the timing cache from and save it back to.
@@ -117,8 +46,9 @@ class EngineSpec:
         calibration_batch: Batch size of the calibrator.
     """
 
-    precision: str
-    calibration: str | None = None
+    precision: Precision
+    int8_mode: TrtInt8Mode | None = None
+    calibration: CalibrationMethod | None = None
     batch: BatchProfile = field(default_factory=BatchProfile)
     workspace_mb: int = 2048
     timing_cache: Path | None = None
@@ -126,15 +56,36 @@ class EngineSpec:
     calibration_batch: int = 8
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown TensorRT precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}")
-        if self.precision == "int8" and self.calibration not in IMPLICIT_CALIBRATORS:
+        precision = _choice(Precision, self.precision, "TensorRT precision")
+        if precision not in ENGINE_PRECISIONS:
+            raise ConfigError(f"unknown TensorRT precision '{precision.value}'; choose one of: {', '.join(p.value for p in ENGINE_PRECISIONS)}")
+        object.__setattr__(self, "precision", precision)
+        if self.int8_mode is not None:
+            object.__setattr__(self, "int8_mode", _choice(TrtInt8Mode, self.int8_mode, "TensorRT int8 mode"))
+        if self.calibration is not None:
+            object.__setattr__(self, "calibration", CalibrationMethod.parse(self.calibration))
+        if precision is Precision.INT8 and self.int8_mode is None:
+            raise ConfigError("TensorRT int8 needs a mode: implicit (TensorRT's calibrator) or explicit (Q/DQ model)")
+        if self.int8_mode is TrtInt8Mode.IMPLICIT and self.calibration not in TRT_CALIBRATORS:
+            method = self.calibration.value if self.calibration else None
             raise ConfigError(
-                f"implicit int8 calibration in TensorRT is 'entropy' or 'max', got '{self.calibration}'; other methods "
-                "go through the Q/DQ model (precision int8-qdq)"
+                f"implicit int8 calibration in TensorRT is 'entropy' or 'max', got '{method}'; other methods "
+                "go through the Q/DQ model (explicit int8, target trt-int8-qdq)"
             )
         if self.workspace_mb <= 0 or self.calibration_batch <= 0:
             raise ConfigError("workspace and calibration batch must be positive")
+
+    @property
+    def implicit_int8(self) -> bool:
+        return self.precision is Precision.INT8 and self.int8_mode is TrtInt8Mode.IMPLICIT
+
+    @property
+    def explicit_int8(self) -> bool:
+        return self.precision is Precision.INT8 and self.int8_mode is TrtInt8Mode.EXPLICIT
+
+    @property
+    def label(self) -> str:
+        return "int8-qdq" if self.explicit_int8 else self.precision.value
 
 
 @dataclass(frozen=True)
@@ -158,67 +109,24 @@ def plan_build(spec: EngineSpec, version: TrtVersion, have_data: bool, cache_ava
     """
     if not version.supported:
         raise ConfigError(f"TensorRT {version} is not supported; quantship targets TensorRT 10.x and 11.x")
+    onnx_input = "qdq" if spec.explicit_int8 else spec.precision.value
     if version.strongly_typed_only:
-        if spec.precision == "int8":
+        if spec.implicit_int8:
             raise ConfigError(
                 f"TensorRT {version} has no implicit int8 calibration (calibrators, BuilderFlag.INT8 and "
                 "int8_calibrator were removed in TensorRT 11). Build from a Q/DQ ONNX model instead: target "
                 "trt-int8-qdq, or 'quantship calibrate --qdq model-qdq.onnx' and build that model"
             )
-        onnx_input = {"fp32": "fp32", "fp16": "fp16", "int8-qdq": "qdq"}[spec.precision]
         return BuildPlan(version, ("STRONGLY_TYPED",), (), onnx_input, None)
-    # TensorRT 10: weakly typed network, precision through builder flags.
-    if spec.precision == "fp32":
-        return BuildPlan(version, (), (), "fp32", None)
-    if spec.precision == "fp16":
-        return BuildPlan(version, (), ("FP16",), "fp32", None)
-    if spec.precision == "int8-qdq":
-        return BuildPlan(version, (), ("INT8",), "qdq", None)
+    # TensorRT 10: weakly typed network, precision through builder flags; the ONNX stays float32.
+    flags = {Precision.FP32: (), Precision.FP16: ("FP16",), Precision.INT8: ("INT8",)}[spec.precision]
+    if not spec.implicit_int8:
+        return BuildPlan(version, (), flags, "fp32" if onnx_input == "fp16" else onnx_input, None)
     if have_data:
-        calibrator = {"entropy": "IInt8EntropyCalibrator2", "max": "IInt8MinMaxCalibrator"}[spec.calibration or "entropy"]
-        return BuildPlan(version, (), ("INT8",), "fp32", "calibrator", calibrator)
+        return BuildPlan(version, (), flags, "fp32", "calibrator", TRT_CALIBRATORS[spec.calibration])
     if cache_available:
-        return BuildPlan(version, (), ("INT8",), "fp32", "cache-ranges")
+        return BuildPlan(version, (), flags, "fp32", "cache-ranges")
     raise ConfigError("implicit int8 needs calibration data or an existing calibration cache (--trt-calib-cache)")
-
-
-# ---------------------------------------------------------------------------- calibration batching
-
-
-class FixedBatches:
-    """Re-chunk a feed of batches of any size into batches of exactly ``batch_size`` (TensorRT's calibrator
-    has one batch size); the incomplete remainder is dropped and counted."""
-
-    def __init__(self, feed: Iterable[Mapping[str, np.ndarray] | np.ndarray], batch_size: int, input_names: list[str]):
-        if batch_size <= 0:
-            raise ConfigError("calibration batch size must be positive")
-        self.feed, self.batch_size, self.input_names = feed, batch_size, input_names
-        self.images = 0
-        self.dropped = 0
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        pending: dict[str, list[np.ndarray]] = {n: [] for n in self.input_names}
-        have = 0
-        for batch in self.feed:
-            if isinstance(batch, np.ndarray):
-                if len(self.input_names) != 1:
-                    raise ConfigError("calibration batches must be dicts for a model with several inputs")
-                batch = {self.input_names[0]: batch}
-            missing = set(self.input_names) - set(batch)
-            if missing:
-                raise ConfigError(f"calibration batch lacks input(s) {sorted(missing)}")
-            n = next(iter(batch.values())).shape[0]
-            for name in self.input_names:
-                pending[name].append(np.asarray(batch[name], dtype=np.float32))
-            have += n
-            while have >= self.batch_size:
-                merged = {name: np.concatenate(parts) for name, parts in pending.items()}
-                out = {name: np.ascontiguousarray(a[: self.batch_size]) for name, a in merged.items()}
-                pending = {name: [a[self.batch_size :]] for name, a in merged.items()}
-                have -= self.batch_size
-                self.images += self.batch_size
-                yield out
-        self.dropped = have
 
 
 def cache_ranges(tensor_names: Iterable[str], cache: CalibrationCache) -> tuple[dict[str, float], list[str]]:
@@ -230,142 +138,6 @@ def cache_ranges(tensor_names: Iterable[str], cache: CalibrationCache) -> tuple[
         else:
             missing.append(name)
     return ranges, missing
-
-
-# ----------------------------------------------------------------------------------------- manifests
-
-
-def engine_environment(trt: Any = None) -> dict[str, Any]:
-    """TensorRT version and GPU of this machine (needs TensorRT and a GPU)."""
-    from quantship.runtime.cuda import device_info
-
-    trt = trt or import_tensorrt()
-    return {"tensorrt": trt.__version__, **device_info()}
-
-
-def check_engine_compatible(manifest: Mapping[str, Any], env: Mapping[str, Any], path: str = "engine") -> None:
-    """Refuse an engine built with another TensorRT version or on another GPU, naming both.
-
-    Raises:
-        RuntimeBackendError: TensorRT version, GPU model or compute capability differ.
-    """
-    built = manifest.get("environment") or {}
-    problems = []
-    if built.get("tensorrt") and built["tensorrt"] != env.get("tensorrt"):
-        problems.append(f"TensorRT {built['tensorrt']} (this machine: TensorRT {env.get('tensorrt')})")
-    if built.get("compute_capability") and built["compute_capability"] != env.get("compute_capability"):
-        problems.append(f"compute capability {built['compute_capability']} (this machine: {env.get('compute_capability')})")
-    if built.get("gpu") and built["gpu"] != env.get("gpu"):
-        problems.append(f"GPU {built['gpu']} (this machine: {env.get('gpu')})")
-    if problems:
-        raise RuntimeBackendError(
-            f"{path}: built with {'; '.join(problems)}. TensorRT engines only run on the TensorRT version and GPU "
-            "model they were built with: rebuild it here (quantship convert --targets trt-...)"
-        )
-
-
-# ----------------------------------------------------------------------------------------- building
-
-
-def _make_logger(trt: Any, sink: list[str]) -> Any:
-    levels = {
-        trt.ILogger.Severity.INTERNAL_ERROR: logging.ERROR,
-        trt.ILogger.Severity.ERROR: logging.ERROR,
-        trt.ILogger.Severity.WARNING: logging.WARNING,
-        trt.ILogger.Severity.INFO: logging.INFO,
-        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
-    }
-
-    class _Logger(trt.ILogger):
-        """Routes TensorRT's builder/runtime log through Python logging; keeps errors for our messages."""
-
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:  # noqa: A003 - TensorRT's interface
-            level = levels.get(severity, logging.INFO)
-            log.log(level, "%s", msg)
-            if level >= logging.ERROR:
-                sink.append(msg)
-
-    return _Logger()
-
-
-def _device_buffer_factory():
-    """Device buffers from cuda-python, or from pycuda when only that is installed."""
-    try:
-        from quantship.runtime.cuda import DeviceBuffer, cudart
-
-        cudart()
-        return DeviceBuffer
-    except MissingDependencyError:
-        pass
-    try:
-        import pycuda.autoinit  # noqa: F401
-        import pycuda.driver as drv
-    except ImportError:
-        raise MissingDependencyError("the TensorRT calibrator needs cuda-python (pip install cuda-python) or pycuda") from None
-
-    class PycudaBuffer:
-        def __init__(self, nbytes: int):
-            self.nbytes = nbytes
-            self._mem = drv.mem_alloc(max(1, nbytes))
-            self.ptr = int(self._mem)
-
-        def copy_from(self, array: np.ndarray) -> None:
-            drv.memcpy_htod(self._mem, np.ascontiguousarray(array))
-
-        def free(self) -> None:
-            self._mem.free()
-
-    return PycudaBuffer
-
-
-def make_calibrator(trt: Any, method: str, batches: FixedBatches, cache_path: Path | None) -> Any:
-    """An ``IInt8EntropyCalibrator2`` or ``IInt8MinMaxCalibrator`` fed from ``batches`` (TensorRT 10)."""
-    base = {"entropy": trt.IInt8EntropyCalibrator2, "max": trt.IInt8MinMaxCalibrator}[method]
-    buffer_cls = _device_buffer_factory()
-
-    class Calibrator(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            base.__init__(self)
-            self._iter = iter(batches)
-            self._buffers: dict[str, Any] = {}
-
-        def get_batch_size(self) -> int:
-            return batches.batch_size
-
-        def get_batch(self, names: list[str], *args: Any) -> list[int] | None:
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                return None
-            ptrs = []
-            for name in names:
-                array = batch[name]
-                buf = self._buffers.get(name)
-                if buf is None:
-                    buf = self._buffers[name] = buffer_cls(array.nbytes)
-                buf.copy_from(array)
-                ptrs.append(buf.ptr)
-            return ptrs
-
-        def read_calibration_cache(self) -> bytes | None:
-            if cache_path is not None and Path(cache_path).is_file():
-                log.info("reusing TensorRT calibration cache %s", cache_path)
-                return Path(cache_path).read_bytes()
-            return None
-
-        def write_calibration_cache(self, cache: Any) -> None:
-            if cache_path is not None:
-                write_bytes_atomic(cache_path, bytes(cache))
-
-        def free(self) -> None:
-            for buf in self._buffers.values():
-                buf.free()
-            self._buffers.clear()
-
-    return Calibrator()
 
 
 def onnx_fp16(onnx_path: Path, out_path: Path) -> Path:
@@ -416,7 +188,7 @@ def build_engine(
     manifest = {
         **(manifest or {}),
         "format": "tensorrt-engine",
-        "precision": spec.precision,
+        "precision": spec.label,
         "environment": env,
         "build": {
             "network_flags": list(plan.network_flags),
@@ -429,14 +201,14 @@ def build_engine(
         },
         "source_onnx": str(onnx_path),
     }
-    if spec.precision != "int8":
+    if not spec.implicit_int8:
         manifest.pop("calibration", None)
     build_key = sha256_json(manifest)
     if reuse and (existing := load_reusable(out_path, build_key)) is not None:
         return existing
 
     errors: list[str] = []
-    logger = _make_logger(trt, errors)
+    logger = make_logger(trt, errors)
     builder = trt.Builder(logger)
     flags = 0
     for name in plan.network_flags:
@@ -454,12 +226,12 @@ def build_engine(
         config.set_flag(getattr(trt.BuilderFlag, name))
 
     profile = builder.create_optimization_profile()
-    input_names = []
+    inputs = []
     dynamic = False
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        input_names.append(tensor.name)
         shape = tuple(tensor.shape)
+        inputs.append((tensor.name, (None, *shape[1:])))
         if any(d < 0 for d in shape[1:]):
             raise ConversionError(f"input '{tensor.name}' has dynamic non-batch dimensions {shape}; export with a fixed image size")
         if shape[0] < 0:
@@ -477,8 +249,8 @@ def build_engine(
 
     calibrator = None
     if plan.int8_source == "calibrator":
-        batches = FixedBatches(calibration_feed, spec.calibration_batch, input_names)
-        calibrator = make_calibrator(trt, spec.calibration or "entropy", batches, cache_file)
+        batches = FixedBatches(calibration_feed, spec.calibration_batch, inputs)
+        calibrator = make_calibrator(trt, spec.calibration, batches, cache_file)
         config.int8_calibrator = calibrator
         if dynamic:
             calib_profile = builder.create_optimization_profile()
@@ -510,7 +282,7 @@ def build_engine(
             calibrator.free()
     if serialized is None:
         detail = "; ".join(errors[-3:]) or "see the log"
-        raise ConversionError(f"TensorRT failed to build the {spec.precision} engine from {onnx_path.name}: {detail}")
+        raise ConversionError(f"TensorRT failed to build the {spec.label} engine from {onnx_path.name}: {detail}")
     if timing_cache is not None:
         write_bytes_atomic(spec.timing_cache, bytes(timing_cache.serialize()))
     if plan.int8_source == "calibrator":

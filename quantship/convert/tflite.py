@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantship.config import IODType, Precision
-from quantship.convert.manifest import Artifact, load_reusable, write_artifact
+from quantship.manifest import Artifact, load_reusable, write_artifact
 from quantship.errors import CalibrationError, ConfigError, ConversionError
 from quantship.fileio import sha256_json
 from quantship.lazy import lazy_import

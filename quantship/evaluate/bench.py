@@ -20,8 +20,8 @@ import numpy as np
 
 from quantship.errors import ConfigError, RuntimeBackendError
 from quantship.evaluate.latency import latency_stats, time_runner
-
-RUNTIME_BY_SUFFIX = {".tflite": "tflite", ".onnx": "onnx", ".engine": "trt", ".plan": "trt"}
+from quantship.runtime.base import RunnerOptions
+from quantship.runtime.registry import make_runner, runtime_for_artifact
 
 
 @dataclass(frozen=True)
@@ -50,31 +50,11 @@ class BenchConfig:
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
-        if Path(self.artifact).suffix not in RUNTIME_BY_SUFFIX:
-            raise ConfigError(f"cannot benchmark '{self.artifact}': expected one of {', '.join(RUNTIME_BY_SUFFIX)}")
+        runtime_for_artifact(self.artifact)  # a file no runtime runs: say so now, not in the worker
         if self.min_queries <= 0 or self.min_seconds < 0 or self.warmup_seconds < 0:
             raise ConfigError("min_queries must be positive, min_seconds and warmup_seconds not negative")
         if not self.batch_sizes or min(self.batch_sizes) <= 0:
             raise ConfigError("batch sizes must be positive")
-
-
-def make_runner(artifact: str | Path, threads: int | None = None, cuda_graph: bool = False, name: str | None = None):
-    """The runner for an artifact file, chosen by its suffix."""
-    path = Path(artifact)
-    runtime = RUNTIME_BY_SUFFIX.get(path.suffix)
-    if runtime == "tflite":
-        from quantship.runtime.tflite import TfliteRunner
-
-        return TfliteRunner(path, num_threads=threads, name=name)
-    if runtime == "onnx":
-        from quantship.runtime.onnxruntime import OnnxRunner
-
-        return OnnxRunner(path, num_threads=threads, name=name)
-    if runtime == "trt":
-        from quantship.runtime.tensorrt import TrtRunner
-
-        return TrtRunner(path, name=name, cuda_graph=cuda_graph)
-    raise ConfigError(f"no runtime for '{path.name}'")
 
 
 def _feed(runner, batch: int) -> dict[str, np.ndarray]:
@@ -93,13 +73,15 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.cores:
         os.sched_setaffinity(0, set(cfg.cores))
     t0 = time.perf_counter()
-    runner = make_runner(cfg.artifact, cfg.threads, cfg.cuda_graph, cfg.target or None)
+    runtime = runtime_for_artifact(cfg.artifact)
+    runner = make_runner(cfg.artifact, RunnerOptions(threads=cfg.threads, cuda_graph=cfg.cuda_graph), cfg.target or None)
     runner.activate()
     init_ms = (time.perf_counter() - t0) * 1e3
     row: dict[str, Any] = {
         "target": cfg.target or Path(cfg.artifact).stem,
         "artifact": str(cfg.artifact),
-        "runtime": RUNTIME_BY_SUFFIX[Path(cfg.artifact).suffix],
+        "runtime": runtime.name,
+        "timing": runtime.timing,
         "threads": cfg.threads,
         "cores": list(cfg.cores) if cfg.cores else None,
         "file_size_bytes": Path(cfg.artifact).stat().st_size,

@@ -12,20 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from quantship.data.detection import Detections
 from quantship.lazy import lazy_import
 
-
-@dataclass
-class Detections:
-    """Detections of one image in its pixel coordinates: boxes (M, 4) x1y1x2y2, scores (M,), classes (M,)."""
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    classes: np.ndarray
-
-    @classmethod
-    def empty(cls) -> "Detections":
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+__all__ = ["CocoMetric", "Detections", "VocMetric", "coco_evaluate", "voc_ap"]
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool) -> float:

@@ -19,7 +19,7 @@ def cpu_model() -> str:
 
 
 def environment() -> dict[str, Any]:
-    from quantship.convert.manifest import tool_versions
+    from quantship.manifest import tool_versions
 
     return {
         "cpu": cpu_model(),

@@ -9,17 +9,7 @@ from typing import Any, Sequence
 
 from quantship.fileio import write_text_atomic
 
-CLASSIFICATION_COLUMNS = (
-    ("target", "target", "{}"),
-    ("images", "images", "{}"),
-    ("top1", "top-1", "{:.4f}"),
-    ("delta_top1", "Δ top-1", "{:+.4f}"),
-    ("top5", "top-5", "{:.4f}"),
-    ("delta_top5", "Δ top-5", "{:+.4f}"),
-    ("agreement_top1", "agree top-1", "{:.4f}"),
-    ("latency_ms", "ms/image", "{:.2f}"),
-    ("size_mb", "size MB", "{:.2f}"),
-)
+Columns = tuple[tuple[str, str, str], ...]  # (row key, heading, format)
 
 
 def _fmt(value: Any, fmt: str) -> str:
@@ -31,32 +21,46 @@ def _fmt(value: Any, fmt: str) -> str:
         return str(value)
 
 
-def table_rows(rows: Sequence[dict], columns=CLASSIFICATION_COLUMNS) -> tuple[list[str], list[list[str]]]:
+def table_rows(rows: Sequence[dict], columns: Columns) -> tuple[list[str], list[list[str]]]:
     header = [title for _, title, _ in columns]
     body = [[_fmt(r.get(key), fmt) for key, _, fmt in columns] for r in rows]
     return header, body
 
 
-def markdown_table(rows: Sequence[dict], columns=CLASSIFICATION_COLUMNS) -> str:
+def markdown_table(rows: Sequence[dict], columns: Columns) -> str:
     header, body = table_rows(rows, columns)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)
 
 
-def text_table(rows: Sequence[dict], columns=CLASSIFICATION_COLUMNS) -> str:
+def text_table(rows: Sequence[dict], columns: Columns) -> str:
     header, body = table_rows(rows, columns)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
-def write_results(out_dir: Path, rows: Sequence[dict], title: str, notes: Sequence[str] = ()) -> tuple[Path, Path]:
+def per_class_ap_markdown(rows: Sequence[dict]) -> list[str]:
+    """The per-class AP table of detection rows (one column per target), or nothing."""
+    rows = [r for r in rows if isinstance(r.get("per_class_ap"), dict)]
+    if not rows:
+        return []
+    classes = list(rows[0]["per_class_ap"])
+    label = lambda r: f"{r['model']} / {r['target']}" if len({x.get('model') for x in rows}) > 1 else r["target"]  # noqa: E731
+    md = ["## Per-class AP (VOC07 11-point)", "", "| class | " + " | ".join(label(r) for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for c in classes:
+        md.append(f"| {c} | " + " | ".join(_fmt(r["per_class_ap"].get(c), "{:.4f}") for r in rows) + " |")
+    return md + [""]
+
+
+def write_results(out_dir: Path, rows: Sequence[dict], title: str, notes: Sequence[str], columns: Columns) -> tuple[Path, Path]:
     """Write ``results.jsonl`` (one flat row per target) and ``results.md`` atomically."""
     out_dir = Path(out_dir)
     jsonl = write_text_atomic(out_dir / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    md = [f"# {title}", "", markdown_table(rows), ""]
+    md = [f"# {title}", "", markdown_table(rows, columns), ""]
     md += [f"- {n}" for n in notes]
+    md += [""] + per_class_ap_markdown(rows)
     md += ["", "## Artifacts", ""]
     md += [f"- `{r['target']}`: {r.get('artifact') or '(in memory)'}" for r in rows]
     mdp = write_text_atomic(out_dir / "results.md", "\n".join(md) + "\n")

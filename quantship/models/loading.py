@@ -115,6 +115,37 @@ def _wrap_savedmodel_layer(layer: Any, spec: ModelSpec | None, preprocess: Prepr
     return keras.Model(inputs, out, name="savedmodel")
 
 
+MODEL_FILE_SUFFIXES = (".keras", ".h5")
+
+
+def is_model_file(model: str) -> bool:
+    """Whether ``--model`` names a model file or SavedModel folder rather than a registry architecture (the one
+    place this is decided): a known model-file suffix, a path separator, or something that exists on disk."""
+    path = Path(model).expanduser()
+    return path.suffix.lower() in MODEL_FILE_SUFFIXES or os.sep in model or path.exists()
+
+
+def resolve_preprocess(model: str, weights: str | None = None, overrides: dict[str, Any] | None = None) -> PreprocessSpec:
+    """The complete preprocessing of a model, with one precedence (as timm's ``resolve_data_config``):
+    user overrides > the spec that belongs to the weights (a pretrained checkpoint's own preprocessing) > the
+    architecture's registry default. A model given as a file has no defaults: ``--preprocess`` must describe
+    its input (overrides on :class:`PreprocessSpec`'s defaults).
+
+    Raises:
+        ConfigError: Unknown registry model or option, or a model file without overrides.
+    """
+    overrides = dict(overrides or {})
+    if is_model_file(model):
+        if not overrides:
+            raise ConfigError(f"{model}: a model given as a file needs --preprocess (e.g. mode=tf,size=224)")
+        return PreprocessSpec().with_overrides(**overrides)
+    spec = get_model_spec(model)
+    base = spec.preprocess
+    if spec.weights_preprocess is not None and spec.pretrained is not None and weights in (None, "pretrained"):
+        base = spec.weights_preprocess
+    return base.with_overrides(**overrides) if overrides else base
+
+
 def load_model(
     model: str,
     weights: str | os.PathLike | None = None,
@@ -127,7 +158,7 @@ def load_model(
         model: Registry name, or the path of a full model (``.keras``, full ``.h5``, SavedModel dir).
         weights: Weights for a registry model: a file, ``pretrained`` (default when the model has built-in
             weights) or ``random``.
-        preprocess: Preprocessing to use; defaults to the registry model's.
+        preprocess: Preprocessing to use; by default :func:`resolve_preprocess` without overrides.
         num_classes: Classifier width when it differs from the registry default.
 
     Raises:
@@ -135,18 +166,18 @@ def load_model(
         ModelLoadError: Unreadable file, or weights that do not fit the architecture.
     """
     path = Path(model).expanduser()
-    if path.suffix in (".keras", ".h5") or path.is_dir() or (os.sep in model and path.exists()):
+    if is_model_file(model):
         if not path.exists():
             raise ModelLoadError(f"model file not found: {path}")
         if preprocess is None:
-            raise ConfigError(f"{path}: a model given as a file needs --preprocess (e.g. mode=tf,size=224)")
+            preprocess = resolve_preprocess(model, weights)
         loaded = _load_full_model(path)
         if not hasattr(loaded, "inputs"):
             loaded = _wrap_savedmodel_layer(loaded, None, preprocess)
         return LoadedModel(path.stem, loaded, preprocess, str(path), sha256_file(path)[:16])
 
     spec = get_model_spec(model)
-    pre = preprocess or spec.preprocess
+    pre = preprocess or resolve_preprocess(model, None if weights is None else str(weights))
     build_kwargs: dict[str, Any] = {"num_classes": num_classes or spec.num_classes}
     if pre.size != spec.input_size:
         build_kwargs["input_shape"] = (*pre.size, 3)

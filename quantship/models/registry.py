@@ -21,6 +21,8 @@ class ModelSpec:
         preprocess: Default evaluation preprocessing.
         family: Architecture family (``mobilenet``, ``efficientnet_lite``, ...).
         pretrained: Callable returning a weights file for built-in ImageNet weights, when available offline.
+        weights_preprocess: The preprocessing the built-in weights were trained with, when it differs from
+            ``preprocess`` (used with ``--weights pretrained``).
         description: One line for ``quantship models``.
     """
 
@@ -30,6 +32,7 @@ class ModelSpec:
     preprocess: PreprocessSpec
     family: str
     pretrained: Callable[[], Path] | None = None
+    weights_preprocess: PreprocessSpec | None = None
     description: str = ""
     task: str = "classification"
     num_classes: int = 1000

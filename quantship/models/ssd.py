@@ -143,7 +143,7 @@ def postprocess(
     top_k: int = 200,
 ):
     """One image's raw output (A, classes + 4) -> Detections in that image's pixels (width, height)."""
-    from quantship.evaluate.detection_metrics import Detections
+    from quantship.data.detection import Detections
 
     scores, loc = output[:, : cfg.num_classes], output[:, cfg.num_classes :]
     boxes = decode_boxes(loc, anchors, cfg.variances)
@@ -379,3 +379,25 @@ def load_weights_by_name(model: Any, path: str | Path) -> dict[str, list[str]]:
     if not loaded:
         raise ModelLoadError(f"{path}: no layer of {model.name} found in the file by name")
     return {"loaded": loaded, "missing_in_file": missing}
+
+
+def anchors_for(loaded: Any, dataset: Any, anchors_file: str | None = None) -> AnchorConfig:
+    """The anchor configuration of a detection model (its registry default, or ``--anchors FILE`` for a model
+    given as a file), checked against the dataset's classes and the model's output.
+
+    Raises:
+        ConfigError: No anchors for a model file, or anchors that do not fit the output or the classes.
+    """
+    n_classes = len(dataset.meta["classes"]) + 1
+    if anchors_file:
+        cfg = AnchorConfig.load(anchors_file)
+    elif loaded.spec is not None and "anchors" in loaded.spec.extra:
+        cfg = loaded.spec.extra["anchors"](n_classes)
+    else:
+        raise ConfigError(f"{loaded.name}: a detection model given as a file needs --anchors FILE (its anchor configuration as JSON)")
+    out_shape = tuple(loaded.model.outputs[0].shape[1:])
+    if out_shape != (len(make_anchors(cfg)), cfg.num_classes + 4):
+        raise ConfigError(f"{loaded.name}: output {out_shape} does not fit {len(make_anchors(cfg))} anchors x ({cfg.num_classes} classes + 4)")
+    if cfg.num_classes != n_classes:
+        raise ConfigError(f"{loaded.name}: {cfg.num_classes - 1} object classes, the dataset has {n_classes - 1}")
+    return cfg

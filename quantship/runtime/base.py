@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -10,6 +11,27 @@ from typing import Any, Mapping
 import numpy as np
 
 from quantship.errors import RuntimeBackendError
+
+log = logging.getLogger("quantship")
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How a runner runs its artifact; each runtime reads the fields that concern it.
+
+    Attributes:
+        threads: CPU threads (LiteRT, ONNX Runtime); None: the runtime's default.
+        providers: ONNX Runtime execution providers in priority order (``cpu``, ``cuda``, ``tensorrt`` or
+            full names).
+        session_config: ONNX Runtime session configuration entries, e.g.
+            ``(("session.disable_quant_qdq", "1"),)``.
+        cuda_graph: TensorRT: replay ``execute_async_v3`` through a captured CUDA graph.
+    """
+
+    threads: int | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    session_config: tuple[tuple[str, str], ...] = ()
+    cuda_graph: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,17 +99,33 @@ class Runner(abc.ABC):
         pass
 
     @abc.abstractmethod
-    def input_metadata(self) -> list[TensorMeta]: ...
+    def input_metadata_impl(self) -> list[TensorMeta]: ...
 
     @abc.abstractmethod
-    def output_metadata(self) -> list[TensorMeta]: ...
+    def output_metadata_impl(self) -> list[TensorMeta]: ...
 
     # -- public -------------------------------------------------------------------------------------
     def activate(self) -> "Runner":
-        if not self.is_active:
-            self.activate_impl()
-            self.is_active = True
+        if self.is_active:
+            log.warning("%s: activate() called on an active runner; ignored", self.name)
+            return self
+        self.activate_impl()
+        self.is_active = True
         return self
+
+    def _require_active(self, what: str) -> None:
+        if not self.is_active:
+            raise RuntimeBackendError(f"{self.name}: activate() the runner before {what}")
+
+    def input_metadata(self) -> list[TensorMeta]:
+        """Name, shape, dtype and quantization of each input (the runner must be active)."""
+        self._require_active("asking for its metadata")
+        return self.input_metadata_impl()
+
+    def output_metadata(self) -> list[TensorMeta]:
+        """Name, shape, dtype and quantization of each output (the runner must be active)."""
+        self._require_active("asking for its metadata")
+        return self.output_metadata_impl()
 
     def deactivate(self) -> None:
         if self.is_active:
@@ -110,8 +148,7 @@ class Runner(abc.ABC):
         Raises:
             RuntimeBackendError: Not activated, unknown/missing input names, or wrong shapes.
         """
-        if not self.is_active:
-            raise RuntimeBackendError(f"{self.name}: runner used before activate()")
+        self._require_active("running it")
         feed = self._check_feed(feed, raw)
         self._runtime_seconds = None
         start = time.perf_counter()

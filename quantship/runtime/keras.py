@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from quantship.runtime.base import Runner, TensorMeta
+from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
+from quantship.runtime.registry import RuntimeInfo, register_runtime
 
 
 class KerasRunner(Runner):
@@ -35,12 +36,19 @@ class KerasRunner(Runner):
     def deactivate_impl(self) -> None:
         self._fn = None
 
-    def input_metadata(self) -> list[TensorMeta]:
+    def input_metadata_impl(self) -> list[TensorMeta]:
         return [
             TensorMeta(t.name.split(":")[0], tuple(t.shape), np.dtype("float32")) for t in self.model.inputs
         ]
 
-    def output_metadata(self) -> list[TensorMeta]:
+    def output_metadata_impl(self) -> list[TensorMeta]:
         return [
             TensorMeta(f"output_{i}", tuple(t.shape), np.dtype("float32")) for i, t in enumerate(self.model.outputs)
         ]
+
+
+def _make(source: Any, options: RunnerOptions, name: str | None) -> KerasRunner:
+    return KerasRunner(source, name=name or "keras-fp32")
+
+
+register_runtime(RuntimeInfo("keras", _make, description="Keras (TensorFlow backend), in memory: the fp32 reference"))

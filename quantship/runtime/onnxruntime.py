@@ -1,16 +1,22 @@
-"""ONNX Runtime runner: CPU by default; CUDA / TensorRT execution providers when present and asked for."""
+"""ONNX Runtime runner: CPU by default; CUDA / TensorRT execution providers when present and asked for.
+
+:func:`make_session` is the one place an ``InferenceSession`` is configured (threads, providers, session
+configuration entries, optimization level); the runner, the calibration statistics pass and sensitivity
+analysis all use it.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from quantship.errors import RuntimeBackendError
 from quantship.lazy import lazy_import
-from quantship.runtime.base import Runner, TensorMeta
+from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
+from quantship.runtime.registry import RuntimeInfo, register_runtime
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -24,72 +30,130 @@ _ORT_TYPES = {
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
-class OnnxRunner(Runner):
-    """Runs an ``.onnx`` file with ``onnxruntime.InferenceSession``.
+def provider_names(providers: Sequence[str]) -> list[str]:
+    """Full execution provider names from aliases (``cpu``, ``cuda``, ``tensorrt``) or full names."""
+    return [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in providers if p.strip()]
+
+
+def make_session(
+    model: str | os.PathLike | bytes | Any,
+    threads: int | None = None,
+    providers: Sequence[str] = ("cpu",),
+    session_config: Sequence[tuple[str, str]] = (),
+    optimization: str | None = None,
+    what: str = "the model",
+) -> Any:
+    """An ``onnxruntime.InferenceSession``.
 
     Args:
-        path: The model file.
+        model: Path, serialized bytes or an ``onnx.ModelProto``.
+        threads: Intra-op threads (None: ONNX Runtime's default); inter-op is 1 when set.
+        providers: Execution providers in priority order. One asked for but absent from this onnxruntime
+            build is an error, never a silent fallback.
+        session_config: Session configuration entries (``session.disable_quant_qdq`` = ``1``, ...).
+        optimization: ``disable`` (keep the graph as it is: statistics passes) or None (ORT's default).
+
+    Raises:
+        RuntimeBackendError: Missing provider, or a model ONNX Runtime cannot load.
+    """
+    ort = lazy_import("onnxruntime", purpose="running ONNX models")
+    names = provider_names(providers)
+    available = ort.get_available_providers()
+    missing = [p for p in names if p not in available]
+    if missing:
+        raise RuntimeBackendError(
+            f"ONNX Runtime execution provider(s) {missing} are not available in this onnxruntime build "
+            f"(available: {available}); install onnxruntime-gpu for CUDA/TensorRT"
+        )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    for key, value in session_config:
+        opts.add_session_config_entry(key, str(value))
+    if optimization == "disable":
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model
+    if hasattr(model, "SerializeToString"):
+        source = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        source = str(model)
+    try:
+        return ort.InferenceSession(source, sess_options=opts, providers=names)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+        raise RuntimeBackendError(f"{what}: ONNX Runtime cannot load the model ({first})") from None
+
+
+class OnnxRunner(Runner):
+    """Runs an ONNX model with ``onnxruntime.InferenceSession``.
+
+    Args:
+        model: The ``.onnx`` file, or serialized model bytes.
         providers: Execution providers in priority order (``cpu``, ``cuda``, ``tensorrt`` or full names).
-            A provider asked for but not present in this onnxruntime build is an error, never a silent
-            fallback.
         num_threads: Intra-op threads (None: onnxruntime's default).
+        session_config: Session configuration entries.
     """
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("cpu",), num_threads: int | None = None, name: str | None = None):
-        super().__init__(name or Path(path).stem)
-        self.path = Path(path)
-        self.providers = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
+    def __init__(
+        self,
+        model: str | os.PathLike | bytes,
+        providers: Sequence[str] = ("cpu",),
+        num_threads: int | None = None,
+        name: str | None = None,
+        session_config: Sequence[tuple[str, str]] = (),
+    ):
+        in_memory = isinstance(model, bytes)
+        super().__init__(name or ("onnx" if in_memory else Path(model).stem))
+        self.model = model if in_memory else Path(model)
+        self.providers = provider_names(providers)
         self.num_threads = num_threads
+        self.session_config = tuple(session_config)
         self._session = None
 
+    @property
+    def path(self) -> Path | None:
+        return None if isinstance(self.model, bytes) else self.model
+
     def activate_impl(self) -> None:
-        ort = lazy_import("onnxruntime", purpose="running ONNX models")
-        if not self.path.is_file():
+        if self.path is not None and not self.path.is_file():
             raise RuntimeBackendError(f"ONNX model not found: {self.path}")
-        available = ort.get_available_providers()
-        missing = [p for p in self.providers if p not in available]
-        if missing:
-            raise RuntimeBackendError(
-                f"ONNX Runtime execution provider(s) {missing} are not available in this onnxruntime build "
-                f"(available: {available}); install onnxruntime-gpu for CUDA/TensorRT"
-            )
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.num_threads:
-            opts.intra_op_num_threads = self.num_threads
-            opts.inter_op_num_threads = 1
-        try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-            raise RuntimeBackendError(f"{self.path}: ONNX Runtime cannot load the model ({str(exc).strip().splitlines()[0][:400]})") from None
+        self._session = make_session(self.model, self.num_threads, self.providers, self.session_config, what=str(self.path or self.name))
+        self._inputs = self._meta(self._session.get_inputs())
+        self._outputs = self._meta(self._session.get_outputs())
+        self._output_names = [m.name for m in self._outputs]
 
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
-        names = [o.name for o in self._session.get_outputs()]
         try:
-            outs = self._time_runtime(self._session.run, names, feed)
+            outs = self._time_runtime(self._session.run, self._output_names, feed)
         except Exception as exc:  # noqa: BLE001
             raise RuntimeBackendError(f"{self.name}: inference failed: {str(exc).strip().splitlines()[0][:400]}") from None
-        return dict(zip(names, outs))
+        return dict(zip(self._output_names, outs))
 
     def deactivate_impl(self) -> None:
         self._session = None
 
-    def _meta(self, items) -> list[TensorMeta]:
+    @staticmethod
+    def _meta(items) -> list[TensorMeta]:
         return [
             TensorMeta(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32)))
             for i in items
         ]
 
-    def input_metadata(self) -> list[TensorMeta]:
-        if self._session is None:
-            raise RuntimeBackendError(f"{self.name}: activate() the runner before asking for its metadata")
-        return self._meta(self._session.get_inputs())
+    def input_metadata_impl(self) -> list[TensorMeta]:
+        return self._inputs
 
-    def output_metadata(self) -> list[TensorMeta]:
-        if self._session is None:
-            raise RuntimeBackendError(f"{self.name}: activate() the runner before asking for its metadata")
-        return self._meta(self._session.get_outputs())
+    def output_metadata_impl(self) -> list[TensorMeta]:
+        return self._outputs
 
     @property
     def active_providers(self) -> list[str]:
         return list(self._session.get_providers()) if self._session else []
+
+
+def _make(source: Any, options: RunnerOptions, name: str | None) -> OnnxRunner:
+    return OnnxRunner(source, providers=options.providers, num_threads=options.threads, name=name, session_config=options.session_config)
+
+
+register_runtime(RuntimeInfo("onnx", _make, suffixes=(".onnx",), description="ONNX Runtime (CPU provider by default)"))

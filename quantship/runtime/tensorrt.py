@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from quantship.convert.manifest import manifest_path
-from quantship.convert.tensorrt import check_engine_compatible, engine_environment, import_tensorrt
 from quantship.errors import RuntimeBackendError
-from quantship.runtime.base import Runner, TensorMeta
+from quantship.manifest import manifest_path
+from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
+from quantship.runtime.registry import RuntimeInfo, register_runtime
+from quantship.trt_util import check_engine_compatible, engine_environment, import_tensorrt, make_logger
 
 log = logging.getLogger("quantship.tensorrt")
 
@@ -75,8 +77,7 @@ class TrtRunner(Runner):
         self._io: list[IOTensor] = []
 
     def activate_impl(self) -> None:
-        from quantship.convert.tensorrt import _make_logger
-        from quantship.runtime import cuda
+        from quantship import cuda
 
         trt = import_tensorrt()
         if not self.path.is_file():
@@ -86,7 +87,7 @@ class TrtRunner(Runner):
         if self.check_manifest and mpath.is_file():
             check_engine_compatible(json.loads(mpath.read_text()), env, str(self.path))
         self._errors: list[str] = []
-        self._logger = _make_logger(trt, self._errors)
+        self._logger = make_logger(trt, self._errors)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
@@ -117,7 +118,7 @@ class TrtRunner(Runner):
         self._graphs: dict[tuple, Any] = {}
 
     def _launch(self, key: tuple) -> None:
-        from quantship.runtime.cuda import check, cudart
+        from quantship.cuda import check, cudart
 
         if not self.cuda_graph:
             if not self._context.execute_async_v3(int(self._stream.handle)):
@@ -135,7 +136,7 @@ class TrtRunner(Runner):
         check(rt.cudaGraphLaunch(self._graphs[key][1], self._stream.handle), "cudaGraphLaunch")
 
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
-        from quantship.runtime.cuda import check, cudart
+        from quantship.cuda import check, cudart
 
         rt = cudart()
         h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -152,6 +153,9 @@ class TrtRunner(Runner):
             buf.host[: x.size] = x.ravel()
             key.append(x.shape)
         start, after_h2d, after_compute, after_d2h = self._events
+        # A query's latency runs from handing over the input until the outputs are on the host: H2D, compute
+        # and D2H with the stream synchronised (execute_async_v3 alone only enqueues).
+        t0 = time.perf_counter()
         start.record(self._stream)
         for t in self._io:
             if t.is_input:
@@ -159,7 +163,7 @@ class TrtRunner(Runner):
                 n = int(np.prod(self._context.get_tensor_shape(t.name))) * t.dtype.itemsize
                 check(rt.cudaMemcpyAsync(b.device, b.host.ctypes.data, n, h2d, self._stream.handle), "cudaMemcpyAsync H2D")
         after_h2d.record(self._stream)
-        self._time_runtime(self._launch, tuple(key))  # the enqueue; device times come from the events
+        self._launch(tuple(key))
         after_compute.record(self._stream)
         shapes = {}
         for t in self._io:
@@ -171,6 +175,7 @@ class TrtRunner(Runner):
                 check(rt.cudaMemcpyAsync(b.host.ctypes.data, b.device, n, d2h, self._stream.handle), "cudaMemcpyAsync D2H")
         after_d2h.record(self._stream)
         self._stream.synchronize()
+        self._runtime_seconds = time.perf_counter() - t0
         self.last_timings = {
             "h2d_ms": after_h2d.elapsed_ms(start),
             "compute_ms": after_compute.elapsed_ms(after_h2d),
@@ -184,7 +189,7 @@ class TrtRunner(Runner):
         return out
 
     def deactivate_impl(self) -> None:
-        from quantship.runtime.cuda import cudart
+        from quantship.cuda import cudart
 
         rt = cudart()
         for graph, exec_ in self._graphs.values():
@@ -201,12 +206,17 @@ class TrtRunner(Runner):
         self._runtime = None
 
     def _meta(self, is_input: bool) -> list[TensorMeta]:
-        if not self._io:
-            raise RuntimeBackendError(f"{self.name}: activate() the runner before asking for its metadata")
         return [TensorMeta(t.name, tuple(None if d < 0 else d for d in t.shape), t.dtype) for t in self._io if t.is_input == is_input]
 
-    def input_metadata(self) -> list[TensorMeta]:
+    def input_metadata_impl(self) -> list[TensorMeta]:
         return self._meta(True)
 
-    def output_metadata(self) -> list[TensorMeta]:
+    def output_metadata_impl(self) -> list[TensorMeta]:
         return self._meta(False)
+
+
+def _make(source: Any, options: RunnerOptions, name: str | None) -> TrtRunner:
+    return TrtRunner(source, name=name, cuda_graph=options.cuda_graph)
+
+
+register_runtime(RuntimeInfo("trt", _make, suffixes=(".engine", ".plan"), timing="cuda-events", description="TensorRT engine (NVIDIA GPU)"))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from quantship.errors import RuntimeBackendError
 from quantship.lazy import lazy_import
-from quantship.runtime.base import Runner, TensorMeta, dequantize, quantize
+from quantship.runtime.base import Runner, RunnerOptions, TensorMeta, dequantize, quantize
+from quantship.runtime.registry import RuntimeInfo, register_runtime
 
 
 def _meta(detail: dict) -> TensorMeta:
@@ -90,14 +92,15 @@ class TfliteRunner(Runner):
     def deactivate_impl(self) -> None:
         self._interp = None
 
-    def _require_active(self) -> None:
-        if self._interp is None:
-            raise RuntimeBackendError(f"{self.name}: activate() the runner before asking for its metadata")
-
-    def input_metadata(self) -> list[TensorMeta]:
-        self._require_active()
+    def input_metadata_impl(self) -> list[TensorMeta]:
         return [m for _, _, m in self._inputs]
 
-    def output_metadata(self) -> list[TensorMeta]:
-        self._require_active()
+    def output_metadata_impl(self) -> list[TensorMeta]:
         return [m for _, m in self._outputs]
+
+
+def _make(source: Any, options: RunnerOptions, name: str | None) -> TfliteRunner:
+    return TfliteRunner(source, num_threads=options.threads, name=name)
+
+
+register_runtime(RuntimeInfo("tflite", _make, suffixes=(".tflite",), description="LiteRT (TFLite) interpreter, XNNPACK"))

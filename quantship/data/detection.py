@@ -9,18 +9,32 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from quantship.errors import DataError
-from quantship.evaluate.datasets import ImageDataset, Sample, register_dataset
+from quantship.data.datasets import ImageDataset, Sample, register_dataset
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
+
+
+@dataclass
+class Detections:
+    """Detections of one image in its pixel coordinates: boxes (M, 4) x1y1x2y2, scores (M,), classes (M,)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
 def _reader(path: Path):

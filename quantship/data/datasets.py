@@ -13,7 +13,7 @@ import numpy as np
 
 from quantship.config import ChannelOrder, PreprocessSpec
 from quantship.errors import ConfigError, DataError
-from quantship.evaluate.preprocess import decode_image, preprocess_image
+from quantship.data.preprocess import decode_image, preprocess_image
 from quantship.lazy import lazy_import
 
 
@@ -67,7 +67,7 @@ def register_dataset(kind: str) -> Callable[[DatasetLoader], DatasetLoader]:
 
 def load_dataset(spec: str, **kwargs: Any) -> ImageDataset:
     """Open ``KIND:PATH`` (e.g. ``imagenet:/data/val``) with the registered loader."""
-    from quantship.evaluate import detection_data, imagenet  # noqa: F401  (registers loaders)
+    from quantship.data import detection, imagenet  # noqa: F401  (registers loaders)
 
     kind, sep, path = spec.partition(":")
     if not sep or not path:

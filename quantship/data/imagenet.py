@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from quantship.errors import DataError, UnsafePickleError
-from quantship.evaluate.classes import imagenet_classes, wnid_to_label
-from quantship.evaluate.datasets import ImageDataset, Sample, register_dataset
+from quantship.data.classes import imagenet_classes, wnid_to_label
+from quantship.data.datasets import ImageDataset, Sample, register_dataset
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 GROUND_TRUTH_NAMES = (

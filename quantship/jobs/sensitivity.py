@@ -17,15 +17,19 @@ in float so an int8 model passes its gate.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from quantship.config import Gate
+from quantship.config import CalibrationMethod, Gate
+from quantship.data.classes import class_name
 from quantship.errors import ConfigError
-from quantship.evaluate.classes import class_name
+from quantship.evaluate.loop import as_batch, runner_outputs
+from quantship.evaluate.tasks import Arrays, ClassificationTask, Task
+from quantship.runtime.base import RunnerOptions
+from quantship.progress import note
+from quantship.runtime.registry import make_runner
 
 WEIGHT_KINDS = ("fp16", "int8-tensor", "int8-channel", "mantissa")
 
@@ -35,25 +39,38 @@ WEIGHT_KINDS = ("fp16", "int8-tensor", "int8-channel", "mantissa")
 
 @dataclass
 class HeldOut:
-    """Preprocessed images, their labels (None when the data has none) and the fp32 reference outputs."""
+    """Preprocessed held-out images, their ground truth, the fp32 reference outputs and the task that scores
+    outputs (classification when not given)."""
 
     x: np.ndarray
-    labels: np.ndarray | None
+    labels: Sequence[Any]
     reference: np.ndarray
+    task: Task = field(default_factory=ClassificationTask)
+    keys: list[str] | None = None
+    _reference_arrays: Arrays | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.keys is None:
+            self.keys = [str(i) for i in range(len(self.x))]
 
     def subset(self, idx: Sequence[int]) -> "HeldOut":
         idx = np.asarray(idx)
-        return HeldOut(self.x[idx], None if self.labels is None else self.labels[idx], self.reference[idx])
+        return HeldOut(self.x[idx], [self.labels[i] for i in idx], self.reference[idx], self.task, [self.keys[i] for i in idx])
+
+    def arrays(self, outputs: np.ndarray) -> Arrays:
+        """The task's per-image arrays of outputs on these images."""
+        return self.task.score(outputs, as_batch(self.keys, self.labels))
+
+    @property
+    def reference_arrays(self) -> Arrays:
+        if self._reference_arrays is None:
+            self._reference_arrays = self.arrays(self.reference)
+        return self._reference_arrays
 
 
 def in_batches(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 32) -> np.ndarray:
     """``fn`` over ``x`` in batches, outputs concatenated (bounded memory on long held-out sets)."""
     return np.concatenate([np.asarray(fn(x[i : i + batch])) for i in range(0, len(x), batch)])
-
-
-def runner_output(runner: Any, x: np.ndarray) -> np.ndarray:
-    """The first output of an active runner over ``x``, in batches."""
-    return in_batches(lambda b: next(iter(runner.infer(b).values())), x)
 
 
 def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:
@@ -63,34 +80,32 @@ def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:
     return math.inf if noise == 0 else 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def score(output: np.ndarray, held: HeldOut) -> dict[str, float]:
-    pred = output.argmax(axis=1)
-    ref_pred = held.reference.argmax(axis=1)
-    out = {"agreement_top1": float(np.mean(pred == ref_pred)), "sqnr_db": sqnr_db(held.reference, output)}
-    if held.labels is not None:
-        out["top1"] = float(np.mean(pred == held.labels))
-        out["reference_top1"] = float(np.mean(ref_pred == held.labels))
-    else:  # no labels: fp32's predictions are the ground truth
-        out["top1"] = out["agreement_top1"]
-        out["reference_top1"] = 1.0
-    out["delta_top1"] = out["top1"] - out["reference_top1"]
+def score(output: np.ndarray, held: HeldOut) -> dict[str, Any]:
+    """Every metric of the task on ``output`` and on the fp32 reference, their differences, agreement with the
+    reference, and output SQNR; ``metric``/``value``/``delta`` repeat the task's primary metric."""
+    task = held.task
+    arrays, ref = held.arrays(output), held.reference_arrays
+    m, rm = task.evaluate(arrays, held.keys), task.evaluate(ref, held.keys)
+    out: dict[str, Any] = {}
+    for name in task.metrics:
+        out[name], out[f"reference_{name}"], out[f"delta_{name}"] = m[name], rm[name], m[name] - rm[name]
+    out.update(task.agreement(arrays, ref))
+    out["sqnr_db"] = sqnr_db(held.reference, output)
+    out.update(metric=task.primary, value=m[task.primary], delta=m[task.primary] - rm[task.primary])
     return out
 
 
-def parse_gate(text: str) -> Gate:
-    """``top1>=0.99`` (relative to fp32) or ``drop<=0.5`` (top-1 points)."""
-    t = text.replace(" ", "").lower()
-    if m := re.fullmatch(r"(top1|top5)?>=([0-9.]+)x?", t):
-        return Gate(metric=m.group(1) or "top1", relative=float(m.group(2)))
-    if m := re.fullmatch(r"(?:top1)?-?drop<=([0-9.]+)", t):
-        return Gate(metric="top1", max_drop_points=float(m.group(1)))
-    raise ConfigError(f"gate '{text}' not understood; use e.g. 'top1>=0.99' (relative to fp32) or 'drop<=0.5' (points)")
+def harm_key(row: dict[str, Any]) -> tuple[float, float, float]:
+    """Most harmful first: the primary metric's change, then agreement with fp32 (where the task has it), then
+    SQNR."""
+    return (row["delta"], row.get(f"agreement_{row['metric']}", 1.0), row["sqnr_db"])
 
 
-def gate_passes(gate: Gate, metrics: dict[str, float]) -> bool:
-    if gate.relative is not None:
-        return metrics["top1"] >= gate.relative * metrics["reference_top1"]
-    return 100.0 * (metrics["reference_top1"] - metrics["top1"]) <= gate.max_drop_points
+def gate_passes(gate: Gate, metrics: dict[str, Any]) -> bool:
+    """The gate on the metric it names, against the reference's value of that metric."""
+    if gate.metric not in metrics:
+        raise ConfigError(f"gate '{gate.describe()}': this task measures {metrics['metric']}, not {gate.metric}")
+    return gate.evaluate(metrics[gate.metric], metrics[f"reference_{gate.metric}"])
 
 
 # ------------------------------------------------------------------------------------------ backends
@@ -107,18 +122,12 @@ class QdqBackend:
         self.layers = list(dict.fromkeys(node_layers[n] for n in order))  # Keras names in graph order
 
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
-        import onnxruntime as ort
-
         from quantship.calibrate.qdq import insert_qdq
+        from quantship.runtime.onnxruntime import OnnxRunner
 
         model, _ = insert_qdq(self.model, self.amax, exclude=float_layers, node_layers=self.node_layers, include=only)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        return in_batches(lambda b: sess.run(None, {name: b})[0], x)
+        with OnnxRunner(model.SerializeToString(), num_threads=self.threads, name="qdq") as runner:
+            return runner_outputs(runner, x)
 
 
 class TfliteBackend:
@@ -135,7 +144,6 @@ class TfliteBackend:
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
         from quantship.config import Precision
         from quantship.convert.tflite import TfliteSpec
-        from quantship.runtime.tflite import TfliteRunner
 
         floats = set(float_layers)
         if only is not None:
@@ -148,8 +156,8 @@ class TfliteBackend:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.tflite"
             path.write_bytes(data)
-            with TfliteRunner(path, num_threads=self.threads) as r:
-                return runner_output(r, x)
+            with make_runner(path, RunnerOptions(threads=self.threads)) as r:
+                return runner_outputs(r, x)
 
 
 # ----------------------------------------------------------------------------------- layer sensitivity
@@ -164,7 +172,7 @@ def layer_sensitivity(backend: Any, held: HeldOut, cumulative: bool = False, lay
         out = backend.run(held.x, only=only)
         rows.append({"kind": "cumulative" if cumulative else "single", "backend": backend.name, "index": k, "layer": layer, "quantized_layers": len(only), **score(out, held)})
     if not cumulative:
-        rows.sort(key=lambda r: (r["delta_top1"], r["agreement_top1"], r["sqnr_db"]))
+        rows.sort(key=harm_key)
         for rank, r in enumerate(rows, 1):
             r["rank"] = rank
     return rows
@@ -204,22 +212,6 @@ class FallbackResult:
     float_layers: list[str]
     passed: bool
     steps: list[dict[str, Any]] = field(default_factory=list)
-
-
-def auto_fallback(backend: Any, ranking: Sequence[str], verify: HeldOut, gate: Gate, max_layers: int | None = None) -> FallbackResult:
-    """Keep layers in float, most harmful first, until the int8 model passes ``gate`` on ``verify``."""
-    floats: list[str] = []
-    steps = []
-    limit = len(ranking) if max_layers is None else min(max_layers, len(ranking))
-    for k in range(limit + 1):
-        metrics = score(backend.run(verify.x, float_layers=floats), verify)
-        ok = gate_passes(gate, metrics)
-        steps.append({"kind": "fallback", "backend": backend.name, "float_layers": list(floats), "passed": ok, **metrics})
-        if ok:
-            return FallbackResult(floats, True, steps)
-        if k < limit:
-            floats.append(ranking[k])
-    return FallbackResult(floats, False, steps)
 
 
 # --------------------------------------------------------------------------------- weight precision
@@ -320,7 +312,8 @@ def weight_study(model: Any, held: HeldOut, kinds: Sequence[str], per_layer: boo
             out = _predict(model, held.x)
         finally:
             restore()
-        rows.append({"kind": "weights", "precision": kind, "layers": scope, **score(out, held), "prediction_check": top3(out)})
+        check = top3(out) if held.task.name == "classification" else []
+        rows.append({"kind": "weights", "precision": kind, "layers": scope, **score(out, held), "prediction_check": check})
     return rows
 
 
@@ -332,7 +325,7 @@ def combined_ranking(per_backend: dict[str, list[dict[str, Any]]]) -> list[str]:
     worst: dict[str, tuple] = {}
     for rows in per_backend.values():
         for r in rows:
-            key = (r["delta_top1"], r["agreement_top1"], r["sqnr_db"])
+            key = harm_key(r)
             worst[r["layer"]] = min(worst.get(r["layer"], key), key)
     return sorted(worst, key=lambda name: worst[name])
 
@@ -366,7 +359,7 @@ class SensitivitySetup:
     work: Any
     threads: int | None = None
 
-    def qdq(self, method: str = "max") -> QdqBackend:
+    def qdq(self, method: CalibrationMethod | str = CalibrationMethod.MAX) -> QdqBackend:
         import onnx
 
         from quantship.calibrate.api import calibrate, collect_statistics
@@ -389,45 +382,52 @@ class SensitivitySetup:
 
 
 def prepare(model: str, weights: str | None, data: str, labels: str | None, images: int, calib_images: int, work: Any,
-            preprocess_overrides: dict | None = None, seed: int = 0, threads: int | None = None, workers: int = 4) -> SensitivitySetup:
+            preprocess_overrides: dict | None = None, seed: int = 0, threads: int | None = None, workers: int = 4,
+            anchors: str | None = None) -> SensitivitySetup:
     """Load the model, split the data (calibration / held-out), compute fp32 outputs, export ONNX."""
     from pathlib import Path
 
     import onnx
 
     from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
-    from quantship.evaluate.datasets import iter_batches, load_dataset, split_calibration
-    from quantship.models.loading import load_model
-    from quantship.pipeline import calibration_batches_factory, resolve_preprocess
+    from quantship.data.datasets import iter_batches, load_dataset, split_calibration
+    from quantship.evaluate.tasks import make_task
+    from quantship.jobs.common import calibration_data, load_for
+    from quantship.models.loading import resolve_preprocess
 
     work = Path(work)
+    preprocess = resolve_preprocess(model, weights, preprocess_overrides)
     dataset = load_dataset(data, labels=labels)
     calib, held_set = split_calibration(dataset, calib_images, limit=min(images, len(dataset) - calib_images), seed=seed)
-    loaded = load_model(model, weights, resolve_preprocess(model, preprocess_overrides))
-    xs, ys = [], []
+    loaded = load_for(model, weights, preprocess, dataset)
+    task = make_task(dataset, loaded, anchors)
+    xs, ys, keys = [], [], []
     for b in iter_batches(held_set, loaded.preprocess.with_overrides(crops="center"), 32, workers):
         xs.append(b.inputs[:, 0])
         ys += list(b.labels)
+        keys += list(b.keys)
     x = np.concatenate(xs)
     reference = _predict(loaded.model, x)
-    onnx_art = convert_to_onnx(loaded.model, work / "artifacts" / f"{loaded.name}-onnx-fp32.onnx", manifest={"source_model": {"name": loaded.name, "weights": loaded.weights}}, log_path=work / "convert.log")
+    manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights}}
+    onnx_art = convert_to_onnx(loaded.model, work / "artifacts" / f"{loaded.name}-onnx-fp32.onnx", manifest=manifest, log_path=work / "convert.log")
     node_layers = onnx_node_layers(onnx.load(str(onnx_art.path)), loaded.model)
     return SensitivitySetup(
-        loaded, calibration_batches_factory(calib, loaded, workers=workers), HeldOut(x, np.asarray(ys), reference),
+        loaded, calibration_data(calib, loaded, workers=workers).batches, HeldOut(x, ys, reference, task, keys),
         onnx_art.path, node_layers, work, threads,
     )
 
 
-def apply_fallback(setup: SensitivitySetup, float_layers: Sequence[str], method: str = "max", threads: int = 2) -> list[dict[str, Any]]:
+def apply_fallback(setup: SensitivitySetup, float_layers: Sequence[str], method: CalibrationMethod | str = CalibrationMethod.MAX,
+                   threads: int = 2) -> list[dict[str, Any]]:
     """Write the TFLite and Q/DQ int8 models with ``float_layers`` in float next to the plain int8 ones, and
     report what the fallback costs (file size, batch-1 latency) and gains (held-out metrics)."""
     from quantship.calibrate.qdq import insert_qdq
     from quantship.config import IODType, Precision
-    from quantship.convert.manifest import write_artifact
     from quantship.convert.tflite import TfliteSpec
-    from quantship.evaluate.bench import make_runner
     from quantship.evaluate.latency import measure_latency
+    from quantship.manifest import write_artifact
 
+    method = CalibrationMethod.parse(method)
     art_dir = setup.work / "artifacts"
     name = setup.loaded.name
     base_manifest = {"source_model": {"name": name, "weights": setup.loaded.weights}, "float_layers": list(float_layers)}
@@ -439,56 +439,109 @@ def apply_fallback(setup: SensitivitySetup, float_layers: Sequence[str], method:
         path = art_dir / f"{name}-tflite-{label.replace('+', '-')}.tflite"
         write_artifact(path, tfl.converter.convert(spec, setup.calib_batches), {**base_manifest, "format": "tflite", "precision": label, "float_layers": list(floats)})
         model, _ = insert_qdq(qdq.model, qdq.amax, exclude=floats, node_layers=qdq.node_layers)
-        opath = art_dir / f"{name}-qdq-{method}-{label.replace('+', '-')}.onnx"
-        write_artifact(opath, model.SerializeToString(), {**base_manifest, "format": "onnx", "precision": f"{label} (Q/DQ)", "float_layers": list(floats), "calibration_method": method})
+        opath = art_dir / f"{name}-qdq-{method.value}-{label.replace('+', '-')}.onnx"
+        write_artifact(opath, model.SerializeToString(), {**base_manifest, "format": "onnx", "precision": f"{label} (Q/DQ)",
+                                                          "float_layers": list(floats), "calibration_method": method.value})
         for backend, p in (("tflite", path), ("qdq", opath)):
-            with make_runner(p, threads=threads) as r:
-                out = runner_output(r, setup.held.x)
+            with make_runner(p, RunnerOptions(threads=threads)) as r:
+                out = runner_outputs(r, setup.held.x)
                 lat = measure_latency(r, setup.held.x[:1], warmup=5, min_iters=30)
             rows.append({"kind": "fallback_cost", "backend": backend, "variant": label, "float_layers": list(floats), "artifact": str(p),
                          "size_mb": p.stat().st_size / 1e6, "latency_ms_p50": lat["latency_ms_p50"], **score(out, setup.held)})
     return rows
 
 
-def run_analyses(
-    setup: SensitivitySetup,
-    backends: Sequence[str],
-    method: str = "max",
-    cumulative: bool = False,
-    depthwise: bool = False,
-    weight_kinds: Sequence[str] = (),
-    per_layer: bool = False,
-    recipe: dict[str, str] | None = None,
-    gate: Gate | None = None,
-    threads: int | None = None,
-    print_fn: Callable[[str], None] = lambda s: None,
-) -> list[dict[str, Any]]:
+@dataclass
+class Analyses:
+    """Which analyses to run (``quantship sensitivity``; ``convert --auto-fallback`` is the gate alone)."""
+
+    backends: tuple[str, ...] = ("qdq", "tflite")
+    method: CalibrationMethod = CalibrationMethod.MAX
+    cumulative: bool = False
+    depthwise: bool = False
+    weight_kinds: tuple[str, ...] = ()
+    per_layer: bool = False
+    recipe: dict[str, str] | None = None
+    gate: Gate | None = None
+
+    def __post_init__(self) -> None:
+        self.method = CalibrationMethod.parse(self.method)
+        unknown = set(self.backends) - {"qdq", "tflite"}
+        if unknown or not self.backends:
+            raise ConfigError(f"unknown or no backend(s) {sorted(unknown)}; use qdq and/or tflite")
+        for kind in self.weight_kinds:
+            weight_variant(np.zeros((1, 1), np.float32), kind)  # unknown kinds fail before any work
+
+
+def run_analyses(setup: SensitivitySetup, analyses: Analyses, threads: int | None = None,
+                 print_fn: Callable[[str], None] = lambda s: None) -> tuple[list[dict[str, Any]], FallbackResult | None]:
     """Every analysis asked for, as flat rows. With a gate, layers are ranked on half of the held-out images
     and the fallback is verified on the other half, then applied and costed."""
-    chosen = {"qdq": lambda: setup.qdq(method), "tflite": setup.tflite}
-    unknown = set(backends) - set(chosen)
-    if unknown:
-        raise ConfigError(f"unknown backend(s) {sorted(unknown)}; use qdq and/or tflite")
+    a = analyses
+    if a.gate is not None:
+        setup.held.task.check_metric(a.gate.metric)
+    chosen = {"qdq": lambda: setup.qdq(a.method), "tflite": setup.tflite}
     idx = np.arange(len(setup.held.x))
-    rank_set = setup.held.subset(idx[0::2]) if gate is not None else setup.held
+    rank_set = setup.held.subset(idx[0::2]) if a.gate is not None else setup.held
     rows: list[dict[str, Any]] = []
     per_backend = {}
-    for name in backends:
+    for name in a.backends:
         backend = chosen[name]()
         print_fn(f"{name}: {len(backend.layers)} layers, one at a time, on {len(rank_set.x)} held-out images")
         per_backend[name] = layer_sensitivity(backend, rank_set)
         rows += per_backend[name]
-        if cumulative:
+        if a.cumulative:
             rows += layer_sensitivity(backend, setup.held, cumulative=True)
-        if depthwise:
+        if a.depthwise:
             rows += depthwise_vs_pointwise(backend, setup.held, layer_types(setup.loaded.model))
-    if weight_kinds or recipe:
-        rows += weight_study(setup.loaded.model, setup.held, weight_kinds, per_layer=per_layer, recipe=recipe)
-    if gate is not None and per_backend:
-        result = find_fallback([chosen[n]() for n in backends], combined_ranking(per_backend), setup.held.subset(idx[1::2]), gate)
+    if a.weight_kinds or a.recipe:
+        rows += weight_study(setup.loaded.model, setup.held, a.weight_kinds, per_layer=a.per_layer, recipe=a.recipe)
+    result = None
+    if a.gate is not None and per_backend:
+        result = find_fallback([chosen[n]() for n in a.backends], combined_ranking(per_backend), setup.held.subset(idx[1::2]), a.gate)
         rows += result.steps
         verdict = "passes" if result.passed else "still FAILS"
-        print_fn(f"fallback for gate '{gate.describe()}': float layers {result.float_layers or 'none needed'}; {verdict} on held-out images")
+        print_fn(f"fallback for gate '{a.gate.describe()}': float layers {result.float_layers or 'none needed'}; {verdict} on held-out images")
         if result.float_layers:
-            rows += apply_fallback(setup, result.float_layers, method, threads=threads or 2)
-    return rows
+            rows += apply_fallback(setup, result.float_layers, a.method, threads=threads or 2)
+    return rows, result
+
+
+SENSITIVITY_SHOWN = (("backend", "backend", "{}"), ("rank", "rank", "{}"), ("layer", "layer", "{}"), ("metric", "metric", "{}"),
+                     ("value", "value", "{:.4f}"), ("delta", "Δ", "{:+.4f}"), ("agreement_top1", "agree", "{:.4f}"), ("sqnr_db", "SQNR dB", "{:.1f}"))
+
+
+def run_sensitivity(setup_args: dict[str, Any], analyses: Analyses, out: Any, threads: int | None = None, show: int = 10,
+                    jsonl_name: str = "sensitivity.jsonl", report: bool = True) -> Any:
+    """``quantship sensitivity`` (and ``convert --auto-fallback``, which asks for the gate alone): prepare, run the
+    analyses, write the rows (and the report); the exit code is 1 when a gate is asked for and some backend
+    still fails it."""
+    import json
+    from pathlib import Path
+
+    from quantship.evaluate.report import build_report
+    from quantship.evaluate.results import text_table
+    from quantship.fileio import write_text_atomic
+    from quantship.jobs import JobResult
+
+    out = Path(out)
+    lines: list[str] = []
+    setup = prepare(**setup_args, work=out, threads=threads)
+    try:
+        rows, result = run_analyses(setup, analyses, threads=threads, print_fn=note)
+    finally:
+        setup.close()
+    write_text_atomic(out / jsonl_name, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
+    single = [r for r in rows if r["kind"] == "single"]
+    if single:
+        lines.append(text_table(single[: len(analyses.backends) * show], SENSITIVITY_SHOWN))
+    for r in rows:
+        if r["kind"] == "fallback_cost":
+            lines.append(f"{r['backend']:7s} {r['variant']:14s} {r['artifact']}: {r['metric']} {r['value']:.4f}, "
+                         f"{r['size_mb']:.2f} MB, p50 {r['latency_ms_p50']:.2f} ms")
+    if report:
+        md, page = build_report(out, f"sensitivity: {setup.loaded.name}")
+        lines.append(f"results: {out / jsonl_name}; report: {page}, {md}")
+    else:
+        lines.append(f"results: {out / jsonl_name}")
+    return JobResult(rows, lines, 1 if (result is not None and not result.passed) else 0)

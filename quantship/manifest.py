@@ -77,3 +77,9 @@ def load_reusable(path: str | Path, build_key: str) -> Artifact | None:
     if manifest.get("build_key") != build_key or manifest.get("sha256") != sha256_file(path):
         return None
     return Artifact(path, manifest)
+
+
+def write_onnx_artifact(proto: Any, path: str | Path, manifest: dict[str, Any]) -> Artifact:
+    """Serialise an ``onnx.ModelProto`` to ``path`` atomically with its manifest (format and opset recorded)."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return write_artifact(path, proto.SerializeToString(), {"format": "onnx", "opset": opset, **manifest})

@@ -1,0 +1,26 @@
+"""``quantship demo``: the pretrained EfficientNet-Lite0 on sample photos, every target, no data needed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from quantship.cli import args as a
+from quantship.cli.registry import Command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a.out(p, "quantship-demo")
+    p.add_argument("--threads", type=a.positive_int, default=2)
+    a.common(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantship.jobs.demo import run_demo
+
+    result = run_demo(Path(args.out), threads=args.threads)
+    print(result.text)
+    return result.exit_code
+
+
+COMMAND = Command("demo", "pretrained EfficientNet-Lite0 on sample photos: every TFLite precision, ONNX and Q/DQ int8", add_arguments, run)

@@ -1,0 +1,59 @@
+"""``quantship eval``: every target on the same images, side by side."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from quantship.cli import args as a
+from quantship.cli.registry import Command
+from quantship.errors import ConfigError
+
+DETECTION_KINDS = ("voc2007", "coco")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from quantship.targets import DEFAULT_TARGETS
+
+    a.model(p)
+    a.data(p)
+    a.runtime(p)
+    a.targets(p, ",".join(DEFAULT_TARGETS))
+    a.out(p, "quantship-out", "output folder (artifacts, results.jsonl, results.md)")
+    p.add_argument("--task", choices=("classification", "detection"), help="checked against the dataset's task (voc2007:/coco: are detection)")
+    p.add_argument("--anchors", help="anchor configuration (JSON) of a detection model given as a file")
+    a.trt(p)
+    a.common(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantship.jobs.eval import run_eval
+    from quantship.jobs.specs import EvalSpec
+
+    if args.task:
+        kind = args.data.split(":", 1)[0]
+        if (kind in DETECTION_KINDS) != (args.task == "detection"):
+            raise ConfigError(f"--task {args.task} does not fit --data {kind}:... (voc2007 and coco are detection, imagenet is classification)")
+    spec = EvalSpec(
+        model=args.model,
+        data=args.data,
+        targets=args.targets.split(","),
+        out_dir=Path(args.out),
+        weights=args.weights,
+        labels=args.labels,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        workers=args.workers,
+        calibration=a.calibration(args),
+        preprocess_overrides=a.preprocess(args),
+        trt=a.trt_options(args),
+        anchors=args.anchors,
+    )
+    print(f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})")
+    result = run_eval(spec)
+    print(result.text)
+    return result.exit_code
+
+
+COMMAND = Command("eval", "evaluate targets on a dataset, side by side", add_arguments, run)

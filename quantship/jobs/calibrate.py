@@ -1,0 +1,80 @@
+"""``quantship calibrate``: one statistics pass, then the TensorRT cache / Q/DQ model / ranges asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from quantship.config import CalibrationMethod, PreprocessSpec
+from quantship.data.datasets import load_dataset
+from quantship.errors import ConfigError, DataError
+from quantship.jobs import JobResult
+from quantship.jobs.common import calibration_data, draw_calibration, load_for
+from quantship.models.loading import LoadedModel, resolve_preprocess
+
+
+def run_calibrate(
+    model: str,
+    data: str,
+    method: CalibrationMethod | str,
+    weights: str | None = None,
+    labels: str | None = None,
+    cache: str | None = None,
+    qdq: str | None = None,
+    ranges: str | None = None,
+    exclude: Sequence[str] = (),
+    percentile: float | None = None,
+    calib_images: int = 100,
+    calib_seed: int = 0,
+    preprocess_overrides: dict[str, Any] | None = None,
+    workers: int = 4,
+    threads: int | None = None,
+    trt_version: str | None = None,
+    log_path: Path | None = None,
+) -> JobResult:
+    """``model`` may be a registry name or Keras file (exported to ONNX with tf2onnx first), or an ``.onnx`` file
+    (then ``--preprocess`` describes its input)."""
+    from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
+    from quantship.calibrate.calibrators import get_calibrator
+    from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION
+    from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
+
+    method = CalibrationMethod.parse(method)
+    get_calibrator(method, percentile=percentile)  # a bad percentile fails before any work
+    if not (cache or qdq or ranges):
+        raise ConfigError("nothing to write: give at least one of --cache, --qdq, --ranges")
+    preprocess = None if model.endswith(".onnx") else resolve_preprocess(model, weights, preprocess_overrides)
+    dataset = load_dataset(data, labels=labels)
+    node_layers: dict[str, str] = {}
+    if model.endswith(".onnx"):
+        onnx_path = Path(model)
+        if not onnx_path.is_file():
+            raise DataError(f"ONNX model not found: {onnx_path}")
+        if not preprocess_overrides:
+            raise ConfigError("an ONNX model needs --preprocess to describe its input (e.g. mode=tf,size=224)")
+        loaded = LoadedModel(onnx_path.stem, None, PreprocessSpec().with_overrides(**preprocess_overrides), str(onnx_path), "")
+        source = {"onnx": str(onnx_path)}
+    else:
+        import onnx
+
+        loaded = load_for(model, weights, preprocess)
+        onnx_path = Path(qdq or cache or ranges).parent / f"{loaded.name}-fp32.onnx"
+        manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights, "weights_sha256": loaded.weights_hash}}
+        convert_to_onnx(loaded.model, onnx_path, manifest=manifest, log_path=log_path)
+        node_layers = onnx_node_layers(onnx.load(str(onnx_path)), loaded.model)
+        source = {"onnx": str(onnx_path), "weights": loaded.weights}
+    calib = calibration_data(draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers, method=method.value)
+    collector = collect_statistics(onnx_path, calib.batches(), scope="all" if (cache or ranges) else "qdq", threads=threads)
+    result = calibrate(collector, method, percentile)
+    info = {**calib.info, "preprocess": loaded.preprocess.to_dict(), **source}
+    report = write_outputs(result, onnx_path, cache, qdq, ranges, exclude, node_layers, trt_version or DEFAULT_TRT_VERSION, {"calibration": info})
+    lines = [
+        f"{method.value} calibration on {collector.images} images: ranges for {len(result.amax)} of {len(collector.stats)} observed tensors "
+        f"(histograms: {collector.memory_bytes() / 1e6:.1f} MB); float model: {onnx_path}"
+    ]
+    for what, path in (("TensorRT calibration cache", cache), ("Q/DQ ONNX model", qdq), ("ranges JSON", ranges)):
+        if path:
+            lines.append(f"  {what}: {path}")
+    lines += [f"  Q/DQ: {line}" for line in (report.lines() if report else [])]
+    row = {"tensors": len(result.amax), "observed": len(collector.stats), "images": collector.images, "onnx": str(onnx_path)}
+    return JobResult([row], lines)

@@ -1,0 +1,88 @@
+"""The runtimes by name: which artifact files each one runs, how its runner is made and how it is timed.
+
+Each runtime module registers itself (:func:`register_runtime`); adding a runtime is one module and one
+registration. Targets (``quantship.targets``), ``bench`` and sensitivity find runners only through here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from quantship.errors import ConfigError
+from quantship.runtime.base import Runner, RunnerOptions
+
+BUILTIN_RUNTIMES = ("keras", "tflite", "onnxruntime", "tensorrt")  # modules of quantship.runtime
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """A registered runtime.
+
+    Attributes:
+        name: Backend name used in target specs and result rows (``tflite``).
+        make_runner: ``make_runner(source, options, name) -> Runner``; ``source`` is an artifact path (or, for
+            in-memory runtimes such as Keras, the model object).
+        suffixes: Artifact file suffixes this runtime runs (``.tflite``); empty for in-memory runtimes.
+        timing: ``host`` (wall time of the runtime call) or ``cuda-events`` (H2D / compute / D2H from CUDA
+            events beside the wall time).
+        description: One line for listings.
+    """
+
+    name: str
+    make_runner: Callable[[Any, RunnerOptions, str | None], Runner]
+    suffixes: tuple[str, ...] = ()
+    timing: str = "host"
+    description: str = ""
+
+
+_RUNTIMES: dict[str, RuntimeInfo] = {}
+_loaded = False
+
+
+def register_runtime(info: RuntimeInfo) -> RuntimeInfo:
+    """Add a runtime (names are unique)."""
+    if info.name in _RUNTIMES and _RUNTIMES[info.name] is not info:
+        raise ValueError(f"runtime '{info.name}' registered twice")
+    _RUNTIMES[info.name] = info
+    return info
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_RUNTIMES:  # importing a runtime module imports no runtime library
+            importlib.import_module(f"quantship.runtime.{module}")
+
+
+def get_runtime(name: str) -> RuntimeInfo:
+    _ensure_loaded()
+    if name not in _RUNTIMES:
+        raise ConfigError(f"unknown runtime '{name}'; known: {', '.join(_RUNTIMES)}")
+    return _RUNTIMES[name]
+
+
+def list_runtimes() -> list[RuntimeInfo]:
+    _ensure_loaded()
+    return list(_RUNTIMES.values())
+
+
+def runtime_for_artifact(path: str | Path) -> RuntimeInfo:
+    """The runtime that runs an artifact file, by its suffix."""
+    _ensure_loaded()
+    suffix = Path(path).suffix.lower()
+    for info in _RUNTIMES.values():
+        if suffix in info.suffixes:
+            return info
+    known = sorted(s for info in _RUNTIMES.values() for s in info.suffixes)
+    raise ConfigError(f"no runtime runs '{Path(path).name}': expected one of {', '.join(known)}")
+
+
+def make_runner(source: Any, options: RunnerOptions = RunnerOptions(), name: str | None = None, runtime: str | None = None) -> Runner:
+    """The runner for ``source``: an artifact file (runtime chosen by its suffix unless ``runtime`` is given)
+    or an in-memory model of an in-memory runtime."""
+    info = get_runtime(runtime) if runtime else runtime_for_artifact(source)
+    return info.make_runner(source, options, name)
