@@ -28,6 +28,9 @@ class Interpolation(str, enum.Enum):
     BILINEAR = "bilinear"
     BICUBIC = "bicubic"
     AREA = "area"
+    # PIL's bilinear resize, which widens the filter when shrinking (antialiasing), as torchvision's
+    # Resize does on PIL images; OpenCV's INTER_LINEAR samples 2x2 pixels whatever the scale.
+    BILINEAR_ANTIALIAS = "bilinear_antialias"
 
 
 class ChannelOrder(str, enum.Enum):

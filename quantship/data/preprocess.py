@@ -23,6 +23,16 @@ def _cv2():
     return lazy_import("cv2", "opencv-python-headless", "image decoding")
 
 
+def _resize(img: np.ndarray, width: int, height: int, interpolation: Interpolation) -> np.ndarray:
+    if interpolation is Interpolation.BILINEAR_ANTIALIAS:
+        # Pillow itself: torchvision's reference evaluation resizes with it, and no OpenCV mode matches it
+        # when shrinking (measured in quantship/models/mobilenet_v2_tv.py).
+        pil = lazy_import("PIL.Image", "pillow", "antialiased bilinear resizing")
+        return np.asarray(pil.fromarray(np.ascontiguousarray(img)).resize((width, height), pil.BILINEAR))
+    cv2 = _cv2()
+    return cv2.resize(img, (width, height), interpolation=getattr(cv2, _CV2_INTERP[interpolation]))
+
+
 def decode_image(data: bytes, source: str = "image", order: ChannelOrder = ChannelOrder.RGB) -> np.ndarray:
     """Decode JPEG/PNG/... bytes to a uint8 array (H, W, 3) in ``order`` (RGB by default; BGR saves the
     conversion when the caller folds the channel order into normalisation).
@@ -56,13 +66,12 @@ def decode_image(data: bytes, source: str = "image", order: ChannelOrder = Chann
 
 def resize_shorter(img: np.ndarray, shorter: int, interpolation: Interpolation) -> np.ndarray:
     """Resize so that the shorter side is ``shorter`` pixels, keeping the aspect ratio."""
-    cv2 = _cv2()
     h, w = img.shape[:2]
     scale = shorter / min(h, w)
     new_w, new_h = max(shorter, int(round(w * scale))), max(shorter, int(round(h * scale)))
     if (new_h, new_w) == (h, w):
         return img
-    return cv2.resize(img, (new_w, new_h), interpolation=getattr(cv2, _CV2_INTERP[interpolation]))
+    return _resize(img, new_w, new_h, interpolation)
 
 
 def _crop(img: np.ndarray, top: int, left: int, size: tuple[int, int]) -> np.ndarray:
@@ -73,8 +82,7 @@ def crop_views(img: np.ndarray, spec: PreprocessSpec) -> list[np.ndarray]:
     """The crops of ``img`` the spec asks for (uint8, RGB): 1, 10 or 12 views."""
     ch, cw = spec.size
     if spec.resize is ResizeMode.STRETCH:
-        cv2 = _cv2()
-        return [cv2.resize(img, (cw, ch), interpolation=getattr(cv2, _CV2_INTERP[spec.interpolation]))]
+        return [_resize(img, cw, ch, spec.interpolation)]
     resized = resize_shorter(img, max(spec.resize_shorter, ch, cw), spec.interpolation)
     h, w = resized.shape[:2]
     centre = _crop(resized, (h - ch) // 2, (w - cw) // 2, spec.size)
@@ -89,8 +97,7 @@ def crop_views(img: np.ndarray, spec: PreprocessSpec) -> list[np.ndarray]:
     ]
     views = corners + [v[:, ::-1] for v in corners]
     if spec.crops is CropMode.TWELVE:
-        cv2 = _cv2()
-        whole = cv2.resize(img, (cw, ch), interpolation=getattr(cv2, _CV2_INTERP[spec.interpolation]))
+        whole = _resize(img, cw, ch, spec.interpolation)
         views += [whole, whole[:, ::-1]]
     return views
 

