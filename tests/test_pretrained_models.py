@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from quantship.config import Interpolation
-from quantship.evaluate.classes import class_name
-from quantship.evaluate.preprocess import crop_views, preprocess_image
+from quantship.data.classes import class_name
+from quantship.data.preprocess import crop_views, preprocess_image
 from quantship.models import get_model_spec
 
 pytestmark = pytest.mark.slow
