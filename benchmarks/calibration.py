@@ -64,8 +64,16 @@ def photo_crops(n: int, size: int, seed: int) -> np.ndarray:
     import cv2
     from skimage import data
 
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field(), data.retina(),
-              data.immunohistochemistry(), data.stereo_motorcycle()[0]]
+    photos = [
+        data.astronaut(),
+        data.coffee(),
+        data.chelsea(),
+        data.rocket(),
+        data.hubble_deep_field(),
+        data.retina(),
+        data.immunohistochemistry(),
+        data.stereo_motorcycle()[0],
+    ]
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
@@ -112,7 +120,9 @@ def run_ours(work: Path, batch: int, threads: int | None) -> dict:
     base = _rss()
     with PeakRss() as mem:
         t = time.perf_counter()
-        collector = collect_statistics(model, (cal[i : i + batch] for i in range(0, len(cal), batch)), scope="qdq", threads=threads)
+        collector = collect_statistics(
+            model, (cal[i : i + batch] for i in range(0, len(cal), batch)), scope="qdq", threads=threads
+        )
         result = calibrate(collector, "entropy")
         write_outputs(result, model, qdq=work / "ours.onnx")
         seconds = time.perf_counter() - t
@@ -120,7 +130,13 @@ def run_ours(work: Path, batch: int, threads: int | None) -> dict:
 
 
 def run_ort(work: Path, batch: int, threads: int | None) -> dict:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     cal = np.load(work / "calib.npy")
 
@@ -139,8 +155,14 @@ def run_ort(work: Path, batch: int, threads: int | None) -> dict:
     with PeakRss() as mem:
         t = time.perf_counter()
         quantize_static(
-            str(work / "model.onnx"), str(work / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Entropy,
+            str(work / "model.onnx"),
+            str(work / "ort.onnx"),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.Entropy,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
         seconds = time.perf_counter() - t
@@ -182,12 +204,27 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="quantship-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"model {args.model} ({args.weights} weights), {args.images} calibration images, batch {args.batch}, "
-          f"{'data ' + args.data if args.data else 'crops of scikit-image photos'}; work dir {work}")
+    print(
+        f"model {args.model} ({args.weights} weights), {args.images} calibration images, batch {args.batch}, "
+        f"{'data ' + args.data if args.data else 'crops of scikit-image photos'}; work dir {work}"
+    )
     prepare(args, work)
     results = {}
     for tool in ("ours", "ort"):
-        cmd = [sys.executable, __file__, "--_run", tool, "--work", str(work), "--batch", str(args.batch), "--model", args.model, "--weights", args.weights]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_run",
+            tool,
+            "--work",
+            str(work),
+            "--batch",
+            str(args.batch),
+            "--model",
+            args.model,
+            "--weights",
+            args.weights,
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -200,13 +237,17 @@ def main() -> None:
     o, r = results["ours"], results["ort"]
     print(f"{'wall time (s)':28s}{o['seconds']:14.2f}{r['seconds']:14.2f}{r['seconds'] / o['seconds']:9.1f}x")
     mb = lambda b: b / 2**20  # noqa: E731
-    print(f"{'peak RSS (MiB)':28s}{mb(o['peak_rss']):14.0f}{mb(r['peak_rss']):14.0f}{o['peak_rss'] / r['peak_rss']:10.2f}")
+    print(
+        f"{'peak RSS (MiB)':28s}{mb(o['peak_rss']):14.0f}{mb(r['peak_rss']):14.0f}{o['peak_rss'] / r['peak_rss']:10.2f}"
+    )
     po, pr = o["peak_rss"] - o["baseline_rss"], r["peak_rss"] - r["baseline_rss"]
     print(f"{'peak above baseline (MiB)':28s}{mb(po):14.0f}{mb(pr):14.0f}{po / pr:10.2f}")
     print(f"{'top-1 agreement with fp32':28s}{o['agreement']:14.4f}{r['agreement']:14.4f}")
     speed_ok, mem_ok, acc_ok = r["seconds"] / o["seconds"] >= 5, po <= pr / 4, o["agreement"] >= r["agreement"]
-    print(f"\ntargets: >=5x faster: {'met' if speed_ok else 'NOT met'}; <=1/4 of ORT's peak memory (above baseline): "
-          f"{'met' if mem_ok else 'NOT met'}; agreement no worse: {'met' if acc_ok else 'NOT met'}")
+    print(
+        f"\ntargets: >=5x faster: {'met' if speed_ok else 'NOT met'}; <=1/4 of ORT's peak memory (above baseline): "
+        f"{'met' if mem_ok else 'NOT met'}; agreement no worse: {'met' if acc_ok else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

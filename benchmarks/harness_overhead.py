@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def make_jpegs(root: Path, n: int) -> Path:
     import cv2
-
     from calibration import photo_crops
 
     from quantship.data.classes import imagenet_classes
@@ -44,7 +43,11 @@ def make_jpegs(root: Path, n: int) -> Path:
         img = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
         d = root / wnids[i % len(wnids)]
         d.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(d / f"{i:05d}.JPEG"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(75, 95))])
+        cv2.imwrite(
+            str(d / f"{i:05d}.JPEG"),
+            cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+            [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(75, 95))],
+        )
     return root
 
 
@@ -102,10 +105,10 @@ def main() -> None:
         print(bare_p50(Path(args._bare), args.threads, args.queries))
         return
 
-    from quantship.evaluate.bench import BenchConfig, bench
     from quantship.data.datasets import iter_batches, load_dataset, split_calibration
-    from quantship.models.loading import load_model
+    from quantship.evaluate.bench import BenchConfig, bench
     from quantship.jobs.common import calibration_batches_factory, calibration_info, evaluate_classification
+    from quantship.models.loading import load_model
     from quantship.targets import BuildContext, get_target
 
     work = Path(tempfile.mkdtemp(prefix="quantship-overhead-"))
@@ -113,25 +116,67 @@ def main() -> None:
     dataset = load_dataset(data)
     calib, evalset = split_calibration(dataset, 64, limit=min(args.images, len(dataset) - 64), seed=0)
     loaded = load_model(args.model, args.weights)
-    ctx = BuildContext(loaded, work, calibration_batches_factory(calib, loaded), calibration_info(calib, loaded), threads=args.threads, log_path=work / "convert.log")
+    ctx = BuildContext(
+        loaded,
+        work,
+        calibration_batches_factory(calib, loaded),
+        calibration_info(calib, loaded),
+        threads=args.threads,
+        log_path=work / "convert.log",
+    )
     x = np.concatenate([b.inputs[:, 0] for b in iter_batches(evalset, loaded.preprocess, 32)])
-    print(f"{args.model} ({args.weights} weights), {len(evalset)} images ({data}), batch {args.batch}, {args.threads} threads, {os.cpu_count()} cores")
-    print(f"\n{'target':14s}{'eval img/s':>12s}{'bare img/s':>12s}{'ratio':>8s}{'bench p50':>12s}{'bare p50':>10s}{'diff':>8s}")
+    print(
+        f"{args.model} ({args.weights} weights), {len(evalset)} images ({data}), batch {args.batch}, "
+        f"{args.threads} threads, {os.cpu_count()} cores"
+    )
+    print(
+        f"\n{'target':14s}{'eval img/s':>12s}{'bare img/s':>12s}{'ratio':>8s}"
+        f"{'bench p50':>12s}{'bare p50':>10s}{'diff':>8s}"
+    )
     ok = True
     for name in ("tflite-fp32", "tflite-int8"):
         t = get_target(name)
         art = t.build(ctx, t.spec)
-        evaluate_classification(evalset.subset(range(min(16, len(evalset)))), ctx, [t], {name: art}, args.batch)  # warm caches
+        evaluate_classification(
+            evalset.subset(range(min(16, len(evalset)))), ctx, [t], {name: art}, args.batch
+        )  # warm caches
         start = time.perf_counter()
-        results, skipped = evaluate_classification(evalset, ctx, [t], {name: art}, args.batch, workers=max(2, os.cpu_count() or 2))
+        results, skipped = evaluate_classification(
+            evalset, ctx, [t], {name: art}, args.batch, workers=max(2, os.cpu_count() or 2)
+        )
         eval_ips = results[0].metric.count / (time.perf_counter() - start)
         bare_ips = bare_throughput(art.path, x, args.batch, args.threads)
         # Both latency sides run in fresh processes, alternating, so that machine noise hits them alike.
         ours, bare = [], []
         for _ in range(args.repeats):
-            (row,) = bench([BenchConfig(str(art.path), name, threads=args.threads, warmup_seconds=1.0, min_queries=args.queries, min_seconds=3.0)])
+            (row,) = bench(
+                [
+                    BenchConfig(
+                        str(art.path),
+                        name,
+                        threads=args.threads,
+                        warmup_seconds=1.0,
+                        min_queries=args.queries,
+                        min_seconds=3.0,
+                    )
+                ]
+            )
             ours.append(row["latency_ms_p50"])
-            out = subprocess.run([sys.executable, __file__, "--_bare", str(art.path), "--threads", str(args.threads), "--queries", str(args.queries)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--_bare",
+                    str(art.path),
+                    "--threads",
+                    str(args.threads),
+                    "--queries",
+                    str(args.queries),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             bare.append(float(out.stdout.strip().splitlines()[-1]))
         p50, b50 = float(np.median(ours)), float(np.median(bare))
         ratio, diff = eval_ips / bare_ips, p50 / b50 - 1

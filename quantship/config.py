@@ -349,7 +349,9 @@ class Gate:
         if self.relative is not None and not 0 < self.relative <= 1.5:
             raise ConfigError(f"gate on {self.metric}: relative must be in (0, 1.5], got {self.relative}")
         if self.metric not in GATE_METRICS:
-            raise ConfigError(f"gate metric must be top1, top5 (classification) or mAP (detection), got '{self.metric}'")
+            raise ConfigError(
+                f"gate metric must be top1, top5 (classification) or mAP (detection), got '{self.metric}'"
+            )
         if self.max_drop_points is not None and self.max_drop_points < 0:
             raise ConfigError(f"gate on {self.metric}: max_drop_points must not be negative")
 
@@ -363,7 +365,9 @@ class Gate:
             return cls(metric=_gate_metric(m.group(1) or "top1"), relative=_number(m.group(2), text))
         if m := re.fullmatch(rf"(?i:(?:({metrics})-?)?drop<=([0-9.]+))", t):
             return cls(metric=_gate_metric(m.group(1) or "top1"), max_drop_points=_number(m.group(2), text))
-        raise ConfigError(f"gate '{text}' not understood; use e.g. 'top1>=0.99' (relative to fp32) or 'drop<=0.5' (points)")
+        raise ConfigError(
+            f"gate '{text}' not understood; use e.g. 'top1>=0.99' (relative to fp32) or 'drop<=0.5' (points)"
+        )
 
     def applies(self, target: str) -> bool:
         import fnmatch

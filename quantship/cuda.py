@@ -36,7 +36,8 @@ def _error_text(rt: Any, err: Any) -> str:
     try:
         _, name = rt.cudaGetErrorName(err)
         _, text = rt.cudaGetErrorString(err)
-        return f"{name.decode() if isinstance(name, bytes) else name}: {text.decode() if isinstance(text, bytes) else text}"
+        name, text = (v.decode() if isinstance(v, bytes) else v for v in (name, text))
+        return f"{name}: {text}"
     except Exception:  # noqa: BLE001
         return str(err)
 
@@ -48,8 +49,14 @@ def check(result: Any, what: str) -> Any:
     if err != rt.cudaError_t.cudaSuccess:
         hint = ""
         if err == getattr(rt.cudaError_t, "cudaErrorInsufficientDriver", None):
-            hint = f" (the NVIDIA driver is older than the CUDA runtime: driver {driver_version()}, runtime {runtime_version()}; update the driver or use a matching cuda-python)"
-        elif err in (getattr(rt.cudaError_t, "cudaErrorNoDevice", None), getattr(rt.cudaError_t, "cudaErrorInitializationError", None)):
+            hint = (
+                f" (the NVIDIA driver is older than the CUDA runtime: driver {driver_version()}, runtime "
+                f"{runtime_version()}; update the driver or use a matching cuda-python)"
+            )
+        elif err in (
+            getattr(rt.cudaError_t, "cudaErrorNoDevice", None),
+            getattr(rt.cudaError_t, "cudaErrorInitializationError", None),
+        ):
             hint = " (no usable NVIDIA GPU: is the driver loaded and the device visible, e.g. docker run --gpus all?)"
         raise RuntimeBackendError(f"CUDA error in {what}: {_error_text(rt, err)}{hint}")
     if not values:
@@ -128,7 +135,10 @@ class DeviceBuffer:
         array = np.ascontiguousarray(array)
         if array.nbytes > self.nbytes:
             raise RuntimeBackendError(f"batch of {array.nbytes} bytes does not fit a {self.nbytes}-byte device buffer")
-        check(rt.cudaMemcpy(self.ptr, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy")
+        check(
+            rt.cudaMemcpy(self.ptr, array.ctypes.data, array.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice),
+            "cudaMemcpy",
+        )
 
     def free(self) -> None:
         if self.ptr:

@@ -33,8 +33,7 @@ def lazy_import(name: str, pip_name: str | None = None, purpose: str = "") -> Mo
     except ImportError as exc:
         what = f" (needed for {purpose})" if purpose else ""
         raise MissingDependencyError(
-            f"Python module '{name}' is not available{what}: {exc}. "
-            f"Install it with: pip install {pip_name or name}"
+            f"Python module '{name}' is not available{what}: {exc}. Install it with: pip install {pip_name or name}"
         ) from exc
 
 

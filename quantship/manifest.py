@@ -54,7 +54,9 @@ def write_artifact(path: str | Path, data: bytes | None, manifest: dict[str, Any
     full = {
         "artifact": path.name,
         "sha256": sha256_file(path),
-        "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size,
+        "size_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tools": tool_versions(),
         **manifest,

@@ -163,7 +163,7 @@ class _TensorRef:
         if self.offset < 0 or last >= base.size:
             raise ModelLoadError("checkpoint is corrupt: a tensor reaches past the end of its storage")
         view = np.lib.stride_tricks.as_strided(
-            base[self.offset:],
+            base[self.offset :],
             shape=self.size,
             strides=tuple(st * base.itemsize for st in self.stride),
             writeable=False,

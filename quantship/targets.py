@@ -96,7 +96,9 @@ class Target:
         return self.spec.name
 
     def runner_options(self, ctx: BuildContext) -> RunnerOptions:
-        return dataclasses.replace(ctx.runner_options, session_config=ctx.runner_options.session_config + self.session_config)
+        return dataclasses.replace(
+            ctx.runner_options, session_config=ctx.runner_options.session_config + self.session_config
+        )
 
     def make_runner(self, ctx: BuildContext, artifact: Artifact | None) -> Runner:
         """The runner of this target's artifact (or of the in-memory model), from the runtime registry."""
@@ -107,7 +109,11 @@ class Target:
 _TARGETS: dict[str, Target] = {}
 
 
-def register_target(spec: TargetSpec, build: Callable[[BuildContext, TargetSpec], Artifact | None], session_config: Iterable[tuple[str, str]] = ()) -> Target:
+def register_target(
+    spec: TargetSpec,
+    build: Callable[[BuildContext, TargetSpec], Artifact | None],
+    session_config: Iterable[tuple[str, str]] = (),
+) -> Target:
     """Add a target (names are unique; its backend must be a registered runtime)."""
     if spec.name in _TARGETS:
         raise ValueError(f"target '{spec.name}' registered twice")
@@ -188,7 +194,9 @@ def _onnx_export(ctx: BuildContext) -> Artifact:
 
     def export() -> Artifact:
         spec = get_target("onnx-fp32").spec
-        return convert_to_onnx(ctx.loaded.model, ctx.artifact_path(spec, ".onnx"), manifest=ctx.base_manifest(spec), log_path=ctx.log_path)
+        return convert_to_onnx(
+            ctx.loaded.model, ctx.artifact_path(spec, ".onnx"), manifest=ctx.base_manifest(spec), log_path=ctx.log_path
+        )
 
     return ctx.shared("onnx-export", export)
 
@@ -204,22 +212,38 @@ def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
     fp32 = _onnx_export(ctx)
     path = ctx.artifact_path(spec, ".onnx")
-    manifest = {**ctx.base_manifest(spec), "source_onnx_sha256": fp32.manifest["sha256"], "calibration_method": spec.calibration.value}
+    manifest = {
+        **ctx.base_manifest(spec),
+        "source_onnx_sha256": fp32.manifest["sha256"],
+        "calibration_method": spec.calibration.value,
+    }
     build_key = sha256_json(manifest)
     if (existing := load_reusable(path, build_key)) is not None:
         return existing
     batches = ctx.calibration_batches(spec.name)
     # One statistics pass serves every calibration method of the run.
-    collector = ctx.shared("onnx-stats", lambda: collect_statistics(fp32.path, batches(), scope="qdq", threads=ctx.runner_options.threads))
-    write_outputs(calibrate(collector, spec.calibration), fp32.path, qdq=path, manifest={**manifest, "build_key": build_key})
+    collector = ctx.shared(
+        "onnx-stats", lambda: collect_statistics(fp32.path, batches(), scope="qdq", threads=ctx.runner_options.threads)
+    )
+    write_outputs(
+        calibrate(collector, spec.calibration), fp32.path, qdq=path, manifest={**manifest, "build_key": build_key}
+    )
     return load_reusable(path, build_key)
 
 
-register_target(TargetSpec("onnx-fp32", "onnx", Precision.FP32, description="ONNX (tf2onnx) on ONNX Runtime, float32"), _onnx_fp32_build)
+register_target(
+    TargetSpec("onnx-fp32", "onnx", Precision.FP32, description="ONNX (tf2onnx) on ONNX Runtime, float32"),
+    _onnx_fp32_build,
+)
 for _method in CalibrationMethod:
     register_target(
-        TargetSpec(f"onnx-int8-{_method.value}", "onnx", Precision.INT8, calibration=_method,
-                   description=f"Q/DQ int8 ONNX (TensorRT placement), {_method.value} calibration, on ONNX Runtime CPU"),
+        TargetSpec(
+            f"onnx-int8-{_method.value}",
+            "onnx",
+            Precision.INT8,
+            calibration=_method,
+            description=f"Q/DQ int8 ONNX (TensorRT placement), {_method.value} calibration, on ONNX Runtime CPU",
+        ),
         _qdq_build,
     )
 
@@ -250,17 +274,44 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
         calibration_cache=cache,
     )
     feed = ctx.calibration.batches() if (implicit and ctx.calibration is not None) else None
-    manifest = {**ctx.base_manifest(spec), "calibration_method": spec.calibration.value if spec.calibration else None,
-                "source_onnx_sha256": source.manifest["sha256"]}
+    manifest = {
+        **ctx.base_manifest(spec),
+        "calibration_method": spec.calibration.value if spec.calibration else None,
+        "source_onnx_sha256": source.manifest["sha256"],
+    }
     return build_engine(source.path, engine_spec, ctx.artifact_path(spec, ".engine"), feed, manifest)
 
 
 for _name, _prec, _mode, _cal, _desc in (
     ("trt-fp32", Precision.FP32, None, None, "TensorRT float32"),
-    ("trt-fp16", Precision.FP16, None, None, "TensorRT float16 (TensorRT 10: builder flag; 11: fp16 ONNX, float32 I/O)"),
-    ("trt-int8-entropy", Precision.INT8, TrtInt8Mode.IMPLICIT, CalibrationMethod.ENTROPY, "TensorRT 10 implicit int8, IInt8EntropyCalibrator2"),
-    ("trt-int8-max", Precision.INT8, TrtInt8Mode.IMPLICIT, CalibrationMethod.MAX, "TensorRT 10 implicit int8, IInt8MinMaxCalibrator"),
-    ("trt-int8-qdq", Precision.INT8, TrtInt8Mode.EXPLICIT, None, "TensorRT explicit int8 from the Q/DQ ONNX (10.x and 11.x)"),
+    (
+        "trt-fp16",
+        Precision.FP16,
+        None,
+        None,
+        "TensorRT float16 (TensorRT 10: builder flag; 11: fp16 ONNX, float32 I/O)",
+    ),
+    (
+        "trt-int8-entropy",
+        Precision.INT8,
+        TrtInt8Mode.IMPLICIT,
+        CalibrationMethod.ENTROPY,
+        "TensorRT 10 implicit int8, IInt8EntropyCalibrator2",
+    ),
+    (
+        "trt-int8-max",
+        Precision.INT8,
+        TrtInt8Mode.IMPLICIT,
+        CalibrationMethod.MAX,
+        "TensorRT 10 implicit int8, IInt8MinMaxCalibrator",
+    ),
+    (
+        "trt-int8-qdq",
+        Precision.INT8,
+        TrtInt8Mode.EXPLICIT,
+        None,
+        "TensorRT explicit int8 from the Q/DQ ONNX (10.x and 11.x)",
+    ),
 ):
     register_target(TargetSpec(_name, "trt", _prec, calibration=_cal, trt_int8=_mode, description=_desc), _trt_build)
 
@@ -270,4 +321,8 @@ DEFAULT_TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic",
 def needs_calibration(targets: Iterable[Target], trt: TrtOptions = TrtOptions()) -> list[Target]:
     """The targets that need calibration images (implicit TensorRT int8 can read its ranges from a given
     calibration cache instead)."""
-    return [t for t in targets if t.spec.needs_calibration and not (t.spec.trt_int8 is TrtInt8Mode.IMPLICIT and trt.calibration_cache)]
+    return [
+        t
+        for t in targets
+        if t.spec.needs_calibration and not (t.spec.trt_int8 is TrtInt8Mode.IMPLICIT and trt.calibration_cache)
+    ]

@@ -99,7 +99,9 @@ def check_engine_compatible(manifest: Mapping[str, Any], env: Mapping[str, Any],
     if built.get("tensorrt") and built["tensorrt"] != env.get("tensorrt"):
         problems.append(f"TensorRT {built['tensorrt']} (this machine: TensorRT {env.get('tensorrt')})")
     if built.get("compute_capability") and built["compute_capability"] != env.get("compute_capability"):
-        problems.append(f"compute capability {built['compute_capability']} (this machine: {env.get('compute_capability')})")
+        problems.append(
+            f"compute capability {built['compute_capability']} (this machine: {env.get('compute_capability')})"
+        )
     if built.get("gpu") and built["gpu"] != env.get("gpu"):
         problems.append(f"GPU {built['gpu']} (this machine: {env.get('gpu')})")
     if problems:

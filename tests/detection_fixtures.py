@@ -44,10 +44,15 @@ def write_voc(root: Path, n: int, seed: int) -> Path:
         img, boxes, classes = synthetic_scene(rng)
         image_id = f"{i:06d}"
         ids.append(image_id)
-        cv2.imwrite(str(base / "JPEGImages" / f"{image_id}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        cv2.imwrite(
+            str(base / "JPEGImages" / f"{image_id}.jpg"),
+            cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+            [cv2.IMWRITE_JPEG_QUALITY, 95],
+        )
         objs = "".join(
             f"<object><name>{VOC_CLASSES[c]}</name><difficult>{int(k == 0 and i % 5 == 0)}</difficult>"
-            f"<bndbox><xmin>{b[0] + 1:.0f}</xmin><ymin>{b[1] + 1:.0f}</ymin><xmax>{b[2] + 1:.0f}</xmax><ymax>{b[3] + 1:.0f}</ymax></bndbox></object>"
+            f"<bndbox><xmin>{b[0] + 1:.0f}</xmin><ymin>{b[1] + 1:.0f}</ymin>"
+            f"<xmax>{b[2] + 1:.0f}</xmax><ymax>{b[3] + 1:.0f}</ymax></bndbox></object>"
             for k, (b, c) in enumerate(zip(boxes, classes))
         )
         (base / "Annotations" / f"{image_id}.xml").write_text(
@@ -74,17 +79,29 @@ def write_coco(root: Path, n: int, seed: int) -> Path:
         images.append({"id": 1000 + i, "file_name": name, "width": img.shape[1], "height": img.shape[0]})
         for b, c in zip(boxes, classes):
             w, h = float(b[2] - b[0] + 1), float(b[3] - b[1] + 1)
-            anns.append({"id": len(anns) + 1, "image_id": 1000 + i, "category_id": COCO_IDS[c], "bbox": [float(b[0]), float(b[1]), w, h],
-                         "area": w * h, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": 1000 + i,
+                    "category_id": COCO_IDS[c],
+                    "bbox": [float(b[0]), float(b[1]), w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     cats = [{"id": cid, "name": VOC_CLASSES[k], "supercategory": "thing"} for k, cid in enumerate(COCO_IDS)]
-    (root / "annotations" / "instances_val2017.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    (root / "annotations" / "instances_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
     return root
 
 
 def tiny_anchor_config():
     from quantship.models.ssd import AnchorConfig
 
-    return AnchorConfig((SIZE, SIZE), ((8, 8), (4, 4)), (0.2, 0.45, 0.8), ((1.0, 2.0, 0.5, 3.0), (1.0, 2.0, 0.5, 3.0)), num_classes=21)
+    return AnchorConfig(
+        (SIZE, SIZE), ((8, 8), (4, 4)), (0.2, 0.45, 0.8), ((1.0, 2.0, 0.5, 3.0), (1.0, 2.0, 0.5, 3.0)), num_classes=21
+    )
 
 
 def build_tiny_detector():

@@ -13,7 +13,6 @@ from quantship.calibrate.calibrators import get_calibrator
 from quantship.calibrate.histogram import TensorStats
 from quantship.errors import CalibrationError, ConfigError
 
-
 # ----------------------------------------------------------------- independent reference implementations
 
 
@@ -135,7 +134,9 @@ def test_entropy_matches_reference(kind):
 @pytest.mark.parametrize("p", [99.0, 99.9, 99.99])
 def test_percentile_matches_reference(kind, p):
     s = _stats(_batches(kind))
-    assert get_calibrator("percentile", percentile=p).compute_amax(s) == pytest.approx(reference_percentile_amax(s.counts, s.edges, p), rel=1e-9)
+    assert get_calibrator("percentile", percentile=p).compute_amax(s) == pytest.approx(
+        reference_percentile_amax(s.counts, s.edges, p), rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("kind", DISTRIBUTIONS)

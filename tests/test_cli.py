@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY_PREPROCESS
+
 from quantship.cli import main
 
 
@@ -17,9 +17,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_help_without_heavy_imports():
-    code = "import sys; from quantship.cli import build_parser; build_parser().format_help(); " \
-           "import quantship.models.zoo, quantship.targets, quantship.jobs.common; " \
-           "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'tensorrt', 'ai_edge_litert') if m in sys.modules))"
+    code = (
+        "import sys; from quantship.cli import build_parser; build_parser().format_help(); "
+        "import quantship.models.zoo, quantship.targets, quantship.jobs.common; "
+        "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'tensorrt', 'ai_edge_litert') if m in "
+        "sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert run_cli("--help").returncode == 0
@@ -30,16 +33,49 @@ def test_eval_all_tflite_targets(trained_tiny, synset_dataset, tmp_path):
     _, model_path = trained_tiny
     out = tmp_path / "out"
     res = run_cli(
-        "eval", "--model", str(model_path), "--preprocess", TINY_PREPROCESS, "--data", f"imagenet:{synset_dataset}",
-        "--targets", "keras-fp32,tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8,tflite-int16x8",
-        "--limit", "24", "--calib-images", "9", "--out", str(out), "--threads", "1",
+        "eval",
+        "--model",
+        str(model_path),
+        "--preprocess",
+        TINY_PREPROCESS,
+        "--data",
+        f"imagenet:{synset_dataset}",
+        "--targets",
+        "keras-fp32,tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8,tflite-int16x8",
+        "--limit",
+        "24",
+        "--calib-images",
+        "9",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
     )
     assert res.returncode == 0, res.stderr
     assert "tflite-int16x8" in res.stdout and "top-1" in res.stdout
     assert "Created TensorFlow Lite" not in res.stdout + res.stderr  # library chatter goes to the log
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["target"] for r in rows] == ["keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8"]
-    for key in ("model", "target", "runtime", "dataset", "images", "top1", "top5", "delta_top1", "delta_top5", "artifact", "manifest"):
+    assert [r["target"] for r in rows] == [
+        "keras-fp32",
+        "tflite-fp32",
+        "tflite-fp16",
+        "tflite-dynamic",
+        "tflite-int8",
+        "tflite-int16x8",
+    ]
+    for key in (
+        "model",
+        "target",
+        "runtime",
+        "dataset",
+        "images",
+        "top1",
+        "top5",
+        "delta_top1",
+        "delta_top5",
+        "artifact",
+        "manifest",
+    ):
         assert all(key in r for r in rows)
     assert all(r["images"] == 24 for r in rows)
     ref = rows[0]
@@ -55,9 +91,35 @@ def _err(capsys, *argv):
 
 
 def test_unknown_target_and_model(capsys, tmp_path):
-    code, err = _err(capsys, "eval", "--model", "resnet50", "--weights", "random", "--data", f"imagenet:{tmp_path}", "--targets", "tflite-int3", "--out", str(tmp_path / "o"), "-v")
+    code, err = _err(
+        capsys,
+        "eval",
+        "--model",
+        "resnet50",
+        "--weights",
+        "random",
+        "--data",
+        f"imagenet:{tmp_path}",
+        "--targets",
+        "tflite-int3",
+        "--out",
+        str(tmp_path / "o"),
+        "-v",
+    )
     assert code == 2 and "unknown target 'tflite-int3'" in err and "Traceback" not in err
-    code, err = _err(capsys, "eval", "--model", "resnet5000", "--data", f"imagenet:{tmp_path}", "--targets", "keras-fp32", "--out", str(tmp_path / "o"), "-v")
+    code, err = _err(
+        capsys,
+        "eval",
+        "--model",
+        "resnet5000",
+        "--data",
+        f"imagenet:{tmp_path}",
+        "--targets",
+        "keras-fp32",
+        "--out",
+        str(tmp_path / "o"),
+        "-v",
+    )
     assert code == 2 and "unknown model 'resnet5000'" in err
 
 
@@ -66,14 +128,44 @@ def test_missing_ground_truth_exit_code(capsys, tmp_path, synset_dataset):
     flat.mkdir()
     src = next(synset_dataset.rglob("*.JPEG"))
     (flat / src.name).write_bytes(src.read_bytes())
-    code, err = _err(capsys, "eval", "--model", "mobilenet_0.25_128", "--weights", "random", "--data", f"imagenet:{flat}", "--targets", "keras-fp32", "--out", str(tmp_path / "o"), "-v")
+    code, err = _err(
+        capsys,
+        "eval",
+        "--model",
+        "mobilenet_0.25_128",
+        "--weights",
+        "random",
+        "--data",
+        f"imagenet:{flat}",
+        "--targets",
+        "keras-fp32",
+        "--out",
+        str(tmp_path / "o"),
+        "-v",
+    )
     assert code == 2 and "no ground truth" in err
 
 
 @pytest.mark.slow
 def test_fewer_images_than_asked(capsys, trained_tiny, synset_dataset, tmp_path):
     _, model_path = trained_tiny
-    code, err = _err(capsys, "eval", "--model", str(model_path), "--preprocess", TINY_PREPROCESS, "--data", f"imagenet:{synset_dataset}", "--targets", "keras-fp32,tflite-int8", "--limit", "1000", "--out", str(tmp_path / "o"), "-v")
+    code, err = _err(
+        capsys,
+        "eval",
+        "--model",
+        str(model_path),
+        "--preprocess",
+        TINY_PREPROCESS,
+        "--data",
+        f"imagenet:{synset_dataset}",
+        "--targets",
+        "keras-fp32,tflite-int8",
+        "--limit",
+        "1000",
+        "--out",
+        str(tmp_path / "o"),
+        "-v",
+    )
     assert code == 2 and "36 images" in err and "--limit" in err
     assert not (tmp_path / "o" / "results.jsonl").exists()
 
@@ -87,7 +179,23 @@ def test_corrupt_image_counted_in_results(trained_tiny, synset_dataset, tmp_path
     victim = next(data.rglob("*.JPEG"))
     victim.write_bytes(victim.read_bytes()[:300])
     _, model_path = trained_tiny
-    code = main(["eval", "--model", str(model_path), "--preprocess", TINY_PREPROCESS, "--data", f"imagenet:{data}", "--targets", "keras-fp32", "--out", str(tmp_path / "o"), "-q", "-v"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(model_path),
+            "--preprocess",
+            TINY_PREPROCESS,
+            "--data",
+            f"imagenet:{data}",
+            "--targets",
+            "keras-fp32",
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+            "-v",
+        ]
+    )
     assert code == 0
     row = json.loads((tmp_path / "o" / "results.jsonl").read_text().splitlines()[0])
     assert row["skipped"] == 1 and row["images"] == 35
@@ -97,10 +205,40 @@ def test_corrupt_image_counted_in_results(trained_tiny, synset_dataset, tmp_path
 def test_corrupt_model_file(capsys, tmp_path, synset_dataset):
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
-    code, err = _err(capsys, "eval", "--model", str(bad), "--preprocess", TINY_PREPROCESS, "--data", f"imagenet:{synset_dataset}", "--targets", "keras-fp32", "--out", str(tmp_path / "o"), "-v")
+    code, err = _err(
+        capsys,
+        "eval",
+        "--model",
+        str(bad),
+        "--preprocess",
+        TINY_PREPROCESS,
+        "--data",
+        f"imagenet:{synset_dataset}",
+        "--targets",
+        "keras-fp32",
+        "--out",
+        str(tmp_path / "o"),
+        "-v",
+    )
     assert code == 2 and "bad.keras" in err and "Traceback" not in err
 
 
 def test_bad_preprocess_option(capsys, tmp_path, synset_dataset):
-    code, err = _err(capsys, "eval", "--model", "mobilenet_0.25_128", "--weights", "random", "--preprocess", "mode=tf,colour=red", "--data", f"imagenet:{synset_dataset}", "--targets", "keras-fp32", "--out", str(tmp_path / "o"), "-v")
+    code, err = _err(
+        capsys,
+        "eval",
+        "--model",
+        "mobilenet_0.25_128",
+        "--weights",
+        "random",
+        "--preprocess",
+        "mode=tf,colour=red",
+        "--data",
+        f"imagenet:{synset_dataset}",
+        "--targets",
+        "keras-fp32",
+        "--out",
+        str(tmp_path / "o"),
+        "-v",
+    )
     assert code == 2 and "colour" in err

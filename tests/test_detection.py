@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from detection_fixtures import COCO_IDS, SIZE, train_tiny_detector, write_coco, write_voc
-from quantship.errors import DataError
+
 from quantship.data.datasets import load_dataset
+from quantship.errors import DataError
 from quantship.evaluate.detection_metrics import CocoMetric, Detections, VocMetric, coco_evaluate, voc_ap
 from quantship.models.ssd import decode_boxes, encode_boxes, make_anchors, nms, ssd_anchor_config
 
@@ -21,17 +21,25 @@ from quantship.models.ssd import decode_boxes, encode_boxes, make_anchors, nms, 
 
 def _gt(boxes, classes, difficult=None):
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    return {"boxes": boxes, "classes": np.asarray(classes, np.int64), "difficult": np.asarray(difficult or [False] * len(boxes), bool)}
+    return {
+        "boxes": boxes,
+        "classes": np.asarray(classes, np.int64),
+        "difficult": np.asarray(difficult or [False] * len(boxes), bool),
+    }
 
 
 def _det(boxes, scores, classes):
-    return Detections(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32), np.asarray(classes, np.int64))
+    return Detections(
+        np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(scores, np.float32), np.asarray(classes, np.int64)
+    )
 
 
 def test_duplicate_detection_is_a_false_positive():
     m = VocMetric(["a", "b"])
-    m.update([_det([[10, 10, 50, 50], [11, 10, 50, 51]], [0.9, 0.8], [0, 0]), _det([[0, 0, 20, 20]], [0.7], [0])],
-             [_gt([[10, 10, 50, 50]], [0]), _gt([[0, 0, 20, 20]], [0])])
+    m.update(
+        [_det([[10, 10, 50, 50], [11, 10, 50, 51]], [0.9, 0.8], [0, 0]), _det([[0, 0, 20, 20]], [0.7], [0])],
+        [_gt([[10, 10, 50, 50]], [0]), _gt([[0, 0, 20, 20]], [0])],
+    )
     # tp=[1,0,1] fp=[0,1,0]: recall [.5,.5,1], precision [1,.5,2/3]
     assert m.per_class_ap(False)["a"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     assert m.per_class_ap(True)["a"] == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
@@ -65,9 +73,13 @@ def test_anchor_encoding_round_trip_and_nms():
     anchors = make_anchors(ssd_anchor_config(300))
     assert len(anchors) == 8732
     boxes = np.clip(np.random.default_rng(0).uniform(0, 1, (len(anchors), 4)), 0, 1)
-    boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:]) + 0.01], axis=1)
+    boxes = np.concatenate(
+        [np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:]) + 0.01], axis=1
+    )
     np.testing.assert_allclose(decode_boxes(encode_boxes(boxes, anchors), anchors), boxes, atol=1e-5)
-    keep = nms(np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], np.float32), np.array([0.9, 0.8, 0.7]), 0.45)
+    keep = nms(
+        np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], np.float32), np.array([0.9, 0.8, 0.7]), 0.45
+    )
     assert keep.tolist() == [0, 2]
 
 
@@ -102,7 +114,11 @@ def test_bad_detection_data(tmp_path):
         load_dataset(f"voc2007:{root}")
     root = write_voc(tmp_path / "y", 3, seed=1) / "VOC2007"
     xml = root / "Annotations" / "000000.xml"
-    xml.write_text(xml.read_text().replace("<name>cat</name>", "<name>unicorn</name>").replace("<name>dog</name>", "<name>unicorn</name>"))
+    xml.write_text(
+        xml.read_text()
+        .replace("<name>cat</name>", "<name>unicorn</name>")
+        .replace("<name>dog</name>", "<name>unicorn</name>")
+    )
     with pytest.raises(DataError, match="unknown class 'unicorn'"):
         load_dataset(f"voc2007:{root}")
     coco = write_coco(tmp_path / "c", 2, seed=1)
@@ -119,13 +135,25 @@ def test_our_coco_numbers_equal_pycocotools(tmp_path):
     dets = []
     for s in ds.samples:
         b = s.label["boxes"] + rng.normal(0, 2, s.label["boxes"].shape).astype(np.float32)
-        dets.append(_det(np.vstack([b, [[1, 1, 20, 20]]]), rng.uniform(0.3, 1.0, len(b) + 1), np.append(s.label["classes"], 7)))
+        dets.append(
+            _det(np.vstack([b, [[1, 1, 20, 20]]]), rng.uniform(0.3, 1.0, len(b) + 1), np.append(s.label["classes"], 7))
+        )
     ours = CocoMetric(ds.meta["annotation_file"], ds.meta["category_ids"])
     ours.update(dets, [s.label for s in ds.samples])
     # Straight pycocotools on the same detections, written as the COCO results format by hand.
-    results = [{"image_id": s.label["image_id"], "category_id": COCO_IDS[int(c)], "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(sc)}
-               for s, d in zip(ds.samples, dets) for (x1, y1, x2, y2), sc, c in zip(d.boxes, d.scores, d.classes)]
-    direct = coco_evaluate(root / "annotations" / "instances_val2017.json", results, [s.label["image_id"] for s in ds.samples])
+    results = [
+        {
+            "image_id": s.label["image_id"],
+            "category_id": COCO_IDS[int(c)],
+            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+            "score": float(sc),
+        }
+        for s, d in zip(ds.samples, dets)
+        for (x1, y1, x2, y2), sc, c in zip(d.boxes, d.scores, d.classes)
+    ]
+    direct = coco_evaluate(
+        root / "annotations" / "instances_val2017.json", results, [s.label["image_id"] for s in ds.samples]
+    )
     assert ours.result() == direct
     assert 0.3 < direct["AP50"] <= 1.0
 
@@ -144,13 +172,20 @@ def test_ssd300_loads_a_keras_ssd_weight_file_by_layer_name(tmp_path):
     path = tmp_path / "VGG_VOC0712_SSD_300x300_iter_120000.h5"
     expected = {}
     with h5py.File(path, "w") as f:
-        names = ["input_1"] + [l.name for l in model.layers if l.weights] + ["conv4_3_norm_mbox_priorbox", "mbox_conf_softmax"]
+        names = (
+            ["input_1"]
+            + [layer.name for layer in model.layers if layer.weights]
+            + ["conv4_3_norm_mbox_priorbox", "mbox_conf_softmax"]
+        )
         f.attrs["layer_names"] = [n.encode() for n in names]
         for layer in model.layers:
             if not layer.weights:
                 continue
             g = f.create_group(layer.name)
-            wn = [f"{layer.name}/{'gamma' if layer.name == 'conv4_3_norm' else ('kernel' if i == 0 else 'bias')}:0" for i in range(len(layer.weights))]
+            wn = [
+                f"{layer.name}/{'gamma' if layer.name == 'conv4_3_norm' else ('kernel' if i == 0 else 'bias')}:0"
+                for i in range(len(layer.weights))
+            ]
             g.attrs["weight_names"] = [w.encode() for w in wn]
             vals = [rng.normal(size=w.shape).astype(np.float32) for w in layer.get_weights()]
             for w, v in zip(wn, vals):
@@ -191,11 +226,30 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
     data = write_voc(tmp_path / "v", 60, seed=9) if kind == "voc2007" else write_coco(tmp_path / "c", 60, seed=9)
     out = tmp_path / "out"
     res = subprocess.run(
-        [sys.executable, "-m", "quantship", "eval", "--task", "detection", "--data", f"{kind}:{data}",
-         "--model", str(tiny_detector / "tiny_ssd.keras"), "--anchors", str(tiny_detector / "anchors.json"),
-         "--preprocess", f"mode=tf,size={SIZE},crop_pct=1.0,resize=stretch", "--calib-images", "20",
-         "--targets", "keras-fp32,tflite-fp32,tflite-int8,onnx-fp32,onnx-int8-entropy", "--out", str(out)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "quantship",
+            "eval",
+            "--task",
+            "detection",
+            "--data",
+            f"{kind}:{data}",
+            "--model",
+            str(tiny_detector / "tiny_ssd.keras"),
+            "--anchors",
+            str(tiny_detector / "anchors.json"),
+            "--preprocess",
+            f"mode=tf,size={SIZE},crop_pct=1.0,resize=stretch",
+            "--calib-images",
+            "20",
+            "--targets",
+            "keras-fp32,tflite-fp32,tflite-int8,onnx-fp32,onnx-int8-entropy",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr
     rows = {r["target"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
@@ -219,13 +273,32 @@ def test_signoff_gates_detection_on_map(tiny_detector, tmp_path):
 
     data = write_voc(tmp_path / "v", 50, seed=4)
     plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({
-        "name": "det", "dataset": f"voc2007:{data}", "limit": 40, "calibration": {"num_images": 10}, "chunk_images": 16,
-        "models": [{"name": str(tiny_detector / "tiny_ssd.keras"), "preprocess": {"mode": "tf", "size": SIZE, "crop_pct": 1.0, "resize": "stretch"}}],
-        "targets": ["tflite-int8"], "anchors": str(tiny_detector / "anchors.json"), "bootstrap_samples": 50,
-        "gates": [{"metric": "mAP", "relative": 0.9}, {"metric": "mAP", "relative": 1.2}],
-    }))
-    res = subprocess.run([sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "name": "det",
+                "dataset": f"voc2007:{data}",
+                "limit": 40,
+                "calibration": {"num_images": 10},
+                "chunk_images": 16,
+                "models": [
+                    {
+                        "name": str(tiny_detector / "tiny_ssd.keras"),
+                        "preprocess": {"mode": "tf", "size": SIZE, "crop_pct": 1.0, "resize": "stretch"},
+                    }
+                ],
+                "targets": ["tflite-int8"],
+                "anchors": str(tiny_detector / "anchors.json"),
+                "bootstrap_samples": 50,
+                "gates": [{"metric": "mAP", "relative": 0.9}, {"metric": "mAP", "relative": 1.2}],
+            }
+        )
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1, res.stderr  # the second gate cannot pass
     verdicts = [json.loads(line) for line in (tmp_path / "o" / "verdicts.jsonl").read_text().splitlines()]
     assert [v["passed"] for v in verdicts] == [True, False]
@@ -242,9 +315,11 @@ def test_saved_model_with_l2_normalization_loads_in_a_fresh_process(tmp_path):
     inputs = keras.Input((8, 8, 4))
     model = keras.Model(inputs, _l2norm_layer()(20.0, name="conv4_3_norm")(inputs))
     model.save(tmp_path / "m.keras")
-    code = ("from quantship.models.loading import load_model; from quantship.config import PreprocessSpec; "
-            f"m = load_model({str(tmp_path / 'm.keras')!r}, preprocess=PreprocessSpec(size=(8, 8))).model; "
-            "print(m.get_layer('conv4_3_norm').get_weights()[0][:2])")
+    code = (
+        "from quantship.models.loading import load_model; from quantship.config import PreprocessSpec; "
+        f"m = load_model({str(tmp_path / 'm.keras')!r}, preprocess=PreprocessSpec(size=(8, 8))).model; "
+        "print(m.get_layer('conv4_3_norm').get_weights()[0][:2])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "20." in out.stdout

@@ -7,12 +7,12 @@ import pickle
 
 import numpy as np
 import pytest
-
 from conftest import CLASSES, encode, synthetic_set
+
 from quantship.config import PreprocessSpec
-from quantship.errors import ConfigError, DataError
 from quantship.data.classes import wnid_to_label
 from quantship.data.datasets import Skipped, check_disjoint, iter_batches, load_dataset, split_calibration
+from quantship.errors import ConfigError, DataError
 
 # A devkit numbering for our three synsets that differs from the sorted-wnid label order, so a loader
 # that ignored the mapping would get the labels wrong.
@@ -42,7 +42,9 @@ def make_devkit_mat(root, blobs, labels):
     from scipy.io import savemat
 
     val, _ = _flat(root, blobs)
-    (root / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{DEVKIT_IDS[CLASSES[l]]}\n" for l in labels))
+    (root / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{DEVKIT_IDS[CLASSES[lab]]}\n" for lab in labels)
+    )
     dt = np.dtype([("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
     synsets = np.array([(DEVKIT_IDS[w], w, 0) for w in CLASSES] + [(1001, "n00000001", 3)], dtype=dt)
     (root / "data").mkdir()
@@ -53,34 +55,36 @@ def make_devkit_mat(root, blobs, labels):
 def make_devkit_map(root, blobs, labels):
     val, _ = _flat(root, blobs)
     gt = root / "ILSVRC2012_validation_ground_truth.txt"
-    gt.write_text("".join(f"{DEVKIT_IDS[CLASSES[l]]}\n" for l in labels))
+    gt.write_text("".join(f"{DEVKIT_IDS[CLASSES[lab]]}\n" for lab in labels))
     (root / "map_clsloc.txt").write_text("".join(f"{w} {i} name_{i}\n" for w, i in DEVKIT_IDS.items()))
     return val, gt
 
 
 def make_loc_csv(root, blobs, labels):
     val, names = _flat(root, blobs)
-    rows = ["ImageId,PredictionString"] + [f"{n.rsplit('.', 1)[0]},{CLASSES[l]} 1 2 30 40 {CLASSES[l]} 5 6 7 8" for n, l in zip(names, labels)]
+    rows = ["ImageId,PredictionString"] + [
+        f"{n.rsplit('.', 1)[0]},{CLASSES[lab]} 1 2 30 40 {CLASSES[lab]} 5 6 7 8" for n, lab in zip(names, labels)
+    ]
     (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     return val, None
 
 
 def make_file_label_index(root, blobs, labels):
     val, names = _flat(root, blobs)
-    (val / "val.txt").write_text("".join(f"{n} {wnid_to_label()[CLASSES[l]]}\n" for n, l in zip(names, labels)))
+    (val / "val.txt").write_text("".join(f"{n} {wnid_to_label()[CLASSES[lab]]}\n" for n, lab in zip(names, labels)))
     return val, None
 
 
 def make_file_label_wnid(root, blobs, labels):
     val, names = _flat(root, blobs)
     gt = root / "my_labels.txt"
-    gt.write_text("".join(f"{n} {CLASSES[l]}\n" for n, l in zip(names, labels)))
+    gt.write_text("".join(f"{n} {CLASSES[lab]}\n" for n, lab in zip(names, labels)))
     return val, gt
 
 
 def make_synset_folders(root, blobs, labels):
-    for i, (b, l) in enumerate(zip(blobs, labels)):
-        d = root / "val" / CLASSES[l]
+    for i, (b, lab) in enumerate(zip(blobs, labels)):
+        d = root / "val" / CLASSES[lab]
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{i}.JPEG").write_bytes(b)
     return root / "val", None
@@ -89,17 +93,32 @@ def make_synset_folders(root, blobs, labels):
 def make_val224(root, blobs, labels):
     path = root / "val224_compressed.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"data": [np.frombuffer(b, np.uint8) for b in blobs], "target": [wnid_to_label()[CLASSES[l]] for l in labels]}, f, protocol=2)
+        pickle.dump(
+            {
+                "data": [np.frombuffer(b, np.uint8) for b in blobs],
+                "target": [wnid_to_label()[CLASSES[lab]] for lab in labels],
+            },
+            f,
+            protocol=2,
+        )
     return path, None
 
 
-FORMATS = [make_devkit_mat, make_devkit_map, make_loc_csv, make_file_label_index, make_file_label_wnid, make_synset_folders, make_val224]
+FORMATS = [
+    make_devkit_mat,
+    make_devkit_map,
+    make_loc_csv,
+    make_file_label_index,
+    make_file_label_wnid,
+    make_synset_folders,
+    make_val224,
+]
 
 
 @pytest.mark.parametrize("make", FORMATS, ids=[f.__name__[5:] for f in FORMATS])
 def test_every_format_gives_same_images_and_labels(tmp_path, images, make):
     blobs, labels = images
-    expected = {hashlib.sha256(b).hexdigest(): wnid_to_label()[CLASSES[l]] for b, l in zip(blobs, labels)}
+    expected = {hashlib.sha256(b).hexdigest(): wnid_to_label()[CLASSES[lab]] for b, lab in zip(blobs, labels)}
     path, gt = make(tmp_path, blobs, labels)
     ds = load_dataset(f"imagenet:{path}", labels=gt)
     got = {hashlib.sha256(s.read()).hexdigest(): s.label for s in ds.samples}

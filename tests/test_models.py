@@ -26,7 +26,10 @@ def test_every_registered_model_builds_at_its_input_size(name):
     if spec.task == "detection":
         from quantship.models.ssd import make_anchors
 
-        assert model.outputs[0].shape[1:] == (len(make_anchors(spec.extra["anchors"](spec.num_classes))), spec.num_classes + 4)
+        assert model.outputs[0].shape[1:] == (
+            len(make_anchors(spec.extra["anchors"](spec.num_classes))),
+            spec.num_classes + 4,
+        )
     else:
         assert model.outputs[0].shape[-1] == spec.num_classes
     assert spec.preprocess.size == spec.input_size
@@ -35,7 +38,15 @@ def test_every_registered_model_builds_at_its_input_size(name):
 
 # Published multiply-accumulates (MobileNet paper / TF release table, SqueezeNet v1.1 release notes) and
 # the rounding they were published with.
-@pytest.mark.parametrize("name,macs,unit", [("mobilenet_1.0_224", 569e6, 1e6), ("mobilenet_0.25_128", 14e6, 1e6), ("mobilenet_1.0_128", 186e6, 1e6), ("squeezenet_v1_1", 352e6, 5e6)])
+@pytest.mark.parametrize(
+    "name,macs,unit",
+    [
+        ("mobilenet_1.0_224", 569e6, 1e6),
+        ("mobilenet_0.25_128", 14e6, 1e6),
+        ("mobilenet_1.0_128", 186e6, 1e6),
+        ("squeezenet_v1_1", 352e6, 5e6),
+    ],
+)
 def test_mac_counts_match_published_figures(name, macs, unit):
     model = get_model_spec(name).build()
     assert abs(count_macs(model) - macs) <= unit
@@ -83,7 +94,9 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fname", ["full.keras", "w.weights.h5", "full.h5", "keras2.h5", "weights_only.h5", "savedmodel"])
+@pytest.mark.parametrize(
+    "fname", ["full.keras", "w.weights.h5", "full.h5", "keras2.h5", "weights_only.h5", "savedmodel"]
+)
 def test_weights_load_in_every_format(reference, fname):
     _, root, x, expected = reference
     loaded = load_model(SMALL, root / fname)

@@ -7,8 +7,8 @@ import struct
 
 import numpy as np
 import pytest
-
 from conftest import TINY_PREPROCESS, synthetic_set, tf_preprocess
+
 from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
 from quantship.calibrate.qdq import insert_qdq, quantize_weight
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache, write_cache
@@ -29,7 +29,9 @@ def test_cache_round_trip_is_bit_exact(tmp_path):
     assert text.splitlines()[0] == "TRT-100161-EntropyCalibration2"
     back = read_cache(path)
     assert back.algorithm == "EntropyCalibration2" and back.version == "100161"
-    assert {k: struct.pack(">f", v) for k, v in back.scales.items()} == {k: struct.pack(">f", v) for k, v in scales.items()}
+    assert {k: struct.pack(">f", v) for k, v in back.scales.items()} == {
+        k: struct.pack(">f", v) for k, v in scales.items()
+    }
     assert write_cache(tmp_path / "again.cache", back).read_bytes() == path.read_bytes()
 
 
@@ -39,7 +41,10 @@ def test_cache_hex_is_big_endian_float_bits(tmp_path):
     assert CalibrationCache.from_amax({"x": 127.0}, "MinMaxCalibration").dynamic_ranges()["x"] == pytest.approx(127.0)
 
 
-@pytest.mark.parametrize("text,match", [("", "empty"), ("TRT-x\nfoo: 00000000\n", "header"), ("TRT-8601-EntropyCalibration2\nfoo 3f800000\n", ":2")])
+@pytest.mark.parametrize(
+    "text,match",
+    [("", "empty"), ("TRT-x\nfoo: 00000000\n", "header"), ("TRT-8601-EntropyCalibration2\nfoo 3f800000\n", ":2")],
+)
 def test_bad_cache_files(tmp_path, text, match):
     p = tmp_path / "bad.cache"
     p.write_text(text)
@@ -152,7 +157,12 @@ def test_exclusion_by_keras_layer_name(onnx_model, sets, tmp_path):
 
     m = onnx.load(str(art.path))
     node_layers = onnx_node_layers(m, model)
-    assert sorted(node_layers.values()) == ["conv1", "dw1", "logits", "pw1"]  # tf2onnx names the depthwise node "Conv__N"
+    assert sorted(node_layers.values()) == [
+        "conv1",
+        "dw1",
+        "logits",
+        "pw1",
+    ]  # tf2onnx names the depthwise node "Conv__N"
     q, report = insert_qdq(m, result.amax, exclude=["dw1"], node_layers=node_layers)
     assert len(report.excluded) == 1 and node_layers[report.excluded[0]] == "dw1"
     assert len(report.quantized) == 4
@@ -199,7 +209,10 @@ def test_nan_activation_names_the_tensor(tmp_path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Log", ["x"], ["log_out"], name="log"), helper.make_node("Relu", ["log_out"], ["y"], name="relu")],
+        [
+            helper.make_node("Log", ["x"], ["log_out"], name="log"),
+            helper.make_node("Relu", ["log_out"], ["y"], name="relu"),
+        ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
@@ -217,10 +230,32 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
     _, model_path = trained_tiny
     out = tmp_path / "cal"
     res = subprocess.run(
-        [sys.executable, "-m", "quantship", "calibrate", "--model", str(model_path), "--preprocess", TINY_PREPROCESS,
-         "--data", f"imagenet:{synset_dataset}", "--calib-images", "12", "--method", "entropy",
-         "--cache", str(out / "tiny.cache"), "--qdq", str(out / "tiny-qdq.onnx"), "--ranges", str(out / "ranges.json"), "--out", str(out)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "quantship",
+            "calibrate",
+            "--model",
+            str(model_path),
+            "--preprocess",
+            TINY_PREPROCESS,
+            "--data",
+            f"imagenet:{synset_dataset}",
+            "--calib-images",
+            "12",
+            "--method",
+            "entropy",
+            "--cache",
+            str(out / "tiny.cache"),
+            "--qdq",
+            str(out / "tiny-qdq.onnx"),
+            "--ranges",
+            str(out / "ranges.json"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr
     cache = read_cache(out / "tiny.cache")
@@ -234,14 +269,38 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
 
     ev = tmp_path / "ev"
     res = subprocess.run(
-        [sys.executable, "-m", "quantship", "eval", "--model", str(model_path), "--preprocess", TINY_PREPROCESS,
-         "--data", f"imagenet:{synset_dataset}", "--targets", "keras-fp32,onnx-fp32,onnx-int8-entropy,onnx-int8-max,tflite-int8",
-         "--limit", "24", "--calib-images", "12", "--out", str(ev)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "quantship",
+            "eval",
+            "--model",
+            str(model_path),
+            "--preprocess",
+            TINY_PREPROCESS,
+            "--data",
+            f"imagenet:{synset_dataset}",
+            "--targets",
+            "keras-fp32,onnx-fp32,onnx-int8-entropy,onnx-int8-max,tflite-int8",
+            "--limit",
+            "24",
+            "--calib-images",
+            "12",
+            "--out",
+            str(ev),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in (ev / "results.jsonl").read_text().splitlines()]
-    assert [r["target"] for r in rows] == ["keras-fp32", "onnx-fp32", "onnx-int8-entropy", "onnx-int8-max", "tflite-int8"]
+    assert [r["target"] for r in rows] == [
+        "keras-fp32",
+        "onnx-fp32",
+        "onnx-int8-entropy",
+        "onnx-int8-max",
+        "tflite-int8",
+    ]
     assert len({r["eval_data_hash"] for r in rows}) == 1 and all(r["images"] == 24 for r in rows)
     assert rows[1]["agreement_top1"] == 1.0
     assert all(r["agreement_top1"] >= 0.9 for r in rows[2:])

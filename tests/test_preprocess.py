@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from quantship.config import PreprocessSpec
-from quantship.errors import ConfigError, DataError
 from quantship.data.preprocess import crop_views, decode_image, preprocess_image
+from quantship.errors import ConfigError, DataError
 
 
 def _img(h=60, w=80):
@@ -20,11 +20,14 @@ def test_resize_and_centre_crop_geometry():
     assert spec.resize_shorter == 25
 
 
-@pytest.mark.parametrize("mode,first_pixel", [
-    ("tf", lambda p: p / 127.5 - 1),
-    ("torch", lambda p: (p / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])),
-    ("caffe", lambda p: (p - np.array([123.68, 116.779, 103.939]))[::-1]),
-])
+@pytest.mark.parametrize(
+    "mode,first_pixel",
+    [
+        ("tf", lambda p: p / 127.5 - 1),
+        ("torch", lambda p: (p / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])),
+        ("caffe", lambda p: (p - np.array([123.68, 116.779, 103.939]))[::-1]),
+    ],
+)
 def test_normalisation_modes(mode, first_pixel):
     img = np.full((16, 16, 3), 0, np.uint8)
     img[..., 0], img[..., 1], img[..., 2] = 10, 100, 200

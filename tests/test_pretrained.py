@@ -17,11 +17,14 @@ def lite0():
     return load_model("efficientnet_lite0")
 
 
-@pytest.mark.parametrize("photo,accepted", [
-    ("coffee", {"espresso", "cup", "coffee mug"}),
-    ("chelsea", {"tabby", "tiger cat", "Egyptian cat"}),
-    ("rocket", {"missile", "projectile", "space shuttle"}),
-])
+@pytest.mark.parametrize(
+    "photo,accepted",
+    [
+        ("coffee", {"espresso", "cup", "coffee mug"}),
+        ("chelsea", {"tabby", "tiger cat", "Egyptian cat"}),
+        ("rocket", {"missile", "projectile", "space shuttle"}),
+    ],
+)
 def test_obvious_photos(lite0, photo, accepted):
     from skimage import data
 

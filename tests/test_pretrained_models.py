@@ -65,8 +65,14 @@ def test_parameter_count_and_cached_port(loaded):
 @pytest.mark.parametrize(
     "name,size,shorter,interpolation,mean,std",
     [
-        ("mobilenet_v2_tv", 224, 256, Interpolation.BILINEAR_ANTIALIAS, (123.675, 116.28, 103.53),
-         (58.395, 57.12, 57.375)),
+        (
+            "mobilenet_v2_tv",
+            224,
+            256,
+            Interpolation.BILINEAR_ANTIALIAS,
+            (123.675, 116.28, 103.53),
+            (58.395, 57.12, 57.375),
+        ),
         ("efficientnet_lite1", 240, 272, Interpolation.BICUBIC, (127.0,) * 3, (128.0,) * 3),
         ("efficientnet_lite2", 260, 292, Interpolation.BICUBIC, (127.0,) * 3, (128.0,) * 3),
     ],
@@ -76,7 +82,11 @@ def test_preprocessing_belongs_to_the_weights(name, size, shorter, interpolation
     pre = spec.preprocess
     assert spec.input_size == pre.size == (size, size)
     assert (pre.resize_shorter, pre.interpolation, pre.mean, pre.std, pre.channel_order.value) == (
-        shorter, interpolation, mean, std, "rgb"
+        shorter,
+        interpolation,
+        mean,
+        std,
+        "rgb",
     )
     assert spec.pretrained is not None
     assert pre.to_dict()["interpolation"] == interpolation.value

@@ -73,7 +73,9 @@ class _TensorPickle:
         return (sys.modules["torch._utils"]._rebuild_tensor_v2, self.args)
 
 
-def _state_dict_pickle(tensors: dict[str, tuple[_StorageRef, int, tuple, tuple]], fake: _FakeTorch) -> tuple[bytes, list[_StorageRef]]:
+def _state_dict_pickle(
+    tensors: dict[str, tuple[_StorageRef, int, tuple, tuple]], fake: _FakeTorch
+) -> tuple[bytes, list[_StorageRef]]:
     storages: list[_StorageRef] = []
 
     class P(pickle.Pickler):
@@ -115,7 +117,11 @@ def write_legacy_checkpoint(path, tensors):
     with open(path, "wb") as f:
         pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)
         pickle.dump(1001, f, protocol=2)
-        pickle.dump({"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}, f, protocol=2)
+        pickle.dump(
+            {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+            f,
+            protocol=2,
+        )
         f.write(body)
         pickle.dump([s.key for s in storages], f, protocol=2)
         for s in storages:

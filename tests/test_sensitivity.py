@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_set, tf_preprocess
+
 from quantship.config import Gate
 from quantship.errors import ConfigError
 from quantship.jobs.sensitivity import (
@@ -112,7 +112,9 @@ def qdq_backend(hostile, tmp_path_factory):
     model, calib, _ = hostile
     art = convert_to_onnx(model, tmp_path_factory.mktemp("h") / "h.onnx")
     proto = onnx.load(str(art.path))
-    amax = calibrate(collect_statistics(proto, [calib[i : i + 10] for i in range(0, len(calib), 10)], scope="qdq"), "max").amax
+    amax = calibrate(
+        collect_statistics(proto, [calib[i : i + 10] for i in range(0, len(calib), 10)], scope="qdq"), "max"
+    ).amax
     return QdqBackend(proto, amax, onnx_node_layers(proto, model))
 
 
@@ -164,7 +166,13 @@ def test_depthwise_vs_pointwise_and_weight_study(qdq_backend, hostile):
     assert types == {"conv1": "conv", "conv2": "conv", "dw": "depthwise", "pw": "pointwise", "fc": "dense"}
     rows = depthwise_vs_pointwise(qdq_backend, held, types)
     assert [r["quantized_layers"] for r in rows] == [2, 5]
-    study = weight_study(model, held, ["fp16", "int8-channel", "mantissa:23", "mantissa:1"], per_layer=True, recipe={"conv1": "fp16", "fc": "int8-tensor"})
+    study = weight_study(
+        model,
+        held,
+        ["fp16", "int8-channel", "mantissa:23", "mantissa:1"],
+        per_layer=True,
+        recipe={"conv1": "fp16", "fc": "int8-tensor"},
+    )
     by = {(r["precision"], r["layers"]): r for r in study}
     assert by[("mantissa:23", "all")]["sqnr_db"] == float("inf")  # bit-identical weights
     assert by[("fp16", "all")]["agreement_top1"] == 1.0
@@ -186,9 +194,34 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
     path = tmp_path / "hostile.keras"
     model.save(path)
     data = write_synset_dataset(tmp_path / "data", 24, seed=41)
-    common = ["--model", str(path), "--preprocess", "mode=tf,size=32,crop_pct=1.0", "--data", f"imagenet:{data}", "--calib-images", "12"]
-    res = subprocess.run([sys.executable, "-m", "quantship", "convert", *common, "--auto-fallback", "--gate", "top1>=0.99",
-                          "--fallback-images", "60", "--out", str(tmp_path / "fb")], capture_output=True, text=True)
+    common = [
+        "--model",
+        str(path),
+        "--preprocess",
+        "mode=tf,size=32,crop_pct=1.0",
+        "--data",
+        f"imagenet:{data}",
+        "--calib-images",
+        "12",
+    ]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantship",
+            "convert",
+            *common,
+            "--auto-fallback",
+            "--gate",
+            "top1>=0.99",
+            "--fallback-images",
+            "60",
+            "--out",
+            str(tmp_path / "fb"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in (tmp_path / "fb" / "fallback.jsonl").read_text().splitlines()]
     costs = {(r["backend"], r["variant"]): r for r in rows if r["kind"] == "fallback_cost"}
@@ -197,8 +230,26 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
         assert costs[(backend, "int8+fallback")]["agreement_top1"] > costs[(backend, "int8")]["agreement_top1"]
         assert Path(costs[(backend, "int8+fallback")]["artifact"]).is_file()
 
-    res = subprocess.run([sys.executable, "-m", "quantship", "sensitivity", *common, "--images", "60", "--backend", "qdq",
-                          "--cumulative", "--weight-study", "fp16,mantissa:8", "--out", str(tmp_path / "s")], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantship",
+            "sensitivity",
+            *common,
+            "--images",
+            "60",
+            "--backend",
+            "qdq",
+            "--cumulative",
+            "--weight-study",
+            "fp16,mantissa:8",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     page = (tmp_path / "s" / "report.html").read_text()
     assert "per-layer quantization harm" not in page or "data:image/png;base64," in page

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY_PREPROCESS
+
 from quantship.config import Gate
 from quantship.errors import ConfigError
 from quantship.evaluate.bench import BenchConfig, annotate, mobile_profile
@@ -61,7 +61,12 @@ def test_paired_difference_interval():
 
 
 def test_plan_validation():
-    base = {"models": ["m"], "targets": ["tflite-int8"], "dataset": "imagenet:/x", "gates": [{"metric": "top1", "relative": 0.99}]}
+    base = {
+        "models": ["m"],
+        "targets": ["tflite-int8"],
+        "dataset": "imagenet:/x",
+        "gates": [{"metric": "top1", "relative": 0.99}],
+    }
     plan = SignoffPlan.from_dict(base)
     assert plan.data == "imagenet:/x" and plan.gates[0].applies("tflite-int8")
     with pytest.raises(ConfigError, match="unknown key"):
@@ -74,20 +79,28 @@ def test_plan_validation():
     assert not Gate(max_drop_points=0.5, targets=("onnx-*",)).applies("tflite-fp16")
 
 
-def _write_plan(path: Path, model: Path, data: Path, gates: list[dict], targets: list[str], limit: int = 90, chunk: int = 32) -> Path:
+def _write_plan(
+    path: Path, model: Path, data: Path, gates: list[dict], targets: list[str], limit: int = 90, chunk: int = 32
+) -> Path:
     import yaml
 
     mode, size, crop = (kv.split("=")[1] for kv in TINY_PREPROCESS.split(","))
-    path.write_text(yaml.safe_dump({
-        "name": "test-plan",
-        "dataset": f"imagenet:{data}",
-        "limit": limit,
-        "calibration": {"num_images": 12},
-        "chunk_images": chunk,
-        "models": [{"name": str(model), "preprocess": {"mode": mode, "size": int(size), "crop_pct": float(crop)}}],
-        "targets": targets,
-        "gates": gates,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "test-plan",
+                "dataset": f"imagenet:{data}",
+                "limit": limit,
+                "calibration": {"num_images": 12},
+                "chunk_images": chunk,
+                "models": [
+                    {"name": str(model), "preprocess": {"mode": mode, "size": int(size), "crop_pct": float(crop)}}
+                ],
+                "targets": targets,
+                "gates": gates,
+            }
+        )
+    )
     return path
 
 
@@ -99,15 +112,24 @@ def bigger_dataset(tmp_path_factory):
 
 
 def _signoff(plan: Path, out: Path, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(out)], capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.slow
 def test_failing_gate_fails_the_run(trained_tiny, bigger_dataset, tmp_path):
     _, model = trained_tiny
-    plan = _write_plan(tmp_path / "plan.yaml", model, bigger_dataset,
-                       [{"metric": "top1", "relative": 0.9}, {"metric": "top1", "relative": 1.01, "targets": ["tflite-fp16"]}],
-                       ["tflite-fp32", "tflite-fp16"])
+    plan = _write_plan(
+        tmp_path / "plan.yaml",
+        model,
+        bigger_dataset,
+        [{"metric": "top1", "relative": 0.9}, {"metric": "top1", "relative": 1.01, "targets": ["tflite-fp16"]}],
+        ["tflite-fp32", "tflite-fp16"],
+    )
     res = _signoff(plan, tmp_path / "out")
     assert res.returncode == 1, res.stdout + res.stderr
     verdicts = [json.loads(line) for line in (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()]
@@ -123,10 +145,21 @@ def test_failing_gate_fails_the_run(trained_tiny, bigger_dataset, tmp_path):
 @pytest.mark.slow
 def test_kill_and_resume_keeps_every_stored_result(trained_tiny, bigger_dataset, tmp_path):
     _, model = trained_tiny
-    plan = _write_plan(tmp_path / "plan.yaml", model, bigger_dataset, [{"metric": "top1", "max_drop_points": 5}],
-                       ["tflite-fp32", "tflite-int8", "onnx-fp32"], limit=96, chunk=8)
+    plan = _write_plan(
+        tmp_path / "plan.yaml",
+        model,
+        bigger_dataset,
+        [{"metric": "top1", "max_drop_points": 5}],
+        ["tflite-fp32", "tflite-int8", "onnx-fp32"],
+        limit=96,
+        chunk=8,
+    )
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         chunks = list((out / "state").glob("*/chunk-*.npz")) if (out / "state").exists() else []
@@ -175,7 +208,13 @@ class _Images(HTMLParser):
 @pytest.mark.slow
 def test_report_is_rebuilt_from_stored_results_and_holds_its_plot(trained_tiny, bigger_dataset, tmp_path):
     _, model = trained_tiny
-    plan = _write_plan(tmp_path / "plan.yaml", model, bigger_dataset, [{"metric": "top1", "relative": 0.95}], ["tflite-fp32", "tflite-int8"])
+    plan = _write_plan(
+        tmp_path / "plan.yaml",
+        model,
+        bigger_dataset,
+        [{"metric": "top1", "relative": 0.95}],
+        ["tflite-fp32", "tflite-int8"],
+    )
     out = tmp_path / "out"
     assert _signoff(plan, out).returncode == 0
     (out / "report.html").unlink()
@@ -218,17 +257,48 @@ def test_int8_slower_than_sibling_is_flagged():
 def test_bench_cli_on_a_tflite_file(trained_tiny, bigger_dataset, tmp_path):
     _, model = trained_tiny
     res = subprocess.run(
-        [sys.executable, "-m", "quantship", "bench", "--model", str(model), "--preprocess", TINY_PREPROCESS,
-         "--targets", "tflite-fp32,tflite-int8", "--data", f"imagenet:{bigger_dataset}", "--calib-images", "10",
-         "--threads", "1", "--batch-sizes", "1,4", "--min-queries", "30", "--min-seconds", "0.2", "--warmup", "0.1",
-         "--out", str(tmp_path / "b")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "quantship",
+            "bench",
+            "--model",
+            str(model),
+            "--preprocess",
+            TINY_PREPROCESS,
+            "--targets",
+            "tflite-fp32,tflite-int8",
+            "--data",
+            f"imagenet:{bigger_dataset}",
+            "--calib-images",
+            "10",
+            "--threads",
+            "1",
+            "--batch-sizes",
+            "1,4",
+            "--min-queries",
+            "30",
+            "--min-seconds",
+            "0.2",
+            "--warmup",
+            "0.1",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in (tmp_path / "b" / "bench.jsonl").read_text().splitlines()]
     assert [r["target"] for r in rows] == ["tflite-fp32", "tflite-int8"]
     for r in rows:
         assert r["iterations"] >= 30
-        assert r["latency_ms_min"] <= r["latency_ms_p50"] <= r["latency_ms_p90"] <= r["latency_ms_p99"] <= r["latency_ms_max"]
+        assert (
+            r["latency_ms_min"]
+            <= r["latency_ms_p50"]
+            <= r["latency_ms_p90"]
+            <= r["latency_ms_p99"]
+            <= r["latency_ms_max"]
+        )
         assert r["throughput_ips_b1"] > 0 and r["throughput_ips_b4"] > 0
         assert r["init_ms"] > 0 and r["peak_rss_mb"] > 10 and r["file_size_bytes"] > 0

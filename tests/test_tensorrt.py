@@ -31,14 +31,17 @@ def test_version_parsing_and_generation():
 IMPLICIT, EXPLICIT = TrtInt8Mode.IMPLICIT, TrtInt8Mode.EXPLICIT
 
 
-@pytest.mark.parametrize("precision,mode,calib,data,cache,expected", [
-    ("fp32", None, None, False, False, ((), (), "fp32", None)),
-    ("fp16", None, None, False, False, ((), ("FP16",), "fp32", None)),
-    ("int8", IMPLICIT, "entropy", True, False, ((), ("INT8",), "fp32", "calibrator")),
-    ("int8", IMPLICIT, "max", True, True, ((), ("INT8",), "fp32", "calibrator")),
-    ("int8", IMPLICIT, "entropy", False, True, ((), ("INT8",), "fp32", "cache-ranges")),
-    ("int8", EXPLICIT, None, False, False, ((), ("INT8",), "qdq", None)),
-])
+@pytest.mark.parametrize(
+    "precision,mode,calib,data,cache,expected",
+    [
+        ("fp32", None, None, False, False, ((), (), "fp32", None)),
+        ("fp16", None, None, False, False, ((), ("FP16",), "fp32", None)),
+        ("int8", IMPLICIT, "entropy", True, False, ((), ("INT8",), "fp32", "calibrator")),
+        ("int8", IMPLICIT, "max", True, True, ((), ("INT8",), "fp32", "calibrator")),
+        ("int8", IMPLICIT, "entropy", False, True, ((), ("INT8",), "fp32", "cache-ranges")),
+        ("int8", EXPLICIT, None, False, False, ((), ("INT8",), "qdq", None)),
+    ],
+)
 def test_plan_trt10(precision, mode, calib, data, cache, expected):
     plan = plan_build(EngineSpec(precision, int8_mode=mode, calibration=calib), TRT10, data, cache)
     assert (plan.network_flags, plan.builder_flags, plan.onnx_input, plan.int8_source) == expected
@@ -46,7 +49,9 @@ def test_plan_trt10(precision, mode, calib, data, cache, expected):
         assert plan.calibrator == {"entropy": "IInt8EntropyCalibrator2", "max": "IInt8MinMaxCalibrator"}[calib]
 
 
-@pytest.mark.parametrize("precision,mode,onnx_input", [("fp32", None, "fp32"), ("fp16", None, "fp16"), ("int8", EXPLICIT, "qdq")])
+@pytest.mark.parametrize(
+    "precision,mode,onnx_input", [("fp32", None, "fp32"), ("fp16", None, "fp16"), ("int8", EXPLICIT, "qdq")]
+)
 def test_plan_trt11_is_strongly_typed(precision, mode, onnx_input):
     plan = plan_build(EngineSpec(precision, int8_mode=mode), TRT11, True, True)
     assert plan.network_flags == ("STRONGLY_TYPED",) and plan.builder_flags == () and plan.onnx_input == onnx_input
@@ -139,7 +144,9 @@ def test_fp16_onnx_keeps_float32_io(trained_tiny, tmp_path):
     onnx.checker.check_model(half)
     assert half.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    kinds = {i.data_type for i in half.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    kinds = {
+        i.data_type for i in half.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    }
     assert kinds == {onnx.TensorProto.FLOAT16}
 
 
@@ -157,7 +164,9 @@ def test_engine_matches_onnx_runtime(trained_tiny, tmp_path, precision):
     from quantship.runtime.tensorrt import TrtRunner
 
     art = convert_to_onnx(trained_tiny[0], tmp_path / "m.onnx")
-    engine = build_engine(art.path, EngineSpec(precision, batch=BatchProfile(1, 4, 8)), tmp_path / f"m-{precision}.engine")
+    engine = build_engine(
+        art.path, EngineSpec(precision, batch=BatchProfile(1, 4, 8)), tmp_path / f"m-{precision}.engine"
+    )
     x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
     with OnnxRunner(art.path) as ref, TrtRunner(engine.path) as trt:
         expected, got = ref.infer(x)["output"], trt.infer(x)["output"]

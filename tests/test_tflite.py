@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import synthetic_set, tf_preprocess
+
 from quantship.config import IODType, Precision
 from quantship.convert.tflite import TfliteConverter, TfliteSpec, convert_to_tflite
 from quantship.errors import CalibrationError, ConfigError, RuntimeBackendError
@@ -43,7 +43,9 @@ def converted(trained_tiny, data, tmp_path_factory):
         ]:
             spec = TfliteSpec(p, io)
             path = out / f"tiny-{p.value}-{io.value}.tflite"
-            arts[(p, io)] = convert_to_tflite(conv, spec, path, feed if spec.needs_calibration else None, {"source_model": "tiny"})
+            arts[(p, io)] = convert_to_tflite(
+                conv, spec, path, feed if spec.needs_calibration else None, {"source_model": "tiny"}
+            )
     return arts
 
 
@@ -71,14 +73,18 @@ def test_tiny_model_learned_the_task(trained_tiny, data):
     assert (_keras(model, x).argmax(1) == y).mean() >= 0.9
 
 
-@pytest.mark.parametrize("key", [
-    (Precision.FP16, IODType.FLOAT32),
-    (Precision.DYNAMIC, IODType.FLOAT32),
-    (Precision.INT8, IODType.INT8),
-    (Precision.INT8, IODType.UINT8),
-    (Precision.INT8, IODType.FLOAT32),
-    (Precision.INT16X8, IODType.FLOAT32),
-], ids=lambda k: f"{k[0].value}-{k[1].value}" if isinstance(k, tuple) else str(k))
+@pytest.mark.parametrize(
+    "key",
+    [
+        (Precision.FP16, IODType.FLOAT32),
+        (Precision.DYNAMIC, IODType.FLOAT32),
+        (Precision.INT8, IODType.INT8),
+        (Precision.INT8, IODType.UINT8),
+        (Precision.INT8, IODType.FLOAT32),
+        (Precision.INT16X8, IODType.FLOAT32),
+    ],
+    ids=lambda k: f"{k[0].value}-{k[1].value}" if isinstance(k, tuple) else str(k),
+)
 def test_quantized_agree_with_fp32_top1(trained_tiny, data, converted, key):
     model, _ = trained_tiny
     x = data[1]

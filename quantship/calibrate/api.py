@@ -14,8 +14,8 @@ from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION, CalibrationCache,
 from quantship.config import CalibrationMethod
 from quantship.errors import ConfigError
 from quantship.fileio import write_json_atomic
-from quantship.manifest import write_onnx_artifact
 from quantship.lazy import lazy_import
+from quantship.manifest import write_onnx_artifact
 
 
 @dataclass
@@ -50,7 +50,9 @@ class CalibrationResult:
         return CalibrationCache.from_amax(self.amax, algo, version)
 
 
-def collect_statistics(onnx_model: Any, feed: Iterable, scope: str = "all", threads: int | None = None) -> StatisticsCollector:
+def collect_statistics(
+    onnx_model: Any, feed: Iterable, scope: str = "all", threads: int | None = None
+) -> StatisticsCollector:
     """One pass of the feed through the model.
 
     Args:
@@ -68,7 +70,9 @@ def collect_statistics(onnx_model: Any, feed: Iterable, scope: str = "all", thre
     return collector
 
 
-def calibrate(collector: StatisticsCollector, method: CalibrationMethod | str, percentile: float | None = None) -> CalibrationResult:
+def calibrate(
+    collector: StatisticsCollector, method: CalibrationMethod | str, percentile: float | None = None
+) -> CalibrationResult:
     cal = get_calibrator(method, percentile=percentile)
     return CalibrationResult(collector.stats, cal, compute_ranges(collector.stats, cal), collector.images)
 
@@ -94,6 +98,14 @@ def write_outputs(
         onnx = lazy_import("onnx")
         model = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
         qmodel, report = insert_qdq(model, result.amax, exclude, node_layers)
-        write_onnx_artifact(qmodel, qdq, {**(manifest or {}), "precision": "int8-qdq", "calibration_method": result.calibrator.describe(), "qdq_report": report.lines()})
+        write_onnx_artifact(
+            qmodel,
+            qdq,
+            {
+                **(manifest or {}),
+                "precision": "int8-qdq",
+                "calibration_method": result.calibrator.describe(),
+                "qdq_report": report.lines(),
+            },
+        )
     return report
-

@@ -168,7 +168,9 @@ def get_calibrator(method: CalibrationMethod | str, percentile: float | None = N
     percentile method only."""
     method = CalibrationMethod.parse(method)
     if method not in CALIBRATORS:
-        raise ConfigError(f"no calibrator for method '{method.value}'; choose one of: {', '.join(m.value for m in CALIBRATORS)}")
+        raise ConfigError(
+            f"no calibrator for method '{method.value}'; choose one of: {', '.join(m.value for m in CALIBRATORS)}"
+        )
     if method is CalibrationMethod.PERCENTILE and percentile is not None:
         return PercentileCalibrator(percentile=float(percentile))
     return CALIBRATORS[method]()

@@ -26,7 +26,10 @@ def float_activation_tensors(model: Any) -> list[str]:
     """Names of the float32 activations (graph inputs and node outputs, not initializers), in graph order."""
     onnx = lazy_import("onnx")
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    }
     inits = {i.name for i in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
     for node in model.graph.node:
@@ -47,7 +50,9 @@ class StatisticsCollector:
         threads: ONNX Runtime intra-op threads and histogram threads (default: all cores).
     """
 
-    def __init__(self, model: Any, tensors: Sequence[str] | None = None, num_bins: int = DEFAULT_BINS, threads: int | None = None):
+    def __init__(
+        self, model: Any, tensors: Sequence[str] | None = None, num_bins: int = DEFAULT_BINS, threads: int | None = None
+    ):
         onnx = lazy_import("onnx")
         self.model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
         self.tensors = list(tensors) if tensors is not None else float_activation_tensors(self.model)

@@ -31,7 +31,9 @@ def checked_batches(
     for k, batch in enumerate(feed, 1):
         if isinstance(batch, np.ndarray):
             if len(inputs) != 1:
-                raise CalibrationError(f"calibration batch {k}: the model has {len(inputs)} inputs; give a dict by name")
+                raise CalibrationError(
+                    f"calibration batch {k}: the model has {len(inputs)} inputs; give a dict by name"
+                )
             batch = {names[0]: batch}
         if set(batch) != set(names):
             raise CalibrationError(f"calibration batch {k}: inputs {sorted(batch)} do not match the model's {names}")
@@ -39,10 +41,14 @@ def checked_batches(
         for name, shape in inputs:
             x = np.asarray(batch[name])
             if x.dtype.kind not in "fiu":
-                raise CalibrationError(f"calibration batch {k}: input '{name}' has dtype {x.dtype}; a numeric array is needed")
+                raise CalibrationError(
+                    f"calibration batch {k}: input '{name}' has dtype {x.dtype}; a numeric array is needed"
+                )
             if x.ndim != len(shape) or any(d is not None and d != s for d, s in zip(shape[1:], x.shape[1:])):
                 want = "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
-                raise CalibrationError(f"calibration batch {k}: input '{name}' has shape {tuple(x.shape)}, the model takes {want}")
+                raise CalibrationError(
+                    f"calibration batch {k}: input '{name}' has shape {tuple(x.shape)}, the model takes {want}"
+                )
             x = x.astype(np.float32, copy=False)
             if not np.isfinite(x).all():
                 raise CalibrationError(f"calibration batch {k}: input '{name}' holds NaN or inf values")
@@ -63,7 +69,12 @@ class FixedBatches:
         inputs: (name, shape) of each model input, as for :func:`checked_batches`.
     """
 
-    def __init__(self, feed: Iterable[Mapping[str, np.ndarray] | np.ndarray], batch_size: int, inputs: Sequence[tuple[str, tuple[int | None, ...]]]):
+    def __init__(
+        self,
+        feed: Iterable[Mapping[str, np.ndarray] | np.ndarray],
+        batch_size: int,
+        inputs: Sequence[tuple[str, tuple[int | None, ...]]],
+    ):
         if batch_size <= 0:
             raise CalibrationError(f"calibration batch size must be positive, got {batch_size}")
         self.feed, self.batch_size, self.inputs = feed, batch_size, list(inputs)

@@ -50,7 +50,9 @@ class TensorStats:
             x = x.astype(np.float32)
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise CalibrationError(f"tensor '{self.name}' holds NaN or inf values in calibration batch {self.batches + 1}")
+            raise CalibrationError(
+                f"tensor '{self.name}' holds NaN or inf values in calibration batch {self.batches + 1}"
+            )
         self.batches += 1
         self.num_values += x.size
         self.min, self.max = min(self.min, lo), max(self.max, hi)
@@ -89,4 +91,10 @@ class TensorStats:
         return 0 if self.counts is None else self.counts.nbytes
 
     def to_dict(self) -> dict:
-        return {"min": self.min, "max": self.max, "amax": self.amax, "bins": 0 if self.counts is None else len(self.counts), "values": self.num_values}
+        return {
+            "min": self.min,
+            "max": self.max,
+            "amax": self.amax,
+            "bins": 0 if self.counts is None else len(self.counts),
+            "values": self.num_values,
+        }

@@ -26,12 +26,64 @@ WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 POOLING_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 # Ops TensorRT fuses or runs in float around quantized layers: known, deliberately not given Q/DQ.
 FLOAT_OPS = {
-    "Relu", "Clip", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Elu", "Selu", "Softplus",
-    "Mul", "Sub", "Div", "Sum", "Max", "Min", "Pow", "Sqrt", "Exp", "Log", "Erf", "Neg", "Abs", "Reciprocal",
-    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split", "Slice", "Gather", "Pad",
-    "Identity", "Cast", "Shape", "Constant", "ConstantOfShape", "Expand", "Tile", "Resize", "Upsample",
-    "Softmax", "LogSoftmax", "ReduceMean", "ReduceMax", "ReduceSum", "BatchNormalization", "InstanceNormalization",
-    "LayerNormalization", "Dropout", "QuantizeLinear", "DequantizeLinear", "ArgMax", "TopK", "NonMaxSuppression",
+    "Relu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
+    "PRelu",
+    "Elu",
+    "Selu",
+    "Softplus",
+    "Mul",
+    "Sub",
+    "Div",
+    "Sum",
+    "Max",
+    "Min",
+    "Pow",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "Erf",
+    "Neg",
+    "Abs",
+    "Reciprocal",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Concat",
+    "Split",
+    "Slice",
+    "Gather",
+    "Pad",
+    "Identity",
+    "Cast",
+    "Shape",
+    "Constant",
+    "ConstantOfShape",
+    "Expand",
+    "Tile",
+    "Resize",
+    "Upsample",
+    "Softmax",
+    "LogSoftmax",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceSum",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "Dropout",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "ArgMax",
+    "TopK",
+    "NonMaxSuppression",
 }
 
 
@@ -49,11 +101,19 @@ class QdqReport:
         out = [f"{len(self.quantized)} nodes quantized, {len(self.excluded)} excluded on request"]
         if self.unknown_ops:
             ops = sorted({op for op, _ in self.unknown_ops})
-            out.append(f"left in float, op unknown to the Q/DQ pass: {', '.join(ops)} ({len(self.unknown_ops)} nodes, e.g. {self.unknown_ops[0][1]})")
+            out.append(
+                f"left in float, op unknown to the Q/DQ pass: {', '.join(ops)} ({len(self.unknown_ops)} nodes, "
+                f"e.g. {self.unknown_ops[0][1]})"
+            )
         if self.missing_ranges:
-            out.append(f"{len(self.missing_ranges)} activation(s) without a calibrated range left in float, e.g. {self.missing_ranges[0]}")
+            out.append(
+                f"{len(self.missing_ranges)} activation(s) without a calibrated range left in float, e.g. "
+                f"{self.missing_ranges[0]}"
+            )
         if self.float_weights:
-            out.append(f"{len(self.float_weights)} weight(s) computed in the graph left in float, e.g. {self.float_weights[0]}")
+            out.append(
+                f"{len(self.float_weights)} weight(s) computed in the graph left in float, e.g. {self.float_weights[0]}"
+            )
         return out
 
 
@@ -84,7 +144,9 @@ def activation_inputs(model: Any) -> dict[int, list[int]]:
         elif node.op_type in POOLING_OPS:
             out[k] = [0]
         elif node.op_type == "Add" and len(ins) == 2 and not any(i in inits for i in ins):
-            from_conv = [producers.get(i) is not None and producers[i].op_type in ("Conv", "Gemm", "MatMul") for i in ins]
+            from_conv = [
+                producers.get(i) is not None and producers[i].op_type in ("Conv", "Gemm", "MatMul") for i in ins
+            ]
             out[k] = [i for i in (0, 1) if not from_conv[i]] if any(from_conv) else [0, 1]
     return out
 
@@ -175,17 +237,25 @@ def insert_qdq(
                 numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn),
             ]
         )
-        new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dq], name=f"{name}_DequantizeLinear", axis=axis))
+        new_nodes.append(
+            helper.make_node("DequantizeLinear", [qn, sn, zn], [dq], name=f"{name}_DequantizeLinear", axis=axis)
+        )
         dq_of[name] = dq
         return dq
 
     for k, node in enumerate(src.graph.node):
         node_copy = onnx.NodeProto()
         node_copy.CopyFrom(node)
-        if node.op_type not in WEIGHTED_OPS and node.op_type not in POOLING_OPS and node.op_type != "Add" and node.op_type not in FLOAT_OPS:
+        if (
+            node.op_type not in WEIGHTED_OPS
+            and node.op_type not in POOLING_OPS
+            and node.op_type != "Add"
+            and node.op_type not in FLOAT_OPS
+        ):
             report.unknown_ops.append((node.op_type, node.name))
         elif k in act_inputs and (
-            _is_excluded(node, exclude, node_layers) or (include is not None and not _is_excluded(node, include, node_layers))
+            _is_excluded(node, exclude, node_layers)
+            or (include is not None and not _is_excluded(node, include, node_layers))
         ):
             report.excluded.append(node.name)
         elif k in act_inputs:

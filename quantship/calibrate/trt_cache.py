@@ -37,8 +37,14 @@ class CalibrationCache:
         return self.to_text().encode()
 
     @classmethod
-    def from_amax(cls, amax: dict[str, float], algorithm: str, version: str = DEFAULT_TRT_VERSION) -> "CalibrationCache":
-        return cls(algorithm, {k: float(struct.unpack(">f", struct.pack(">f", v / 127.0))[0]) for k, v in amax.items()}, version)
+    def from_amax(
+        cls, amax: dict[str, float], algorithm: str, version: str = DEFAULT_TRT_VERSION
+    ) -> "CalibrationCache":
+        return cls(
+            algorithm,
+            {k: float(struct.unpack(">f", struct.pack(">f", v / 127.0))[0]) for k, v in amax.items()},
+            version,
+        )
 
     @classmethod
     def parse(cls, text: str, source: str = "cache") -> "CalibrationCache":

@@ -37,7 +37,9 @@ def device_buffer_factory() -> Any:
         import pycuda.autoinit  # noqa: F401
         import pycuda.driver as drv
     except ImportError:
-        raise MissingDependencyError("the TensorRT calibrator needs cuda-python (pip install cuda-python) or pycuda") from None
+        raise MissingDependencyError(
+            "the TensorRT calibrator needs cuda-python (pip install cuda-python) or pycuda"
+        ) from None
 
     class PycudaBuffer:
         def __init__(self, nbytes: int):

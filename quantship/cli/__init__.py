@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="quantship",
-        description="Export Keras models to TFLite / ONNX / TensorRT, evaluate every runtime on the same data, sign off.",
+        description="Export Keras models to TFLite / ONNX / TensorRT, evaluate every runtime on the same data, "
+        "sign off.",
     )
     parser.add_argument("--version", action="version", version=f"quantship {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -38,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from quantship import progress
     from quantship.fileio import cache_dir
     from quantship.logs import route_native_stderr

@@ -45,14 +45,18 @@ def names(text: str | None) -> list[str]:
 
 
 def common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging; native library output stays on the console")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging; native library output stays on the console"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def model(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=required, help="registry name (see 'quantship models') or a model file")
-    g.add_argument("--weights", help="weights file (.keras, .weights.h5, .h5, SavedModel dir), 'pretrained' or 'random'")
+    g.add_argument(
+        "--weights", help="weights file (.keras, .weights.h5, .h5, SavedModel dir), 'pretrained' or 'random'"
+    )
     g.add_argument(
         "--preprocess",
         help="preprocessing overrides: mode=caffe|tf|torch|raw, size=224, crop_pct=0.875, "
@@ -67,14 +71,24 @@ def preprocess(args: argparse.Namespace) -> dict[str, Any]:
 
 def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int = 100, evaluation: bool = True) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=required, help="KIND:PATH, e.g. imagenet:/data/imagenet/val" + ("" if evaluation else " (calibration data)"))
+    g.add_argument(
+        "--data",
+        required=required,
+        help="KIND:PATH, e.g. imagenet:/data/imagenet/val" + ("" if evaluation else " (calibration data)"),
+    )
     g.add_argument("--labels", help="ground-truth file for a flat image folder (found in the folder by default)")
     if evaluation:
         g.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
-    g.add_argument("--calib-images", type=positive_int, default=calib_default,
-                   help=f"calibration images{', disjoint from evaluation' if evaluation else ''} ({calib_default})")
+    g.add_argument(
+        "--calib-images",
+        type=positive_int,
+        default=calib_default,
+        help=f"calibration images{', disjoint from evaluation' if evaluation else ''} ({calib_default})",
+    )
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
-    g.add_argument("--workers", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="image decoding threads")
+    g.add_argument(
+        "--workers", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="image decoding threads"
+    )
 
 
 def calibration(args: argparse.Namespace) -> CalibrationSpec:
@@ -98,11 +112,20 @@ def out(p: argparse.ArgumentParser, default: str, what: str = "output folder") -
 
 def trt(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TensorRT (trt-* targets; needs TensorRT and an NVIDIA GPU)")
-    g.add_argument("--trt-batch", default="1:8:32", help="batch optimization profile MIN:OPT:MAX, or N for a fixed batch")
+    g.add_argument(
+        "--trt-batch", default="1:8:32", help="batch optimization profile MIN:OPT:MAX, or N for a fixed batch"
+    )
     g.add_argument("--trt-workspace-mb", type=positive_int, default=2048, help="builder workspace limit in MiB")
     g.add_argument("--trt-timing-cache", help="timing cache file (loaded if present, saved after the build)")
-    g.add_argument("--trt-calib-cache", help="TensorRT 10 calibration cache to use as given (e.g. from 'quantship calibrate --cache')")
-    g.add_argument("--trt-qdq-method", default="entropy", help="calibration of the Q/DQ model behind trt-int8-qdq (default entropy)")
+    g.add_argument(
+        "--trt-calib-cache",
+        help="TensorRT 10 calibration cache to use as given (e.g. from 'quantship calibrate --cache')",
+    )
+    g.add_argument(
+        "--trt-qdq-method",
+        default="entropy",
+        help="calibration of the Q/DQ model behind trt-int8-qdq (default entropy)",
+    )
     g.add_argument("--trt-cuda-graph", action="store_true", help="run engines through captured CUDA graphs")
 
 

@@ -28,13 +28,28 @@ def run(args: argparse.Namespace) -> int:
     from quantship.jobs.calibrate import run_calibrate
 
     result = run_calibrate(
-        model=args.model, weights=args.weights, data=args.data, labels=args.labels, method=args.method,
-        percentile=args.percentile, cache=args.cache, qdq=args.qdq, ranges=args.ranges, exclude=a.names(args.exclude),
-        calib_images=args.calib_images, calib_seed=args.calib_seed, preprocess_overrides=a.preprocess(args),
-        workers=args.workers, threads=args.threads, trt_version=args.trt_version, log_path=Path(args.out) / "convert.log",
+        model=args.model,
+        weights=args.weights,
+        data=args.data,
+        labels=args.labels,
+        method=args.method,
+        percentile=args.percentile,
+        cache=args.cache,
+        qdq=args.qdq,
+        ranges=args.ranges,
+        exclude=a.names(args.exclude),
+        calib_images=args.calib_images,
+        calib_seed=args.calib_seed,
+        preprocess_overrides=a.preprocess(args),
+        workers=args.workers,
+        threads=args.threads,
+        trt_version=args.trt_version,
+        log_path=Path(args.out) / "convert.log",
     )
     print(result.text)
     return result.exit_code
 
 
-COMMAND = Command("calibrate", "calibrate once; write a TensorRT cache, a Q/DQ ONNX model and/or ranges JSON", add_arguments, run)
+COMMAND = Command(
+    "calibrate", "calibrate once; write a TensorRT cache, a Q/DQ ONNX model and/or ranges JSON", add_arguments, run
+)

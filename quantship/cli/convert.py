@@ -18,9 +18,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.targets(p, "tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8,tflite-int16x8")
     a.out(p, "quantship-out")
     g = p.add_argument_group("float fallback")
-    g.add_argument("--auto-fallback", action="store_true", help="int8 TFLite + Q/DQ ONNX with the fewest float layers that pass --gate")
+    g.add_argument(
+        "--auto-fallback",
+        action="store_true",
+        help="int8 TFLite + Q/DQ ONNX with the fewest float layers that pass --gate",
+    )
     g.add_argument("--gate", help="with --auto-fallback: e.g. 'top1>=0.99' (relative to fp32) or 'drop<=0.5' (points)")
-    g.add_argument("--fallback-images", type=a.positive_int, default=200, help="held-out images for ranking and verifying the fallback")
+    g.add_argument(
+        "--fallback-images",
+        type=a.positive_int,
+        default=200,
+        help="held-out images for ranking and verifying the fallback",
+    )
     g.add_argument("--fallback-method", default="max", help="calibration of the Q/DQ model (max)")
     a.trt(p)
     a.common(p)
@@ -32,9 +41,18 @@ def run(args: argparse.Namespace) -> int:
     from quantship.jobs.convert import run_convert
 
     result = run_convert(
-        args.model, args.targets, Path(args.out), weights=args.weights, data=args.data, labels=args.labels,
-        calib_images=args.calib_images, calib_seed=args.calib_seed, preprocess_overrides=a.preprocess(args),
-        workers=args.workers, threads=args.threads, trt=a.trt_options(args),
+        args.model,
+        args.targets,
+        Path(args.out),
+        weights=args.weights,
+        data=args.data,
+        labels=args.labels,
+        calib_images=args.calib_images,
+        calib_seed=args.calib_seed,
+        preprocess_overrides=a.preprocess(args),
+        workers=args.workers,
+        threads=args.threads,
+        trt=a.trt_options(args),
     )
     print(result.text)
     return result.exit_code
@@ -45,11 +63,23 @@ def _auto_fallback(args: argparse.Namespace) -> int:
     from quantship.jobs.sensitivity import Analyses, run_sensitivity
 
     if not args.gate or not args.data:
-        raise ConfigError("--auto-fallback needs --gate (e.g. 'top1>=0.99') and --data (calibration and held-out images)")
+        raise ConfigError(
+            "--auto-fallback needs --gate (e.g. 'top1>=0.99') and --data (calibration and held-out images)"
+        )
     analyses = Analyses(backends=("qdq", "tflite"), method=args.fallback_method, gate=Gate.parse(args.gate))
-    setup = dict(model=args.model, weights=args.weights, data=args.data, labels=args.labels, images=args.fallback_images,
-                 calib_images=args.calib_images, preprocess_overrides=a.preprocess(args), workers=args.workers)
-    result = run_sensitivity(setup, analyses, Path(args.out), threads=args.threads, jsonl_name="fallback.jsonl", report=False)
+    setup = dict(
+        model=args.model,
+        weights=args.weights,
+        data=args.data,
+        labels=args.labels,
+        images=args.fallback_images,
+        calib_images=args.calib_images,
+        preprocess_overrides=a.preprocess(args),
+        workers=args.workers,
+    )
+    result = run_sensitivity(
+        setup, analyses, Path(args.out), threads=args.threads, jsonl_name="fallback.jsonl", report=False
+    )
     print(result.text)
     return result.exit_code
 

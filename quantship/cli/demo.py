@@ -23,4 +23,9 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-COMMAND = Command("demo", "pretrained EfficientNet-Lite0 on sample photos: every TFLite precision, ONNX and Q/DQ int8", add_arguments, run)
+COMMAND = Command(
+    "demo",
+    "pretrained EfficientNet-Lite0 on sample photos: every TFLite precision, ONNX and Q/DQ int8",
+    add_arguments,
+    run,
+)

@@ -20,7 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.runtime(p)
     a.targets(p, ",".join(DEFAULT_TARGETS))
     a.out(p, "quantship-out", "output folder (artifacts, results.jsonl, results.md)")
-    p.add_argument("--task", choices=("classification", "detection"), help="checked against the dataset's task (voc2007:/coco: are detection)")
+    p.add_argument(
+        "--task",
+        choices=("classification", "detection"),
+        help="checked against the dataset's task (voc2007:/coco: are detection)",
+    )
     p.add_argument("--anchors", help="anchor configuration (JSON) of a detection model given as a file")
     a.trt(p)
     a.common(p)
@@ -33,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     if args.task:
         kind = args.data.split(":", 1)[0]
         if (kind in DETECTION_KINDS) != (args.task == "detection"):
-            raise ConfigError(f"--task {args.task} does not fit --data {kind}:... (voc2007 and coco are detection, imagenet is classification)")
+            raise ConfigError(
+                f"--task {args.task} does not fit --data {kind}:... (voc2007 and coco are detection, imagenet "
+                "is classification)"
+            )
     spec = EvalSpec(
         model=args.model,
         data=args.data,
@@ -50,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
         trt=a.trt_options(args),
         anchors=args.anchors,
     )
-    print(f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})")
+    print(
+        f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})"
+    )
     result = run_eval(spec)
     print(result.text)
     return result.exit_code

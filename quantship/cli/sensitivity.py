@@ -50,15 +50,34 @@ def run(args: argparse.Namespace) -> int:
     from quantship.jobs.sensitivity import Analyses, run_sensitivity
 
     analyses = Analyses(
-        backends=tuple(a.names(args.backend)), method=args.method, cumulative=args.cumulative, depthwise=args.depthwise,
-        weight_kinds=tuple(a.names(args.weight_study)), per_layer=args.per_layer, recipe=recipe(args.recipe),
+        backends=tuple(a.names(args.backend)),
+        method=args.method,
+        cumulative=args.cumulative,
+        depthwise=args.depthwise,
+        weight_kinds=tuple(a.names(args.weight_study)),
+        per_layer=args.per_layer,
+        recipe=recipe(args.recipe),
         gate=Gate.parse(args.gate) if args.gate else None,
     )
-    setup = dict(model=args.model, weights=args.weights, data=args.data, labels=args.labels, images=args.images,
-                 calib_images=args.calib_images, preprocess_overrides=a.preprocess(args), workers=args.workers, anchors=args.anchors)
+    setup = dict(
+        model=args.model,
+        weights=args.weights,
+        data=args.data,
+        labels=args.labels,
+        images=args.images,
+        calib_images=args.calib_images,
+        preprocess_overrides=a.preprocess(args),
+        workers=args.workers,
+        anchors=args.anchors,
+    )
     result = run_sensitivity(setup, analyses, Path(args.out), threads=args.threads, show=args.show)
     print(result.text)
     return result.exit_code
 
 
-COMMAND = Command("sensitivity", "per-layer quantization sensitivity, weight-precision studies, float fallback for a gate", add_arguments, run)
+COMMAND = Command(
+    "sensitivity",
+    "per-layer quantization sensitivity, weight-precision studies, float fallback for a gate",
+    add_arguments,
+    run,
+)

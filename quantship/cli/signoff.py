@@ -25,4 +25,9 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-COMMAND = Command("signoff", "run a sign-off plan (YAML): matrix, gates with intervals, report; exit 1 if a gate fails", add_arguments, run)
+COMMAND = Command(
+    "signoff",
+    "run a sign-off plan (YAML): matrix, gates with intervals, report; exit 1 if a gate fails",
+    add_arguments,
+    run,
+)

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantship.manifest import Artifact, load_reusable, write_onnx_artifact
 from quantship.errors import ConfigError, ConversionError
 from quantship.fileio import sha256_json
 from quantship.lazy import lazy_import
 from quantship.logs import redirect_native_output
+from quantship.manifest import Artifact, load_reusable, write_onnx_artifact
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -20,8 +20,8 @@ OUTPUT_NAME = "output"
 @dataclass(frozen=True)
 class OnnxSpec:
     """Attributes:
-        opset: ONNX opset (tf2onnx 1.17 supports up to 18; per-channel Q/DQ needs at least 13).
-        batch: Fixed batch size, or None for a dynamic batch dimension.
+    opset: ONNX opset (tf2onnx 1.17 supports up to 18; per-channel Q/DQ needs at least 13).
+    batch: Fixed batch size, or None for a dynamic batch dimension.
     """
 
     opset: int = 17
@@ -55,7 +55,10 @@ def keras_to_onnx(model: Any, spec: OnnxSpec = OnnxSpec(), log_path: str | Path 
             proto, _ = tf2onnx.convert.from_function(fn, input_signature=signature, opset=spec.opset)
     except Exception as exc:  # noqa: BLE001 - tf2onnx raises many types
         where = f"; log: {log_path}" if log_path else ""
-        raise ConversionError(f"tf2onnx export failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}{where}") from None
+        raise ConversionError(
+            "tf2onnx export failed: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}{where}"
+        ) from None
     _rename_output(proto, OUTPUT_NAME)
     proto.doc_string = "exported by quantship with tf2onnx"
     try:

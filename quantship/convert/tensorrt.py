@@ -58,7 +58,10 @@ class EngineSpec:
     def __post_init__(self) -> None:
         precision = _choice(Precision, self.precision, "TensorRT precision")
         if precision not in ENGINE_PRECISIONS:
-            raise ConfigError(f"unknown TensorRT precision '{precision.value}'; choose one of: {', '.join(p.value for p in ENGINE_PRECISIONS)}")
+            raise ConfigError(
+                f"unknown TensorRT precision '{precision.value}'; choose one of: "
+                f"{', '.join(p.value for p in ENGINE_PRECISIONS)}"
+            )
         object.__setattr__(self, "precision", precision)
         if self.int8_mode is not None:
             object.__setattr__(self, "int8_mode", _choice(TrtInt8Mode, self.int8_mode, "TensorRT int8 mode"))
@@ -233,7 +236,9 @@ def build_engine(
         shape = tuple(tensor.shape)
         inputs.append((tensor.name, (None, *shape[1:])))
         if any(d < 0 for d in shape[1:]):
-            raise ConversionError(f"input '{tensor.name}' has dynamic non-batch dimensions {shape}; export with a fixed image size")
+            raise ConversionError(
+                f"input '{tensor.name}' has dynamic non-batch dimensions {shape}; export with a fixed image size"
+            )
         if shape[0] < 0:
             dynamic = True
             rest = shape[1:]
@@ -273,7 +278,12 @@ def build_engine(
             tensors[name].set_dynamic_range(-r, r)
         manifest["build"]["cache_ranges"] = {"applied": len(ranges), "missing": len(missing)}
         if missing:
-            log.warning("%d network tensors have no range in %s (they fall back to higher precision), e.g. %s", len(missing), cache_file, missing[0])
+            log.warning(
+                "%d network tensors have no range in %s (they fall back to higher precision), e.g. %s",
+                len(missing),
+                cache_file,
+                missing[0],
+            )
 
     try:
         serialized = builder.build_serialized_network(network, config)

@@ -17,11 +17,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantship.config import IODType, Precision
-from quantship.manifest import Artifact, load_reusable, write_artifact
 from quantship.errors import CalibrationError, ConfigError, ConversionError
 from quantship.fileio import sha256_json
 from quantship.lazy import lazy_import
 from quantship.logs import redirect_native_output
+from quantship.manifest import Artifact, load_reusable, write_artifact
 
 TFLITE_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8, Precision.INT16X8)
 
@@ -122,7 +122,9 @@ class TfliteConverter:
             conv.inference_input_type = io
             conv.inference_output_type = io
         if p is Precision.INT16X8:
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+            conv.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+            ]
         if spec.float_layers:
             return self._convert_with_denylist(conv, spec, calibration, seen)
         try:
@@ -145,14 +147,20 @@ class TfliteConverter:
             self._op_names = [d["name"] for d in interp.get_tensor_details()]
         return self._op_names
 
-    def _convert_with_denylist(self, conv: Any, spec: TfliteSpec, calibration: CalibrationFeed, seen: list[int]) -> bytes:
+    def _convert_with_denylist(
+        self, conv: Any, spec: TfliteSpec, calibration: CalibrationFeed, seen: list[int]
+    ) -> bytes:
         """int8 with the given Keras layers kept in float, via the converter's quantization debugger."""
         from quantship.convert.onnx import _segment_layer
 
         tf = lazy_import("tensorflow")
         layer_names = {layer.name for layer in self.model.layers}
         wanted = set(spec.float_layers)
-        nodes = [n for n in self.float_model_tensor_names() if any(_segment_layer(part, layer_names) in wanted for part in n.split(";"))]
+        nodes = [
+            n
+            for n in self.float_model_tensor_names()
+            if any(_segment_layer(part, layer_names) in wanted for part in n.split(";"))
+        ]
         missing = wanted - {_segment_layer(part, layer_names) for n in nodes for part in n.split(";")}
         if missing:
             raise ConfigError(f"no TFLite op found for Keras layer(s) {sorted(missing)}")

@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from quantship.config import ChannelOrder, PreprocessSpec
-from quantship.errors import ConfigError, DataError
 from quantship.data.preprocess import decode_image, preprocess_image
+from quantship.errors import ConfigError, DataError
 from quantship.lazy import lazy_import
 
 

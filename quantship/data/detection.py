@@ -15,12 +15,30 @@ from typing import Any
 
 import numpy as np
 
-from quantship.errors import DataError
 from quantship.data.datasets import ImageDataset, Sample, register_dataset
+from quantship.errors import DataError
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 
 
@@ -64,7 +82,10 @@ def parse_voc_xml(path: Path, classes: tuple[str, ...] = VOC_CLASSES) -> dict[st
         return el.text.strip()
 
     try:
-        width, height = int(float(text(root, "size/width", "annotation"))), int(float(text(root, "size/height", "annotation")))
+        width, height = (
+            int(float(text(root, "size/width", "annotation"))),
+            int(float(text(root, "size/height", "annotation"))),
+        )
     except ValueError:
         raise DataError(f"{path}: <size> holds non-numeric width/height") from None
     boxes, labels, difficult = [], [], []
@@ -77,7 +98,15 @@ def parse_voc_xml(path: Path, classes: tuple[str, ...] = VOC_CLASSES) -> dict[st
         except ValueError:
             raise DataError(f"{path}: object {k} ({name}) has a non-numeric <bndbox>") from None
         x1, y1, x2, y2 = box
-        if not (x1 <= x2 and y1 <= y2) or x2 < 1 or y2 < 1 or x1 > width or y1 > height or x2 > width + 1 or y2 > height + 1:
+        if (
+            not (x1 <= x2 and y1 <= y2)
+            or x2 < 1
+            or y2 < 1
+            or x1 > width
+            or y1 > height
+            or x2 > width + 1
+            or y2 > height + 1
+        ):
             raise DataError(f"{path}: object {k} ({name}) box {box} is outside the {width}x{height} image or inverted")
         diff = obj.find("difficult")
         boxes.append(box)
@@ -104,7 +133,9 @@ def load_voc(path: Path, labels: str | None = None, split: str = "test") -> Imag
         raise DataError(f"{listing}: lists no images")
     missing = [i for i in ids if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
     if missing:
-        raise DataError(f"{listing}: {len(missing)} listed image(s) missing from {root / 'JPEGImages'}, e.g. {missing[0]}.jpg")
+        raise DataError(
+            f"{listing}: {len(missing)} listed image(s) missing from {root / 'JPEGImages'}, e.g. {missing[0]}.jpg"
+        )
     samples = []
     for image_id in ids:
         xml = root / "Annotations" / f"{image_id}.xml"
@@ -114,7 +145,9 @@ def load_voc(path: Path, labels: str | None = None, split: str = "test") -> Imag
         label["image_id"] = image_id
         img = root / "JPEGImages" / f"{image_id}.jpg"
         samples.append(Sample(str(img.resolve()), label, _reader(img)))
-    return ImageDataset("voc2007", str(root), samples, task="detection", meta={"classes": list(VOC_CLASSES), "metric": "voc"})
+    return ImageDataset(
+        "voc2007", str(root), samples, task="detection", meta={"classes": list(VOC_CLASSES), "metric": "voc"}
+    )
 
 
 @register_dataset("coco")
@@ -156,7 +189,10 @@ def load_coco(path: Path, labels: str | None = None, split: str = "val2017") -> 
             for a in anns:
                 x, y, bw, bh = (float(v) for v in a["bbox"])
                 if bw < 0 or bh < 0 or x > w or y > h or x + bw > w + 1 or y + bh > h + 1:
-                    raise DataError(f"{ann}: annotation {a.get('id')} of image {img['id']} box {a['bbox']} is outside the {w}x{h} image")
+                    raise DataError(
+                        f"{ann}: annotation {a.get('id')} of image {img['id']} box {a['bbox']} is outside the "
+                        f"{w}x{h} image"
+                    )
                 boxes.append([x, y, x + bw, y + bh])
             label = {
                 "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
@@ -174,5 +210,10 @@ def load_coco(path: Path, labels: str | None = None, split: str = "val2017") -> 
         raise DataError(f"{ann}: {len(missing)} listed image(s) missing from {images_dir}, e.g. {missing[0]}")
     if not samples:
         raise DataError(f"{ann}: lists no images")
-    meta = {"classes": [c["name"] for c in cats], "category_ids": cat_ids, "metric": "coco", "annotation_file": str(ann)}
+    meta = {
+        "classes": [c["name"] for c in cats],
+        "category_ids": cat_ids,
+        "metric": "coco",
+        "annotation_file": str(ann),
+    }
     return ImageDataset("coco", str(path), samples, task="detection", meta=meta)

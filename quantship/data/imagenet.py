@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from quantship.errors import DataError, UnsafePickleError
 from quantship.data.classes import imagenet_classes, wnid_to_label
 from quantship.data.datasets import ImageDataset, Sample, register_dataset
+from quantship.errors import DataError, UnsafePickleError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 GROUND_TRUTH_NAMES = (
@@ -158,9 +158,7 @@ def _load_folder_with_labels(folder: Path, labels: Path | None) -> ImageDataset:
     missing = [p.name for p in images if p.name not in table and p.stem not in table]
     if missing:
         raise DataError(f"{gt}: no label for {len(missing)} image(s) in {folder}, e.g. {missing[0]}")
-    samples = [
-        Sample(str(p.resolve()), table.get(p.name, table.get(p.stem)), _file_reader(p)) for p in images
-    ]
+    samples = [Sample(str(p.resolve()), table.get(p.name, table.get(p.stem)), _file_reader(p)) for p in images]
     return ImageDataset("imagenet", str(folder), samples, meta={"ground_truth": str(gt)})
 
 

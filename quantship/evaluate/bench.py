@@ -74,7 +74,9 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         os.sched_setaffinity(0, set(cfg.cores))
     t0 = time.perf_counter()
     runtime = runtime_for_artifact(cfg.artifact)
-    runner = make_runner(cfg.artifact, RunnerOptions(threads=cfg.threads, cuda_graph=cfg.cuda_graph), cfg.target or None)
+    runner = make_runner(
+        cfg.artifact, RunnerOptions(threads=cfg.threads, cuda_graph=cfg.cuda_graph), cfg.target or None
+    )
     runner.activate()
     init_ms = (time.perf_counter() - t0) * 1e3
     row: dict[str, Any] = {
@@ -124,6 +126,7 @@ def bench(configs: Sequence[BenchConfig], timeout: float | None = None) -> list[
 
 def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add a warning to every int8 row that is slower than an fp16/fp32 sibling (same runtime and threads)."""
+
     def family(row):
         t = row["target"]
         return row["runtime"], row.get("threads"), tuple(row.get("cores") or ()), t.split("-")[0]
@@ -136,7 +139,8 @@ def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             if other["latency_ms_p50"] < row["latency_ms_p50"]:
                 row.setdefault("warnings", []).append(
-                    f"int8 is slower than {other['target']} ({row['latency_ms_p50']:.2f} vs {other['latency_ms_p50']:.2f} ms p50)"
+                    f"int8 is slower than {other['target']} ({row['latency_ms_p50']:.2f} vs "
+                    f"{other['latency_ms_p50']:.2f} ms p50)"
                 )
     return rows
 
@@ -150,7 +154,9 @@ def display_fields(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def mobile_profile(artifact: str | Path, target: str = "", thread_counts: Sequence[int] = (1, 2, 4), **kw: Any) -> list[BenchConfig]:
+def mobile_profile(
+    artifact: str | Path, target: str = "", thread_counts: Sequence[int] = (1, 2, 4), **kw: Any
+) -> list[BenchConfig]:
     """LiteRT on 1, 2 and 4 threads, each pinned to that many fixed cores (0..n-1) like a phone's big cores.
 
     On a machine with fewer cores than asked, the threads share the cores there are (noted in the row).
@@ -159,7 +165,9 @@ def mobile_profile(artifact: str | Path, target: str = "", thread_counts: Sequen
     out = []
     for n in thread_counts:
         cores = tuple(available[: min(n, len(available))])
-        out.append(BenchConfig(str(artifact), target=f"{target or Path(artifact).stem}@{n}t", threads=n, cores=cores, **kw))
+        out.append(
+            BenchConfig(str(artifact), target=f"{target or Path(artifact).stem}@{n}t", threads=n, cores=cores, **kw)
+        )
     return out
 
 

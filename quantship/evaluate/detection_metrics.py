@@ -44,7 +44,11 @@ def _iou_voc(box: np.ndarray, gts: np.ndarray) -> np.ndarray:
     iw = np.maximum(ixmax - ixmin + 1.0, 0.0)
     ih = np.maximum(iymax - iymin + 1.0, 0.0)
     inter = iw * ih
-    union = (box[2] - box[0] + 1.0) * (box[3] - box[1] + 1.0) + (gts[:, 2] - gts[:, 0] + 1.0) * (gts[:, 3] - gts[:, 1] + 1.0) - inter
+    union = (
+        (box[2] - box[0] + 1.0) * (box[3] - box[1] + 1.0)
+        + (gts[:, 2] - gts[:, 0] + 1.0) * (gts[:, 3] - gts[:, 1] + 1.0)
+        - inter
+    )
     return inter / union
 
 
@@ -151,8 +155,14 @@ class CocoMetric:
             self._image_ids.append(int(gt["image_id"]))
             for box, score, cls in zip(det.boxes, det.scores, det.classes):
                 x1, y1, x2, y2 = (float(v) for v in box)
-                self._results.append({"image_id": int(gt["image_id"]), "category_id": int(self.category_ids[int(cls)]),
-                                      "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+                self._results.append(
+                    {
+                        "image_id": int(gt["image_id"]),
+                        "category_id": int(self.category_ids[int(cls)]),
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "score": float(score),
+                    }
+                )
 
     @property
     def count(self) -> int:
@@ -172,7 +182,9 @@ def metric_for(meta: dict[str, Any]) -> "VocMetric | CocoMetric":
 COCO_STATS = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
 
 
-def coco_evaluate(annotation_file: str | Path, results: list[dict[str, Any]], image_ids: Sequence[int]) -> dict[str, Any]:
+def coco_evaluate(
+    annotation_file: str | Path, results: list[dict[str, Any]], image_ids: Sequence[int]
+) -> dict[str, Any]:
     """pycocotools' COCOeval (bbox) on ``results`` restricted to ``image_ids``; its printout is suppressed."""
     coco_mod = lazy_import("pycocotools.coco", "pycocotools", "COCO metrics")
     eval_mod = lazy_import("pycocotools.cocoeval", "pycocotools", "COCO metrics")

@@ -43,7 +43,11 @@ def time_runner(
 
 
 def measure_latency(
-    runner: Runner, feed: dict[str, np.ndarray] | np.ndarray, warmup: int = 5, min_iters: int = 20, min_seconds: float = 0.0
+    runner: Runner,
+    feed: dict[str, np.ndarray] | np.ndarray,
+    warmup: int = 5,
+    min_iters: int = 20,
+    min_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """:func:`time_runner` summarised: ``latency_ms_{min,mean,p50,p90,p95,p99,max}`` and ``iterations``."""
     ms, _ = time_runner(runner, feed, warmup, 0.0, min_iters, min_seconds)

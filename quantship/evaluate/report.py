@@ -64,7 +64,9 @@ def load_results(folder: Path) -> dict[str, Any]:
         "verdicts": read_jsonl(folder / "verdicts.jsonl"),
         "bench": read_jsonl(folder / "bench.jsonl"),
         "sensitivity": read_jsonl(folder / "sensitivity.jsonl"),
-        "environment": json.loads((folder / "environment.json").read_text()) if (folder / "environment.json").is_file() else {},
+        "environment": json.loads((folder / "environment.json").read_text())
+        if (folder / "environment.json").is_file()
+        else {},
     }
     if not data["rows"] and not data["bench"] and not data["sensitivity"]:
         raise DataError(f"{folder}: no stored results (results.jsonl, signoff.jsonl, bench.jsonl or sensitivity.jsonl)")
@@ -75,11 +77,17 @@ def load_results(folder: Path) -> dict[str, Any]:
             r["prediction_text"] = " | ".join(r["prediction_check"])
     for r in data["rows"]:
         if "delta_top1" not in r:
-            ref = next((x for x in data["rows"] if x.get("model") == r.get("model") and x["target"] == "keras-fp32"), None)
+            ref = next(
+                (x for x in data["rows"] if x.get("model") == r.get("model") and x["target"] == "keras-fp32"), None
+            )
             if ref is not None and r.get("top1") is not None:
                 r["delta_top1"] = r["top1"] - ref["top1"]
     for v in data["verdicts"]:
-        v["ci"] = f"[{v['ci_low']:+.4g}, {v['ci_high']:+.4g}]" if v["kind"] == "drop_points" else f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]"
+        v["ci"] = (
+            f"[{v['ci_low']:+.4g}, {v['ci_high']:+.4g}]"
+            if v["kind"] == "drop_points"
+            else f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]"
+        )
         v["verdict"] = "PASS" if v["passed"] else "FAIL"
     from quantship.evaluate.bench import display_fields
 
@@ -90,7 +98,9 @@ def load_results(folder: Path) -> dict[str, Any]:
         m = r.get("manifest")
         if m and Path(m).is_file():
             try:
-                manifests[r["target"] if not r.get("model") else f"{r['model']} / {r['target']}"] = json.loads(Path(m).read_text())
+                manifests[r["target"] if not r.get("model") else f"{r['model']} / {r['target']}"] = json.loads(
+                    Path(m).read_text()
+                )
             except json.JSONDecodeError:
                 continue
     data["manifests"] = manifests
@@ -125,8 +135,14 @@ def accuracy_latency_chart(data: dict[str, Any]) -> bytes:
         ax.scatter([x for _, x, _ in pts], [100 * y for _, _, y in pts], label=model or "model", s=40, color=f"C{mi}")
         # Targets often tie on accuracy: stagger the labels of neighbouring points so they stay readable.
         for i, (r, x, y) in enumerate(sorted(pts, key=lambda p: p[1])):
-            ax.annotate(r["target"], (x, 100 * y), textcoords="offset points", xytext=(4, 4 + 8 * (i % 6)), fontsize=7,
-                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"} if i % 6 else None)
+            ax.annotate(
+                r["target"],
+                (x, 100 * y),
+                textcoords="offset points",
+                xytext=(4, 4 + 8 * (i % 6)),
+                fontsize=7,
+                arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"} if i % 6 else None,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("latency, ms per image (log scale)")
     ax.set_ylabel("top-1 accuracy or mAP, %")
@@ -142,24 +158,73 @@ def accuracy_latency_chart(data: dict[str, Any]) -> bytes:
 
 
 SENSITIVITY_TABLES = {
-    "single": ("Layer sensitivity (one layer quantized, the rest float), most harmful first", (
-        ("backend", "backend", "{}"), ("rank", "rank", "{}"), ("layer", "layer", "{}"), ("top1", "top-1", "{:.4f}"),
-        ("delta_top1", "Δ top-1", "{:+.4f}"), ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("sqnr_db", "SQNR dB", "{:.1f}"))),
-    "cumulative": ("Cumulative (layers 0..k quantized)", (
-        ("backend", "backend", "{}"), ("quantized_layers", "k", "{}"), ("layer", "up to layer", "{}"), ("top1", "top-1", "{:.4f}"),
-        ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("sqnr_db", "SQNR dB", "{:.1f}"))),
-    "depthwise_vs_pointwise": ("Depthwise vs pointwise", (
-        ("backend", "backend", "{}"), ("setting", "quantized", "{}"), ("quantized_layers", "layers", "{}"), ("top1", "top-1", "{:.4f}"),
-        ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("sqnr_db", "SQNR dB", "{:.1f}"))),
-    "weights": ("Weight precision (Keras model, activations float)", (
-        ("precision", "weights", "{}"), ("layers", "layers", "{}"), ("top1", "top-1", "{:.4f}"), ("agreement_top1", "agree w/ fp32", "{:.4f}"),
-        ("sqnr_db", "SQNR dB", "{:.1f}"), ("prediction_text", "prediction check (first images)", "{}"))),
-    "fallback": ("Float fallback search", (
-        ("backend", "backend", "{}"), ("float_layers_text", "float layers", "{}"), ("top1", "top-1", "{:.4f}"),
-        ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("passed", "gate", "{}"))),
-    "fallback_cost": ("What the fallback costs", (
-        ("backend", "backend", "{}"), ("variant", "model", "{}"), ("float_layers_text", "float layers", "{}"), ("top1", "top-1", "{:.4f}"),
-        ("agreement_top1", "agree w/ fp32", "{:.4f}"), ("size_mb", "size MB", "{:.2f}"), ("latency_ms_p50", "p50 ms", "{:.2f}"))),
+    "single": (
+        "Layer sensitivity (one layer quantized, the rest float), most harmful first",
+        (
+            ("backend", "backend", "{}"),
+            ("rank", "rank", "{}"),
+            ("layer", "layer", "{}"),
+            ("top1", "top-1", "{:.4f}"),
+            ("delta_top1", "Δ top-1", "{:+.4f}"),
+            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
+            ("sqnr_db", "SQNR dB", "{:.1f}"),
+        ),
+    ),
+    "cumulative": (
+        "Cumulative (layers 0..k quantized)",
+        (
+            ("backend", "backend", "{}"),
+            ("quantized_layers", "k", "{}"),
+            ("layer", "up to layer", "{}"),
+            ("top1", "top-1", "{:.4f}"),
+            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
+            ("sqnr_db", "SQNR dB", "{:.1f}"),
+        ),
+    ),
+    "depthwise_vs_pointwise": (
+        "Depthwise vs pointwise",
+        (
+            ("backend", "backend", "{}"),
+            ("setting", "quantized", "{}"),
+            ("quantized_layers", "layers", "{}"),
+            ("top1", "top-1", "{:.4f}"),
+            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
+            ("sqnr_db", "SQNR dB", "{:.1f}"),
+        ),
+    ),
+    "weights": (
+        "Weight precision (Keras model, activations float)",
+        (
+            ("precision", "weights", "{}"),
+            ("layers", "layers", "{}"),
+            ("top1", "top-1", "{:.4f}"),
+            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
+            ("sqnr_db", "SQNR dB", "{:.1f}"),
+            ("prediction_text", "prediction check (first images)", "{}"),
+        ),
+    ),
+    "fallback": (
+        "Float fallback search",
+        (
+            ("backend", "backend", "{}"),
+            ("float_layers_text", "float layers", "{}"),
+            ("top1", "top-1", "{:.4f}"),
+            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
+            ("passed", "gate", "{}"),
+        ),
+    ),
+    "fallback_cost": (
+        "What the fallback costs",
+        (
+            ("backend", "backend", "{}"),
+            ("variant", "model", "{}"),
+            ("float_layers_text", "float layers", "{}"),
+            ("top1", "top-1", "{:.4f}"),
+            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
+            ("size_mb", "size MB", "{:.2f}"),
+            ("latency_ms_p50", "p50 ms", "{:.2f}"),
+        ),
+    ),
 }
 
 
@@ -206,7 +271,8 @@ def _html_table(rows: Sequence[dict], columns) -> str:
     trs = []
     for cells in body:
         tds = "".join(
-            f'<td class="{"fail" if c == "FAIL" else "pass" if c == "PASS" else ""}">{html.escape(c)}</td>' for c in cells
+            f'<td class="{"fail" if c == "FAIL" else "pass" if c == "PASS" else ""}">{html.escape(c)}</td>'
+            for c in cells
         )
         trs.append(f"<tr>{tds}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
@@ -222,7 +288,9 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
     n_fail = sum(1 for v in data["verdicts"] if not v["passed"])
     verdict = None
     if data["verdicts"]:
-        verdict = f"{'FAIL' if n_fail else 'PASS'}: {len(data['verdicts']) - n_fail} of {len(data['verdicts'])} gates passed"
+        verdict = (
+            f"{'FAIL' if n_fail else 'PASS'}: {len(data['verdicts']) - n_fail} of {len(data['verdicts'])} gates passed"
+        )
 
     md = [f"# {title}", ""]
     if verdict:
@@ -256,9 +324,11 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#f3f3f3}"
-        "td:first-child,td:nth-child(2){text-align:left}.pass{color:#176117;font-weight:bold}.fail{color:#b00020;font-weight:bold}"
+        "td:first-child,td:nth-child(2){text-align:left}.pass{color:#176117;font-weight:bold}"
+        ".fail{color:#b00020;font-weight:bold}"
         "pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
@@ -273,18 +343,27 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
     if data["bench"]:
         parts += ["<h2>Latency</h2>", _html_table(data["bench"], BENCH_COLUMNS)]
     if sens_chart:
-        parts += ["<h2>Quantization sensitivity</h2>", f"<img alt='per-layer harm' src='data:image/png;base64,{base64.b64encode(sens_chart).decode()}'>"]
+        parts += [
+            "<h2>Quantization sensitivity</h2>",
+            f"<img alt='per-layer harm' src='data:image/png;base64,{base64.b64encode(sens_chart).decode()}'>",
+        ]
     for kind, (heading, cols) in SENSITIVITY_TABLES.items():
         rows_k = [r for r in data["sensitivity"] if r.get("kind") == kind]
         if rows_k:
             parts += [f"<h3>{html.escape(heading)}</h3>", _html_table(rows_k, cols)]
     if env:
-        libs = "".join(f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in sorted(env.get("libraries", {}).items()))
-        parts += ["<h2>Environment</h2>", f"<p>CPU: {html.escape(str(env.get('cpu')))} ({env.get('cpu_count')} cores)</p><ul>{libs}</ul>"]
+        libs = "".join(
+            f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in sorted(env.get("libraries", {}).items())
+        )
+        parts += [
+            "<h2>Environment</h2>",
+            f"<p>CPU: {html.escape(str(env.get('cpu')))} ({env.get('cpu_count')} cores)</p><ul>{libs}</ul>",
+        ]
     if data["manifests"]:
         parts.append("<h2>Artifacts</h2>")
         for name, m in data["manifests"].items():
-            parts.append(f"<details><summary>{html.escape(name)}</summary><pre>{html.escape(json.dumps(m, indent=2, sort_keys=True))}</pre></details>")
+            text = html.escape(json.dumps(m, indent=2, sort_keys=True))
+            parts.append(f"<details><summary>{html.escape(name)}</summary><pre>{text}</pre></details>")
     parts.append("</body></html>")
     html_path = write_text_atomic(folder / "report.html", "\n".join(parts))
     return md_path, html_path

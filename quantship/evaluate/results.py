@@ -47,14 +47,21 @@ def per_class_ap_markdown(rows: Sequence[dict]) -> list[str]:
     if not rows:
         return []
     classes = list(rows[0]["per_class_ap"])
-    label = lambda r: f"{r['model']} / {r['target']}" if len({x.get('model') for x in rows}) > 1 else r["target"]  # noqa: E731
-    md = ["## Per-class AP (VOC07 11-point)", "", "| class | " + " | ".join(label(r) for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    label = lambda r: f"{r['model']} / {r['target']}" if len({x.get("model") for x in rows}) > 1 else r["target"]  # noqa: E731
+    md = [
+        "## Per-class AP (VOC07 11-point)",
+        "",
+        "| class | " + " | ".join(label(r) for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
     for c in classes:
         md.append(f"| {c} | " + " | ".join(_fmt(r["per_class_ap"].get(c), "{:.4f}") for r in rows) + " |")
     return md + [""]
 
 
-def write_results(out_dir: Path, rows: Sequence[dict], title: str, notes: Sequence[str], columns: Columns) -> tuple[Path, Path]:
+def write_results(
+    out_dir: Path, rows: Sequence[dict], title: str, notes: Sequence[str], columns: Columns
+) -> tuple[Path, Path]:
     """Write ``results.jsonl`` (one flat row per target) and ``results.md`` atomically."""
     out_dir = Path(out_dir)
     jsonl = write_text_atomic(out_dir / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def bootstrap_mean_ci(values: np.ndarray, samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_mean_ci(
+    values: np.ndarray, samples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of the mean of per-image values (e.g. 0/1 correctness)."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:

@@ -79,7 +79,9 @@ class Task(abc.ABC):
 
     def check_metric(self, metric: str, where: str = "gate") -> None:
         if metric not in self.metrics:
-            raise ConfigError(f"{where}: metric '{metric}' is not measured for {self.name} (choose one of: {', '.join(self.metrics)})")
+            raise ConfigError(
+                f"{where}: metric '{metric}' is not measured for {self.name} (choose one of: {', '.join(self.metrics)})"
+            )
 
     @abc.abstractmethod
     def empty(self) -> Arrays:
@@ -147,7 +149,12 @@ class ClassificationTask(Task):
         return out
 
     def empty(self) -> Arrays:
-        out = {"keys": np.zeros(0, dtype=str), "pred": np.zeros(0, np.int64), "correct1": np.zeros(0, bool), "correct5": np.zeros(0, bool)}
+        out = {
+            "keys": np.zeros(0, dtype=str),
+            "pred": np.zeros(0, np.int64),
+            "correct1": np.zeros(0, bool),
+            "correct5": np.zeros(0, bool),
+        }
         if self.keep_scores:
             out["scores"] = np.zeros((0, 0), np.float32)
         return out
@@ -207,7 +214,10 @@ class DetectionTask(Task):
 
         if self.anchors is None:
             raise ConfigError("scoring detections needs the model's anchor configuration")
-        dets = [postprocess(o, self.anchors, self.anchors_cfg, (lab["width"], lab["height"])) for o, lab in zip(outputs, batch.labels)]
+        dets = [
+            postprocess(o, self.anchors, self.anchors_cfg, (lab["width"], lab["height"]))
+            for o, lab in zip(outputs, batch.labels)
+        ]
         if not dets:
             return self.empty()
         return {
@@ -219,15 +229,27 @@ class DetectionTask(Task):
         }
 
     def empty(self) -> Arrays:
-        return {"keys": np.zeros(0, dtype=str), "det_count": np.zeros(0, np.int64), "det_boxes": np.zeros((0, 4), np.float32),
-                "det_scores": np.zeros(0, np.float32), "det_classes": np.zeros(0, np.int64)}
+        return {
+            "keys": np.zeros(0, dtype=str),
+            "det_count": np.zeros(0, np.int64),
+            "det_boxes": np.zeros((0, 4), np.float32),
+            "det_scores": np.zeros(0, np.float32),
+            "det_classes": np.zeros(0, np.int64),
+        }
 
     def detections(self, arrays: Arrays) -> list[Any]:
         """Stored flat detections back to one :class:`Detections` per image."""
         from quantship.data.detection import Detections
 
         cuts = np.cumsum(arrays["det_count"])[:-1]
-        return [Detections(b, s, c) for b, s, c in zip(np.split(arrays["det_boxes"], cuts), np.split(arrays["det_scores"], cuts), np.split(arrays["det_classes"], cuts))]
+        return [
+            Detections(b, s, c)
+            for b, s, c in zip(
+                np.split(arrays["det_boxes"], cuts),
+                np.split(arrays["det_scores"], cuts),
+                np.split(arrays["det_classes"], cuts),
+            )
+        ]
 
     def ground_truth(self, keys: Sequence[str]) -> list[dict[str, Any]]:
         try:
@@ -235,7 +257,9 @@ class DetectionTask(Task):
         except KeyError as exc:
             raise DataError(f"stored detections name image {exc} that the dataset does not hold") from None
 
-    def metric_on(self, dets: Sequence[Any], labels: Sequence[dict[str, Any]], images: np.ndarray | None = None) -> dict[str, Any]:
+    def metric_on(
+        self, dets: Sequence[Any], labels: Sequence[dict[str, Any]], images: np.ndarray | None = None
+    ) -> dict[str, Any]:
         """mAP (and COCO's figures) over all images or the given image indices."""
         from quantship.evaluate.detection_metrics import metric_for
 

@@ -35,7 +35,11 @@ def gate_verdict(gate: Gate, paired: PairedSample, samples: int = 1000, confiden
     stat = bootstrap_gate_values(gate, paired, samples)
     alpha = (1.0 - confidence) / 2.0
     finite = stat[~np.isnan(stat)]
-    lo, hi = (float(np.quantile(finite, alpha)), float(np.quantile(finite, 1.0 - alpha))) if finite.size else (float("nan"), float("nan"))
+    lo, hi = (
+        (float(np.quantile(finite, alpha)), float(np.quantile(finite, 1.0 - alpha)))
+        if finite.size
+        else (float("nan"), float("nan"))
+    )
     return {
         "metric": paired.metric,
         "gate": gate.describe(),

@@ -38,14 +38,23 @@ def run_bench(
         named += [(name, str(a.path)) for name, a in built.items() if a is not None]
     if not named:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
-    common = dict(warmup_seconds=warmup_seconds, min_queries=min_queries, min_seconds=min_seconds, batch_sizes=tuple(batch_sizes), cuda_graph=cuda_graph)
+    common = dict(
+        warmup_seconds=warmup_seconds,
+        min_queries=min_queries,
+        min_seconds=min_seconds,
+        batch_sizes=tuple(batch_sizes),
+        cuda_graph=cuda_graph,
+    )
     configs = []
     for name, path in named:
         if mobile and path.endswith(".tflite"):
             configs += mobile_profile(path, name, **common)
         else:
             configs.append(BenchConfig(path, target=name, threads=threads, **common))
-    lines = [f"benchmarking {len(configs)} configuration(s): warm-up {warmup_seconds:g} s, then >= {min_queries} queries and >= {min_seconds:g} s each"]
+    lines = [
+        f"benchmarking {len(configs)} configuration(s): warm-up {warmup_seconds:g} s, then >= {min_queries} "
+        f"queries and >= {min_seconds:g} s each"
+    ]
     rows = bench(configs)
     for r in rows:
         r["model"] = model or ""
@@ -57,6 +66,9 @@ def run_bench(
         for w in r.get("warnings", []):
             lines.append(f"warning: {r['target']}: {w}")
         if r.get("compute_ms_mean") is not None:
-            lines.append(f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H {r['d2h_ms_mean']:.3f} ms")
+            lines.append(
+                f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H "
+                f"{r['d2h_ms_mean']:.3f} ms"
+            )
     lines.append(f"results: {out / 'bench.jsonl'}")
     return JobResult(rows, lines)

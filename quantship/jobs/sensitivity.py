@@ -27,8 +27,8 @@ from quantship.data.classes import class_name
 from quantship.errors import ConfigError
 from quantship.evaluate.loop import as_batch, runner_outputs
 from quantship.evaluate.tasks import Arrays, ClassificationTask, Task
-from quantship.runtime.base import RunnerOptions
 from quantship.progress import note
+from quantship.runtime.base import RunnerOptions
 from quantship.runtime.registry import make_runner
 
 WEIGHT_KINDS = ("fp16", "int8-tensor", "int8-channel", "mantissa")
@@ -55,7 +55,9 @@ class HeldOut:
 
     def subset(self, idx: Sequence[int]) -> "HeldOut":
         idx = np.asarray(idx)
-        return HeldOut(self.x[idx], [self.labels[i] for i in idx], self.reference[idx], self.task, [self.keys[i] for i in idx])
+        return HeldOut(
+            self.x[idx], [self.labels[i] for i in idx], self.reference[idx], self.task, [self.keys[i] for i in idx]
+        )
 
     def arrays(self, outputs: np.ndarray) -> Arrays:
         """The task's per-image arrays of outputs on these images."""
@@ -116,7 +118,9 @@ class QdqBackend:
 
     name = "qdq"
 
-    def __init__(self, onnx_model: Any, amax: dict[str, float], node_layers: dict[str, str], threads: int | None = None):
+    def __init__(
+        self, onnx_model: Any, amax: dict[str, float], node_layers: dict[str, str], threads: int | None = None
+    ):
         self.model, self.amax, self.node_layers, self.threads = onnx_model, amax, node_layers, threads
         order = [n.name for n in onnx_model.graph.node if n.name in node_layers]
         self.layers = list(dict.fromkeys(node_layers[n] for n in order))  # Keras names in graph order
@@ -163,14 +167,25 @@ class TfliteBackend:
 # ----------------------------------------------------------------------------------- layer sensitivity
 
 
-def layer_sensitivity(backend: Any, held: HeldOut, cumulative: bool = False, layers: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def layer_sensitivity(
+    backend: Any, held: HeldOut, cumulative: bool = False, layers: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """One row per layer: that layer alone quantized (or layers 0..k with ``cumulative``)."""
     layers = list(layers or backend.layers)
     rows = []
     for k, layer in enumerate(layers):
         only = layers[: k + 1] if cumulative else [layer]
         out = backend.run(held.x, only=only)
-        rows.append({"kind": "cumulative" if cumulative else "single", "backend": backend.name, "index": k, "layer": layer, "quantized_layers": len(only), **score(out, held)})
+        rows.append(
+            {
+                "kind": "cumulative" if cumulative else "single",
+                "backend": backend.name,
+                "index": k,
+                "layer": layer,
+                "quantized_layers": len(only),
+                **score(out, held),
+            }
+        )
     if not cumulative:
         rows.sort(key=harm_key)
         for rank, r in enumerate(rows, 1):
@@ -184,7 +199,15 @@ def depthwise_vs_pointwise(backend: Any, held: HeldOut, layer_types: dict[str, s
     rows = []
     for label, only in (("pointwise+dense only", pointwise), ("all layers", None)):
         out = backend.run(held.x, only=only)
-        rows.append({"kind": "depthwise_vs_pointwise", "backend": backend.name, "setting": label, "quantized_layers": len(only) if only is not None else len(backend.layers), **score(out, held)})
+        rows.append(
+            {
+                "kind": "depthwise_vs_pointwise",
+                "backend": backend.name,
+                "setting": label,
+                "quantized_layers": len(only) if only is not None else len(backend.layers),
+                **score(out, held),
+            }
+        )
     return rows
 
 
@@ -253,7 +276,9 @@ def weight_variant(w: np.ndarray, kind: str, depthwise: bool = False) -> np.ndar
         return fixed_point_int8(w, per_channel=True)
     if kind.startswith("mantissa:"):
         return mantissa_truncate(w, int(kind.split(":", 1)[1]))
-    raise ConfigError(f"unknown weight precision '{kind}'; use fp16, int8-tensor, int8-channel or mantissa:K (K = 0..23)")
+    raise ConfigError(
+        f"unknown weight precision '{kind}'; use fp16, int8-tensor, int8-channel or mantissa:K (K = 0..23)"
+    )
 
 
 def _kernels(model: Any) -> dict[str, int]:
@@ -297,7 +322,9 @@ def top3(probs: np.ndarray, n: int = 3) -> list[str]:
     return out
 
 
-def weight_study(model: Any, held: HeldOut, kinds: Sequence[str], per_layer: bool = False, recipe: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def weight_study(
+    model: Any, held: HeldOut, kinds: Sequence[str], per_layer: bool = False, recipe: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Accuracy and a prediction check for each weight precision, for all layers at once (and per layer)."""
     rows = []
     layers = list(_kernels(model))
@@ -313,7 +340,9 @@ def weight_study(model: Any, held: HeldOut, kinds: Sequence[str], per_layer: boo
         finally:
             restore()
         check = top3(out) if held.task.name == "classification" else []
-        rows.append({"kind": "weights", "precision": kind, "layers": scope, **score(out, held), "prediction_check": check})
+        rows.append(
+            {"kind": "weights", "precision": kind, "layers": scope, **score(out, held), "prediction_check": check}
+        )
     return rows
 
 
@@ -330,7 +359,9 @@ def combined_ranking(per_backend: dict[str, list[dict[str, Any]]]) -> list[str]:
     return sorted(worst, key=lambda name: worst[name])
 
 
-def find_fallback(backends: Sequence[Any], ranking: Sequence[str], verify: HeldOut, gate: Gate, max_layers: int | None = None) -> FallbackResult:
+def find_fallback(
+    backends: Sequence[Any], ranking: Sequence[str], verify: HeldOut, gate: Gate, max_layers: int | None = None
+) -> FallbackResult:
     """Greedy float set that makes *every* backend pass ``gate`` on ``verify`` (one set for all of them)."""
     floats: list[str] = []
     steps: list[dict[str, Any]] = []
@@ -339,7 +370,9 @@ def find_fallback(backends: Sequence[Any], ranking: Sequence[str], verify: HeldO
         results = [(b.name, score(b.run(verify.x, float_layers=floats), verify)) for b in backends]
         ok = all(gate_passes(gate, m) for _, m in results)
         for name, m in results:
-            steps.append({"kind": "fallback", "backend": name, "float_layers": list(floats), "passed": gate_passes(gate, m), **m})
+            steps.append(
+                {"kind": "fallback", "backend": name, "float_layers": list(floats), "passed": gate_passes(gate, m), **m}
+            )
         if ok:
             return FallbackResult(floats, True, steps)
         if k < limit:
@@ -381,9 +414,20 @@ class SensitivitySetup:
             self._converter.close()
 
 
-def prepare(model: str, weights: str | None, data: str, labels: str | None, images: int, calib_images: int, work: Any,
-            preprocess_overrides: dict | None = None, seed: int = 0, threads: int | None = None, workers: int = 4,
-            anchors: str | None = None) -> SensitivitySetup:
+def prepare(
+    model: str,
+    weights: str | None,
+    data: str,
+    labels: str | None,
+    images: int,
+    calib_images: int,
+    work: Any,
+    preprocess_overrides: dict | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    workers: int = 4,
+    anchors: str | None = None,
+) -> SensitivitySetup:
     """Load the model, split the data (calibration / held-out), compute fp32 outputs, export ONNX."""
     from pathlib import Path
 
@@ -398,7 +442,9 @@ def prepare(model: str, weights: str | None, data: str, labels: str | None, imag
     work = Path(work)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
     dataset = load_dataset(data, labels=labels)
-    calib, held_set = split_calibration(dataset, calib_images, limit=min(images, len(dataset) - calib_images), seed=seed)
+    calib, held_set = split_calibration(
+        dataset, calib_images, limit=min(images, len(dataset) - calib_images), seed=seed
+    )
     loaded = load_for(model, weights, preprocess, dataset)
     task = make_task(dataset, loaded, anchors)
     xs, ys, keys = [], [], []
@@ -409,16 +455,30 @@ def prepare(model: str, weights: str | None, data: str, labels: str | None, imag
     x = np.concatenate(xs)
     reference = _predict(loaded.model, x)
     manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights}}
-    onnx_art = convert_to_onnx(loaded.model, work / "artifacts" / f"{loaded.name}-onnx-fp32.onnx", manifest=manifest, log_path=work / "convert.log")
+    onnx_art = convert_to_onnx(
+        loaded.model,
+        work / "artifacts" / f"{loaded.name}-onnx-fp32.onnx",
+        manifest=manifest,
+        log_path=work / "convert.log",
+    )
     node_layers = onnx_node_layers(onnx.load(str(onnx_art.path)), loaded.model)
     return SensitivitySetup(
-        loaded, calibration_data(calib, loaded, workers=workers).batches, HeldOut(x, ys, reference, task, keys),
-        onnx_art.path, node_layers, work, threads,
+        loaded,
+        calibration_data(calib, loaded, workers=workers).batches,
+        HeldOut(x, ys, reference, task, keys),
+        onnx_art.path,
+        node_layers,
+        work,
+        threads,
     )
 
 
-def apply_fallback(setup: SensitivitySetup, float_layers: Sequence[str], method: CalibrationMethod | str = CalibrationMethod.MAX,
-                   threads: int = 2) -> list[dict[str, Any]]:
+def apply_fallback(
+    setup: SensitivitySetup,
+    float_layers: Sequence[str],
+    method: CalibrationMethod | str = CalibrationMethod.MAX,
+    threads: int = 2,
+) -> list[dict[str, Any]]:
     """Write the TFLite and Q/DQ int8 models with ``float_layers`` in float next to the plain int8 ones, and
     report what the fallback costs (file size, batch-1 latency) and gains (held-out metrics)."""
     from quantship.calibrate.qdq import insert_qdq
@@ -430,24 +490,50 @@ def apply_fallback(setup: SensitivitySetup, float_layers: Sequence[str], method:
     method = CalibrationMethod.parse(method)
     art_dir = setup.work / "artifacts"
     name = setup.loaded.name
-    base_manifest = {"source_model": {"name": name, "weights": setup.loaded.weights}, "float_layers": list(float_layers)}
+    base_manifest = {
+        "source_model": {"name": name, "weights": setup.loaded.weights},
+        "float_layers": list(float_layers),
+    }
     rows = []
     tfl = setup.tflite()
     qdq = setup.qdq(method)
     for label, floats in (("int8", ()), ("int8+fallback", tuple(float_layers))):
         spec = TfliteSpec(Precision.INT8, IODType.FLOAT32, float_layers=tuple(sorted(floats)))
         path = art_dir / f"{name}-tflite-{label.replace('+', '-')}.tflite"
-        write_artifact(path, tfl.converter.convert(spec, setup.calib_batches), {**base_manifest, "format": "tflite", "precision": label, "float_layers": list(floats)})
+        write_artifact(
+            path,
+            tfl.converter.convert(spec, setup.calib_batches),
+            {**base_manifest, "format": "tflite", "precision": label, "float_layers": list(floats)},
+        )
         model, _ = insert_qdq(qdq.model, qdq.amax, exclude=floats, node_layers=qdq.node_layers)
         opath = art_dir / f"{name}-qdq-{method.value}-{label.replace('+', '-')}.onnx"
-        write_artifact(opath, model.SerializeToString(), {**base_manifest, "format": "onnx", "precision": f"{label} (Q/DQ)",
-                                                          "float_layers": list(floats), "calibration_method": method.value})
+        write_artifact(
+            opath,
+            model.SerializeToString(),
+            {
+                **base_manifest,
+                "format": "onnx",
+                "precision": f"{label} (Q/DQ)",
+                "float_layers": list(floats),
+                "calibration_method": method.value,
+            },
+        )
         for backend, p in (("tflite", path), ("qdq", opath)):
             with make_runner(p, RunnerOptions(threads=threads)) as r:
                 out = runner_outputs(r, setup.held.x)
                 lat = measure_latency(r, setup.held.x[:1], warmup=5, min_iters=30)
-            rows.append({"kind": "fallback_cost", "backend": backend, "variant": label, "float_layers": list(floats), "artifact": str(p),
-                         "size_mb": p.stat().st_size / 1e6, "latency_ms_p50": lat["latency_ms_p50"], **score(out, setup.held)})
+            rows.append(
+                {
+                    "kind": "fallback_cost",
+                    "backend": backend,
+                    "variant": label,
+                    "float_layers": list(floats),
+                    "artifact": str(p),
+                    "size_mb": p.stat().st_size / 1e6,
+                    "latency_ms_p50": lat["latency_ms_p50"],
+                    **score(out, setup.held),
+                }
+            )
     return rows
 
 
@@ -473,8 +559,12 @@ class Analyses:
             weight_variant(np.zeros((1, 1), np.float32), kind)  # unknown kinds fail before any work
 
 
-def run_analyses(setup: SensitivitySetup, analyses: Analyses, threads: int | None = None,
-                 print_fn: Callable[[str], None] = lambda s: None) -> tuple[list[dict[str, Any]], FallbackResult | None]:
+def run_analyses(
+    setup: SensitivitySetup,
+    analyses: Analyses,
+    threads: int | None = None,
+    print_fn: Callable[[str], None] = lambda s: None,
+) -> tuple[list[dict[str, Any]], FallbackResult | None]:
     """Every analysis asked for, as flat rows. With a gate, layers are ranked on half of the held-out images
     and the fallback is verified on the other half, then applied and costed."""
     a = analyses
@@ -498,21 +588,41 @@ def run_analyses(setup: SensitivitySetup, analyses: Analyses, threads: int | Non
         rows += weight_study(setup.loaded.model, setup.held, a.weight_kinds, per_layer=a.per_layer, recipe=a.recipe)
     result = None
     if a.gate is not None and per_backend:
-        result = find_fallback([chosen[n]() for n in a.backends], combined_ranking(per_backend), setup.held.subset(idx[1::2]), a.gate)
+        result = find_fallback(
+            [chosen[n]() for n in a.backends], combined_ranking(per_backend), setup.held.subset(idx[1::2]), a.gate
+        )
         rows += result.steps
         verdict = "passes" if result.passed else "still FAILS"
-        print_fn(f"fallback for gate '{a.gate.describe()}': float layers {result.float_layers or 'none needed'}; {verdict} on held-out images")
+        print_fn(
+            f"fallback for gate '{a.gate.describe()}': float layers {result.float_layers or 'none needed'}; "
+            f"{verdict} on held-out images"
+        )
         if result.float_layers:
             rows += apply_fallback(setup, result.float_layers, a.method, threads=threads or 2)
     return rows, result
 
 
-SENSITIVITY_SHOWN = (("backend", "backend", "{}"), ("rank", "rank", "{}"), ("layer", "layer", "{}"), ("metric", "metric", "{}"),
-                     ("value", "value", "{:.4f}"), ("delta", "Δ", "{:+.4f}"), ("agreement_top1", "agree", "{:.4f}"), ("sqnr_db", "SQNR dB", "{:.1f}"))
+SENSITIVITY_SHOWN = (
+    ("backend", "backend", "{}"),
+    ("rank", "rank", "{}"),
+    ("layer", "layer", "{}"),
+    ("metric", "metric", "{}"),
+    ("value", "value", "{:.4f}"),
+    ("delta", "Δ", "{:+.4f}"),
+    ("agreement_top1", "agree", "{:.4f}"),
+    ("sqnr_db", "SQNR dB", "{:.1f}"),
+)
 
 
-def run_sensitivity(setup_args: dict[str, Any], analyses: Analyses, out: Any, threads: int | None = None, show: int = 10,
-                    jsonl_name: str = "sensitivity.jsonl", report: bool = True) -> Any:
+def run_sensitivity(
+    setup_args: dict[str, Any],
+    analyses: Analyses,
+    out: Any,
+    threads: int | None = None,
+    show: int = 10,
+    jsonl_name: str = "sensitivity.jsonl",
+    report: bool = True,
+) -> Any:
     """``quantship sensitivity`` (and ``convert --auto-fallback``, which asks for the gate alone): prepare, run the
     analyses, write the rows (and the report); the exit code is 1 when a gate is asked for and some backend
     still fails it."""
@@ -537,8 +647,10 @@ def run_sensitivity(setup_args: dict[str, Any], analyses: Analyses, out: Any, th
         lines.append(text_table(single[: len(analyses.backends) * show], SENSITIVITY_SHOWN))
     for r in rows:
         if r["kind"] == "fallback_cost":
-            lines.append(f"{r['backend']:7s} {r['variant']:14s} {r['artifact']}: {r['metric']} {r['value']:.4f}, "
-                         f"{r['size_mb']:.2f} MB, p50 {r['latency_ms_p50']:.2f} ms")
+            lines.append(
+                f"{r['backend']:7s} {r['variant']:14s} {r['artifact']}: {r['metric']} {r['value']:.4f}, "
+                f"{r['size_mb']:.2f} MB, p50 {r['latency_ms_p50']:.2f} ms"
+            )
     if report:
         md, page = build_report(out, f"sensitivity: {setup.loaded.name}")
         lines.append(f"results: {out / jsonl_name}; report: {page}, {md}")

@@ -67,7 +67,15 @@ def load_chunks(state: Path) -> dict[str, np.ndarray]:
     return concat([dict(np.load(p, allow_pickle=False)) for p in sorted(Path(state).glob("chunk-*.npz"))])
 
 
-def _evaluate_unit(plan: SignoffPlan, ctx: BuildContext, target: Target, artifact: Artifact | None, evalset: ImageDataset, task: Task, state: Path) -> None:
+def _evaluate_unit(
+    plan: SignoffPlan,
+    ctx: BuildContext,
+    target: Target,
+    artifact: Artifact | None,
+    evalset: ImageDataset,
+    task: Task,
+    state: Path,
+) -> None:
     """Evaluate one target chunk by chunk, skipping chunks already on disk."""
     starts = list(range(0, len(evalset), plan.chunk_images))
     todo = [s for s in starts if not _chunk_path(state, s).is_file()]
@@ -80,18 +88,32 @@ def _evaluate_unit(plan: SignoffPlan, ctx: BuildContext, target: Target, artifac
             sub = evalset.subset(range(start, min(start + plan.chunk_images, len(evalset))))
             skipped: list[Skipped] = []
             # The first batch of the first chunk this process runs is warm-up, left out of the latency.
-            run = run_targets({target.name: runner}, sub, ctx.loaded.preprocess, task, plan.batch_size, plan.workers, skipped,
-                              warmup_batches=0 if k else 1, desc=f"chunk {start}")[target.name]
+            run = run_targets(
+                {target.name: runner},
+                sub,
+                ctx.loaded.preprocess,
+                task,
+                plan.batch_size,
+                plan.workers,
+                skipped,
+                warmup_batches=0 if k else 1,
+                desc=f"chunk {start}",
+            )[target.name]
             arrays = run.arrays or task.empty()
-            _save_chunk(_chunk_path(state, start), {
-                **arrays,
-                "seconds": np.asarray([run.seconds]),
-                "timed_images": np.asarray([run.timed_images]),
-                "skipped": np.asarray([s.key for s in skipped], dtype=str),
-            })
+            _save_chunk(
+                _chunk_path(state, start),
+                {
+                    **arrays,
+                    "seconds": np.asarray([run.seconds]),
+                    "timed_images": np.asarray([run.timed_images]),
+                    "skipped": np.asarray([s.key for s in skipped], dtype=str),
+                },
+            )
 
 
-def _unit_row(plan: SignoffPlan, model: str, target: Target, key: str, state: Path, artifact_path: str | None, task: Task) -> dict[str, Any]:
+def _unit_row(
+    plan: SignoffPlan, model: str, target: Target, key: str, state: Path, artifact_path: str | None, task: Task
+) -> dict[str, Any]:
     d = load_chunks(state)
     timed = int(d["timed_images"].sum())
     return {
@@ -130,8 +152,14 @@ def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[
             d = load_chunks(Path(row["state"]))
             for gate in gates:
                 paired = task.paired(gate.metric, d, ref_d, d["keys"])
-                out.append({"model": model, "target": name, "reference": plan.reference,
-                            **gate_verdict(gate, paired, plan.bootstrap_samples, plan.confidence)})
+                out.append(
+                    {
+                        "model": model,
+                        "target": name,
+                        "reference": plan.reference,
+                        **gate_verdict(gate, paired, plan.bootstrap_samples, plan.confidence),
+                    }
+                )
     return out
 
 
@@ -150,10 +178,21 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
         keys = {t.name: unit_key(plan, entry, t.name) for t in targets}
         if all(k in stored for k in keys.values()):
             continue
-        loaded = load_for(entry.name, entry.weights, resolve_preprocess(entry.name, entry.weights, entry.preprocess), dataset)
+        loaded = load_for(
+            entry.name, entry.weights, resolve_preprocess(entry.name, entry.weights, entry.preprocess), dataset
+        )
         task = make_task(dataset, loaded, plan.anchors)
-        ctx, _, evalset = prepare_run(loaded, targets, dataset, plan.calibration, plan.limit, out_dir,
-                                      RunnerOptions(threads=plan.threads), plan.workers, plan.tensorrt)
+        ctx, _, evalset = prepare_run(
+            loaded,
+            targets,
+            dataset,
+            plan.calibration,
+            plan.limit,
+            out_dir,
+            RunnerOptions(threads=plan.threads),
+            plan.workers,
+            plan.tensorrt,
+        )
         try:
             for t in targets:
                 key = keys[t.name]
@@ -175,10 +214,16 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
 
 def run_signoff(plan: SignoffPlan, out_dir: Path) -> JobResult:
     """``quantship signoff``: run or resume, build the report; exit code 1 when a gate fails."""
-    lines = [f"quantship signoff: {len(plan.models)} model(s) x {len(plan.targets)} target(s) on {plan.data} -> {out_dir} (resumable: run again to continue)"]
+    lines = [
+        f"quantship signoff: {len(plan.models)} model(s) x {len(plan.targets)} target(s) on {plan.data} -> "
+        f"{out_dir} (resumable: run again to continue)"
+    ]
     rows, verdict_rows = signoff(plan, out_dir)
     md, page = build_report(out_dir, f"sign-off: {plan.name}")
     lines.append(text_table(load_results(out_dir)["verdicts"], VERDICT_COLUMNS))
     failed = [v for v in verdict_rows if not v["passed"]]
-    lines.append(f"\n{'FAIL' if failed else 'PASS'}: {len(verdict_rows) - len(failed)} of {len(verdict_rows)} gates passed. Report: {page}, {md}")
+    lines.append(
+        f"\n{'FAIL' if failed else 'PASS'}: {len(verdict_rows) - len(failed)} of {len(verdict_rows)} gates "
+        f"passed. Report: {page}, {md}"
+    )
     return JobResult(rows, lines, 1 if failed else 0)

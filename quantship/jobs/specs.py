@@ -65,7 +65,9 @@ class SignoffPlan:
         known = {f.name for f in fields(cls)} | {"dataset"}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+            )
         if "dataset" in d:
             d["data"] = d.pop("dataset")
         for key in ("models", "targets", "data", "gates"):

@@ -125,7 +125,9 @@ def is_model_file(model: str) -> bool:
     return path.suffix.lower() in MODEL_FILE_SUFFIXES or os.sep in model or path.exists()
 
 
-def resolve_preprocess(model: str, weights: str | None = None, overrides: dict[str, Any] | None = None) -> PreprocessSpec:
+def resolve_preprocess(
+    model: str, weights: str | None = None, overrides: dict[str, Any] | None = None
+) -> PreprocessSpec:
     """The complete preprocessing of a model, with one precedence (as timm's ``resolve_data_config``):
     user overrides > the spec that belongs to the weights (a pretrained checkpoint's own preprocessing) > the
     architecture's registry default. A model given as a file has no defaults: ``--preprocess`` must describe
@@ -202,7 +204,11 @@ def load_model(
         raise ModelLoadError(f"weights file not found: {wpath}")
     wpath = Path(wpath)
     name = wpath.name
-    if wpath.is_dir() or name.endswith(".keras") or (name.endswith(".h5") and not name.endswith(".weights.h5") and _is_legacy_full_h5(wpath)):
+    if (
+        wpath.is_dir()
+        or name.endswith(".keras")
+        or (name.endswith(".h5") and not name.endswith(".weights.h5") and _is_legacy_full_h5(wpath))
+    ):
         keras_model = _load_full_model(wpath)
         if not hasattr(keras_model, "inputs"):
             keras_model = _wrap_savedmodel_layer(keras_model, spec, pre)
@@ -225,7 +231,11 @@ def load_model(
         raise ModelLoadError(f"{wpath}: weights do not fit {spec.name}: {_short(exc)}") from None
     # Keras warns, rather than fails, when it skips layers it finds no weights for: those layers would keep
     # their random initial values, so treat it as the mismatch it is.
-    skipped = [str(w.message) for w in caught if re.search(r"[Ss]kipping|freshly-initialized|not loaded|mismatch", str(w.message))]
+    skipped = [
+        str(w.message)
+        for w in caught
+        if re.search(r"[Ss]kipping|freshly-initialized|not loaded|mismatch", str(w.message))
+    ]
     if skipped:
         raise ModelLoadError(f"{wpath}: weights do not fit {spec.name}: {skipped[0].splitlines()[0][:300]}")
     return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)

@@ -95,8 +95,16 @@ def build_mobilenet_v2_tv(
         return layer_cls(padding="same", **kw)(x)
 
     inputs = keras.Input(shape=input_shape or (224, 224, 3), name="input")
-    x = strided(inputs, layers.Conv2D, "stem_", filters=STEM_CHANNELS, kernel_size=3, strides=2, use_bias=False,
-                name="stem_conv")
+    x = strided(
+        inputs,
+        layers.Conv2D,
+        "stem_",
+        filters=STEM_CHANNELS,
+        kernel_size=3,
+        strides=2,
+        use_bias=False,
+        name="stem_conv",
+    )
     x = bn("stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_relu6")(x)
     for n, (stride, t, cin, cout) in enumerate(block_plan(), start=1):
@@ -106,8 +114,9 @@ def build_mobilenet_v2_tv(
             x = layers.Conv2D(cin * t, 1, use_bias=False, name=p + "expand_conv")(x)
             x = bn(p + "expand_bn")(x)
             x = layers.ReLU(6.0, name=p + "expand_relu6")(x)
-        x = strided(x, layers.DepthwiseConv2D, p + "dw_", kernel_size=3, strides=stride, use_bias=False,
-                    name=p + "dwconv")
+        x = strided(
+            x, layers.DepthwiseConv2D, p + "dw_", kernel_size=3, strides=stride, use_bias=False, name=p + "dwconv"
+        )
         x = bn(p + "dw_bn")(x)
         x = layers.ReLU(6.0, name=p + "dw_relu6")(x)
         x = layers.Conv2D(cout, 1, use_bias=False, name=p + "project_conv")(x)

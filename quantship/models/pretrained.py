@@ -162,5 +162,6 @@ def mobilenet_v2_tv_imagenet_weights() -> Path:
     """
     from quantship.models.mobilenet_v2_tv import build_mobilenet_v2_tv, torchvision_to_keras_weights
 
-    return _cached_port(mobilenet_v2_tv_checkpoint_path(), "mobilenet_v2_tv", build_mobilenet_v2_tv,
-                        torchvision_to_keras_weights)
+    return _cached_port(
+        mobilenet_v2_tv_checkpoint_path(), "mobilenet_v2_tv", build_mobilenet_v2_tv, torchvision_to_keras_weights
+    )

@@ -55,9 +55,14 @@ class AnchorConfig:
         try:
             d = json.loads(path.read_text())
             return cls(
-                image_size=tuple(d["image_size"]), feature_sizes=tuple(tuple(f) for f in d["feature_sizes"]), scales=tuple(d["scales"]),
-                aspect_ratios=tuple(tuple(a) for a in d["aspect_ratios"]), steps=tuple(d["steps"]) if d.get("steps") else None,
-                offset=d.get("offset", 0.5), variances=tuple(d.get("variances", VARIANCES)), num_classes=int(d["num_classes"]),
+                image_size=tuple(d["image_size"]),
+                feature_sizes=tuple(tuple(f) for f in d["feature_sizes"]),
+                scales=tuple(d["scales"]),
+                aspect_ratios=tuple(tuple(a) for a in d["aspect_ratios"]),
+                steps=tuple(d["steps"]) if d.get("steps") else None,
+                offset=d.get("offset", 0.5),
+                variances=tuple(d.get("variances", VARIANCES)),
+                num_classes=int(d["num_classes"]),
                 class_names=tuple(d.get("class_names", ())),
             )
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -78,7 +83,9 @@ def make_anchors(cfg: AnchorConfig) -> np.ndarray:
                 wh.append((extra, extra))
         step_y = (cfg.steps[k] / ih) if cfg.steps else 1.0 / fh
         step_x = (cfg.steps[k] / iw) if cfg.steps else 1.0 / fw
-        cy, cx = np.meshgrid((np.arange(fh) + cfg.offset) * step_y, (np.arange(fw) + cfg.offset) * step_x, indexing="ij")
+        cy, cx = np.meshgrid(
+            (np.arange(fh) + cfg.offset) * step_y, (np.arange(fw) + cfg.offset) * step_x, indexing="ij"
+        )
         cells = np.stack([cx.ravel(), cy.ravel()], axis=1)
         for c in cells:
             for w, h in wh:
@@ -101,12 +108,15 @@ def encode_boxes(boxes: np.ndarray, anchors: np.ndarray, variances: Sequence[flo
     h = boxes[:, 3] - boxes[:, 1]
     cx = boxes[:, 0] + w / 2
     cy = boxes[:, 1] + h / 2
-    return np.stack([
-        (cx - anchors[:, 0]) / (anchors[:, 2] * variances[0]),
-        (cy - anchors[:, 1]) / (anchors[:, 3] * variances[1]),
-        np.log(np.maximum(w, 1e-6) / anchors[:, 2]) / variances[2],
-        np.log(np.maximum(h, 1e-6) / anchors[:, 3]) / variances[3],
-    ], axis=1).astype(np.float32)
+    return np.stack(
+        [
+            (cx - anchors[:, 0]) / (anchors[:, 2] * variances[0]),
+            (cy - anchors[:, 1]) / (anchors[:, 3] * variances[1]),
+            np.log(np.maximum(w, 1e-6) / anchors[:, 2]) / variances[2],
+            np.log(np.maximum(h, 1e-6) / anchors[:, 3]) / variances[3],
+        ],
+        axis=1,
+    ).astype(np.float32)
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -166,7 +176,9 @@ def postprocess(
     return Detections(boxes_a[order], scores_a[order], classes_a[order])
 
 
-def match_anchors(gt_boxes: np.ndarray, gt_classes: np.ndarray, anchors: np.ndarray, variances=VARIANCES, threshold: float = 0.5):
+def match_anchors(
+    gt_boxes: np.ndarray, gt_classes: np.ndarray, anchors: np.ndarray, variances=VARIANCES, threshold: float = 0.5
+):
     """Training targets: class per anchor (0 background, c + 1 for dataset class c) and encoded offsets.
 
     Each ground-truth box takes its best anchor, then every anchor with IoU >= threshold takes its best box.
@@ -205,7 +217,9 @@ def _l2norm_layer():
             self.gamma_init = gamma_init
 
         def build(self, input_shape):
-            self.gamma = self.add_weight(name="gamma", shape=(input_shape[-1],), initializer=keras.initializers.Constant(self.gamma_init))
+            self.gamma = self.add_weight(
+                name="gamma", shape=(input_shape[-1],), initializer=keras.initializers.Constant(self.gamma_init)
+            )
 
         def call(self, x):
             ops = keras.ops
@@ -267,15 +281,40 @@ def _extra(x, name_1, f1, name_2, f2, stride, pad):
 def ssd_anchor_config(size: int, num_classes: int = 21, class_names: Sequence[str] = ()) -> AnchorConfig:
     """The original SSD300 / SSD512 anchor layout (scales for VOC)."""
     if size == 300:
-        return AnchorConfig((300, 300), ((38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)),
-                            (0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05),
-                            ((1.0, 2.0, 0.5), (1.0, 2.0, 0.5, 3.0, 1 / 3), (1.0, 2.0, 0.5, 3.0, 1 / 3), (1.0, 2.0, 0.5, 3.0, 1 / 3), (1.0, 2.0, 0.5), (1.0, 2.0, 0.5)),
-                            steps=(8, 16, 32, 64, 100, 300), num_classes=num_classes, class_names=tuple(class_names))
+        return AnchorConfig(
+            (300, 300),
+            ((38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)),
+            (0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05),
+            (
+                (1.0, 2.0, 0.5),
+                (1.0, 2.0, 0.5, 3.0, 1 / 3),
+                (1.0, 2.0, 0.5, 3.0, 1 / 3),
+                (1.0, 2.0, 0.5, 3.0, 1 / 3),
+                (1.0, 2.0, 0.5),
+                (1.0, 2.0, 0.5),
+            ),
+            steps=(8, 16, 32, 64, 100, 300),
+            num_classes=num_classes,
+            class_names=tuple(class_names),
+        )
     if size == 512:
-        return AnchorConfig((512, 512), ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)),
-                            (0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05),
-                            ((1.0, 2.0, 0.5), (1.0, 2.0, 0.5, 3.0, 1 / 3), (1.0, 2.0, 0.5, 3.0, 1 / 3), (1.0, 2.0, 0.5, 3.0, 1 / 3), (1.0, 2.0, 0.5, 3.0, 1 / 3), (1.0, 2.0, 0.5), (1.0, 2.0, 0.5)),
-                            steps=(8, 16, 32, 64, 128, 256, 512), num_classes=num_classes, class_names=tuple(class_names))
+        return AnchorConfig(
+            (512, 512),
+            ((64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)),
+            (0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05),
+            (
+                (1.0, 2.0, 0.5),
+                (1.0, 2.0, 0.5, 3.0, 1 / 3),
+                (1.0, 2.0, 0.5, 3.0, 1 / 3),
+                (1.0, 2.0, 0.5, 3.0, 1 / 3),
+                (1.0, 2.0, 0.5, 3.0, 1 / 3),
+                (1.0, 2.0, 0.5),
+                (1.0, 2.0, 0.5),
+            ),
+            steps=(8, 16, 32, 64, 128, 256, 512),
+            num_classes=num_classes,
+            class_names=tuple(class_names),
+        )
     raise ConfigError(f"SSD input size must be 300 or 512, got {size}")
 
 
@@ -292,14 +331,29 @@ def build_ssd_vgg16(size: int = 300, num_classes: int = 21, input_shape=None, **
     if size == 300:
         conv8_2 = _extra(conv7_2, "conv8_1", 128, "conv8_2", 256, 1, False)
         conv9_2 = _extra(conv8_2, "conv9_1", 128, "conv9_2", 256, 1, False)
-        sources = [("conv4_3_norm", norm), ("fc7", fc7), ("conv6_2", conv6_2), ("conv7_2", conv7_2), ("conv8_2", conv8_2), ("conv9_2", conv9_2)]
+        sources = [
+            ("conv4_3_norm", norm),
+            ("fc7", fc7),
+            ("conv6_2", conv6_2),
+            ("conv7_2", conv7_2),
+            ("conv8_2", conv8_2),
+            ("conv9_2", conv9_2),
+        ]
     else:
         conv8_2 = _extra(conv7_2, "conv8_1", 128, "conv8_2", 256, 2, True)
         conv9_2 = _extra(conv8_2, "conv9_1", 128, "conv9_2", 256, 2, True)
         x = L.Conv2D(128, 1, padding="same", activation="relu", name="conv10_1")(conv9_2)
         x = L.ZeroPadding2D(((1, 1), (1, 1)), name="conv10_padding")(x)
         conv10_2 = L.Conv2D(256, 4, strides=1, padding="valid", activation="relu", name="conv10_2")(x)
-        sources = [("conv4_3_norm", norm), ("fc7", fc7), ("conv6_2", conv6_2), ("conv7_2", conv7_2), ("conv8_2", conv8_2), ("conv9_2", conv9_2), ("conv10_2", conv10_2)]
+        sources = [
+            ("conv4_3_norm", norm),
+            ("fc7", fc7),
+            ("conv6_2", conv6_2),
+            ("conv7_2", conv7_2),
+            ("conv8_2", conv8_2),
+            ("conv9_2", conv9_2),
+            ("conv10_2", conv10_2),
+        ]
     model = keras.Model(inputs, ssd_head(sources, cfg), name=f"ssd{size}")
     _check_anchor_count(model, cfg)
     return model
@@ -321,8 +375,13 @@ def build_ssdlite_mobilenet_v2(num_classes: int = 21, input_shape=None, size: in
         x = L.Conv2D(ch, 1, activation="relu6", name=f"extra{k}_pw")(x)
         sources.append((f"extra{k}_pw", x))
     fm = [tuple(int(d) for d in s[1].shape[1:3]) for s in sources]
-    cfg = AnchorConfig((size, size), tuple(fm), (0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0),
-                       tuple((1.0, 2.0, 0.5) if k == 0 else (1.0, 2.0, 0.5, 3.0, 1 / 3) for k in range(len(fm))), num_classes=num_classes)
+    cfg = AnchorConfig(
+        (size, size),
+        tuple(fm),
+        (0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0),
+        tuple((1.0, 2.0, 0.5) if k == 0 else (1.0, 2.0, 0.5, 3.0, 1 / 3) for k in range(len(fm))),
+        num_classes=num_classes,
+    )
     model = keras.Model(backbone.input, ssd_head(sources, cfg, separable=True), name="ssdlite_mobilenet_v2")
     model.anchor_config = cfg
     return model
@@ -336,8 +395,13 @@ def _check_anchor_count(model, cfg: AnchorConfig) -> None:
 
 def ssdlite_anchor_config(num_classes: int = 21, size: int = 320) -> AnchorConfig:
     fm = [(20, 20), (10, 10), (5, 5), (3, 3), (2, 2), (1, 1)]
-    return AnchorConfig((size, size), tuple(fm), (0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0),
-                        tuple((1.0, 2.0, 0.5) if k == 0 else (1.0, 2.0, 0.5, 3.0, 1 / 3) for k in range(len(fm))), num_classes=num_classes)
+    return AnchorConfig(
+        (size, size),
+        tuple(fm),
+        (0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0),
+        tuple((1.0, 2.0, 0.5) if k == 0 else (1.0, 2.0, 0.5, 3.0, 1 / 3) for k in range(len(fm))),
+        num_classes=num_classes,
+    )
 
 
 def load_weights_by_name(model: Any, path: str | Path) -> dict[str, list[str]]:
@@ -373,7 +437,10 @@ def load_weights_by_name(model: Any, path: str | Path) -> dict[str, list[str]]:
             values = [np.asarray(g[w]) for w in wnames]
             expected = [tuple(w.shape) for w in layer.get_weights()]
             if [tuple(v.shape) for v in values] != expected:
-                raise ModelLoadError(f"{path}: layer '{layer.name}' has weights {[v.shape for v in values]}, the model expects {expected}")
+                raise ModelLoadError(
+                    f"{path}: layer '{layer.name}' has weights {[v.shape for v in values]}, the model expects "
+                    f"{expected}"
+                )
             layer.set_weights(values)
             loaded.append(layer.name)
     if not loaded:
@@ -394,10 +461,15 @@ def anchors_for(loaded: Any, dataset: Any, anchors_file: str | None = None) -> A
     elif loaded.spec is not None and "anchors" in loaded.spec.extra:
         cfg = loaded.spec.extra["anchors"](n_classes)
     else:
-        raise ConfigError(f"{loaded.name}: a detection model given as a file needs --anchors FILE (its anchor configuration as JSON)")
+        raise ConfigError(
+            f"{loaded.name}: a detection model given as a file needs --anchors FILE (its anchor configuration as JSON)"
+        )
     out_shape = tuple(loaded.model.outputs[0].shape[1:])
     if out_shape != (len(make_anchors(cfg)), cfg.num_classes + 4):
-        raise ConfigError(f"{loaded.name}: output {out_shape} does not fit {len(make_anchors(cfg))} anchors x ({cfg.num_classes} classes + 4)")
+        raise ConfigError(
+            f"{loaded.name}: output {out_shape} does not fit {len(make_anchors(cfg))} anchors x "
+            f"({cfg.num_classes} classes + 4)"
+        )
     if cfg.num_classes != n_classes:
         raise ConfigError(f"{loaded.name}: {cfg.num_classes - 1} object classes, the dataset has {n_classes - 1}")
     return cfg

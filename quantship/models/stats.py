@@ -25,7 +25,9 @@ def count_macs(model: Any) -> int:
             kh, kw = layer.kernel_size
             cin = int(in_shape[-1])
             spatial = int(np.prod(out_shape[1:-1]))
-            total += spatial * kh * kw * cin * layer.depth_multiplier + spatial * cin * layer.depth_multiplier * int(out_shape[-1])
+            total += spatial * kh * kw * cin * layer.depth_multiplier + spatial * cin * layer.depth_multiplier * int(
+                out_shape[-1]
+            )
         elif isinstance(layer, keras.layers.DepthwiseConv2D):
             kh, kw = layer.kernel_size
             total += int(np.prod(out_shape[1:])) * kh * kw

@@ -192,7 +192,11 @@ def _anchors(kind: str):
     def make(num_classes: int = 21):
         from quantship.models import ssd
 
-        return ssd.ssd_anchor_config(int(kind), num_classes) if kind in ("300", "512") else ssd.ssdlite_anchor_config(num_classes)
+        return (
+            ssd.ssd_anchor_config(int(kind), num_classes)
+            if kind in ("300", "512")
+            else ssd.ssdlite_anchor_config(num_classes)
+        )
 
     return make
 
@@ -204,7 +208,14 @@ for _size in (300, 512):
             name=f"ssd{_size}",
             build=functools.partial(_ssd, _size),
             input_size=(_size, _size),
-            preprocess=PreprocessSpec(size=(_size, _size), crop_pct=1.0, mean=(123.0, 117.0, 104.0), std=(1.0, 1.0, 1.0), channel_order="bgr", resize="stretch"),
+            preprocess=PreprocessSpec(
+                size=(_size, _size),
+                crop_pct=1.0,
+                mean=(123.0, 117.0, 104.0),
+                std=(1.0, 1.0, 1.0),
+                channel_order="bgr",
+                resize="stretch",
+            ),
             family="ssd",
             task="detection",
             num_classes=21,

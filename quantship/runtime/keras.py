@@ -37,9 +37,7 @@ class KerasRunner(Runner):
         self._fn = None
 
     def input_metadata_impl(self) -> list[TensorMeta]:
-        return [
-            TensorMeta(t.name.split(":")[0], tuple(t.shape), np.dtype("float32")) for t in self.model.inputs
-        ]
+        return [TensorMeta(t.name.split(":")[0], tuple(t.shape), np.dtype("float32")) for t in self.model.inputs]
 
     def output_metadata_impl(self) -> list[TensorMeta]:
         return [

@@ -27,7 +27,11 @@ _ORT_TYPES = {
     "tensor(int32)": np.int32,
     "tensor(int64)": np.int64,
 }
-PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
 
 
 def provider_names(providers: Sequence[str]) -> list[str]:
@@ -119,7 +123,9 @@ class OnnxRunner(Runner):
     def activate_impl(self) -> None:
         if self.path is not None and not self.path.is_file():
             raise RuntimeBackendError(f"ONNX model not found: {self.path}")
-        self._session = make_session(self.model, self.num_threads, self.providers, self.session_config, what=str(self.path or self.name))
+        self._session = make_session(
+            self.model, self.num_threads, self.providers, self.session_config, what=str(self.path or self.name)
+        )
         self._inputs = self._meta(self._session.get_inputs())
         self._outputs = self._meta(self._session.get_outputs())
         self._output_names = [m.name for m in self._outputs]
@@ -128,7 +134,9 @@ class OnnxRunner(Runner):
         try:
             outs = self._time_runtime(self._session.run, self._output_names, feed)
         except Exception as exc:  # noqa: BLE001
-            raise RuntimeBackendError(f"{self.name}: inference failed: {str(exc).strip().splitlines()[0][:400]}") from None
+            raise RuntimeBackendError(
+                f"{self.name}: inference failed: {str(exc).strip().splitlines()[0][:400]}"
+            ) from None
         return dict(zip(self._output_names, outs))
 
     def deactivate_impl(self) -> None:
@@ -137,7 +145,11 @@ class OnnxRunner(Runner):
     @staticmethod
     def _meta(items) -> list[TensorMeta]:
         return [
-            TensorMeta(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32)))
+            TensorMeta(
+                i.name,
+                tuple(d if isinstance(d, int) else None for d in i.shape),
+                np.dtype(_ORT_TYPES.get(i.type, np.float32)),
+            )
             for i in items
         ]
 
@@ -153,7 +165,13 @@ class OnnxRunner(Runner):
 
 
 def _make(source: Any, options: RunnerOptions, name: str | None) -> OnnxRunner:
-    return OnnxRunner(source, providers=options.providers, num_threads=options.threads, name=name, session_config=options.session_config)
+    return OnnxRunner(
+        source,
+        providers=options.providers,
+        num_threads=options.threads,
+        name=name,
+        session_config=options.session_config,
+    )
 
 
 register_runtime(RuntimeInfo("onnx", _make, suffixes=(".onnx",), description="ONNX Runtime (CPU provider by default)"))

@@ -81,7 +81,9 @@ def runtime_for_artifact(path: str | Path) -> RuntimeInfo:
     raise ConfigError(f"no runtime runs '{Path(path).name}': expected one of {', '.join(known)}")
 
 
-def make_runner(source: Any, options: RunnerOptions = RunnerOptions(), name: str | None = None, runtime: str | None = None) -> Runner:
+def make_runner(
+    source: Any, options: RunnerOptions = RunnerOptions(), name: str | None = None, runtime: str | None = None
+) -> Runner:
     """The runner for ``source``: an artifact file (runtime chosen by its suffix unless ``runtime`` is given)
     or an in-memory model of an in-memory runtime."""
     info = get_runtime(runtime) if runtime else runtime_for_artifact(source)

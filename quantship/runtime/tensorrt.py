@@ -46,7 +46,10 @@ def buffer_plan(tensors: Sequence[IOTensor]) -> dict[str, int]:
     plan = {}
     for t in tensors:
         if any(d < 0 for d in t.max_shape):
-            raise RuntimeBackendError(f"tensor '{t.name}' has no upper bound on its shape {t.shape}; data-dependent output shapes are not supported")
+            raise RuntimeBackendError(
+                f"tensor '{t.name}' has no upper bound on its shape {t.shape}; data-dependent output shapes are "
+                "not supported"
+            )
         plan[t.name] = t.max_bytes
     return plan
 
@@ -68,7 +71,9 @@ class TrtRunner(Runner):
     events.
     """
 
-    def __init__(self, path: str | Path, name: str | None = None, cuda_graph: bool = False, check_manifest: bool = True):
+    def __init__(
+        self, path: str | Path, name: str | None = None, cuda_graph: bool = False, check_manifest: bool = True
+    ):
         super().__init__(name or Path(path).stem)
         self.path = Path(path)
         self.cuda_graph = cuda_graph
@@ -92,7 +97,8 @@ class TrtRunner(Runner):
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
             raise RuntimeBackendError(
-                f"{self.path}: TensorRT {trt.__version__} cannot load this engine ({'; '.join(self._errors[-2:]) or 'not an engine, or built elsewhere'})"
+                f"{self.path}: TensorRT {trt.__version__} cannot load this engine "
+                f"({'; '.join(self._errors[-2:]) or 'not an engine, or built elsewhere'})"
             )
         self._context = self._engine.create_execution_context()
         engine = self._engine
@@ -108,7 +114,10 @@ class TrtRunner(Runner):
             else:
                 max_shape = shape
             io.append(IOTensor(name, is_input, shape, max_shape, np.dtype(trt.nptype(engine.get_tensor_dtype(name)))))
-        self._io = [t if t.is_input else IOTensor(t.name, False, t.shape, output_max_shape(t.shape, batch_max), t.dtype) for t in io]
+        self._io = [
+            t if t.is_input else IOTensor(t.name, False, t.shape, output_max_shape(t.shape, batch_max), t.dtype)
+            for t in io
+        ]
         sizes = buffer_plan(self._io)
         self._buffers = {t.name: cuda.HostDeviceBuffer(sizes[t.name], t.dtype) for t in self._io}
         for t in self._io:
@@ -129,7 +138,12 @@ class TrtRunner(Runner):
             # One plain run first: TensorRT allocates lazily on the first enqueue, which a capture must not see.
             self._context.execute_async_v3(int(self._stream.handle))
             self._stream.synchronize()
-            check(rt.cudaStreamBeginCapture(self._stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
+            check(
+                rt.cudaStreamBeginCapture(
+                    self._stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+                ),
+                "cudaStreamBeginCapture",
+            )
             self._context.execute_async_v3(int(self._stream.handle))
             graph = check(rt.cudaStreamEndCapture(self._stream.handle), "cudaStreamEndCapture")
             self._graphs[key] = (graph, check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate"))
@@ -147,9 +161,15 @@ class TrtRunner(Runner):
             x = np.ascontiguousarray(feed[t.name], dtype=t.dtype)
             buf = self._buffers[t.name]
             if x.nbytes > buf.nbytes:
-                raise RuntimeBackendError(f"{self.name}: input '{t.name}' of shape {x.shape} exceeds the engine's profile (largest {t.max_shape})")
+                raise RuntimeBackendError(
+                    f"{self.name}: input '{t.name}' of shape {x.shape} exceeds the engine's profile (largest "
+                    f"{t.max_shape})"
+                )
             if any(d < 0 for d in t.shape) and not self._context.set_input_shape(t.name, x.shape):
-                raise RuntimeBackendError(f"{self.name}: shape {x.shape} is outside the engine's profile for '{t.name}' (largest {t.max_shape})")
+                raise RuntimeBackendError(
+                    f"{self.name}: shape {x.shape} is outside the engine's profile for '{t.name}' (largest "
+                    f"{t.max_shape})"
+                )
             buf.host[: x.size] = x.ravel()
             key.append(x.shape)
         start, after_h2d, after_compute, after_d2h = self._events
@@ -161,7 +181,9 @@ class TrtRunner(Runner):
             if t.is_input:
                 b = self._buffers[t.name]
                 n = int(np.prod(self._context.get_tensor_shape(t.name))) * t.dtype.itemsize
-                check(rt.cudaMemcpyAsync(b.device, b.host.ctypes.data, n, h2d, self._stream.handle), "cudaMemcpyAsync H2D")
+                check(
+                    rt.cudaMemcpyAsync(b.device, b.host.ctypes.data, n, h2d, self._stream.handle), "cudaMemcpyAsync H2D"
+                )
         after_h2d.record(self._stream)
         self._launch(tuple(key))
         after_compute.record(self._stream)
@@ -172,7 +194,9 @@ class TrtRunner(Runner):
                 shape = tuple(self._context.get_tensor_shape(t.name))
                 shapes[t.name] = shape
                 n = int(np.prod(shape)) * t.dtype.itemsize
-                check(rt.cudaMemcpyAsync(b.host.ctypes.data, b.device, n, d2h, self._stream.handle), "cudaMemcpyAsync D2H")
+                check(
+                    rt.cudaMemcpyAsync(b.host.ctypes.data, b.device, n, d2h, self._stream.handle), "cudaMemcpyAsync D2H"
+                )
         after_d2h.record(self._stream)
         self._stream.synchronize()
         self._runtime_seconds = time.perf_counter() - t0
@@ -206,7 +230,11 @@ class TrtRunner(Runner):
         self._runtime = None
 
     def _meta(self, is_input: bool) -> list[TensorMeta]:
-        return [TensorMeta(t.name, tuple(None if d < 0 else d for d in t.shape), t.dtype) for t in self._io if t.is_input == is_input]
+        return [
+            TensorMeta(t.name, tuple(None if d < 0 else d for d in t.shape), t.dtype)
+            for t in self._io
+            if t.is_input == is_input
+        ]
 
     def input_metadata_impl(self) -> list[TensorMeta]:
         return self._meta(True)
@@ -219,4 +247,8 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> TrtRunner:
     return TrtRunner(source, name=name, cuda_graph=options.cuda_graph)
 
 
-register_runtime(RuntimeInfo("trt", _make, suffixes=(".engine", ".plan"), timing="cuda-events", description="TensorRT engine (NVIDIA GPU)"))
+register_runtime(
+    RuntimeInfo(
+        "trt", _make, suffixes=(".engine", ".plan"), timing="cuda-events", description="TensorRT engine (NVIDIA GPU)"
+    )
+)

@@ -20,7 +20,11 @@ def _meta(detail: dict) -> TensorMeta:
     scale, zp = detail.get("quantization", (0.0, 0))
     quantized = scale != 0.0
     return TensorMeta(
-        detail["name"], shape, np.dtype(detail["dtype"]), float(scale) if quantized else None, int(zp) if quantized else None
+        detail["name"],
+        shape,
+        np.dtype(detail["dtype"]),
+        float(scale) if quantized else None,
+        int(zp) if quantized else None,
     )
 
 
@@ -34,7 +38,9 @@ class TfliteRunner(Runner):
         use_xnnpack: Keep LiteRT's default delegate (XNNPACK); False uses the builtin kernels only.
     """
 
-    def __init__(self, path: str | os.PathLike, num_threads: int | None = None, name: str | None = None, use_xnnpack: bool = True):
+    def __init__(
+        self, path: str | os.PathLike, num_threads: int | None = None, name: str | None = None, use_xnnpack: bool = True
+    ):
         super().__init__(name or Path(path).stem)
         self.path = Path(path)
         self.num_threads = num_threads
@@ -103,4 +109,6 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> TfliteRunner
     return TfliteRunner(source, num_threads=options.threads, name=name)
 
 
-register_runtime(RuntimeInfo("tflite", _make, suffixes=(".tflite",), description="LiteRT (TFLite) interpreter, XNNPACK"))
+register_runtime(
+    RuntimeInfo("tflite", _make, suffixes=(".tflite",), description="LiteRT (TFLite) interpreter, XNNPACK")
+)
