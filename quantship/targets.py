@@ -123,6 +123,11 @@ def register_target(
     return target
 
 
+def unregister_target(name: str) -> None:
+    """Remove a target (a plug-in's or a test's)."""
+    _TARGETS.pop(name, None)
+
+
 def get_target(name: str) -> Target:
     key = name.strip().lower()
     if key not in _TARGETS:

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_PREPROCESS
 
+from conftest import TINY_PREPROCESS
 from quantship.cli import main
 
 

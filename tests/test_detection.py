@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from detection_fixtures import COCO_IDS, SIZE, train_tiny_detector, write_coco, write_voc
 
+from detection_fixtures import COCO_IDS, SIZE, train_tiny_detector, write_coco, write_voc
 from quantship.data.datasets import load_dataset
 from quantship.errors import DataError
 from quantship.evaluate.detection_metrics import CocoMetric, Detections, VocMetric, coco_evaluate, voc_ap
@@ -323,3 +323,38 @@ def test_saved_model_with_l2_normalization_loads_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "20." in out.stdout
+
+
+@pytest.mark.slow
+def test_sensitivity_and_fallback_rank_detection_layers_on_map(tiny_detector, tmp_path):
+    """Per-layer sensitivity and the float fallback work for a detection model, on mAP (the task's metric)."""
+    from quantship.config import Gate, parse_preprocess_overrides
+    from quantship.errors import ConfigError
+    from quantship.jobs.sensitivity import Analyses, prepare, run_analyses
+
+    data = write_voc(tmp_path / "v", 40, seed=5)
+    setup = prepare(
+        str(tiny_detector / "tiny_ssd.keras"),
+        None,
+        f"voc2007:{data}",
+        None,
+        images=30,
+        calib_images=10,
+        work=tmp_path / "s",
+        preprocess_overrides=parse_preprocess_overrides(f"mode=tf,size={SIZE},crop_pct=1.0,resize=stretch"),
+        anchors=str(tiny_detector / "anchors.json"),
+    )
+    try:
+        assert setup.held.task.name == "detection"
+        rows, result = run_analyses(setup, Analyses(backends=("qdq",), gate=Gate.parse("mAP>=0.9")))
+        with pytest.raises(ConfigError, match="metric 'top1' is not measured for detection"):
+            run_analyses(setup, Analyses(backends=("qdq",), gate=Gate.parse("top1>=0.9")))
+    finally:
+        setup.close()
+    single = [r for r in rows if r["kind"] == "single"]
+    assert single and all(r["metric"] == "mAP" and 0 <= r["value"] <= 1 and "agreement_top1" not in r for r in single)
+    assert [r["rank"] for r in single] == list(range(1, len(single) + 1))
+    assert all(r["reference_mAP"] > 0.5 for r in single)  # the trained detector finds the shapes
+    steps = [r for r in rows if r["kind"] == "fallback"]
+    assert steps and result is not None and steps[-1]["passed"] == result.passed
+    assert all(s["passed"] == (s["mAP"] >= 0.9 * s["reference_mAP"]) for s in steps)

@@ -7,8 +7,8 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import CLASSES, encode, synthetic_set
 
+from conftest import CLASSES, encode, synthetic_set
 from quantship.config import PreprocessSpec
 from quantship.data.classes import wnid_to_label
 from quantship.data.datasets import Skipped, check_disjoint, iter_batches, load_dataset, split_calibration

@@ -7,8 +7,8 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import TINY_PREPROCESS, synthetic_set, tf_preprocess
 
+from conftest import TINY_PREPROCESS, synthetic_set, tf_preprocess
 from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
 from quantship.calibrate.qdq import insert_qdq, quantize_weight
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache, write_cache

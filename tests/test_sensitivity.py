@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import synthetic_set, tf_preprocess
 
+from conftest import synthetic_set, tf_preprocess
 from quantship.config import Gate
 from quantship.errors import ConfigError
 from quantship.jobs.sensitivity import (

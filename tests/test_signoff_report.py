@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_PREPROCESS
 
+from conftest import TINY_PREPROCESS
 from quantship.config import Gate
 from quantship.errors import ConfigError
 from quantship.evaluate.bench import BenchConfig, annotate, mobile_profile

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import synthetic_set, tf_preprocess
 
+from conftest import synthetic_set, tf_preprocess
 from quantship.config import IODType, Precision
 from quantship.convert.tflite import TfliteConverter, TfliteSpec, convert_to_tflite
 from quantship.errors import CalibrationError, ConfigError, RuntimeBackendError

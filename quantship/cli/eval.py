@@ -13,7 +13,7 @@ DETECTION_KINDS = ("voc2007", "coco")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from quantship.targets import DEFAULT_TARGETS
+    from quantship.jobs.listing import DEFAULT_TARGETS
 
     a.model(p)
     a.data(p)

@@ -14,9 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.models.stats import model_table
+    from quantship.jobs.listing import list_models
 
-    print(model_table(with_stats=not args.no_stats))
+    print(list_models(with_stats=not args.no_stats).text)
     return 0
 
 

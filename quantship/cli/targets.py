@@ -13,10 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.targets import list_targets
+    from quantship.jobs.listing import list_target_lines
 
-    for t in list_targets():
-        print(f"{t.name:24s} {t.spec.description}")
+    print(list_target_lines().text)
     return 0
 
 

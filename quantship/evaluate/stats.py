@@ -27,18 +27,3 @@ def bootstrap_diff_ci(
     if target.shape != reference.shape:
         raise ValueError(f"paired bootstrap needs the same images: {target.shape} vs {reference.shape}")
     return bootstrap_mean_ci(target - reference, samples, confidence, seed)
-
-
-def bootstrap_ratio_ci(
-    target: np.ndarray, reference: np.ndarray, samples: int = 1000, confidence: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
-    """Interval of mean(target) / mean(reference), paired over images."""
-    target, reference = np.asarray(target, np.float64), np.asarray(reference, np.float64)
-    if target.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, target.size, size=(samples, target.size))
-    ref = reference[idx].mean(axis=1)
-    ratios = np.where(ref > 0, target[idx].mean(axis=1) / np.where(ref > 0, ref, 1.0), np.nan)
-    alpha = (1.0 - confidence) / 2.0
-    return float(np.nanquantile(ratios, alpha)), float(np.nanquantile(ratios, 1.0 - alpha))

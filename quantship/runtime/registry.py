@@ -50,6 +50,11 @@ def register_runtime(info: RuntimeInfo) -> RuntimeInfo:
     return info
 
 
+def unregister_runtime(name: str) -> None:
+    """Remove a runtime (a plug-in's or a test's); its targets must be removed first."""
+    _RUNTIMES.pop(name, None)
+
+
 def _ensure_loaded() -> None:
     global _loaded
     if not _loaded:
