@@ -257,9 +257,10 @@ for _method in CalibrationMethod:
 
 def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     from quantship.convert.tensorrt import EngineSpec, build_engine
+    from quantship.fileio import sha256_json
     from quantship.trt_util import import_tensorrt
 
-    import_tensorrt()  # say so before exporting or calibrating anything
+    trt = import_tensorrt()  # say so before exporting or calibrating anything
     opts = ctx.trt
     if spec.trt_int8 is TrtInt8Mode.EXPLICIT:
         source = _qdq_build(ctx, get_target(f"onnx-int8-{opts.qdq_method.value}").spec)
@@ -268,7 +269,18 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     implicit = spec.trt_int8 is TrtInt8Mode.IMPLICIT
     cache = opts.calibration_cache
     if implicit and cache is None:
-        cache = ctx.artifact_path(spec, ".cache")  # TensorRT writes it after calibrating; the next build reuses it
+        # TensorRT writes the cache after calibrating and reads it back on the next build: the file name carries
+        # everything the scales depend on, so new weights, data, preprocessing or TensorRT never reuse old ones.
+        key = sha256_json(
+            {
+                "weights": ctx.loaded.weights_hash,
+                "calibration": ctx.calibration.info if ctx.calibration else None,
+                "preprocess": ctx.loaded.preprocess.hash(),
+                "method": spec.calibration.value,
+                "tensorrt": trt.__version__,
+            }
+        )[:16]
+        cache = ctx.artifact_path(spec, f".{key}.cache")
     engine_spec = EngineSpec(
         spec.precision,
         int8_mode=spec.trt_int8,

@@ -173,7 +173,7 @@ def build_engine(
     manifest: dict[str, Any] | None = None,
     reuse: bool = True,
 ) -> Artifact:
-    """Build a serialized engine from an ONNX model (a Q/DQ model for ``int8-qdq``) and write it with its
+    """Build a serialized engine from an ONNX model (a Q/DQ model for explicit int8) and write it with its
     manifest (TensorRT version, GPU and compute capability, precision, calibration method and data hash).
 
     Raises:
@@ -184,12 +184,60 @@ def build_engine(
     """
     trt = import_tensorrt()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
-    version = TrtVersion.parse(trt.__version__)
-    env = engine_environment(trt)
     cache_file = spec.calibration_cache
-    plan = plan_build(spec, version, calibration_feed is not None, bool(cache_file and Path(cache_file).is_file()))
+    plan = plan_build(
+        spec, TrtVersion.parse(trt.__version__), calibration_feed is not None, bool(cache_file and cache_file.is_file())
+    )
+    manifest = _engine_manifest(spec, plan, engine_environment(trt), onnx_path, manifest or {})
+    build_key = sha256_json(manifest)
+    if reuse and (existing := load_reusable(out_path, build_key)) is not None:
+        return existing
+
+    errors: list[str] = []
+    logger = make_logger(trt, errors)
+    builder = trt.Builder(logger)
+    network = _parse_network(trt, builder, logger, plan, onnx_path)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mb << 20)
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    inputs, dynamic = _batch_profile(builder, network, config, spec.batch)
+    timing_cache = None
+    if spec.timing_cache is not None:
+        blob = spec.timing_cache.read_bytes() if spec.timing_cache.is_file() else b""
+        timing_cache = config.create_timing_cache(blob)
+        config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    calibrator = batches = None
+    if plan.int8_source == "calibrator":
+        batches = FixedBatches(calibration_feed, spec.calibration_batch, inputs)
+        calibrator = make_calibrator(trt, spec.calibration, batches, cache_file)
+        config.int8_calibrator = calibrator
+        if dynamic:
+            config.set_calibration_profile(_fixed_profile(builder, network, spec.calibration_batch))
+    elif plan.int8_source == "cache-ranges":
+        manifest["build"]["cache_ranges"] = _apply_cache_ranges(network, cache_file)
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    finally:
+        if calibrator is not None:
+            calibrator.free()
+    if serialized is None:
+        detail = "; ".join(errors[-3:]) or "see the log"
+        raise ConversionError(f"TensorRT failed to build the {spec.label} engine from {onnx_path.name}: {detail}")
+    if timing_cache is not None:
+        write_bytes_atomic(spec.timing_cache, bytes(timing_cache.serialize()))
+    if batches is not None:
+        manifest["build"]["calibration_images"] = batches.images
+        manifest["build"]["calibration_images_dropped"] = batches.dropped
+    return write_artifact(out_path, bytes(serialized), {**manifest, "build_key": build_key})
+
+
+def _engine_manifest(
+    spec: EngineSpec, plan: BuildPlan, env: dict[str, Any], onnx_path: Path, base: dict[str, Any]
+) -> dict[str, Any]:
+    """What identifies an engine: the caller's facts, this machine's TensorRT and GPU, and the build plan."""
     manifest = {
-        **(manifest or {}),
+        **base,
         "format": "tensorrt-engine",
         "precision": spec.label,
         "environment": env,
@@ -199,6 +247,7 @@ def build_engine(
             "onnx_input": plan.onnx_input,
             "int8_source": plan.int8_source,
             "calibrator": plan.calibrator,
+            "calibration_cache": str(spec.calibration_cache) if spec.implicit_int8 and spec.calibration_cache else None,
             "batch_profile": [spec.batch.min, spec.batch.opt, spec.batch.max],
             "workspace_mb": spec.workspace_mb,
         },
@@ -206,13 +255,10 @@ def build_engine(
     }
     if not spec.implicit_int8:
         manifest.pop("calibration", None)
-    build_key = sha256_json(manifest)
-    if reuse and (existing := load_reusable(out_path, build_key)) is not None:
-        return existing
+    return manifest
 
-    errors: list[str] = []
-    logger = make_logger(trt, errors)
-    builder = trt.Builder(logger)
+
+def _parse_network(trt: Any, builder: Any, logger: Any, plan: BuildPlan, onnx_path: Path) -> Any:
     flags = 0
     for name in plan.network_flags:
         member = getattr(trt.NetworkDefinitionCreationFlag, name, None)
@@ -222,12 +268,18 @@ def build_engine(
     with tempfile.TemporaryDirectory(prefix="quantship-trt-") as tmp:
         source = onnx_fp16(onnx_path, Path(tmp) / "model-fp16.onnx") if plan.onnx_input == "fp16" else onnx_path
         _parse_onnx(trt, network, logger, source)
+    return network
 
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mb << 20)
-    for name in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
 
+def _batch_profile(
+    builder: Any, network: Any, config: Any, batch: BatchProfile
+) -> tuple[list[tuple[str, tuple]], bool]:
+    """The optimization profile of a dynamic batch dimension; returns the inputs (name, shape) and whether the
+    batch is dynamic.
+
+    Raises:
+        ConversionError: An input with a dynamic dimension other than the batch.
+    """
     profile = builder.create_optimization_profile()
     inputs = []
     dynamic = False
@@ -242,60 +294,39 @@ def build_engine(
         if shape[0] < 0:
             dynamic = True
             rest = shape[1:]
-            profile.set_shape(tensor.name, (spec.batch.min, *rest), (spec.batch.opt, *rest), (spec.batch.max, *rest))
+            profile.set_shape(tensor.name, (batch.min, *rest), (batch.opt, *rest), (batch.max, *rest))
     if dynamic:
         config.add_optimization_profile(profile)
+    return inputs, dynamic
 
-    timing_cache = None
-    if spec.timing_cache is not None:
-        blob = Path(spec.timing_cache).read_bytes() if Path(spec.timing_cache).is_file() else b""
-        timing_cache = config.create_timing_cache(blob)
-        config.set_timing_cache(timing_cache, ignore_mismatch=False)
 
-    calibrator = None
-    if plan.int8_source == "calibrator":
-        batches = FixedBatches(calibration_feed, spec.calibration_batch, inputs)
-        calibrator = make_calibrator(trt, spec.calibration, batches, cache_file)
-        config.int8_calibrator = calibrator
-        if dynamic:
-            calib_profile = builder.create_optimization_profile()
-            for i in range(network.num_inputs):
-                t = network.get_input(i)
-                fixed = (spec.calibration_batch, *tuple(t.shape)[1:])
-                calib_profile.set_shape(t.name, fixed, fixed, fixed)
-            config.set_calibration_profile(calib_profile)
-    elif plan.int8_source == "cache-ranges":
-        cache = read_cache(cache_file)
-        names = [network.get_input(i).name for i in range(network.num_inputs)]
-        tensors = {n: network.get_input(i) for i, n in enumerate(names)}
-        for li in range(network.num_layers):
-            layer = network.get_layer(li)
-            for oi in range(layer.num_outputs):
-                t = layer.get_output(oi)
-                tensors[t.name] = t
-        ranges, missing = cache_ranges(tensors, cache)
-        for name, r in ranges.items():
-            tensors[name].set_dynamic_range(-r, r)
-        manifest["build"]["cache_ranges"] = {"applied": len(ranges), "missing": len(missing)}
-        if missing:
-            log.warning(
-                "%d network tensors have no range in %s (they fall back to higher precision), e.g. %s",
-                len(missing),
-                cache_file,
-                missing[0],
-            )
+def _fixed_profile(builder: Any, network: Any, batch: int) -> Any:
+    """A profile with every input fixed at ``batch`` (the calibrator's batch size)."""
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        fixed = (batch, *tuple(t.shape)[1:])
+        profile.set_shape(t.name, fixed, fixed, fixed)
+    return profile
 
-    try:
-        serialized = builder.build_serialized_network(network, config)
-    finally:
-        if calibrator is not None:
-            calibrator.free()
-    if serialized is None:
-        detail = "; ".join(errors[-3:]) or "see the log"
-        raise ConversionError(f"TensorRT failed to build the {spec.label} engine from {onnx_path.name}: {detail}")
-    if timing_cache is not None:
-        write_bytes_atomic(spec.timing_cache, bytes(timing_cache.serialize()))
-    if plan.int8_source == "calibrator":
-        manifest["build"]["calibration_images"] = batches.images
-        manifest["build"]["calibration_images_dropped"] = batches.dropped
-    return write_artifact(out_path, bytes(serialized), {**manifest, "build_key": build_key})
+
+def _apply_cache_ranges(network: Any, cache_file: Path) -> dict[str, int]:
+    """Set each network tensor's dynamic range from a calibration cache; returns how many were set / missing."""
+    cache = read_cache(cache_file)
+    tensors = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    for li in range(network.num_layers):
+        layer = network.get_layer(li)
+        for oi in range(layer.num_outputs):
+            t = layer.get_output(oi)
+            tensors[t.name] = t
+    ranges, missing = cache_ranges(tensors, cache)
+    for name, r in ranges.items():
+        tensors[name].set_dynamic_range(-r, r)
+    if missing:
+        log.warning(
+            "%d network tensors have no range in %s (they fall back to higher precision), e.g. %s",
+            len(missing),
+            cache_file,
+            missing[0],
+        )
+    return {"applied": len(ranges), "missing": len(missing)}

@@ -37,7 +37,6 @@ def run_calibrate(
     from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
     from quantship.calibrate.calibrators import get_calibrator
     from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION
-    from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
 
     method = CalibrationMethod.parse(method)
     get_calibrator(method, percentile=percentile)  # a bad percentile fails before any work
@@ -45,28 +44,10 @@ def run_calibrate(
         raise ConfigError("nothing to write: give at least one of --cache, --qdq, --ranges")
     preprocess = None if model.endswith(".onnx") else resolve_preprocess(model, weights, preprocess_overrides)
     dataset = load_dataset(data, labels=labels)
-    node_layers: dict[str, str] = {}
-    if model.endswith(".onnx"):
-        onnx_path = Path(model)
-        if not onnx_path.is_file():
-            raise DataError(f"ONNX model not found: {onnx_path}")
-        if not preprocess_overrides:
-            raise ConfigError("an ONNX model needs --preprocess to describe its input (e.g. mode=tf,size=224)")
-        loaded = LoadedModel(
-            onnx_path.stem, None, PreprocessSpec().with_overrides(**preprocess_overrides), str(onnx_path), ""
-        )
-        source = {"onnx": str(onnx_path)}
-    else:
-        import onnx
-
-        loaded = load_for(model, weights, preprocess)
-        onnx_path = Path(qdq or cache or ranges).parent / f"{loaded.name}-fp32.onnx"
-        manifest = {
-            "source_model": {"name": loaded.name, "weights": loaded.weights, "weights_sha256": loaded.weights_hash}
-        }
-        convert_to_onnx(loaded.model, onnx_path, manifest=manifest, log_path=log_path)
-        node_layers = onnx_node_layers(onnx.load(str(onnx_path)), loaded.model)
-        source = {"onnx": str(onnx_path), "weights": loaded.weights}
+    out_dir = Path(qdq or cache or ranges).parent
+    loaded, onnx_path, node_layers, source = _onnx_source(
+        model, weights, preprocess, preprocess_overrides, out_dir, log_path
+    )
     calib = calibration_data(
         draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers, method=method.value
     )
@@ -102,3 +83,33 @@ def run_calibrate(
         "onnx": str(onnx_path),
     }
     return JobResult([row], lines)
+
+
+def _onnx_source(
+    model: str,
+    weights: str | None,
+    preprocess: PreprocessSpec | None,
+    overrides: dict[str, Any] | None,
+    out_dir: Path,
+    log_path: Path | None,
+) -> tuple[LoadedModel, Path, dict[str, str], dict[str, Any]]:
+    """The float ONNX model to calibrate: the ``.onnx`` file given, or the tf2onnx export of the Keras model (with
+    its node -> Keras layer map, so ``--exclude`` can name Keras layers)."""
+    if model.endswith(".onnx"):
+        onnx_path = Path(model)
+        if not onnx_path.is_file():
+            raise DataError(f"ONNX model not found: {onnx_path}")
+        if not overrides:
+            raise ConfigError("an ONNX model needs --preprocess to describe its input (e.g. mode=tf,size=224)")
+        loaded = LoadedModel(onnx_path.stem, None, PreprocessSpec().with_overrides(**overrides), str(onnx_path), "")
+        return loaded, onnx_path, {}, {"onnx": str(onnx_path)}
+    import onnx
+
+    from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
+
+    loaded = load_for(model, weights, preprocess)
+    onnx_path = out_dir / f"{loaded.name}-fp32.onnx"
+    manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights, "weights_sha256": loaded.weights_hash}}
+    convert_to_onnx(loaded.model, onnx_path, manifest=manifest, log_path=log_path)
+    node_layers = onnx_node_layers(onnx.load(str(onnx_path)), loaded.model)
+    return loaded, onnx_path, node_layers, {"onnx": str(onnx_path), "weights": loaded.weights}

@@ -162,21 +162,7 @@ def run_demo(out: Path, threads: int = 2) -> JobResult:
     finally:
         ctx.close()
 
-    keys = [Path(k).stem for k in (s.key for s in evalset.samples)]
-    fp32 = evaluated[0].arrays["scores"]
-    all_ok = True
-    check = []
-    for i, photo in enumerate(keys):
-        accepted = {wnid_to_label()[w] for w in EVAL_PHOTOS[photo][1]}
-        check.append(f"\n{photo}:")
-        for e in evaluated:
-            p = e.arrays["scores"][i]
-            top3 = np.argsort(-p, kind="stable")[:3]
-            ok = int(top3[0]) in accepted
-            all_ok &= ok
-            same = "same top-1 as fp32" if top3[0] == np.argmax(fp32[i]) else "DIFFERENT top-1 from fp32"
-            desc = ", ".join(f"{class_name(int(c))} {p[c]:.2f}" for c in top3)
-            check.append(f"  {'ok ' if ok else 'BAD'} {e.target.name:20s} {desc}   ({same})")
+    check, all_ok = prediction_check([Path(s.key).stem for s in evalset.samples], evaluated)
     lines = [
         "\nPrediction check (top-3 with probabilities; ok = the photo's obvious class is top-1):" + "\n".join(check)
     ]
@@ -205,6 +191,26 @@ def run_demo(out: Path, threads: int = 2) -> JobResult:
         f"{out / 'predictions.md'}; report: {report_html}"
     )
     return JobResult(rows, lines, 0 if all_ok else 1)
+
+
+def prediction_check(photos: list[str], evaluated: list) -> tuple[list[str], bool]:
+    """Each photo's top-3 classes with probabilities per target; True when every target's top-1 is the photo's
+    obvious class."""
+    fp32 = evaluated[0].arrays["scores"]
+    all_ok = True
+    check = []
+    for i, photo in enumerate(photos):
+        accepted = {wnid_to_label()[w] for w in EVAL_PHOTOS[photo][1]}
+        check.append(f"\n{photo}:")
+        for e in evaluated:
+            p = e.arrays["scores"][i]
+            top3 = np.argsort(-p, kind="stable")[:3]
+            ok = int(top3[0]) in accepted
+            all_ok &= ok
+            same = "same top-1 as fp32" if top3[0] == np.argmax(fp32[i]) else "DIFFERENT top-1 from fp32"
+            desc = ", ".join(f"{class_name(int(c))} {p[c]:.2f}" for c in top3)
+            check.append(f"  {'ok ' if ok else 'BAD'} {e.target.name:20s} {desc}   ({same})")
+    return check, all_ok
 
 
 SUMMARY_COLUMNS = (

@@ -167,62 +167,66 @@ def load_model(
         ConfigError: Unknown model, or a path model without preprocessing.
         ModelLoadError: Unreadable file, or weights that do not fit the architecture.
     """
-    path = Path(model).expanduser()
     if is_model_file(model):
+        path = Path(model).expanduser()
         if not path.exists():
             raise ModelLoadError(f"model file not found: {path}")
-        if preprocess is None:
-            preprocess = resolve_preprocess(model, weights)
+        preprocess = preprocess or resolve_preprocess(model, weights)
         loaded = _load_full_model(path)
         if not hasattr(loaded, "inputs"):
             loaded = _wrap_savedmodel_layer(loaded, None, preprocess)
         return LoadedModel(path.stem, loaded, preprocess, str(path), sha256_file(path)[:16])
-
     spec = get_model_spec(model)
     pre = preprocess or resolve_preprocess(model, None if weights is None else str(weights))
     build_kwargs: dict[str, Any] = {"num_classes": num_classes or spec.num_classes}
     if pre.size != spec.input_size:
         build_kwargs["input_shape"] = (*pre.size, 3)
-    if weights is None:
+    if weights is not None and str(weights) == "random":
+        keras_model = spec.build(**build_kwargs)
+        return LoadedModel(spec.name, keras_model, pre, "random", weights_fingerprint(keras_model), spec)
+    wpath = _weights_path(spec, weights)
+    name = wpath.name
+    is_full = name.endswith(".keras") or (
+        name.endswith(".h5") and not name.endswith(".weights.h5") and _is_legacy_full_h5(wpath)
+    )
+    if wpath.is_dir() or is_full:
+        keras_model = _load_full_model(wpath)
+        if not hasattr(keras_model, "inputs"):
+            keras_model = _wrap_savedmodel_layer(keras_model, spec, pre)
+        _check_fits(keras_model, spec, pre, wpath)
+    elif name.endswith(".h5"):
+        keras_model = spec.build(**build_kwargs)
+        _load_weights_into(keras_model, spec, wpath)
+    else:
+        raise ModelLoadError(f"{wpath}: unsupported weights file (use .keras, .weights.h5, .h5 or a SavedModel dir)")
+    return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)
+
+
+def _weights_path(spec: ModelSpec, weights: str | os.PathLike | None) -> Path:
+    """The weights file of a registry model: the given file, or the built-in weights (``pretrained``, the
+    default where there are any)."""
+    if weights is None or str(weights) == "pretrained":
         if spec.pretrained is None:
             raise ConfigError(
                 f"model '{spec.name}' has no built-in weights here; pass --weights FILE (or --weights random to "
                 "measure latency with untrained weights)"
             )
-        weights = "pretrained"
-    weights = str(weights)
-    if weights == "random":
-        keras_model = spec.build(**build_kwargs)
-        return LoadedModel(spec.name, keras_model, pre, "random", weights_fingerprint(keras_model), spec)
-    if weights == "pretrained":
-        if spec.pretrained is None:
-            raise ConfigError(f"model '{spec.name}' has no built-in weights")
-        wpath = spec.pretrained()
+        wpath = Path(spec.pretrained())
     else:
         wpath = Path(weights).expanduser()
     if not wpath.exists():
         raise ModelLoadError(f"weights file not found: {wpath}")
-    wpath = Path(wpath)
-    name = wpath.name
-    if (
-        wpath.is_dir()
-        or name.endswith(".keras")
-        or (name.endswith(".h5") and not name.endswith(".weights.h5") and _is_legacy_full_h5(wpath))
-    ):
-        keras_model = _load_full_model(wpath)
-        if not hasattr(keras_model, "inputs"):
-            keras_model = _wrap_savedmodel_layer(keras_model, spec, pre)
-        _check_fits(keras_model, spec, pre, wpath)
-        return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)
-    if not name.endswith(".h5"):
-        raise ModelLoadError(f"{wpath}: unsupported weights file (use .keras, .weights.h5, .h5 or a SavedModel dir)")
-    keras_model = spec.build(**build_kwargs)
-    if spec.task == "detection" and not name.endswith(".weights.h5"):
+    return wpath
+
+
+def _load_weights_into(keras_model: Any, spec: ModelSpec, wpath: Path) -> None:
+    """Weights-only ``.h5`` / ``.weights.h5`` into the architecture, refusing any mismatch."""
+    if spec.task == "detection" and not wpath.name.endswith(".weights.h5"):
         # Detection weight files of the Keras SSD implementation are matched by layer name.
         from quantship.models.ssd import load_weights_by_name
 
         load_weights_by_name(keras_model, wpath)
-        return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)
+        return
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -231,14 +235,10 @@ def load_model(
         raise ModelLoadError(f"{wpath}: weights do not fit {spec.name}: {_short(exc)}") from None
     # Keras warns, rather than fails, when it skips layers it finds no weights for: those layers would keep
     # their random initial values, so treat it as the mismatch it is.
-    skipped = [
-        str(w.message)
-        for w in caught
-        if re.search(r"[Ss]kipping|freshly-initialized|not loaded|mismatch", str(w.message))
-    ]
+    pattern = r"[Ss]kipping|freshly-initialized|not loaded|mismatch"
+    skipped = [str(w.message) for w in caught if re.search(pattern, str(w.message))]
     if skipped:
         raise ModelLoadError(f"{wpath}: weights do not fit {spec.name}: {skipped[0].splitlines()[0][:300]}")
-    return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)
 
 
 def _check_fits(model: Any, spec: ModelSpec, pre: PreprocessSpec, path: Path) -> None:
