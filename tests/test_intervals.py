@@ -42,7 +42,12 @@ def diff_coverage(n: int, confidence: float, pb: np.ndarray, pc: np.ndarray) -> 
         lo, hi = paired_diff_interval(b, c, n, confidence)
         logc = gammaln(n + 1) - gammaln(b + 1) - gammaln(c + 1) - gammaln(n - b - c + 1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            prob = np.exp(logc + np.where(b, b * np.log(pb), 0.0) + np.where(c, c * np.log(pc), 0.0) + np.where(n - b - c, (n - b - c) * np.log(p0), 0.0))
+            prob = np.exp(
+                logc
+                + np.where(b, b * np.log(pb), 0.0)
+                + np.where(c, c * np.log(pc), 0.0)
+                + np.where(n - b - c, (n - b - c) * np.log(p0), 0.0)
+            )
         prob = np.nan_to_num(prob)
         cover += prob * ((lo - TOL <= delta) & (delta <= hi + TOL))
     return cover
@@ -91,7 +96,9 @@ def test_ratio_interval_covers_the_true_ratio():
                     lo, hi = paired_ratio_interval(b, c, n, n11 + c)
                     logc = gammaln(n + 1) - gammaln(n11 + 1) - gammaln(b + 1) - gammaln(c + 1) - gammaln(n00 + 1)
                     with np.errstate(divide="ignore", invalid="ignore"):
-                        lp = logc + sum(np.where(k, k * np.log(p), 0.0) for k, p in ((n11, p11), (b, pb), (c, pc), (n00, p00)))
+                        lp = logc + sum(
+                            np.where(k, k * np.log(p), 0.0) for k, p in ((n11, p11), (b, pb), (c, pc), (n00, p00))
+                        )
                     cover += np.nan_to_num(np.exp(lp)) * ((lo - TOL <= ratio) & (ratio <= hi * (1 + TOL) + TOL))
         worst = min(worst, cover.min())
     assert worst >= 0.95 - 1e-9, worst
@@ -178,7 +185,12 @@ def test_paired_counts_and_verdict():
     t[np.flatnonzero(r)[:40]] = False  # 8 points worse
     assert paired_counts(t, r) == (0, 40, 500, int(r.sum()))
     v = paired_verdict(t, r, max_drop_points=1.0)
-    assert v["verdict"] == FAIL and v["value"] == pytest.approx(-8.0) and v["ci_high"] < -1.0 and v["images_to_settle"] is None
+    assert (
+        v["verdict"] == FAIL
+        and v["value"] == pytest.approx(-8.0)
+        and v["ci_high"] < -1.0
+        and v["images_to_settle"] is None
+    )
     v = paired_verdict(t, r, relative=0.5)
     assert v["verdict"] == PASS and v["ci_low"] <= v["value"] <= v["ci_high"]
     with pytest.raises(ValueError):

@@ -52,12 +52,24 @@ import numpy as np
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
-AREA_RANGES = {"all": (0.0**2, 1e5**2), "small": (0.0**2, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, 1e5**2)}
+AREA_RANGES = {
+    "all": (0.0**2, 1e5**2),
+    "small": (0.0**2, 32.0**2),
+    "medium": (32.0**2, 96.0**2),
+    "large": (96.0**2, 1e5**2),
+}
 AREAS = tuple(AREA_RANGES)
 MAX_DETS = 100
 # pycocotools' summarize() figures 0-5, under the names detection_metrics.coco_evaluate uses.
 COCO_STATS = ("mAP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large")
-_STAT_AREA = {"mAP": "all", "AP50": "all", "AP75": "all", "AP_small": "small", "AP_medium": "medium", "AP_large": "large"}
+_STAT_AREA = {
+    "mAP": "all",
+    "AP50": "all",
+    "AP75": "all",
+    "AP_small": "small",
+    "AP_medium": "medium",
+    "AP_large": "large",
+}
 _STAT_IOU = {"AP50": 0.5, "AP75": 0.75}
 _EPS = np.spacing(1)
 _R = len(RECALL_THRESHOLDS)
@@ -74,15 +86,21 @@ def bbox_iou_batched(dt: np.ndarray, gt: np.ndarray, iscrowd: np.ndarray) -> np.
     """:func:`bbox_iou` for a batch: dt (B, D, 4), gt (B, G, 4), iscrowd (B, G) -> (B, D, G)."""
     da = (dt[..., 2] * dt[..., 3])[:, :, None]
     ga = (gt[..., 2] * gt[..., 3])[:, None, :]
-    w = np.minimum((dt[..., 2] + dt[..., 0])[:, :, None], (gt[..., 2] + gt[..., 0])[:, None, :]) - np.maximum(dt[..., 0][:, :, None], gt[..., 0][:, None, :])
-    h = np.minimum((dt[..., 3] + dt[..., 1])[:, :, None], (gt[..., 3] + gt[..., 1])[:, None, :]) - np.maximum(dt[..., 1][:, :, None], gt[..., 1][:, None, :])
+    w = np.minimum((dt[..., 2] + dt[..., 0])[:, :, None], (gt[..., 2] + gt[..., 0])[:, None, :]) - np.maximum(
+        dt[..., 0][:, :, None], gt[..., 0][:, None, :]
+    )
+    h = np.minimum((dt[..., 3] + dt[..., 1])[:, :, None], (gt[..., 3] + gt[..., 1])[:, None, :]) - np.maximum(
+        dt[..., 1][:, :, None], gt[..., 1][:, None, :]
+    )
     inter = w * h
     union = np.where(iscrowd[:, None, :], da, da + ga - inter)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where((w > 0) & (h > 0), inter / union, 0.0)
 
 
-def _greedy_match(ious: np.ndarray, d_valid: np.ndarray, regular: np.ndarray, ignored: np.ndarray, crowd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _greedy_match(
+    ious: np.ndarray, d_valid: np.ndarray, regular: np.ndarray, ignored: np.ndarray, crowd: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """pycocotools' evaluateImg matching for a batch of (image, category) groups, all IoU thresholds at once.
 
     ``ious`` (B, D, G): detections in score order, objects in input order, padding anywhere masked out by
@@ -137,7 +155,9 @@ def _det_arrays(det: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         b = np.asarray(_field(det, "boxes"), np.float64).reshape(-1, 4)
         xywh = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
     if not len(xywh) == len(scores) == len(classes):
-        raise ValueError(f"detections disagree in length: {len(xywh)} boxes, {len(scores)} scores, {len(classes)} classes")
+        raise ValueError(
+            f"detections disagree in length: {len(xywh)} boxes, {len(scores)} scores, {len(classes)} classes"
+        )
     return xywh, scores, classes
 
 
@@ -180,10 +200,15 @@ def _ground_truth(doc: dict[str, Any], image_ids: Sequence[int]) -> tuple[list[d
     gts = []
     for i in image_ids:
         anns = per_image.get(int(i), [])
-        gts.append({"xywh": np.asarray([[float(v) for v in a["bbox"]] for a in anns], np.float64).reshape(-1, 4),
-                    "area": np.asarray([float(a["area"]) for a in anns], np.float64),
-                    "iscrowd": np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool),
-                    "classes": np.asarray([to_k[int(a["category_id"])] for a in anns], np.int64), "image_id": int(i)})
+        gts.append(
+            {
+                "xywh": np.asarray([[float(v) for v in a["bbox"]] for a in anns], np.float64).reshape(-1, 4),
+                "area": np.asarray([float(a["area"]) for a in anns], np.float64),
+                "iscrowd": np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool),
+                "classes": np.asarray([to_k[int(a["category_id"])] for a in anns], np.int64),
+                "image_id": int(i),
+            }
+        )
     return gts, cat_ids
 
 
@@ -215,9 +240,21 @@ class CocoMatcher:
         dts = [_det_arrays(d) for d in dets_per_image]
         g_img = np.repeat(np.arange(n), [len(g[3]) for g in gts])
         d_img = np.repeat(np.arange(n), [len(d[2]) for d in dts])
-        flat = (lambda parts, j, shape, dt: np.concatenate([p[j] for p in parts]).astype(dt) if parts else np.zeros(shape, dt))
-        g_xywh, g_area, g_crowd, g_cls = flat(gts, 0, (0, 4), np.float64), flat(gts, 1, 0, np.float64), flat(gts, 2, 0, bool), flat(gts, 3, 0, np.int64)
-        d_xywh, d_score, d_cls = flat(dts, 0, (0, 4), np.float64), flat(dts, 1, 0, np.float64), flat(dts, 2, 0, np.int64)
+
+        def flat(parts, j, shape, dt):
+            return np.concatenate([p[j] for p in parts]).astype(dt) if parts else np.zeros(shape, dt)
+
+        g_xywh, g_area, g_crowd, g_cls = (
+            flat(gts, 0, (0, 4), np.float64),
+            flat(gts, 1, 0, np.float64),
+            flat(gts, 2, 0, bool),
+            flat(gts, 3, 0, np.int64),
+        )
+        d_xywh, d_score, d_cls = (
+            flat(dts, 0, (0, 4), np.float64),
+            flat(dts, 1, 0, np.float64),
+            flat(dts, 2, 0, np.int64),
+        )
         d_pos = np.concatenate([np.arange(len(d[2])) for d in dts]) if dts else np.zeros(0, np.int64)
         for arr, what in ((g_cls, "ground truth"), (d_cls, "detection")):
             if arr.size and (arr.min() < 0 or arr.max() >= K):
@@ -225,7 +262,13 @@ class CocoMatcher:
 
         # Objects: ignored per area range (crowd, or area outside the range); counts of the others.
         g_ignore = g_crowd[None, :] | (g_area[None, :] < ranges[:, :1]) | (g_area[None, :] > ranges[:, 1:])  # (A, G)
-        self.npig_image = np.stack([np.bincount(g_img[~g_ignore[a]] * K + g_cls[~g_ignore[a]], minlength=n * K).reshape(n, K) for a in range(A)], axis=1)
+        self.npig_image = np.stack(
+            [
+                np.bincount(g_img[~g_ignore[a]] * K + g_cls[~g_ignore[a]], minlength=n * K).reshape(n, K)
+                for a in range(A)
+            ],
+            axis=1,
+        )
 
         # Detections per (image, category): by score (stable: input order breaks ties), top MAX_DETS.
         d_key = d_img * K + d_cls
@@ -253,7 +296,9 @@ class CocoMatcher:
         grp_G = np.searchsorted(g_key[g_sorted], grp_key, side="right") - g_lo
 
         # Batched matching, in buckets of similar (detections, objects) counts to keep padding small.
-        bucket = np.ceil(np.log2(np.maximum(grp_D, 1))).astype(int) * 64 + np.ceil(np.log2(np.maximum(grp_G, 1))).astype(int)
+        bucket = np.ceil(np.log2(np.maximum(grp_D, 1))).astype(int) * 64 + np.ceil(
+            np.log2(np.maximum(grp_G, 1))
+        ).astype(int)
         for bk in np.unique(bucket[grp_G > 0]):
             sel = np.flatnonzero((bucket == bk) & (grp_G > 0))
             Dm, Gm = int(grp_D[sel].max()), int(grp_G[sel].max())
@@ -287,7 +332,12 @@ class CocoMatcher:
         self._tied = np.bincount(self.det_group)[self.det_group] > 1 if srt.size else np.zeros(0, bool)
 
     @classmethod
-    def from_coco(cls, annotation: str | Path | dict[str, Any], results: Sequence[dict[str, Any]], image_ids: Sequence[int] | None = None) -> CocoMatcher:
+    def from_coco(
+        cls,
+        annotation: str | Path | dict[str, Any],
+        results: Sequence[dict[str, Any]],
+        image_ids: Sequence[int] | None = None,
+    ) -> CocoMatcher:
         """From a COCO annotation file (or its parsed dict) and results in COCO's format, over ``image_ids``
         (default: every image in the file), exactly as pycocotools would read them (one entry per distinct
         id, in increasing id order)."""
@@ -308,12 +358,20 @@ class CocoMatcher:
             d["xywh"].append([float(v) for v in r["bbox"]])
             d["scores"].append(float(r["score"]))
             d["classes"].append(to_k[int(r["category_id"])])
-        det_arrays = [{"xywh": np.asarray(d["xywh"], np.float64).reshape(-1, 4), "scores": np.asarray(d["scores"], np.float64),
-                       "classes": np.asarray(d["classes"], np.int64)} for d in dets]
+        det_arrays = [
+            {
+                "xywh": np.asarray(d["xywh"], np.float64).reshape(-1, 4),
+                "scores": np.asarray(d["scores"], np.float64),
+                "classes": np.asarray(d["classes"], np.int64),
+            }
+            for d in dets
+        ]
         return cls(gts, det_arrays, cat_ids)
 
     @classmethod
-    def for_images(cls, annotation: str | Path | dict[str, Any], image_ids: Sequence[int], dets_per_image: Sequence[Any]) -> CocoMatcher:
+    def for_images(
+        cls, annotation: str | Path | dict[str, Any], image_ids: Sequence[int], dets_per_image: Sequence[Any]
+    ) -> CocoMatcher:
         """Detections of stored images (one Detections per entry of ``image_ids``, class indices into the
         file's sorted category ids, as the COCO loader numbers them) against the annotation file's own
         boxes and areas: ``ap()`` then equals CocoMetric / coco_evaluate on the same images (when the ids
@@ -342,7 +400,9 @@ class CocoMatcher:
             e = e[np.argsort(self.det_group[e] * (int(reps.max()) + 1) + copy, kind="stable")]
         return e
 
-    def precision(self, indices: np.ndarray | Sequence[int] | None = None, areas: Sequence[str] = AREAS) -> tuple[np.ndarray, np.ndarray]:
+    def precision(
+        self, indices: np.ndarray | Sequence[int] | None = None, areas: Sequence[str] = AREAS
+    ) -> tuple[np.ndarray, np.ndarray]:
         """pycocotools' ``eval['precision'][:, :, :, a, maxDets=100]`` for each area range asked:
         (len(areas), T, R, K), -1 for categories without non-ignored objects; and the object counts
         (len(areas), K)."""
@@ -390,7 +450,9 @@ class CocoMatcher:
         prec[np.broadcast_to((npig == 0)[:, None, None, :], prec.shape)] = -1.0
         return prec, npig
 
-    def ap(self, indices: np.ndarray | Sequence[int] | None = None, stats: Sequence[str] = COCO_STATS) -> dict[str, float]:
+    def ap(
+        self, indices: np.ndarray | Sequence[int] | None = None, stats: Sequence[str] = COCO_STATS
+    ) -> dict[str, float]:
         """COCO AP figures (pycocotools' summarize() 0-5 under ``COCO_STATS`` names) of all images, or of the
         resample ``indices`` (image indices, repeats allowed: an image drawn k times counts as k images).
         -1 where no category has an object in that area range (pycocotools' convention). Ask for fewer
@@ -412,4 +474,6 @@ class CocoMatcher:
     def bootstrap(self, resamples: int = 200, seed: int = 0, stat: str = "mAP") -> np.ndarray:
         """``stat`` on ``resamples`` bootstrap resamples of the images (uniform, with replacement)."""
         rng = np.random.default_rng(seed)
-        return np.array([self.ap(rng.integers(0, self.num_images, self.num_images), (stat,))[stat] for _ in range(resamples)])
+        return np.array(
+            [self.ap(rng.integers(0, self.num_images, self.num_images), (stat,))[stat] for _ in range(resamples)]
+        )

@@ -160,7 +160,9 @@ def _lower(b: float, c: float, n: float, a_rate: float, a_split: float) -> float
     return best
 
 
-def paired_diff_interval(b: float, c: float, n: float, confidence: float = 0.95, rate_share: float = 0.5) -> tuple[float, float]:
+def paired_diff_interval(
+    b: float, c: float, n: float, confidence: float = 0.95, rate_share: float = 0.5
+) -> tuple[float, float]:
     """Exact interval for acc_target - acc_reference (a fraction in [-1, 1]) from paired counts.
 
     ``b``: images only the target gets right; ``c``: only the reference; ``n``: images. Coverage >= confidence
@@ -238,7 +240,14 @@ def _gate_interval(kind: str, b: float, c: float, n: float, k: float, confidence
 
 
 def images_to_settle(
-    b: int, c: int, n: int, k: int, threshold: float, kind: str = "drop", confidence: float = 0.95, max_images: int = 10**9
+    b: int,
+    c: int,
+    n: int,
+    k: int,
+    threshold: float,
+    kind: str = "drop",
+    confidence: float = 0.95,
+    max_images: int = 10**9,
 ) -> int | None:
     """Estimated total number of images that would settle an INCONCLUSIVE interval verdict.
 
@@ -315,6 +324,8 @@ def paired_verdict(
         "target_only_right": b,
         "reference_only_right": c,
         "reference_right": k,
-        "images_to_settle": images_to_settle(b, c, n, k, threshold, kind, confidence) if decide(value, lo, hi, threshold) == INCONCLUSIVE else None,
+        "images_to_settle": images_to_settle(b, c, n, k, threshold, kind, confidence)
+        if decide(value, lo, hi, threshold) == INCONCLUSIVE
+        else None,
         "method": "exact: Bonferroni of Clopper-Pearson intervals (disagreement rate x split)",
     }
