@@ -37,3 +37,8 @@ class MissingDependencyError(QuantshipError):
 
 class UnsafePickleError(QuantshipError):
     """A pickle asked for something the restricted unpickler does not allow."""
+
+
+class ExecutorError(QuantshipError):
+    """A distributed run could not go on: the cluster is unreachable or unfit for the plan, a node cannot see
+    the shared folder, or a unit raised on a worker (or its worker died more often than the retry limit)."""

@@ -11,7 +11,13 @@ from quantship.cli.registry import Command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", help="plan file (YAML)")
-    p.add_argument("--out", help="results folder (default runs/<plan name>)")
+    p.add_argument("--out", help="results folder (default runs/<plan name>); with Ray, a path every node sees")
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="run the units on the Ray cluster whose head is at HOST:PORT (needs quantship[ray]); the plan's "
+        "'executor: ray' without an address uses RAY_ADDRESS if set, else starts a local instance (loopback only)",
+    )
     a.common(p)
 
 
@@ -20,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from quantship.jobs.specs import SignoffPlan
 
     plan = SignoffPlan.load(args.plan)
-    result = run_signoff(plan, Path(args.out or f"runs/{plan.name}"))
+    result = run_signoff(plan, Path(args.out or f"runs/{plan.name}"), ray_address=args.ray_address)
     print(result.text)
     return result.exit_code
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -41,7 +43,8 @@ from quantship.fileio import (
 )
 from quantship.jobs import JobResult
 from quantship.jobs.common import TARGET_ERRORS, load_for, prepare_run, remove_artifact, runtime_fields, target_fields
-from quantship.jobs.specs import PlanModel, SignoffPlan
+from quantship.jobs.ray_cluster import clean_stale_instance
+from quantship.jobs.specs import ExecutorKind, PlanModel, SignoffPlan
 from quantship.manifest import Artifact, tool_versions
 from quantship.models.loading import is_model_file, resolve_preprocess, weights_file
 from quantship.progress import note, track
@@ -154,6 +157,58 @@ def load_chunks(state: Path) -> dict[str, np.ndarray]:
     return concat(parts)
 
 
+def chunk_spans(plan: SignoffPlan, evalset: ImageDataset) -> list[tuple[int, int]]:
+    """The (start, end) image ranges a unit is stored in."""
+    return [(s, min(s + plan.chunk_images, len(evalset))) for s in range(0, len(evalset), plan.chunk_images)]
+
+
+def todo_spans(plan: SignoffPlan, evalset: ImageDataset, state: Path) -> list[tuple[int, int]]:
+    """The chunks of a unit not yet on disk (a stored chunk is verified; a damaged one is discarded)."""
+    keys = [s.key for s in evalset.samples]
+    return [
+        (s, e)
+        for s, e in chunk_spans(plan, evalset)
+        if not (_chunk_path(state, s).is_file() and _read_chunk(_chunk_path(state, s), keys[s:e]))
+    ]
+
+
+def evaluate_chunk(
+    plan: SignoffPlan,
+    runner: Any,
+    target: Target,
+    preprocess: Any,
+    evalset: ImageDataset,
+    task: Task,
+    state: Path,
+    start: int,
+    end: int,
+    warmup_batches: int,
+) -> None:
+    """Evaluate images ``start:end`` on an active runner and store them as one chunk, atomically (every executor
+    stores its chunks through here).
+
+    Raises:
+        UnitFailed: The runner failed on an image batch.
+    """
+    sub = evalset.subset(range(start, end))
+    skipped: list[Skipped] = []
+    run = run_targets(
+        {target.name: runner}, sub, preprocess, task, plan.batch_size, plan.workers, skipped,
+        warmup_batches=warmup_batches, desc=f"chunk {start}",
+    )[target.name]  # fmt: skip
+    if run.error:
+        raise UnitFailed(run.error)
+    _save_chunk(
+        _chunk_path(state, start),
+        {
+            **(run.arrays or task.empty()),
+            "seconds": np.asarray([run.seconds]),
+            "timed_images": np.asarray([run.timed_images]),
+            "skipped": np.asarray([s.key for s in skipped], dtype=str),
+        },
+    )
+
+
 def _evaluate_unit(
     plan: SignoffPlan,
     ctx: BuildContext,
@@ -164,37 +219,15 @@ def _evaluate_unit(
     state: Path,
 ) -> None:
     """Evaluate one target chunk by chunk, skipping chunks already on disk (verified)."""
-    spans = [(s, min(s + plan.chunk_images, len(evalset))) for s in range(0, len(evalset), plan.chunk_images)]
-    keys = [s.key for s in evalset.samples]
-    todo = [
-        (s, e)
-        for s, e in spans
-        if not (_chunk_path(state, s).is_file() and _read_chunk(_chunk_path(state, s), keys[s:e]))
-    ]
+    todo = todo_spans(plan, evalset, state)
     if not todo:
         return
     runner = target.make_runner(ctx, artifact)
     state.mkdir(parents=True, exist_ok=True)
     with runner:
         for k, (start, end) in enumerate(track(todo, total=len(todo), desc=f"{ctx.loaded.name} {target.name}")):
-            sub = evalset.subset(range(start, end))
-            skipped: list[Skipped] = []
             # The first batch of the first chunk this process runs is warm-up, left out of the latency.
-            run = run_targets(
-                {target.name: runner}, sub, ctx.loaded.preprocess, task, plan.batch_size, plan.workers, skipped,
-                warmup_batches=0 if k else 1, desc=f"chunk {start}",
-            )[target.name]  # fmt: skip
-            if run.error:
-                raise _UnitFailed(run.error)
-            _save_chunk(
-                _chunk_path(state, start),
-                {
-                    **(run.arrays or task.empty()),
-                    "seconds": np.asarray([run.seconds]),
-                    "timed_images": np.asarray([run.timed_images]),
-                    "skipped": np.asarray([s.key for s in skipped], dtype=str),
-                },
-            )
+            evaluate_chunk(plan, runner, target, ctx.loaded.preprocess, evalset, task, state, start, end, 0 if k else 1)
 
 
 def _stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: ImageDataset) -> bool:
@@ -203,17 +236,17 @@ def _stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: Image
     if not row or row.get("status") != "ok":
         return False
     state, keys = Path(row["state"]), [s.key for s in evalset.samples]
-    spans = [(s, min(s + plan.chunk_images, len(evalset))) for s in range(0, len(evalset), plan.chunk_images)]
     return all(
-        _chunk_path(state, s).is_file() and _read_chunk(_chunk_path(state, s), keys[s:e]) is not None for s, e in spans
+        _chunk_path(state, s).is_file() and _read_chunk(_chunk_path(state, s), keys[s:e]) is not None
+        for s, e in chunk_spans(plan, evalset)
     )
 
 
-class _UnitFailed(Exception):
-    pass
+class UnitFailed(Exception):
+    """A target's runner failed on an image batch: that unit fails, the others go on."""
 
 
-def _unit_row(
+def unit_row(
     plan: SignoffPlan, model: str, target: Target, key: str, state: Path, artifact: Artifact | None, task: Task
 ) -> dict:
     d = load_chunks(state)
@@ -236,7 +269,7 @@ def _unit_row(
     }
 
 
-def _failed_row(model: str, target: Target, key: str, error: str) -> dict[str, Any]:
+def failed_row(model: str, target: Target, key: str, error: str) -> dict[str, Any]:
     return {"model": model, **target_fields(target), "status": "failed", "error": error, "unit_key": key}
 
 
@@ -274,38 +307,125 @@ def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+@dataclass
+class SignoffJob:
+    """What every executor of one run shares: the plan, its targets (reference first), the dataset and its
+    evaluation images, the output folder."""
+
+    plan: SignoffPlan
+    targets: list[Target]
+    dataset: ImageDataset
+    evalset: ImageDataset
+    out_dir: Path
+
+
+@dataclass
+class ModelWork:
+    """One plan model's units still to run: its key per target and the targets whose row is not stored."""
+
+    entry: PlanModel
+    preprocess: Any
+    keys: dict[str, str]
+    todo: list[Target]
+
+
+class Executor(Protocol):
+    """Runs the units of a sign-off and hands back each unit's row as it finishes (stored by the caller, which
+    holds the output folder). Whatever the executor, artifacts are built through :func:`model_context`, chunks
+    stored by :func:`evaluate_chunk` and rows made by :func:`unit_row` or :func:`failed_row`, so the numbers do
+    not depend on where they were computed."""
+
+    name: str
+    description: str
+
+    def run(self, job: SignoffJob, work: list[ModelWork]) -> Iterator[dict[str, Any]]: ...
+
+    def record(self) -> dict[str, Any]:
+        """What the report says about the run: the executor, nodes, workers, retries, phase timings."""
+        ...
+
+
+def model_context(
+    plan: SignoffPlan, targets: list[Target], dataset: ImageDataset, out_dir: Path, entry: PlanModel, preprocess: Any
+) -> tuple[BuildContext, Task]:
+    """Load one plan model and make the context that builds all its targets (one export, one statistics pass
+    shared by every target) and the task that scores its outputs (every executor builds through here)."""
+    loaded = load_for(entry.name, entry.weights, preprocess, dataset)
+    task = make_task(dataset, loaded, plan.anchors)
+    options = RunnerOptions(threads=plan.threads, providers=plan.ort_providers)
+    ctx, _, _ = prepare_run(
+        loaded, targets, dataset, plan.calibration, plan.limit, out_dir, options, plan.workers, plan.tensorrt
+    )
+    return ctx, task
+
+
+@dataclass
+class LocalExecutor:
+    """Every unit in this process, one after the other: model by model, each target built then evaluated."""
+
+    name: str = "local"
+    description: str = "this process"
+    timings: dict[str, float] = field(default_factory=lambda: {"build_s": 0.0, "evaluate_s": 0.0})
+
+    def run(self, job: SignoffJob, work: list[ModelWork]) -> Iterator[dict[str, Any]]:
+        for w in work:
+            t0 = time.perf_counter()
+            ctx, task = model_context(job.plan, job.targets, job.dataset, job.out_dir, w.entry, w.preprocess)
+            self.timings["build_s"] += time.perf_counter() - t0
+            try:
+                for t in w.todo:
+                    yield _run_unit(job.plan, ctx, t, w.keys[t.name], job.evalset, task, job.out_dir, self.timings)
+            finally:
+                ctx.close()
+
+    def record(self) -> dict[str, Any]:
+        return {"executor": self.name, "nodes": 1, "workers": 1, "timings": dict(self.timings)}
+
+
+def make_executor(plan: SignoffPlan, ray_address: str | None = None, local_cpus: int | None = None) -> Executor:
+    """The executor a run uses: Ray when the plan says ``executor: ray`` or an address is given (then that
+    cluster; else ``RAY_ADDRESS`` when set, as Ray's own tools do; else a local instance with ``local_cpus``
+    CPUs), local otherwise (``RAY_ADDRESS`` alone does not switch to Ray)."""
+    if ray_address is None and plan.executor is not ExecutorKind.RAY:
+        return LocalExecutor()
+    from quantship.jobs.signoff_ray import RayExecutor
+
+    return RayExecutor(address=ray_address, local_cpus=local_cpus)
+
+
+def signoff(
+    plan: SignoffPlan, out_dir: Path, ray_address: str | None = None, executor: Executor | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run (or resume) the plan; returns (rows of the plan, verdicts). Rows, verdicts, the plan and the
-    environment are written under ``out_dir``."""
+    environment are written under ``out_dir``.
+
+    Args:
+        ray_address: Run on the Ray cluster at this address (see :func:`make_executor`).
+        executor: Run with this executor (default: the plan's).
+    """
     out_dir = Path(out_dir)
     targets = parse_targets([plan.reference, *plan.targets], "plan targets")
     preprocesses = {m.name: resolve_preprocess(m.name, m.weights, m.preprocess) for m in plan.models}
+    executor = executor or make_executor(plan, ray_address)
     with FolderLock(out_dir, f"quantship signoff {plan.name}"):
+        clean_stale_instance(out_dir)
         rows_path = out_dir / "signoff.jsonl"
         stored = {r["unit_key"]: r for r in read_jsonl(rows_path) if "unit_key" in r}
         dataset = load_dataset(plan.data, labels=plan.labels)
         n_calib = plan.calibration.num_images if needs_calibration(targets, plan.tensorrt) else 0
         calib, evalset = split_calibration(dataset, n_calib, plan.limit, plan.calibration.seed)
-        options = RunnerOptions(threads=plan.threads, providers=plan.ort_providers)
         current: list[str] = []
+        work: list[ModelWork] = []
         for entry in plan.models:
             inputs = unit_inputs(plan, entry, preprocesses[entry.name], evalset, calib)
             keys = {t.name: unit_key(plan, entry, t.name, inputs) for t in targets}
             current += keys.values()
             todo = [t for t in targets if not _stored_intact(stored.get(keys[t.name]), plan, evalset)]
-            if not todo:
-                continue
-            loaded = load_for(entry.name, entry.weights, preprocesses[entry.name], dataset)
-            task = make_task(dataset, loaded, plan.anchors)
-            ctx, _, _ = prepare_run(
-                loaded, targets, dataset, plan.calibration, plan.limit, out_dir, options, plan.workers, plan.tensorrt
-            )
-            try:
-                for t in todo:
-                    stored[keys[t.name]] = row = _run_unit(plan, ctx, t, keys[t.name], evalset, task, out_dir)
-                    append_jsonl(rows_path, row)
-            finally:
-                ctx.close()
+            if todo:
+                work.append(ModelWork(entry, preprocesses[entry.name], keys, todo))
+        for row in executor.run(SignoffJob(plan, targets, dataset, evalset, out_dir), work):
+            stored[row["unit_key"]] = row
+            append_jsonl(rows_path, row)
         # One row per key (a unit that failed and then ran keeps only its last row), rewritten atomically.
         write_text_atomic(rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in stored.values()))
         rows = [stored[k] for k in current]
@@ -314,35 +434,57 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
             out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdict_rows)
         )
         write_json_atomic(out_dir / "plan.json", {**dataclasses.asdict(plan), "unit_keys": current})
-        write_json_atomic(out_dir / "environment.json", {**environment(), "ort_providers": list(plan.ort_providers)})
+        write_json_atomic(
+            out_dir / "environment.json",
+            {**environment(), "ort_providers": list(plan.ort_providers), "executor": executor.record()},
+        )
     return rows, verdict_rows
 
 
+def unit_state(out_dir: Path, model: str, target: str, key: str) -> Path:
+    """The folder of a unit's chunks."""
+    return out_dir / "state" / f"{model}-{target}-{key}"
+
+
 def _run_unit(
-    plan: SignoffPlan, ctx: BuildContext, t: Target, key: str, evalset: ImageDataset, task: Task, out_dir: Path
+    plan: SignoffPlan,
+    ctx: BuildContext,
+    t: Target,
+    key: str,
+    evalset: ImageDataset,
+    task: Task,
+    out_dir: Path,
+    timings: dict[str, float] | None = None,
 ) -> dict:
     """Build and evaluate one unit; a unit whose target fails to build or run gets a failed row (and leaves no
     half-built artifact), is retried by the next run, and does not stop the others."""
-    state = out_dir / "state" / f"{ctx.loaded.name}-{t.name}-{key}"
+    state = unit_state(out_dir, ctx.loaded.name, t.name, key)
     art = None
+    timings = timings if timings is not None else {"build_s": 0.0, "evaluate_s": 0.0}
     try:
+        t0 = time.perf_counter()
         art = t.build(ctx, t.spec)
+        t1 = time.perf_counter()
         _evaluate_unit(plan, ctx, t, art, evalset, task, state)
-        return _unit_row(plan, ctx.loaded.name, t, key, state, art, task)
-    except (*TARGET_ERRORS, _UnitFailed) as exc:
+        timings["build_s"] += t1 - t0
+        timings["evaluate_s"] += time.perf_counter() - t1
+        return unit_row(plan, ctx.loaded.name, t, key, state, art, task)
+    except (*TARGET_ERRORS, UnitFailed) as exc:
         remove_artifact(art)
         note(f"FAILED {ctx.loaded.name} {t.name}: {exc}")
-        return _failed_row(ctx.loaded.name, t, key, str(exc))
+        return failed_row(ctx.loaded.name, t, key, str(exc))
 
 
-def run_signoff(plan: SignoffPlan, out_dir: Path) -> JobResult:
+def run_signoff(plan: SignoffPlan, out_dir: Path, ray_address: str | None = None) -> JobResult:
     """``quantship signoff``: run or resume, build the report; exit code 1 unless every gate passes and every
     unit ran."""
+    executor = make_executor(plan, ray_address)
     note(
         f"quantship signoff: {len(plan.models)} model(s) x {len(plan.targets)} target(s) on {plan.data} -> "
         f"{out_dir} (resumable: run again to continue)"
+        + ("" if executor.name == "local" else f"; executor {executor.name}: {executor.description}")
     )
-    rows, verdict_rows = signoff(plan, out_dir)
+    rows, verdict_rows = signoff(plan, out_dir, executor=executor)
     md, page = build_report(out_dir, f"sign-off: {plan.name}")
     lines = [text_table(load_results(out_dir)["verdicts"], VERDICT_COLUMNS)]
     failed_units = [r for r in rows if r.get("status") == "failed"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,13 @@ class EvalSpec:
     trt: TrtOptions = field(default_factory=TrtOptions)
     anchors: str | None = None  # anchor configuration of a detection model given as a file
     providers: tuple[str, ...] = ("cpu",)  # ONNX Runtime execution providers
+
+
+class ExecutorKind(str, Enum):
+    """Where a sign-off's units run: in this process, or as tasks on a Ray cluster."""
+
+    LOCAL = "local"
+    RAY = "ray"
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class SignoffPlan:
     anchors: str | None = None
     tensorrt: TrtOptions = field(default_factory=TrtOptions)
     ort_providers: tuple[str, ...] = ("cpu",)
+    executor: ExecutorKind = ExecutorKind.LOCAL  # not part of any unit key: both executors compute the same numbers
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "SignoffPlan":
@@ -98,6 +107,12 @@ class SignoffPlan:
             d["ort_providers"] = tuple(
                 p.strip() for p in (providers.split(",") if isinstance(providers, str) else providers)
             )
+        if "executor" in d:
+            try:
+                d["executor"] = ExecutorKind(str(d["executor"]).strip().lower())
+            except ValueError:
+                known = ", ".join(k.value for k in ExecutorKind)
+                raise ConfigError(f"{source}: executor '{d['executor']}' is not one of {known}") from None
         return cls(models=models, targets=targets, gates=gates, calibration=calib, tensorrt=trt, **d)
 
     @classmethod

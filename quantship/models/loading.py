@@ -148,6 +148,12 @@ def resolve_preprocess(
     return base.with_overrides(**overrides) if overrides else base
 
 
+def model_name(model: str) -> str:
+    """The name a loaded model carries (in rows, state folders and artifact names), without loading it: the file
+    stem of a model file, the registry name otherwise."""
+    return Path(model).expanduser().stem if is_model_file(model) else get_model_spec(model).name
+
+
 def load_model(
     model: str,
     weights: str | os.PathLike | None = None,
@@ -175,7 +181,7 @@ def load_model(
         loaded = _load_full_model(path)
         if not hasattr(loaded, "inputs"):
             loaded = _wrap_savedmodel_layer(loaded, None, preprocess)
-        return LoadedModel(path.stem, loaded, preprocess, str(path), sha256_file(path)[:16])
+        return LoadedModel(model_name(model), loaded, preprocess, str(path), sha256_file(path)[:16])
     spec = get_model_spec(model)
     pre = preprocess or resolve_preprocess(model, None if weights is None else str(weights))
     build_kwargs: dict[str, Any] = {"num_classes": num_classes or spec.num_classes}
