@@ -414,6 +414,19 @@ def _photo_cards(data: dict[str, Any], folder: Path) -> list[tuple[str, bytes | 
     return [(name, *v) for name, v in cards.items()]
 
 
+def _executor_text(ex: dict[str, Any]) -> str:
+    """Where a sign-off's units ran (a Ray run: its cluster, nodes, workers and the retries of dead workers)."""
+    text = f"{ex.get('executor', 'local')}, {ex.get('nodes', 1)} node(s), {ex.get('workers', 1)} worker(s)"
+    if ex.get("executor") == "ray":
+        text += (
+            f" ({ex.get('cluster', 'cluster')}; {ex.get('cpus', '?')} CPUs, {ex.get('gpus', 0)} GPUs); "
+            f"{ex.get('retries', 0)} task retries (at most {ex.get('max_retries', '?')} per task)"
+        )
+        if ex.get("retried"):
+            text += ": " + ", ".join(ex["retried"])
+    return text
+
+
 def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` (+ its PNGs) and a self-contained ``report.html`` into ``folder``."""
     folder = Path(folder)
@@ -456,6 +469,8 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
     if env:
         doc.heading("Environment")
         lines = [f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} cores; int8 flags: {env.get('cpu_flags', '-')})"]
+        if isinstance(env.get("executor"), dict):
+            lines.append(f"- Executor: {_executor_text(env['executor'])}")
         lines += [f"- {k}: {v}" for k, v in sorted((env.get("libraries") or {}).items())]
         doc.markdown_lines(lines)
     if data["manifests"]:

@@ -235,13 +235,15 @@ class RayCluster:
 
     def start(self) -> "RayCluster":
         if self.address:
-            parse_address(self.address)
+            check_reachable(self.address)
         ray = sys.modules.get("ray")
         if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+            current = ray.get_runtime_context().gcs_address
+            if self.address and parse_address(current) != parse_address(self.address):
+                raise ExecutorError(f"this process is connected to the Ray cluster at {current}, not {self.address}")
             self.ray, self.kind = ray, "existing connection"
             return self
         if self.address:
-            check_reachable(self.address)
             self.ray = import_ray()
             self._init(address=self.address)
             self.kind = "cluster"
