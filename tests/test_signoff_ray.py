@@ -21,7 +21,7 @@ import pytest
 
 from conftest import TINY_PREPROCESS, write_synset_dataset
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (quantship[ray])")
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (quantship[ray])")
 
 # Fields that say where and how fast a unit ran, not what it computed; paths name the output folder.
 WHERE_FIELDS = {"latency_ms", "executor", "nodes", "workers", "cpu_models", "retries"}
@@ -103,6 +103,7 @@ def _chunks(out: Path) -> dict[Path, tuple[int, bytes]]:
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "state").glob("*/chunk-*.npz")}
 
 
+@needs_ray
 def test_local_instance_listens_on_loopback_only(ray_instance):
     import psutil
     import ray
@@ -119,6 +120,7 @@ def test_local_instance_listens_on_loopback_only(ray_instance):
             assert not c.raddr or c.raddr.ip.split("%")[0] in ("127.0.0.1", "::1", "::ffff:127.0.0.1"), (p, c)
 
 
+@needs_ray
 def test_ray_rows_and_verdicts_equal_the_local_executor(ray_instance, models, images, tmp_path):
     from quantship.evaluate.report import build_report
     from quantship.jobs.signoff import load_chunks, signoff
@@ -165,6 +167,7 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in loopback_env("") and not k.startswith("RAY_")}
 
 
+@needs_ray
 def test_killed_driver_resumes_with_nothing_recomputed_and_no_ray_process_left(ray_instance, models, images, tmp_path):
     import yaml
 
@@ -204,6 +207,7 @@ def test_killed_driver_resumes_with_nothing_recomputed_and_no_ray_process_left(r
     assert len(after) == 24 and [r["images"] for r in rows] == [48, 48]
 
 
+@needs_ray
 def test_a_worker_side_exception_is_one_line_naming_the_unit(ray_instance, models, images, tmp_path, capfd):
     import yaml
 
@@ -229,6 +233,7 @@ def test_a_worker_side_exception_is_one_line_naming_the_unit(ray_instance, model
     assert "IsADirectoryError" in err and "\x1b[" not in err
 
 
+@needs_ray
 def test_a_folder_a_worker_cannot_see_and_an_unreachable_cluster_are_one_line_errors(
     ray_instance, models, images, tmp_path, capfd, monkeypatch
 ):
@@ -260,3 +265,48 @@ def test_a_folder_a_worker_cannot_see_and_an_unreachable_cluster_are_one_line_er
     )
     assert main(["signoff", str(plan_file), "--out", str(tmp_path / "out3"), "--ray-address", "ray://x:1"]) == 2
     assert "give the head node's address as HOST:PORT" in capfd.readouterr().err
+
+
+def test_the_executor_comes_from_the_plan_or_an_address_never_from_ray_address_alone(monkeypatch):
+    from quantship.errors import ConfigError
+    from quantship.jobs.signoff import LocalExecutor, make_executor
+    from quantship.jobs.signoff_ray import RayExecutor
+
+    plan = _load_plan(_plan(["m.keras"], "/data", ["tflite-fp32"], executor="local"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert isinstance(make_executor(plan), LocalExecutor)
+    assert make_executor(plan, "127.0.0.1:7000").address == "127.0.0.1:7000"
+    ray_plan = _load_plan(_plan(["m.keras"], "/data", ["tflite-fp32"], executor="ray"))
+    assert isinstance(ex := make_executor(ray_plan), RayExecutor) and ex.address == "127.0.0.1:6379"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert make_executor(ray_plan).address is None  # a local instance
+    with pytest.raises(ConfigError, match="executor 'spark' is not one of local, ray"):
+        _load_plan(_plan(["m.keras"], "/data", ["tflite-fp32"], executor="spark"))
+
+
+def test_retries_and_where_chunks_ran_are_counted_from_their_records(tmp_path):
+    from quantship.evaluate.report import _executor_text
+    from quantship.jobs.signoff_ray import _claim_attempt, _ray_fields, _retries
+
+    attempts = tmp_path / "attempts"
+    assert [_claim_attempt(attempts, "u.00000008") for _ in range(3)] == [1, 2, 3]  # a worker died twice
+    assert _claim_attempt(attempts, "u.00000000") == 1
+    assert _retries(attempts) == {"u.00000008": 2}
+    state = tmp_path / "state"
+    state.mkdir()
+    for start, node, worker, attempt in ((0, "10.0.0.1", "w1", 1), (8, "10.0.0.2", "w2", 3), (16, "10.0.0.2", "w2", 1)):
+        record = {"node": node, "node_id": node, "worker": worker, "cpu": f"CPU {node}", "attempt": attempt}
+        (state / f"chunk-{start:08d}.json").write_text(json.dumps(record))
+        if start != 16:  # a chunk whose task wrote its record but not its result does not count
+            (state / f"chunk-{start:08d}.npz").write_bytes(b"")
+    assert _ray_fields(state) == {
+        "executor": "ray", "nodes": ["10.0.0.1", "10.0.0.2"], "workers": 2,
+        "cpu_models": ["CPU 10.0.0.1", "CPU 10.0.0.2"], "retries": 2,
+    }  # fmt: skip
+    text = _executor_text(
+        {"executor": "ray", "cluster": "c", "nodes": 2, "workers": 3, "cpus": 8, "gpus": 0, "retries": 2,
+         "max_retries": 2, "retried": ["u.00000008 (2 retries)"]}
+    )  # fmt: skip
+    assert text == (
+        "ray, 2 node(s), 3 worker(s) (c; 8 CPUs, 0 GPUs); 2 task retries (at most 2 per task): u.00000008 (2 retries)"
+    )

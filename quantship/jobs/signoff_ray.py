@@ -514,7 +514,8 @@ class _RayRun:
         if unit.built is None or unit.pending:
             return
         art = unit.built.get("artifact")
-        if art is not None:  # the driver names paths as it was given the folder (rows match the local executor's)
+        if art is not None and Path(art.path).is_relative_to(self.out_abs):
+            # The driver names paths as it was given the folder (rows match the local executor's).
             art = Artifact(self.job.out_dir / Path(art.path).relative_to(self.out_abs), art.manifest)
         error = unit.built.get("error") or (unit.errors[min(unit.errors)] if unit.errors else None)
         if error is None:

@@ -1,0 +1,198 @@
+"""Sign-off on Ray against the local executor: does a second worker halve the evaluation?
+
+The same plan (2 generated CNNs x 4 targets = 8 units: keras-fp32 reference, tflite-fp32, tflite-int8, onnx-fp32;
+``--images`` evaluation images in chunks of ``--chunk``) runs three times, each in a fresh output folder and its
+own process: with the local executor, and with Ray on a local instance of 1 and of 2 CPUs (1 and 2 workers).
+Every unit is single-threaded, conversion included: ``threads: 1`` (LiteRT, ONNX Runtime), one image-decoding
+thread, TensorFlow's thread pools at 1 (``TF_NUM_INTRAOP_THREADS``/``TF_NUM_INTEROP_THREADS``, for conversion
+and the Keras reference) and ``OMP_NUM_THREADS=1``.
+
+Printed per run: the wall time of the whole sign-off (Ray's start and stop included), its build phase (models
+loaded, artifacts built: for Ray, from the first task submitted to the last build finished) and its evaluation
+phase (the rest: chunks evaluated and stored, rows made), and the speed-up over the 1-worker Ray run with the
+build phase included and excluded.
+
+    python benchmarks/signoff_scaling.py [--images 1024] [--chunk 128] [--size 128] [--keep DIR]
+
+Target (issue 18): on 2 cores, 2 workers at least 1.6x faster than 1 worker once the build phase is excluded.
+Timings on a machine that other jobs use are noisy: the load average is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SINGLE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "1"}
+RUNS = (("local", None), ("ray, 1 worker", 1), ("ray, 2 workers", 2))
+TARGETS = ["tflite-fp32", "tflite-int8", "onnx-fp32"]
+
+
+def make_models(root: Path, size: int) -> list[Path]:
+    """Two small CNNs (random weights, 1000 classes), different widths so their units differ."""
+    import keras
+
+    paths = []
+    for seed, width in ((0, 24), (1, 32)):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((size, size, 3), name="input")
+        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", activation="relu")(inputs)
+        for k in range(3):
+            x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
+            x = keras.layers.Conv2D(width * 2 ** (k + 1), 1, strides=2 if k else 1, activation="relu")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        outputs = keras.layers.Dense(1000, activation="softmax")(x)
+        path = root / f"cnn{width}.keras"
+        keras.Model(inputs, outputs, name=f"cnn{width}").save(path)
+        paths.append(path)
+    return paths
+
+
+def make_images(root: Path, n: int) -> Path:
+    """``n`` JPEGs (192x160, smooth colour fields with noise) in ImageNet synset folders."""
+    import cv2
+
+    from quantship.data.classes import imagenet_classes
+
+    wnids = [w for w, _ in imagenet_classes()[:10]]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        base = rng.integers(0, 255, (4, 5, 3)).astype(np.uint8)
+        img = cv2.resize(base, (192, 160), interpolation=cv2.INTER_CUBIC)
+        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+        d = root / wnids[i % len(wnids)]
+        d.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(d / f"{i:05d}.JPEG"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return root
+
+
+def write_plan(path: Path, models: list[Path], data: Path, images: int, chunk: int, size: int) -> Path:
+    import yaml
+
+    pre = {"mode": "tf", "size": size, "crop_pct": 1.0}
+    plan = {
+        "name": "scaling",
+        "dataset": f"imagenet:{data}",
+        "limit": images,
+        "chunk_images": chunk,
+        "threads": 1,
+        "workers": 1,
+        "calibration": {"num_images": 32},
+        "models": [{"name": str(m), "preprocess": pre} for m in models],
+        "targets": TARGETS,
+        "gates": [{"metric": "top1", "max_drop_points": 100}],
+    }
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def run_one(plan_file: str, out: str, cpus: int | None) -> dict:
+    """One sign-off in this process (called in a child process, so that each run starts cold)."""
+    from quantship.jobs.signoff import LocalExecutor, signoff
+    from quantship.jobs.signoff_ray import RayExecutor
+    from quantship.jobs.specs import SignoffPlan
+
+    plan = SignoffPlan.load(plan_file)
+    executor = LocalExecutor() if cpus is None else RayExecutor(local_cpus=cpus, local_gpus=0)
+    t = time.perf_counter()
+    rows, _ = signoff(plan, Path(out), executor=executor)
+    wall = time.perf_counter() - t
+    record = executor.record()
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    return {"wall_s": wall, **record["timings"], "units": len(rows), "workers": record.get("workers")}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=1024, help="evaluation images per unit (1024)")
+    p.add_argument("--chunk", type=int, default=128, help="images per chunk (128)")
+    p.add_argument("--size", type=int, default=128, help="model input size (128)")
+    p.add_argument("--keep", help="keep the generated files and results in this folder")
+    p.add_argument("--run", nargs=3, metavar=("PLAN", "OUT", "CPUS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.run:
+        plan_file, out, cpus = args.run
+        print(json.dumps(run_one(plan_file, out, None if cpus == "local" else int(cpus))))
+        return 0
+
+    root = Path(args.keep or tempfile.mkdtemp(prefix="quantship-scaling-"))
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **SINGLE_THREAD, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("RAY_ADDRESS", None)
+    setup = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import signoff_scaling as s; "
+        "r = Path(sys.argv[2]); m = s.make_models(r, int(sys.argv[3])); s.make_images(r / 'data', int(sys.argv[4])); "
+        "s.write_plan(r / 'plan.yaml', m, r / 'data', int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[3]))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    n_files = args.images + 32
+    subprocess.run(
+        [sys.executable, "-c", setup, here, str(root), str(args.size), str(n_files), str(args.images), str(args.chunk)],
+        env=env,
+        check=True,
+        stderr=subprocess.DEVNULL,  # TensorFlow's start-up chatter
+    )
+    units = 2 * (len(TARGETS) + 1)
+    chunks = units * -(-args.images // args.chunk)
+    print(f"plan: 2 models x {len(TARGETS) + 1} targets = {units} units, {args.images} images each, {chunks} chunks")
+    results = {}
+    for name, cpus in RUNS:
+        out = root / f"out-{'local' if cpus is None else cpus}"
+        shutil.rmtree(out, ignore_errors=True)
+        load = os.getloadavg()[0]
+        res = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--run",
+                str(root / "plan.yaml"),
+                str(out),
+                "local" if cpus is None else str(cpus),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode:
+            print(res.stdout[-2000:], res.stderr[-4000:], file=sys.stderr)
+            return 1
+        results[name] = {**json.loads(res.stdout.strip().splitlines()[-1]), "load": load}
+        r = results[name]
+        print(
+            f"  {name:15s} wall {r['wall_s']:7.1f} s   build {r['build_s']:6.1f} s   evaluate {r['evaluate_s']:6.1f} s"
+            f"   (load average at start {load:.1f})",
+            flush=True,
+        )
+    one, two = results["ray, 1 worker"], results["ray, 2 workers"]
+    print(
+        f"speed-up of 2 workers over 1: {one['wall_s'] / two['wall_s']:.2f}x build included, "
+        f"{one['evaluate_s'] / two['evaluate_s']:.2f}x build excluded (target >= 1.6x)"
+    )
+    local = results["local"]
+    print(
+        f"Ray with 2 workers against the local executor: {local['wall_s'] / two['wall_s']:.2f}x build included, "
+        f"{local['evaluate_s'] / two['evaluate_s']:.2f}x build excluded"
+    )
+    print(f"CPU: {_cpu()}; {os.cpu_count()} cores; results in {root}")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _cpu() -> str:
+    from quantship.evaluate.environment import cpu_flags, cpu_model
+
+    return f"{cpu_model()} (int8 flags: {cpu_flags()})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
