@@ -35,7 +35,7 @@ def ray_instance():
 
     token_file = Path.home() / ".ray" / "auth_token"
     had_token = token_file.exists()
-    cluster = RayCluster(num_cpus=2, num_gpus=0).start()
+    cluster = RayCluster(num_cpus=2, num_gpus=0, ray_prints_to_stderr=False).start()  # pytest owns stdout
     yield cluster
     cluster.stop()
     assert token_file.exists() == had_token  # the token travels in the environment, never to the home folder
@@ -286,12 +286,13 @@ def test_the_executor_comes_from_the_plan_or_an_address_never_from_ray_address_a
 
 def test_retries_and_where_chunks_ran_are_counted_from_their_records(tmp_path):
     from quantship.evaluate.report import _executor_text
-    from quantship.jobs.signoff_ray import _claim_attempt, _ray_fields, _retries
+    from quantship.jobs.signoff_ray import _claim_attempt, _ray_fields, _retries, _task_name
 
     attempts = tmp_path / "attempts"
     assert [_claim_attempt(attempts, "u.00000008") for _ in range(3)] == [1, 2, 3]  # a worker died twice
     assert _claim_attempt(attempts, "u.00000000") == 1
     assert _retries(attempts) == {"u.00000008": 2}
+    assert _task_name("u.00000008") == "u chunk 8" and _task_name("build.tiny") == "build of tiny"
     state = tmp_path / "state"
     state.mkdir()
     for start, node, worker, attempt in ((0, "10.0.0.1", "w1", 1), (8, "10.0.0.2", "w2", 3), (16, "10.0.0.2", "w2", 1)):

@@ -21,6 +21,9 @@ Measured with Ray 2.60.0 (the pinned version), and the reason for each setting h
   paths over 107 bytes (the session folder adds up to 64 characters to the temporary folder).
 - The object store would take 0.9 to 7.1 GB depending on free memory; tasks exchange only listings and small
   records, so it is set explicitly.
+- The driver prints Ray's notices about its workers ("(raylet) A worker died ...", retries) to stdout from its
+  own threads, whatever ``log_to_driver`` says; while a run uses Ray they go to stderr, so stdout carries
+  quantship's output only.
 - A SIGKILLed driver takes most of its instance with it, but two agent processes live on for about a minute
   (until their parent check times out). Every process of an instance keeps files open under its temporary
   folder, which identifies them; the folder is recorded in the output folder, so the next run on it kills
@@ -40,6 +43,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -194,6 +198,24 @@ def clean_stale_instance(folder: str | os.PathLike) -> list[int]:
 # ------------------------------------------------------------------------------------------------ the cluster
 
 
+class _RayPrintsToStderr:
+    """``sys.stdout`` while a run uses Ray: what Ray's driver threads (``ray_listen_error_messages``,
+    ``ray_print_logs``) print goes to stderr, everything else to stdout as before."""
+
+    def __init__(self, out: Any, err: Any):
+        self.out, self.err = out, err
+
+    def write(self, text: str) -> int:
+        return (self.err if threading.current_thread().name.startswith("ray_") else self.out).write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+        self.err.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.out, name)
+
+
 class RayCluster:
     """A connection to Ray for the length of a run (a context manager).
 
@@ -204,6 +226,7 @@ class RayCluster:
             cleans up after a killed driver.
         num_cpus: CPUs of a local instance (default: the CPUs this process may use).
         num_gpus: GPUs of a local instance (default: Ray detects them).
+        ray_prints_to_stderr: Send what Ray's driver threads print to stderr while this object is started.
     """
 
     def __init__(
@@ -213,17 +236,20 @@ class RayCluster:
         num_cpus: int | None = None,
         num_gpus: int | None = None,
         object_store_bytes: int = OBJECT_STORE_BYTES,
+        ray_prints_to_stderr: bool = True,
     ):
         self.address = address
         self.state_dir = Path(state_dir) if state_dir else None
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.object_store_bytes = object_store_bytes
+        self.ray_prints_to_stderr = ray_prints_to_stderr
         self.kind = ""  # "local instance", "cluster", "existing connection"
         self.root: str | None = None
         self.temp_dir: str | None = None
         self._owned = False
         self._saved_env: dict[str, str | None] = {}
+        self._saved_stdout: Any = None
         self.ray: Any = None
 
     def __enter__(self) -> "RayCluster":
@@ -234,6 +260,16 @@ class RayCluster:
         self.stop()
 
     def start(self) -> "RayCluster":
+        if self.ray_prints_to_stderr:
+            self._saved_stdout, sys.stdout = sys.stdout, _RayPrintsToStderr(sys.stdout, sys.stderr)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         if self.address:
             check_reachable(self.address)
         ray = sys.modules.get("ray")
@@ -242,14 +278,12 @@ class RayCluster:
             if self.address and parse_address(current) != parse_address(self.address):
                 raise ExecutorError(f"this process is connected to the Ray cluster at {current}, not {self.address}")
             self.ray, self.kind = ray, "existing connection"
-            return self
-        if self.address:
+        elif self.address:
             self.ray = import_ray()
             self._init(address=self.address)
             self.kind = "cluster"
         else:
             self._start_local()
-        return self
 
     def _init(self, **kwargs: Any) -> None:
         try:
@@ -268,36 +302,32 @@ class RayCluster:
         self.root = tempfile.mkdtemp(prefix=ROOT_PREFIX, dir=base)  # mode 0700; Ray's own folders are 0777
         self.temp_dir = os.path.join(self.root, "r")
         self.kind = "local instance"
-        try:
-            if len(self.temp_dir) > MAX_TEMP_DIR:
-                raise ExecutorError(
-                    f"Ray's temporary folder {self.temp_dir} is longer than {MAX_TEMP_DIR} characters (its socket "
-                    "paths would exceed 107 bytes): set TMPDIR to a short local folder"
-                )
-            if self.state_dir is not None:
-                write_json_atomic(
-                    self.state_dir / STATE_FILE,
-                    {"pid": os.getpid(), "root": self.root, "temp_dir": self.temp_dir, "started": time.time()},
-                )
-            env = loopback_env(secrets.token_hex(32))
-            self._saved_env = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            self.ray = import_ray()
-            if imported:
-                _reapply_environment()
-            self._init(
-                address="local",
-                num_cpus=self.num_cpus or len(os.sched_getaffinity(0)),
-                num_gpus=self.num_gpus,
-                include_dashboard=False,
-                object_store_memory=self.object_store_bytes,
-                _temp_dir=self.temp_dir,
+        if len(self.temp_dir) > MAX_TEMP_DIR:
+            raise ExecutorError(
+                f"Ray's temporary folder {self.temp_dir} is longer than {MAX_TEMP_DIR} characters (its socket "
+                "paths would exceed 107 bytes): set TMPDIR to a short local folder"
             )
-            if self.ray.util.get_node_ip_address() != "127.0.0.1":
-                raise ExecutorError("the local Ray instance did not come up on loopback only; not using it")
-        except BaseException:
-            self.stop()
-            raise
+        if self.state_dir is not None:
+            write_json_atomic(
+                self.state_dir / STATE_FILE,
+                {"pid": os.getpid(), "root": self.root, "temp_dir": self.temp_dir, "started": time.time()},
+            )
+        env = loopback_env(secrets.token_hex(32))
+        self._saved_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        self.ray = import_ray()
+        if imported:
+            _reapply_environment()
+        self._init(
+            address="local",
+            num_cpus=self.num_cpus or len(os.sched_getaffinity(0)),
+            num_gpus=self.num_gpus,
+            include_dashboard=False,
+            object_store_memory=self.object_store_bytes,
+            _temp_dir=self.temp_dir,
+        )
+        if self.ray.util.get_node_ip_address() != "127.0.0.1":
+            raise ExecutorError("the local Ray instance did not come up on loopback only; not using it")
 
     def stop(self) -> None:
         """Shut down what this object started (a connection opened before is left open) and remove its files."""
@@ -320,6 +350,8 @@ class RayCluster:
             if self.state_dir is not None:
                 (self.state_dir / STATE_FILE).unlink(missing_ok=True)
         self.root = self.temp_dir = None
+        if self._saved_stdout is not None:
+            sys.stdout, self._saved_stdout = self._saved_stdout, None
 
     # ---------------------------------------------------------------------------------------------- facts
 

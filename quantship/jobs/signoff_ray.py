@@ -551,7 +551,7 @@ class _RayRun:
             "workers": len(self.workers),
             "max_retries": self.ex.max_retries,
             "retries": sum(retried.values()),
-            "retried": [f"{k} ({n} retr{'y' if n == 1 else 'ies'})" for k, n in sorted(retried.items())],
+            "retried": [f"{_task_name(k)} ({n} retr{'y' if n == 1 else 'ies'})" for k, n in sorted(retried.items())],
             "timings": {"build_s": built, "evaluate_s": total_s - built, "total_s": total_s},
         }
 
@@ -564,6 +564,14 @@ def _retries(folder: Path) -> dict[str, int]:
         if n.isdigit():
             last[key] = max(last.get(key, 0), int(n))
     return {k: n - 1 for k, n in last.items() if n > 1}
+
+
+def _task_name(key: str) -> str:
+    """An attempt key (``build.<model>``, ``<unit folder>.<first image>``) as the report names the task."""
+    if key.startswith("build."):
+        return f"build of {key[len('build.') :]}"
+    head, _, tail = key.rpartition(".")
+    return f"{head} chunk {int(tail)}" if tail.isdigit() else key
 
 
 def _ray_fields(state: Path) -> dict[str, Any]:
