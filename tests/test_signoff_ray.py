@@ -311,3 +311,12 @@ def test_retries_and_where_chunks_ran_are_counted_from_their_records(tmp_path):
     assert text == (
         "ray, 2 node(s), 3 worker(s) (c; 8 CPUs, 0 GPUs); 2 task retries (at most 2 per task): u.00000008 (2 retries)"
     )
+
+
+def test_tensorrt_tasks_stay_on_one_gpu_model_when_the_cluster_mixes_them():
+    from quantship.jobs.signoff_ray import gpu_type_to_use
+
+    node = {"cpus": 8, "gpus": 0, "gpu_type": None}
+    assert gpu_type_to_use([node, {**node, "gpus": 2, "gpu_type": "A100"}]) is None  # one model: no pinning
+    mixed = [{**node, "gpus": 1, "gpu_type": "T4"}, {**node, "gpus": 2, "gpu_type": "A100"}, node]
+    assert gpu_type_to_use(mixed) == "A100"

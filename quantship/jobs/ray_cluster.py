@@ -356,7 +356,7 @@ class RayCluster:
     # ---------------------------------------------------------------------------------------------- facts
 
     def nodes(self) -> list[dict[str, Any]]:
-        """The live nodes that can run tasks: id, address, host name, CPUs, GPUs."""
+        """The live nodes that can run tasks: id, address, host name, CPUs, GPUs and their model (as Ray names it)."""
         out = []
         for n in self.ray.nodes():
             res = n.get("Resources", {})
@@ -368,6 +368,7 @@ class RayCluster:
                         "host": n.get("NodeManagerHostname"),
                         "cpus": int(res.get("CPU", 0)),
                         "gpus": int(res.get("GPU", 0)),
+                        "gpu_type": next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), None),
                     }
                 )
         return out

@@ -221,7 +221,7 @@ def evaluate_chunk_task(
         trt=plan.tensorrt,
     )  # fmt: skip
     key = (
-        entry,
+        _model_key(entry, preprocess),
         target.name,
         str(artifact.path) if artifact else None,
         (artifact.manifest if artifact else {}).get("sha256"),
@@ -283,6 +283,16 @@ class _Unit:
 
 def _needs_gpu(target: Target) -> bool:
     return target.spec.backend == "trt"
+
+
+def gpu_type_to_use(nodes: list[dict[str, Any]]) -> str | None:
+    """The GPU model every TensorRT task is pinned to when the cluster mixes models (an engine is built for the
+    GPU it is built on): the one with the most GPUs. None when the GPUs are all alike (or unnamed)."""
+    count: dict[str, int] = {}
+    for n in nodes:
+        if n["gpus"] and n.get("gpu_type"):
+            count[n["gpu_type"]] = count.get(n["gpu_type"], 0) + n["gpus"]
+    return max(sorted(count), key=lambda k: count[k]) if len(count) > 1 else None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -349,6 +359,7 @@ class _RayRun:
         self.workers: set[tuple[str, str]] = set()
         self.nodes_used: set[str] = set()
         self.times: dict[str, float] = {}
+        self.gpu_options: dict[str, Any] = {}  # an engine runs on the GPU model it was built on
 
     # ------------------------------------------------------------------------------------------- checks
 
@@ -366,6 +377,9 @@ class _RayRun:
         gpu_targets = sorted({t.name for w in self.work for t in w.todo if _needs_gpu(t)})
         if gpu_targets and not any(n["gpus"] for n in nodes):
             raise ExecutorError(f"{', '.join(gpu_targets)} run on a GPU, and {where} has no node with one")
+        if gpu_targets and (gpu_type := gpu_type_to_use(nodes)):
+            self.gpu_options = {"accelerator_type": gpu_type}
+            note(f"Ray: the cluster mixes GPU models; TensorRT engines are built and run on {gpu_type} only")
         self._check_nodes_see(nodes)
         return nodes
 
@@ -417,8 +431,9 @@ class _RayRun:
         build_fn, chunk_fn = ray.remote(build_model), ray.remote(evaluate_chunk_task)
         for w in self.work:
             name = model_name(w.entry.name)
+            gpu = any(_needs_gpu(t) for t in w.todo)
             ref = build_fn.options(
-                **common, num_gpus=int(any(_needs_gpu(t) for t in w.todo)), name=f"quantship build {name}"
+                **common, num_gpus=int(gpu), **(self.gpu_options if gpu else {}), name=f"quantship build {name}"
             ).remote(self.run, w.entry, w.preprocess, data_box, [t.name for t in w.todo])
             units = []
             for t in w.todo:
@@ -426,8 +441,12 @@ class _RayRun:
                 unit = _Unit(name, t, key, unit_state(job.out_dir, name, t.name, key))
                 state_abs = str(unit_state(self.out_abs, name, t.name, key))
                 for s, e in todo_spans(plan, job.evalset, unit.state):
+                    gpu = _needs_gpu(t)
                     cref = chunk_fn.options(
-                        **common, num_gpus=int(_needs_gpu(t)), name=f"quantship {name} {t.name} chunk {s}"
+                        **common,
+                        num_gpus=int(gpu),
+                        **(self.gpu_options if gpu else {}),
+                        name=f"quantship {name} {t.name} chunk {s}",
                     ).remote(self.run, w.entry, w.preprocess, t.name, ref, data_box, state_abs, s, e)
                     self.chunks[cref] = (unit, s, e)
                     unit.pending.add(cref)
@@ -553,6 +572,7 @@ class _RayRun:
             "retries": sum(retried.values()),
             "retried": [f"{_task_name(k)} ({n} retr{'y' if n == 1 else 'ies'})" for k, n in sorted(retried.items())],
             "timings": {"build_s": built, "evaluate_s": total_s - built, "total_s": total_s},
+            **({"gpu_model": self.gpu_options["accelerator_type"]} if self.gpu_options else {}),
         }
 
 
