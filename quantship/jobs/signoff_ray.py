@@ -6,7 +6,8 @@ argument, so Ray runs it only after the build, on any node, and it builds its ru
 the target registry. Chunk tasks evaluate and store their chunk through the same function as the local
 executor, into the output folder, which every node must see at the same path; the driver (which holds the
 folder's lock) makes the rows from the stored chunks with the same function too, so rows and verdicts are the
-local executor's. Datasets travel as listings (paths and labels); workers read the images themselves.
+local executor's. Workers read the dataset by path themselves (refusing one whose listing differs from the
+driver's); only its spec and the evaluation images' keys travel through Ray.
 
 Besides each chunk, a task records where it ran (``chunk-*.json``: node, worker, CPU model and flags, attempt),
 since int8 results of some runtimes depend on the CPU; rows of a Ray run add ``executor``, ``nodes``,
@@ -117,11 +118,24 @@ class _WorkerState:
         self.runner: tuple[tuple, Any] | None = None
 
     def datasets(self, box: list[Any]) -> tuple[Any, Any]:
+        """The dataset, read here by path, and the run's evaluation images in it; refused when this node sees
+        other files than the driver did (the unit keys rest on the driver's listing)."""
         import ray
+
+        from quantship.data.datasets import load_dataset
 
         ref = box[0]
         if self.listing is None or self.listing[0] != ref.hex():
-            self.listing = (ref.hex(), ray.get(ref))
+            info = ray.get(ref)
+            dataset = load_dataset(info["data"], labels=info["labels"])
+            if dataset.listing_hash() != info["listing"]:
+                raise ExecutorError(
+                    f"{info['data']} differs on this node from the driver's (other files, sizes or times): every node "
+                    "must see the same dataset at the same path"
+                )
+            index = {s.key: i for i, s in enumerate(dataset.samples)}
+            evalset = dataset.subset([index[k] for k in info["eval_keys"]])
+            self.listing = (ref.hex(), (dataset, evalset))
         return self.listing[1]
 
     def remember(self, key: tuple, loaded: Any, task: Any) -> None:
@@ -427,7 +441,15 @@ class _RayRun:
     def submit(self) -> None:
         ray, plan, job = self.ray, self.job.plan, self.job
         common = {"num_cpus": plan.threads or 1, "max_retries": self.ex.max_retries, "retry_exceptions": False}
-        data_box = [ray.put((job.dataset, job.evalset))]  # a listing, once; nested so tasks fetch it themselves
+        # What workers need to read the dataset themselves (by path): its spec, the driver's listing (checked
+        # there) and the evaluation images by key; once, nested so that tasks fetch it (and workers keep it).
+        info = {
+            "data": plan.data,
+            "labels": plan.labels,
+            "listing": job.dataset.listing_hash(),
+            "eval_keys": [s.key for s in job.evalset.samples],
+        }
+        data_box = [ray.put(info)]
         build_fn, chunk_fn = ray.remote(build_model), ray.remote(evaluate_chunk_task)
         for w in self.work:
             name = model_name(w.entry.name)
