@@ -416,6 +416,8 @@ def _photo_cards(data: dict[str, Any], folder: Path) -> list[tuple[str, bytes | 
 
 def _executor_text(ex: dict[str, Any]) -> str:
     """Where a sign-off's units ran (a Ray run: its cluster, nodes, workers and the retries of dead workers)."""
+    if ex.get("nodes") == 0:
+        return f"{ex.get('executor')} (nothing ran: every unit was stored)"
     text = f"{ex.get('executor', 'local')}, {ex.get('nodes', 1)} node(s), {ex.get('workers', 1)} worker(s)"
     if ex.get("executor") == "ray":
         text += (

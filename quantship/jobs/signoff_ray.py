@@ -40,6 +40,7 @@ from quantship.jobs.signoff import (
     ModelWork,
     SignoffJob,
     UnitFailed,
+    chunk_spans,
     evaluate_chunk,
     failed_row,
     model_context,
@@ -349,6 +350,9 @@ class RayExecutor:
         return dict(self._record) or {"executor": self.name}
 
     def run(self, job: SignoffJob, work: list[ModelWork]) -> Iterator[dict[str, Any]]:
+        if not work:  # every unit is stored: no cluster needed
+            self._record = {"executor": self.name, "nodes": 0, "workers": 0, "retries": 0}
+            return
         with RayCluster(self.address, state_dir=job.out_dir, num_cpus=self.local_cpus, num_gpus=self.local_gpus) as c:
             yield from _RayRun(self, c, job, work).rows()
 
@@ -373,6 +377,7 @@ class _RayRun:
         self.workers: set[tuple[str, str]] = set()
         self.nodes_used: set[str] = set()
         self.times: dict[str, float] = {}
+        self.stored_chunks = 0
         self.gpu_options: dict[str, Any] = {}  # an engine runs on the GPU model it was built on
 
     # ------------------------------------------------------------------------------------------- checks
@@ -462,7 +467,9 @@ class _RayRun:
                 key = w.keys[t.name]
                 unit = _Unit(name, t, key, unit_state(job.out_dir, name, t.name, key))
                 state_abs = str(unit_state(self.out_abs, name, t.name, key))
-                for s, e in todo_spans(plan, job.evalset, unit.state):
+                todo = todo_spans(plan, job.evalset, unit.state)
+                self.stored_chunks += len(chunk_spans(plan, job.evalset)) - len(todo)
+                for s, e in todo:
                     gpu = _needs_gpu(t)
                     cref = chunk_fn.options(
                         **common,
@@ -483,8 +490,8 @@ class _RayRun:
         nodes = self.check()
         self.submit()
         note(
-            f"Ray: {len(self.builds)} build task(s), {len(self.chunks)} chunk task(s) on {len(nodes)} node(s), "
-            f"{sum(n['cpus'] for n in nodes)} CPU(s)"
+            f"Ray: {len(self.builds)} build task(s), {len(self.chunks)} chunk task(s) ({self.stored_chunks} chunk(s) "
+            f"stored before) on {len(nodes)} node(s), {sum(n['cpus'] for n in nodes)} CPU(s)"
         )
         self.times["start"] = t0
         try:
