@@ -194,9 +194,8 @@ def test_killed_driver_resumes_with_nothing_recomputed_and_no_ray_process_left(r
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = json.loads((out / STATE_FILE).read_text())  # the killed run's instance, recorded for the next run
-    assert processes_using(state["temp_dir"])  # its agents outlive the driver
-    time.sleep(3)  # its last workers die with the job; a chunk they were writing either landed whole or not at all
-    before = _chunks(out)
+    assert processes_using(state["temp_dir"])  # its agents outlive the driver (by about a minute)
+    before = _chunks(out)  # a chunk its dying workers were writing lands whole or not at all
     assert 2 <= len(before) < 24
 
     rows, _ = signoff(_load_plan(plan), out)  # resumed on the session's instance
