@@ -62,7 +62,7 @@ def test_paired_difference_interval():
 
 def test_plan_validation():
     base = {
-        "models": ["m"],
+        "models": ["mobilenet_0.25_128"],
         "targets": ["tflite-int8"],
         "dataset": "imagenet:/x",
         "gates": [{"metric": "top1", "relative": 0.99}],

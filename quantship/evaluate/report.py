@@ -64,10 +64,12 @@ def load_results(folder: Path) -> dict[str, Any]:
         "verdicts": read_jsonl(folder / "verdicts.jsonl"),
         "bench": read_jsonl(folder / "bench.jsonl"),
         "sensitivity": read_jsonl(folder / "sensitivity.jsonl"),
-        "environment": json.loads((folder / "environment.json").read_text())
-        if (folder / "environment.json").is_file()
-        else {},
+        "environment": _environment(folder / "environment.json"),
     }
+    _check_rows(folder / "verdicts.jsonl", data["verdicts"], VERDICT_KEYS)
+    rows_file = "signoff.jsonl" if (folder / "signoff.jsonl").is_file() else "results.jsonl"
+    _check_rows(folder / rows_file, data["rows"], ("target",))
+    _check_rows(folder / "bench.jsonl", data["bench"], ("target",))
     if not data["rows"] and not data["bench"] and not data["sensitivity"]:
         raise DataError(f"{folder}: no stored results (results.jsonl, signoff.jsonl, bench.jsonl or sensitivity.jsonl)")
     for r in data["sensitivity"]:
@@ -105,6 +107,38 @@ def load_results(folder: Path) -> dict[str, Any]:
                 continue
     data["manifests"] = manifests
     return data
+
+
+def _environment(path: Path) -> dict[str, Any]:
+    """The stored environment, or a :class:`DataError` naming the file when it is not a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: corrupt ({exc}); delete it (the next run writes it again)") from None
+    if not isinstance(env, dict):
+        raise DataError(f"{path}: expected a JSON object; delete it (the next run writes it again)")
+    return env
+
+
+VERDICT_KEYS = ("model", "target", "passed", "kind", "ci_low", "ci_high")
+
+
+def _check_rows(path: Path, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
+    """Stored rows hold the fields the report needs; one that does not is named (file, row, missing keys)."""
+    for i, v in enumerate(rows, 1):
+        missing = [k for k in keys if not isinstance(v, dict) or k not in v]
+        missing += [k for k in keys if k in ("ci_low", "ci_high") and k in v and not _is_number(v[k])]
+        if missing:
+            raise DataError(
+                f"{path}: row {i} lacks {', '.join(missing)} (or holds no number there); run the command again to "
+                "rewrite it from its results"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _latency_for(data: dict[str, Any], row: dict[str, Any]) -> float | None:

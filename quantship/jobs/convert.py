@@ -29,6 +29,8 @@ def convert_artifacts(
     workers: int = 4,
     threads: int | None = None,
     trt: TrtOptions = TrtOptions(),
+    allow_missing_images: bool = False,
+    trust_savedmodel: bool = False,
 ) -> dict[str, Artifact | None]:
     """Build the artifacts of ``targets`` (``data`` is read as calibration data only)."""
     chosen = parse_targets(targets)
@@ -39,8 +41,8 @@ def convert_artifacts(
         raise ConfigError(
             f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)"
         )
-    dataset = load_dataset(data, labels=labels) if calibrated else None
-    loaded = load_for(model, weights, preprocess)
+    dataset = load_dataset(data, labels=labels, allow_missing_images=allow_missing_images) if calibrated else None
+    loaded = load_for(model, weights, preprocess, trust_savedmodel=trust_savedmodel)
     ctx = BuildContext(
         loaded,
         Path(out_dir),

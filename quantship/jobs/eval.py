@@ -10,7 +10,16 @@ from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import sha256_json, write_text_atomic
 from quantship.jobs import JobResult
-from quantship.jobs.common import EvaluatedTarget, build_targets, evaluate_targets, load_for, prepare_run, result_rows
+from quantship.jobs.common import (
+    EvaluatedTarget,
+    build_targets,
+    check_readable,
+    evaluate_targets,
+    load_for,
+    nonfinite_error,
+    prepare_run,
+    result_rows,
+)
 from quantship.jobs.specs import EvalSpec
 from quantship.models.loading import resolve_preprocess
 from quantship.runtime.base import RunnerOptions
@@ -26,8 +35,8 @@ def run_eval(spec: EvalSpec) -> JobResult:
     # Names are checked before any work: unknown targets, models or options fail at once.
     targets = parse_targets(spec.targets)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
-    dataset = load_dataset(spec.data, labels=spec.labels)
-    loaded = load_for(spec.model, spec.weights, preprocess, dataset)
+    dataset = load_dataset(spec.data, labels=spec.labels, allow_missing_images=spec.allow_missing_images)
+    loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
     task = make_task(dataset, loaded, spec.anchors)
     out_dir = Path(spec.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +52,11 @@ def run_eval(spec: EvalSpec) -> JobResult:
         ctx.close()
     if skipped:
         write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
-    evaluated = [EvaluatedTarget(t, runs[t.name].arrays, runs[t.name].latency_ms, artifacts[t.name]) for t in targets]
+    check_readable(len(evalset) - len(skipped), skipped)
+    evaluated = [
+        EvaluatedTarget(t, r.arrays, r.latency_ms, artifacts[t.name], r.nonfinite_images)
+        for t, r in ((t, runs[t.name]) for t in targets)
+    ]
     extra = {"calibration_images": len(calib), "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16]}
     rows = result_rows(task, evaluated, loaded, evalset, skipped, extra)
     notes = [f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"]
@@ -55,5 +68,12 @@ def run_eval(spec: EvalSpec) -> JobResult:
         f"{rows[0]['images']} images, {len(calib)} calibration images"
         + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else "")
     )
+    if dataset.meta.get("missing_images"):
+        lines.append(
+            f"{dataset.meta['missing_images']} image(s) listed in the ground truth are missing (not evaluated)"
+        )
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
-    return JobResult(rows, lines)
+    failure = nonfinite_error(rows, spec.allow_nonfinite)
+    if failure:
+        lines.append(failure)
+    return JobResult(rows, lines, 1 if failure else 0)

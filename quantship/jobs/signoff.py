@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from quantship.data.datasets import ImageDataset, Skipped, load_dataset
+from quantship.errors import DataError
 from quantship.evaluate.environment import environment
 from quantship.evaluate.loop import run_targets
 from quantship.evaluate.report import VERDICT_COLUMNS, build_report, load_results
@@ -26,7 +27,7 @@ from quantship.evaluate.tasks import Task, concat, make_task
 from quantship.evaluate.verdicts import gate_verdict
 from quantship.fileio import append_jsonl, atomic_path, read_jsonl, sha256_json, write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
-from quantship.jobs.common import load_for, prepare_run, target_fields
+from quantship.jobs.common import load_for, nonfinite_error, prepare_run, target_fields
 from quantship.jobs.specs import SignoffPlan
 from quantship.manifest import Artifact
 from quantship.models.loading import resolve_preprocess
@@ -106,6 +107,7 @@ def _evaluate_unit(
                     **arrays,
                     "seconds": np.asarray([run.seconds]),
                     "timed_images": np.asarray([run.timed_images]),
+                    "nonfinite_images": np.asarray([run.nonfinite_images]),
                     "skipped": np.asarray([s.key for s in skipped], dtype=str),
                 },
             )
@@ -123,6 +125,7 @@ def _unit_row(
         "task": task.name,
         "images": task.count(d),
         "skipped": int(d["skipped"].size),
+        "nonfinite_images": int(d["nonfinite_images"].sum()) if "nonfinite_images" in d else 0,
         **task.fields(task.evaluate(d, d["keys"])),
         "latency_ms": 1e3 * float(d["seconds"].sum()) / timed if timed else None,
         "unit_key": key,
@@ -173,13 +176,17 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
     stored = {r["unit_key"]: r for r in read_jsonl(rows_path) if "unit_key" in r}
     write_json_atomic(out_dir / "environment.json", environment())
     write_json_atomic(out_dir / "plan.json", dataclasses.asdict(plan))
-    dataset = load_dataset(plan.data, labels=plan.labels)
+    dataset = load_dataset(plan.data, labels=plan.labels, allow_missing_images=plan.allow_missing_images)
     for entry in plan.models:
         keys = {t.name: unit_key(plan, entry, t.name) for t in targets}
         if all(k in stored for k in keys.values()):
             continue
         loaded = load_for(
-            entry.name, entry.weights, resolve_preprocess(entry.name, entry.weights, entry.preprocess), dataset
+            entry.name,
+            entry.weights,
+            resolve_preprocess(entry.name, entry.weights, entry.preprocess),
+            dataset,
+            trust_savedmodel=plan.trust_savedmodel,
         )
         task = make_task(dataset, loaded, plan.anchors)
         ctx, _, evalset = prepare_run(
@@ -202,6 +209,11 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
                 art = t.build(ctx, t.spec)
                 _evaluate_unit(plan, ctx, t, art, evalset, task, state)
                 row = _unit_row(plan, loaded.name, t, key, state, str(art.path) if art else None, task)
+                if not row["images"] and row["skipped"]:
+                    raise DataError(
+                        f"none of the {row['skipped']} evaluation images could be read ({t.name}); see the chunks in "
+                        f"{state}"
+                    )
                 append_jsonl(rows_path, row)
                 stored[key] = row
         finally:
@@ -226,4 +238,7 @@ def run_signoff(plan: SignoffPlan, out_dir: Path) -> JobResult:
         f"\n{'FAIL' if failed else 'PASS'}: {len(verdict_rows) - len(failed)} of {len(verdict_rows)} gates "
         f"passed. Report: {page}, {md}"
     )
-    return JobResult(rows, lines, 1 if failed else 0)
+    nonfinite = nonfinite_error(rows, plan.allow_nonfinite, "allow_nonfinite: true (or --allow-nonfinite)")
+    if nonfinite:
+        lines.append(nonfinite)
+    return JobResult(rows, lines, 1 if failed or nonfinite else 0)
