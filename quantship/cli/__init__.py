@@ -82,13 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         restore = route_native_stderr(log_path)
     restore_term = _terminate_as_interrupt()
+    message = None
     try:
         return args._commands[args.command].run(args)
     except QuantshipError as exc:
-        print(f"quantship {args.command}: error: {exc}", file=sys.stderr)
+        message = f"quantship {args.command}: error: {exc}"
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"quantship {args.command}: interrupted", file=sys.stderr)
+        message = f"quantship {args.command}: interrupted"
         return 130
     finally:
         progress.set_note(None)
@@ -96,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             restore()
         restore_term()
         _tidy(log_path, log_existed, created)
+        if message:  # after restoring: the caller's sys.stderr gets it (one line)
+            print(" ".join(message.split()), file=sys.stderr)
 
 
 def _missing_folders(folder: Path) -> list[Path]:

@@ -224,20 +224,19 @@ class _PlanReader:
                 raise self.error(f"{key}.weights", f"expected a file name, 'pretrained' or 'random', got {weights!r}")
             preprocess = self.preprocess(m.get("preprocess"), f"{key}.preprocess")
             try:
-                resolve_preprocess(name, weights, preprocess)
                 for path, option in ((name, "name"), (weights, "weights")):
-                    if path is None or (option == "name" and not is_model_file(path)):
+                    if path is None or path in ("pretrained", "random"):
                         continue
-                    if option == "weights" and path in ("pretrained", "random"):
+                    if option == "name" and not is_model_file(path):
                         continue
                     file = Path(path).expanduser()
                     if not file.exists():
                         raise ConfigError(f"{option}: file not found: {file}")
                     check_savedmodel_trust(file, trust_savedmodel, f"{option}:")
+                resolve_preprocess(name, weights, preprocess)
             except ConfigError as exc:
-                raise self.error(
-                    key, str(exc).replace("--trust-savedmodel", "trust_savedmodel: true (or --trust-savedmodel)")
-                ) from None
+                text = str(exc).replace("--trust-savedmodel", "trust_savedmodel: true (or --trust-savedmodel)")
+                raise self.error(key, text) from None
             out.append(PlanModel(name, weights, preprocess))
         return tuple(out)
 
