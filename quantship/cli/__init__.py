@@ -112,12 +112,16 @@ def _missing_folders(folder: Path) -> list[Path]:
 
 def _tidy(log_path: Path, log_existed: bool, created: list[Path]) -> None:
     """A run refused before any work leaves nothing behind: an empty native log it created goes, and so do the
-    folders created for it if they are still empty."""
+    folders created for it if they hold nothing else (the released lock file of a job aside)."""
     try:
         if not log_existed and log_path.is_file() and log_path.stat().st_size == 0:
             log_path.unlink()
     except OSError:
         pass
+    if created:
+        from quantship.fileio import remove_unused_lock
+
+        remove_unused_lock(created[0])
     for folder in created:
         try:
             folder.rmdir()

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         preprocess_overrides=a.preprocess(args),
         trt=a.trt_options(args),
         anchors=args.anchors,
+        providers=args.ort_providers,
         allow_nonfinite=args.allow_nonfinite,
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,

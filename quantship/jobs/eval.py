@@ -8,17 +8,17 @@ from pathlib import Path
 from quantship.data.datasets import Skipped, load_dataset
 from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
-from quantship.fileio import sha256_json, write_text_atomic
+from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.jobs.common import (
-    EvaluatedTarget,
     build_targets,
     check_readable,
     evaluate_targets,
+    evaluated_rows,
+    failure_lines,
     load_for,
     nonfinite_error,
     prepare_run,
-    result_rows,
 )
 from quantship.jobs.specs import EvalSpec
 from quantship.models.loading import resolve_preprocess
@@ -30,50 +30,51 @@ def run_eval(spec: EvalSpec) -> JobResult:
     """Evaluate ``spec.targets`` side by side.
 
     Returns:
-        The result rows (also written to ``out_dir/results.jsonl`` and ``results.md``) and a summary.
+        The result rows (also written to ``out_dir/results.jsonl`` and ``results.md``) and a summary; exit code
+        1 when a target failed to build or run (its row says why; the others are evaluated).
     """
     # Names are checked before any work: unknown targets, models or options fail at once.
     targets = parse_targets(spec.targets)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
-    dataset = load_dataset(spec.data, labels=spec.labels, allow_missing_images=spec.allow_missing_images)
-    loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
-    task = make_task(dataset, loaded, spec.anchors)
     out_dir = Path(spec.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    options = RunnerOptions(threads=spec.threads)
-    ctx, calib, evalset = prepare_run(
-        loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt
-    )
-    skipped: list[Skipped] = []
-    try:
-        artifacts = build_targets(ctx, targets)
-        runs = evaluate_targets(ctx, targets, artifacts, evalset, task, spec.batch_size, spec.workers, skipped)
-    finally:
-        ctx.close()
-    if skipped:
-        write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
-    check_readable(len(evalset) - len(skipped), skipped)
-    evaluated = [
-        EvaluatedTarget(t, r.arrays, r.latency_ms, artifacts[t.name], r.nonfinite_images)
-        for t, r in ((t, runs[t.name]) for t in targets)
-    ]
-    extra = {"calibration_images": len(calib), "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16]}
-    rows = result_rows(task, evaluated, loaded, evalset, skipped, extra)
-    notes = [f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"]
-    if skipped:
-        notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
-    write_results(out_dir, rows, f"quantship eval: {loaded.name} on {dataset.source}", notes, task.columns)
+    with FolderLock(out_dir, f"quantship eval {spec.model}"):
+        dataset = load_dataset(spec.data, labels=spec.labels, allow_missing_images=spec.allow_missing_images)
+        loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
+        task = make_task(dataset, loaded, spec.anchors)
+        options = RunnerOptions(threads=spec.threads, providers=spec.providers)
+        ctx, calib, evalset = prepare_run(
+            loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt
+        )
+        skipped: list[Skipped] = []
+        try:
+            artifacts, failures = build_targets(ctx, targets)
+            built = [t for t in targets if t.name not in failures]
+            runs = evaluate_targets(ctx, built, artifacts, evalset, task, spec.batch_size, spec.workers, skipped)
+        finally:
+            ctx.close()
+        if skipped:
+            write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
+        check_readable(len(evalset) - len(skipped), skipped)
+        extra = {"calibration_images": len(calib), "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16]}
+        rows = evaluated_rows(task, targets, runs, artifacts, failures, loaded, evalset, skipped, options, extra)
+        notes = [f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"]
+        if skipped:
+            notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
+        notes += failure_lines(rows)
+        write_results(out_dir, rows, f"quantship eval: {loaded.name} on {dataset.source}", notes, task.columns)
     lines = ["", text_table(rows, task.columns), ""]
     lines.append(
-        f"{rows[0]['images']} images, {len(calib)} calibration images"
+        f"{len(evalset)} images, {len(calib)} calibration images"
         + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else "")
     )
     if dataset.meta.get("missing_images"):
         lines.append(
             f"{dataset.meta['missing_images']} image(s) listed in the ground truth are missing (not evaluated)"
         )
+    failed = failure_lines(rows)
+    lines += failed
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
-    failure = nonfinite_error(rows, spec.allow_nonfinite)
-    if failure:
-        lines.append(failure)
-    return JobResult(rows, lines, 1 if failure else 0)
+    nonfinite = nonfinite_error(rows, spec.allow_nonfinite)
+    if nonfinite:
+        lines.append(nonfinite)
+    return JobResult(rows, lines, 1 if failed or nonfinite else 0)

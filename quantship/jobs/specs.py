@@ -28,6 +28,7 @@ class EvalSpec:
     preprocess_overrides: dict[str, Any] = field(default_factory=dict)
     trt: TrtOptions = field(default_factory=TrtOptions)
     anchors: str | None = None  # anchor configuration of a detection model given as a file
+    providers: tuple[str, ...] = ("cpu",)  # ONNX Runtime execution providers
     allow_nonfinite: bool = False  # NaN/inf outputs are counted in the rows but do not fail the run
     allow_missing_images: bool = False  # ground truth listing absent files: evaluate those present
     trust_savedmodel: bool = False  # a SavedModel runs its graph's operations: only when the user says so
@@ -58,9 +59,11 @@ class SignoffPlan:
     chunk_images: int = 256
     bootstrap_samples: int = 1000
     confidence: float = 0.95
+    min_images: int = 1  # a gate resting on fewer evaluated images is INCONCLUSIVE, whatever its decision rule
     name: str = "signoff"
     anchors: str | None = None
     tensorrt: TrtOptions = field(default_factory=TrtOptions)
+    ort_providers: tuple[str, ...] = ("cpu",)
     allow_nonfinite: bool = False
     allow_missing_images: bool = False
     trust_savedmodel: bool = False
@@ -178,7 +181,16 @@ class _PlanReader:
         models = self.models(d["models"], flags["trust_savedmodel"])
         gates = self.gates(d["gates"], task_metrics(task), compared, reference)
         calibration = self.calibration(d.get("calibration") or {})
-        tensorrt = self.tensorrt(d.get("tensorrt") or {})
+        trt_fields = d.get("tensorrt") or {}
+        if calibration.method is not None and isinstance(trt_fields, dict):
+            if "qdq_method" in trt_fields:
+                raise self.error(
+                    "tensorrt.qdq_method",
+                    "the calibration of trt-int8-qdq is set twice (calibration.method and tensorrt.qdq_method): "
+                    "keep one",
+                )
+            trt_fields = {**trt_fields, "qdq_method": calibration.method}
+        tensorrt = self.tensorrt(trt_fields)
         name = self.text(d, "name", "signoff", optional=False)
         if "/" in name or "\\" in name or name in (".", ".."):
             raise self.error("name", f"'{name}' names the results folder runs/<name>: no '/' in it")
@@ -197,6 +209,8 @@ class _PlanReader:
             chunk_images=self.integer(d, "chunk_images", 256),
             bootstrap_samples=self.integer(d, "bootstrap_samples", 1000),
             confidence=self.number(d, "confidence", 0.95, 0.0, 1.0),
+            min_images=self.integer(d, "min_images", 1),
+            ort_providers=tuple(self.names(d.get("ort_providers", ["cpu"]), "ort_providers")),
             name=name,
             anchors=self.text(d, "anchors"),
             tensorrt=tensorrt,
@@ -265,7 +279,7 @@ class _PlanReader:
             key = f"gates[{i}]"
             if not isinstance(g, dict):
                 raise self.error(key, f"expected a mapping (metric, relative or max_drop_points, targets), got {g!r}")
-            self.known(g, key, {"metric", "relative", "max_drop_points", "targets"})
+            self.known(g, key, {"metric", "relative", "max_drop_points", "targets", "decision"})
             metric = g.get("metric", "top1")
             if metrics and metric not in metrics:
                 raise self.error(
@@ -277,7 +291,7 @@ class _PlanReader:
                     raise self.error(f"{key}.{k}", f"expected a number, got {v!r}")
             patterns = tuple(self.names(g.get("targets", ["*"]), f"{key}.targets"))
             try:
-                gate = Gate(metric, g.get("relative"), g.get("max_drop_points"), patterns)
+                gate = Gate(metric, g.get("relative"), g.get("max_drop_points"), patterns, g.get("decision", "point"))
             except ConfigError as exc:
                 raise self.error(key, str(exc)) from None
             if not any(gate.applies(t) for t in targets):
@@ -298,9 +312,9 @@ class _PlanReader:
         try:
             num = self.integer(v, "num_images", 100)
             seed = self.integer(v, "seed", 0, minimum=0)
-            batch = self.integer(v, "batch_size", 1)
+            batch = self.integer(v, "batch_size", 8)
             percentile = self.number(v, "percentile", 99.99, 0.0, 100.0 + 1e-9)
-            return CalibrationSpec(num, seed, v.get("method", "entropy"), percentile, batch)
+            return CalibrationSpec(num, seed, v.get("method"), percentile, batch)
         except ConfigError as exc:
             if str(exc).startswith(self.source):
                 raise
@@ -316,7 +330,7 @@ class _PlanReader:
         self.integer(v, "workspace_mb", 2048)
         if "cuda_graph" in v:
             self.flag(v, "cuda_graph")
-        for k in ("timing_cache", "calibration_cache", "qdq_method"):
+        for k in ("timing_cache", "calibration_cache"):
             if v.get(k) is not None:
                 self.text(v, k)
         if "batch" in v and not isinstance(v["batch"], (str, int)) or isinstance(v.get("batch"), bool):
