@@ -212,8 +212,17 @@ def plan(edit: dict | None = None, drop: tuple[str, ...] = (), raw: bytes | None
     return build
 
 
-def model_edit(**change: Any) -> Callable[[dict], list]:
-    return lambda doc: [{**doc["models"][0], **change}]
+class model_edit:  # noqa: N801 - reads as a function in the table
+    """The plan's model with some keys changed (its repr names the change, for the row's id)."""
+
+    def __init__(self, **change: Any):
+        self.change = change
+
+    def __call__(self, doc: dict) -> list:
+        return [{**doc["models"][0], **self.change}]
+
+    def __repr__(self) -> str:
+        return ",".join(f"{k}={v!r}" for k, v in self.change.items())
 
 
 def results_folder(env_text: str | None = None, verdict: dict | None = None):
@@ -642,14 +651,23 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def env(trained_tiny, tmp_path_factory) -> dict:
-    """What the rows share: the tiny model, its NaN and overflowing copies, a 6-image dataset, a random detector."""
+def data_env(tmp_path_factory) -> dict:
+    """What every row shares: a 6-image dataset, and a model path for the rows refused before a model is read."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    placeholder = root / "tiny.keras"
+    placeholder.write_bytes(b"never read: refused before any model is loaded")
+    return {"model": placeholder, "data": write_synset_dataset(root / "data", 2, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def model_env(data_env, trained_tiny, tmp_path_factory) -> dict:
+    """For the rows that run: the tiny model, its NaN and overflowing copies, an untrained tiny SSD."""
     import keras
 
     from detection_fixtures import build_tiny_detector
 
     model, path = trained_tiny
-    root = tmp_path_factory.mktemp("bad-inputs")
+    root = tmp_path_factory.mktemp("bad-inputs-models")
     broken = {}
     for name, value in (("nan", np.nan), ("inf", 1e38)):
         clone = keras.models.clone_model(model)
@@ -659,14 +677,13 @@ def env(trained_tiny, tmp_path_factory) -> dict:
     detector, cfg = build_tiny_detector()
     detector.save(root / "detector.keras")
     (root / "anchors.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    data = write_synset_dataset(root / "data", 2, seed=3)
     return {
+        **data_env,
         "model": path,
         "nan_model": broken["nan"],
         "inf_model": broken["inf"],
         "detector": root / "detector.keras",
         "anchors": root / "anchors.json",
-        "data": data,
     }
 
 
@@ -704,8 +721,11 @@ def _run_inprocess(argv: list[str], capfd) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, env, tmp_path, capfd):
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.inprocess else []) for c in CASES]
+)
+def test_bad_input(case: Case, request, tmp_path, capfd):
+    env = request.getfixturevalue("model_env" if case.inprocess else "data_env")
     values = {k: str(v) for k, v in env.items()}
     values.update(tmp=str(tmp_path), out=str(tmp_path / "out"))
     values.update(case.build(tmp_path, env) or {})
@@ -743,3 +763,32 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.slow
+def test_killed_conversion_leaves_no_temporary_files(trained_tiny, tmp_path):
+    """``kill`` (SIGTERM) during the SavedModel export behind TFLite conversion: exit 130, one line, and neither the
+    export nor any atomic-write temporary is left in the output folder."""
+    import signal
+    import time
+
+    _, model = trained_tiny
+    out = tmp_path / "out"
+    argv = ["convert", "--model", str(model), "--preprocess", TINY_PREPROCESS, "--targets", "tflite-fp32"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantship", *argv, "--out", str(out), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".quantship-tmp/savedmodel-*/model/*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the export never started"
+        time.sleep(0.02)
+    assert proc.poll() is None, "the conversion ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["quantship convert: interrupted"]
+    left = [p for p in out.rglob("*") if ".tmp" in p.name or p.name == ".quantship-tmp"]
+    assert not left, left
