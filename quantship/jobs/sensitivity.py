@@ -455,6 +455,10 @@ def prepare(
         xs.append(b.inputs[:, 0])
         ys += list(b.labels)
         keys += list(b.keys)
+    if not xs:
+        from quantship.errors import DataError
+
+        raise DataError(f"{dataset.source}: none of the {len(held_set)} held-out images could be read")
     x = np.concatenate(xs)
     reference = _predict(loaded.model, x)
     manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights}}
