@@ -444,3 +444,23 @@ def test_a_target_that_cannot_run_gets_a_row_and_the_others_are_evaluated(fails_
     assert rows["tflite-fp32"]["images"] == 12 and rows["tflite-fp32"]["agreement_top1"] == 1.0
     assert not list((out / "artifacts").glob("*int16x8*"))  # no half-built file or manifest left behind
     assert "FAILED tflite-int16x8" in (out / "results.md").read_text()
+
+
+def test_chart_labels_do_not_overlap_and_the_log_axis_reads():
+    """Twelve targets crowded at one accuracy (as in the demo): every label inside the axes, clear of every
+    other label and of the title; the log axis labels only its major ticks, as plain numbers."""
+    from quantship.evaluate.charts import _overlap, _pyplot, accuracy_latency_figure
+
+    lat = [13.8, 19.0, 21.9, 45.5, 50.0, 57.7, 61.4, 62.5, 64.7, 65.6, 669.0, 30.0]
+    points = [("m", f"target-number-{i}", x, 0.75) for i, x in enumerate(lat)]
+    fig, ax, boxes = accuracy_latency_figure(points)
+    assert len(boxes) == len(points)
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if _overlap(a, b)]
+    inside = ax.get_window_extent(fig.canvas.get_renderer())
+    assert all(inside.x0 <= b[0] and b[2] <= inside.x1 and inside.y0 <= b[1] and b[3] <= inside.y1 for b in boxes)
+    title = ax.title.get_window_extent(fig.canvas.get_renderer())
+    assert not any(_overlap(b, (title.x0, title.y0, title.x1, title.y1)) for b in boxes)
+    major = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    assert minor == [] and "10" in major and "50" in major and all("^" not in m for m in major)
+    _pyplot().close(fig)

@@ -85,7 +85,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         "runtime": runtime.name,
         "timing": runtime.timing,
         "threads": cfg.threads,
-        "providers": list(cfg.providers) if runtime.name == "onnx" else None,
+        "providers": runner.active_providers if runtime.name == "onnx" else None,
         "cores": list(cfg.cores) if cfg.cores else None,
         "file_size_bytes": Path(cfg.artifact).stat().st_size,
         "init_ms": init_ms,

@@ -24,7 +24,7 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _place_labels(ax: Any, fig: Any, points: list[tuple[float, float, str]], fontsize: int = 7) -> None:
+def _place_labels(ax: Any, fig: Any, points: list[tuple[float, float, str]], fontsize: int = 7) -> list[tuple]:
     """Label each point where the label overlaps no other label, no point and stays inside the axes: try
     offsets around the point, nearest first, in display coordinates; draw a leader line when the label had to
     move away from its point."""
@@ -57,12 +57,13 @@ def _place_labels(ax: Any, fig: Any, points: list[tuple[float, float, str]], fon
             chosen = (candidates[0][0], candidates[0][1], (px, py, px + w, py + h))
         dx, dy, box = chosen
         taken.append(box)
-        far = abs(dx) > 14 or abs(dy) > 14
+        far = max(abs(dx), abs(dy)) >= 12  # away from its point: a leader line says whose label it is
         ax.annotate(
             text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
             ha="right" if dx < 0 else "left", va="center",
             arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.55"} if far else None,
         )  # fmt: skip
+    return taken
 
 
 def _overlap(a: tuple, b: tuple) -> bool:
@@ -76,6 +77,12 @@ def _ms_formatter(value: float, _pos: Any) -> str:
 def accuracy_latency_chart(points: Sequence[tuple[str, str, float, float]]) -> bytes | None:
     """PNG: accuracy (%) against latency (ms, log axis), one point per (model, target), every point labelled
     with its target without overlaps. ``points`` holds (model, target, latency ms, accuracy 0..1)."""
+    drawn = accuracy_latency_figure(points)
+    return _png(drawn[0]) if drawn else None
+
+
+def accuracy_latency_figure(points: Sequence[tuple[str, str, float, float]]) -> tuple[Any, Any, list[tuple]] | None:
+    """The chart's figure, axes and label boxes (display coordinates), before it is rendered to PNG."""
     points = [p for p in points if p[2] and p[2] > 0 and p[3] is not None and not math.isnan(p[3])]
     if not points:
         return None
@@ -106,10 +113,10 @@ def accuracy_latency_chart(points: Sequence[tuple[str, str, float, float]]) -> b
     ax.grid(True, which="major", alpha=0.3)
     if len(models) > 1 or models[0]:
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("accuracy vs latency", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    _place_labels(ax, fig, [(p[2], 100 * p[3], p[1]) for p in sorted(points, key=lambda p: (p[2], -p[3]))])
-    return _png(fig)
+    ax.set_title("accuracy vs latency", fontsize=11)  # labels are kept inside the axes, clear of the title
+    fig.tight_layout()
+    boxes = _place_labels(ax, fig, [(p[2], 100 * p[3], p[1]) for p in sorted(points, key=lambda p: (p[2], -p[3]))])
+    return fig, ax, boxes
 
 
 def sensitivity_chart(rows: Sequence[dict], top: int = 30) -> bytes | None:

@@ -196,9 +196,11 @@ def target_fields(target: Target) -> dict[str, Any]:
 
 def runtime_fields(target: Target, options: RunnerOptions) -> dict[str, Any]:
     """How a target was run: CPU threads of LiteRT / ONNX Runtime and ONNX Runtime's execution providers."""
+    from quantship.runtime.onnxruntime import provider_names
+
     fields: dict[str, Any] = {"threads": options.threads}
     if target.spec.backend == "onnx":
-        fields["providers"] = list(options.providers)
+        fields["providers"] = provider_names(options.providers)
     return fields
 
 
