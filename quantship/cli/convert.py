@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         labels=args.labels,
         calib_images=args.calib_images,
         calib_seed=args.calib_seed,
+        calib_percentile=args.calib_percentile,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         threads=args.threads,

@@ -26,6 +26,7 @@ def convert_artifacts(
     labels: str | None = None,
     calib_images: int = 100,
     calib_seed: int = 0,
+    calib_percentile: float = 99.99,
     preprocess_overrides: dict[str, Any] | None = None,
     workers: int = 4,
     threads: int | None = None,
@@ -53,7 +54,8 @@ def convert_artifacts(
         log_path=Path(out_dir) / "convert.log",
     )
     if dataset is not None:
-        ctx.calibration = calibration_data(draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers)
+        calib = draw_calibration(dataset, calib_images, calib_seed)
+        ctx.calibration = calibration_data(calib, loaded, workers=workers, percentile=calib_percentile)
     try:
         return build_targets(ctx, chosen)
     finally:
