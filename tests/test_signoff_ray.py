@@ -266,21 +266,22 @@ def test_a_folder_a_worker_cannot_see_and_an_unreachable_cluster_are_one_line_er
     assert "give the head node's address as HOST:PORT" in capfd.readouterr().err
 
 
-def test_the_executor_comes_from_the_plan_or_an_address_never_from_ray_address_alone(monkeypatch):
+def test_the_executor_comes_from_the_plan_or_an_address_never_from_ray_address_alone(monkeypatch, tmp_path):
     from quantship.errors import ConfigError
     from quantship.jobs.signoff import LocalExecutor, make_executor
     from quantship.jobs.signoff_ray import RayExecutor
 
-    plan = _load_plan(_plan(["m.keras"], "/data", ["tflite-fp32"], executor="local"))
+    (model := tmp_path / "m.keras").write_bytes(b"")  # plans are checked before they run: the file must exist
+    plan = _load_plan(_plan([model], "/data", ["tflite-fp32"], executor="local"))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert isinstance(make_executor(plan), LocalExecutor)
     assert make_executor(plan, "127.0.0.1:7000").address == "127.0.0.1:7000"
-    ray_plan = _load_plan(_plan(["m.keras"], "/data", ["tflite-fp32"], executor="ray"))
+    ray_plan = _load_plan(_plan([model], "/data", ["tflite-fp32"], executor="ray"))
     assert isinstance(ex := make_executor(ray_plan), RayExecutor) and ex.address == "127.0.0.1:6379"
     monkeypatch.delenv("RAY_ADDRESS")
     assert make_executor(ray_plan).address is None  # a local instance
-    with pytest.raises(ConfigError, match="executor 'spark' is not one of local, ray"):
-        _load_plan(_plan(["m.keras"], "/data", ["tflite-fp32"], executor="spark"))
+    with pytest.raises(ConfigError, match="executor: expected one of local, ray, got 'spark'"):
+        _load_plan(_plan([model], "/data", ["tflite-fp32"], executor="spark"))
 
 
 def test_retries_and_where_chunks_ran_are_counted_from_their_records(tmp_path):

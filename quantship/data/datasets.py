@@ -81,20 +81,21 @@ def _label_digest(label: Any) -> str:
 
 DatasetLoader = Callable[..., ImageDataset]
 _DATASETS: dict[str, DatasetLoader] = {}
+_TASKS: dict[str, str] = {}
 
 
-def register_dataset(kind: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Decorator: register a loader for ``--data KIND:PATH``."""
+def register_dataset(kind: str, task: str = "classification") -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: register a loader for ``--data KIND:PATH`` whose datasets have ``task``."""
 
     def deco(fn: DatasetLoader) -> DatasetLoader:
         _DATASETS[kind] = fn
+        _TASKS[kind] = task
         return fn
 
     return deco
 
 
-def load_dataset(spec: str, **kwargs: Any) -> ImageDataset:
-    """Open ``KIND:PATH`` (e.g. ``imagenet:/data/val``) with the registered loader."""
+def _kind(spec: str) -> str:
     from quantship.data import detection, imagenet  # noqa: F401  (registers loaders)
 
     kind, sep, path = spec.partition(":")
@@ -102,7 +103,25 @@ def load_dataset(spec: str, **kwargs: Any) -> ImageDataset:
         raise ConfigError(f"--data must look like KIND:PATH (e.g. imagenet:/data/val), got '{spec}'")
     if kind not in _DATASETS:
         raise ConfigError(f"unknown dataset kind '{kind}'; known: {', '.join(sorted(_DATASETS))}")
-    return _DATASETS[kind](Path(path).expanduser(), **kwargs)
+    return kind
+
+
+def dataset_task(spec: str) -> str:
+    """The task of the data ``KIND:PATH`` names, without opening it (for checks before any work)."""
+    return _TASKS[_kind(spec)]
+
+
+def load_dataset(spec: str, allow_missing_images: bool = False, **kwargs: Any) -> ImageDataset:
+    """Open ``KIND:PATH`` (e.g. ``imagenet:/data/val``) with the registered loader.
+
+    Args:
+        allow_missing_images: Evaluate the images present when the ground truth lists files that are missing
+            (the loader records how many in ``meta['missing_images']``); by default that is an error.
+    """
+    kind = _kind(spec)
+    if allow_missing_images:
+        kwargs["allow_missing_images"] = True
+    return _DATASETS[kind](Path(spec.partition(":")[2]).expanduser(), **kwargs)
 
 
 def split_calibration(

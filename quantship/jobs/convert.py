@@ -26,10 +26,13 @@ def convert_artifacts(
     labels: str | None = None,
     calib_images: int = 100,
     calib_seed: int = 0,
+    calib_percentile: float = 99.99,
     preprocess_overrides: dict[str, Any] | None = None,
     workers: int = 4,
     threads: int | None = None,
     trt: TrtOptions = TrtOptions(),
+    allow_missing_images: bool = False,
+    trust_savedmodel: bool = False,
 ) -> tuple[dict[str, Artifact | None], dict[str, str]]:
     """Build the artifacts of ``targets`` (``data`` is read as calibration data only); returns the artifacts
     and an error message per target that failed to build."""
@@ -41,8 +44,8 @@ def convert_artifacts(
         raise ConfigError(
             f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)"
         )
-    dataset = load_dataset(data, labels=labels) if calibrated else None
-    loaded = load_for(model, weights, preprocess)
+    dataset = load_dataset(data, labels=labels, allow_missing_images=allow_missing_images) if calibrated else None
+    loaded = load_for(model, weights, preprocess, trust_savedmodel=trust_savedmodel)
     ctx = BuildContext(
         loaded,
         Path(out_dir),
@@ -51,7 +54,8 @@ def convert_artifacts(
         log_path=Path(out_dir) / "convert.log",
     )
     if dataset is not None:
-        ctx.calibration = calibration_data(draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers)
+        calib = draw_calibration(dataset, calib_images, calib_seed)
+        ctx.calibration = calibration_data(calib, loaded, workers=workers, percentile=calib_percentile)
     try:
         return build_targets(ctx, chosen)
     finally:

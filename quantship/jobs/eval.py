@@ -12,10 +12,12 @@ from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.jobs.common import (
     build_targets,
+    check_readable,
     evaluate_targets,
     evaluated_rows,
     failure_lines,
     load_for,
+    nonfinite_error,
     prepare_run,
 )
 from quantship.jobs.specs import EvalSpec
@@ -36,8 +38,8 @@ def run_eval(spec: EvalSpec) -> JobResult:
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out_dir = Path(spec.out_dir)
     with FolderLock(out_dir, f"quantship eval {spec.model}"):
-        dataset = load_dataset(spec.data, labels=spec.labels)
-        loaded = load_for(spec.model, spec.weights, preprocess, dataset)
+        dataset = load_dataset(spec.data, labels=spec.labels, allow_missing_images=spec.allow_missing_images)
+        loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
         task = make_task(dataset, loaded, spec.anchors)
         options = RunnerOptions(threads=spec.threads, providers=spec.providers)
         ctx, calib, evalset = prepare_run(
@@ -52,6 +54,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
             ctx.close()
         if skipped:
             write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
+        check_readable(len(evalset) - len(skipped), skipped)
         extra = {"calibration_images": len(calib), "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16]}
         rows = evaluated_rows(task, targets, runs, artifacts, failures, loaded, evalset, skipped, options, extra)
         notes = [f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"]
@@ -64,7 +67,14 @@ def run_eval(spec: EvalSpec) -> JobResult:
         f"{len(evalset)} images, {len(calib)} calibration images"
         + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else "")
     )
+    if dataset.meta.get("missing_images"):
+        lines.append(
+            f"{dataset.meta['missing_images']} image(s) listed in the ground truth are missing (not evaluated)"
+        )
     failed = failure_lines(rows)
     lines += failed
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
-    return JobResult(rows, lines, 1 if failed else 0)
+    nonfinite = nonfinite_error(rows, spec.allow_nonfinite)
+    if nonfinite:
+        lines.append(nonfinite)
+    return JobResult(rows, lines, 1 if failed or nonfinite else 0)

@@ -156,11 +156,10 @@ class TfliteBackend:
             floats |= set(self.layers) - set(only)
         spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)))
         data = self.converter.convert(spec, self.calibration)
-        import tempfile
-        from pathlib import Path
+        from quantship.fileio import temp_dir
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "m.tflite"
+        with temp_dir(self.converter.work_dir, "sensitivity") as tmp:
+            path = tmp / "m.tflite"
             path.write_bytes(data)
             with make_runner(path, RunnerOptions(threads=self.threads)) as r:
                 return runner_outputs(r, x)
@@ -408,7 +407,7 @@ class SensitivitySetup:
         from quantship.convert.tflite import TfliteConverter
 
         if not hasattr(self, "_converter"):
-            self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log")
+            self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log", work_dir=self.work)
         return TfliteBackend(self._converter, self.calib_batches, self.threads)
 
     def close(self) -> None:
@@ -429,6 +428,8 @@ def prepare(
     threads: int | None = None,
     workers: int = 4,
     anchors: str | None = None,
+    allow_missing_images: bool = False,
+    trust_savedmodel: bool = False,
 ) -> SensitivitySetup:
     """Load the model, split the data (calibration / held-out), compute fp32 outputs, export ONNX."""
     from pathlib import Path
@@ -443,17 +444,21 @@ def prepare(
 
     work = Path(work)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
-    dataset = load_dataset(data, labels=labels)
+    dataset = load_dataset(data, labels=labels, allow_missing_images=allow_missing_images)
     calib, held_set = split_calibration(
         dataset, calib_images, limit=min(images, len(dataset) - calib_images), seed=seed
     )
-    loaded = load_for(model, weights, preprocess, dataset)
+    loaded = load_for(model, weights, preprocess, dataset, trust_savedmodel=trust_savedmodel)
     task = make_task(dataset, loaded, anchors)
     xs, ys, keys = [], [], []
     for b in iter_batches(held_set, loaded.preprocess.with_overrides(crops="center"), 32, workers):
         xs.append(b.inputs[:, 0])
         ys += list(b.labels)
         keys += list(b.keys)
+    if not xs:
+        from quantship.errors import DataError
+
+        raise DataError(f"{dataset.source}: none of the {len(held_set)} held-out images could be read")
     x = np.concatenate(xs)
     reference = _predict(loaded.model, x)
     manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights}}

@@ -42,7 +42,15 @@ from quantship.fileio import (
     write_text_atomic,
 )
 from quantship.jobs import JobResult
-from quantship.jobs.common import TARGET_ERRORS, load_for, prepare_run, remove_artifact, runtime_fields, target_fields
+from quantship.jobs.common import (
+    TARGET_ERRORS,
+    load_for,
+    nonfinite_error,
+    prepare_run,
+    remove_artifact,
+    runtime_fields,
+    target_fields,
+)
 from quantship.jobs.ray_cluster import clean_stale_instance
 from quantship.jobs.specs import ExecutorKind, PlanModel, SignoffPlan
 from quantship.manifest import Artifact, tool_versions
@@ -204,6 +212,7 @@ def evaluate_chunk(
             **(run.arrays or task.empty()),
             "seconds": np.asarray([run.seconds]),
             "timed_images": np.asarray([run.timed_images]),
+            "nonfinite_images": np.asarray([run.nonfinite_images]),
             "skipped": np.asarray([s.key for s in skipped], dtype=str),
         },
     )
@@ -259,6 +268,7 @@ def unit_row(
         "task": task.name,
         "images": task.count(d),
         "skipped": int(d["skipped"].size),
+        "nonfinite_images": int(d["nonfinite_images"].sum()) if "nonfinite_images" in d else 0,
         **task.fields(task.evaluate(d, d["keys"])),
         "latency_ms": 1e3 * float(d["seconds"].sum()) / timed if timed else None,
         **runtime_fields(target, RunnerOptions(threads=plan.threads, providers=plan.ort_providers)),
@@ -267,6 +277,16 @@ def unit_row(
         "artifact": str(artifact.path) if artifact else None,
         "manifest": str(artifact.manifest_path) if artifact else None,
     }
+
+
+def check_readable(row: dict[str, Any], target: Target, state: Path) -> None:
+    """A unit that could read none of its images is an error of the data, not a result.
+
+    Raises:
+        DataError: Every evaluation image of the unit was skipped.
+    """
+    if not row["images"] and row["skipped"]:
+        raise DataError(f"none of the {row['skipped']} evaluation images could be read ({target.name}); see {state}")
 
 
 def failed_row(model: str, target: Target, key: str, error: str) -> dict[str, Any]:
@@ -350,7 +370,7 @@ def model_context(
 ) -> tuple[BuildContext, Task]:
     """Load one plan model and make the context that builds all its targets (one export, one statistics pass
     shared by every target) and the task that scores its outputs (every executor builds through here)."""
-    loaded = load_for(entry.name, entry.weights, preprocess, dataset)
+    loaded = load_for(entry.name, entry.weights, preprocess, dataset, trust_savedmodel=plan.trust_savedmodel)
     task = make_task(dataset, loaded, plan.anchors)
     options = RunnerOptions(threads=plan.threads, providers=plan.ort_providers)
     ctx, _, _ = prepare_run(
@@ -411,7 +431,7 @@ def signoff(
         clean_stale_instance(out_dir)
         rows_path = out_dir / "signoff.jsonl"
         stored = {r["unit_key"]: r for r in read_jsonl(rows_path) if "unit_key" in r}
-        dataset = load_dataset(plan.data, labels=plan.labels)
+        dataset = load_dataset(plan.data, labels=plan.labels, allow_missing_images=plan.allow_missing_images)
         n_calib = plan.calibration.num_images if needs_calibration(targets, plan.tensorrt) else 0
         calib, evalset = split_calibration(dataset, n_calib, plan.limit, plan.calibration.seed)
         current: list[str] = []
@@ -468,11 +488,13 @@ def _run_unit(
         _evaluate_unit(plan, ctx, t, art, evalset, task, state)
         timings["build_s"] += t1 - t0
         timings["evaluate_s"] += time.perf_counter() - t1
-        return unit_row(plan, ctx.loaded.name, t, key, state, art, task)
+        row = unit_row(plan, ctx.loaded.name, t, key, state, art, task)
     except (*TARGET_ERRORS, UnitFailed) as exc:
         remove_artifact(art)
         note(f"FAILED {ctx.loaded.name} {t.name}: {exc}")
         return failed_row(ctx.loaded.name, t, key, str(exc))
+    check_readable(row, t, state)
+    return row
 
 
 def run_signoff(plan: SignoffPlan, out_dir: Path, ray_address: str | None = None) -> JobResult:
@@ -494,4 +516,7 @@ def run_signoff(plan: SignoffPlan, out_dir: Path, ray_address: str | None = None
     if overall == "FAIL" and all(v["verdict"] in (PASS, "INCONCLUSIVE") for v in verdict_rows) and not failed_units:
         overall = "INCONCLUSIVE"
     lines.append(f"\n{overall}: {passed} of {len(verdict_rows)} gates passed. Report: {page}, {md}")
-    return JobResult(rows, lines, 0 if overall == "PASS" else 1)
+    nonfinite = nonfinite_error(rows, plan.allow_nonfinite, "allow_nonfinite: true (or --allow-nonfinite)")
+    if nonfinite:
+        lines.append(nonfinite)
+    return JobResult(rows, lines, 0 if overall == "PASS" and not nonfinite else 1)

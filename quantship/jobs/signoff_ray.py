@@ -40,6 +40,7 @@ from quantship.jobs.signoff import (
     ModelWork,
     SignoffJob,
     UnitFailed,
+    check_readable,
     chunk_spans,
     evaluate_chunk,
     failed_row,
@@ -128,7 +129,9 @@ class _WorkerState:
         ref = box[0]
         if self.listing is None or self.listing[0] != ref.hex():
             info = ray.get(ref)
-            dataset = load_dataset(info["data"], labels=info["labels"])
+            dataset = load_dataset(
+                info["data"], labels=info["labels"], allow_missing_images=info["allow_missing_images"]
+            )
             if dataset.listing_hash() != info["listing"]:
                 raise ExecutorError(
                     f"{info['data']} differs on this node from the driver's (other files, sizes or times): every node "
@@ -151,7 +154,9 @@ class _WorkerState:
 
         key = _model_key(entry, preprocess)
         if key not in self.models:
-            loaded = load_for(entry.name, entry.weights, preprocess, dataset)
+            loaded = load_for(
+                entry.name, entry.weights, preprocess, dataset, trust_savedmodel=run.plan.trust_savedmodel
+            )
             self.remember(key, loaded, make_task(dataset, loaded, run.plan.anchors))
         self.models.move_to_end(key)
         return self.models[key]
@@ -451,6 +456,7 @@ class _RayRun:
         info = {
             "data": plan.data,
             "labels": plan.labels,
+            "allow_missing_images": plan.allow_missing_images,
             "listing": job.dataset.listing_hash(),
             "eval_keys": [s.key for s in job.evalset.samples],
         }
@@ -569,10 +575,12 @@ class _RayRun:
         if error is None:
             try:
                 row = unit_row(self.job.plan, unit.model, unit.target, unit.key, unit.state, art, self.task)
-                self.ready_rows.append({**row, **_ray_fields(unit.state)})
-                return
             except (*TARGET_ERRORS, UnitFailed) as exc:
                 error = str(exc)
+            else:
+                check_readable(row, unit.target, unit.state)
+                self.ready_rows.append({**row, **_ray_fields(unit.state)})
+                return
         remove_artifact(art)
         note(f"FAILED {unit.model} {unit.target.name}: {error}")
         self.ready_rows.append(failed_row(unit.model, unit.target, unit.key, error))
