@@ -9,8 +9,10 @@ and the Keras reference) and ``OMP_NUM_THREADS=1``.
 
 Printed per run: the wall time of the whole sign-off (Ray's start and stop included), its build phase (models
 loaded, artifacts built: for Ray, from the first task submitted to the last build finished) and its evaluation
-phase (the rest: chunks evaluated and stored, rows made), and the speed-up over the 1-worker Ray run with the
-build phase included and excluded.
+phase (the rest: chunks evaluated and stored, rows made), for Ray how busy the workers were in the evaluation
+phase (the chunk tasks' run time over phase x workers: low means waiting, high with little speed-up means the
+CPUs were shared with other work), and the speed-up over the 1-worker Ray run with the build phase included and
+excluded.
 
     python benchmarks/signoff_scaling.py [--images 512] [--chunk 64] [--size 128] [--keep DIR]
 
@@ -169,9 +171,12 @@ def main() -> int:
             return 1
         results[name] = {**json.loads(res.stdout.strip().splitlines()[-1]), "load": load}
         r = results[name]
+        busy = ""
+        if r.get("chunk_tasks_s") and r.get("workers"):
+            busy = f"   workers busy {100 * r['chunk_tasks_s'] / (r['evaluate_s'] * cpus):3.0f} %"
         print(
             f"  {name:15s} wall {r['wall_s']:7.1f} s   build {r['build_s']:6.1f} s   evaluate {r['evaluate_s']:6.1f} s"
-            f"   (load average at start {load:.1f})",
+            f"{busy}   (load average at start {load:.1f})",
             flush=True,
         )
     one, two = results["ray, 1 worker"], results["ray, 2 workers"]

@@ -383,6 +383,7 @@ class _RayRun:
         self.nodes_used: set[str] = set()
         self.times: dict[str, float] = {}
         self.stored_chunks = 0
+        self.chunk_task_s = 0.0  # the chunk tasks' own run time, summed (how busy the workers were)
         self.gpu_options: dict[str, Any] = {}  # an engine runs on the GPU model it was built on
 
     # ------------------------------------------------------------------------------------------- checks
@@ -555,6 +556,8 @@ class _RayRun:
         unit.pending.discard(ref)
         if "error" in res:
             unit.errors[start] = res["error"]
+        if "began" in res:
+            self.chunk_task_s += res["ended"] - res["began"]
         self._ran(res)
         self._maybe_finish(unit)
 
@@ -608,7 +611,12 @@ class _RayRun:
             "max_retries": self.ex.max_retries,
             "retries": sum(retried.values()),
             "retried": [f"{_task_name(k)} ({n} retr{'y' if n == 1 else 'ies'})" for k, n in sorted(retried.items())],
-            "timings": {"build_s": built, "evaluate_s": total_s - built, "total_s": total_s},
+            "timings": {
+                "build_s": built,
+                "evaluate_s": total_s - built,
+                "total_s": total_s,
+                "chunk_tasks_s": self.chunk_task_s,
+            },  # fmt: skip
             **({"gpu_model": self.gpu_options["accelerator_type"]} if self.gpu_options else {}),
         }
 
