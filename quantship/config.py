@@ -260,16 +260,54 @@ class TargetSpec:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """How the calibration split is drawn and used."""
+    """How the calibration images are chosen and used.
+
+    Attributes:
+        num_images: Calibration images drawn (seeded) from the calibration source.
+        data: A separate calibration dataset (``KIND:PATH``, e.g. ``images:/data/train-subset``); None draws
+            calibration images from the evaluation data, disjoint from the evaluated ones.
+        list: A file naming the calibration images, one file name (or relative path) per line (MLPerf's
+            ``cal_image_list_option_1.txt``): calibration is drawn only from the listed files.
+    """
 
     num_images: int = 100
     seed: int = 0
     method: CalibrationMethod = CalibrationMethod.ENTROPY
     percentile: float = 99.99
     batch_size: int = 1
+    data: str | None = None
+    list: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
+        for name in ("data", "list"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
+                raise ConfigError(f"calibration {name} must be a path string, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, str(value))
+
+
+@dataclass(frozen=True)
+class InputCacheOptions:
+    """The preprocessed-input cache (``quantship.data.cache``).
+
+    Attributes:
+        enabled: False decodes every image on every pass (``--no-input-cache``).
+        path: Cache folder; None: ``inputs/`` under the project cache folder (``$QUANTSHIP_CACHE`` or
+            ``~/.cache/quantship``).
+        max_gb: Size cap; least recently used datasets are evicted beyond it (never one in use).
+    """
+
+    enabled: bool = True
+    path: Path | None = None
+    max_gb: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path).expanduser())
+        if not self.max_gb > 0:
+            raise ConfigError(f"--input-cache-max-gb must be a positive number, got {self.max_gb}")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ Every runtime is fed by this one function so that no two targets ever see differ
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 
 from quantship.config import ChannelOrder, CropMode, Interpolation, Layout, PreprocessSpec, ResizeMode
@@ -124,3 +127,85 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec, input_order: Channel
 
 def num_views(spec: PreprocessSpec) -> int:
     return {CropMode.CENTER: 1, CropMode.TEN: 10, CropMode.TWELVE: 12}[spec.crops]
+
+
+def geometry(spec: PreprocessSpec) -> dict:
+    """The part of a spec that decides the uint8 pixels of each view (resize, crop, interpolation, views);
+    normalisation, channel order and layout are applied later, on the fly."""
+    d = spec.to_dict()
+    return {k: d[k] for k in ("size", "crop_pct", "interpolation", "crops", "resize")}
+
+
+def image_views(data: bytes, spec: PreprocessSpec, source: str = "image") -> np.ndarray:
+    """Encoded image bytes -> the spec's views as one uint8 RGB array (views, H, W, 3).
+
+    The image is decoded in OpenCV's native BGR, resized and cropped (channel order does not matter to
+    either), and only the small crops are turned into RGB.
+
+    Raises:
+        DataError: The bytes are not a readable image.
+    """
+    views = np.stack(crop_views(decode_image(data, source, ChannelOrder.BGR), spec))
+    return np.ascontiguousarray(views[..., ::-1])
+
+
+@dataclass(frozen=True)
+class InputEncoding:
+    """How uint8 RGB pixels become a model's input tensor: the spec's normalisation, channel order and layout,
+    then float32, or the integer type of a quantized input (scale, zero point).
+
+    Normalisation and quantization are one table lookup per channel value (256 entries per channel, computed
+    with the very operations of :func:`normalize` and the runners' ``quantize``, so the values are the same
+    bit for bit), applied in one pass over the pixels.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: ChannelOrder
+    layout: Layout
+    dtype: str = "float32"
+    scale: float | None = None
+    zero_point: int | None = None
+
+    @classmethod
+    def of(
+        cls, spec: PreprocessSpec, dtype: object = np.float32, scale: float | None = None, zero_point: int | None = None
+    ) -> "InputEncoding":
+        dt = np.dtype(dtype)
+        quantized = dt.kind in "iu" and scale is not None
+        return cls(
+            spec.mean,
+            spec.std,
+            spec.channel_order,
+            spec.layout,
+            dt.name if quantized else "float32",
+            float(scale) if quantized else None,
+            int(zero_point or 0) if quantized else None,
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    @functools.cached_property
+    def table(self) -> np.ndarray:
+        """(1, 256, 3): the input value of every channel value, channels in the model's order."""
+        spec = PreprocessSpec(mean=self.mean, std=self.std, channel_order=self.channel_order)
+        values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+        x = normalize(values, spec, self.channel_order)  # values already in the model's channel order
+        if self.quantized:
+            info = np.iinfo(self.dtype)
+            x = np.clip(np.round(x / self.scale) + self.zero_point, info.min, info.max).astype(self.dtype)
+        return np.ascontiguousarray(x).reshape(1, 256, 3)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels (..., H, W, 3) -> the model's input (float32 or integer), in its order and layout."""
+        cv2 = _cv2()
+        shape = pixels.shape
+        flat = np.ascontiguousarray(pixels).reshape(-1, shape[-2], 3)
+        if self.channel_order is ChannelOrder.BGR:
+            flat = cv2.cvtColor(flat, cv2.COLOR_RGB2BGR)
+        x = cv2.LUT(flat, self.table).reshape(shape)
+        if self.layout is Layout.NCHW:
+            x = np.ascontiguousarray(np.moveaxis(x, -1, -3))
+        return x
