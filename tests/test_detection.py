@@ -244,7 +244,7 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
             "--calib-images",
             "20",
             "--targets",
-            "keras-fp32,tflite-fp32,tflite-int8,onnx-fp32,onnx-int8-entropy",
+            "keras-fp32,tflite-fp32,tflite-int8,onnx-fp32,qdq-int8-entropy",
             "--out",
             str(out),
         ],
@@ -257,7 +257,7 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
     assert ref["images"] == 40 and ref["mAP"] > 0.5, ref  # the detector learned the task
     assert rows["tflite-fp32"]["mAP"] == pytest.approx(ref["mAP"], abs=0.01)
     assert rows["onnx-fp32"]["mAP"] == pytest.approx(ref["mAP"], abs=0.01)
-    for t in ("tflite-int8", "onnx-int8-entropy"):
+    for t in ("tflite-int8", "qdq-int8-entropy"):
         assert abs(rows[t]["delta_mAP"]) < 0.15  # int8 stays close to fp32 on this easy task
     assert "mAP" in res.stdout and "tflite-int8" in res.stdout
     if kind == "voc2007":

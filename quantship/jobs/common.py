@@ -142,7 +142,10 @@ def artifact_fields(artifact: Artifact | None) -> dict[str, Any]:
 
 
 def target_fields(target: Target) -> dict[str, Any]:
-    return {"target": target.name, "runtime": target.spec.backend, "precision": target.spec.precision.value}
+    fields = {"target": target.name, "runtime": target.spec.backend, "precision": target.spec.precision.value}
+    if target.session_config:
+        fields["session_config"] = dict(target.session_config)
+    return fields
 
 
 @dataclass

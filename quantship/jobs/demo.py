@@ -31,10 +31,10 @@ TARGETS = (
     "tflite-int8",
     "tflite-int16x8",
     "onnx-fp32",
-    "onnx-int8-entropy",
-    "onnx-int8-max",
-    "onnx-int8-percentile",
-    "onnx-int8-mse",
+    "qdq-int8-entropy",
+    "qdq-int8-max",
+    "qdq-int8-percentile",
+    "qdq-int8-mse",
 )
 
 # photo -> (primary label, labels that count as the obvious class)
