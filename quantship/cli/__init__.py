@@ -54,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = getattr(args, "out", None)
         restore = route_native_stderr(Path(out) / "native.log" if out else cache_dir() / "native.log")
     try:
+        from quantship.cli.args import input_cache_options
+
+        if (cache_options := input_cache_options(args)) is not None:
+            from quantship.jobs.common import use_input_cache
+
+            use_input_cache(cache_options)
         return args._commands[args.command].run(args)
     except QuantshipError as exc:
         print(f"quantship {args.command}: error: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from quantship.config import CalibrationSpec, TrtOptions, parse_preprocess_overrides
+from quantship.config import CalibrationSpec, InputCacheOptions, TrtOptions, parse_preprocess_overrides
 
 
 def positive_int(text: str) -> int:
@@ -26,6 +26,16 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
@@ -86,13 +96,60 @@ def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int =
         help=f"calibration images{', disjoint from evaluation' if evaluation else ''} ({calib_default})",
     )
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
+    calibration_source(g, evaluation)
     g.add_argument(
         "--workers", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="image decoding threads"
+    )
+    input_cache(p)
+
+
+def calibration_source(g: argparse._ArgumentGroup, separate: bool = True) -> None:
+    """``--calib-data`` (commands whose ``--data`` is evaluation data) and ``--calib-list``."""
+    if separate:
+        g.add_argument(
+            "--calib-data",
+            metavar="KIND:PATH",
+            help="calibrate on this data instead of drawing from --data (then every image of --data is "
+            "evaluated), e.g. images:/data/train-subset (a folder of unlabelled images, searched recursively)",
+        )
+    g.add_argument(
+        "--calib-list",
+        metavar="FILE",
+        help="calibrate only on the files this list names, one file name (or relative path) per line, as "
+        "MLPerf's cal_image_list_option_1.txt",
     )
 
 
 def calibration(args: argparse.Namespace) -> CalibrationSpec:
-    return CalibrationSpec(num_images=args.calib_images, seed=args.calib_seed)
+    return CalibrationSpec(
+        num_images=args.calib_images,
+        seed=args.calib_seed,
+        data=getattr(args, "calib_data", None),
+        list=getattr(args, "calib_list", None),
+    )
+
+
+def input_cache(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessed-input cache (each image decoded once, for every target and run)")
+    g.add_argument(
+        "--input-cache",
+        metavar="DIR",
+        help="cache folder (default: inputs/ under ~/.cache/quantship or $QUANTSHIP_CACHE)",
+    )
+    g.add_argument("--no-input-cache", action="store_true", help="decode every image on every pass")
+    g.add_argument(
+        "--input-cache-max-gb",
+        type=positive_float,
+        default=20.0,
+        help="size cap; least recently used datasets are evicted beyond it, never one in use (20)",
+    )
+
+
+def input_cache_options(args: argparse.Namespace) -> InputCacheOptions | None:
+    """The cache options of a command that declares them (None for one that does not)."""
+    if not hasattr(args, "no_input_cache"):
+        return None
+    return InputCacheOptions(enabled=not args.no_input_cache, path=args.input_cache, max_gb=args.input_cache_max_gb)
 
 
 def runtime(p: argparse.ArgumentParser, batch: bool = True) -> None:

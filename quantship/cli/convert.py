@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         labels=args.labels,
         calib_images=args.calib_images,
         calib_seed=args.calib_seed,
+        calib_list=args.calib_list,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         threads=args.threads,
@@ -76,6 +77,7 @@ def _auto_fallback(args: argparse.Namespace) -> int:
         calib_images=args.calib_images,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
+        calib_list=args.calib_list,
     )
     result = run_sensitivity(
         setup, analyses, Path(args.out), threads=args.threads, jsonl_name="fallback.jsonl", report=False

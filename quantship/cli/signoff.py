@@ -12,6 +12,7 @@ from quantship.cli.registry import Command
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", help="plan file (YAML)")
     p.add_argument("--out", help="results folder (default runs/<plan name>)")
+    a.input_cache(p)
     a.common(p)
 
 

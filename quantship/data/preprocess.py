@@ -22,6 +22,7 @@ _CV2_INTERP = {
 }
 
 
+@functools.cache
 def _cv2():
     return lazy_import("cv2", "opencv-python-headless", "image decoding")
 
@@ -198,14 +199,34 @@ class InputEncoding:
             x = np.clip(np.round(x / self.scale) + self.zero_point, info.min, info.max).astype(self.dtype)
         return np.ascontiguousarray(x).reshape(1, 256, 3)
 
+    @functools.cached_property
+    def _lookup(self) -> tuple[str, np.ndarray]:
+        """The cheapest exact way to apply the table: none (uint8 identity), a sign flip (int8 ``v - 128``),
+        one table for every channel (treated as one channel: OpenCV's 1-channel lookup is vectorised), or one
+        per channel."""
+        t = self.table[0]
+        same = bool((t == t[:, :1]).all())
+        v = np.arange(256)
+        if same and self.dtype == "uint8" and np.array_equal(t[:, 0], v):
+            return "identity", t
+        if same and self.dtype == "int8" and np.array_equal(t[:, 0], v - 128):
+            return "flip", t
+        return ("shared", np.ascontiguousarray(t[:, 0]).reshape(1, 256)) if same else ("per-channel", self.table)
+
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 RGB pixels (..., H, W, 3) -> the model's input (float32 or integer), in its order and layout."""
         cv2 = _cv2()
         shape = pixels.shape
-        flat = np.ascontiguousarray(pixels).reshape(-1, shape[-2], 3)
+        x = np.ascontiguousarray(pixels)
         if self.channel_order is ChannelOrder.BGR:
-            flat = cv2.cvtColor(flat, cv2.COLOR_RGB2BGR)
-        x = cv2.LUT(flat, self.table).reshape(shape)
+            x = cv2.cvtColor(x.reshape(-1, shape[-2], 3), cv2.COLOR_RGB2BGR).reshape(shape)
+        how, table = self._lookup
+        if how == "flip":
+            x = np.bitwise_xor(x, np.uint8(0x80)).view(np.int8)
+        elif how == "shared":
+            x = cv2.LUT(x.reshape(-1, shape[-2] * 3), table).reshape(shape)
+        elif how == "per-channel":
+            x = cv2.LUT(x.reshape(-1, shape[-2], 3), table).reshape(shape)
         if self.layout is Layout.NCHW:
             x = np.ascontiguousarray(np.moveaxis(x, -1, -3))
         return x

@@ -9,7 +9,7 @@ from quantship.config import CalibrationMethod, PreprocessSpec
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError, DataError
 from quantship.jobs import JobResult
-from quantship.jobs.common import calibration_data, draw_calibration, load_for
+from quantship.jobs.common import calibration_data, draw_listed_calibration, load_for
 from quantship.models.loading import LoadedModel, resolve_preprocess
 
 
@@ -26,6 +26,7 @@ def run_calibrate(
     percentile: float | None = None,
     calib_images: int = 100,
     calib_seed: int = 0,
+    calib_list: str | None = None,
     preprocess_overrides: dict[str, Any] | None = None,
     workers: int = 4,
     threads: int | None = None,
@@ -44,13 +45,12 @@ def run_calibrate(
         raise ConfigError("nothing to write: give at least one of --cache, --qdq, --ranges")
     preprocess = None if model.endswith(".onnx") else resolve_preprocess(model, weights, preprocess_overrides)
     dataset = load_dataset(data, labels=labels)
+    drawn, source = draw_listed_calibration(dataset, calib_images, calib_seed, calib_list)
     out_dir = Path(qdq or cache or ranges).parent
     loaded, onnx_path, node_layers, source = _onnx_source(
         model, weights, preprocess, preprocess_overrides, out_dir, log_path
     )
-    calib = calibration_data(
-        draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers, method=method.value
-    )
+    calib = calibration_data(drawn, loaded, workers=workers, method=method.value, source=source)
     collector = collect_statistics(
         onnx_path, calib.batches(), scope="all" if (cache or ranges) else "qdq", threads=threads
     )

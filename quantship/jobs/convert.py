@@ -9,7 +9,7 @@ from quantship.config import TrtOptions
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError
 from quantship.jobs import JobResult
-from quantship.jobs.common import build_targets, calibration_data, draw_calibration, load_for
+from quantship.jobs.common import build_targets, calibration_data, draw_listed_calibration, load_for
 from quantship.manifest import Artifact
 from quantship.models.loading import resolve_preprocess
 from quantship.runtime.base import RunnerOptions
@@ -25,12 +25,14 @@ def convert_artifacts(
     labels: str | None = None,
     calib_images: int = 100,
     calib_seed: int = 0,
+    calib_list: str | None = None,
     preprocess_overrides: dict[str, Any] | None = None,
     workers: int = 4,
     threads: int | None = None,
     trt: TrtOptions = TrtOptions(),
 ) -> dict[str, Artifact | None]:
-    """Build the artifacts of ``targets`` (``data`` is read as calibration data only)."""
+    """Build the artifacts of ``targets`` (``data`` is read as calibration data only, restricted to the files
+    ``calib_list`` names when given)."""
     chosen = parse_targets(targets)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
     calibrated = needs_calibration(chosen, trt)
@@ -40,6 +42,7 @@ def convert_artifacts(
             f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)"
         )
     dataset = load_dataset(data, labels=labels) if calibrated else None
+    drawn = draw_listed_calibration(dataset, calib_images, calib_seed, calib_list) if dataset is not None else None
     loaded = load_for(model, weights, preprocess)
     ctx = BuildContext(
         loaded,
@@ -48,8 +51,8 @@ def convert_artifacts(
         trt=trt,
         log_path=Path(out_dir) / "convert.log",
     )
-    if dataset is not None:
-        ctx.calibration = calibration_data(draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers)
+    if drawn is not None:
+        ctx.calibration = calibration_data(drawn[0], loaded, workers=workers, source=drawn[1])
     try:
         return build_targets(ctx, chosen)
     finally:

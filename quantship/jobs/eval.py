@@ -5,16 +5,25 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from quantship.data.datasets import Skipped, load_dataset
+from quantship.data.datasets import Skipped
 from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import sha256_json, write_text_atomic
 from quantship.jobs import JobResult
-from quantship.jobs.common import EvaluatedTarget, build_targets, evaluate_targets, load_for, prepare_run, result_rows
+from quantship.jobs.common import (
+    EvaluatedTarget,
+    build_targets,
+    evaluate_targets,
+    load_evaluation_data,
+    load_for,
+    prepare_run,
+    result_rows,
+    run_data,
+)
 from quantship.jobs.specs import EvalSpec
 from quantship.models.loading import resolve_preprocess
 from quantship.runtime.base import RunnerOptions
-from quantship.targets import parse_targets
+from quantship.targets import needs_calibration, parse_targets
 
 
 def run_eval(spec: EvalSpec) -> JobResult:
@@ -26,14 +35,15 @@ def run_eval(spec: EvalSpec) -> JobResult:
     # Names are checked before any work: unknown targets, models or options fail at once.
     targets = parse_targets(spec.targets)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
-    dataset = load_dataset(spec.data, labels=spec.labels)
+    dataset = load_evaluation_data(spec.data, spec.labels)
+    split = run_data(dataset, spec.calibration, spec.limit, bool(needs_calibration(targets, spec.trt)))
     loaded = load_for(spec.model, spec.weights, preprocess, dataset)
     task = make_task(dataset, loaded, spec.anchors)
     out_dir = Path(spec.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     options = RunnerOptions(threads=spec.threads)
     ctx, calib, evalset = prepare_run(
-        loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt
+        loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt, split
     )
     skipped: list[Skipped] = []
     try:
@@ -44,9 +54,20 @@ def run_eval(spec: EvalSpec) -> JobResult:
     if skipped:
         write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
     evaluated = [EvaluatedTarget(t, runs[t.name].arrays, runs[t.name].latency_ms, artifacts[t.name]) for t in targets]
-    extra = {"calibration_images": len(calib), "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16]}
+    calib_info = ctx.calibration.info if ctx.calibration else {}
+    extra = {
+        "calibration_images": len(calib),
+        "calibration_source": calib_info.get("source"),
+        "calibration_list_sha256": calib_info.get("list_sha256"),
+        "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16],
+    }
     rows = result_rows(task, evaluated, loaded, evalset, skipped, extra)
-    notes = [f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"]
+    origin = f"from {calib_info['source']}" if calib_info.get("source") else ""
+    listed = f" listed in {calib_info['list']}" if calib_info.get("list") else ""
+    notes = [
+        f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"
+        f"{listed} {origin}".rstrip()
+    ]
     if skipped:
         notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
     write_results(out_dir, rows, f"quantship eval: {loaded.name} on {dataset.source}", notes, task.columns)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from quantship.data.datasets import ImageDataset, Skipped, load_dataset
+from quantship.data.datasets import ImageDataset, Skipped
 from quantship.evaluate.environment import environment
 from quantship.evaluate.loop import run_targets
 from quantship.evaluate.report import VERDICT_COLUMNS, build_report, load_results
@@ -26,13 +26,20 @@ from quantship.evaluate.tasks import Task, concat, make_task
 from quantship.evaluate.verdicts import gate_verdict
 from quantship.fileio import append_jsonl, atomic_path, read_jsonl, sha256_json, write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
-from quantship.jobs.common import load_for, prepare_run, target_fields
+from quantship.jobs.common import (
+    RunData,
+    load_evaluation_data,
+    load_for,
+    prepare_run,
+    run_data,
+    target_fields,
+)
 from quantship.jobs.specs import SignoffPlan
 from quantship.manifest import Artifact
 from quantship.models.loading import resolve_preprocess
 from quantship.progress import track
 from quantship.runtime.base import RunnerOptions
-from quantship.targets import BuildContext, Target, parse_targets
+from quantship.targets import BuildContext, Target, needs_calibration, parse_targets
 
 log = logging.getLogger("quantship")
 
@@ -163,6 +170,13 @@ def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[
     return out
 
 
+def _plan_data(plan: SignoffPlan, targets: list[Target]) -> tuple[ImageDataset, RunData]:
+    """The plan's evaluation data (refused when unlabelled) and its calibration/evaluation split, calibration
+    drawn from ``calibration: {data, list}`` when given; both checked before any model is loaded."""
+    dataset = load_evaluation_data(plan.data, plan.labels)
+    return dataset, run_data(dataset, plan.calibration, plan.limit, bool(needs_calibration(targets, plan.tensorrt)))
+
+
 def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run (or resume) the plan; returns (rows, verdicts). Rows, verdicts and the environment are written
     under ``out_dir``."""
@@ -173,7 +187,7 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
     stored = {r["unit_key"]: r for r in read_jsonl(rows_path) if "unit_key" in r}
     write_json_atomic(out_dir / "environment.json", environment())
     write_json_atomic(out_dir / "plan.json", dataclasses.asdict(plan))
-    dataset = load_dataset(plan.data, labels=plan.labels)
+    dataset, split = _plan_data(plan, targets)
     for entry in plan.models:
         keys = {t.name: unit_key(plan, entry, t.name) for t in targets}
         if all(k in stored for k in keys.values()):
@@ -192,6 +206,7 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
             RunnerOptions(threads=plan.threads),
             plan.workers,
             plan.tensorrt,
+            split,
         )
         try:
             for t in targets:
