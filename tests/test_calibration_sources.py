@@ -13,9 +13,9 @@ import pytest
 from conftest import TINY_PREPROCESS, encode, synthetic_image, write_synset_dataset
 from quantship.cli import main
 from quantship.config import CalibrationSpec
-from quantship.data.datasets import FileRead, check_disjoint, load_dataset, select_listed
+from quantship.data.datasets import FileRead, check_disjoint, file_list_hash, load_dataset, select_listed
 from quantship.errors import ConfigError, DataError
-from quantship.jobs.common import calibration_source, split_run_data
+from quantship.jobs.common import calibration_source, draw_listed_calibration, split_run_data
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +73,13 @@ def test_calibration_list_by_name_or_relative_path(folders, tmp_path):
     listing.write_text("cal_00.jpg\n")
     with pytest.raises(DataError, match="matches 2 files"):
         select_listed(load_dataset(f"images:{train}"), listing)
+    # convert / calibrate / bench: --data is calibration data, --calib-list restricts it.
+    listing.write_text("cal_00.jpg\npart1/deep/cal_01.jpg\ncal_05.jpg\n")
+    drawn, source = draw_listed_calibration(ds, 2, 0, str(listing))
+    assert len(drawn) == 2 and {Path(s.key).name for s in drawn.samples} < {"cal_00.jpg", "cal_01.jpg", "cal_05.jpg"}
+    assert source.info == {"list": str(listing), "list_sha256": file_list_hash(listing)}
+    with pytest.raises(DataError, match="3 calibration images, fewer than --calib-images 4"):
+        draw_listed_calibration(ds, 4, 0, str(listing))
     # On the evaluation data itself: listed images are calibration only, never evaluated.
     evalset = load_dataset(f"imagenet:{val}")
     names = [Path(s.key).name for s in evalset.samples]

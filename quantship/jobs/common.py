@@ -34,6 +34,11 @@ from quantship.targets import BuildContext, CalibrationData, Target, needs_calib
 
 log = logging.getLogger("quantship")
 REFERENCE_TARGET = "keras-fp32"
+# Targets evaluated side by side take turns on every batch: an ONNX Runtime session whose threads spin after
+# its run (ORT's default) only burns the cores the next target needs. Measured on 2 loaded cores,
+# tflite-fp32 + onnx-fp32 + tflite-int8 (MobileNetV2): 1.14-1.16x the sum of the bare loops with spinning,
+# 0.72-0.76x without. Scheduling only: the outputs are the same.
+SIDE_BY_SIDE_SESSION = (("session.intra_op.allow_spinning", "0"),)
 
 
 def load_for(
@@ -280,6 +285,16 @@ def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> dict[str, Art
     return artifacts
 
 
+def side_by_side(ctx: BuildContext, targets: Sequence[Target]) -> BuildContext:
+    """The context whose runners take turns on each batch: ONNX Runtime threads do not spin between runs
+    (:data:`SIDE_BY_SIDE_SESSION`) when more than one target runs."""
+    if len(targets) < 2:
+        return ctx
+    options = ctx.runner_options
+    config = options.session_config + SIDE_BY_SIDE_SESSION
+    return dataclasses.replace(ctx, runner_options=dataclasses.replace(options, session_config=config))
+
+
 def evaluate_targets(
     ctx: BuildContext,
     targets: Sequence[Target],
@@ -291,6 +306,7 @@ def evaluate_targets(
     skipped: list[Skipped] | None = None,
 ) -> dict[str, TargetRun]:
     """Run every target on the same decoded, preprocessed batches (one decode per image for all targets)."""
+    ctx = side_by_side(ctx, targets)
     runners = {t.name: t.make_runner(ctx, artifacts[t.name]) for t in targets}
     active = []
     try:
