@@ -211,3 +211,27 @@ def test_eval_with_separate_calibration_data_and_list(trained_tiny, folders, tmp
     assert main(argv) == 0
     again = [json.loads(line) for line in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
     assert [r["top1"] for r in again] == [r["top1"] for r in rows]
+
+
+def test_signoff_plan_calibration_data_and_list(folders, tmp_path):
+    from quantship.jobs.signoff import _plan_data
+    from quantship.jobs.specs import SignoffPlan
+    from quantship.targets import parse_targets
+
+    val, train = folders
+    listing = tmp_path / "cal.txt"
+    listing.write_text("cal_00.jpg\ncal_03.jpg\ncal_04.jpg\n")
+    plan = {
+        "models": ["mobilenet_v2"],
+        "targets": ["tflite-int8"],
+        "dataset": f"imagenet:{val}",
+        "gates": [{"metric": "top1", "relative": 0.99}],
+        "calibration": {"num_images": 2, "data": f"images:{train}", "list": str(listing)},
+    }
+    targets = parse_targets(["keras-fp32", "tflite-int8"])
+    dataset, split = _plan_data(SignoffPlan.from_dict(plan), targets)
+    assert len(split.evalset) == len(dataset) == 12 and len(split.calib) == 2
+    assert {Path(s.key).name for s in split.calib.samples} < {"cal_00.jpg", "cal_03.jpg", "cal_04.jpg"}
+    assert split.source.separate and split.source.info["list"] == str(listing)
+    with pytest.raises(ConfigError, match="no labels"):
+        _plan_data(SignoffPlan.from_dict({**plan, "dataset": f"images:{train}"}), targets)
