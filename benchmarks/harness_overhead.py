@@ -254,7 +254,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     task = ClassificationTask()
     warmup = calib.subset(range(args.batch))  # not evaluation images: they stay cold
     try:
-        artifacts = build_targets(ctx, targets)
+        artifacts, failures = build_targets(ctx, targets)
+        if failures:
+            raise SystemExit(f"targets failed to build: {failures}")
         from quantship.data.datasets import iter_batches
 
         x = np.concatenate([b.inputs[:, 0] for b in iter_batches(evalset, spec, 32, cache=None)])

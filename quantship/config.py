@@ -263,7 +263,12 @@ class CalibrationSpec:
     """How the calibration images are chosen and used.
 
     Attributes:
-        num_images: Calibration images drawn (seeded) from the calibration source.
+        num_images: Calibration images (disjoint from the evaluation images), drawn (seeded) from the
+            calibration source.
+        seed: Seed of the draw.
+        method: Calibration of targets whose name carries no method (``trt-int8-qdq``); None: their default.
+        percentile: The percentile of the ``percentile`` method.
+        batch_size: Batch size of the calibration passes (and of TensorRT's calibrator).
         data: A separate calibration dataset (``KIND:PATH``, e.g. ``images:/data/train-subset``); None draws
             calibration images from the evaluation data, disjoint from the evaluated ones.
         list: A file naming the calibration images, one file name (or relative path) per line (MLPerf's
@@ -272,14 +277,17 @@ class CalibrationSpec:
 
     num_images: int = 100
     seed: int = 0
-    method: CalibrationMethod = CalibrationMethod.ENTROPY
+    method: CalibrationMethod | None = None
     percentile: float = 99.99
-    batch_size: int = 1
+    batch_size: int = 8
     data: str | None = None
     list: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
+        if self.method is not None:
+            object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"calibration percentile must be in (0, 100], got {self.percentile}")
         for name in ("data", "list"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
@@ -374,12 +382,16 @@ class Gate:
 
     Exactly one of ``relative`` (target >= relative * reference, e.g. 0.99) and ``max_drop_points``
     (reference - target <= N percentage points) is set. ``targets`` holds glob patterns (default: all).
+    ``decision``: ``point`` judges the point value over the whole set (as MLPerf does); ``interval`` passes only
+    when the whole confidence interval clears the gate, fails when it misses it entirely and is otherwise
+    INCONCLUSIVE.
     """
 
     metric: str = "top1"
     relative: float | None = None
     max_drop_points: float | None = None
     targets: tuple[str, ...] = ("*",)
+    decision: str = "point"
 
     def __post_init__(self) -> None:
         if (self.relative is None) == (self.max_drop_points is None):
@@ -392,6 +404,8 @@ class Gate:
             )
         if self.max_drop_points is not None and self.max_drop_points < 0:
             raise ConfigError(f"gate on {self.metric}: max_drop_points must not be negative")
+        if self.decision not in ("point", "interval"):
+            raise ConfigError(f"gate on {self.metric}: decision must be 'point' or 'interval', got '{self.decision}'")
 
     @classmethod
     def parse(cls, text: str) -> "Gate":
@@ -432,6 +446,11 @@ class Gate:
     @property
     def kind(self) -> str:
         return "relative" if self.relative is not None else "drop_points"
+
+    @property
+    def threshold(self) -> float:
+        """The gated quantity (:meth:`value`) clears the gate when it is >= this."""
+        return float(self.relative) if self.relative is not None else -float(self.max_drop_points)
 
     def describe(self) -> str:
         if self.relative is not None:

@@ -27,11 +27,14 @@ from quantship.runtime.registry import get_runtime
 
 @dataclass
 class CalibrationData:
-    """The calibration batches of a run (a callable, so they are decoded only when a target needs them) and
-    what identifies them in manifests (count, data hash, source)."""
+    """The calibration batches of a run (a callable, so they are decoded only when a target needs them), what
+    identifies them in manifests (count, data hash, source), the percentile of the percentile method and the
+    batch size of TensorRT's calibrator."""
 
     batches: Callable[[], list[np.ndarray]]
     info: dict[str, Any]
+    percentile: float | None = None
+    batch_size: int = 8
 
 
 @dataclass
@@ -225,22 +228,27 @@ def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
     fp32 = _onnx_export(ctx)
     path = ctx.artifact_path(spec, ".onnx")
+    batches = ctx.calibration_batches(spec.name)
+    percentile = ctx.calibration.percentile if spec.calibration is CalibrationMethod.PERCENTILE else None
     manifest = {
         **ctx.base_manifest(spec),
         "source_onnx_sha256": fp32.manifest["sha256"],
         "calibration_method": spec.calibration.value,
+        "calibration_percentile": percentile,
         "runtime_session_config": dict(get_target(spec.name).session_config),
     }
     build_key = sha256_json(manifest)
     if (existing := load_reusable(path, build_key)) is not None:
         return existing
-    batches = ctx.calibration_batches(spec.name)
     # One statistics pass serves every calibration method of the run.
     collector = ctx.shared(
         "onnx-stats", lambda: collect_statistics(fp32.path, batches(), scope="qdq", threads=ctx.runner_options.threads)
     )
     write_outputs(
-        calibrate(collector, spec.calibration), fp32.path, qdq=path, manifest={**manifest, "build_key": build_key}
+        calibrate(collector, spec.calibration, percentile),
+        fp32.path,
+        qdq=path,
+        manifest={**manifest, "build_key": build_key},
     )
     return load_reusable(path, build_key)
 
@@ -301,6 +309,7 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
         workspace_mb=opts.workspace_mb,
         timing_cache=opts.timing_cache,
         calibration_cache=cache,
+        calibration_batch=ctx.calibration.batch_size if ctx.calibration else 8,
     )
     feed = ctx.calibration.batches() if (implicit and ctx.calibration is not None) else None
     manifest = {

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.model(p, required=False)
     a.data(p, required=False, evaluation=False)
     a.targets(p, "tflite-fp32,tflite-fp16,tflite-int8")
-    p.add_argument("--threads", type=a.positive_int, help="CPU threads (LiteRT / ONNX Runtime)")
+    a.runtime(p, batch=False)
     p.add_argument(
         "--mobile",
         action="store_true",
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         min_queries=args.min_queries,
         min_seconds=args.min_seconds,
         cuda_graph=args.trt_cuda_graph,
+        providers=args.ort_providers,
     )
     print(result.text)
     return result.exit_code

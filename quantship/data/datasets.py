@@ -139,13 +139,6 @@ class ImageDataset:
         """(size, mtime) of each sample's file, read once per listing."""
         return [self.origin.stat(p) for p in self.positions()]
 
-    def files_hash(self) -> str:
-        """Hash of these samples' keys, sizes and mtimes: changes when any of their files does."""
-        h = hashlib.sha256()
-        for s, (size, mtime) in zip(self.samples, self.stats()):
-            h.update(f"{s.key}\0{size}\0{mtime}\n".encode())
-        return h.hexdigest()[:16]
-
     def keys_hash(self) -> str:
         """Hash of the sample keys: identifies exactly which images a result or calibration used."""
         h = hashlib.sha256()
@@ -153,6 +146,33 @@ class ImageDataset:
             h.update(s.key.encode())
             h.update(b"\0")
         return h.hexdigest()[:16]
+
+    def listing_hash(self) -> str:
+        """Hash of what the images are, without reading them: each key with its file's size and modification
+        time (the container file's, for images stored inside one), and each label's value. A replaced image
+        or an edited ground truth changes it."""
+        h = hashlib.sha256()
+        stats: dict[str, tuple[int, int]] = {}
+        for s in self.samples:
+            path = s.key.split("#", 1)[0]
+            if path not in stats:
+                try:
+                    st = os.stat(path)
+                    stats[path] = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    stats[path] = (-1, -1)
+            h.update(f"{s.key}\0{stats[path][0]}\0{stats[path][1]}\0{_label_digest(s.label)}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _label_digest(label: Any) -> str:
+    if isinstance(label, dict):
+        return hashlib.sha256(
+            repr(
+                sorted((k, np.asarray(v).tobytes() if isinstance(v, np.ndarray) else v) for k, v in label.items())
+            ).encode()
+        ).hexdigest()[:16]
+    return repr(label)
 
 
 DatasetLoader = Callable[..., ImageDataset]

@@ -48,6 +48,7 @@ class BenchConfig:
     min_seconds: float = 5.0
     batch_sizes: tuple[int, ...] = (1,)
     cuda_graph: bool = False
+    providers: tuple[str, ...] = ("cpu",)
 
     def __post_init__(self) -> None:
         runtime_for_artifact(self.artifact)  # a file no runtime runs: say so now, not in the worker
@@ -74,9 +75,8 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         os.sched_setaffinity(0, set(cfg.cores))
     t0 = time.perf_counter()
     runtime = runtime_for_artifact(cfg.artifact)
-    runner = make_runner(
-        cfg.artifact, RunnerOptions(threads=cfg.threads, cuda_graph=cfg.cuda_graph), cfg.target or None
-    )
+    options = RunnerOptions(threads=cfg.threads, providers=cfg.providers, cuda_graph=cfg.cuda_graph)
+    runner = make_runner(cfg.artifact, options, cfg.target or None)
     runner.activate()
     init_ms = (time.perf_counter() - t0) * 1e3
     row: dict[str, Any] = {
@@ -85,6 +85,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         "runtime": runtime.name,
         "timing": runtime.timing,
         "threads": cfg.threads,
+        "providers": runner.active_providers if runtime.name == "onnx" else None,
         "cores": list(cfg.cores) if cfg.cores else None,
         "file_size_bytes": Path(cfg.artifact).stat().st_size,
         "init_ms": init_ms,
@@ -173,7 +174,7 @@ def mobile_profile(
 
 def _worker() -> None:
     cfg_dict = json.loads(sys.stdin.read())
-    for key in ("cores", "batch_sizes"):
+    for key in ("cores", "batch_sizes", "providers"):
         if cfg_dict.get(key) is not None:
             cfg_dict[key] = tuple(cfg_dict[key])
     print(json.dumps(run_config(BenchConfig(**cfg_dict))))

@@ -15,6 +15,7 @@ import numpy as np
 from quantship.config import PreprocessSpec
 from quantship.data.datasets import Batch, ImageDataset, Skipped, iter_batches
 from quantship.data.preprocess import InputEncoding
+from quantship.errors import QuantshipError
 from quantship.evaluate.tasks import Arrays, Task, concat
 from quantship.progress import track
 from quantship.runtime.base import Runner, TensorMeta, dequantize
@@ -28,6 +29,7 @@ class TargetRun:
     parts: list[Arrays] = field(default_factory=list)
     seconds: float = 0.0  # runtime time over the timed batches
     timed_images: int = 0
+    error: str | None = None  # why the target stopped (its runner failed); the others go on
 
     @property
     def arrays(self) -> Arrays:
@@ -61,14 +63,20 @@ def run_targets(
     """
     runs = {name: TargetRun(name) for name in runners}
     feeds = {name: InputFeed.of(runner, preprocess) for name, runner in runners.items()}
+    live = dict(runners)
     n_batches = (len(dataset) + batch_size - 1) // batch_size
     batches = iter_batches(dataset, preprocess, batch_size, workers, skipped)
     for i, batch in enumerate(track(batches, total=n_batches, desc=desc)):
         b = len(batch.keys)
         timed = i >= warmup_batches or n_batches == 1
-        for name, runner in runners.items():
-            out = feeds[name].run(runner, batch)
+        for name, runner in list(live.items()):
             run = runs[name]
+            try:
+                out = feeds[name].run(runner, batch)
+            except QuantshipError as exc:  # one failing runtime does not take the others down
+                run.error = str(exc)
+                del live[name]
+                continue
             if timed:
                 run.seconds += runner.last_inference_time or 0.0
                 run.timed_images += b

@@ -27,14 +27,16 @@ def run_bench(
     min_queries: int = 200,
     min_seconds: float = 5.0,
     cuda_graph: bool = False,
+    providers: Sequence[str] = ("cpu",),
 ) -> JobResult:
     """Benchmark artifact files, and the artifacts of ``model``'s targets built first with ``convert``
     (the keyword arguments of :func:`quantship.jobs.convert.convert_artifacts`)."""
     named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in artifacts]
+    failures: dict[str, str] = {}
     if model:
         from quantship.jobs.convert import convert_artifacts
 
-        built = convert_artifacts(model, out_dir=Path(out), threads=threads, **(convert or {}))
+        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **(convert or {}))
         named += [(name, str(a.path)) for name, a in built.items() if a is not None]
     if not named:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
@@ -44,6 +46,7 @@ def run_bench(
         min_seconds=min_seconds,
         batch_sizes=tuple(batch_sizes),
         cuda_graph=cuda_graph,
+        providers=tuple(providers),
     )
     configs = []
     for name, path in named:
@@ -70,5 +73,6 @@ def run_bench(
                 f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H "
                 f"{r['d2h_ms_mean']:.3f} ms"
             )
+    lines += [f"FAILED {name}: {error}" for name, error in failures.items()]
     lines.append(f"results: {out / 'bench.jsonl'}")
-    return JobResult(rows, lines)
+    return JobResult(rows, lines, 1 if failures else 0)

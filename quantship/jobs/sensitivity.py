@@ -652,16 +652,17 @@ def run_sensitivity(
 
     from quantship.evaluate.report import build_report
     from quantship.evaluate.results import text_table
-    from quantship.fileio import write_text_atomic
+    from quantship.fileio import FolderLock, write_text_atomic
     from quantship.jobs import JobResult
 
     out = Path(out)
     lines: list[str] = []
-    setup = prepare(**setup_args, work=out, threads=threads)
-    try:
-        rows, result = run_analyses(setup, analyses, threads=threads, print_fn=note)
-    finally:
-        setup.close()
+    with FolderLock(out, f"quantship sensitivity {setup_args.get('model')}"):
+        setup = prepare(**setup_args, work=out, threads=threads)
+        try:
+            rows, result = run_analyses(setup, analyses, threads=threads, print_fn=note)
+        finally:
+            setup.close()
     write_text_atomic(out / jsonl_name, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
     single = [r for r in rows if r["kind"] == "single"]
     if single:
