@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
-from quantship.config import CalibrationSpec, InputCacheOptions, TrtOptions, parse_preprocess_overrides
+from quantship.config import (
+    CalibrationSpec,
+    InputCacheOptions,
+    PreprocessSpec,
+    TrtOptions,
+    parse_preprocess_overrides,
+)
+from quantship.errors import ConfigError
+from quantship.fileio import check_output_dir
 
 
 def positive_int(text: str) -> int:
@@ -73,10 +82,18 @@ def model(p: argparse.ArgumentParser, required: bool = True) -> None:
         "interpolation=bilinear|bicubic|area, mean=a/b/c, std=a/b/c, channel_order=rgb|bgr, layout=nhwc|nchw, "
         "crops=center|10crop|12crop",
     )
+    g.add_argument(
+        "--trust-savedmodel",
+        action="store_true",
+        help="allow a SavedModel folder as --model/--weights: loading one runs the operations of its graph, so "
+        "use it only for files you trust",
+    )
 
 
 def preprocess(args: argparse.Namespace) -> dict[str, Any]:
-    return parse_preprocess_overrides(getattr(args, "preprocess", None))
+    overrides = parse_preprocess_overrides(getattr(args, "preprocess", None))
+    PreprocessSpec().with_overrides(**overrides)  # every value checked now, before any work
+    return overrides
 
 
 def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int = 100, evaluation: bool = True) -> None:
@@ -87,6 +104,12 @@ def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int =
         help="KIND:PATH, e.g. imagenet:/data/imagenet/val" + ("" if evaluation else " (calibration data)"),
     )
     g.add_argument("--labels", help="ground-truth file for a flat image folder (found in the folder by default)")
+    g.add_argument(
+        "--allow-missing-images",
+        action="store_true",
+        help="evaluate the images present when the ground truth lists files the folder lacks (counted in the "
+        "results as missing_images); by default that is an error",
+    )
     if evaluation:
         g.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     g.add_argument(
@@ -211,3 +234,17 @@ def trt_options(args: argparse.Namespace) -> TrtOptions:
         qdq_method=args.trt_qdq_method,
         cuda_graph=args.trt_cuda_graph,
     )
+
+
+def check_output_file(option: str, value: str | None) -> None:
+    """An output file option (``--qdq FILE``): its folder must be writable and the path must not be a folder.
+
+    Raises:
+        ConfigError: Naming the option and what to do.
+    """
+    if not value:
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    check_output_dir(path.parent, option)

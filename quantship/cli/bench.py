@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         trt=a.trt_options(args),
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     result = run_bench(
         Path(args.out),

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from quantship.jobs.calibrate import run_calibrate
 
+    for option, value in (("--cache", args.cache), ("--qdq", args.qdq), ("--ranges", args.ranges)):
+        a.check_output_file(option, value)
+
     result = run_calibrate(
         model=args.model,
         weights=args.weights,
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         trt_version=args.trt_version,
         log_path=Path(args.out) / "convert.log",
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     print(result.text)
     return result.exit_code

@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         threads=args.threads,
         trt=a.trt_options(args),
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     print(result.text)
     return result.exit_code
@@ -78,6 +80,8 @@ def _auto_fallback(args: argparse.Namespace) -> int:
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         calib_list=args.calib_list,
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     result = run_sensitivity(
         setup, analyses, Path(args.out), threads=args.threads, jsonl_name="fallback.jsonl", report=False

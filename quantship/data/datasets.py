@@ -177,15 +177,19 @@ def _label_digest(label: Any) -> str:
 
 DatasetLoader = Callable[..., ImageDataset]
 _DATASETS: dict[str, DatasetLoader] = {}
+_TASKS: dict[str, str] = {}
 _UNLABELLED: set[str] = set()
 
 
-def register_dataset(kind: str, labelled: bool = True) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Decorator: register a loader for ``--data KIND:PATH`` (``labelled=False``: data without ground truth,
-    usable only where labels are not needed, i.e. calibration)."""
+def register_dataset(
+    kind: str, task: str = "classification", labelled: bool = True
+) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: register a loader for ``--data KIND:PATH`` whose datasets have ``task`` (``labelled=False``:
+    data without ground truth, usable only where labels are not needed, i.e. calibration)."""
 
     def deco(fn: DatasetLoader) -> DatasetLoader:
         _DATASETS[kind] = fn
+        _TASKS[kind] = task
         if not labelled:
             _UNLABELLED.add(kind)
         return fn
@@ -193,21 +197,34 @@ def register_dataset(kind: str, labelled: bool = True) -> Callable[[DatasetLoade
     return deco
 
 
-def _kinds() -> dict[str, DatasetLoader]:
+def _kind(spec: str, option: str = "--data") -> str:
     from quantship.data import detection, imagenet, images  # noqa: F401  (registers loaders)
 
-    return _DATASETS
-
-
-def load_dataset(spec: str, option: str = "--data", **kwargs: Any) -> ImageDataset:
-    """Open ``KIND:PATH`` (e.g. ``imagenet:/data/val``) with the registered loader."""
-    kinds = _kinds()
     kind, sep, path = spec.partition(":")
     if not sep or not path:
         raise ConfigError(f"{option} must look like KIND:PATH (e.g. imagenet:/data/val), got '{spec}'")
-    if kind not in kinds:
-        raise ConfigError(f"{option}: unknown dataset kind '{kind}'; known: {', '.join(sorted(kinds))}")
-    return kinds[kind](Path(path).expanduser(), **kwargs)
+    if kind not in _DATASETS:
+        raise ConfigError(f"{option}: unknown dataset kind '{kind}'; known: {', '.join(sorted(_DATASETS))}")
+    return kind
+
+
+def dataset_task(spec: str) -> str:
+    """The task of the data ``KIND:PATH`` names, without opening it (for checks before any work)."""
+    return _TASKS[_kind(spec)]
+
+
+def load_dataset(spec: str, allow_missing_images: bool = False, option: str = "--data", **kwargs: Any) -> ImageDataset:
+    """Open ``KIND:PATH`` (e.g. ``imagenet:/data/val``) with the registered loader.
+
+    Args:
+        allow_missing_images: Evaluate the images present when the ground truth lists files that are missing
+            (the loader records how many in ``meta['missing_images']``); by default that is an error.
+        option: The option that named the data, for messages (``--data``, ``--calib-data``).
+    """
+    kind = _kind(spec, option)
+    if allow_missing_images:
+        kwargs["allow_missing_images"] = True
+    return _DATASETS[kind](Path(spec.partition(":")[2]).expanduser(), **kwargs)
 
 
 def require_labelled(spec: str, option: str = "--data") -> None:
@@ -216,8 +233,7 @@ def require_labelled(spec: str, option: str = "--data") -> None:
     Raises:
         ConfigError: ``spec`` is of a kind registered as unlabelled (``images:``).
     """
-    kind = str(spec).partition(":")[0]
-    _kinds()
+    kind = _kind(spec, option)
     if kind in _UNLABELLED:
         raise ConfigError(
             f"{option} {spec}: '{kind}:' data has no labels, so it can only be calibration data (--calib-data "

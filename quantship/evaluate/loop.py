@@ -29,6 +29,7 @@ class TargetRun:
     parts: list[Arrays] = field(default_factory=list)
     seconds: float = 0.0  # runtime time over the timed batches
     timed_images: int = 0
+    nonfinite_images: int = 0  # images whose outputs hold NaN or inf (scored as wrong, never as class 0)
     error: str | None = None  # why the target stopped (its runner failed); the others go on
 
     @property
@@ -77,6 +78,7 @@ def run_targets(
                 run.error = str(exc)
                 del live[name]
                 continue
+            run.nonfinite_images += int(nonfinite_images(out, b).sum())
             if timed:
                 run.seconds += runner.last_inference_time or 0.0
                 run.timed_images += b
@@ -112,6 +114,14 @@ class InputFeed:
         name, y = next(iter(outputs.items()))
         meta = next((m for m in self.outputs if m.name == name), None)
         return dequantize(y, meta) if meta is not None and meta.quantized else y
+
+
+def nonfinite_images(outputs: np.ndarray, images: int) -> np.ndarray:
+    """Per image (of ``images``, each with its views), whether any of its outputs is NaN or inf."""
+    out = np.asarray(outputs)
+    if out.dtype.kind not in "fc" or not images:
+        return np.zeros(images, bool)
+    return ~np.isfinite(out.reshape(images, -1)).all(axis=1)
 
 
 def first_output(outputs: Mapping[str, np.ndarray]) -> np.ndarray:

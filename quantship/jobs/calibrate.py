@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from quantship.config import CalibrationMethod, PreprocessSpec
 from quantship.data.datasets import load_dataset
-from quantship.errors import ConfigError, DataError
+from quantship.errors import ConfigError, DataError, ModelLoadError
 from quantship.jobs import JobResult
 from quantship.jobs.common import calibration_data, draw_listed_calibration, load_for
 from quantship.models.loading import LoadedModel, resolve_preprocess
@@ -32,6 +32,8 @@ def run_calibrate(
     threads: int | None = None,
     trt_version: str | None = None,
     log_path: Path | None = None,
+    allow_missing_images: bool = False,
+    trust_savedmodel: bool = False,
 ) -> JobResult:
     """``model`` may be a registry name or Keras file (exported to ONNX with tf2onnx first), or an ``.onnx`` file
     (then ``--preprocess`` describes its input)."""
@@ -44,13 +46,13 @@ def run_calibrate(
     if not (cache or qdq or ranges):
         raise ConfigError("nothing to write: give at least one of --cache, --qdq, --ranges")
     preprocess = None if model.endswith(".onnx") else resolve_preprocess(model, weights, preprocess_overrides)
-    dataset = load_dataset(data, labels=labels)
-    drawn, source = draw_listed_calibration(dataset, calib_images, calib_seed, calib_list)
+    dataset = load_dataset(data, labels=labels, allow_missing_images=allow_missing_images)
+    drawn, calib_source = draw_listed_calibration(dataset, calib_images, calib_seed, calib_list)
     out_dir = Path(qdq or cache or ranges).parent
     loaded, onnx_path, node_layers, source = _onnx_source(
-        model, weights, preprocess, preprocess_overrides, out_dir, log_path
+        model, weights, preprocess, preprocess_overrides, out_dir, log_path, trust_savedmodel
     )
-    calib = calibration_data(drawn, loaded, workers=workers, method=method.value, source=source)
+    calib = calibration_data(drawn, loaded, workers=workers, method=method.value, source=calib_source)
     collector = collect_statistics(
         onnx_path, calib.batches(), scope="all" if (cache or ranges) else "qdq", threads=threads
     )
@@ -92,6 +94,7 @@ def _onnx_source(
     overrides: dict[str, Any] | None,
     out_dir: Path,
     log_path: Path | None,
+    trust_savedmodel: bool = False,
 ) -> tuple[LoadedModel, Path, dict[str, str], dict[str, Any]]:
     """The float ONNX model to calibrate: the ``.onnx`` file given, or the tf2onnx export of the Keras model (with
     its node -> Keras layer map, so ``--exclude`` can name Keras layers)."""
@@ -101,15 +104,38 @@ def _onnx_source(
             raise DataError(f"ONNX model not found: {onnx_path}")
         if not overrides:
             raise ConfigError("an ONNX model needs --preprocess to describe its input (e.g. mode=tf,size=224)")
+        _check_onnx(onnx_path)
         loaded = LoadedModel(onnx_path.stem, None, PreprocessSpec().with_overrides(**overrides), str(onnx_path), "")
         return loaded, onnx_path, {}, {"onnx": str(onnx_path)}
     import onnx
 
     from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
 
-    loaded = load_for(model, weights, preprocess)
+    loaded = load_for(model, weights, preprocess, trust_savedmodel=trust_savedmodel)
     onnx_path = out_dir / f"{loaded.name}-fp32.onnx"
     manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights, "weights_sha256": loaded.weights_hash}}
     convert_to_onnx(loaded.model, onnx_path, manifest=manifest, log_path=log_path)
     node_layers = onnx_node_layers(onnx.load(str(onnx_path)), loaded.model)
     return loaded, onnx_path, node_layers, {"onnx": str(onnx_path), "weights": loaded.weights}
+
+
+def _check_onnx(path: Path) -> None:
+    """Refuse a file that is not a valid ONNX model before any calibration work.
+
+    Raises:
+        ModelLoadError: Naming the file and what the ONNX checker says.
+    """
+    from quantship.lazy import lazy_import
+
+    onnx = lazy_import("onnx")
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001 - protobuf and the checker raise many types
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = lines[0][:200] if lines else type(exc).__name__
+        raise ModelLoadError(
+            f"{path}: not a valid ONNX model ({why}); give a .onnx file exported by tf2onnx or torch"
+        ) from None
+    if not proto.graph.input or not proto.graph.output:
+        raise ModelLoadError(f"{path}: the ONNX graph has no inputs or outputs")

@@ -50,13 +50,17 @@ SIDE_BY_SIDE_SESSION = (("session.intra_op.allow_spinning", "0"),)
 
 
 def load_for(
-    model: str, weights: str | None, preprocess: PreprocessSpec, dataset: ImageDataset | None = None
+    model: str,
+    weights: str | None,
+    preprocess: PreprocessSpec,
+    dataset: ImageDataset | None = None,
+    trust_savedmodel: bool = False,
 ) -> LoadedModel:
     """Load ``model`` with its (resolved) preprocessing; a detection registry model gets the dataset's classes."""
     num_classes = None
     if dataset is not None and dataset.task == "detection" and not is_model_file(model):
         num_classes = len(dataset.meta["classes"]) + 1
-    return load_model(model, weights, preprocess, num_classes=num_classes)
+    return load_model(model, weights, preprocess, num_classes=num_classes, trust_savedmodel=trust_savedmodel)
 
 
 def use_input_cache(options: InputCacheOptions) -> None:
@@ -67,14 +71,14 @@ def use_input_cache(options: InputCacheOptions) -> None:
     configure(options)
 
 
-def load_evaluation_data(data: str, labels: str | None = None) -> ImageDataset:
+def load_evaluation_data(data: str, labels: str | None = None, allow_missing_images: bool = False) -> ImageDataset:
     """The evaluation dataset; data without labels (``images:``) is refused before it is read.
 
     Raises:
         ConfigError: Unlabelled data kind. DataError: Missing or malformed data.
     """
     require_labelled(data)
-    return load_dataset(data, labels=labels)
+    return load_dataset(data, labels=labels, allow_missing_images=allow_missing_images)
 
 
 @dataclass
@@ -424,6 +428,8 @@ def evaluated_rows(
                 "status": "ok",
                 "images": task.count(a),
                 "skipped": len(skipped),
+                "missing_images": dataset.meta.get("missing_images", 0),
+                "nonfinite_images": runs[t.name].nonfinite_images,
                 **task.row(metrics[t.name], metrics[ref]),
                 "reference": ref,
                 **task.agreement(a, arrays[ref]),
@@ -438,6 +444,32 @@ def evaluated_rows(
             }
         )
     return rows
+
+
+def nonfinite_error(rows: Sequence[dict[str, Any]], allowed: bool, option: str = "--allow-nonfinite") -> str | None:
+    """One line naming the targets whose outputs held NaN or inf on some images (None when there are none, or
+    when the user allowed them): such a target's numbers are not a measurement of the model."""
+    bad = [r for r in rows if r.get("nonfinite_images")]
+    if not bad or allowed:
+        return None
+    what = ", ".join(f"{r.get('model', '')} {r['target']} ({r['nonfinite_images']} of {r['images']})" for r in bad)
+    return (
+        f"error: NaN or inf outputs on some images (scored as wrong) from: {what}; the model or its conversion is "
+        f"broken. Pass {option} to accept such a result"
+    )
+
+
+def check_readable(evaluated: int, skipped: Sequence[Skipped]) -> None:
+    """Refuse a run in which no image could be read: its metrics would be NaN over 0 images.
+
+    Raises:
+        DataError: Naming the first unreadable image and why.
+    """
+    if evaluated == 0 and skipped:
+        raise DataError(
+            f"none of the {len(skipped)} evaluation images could be read (e.g. {skipped[0].key}: {skipped[0].reason}); "
+            "they are listed in skipped.txt"
+        )
 
 
 def failure_lines(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -31,6 +31,8 @@ def convert_artifacts(
     workers: int = 4,
     threads: int | None = None,
     trt: TrtOptions = TrtOptions(),
+    allow_missing_images: bool = False,
+    trust_savedmodel: bool = False,
 ) -> tuple[dict[str, Artifact | None], dict[str, str]]:
     """Build the artifacts of ``targets`` (``data`` is read as calibration data only, restricted to the files
     ``calib_list`` names when given); returns the artifacts and an error message per target that failed to
@@ -43,9 +45,9 @@ def convert_artifacts(
         raise ConfigError(
             f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)"
         )
-    dataset = load_dataset(data, labels=labels) if calibrated else None
+    dataset = load_dataset(data, labels=labels, allow_missing_images=allow_missing_images) if calibrated else None
     drawn = draw_listed_calibration(dataset, calib_images, calib_seed, calib_list) if dataset is not None else None
-    loaded = load_for(model, weights, preprocess)
+    loaded = load_for(model, weights, preprocess, trust_savedmodel=trust_savedmodel)
     ctx = BuildContext(
         loaded,
         Path(out_dir),

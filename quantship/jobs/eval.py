@@ -12,11 +12,13 @@ from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.jobs.common import (
     build_targets,
+    check_readable,
     evaluate_targets,
     evaluated_rows,
     failure_lines,
     load_evaluation_data,
     load_for,
+    nonfinite_error,
     prepare_run,
     run_data,
 )
@@ -38,9 +40,9 @@ def run_eval(spec: EvalSpec) -> JobResult:
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out_dir = Path(spec.out_dir)
     with FolderLock(out_dir, f"quantship eval {spec.model}"):
-        dataset = load_evaluation_data(spec.data, spec.labels)
+        dataset = load_evaluation_data(spec.data, spec.labels, spec.allow_missing_images)
         split = run_data(dataset, spec.calibration, spec.limit, bool(needs_calibration(targets, spec.trt)))
-        loaded = load_for(spec.model, spec.weights, preprocess, dataset)
+        loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
         task = make_task(dataset, loaded, spec.anchors)
         options = RunnerOptions(threads=spec.threads, providers=spec.providers)
         ctx, calib, evalset = prepare_run(
@@ -55,6 +57,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
             ctx.close()
         if skipped:
             write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
+        check_readable(len(evalset) - len(skipped), skipped)
         calib_info = ctx.calibration.info if ctx.calibration else {}
         extra = {
             "calibration_images": len(calib),
@@ -78,7 +81,14 @@ def run_eval(spec: EvalSpec) -> JobResult:
         f"{len(evalset)} images, {len(calib)} calibration images"
         + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else "")
     )
+    if dataset.meta.get("missing_images"):
+        lines.append(
+            f"{dataset.meta['missing_images']} image(s) listed in the ground truth are missing (not evaluated)"
+        )
     failed = failure_lines(rows)
     lines += failed
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
-    return JobResult(rows, lines, 1 if failed else 0)
+    nonfinite = nonfinite_error(rows, spec.allow_nonfinite)
+    if nonfinite:
+        lines.append(nonfinite)
+    return JobResult(rows, lines, 1 if failed or nonfinite else 0)

@@ -156,11 +156,10 @@ class TfliteBackend:
             floats |= set(self.layers) - set(only)
         spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)))
         data = self.converter.convert(spec, self.calibration)
-        import tempfile
-        from pathlib import Path
+        from quantship.fileio import temp_dir
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "m.tflite"
+        with temp_dir(self.converter.work_dir, "sensitivity") as tmp:
+            path = tmp / "m.tflite"
             path.write_bytes(data)
             with make_runner(path, RunnerOptions(threads=self.threads)) as r:
                 return runner_outputs(r, x)
@@ -408,7 +407,7 @@ class SensitivitySetup:
         from quantship.convert.tflite import TfliteConverter
 
         if not hasattr(self, "_converter"):
-            self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log")
+            self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log", work_dir=self.work)
         return TfliteBackend(self._converter, self.calib_batches, self.threads)
 
     def close(self) -> None:
@@ -429,6 +428,8 @@ def prepare(
     threads: int | None = None,
     workers: int = 4,
     anchors: str | None = None,
+    allow_missing_images: bool = False,
+    trust_savedmodel: bool = False,
     calib_data: str | None = None,
     calib_list: str | None = None,
 ) -> SensitivitySetup:
@@ -456,7 +457,7 @@ def prepare(
 
     work = Path(work)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
-    dataset = load_evaluation_data(data, labels)
+    dataset = load_evaluation_data(data, labels, allow_missing_images)
     calibration = CalibrationSpec(num_images=calib_images, seed=seed, data=calib_data, list=calib_list)
     source = calibration_source(calibration, dataset)
     if source.pool is None:
@@ -465,13 +466,17 @@ def prepare(
         )
     else:
         calib, held_set = split_run_data(dataset, calibration, source, images, needed=True)
-    loaded = load_for(model, weights, preprocess, dataset)
+    loaded = load_for(model, weights, preprocess, dataset, trust_savedmodel=trust_savedmodel)
     task = make_task(dataset, loaded, anchors)
     xs, ys, keys = [], [], []
     for b in iter_batches(held_set, loaded.preprocess.with_overrides(crops="center"), 32, workers):
         xs.append(b.inputs[:, 0])
         ys += list(b.labels)
         keys += list(b.keys)
+    if not xs:
+        from quantship.errors import DataError
+
+        raise DataError(f"{dataset.source}: none of the {len(held_set)} held-out images could be read")
     x = np.concatenate(xs)
     reference = _predict(loaded.model, x)
     manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights}}

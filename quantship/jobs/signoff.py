@@ -45,6 +45,7 @@ from quantship.jobs.common import (
     RunData,
     load_evaluation_data,
     load_for,
+    nonfinite_error,
     prepare_run,
     remove_artifact,
     run_data,
@@ -202,6 +203,7 @@ def _evaluate_unit(
                     **(run.arrays or task.empty()),
                     "seconds": np.asarray([run.seconds]),
                     "timed_images": np.asarray([run.timed_images]),
+                    "nonfinite_images": np.asarray([run.nonfinite_images]),
                     "skipped": np.asarray([s.key for s in skipped], dtype=str),
                 },
             )
@@ -236,6 +238,7 @@ def _unit_row(
         "task": task.name,
         "images": task.count(d),
         "skipped": int(d["skipped"].size),
+        "nonfinite_images": int(d["nonfinite_images"].sum()) if "nonfinite_images" in d else 0,
         **task.fields(task.evaluate(d, d["keys"])),
         "latency_ms": 1e3 * float(d["seconds"].sum()) / timed if timed else None,
         **runtime_fields(target, RunnerOptions(threads=plan.threads, providers=plan.ort_providers)),
@@ -287,7 +290,7 @@ def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[
 def _plan_data(plan: SignoffPlan, targets: list[Target]) -> tuple[ImageDataset, RunData]:
     """The plan's evaluation data (refused when unlabelled) and its calibration/evaluation split, calibration
     drawn from ``calibration: {data, list}`` when given; both checked before any model is loaded."""
-    dataset = load_evaluation_data(plan.data, plan.labels)
+    dataset = load_evaluation_data(plan.data, plan.labels, plan.allow_missing_images)
     return dataset, run_data(dataset, plan.calibration, plan.limit, bool(needs_calibration(targets, plan.tensorrt)))
 
 
@@ -311,7 +314,9 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
             todo = [t for t in targets if not _stored_intact(stored.get(keys[t.name]), plan, evalset)]
             if not todo:
                 continue
-            loaded = load_for(entry.name, entry.weights, preprocesses[entry.name], dataset)
+            loaded = load_for(
+                entry.name, entry.weights, preprocesses[entry.name], dataset, trust_savedmodel=plan.trust_savedmodel
+            )
             task = make_task(dataset, loaded, plan.anchors)
             ctx, _, _ = prepare_run(
                 loaded,
@@ -353,11 +358,14 @@ def _run_unit(
     try:
         art = t.build(ctx, t.spec)
         _evaluate_unit(plan, ctx, t, art, evalset, task, state)
-        return _unit_row(plan, ctx.loaded.name, t, key, state, art, task)
+        row = _unit_row(plan, ctx.loaded.name, t, key, state, art, task)
     except (*TARGET_ERRORS, _UnitFailed) as exc:
         remove_artifact(art)
         note(f"FAILED {ctx.loaded.name} {t.name}: {exc}")
         return _failed_row(ctx.loaded.name, t, key, str(exc))
+    if not row["images"] and row["skipped"]:
+        raise DataError(f"none of the {row['skipped']} evaluation images could be read ({t.name}); see {state}")
+    return row
 
 
 def run_signoff(plan: SignoffPlan, out_dir: Path) -> JobResult:
@@ -377,4 +385,7 @@ def run_signoff(plan: SignoffPlan, out_dir: Path) -> JobResult:
     if overall == "FAIL" and all(v["verdict"] in (PASS, "INCONCLUSIVE") for v in verdict_rows) and not failed_units:
         overall = "INCONCLUSIVE"
     lines.append(f"\n{overall}: {passed} of {len(verdict_rows)} gates passed. Report: {page}, {md}")
-    return JobResult(rows, lines, 0 if overall == "PASS" else 1)
+    nonfinite = nonfinite_error(rows, plan.allow_nonfinite, "allow_nonfinite: true (or --allow-nonfinite)")
+    if nonfinite:
+        lines.append(nonfinite)
+    return JobResult(rows, lines, 0 if overall == "PASS" and not nonfinite else 1)
