@@ -154,6 +154,7 @@ def test_bad_calibration_input_is_one_line_exit_2_before_any_work(capsys, folder
         (("--calib-data", f"images:{train}", "--calib-list", str(tmp_path / "nope.txt")), "list not found"),
         (("--calib-data", f"images:{train}", "--calib-images", "10"), "fewer than --calib-images 10"),
         (("--calib-data", f"images:{val}", "--calib-images", "4"), "also evaluation images"),
+        (("--input-cache", str(listing)), "--input-cache"),
     ]
     for extra, message in cases:
         code, err = _eval(capsys, tmp_path, f"imagenet:{val}", *extra)

@@ -172,6 +172,8 @@ def input_cache_options(args: argparse.Namespace) -> InputCacheOptions | None:
     """The cache options of a command that declares them (None for one that does not)."""
     if not hasattr(args, "no_input_cache"):
         return None
+    if args.input_cache and not args.no_input_cache:
+        check_output_dir(args.input_cache, "--input-cache")
     return InputCacheOptions(enabled=not args.no_input_cache, path=args.input_cache, max_gb=args.input_cache_max_gb)
 
 
