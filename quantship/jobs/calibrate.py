@@ -47,11 +47,18 @@ def run_calibrate(
         raise ConfigError("nothing to write: give at least one of --cache, --qdq, --ranges")
     preprocess = None if model.endswith(".onnx") else resolve_preprocess(model, weights, preprocess_overrides)
     dataset = load_dataset(data, labels=labels, allow_missing_images=allow_missing_images)
-    drawn, calib_source = draw_listed_calibration(dataset, calib_images, calib_seed, calib_list)
     out_dir = Path(qdq or cache or ranges).parent
-    loaded, onnx_path, node_layers, source = _onnx_source(
-        model, weights, preprocess, preprocess_overrides, out_dir, log_path, trust_savedmodel
-    )
+
+    def onnx_source() -> tuple[LoadedModel, Path, dict[str, str], dict[str, Any]]:
+        return _onnx_source(model, weights, preprocess, preprocess_overrides, out_dir, log_path, trust_savedmodel)
+
+    # Cheap checks first: an .onnx file is only read, while a Keras model is exported (TensorFlow), so the
+    # calibration images are drawn (list, count) before the export and after reading an .onnx file.
+    if model.endswith(".onnx"):
+        loaded, onnx_path, node_layers, source = onnx_source()
+    drawn, calib_source = draw_listed_calibration(dataset, calib_images, calib_seed, calib_list)
+    if not model.endswith(".onnx"):
+        loaded, onnx_path, node_layers, source = onnx_source()
     calib = calibration_data(drawn, loaded, workers=workers, method=method.value, source=calib_source)
     collector = collect_statistics(
         onnx_path, calib.batches(), scope="all" if (cache or ranges) else "qdq", threads=threads

@@ -30,12 +30,13 @@ from quantship.errors import (
     ConversionError,
     DataError,
     MissingDependencyError,
+    ModelLoadError,
     RuntimeBackendError,
 )
 from quantship.evaluate.loop import TargetRun, run_targets
 from quantship.evaluate.tasks import Task
 from quantship.manifest import Artifact
-from quantship.models.loading import LoadedModel, is_model_file, load_model
+from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
 from quantship.progress import track
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import BuildContext, CalibrationData, Target, needs_calibration
@@ -61,6 +62,22 @@ def load_for(
     if dataset is not None and dataset.task == "detection" and not is_model_file(model):
         num_classes = len(dataset.meta["classes"]) + 1
     return load_model(model, weights, preprocess, num_classes=num_classes, trust_savedmodel=trust_savedmodel)
+
+
+def check_model_source(model: str, weights: str | None, trust_savedmodel: bool = False) -> None:
+    """What loading the model would refuse first, checked without loading it (so that it is reported before
+    the data checks, as when the model loaded first): a missing model file, an untrusted SavedModel folder.
+
+    Raises:
+        ModelLoadError, ConfigError: As :func:`~quantship.models.loading.load_model` would.
+    """
+    if is_model_file(model):
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model file not found: {path}")
+        check_savedmodel_trust(path, trust_savedmodel, "--model")
+    elif weights not in (None, "pretrained", "random"):
+        check_savedmodel_trust(Path(str(weights)).expanduser(), trust_savedmodel, "--weights")
 
 
 def use_input_cache(options: InputCacheOptions) -> None:

@@ -12,6 +12,7 @@ from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.jobs.common import (
     build_targets,
+    check_model_source,
     check_readable,
     evaluate_targets,
     evaluated_rows,
@@ -41,6 +42,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
     out_dir = Path(spec.out_dir)
     with FolderLock(out_dir, f"quantship eval {spec.model}"):
         dataset = load_evaluation_data(spec.data, spec.labels, spec.allow_missing_images)
+        check_model_source(spec.model, spec.weights, spec.trust_savedmodel)
         split = run_data(dataset, spec.calibration, spec.limit, bool(needs_calibration(targets, spec.trt)))
         loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
         task = make_task(dataset, loaded, spec.anchors)
