@@ -67,6 +67,8 @@ def test_filled_on_first_pass_then_read_without_decoding(tmp_path, data, decodes
     np.testing.assert_array_equal(inputs(again, other, cache), reference(again, other))
     assert decodes == []
     assert len(list((tmp_path / "cache").iterdir())) == 1
+    # Consecutive cached images are handed over as the shard's mapped rows, without a copy.
+    assert isinstance(next(iter_batches(again, spec, 4, 2, cache=cache)).pixels, np.memmap)
 
 
 def test_changed_file_or_geometry_is_not_served_from_the_cache(tmp_path, data, decodes):

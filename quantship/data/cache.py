@@ -161,6 +161,21 @@ class CacheEntry:
             return None
         return shard.data[self._row[pos]]
 
+    def block(self, first: int, count: int) -> np.ndarray | None:
+        """The cached views of listing positions ``first .. first+count-1`` as one memory-mapped array (no
+        copy) when they are consecutive rows of one checked shard, else None."""
+        k = int(self._where[first])
+        if k < 0 or self._shards[k].ok is not True:
+            return None
+        last = first + count - 1
+        r0 = int(self._row[first])
+        if last >= self.size or int(self._where[last]) != k or int(self._row[last]) != r0 + count - 1:
+            return None
+        span = slice(first, last + 1)
+        if not ((self._where[span] == k).all() and (np.diff(self._row[span]) == 1).all()):
+            return None
+        return self._shards[k].data[r0 : r0 + count]
+
     def _check(self, shard: _Shard) -> None:
         """Open a shard's pixels memory-mapped and verify shape and CRC once per process."""
         reason = None

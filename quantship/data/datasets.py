@@ -425,6 +425,15 @@ class Skipped:
 DEFAULT_CACHE: Any = object()  # iter_batches: use the process's configured input cache
 
 
+def _pixels(entry: Any, views: list[np.ndarray], hits: list[int]) -> np.ndarray:
+    """A batch's pixels: consecutive rows of one cache shard as they are mapped (no copy), else stacked."""
+    if entry is not None and hits[0] >= 0 and all(h == hits[0] + i for i, h in enumerate(hits)):
+        block = entry.block(hits[0], len(hits))
+        if block is not None:
+            return block
+    return np.stack(views)
+
+
 def iter_batches(
     dataset: ImageDataset,
     spec: PreprocessSpec,
@@ -487,12 +496,14 @@ def iter_batches(
         labels: list[Any] = []
         views: list[np.ndarray] = []
         images: list[np.ndarray] = []
+        hits: list[int] = []  # listing position of each image read from the cache, -1 for a decoded one
         try:
             while pending:
                 sample, pos, item = pending.popleft()
+                cached = not isinstance(item, cf.Future)
                 if nxt < len(samples):
                     enqueue()
-                if isinstance(item, cf.Future):
+                if not cached:
                     result, reason = item.result()
                     if result is None:
                         if skipped is not None:
@@ -506,11 +517,12 @@ def iter_batches(
                 keys.append(sample.key)
                 labels.append(sample.label)
                 views.append(item)
+                hits.append(pos if cached else -1)
                 if len(keys) == batch_size:
-                    yield Batch(keys, None, labels, images if keep_images else None, np.stack(views), spec)
-                    keys, labels, views, images = [], [], [], []
+                    yield Batch(keys, None, labels, images or None, _pixels(entry, views, hits), spec)
+                    keys, labels, views, images, hits = [], [], [], [], []
             if keys:
-                yield Batch(keys, None, labels, images if keep_images else None, np.stack(views), spec)
+                yield Batch(keys, None, labels, images or None, _pixels(entry, views, hits), spec)
         finally:
             if entry is not None:
                 entry.flush()

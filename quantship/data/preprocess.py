@@ -274,7 +274,8 @@ class InputEncoding:
     ) -> "InputEncoding":
         dt = np.dtype(dtype)
         quantized = dt.kind in "iu" and scale is not None
-        return cls(
+        return _encoding(
+            cls,
             spec.mean,
             spec.std,
             spec.channel_order,
@@ -314,7 +315,8 @@ class InputEncoding:
         return ("shared", np.ascontiguousarray(t[:, 0]).reshape(1, 256)) if same else ("per-channel", self.table)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 RGB pixels (..., H, W, 3) -> the model's input (float32 or integer), in its order and layout."""
+        """uint8 RGB pixels (..., H, W, 3), e.g. rows of a memory-mapped cache shard -> the model's input
+        (float32 or integer), in its order and layout."""
         cv2 = _cv2()
         shape = pixels.shape
         x = np.ascontiguousarray(pixels)
@@ -330,3 +332,9 @@ class InputEncoding:
         if self.layout is Layout.NCHW:
             x = np.ascontiguousarray(np.moveaxis(x, -1, -3))
         return x
+
+
+@functools.lru_cache(maxsize=64)
+def _encoding(cls: type, *fields: Any) -> InputEncoding:
+    """One instance per encoding, so its tables are computed once per process, not once per batch."""
+    return cls(*fields)
