@@ -513,6 +513,12 @@ CASES = [
         "batch-size-0", eval_argv("--batch-size", "0"), 2, "argument --batch-size: expected a positive integer, got 0"
     ),
     Case("threads-0", eval_argv("--threads", "0"), 2, "argument --threads: expected a positive integer, got 0"),
+    Case(
+        "calib-percentile-101",
+        eval_argv("--calib-percentile", "101"),
+        2,
+        "argument --calib-percentile: expected a percentile in (0, 100], got 101",
+    ),
     Case("limit-0", eval_argv("--limit", "0"), 2, "argument --limit: expected a positive integer, got 0"),
     Case("missing-required-option", ("eval", "--model", "{model}", "--out", "{out}"), 2, "required: --data"),
     Case("out-is-a-file", eval_argv(), 2, "is a file, not a folder", frozenset({"<file>"}), out_is_a_file),

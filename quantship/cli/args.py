@@ -58,6 +58,16 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def percentile_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got '{text}'") from None
+    if not 0.0 < value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {text}")
+    return value
+
+
 def names(text: str | None) -> list[str]:
     """A comma-separated list of names (layers, artifacts), blanks dropped."""
     return [t.strip() for t in (text or "").split(",") if t.strip()]
@@ -96,7 +106,13 @@ def preprocess(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int = 100, evaluation: bool = True) -> None:
+def data(
+    p: argparse.ArgumentParser,
+    required: bool = True,
+    calib_default: int = 100,
+    evaluation: bool = True,
+    percentile: bool = True,
+) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -119,6 +135,13 @@ def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int =
         help=f"calibration images{', disjoint from evaluation' if evaluation else ''} ({calib_default})",
     )
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
+    if percentile:
+        g.add_argument(
+            "--calib-percentile",
+            type=percentile_value,
+            default=99.99,
+            help="percentile of the percentile calibration method (qdq-int8-percentile), default 99.99",
+        )
     calibration_source(g, evaluation)
     g.add_argument(
         "--workers", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="image decoding threads"
@@ -147,6 +170,7 @@ def calibration(args: argparse.Namespace) -> CalibrationSpec:
     return CalibrationSpec(
         num_images=args.calib_images,
         seed=args.calib_seed,
+        percentile=args.calib_percentile,
         data=getattr(args, "calib_data", None),
         list=getattr(args, "calib_list", None),
     )

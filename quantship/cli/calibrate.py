@@ -11,7 +11,7 @@ from quantship.cli.registry import Command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a.model(p)
-    a.data(p, evaluation=False)
+    a.data(p, evaluation=False, percentile=False)
     p.add_argument("--method", default="entropy", help="max | entropy | percentile | mse (default entropy)")
     p.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     p.add_argument("--cache", help="write a TensorRT calibration cache here")

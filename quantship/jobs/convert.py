@@ -27,6 +27,7 @@ def convert_artifacts(
     calib_images: int = 100,
     calib_seed: int = 0,
     calib_list: str | None = None,
+    calib_percentile: float = 99.99,
     preprocess_overrides: dict[str, Any] | None = None,
     workers: int = 4,
     threads: int | None = None,
@@ -56,7 +57,9 @@ def convert_artifacts(
         log_path=Path(out_dir) / "convert.log",
     )
     if drawn is not None:
-        ctx.calibration = calibration_data(drawn[0], loaded, workers=workers, source=drawn[1])
+        ctx.calibration = calibration_data(
+            drawn[0], loaded, workers=workers, percentile=calib_percentile, source=drawn[1]
+        )
     try:
         return build_targets(ctx, chosen)
     finally:
