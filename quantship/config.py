@@ -279,14 +279,19 @@ class TargetSpec:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """How the calibration split is drawn and used.
+    """How the calibration images are chosen and used.
 
     Attributes:
-        num_images: Calibration images (disjoint from the evaluation images).
+        num_images: Calibration images (disjoint from the evaluation images), drawn (seeded) from the
+            calibration source.
         seed: Seed of the draw.
         method: Calibration of targets whose name carries no method (``trt-int8-qdq``); None: their default.
         percentile: The percentile of the ``percentile`` method.
         batch_size: Batch size of the calibration passes (and of TensorRT's calibrator).
+        data: A separate calibration dataset (``KIND:PATH``, e.g. ``images:/data/train-subset``); None draws
+            calibration images from the evaluation data, disjoint from the evaluated ones.
+        list: A file naming the calibration images, one file name (or relative path) per line (MLPerf's
+            ``cal_image_list_option_1.txt``): calibration is drawn only from the listed files.
     """
 
     num_images: int = 100
@@ -294,12 +299,42 @@ class CalibrationSpec:
     method: CalibrationMethod | None = None
     percentile: float = 99.99
     batch_size: int = 8
+    data: str | None = None
+    list: str | None = None
 
     def __post_init__(self) -> None:
         if self.method is not None:
             object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"calibration percentile must be in (0, 100], got {self.percentile}")
+        for name in ("data", "list"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
+                raise ConfigError(f"calibration {name} must be a path string, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, str(value))
+
+
+@dataclass(frozen=True)
+class InputCacheOptions:
+    """The preprocessed-input cache (``quantship.data.cache``).
+
+    Attributes:
+        enabled: False decodes every image on every pass (``--no-input-cache``).
+        path: Cache folder; None: ``inputs/`` under the project cache folder (``$QUANTSHIP_CACHE`` or
+            ``~/.cache/quantship``).
+        max_gb: Size cap; least recently used datasets are evicted beyond it (never one in use).
+    """
+
+    enabled: bool = True
+    path: Path | None = None
+    max_gb: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path).expanduser())
+        if not self.max_gb > 0:
+            raise ConfigError(f"--input-cache-max-gb must be a positive number, got {self.max_gb}")
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore_term = _terminate_as_interrupt()
     message = None
     try:
+        from quantship.cli.args import input_cache_options
+
+        if (cache_options := input_cache_options(args)) is not None:
+            from quantship.jobs.common import use_input_cache
+
+            use_input_cache(cache_options)
         return args._commands[args.command].run(args)
     except QuantshipError as exc:
         message = f"quantship {args.command}: error: {exc}"

@@ -7,7 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quantship.config import CalibrationSpec, PreprocessSpec, TrtOptions, parse_preprocess_overrides
+from quantship.config import (
+    CalibrationSpec,
+    InputCacheOptions,
+    PreprocessSpec,
+    TrtOptions,
+    parse_preprocess_overrides,
+)
 from quantship.errors import ConfigError
 from quantship.fileio import check_output_dir
 
@@ -29,6 +35,16 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
@@ -126,13 +142,63 @@ def data(
             default=99.99,
             help="percentile of the percentile calibration method (qdq-int8-percentile), default 99.99",
         )
+    calibration_source(g, evaluation)
     g.add_argument(
         "--workers", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="image decoding threads"
+    )
+    input_cache(p)
+
+
+def calibration_source(g: argparse._ArgumentGroup, separate: bool = True) -> None:
+    """``--calib-data`` (commands whose ``--data`` is evaluation data) and ``--calib-list``."""
+    if separate:
+        g.add_argument(
+            "--calib-data",
+            metavar="KIND:PATH",
+            help="calibrate on this data instead of drawing from --data (then every image of --data is "
+            "evaluated), e.g. images:/data/train-subset (a folder of unlabelled images, searched recursively)",
+        )
+    g.add_argument(
+        "--calib-list",
+        metavar="FILE",
+        help="calibrate only on the files this list names, one file name (or relative path) per line, as "
+        "MLPerf's cal_image_list_option_1.txt",
     )
 
 
 def calibration(args: argparse.Namespace) -> CalibrationSpec:
-    return CalibrationSpec(num_images=args.calib_images, seed=args.calib_seed, percentile=args.calib_percentile)
+    return CalibrationSpec(
+        num_images=args.calib_images,
+        seed=args.calib_seed,
+        percentile=args.calib_percentile,
+        data=getattr(args, "calib_data", None),
+        list=getattr(args, "calib_list", None),
+    )
+
+
+def input_cache(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessed-input cache (each image decoded once, for every target and run)")
+    g.add_argument(
+        "--input-cache",
+        metavar="DIR",
+        help="cache folder (default: inputs/ under ~/.cache/quantship or $QUANTSHIP_CACHE)",
+    )
+    g.add_argument("--no-input-cache", action="store_true", help="decode every image on every pass")
+    g.add_argument(
+        "--input-cache-max-gb",
+        type=positive_float,
+        default=20.0,
+        help="size cap; least recently used datasets are evicted beyond it, never one in use (20)",
+    )
+
+
+def input_cache_options(args: argparse.Namespace) -> InputCacheOptions | None:
+    """The cache options of a command that declares them (None for one that does not)."""
+    if not hasattr(args, "no_input_cache"):
+        return None
+    if args.input_cache and not args.no_input_cache:
+        check_output_dir(args.input_cache, "--input-cache")
+    return InputCacheOptions(enabled=not args.no_input_cache, path=args.input_cache, max_gb=args.input_cache_max_gb)
 
 
 def providers(text: str) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         labels=args.labels,
         calib_images=args.calib_images,
         calib_seed=args.calib_seed,
+        calib_list=args.calib_list,
         calib_percentile=args.calib_percentile,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,

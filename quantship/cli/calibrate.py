@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         exclude=a.names(args.exclude),
         calib_images=args.calib_images,
         calib_seed=args.calib_seed,
+        calib_list=args.calib_list,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         threads=args.threads,

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         labels=args.labels,
         calib_images=args.calib_images,
         calib_seed=args.calib_seed,
+        calib_list=args.calib_list,
         calib_percentile=args.calib_percentile,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
@@ -79,6 +80,7 @@ def _auto_fallback(args: argparse.Namespace) -> int:
         calib_images=args.calib_images,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
+        calib_list=args.calib_list,
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
     )

@@ -22,7 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--images", type=a.positive_int, default=200, help="held-out images (200)")
     g.add_argument("--calib-images", type=a.positive_int, default=100)
+    a.calibration_source(g)
     g.add_argument("--workers", type=a.positive_int, default=4)
+    a.input_cache(p)
     p.add_argument("--anchors", help="anchor configuration (JSON) of a detection model given as a file")
     p.add_argument("--backend", default="qdq,tflite", help="qdq (Q/DQ ONNX on ONNX Runtime) and/or tflite (full int8)")
     p.add_argument("--method", default="max", help="calibration of the Q/DQ model (max)")
@@ -74,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         anchors=args.anchors,
+        calib_data=args.calib_data,
+        calib_list=args.calib_list,
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
     )

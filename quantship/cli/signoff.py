@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run the units on the Ray cluster whose head is at HOST:PORT (needs quantship[ray]); the plan's "
         "'executor: ray' without an address uses RAY_ADDRESS if set, else starts a local instance (loopback only)",
     )
+    a.input_cache(p)
     p.add_argument(
         "--allow-nonfinite",
         action="store_true",

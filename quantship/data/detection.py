@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from quantship.data.datasets import ImageDataset, Sample, register_dataset
+from quantship.data.datasets import FileRead, ImageDataset, Sample, register_dataset
 from quantship.errors import DataError
 from quantship.fileio import read_text
 
@@ -57,8 +57,8 @@ class Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
-def _reader(path: Path):
-    return lambda: path.read_bytes()
+def _reader(path: Path) -> FileRead:
+    return FileRead(path)
 
 
 def _find_voc_root(path: Path) -> Path:

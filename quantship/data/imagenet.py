@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from quantship.data.classes import imagenet_classes, wnid_to_label
-from quantship.data.datasets import ImageDataset, Sample, register_dataset
+from quantship.data.datasets import FileRead, ImageDataset, Sample, register_dataset
 from quantship.errors import DataError, UnsafePickleError
 from quantship.fileio import read_text
 
@@ -38,11 +38,8 @@ GROUND_TRUTH_NAMES = (
 _WNID = re.compile(r"^n\d{8}$")
 
 
-def _file_reader(path: Path):
-    def read() -> bytes:
-        return path.read_bytes()
-
-    return read
+def _file_reader(path: Path) -> FileRead:
+    return FileRead(path)
 
 
 def _images_in(folder: Path) -> list[Path]:

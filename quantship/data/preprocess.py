@@ -6,10 +6,12 @@ Every runtime is fed by this one function so that no two targets ever see differ
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 import tempfile
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ _CV2_INTERP = {
 }
 
 
+@functools.cache
 def _cv2():
     return lazy_import("cv2", "opencv-python-headless", "image decoding")
 
@@ -225,3 +228,113 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec, input_order: Channel
 
 def num_views(spec: PreprocessSpec) -> int:
     return {CropMode.CENTER: 1, CropMode.TEN: 10, CropMode.TWELVE: 12}[spec.crops]
+
+
+def geometry(spec: PreprocessSpec) -> dict:
+    """The part of a spec that decides the uint8 pixels of each view (resize, crop, interpolation, views);
+    normalisation, channel order and layout are applied later, on the fly."""
+    d = spec.to_dict()
+    return {k: d[k] for k in ("size", "crop_pct", "interpolation", "crops", "resize")}
+
+
+def image_views(data: bytes, spec: PreprocessSpec, source: str = "image") -> np.ndarray:
+    """Encoded image bytes -> the spec's views as one uint8 RGB array (views, H, W, 3).
+
+    The image is decoded in OpenCV's native BGR, resized and cropped (channel order does not matter to
+    either), and only the small crops are turned into RGB.
+
+    Raises:
+        DataError: The bytes are not a readable image.
+    """
+    views = np.stack(crop_views(decode_image(data, source, ChannelOrder.BGR), spec))
+    return np.ascontiguousarray(views[..., ::-1])
+
+
+@dataclass(frozen=True)
+class InputEncoding:
+    """How uint8 RGB pixels become a model's input tensor: the spec's normalisation, channel order and layout,
+    then float32, or the integer type of a quantized input (scale, zero point).
+
+    Normalisation and quantization are one table lookup per channel value (256 entries per channel, computed
+    with the very operations of :func:`normalize` and the runners' ``quantize``, so the values are the same
+    bit for bit), applied in one pass over the pixels.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: ChannelOrder
+    layout: Layout
+    dtype: str = "float32"
+    scale: float | None = None
+    zero_point: int | None = None
+
+    @classmethod
+    def of(
+        cls, spec: PreprocessSpec, dtype: object = np.float32, scale: float | None = None, zero_point: int | None = None
+    ) -> "InputEncoding":
+        dt = np.dtype(dtype)
+        quantized = dt.kind in "iu" and scale is not None
+        return _encoding(
+            cls,
+            spec.mean,
+            spec.std,
+            spec.channel_order,
+            spec.layout,
+            dt.name if quantized else "float32",
+            float(scale) if quantized else None,
+            int(zero_point or 0) if quantized else None,
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    @functools.cached_property
+    def table(self) -> np.ndarray:
+        """(1, 256, 3): the input value of every channel value, channels in the model's order."""
+        spec = PreprocessSpec(mean=self.mean, std=self.std, channel_order=self.channel_order)
+        values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+        x = normalize(values, spec, self.channel_order)  # values already in the model's channel order
+        if self.quantized:
+            info = np.iinfo(self.dtype)
+            x = np.clip(np.round(x / self.scale) + self.zero_point, info.min, info.max).astype(self.dtype)
+        return np.ascontiguousarray(x).reshape(1, 256, 3)
+
+    @functools.cached_property
+    def _lookup(self) -> tuple[str, np.ndarray]:
+        """The cheapest exact way to apply the table: none (uint8 identity), a sign flip (int8 ``v - 128``),
+        one table for every channel (treated as one channel: OpenCV's 1-channel lookup is vectorised), or one
+        per channel."""
+        t = self.table[0]
+        same = bool((t == t[:, :1]).all())
+        v = np.arange(256)
+        if same and self.dtype == "uint8" and np.array_equal(t[:, 0], v):
+            return "identity", t
+        if same and self.dtype == "int8" and np.array_equal(t[:, 0], v - 128):
+            return "flip", t
+        return ("shared", np.ascontiguousarray(t[:, 0]).reshape(1, 256)) if same else ("per-channel", self.table)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels (..., H, W, 3), e.g. rows of a memory-mapped cache shard -> the model's input
+        (float32 or integer), in its order and layout."""
+        cv2 = _cv2()
+        shape = pixels.shape
+        x = np.ascontiguousarray(pixels)
+        if self.channel_order is ChannelOrder.BGR:
+            x = cv2.cvtColor(x.reshape(-1, shape[-2], 3), cv2.COLOR_RGB2BGR).reshape(shape)
+        how, table = self._lookup
+        if how == "flip":
+            x = np.bitwise_xor(x, np.uint8(0x80)).view(np.int8)
+        elif how == "shared":
+            x = cv2.LUT(x.reshape(-1, shape[-2] * 3), table).reshape(shape)
+        elif how == "per-channel":
+            x = cv2.LUT(x.reshape(-1, shape[-2], 3), table).reshape(shape)
+        if self.layout is Layout.NCHW:
+            x = np.ascontiguousarray(np.moveaxis(x, -1, -3))
+        return x
+
+
+@functools.lru_cache(maxsize=64)
+def _encoding(cls: type, *fields: Any) -> InputEncoding:
+    """One instance per encoding, so its tables are computed once per process, not once per batch."""
+    return cls(*fields)

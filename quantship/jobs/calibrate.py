@@ -9,7 +9,7 @@ from quantship.config import CalibrationMethod, PreprocessSpec
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError, DataError, ModelLoadError
 from quantship.jobs import JobResult
-from quantship.jobs.common import calibration_data, draw_calibration, load_for
+from quantship.jobs.common import calibration_data, draw_listed_calibration, load_for
 from quantship.models.loading import LoadedModel, resolve_preprocess
 
 
@@ -26,6 +26,7 @@ def run_calibrate(
     percentile: float | None = None,
     calib_images: int = 100,
     calib_seed: int = 0,
+    calib_list: str | None = None,
     preprocess_overrides: dict[str, Any] | None = None,
     workers: int = 4,
     threads: int | None = None,
@@ -47,12 +48,18 @@ def run_calibrate(
     preprocess = None if model.endswith(".onnx") else resolve_preprocess(model, weights, preprocess_overrides)
     dataset = load_dataset(data, labels=labels, allow_missing_images=allow_missing_images)
     out_dir = Path(qdq or cache or ranges).parent
-    loaded, onnx_path, node_layers, source = _onnx_source(
-        model, weights, preprocess, preprocess_overrides, out_dir, log_path, trust_savedmodel
-    )
-    calib = calibration_data(
-        draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers, method=method.value
-    )
+
+    def onnx_source() -> tuple[LoadedModel, Path, dict[str, str], dict[str, Any]]:
+        return _onnx_source(model, weights, preprocess, preprocess_overrides, out_dir, log_path, trust_savedmodel)
+
+    # Cheap checks first: an .onnx file is only read, while a Keras model is exported (TensorFlow), so the
+    # calibration images are drawn (list, count) before the export and after reading an .onnx file.
+    if model.endswith(".onnx"):
+        loaded, onnx_path, node_layers, source = onnx_source()
+    drawn, calib_source = draw_listed_calibration(dataset, calib_images, calib_seed, calib_list)
+    if not model.endswith(".onnx"):
+        loaded, onnx_path, node_layers, source = onnx_source()
+    calib = calibration_data(drawn, loaded, workers=workers, method=method.value, source=calib_source)
     collector = collect_statistics(
         onnx_path, calib.batches(), scope="all" if (cache or ranges) else "qdq", threads=threads
     )

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from quantship.data.datasets import ImageDataset, Skipped, load_dataset, split_calibration
+from quantship.data.datasets import ImageDataset, Skipped
 from quantship.errors import DataError
 from quantship.evaluate.environment import environment
 from quantship.evaluate.loop import run_targets
@@ -44,10 +44,13 @@ from quantship.fileio import (
 from quantship.jobs import JobResult
 from quantship.jobs.common import (
     TARGET_ERRORS,
+    RunData,
+    load_evaluation_data,
     load_for,
     nonfinite_error,
     prepare_run,
     remove_artifact,
+    run_data,
     runtime_fields,
     target_fields,
 )
@@ -327,16 +330,28 @@ def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def plan_data(plan: SignoffPlan, targets: list[Target]) -> tuple[ImageDataset, RunData]:
+    """The plan's evaluation data (refused when unlabelled) and its calibration/evaluation split, calibration
+    drawn from ``calibration: {data, list}`` when given; both checked before any model is loaded (every executor
+    reads the data through here: a Ray worker reads it by path)."""
+    dataset = load_evaluation_data(plan.data, plan.labels, plan.allow_missing_images)
+    return dataset, run_data(dataset, plan.calibration, plan.limit, bool(needs_calibration(targets, plan.tensorrt)))
+
+
 @dataclass
 class SignoffJob:
     """What every executor of one run shares: the plan, its targets (reference first), the dataset and its
-    evaluation images, the output folder."""
+    calibration / evaluation split, the output folder."""
 
     plan: SignoffPlan
     targets: list[Target]
     dataset: ImageDataset
-    evalset: ImageDataset
+    split: RunData  # calibration and evaluation images
     out_dir: Path
+
+    @property
+    def evalset(self) -> ImageDataset:
+        return self.split.evalset
 
 
 @dataclass
@@ -366,7 +381,13 @@ class Executor(Protocol):
 
 
 def model_context(
-    plan: SignoffPlan, targets: list[Target], dataset: ImageDataset, out_dir: Path, entry: PlanModel, preprocess: Any
+    plan: SignoffPlan,
+    targets: list[Target],
+    dataset: ImageDataset,
+    split: RunData,
+    out_dir: Path,
+    entry: PlanModel,
+    preprocess: Any,
 ) -> tuple[BuildContext, Task]:
     """Load one plan model and make the context that builds all its targets (one export, one statistics pass
     shared by every target) and the task that scores its outputs (every executor builds through here)."""
@@ -374,7 +395,7 @@ def model_context(
     task = make_task(dataset, loaded, plan.anchors)
     options = RunnerOptions(threads=plan.threads, providers=plan.ort_providers)
     ctx, _, _ = prepare_run(
-        loaded, targets, dataset, plan.calibration, plan.limit, out_dir, options, plan.workers, plan.tensorrt
+        loaded, targets, dataset, plan.calibration, plan.limit, out_dir, options, plan.workers, plan.tensorrt, split
     )
     return ctx, task
 
@@ -390,7 +411,7 @@ class LocalExecutor:
     def run(self, job: SignoffJob, work: list[ModelWork]) -> Iterator[dict[str, Any]]:
         for w in work:
             t0 = time.perf_counter()
-            ctx, task = model_context(job.plan, job.targets, job.dataset, job.out_dir, w.entry, w.preprocess)
+            ctx, task = model_context(job.plan, job.targets, job.dataset, job.split, job.out_dir, w.entry, w.preprocess)
             self.timings["build_s"] += time.perf_counter() - t0
             try:
                 for t in w.todo:
@@ -431,9 +452,8 @@ def signoff(
         clean_stale_instance(out_dir)
         rows_path = out_dir / "signoff.jsonl"
         stored = {r["unit_key"]: r for r in read_jsonl(rows_path) if "unit_key" in r}
-        dataset = load_dataset(plan.data, labels=plan.labels, allow_missing_images=plan.allow_missing_images)
-        n_calib = plan.calibration.num_images if needs_calibration(targets, plan.tensorrt) else 0
-        calib, evalset = split_calibration(dataset, n_calib, plan.limit, plan.calibration.seed)
+        dataset, split = plan_data(plan, targets)
+        calib, evalset = split.calib, split.evalset
         current: list[str] = []
         work: list[ModelWork] = []
         for entry in plan.models:
@@ -443,7 +463,7 @@ def signoff(
             todo = [t for t in targets if not _stored_intact(stored.get(keys[t.name]), plan, evalset)]
             if todo:
                 work.append(ModelWork(entry, preprocesses[entry.name], keys, todo))
-        for row in executor.run(SignoffJob(plan, targets, dataset, evalset, out_dir), work):
+        for row in executor.run(SignoffJob(plan, targets, dataset, split, out_dir), work):
             stored[row["unit_key"]] = row
             append_jsonl(rows_path, row)
         # One row per key (a unit that failed and then ran keeps only its last row), rewritten atomically.

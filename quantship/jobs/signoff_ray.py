@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from quantship.config import InputCacheOptions
 from quantship.errors import ExecutorError
 from quantship.fileio import write_json_atomic, write_text_atomic
 from quantship.jobs.common import TARGET_ERRORS, remove_artifact
@@ -45,6 +46,7 @@ from quantship.jobs.signoff import (
     evaluate_chunk,
     failed_row,
     model_context,
+    plan_data,
     todo_spans,
     unit_row,
     unit_state,
@@ -70,14 +72,19 @@ class _Run:
     out_dir: Path  # absolute: workers have their own working directory
     cwd: str  # the driver's, for relative dataset and model paths where the node has it
     attempts: Path
+    input_cache: InputCacheOptions  # the driver's (--input-cache, --no-input-cache)
 
 
 # ------------------------------------------------------------------------------------------------ on workers
 
 
 def _enter(run: _Run) -> None:
+    from quantship.data import cache
+
     if os.getcwd() != run.cwd and os.path.isdir(run.cwd):
         os.chdir(run.cwd)
+    if cache.current_options() != run.input_cache:
+        cache.configure(run.input_cache)
 
 
 def _claim_attempt(folder: Path, key: str) -> int:
@@ -119,27 +126,24 @@ class _WorkerState:
         self.models: collections.OrderedDict[tuple, tuple[Any, Any]] = collections.OrderedDict()
         self.runner: tuple[tuple, Any] | None = None
 
-    def datasets(self, box: list[Any]) -> tuple[Any, Any]:
-        """The dataset, read here by path, and the run's evaluation images in it; refused when this node sees
-        other files than the driver did (the unit keys rest on the driver's listing)."""
+    def datasets(self, run: _Run, box: list[Any]) -> tuple[Any, Any]:
+        """The dataset and its calibration / evaluation split, read here by path as the driver read them, and
+        refused when this node sees other files than the driver did (the unit keys rest on the driver's view)."""
         import ray
-
-        from quantship.data.datasets import load_dataset
 
         ref = box[0]
         if self.listing is None or self.listing[0] != ref.hex():
-            info = ray.get(ref)
-            dataset = load_dataset(
-                info["data"], labels=info["labels"], allow_missing_images=info["allow_missing_images"]
-            )
-            if dataset.listing_hash() != info["listing"]:
+            seen = ray.get(ref)
+            plan = run.plan
+            dataset, split = plan_data(plan, parse_targets([plan.reference, *plan.targets], "plan targets"))
+            here = _data_identity(dataset, split)
+            if here != seen:
+                what = next(k for k in here if here[k] != seen[k])
                 raise ExecutorError(
-                    f"{info['data']} differs on this node from the driver's (other files, sizes or times): every node "
-                    "must see the same dataset at the same path"
+                    f"the {what.replace('_', ' ')} of {plan.data} differs on this node from the driver's (other files, "
+                    "sizes or times): every node must see the same data at the same path"
                 )
-            index = {s.key: i for i, s in enumerate(dataset.samples)}
-            evalset = dataset.subset([index[k] for k in info["eval_keys"]])
-            self.listing = (ref.hex(), (dataset, evalset))
+            self.listing = (ref.hex(), (dataset, split))
         return self.listing[1]
 
     def remember(self, key: tuple, loaded: Any, task: Any) -> None:
@@ -181,6 +185,16 @@ class _WorkerState:
 _WORKER = _WorkerState()
 
 
+def _data_identity(dataset: Any, split: Any) -> dict[str, str]:
+    """What identifies the data a run reads: the listing of the dataset, of the calibration images, and the
+    evaluation images chosen."""
+    return {
+        "dataset_listing": dataset.listing_hash(),
+        "calibration_images": split.calib.listing_hash(),
+        "evaluation_images": split.evalset.keys_hash(),
+    }
+
+
 def _model_key(entry: PlanModel, preprocess: Any) -> tuple[str, str, str]:
     return entry.name, str(entry.weights), preprocess.hash()
 
@@ -194,9 +208,9 @@ def build_model(
     attempt = _claim_attempt(run.attempts, f"build.{model_name(entry.name)}")
     began = time.time()
     plan = run.plan
-    dataset, _ = _WORKER.datasets(data_box)
+    dataset, split = _WORKER.datasets(run, data_box)
     targets = parse_targets([plan.reference, *plan.targets], "plan targets")
-    ctx, task = model_context(plan, targets, dataset, run.out_dir, entry, preprocess)
+    ctx, task = model_context(plan, targets, dataset, split, run.out_dir, entry, preprocess)
     _WORKER.remember(_model_key(entry, preprocess), ctx.loaded, task)
     out: dict[str, dict[str, Any]] = {}
     try:
@@ -234,7 +248,7 @@ def evaluate_chunk_task(
     plan = run.plan
     target = get_target(target_name)
     artifact: Artifact | None = result["artifact"]
-    dataset, evalset = _WORKER.datasets(data_box)
+    dataset, split = _WORKER.datasets(run, data_box)
     loaded, task = _WORKER.model(run, entry, preprocess, dataset)
     ctx = BuildContext(
         loaded, run.out_dir, runner_options=RunnerOptions(threads=plan.threads, providers=plan.ort_providers),
@@ -250,7 +264,7 @@ def evaluate_chunk_task(
     try:
         runner, warmup = _WORKER.active_runner(key, lambda: target.make_runner(ctx, artifact))
         write_json_atomic(state_dir / f"chunk-{start:08d}.json", {**where, "executor": "ray"})
-        evaluate_chunk(plan, runner, target, loaded.preprocess, evalset, task, state_dir, start, end, warmup)
+        evaluate_chunk(plan, runner, target, loaded.preprocess, split.evalset, task, state_dir, start, end, warmup)
     except (*TARGET_ERRORS, UnitFailed) as exc:
         _WORKER.drop_runner()
         return {"error": str(exc), "where": where}
@@ -371,7 +385,9 @@ class _RayRun:
         self.out_abs = job.out_dir.resolve()
         attempts = self.out_abs / ATTEMPTS_DIR
         shutil.rmtree(attempts, ignore_errors=True)  # markers of an interrupted run (the lock is ours)
-        self.run = _Run(job.plan, self.out_abs, os.getcwd(), attempts / secrets.token_hex(6))
+        from quantship.data.cache import current_options
+
+        self.run = _Run(job.plan, self.out_abs, os.getcwd(), attempts / secrets.token_hex(6), current_options())
         from quantship.evaluate.tasks import make_task
 
         self.task = make_task(job.dataset)  # evaluates stored arrays (as the verdicts do)
@@ -452,15 +468,9 @@ class _RayRun:
     def submit(self) -> None:
         ray, plan, job = self.ray, self.job.plan, self.job
         common = {"num_cpus": plan.threads or 1, "max_retries": self.ex.max_retries, "retry_exceptions": False}
-        # What workers need to read the dataset themselves (by path): its spec, the driver's listing (checked
-        # there) and the evaluation images by key; once, nested so that tasks fetch it (and workers keep it).
-        info = {
-            "data": plan.data,
-            "labels": plan.labels,
-            "allow_missing_images": plan.allow_missing_images,
-            "listing": job.dataset.listing_hash(),
-            "eval_keys": [s.key for s in job.evalset.samples],
-        }
+        # Workers read the data themselves, by path, as the driver did (plan_data); what they get is what the
+        # driver saw, to check against. Once, nested so that tasks fetch it (and workers keep it).
+        info = _data_identity(job.dataset, job.split)
         data_box = [ray.put(info)]
         build_fn, chunk_fn = ray.remote(build_model), ray.remote(evaluate_chunk_task)
         for w in self.work:

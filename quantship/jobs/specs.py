@@ -332,7 +332,8 @@ class _PlanReader:
             seed = self.integer(v, "seed", 0, minimum=0)
             batch = self.integer(v, "batch_size", 8)
             percentile = self.number(v, "percentile", 99.99, 0.0, 100.0 + 1e-9)
-            return CalibrationSpec(num, seed, v.get("method"), percentile, batch)
+            data, listing = self.text(v, "data"), self.text(v, "list")  # a calibration dataset, an MLPerf-style list
+            return CalibrationSpec(num, seed, v.get("method"), percentile, batch, data, listing)
         except ConfigError as exc:
             if str(exc).startswith(self.source):
                 raise
