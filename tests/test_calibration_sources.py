@@ -215,7 +215,7 @@ def test_eval_with_separate_calibration_data_and_list(trained_tiny, folders, tmp
 
 
 def test_signoff_plan_calibration_data_and_list(folders, tmp_path):
-    from quantship.jobs.signoff import _plan_data
+    from quantship.jobs.signoff import plan_data
     from quantship.jobs.specs import SignoffPlan
     from quantship.targets import parse_targets
 
@@ -230,9 +230,9 @@ def test_signoff_plan_calibration_data_and_list(folders, tmp_path):
         "calibration": {"num_images": 2, "data": f"images:{train}", "list": str(listing)},
     }
     targets = parse_targets(["keras-fp32", "tflite-int8"])
-    dataset, split = _plan_data(SignoffPlan.from_dict(plan), targets)
+    dataset, split = plan_data(SignoffPlan.from_dict(plan), targets)
     assert len(split.evalset) == len(dataset) == 12 and len(split.calib) == 2
     assert {Path(s.key).name for s in split.calib.samples} < {"cal_00.jpg", "cal_03.jpg", "cal_04.jpg"}
     assert split.source.separate and split.source.info["list"] == str(listing)
     with pytest.raises(ConfigError, match="no labels"):
-        _plan_data(SignoffPlan.from_dict({**plan, "dataset": f"images:{train}"}), targets)
+        plan_data(SignoffPlan.from_dict({**plan, "dataset": f"images:{train}"}), targets)
