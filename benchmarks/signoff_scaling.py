@@ -5,7 +5,8 @@ The same plan (2 generated CNNs x 4 targets = 8 units: keras-fp32 reference, tfl
 own process: with the local executor, and with Ray on a local instance of 1 and of 2 CPUs (1 and 2 workers).
 Every unit is single-threaded, conversion included: ``threads: 1`` (LiteRT, ONNX Runtime), one image-decoding
 thread, TensorFlow's thread pools at 1 (``TF_NUM_INTRAOP_THREADS``/``TF_NUM_INTEROP_THREADS``, for conversion
-and the Keras reference) and ``OMP_NUM_THREADS=1``.
+and the Keras reference) and ``OMP_NUM_THREADS=1``. The preprocessed-input cache is off, so that every run
+decodes its images (a later run would otherwise read what an earlier one cached).
 
 Printed per run: the wall time of the whole sign-off (Ray's start and stop included), its build phase (models
 loaded, artifacts built: for Ray, from the first task submitted to the last build finished) and its evaluation
@@ -102,10 +103,13 @@ def write_plan(path: Path, models: list[Path], data: Path, images: int, chunk: i
 
 def run_one(plan_file: str, out: str, cpus: int | None) -> dict:
     """One sign-off in this process (called in a child process, so that each run starts cold)."""
+    from quantship.config import InputCacheOptions
+    from quantship.data.cache import configure
     from quantship.jobs.signoff import LocalExecutor, signoff
     from quantship.jobs.signoff_ray import RayExecutor
     from quantship.jobs.specs import SignoffPlan
 
+    configure(InputCacheOptions(enabled=False))  # every run decodes its images (Ray workers get the setting too)
     plan = SignoffPlan.load(plan_file)
     executor = LocalExecutor() if cpus is None else RayExecutor(local_cpus=cpus, local_gpus=0)
     t = time.perf_counter()
@@ -138,7 +142,7 @@ def main() -> int:
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="quantship-scaling-"))
     root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **SINGLE_THREAD, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, **SINGLE_THREAD, "TF_CPP_MIN_LOG_LEVEL": "3", "QUANTSHIP_CACHE": str(root / "cache")}
     env.pop("RAY_ADDRESS", None)
     # Models and images are made in a child process too: this one stays free of TensorFlow.
     setup = [sys.executable, __file__, "--images", str(args.images), "--chunk", str(args.chunk)]
