@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ray-address",
         metavar="ADDR",
         help="run the units on the Ray cluster whose head is at HOST:PORT (needs quantship[ray]); the plan's "
-        "'executor: ray' without an address uses RAY_ADDRESS if set, else starts a local instance (loopback only)",
+        "'executor: ray' without an address starts a local instance (loopback only); RAY_ADDRESS is not read",
     )
     a.input_cache(p)
     p.add_argument(

@@ -425,8 +425,8 @@ class LocalExecutor:
 
 def make_executor(plan: SignoffPlan, ray_address: str | None = None, local_cpus: int | None = None) -> Executor:
     """The executor a run uses: Ray when the plan says ``executor: ray`` or an address is given (then that
-    cluster; else ``RAY_ADDRESS`` when set, as Ray's own tools do; else a local instance with ``local_cpus``
-    CPUs), local otherwise (``RAY_ADDRESS`` alone does not switch to Ray)."""
+    cluster, else a loopback-only local instance with ``local_cpus`` CPUs), local otherwise. ``RAY_ADDRESS`` is
+    never read: it neither switches to Ray nor sends a run to a cluster."""
     if ray_address is None and plan.executor is not ExecutorKind.RAY:
         return LocalExecutor()
     from quantship.jobs.signoff_ray import RayExecutor

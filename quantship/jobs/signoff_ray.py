@@ -345,7 +345,8 @@ class RayExecutor:
     """Units as Ray tasks on a cluster (``address``) or on a local instance (``local_cpus`` CPUs).
 
     Args:
-        address: ``HOST:PORT`` of the head node; None: ``RAY_ADDRESS`` when set, else a local instance.
+        address: ``HOST:PORT`` of the head node; None: a local instance (``RAY_ADDRESS`` is not read: a run goes
+            to a cluster only when asked to by name).
         local_cpus: CPUs of a local instance (default: those of this process).
         local_gpus: GPUs of a local instance (default: Ray detects them).
         max_retries: Times a task whose worker died is run again (exceptions are never retried).
@@ -357,9 +358,6 @@ class RayExecutor:
     max_retries: int = DEFAULT_MAX_RETRIES
     name: str = "ray"
     _record: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.address = self.address or os.environ.get("RAY_ADDRESS") or None
 
     @property
     def description(self) -> str:
