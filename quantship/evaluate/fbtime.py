@@ -39,6 +39,8 @@ class FBConfig:
         min_queries, min_seconds: Timed iterations (each one forward and one forward+backward pass).
         per_layer: Also time each layer's forward pass alone and report the ten slowest.
         threads: TensorFlow intra-op threads (None: TensorFlow's default).
+        preprocess: Preprocessing overrides; only the input size matters here (a ``.keras`` / ``.h5`` file
+            needs none, a SavedModel folder its ``size``).
     """
 
     model: str
@@ -49,6 +51,7 @@ class FBConfig:
     min_seconds: float = 5.0
     per_layer: bool = False
     threads: int | None = None
+    preprocess: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.min_queries <= 0 or self.min_seconds < 0 or self.warmup_seconds < 0:
@@ -205,10 +208,16 @@ def run_fb(cfg: FBConfig) -> list[dict[str, Any]]:
     if cfg.threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    from quantship.models.loading import load_model
+    from quantship.config import PreprocessSpec
+    from quantship.models.loading import is_model_file, load_model, resolve_preprocess
 
     t0 = time.perf_counter()
-    loaded = load_model(cfg.model, cfg.weights or "random")
+    weights = cfg.weights or "random"
+    if is_model_file(cfg.model) and not cfg.preprocess:
+        preprocess = PreprocessSpec()  # timing needs no normalisation; a full model file knows its input size
+    else:
+        preprocess = resolve_preprocess(cfg.model, weights, cfg.preprocess)
+    loaded = load_model(cfg.model, weights, preprocess)
     spec = getattr(loaded, "spec", None)
     if spec is not None and spec.task != "classification":
         raise ConfigError(f"{cfg.model} is a {spec.task} model; forward/backward timing takes classification models")

@@ -152,13 +152,14 @@ def run_bench(
 
         cfg = FBConfig(
             model,
-            (convert or {}).get("weights"),
+            convert.get("weights"),
             tuple(batch_sizes),
             warmup_seconds,
             min_queries or DEFAULT_MIN_QUERIES,
             min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
             per_layer,
             threads,
+            convert.get("preprocess_overrides") or None,
         )
         lines.append(
             f"forward/backward of {model} (Keras, training mode): warm-up {warmup_seconds:g} s, then >= "
