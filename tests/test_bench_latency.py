@@ -73,6 +73,15 @@ def test_row_from_detail_log():
     assert "Max test duration reached" in bad["validity"] and bad["loadgen_errors"] == 1
 
 
+def test_schedule_that_cannot_fit_is_refused():
+    from quantship.evaluate.loadgen import LoadgenSettings, _check_schedule_memory
+
+    # 1 us per query under MLPerf's 600 s: LoadGen would pre-generate 1.2 G queries (hundreds of GiB).
+    with pytest.raises(ConfigError, match="lower --min-seconds"):
+        _check_schedule_memory(LoadgenSettings(Scenario.SINGLESTREAM, expected_latency_ms=0.001), 600_000)
+    _check_schedule_memory(LoadgenSettings(Scenario.SINGLESTREAM, expected_latency_ms=5.0), 600_000)
+
+
 def test_scenario_names():
     assert Scenario.parse("SingleStream") is Scenario.SINGLESTREAM and Scenario.parse("multi-stream").value == (
         "multistream"

@@ -153,7 +153,7 @@ def run_demo(out: Path, threads: int = 2) -> JobResult:
             EvaluatedTarget(tg, runs[tg.name].arrays, runs[tg.name].latency_ms, artifacts[tg.name]) for tg in targets
         ]
         rows = result_rows(task, evaluated, loaded, evalset, [], {"calibration_images": len(calib)})
-        # Latency: batch 1, `threads` threads, after warm-up; the runtime call alone is timed.
+        # Latency: batch 1, `threads` threads, after warm-up; the whole infer call (runtime-only time beside it).
         one = np.zeros((1, *loaded.input_shape), np.float32)
         for tg, row in zip(targets, rows):
             with tg.make_runner(ctx, artifacts[tg.name]) as runner:
