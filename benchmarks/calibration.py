@@ -170,12 +170,15 @@ def run_ort(work: Path, batch: int, threads: int | None) -> dict:
 
 
 def agreement(work: Path, name: str, threads: int | None) -> float:
-    from quantship.runtime.onnxruntime import OnnxRunner
+    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
 
     x = np.load(work / "eval.npy")
     outs = []
     for f in ("model.onnx", name):
-        with OnnxRunner(work / f, num_threads=threads) as r:
+        # Both int8 models are Q/DQ models standing for TensorRT's int8: run them as fake-quant (ORT's fused int8
+        # kernels give CPU-dependent numbers).
+        session = () if f == "model.onnx" else QDQ_FAKE_QUANT
+        with OnnxRunner(work / f, num_threads=threads, session_config=session) as r:
             outs.append(np.concatenate([next(iter(r.infer(x[i : i + 32]).values())) for i in range(0, len(x), 32)]))
     return float(np.mean(outs[0].argmax(1) == outs[1].argmax(1)))
 

@@ -260,16 +260,27 @@ class TargetSpec:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """How the calibration split is drawn and used."""
+    """How the calibration split is drawn and used.
+
+    Attributes:
+        num_images: Calibration images (disjoint from the evaluation images).
+        seed: Seed of the draw.
+        method: Calibration of targets whose name carries no method (``trt-int8-qdq``); None: their default.
+        percentile: The percentile of the ``percentile`` method.
+        batch_size: Batch size of the calibration passes (and of TensorRT's calibrator).
+    """
 
     num_images: int = 100
     seed: int = 0
-    method: CalibrationMethod = CalibrationMethod.ENTROPY
+    method: CalibrationMethod | None = None
     percentile: float = 99.99
-    batch_size: int = 1
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
+        if self.method is not None:
+            object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ConfigError(f"calibration percentile must be in (0, 100], got {self.percentile}")
 
 
 @dataclass(frozen=True)
@@ -336,12 +347,16 @@ class Gate:
 
     Exactly one of ``relative`` (target >= relative * reference, e.g. 0.99) and ``max_drop_points``
     (reference - target <= N percentage points) is set. ``targets`` holds glob patterns (default: all).
+    ``decision``: ``point`` judges the point value over the whole set (as MLPerf does); ``interval`` passes only
+    when the whole confidence interval clears the gate, fails when it misses it entirely and is otherwise
+    INCONCLUSIVE.
     """
 
     metric: str = "top1"
     relative: float | None = None
     max_drop_points: float | None = None
     targets: tuple[str, ...] = ("*",)
+    decision: str = "point"
 
     def __post_init__(self) -> None:
         if (self.relative is None) == (self.max_drop_points is None):
@@ -354,6 +369,8 @@ class Gate:
             )
         if self.max_drop_points is not None and self.max_drop_points < 0:
             raise ConfigError(f"gate on {self.metric}: max_drop_points must not be negative")
+        if self.decision not in ("point", "interval"):
+            raise ConfigError(f"gate on {self.metric}: decision must be 'point' or 'interval', got '{self.decision}'")
 
     @classmethod
     def parse(cls, text: str) -> "Gate":
@@ -394,6 +411,11 @@ class Gate:
     @property
     def kind(self) -> str:
         return "relative" if self.relative is not None else "drop_points"
+
+    @property
+    def threshold(self) -> float:
+        """The gated quantity (:meth:`value`) clears the gate when it is >= this."""
+        return float(self.relative) if self.relative is not None else -float(self.max_drop_points)
 
     def describe(self) -> str:
         if self.relative is not None:

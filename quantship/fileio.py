@@ -123,3 +123,53 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+LOCK_NAME = ".quantship.lock"
+
+
+class FolderLock:
+    """An exclusive OS lock (``flock``) on a lock file inside an output folder, held by the process that runs a
+    job: a second run writing to the same folder is refused, naming the folder and the process that holds it.
+    The kernel releases the lock when the holder exits, even on ``kill -9``. Readers (``quantship report``)
+    take no lock.
+
+    Raises:
+        ConfigError: Another process holds the folder.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str = "quantship"):
+        self.folder = Path(folder)
+        self.what = what
+        self._fd: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+
+        from quantship.errors import ConfigError
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise ConfigError(
+                f"{self.folder} is in use by another run ({holder}); wait for it to finish or give another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()}: {self.what}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

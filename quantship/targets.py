@@ -1,6 +1,6 @@
 """Evaluation targets by name: how each one's artifact is built; its runner comes from the runtime registry.
 
-A target is ``backend-precision[-method]`` (``tflite-int8``, ``keras-fp32``, ``onnx-int8-entropy``). This
+A target is ``backend-precision[-method]`` (``tflite-int8``, ``keras-fp32``, ``qdq-int8-entropy``). This
 module sits below the jobs and above the converters, calibrators and runtimes: it is the only place that
 knows which converter makes which target, and :func:`parse_targets` is the only place target names are
 parsed. Adding a runtime means registering the runtime (``quantship.runtime.registry``) and its targets
@@ -21,16 +21,20 @@ from quantship.errors import ConfigError
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel
 from quantship.runtime.base import Runner, RunnerOptions
+from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 from quantship.runtime.registry import get_runtime
 
 
 @dataclass
 class CalibrationData:
-    """The calibration batches of a run (a callable, so they are decoded only when a target needs them) and
-    what identifies them in manifests (count, data hash, source)."""
+    """The calibration batches of a run (a callable, so they are decoded only when a target needs them), what
+    identifies them in manifests (count, data hash, source), the percentile of the percentile method and the
+    batch size of TensorRT's calibrator."""
 
     batches: Callable[[], list[np.ndarray]]
     info: dict[str, Any]
+    percentile: float | None = None
+    batch_size: int = 8
 
 
 @dataclass
@@ -107,6 +111,12 @@ class Target:
 
 
 _TARGETS: dict[str, Target] = {}
+_ALIASES: dict[str, str] = {}  # old or alternative name -> canonical name
+
+
+def register_alias(alias: str, canonical: str) -> None:
+    """Accept ``alias`` wherever target names are parsed; rows, keys and manifests use ``canonical``."""
+    _ALIASES[alias] = canonical
 
 
 def register_target(
@@ -130,6 +140,7 @@ def unregister_target(name: str) -> None:
 
 def get_target(name: str) -> Target:
     key = name.strip().lower()
+    key = _ALIASES.get(key, key)
     if key not in _TARGETS:
         raise ConfigError(f"unknown target '{name}'; known targets: {', '.join(_TARGETS)}")
     return _TARGETS[key]
@@ -217,21 +228,27 @@ def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
     fp32 = _onnx_export(ctx)
     path = ctx.artifact_path(spec, ".onnx")
+    batches = ctx.calibration_batches(spec.name)
+    percentile = ctx.calibration.percentile if spec.calibration is CalibrationMethod.PERCENTILE else None
     manifest = {
         **ctx.base_manifest(spec),
         "source_onnx_sha256": fp32.manifest["sha256"],
         "calibration_method": spec.calibration.value,
+        "calibration_percentile": percentile,
+        "runtime_session_config": dict(get_target(spec.name).session_config),
     }
     build_key = sha256_json(manifest)
     if (existing := load_reusable(path, build_key)) is not None:
         return existing
-    batches = ctx.calibration_batches(spec.name)
     # One statistics pass serves every calibration method of the run.
     collector = ctx.shared(
         "onnx-stats", lambda: collect_statistics(fp32.path, batches(), scope="qdq", threads=ctx.runner_options.threads)
     )
     write_outputs(
-        calibrate(collector, spec.calibration), fp32.path, qdq=path, manifest={**manifest, "build_key": build_key}
+        calibrate(collector, spec.calibration, percentile),
+        fp32.path,
+        qdq=path,
+        manifest={**manifest, "build_key": build_key},
     )
     return load_reusable(path, build_key)
 
@@ -241,16 +258,19 @@ register_target(
     _onnx_fp32_build,
 )
 for _method in CalibrationMethod:
-    register_target(
+    _qdq = register_target(
         TargetSpec(
-            f"onnx-int8-{_method.value}",
+            f"qdq-int8-{_method.value}",
             "onnx",
             Precision.INT8,
             calibration=_method,
-            description=f"Q/DQ int8 ONNX (TensorRT placement), {_method.value} calibration, on ONNX Runtime CPU",
+            description=f"Q/DQ int8 ONNX (TensorRT placement), {_method.value} calibration, run as fake-quant on ONNX "
+            "Runtime CPU: the int8 accuracy TensorRT will get",
         ),
         _qdq_build,
+        session_config=QDQ_FAKE_QUANT,
     )
+    register_alias(f"onnx-int8-{_method.value}", _qdq.name)
 
 # --------------------------------------------------------------------------------------- tensorrt
 
@@ -263,7 +283,7 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     trt = import_tensorrt()  # say so before exporting or calibrating anything
     opts = ctx.trt
     if spec.trt_int8 is TrtInt8Mode.EXPLICIT:
-        source = _qdq_build(ctx, get_target(f"onnx-int8-{opts.qdq_method.value}").spec)
+        source = _qdq_build(ctx, get_target(f"qdq-int8-{opts.qdq_method.value}").spec)
     else:
         source = _onnx_export(ctx)
     implicit = spec.trt_int8 is TrtInt8Mode.IMPLICIT
@@ -289,6 +309,7 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
         workspace_mb=opts.workspace_mb,
         timing_cache=opts.timing_cache,
         calibration_cache=cache,
+        calibration_batch=ctx.calibration.batch_size if ctx.calibration else 8,
     )
     feed = ctx.calibration.batches() if (implicit and ctx.calibration is not None) else None
     manifest = {

@@ -24,6 +24,6 @@ fi
 
 # CUDA_GRAPH=1 runs the engines through captured CUDA graphs.
 quantship eval --model "$MODEL" --data "imagenet:$DATA" --limit "$LIMIT" --calib-images 500 \
-    --targets "keras-fp32,onnx-fp32,onnx-int8-entropy,$TRT_TARGETS" \
+    --targets "keras-fp32,onnx-fp32,qdq-int8-entropy,$TRT_TARGETS" \
     --trt-timing-cache "$OUT/timing.cache" ${CUDA_GRAPH:+--trt-cuda-graph} --out "$OUT"
 echo "results: $OUT/results.md"

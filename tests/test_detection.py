@@ -161,42 +161,65 @@ def test_our_coco_numbers_equal_pycocotools(tmp_path):
 # ---------------------------------------------------------------------------------------------- models
 
 
+# The weighted layers of the published Keras SSD300 (pierluigiferrari/ssd_keras, models/keras_ssd300.py) with
+# their kernel shapes for PASCAL VOC (21 classes; 4, 6, 6, 6, 4, 4 boxes per cell), written down from that
+# file rather than from our model, so that a renamed or reshaped layer of ours fails the test.
+_VGG = [("conv1_1", 3, 64), ("conv1_2", 64, 64), ("conv2_1", 64, 128), ("conv2_2", 128, 128), ("conv3_1", 128, 256),
+        ("conv3_2", 256, 256), ("conv3_3", 256, 256), ("conv4_1", 256, 512), ("conv4_2", 512, 512),
+        ("conv4_3", 512, 512), ("conv5_1", 512, 512), ("conv5_2", 512, 512), ("conv5_3", 512, 512)]  # fmt: skip
+_EXTRA = [("fc6", 3, 512, 1024), ("fc7", 1, 1024, 1024), ("conv6_1", 1, 1024, 256), ("conv6_2", 3, 256, 512),
+          ("conv7_1", 1, 512, 128), ("conv7_2", 3, 128, 256), ("conv8_1", 1, 256, 128), ("conv8_2", 3, 128, 256),
+          ("conv9_1", 1, 256, 128), ("conv9_2", 3, 128, 256)]  # fmt: skip
+_HEADS = [("conv4_3_norm", 512, 4), ("fc7", 1024, 6), ("conv6_2", 512, 6), ("conv7_2", 256, 6), ("conv8_2", 256, 4),
+          ("conv9_2", 256, 4)]  # fmt: skip
+SSD300_VOC_LAYERS = {
+    **{name: (3, 3, cin, cout) for name, cin, cout in _VGG},
+    **{name: (k, k, cin, cout) for name, k, cin, cout in _EXTRA},
+    **{
+        f"{src}_mbox_{kind}": (3, 3, cin, boxes * width)
+        for src, cin, boxes in _HEADS
+        for kind, width in (("conf", 21), ("loc", 4))
+    },
+}
+SSD300_UNWEIGHTED = ["input_1", "identity_layer", "input_mean_normalization", "input_channel_swap", "pool1", "pool2",
+                     "pool3", "pool4", "pool5", "conv6_padding", "conv7_padding", "conv4_3_norm_mbox_priorbox",
+                     "mbox_conf", "mbox_loc", "mbox_priorbox", "mbox_conf_softmax", "predictions"]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_ssd300_loads_a_keras_ssd_weight_file_by_layer_name(tmp_path):
     import h5py
 
     from quantship.models.loading import load_model
 
-    model = load_model("ssd300", "random").model
     rng = np.random.default_rng(0)
     path = tmp_path / "VGG_VOC0712_SSD_300x300_iter_120000.h5"
     expected = {}
-    with h5py.File(path, "w") as f:
-        names = (
-            ["input_1"]
-            + [layer.name for layer in model.layers if layer.weights]
-            + ["conv4_3_norm_mbox_priorbox", "mbox_conf_softmax"]
-        )
+    with h5py.File(path, "w") as f:  # the layout of Keras 2's save_weights, as ssd_keras published its weights
+        names = ["input_1", *SSD300_VOC_LAYERS, "conv4_3_norm", *SSD300_UNWEIGHTED[1:]]
         f.attrs["layer_names"] = [n.encode() for n in names]
-        for layer in model.layers:
-            if not layer.weights:
-                continue
-            g = f.create_group(layer.name)
-            wn = [
-                f"{layer.name}/{'gamma' if layer.name == 'conv4_3_norm' else ('kernel' if i == 0 else 'bias')}:0"
-                for i in range(len(layer.weights))
-            ]
-            g.attrs["weight_names"] = [w.encode() for w in wn]
-            vals = [rng.normal(size=w.shape).astype(np.float32) for w in layer.get_weights()]
-            for w, v in zip(wn, vals):
+        for name in names:
+            g = f.create_group(name)
+            if name == "conv4_3_norm":
+                shapes = {f"{name}/{name}_gamma:0": (512,)}
+            elif name in SSD300_VOC_LAYERS:
+                shape = SSD300_VOC_LAYERS[name]
+                shapes = {f"{name}/kernel:0": shape, f"{name}/bias:0": (shape[-1],)}
+            else:
+                shapes = {}
+            g.attrs["weight_names"] = [w.encode() for w in shapes]
+            vals = [rng.normal(size=shp).astype(np.float32) for shp in shapes.values()]
+            for w, v in zip(shapes, vals):
                 g.create_dataset(w, data=v)
-            expected[layer.name] = vals
-        f.create_group("input_1").attrs["weight_names"] = []
+            if vals:
+                expected[name] = vals
     loaded = load_model("ssd300", path).model
+    assert len(expected) == len(SSD300_VOC_LAYERS) + 1
     for name, vals in expected.items():
-        for got, want in zip(loaded.get_layer(name).get_weights(), vals):
-            np.testing.assert_array_equal(got, want)
-    assert loaded.get_layer("conv4_3_norm").get_weights()[0].shape == (512,)
+        got = loaded.get_layer(name).get_weights()
+        assert len(got) == len(vals), name
+        for g, want in zip(got, vals):
+            np.testing.assert_array_equal(g, want)
 
 
 @pytest.mark.slow
@@ -244,7 +267,7 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
             "--calib-images",
             "20",
             "--targets",
-            "keras-fp32,tflite-fp32,tflite-int8,onnx-fp32,onnx-int8-entropy",
+            "keras-fp32,tflite-fp32,tflite-int8,onnx-fp32,qdq-int8-entropy",
             "--out",
             str(out),
         ],
@@ -257,7 +280,7 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
     assert ref["images"] == 40 and ref["mAP"] > 0.5, ref  # the detector learned the task
     assert rows["tflite-fp32"]["mAP"] == pytest.approx(ref["mAP"], abs=0.01)
     assert rows["onnx-fp32"]["mAP"] == pytest.approx(ref["mAP"], abs=0.01)
-    for t in ("tflite-int8", "onnx-int8-entropy"):
+    for t in ("tflite-int8", "qdq-int8-entropy"):
         assert abs(rows[t]["delta_mAP"]) < 0.15  # int8 stays close to fp32 on this easy task
     assert "mAP" in res.stdout and "tflite-int8" in res.stdout
     if kind == "voc2007":
@@ -268,16 +291,17 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
 
 
 @pytest.mark.slow
-def test_signoff_gates_detection_on_map(tiny_detector, tmp_path):
+@pytest.mark.parametrize("kind", ["voc2007", "coco"])
+def test_signoff_gates_detection_on_map(tiny_detector, tmp_path, kind):
     import yaml
 
-    data = write_voc(tmp_path / "v", 50, seed=4)
+    data = write_voc(tmp_path / "v", 50, seed=4) if kind == "voc2007" else write_coco(tmp_path / "c", 50, seed=4)
     plan = tmp_path / "plan.yaml"
     plan.write_text(
         yaml.safe_dump(
             {
                 "name": "det",
-                "dataset": f"voc2007:{data}",
+                "dataset": f"{kind}:{data}",
                 "limit": 40,
                 "calibration": {"num_images": 10},
                 "chunk_images": 16,
@@ -302,9 +326,39 @@ def test_signoff_gates_detection_on_map(tiny_detector, tmp_path):
     assert res.returncode == 1, res.stderr  # the second gate cannot pass
     verdicts = [json.loads(line) for line in (tmp_path / "o" / "verdicts.jsonl").read_text().splitlines()]
     assert [v["passed"] for v in verdicts] == [True, False]
-    assert all(v["metric"] == "mAP" and v["images"] == 40 and v["ci_low"] <= v["ci_high"] for v in verdicts)
+    assert all(
+        v["metric"] == "mAP" and v["images"] == 40 and v["ci_low"] <= v["value"] <= v["ci_high"] for v in verdicts
+    )
+    assert all(v["interval"].startswith("bootstrap") and "approximate" in v["interval"] for v in verdicts)
     rows = [json.loads(line) for line in (tmp_path / "o" / "signoff.jsonl").read_text().splitlines()]
     assert {r["target"] for r in rows} == {"keras-fp32", "tflite-int8"} and all(r["task"] == "detection" for r in rows)
+    report = (tmp_path / "o" / "report.md").read_text()
+    if kind == "voc2007":  # the report carries the per-class AP table results.md has
+        assert "## Per-class AP (VOC07 11-point)" in report and "| cat |" in report
+
+
+def test_coco_intervals_treat_a_repeated_image_as_its_own_image(tmp_path):
+    """Perfect detections: every resample scores 1.0, whatever images it repeats (pycocotools merged repeated
+    image ids and scored 0.835 on [0, 0, 1]); the interval of a relative gate is [1, 1]."""
+    from quantship.config import Gate
+    from quantship.evaluate.tasks import make_task
+    from quantship.evaluate.verdicts import gate_verdict
+
+    ds = load_dataset(f"coco:{write_coco(tmp_path / 'c', 12, seed=2)}")
+    task = make_task(ds)
+    labels = [s.label for s in ds.samples]
+    arrays = {
+        "keys": np.asarray([s.key for s in ds.samples]),
+        "det_count": np.asarray([len(lab["boxes"]) for lab in labels]),
+        "det_boxes": np.concatenate([lab["boxes"] for lab in labels]).astype(np.float32),
+        "det_scores": np.ones(sum(len(lab["boxes"]) for lab in labels), np.float32),
+        "det_classes": np.concatenate([lab["classes"] for lab in labels]).astype(np.int64),
+    }
+    paired = task.paired("mAP", arrays, arrays, arrays["keys"])
+    assert paired.target == paired.reference == 1.0
+    assert paired.resample(np.array([0, 0, 1])) == (1.0, 1.0)
+    v = gate_verdict(Gate(metric="mAP", relative=0.99, decision="interval"), paired, samples=50)
+    assert (v["ci_low"], v["ci_high"], v["verdict"]) == (1.0, 1.0, "PASS")
 
 
 def test_saved_model_with_l2_normalization_loads_in_a_fresh_process(tmp_path):

@@ -3,6 +3,7 @@ quantization: one channel of conv1's output is 3000x larger (compensated in conv
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,7 @@ def test_tflite_ranking_and_fallback(hostile, tmp_path):
 @pytest.mark.slow
 def test_depthwise_vs_pointwise_and_weight_study(qdq_backend, hostile):
     model, _, held = hostile
+    before = [w.copy() for w in model.get_weights()]
     types = layer_types(model)
     assert types == {"conv1": "conv", "conv2": "conv", "dw": "depthwise", "pw": "pointwise", "fc": "dense"}
     rows = depthwise_vs_pointwise(qdq_backend, held, types)
@@ -179,7 +181,10 @@ def test_depthwise_vs_pointwise_and_weight_study(qdq_backend, hostile):
     assert by[("mantissa:1", "all")]["sqnr_db"] < by[("fp16", "all")]["sqnr_db"]
     assert ("int8-channel", "conv1") in by and ("recipe", "mixed") in by
     assert all(len(r["prediction_check"]) == 3 for r in study)
-    np.testing.assert_array_equal(model.predict(held.x[:4], verbose=0), held.reference[:4])  # weights restored
+    # Weights are restored bit for bit; outputs at another batch size may differ in the last bit (the kernels
+    # block differently on some CPUs), so they are compared with a tolerance.
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before))
+    np.testing.assert_allclose(model.predict(held.x[:4], verbose=0), held.reference[:4], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -252,5 +257,32 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     page = (tmp_path / "s" / "report.html").read_text()
-    assert "per-layer quantization harm" not in page or "data:image/png;base64," in page
+    # The one picture is the per-layer harm chart (a real PNG); the tables are there.
+    (png,) = [p.split("'")[0] for p in page.split("alt='per-layer harm' src='data:image/png;base64,")[1:]]
+    assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.count("data:image/png;base64,") == 1 and "Cumulative" in page and "mantissa:8" in page
+    assert (tmp_path / "s" / "sensitivity_chart.png").read_bytes() == base64.b64decode(png)
+
+
+def test_gates_check_the_metric_they_name():
+    """A top5 gate is evaluated on top-5 (it was evaluated on top-1)."""
+    from quantship.jobs.sensitivity import gate_passes
+
+    metrics = {"metric": "top1", "top1": 0.50, "reference_top1": 0.80, "top5": 0.90, "reference_top5": 0.91}
+    assert gate_passes(Gate.parse("top5>=0.98"), metrics) and not gate_passes(Gate.parse("top1>=0.98"), metrics)
+    assert not gate_passes(Gate.parse("top5-drop<=0.5"), metrics) and gate_passes(Gate.parse("top5-drop<=2"), metrics)
+
+
+@pytest.mark.slow
+def test_fallback_passes_only_when_every_backend_passes(qdq_backend, hostile):
+    """One float set for all backends, and the result is a pass only if every backend passes with it: here a
+    second Q/DQ model whose last layer's input range is broken can never pass with one float layer, while the
+    first passes (convert --auto-fallback exited 0 in such a case when the TFLite model passed)."""
+    _, _, held = hostile
+    broken = QdqBackend(qdq_backend.model, dict(qdq_backend.amax), qdq_backend.node_layers)
+    fc_input = next(n.input[0] for n in qdq_backend.model.graph.node if qdq_backend.node_layers.get(n.name) == "fc")
+    broken.amax[fc_input] = 1e-4
+    broken.name = "qdq-broken"
+    result = find_fallback([qdq_backend, broken], ["conv2", "conv1"], held, GATE, max_layers=1)
+    last = {s["backend"]: s["passed"] for s in result.steps if s["float_layers"] == ["conv2"]}
+    assert last == {"qdq": True, "qdq-broken": False} and not result.passed

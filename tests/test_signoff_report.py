@@ -20,7 +20,6 @@ from quantship.config import Gate
 from quantship.errors import ConfigError
 from quantship.evaluate.bench import BenchConfig, annotate, mobile_profile
 from quantship.evaluate.latency import latency_stats
-from quantship.evaluate.stats import bootstrap_diff_ci, bootstrap_mean_ci
 from quantship.jobs.specs import SignoffPlan
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -35,26 +34,43 @@ def test_latency_percentiles_match_numpy():
     assert s["latency_ms_mean"] == pytest.approx(ms.mean()) and s["iterations"] == 1001
 
 
-def test_bootstrap_matches_a_plain_numpy_loop():
-    rng = np.random.default_rng(5)
-    x = (rng.random(300) < 0.7).astype(float)
-    lo, hi = bootstrap_mean_ci(x, samples=500, confidence=0.9, seed=11)
-    r = np.random.default_rng(11)
-    idx = r.integers(0, x.size, size=(500, x.size))
-    means = np.array([x[row].mean() for row in idx])
-    assert (lo, hi) == (pytest.approx(np.quantile(means, 0.05)), pytest.approx(np.quantile(means, 0.95)))
-    assert lo < x.mean() < hi
+def _paired(t, r):
+    from quantship.evaluate.tasks import PairedSample
+
+    t, r = np.asarray(t, float), np.asarray(r, float)
+    return PairedSample("top1", t.mean(), r.mean(), t.size, per_image=(t, r))
 
 
-def test_paired_difference_interval():
+def test_nine_agreeing_images_prove_nothing():
+    """9 photos on which int8 agrees with fp32: the point value passes, but the true disagreement rate could be
+    up to about 0.3, so the exact interval is wide and an interval gate is INCONCLUSIVE (the bootstrap said
+    [1, 1] and PASS)."""
+    from quantship.evaluate.verdicts import gate_verdict
+
+    ones = np.ones(9)
+    point = gate_verdict(Gate(relative=0.99), _paired(ones, ones))
+    assert point["verdict"] == "PASS" and point["rule"] == "point" and point["interval"] == "exact"
+    assert point["ci_low"] < 0.75 and point["ci_high"] > 1.0
+    interval = gate_verdict(Gate(relative=0.99, decision="interval"), _paired(ones, ones))
+    assert interval["verdict"] == "INCONCLUSIVE" and not interval["passed"]
+    assert interval["images_to_settle"] > 9
+    few = gate_verdict(Gate(relative=0.99), _paired(ones, ones), min_images=50)
+    assert few["verdict"] == "INCONCLUSIVE" and few["images_to_settle"] >= 50
+
+
+def test_interval_rule_passes_fails_and_settles():
+    from quantship.evaluate.verdicts import gate_verdict
+
     rng = np.random.default_rng(0)
-    ref = (rng.random(2000) < 0.75).astype(float)
-    same = bootstrap_diff_ci(ref, ref)
-    assert same == (0.0, 0.0)
+    ref = (rng.random(4000) < 0.75).astype(float)
+    same = gate_verdict(Gate(max_drop_points=1.0, decision="interval"), _paired(ref, ref))
+    assert same["verdict"] == "PASS" and same["ci_low"] > -1.0  # 4000 agreeing images: within 1 point
     worse = ref.copy()
-    worse[np.flatnonzero(ref)[:100]] = 0  # 5 points lower
-    lo, hi = bootstrap_diff_ci(worse, ref)
-    assert lo <= -0.05 <= hi and hi < 0
+    worse[np.flatnonzero(ref)[:400]] = 0  # 10 points lower
+    bad = gate_verdict(Gate(max_drop_points=1.0, decision="interval"), _paired(worse, ref))
+    assert bad["verdict"] == "FAIL" and bad["ci_high"] < -1.0 and bad["ci_low"] <= -10.0
+    undecided = gate_verdict(Gate(max_drop_points=0.5, decision="interval"), _paired(ref[:200], ref[:200]))
+    assert undecided["verdict"] == "INCONCLUSIVE" and undecided["images_to_settle"] > 200
 
 
 # --------------------------------------------------------------------------------------------- plans
@@ -302,3 +318,149 @@ def test_bench_cli_on_a_tflite_file(trained_tiny, bigger_dataset, tmp_path):
         )
         assert r["throughput_ips_b1"] > 0 and r["throughput_ips_b4"] > 0
         assert r["init_ms"] > 0 and r["peak_rss_mb"] > 10 and r["file_size_bytes"] > 0
+
+
+# ------------------------------------------------------------------------------ stored results are exact
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "signoff.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_replaced_model_file_is_evaluated_again(trained_tiny, bigger_dataset, tmp_path):
+    """Same path, other content: the stored rows must not be reused (they were: a PASS with the old numbers)."""
+    import shutil
+
+    from conftest import _tiny_model
+
+    _, trained = trained_tiny
+    model = tmp_path / "model.keras"
+    shutil.copy(trained, model)
+    plan = _write_plan(
+        tmp_path / "plan.yaml", model, bigger_dataset, [{"metric": "top1", "relative": 0.9}], ["tflite-fp32"], limit=30
+    )
+    out = tmp_path / "out"
+    assert _signoff(plan, out).returncode == 0
+    first = {r["target"]: r for r in _rows(out)}
+    _tiny_model().save(model)  # untrained weights at the same path
+    _signoff(plan, out)
+    plan_keys = json.loads((out / "plan.json").read_text())["unit_keys"]
+    current = {r["target"]: r for r in _rows(out) if r["unit_key"] in plan_keys}
+    assert set(current) == {"keras-fp32", "tflite-fp32"}
+    for target, row in current.items():
+        assert row["unit_key"] != first[target]["unit_key"]
+    assert current["keras-fp32"]["top1"] != first["keras-fp32"]["top1"]
+    assert current["tflite-fp32"]["top1"] == current["keras-fp32"]["top1"]  # the artifact was rebuilt too
+
+
+@pytest.mark.slow
+def test_resume_only_reuses_exactly_matching_chunks(trained_tiny, bigger_dataset, tmp_path):
+    """A corrupt chunk is discarded and recomputed alone; other chunking is another key (no double counting);
+    targets dropped from the plan leave the verdicts and the report's tables, listed as not in this plan."""
+    _, model = trained_tiny
+    gates = [{"metric": "top1", "max_drop_points": 5}]
+    plan = _write_plan(
+        tmp_path / "plan.yaml", model, bigger_dataset, gates, ["tflite-fp32", "tflite-fp16"], limit=40, chunk=16
+    )
+    out = tmp_path / "out"
+    assert _signoff(plan, out).returncode == 0
+    chunks = sorted((out / "state").glob("*tflite-fp32*/chunk-*.npz"))
+    assert len(chunks) == 3
+    good = {p: p.stat().st_mtime_ns for p in (out / "state").glob("*/chunk-*.npz") if p != chunks[1]}
+    chunks[1].write_bytes(chunks[1].read_bytes()[:100])  # truncated
+    rows = {r["unit_key"]: r for r in _rows(out)}
+    res = _signoff(plan, out)
+    assert res.returncode == 0 and "discarding the stored chunk" in res.stdout, res.stdout + res.stderr
+    assert {p: p.stat().st_mtime_ns for p in good} == good and chunks[1].stat().st_size > 100
+
+    def numbers(rows):
+        return {k: {f: v for f, v in r.items() if f != "latency_ms"} for k, r in rows.items()}
+
+    assert numbers({r["unit_key"]: r for r in _rows(out)}) == numbers(rows)  # the same rows, the same numbers
+
+    plan = _write_plan(tmp_path / "plan2.yaml", model, bigger_dataset, gates, ["tflite-fp32"], limit=40, chunk=24)
+    assert _signoff(plan, out).returncode == 0
+    keys = json.loads((out / "plan.json").read_text())["unit_keys"]
+    current = [r for r in _rows(out) if r["unit_key"] in keys]
+    assert sorted(r["target"] for r in current) == ["keras-fp32", "tflite-fp32"]
+    assert all(r["images"] == 40 for r in current)  # not 40 + stored chunks of the other chunking
+    verdicts = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    assert [v["target"] for v in verdicts] == ["tflite-fp32"]
+    report = (out / "report.md").read_text()
+    accuracy, other = report.split("## Stored results not in this plan")
+    assert "tflite-fp16" not in accuracy and "tflite-fp16" in other
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
+    from quantship.fileio import FolderLock
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "name: p\ndataset: imagenet:/nowhere\nmodels: [{name: mobilenet_v2, weights: random}]\n"
+        "targets: [tflite-fp32]\ngates: [{metric: top1, relative: 0.9}]\n"
+    )
+    with FolderLock(tmp_path / "out", "a test holding the folder"):
+        res = _signoff(plan, tmp_path / "out")
+    assert res.returncode == 2
+    assert f"{tmp_path / 'out'} is in use by another run (PID {os.getpid()}: a test holding the folder)" in res.stderr
+    assert "Traceback" not in res.stderr
+    with FolderLock(tmp_path / "out"):  # released when the holder is done
+        pass
+
+
+@pytest.fixture(scope="module")
+def fails_int16x8(tmp_path_factory):
+    """A classifier whose int16x8 TFLite model converts but cannot run: a depthwise conv with ReLU6 whose output
+    is tiny, so 6 / output scale overflows int32 ("DEPTHWISE_CONV_2D failed to prepare", as mobilenet_0.25_128)."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((32, 32, 3), name="input")
+    x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu6", name="dw")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, activation="softmax", name="fc")(x)
+    model = keras.Model(inputs, out)
+    k, b = model.get_layer("dw").get_weights()
+    model.get_layer("dw").set_weights([k * 1e-7, b * 0])
+    path = tmp_path_factory.mktemp("i16") / "tiny_dw.keras"
+    model.save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_target_that_cannot_run_gets_a_row_and_the_others_are_evaluated(fails_int16x8, synset_dataset, tmp_path):
+    from quantship.cli import main
+
+    out = tmp_path / "out"
+    data = f"imagenet:{synset_dataset}"
+    targets = "keras-fp32,tflite-int16x8,tflite-fp32"
+    common = ["--preprocess", TINY_PREPROCESS, "--calib-images", "6", "--limit", "12", "--out", str(out)]
+    code = main(["eval", "--model", str(fails_int16x8), "--data", data, "--targets", targets, *common])
+    assert code == 1
+    rows = {r["target"]: r for r in (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines())}
+    assert rows["tflite-int16x8"]["status"] == "failed" and "failed to prepare" in rows["tflite-int16x8"]["error"]
+    assert rows["keras-fp32"]["status"] == rows["tflite-fp32"]["status"] == "ok"
+    assert rows["tflite-fp32"]["images"] == 12 and rows["tflite-fp32"]["agreement_top1"] == 1.0
+    assert not list((out / "artifacts").glob("*int16x8*"))  # no half-built file or manifest left behind
+    assert "FAILED tflite-int16x8" in (out / "results.md").read_text()
+
+
+def test_chart_labels_do_not_overlap_and_the_log_axis_reads():
+    """Twelve targets crowded at one accuracy (as in the demo): every label inside the axes, clear of every
+    other label and of the title; the log axis labels only its major ticks, as plain numbers."""
+    from quantship.evaluate.charts import _overlap, _pyplot, accuracy_latency_figure
+
+    lat = [13.8, 19.0, 21.9, 45.5, 50.0, 57.7, 61.4, 62.5, 64.7, 65.6, 669.0, 30.0]
+    points = [("m", f"target-number-{i}", x, 0.75) for i, x in enumerate(lat)]
+    fig, ax, boxes = accuracy_latency_figure(points)
+    assert len(boxes) == len(points)
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :] if _overlap(a, b)]
+    inside = ax.get_window_extent(fig.canvas.get_renderer())
+    assert all(inside.x0 <= b[0] and b[2] <= inside.x1 and inside.y0 <= b[1] and b[3] <= inside.y1 for b in boxes)
+    title = ax.title.get_window_extent(fig.canvas.get_renderer())
+    assert not any(_overlap(b, (title.x0, title.y0, title.x1, title.y1)) for b in boxes)
+    major = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    assert minor == [] and "10" in major and "50" in major and all("^" not in m for m in major)
+    _pyplot().close(fig)

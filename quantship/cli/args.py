@@ -95,9 +95,25 @@ def calibration(args: argparse.Namespace) -> CalibrationSpec:
     return CalibrationSpec(num_images=args.calib_images, seed=args.calib_seed)
 
 
+def providers(text: str) -> tuple[str, ...]:
+    names = tuple(names_ for names_ in (t.strip() for t in text.split(",")) if names_)
+    if not names:
+        raise argparse.ArgumentTypeError(
+            "expected execution providers, e.g. CUDAExecutionProvider,CPUExecutionProvider"
+        )
+    return names
+
+
 def runtime(p: argparse.ArgumentParser, batch: bool = True) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--threads", type=positive_int, help="CPU threads of LiteRT / ONNX Runtime")
+    g.add_argument(
+        "--ort-providers",
+        type=providers,
+        default=("cpu",),
+        help="ONNX Runtime execution providers in priority order, e.g. CUDAExecutionProvider,CPUExecutionProvider "
+        "(cpu, cuda, tensorrt accepted); one that is not available is an error, never a silent fallback",
+    )
     if batch:
         g.add_argument("--batch-size", type=positive_int, default=8)
 

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated targets to build from --model and time (see 'quantship targets'; default "
         "tflite-fp32,tflite-fp16,tflite-int8, none with --forward-backward)",
     )
-    p.add_argument("--threads", type=a.positive_int, help="CPU threads (LiteRT / ONNX Runtime / TensorFlow)")
+    a.runtime(p, batch=False)
     p.add_argument(
         "--mobile",
         action="store_true",
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         raw_inputs=args.raw_inputs,
         forward_backward=args.forward_backward,
         per_layer=args.per_layer,
+        providers=args.ort_providers,
     )
     print(result.text)
     return result.exit_code

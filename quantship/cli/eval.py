@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         preprocess_overrides=a.preprocess(args),
         trt=a.trt_options(args),
         anchors=args.anchors,
+        providers=args.ort_providers,
     )
     print(
         f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,33 @@ class ImageDataset:
             h.update(s.key.encode())
             h.update(b"\0")
         return h.hexdigest()[:16]
+
+    def listing_hash(self) -> str:
+        """Hash of what the images are, without reading them: each key with its file's size and modification
+        time (the container file's, for images stored inside one), and each label's value. A replaced image
+        or an edited ground truth changes it."""
+        h = hashlib.sha256()
+        stats: dict[str, tuple[int, int]] = {}
+        for s in self.samples:
+            path = s.key.split("#", 1)[0]
+            if path not in stats:
+                try:
+                    st = os.stat(path)
+                    stats[path] = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    stats[path] = (-1, -1)
+            h.update(f"{s.key}\0{stats[path][0]}\0{stats[path][1]}\0{_label_digest(s.label)}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _label_digest(label: Any) -> str:
+    if isinstance(label, dict):
+        return hashlib.sha256(
+            repr(
+                sorted((k, np.asarray(v).tobytes() if isinstance(v, np.ndarray) else v) for k, v in label.items())
+            ).encode()
+        ).hexdigest()[:16]
+    return repr(label)
 
 
 DatasetLoader = Callable[..., ImageDataset]

@@ -64,6 +64,7 @@ class BenchConfig:
     min_seconds: float | None = None
     batch_sizes: tuple[int, ...] = (1,)
     cuda_graph: bool = False
+    providers: tuple[str, ...] = ("cpu",)
     loadgen: str | None = None
     loadgen_dir: str | None = None
     samples: int = 64
@@ -151,9 +152,8 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         os.sched_setaffinity(0, set(cfg.cores))
     t0 = time.perf_counter()
     runtime = runtime_for_artifact(cfg.artifact)
-    runner = make_runner(
-        cfg.artifact, RunnerOptions(threads=cfg.threads, cuda_graph=cfg.cuda_graph), cfg.target or None
-    )
+    options = RunnerOptions(threads=cfg.threads, providers=cfg.providers, cuda_graph=cfg.cuda_graph)
+    runner = make_runner(cfg.artifact, options, cfg.target or None)
     runner.activate()
     init_ms = (time.perf_counter() - t0) * 1e3
     row: dict[str, Any] = {
@@ -164,6 +164,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         "harness": "bench",
         "inputs": "raw" if cfg.raw_inputs else "float",
         "threads": cfg.threads,
+        "providers": runner.active_providers if runtime.name == "onnx" else None,
         "cores": list(cfg.cores) if cfg.cores else None,
         "file_size_bytes": Path(cfg.artifact).stat().st_size,
         "init_ms": init_ms,
@@ -244,7 +245,7 @@ def mobile_profile(
 
 
 def _run_payload(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    for key in ("cores", "batch_sizes"):
+    for key in ("cores", "batch_sizes", "providers"):
         if cfg_dict.get(key) is not None:
             cfg_dict[key] = tuple(cfg_dict[key])
     return run_config(BenchConfig(**cfg_dict))

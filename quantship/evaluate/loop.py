@@ -14,6 +14,7 @@ import numpy as np
 
 from quantship.config import PreprocessSpec
 from quantship.data.datasets import ImageDataset, Skipped, iter_batches
+from quantship.errors import QuantshipError
 from quantship.evaluate.tasks import Arrays, Task, concat
 from quantship.progress import track
 from quantship.runtime.base import Runner
@@ -27,6 +28,7 @@ class TargetRun:
     parts: list[Arrays] = field(default_factory=list)
     seconds: float = 0.0  # runtime time over the timed batches
     timed_images: int = 0
+    error: str | None = None  # why the target stopped (its runner failed); the others go on
 
     @property
     def arrays(self) -> Arrays:
@@ -59,15 +61,21 @@ def run_targets(
         Target name -> :class:`TargetRun`.
     """
     runs = {name: TargetRun(name) for name in runners}
+    live = dict(runners)
     n_batches = (len(dataset) + batch_size - 1) // batch_size
     batches = iter_batches(dataset, preprocess, batch_size, workers, skipped)
     for i, batch in enumerate(track(batches, total=n_batches, desc=desc)):
         b, v = batch.inputs.shape[:2]
         flat = batch.inputs.reshape(b * v, *batch.inputs.shape[2:])
         timed = i >= warmup_batches or n_batches == 1
-        for name, runner in runners.items():
-            out = first_output(runner.infer(flat))
+        for name, runner in list(live.items()):
             run = runs[name]
+            try:
+                out = first_output(runner.infer(flat))
+            except QuantshipError as exc:  # one failing runtime does not take the others down
+                run.error = str(exc)
+                del live[name]
+                continue
             if timed:
                 run.seconds += runner.last_inference_time or 0.0
                 run.timed_images += b

@@ -1,26 +1,29 @@
 """Reports rebuilt from stored results alone: Markdown and one self-contained HTML file.
 
-Reads whatever a results folder holds: ``results.jsonl`` (eval/demo), ``signoff.jsonl`` + ``verdicts.jsonl``
-(sign-off), ``bench.jsonl`` (latency), ``environment.json`` and the manifests the rows point at.
+Reads whatever a results folder holds: ``results.jsonl`` (eval/demo), ``signoff.jsonl`` + ``verdicts.jsonl`` +
+``plan.json`` (sign-off), ``bench.jsonl`` (latency), ``sensitivity.jsonl``, ``predictions.jsonl`` (the demo's
+prediction check), ``environment.json`` and the manifests the rows point at. The page reads top-down the way a
+release manager decides: the verdict first, then the tables, then the chart and the details.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
-import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from quantship.errors import DataError
-from quantship.evaluate.results import markdown_table
-from quantship.fileio import read_jsonl, write_bytes_atomic, write_text_atomic
+from quantship.evaluate.charts import accuracy_latency_chart, sensitivity_chart
+from quantship.evaluate.results import Columns, markdown_table, per_class_ap_markdown, table_rows
+from quantship.fileio import write_bytes_atomic, write_text_atomic
 
 ACCURACY_COLUMNS = (
     ("model", "model", "{}"),
     ("target", "target", "{}"),
+    ("status", "status", "{}"),
     ("images", "images", "{}"),
     ("top1", "top-1", "{:.4f}"),
     ("top5", "top-5", "{:.4f}"),
@@ -28,17 +31,22 @@ ACCURACY_COLUMNS = (
     ("mAP", "mAP", "{:.4f}"),
     ("delta_mAP", "Δ mAP", "{:+.4f}"),
     ("latency_ms", "ms/image (eval)", "{:.2f}"),
+    ("threads", "threads", "{}"),
+    ("providers_text", "ORT providers", "{}"),
     ("skipped", "skipped", "{}"),
 )
 VERDICT_COLUMNS = (
     ("model", "model", "{}"),
     ("target", "target", "{}"),
     ("gate", "gate", "{}"),
+    ("rule", "decided on", "{}"),
+    ("images", "images", "{}"),
     ("target_value", "value", "{:.4f}"),
     ("reference_value", "reference", "{:.4f}"),
     ("delta_points", "Δ points", "{:+.2f}"),
-    ("ci", "CI", "{}"),
+    ("ci", "interval", "{}"),
     ("verdict", "verdict", "{}"),
+    ("settle", "images to settle", "{}"),
 )
 BENCH_COLUMNS = (
     ("target", "target", "{}"),
@@ -53,58 +61,184 @@ BENCH_COLUMNS = (
     ("size_mb", "size MB", "{:.2f}"),
     ("warning", "warning", "{}"),
 )
+OTHER_COLUMNS = (
+    ("model", "model", "{}"),
+    ("target", "target", "{}"),
+    ("status", "status", "{}"),
+    ("unit_key", "key", "{}"),
+)
+_SENS_HEAD = (("backend", "backend", "{}"),)
+_SENS_TAIL = (
+    ("metric", "metric", "{}"),
+    ("value", "value", "{:.4f}"),
+    ("delta", "Δ", "{:+.4f}"),
+    ("agreement_top1", "agree w/ fp32", "{:.4f}"),
+    ("sqnr_db", "SQNR dB", "{:.1f}"),
+)
+SENSITIVITY_TABLES: dict[str, tuple[str, Columns]] = {
+    "single": (
+        "Layer sensitivity (one layer quantized, the rest float), most harmful first",
+        (*_SENS_HEAD, ("rank", "rank", "{}"), ("layer", "layer", "{}"), *_SENS_TAIL),
+    ),
+    "cumulative": (
+        "Cumulative (layers 0..k quantized)",
+        (*_SENS_HEAD, ("quantized_layers", "k", "{}"), ("layer", "up to layer", "{}"), *_SENS_TAIL),
+    ),
+    "depthwise_vs_pointwise": (
+        "Depthwise vs pointwise",
+        (*_SENS_HEAD, ("setting", "quantized", "{}"), ("quantized_layers", "layers", "{}"), *_SENS_TAIL),
+    ),
+    "weights": (
+        "Weight precision (Keras model, activations float)",
+        (
+            ("precision", "weights", "{}"),
+            ("layers", "layers", "{}"),
+            *_SENS_TAIL,
+            ("prediction_text", "prediction check (first images)", "{}"),
+        ),
+    ),  # fmt: skip
+    "fallback": (
+        "Float fallback search",
+        (*_SENS_HEAD, ("float_layers_text", "float layers", "{}"), *_SENS_TAIL, ("passed", "gate", "{}")),
+    ),
+    "fallback_cost": (
+        "What the fallback costs",
+        (
+            *_SENS_HEAD,
+            ("variant", "model", "{}"),
+            ("float_layers_text", "float layers", "{}"),
+            *_SENS_TAIL,
+            ("size_mb", "size MB", "{:.2f}"),
+            ("latency_ms_p50", "p50 ms", "{:.2f}"),
+        ),
+    ),  # fmt: skip
+}
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _read_jsonl_strict(path: Path) -> list[dict[str, Any]]:
+    """JSON lines; a torn last line (a kill mid-write) is ignored, any other bad line is an error."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue
+            raise DataError(
+                f"{path}:{n}: not a JSON row; the file is damaged (run the job again to rewrite it)"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object per line")
+        rows.append(row)
+    return rows
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: {what} is not valid JSON ({exc}); run the job again to rewrite it") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+VERDICT_KEYS = ("model", "target", "gate", "verdict")
 
 
 def load_results(folder: Path) -> dict[str, Any]:
+    """Everything a results folder stores, checked, with display fields added.
+
+    Raises:
+        DataError: No results, or a damaged file (named, with the line).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"results folder not found: {folder}")
+    plan = _read_json(folder / "plan.json", "the sign-off plan record")
+    rows = _read_jsonl_strict(folder / "signoff.jsonl") or _read_jsonl_strict(folder / "results.jsonl")
+    other: list[dict[str, Any]] = []
+    if "unit_keys" in plan:  # a sign-off: the report covers exactly the current plan
+        keys = list(plan["unit_keys"])
+        by_key = {r.get("unit_key"): r for r in rows}
+        rows, other = [by_key[k] for k in keys if k in by_key], [r for k, r in by_key.items() if k not in set(keys)]
     data = {
-        "rows": read_jsonl(folder / "signoff.jsonl") or read_jsonl(folder / "results.jsonl"),
-        "verdicts": read_jsonl(folder / "verdicts.jsonl"),
-        "bench": read_jsonl(folder / "bench.jsonl"),
-        "sensitivity": read_jsonl(folder / "sensitivity.jsonl"),
-        "environment": json.loads((folder / "environment.json").read_text())
-        if (folder / "environment.json").is_file()
-        else {},
+        "rows": rows,
+        "other_rows": other,
+        "verdicts": _read_jsonl_strict(folder / "verdicts.jsonl"),
+        "bench": _read_jsonl_strict(folder / "bench.jsonl"),
+        "sensitivity": _read_jsonl_strict(folder / "sensitivity.jsonl"),
+        "predictions": _read_jsonl_strict(folder / "predictions.jsonl"),
+        "environment": _read_json(folder / "environment.json", "the environment record"),
+        "folder": folder,
     }
-    if not data["rows"] and not data["bench"] and not data["sensitivity"]:
+    if not (data["rows"] or data["bench"] or data["sensitivity"]):
         raise DataError(f"{folder}: no stored results (results.jsonl, signoff.jsonl, bench.jsonl or sensitivity.jsonl)")
+    for n, v in enumerate(data["verdicts"], 1):
+        missing = [k for k in VERDICT_KEYS if k not in v]
+        if missing:
+            raise DataError(
+                f"{folder / 'verdicts.jsonl'}:{n}: verdict row lacks {', '.join(missing)}; run the sign-off again"
+            )
+        _verdict_display(v)
     for r in data["sensitivity"]:
         if isinstance(r.get("float_layers"), list):
             r["float_layers_text"] = ", ".join(r["float_layers"]) or "-"
         if isinstance(r.get("prediction_check"), list):
             r["prediction_text"] = " | ".join(r["prediction_check"])
     for r in data["rows"]:
-        if "delta_top1" not in r:
+        r.setdefault("status", "ok")
+        if isinstance(r.get("providers"), list):
+            r["providers_text"] = ", ".join(p.replace("ExecutionProvider", "") for p in r["providers"])
+        if "delta_top1" not in r and r.get("top1") is not None:
             ref = next(
                 (x for x in data["rows"] if x.get("model") == r.get("model") and x["target"] == "keras-fp32"), None
             )
-            if ref is not None and r.get("top1") is not None:
+            if ref is not None and ref.get("top1") is not None:
                 r["delta_top1"] = r["top1"] - ref["top1"]
-    for v in data["verdicts"]:
-        v["ci"] = (
-            f"[{v['ci_low']:+.4g}, {v['ci_high']:+.4g}]"
-            if v["kind"] == "drop_points"
-            else f"[{v['ci_low']:.4f}, {v['ci_high']:.4f}]"
-        )
-        v["verdict"] = "PASS" if v["passed"] else "FAIL"
     from quantship.evaluate.bench import display_fields
 
     for b in data["bench"]:
         display_fields(b)
-    manifests = {}
-    for r in data["rows"]:
+    data["manifests"] = _manifests(data["rows"])
+    return data
+
+
+def _verdict_display(v: dict[str, Any]) -> None:
+    lo, hi = v.get("ci_low"), v.get("ci_high")
+    if lo is None or hi is None:
+        v["ci"] = v.get("error", "-")
+    else:
+        fmt = "{:+.3g}" if v.get("kind") == "drop_points" else "{:.4f}"
+        unit = " points" if v.get("kind") == "drop_points" else ""
+        method = v.get("interval", "")
+        conf = f"{100 * v['confidence']:g}% " if v.get("confidence") else ""
+        v["ci"] = f"[{fmt.format(lo)}, {fmt.format(hi)}]{unit} ({conf}{method})".replace(" ()", "")
+    v["settle"] = v.get("images_to_settle") if v.get("verdict") == "INCONCLUSIVE" else None
+
+
+def _manifests(rows: Sequence[dict]) -> dict[str, Any]:
+    out = {}
+    for r in rows:
         m = r.get("manifest")
         if m and Path(m).is_file():
             try:
-                manifests[r["target"] if not r.get("model") else f"{r['model']} / {r['target']}"] = json.loads(
+                out[r["target"] if not r.get("model") else f"{r['model']} / {r['target']}"] = json.loads(
                     Path(m).read_text()
                 )
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, OSError):
                 continue
-    data["manifests"] = manifests
-    return data
+    return out
 
 
 def _latency_for(data: dict[str, Any], row: dict[str, Any]) -> float | None:
@@ -118,252 +252,219 @@ def _accuracy(row: dict[str, Any]) -> float | None:
     return row.get("mAP") if row.get("task") == "detection" else row.get("top1")
 
 
-def accuracy_latency_chart(data: dict[str, Any]) -> bytes:
-    """PNG: top-1 against latency, one point per (model, target)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
-    models = sorted({r.get("model", "") for r in data["rows"]})
-    for mi, model in enumerate(models):
-        pts = [(r, _latency_for(data, r), _accuracy(r)) for r in data["rows"] if r.get("model", "") == model]
-        pts = [(r, x, y) for r, x, y in pts if x is not None and y is not None and not math.isnan(y)]
-        if not pts:
-            continue
-        ax.scatter([x for _, x, _ in pts], [100 * y for _, _, y in pts], label=model or "model", s=40, color=f"C{mi}")
-        # Targets often tie on accuracy: stagger the labels of neighbouring points so they stay readable.
-        for i, (r, x, y) in enumerate(sorted(pts, key=lambda p: p[1])):
-            ax.annotate(
-                r["target"],
-                (x, 100 * y),
-                textcoords="offset points",
-                xytext=(4, 4 + 8 * (i % 6)),
-                fontsize=7,
-                arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"} if i % 6 else None,
-            )
-    ax.set_xscale("log")
-    ax.set_xlabel("latency, ms per image (log scale)")
-    ax.set_ylabel("top-1 accuracy or mAP, %")
-    ax.set_title("accuracy vs latency")
-    ax.grid(True, alpha=0.3)
-    if models:
-        ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+# ------------------------------------------------------------------------------------------ document
 
 
-SENSITIVITY_TABLES = {
-    "single": (
-        "Layer sensitivity (one layer quantized, the rest float), most harmful first",
-        (
-            ("backend", "backend", "{}"),
-            ("rank", "rank", "{}"),
-            ("layer", "layer", "{}"),
-            ("top1", "top-1", "{:.4f}"),
-            ("delta_top1", "Δ top-1", "{:+.4f}"),
-            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
-            ("sqnr_db", "SQNR dB", "{:.1f}"),
-        ),
-    ),
-    "cumulative": (
-        "Cumulative (layers 0..k quantized)",
-        (
-            ("backend", "backend", "{}"),
-            ("quantized_layers", "k", "{}"),
-            ("layer", "up to layer", "{}"),
-            ("top1", "top-1", "{:.4f}"),
-            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
-            ("sqnr_db", "SQNR dB", "{:.1f}"),
-        ),
-    ),
-    "depthwise_vs_pointwise": (
-        "Depthwise vs pointwise",
-        (
-            ("backend", "backend", "{}"),
-            ("setting", "quantized", "{}"),
-            ("quantized_layers", "layers", "{}"),
-            ("top1", "top-1", "{:.4f}"),
-            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
-            ("sqnr_db", "SQNR dB", "{:.1f}"),
-        ),
-    ),
-    "weights": (
-        "Weight precision (Keras model, activations float)",
-        (
-            ("precision", "weights", "{}"),
-            ("layers", "layers", "{}"),
-            ("top1", "top-1", "{:.4f}"),
-            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
-            ("sqnr_db", "SQNR dB", "{:.1f}"),
-            ("prediction_text", "prediction check (first images)", "{}"),
-        ),
-    ),
-    "fallback": (
-        "Float fallback search",
-        (
-            ("backend", "backend", "{}"),
-            ("float_layers_text", "float layers", "{}"),
-            ("top1", "top-1", "{:.4f}"),
-            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
-            ("passed", "gate", "{}"),
-        ),
-    ),
-    "fallback_cost": (
-        "What the fallback costs",
-        (
-            ("backend", "backend", "{}"),
-            ("variant", "model", "{}"),
-            ("float_layers_text", "float layers", "{}"),
-            ("top1", "top-1", "{:.4f}"),
-            ("agreement_top1", "agree w/ fp32", "{:.4f}"),
-            ("size_mb", "size MB", "{:.2f}"),
-            ("latency_ms_p50", "p50 ms", "{:.2f}"),
-        ),
-    ),
-}
+@dataclass
+class _Doc:
+    """A report as a list of blocks, rendered to Markdown and to self-contained HTML alike."""
+
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("heading", (level, text)))
+
+    def para(self, text: str, css: str = "") -> None:
+        self.blocks.append(("para", (text, css)))
+
+    def table(self, rows: Sequence[dict], columns: Columns) -> None:
+        self.blocks.append(("table", (rows, columns)))
+
+    def image(self, png: bytes, name: str, alt: str) -> None:
+        self.blocks.append(("image", (png, name, alt)))
+
+    def markdown_lines(self, lines: list[str]) -> None:
+        """Markdown-only lines (tables of their own); HTML gets them preformatted."""
+        self.blocks.append(("raw", lines))
+
+    def details(self, name: str, text: str) -> None:
+        self.blocks.append(("details", (name, text)))
+
+    def photos(self, cards: list[tuple[str, bytes | None, str | None, list[str]]]) -> None:
+        self.blocks.append(("photos", cards))
+
+    def markdown(self, folder: Path) -> str:
+        md: list[str] = []
+        for kind, value in self.blocks:
+            if kind == "heading":
+                md += ["#" * value[0] + " " + value[1], ""]
+            elif kind == "para":
+                md += [f"**{value[0]}**" if value[1] else value[0], ""]
+            elif kind == "table":
+                md += [markdown_table(*value), ""]
+            elif kind == "image":
+                write_bytes_atomic(folder / value[1], value[0])
+                md += [f"![{value[2]}]({value[1]})", ""]
+            elif kind == "raw":
+                md += [*value, ""]
+            elif kind == "details":
+                md += [f"### {value[0]}", "", "```json", value[1], "```", ""]
+            elif kind == "photos":
+                for name, _png, path, lines in value:
+                    md += [f"### {name}", ""] + ([f"![{name}]({path})", ""] if path else [])
+                    md += [f"- {line}" for line in lines] + [""]
+        return "\n".join(md) + "\n"
+
+    def html(self, title: str) -> str:
+        parts = [
+            "<!doctype html><html><head><meta charset='utf-8'>",
+            f"<title>{html.escape(title)}</title>",
+            "<style>body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse;margin:0.6em 0 1.4em}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#f3f3f3}"
+            "td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}"
+            ".pass{color:#176117;font-weight:bold}.fail{color:#b00020;font-weight:bold}"
+            ".inconclusive{color:#9a6700;font-weight:bold}.verdict{font-size:1.4em;margin:0.4em 0 1em}"
+            "pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}"
+            ".photos{display:flex;flex-wrap:wrap;gap:16px}.card{border:1px solid #ddd;padding:8px;width:360px}"
+            ".card img{max-width:160px;float:left;margin:0 8px 4px 0}.card ul{font-size:12px;padding-left:1em;"
+            "clear:both;margin:4px 0}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1>",
+        ]
+        for kind, value in self.blocks:
+            if kind == "heading":
+                parts.append(f"<h{value[0]}>{html.escape(value[1])}</h{value[0]}>")
+            elif kind == "para":
+                parts.append(f"<p class='{value[1]}'>{html.escape(value[0])}</p>")
+            elif kind == "table":
+                parts.append(_html_table(*value))
+            elif kind == "image":
+                parts.append(f"<img alt='{html.escape(value[2])}' src='data:image/png;base64,{_b64(value[0])}'>")
+            elif kind == "raw":
+                parts.append(f"<pre>{html.escape(chr(10).join(value))}</pre>")
+            elif kind == "details":
+                parts.append(
+                    f"<details><summary>{html.escape(value[0])}</summary><pre>{html.escape(value[1])}</pre></details>"
+                )
+            elif kind == "photos":
+                cards = []
+                for name, png, _path, lines in value:
+                    img = f"<img alt='{html.escape(name)}' src='data:image/png;base64,{_b64(png)}'>" if png else ""
+                    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+                    cards.append(f"<div class='card'><b>{html.escape(name)}</b><br>{img}<ul>{items}</ul></div>")
+                parts.append(f"<div class='photos'>{''.join(cards)}</div>")
+        parts.append("</body></html>")
+        return "\n".join(parts)
 
 
-def sensitivity_chart(rows: Sequence[dict], top: int = 30) -> bytes | None:
-    """PNG: per-layer harm (1 - top-1 agreement with fp32) of quantizing that layer alone, per backend."""
-    single = [r for r in rows if r.get("kind") == "single"]
-    if not single:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    backends = sorted({r["backend"] for r in single})
-    order = []
-    for r in sorted(single, key=lambda r: (r["agreement_top1"], r["sqnr_db"])):
-        if r["layer"] not in order:
-            order.append(r["layer"])
-    order = order[:top]
-    harm = {(r["backend"], r["layer"]): 1.0 - r["agreement_top1"] for r in single}
-    fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.28 * len(order) + 1)), dpi=110)
-    height = 0.8 / len(backends)
-    for bi, b in enumerate(backends):
-        ys = [i + bi * height for i in range(len(order))]
-        ax.barh(ys, [harm.get((b, name), 0.0) for name in order], height=height, label=b, color=f"C{bi}")
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(order))])
-    ax.set_yticklabels(order, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("1 - top-1 agreement with fp32 (that layer alone quantized)")
-    ax.set_title("per-layer quantization harm")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+def _b64(png: bytes) -> str:
+    return base64.b64encode(png).decode()
 
 
-def _html_table(rows: Sequence[dict], columns) -> str:
-    from quantship.evaluate.results import table_rows
-
+def _html_table(rows: Sequence[dict], columns: Columns) -> str:
     header, body = table_rows(rows, columns)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    trs = []
-    for cells in body:
-        tds = "".join(
-            f'<td class="{"fail" if c == "FAIL" else "pass" if c == "PASS" else ""}">{html.escape(c)}</td>'
-            for c in cells
-        )
-        trs.append(f"<tr>{tds}</tr>")
+    css = {"PASS": "pass", "FAIL": "fail", "INCONCLUSIVE": "inconclusive", "failed": "fail"}
+    trs = [
+        "<tr>" + "".join(f'<td class="{css.get(c, "")}">{html.escape(c)}</td>' for c in cells) + "</tr>"
+        for cells in body
+    ]
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
 
 
+# ------------------------------------------------------------------------------------------ building
+
+
+def _verdict_section(doc: _Doc, data: dict[str, Any]) -> None:
+    verdicts = data["verdicts"]
+    failed_units = [r for r in data["rows"] if r.get("status") == "failed"]
+    if not verdicts:
+        doc.para(
+            "No gates: a plain evaluation, no pass/fail verdict."
+            + (" Some targets FAILED to run." if failed_units else "")
+        )
+        return
+    counts = {k: sum(1 for v in verdicts if v["verdict"] == k) for k in ("PASS", "FAIL", "INCONCLUSIVE")}
+    overall = "FAIL" if counts["FAIL"] or failed_units else "INCONCLUSIVE" if counts["INCONCLUSIVE"] else "PASS"
+    text = f"{overall}: {counts['PASS']} of {len(verdicts)} gates passed"
+    if counts["INCONCLUSIVE"]:
+        text += f", {counts['INCONCLUSIVE']} inconclusive"
+    if failed_units:
+        text += f"; {len(failed_units)} unit(s) failed to run"
+    doc.para(text, f"verdict {overall.lower()}")
+    doc.table(verdicts, VERDICT_COLUMNS)
+    rules = sorted({v.get("rule", "point") for v in verdicts})
+    doc.para(
+        "Decided on: 'point' = the point value over all evaluated images (as MLPerf judges); 'interval' = PASS only "
+        "when the whole interval clears the gate, FAIL when it misses it entirely, otherwise INCONCLUSIVE. "
+        "Intervals: 'exact' = guaranteed-coverage paired interval (top-k); 'bootstrap' = paired bootstrap over "
+        f"images (mAP; approximate). Rules used here: {', '.join(rules)}."
+    )
+
+
+def _chart_points(data: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    return [
+        (r.get("model", ""), r["target"], _latency_for(data, r), _accuracy(r))
+        for r in data["rows"]
+        if r.get("status", "ok") == "ok"
+    ]
+
+
+def _photo_cards(data: dict[str, Any], folder: Path) -> list[tuple[str, bytes | None, str | None, list[str]]]:
+    cards: dict[str, tuple[bytes | None, str | None, list[str]]] = {}
+    for p in data["predictions"]:
+        name = p.get("photo", "?")
+        if name not in cards:
+            thumb = p.get("thumbnail")
+            png = (folder / thumb).read_bytes() if thumb and (folder / thumb).is_file() else None
+            cards[name] = (png, thumb if png else None, [])
+        top = ", ".join(f"{label} {prob:.2f}" for label, prob in p.get("top3", []))
+        mark = "" if p.get("ok", True) else "  <- differs"
+        cards[name][2].append(f"{p.get('target')}: {top}{mark}")
+    return [(name, *v) for name, v in cards.items()]
+
+
 def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
-    """Write ``report.md`` (+ ``report_chart.png``) and a self-contained ``report.html`` into ``folder``."""
+    """Write ``report.md`` (+ its PNGs) and a self-contained ``report.html`` into ``folder``."""
     folder = Path(folder)
     data = load_results(folder)
     title = title or f"quantship report: {folder.name}"
-    chart = accuracy_latency_chart(data) if data["rows"] else None
-    env = data["environment"]
-    n_fail = sum(1 for v in data["verdicts"] if not v["passed"])
-    verdict = None
-    if data["verdicts"]:
-        verdict = (
-            f"{'FAIL' if n_fail else 'PASS'}: {len(data['verdicts']) - n_fail} of {len(data['verdicts'])} gates passed"
-        )
-
-    md = [f"# {title}", ""]
-    if verdict:
-        md += [f"**{verdict}**", ""]
-    if chart:
-        write_bytes_atomic(folder / "report_chart.png", chart)
-        md += ["![accuracy vs latency](report_chart.png)", ""]
-    if data["verdicts"]:
-        md += ["## Gates", "", markdown_table(data["verdicts"], VERDICT_COLUMNS), ""]
+    doc = _Doc()
     if data["rows"]:
-        md += ["## Accuracy", "", markdown_table(data["rows"], ACCURACY_COLUMNS), ""]
+        _verdict_section(doc, data)
+        doc.heading("Accuracy")
+        doc.table(data["rows"], ACCURACY_COLUMNS)
+        failed = [r for r in data["rows"] if r.get("status") == "failed"]
+        for r in failed:
+            doc.para(f"FAILED {r.get('model', '')} {r['target']}: {r.get('error', '')}")
+        per_class = per_class_ap_markdown(data["rows"])
+        if per_class:
+            doc.markdown_lines(per_class)
+        chart = accuracy_latency_chart(_chart_points(data))
+        if chart:
+            doc.image(chart, "report_chart.png", "accuracy vs latency")
+    if data["predictions"]:
+        doc.heading("Prediction check (top-3 per target)")
+        doc.photos(_photo_cards(data, folder))
     if data["bench"]:
-        md += ["## Latency", "", markdown_table(data["bench"], BENCH_COLUMNS), ""]
+        doc.heading("Latency")
+        doc.table(data["bench"], BENCH_COLUMNS)
     sens_chart = sensitivity_chart(data["sensitivity"]) if data["sensitivity"] else None
     if sens_chart:
-        write_bytes_atomic(folder / "sensitivity_chart.png", sens_chart)
-        md += ["## Quantization sensitivity", "", "![per-layer harm](sensitivity_chart.png)", ""]
+        doc.heading("Quantization sensitivity")
+        doc.image(sens_chart, "sensitivity_chart.png", "per-layer harm")
     for kind, (heading, cols) in SENSITIVITY_TABLES.items():
         rows_k = [r for r in data["sensitivity"] if r.get("kind") == kind]
         if rows_k:
-            md += [f"### {heading}", "", markdown_table(rows_k, cols), ""]
+            doc.heading(heading, 3)
+            doc.table(rows_k, cols)
+    if data["other_rows"]:
+        doc.heading("Stored results not in this plan")
+        doc.para("Kept on disk (state/ and signoff.jsonl) and reused if the plan asks for exactly these inputs again.")
+        doc.table(data["other_rows"], OTHER_COLUMNS)
+    env = data["environment"]
     if env:
-        md += ["## Environment", "", f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} cores)"]
-        md += [f"- {k}: {v}" for k, v in sorted(env.get("libraries", {}).items())] + [""]
+        doc.heading("Environment")
+        lines = [f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} cores; int8 flags: {env.get('cpu_flags', '-')})"]
+        lines += [f"- {k}: {v}" for k, v in sorted((env.get("libraries") or {}).items())]
+        doc.markdown_lines(lines)
     if data["manifests"]:
-        md += ["## Artifacts", ""]
+        doc.heading("Artifacts")
         for name, m in data["manifests"].items():
-            md += [f"### {name}", "", "```json", json.dumps(m, indent=2, sort_keys=True), "```", ""]
-    md_path = write_text_atomic(folder / "report.md", "\n".join(md) + "\n")
-
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
-        "table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#f3f3f3}"
-        "td:first-child,td:nth-child(2){text-align:left}.pass{color:#176117;font-weight:bold}"
-        ".fail{color:#b00020;font-weight:bold}"
-        "pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
-    if verdict:
-        parts.append(f"<p class='{'fail' if n_fail else 'pass'}'>{html.escape(verdict)}</p>")
-    if chart:
-        parts.append(f"<img alt='accuracy vs latency' src='data:image/png;base64,{base64.b64encode(chart).decode()}'>")
-    if data["verdicts"]:
-        parts += ["<h2>Gates</h2>", _html_table(data["verdicts"], VERDICT_COLUMNS)]
-    if data["rows"]:
-        parts += ["<h2>Accuracy</h2>", _html_table(data["rows"], ACCURACY_COLUMNS)]
-    if data["bench"]:
-        parts += ["<h2>Latency</h2>", _html_table(data["bench"], BENCH_COLUMNS)]
-    if sens_chart:
-        parts += [
-            "<h2>Quantization sensitivity</h2>",
-            f"<img alt='per-layer harm' src='data:image/png;base64,{base64.b64encode(sens_chart).decode()}'>",
-        ]
-    for kind, (heading, cols) in SENSITIVITY_TABLES.items():
-        rows_k = [r for r in data["sensitivity"] if r.get("kind") == kind]
-        if rows_k:
-            parts += [f"<h3>{html.escape(heading)}</h3>", _html_table(rows_k, cols)]
-    if env:
-        libs = "".join(
-            f"<li>{html.escape(k)}: {html.escape(str(v))}</li>" for k, v in sorted(env.get("libraries", {}).items())
-        )
-        parts += [
-            "<h2>Environment</h2>",
-            f"<p>CPU: {html.escape(str(env.get('cpu')))} ({env.get('cpu_count')} cores)</p><ul>{libs}</ul>",
-        ]
-    if data["manifests"]:
-        parts.append("<h2>Artifacts</h2>")
-        for name, m in data["manifests"].items():
-            text = html.escape(json.dumps(m, indent=2, sort_keys=True))
-            parts.append(f"<details><summary>{html.escape(name)}</summary><pre>{text}</pre></details>")
-    parts.append("</body></html>")
-    html_path = write_text_atomic(folder / "report.html", "\n".join(parts))
+            doc.details(name, json.dumps(m, indent=2, sort_keys=True))
+    md_path = write_text_atomic(folder / "report.md", f"# {title}\n\n" + doc.markdown(folder))
+    html_path = write_text_atomic(folder / "report.html", doc.html(title))
     return md_path, html_path
+
+
+__all__ = ["BENCH_COLUMNS", "VERDICT_COLUMNS", "build_report", "load_results"]

@@ -279,12 +279,23 @@ class DetectionTask(Task):
             raise DataError("evaluated images differ from the reference's; cannot pair them")
         labels = self.ground_truth(keys)
         dets, ref_dets = self.detections(arrays), self.detections(reference)
+        if self.meta.get("metric") == "coco":
+            # COCO AP by our own matcher (equal to pycocotools): the annotations are read once, and an image drawn
+            # twice in a resample is two images with their own objects (pycocotools would merge them by id).
+            from quantship.evaluate.coco_ap import CocoMatcher
 
-        def resample(idx: np.ndarray) -> tuple[float, float]:
-            return self.metric_on(dets, labels, idx)["mAP"], self.metric_on(ref_dets, labels, idx)["mAP"]
+            ids = [int(lab["image_id"]) for lab in labels]
+            ann = self.meta["annotation_file"]
+            target_m, ref_m = CocoMatcher.for_images(ann, ids, dets), CocoMatcher.for_images(ann, ids, ref_dets)
 
-        tv = self.metric_on(dets, labels)["mAP"]
-        rv = self.metric_on(ref_dets, labels)["mAP"]
+            def resample(idx: np.ndarray | None) -> tuple[float, float]:
+                return target_m.ap(idx, ("mAP",))["mAP"], ref_m.ap(idx, ("mAP",))["mAP"]
+        else:
+
+            def resample(idx: np.ndarray | None) -> tuple[float, float]:
+                return self.metric_on(dets, labels, idx)["mAP"], self.metric_on(ref_dets, labels, idx)["mAP"]
+
+        tv, rv = resample(None)
         return PairedSample(metric, tv, rv, len(dets), resample=resample)
 
     def fields(self, metrics: dict[str, Any]) -> dict[str, Any]:

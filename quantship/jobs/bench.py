@@ -89,6 +89,7 @@ def run_bench(
     min_queries: int | None = None,
     min_seconds: float | None = None,
     cuda_graph: bool = False,
+    providers: Sequence[str] = ("cpu",),
     loadgen: Sequence[str] = (),
     raw_inputs: bool = False,
     forward_backward: bool = False,
@@ -115,10 +116,11 @@ def run_bench(
         _check_fb_model(model)
     named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in artifacts]
     convert = dict(convert or {})
+    failures: dict[str, str] = {}
     if model and convert.get("targets"):
         from quantship.jobs.convert import convert_artifacts
 
-        built = convert_artifacts(model, out_dir=Path(out), threads=threads, **convert)
+        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **convert)
         named += [(name, str(a.path)) for name, a in built.items() if a is not None]
     if not named and not forward_backward:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
@@ -130,6 +132,7 @@ def run_bench(
         batch_sizes=tuple(batch_sizes),
         cuda_graph=cuda_graph,
         raw_inputs=raw_inputs,
+        providers=tuple(providers),
     )
     configs = []
     for name, path in named:
@@ -204,6 +207,7 @@ def run_bench(
                 )
                 lines.append(text_table(r["slowest_layers"], LAYER_COLUMNS))
         lines.append(f"forward/backward: {out / 'forward_backward.jsonl'}")
+    lines += [f"FAILED {name}: {error}" for name, error in failures.items()]
     if rows:
         lines.append(f"results: {out / 'bench.jsonl'}")
-    return JobResult(rows + fb_rows, lines)
+    return JobResult(rows + fb_rows, lines, 1 if failures else 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from quantship.config import CalibrationSpec, CropMode, PreprocessSpec, TrtOptions
 from quantship.data.datasets import ImageDataset, Skipped, iter_batches, split_calibration
-from quantship.errors import DataError
+from quantship.errors import CalibrationError, ConversionError, DataError, MissingDependencyError, RuntimeBackendError
 from quantship.evaluate.loop import TargetRun, run_targets
 from quantship.evaluate.tasks import Task
 from quantship.manifest import Artifact
@@ -37,7 +37,12 @@ def load_for(
 
 
 def calibration_data(
-    calib: ImageDataset, loaded: LoadedModel, batch_size: int = 8, workers: int = 4, method: str | None = None
+    calib: ImageDataset,
+    loaded: LoadedModel,
+    batch_size: int = 8,
+    workers: int = 4,
+    method: str | None = None,
+    percentile: float | None = None,
 ) -> CalibrationData:
     """The calibration batches (decoded once on first use, then kept in memory) and their identity.
 
@@ -60,7 +65,7 @@ def calibration_data(
     info = {"num_images": len(calib), "data_hash": calib.keys_hash(), "source": calib.source}
     if method:
         info["method"] = method
-    return CalibrationData(batches, info)
+    return CalibrationData(batches, info, percentile, batch_size)
 
 
 def draw_calibration(dataset: ImageDataset, num_images: int, seed: int) -> ImageDataset:
@@ -94,7 +99,9 @@ def prepare_run(
     ctx = BuildContext(
         loaded,
         out_dir,
-        calibration=calibration_data(calib, loaded, workers=workers) if needs_calib else None,
+        calibration=calibration_data(calib, loaded, calibration.batch_size, workers, percentile=calibration.percentile)
+        if needs_calib
+        else None,
         runner_options=runner_options,
         trt=trt,
         log_path=out_dir / "convert.log",
@@ -102,13 +109,37 @@ def prepare_run(
     return ctx, calib, evalset
 
 
-def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> dict[str, Artifact | None]:
-    """Every target's artifact (None for in-memory runtimes), built or reused through its manifest."""
-    artifacts = {}
+def remove_artifact(artifact: Artifact | None) -> None:
+    """Delete an artifact and its manifest (a target that was built but cannot run leaves nothing behind)."""
+    if artifact is None:
+        return
+    for path in (artifact.path, artifact.manifest_path):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> tuple[dict[str, Artifact | None], dict[str, str]]:
+    """Every target's artifact (None for in-memory runtimes), built or reused through its manifest.
+
+    A target that fails to build is reported, not fatal: returns (artifacts of the targets that built, error
+    message per target that did not). An error that concerns the whole run (a missing dependency, bad data)
+    still stops it.
+    """
+    artifacts: dict[str, Artifact | None] = {}
+    failed: dict[str, str] = {}
     for t in track(targets, total=len(targets), desc="convert"):
         log.info("building %s", t.name)
-        artifacts[t.name] = t.build(ctx, t.spec)
-    return artifacts
+        try:
+            artifacts[t.name] = t.build(ctx, t.spec)
+        except TARGET_ERRORS as exc:
+            failed[t.name] = str(exc)
+    return artifacts, failed
+
+
+# Errors that concern one target (its conversion, its runtime): that target fails, the others go on.
+TARGET_ERRORS = (ConversionError, RuntimeBackendError, CalibrationError, MissingDependencyError)
 
 
 def evaluate_targets(
@@ -121,16 +152,27 @@ def evaluate_targets(
     workers: int = 4,
     skipped: list[Skipped] | None = None,
 ) -> dict[str, TargetRun]:
-    """Run every target on the same decoded, preprocessed batches (one decode per image for all targets)."""
-    runners = {t.name: t.make_runner(ctx, artifacts[t.name]) for t in targets}
-    active = []
+    """Run every target on the same decoded, preprocessed batches (one decode per image for all targets).
+
+    A target whose runner cannot load its artifact or fails while running gets a :class:`TargetRun` with its
+    ``error`` set, and its artifact is removed; the others are evaluated.
+    """
+    runners, failed = {}, {}
+    for t in targets:
+        try:
+            runners[t.name] = t.make_runner(ctx, artifacts[t.name]).activate()
+        except TARGET_ERRORS as exc:
+            failed[t.name] = TargetRun(t.name, error=str(exc))
     try:
-        for r in runners.values():
-            active.append(r.activate())
-        return run_targets(runners, dataset, ctx.loaded.preprocess, task, batch_size, workers, skipped)
+        runs = run_targets(runners, dataset, ctx.loaded.preprocess, task, batch_size, workers, skipped)
     finally:
-        for r in active:
+        for r in runners.values():
             r.deactivate()
+    runs.update(failed)
+    for name, run in runs.items():
+        if run.error:
+            remove_artifact(artifacts.get(name))
+    return {t.name: runs[t.name] for t in targets}
 
 
 def artifact_fields(artifact: Artifact | None) -> dict[str, Any]:
@@ -142,47 +184,61 @@ def artifact_fields(artifact: Artifact | None) -> dict[str, Any]:
 
 
 def target_fields(target: Target) -> dict[str, Any]:
-    return {"target": target.name, "runtime": target.spec.backend, "precision": target.spec.precision.value}
+    fields = {"target": target.name, "runtime": target.spec.backend, "precision": target.spec.precision.value}
+    if target.session_config:
+        fields["session_config"] = dict(target.session_config)
+    return fields
 
 
-@dataclass
-class EvaluatedTarget:
-    """One target's stored arrays and how it was run, ready to become a row."""
+def runtime_fields(target: Target, options: RunnerOptions) -> dict[str, Any]:
+    """How a target was run: CPU threads of LiteRT / ONNX Runtime and ONNX Runtime's execution providers."""
+    from quantship.runtime.onnxruntime import provider_names
 
-    target: Target
-    arrays: dict[str, np.ndarray]
-    latency_ms: float | None
-    artifact: Artifact | None
+    fields: dict[str, Any] = {"threads": options.threads}
+    if target.spec.backend == "onnx":
+        fields["providers"] = provider_names(options.providers)
+    return fields
 
 
-def result_rows(
+def evaluated_rows(
     task: Task,
-    evaluated: Sequence[EvaluatedTarget],
+    targets: Sequence[Target],
+    runs: dict[str, TargetRun],
+    artifacts: dict[str, Artifact | None],
+    failures: dict[str, str],
     loaded: LoadedModel,
     dataset: ImageDataset,
     skipped: Sequence[Skipped],
+    options: RunnerOptions,
     extra: dict[str, Any] | None = None,
     reference: str = REFERENCE_TARGET,
 ) -> list[dict[str, Any]]:
-    """One flat row per target: the task's metrics, differences and agreement against the reference target."""
-    metrics = [task.evaluate(e.arrays, e.arrays.get("keys", [])) for e in evaluated]
-    ref_i = next((i for i, e in enumerate(evaluated) if e.target.name == reference), 0)
-    ref = evaluated[ref_i]
+    """One flat row per target: the task's metrics, differences and agreement against the reference target; a
+    target that failed to build or run gets a row with ``status: failed`` and its error."""
+    errors = {**failures, **{name: run.error for name, run in runs.items() if run.error}}
+    ok = [t for t in targets if t.name not in errors]
+    arrays = {t.name: runs[t.name].arrays for t in ok}
+    metrics = {t.name: task.evaluate(arrays[t.name], arrays[t.name].get("keys", [])) for t in ok}
+    ref = reference if reference in metrics else (ok[0].name if ok else None)
     rows = []
-    for e, m in zip(evaluated, metrics):
+    for t in targets:
+        row: dict[str, Any] = {"model": loaded.name, **target_fields(t), "dataset": dataset.source, "task": task.name}
+        if t.name in errors:
+            rows.append({**row, "status": "failed", "error": errors[t.name], "images": 0, **(extra or {})})
+            continue
+        a = arrays[t.name]
         rows.append(
             {
-                "model": loaded.name,
-                **target_fields(e.target),
-                "dataset": dataset.source,
-                "task": task.name,
-                "images": task.count(e.arrays),
+                **row,
+                "status": "ok",
+                "images": task.count(a),
                 "skipped": len(skipped),
-                **task.row(m, metrics[ref_i]),
-                "reference": ref.target.name,
-                **task.agreement(e.arrays, ref.arrays),
-                "latency_ms": e.latency_ms,
-                **artifact_fields(e.artifact),
+                **task.row(metrics[t.name], metrics[ref]),
+                "reference": ref,
+                **task.agreement(a, arrays[ref]),
+                "latency_ms": runs[t.name].latency_ms,
+                **runtime_fields(t, options),
+                **artifact_fields(artifacts.get(t.name)),
                 "weights": loaded.weights,
                 "preprocess_hash": loaded.preprocess.hash(),
                 "eval_data_hash": dataset.keys_hash(),
@@ -191,3 +247,8 @@ def result_rows(
             }
         )
     return rows
+
+
+def failure_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per failed target, for the end of a job's output."""
+    return [f"FAILED {r['target']}: {r['error']}" for r in rows if r.get("status") == "failed"]

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 from quantship.config import TrtOptions
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError
+from quantship.fileio import FolderLock
 from quantship.jobs import JobResult
 from quantship.jobs.common import build_targets, calibration_data, draw_calibration, load_for
 from quantship.manifest import Artifact
@@ -29,8 +30,9 @@ def convert_artifacts(
     workers: int = 4,
     threads: int | None = None,
     trt: TrtOptions = TrtOptions(),
-) -> dict[str, Artifact | None]:
-    """Build the artifacts of ``targets`` (``data`` is read as calibration data only)."""
+) -> tuple[dict[str, Artifact | None], dict[str, str]]:
+    """Build the artifacts of ``targets`` (``data`` is read as calibration data only); returns the artifacts
+    and an error message per target that failed to build."""
     chosen = parse_targets(targets)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
     calibrated = needs_calibration(chosen, trt)
@@ -57,11 +59,15 @@ def convert_artifacts(
 
 
 def run_convert(model: str, targets: str | Sequence[str], out_dir: Path, **kwargs: Any) -> JobResult:
-    """``quantship convert``: the artifacts and a line per artifact."""
-    artifacts = convert_artifacts(model, targets, out_dir, **kwargs)
+    """``quantship convert``: the artifacts and a line per artifact; exit code 1 when a target failed to build."""
+    with FolderLock(out_dir, f"quantship convert {model}"):
+        artifacts, failures = convert_artifacts(model, targets, out_dir, **kwargs)
     lines = [
         f"{name:22s} {art.path}  ({art.manifest['size_bytes'] / 1e6:.2f} MB, manifest {art.manifest_path.name})"
         for name, art in artifacts.items()
         if art is not None
     ]
-    return JobResult([{"target": n, "artifact": str(a.path)} for n, a in artifacts.items() if a is not None], lines)
+    lines += [f"FAILED {name}: {error}" for name, error in failures.items()]
+    rows = [{"target": n, "artifact": str(a.path)} for n, a in artifacts.items() if a is not None]
+    rows += [{"target": n, "status": "failed", "error": e} for n, e in failures.items()]
+    return JobResult(rows, lines, 1 if failures else 0)

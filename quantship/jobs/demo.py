@@ -8,8 +8,10 @@ sets are written as ordinary ImageNet-format folders and go through the same loa
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,10 +33,10 @@ TARGETS = (
     "tflite-int8",
     "tflite-int16x8",
     "onnx-fp32",
-    "onnx-int8-entropy",
-    "onnx-int8-max",
-    "onnx-int8-percentile",
-    "onnx-int8-mse",
+    "qdq-int8-entropy",
+    "qdq-int8-max",
+    "qdq-int8-percentile",
+    "qdq-int8-mse",
 )
 
 # photo -> (primary label, labels that count as the obvious class)
@@ -104,25 +106,25 @@ def write_demo_data(root: Path, seed: int = 0) -> tuple[Path, Path]:
 
 def run_demo(out: Path, threads: int = 2) -> JobResult:
     """Run the demo; exit code 0 when every target predicts the obvious class on every photo."""
+    from quantship.fileio import FolderLock
+
+    out = Path(out)
+    with FolderLock(out, "quantship demo"):
+        return _run_demo(out, threads)
+
+
+def _run_demo(out: Path, threads: int) -> JobResult:
     from quantship.evaluate.environment import environment
     from quantship.evaluate.report import build_report
     from quantship.evaluate.results import write_results
     from quantship.evaluate.tasks import ClassificationTask
     from quantship.fileio import write_json_atomic
-    from quantship.jobs.common import (
-        EvaluatedTarget,
-        build_targets,
-        calibration_data,
-        evaluate_targets,
-        load_for,
-        result_rows,
-    )
+    from quantship.jobs.common import build_targets, calibration_data, evaluate_targets, evaluated_rows, load_for
     from quantship.models.loading import resolve_preprocess
     from quantship.runtime.base import RunnerOptions
     from quantship.targets import BuildContext, parse_targets
 
     t0 = time.perf_counter()
-    out = Path(out)
     note(f"quantship demo -> {out}  (library logs: {out / 'native.log'}, converter log: {out / 'convert.log'})")
     val_dir, calib_dir = write_demo_data(out / "demo-data")
     evalset = load_dataset(f"imagenet:{val_dir}")
@@ -137,32 +139,33 @@ def run_demo(out: Path, threads: int = 2) -> JobResult:
     )
     targets = parse_targets(TARGETS)
     task = ClassificationTask(keep_scores=True)
+    options = RunnerOptions(threads=threads)
     ctx = BuildContext(
-        loaded,
-        out,
-        calibration=calibration_data(calib, loaded),
-        runner_options=RunnerOptions(threads=threads),
-        log_path=out / "convert.log",
+        loaded, out, calibration=calibration_data(calib, loaded), runner_options=options, log_path=out / "convert.log"
     )
     try:
         t = time.perf_counter()
-        artifacts = build_targets(ctx, targets)
-        note(f"built {len(targets) - 1} artifacts in {time.perf_counter() - t:.0f} s")
-        runs = evaluate_targets(ctx, targets, artifacts, evalset, task, batch_size=len(evalset))
-        evaluated = [
-            EvaluatedTarget(tg, runs[tg.name].arrays, runs[tg.name].latency_ms, artifacts[tg.name]) for tg in targets
-        ]
-        rows = result_rows(task, evaluated, loaded, evalset, [], {"calibration_images": len(calib)})
+        artifacts, failures = build_targets(ctx, targets)
+        note(f"built {len(artifacts) - 1} artifacts in {time.perf_counter() - t:.0f} s")
+        built = [tg for tg in targets if tg.name not in failures]
+        runs = evaluate_targets(ctx, built, artifacts, evalset, task, batch_size=len(evalset))
+        rows = evaluated_rows(
+            task, targets, runs, artifacts, failures, loaded, evalset, [], options, {"calibration_images": len(calib)}
+        )
         # Latency: batch 1, `threads` threads, after warm-up; the whole infer call (runtime-only time beside it).
         one = np.zeros((1, *loaded.input_shape), np.float32)
         for tg, row in zip(targets, rows):
-            with tg.make_runner(ctx, artifacts[tg.name]) as runner:
-                row.update(measure_latency(runner, one, warmup=5, min_iters=30))
-            row["latency_ms"] = row["latency_ms_p50"]
+            if row["status"] == "ok":
+                with tg.make_runner(ctx, artifacts[tg.name]) as runner:
+                    row.update(measure_latency(runner, one, warmup=5, min_iters=30))
+                row["latency_ms"] = row["latency_ms_p50"]
     finally:
         ctx.close()
 
-    check, all_ok = prediction_check([Path(s.key).stem for s in evalset.samples], evaluated)
+    scores = {name: run.arrays["scores"] for name, run in runs.items() if not run.error}
+    photos = [Path(s.key).stem for s in evalset.samples]
+    check, all_ok, predictions = prediction_check(photos, scores)
+    write_thumbnails(out, photos, evalset)
     lines = [
         "\nPrediction check (top-3 with probabilities; ok = the photo's obvious class is top-1):" + "\n".join(check)
     ]
@@ -170,47 +173,60 @@ def run_demo(out: Path, threads: int = 2) -> JobResult:
         f"\nSummary ({len(evalset)} photos; latency at batch 1 on {threads} threads):\n"
         + text_table(rows, SUMMARY_COLUMNS)
     )
-    write_results(
-        out,
-        rows,
-        "quantship demo: EfficientNet-Lite0, every TFLite precision, ONNX and Q/DQ int8",
-        [f"latency at batch 1, {threads} threads"],
-        task.columns,
-    )
+    failed = [f"FAILED {r['target']}: {r['error']}" for r in rows if r["status"] == "failed"]
+    lines += failed
+    title = "quantship demo: EfficientNet-Lite0, every TFLite precision, ONNX and Q/DQ int8"
+    write_results(out, rows, title, [f"latency at batch 1, {threads} threads", *failed], task.columns)
+    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in predictions))
     write_json_atomic(out / "environment.json", environment())
     _, report_html = build_report(out, "quantship demo: EfficientNet-Lite0")
     write_text_atomic(
         out / "predictions.md",
         "# Prediction check\n```" + "\n".join(check) + "\n```\n\n" + markdown_table(rows, SUMMARY_COLUMNS) + "\n",
     )
-    verdict = (
-        "every target predicts the obvious class on every photo" if all_ok else "some target MISSES the obvious class"
-    )
+    ok = all_ok and not failed
+    verdict = "every target predicts the obvious class on every photo" if ok else "some target MISSES the obvious class"
     lines.append(
         f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, "
         f"{out / 'predictions.md'}; report: {report_html}"
     )
-    return JobResult(rows, lines, 0 if all_ok else 1)
+    return JobResult(rows, lines, 0 if ok else 1)
 
 
-def prediction_check(photos: list[str], evaluated: list) -> tuple[list[str], bool]:
-    """Each photo's top-3 classes with probabilities per target; True when every target's top-1 is the photo's
-    obvious class."""
-    fp32 = evaluated[0].arrays["scores"]
+def write_thumbnails(out: Path, photos: list[str], evalset: Any, size: int = 160) -> None:
+    """Small PNGs of the evaluated photos for the report's prediction check."""
+    cv2 = lazy_import("cv2", "opencv-python-headless")
+    for photo, sample in zip(photos, evalset.samples):
+        img = cv2.imdecode(np.frombuffer(sample.read(), np.uint8), cv2.IMREAD_COLOR)
+        scale = size / max(img.shape[:2])
+        small = cv2.resize(
+            img, (max(1, int(img.shape[1] * scale)), max(1, int(img.shape[0] * scale))), interpolation=cv2.INTER_AREA
+        )
+        ok, buf = cv2.imencode(".png", small)
+        if ok:
+            write_bytes_atomic(out / "thumbnails" / f"{photo}.png", buf.tobytes())
+
+
+def prediction_check(photos: list[str], scores: dict[str, np.ndarray]) -> tuple[list[str], bool, list[dict[str, Any]]]:
+    """Each photo's top-3 classes with probabilities per target (text lines and rows for predictions.jsonl);
+    True when every target's top-1 is the photo's obvious class."""
+    fp32 = next(iter(scores.values()))
     all_ok = True
-    check = []
+    check, rows = [], []
     for i, photo in enumerate(photos):
         accepted = {wnid_to_label()[w] for w in EVAL_PHOTOS[photo][1]}
         check.append(f"\n{photo}:")
-        for e in evaluated:
-            p = e.arrays["scores"][i]
+        for name, s in scores.items():
+            p = s[i]
             top3 = np.argsort(-p, kind="stable")[:3]
             ok = int(top3[0]) in accepted
             all_ok &= ok
             same = "same top-1 as fp32" if top3[0] == np.argmax(fp32[i]) else "DIFFERENT top-1 from fp32"
             desc = ", ".join(f"{class_name(int(c))} {p[c]:.2f}" for c in top3)
-            check.append(f"  {'ok ' if ok else 'BAD'} {e.target.name:20s} {desc}   ({same})")
-    return check, all_ok
+            check.append(f"  {'ok ' if ok else 'BAD'} {name:20s} {desc}   ({same})")
+            rows.append({"photo": photo, "thumbnail": f"thumbnails/{photo}.png", "target": name, "ok": ok,
+                         "top3": [[class_name(int(c)), float(p[c])] for c in top3]})  # fmt: skip
+    return check, all_ok, rows
 
 
 SUMMARY_COLUMNS = (

@@ -127,10 +127,12 @@ class QdqBackend:
 
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
         from quantship.calibrate.qdq import insert_qdq
-        from quantship.runtime.onnxruntime import OnnxRunner
+        from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
 
         model, _ = insert_qdq(self.model, self.amax, exclude=float_layers, node_layers=self.node_layers, include=only)
-        with OnnxRunner(model.SerializeToString(), num_threads=self.threads, name="qdq") as runner:
+        with OnnxRunner(
+            model.SerializeToString(), num_threads=self.threads, name="qdq", session_config=QDQ_FAKE_QUANT
+        ) as runner:
             return runner_outputs(runner, x)
 
 
@@ -486,6 +488,7 @@ def apply_fallback(
     from quantship.convert.tflite import TfliteSpec
     from quantship.evaluate.latency import measure_latency
     from quantship.manifest import write_artifact
+    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 
     method = CalibrationMethod.parse(method)
     art_dir = setup.work / "artifacts"
@@ -518,8 +521,8 @@ def apply_fallback(
                 "calibration_method": method.value,
             },
         )
-        for backend, p in (("tflite", path), ("qdq", opath)):
-            with make_runner(p, RunnerOptions(threads=threads)) as r:
+        for backend, p, session in (("tflite", path, ()), ("qdq", opath, QDQ_FAKE_QUANT)):
+            with make_runner(p, RunnerOptions(threads=threads, session_config=session)) as r:
                 out = runner_outputs(r, setup.held.x)
                 lat = measure_latency(r, setup.held.x[:1], warmup=5, min_iters=30)
             rows.append(
@@ -631,16 +634,17 @@ def run_sensitivity(
 
     from quantship.evaluate.report import build_report
     from quantship.evaluate.results import text_table
-    from quantship.fileio import write_text_atomic
+    from quantship.fileio import FolderLock, write_text_atomic
     from quantship.jobs import JobResult
 
     out = Path(out)
     lines: list[str] = []
-    setup = prepare(**setup_args, work=out, threads=threads)
-    try:
-        rows, result = run_analyses(setup, analyses, threads=threads, print_fn=note)
-    finally:
-        setup.close()
+    with FolderLock(out, f"quantship sensitivity {setup_args.get('model')}"):
+        setup = prepare(**setup_args, work=out, threads=threads)
+        try:
+            rows, result = run_analyses(setup, analyses, threads=threads, print_fn=note)
+        finally:
+            setup.close()
     write_text_atomic(out / jsonl_name, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
     single = [r for r in rows if r["kind"] == "single"]
     if single:

@@ -1,10 +1,13 @@
 """``quantship signoff PLAN.yaml``: run a models x targets matrix, gate it, and keep every result on disk.
 
-Resumable by construction. Each (model, target) is evaluated in chunks of images; every finished chunk is
-written atomically to ``state/`` before the next starts, and a finished (model, target) appends its row to
+Resumable by construction. Each (model, target) unit is evaluated in chunks of images; every finished chunk is
+written atomically to ``state/`` before the next starts, and a finished unit appends its row to
 ``signoff.jsonl`` (fsync'd). A run started again skips every stored chunk and row, so a kill at any moment
-loses at most the chunk in flight and recomputes nothing that was stored. Artifacts are reused through their
-manifests' build keys. Verdicts are derived from the stored chunks, never from memory.
+loses at most the chunk in flight and recomputes nothing that was stored. A unit's key holds everything its
+numbers depend on (the content of every input file, the dataset listing, preprocessing, chunking, batch size,
+calibration settings, runtime options and the versions of the tools that compute them), so a stored result is
+only ever reused for exactly the same inputs. Verdicts and reports cover exactly the current plan; results of
+other keys stay on disk and are listed as not in this plan. One run at a time holds the output folder.
 """
 
 from __future__ import annotations
@@ -12,45 +15,105 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quantship.data.datasets import ImageDataset, Skipped, load_dataset
+from quantship.data.datasets import ImageDataset, Skipped, load_dataset, split_calibration
+from quantship.errors import DataError
 from quantship.evaluate.environment import environment
 from quantship.evaluate.loop import run_targets
 from quantship.evaluate.report import VERDICT_COLUMNS, build_report, load_results
 from quantship.evaluate.results import text_table
 from quantship.evaluate.tasks import Task, concat, make_task
-from quantship.evaluate.verdicts import gate_verdict
-from quantship.fileio import append_jsonl, atomic_path, read_jsonl, sha256_json, write_json_atomic, write_text_atomic
+from quantship.evaluate.verdicts import PASS, gate_verdict
+from quantship.fileio import (
+    FolderLock,
+    append_jsonl,
+    atomic_path,
+    read_jsonl,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 from quantship.jobs import JobResult
-from quantship.jobs.common import load_for, prepare_run, target_fields
-from quantship.jobs.specs import SignoffPlan
-from quantship.manifest import Artifact
-from quantship.models.loading import resolve_preprocess
-from quantship.progress import track
+from quantship.jobs.common import TARGET_ERRORS, load_for, prepare_run, remove_artifact, runtime_fields, target_fields
+from quantship.jobs.specs import PlanModel, SignoffPlan
+from quantship.manifest import Artifact, tool_versions
+from quantship.models.loading import is_model_file, resolve_preprocess, weights_file
+from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
-from quantship.targets import BuildContext, Target, parse_targets
+from quantship.targets import BuildContext, Target, needs_calibration, parse_targets
 
 log = logging.getLogger("quantship")
 
+# Libraries whose versions change the numbers a unit produces.
+NUMERIC_TOOLS = (
+    "quantship", "tensorflow", "keras", "ai-edge-litert", "tf2onnx", "onnx", "onnxruntime", "numpy",
+    "opencv-python-headless", "pillow",
+)  # fmt: skip
 
-def unit_key(plan: SignoffPlan, model: Any, target: str) -> str:
-    """Identity of one (model, target) evaluation: what it depends on, nothing else."""
+
+# ------------------------------------------------------------------------------------------ unit keys
+
+
+def _file_identity(path: str | Path | None) -> str | None:
+    return sha256_file(path)[:16] if path and Path(path).exists() else None
+
+
+def model_identity(entry: PlanModel) -> dict[str, Any]:
+    """The content hashes of a plan model's files (model file, or the registry model's weights file, built-in
+    weights included): replacing a file at the same path changes the key."""
+    if is_model_file(entry.name):
+        return {"model_sha256": _file_identity(entry.name)}
+    if entry.weights == "random":
+        return {"weights_sha256": "random"}
+    return {"weights_sha256": _file_identity(weights_file(entry.name, entry.weights))}
+
+
+def unit_key(plan: SignoffPlan, entry: PlanModel, target: str, inputs: dict[str, Any]) -> str:
+    """Identity of one (model, target) evaluation: what its numbers depend on, nothing else.
+
+    ``inputs`` holds what is read from disk once per model: file contents, the dataset listings (evaluation and
+    calibration images), the resolved preprocessing and the tool versions.
+    """
     return sha256_json(
         {
-            "model": dataclasses.asdict(model),
+            "model": dataclasses.asdict(entry),
             "target": target,
             "data": plan.data,
-            "labels": plan.labels,
             "limit": plan.limit,
+            "chunk_images": plan.chunk_images,
+            "batch_size": plan.batch_size,
             "calibration": dataclasses.asdict(plan.calibration),
-            "anchors": plan.anchors,
             "tensorrt": dataclasses.asdict(plan.tensorrt),
+            "threads": plan.threads,
+            "ort_providers": list(plan.ort_providers),
+            **inputs,
         }
     )[:16]
+
+
+def unit_inputs(
+    plan: SignoffPlan, entry: PlanModel, preprocess: Any, evalset: ImageDataset, calib: ImageDataset
+) -> dict:
+    return {
+        "files": {
+            **model_identity(entry),
+            "anchors_sha256": _file_identity(plan.anchors),
+            "labels_sha256": _file_identity(plan.labels),
+        },
+        "eval_listing": evalset.listing_hash(),
+        "calibration_listing": calib.listing_hash(),
+        "preprocess": preprocess.hash(),
+        "tools": {k: v for k, v in tool_versions().items() if k in NUMERIC_TOOLS},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- chunks
 
 
 def _chunk_path(state: Path, start: int) -> Path:
@@ -62,9 +125,33 @@ def _save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(tmp, **arrays)
 
 
+def _read_chunk(path: Path, keys: list[str] | None = None) -> dict[str, np.ndarray] | None:
+    """A stored chunk, or None (with a warning, the file removed) when it is truncated, corrupt or holds
+    other images than ``keys``: that chunk alone is computed again."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        reason = f"unreadable ({type(exc).__name__}: {exc})"
+    else:
+        if "keys" not in arrays:
+            reason = "it holds no image keys"
+        elif keys is not None and list(arrays["keys"]) != [k for k in keys if k not in set(arrays.get("skipped", []))]:
+            reason = "it holds other images than this chunk's"
+        else:
+            return arrays
+    log.warning("%s: discarding the stored chunk, %s; it will be computed again", path, reason)
+    note(f"warning: {path}: discarding the stored chunk, {reason}; it will be computed again")
+    path.unlink(missing_ok=True)
+    return None
+
+
 def load_chunks(state: Path) -> dict[str, np.ndarray]:
     """Every stored chunk of a unit, joined in image order."""
-    return concat([dict(np.load(p, allow_pickle=False)) for p in sorted(Path(state).glob("chunk-*.npz"))])
+    parts = [_read_chunk(p) for p in sorted(Path(state).glob("chunk-*.npz"))]
+    if any(p is None for p in parts):
+        raise DataError(f"{state}: a stored chunk became unreadable; run the sign-off again to recompute it")
+    return concat(parts)
 
 
 def _evaluate_unit(
@@ -76,34 +163,33 @@ def _evaluate_unit(
     task: Task,
     state: Path,
 ) -> None:
-    """Evaluate one target chunk by chunk, skipping chunks already on disk."""
-    starts = list(range(0, len(evalset), plan.chunk_images))
-    todo = [s for s in starts if not _chunk_path(state, s).is_file()]
+    """Evaluate one target chunk by chunk, skipping chunks already on disk (verified)."""
+    spans = [(s, min(s + plan.chunk_images, len(evalset))) for s in range(0, len(evalset), plan.chunk_images)]
+    keys = [s.key for s in evalset.samples]
+    todo = [
+        (s, e)
+        for s, e in spans
+        if not (_chunk_path(state, s).is_file() and _read_chunk(_chunk_path(state, s), keys[s:e]))
+    ]
     if not todo:
         return
     runner = target.make_runner(ctx, artifact)
     state.mkdir(parents=True, exist_ok=True)
     with runner:
-        for k, start in enumerate(track(todo, total=len(todo), desc=f"{ctx.loaded.name} {target.name}")):
-            sub = evalset.subset(range(start, min(start + plan.chunk_images, len(evalset))))
+        for k, (start, end) in enumerate(track(todo, total=len(todo), desc=f"{ctx.loaded.name} {target.name}")):
+            sub = evalset.subset(range(start, end))
             skipped: list[Skipped] = []
             # The first batch of the first chunk this process runs is warm-up, left out of the latency.
             run = run_targets(
-                {target.name: runner},
-                sub,
-                ctx.loaded.preprocess,
-                task,
-                plan.batch_size,
-                plan.workers,
-                skipped,
-                warmup_batches=0 if k else 1,
-                desc=f"chunk {start}",
-            )[target.name]
-            arrays = run.arrays or task.empty()
+                {target.name: runner}, sub, ctx.loaded.preprocess, task, plan.batch_size, plan.workers, skipped,
+                warmup_batches=0 if k else 1, desc=f"chunk {start}",
+            )[target.name]  # fmt: skip
+            if run.error:
+                raise _UnitFailed(run.error)
             _save_chunk(
                 _chunk_path(state, start),
                 {
-                    **arrays,
+                    **(run.arrays or task.empty()),
                     "seconds": np.asarray([run.seconds]),
                     "timed_images": np.asarray([run.timed_images]),
                     "skipped": np.asarray([s.key for s in skipped], dtype=str),
@@ -111,119 +197,159 @@ def _evaluate_unit(
             )
 
 
+def _stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: ImageDataset) -> bool:
+    """A unit is done when its row ran and every chunk it rests on is still on disk and readable (a damaged
+    chunk is discarded here, so the unit recomputes that chunk alone)."""
+    if not row or row.get("status") != "ok":
+        return False
+    state, keys = Path(row["state"]), [s.key for s in evalset.samples]
+    spans = [(s, min(s + plan.chunk_images, len(evalset))) for s in range(0, len(evalset), plan.chunk_images)]
+    return all(
+        _chunk_path(state, s).is_file() and _read_chunk(_chunk_path(state, s), keys[s:e]) is not None for s, e in spans
+    )
+
+
+class _UnitFailed(Exception):
+    pass
+
+
 def _unit_row(
-    plan: SignoffPlan, model: str, target: Target, key: str, state: Path, artifact_path: str | None, task: Task
-) -> dict[str, Any]:
+    plan: SignoffPlan, model: str, target: Target, key: str, state: Path, artifact: Artifact | None, task: Task
+) -> dict:
     d = load_chunks(state)
     timed = int(d["timed_images"].sum())
     return {
         "model": model,
         **target_fields(target),
+        "status": "ok",
         "dataset": plan.data,
         "task": task.name,
         "images": task.count(d),
         "skipped": int(d["skipped"].size),
         **task.fields(task.evaluate(d, d["keys"])),
         "latency_ms": 1e3 * float(d["seconds"].sum()) / timed if timed else None,
+        **runtime_fields(target, RunnerOptions(threads=plan.threads, providers=plan.ort_providers)),
         "unit_key": key,
         "state": str(state),
-        "artifact": artifact_path,
-        "manifest": f"{artifact_path}.json" if artifact_path else None,
+        "artifact": str(artifact.path) if artifact else None,
+        "manifest": str(artifact.manifest_path) if artifact else None,
     }
 
 
+def _failed_row(model: str, target: Target, key: str, error: str) -> dict[str, Any]:
+    return {"model": model, **target_fields(target), "status": "failed", "error": error, "unit_key": key}
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+
+
 def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[dict[str, Any]]:
-    """Gate every (model, target) row against its model's reference row, with intervals over the images."""
+    """Gate every (model, target) row of the plan against its model's reference row."""
     out = []
     by_model: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_model.setdefault(r["model"], {})[r["target"]] = r
     for model, targets in by_model.items():
         ref = targets.get(plan.reference)
-        if ref is None:
-            continue
-        ref_d = load_chunks(Path(ref["state"]))
         for name, row in targets.items():
             if name == plan.reference:
                 continue
-            gates = [g for g in plan.gates if g.applies(name)]
-            if not gates:
-                continue
-            d = load_chunks(Path(row["state"]))
-            for gate in gates:
+            for gate in (g for g in plan.gates if g.applies(name)):
+                head = {"model": model, "target": name, "reference": plan.reference, "gate": gate.describe()}
+                failed = next((r for r in (ref, row) if r is None or r.get("status") != "ok"), False)
+                if failed is not False:
+                    why = "the reference did not run" if failed is None or failed is ref else "the target did not run"
+                    err = (failed or {}).get("error", "no row")
+                    no_run = {"metric": gate.metric, "rule": gate.decision, "verdict": "FAIL", "passed": False}
+                    out.append({**head, **no_run, "error": f"{why}: {err}"})
+                    continue
+                d, ref_d = load_chunks(Path(row["state"])), load_chunks(Path(ref["state"]))
                 paired = task.paired(gate.metric, d, ref_d, d["keys"])
                 out.append(
-                    {
-                        "model": model,
-                        "target": name,
-                        "reference": plan.reference,
-                        **gate_verdict(gate, paired, plan.bootstrap_samples, plan.confidence),
-                    }
+                    {**head, **gate_verdict(gate, paired, plan.bootstrap_samples, plan.confidence, plan.min_images)}
                 )
     return out
 
 
+# ---------------------------------------------------------------------------------------------- the run
+
+
 def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run (or resume) the plan; returns (rows, verdicts). Rows, verdicts and the environment are written
-    under ``out_dir``."""
+    """Run (or resume) the plan; returns (rows of the plan, verdicts). Rows, verdicts, the plan and the
+    environment are written under ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     targets = parse_targets([plan.reference, *plan.targets], "plan targets")
-    rows_path = out_dir / "signoff.jsonl"
-    stored = {r["unit_key"]: r for r in read_jsonl(rows_path) if "unit_key" in r}
-    write_json_atomic(out_dir / "environment.json", environment())
-    write_json_atomic(out_dir / "plan.json", dataclasses.asdict(plan))
-    dataset = load_dataset(plan.data, labels=plan.labels)
-    for entry in plan.models:
-        keys = {t.name: unit_key(plan, entry, t.name) for t in targets}
-        if all(k in stored for k in keys.values()):
-            continue
-        loaded = load_for(
-            entry.name, entry.weights, resolve_preprocess(entry.name, entry.weights, entry.preprocess), dataset
+    preprocesses = {m.name: resolve_preprocess(m.name, m.weights, m.preprocess) for m in plan.models}
+    with FolderLock(out_dir, f"quantship signoff {plan.name}"):
+        rows_path = out_dir / "signoff.jsonl"
+        stored = {r["unit_key"]: r for r in read_jsonl(rows_path) if "unit_key" in r}
+        dataset = load_dataset(plan.data, labels=plan.labels)
+        n_calib = plan.calibration.num_images if needs_calibration(targets, plan.tensorrt) else 0
+        calib, evalset = split_calibration(dataset, n_calib, plan.limit, plan.calibration.seed)
+        options = RunnerOptions(threads=plan.threads, providers=plan.ort_providers)
+        current: list[str] = []
+        for entry in plan.models:
+            inputs = unit_inputs(plan, entry, preprocesses[entry.name], evalset, calib)
+            keys = {t.name: unit_key(plan, entry, t.name, inputs) for t in targets}
+            current += keys.values()
+            todo = [t for t in targets if not _stored_intact(stored.get(keys[t.name]), plan, evalset)]
+            if not todo:
+                continue
+            loaded = load_for(entry.name, entry.weights, preprocesses[entry.name], dataset)
+            task = make_task(dataset, loaded, plan.anchors)
+            ctx, _, _ = prepare_run(
+                loaded, targets, dataset, plan.calibration, plan.limit, out_dir, options, plan.workers, plan.tensorrt
+            )
+            try:
+                for t in todo:
+                    stored[keys[t.name]] = row = _run_unit(plan, ctx, t, keys[t.name], evalset, task, out_dir)
+                    append_jsonl(rows_path, row)
+            finally:
+                ctx.close()
+        # One row per key (a unit that failed and then ran keeps only its last row), rewritten atomically.
+        write_text_atomic(rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in stored.values()))
+        rows = [stored[k] for k in current]
+        verdict_rows = verdicts(plan, rows, make_task(dataset))
+        write_text_atomic(
+            out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdict_rows)
         )
-        task = make_task(dataset, loaded, plan.anchors)
-        ctx, _, evalset = prepare_run(
-            loaded,
-            targets,
-            dataset,
-            plan.calibration,
-            plan.limit,
-            out_dir,
-            RunnerOptions(threads=plan.threads),
-            plan.workers,
-            plan.tensorrt,
-        )
-        try:
-            for t in targets:
-                key = keys[t.name]
-                if key in stored:
-                    continue
-                state = out_dir / "state" / f"{loaded.name}-{t.name}-{key}"
-                art = t.build(ctx, t.spec)
-                _evaluate_unit(plan, ctx, t, art, evalset, task, state)
-                row = _unit_row(plan, loaded.name, t, key, state, str(art.path) if art else None, task)
-                append_jsonl(rows_path, row)
-                stored[key] = row
-        finally:
-            ctx.close()
-    rows = list(stored.values())
-    verdict_rows = verdicts(plan, rows, make_task(dataset))
-    write_text_atomic(out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdict_rows))
+        write_json_atomic(out_dir / "plan.json", {**dataclasses.asdict(plan), "unit_keys": current})
+        write_json_atomic(out_dir / "environment.json", {**environment(), "ort_providers": list(plan.ort_providers)})
     return rows, verdict_rows
 
 
+def _run_unit(
+    plan: SignoffPlan, ctx: BuildContext, t: Target, key: str, evalset: ImageDataset, task: Task, out_dir: Path
+) -> dict:
+    """Build and evaluate one unit; a unit whose target fails to build or run gets a failed row (and leaves no
+    half-built artifact), is retried by the next run, and does not stop the others."""
+    state = out_dir / "state" / f"{ctx.loaded.name}-{t.name}-{key}"
+    art = None
+    try:
+        art = t.build(ctx, t.spec)
+        _evaluate_unit(plan, ctx, t, art, evalset, task, state)
+        return _unit_row(plan, ctx.loaded.name, t, key, state, art, task)
+    except (*TARGET_ERRORS, _UnitFailed) as exc:
+        remove_artifact(art)
+        note(f"FAILED {ctx.loaded.name} {t.name}: {exc}")
+        return _failed_row(ctx.loaded.name, t, key, str(exc))
+
+
 def run_signoff(plan: SignoffPlan, out_dir: Path) -> JobResult:
-    """``quantship signoff``: run or resume, build the report; exit code 1 when a gate fails."""
-    lines = [
+    """``quantship signoff``: run or resume, build the report; exit code 1 unless every gate passes and every
+    unit ran."""
+    note(
         f"quantship signoff: {len(plan.models)} model(s) x {len(plan.targets)} target(s) on {plan.data} -> "
         f"{out_dir} (resumable: run again to continue)"
-    ]
+    )
     rows, verdict_rows = signoff(plan, out_dir)
     md, page = build_report(out_dir, f"sign-off: {plan.name}")
-    lines.append(text_table(load_results(out_dir)["verdicts"], VERDICT_COLUMNS))
-    failed = [v for v in verdict_rows if not v["passed"]]
-    lines.append(
-        f"\n{'FAIL' if failed else 'PASS'}: {len(verdict_rows) - len(failed)} of {len(verdict_rows)} gates "
-        f"passed. Report: {page}, {md}"
-    )
-    return JobResult(rows, lines, 1 if failed else 0)
+    lines = [text_table(load_results(out_dir)["verdicts"], VERDICT_COLUMNS)]
+    failed_units = [r for r in rows if r.get("status") == "failed"]
+    lines += [f"FAILED {r['model']} {r['target']}: {r['error']}" for r in failed_units]
+    passed = sum(1 for v in verdict_rows if v["verdict"] == PASS)
+    overall = "PASS" if passed == len(verdict_rows) and not failed_units else "FAIL"
+    if overall == "FAIL" and all(v["verdict"] in (PASS, "INCONCLUSIVE") for v in verdict_rows) and not failed_units:
+        overall = "INCONCLUSIVE"
+    lines.append(f"\n{overall}: {passed} of {len(verdict_rows)} gates passed. Report: {page}, {md}")
+    return JobResult(rows, lines, 0 if overall == "PASS" else 1)

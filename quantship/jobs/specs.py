@@ -28,6 +28,7 @@ class EvalSpec:
     preprocess_overrides: dict[str, Any] = field(default_factory=dict)
     trt: TrtOptions = field(default_factory=TrtOptions)
     anchors: str | None = None  # anchor configuration of a detection model given as a file
+    providers: tuple[str, ...] = ("cpu",)  # ONNX Runtime execution providers
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,11 @@ class SignoffPlan:
     chunk_images: int = 256
     bootstrap_samples: int = 1000
     confidence: float = 0.95
+    min_images: int = 1  # a gate resting on fewer evaluated images is INCONCLUSIVE, whatever its decision rule
     name: str = "signoff"
     anchors: str | None = None
     tensorrt: TrtOptions = field(default_factory=TrtOptions)
+    ort_providers: tuple[str, ...] = ("cpu",)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "SignoffPlan":
@@ -77,11 +80,24 @@ class SignoffPlan:
             models = tuple(PlanModel(m) if isinstance(m, str) else PlanModel(**m) for m in d.pop("models"))
             gates = tuple(Gate(**{**g, "targets": tuple(g.get("targets", ("*",)))}) for g in d.pop("gates"))
             calib = CalibrationSpec(**d.pop("calibration", {}))
-            trt = TrtOptions(**d.pop("tensorrt", {}))
+            trt_fields = dict(d.pop("tensorrt", {}))
+            if calib.method is not None:
+                if "qdq_method" in trt_fields:
+                    raise ConfigError(
+                        f"{source}: the calibration of trt-int8-qdq is set twice (calibration.method and "
+                        "tensorrt.qdq_method): keep one"
+                    )
+                trt_fields["qdq_method"] = calib.method
+            trt = TrtOptions(**trt_fields)
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         targets = d.pop("targets")
         targets = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets))
+        if "ort_providers" in d:
+            providers = d.pop("ort_providers")
+            d["ort_providers"] = tuple(
+                p.strip() for p in (providers.split(",") if isinstance(providers, str) else providers)
+            )
         return cls(models=models, targets=targets, gates=gates, calibration=calib, tensorrt=trt, **d)
 
     @classmethod

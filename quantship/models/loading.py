@@ -202,6 +202,11 @@ def load_model(
     return LoadedModel(spec.name, keras_model, pre, str(wpath), sha256_file(wpath)[:16], spec)
 
 
+def weights_file(model: str, weights: str | os.PathLike | None) -> Path:
+    """The weights file a registry model loads (``pretrained`` resolves to the built-in weights)."""
+    return _weights_path(get_model_spec(model), weights)
+
+
 def _weights_path(spec: ModelSpec, weights: str | os.PathLike | None) -> Path:
     """The weights file of a registry model: the given file, or the built-in weights (``pretrained``, the
     default where there are any)."""

@@ -27,6 +27,12 @@ _ORT_TYPES = {
     "tensor(int32)": np.int32,
     "tensor(int64)": np.int64,
 }
+# Session settings under which ONNX Runtime runs a Q/DQ model as fake-quant (dequantize, then the float op): what
+# TensorRT's int8 kernels approximate to within rounding. At ORT's default optimization level it instead rewrites
+# Q/DQ pairs into its own int8 kernels (int8 -> uint8 activations, QLinearConv), whose u8 x s8 path on CPUs with
+# AVX2 but no VNNI adds pairs of products in 16 bits and saturates: the numbers then depend on the CPU.
+QDQ_FAKE_QUANT: tuple[tuple[str, str], ...] = (("session.disable_quant_qdq", "1"),)
+
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -46,6 +52,7 @@ def make_session(
     session_config: Sequence[tuple[str, str]] = (),
     optimization: str | None = None,
     what: str = "the model",
+    optimized_model_path: str | os.PathLike | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession``.
 
@@ -56,6 +63,7 @@ def make_session(
             build is an error, never a silent fallback.
         session_config: Session configuration entries (``session.disable_quant_qdq`` = ``1``, ...).
         optimization: ``disable`` (keep the graph as it is: statistics passes) or None (ORT's default).
+        optimized_model_path: Save the graph ORT actually runs here (see :func:`fused_int8_ops`).
 
     Raises:
         RuntimeBackendError: Missing provider, or a model ONNX Runtime cannot load.
@@ -78,6 +86,8 @@ def make_session(
         opts.add_session_config_entry(key, str(value))
     if optimization == "disable":
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_model_path is not None:
+        opts.optimized_model_filepath = str(optimized_model_path)
     source = model
     if hasattr(model, "SerializeToString"):
         source = model.SerializeToString()
@@ -88,6 +98,37 @@ def make_session(
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
         raise RuntimeBackendError(f"{what}: ONNX Runtime cannot load the model ({first})") from None
+
+
+# ONNX Runtime's own int8 kernels: a Q/DQ pair that ORT fused into one of these no longer computes
+# dequantize -> float op -> quantize, and its result depends on the CPU's int8 instructions.
+FUSED_INT8_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearConcat",
+        "QLinearSoftmax",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "NhwcQLinearConv",
+    }
+)
+
+
+def fused_int8_ops(optimized_model: str | os.PathLike) -> list[str]:
+    """Names (``op_type:node``) of the nodes in a graph saved by ONNX Runtime that are its fused int8 kernels."""
+    onnx = lazy_import("onnx")
+    graph = onnx.load(str(optimized_model)).graph
+    return [f"{n.op_type}:{n.name}" for n in graph.node if n.op_type in FUSED_INT8_OPS]
 
 
 class OnnxRunner(Runner):
