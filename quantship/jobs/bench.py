@@ -77,6 +77,65 @@ def _plan_line(
     )
 
 
+def _configs(
+    named: list[tuple[str, str]], out: Path, scenarios: list, mobile: bool, threads: int | None, common: dict
+) -> list[BenchConfig]:
+    """One configuration per artifact (per thread count with ``mobile``), under each LoadGen scenario if any."""
+    configs = []
+    for name, path in named:
+        variants = [dict(loadgen=s.value, loadgen_dir=str(out / "loadgen" / f"{name}-{s.value}")) for s in scenarios]
+        for extra in variants or [{}]:
+            if mobile and path.endswith(".tflite"):
+                configs += mobile_profile(path, name, **common, **extra)
+            else:
+                configs.append(BenchConfig(path, target=name, threads=threads, **common, **extra))
+    return configs
+
+
+def _inference_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    plain = [display_fields(dict(r)) for r in rows if r.get("harness") != "loadgen"]
+    under_loadgen = [display_fields(dict(r)) for r in rows if r.get("harness") == "loadgen"]
+    if plain:
+        lines.append(text_table(plain, BENCH_COLUMNS))
+    if under_loadgen:
+        lines.append(text_table(under_loadgen, LOADGEN_COLUMNS))
+    for r in rows:
+        lines += [f"warning: {r['target']}: {w}" for w in r.get("warnings", [])]
+        if r.get("compute_ms_mean") is not None:
+            lines.append(
+                f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H "
+                f"{r['d2h_ms_mean']:.3f} ms"
+            )
+        if r.get("input_conversion_ms") and r.get("inputs") == "float":
+            lines.append(
+                f"{r['target']}: the latency includes the runner's input quantization "
+                f"({r['input_conversion_ms']:.3f} ms per query; --raw-inputs leaves it out)"
+            )
+        if r.get("loadgen_log_dir"):
+            lines.append(f"{r['target']} ({r['loadgen_scenario']}): LoadGen logs in {r['loadgen_log_dir']}")
+    return lines
+
+
+def _forward_backward_rows(cfg: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    from quantship.evaluate.fbtime import forward_backward
+
+    rows = forward_backward([cfg])
+    lines = [text_table(rows, FB_COLUMNS)]
+    for r in rows:
+        if r.get("slowest_layers"):
+            lines.append(
+                f"\n{r['model']}, batch {r['batch']}: the {len(r['slowest_layers'])} slowest layers' forward "
+                f"times ({r['layers_timed']} layers timed alone, {r['layers_forward_ms_sum']:.2f} ms together)"
+            )
+            lines.append(text_table(r["slowest_layers"], LAYER_COLUMNS))
+    return rows, lines
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
 def run_bench(
     out: Path,
     artifacts: Sequence[str] = (),
@@ -105,6 +164,7 @@ def run_bench(
         forward_backward: Also time ``model``'s forward and forward+backward passes (Keras, training mode) at
             each batch size; ``per_layer`` adds the ten slowest layers' forward times.
     """
+    from quantship.evaluate.fbtime import FBConfig
     from quantship.evaluate.loadgen import Scenario
 
     scenarios = [Scenario.parse(s) for s in loadgen]
@@ -112,10 +172,22 @@ def run_bench(
         raise ConfigError("--forward-backward times a Keras model: give --model")
     if per_layer and not forward_backward:
         raise ConfigError("--per-layer goes with --forward-backward")
+    convert = dict(convert or {})
+    fb_config = None
     if forward_backward:
         _check_fb_model(model)
+        fb_config = FBConfig(
+            model,
+            convert.get("weights"),
+            tuple(batch_sizes),
+            warmup_seconds,
+            min_queries or DEFAULT_MIN_QUERIES,
+            min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
+            per_layer,
+            threads,
+            convert.get("preprocess_overrides") or None,
+        )
     named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in artifacts]
-    convert = dict(convert or {})
     failures: dict[str, str] = {}
     if model and convert.get("targets"):
         from quantship.jobs.convert import convert_artifacts
@@ -134,79 +206,25 @@ def run_bench(
         raw_inputs=raw_inputs,
         providers=tuple(providers),
     )
-    configs = []
-    for name, path in named:
-        variants = [
-            dict(loadgen=s.value, loadgen_dir=str(out / "loadgen" / f"{name}-{s.value}")) for s in scenarios
-        ] or [{}]
-        for extra in variants:
-            if mobile and path.endswith(".tflite"):
-                configs += mobile_profile(path, name, **common, **extra)
-            else:
-                configs.append(BenchConfig(path, target=name, threads=threads, **common, **extra))
+    configs = _configs(named, out, scenarios, mobile, threads, common)
     lines = [_plan_line(len(configs), scenarios, warmup_seconds, min_queries, min_seconds)] if configs else []
     rows = bench(configs) if configs else []
     for r in rows:
         r["model"] = model or ""
+    if rows:
+        _write_jsonl(out / "bench.jsonl", rows)
+    lines += _inference_lines(rows)
     fb_rows: list[dict[str, Any]] = []
-    if forward_backward:
-        from quantship.evaluate.fbtime import FBConfig
-        from quantship.evaluate.fbtime import forward_backward as time_fb
-
-        cfg = FBConfig(
-            model,
-            convert.get("weights"),
-            tuple(batch_sizes),
-            warmup_seconds,
-            min_queries or DEFAULT_MIN_QUERIES,
-            min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
-            per_layer,
-            threads,
-            convert.get("preprocess_overrides") or None,
-        )
+    if fb_config is not None:
         lines.append(
             f"forward/backward of {model} (Keras, training mode): warm-up {warmup_seconds:g} s, then >= "
-            f"{cfg.min_queries} iterations and >= {cfg.min_seconds:g} s at batch {', '.join(map(str, batch_sizes))}"
+            f"{fb_config.min_queries} iterations and >= {fb_config.min_seconds:g} s at batch "
+            f"{', '.join(map(str, batch_sizes))}"
         )
-        fb_rows = time_fb([cfg])
-    if rows:
-        write_text_atomic(out / "bench.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    if fb_rows:
-        write_text_atomic(
-            out / "forward_backward.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in fb_rows)
-        )
+        fb_rows, fb_lines = _forward_backward_rows(fb_config)
+        _write_jsonl(out / "forward_backward.jsonl", fb_rows)
+        lines += fb_lines + [f"forward/backward: {out / 'forward_backward.jsonl'}"]
     write_json_atomic(out / "environment.json", environment())
-    plain = [display_fields(dict(r)) for r in rows if r.get("harness") != "loadgen"]
-    under_loadgen = [display_fields(dict(r)) for r in rows if r.get("harness") == "loadgen"]
-    if plain:
-        lines.append(text_table(plain, BENCH_COLUMNS))
-    if under_loadgen:
-        lines.append(text_table(under_loadgen, LOADGEN_COLUMNS))
-    for r in rows:
-        for w in r.get("warnings", []):
-            lines.append(f"warning: {r['target']}: {w}")
-        if r.get("compute_ms_mean") is not None:
-            lines.append(
-                f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H "
-                f"{r['d2h_ms_mean']:.3f} ms"
-            )
-        if r.get("input_conversion_ms") and r.get("inputs") == "float":
-            lines.append(
-                f"{r['target']}: the latency includes the runner's input quantization "
-                f"({r['input_conversion_ms']:.3f} ms per query; --raw-inputs leaves it out)"
-            )
-        if r.get("loadgen_log_dir"):
-            lines.append(f"{r['target']} ({r['loadgen_scenario']}): LoadGen logs in {r['loadgen_log_dir']}")
-    if fb_rows:
-        lines.append(text_table(fb_rows, FB_COLUMNS))
-        for r in fb_rows:
-            if r.get("slowest_layers"):
-                lines.append(
-                    f"\n{r['model']}, batch {r['batch']}: the {len(r['slowest_layers'])} slowest layers' forward "
-                    f"times ({r['layers_timed']} layers timed alone, {r['layers_forward_ms_sum']:.2f} ms together)"
-                )
-                lines.append(text_table(r["slowest_layers"], LAYER_COLUMNS))
-        lines.append(f"forward/backward: {out / 'forward_backward.jsonl'}")
     lines += [f"FAILED {name}: {error}" for name, error in failures.items()]
     if rows:
         lines.append(f"results: {out / 'bench.jsonl'}")
