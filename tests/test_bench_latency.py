@@ -115,6 +115,7 @@ def tiny_files(trained_tiny, tmp_path_factory):
     return files
 
 
+@pytest.mark.slow
 def test_query_time_wraps_runtime_time_and_conversion(tiny_files):
     from quantship.evaluate.latency import native_feed
     from quantship.runtime.registry import make_runner
@@ -157,6 +158,7 @@ def _lg(cfg_kw, tmp_path, name):
     return row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["singlestream", "multistream", "offline"])
 def test_each_loadgen_scenario_runs(tiny_files, tmp_path, scenario):
     # MultiStream's early stopping needs 662 queries; the others 64 (SingleStream) or none (Offline).
@@ -194,6 +196,7 @@ def test_each_loadgen_scenario_runs(tiny_files, tmp_path, scenario):
         assert 0 < row["runtime_ms_p50"] <= row["latency_ms_p50"]
 
 
+@pytest.mark.slow
 def test_bench_and_loadgen_rows_consistent(tiny_files, tmp_path):
     from quantship.evaluate.bench import BenchConfig, bench
 
@@ -215,6 +218,7 @@ def test_bench_and_loadgen_rows_consistent(tiny_files, tmp_path):
     assert 0.33 < under_lg["latency_ms_p50"] / plain["latency_ms_p50"] < 3
 
 
+@pytest.mark.slow
 def test_raw_inputs_leave_out_quantization(tiny_files):
     from quantship.evaluate.bench import BenchConfig, bench
 
@@ -227,6 +231,7 @@ def test_raw_inputs_leave_out_quantization(tiny_files):
         assert 0 < row["runtime_ms_p50"] <= row["latency_ms_p50"]
 
 
+@pytest.mark.slow
 def test_bench_cli_loadgen_and_bad_input(tiny_files, tmp_path):
     out = tmp_path / "out"
     res = subprocess.run(
@@ -294,6 +299,7 @@ def small_cnn(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_forward_backward_rows(small_cnn, tmp_path):
     from quantship.jobs.bench import run_bench
 
