@@ -340,9 +340,12 @@ def latency(args: argparse.Namespace, artifacts, by_name) -> None:
         path = artifacts[name].path
         ours, bare = [], []
         for _ in range(args.repeats):
+            # The bare loop holds the model's own input type (int8 for an int8 input): bench with raw samples
+            # times the same thing (benchmarks/latency_parity.py compares the full query latency too).
             cfg = BenchConfig(
-                str(path), name, threads=args.threads, warmup_seconds=1.0, min_queries=args.queries, min_seconds=3.0
-            )
+                str(path), name, threads=args.threads, warmup_seconds=1.0, min_queries=args.queries, min_seconds=3.0,
+                raw_inputs=True,
+            )  # fmt: skip
             ours.append(bench([cfg])[0]["latency_ms_p50"])
             cmd = [sys.executable, __file__, "--_bare", str(path), "--threads", str(args.threads)]
             out = subprocess.run([*cmd, "--queries", str(args.queries)], capture_output=True, text=True, check=True)
