@@ -96,15 +96,15 @@ def build_ort(fp32: Path, cal: np.ndarray, work: Path, entropy: bool) -> dict[st
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):  # one image per batch: ORT's histogram collector needs equal batches
         def __init__(self):
             self.i = 0
 
         def get_next(self):
             if self.i >= len(cal):
                 return None
-            self.i += 8
-            return {"input": cal[self.i - 8 : self.i]}
+            self.i += 1
+            return {"input": cal[self.i - 1 : self.i]}
 
     pre = work / "fp32-pre.onnx"
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)

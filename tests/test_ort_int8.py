@@ -188,3 +188,15 @@ def test_weights_are_uint8_with_zero_point_128_and_int32_bias_never_overflows():
     floor = np.array([1.2 / (0.02 * 2.0**30)] * 3)
     _, s, _ = quantize_weight(np.full((3, 2, 1, 1), 1e-9, np.float32), 0, WeightType.UINT8, floor)
     assert (1.2 / (0.02 * s) < 2**31).all()
+
+
+def test_bench_times_a_target_with_its_session_options(tmp_path):
+    """``bench`` runs each configuration in a worker process from JSON: the target's session options survive it."""
+    import json
+    from dataclasses import asdict
+
+    from quantship.evaluate.bench import BenchConfig
+    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
+
+    cfg = BenchConfig(str(tmp_path / "m.onnx"), target="qdq-int8-max", session_config=QDQ_FAKE_QUANT)
+    assert BenchConfig(**json.loads(json.dumps(asdict(cfg)))).session_config == QDQ_FAKE_QUANT

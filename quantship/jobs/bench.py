@@ -48,12 +48,17 @@ def run_bench(
         cuda_graph=cuda_graph,
         providers=tuple(providers),
     )
+    from quantship.targets import get_target, list_targets
+
+    known = {t.name for t in list_targets()}
     configs = []
     for name, path in named:
         if mobile and path.endswith(".tflite"):
             configs += mobile_profile(path, name, **common)
         else:
-            configs.append(BenchConfig(path, target=name, threads=threads, **common))
+            # A target is timed with the session options it is evaluated with (Q/DQ targets: as fake-quant).
+            session = get_target(name).session_config if name in known else ()
+            configs.append(BenchConfig(path, target=name, threads=threads, session_config=session, **common))
     lines = [
         f"benchmarking {len(configs)} configuration(s): warm-up {warmup_seconds:g} s, then >= {min_queries} "
         f"queries and >= {min_seconds:g} s each"
