@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -69,6 +70,10 @@ NORMALIZATION_MODES: dict[str, dict[str, Any]] = {
 }
 
 
+MAX_INPUT_SIZE = 8192  # pixels per side of a model input
+MIN_STD = 1e-3  # smallest std (0..255 scale): 255 / 1e-3 is still a finite, if huge, input
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """Classification preprocessing as data: resize the shorter side, crop, normalise, order, layout.
@@ -108,12 +113,26 @@ class PreprocessSpec:
         object.__setattr__(self, "layout", _choice(Layout, self.layout, "layout"))
         object.__setattr__(self, "crops", _choice(CropMode, self.crops, "crop mode"))
         object.__setattr__(self, "resize", _choice(ResizeMode, self.resize, "resize mode"))
-        if len(self.size) != 2 or min(self.size) <= 0:
-            raise ConfigError(f"preprocess size must be two positive integers, got {self.size}")
+        if len(self.size) != 2 or min(self.size) <= 0 or max(self.size) > MAX_INPUT_SIZE:
+            raise ConfigError(f"preprocess size must be two integers in 1..{MAX_INPUT_SIZE}, got {self.size}")
+        try:
+            crop_pct = float(self.crop_pct)
+        except (TypeError, ValueError):
+            raise ConfigError(f"preprocess crop_pct must be a number, got {self.crop_pct!r}") from None
+        object.__setattr__(self, "crop_pct", crop_pct)
         if not 0.1 <= self.crop_pct <= 1.0:
             raise ConfigError(f"crop_pct must be in [0.1, 1.0], got {self.crop_pct}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError("mean and std need three values each, std positive")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("mean and std need three values each")
+        # A NaN mean or a std of 1e-30 turns every pixel into NaN or inf: every target would then "predict" one
+        # class and be scored as if it had run.
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ConfigError(f"preprocess mean and std must be finite numbers, got mean={self.mean}, std={self.std}")
+        if min(self.std) < MIN_STD:
+            raise ConfigError(
+                f"preprocess std must be at least {MIN_STD:g} (on the 0..255 pixel scale), got {self.std}; "
+                "e.g. std=58.395/57.12/57.375, or mode=raw for none"
+            )
 
     @classmethod
     def from_mode(cls, mode: str, **overrides: Any) -> "PreprocessSpec":
@@ -260,14 +279,19 @@ class TargetSpec:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """How the calibration split is drawn and used.
+    """How the calibration images are chosen and used.
 
     Attributes:
-        num_images: Calibration images (disjoint from the evaluation images).
+        num_images: Calibration images (disjoint from the evaluation images), drawn (seeded) from the
+            calibration source.
         seed: Seed of the draw.
         method: Calibration of targets whose name carries no method (``trt-int8-qdq``); None: their default.
         percentile: The percentile of the ``percentile`` method.
         batch_size: Batch size of the calibration passes (and of TensorRT's calibrator).
+        data: A separate calibration dataset (``KIND:PATH``, e.g. ``images:/data/train-subset``); None draws
+            calibration images from the evaluation data, disjoint from the evaluated ones.
+        list: A file naming the calibration images, one file name (or relative path) per line (MLPerf's
+            ``cal_image_list_option_1.txt``): calibration is drawn only from the listed files.
     """
 
     num_images: int = 100
@@ -275,12 +299,42 @@ class CalibrationSpec:
     method: CalibrationMethod | None = None
     percentile: float = 99.99
     batch_size: int = 8
+    data: str | None = None
+    list: str | None = None
 
     def __post_init__(self) -> None:
         if self.method is not None:
             object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ConfigError(f"calibration percentile must be in (0, 100], got {self.percentile}")
+        for name in ("data", "list"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
+                raise ConfigError(f"calibration {name} must be a path string, got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, str(value))
+
+
+@dataclass(frozen=True)
+class InputCacheOptions:
+    """The preprocessed-input cache (``quantship.data.cache``).
+
+    Attributes:
+        enabled: False decodes every image on every pass (``--no-input-cache``).
+        path: Cache folder; None: ``inputs/`` under the project cache folder (``$QUANTSHIP_CACHE`` or
+            ``~/.cache/quantship``).
+        max_gb: Size cap; least recently used datasets are evicted beyond it (never one in use).
+    """
+
+    enabled: bool = True
+    path: Path | None = None
+    max_gb: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path).expanduser())
+        if not self.max_gb > 0:
+            raise ConfigError(f"--input-cache-max-gb must be a positive number, got {self.max_gb}")
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,39 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+TEMP_DIR = ".quantship-tmp"  # temporary folders of a run, inside its output folder
+# Temporary names carry the process id, so a later run can tell a dead run's leftovers from a live one's.
+_ATOMIC_TMP = re.compile(r"^\..+\.(\d+)-[^.]+\.tmp")
+_TEMP_ENTRY = re.compile(r"^[A-Za-z0-9_]+-(\d+)-")
+
+
+def file_mode(directory: bool = False) -> int:
+    """The permission bits a new file (or folder) gets under the process's umask (0644 / 0755 under umask 022)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7 shows it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -16,19 +46,146 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     A crash or exception in the block leaves ``path`` untouched (old content or absent), never half
-    written. ``suffix`` keeps an extension that some writers insist on (Keras wants ``.keras``).
+    written; a killed process leaves a ``.NAME.PID-XXXX.tmp`` file that :func:`sweep_temp_files` removes at the
+    start of the next run. ``suffix`` keeps an extension that some writers insist on (Keras wants ``.keras``).
+    The file ends up with the permissions of any new file under the user's umask (not ``mkstemp``'s 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp" + suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def make_temp_dir(out_dir: str | os.PathLike | None, prefix: str) -> Path:
+    """A new temporary folder inside ``out_dir/.quantship-tmp`` (the system's temp folder when ``out_dir`` is
+    None), named ``PREFIX-PID-XXXX`` so that :func:`sweep_temp_files` can remove it once its process is gone.
+    The caller removes it with :func:`remove_temp_dir`."""
+    base = None
+    if out_dir is not None:
+        base = Path(out_dir) / TEMP_DIR
+        base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=base))
+
+
+def remove_temp_dir(path: str | os.PathLike) -> None:
+    """Remove a folder made by :func:`make_temp_dir`, and ``.quantship-tmp`` with it once empty."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    if path.parent.name == TEMP_DIR:
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
+
+
+@contextlib.contextmanager
+def temp_dir(out_dir: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
+    """:func:`make_temp_dir` for the duration of a block: removed when it ends, on an exception and on Ctrl-C."""
+    tmp = make_temp_dir(out_dir, prefix)
+    try:
+        yield tmp
+    finally:
+        remove_temp_dir(tmp)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # swept at the start of a run: nothing of this run exists yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temp_files(folder: str | os.PathLike, depth: int = 3) -> list[Path]:
+    """Remove what killed runs left in an output folder: atomic-write temporaries (``.NAME.PID-XXXX.tmp*``) and
+    ``.quantship-tmp/`` folders of processes that no longer run (a live run's are kept).
+
+    Returns:
+        What was removed.
+    """
+    removed: list[Path] = []
+    root = Path(folder)
+    if not root.is_dir():
+        return removed
+
+    def walk(d: Path, level: int) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
+            p = Path(e.path)
+            if e.name == TEMP_DIR and e.is_dir(follow_symlinks=False):
+                for sub in list(p.iterdir()):
+                    m = _TEMP_ENTRY.match(sub.name)
+                    if m and not _pid_alive(int(m.group(1))):
+                        shutil.rmtree(sub, ignore_errors=True) if sub.is_dir() else sub.unlink(missing_ok=True)
+                        removed.append(sub)
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            elif (m := _ATOMIC_TMP.match(e.name)) and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(p, ignore_errors=True) if e.is_dir(follow_symlinks=False) else p.unlink(missing_ok=True)
+                removed.append(p)
+            elif level < depth and e.is_dir(follow_symlinks=False):
+                walk(p, level + 1)
+
+    walk(root, 0)
+    return removed
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--out") -> None:
+    """Make sure ``path`` is (or can become) a folder this process can write into, before any work: a file in
+    its place, a parent that is a file, a read-only or pseudo file system (``/proc``) are refused. Nothing is
+    left behind: folders created for the check are removed again.
+
+    Raises:
+        ConfigError: Naming the option, the path and what to do.
+    """
+    from quantship.errors import ConfigError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder; give a folder (it is created if missing)")
+    created: list[Path] = []
+    probe: Path | None = None
+    try:
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        if not p.is_dir():
+            raise ConfigError(f"{option} {path}: {p} is a file, so no folder can be made there; give another path")
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        fd, name = tempfile.mkstemp(prefix=f".write-check.{os.getpid()}-", suffix=".tmp", dir=path)
+        probe = Path(name)
+        os.write(fd, b"ok")
+        os.close(fd)
+    except ConfigError:
+        raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"{option} {path}: cannot write there ({reason}); give a folder you can write to") from None
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -74,10 +231,30 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
+
+
+def read_text(path: str | os.PathLike, error: type | None = None) -> str:
+    """A text file (data list, ground truth, plan) as UTF-8; a file that cannot be read, or a byte that is not
+    UTF-8, raises ``error`` (:class:`~quantship.errors.DataError` by default) naming the file and line."""
+    from quantship.errors import DataError
+
+    error = error or DataError
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -126,6 +303,27 @@ def cache_dir() -> Path:
 
 
 LOCK_NAME = ".quantship.lock"
+
+
+def remove_unused_lock(folder: str | os.PathLike) -> None:
+    """Remove the lock file of a folder that holds nothing else, unless a process holds the lock (for a run that
+    created the folder and was refused before writing anything)."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    try:
+        if {p.name for p in Path(folder).iterdir()} != {LOCK_NAME}:
+            return
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class FolderLock:

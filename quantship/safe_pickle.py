@@ -13,6 +13,7 @@ it is touched. Two formats are read:
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import struct
 import zipfile
@@ -27,10 +28,25 @@ from quantship.errors import ModelLoadError, UnsafePickleError
 # --------------------------------------------------------------------------------------------- numpy
 
 
-def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+def _np_reconstruct(subtype: Any, shape: Any, dtype: Any, limit: int | None = None) -> np.ndarray:
     if subtype is not np.ndarray:
         raise UnsafePickleError(f"refused array subtype {subtype!r}")
+    _check_array_size(shape, dtype, limit)
     return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+def _check_array_size(shape: Any, dtype: Any, limit: int | None) -> None:
+    """Refuse an array bigger than the file it comes from before allocating it (its data would have to be in
+    the file; a shape of 10**13 would otherwise ask for terabytes)."""
+    dims = shape if isinstance(shape, (tuple, list)) else (shape,)
+    try:
+        nbytes = np.dtype(dtype).itemsize
+        for d in dims:
+            nbytes *= int(d)
+    except (TypeError, ValueError):
+        raise UnsafePickleError(f"refused array of shape {shape!r} and dtype {dtype!r}") from None
+    if nbytes < 0 or (limit is not None and nbytes > limit):
+        raise UnsafePickleError(f"refused an array of shape {shape!r} ({nbytes} bytes): larger than its file")
 
 
 def _np_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
@@ -69,10 +85,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     allowed: dict[tuple[str, str], Any] = {}
     source = "pickle"
+    max_array_bytes: int | None = None  # an array larger than this is refused before it is allocated
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self.allowed[(module, name)]
+            found = self.allowed[(module, name)]
+            if found is _np_reconstruct:
+                limit = self.max_array_bytes
+                return lambda subtype, shape, dtype: _np_reconstruct(subtype, shape, dtype, limit)
+            return found
         except KeyError:
             raise UnsafePickleError(
                 f"{self.source}: refused to load '{module}.{name}': this file asks to run code that a "
@@ -104,6 +125,7 @@ def load_val224_pickle(path: str | Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         u = _Val224Unpickler(f, encoding="bytes")
         u.source = str(path)
+        u.max_array_bytes = os.fstat(f.fileno()).st_size
         obj = u.load()
     if isinstance(obj, dict):
         obj = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
@@ -265,6 +287,8 @@ def _load_legacy(f: BinaryIO, source: str) -> Any:
             raise ModelLoadError(f"{source}: checkpoint is truncated (storage {key!r} missing)")
         (numel,) = struct.unpack("<q", raw)
         nbytes = numel * storage.dtype.itemsize
+        if nbytes < 0 or nbytes > os.fstat(f.fileno()).st_size - f.tell():
+            raise ModelLoadError(f"{source}: checkpoint is truncated or corrupt (storage {key!r} of {numel} items)")
         data = f.read(nbytes)
         if len(data) != nbytes:
             raise ModelLoadError(f"{source}: checkpoint is truncated inside storage {key!r}")

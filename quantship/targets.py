@@ -185,7 +185,9 @@ register_target(TargetSpec("keras-fp32", "keras", Precision.FP32, description="K
 def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     from quantship.convert.tflite import TfliteConverter, TfliteSpec, convert_to_tflite
 
-    converter = ctx.shared("tflite-converter", lambda: TfliteConverter(ctx.loaded.model, ctx.log_path))
+    converter = ctx.shared(
+        "tflite-converter", lambda: TfliteConverter(ctx.loaded.model, ctx.log_path, work_dir=ctx.out_dir)
+    )
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
     calib = ctx.calibration_batches(spec.name) if tspec.needs_calibration else None
     return convert_to_tflite(converter, tspec, ctx.artifact_path(spec, ".tflite"), calib, ctx.base_manifest(spec))

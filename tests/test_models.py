@@ -99,7 +99,7 @@ def reference(tmp_path_factory):
 )
 def test_weights_load_in_every_format(reference, fname):
     _, root, x, expected = reference
-    loaded = load_model(SMALL, root / fname)
+    loaded = load_model(SMALL, root / fname, trust_savedmodel=fname == "savedmodel")
     got = np.asarray(loaded.model(x, training=False))
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert loaded.weights_hash

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,11 +282,13 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
             "--data",
             f"imagenet:{synset_dataset}",
             "--targets",
-            "keras-fp32,onnx-fp32,qdq-int8-entropy,qdq-int8-max,tflite-int8",
+            "keras-fp32,onnx-fp32,qdq-int8-entropy,qdq-int8-max,tflite-int8,qdq-int8-percentile",
             "--limit",
             "24",
             "--calib-images",
             "12",
+            "--calib-percentile",
+            "99.5",
             "--out",
             str(ev),
         ],
@@ -300,10 +303,14 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
         "qdq-int8-entropy",
         "qdq-int8-max",
         "tflite-int8",
+        "qdq-int8-percentile",
     ]
     assert len({r["eval_data_hash"] for r in rows}) == 1 and all(r["images"] == 24 for r in rows)
     assert rows[1]["agreement_top1"] == 1.0
     assert all(r["agreement_top1"] >= 0.9 for r in rows[2:])
+    manifests = {r["target"]: json.loads(Path(r["manifest"]).read_text()) for r in rows if r["manifest"]}
+    assert manifests["qdq-int8-percentile"]["calibration_percentile"] == 99.5  # the option is honoured
+    assert manifests["qdq-int8-entropy"]["calibration_percentile"] is None
 
 
 @pytest.mark.slow

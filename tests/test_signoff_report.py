@@ -78,7 +78,7 @@ def test_interval_rule_passes_fails_and_settles():
 
 def test_plan_validation():
     base = {
-        "models": ["m"],
+        "models": ["mobilenet_0.25_128"],
         "targets": ["tflite-int8"],
         "dataset": "imagenet:/x",
         "gates": [{"metric": "top1", "relative": 0.99}],
@@ -343,7 +343,10 @@ def test_a_replaced_model_file_is_evaluated_again(trained_tiny, bigger_dataset, 
     out = tmp_path / "out"
     assert _signoff(plan, out).returncode == 0
     first = {r["target"]: r for r in _rows(out)}
-    _tiny_model().save(model)  # untrained weights at the same path
+    other = _tiny_model()  # another model at the same path: it answers class 2 for every image
+    k, b = other.get_layer("logits").get_weights()
+    other.get_layer("logits").set_weights([k * 0, np.array([0.0, 0.0, 10.0], np.float32)])
+    other.save(model)
     _signoff(plan, out)
     plan_keys = json.loads((out / "plan.json").read_text())["unit_keys"]
     current = {r["target"]: r for r in _rows(out) if r["unit_key"] in plan_keys}

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
-from quantship.config import CalibrationSpec, TrtOptions, parse_preprocess_overrides
+from quantship.config import (
+    CalibrationSpec,
+    InputCacheOptions,
+    PreprocessSpec,
+    TrtOptions,
+    parse_preprocess_overrides,
+)
+from quantship.errors import ConfigError
+from quantship.fileio import check_output_dir
 
 
 def positive_int(text: str) -> int:
@@ -29,6 +38,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -36,6 +55,16 @@ def non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def percentile_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got '{text}'") from None
+    if not 0.0 < value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {text}")
     return value
 
 
@@ -63,13 +92,27 @@ def model(p: argparse.ArgumentParser, required: bool = True) -> None:
         "interpolation=bilinear|bicubic|area, mean=a/b/c, std=a/b/c, channel_order=rgb|bgr, layout=nhwc|nchw, "
         "crops=center|10crop|12crop",
     )
+    g.add_argument(
+        "--trust-savedmodel",
+        action="store_true",
+        help="allow a SavedModel folder as --model/--weights: loading one runs the operations of its graph, so "
+        "use it only for files you trust",
+    )
 
 
 def preprocess(args: argparse.Namespace) -> dict[str, Any]:
-    return parse_preprocess_overrides(getattr(args, "preprocess", None))
+    overrides = parse_preprocess_overrides(getattr(args, "preprocess", None))
+    PreprocessSpec().with_overrides(**overrides)  # every value checked now, before any work
+    return overrides
 
 
-def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int = 100, evaluation: bool = True) -> None:
+def data(
+    p: argparse.ArgumentParser,
+    required: bool = True,
+    calib_default: int = 100,
+    evaluation: bool = True,
+    percentile: bool = True,
+) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -77,6 +120,12 @@ def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int =
         help="KIND:PATH, e.g. imagenet:/data/imagenet/val" + ("" if evaluation else " (calibration data)"),
     )
     g.add_argument("--labels", help="ground-truth file for a flat image folder (found in the folder by default)")
+    g.add_argument(
+        "--allow-missing-images",
+        action="store_true",
+        help="evaluate the images present when the ground truth lists files the folder lacks (counted in the "
+        "results as missing_images); by default that is an error",
+    )
     if evaluation:
         g.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     g.add_argument(
@@ -86,13 +135,70 @@ def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int =
         help=f"calibration images{', disjoint from evaluation' if evaluation else ''} ({calib_default})",
     )
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
+    if percentile:
+        g.add_argument(
+            "--calib-percentile",
+            type=percentile_value,
+            default=99.99,
+            help="percentile of the percentile calibration method (qdq-int8-percentile), default 99.99",
+        )
+    calibration_source(g, evaluation)
     g.add_argument(
         "--workers", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="image decoding threads"
+    )
+    input_cache(p)
+
+
+def calibration_source(g: argparse._ArgumentGroup, separate: bool = True) -> None:
+    """``--calib-data`` (commands whose ``--data`` is evaluation data) and ``--calib-list``."""
+    if separate:
+        g.add_argument(
+            "--calib-data",
+            metavar="KIND:PATH",
+            help="calibrate on this data instead of drawing from --data (then every image of --data is "
+            "evaluated), e.g. images:/data/train-subset (a folder of unlabelled images, searched recursively)",
+        )
+    g.add_argument(
+        "--calib-list",
+        metavar="FILE",
+        help="calibrate only on the files this list names, one file name (or relative path) per line, as "
+        "MLPerf's cal_image_list_option_1.txt",
     )
 
 
 def calibration(args: argparse.Namespace) -> CalibrationSpec:
-    return CalibrationSpec(num_images=args.calib_images, seed=args.calib_seed)
+    return CalibrationSpec(
+        num_images=args.calib_images,
+        seed=args.calib_seed,
+        percentile=args.calib_percentile,
+        data=getattr(args, "calib_data", None),
+        list=getattr(args, "calib_list", None),
+    )
+
+
+def input_cache(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preprocessed-input cache (each image decoded once, for every target and run)")
+    g.add_argument(
+        "--input-cache",
+        metavar="DIR",
+        help="cache folder (default: inputs/ under ~/.cache/quantship or $QUANTSHIP_CACHE)",
+    )
+    g.add_argument("--no-input-cache", action="store_true", help="decode every image on every pass")
+    g.add_argument(
+        "--input-cache-max-gb",
+        type=positive_float,
+        default=20.0,
+        help="size cap; least recently used datasets are evicted beyond it, never one in use (20)",
+    )
+
+
+def input_cache_options(args: argparse.Namespace) -> InputCacheOptions | None:
+    """The cache options of a command that declares them (None for one that does not)."""
+    if not hasattr(args, "no_input_cache"):
+        return None
+    if args.input_cache and not args.no_input_cache:
+        check_output_dir(args.input_cache, "--input-cache")
+    return InputCacheOptions(enabled=not args.no_input_cache, path=args.input_cache, max_gb=args.input_cache_max_gb)
 
 
 def providers(text: str) -> tuple[str, ...]:
@@ -154,3 +260,17 @@ def trt_options(args: argparse.Namespace) -> TrtOptions:
         qdq_method=args.trt_qdq_method,
         cuda_graph=args.trt_cuda_graph,
     )
+
+
+def check_output_file(option: str, value: str | None) -> None:
+    """An output file option (``--qdq FILE``): its folder must be writable and the path must not be a folder.
+
+    Raises:
+        ConfigError: Naming the option and what to do.
+    """
+    if not value:
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    check_output_dir(path.parent, option)

@@ -1,4 +1,5 @@
-"""``quantship bench``: latency percentiles, throughput, init time, peak memory (each config in its own process)."""
+"""``quantship bench``: latency percentiles, throughput, init time, peak memory (each config in its own process),
+under MLPerf LoadGen on request, and forward/backward times of a Keras model."""
 
 from __future__ import annotations
 
@@ -9,12 +10,18 @@ from quantship.cli import args as a
 from quantship.cli.registry import Command
 from quantship.errors import ConfigError
 
+SCENARIOS = ("singlestream", "multistream", "offline")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", action="append", default=[], help="a .tflite / .onnx / .engine file (repeatable)")
     a.model(p, required=False)
     a.data(p, required=False, evaluation=False)
-    a.targets(p, "tflite-fp32,tflite-fp16,tflite-int8")
+    p.add_argument(
+        "--targets",
+        help="comma-separated targets to build from --model and time (see 'quantship targets'; default "
+        "tflite-fp32,tflite-fp16,tflite-int8, none with --forward-backward)",
+    )
     a.runtime(p, batch=False)
     p.add_argument(
         "--mobile",
@@ -24,11 +31,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-sizes",
         default="1",
-        help="comma-separated; batch 1 gives the latency percentiles, each gives a throughput",
+        help="comma-separated; batch 1 gives the latency percentiles, each gives a throughput (LoadGen Offline "
+        "runs the largest)",
     )
     p.add_argument("--warmup", type=a.non_negative_float, default=1.0, help="warm-up seconds (1)")
-    p.add_argument("--min-queries", type=a.positive_int, default=200, help="at least this many timed queries (200)")
-    p.add_argument("--min-seconds", type=a.non_negative_float, default=5.0, help="and at least this many seconds (5)")
+    p.add_argument(
+        "--min-queries",
+        type=a.positive_int,
+        help="at least this many timed queries (200; under --loadgen: MLPerf's minimum, and a lower value makes "
+        "the run valid only under reduced settings)",
+    )
+    p.add_argument(
+        "--min-seconds",
+        type=a.non_negative_float,
+        help="and at least this many seconds (5; under --loadgen: MLPerf's 600 s, lower values as above)",
+    )
+    p.add_argument(
+        "--raw-inputs",
+        action="store_true",
+        help="preload samples in the model's own input types (int8 models: quantized once, as an MLPerf QSL holds "
+        "them) and time the runner without its (de)quantization",
+    )
+    g = p.add_argument_group("MLPerf LoadGen (pip install 'quantship[loadgen]')")
+    g.add_argument(
+        "--loadgen",
+        metavar="SCENARIO",
+        help=f"time under MLPerf LoadGen instead: {'|'.join(SCENARIOS)} (comma-separated for several); its logs "
+        "go to OUT/loadgen/",
+    )
+    g = p.add_argument_group("training-side timing (Keras classification models)")
+    g.add_argument(
+        "--forward-backward",
+        action="store_true",
+        help="time --model's forward and forward+backward passes (cross-entropy, batch norm in training mode) at "
+        "each --batch-sizes",
+    )
+    g.add_argument("--per-layer", action="store_true", help="with --forward-backward: the ten slowest layers' forward")
     a.out(p, "quantship-bench")
     a.trt(p)
     a.common(p)
@@ -41,16 +79,25 @@ def run(args: argparse.Namespace) -> int:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     except ValueError:
         raise ConfigError(f"--batch-sizes must be integers separated by commas, got '{args.batch_sizes}'") from None
+    if min(batch_sizes) <= 0:
+        raise ConfigError(f"--batch-sizes must be positive, got '{args.batch_sizes}'")
+    targets = args.targets
+    if targets is None and args.model and not args.forward_backward:
+        targets = "tflite-fp32,tflite-fp16,tflite-int8"
     convert = dict(
-        targets=args.targets,
+        targets=targets,
         weights=args.weights,
         data=args.data,
         labels=args.labels,
         calib_images=args.calib_images,
         calib_seed=args.calib_seed,
+        calib_list=args.calib_list,
+        calib_percentile=args.calib_percentile,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         trt=a.trt_options(args),
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     result = run_bench(
         Path(args.out),
@@ -64,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
         min_queries=args.min_queries,
         min_seconds=args.min_seconds,
         cuda_graph=args.trt_cuda_graph,
+        loadgen=a.names(args.loadgen),
+        raw_inputs=args.raw_inputs,
+        forward_backward=args.forward_backward,
+        per_layer=args.per_layer,
         providers=args.ort_providers,
     )
     print(result.text)
@@ -72,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     "bench",
-    "latency: percentiles, throughput, init time, peak memory (each config in its own process)",
+    "latency: percentiles, throughput, init time, peak memory (each config in its own process); MLPerf LoadGen; "
+    "forward/backward times",
     add_arguments,
     run,
 )

@@ -11,7 +11,7 @@ from quantship.cli.registry import Command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a.model(p)
-    a.data(p, evaluation=False)
+    a.data(p, evaluation=False, percentile=False)
     p.add_argument("--method", default="entropy", help="max | entropy | percentile | mse (default entropy)")
     p.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     p.add_argument("--cache", help="write a TensorRT calibration cache here")
@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from quantship.jobs.calibrate import run_calibrate
 
+    for option, value in (("--cache", args.cache), ("--qdq", args.qdq), ("--ranges", args.ranges)):
+        a.check_output_file(option, value)
+
     result = run_calibrate(
         model=args.model,
         weights=args.weights,
@@ -40,11 +43,14 @@ def run(args: argparse.Namespace) -> int:
         exclude=a.names(args.exclude),
         calib_images=args.calib_images,
         calib_seed=args.calib_seed,
+        calib_list=args.calib_list,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         threads=args.threads,
         trt_version=args.trt_version,
         log_path=Path(args.out) / "convert.log",
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     print(result.text)
     return result.exit_code

@@ -49,10 +49,14 @@ def run(args: argparse.Namespace) -> int:
         labels=args.labels,
         calib_images=args.calib_images,
         calib_seed=args.calib_seed,
+        calib_list=args.calib_list,
+        calib_percentile=args.calib_percentile,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         threads=args.threads,
         trt=a.trt_options(args),
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     print(result.text)
     return result.exit_code
@@ -76,6 +80,9 @@ def _auto_fallback(args: argparse.Namespace) -> int:
         calib_images=args.calib_images,
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
+        calib_list=args.calib_list,
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     result = run_sensitivity(
         setup, analyses, Path(args.out), threads=args.threads, jsonl_name="fallback.jsonl", report=False

@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="checked against the dataset's task (voc2007:/coco: are detection)",
     )
     p.add_argument("--anchors", help="anchor configuration (JSON) of a detection model given as a file")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="a target whose outputs hold NaN or inf on some images (counted in the rows, scored as wrong) does "
+        "not fail the run (exit 1 by default)",
+    )
     a.trt(p)
     a.common(p)
 
@@ -57,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         trt=a.trt_options(args),
         anchors=args.anchors,
         providers=args.ort_providers,
+        allow_nonfinite=args.allow_nonfinite,
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     print(
         f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})"

@@ -15,9 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="KIND:PATH")
     g.add_argument("--labels")
+    g.add_argument(
+        "--allow-missing-images",
+        action="store_true",
+        help="evaluate the images present when the ground truth lists files the folder lacks",
+    )
     g.add_argument("--images", type=a.positive_int, default=200, help="held-out images (200)")
     g.add_argument("--calib-images", type=a.positive_int, default=100)
+    a.calibration_source(g)
     g.add_argument("--workers", type=a.positive_int, default=4)
+    a.input_cache(p)
     p.add_argument("--anchors", help="anchor configuration (JSON) of a detection model given as a file")
     p.add_argument("--backend", default="qdq,tflite", help="qdq (Q/DQ ONNX on ONNX Runtime) and/or tflite (full int8)")
     p.add_argument("--method", default="max", help="calibration of the Q/DQ model (max)")
@@ -69,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         anchors=args.anchors,
+        calib_data=args.calib_data,
+        calib_list=args.calib_list,
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
     )
     result = run_sensitivity(setup, analyses, Path(args.out), threads=args.threads, show=args.show)
     print(result.text)

@@ -12,15 +12,37 @@ from quantship.cli.registry import Command
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", help="plan file (YAML)")
     p.add_argument("--out", help="results folder (default runs/<plan name>)")
+    a.input_cache(p)
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="NaN or inf outputs (counted in the rows) do not fail the run (plan key allow_nonfinite)",
+    )
+    p.add_argument(
+        "--allow-missing-images",
+        action="store_true",
+        help="evaluate the images present when the ground truth lists absent files (plan key allow_missing_images)",
+    )
+    p.add_argument(
+        "--trust-savedmodel",
+        action="store_true",
+        help="allow SavedModel folders, which run their graph's operations (plan key trust_savedmodel)",
+    )
     a.common(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantship.fileio import check_output_dir, sweep_temp_files
     from quantship.jobs.signoff import run_signoff
     from quantship.jobs.specs import SignoffPlan
 
-    plan = SignoffPlan.load(args.plan)
-    result = run_signoff(plan, Path(args.out or f"runs/{plan.name}"))
+    flags = ("allow_nonfinite", "allow_missing_images", "trust_savedmodel")
+    plan = SignoffPlan.load(args.plan, {f: True for f in flags if getattr(args, f)})
+    out = Path(args.out or f"runs/{plan.name}")
+    if not args.out:  # an explicit --out is checked before the command runs
+        check_output_dir(out)
+        sweep_temp_files(out)
+    result = run_signoff(plan, out)
     print(result.text)
     return result.exit_code
 

@@ -7,8 +7,6 @@ live Keras model) and each precision is converted from that export. The converte
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ import numpy as np
 
 from quantship.config import IODType, Precision
 from quantship.errors import CalibrationError, ConfigError, ConversionError
-from quantship.fileio import sha256_json
+from quantship.fileio import make_temp_dir, remove_temp_dir, sha256_json
 from quantship.lazy import lazy_import
 from quantship.logs import redirect_native_output
 from quantship.manifest import Artifact, load_reusable, write_artifact
@@ -61,28 +59,34 @@ class TfliteConverter:
     Args:
         model: The ``keras.Model``.
         log_path: File that receives the converter's console output (None: leave it on the console).
+        work_dir: The run's output folder: the SavedModel export (tens of MB) is made in its ``.quantship-tmp/``
+            and removed by :meth:`close` (or swept by the next run after a kill); None uses the system's temp
+            folder.
     """
 
-    def __init__(self, model: Any, log_path: str | Path | None = None):
+    def __init__(self, model: Any, log_path: str | Path | None = None, work_dir: str | Path | None = None):
         self.model = model
         self.log_path = Path(log_path) if log_path else None
+        self.work_dir = Path(work_dir) if work_dir else None
         self._export_dir: Path | None = None
 
     def _saved_model(self) -> Path:
         if self._export_dir is None:
-            tmp = Path(tempfile.mkdtemp(prefix="quantship-savedmodel-"))
+            tmp = make_temp_dir(self.work_dir, "savedmodel")
             try:
                 with redirect_native_output(self.log_path):
                     self.model.export(str(tmp / "model"), format="tf_saved_model", verbose=False)
-            except Exception as exc:  # noqa: BLE001 - Keras raises many types
-                shutil.rmtree(tmp, ignore_errors=True)
+            except BaseException as exc:  # Keras raises many types; Ctrl-C must not leave the export behind
+                remove_temp_dir(tmp)
+                if not isinstance(exc, Exception):
+                    raise
                 raise ConversionError(f"exporting the Keras model to a SavedModel failed: {exc}") from None
             self._export_dir = tmp
         return self._export_dir / "model"
 
     def close(self) -> None:
         if self._export_dir is not None:
-            shutil.rmtree(self._export_dir, ignore_errors=True)
+            remove_temp_dir(self._export_dir)
             self._export_dir = None
 
     def __enter__(self) -> "TfliteConverter":

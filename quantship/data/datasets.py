@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import hashlib
 import os
@@ -12,10 +13,22 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from quantship.config import ChannelOrder, PreprocessSpec
-from quantship.data.preprocess import decode_image, preprocess_image
+from quantship.config import PreprocessSpec
+from quantship.data.preprocess import InputEncoding, crop_views, decode_image, image_views
 from quantship.errors import ConfigError, DataError
 from quantship.lazy import lazy_import
+
+
+class FileRead:
+    """Reads one file's bytes; keeps the path, so a listing can stat the file without reading it."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __call__(self) -> bytes:
+        return self.path.read_bytes()
 
 
 @dataclass(frozen=True)
@@ -26,22 +39,105 @@ class Sample:
     label: Any
     read: Callable[[], bytes] = field(compare=False, repr=False)
 
+    @property
+    def path(self) -> Path | None:
+        """The image file, when the sample is one (a :class:`FileRead`); None for images held in memory."""
+        return getattr(self.read, "path", None)
+
+    def stat(self) -> tuple[int, int]:
+        """(size in bytes, mtime in ns) of the file; (size, 0) for an image held in memory."""
+        if self.path is not None:
+            st = os.stat(self.path)
+            return st.st_size, st.st_mtime_ns
+        return len(self.read()), 0
+
+
+class _Origin:
+    """The full listing a dataset and all its subsets come from: file sizes and mtimes are read once (for the
+    listing hash of the input cache and for the disjointness check) and shared by every subset."""
+
+    def __init__(self, samples: list[Sample], source: str):
+        self.samples, self.source = samples, source
+        self._stats: list[tuple[int, int] | None] = [None] * len(samples)
+        self._hash: str | None = None
+
+    def stat(self, pos: int) -> tuple[int, int]:
+        st = self._stats[pos]
+        if st is None:
+            try:
+                st = self.samples[pos].stat()
+            except OSError:
+                st = (-1, 0)  # unreadable: never equal to a real file, and skipped when decoded
+            self._stats[pos] = st
+        return st
+
+    def listing_hash(self) -> str:
+        """Hash of every sample's key, size and mtime (and the stat of a source file such as a pickle)."""
+        if self._hash is None:
+            h = hashlib.sha256()
+            src = Path(self.source)
+            if src.is_file():
+                st = src.stat()
+                h.update(f"{src.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            for pos, s in enumerate(self.samples):
+                size, mtime = self.stat(pos)
+                h.update(f"{s.key}\0{size}\0{mtime}\n".encode())
+            self._hash = h.hexdigest()[:20]
+        return self._hash
+
 
 @dataclass
 class ImageDataset:
-    """An ordered list of samples with a declared task (``classification`` or ``detection``)."""
+    """An ordered list of samples with a declared task (``classification`` or ``detection``).
+
+    A subset remembers where its samples sit in the dataset it was taken from (:meth:`positions`), so every
+    subset (evaluation split, calibration draw, sign-off chunk) shares one entry of the input cache.
+    """
 
     name: str
     source: str
     samples: list[Sample]
     task: str = "classification"
     meta: dict[str, Any] = field(default_factory=dict)
+    _origin: _Origin | None = field(default=None, repr=False, compare=False)
+    _positions: list[int] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._origin is None:
+            self._origin, self._positions = _Origin(self.samples, self.source), None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def subset(self, indices: Sequence[int], name: str | None = None) -> "ImageDataset":
-        return ImageDataset(name or self.name, self.source, [self.samples[i] for i in indices], self.task, self.meta)
+        pos = self.positions()
+        return ImageDataset(
+            name or self.name,
+            self.source,
+            [self.samples[i] for i in indices],
+            self.task,
+            self.meta,
+            self._origin,
+            [pos[i] for i in indices],
+        )
+
+    def positions(self) -> list[int]:
+        """Where each sample sits in the full listing this dataset was taken from."""
+        return list(range(len(self.samples))) if self._positions is None else list(self._positions)
+
+    @property
+    def origin(self) -> _Origin:
+        assert self._origin is not None
+        return self._origin
+
+    @property
+    def labelled(self) -> bool:
+        """False for data without ground truth (``images:``), which can only be calibration data."""
+        return bool(self.meta.get("labelled", True))
+
+    def stats(self) -> list[tuple[int, int]]:
+        """(size, mtime) of each sample's file, read once per listing."""
+        return [self.origin.stat(p) for p in self.positions()]
 
     def keys_hash(self) -> str:
         """Hash of the sample keys: identifies exactly which images a result or calibration used."""
@@ -81,28 +177,132 @@ def _label_digest(label: Any) -> str:
 
 DatasetLoader = Callable[..., ImageDataset]
 _DATASETS: dict[str, DatasetLoader] = {}
+_TASKS: dict[str, str] = {}
+_UNLABELLED: set[str] = set()
 
 
-def register_dataset(kind: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Decorator: register a loader for ``--data KIND:PATH``."""
+def register_dataset(
+    kind: str, task: str = "classification", labelled: bool = True
+) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: register a loader for ``--data KIND:PATH`` whose datasets have ``task`` (``labelled=False``:
+    data without ground truth, usable only where labels are not needed, i.e. calibration)."""
 
     def deco(fn: DatasetLoader) -> DatasetLoader:
         _DATASETS[kind] = fn
+        _TASKS[kind] = task
+        if not labelled:
+            _UNLABELLED.add(kind)
         return fn
 
     return deco
 
 
-def load_dataset(spec: str, **kwargs: Any) -> ImageDataset:
-    """Open ``KIND:PATH`` (e.g. ``imagenet:/data/val``) with the registered loader."""
-    from quantship.data import detection, imagenet  # noqa: F401  (registers loaders)
+def _kind(spec: str, option: str = "--data") -> str:
+    from quantship.data import detection, imagenet, images  # noqa: F401  (registers loaders)
 
     kind, sep, path = spec.partition(":")
     if not sep or not path:
-        raise ConfigError(f"--data must look like KIND:PATH (e.g. imagenet:/data/val), got '{spec}'")
+        raise ConfigError(f"{option} must look like KIND:PATH (e.g. imagenet:/data/val), got '{spec}'")
     if kind not in _DATASETS:
-        raise ConfigError(f"unknown dataset kind '{kind}'; known: {', '.join(sorted(_DATASETS))}")
-    return _DATASETS[kind](Path(path).expanduser(), **kwargs)
+        raise ConfigError(f"{option}: unknown dataset kind '{kind}'; known: {', '.join(sorted(_DATASETS))}")
+    return kind
+
+
+def dataset_task(spec: str) -> str:
+    """The task of the data ``KIND:PATH`` names, without opening it (for checks before any work)."""
+    return _TASKS[_kind(spec)]
+
+
+def load_dataset(spec: str, allow_missing_images: bool = False, option: str = "--data", **kwargs: Any) -> ImageDataset:
+    """Open ``KIND:PATH`` (e.g. ``imagenet:/data/val``) with the registered loader.
+
+    Args:
+        allow_missing_images: Evaluate the images present when the ground truth lists files that are missing
+            (the loader records how many in ``meta['missing_images']``); by default that is an error.
+        option: The option that named the data, for messages (``--data``, ``--calib-data``).
+    """
+    kind = _kind(spec, option)
+    if allow_missing_images:
+        kwargs["allow_missing_images"] = True
+    return _DATASETS[kind](Path(spec.partition(":")[2]).expanduser(), **kwargs)
+
+
+def require_labelled(spec: str, option: str = "--data") -> None:
+    """Refuse evaluation data without ground truth (checked on the name alone, before any work).
+
+    Raises:
+        ConfigError: ``spec`` is of a kind registered as unlabelled (``images:``).
+    """
+    kind = _kind(spec, option)
+    if kind in _UNLABELLED:
+        raise ConfigError(
+            f"{option} {spec}: '{kind}:' data has no labels, so it can only be calibration data (--calib-data "
+            f"{spec}); evaluate on labelled data ({', '.join(sorted(set(_DATASETS) - _UNLABELLED))})"
+        )
+
+
+def read_file_list(path: str | os.PathLike) -> list[str]:
+    """File names of a calibration list (MLPerf's format: one name or relative path per line; blank lines,
+    ``#`` comments and anything after the first word are ignored).
+
+    Raises:
+        DataError: The file is missing, unreadable or names nothing.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"calibration list not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: unreadable calibration list ({exc})") from None
+    names = [ln.split()[0] for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not names:
+        raise DataError(f"{p}: the calibration list names no files (one file name per line)")
+    return names
+
+
+def file_list_hash(path: str | os.PathLike) -> str:
+    """SHA-256 (16 hex digits) of a list file's bytes, as recorded in manifests."""
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+
+
+def select_listed(dataset: ImageDataset, list_path: str | os.PathLike) -> ImageDataset:
+    """The samples of ``dataset`` named by a calibration list, in the dataset's order.
+
+    A line matches a file by name (``n01440764_10026.JPEG``) or by its path relative to the dataset folder
+    (``n01440764/n01440764_10026.JPEG``).
+
+    Raises:
+        DataError: The list names a file the dataset does not hold, or a name several of its files share.
+    """
+    names = read_file_list(list_path)
+    by_name: dict[str, list[int]] = {}
+    for i, s in enumerate(dataset.samples):
+        if s.path is None:
+            raise DataError(f"{dataset.source}: its images have no file names, so a calibration list cannot name them")
+        by_name.setdefault(s.path.name, []).append(i)
+    chosen: set[int] = set()
+    missing = []
+    for entry in names:
+        rel = entry.replace("\\", "/").removeprefix("./")
+        found = by_name.get(rel.rsplit("/", 1)[-1], [])
+        if "/" in rel:
+            found = [i for i in found if dataset.samples[i].path.as_posix().endswith("/" + rel)]
+        if not found:
+            missing.append(entry)
+        elif len(found) > 1:
+            raise DataError(
+                f"{list_path}: '{entry}' matches {len(found)} files of {dataset.source} (e.g. "
+                f"{dataset.samples[found[0]].path}); give paths relative to the folder"
+            )
+        else:
+            chosen.add(found[0])
+    if missing:
+        raise DataError(
+            f"{list_path}: {len(missing)} of {len(names)} listed file(s) not found in {dataset.source} (e.g. "
+            f"{missing[0]}); the list must name files of the calibration data"
+        )
+    return dataset.subset(sorted(chosen), f"{dataset.name}-listed")
 
 
 def split_calibration(
@@ -148,13 +348,22 @@ def check_disjoint(calib: ImageDataset, evaluation: ImageDataset) -> None:
     eval_keys = {s.key for s in evaluation.samples}
     same = [s.key for s in calib.samples if s.key in eval_keys]
     if not same and calib.source != evaluation.source:
-        calib_bytes = [s.read() for s in calib.samples]
-        digests = {hashlib.sha256(b).hexdigest() for b in calib_bytes}
-        sizes = {len(b) for b in calib_bytes}
-        for s in evaluation.samples:
+        # File sizes first (one stat per file, kept with the listing); bytes are read only on a size match,
+        # so a 50,000-image evaluation set is not read again on every run.
+        by_size: dict[int, list[Sample]] = {}
+        for s, (size, _) in zip(calib.samples, calib.stats()):
+            by_size.setdefault(size, []).append(s)
+        calib_bytes: dict[str, bytes] = {}
+        for s, (size, _) in zip(evaluation.samples, evaluation.stats()):
+            if size < 0 or size not in by_size:
+                continue
             data = s.read()
-            if len(data) in sizes and hashlib.sha256(data).hexdigest() in digests:
-                same.append(s.key)
+            for c in by_size[size]:
+                if c.key not in calib_bytes:
+                    calib_bytes[c.key] = c.read()
+                if calib_bytes[c.key] == data:
+                    same.append(s.key)
+                    break
     if same:
         raise DataError(
             f"{len(same)} calibration image(s) are also evaluation images (e.g. {same[0]}); calibration data "
@@ -162,12 +371,49 @@ def check_disjoint(calib: ImageDataset, evaluation: ImageDataset) -> None:
         )
 
 
-@dataclass
 class Batch:
-    keys: list[str]
-    inputs: np.ndarray  # (B, views, *input_shape) float32
-    labels: list[Any]
-    images: list[np.ndarray] | None = None  # the decoded RGB images, when asked for
+    """A batch of images: uint8 RGB pixels of every view (``pixels``, (B, views, H, W, 3)) turned into model
+    inputs on demand (:meth:`encoded`; ``inputs`` is the float32 one), plus keys and labels.
+
+    A batch made from float inputs alone (``inputs``) serves float32 encodings only.
+    """
+
+    def __init__(
+        self,
+        keys: list[str],
+        inputs: np.ndarray | None = None,
+        labels: list[Any] | None = None,
+        images: list[np.ndarray] | None = None,
+        pixels: np.ndarray | None = None,
+        spec: PreprocessSpec | None = None,
+    ):
+        if inputs is None and (pixels is None or spec is None):
+            raise ValueError("a batch needs float inputs, or pixels and the spec that normalises them")
+        self.keys, self.labels, self.images = keys, list(labels or []), images
+        self.pixels, self.spec = pixels, spec
+        self._inputs = inputs
+        self._encoded: dict[InputEncoding, np.ndarray] = {}
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """(B, views, *input_shape) float32, normalised as the spec says."""
+        if self._inputs is None:
+            self._inputs = self.encoded(InputEncoding.of(self.spec))
+        return self._inputs
+
+    def encoded(self, encoding: InputEncoding) -> np.ndarray:
+        """The model input for ``encoding`` (computed once per batch and encoding, shared by the targets)."""
+        if encoding not in self._encoded:
+            if self.pixels is not None:
+                x = encoding(self.pixels)
+            elif encoding.quantized:
+                info = np.iinfo(encoding.dtype)
+                q = np.round(self.inputs / encoding.scale) + encoding.zero_point
+                x = np.clip(q, info.min, info.max).astype(encoding.dtype)
+            else:
+                x = self.inputs
+            self._encoded[encoding] = x
+        return self._encoded[encoding]
 
 
 @dataclass
@@ -176,67 +422,107 @@ class Skipped:
     reason: str
 
 
+DEFAULT_CACHE: Any = object()  # iter_batches: use the process's configured input cache
+
+
+def _pixels(entry: Any, views: list[np.ndarray], hits: list[int]) -> np.ndarray:
+    """A batch's pixels: consecutive rows of one cache shard as they are mapped (no copy), else stacked."""
+    if entry is not None and hits[0] >= 0 and all(h == hits[0] + i for i, h in enumerate(hits)):
+        block = entry.block(hits[0], len(hits))
+        if block is not None:
+            return block
+    return np.stack(views)
+
+
 def iter_batches(
     dataset: ImageDataset,
     spec: PreprocessSpec,
     batch_size: int,
     workers: int = 4,
     skipped: list[Skipped] | None = None,
-    prepare: Callable[[np.ndarray, PreprocessSpec], Any] = preprocess_image,
     keep_images: bool = False,
+    cache: Any = DEFAULT_CACHE,
 ) -> Iterator[Batch]:
-    """Decode and preprocess in a thread pool (OpenCV releases the GIL), yielding ready batches.
+    """Yield batches of the spec's uint8 views of every image, in dataset order.
 
-    Unreadable images are not fatal: each is appended to ``skipped`` with the reason and left out of the
-    batches. Up to two batches are prepared ahead so the consumer (the runtime) sets the pace.
+    Images found in the input cache (:mod:`quantship.data.cache`) are read from its memory-mapped shards;
+    the others are decoded, resized and cropped in a thread pool (OpenCV releases the GIL) and added to the
+    cache. Normalisation happens when a batch's inputs are asked for. Unreadable images are not fatal: each
+    is appended to ``skipped`` with the reason and left out of the batches. Up to three batches are prepared
+    ahead so the consumer (the runtime) sets the pace.
+
+    Args:
+        cache: An :class:`~quantship.data.cache.InputCache`, None for none, or the process's default.
+        keep_images: Also return the decoded RGB images (bypasses the cache).
     """
     if batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
-    # The default path decodes to OpenCV's native BGR and folds the channel order into normalisation (no
-    # colour conversion); OpenCV's own threads are off since the pool already runs one image per thread.
-    fast = prepare is preprocess_image
     cv2 = lazy_import("cv2", "opencv-python-headless")
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # the pool already runs one image per thread
+    if cache is DEFAULT_CACHE:
+        from quantship.data.cache import default_input_cache
+
+        cache = default_input_cache()
+    entry = cache.entry(dataset, spec) if cache is not None and not keep_images and len(dataset) else None
 
     def load(sample: Sample):
         try:
             data = sample.read()
         except OSError as exc:
-            return sample, None, f"cannot read: {exc}"
+            return None, f"cannot read: {exc}"
         try:
-            img = decode_image(data, sample.key, ChannelOrder.BGR if fast else ChannelOrder.RGB)
+            if keep_images:
+                img = decode_image(data, sample.key)
+                return (np.stack(crop_views(img, spec)), img), None
+            return (image_views(data, spec, sample.key), None), None
         except DataError as exc:
-            return sample, None, str(exc)
-        x = preprocess_image(img, spec, ChannelOrder.BGR) if fast else prepare(img, spec)
-        if keep_images and fast:
-            img = np.ascontiguousarray(img[..., ::-1])
-        return sample, (img if keep_images else None, x), None
+            return None, str(exc)
 
-    samples = dataset.samples
+    samples, positions = dataset.samples, dataset.positions()
     with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: list[cf.Future] = []
-        ahead = batch_size * 3
-        it = iter(samples)
-        for s in it:
-            pending.append(pool.submit(load, s))
-            if len(pending) >= ahead:
-                break
-        keys, inputs, labels, images = [], [], [], []
-        while pending:
-            sample, result, reason = pending.pop(0).result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(load, nxt))
-            if result is None:
-                if skipped is not None:
-                    skipped.append(Skipped(sample.key, reason or "unreadable"))
-                continue
-            keys.append(sample.key)
-            images.append(result[0])
-            inputs.append(result[1])
-            labels.append(sample.label)
-            if len(keys) == batch_size:
-                yield Batch(keys, np.stack(inputs), labels, images if keep_images else None)
-                keys, inputs, labels, images = [], [], [], []
-        if keys:
-            yield Batch(keys, np.stack(inputs), labels, images if keep_images else None)
+        pending: collections.deque = collections.deque()
+        nxt = 0
+
+        def enqueue() -> None:
+            nonlocal nxt
+            s, pos = samples[nxt], positions[nxt]
+            nxt += 1
+            hit = entry.get(pos) if entry is not None else None
+            pending.append((s, pos, hit) if hit is not None else (s, pos, pool.submit(load, s)))
+
+        while nxt < len(samples) and len(pending) < batch_size * 3:
+            enqueue()
+        keys: list[str] = []
+        labels: list[Any] = []
+        views: list[np.ndarray] = []
+        images: list[np.ndarray] = []
+        hits: list[int] = []  # listing position of each image read from the cache, -1 for a decoded one
+        try:
+            while pending:
+                sample, pos, item = pending.popleft()
+                cached = not isinstance(item, cf.Future)
+                if nxt < len(samples):
+                    enqueue()
+                if not cached:
+                    result, reason = item.result()
+                    if result is None:
+                        if skipped is not None:
+                            skipped.append(Skipped(sample.key, reason or "unreadable"))
+                        continue
+                    item, img = result
+                    if entry is not None:
+                        entry.add(pos, item)
+                    if keep_images:
+                        images.append(img)
+                keys.append(sample.key)
+                labels.append(sample.label)
+                views.append(item)
+                hits.append(pos if cached else -1)
+                if len(keys) == batch_size:
+                    yield Batch(keys, None, labels, images or None, _pixels(entry, views, hits), spec)
+                    keys, labels, views, images, hits = [], [], [], [], []
+            if keys:
+                yield Batch(keys, None, labels, images or None, _pixels(entry, views, hits), spec)
+        finally:
+            if entry is not None:
+                entry.flush()

@@ -8,6 +8,7 @@ x1, y1, x2, y2, ``classes`` (N,) as contiguous indices 0..C-1, ``difficult`` (N,
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from quantship.data.datasets import ImageDataset, Sample, register_dataset
+from quantship.data.datasets import FileRead, ImageDataset, Sample, register_dataset
 from quantship.errors import DataError
+from quantship.fileio import read_text
 
 VOC_CLASSES = (
     "aeroplane",
@@ -55,8 +57,8 @@ class Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
-def _reader(path: Path):
-    return lambda: path.read_bytes()
+def _reader(path: Path) -> FileRead:
+    return FileRead(path)
 
 
 def _find_voc_root(path: Path) -> Path:
@@ -64,6 +66,18 @@ def _find_voc_root(path: Path) -> Path:
         if (cand / "Annotations").is_dir() and (cand / "ImageSets" / "Main").is_dir():
             return cand
     raise DataError(f"{path}: not a VOCdevkit folder (expected Annotations/ and ImageSets/Main/ in it or in VOC2007/)")
+
+
+def _inside(folder: Path, name: Any, where: Path) -> Path:
+    """``folder / name`` when it stays inside ``folder`` once normalised (``../../etc/hostname`` does not); the
+    folder itself may be a symlink (``val2017 -> /mnt/...``)."""
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{where}: file_name {name!r} is not a file name")
+    joined = os.path.normpath(os.path.join(folder, name))
+    base = os.path.normpath(folder)
+    if os.path.isabs(name) or os.path.commonpath([joined, base]) != base or joined == base:
+        raise DataError(f"{where}: file_name '{name}' points outside {folder}; image paths must stay inside it")
+    return Path(joined)
 
 
 def parse_voc_xml(path: Path, classes: tuple[str, ...] = VOC_CLASSES) -> dict[str, Any]:
@@ -121,21 +135,32 @@ def parse_voc_xml(path: Path, classes: tuple[str, ...] = VOC_CLASSES) -> dict[st
     }
 
 
-@register_dataset("voc2007")
-def load_voc(path: Path, labels: str | None = None, split: str = "test") -> ImageDataset:
+def _missing(listing: Path, missing: list[str], folder: Path, present: int, allow: bool) -> None:
+    if missing and not allow:
+        raise DataError(
+            f"{listing}: {len(missing)} listed image(s) missing from {folder} (e.g. {', '.join(missing[:3])}); copy "
+            f"them there, or pass --allow-missing-images to evaluate the {present} present"
+        )
+
+
+@register_dataset("voc2007", task="detection")
+def load_voc(
+    path: Path, labels: str | None = None, split: str = "test", allow_missing_images: bool = False
+) -> ImageDataset:
     """VOCdevkit/VOC2007 with ``ImageSets/Main/<split>.txt`` (``--labels`` may name another list file)."""
     root = _find_voc_root(Path(path))
     listing = Path(labels) if labels else root / "ImageSets" / "Main" / f"{split}.txt"
     if not listing.is_file():
         raise DataError(f"image list not found: {listing}")
-    ids = [ln.split()[0] for ln in listing.read_text().splitlines() if ln.strip()]
+    ids = [ln.split()[0] for ln in read_text(listing).splitlines() if ln.strip()]
     if not ids:
         raise DataError(f"{listing}: lists no images")
+    bad = next((i for i in ids if Path(i).name != i or i in (".", "..")), None)
+    if bad is not None:
+        raise DataError(f"{listing}: '{bad}' is not an image id (a file name without folder or extension)")
     missing = [i for i in ids if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
-    if missing:
-        raise DataError(
-            f"{listing}: {len(missing)} listed image(s) missing from {root / 'JPEGImages'}, e.g. {missing[0]}.jpg"
-        )
+    _missing(listing, [f"{i}.jpg" for i in missing], root / "JPEGImages", len(ids) - len(missing), allow_missing_images)
+    ids = [i for i in ids if i not in set(missing)]
     samples = []
     for image_id in ids:
         xml = root / "Annotations" / f"{image_id}.xml"
@@ -145,13 +170,14 @@ def load_voc(path: Path, labels: str | None = None, split: str = "test") -> Imag
         label["image_id"] = image_id
         img = root / "JPEGImages" / f"{image_id}.jpg"
         samples.append(Sample(str(img.resolve()), label, _reader(img)))
-    return ImageDataset(
-        "voc2007", str(root), samples, task="detection", meta={"classes": list(VOC_CLASSES), "metric": "voc"}
-    )
+    meta = {"classes": list(VOC_CLASSES), "metric": "voc", "missing_images": len(missing)}
+    return ImageDataset("voc2007", str(root), samples, task="detection", meta=meta)
 
 
-@register_dataset("coco")
-def load_coco(path: Path, labels: str | None = None, split: str = "val2017") -> ImageDataset:
+@register_dataset("coco", task="detection")
+def load_coco(
+    path: Path, labels: str | None = None, split: str = "val2017", allow_missing_images: bool = False
+) -> ImageDataset:
     """COCO: ``<path>/<split>/*.jpg`` and ``<path>/annotations/instances_<split>.json`` (or ``--labels``)."""
     path = Path(path)
     ann = Path(labels) if labels else path / "annotations" / f"instances_{split}.json"
@@ -161,12 +187,22 @@ def load_coco(path: Path, labels: str | None = None, split: str = "val2017") -> 
     if not images_dir.is_dir():
         raise DataError(f"COCO image folder not found: {images_dir}")
     try:
-        doc = json.loads(ann.read_text())
+        doc = json.loads(read_text(ann))
     except json.JSONDecodeError as exc:
         raise DataError(f"{ann}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{ann}: the top level must be an object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(doc.get(key), list):
             raise DataError(f"{ann}: '{key}' must be a list")
+    if not doc["annotations"]:
+        raise DataError(f"{ann}: 'annotations' is empty: there is no ground truth to score detections against")
+    ids: dict[int, int] = {}
+    for k, img in enumerate(doc["images"]):
+        image_id = img.get("id") if isinstance(img, dict) else None
+        if isinstance(image_id, (int, str)) and image_id in ids:
+            raise DataError(f"{ann}: images[{ids[image_id]}] and images[{k}] have the same id {image_id}")
+        ids[image_id] = k
     try:
         cats = sorted(doc["categories"], key=lambda c: c["id"])
         cat_ids = [int(c["id"]) for c in cats]  # the 91-id space, 80 used
@@ -179,7 +215,7 @@ def load_coco(path: Path, labels: str | None = None, split: str = "val2017") -> 
         samples = []
         missing = []
         for img in doc["images"]:
-            file = images_dir / img["file_name"]
+            file = _inside(images_dir, img["file_name"], ann)
             if not file.is_file():
                 missing.append(img["file_name"])
                 continue
@@ -206,8 +242,7 @@ def load_coco(path: Path, labels: str | None = None, split: str = "val2017") -> 
             samples.append(Sample(str(file.resolve()), label, _reader(file)))
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{ann}: unexpected structure ({type(exc).__name__}: {exc})") from None
-    if missing:
-        raise DataError(f"{ann}: {len(missing)} listed image(s) missing from {images_dir}, e.g. {missing[0]}")
+    _missing(ann, missing, images_dir, len(samples), allow_missing_images)
     if not samples:
         raise DataError(f"{ann}: lists no images")
     meta = {
@@ -215,5 +250,6 @@ def load_coco(path: Path, labels: str | None = None, split: str = "val2017") -> 
         "category_ids": cat_ids,
         "metric": "coco",
         "annotation_file": str(ann),
+        "missing_images": len(missing),
     }
     return ImageDataset("coco", str(path), samples, task="detection", meta=meta)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import pickle
 import re
 from pathlib import Path
@@ -22,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from quantship.data.classes import imagenet_classes, wnid_to_label
-from quantship.data.datasets import ImageDataset, Sample, register_dataset
+from quantship.data.datasets import FileRead, ImageDataset, Sample, register_dataset
 from quantship.errors import DataError, UnsafePickleError
+from quantship.fileio import read_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 GROUND_TRUTH_NAMES = (
@@ -36,11 +38,8 @@ GROUND_TRUTH_NAMES = (
 _WNID = re.compile(r"^n\d{8}$")
 
 
-def _file_reader(path: Path):
-    def read() -> bytes:
-        return path.read_bytes()
-
-    return read
+def _file_reader(path: Path) -> FileRead:
+    return FileRead(path)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -69,7 +68,7 @@ def _devkit_id_to_wnid(gt_file: Path) -> dict[int, str]:
         mapping = folder / "map_clsloc.txt"
         if mapping.is_file():
             out = {}
-            for n, line in enumerate(mapping.read_text().splitlines(), 1):
+            for n, line in enumerate(read_text(mapping).splitlines(), 1):
                 parts = line.split()
                 if len(parts) >= 2:
                     try:
@@ -98,19 +97,22 @@ def _read_ground_truth(gt: Path, images: list[Path]) -> dict[str, int]:
     where = str(gt)
     if not gt.is_file():
         raise DataError(f"ground-truth file not found: {gt}")
+    text = read_text(gt)
     if gt.suffix.lower() == ".csv":
         out: dict[str, int] = {}
-        with open(gt, newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-                raise DataError(f"{gt}: expected columns ImageId,PredictionString (LOC_val_solution.csv)")
-            for n, row in enumerate(reader, 2):
-                tokens = (row["PredictionString"] or "").split()
-                if not tokens:
-                    raise DataError(f"{gt}:{n}: empty PredictionString for {row['ImageId']}")
-                out[row["ImageId"]] = _parse_label(tokens[0], f"{where}:{n}")
+        seen: dict[str, int] = {}
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise DataError(f"{gt}: expected columns ImageId,PredictionString (LOC_val_solution.csv)")
+        for n, row in enumerate(reader, 2):
+            tokens = (row["PredictionString"] or "").split()
+            if not tokens:
+                raise DataError(f"{gt}:{n}: empty PredictionString for {row['ImageId']}")
+            _add_label(out, seen, row["ImageId"], _parse_label(tokens[0], f"{where}:{n}"), gt, n)
         return out  # keyed by ImageId, the file name without extension
-    lines = [ln.strip() for ln in gt.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    numbered = [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1)]
+    numbered = [(n, ln) for n, ln in numbered if ln and not ln.startswith("#")]
+    lines = [ln for _, ln in numbered]
     if lines and all(len(ln.split()) == 1 for ln in lines):
         # The devkit format: one ILSVRC2012_ID per line, in the order of the sorted image file names.
         if len(lines) != len(images):
@@ -120,7 +122,7 @@ def _read_ground_truth(gt: Path, images: list[Path]) -> dict[str, int]:
             )
         id_to_wnid = _devkit_id_to_wnid(gt)
         out = {}
-        for n, (line, img) in enumerate(zip(lines, images), 1):
+        for (n, line), img in zip(numbered, images):
             try:
                 wnid = id_to_wnid[int(line)]
             except (ValueError, KeyError):
@@ -128,12 +130,24 @@ def _read_ground_truth(gt: Path, images: list[Path]) -> dict[str, int]:
             out[img.name] = _parse_label(wnid, f"{where}:{n}")
         return out
     out = {}
-    for n, line in enumerate(lines, 1):
+    seen = {}
+    for n, line in numbered:
         parts = line.rsplit(None, 1)
         if len(parts) != 2:
             raise DataError(f"{gt}:{n}: expected 'FILE LABEL', got '{line}'")
-        out[Path(parts[0]).name] = _parse_label(parts[1], f"{where}:{n}")
+        _add_label(out, seen, Path(parts[0]).name, _parse_label(parts[1], f"{where}:{n}"), gt, n)
     return out
+
+
+def _add_label(out: dict[str, int], seen: dict[str, int], name: str, label: int, gt: Path, line: int) -> None:
+    """One ground-truth entry; the same file with two different labels is an error naming both lines."""
+    if name in out and out[name] != label:
+        raise DataError(
+            f"{gt}: {name} has two different labels, {out[name]} (line {seen[name]}) and {label} (line {line}); "
+            "keep one"
+        )
+    out[name] = label
+    seen.setdefault(name, line)
 
 
 def _find_ground_truth(folder: Path) -> Path | None:
@@ -144,7 +158,7 @@ def _find_ground_truth(folder: Path) -> Path | None:
     return None
 
 
-def _load_folder_with_labels(folder: Path, labels: Path | None) -> ImageDataset:
+def _load_folder_with_labels(folder: Path, labels: Path | None, allow_missing_images: bool = False) -> ImageDataset:
     images = _images_in(folder)
     if not images:
         raise DataError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -158,8 +172,16 @@ def _load_folder_with_labels(folder: Path, labels: Path | None) -> ImageDataset:
     missing = [p.name for p in images if p.name not in table and p.stem not in table]
     if missing:
         raise DataError(f"{gt}: no label for {len(missing)} image(s) in {folder}, e.g. {missing[0]}")
+    present = {p.name for p in images} | {p.stem for p in images}
+    absent = [name for name in table if name not in present]
+    if absent and not allow_missing_images:
+        raise DataError(
+            f"{gt}: lists {len(absent)} file(s) that are not in {folder} (e.g. {', '.join(absent[:3])}); copy them "
+            f"there, or pass --allow-missing-images to evaluate the {len(images)} present"
+        )
     samples = [Sample(str(p.resolve()), table.get(p.name, table.get(p.stem)), _file_reader(p)) for p in images]
-    return ImageDataset("imagenet", str(folder), samples, meta={"ground_truth": str(gt)})
+    meta = {"ground_truth": str(gt), "missing_images": len(absent)}
+    return ImageDataset("imagenet", str(folder), samples, meta=meta)
 
 
 def _load_synset_folders(folder: Path, dirs: list[Path]) -> ImageDataset:
@@ -195,15 +217,30 @@ def _load_val224(path: Path) -> ImageDataset:
     if not isinstance(obj, dict) or "data" not in obj or "target" not in obj:
         raise DataError(f"{path}: expected a dict with 'data' and 'target' entries")
     data, target = obj["data"], obj["target"]
+    for key, value in (("data", data), ("target", target)):
+        if not isinstance(value, (list, tuple, np.ndarray)) or (isinstance(value, np.ndarray) and value.ndim == 0):
+            raise DataError(
+                f"{path}: '{key}' must be a list (one entry per image), got {type(value).__name__} {_brief(value)}"
+            )
     if len(data) != len(target):
         raise DataError(f"{path}: {len(data)} images but {len(target)} labels")
     samples = []
     for i, (blob, label) in enumerate(zip(data, target)):
-        raw = blob.tobytes() if isinstance(blob, np.ndarray) else bytes(blob)
-        lab = label.decode() if isinstance(label, bytes) else label
+        if isinstance(blob, np.ndarray) and blob.dtype == np.uint8:
+            raw = blob.tobytes()
+        elif isinstance(blob, (bytes, bytearray)):
+            raw = bytes(blob)
+        else:
+            raise DataError(f"{path}: data[{i}] must be an encoded image (bytes), got {type(blob).__name__}")
+        lab = label.decode(errors="replace") if isinstance(label, bytes) else label
         lab = _parse_label(str(int(lab)) if isinstance(lab, (int, np.integer)) else str(lab), f"{path}[{i}]")
         samples.append(Sample(f"{path.resolve()}#{i}", lab, (lambda r=raw: r)))
     return ImageDataset("imagenet", str(path), samples, meta={"layout": "val224-pickle"})
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @functools.lru_cache(maxsize=2)
@@ -214,12 +251,14 @@ def _cached_val224(path: str, _mtime: int) -> Any:
 
 
 @register_dataset("imagenet")
-def load_imagenet(path: Path, labels: str | Path | None = None) -> ImageDataset:
+def load_imagenet(path: Path, labels: str | Path | None = None, allow_missing_images: bool = False) -> ImageDataset:
     """Open ImageNet-format data at ``path`` (folder or ``.pkl``), finding the format by itself.
 
     Args:
         path: Folder of validation images, folder of synset folders, or a val224 pickle.
         labels: Ground-truth file for a flat folder; by default a known one inside the folder is used.
+        allow_missing_images: Evaluate the images present when the ground truth lists files the folder lacks
+            (their number is in ``meta['missing_images']``); by default that is an error.
 
     Raises:
         DataError: Missing folder, no images, missing or malformed ground truth.
@@ -234,7 +273,7 @@ def load_imagenet(path: Path, labels: str | Path | None = None) -> ImageDataset:
     dirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if labels is None and dirs and not _images_in(path):
         return _load_synset_folders(path, dirs)
-    return _load_folder_with_labels(path, Path(labels) if labels else None)
+    return _load_folder_with_labels(path, Path(labels) if labels else None, allow_missing_images)
 
 
 __all__ = ["load_imagenet", "imagenet_classes"]

@@ -5,6 +5,15 @@ Every runtime is fed by this one function so that no two targets ever see differ
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from quantship.config import ChannelOrder, CropMode, Interpolation, Layout, PreprocessSpec, ResizeMode
@@ -19,6 +28,7 @@ _CV2_INTERP = {
 }
 
 
+@functools.cache
 def _cv2():
     return lazy_import("cv2", "opencv-python-headless", "image decoding")
 
@@ -38,18 +48,35 @@ def decode_image(data: bytes, source: str = "image", order: ChannelOrder = Chann
     conversion when the caller folds the channel order into normalisation).
 
     Raises:
-        DataError: The bytes are not a readable image, or a JPEG is truncated (no end-of-image marker;
-            OpenCV would otherwise return a partly grey picture without complaint).
+        DataError: The bytes are not a readable image; a JPEG is truncated (no end-of-image marker) or its
+            decoder reports corrupt data (a file cut short and given an end marker decodes with grey pixels and
+            only a warning on the console); the image is larger than :data:`MAX_IMAGE_PIXELS`.
     """
     cv2 = _cv2()
     if not data:
         raise DataError(f"{source}: empty file")
-    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < 2:
+    is_jpeg = data[:2] == b"\xff\xd8"
+    if is_jpeg and data.rfind(b"\xff\xd9") < 2:
         raise DataError(f"{source}: truncated JPEG (no end-of-image marker)")
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"{source}: {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS} this reader decodes "
+            "(QUANTSHIP_MAX_IMAGE_PIXELS raises the limit)"
+        )
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # OpenCV's own size limit and other refusals are exceptions, not None
+        raise DataError(f"{source}: not a readable image ({_first_line(exc)})") from None
     if img is None or img.size == 0:
         raise DataError(f"{source}: not a readable image")
+    if is_jpeg and _grey_corner(img):
+        # libjpeg fills what a cut-short scan lacks with uniform grey (128) and only warns on stderr; a grey
+        # last pixel makes us decode once more while listening to that warning.
+        warning = _jpeg_warning(cv2, buf)
+        if warning:
+            raise DataError(f"{source}: corrupt JPEG (decoder: {warning})")
     if img.dtype != np.uint8:  # 16-bit PNG and the like
         img = (img / (np.iinfo(img.dtype).max / 255.0)).astype(np.uint8) if img.dtype.kind == "u" else None
         if img is None:
@@ -62,6 +89,83 @@ def decode_image(data: bytes, source: str = "image", order: ChannelOrder = Chann
     if img.shape[2] == 4:
         return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR if bgr else cv2.COLOR_BGRA2RGB)
     return img if bgr else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+# Decoded pixels per image at most (2**27: a 134-megapixel photo, 400 MB as BGR); a PNG header can claim
+# 50000 x 50000 in a few bytes.
+MAX_IMAGE_PIXELS = int(os.environ.get("QUANTSHIP_MAX_IMAGE_PIXELS", str(1 << 27)))
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, JPEG or BMP, read before decoding; None for other formats
+    (OpenCV's own limit applies to those) or a header that does not say."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", data[16:24])
+        return w, h
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 4 <= len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in _SOF_MARKERS and i + 9 <= len(data):
+                h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                return w, h
+            if marker == 0xDA:  # start of scan before any frame header
+                return None
+            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    return None
+
+
+def _grey_corner(img: np.ndarray) -> bool:
+    corner = img[-1, -1]
+    return bool(np.all(corner == 128))
+
+
+_CAPTURE_LOCK = threading.Lock()
+_JPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file")
+
+
+def _jpeg_warning(cv2: Any, buf: np.ndarray) -> str | None:
+    """Decode ``buf`` again with file descriptor 2 captured; return libjpeg's corrupt-data warning, if any.
+
+    What other threads write to descriptor 2 meanwhile is passed on to where it was going.
+    """
+    with _CAPTURE_LOCK, tempfile.TemporaryFile() as capture:
+        saved = os.dup(2)
+        try:
+            os.dup2(capture.fileno(), 2)
+            try:
+                cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+            except cv2.error:
+                pass
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        text = capture.read()
+    if text:
+        with contextlib.suppress(OSError):
+            os.write(2, text)
+    for line in text.decode("utf-8", "replace").splitlines():
+        if line.startswith(_JPEG_WARNINGS):
+            return line.strip()
+    return None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__
 
 
 def resize_shorter(img: np.ndarray, shorter: int, interpolation: Interpolation) -> np.ndarray:
@@ -124,3 +228,113 @@ def preprocess_image(img: np.ndarray, spec: PreprocessSpec, input_order: Channel
 
 def num_views(spec: PreprocessSpec) -> int:
     return {CropMode.CENTER: 1, CropMode.TEN: 10, CropMode.TWELVE: 12}[spec.crops]
+
+
+def geometry(spec: PreprocessSpec) -> dict:
+    """The part of a spec that decides the uint8 pixels of each view (resize, crop, interpolation, views);
+    normalisation, channel order and layout are applied later, on the fly."""
+    d = spec.to_dict()
+    return {k: d[k] for k in ("size", "crop_pct", "interpolation", "crops", "resize")}
+
+
+def image_views(data: bytes, spec: PreprocessSpec, source: str = "image") -> np.ndarray:
+    """Encoded image bytes -> the spec's views as one uint8 RGB array (views, H, W, 3).
+
+    The image is decoded in OpenCV's native BGR, resized and cropped (channel order does not matter to
+    either), and only the small crops are turned into RGB.
+
+    Raises:
+        DataError: The bytes are not a readable image.
+    """
+    views = np.stack(crop_views(decode_image(data, source, ChannelOrder.BGR), spec))
+    return np.ascontiguousarray(views[..., ::-1])
+
+
+@dataclass(frozen=True)
+class InputEncoding:
+    """How uint8 RGB pixels become a model's input tensor: the spec's normalisation, channel order and layout,
+    then float32, or the integer type of a quantized input (scale, zero point).
+
+    Normalisation and quantization are one table lookup per channel value (256 entries per channel, computed
+    with the very operations of :func:`normalize` and the runners' ``quantize``, so the values are the same
+    bit for bit), applied in one pass over the pixels.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: ChannelOrder
+    layout: Layout
+    dtype: str = "float32"
+    scale: float | None = None
+    zero_point: int | None = None
+
+    @classmethod
+    def of(
+        cls, spec: PreprocessSpec, dtype: object = np.float32, scale: float | None = None, zero_point: int | None = None
+    ) -> "InputEncoding":
+        dt = np.dtype(dtype)
+        quantized = dt.kind in "iu" and scale is not None
+        return _encoding(
+            cls,
+            spec.mean,
+            spec.std,
+            spec.channel_order,
+            spec.layout,
+            dt.name if quantized else "float32",
+            float(scale) if quantized else None,
+            int(zero_point or 0) if quantized else None,
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    @functools.cached_property
+    def table(self) -> np.ndarray:
+        """(1, 256, 3): the input value of every channel value, channels in the model's order."""
+        spec = PreprocessSpec(mean=self.mean, std=self.std, channel_order=self.channel_order)
+        values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+        x = normalize(values, spec, self.channel_order)  # values already in the model's channel order
+        if self.quantized:
+            info = np.iinfo(self.dtype)
+            x = np.clip(np.round(x / self.scale) + self.zero_point, info.min, info.max).astype(self.dtype)
+        return np.ascontiguousarray(x).reshape(1, 256, 3)
+
+    @functools.cached_property
+    def _lookup(self) -> tuple[str, np.ndarray]:
+        """The cheapest exact way to apply the table: none (uint8 identity), a sign flip (int8 ``v - 128``),
+        one table for every channel (treated as one channel: OpenCV's 1-channel lookup is vectorised), or one
+        per channel."""
+        t = self.table[0]
+        same = bool((t == t[:, :1]).all())
+        v = np.arange(256)
+        if same and self.dtype == "uint8" and np.array_equal(t[:, 0], v):
+            return "identity", t
+        if same and self.dtype == "int8" and np.array_equal(t[:, 0], v - 128):
+            return "flip", t
+        return ("shared", np.ascontiguousarray(t[:, 0]).reshape(1, 256)) if same else ("per-channel", self.table)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 RGB pixels (..., H, W, 3), e.g. rows of a memory-mapped cache shard -> the model's input
+        (float32 or integer), in its order and layout."""
+        cv2 = _cv2()
+        shape = pixels.shape
+        x = np.ascontiguousarray(pixels)
+        if self.channel_order is ChannelOrder.BGR:
+            x = cv2.cvtColor(x.reshape(-1, shape[-2], 3), cv2.COLOR_RGB2BGR).reshape(shape)
+        how, table = self._lookup
+        if how == "flip":
+            x = np.bitwise_xor(x, np.uint8(0x80)).view(np.int8)
+        elif how == "shared":
+            x = cv2.LUT(x.reshape(-1, shape[-2] * 3), table).reshape(shape)
+        elif how == "per-channel":
+            x = cv2.LUT(x.reshape(-1, shape[-2], 3), table).reshape(shape)
+        if self.layout is Layout.NCHW:
+            x = np.ascontiguousarray(np.moveaxis(x, -1, -3))
+        return x
+
+
+@functools.lru_cache(maxsize=64)
+def _encoding(cls: type, *fields: Any) -> InputEncoding:
+    """One instance per encoding, so its tables are computed once per process, not once per batch."""
+    return cls(*fields)

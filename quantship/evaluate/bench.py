@@ -1,16 +1,18 @@
 """Latency benchmarking of any artifact on its runtime (``quantship bench``).
 
-Each configuration runs in a fresh process, so initialisation time and peak resident memory are its own.
-Timing wraps only the runtime call (``Runner.infer`` on a preloaded, fixed input): warm-up first, then at
-least ``min_queries`` queries and at least ``min_seconds`` seconds (MLPerf SingleStream's rule, scaled down).
+Each configuration runs in a fresh process, so initialisation time and peak resident memory are its own (and
+LoadGen's ``FromConfig`` applies MLPerf's rules, which it does only once per process). A query's latency is the
+whole :meth:`Runner.infer` call on a preloaded input (``Runner.last_query_time``: the runner's own conversions
+included), the runtime's call alone is reported beside it (``runtime_ms_*``). Plain timing: warm-up, then at
+least ``min_queries`` queries and at least ``min_seconds`` seconds over a preloaded sample set (MLPerf
+SingleStream's rule, scaled down). With ``loadgen`` set, MLPerf LoadGen issues and times the queries instead
+(:mod:`quantship.evaluate.loadgen`), on the same sample set through the same ``infer`` call.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,10 +20,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from quantship.errors import ConfigError, RuntimeBackendError
-from quantship.evaluate.latency import latency_stats, time_runner
+from quantship.errors import ConfigError, MissingDependencyError
+from quantship.evaluate.latency import latency_stats, native_feed, sample_set, time_runner
+from quantship.evaluate.worker import run_worker, worker_main
 from quantship.runtime.base import RunnerOptions
 from quantship.runtime.registry import make_runner, runtime_for_artifact
+
+DEFAULT_MIN_QUERIES = 200
+DEFAULT_MIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -34,9 +40,19 @@ class BenchConfig:
         threads: CPU threads (LiteRT / ONNX Runtime); None: the runtime's default.
         cores: CPU cores to pin the process to (the mobile-class profile), or None.
         warmup_seconds: Warm-up before timing.
-        min_queries, min_seconds: Timing runs until both are reached.
-        batch_sizes: Batch sizes for the throughput figures (batch 1 gives the latency percentiles).
+        min_queries, min_seconds: Timing runs until both are reached. None: 200 queries and 5 s for plain
+            timing, MLPerf's minimums under LoadGen (lower values make a LoadGen run valid only under reduced
+            settings).
+        batch_sizes: Batch sizes for the throughput figures (batch 1 gives the latency percentiles); under
+            LoadGen Offline, the largest is the batch the SUT runs.
         cuda_graph: For TensorRT engines.
+        loadgen: LoadGen scenario (``singlestream``, ``multistream``, ``offline``), or None for plain timing.
+        loadgen_dir: LoadGen's log folder.
+        samples: Size of the preloaded sample set the queries cycle through (LoadGen's performance sample
+            count).
+        raw_inputs: Preload the samples in the model's own input types (integer inputs quantized once, as an
+            MLPerf QSL holds them) and run the runner raw: no (de)quantization in the timed call. By default
+            samples are float32 and the runner converts them in every query, as it does for an application.
     """
 
     artifact: str
@@ -44,29 +60,90 @@ class BenchConfig:
     threads: int | None = None
     cores: tuple[int, ...] | None = None
     warmup_seconds: float = 1.0
-    min_queries: int = 200
-    min_seconds: float = 5.0
+    min_queries: int | None = None
+    min_seconds: float | None = None
     batch_sizes: tuple[int, ...] = (1,)
     cuda_graph: bool = False
     providers: tuple[str, ...] = ("cpu",)
+    loadgen: str | None = None
+    loadgen_dir: str | None = None
+    samples: int = 64
+    raw_inputs: bool = False
     session_config: tuple[tuple[str, str], ...] = ()  # ONNX Runtime session entries the target runs with
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "session_config", tuple(tuple(kv) for kv in self.session_config))
         runtime_for_artifact(self.artifact)  # a file no runtime runs: say so now, not in the worker
-        if self.min_queries <= 0 or self.min_seconds < 0 or self.warmup_seconds < 0:
+        if (self.min_queries is not None and self.min_queries <= 0) or self.warmup_seconds < 0:
+            raise ConfigError("min_queries must be positive, min_seconds and warmup_seconds not negative")
+        if self.min_seconds is not None and self.min_seconds < 0:
             raise ConfigError("min_queries must be positive, min_seconds and warmup_seconds not negative")
         if not self.batch_sizes or min(self.batch_sizes) <= 0:
             raise ConfigError("batch sizes must be positive")
+        if self.samples <= 0:
+            raise ConfigError("the sample set must hold at least one sample")
+        if self.loadgen is not None:
+            from quantship.evaluate.loadgen import Scenario
+
+            Scenario.parse(self.loadgen)
+            if importlib.util.find_spec("mlperf_loadgen") is None:
+                raise MissingDependencyError(
+                    "bench --loadgen needs MLPerf LoadGen: pip install 'quantship[loadgen]' (mlcommons-loadgen)"
+                )
 
 
-def _feed(runner, batch: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    feed = {}
-    for m in runner.input_metadata():
-        shape = (batch, *[d if d is not None else 1 for d in m.shape[1:]])
-        feed[m.name] = rng.uniform(-1, 1, shape).astype(np.float32)
-    return feed
+def _input_conversion_ms(runner, feed: dict[str, np.ndarray], repeats: int = 20) -> float | None:
+    """Median time of converting one float feed to the model's integer inputs, or None for float inputs."""
+    if not any(m.quantized for m in runner.input_metadata()):
+        return None
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        native_feed(runner, feed)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
+
+def _feeds(runner, cfg: BenchConfig, batch: int) -> list[dict[str, np.ndarray]]:
+    feeds = sample_set(runner, cfg.samples, batch)
+    return [native_feed(runner, f) for f in feeds] if cfg.raw_inputs else feeds
+
+
+def _plain(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
+    min_queries = cfg.min_queries if cfg.min_queries is not None else DEFAULT_MIN_QUERIES
+    min_seconds = cfg.min_seconds if cfg.min_seconds is not None else DEFAULT_MIN_SECONDS
+    for b in cfg.batch_sizes:
+        t = time_runner(runner, _feeds(runner, cfg, b), 1, cfg.warmup_seconds, min_queries, min_seconds, cfg.raw_inputs)
+        if b == 1 or "latency_ms_p50" not in row:
+            row.update(latency_stats(t.query_ms))
+            row.update(latency_stats(t.runtime_ms, "runtime_ms"))
+            row["latency_batch"] = b
+            for k, v in t.phases.items():
+                row[f"{k}_mean"] = float(np.mean(v))
+        row[f"throughput_ips_b{b}"] = b * len(t.query_ms) / (t.query_ms.sum() / 1e3)
+
+
+def _loadgen(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
+    from quantship.evaluate.loadgen import LoadgenSettings, Scenario, expected_from, run_loadgen
+
+    scenario = Scenario.parse(cfg.loadgen)
+    per_query = {Scenario.SINGLESTREAM: 1, Scenario.MULTISTREAM: 8, Scenario.OFFLINE: max(cfg.batch_sizes)}[scenario]
+    # Warm-up doubles as the measurement LoadGen's schedule is generated from.
+    warm = time_runner(runner, _feeds(runner, cfg, per_query), 3, cfg.warmup_seconds, 10, 0.0, cfg.raw_inputs)
+    latency_ms, qps = expected_from(warm.query_ms, per_query)
+    settings = LoadgenSettings(
+        scenario,
+        min_queries=cfg.min_queries,
+        min_seconds=cfg.min_seconds,
+        samples_per_query=8 if scenario is Scenario.MULTISTREAM else None,
+        batch=per_query,
+        expected_latency_ms=latency_ms,
+        expected_qps=qps,
+    )
+    folder = cfg.loadgen_dir or f"loadgen-{Path(cfg.artifact).stem}-{scenario.value}"
+    row.update(run_loadgen(runner, _feeds(runner, cfg, 1), settings, folder, raw=cfg.raw_inputs))
+    if scenario is not Scenario.OFFLINE:
+        row["latency_batch"] = per_query
 
 
 def run_config(cfg: BenchConfig) -> dict[str, Any]:
@@ -88,6 +165,8 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         "artifact": str(cfg.artifact),
         "runtime": runtime.name,
         "timing": runtime.timing,
+        "harness": "bench",
+        "inputs": "raw" if cfg.raw_inputs else "float",
         "threads": cfg.threads,
         "providers": runner.active_providers if runtime.name == "onnx" else None,
         "session_config": dict(cfg.session_config),
@@ -96,14 +175,8 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         "init_ms": init_ms,
     }
     try:
-        for b in cfg.batch_sizes:
-            ms, phases = time_runner(runner, _feed(runner, b), 1, cfg.warmup_seconds, cfg.min_queries, cfg.min_seconds)
-            if b == 1 or "latency_ms_p50" not in row:
-                row.update(latency_stats(ms))
-                row["latency_batch"] = b
-                for k, v in phases.items():
-                    row[f"{k}_mean"] = float(np.mean(v))
-            row[f"throughput_ips_b{b}"] = b * len(ms) / (ms.sum() / 1e3)
+        row["input_conversion_ms"] = _input_conversion_ms(runner, sample_set(runner, 1)[0])
+        (_loadgen if cfg.loadgen else _plain)(runner, cfg, row)
     finally:
         runner.deactivate()
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -113,20 +186,9 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
 
 def bench(configs: Sequence[BenchConfig], timeout: float | None = None) -> list[dict[str, Any]]:
     """Run each configuration in its own process; return one flat row per configuration."""
-    rows = []
-    for cfg in configs:
-        proc = subprocess.run(
-            [sys.executable, "-m", "quantship.evaluate.bench"],
-            input=json.dumps(asdict(cfg)),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        )
-        if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            raise RuntimeBackendError(f"benchmark of {cfg.artifact} failed: {lines[-1] if lines else 'no output'}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = [
+        run_worker("quantship.evaluate.bench", asdict(cfg), f"benchmark of {cfg.artifact}", timeout) for cfg in configs
+    ]
     return annotate(rows)
 
 
@@ -135,13 +197,23 @@ def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def family(row):
         t = row["target"]
-        return row["runtime"], row.get("threads"), tuple(row.get("cores") or ()), t.split("-")[0]
+        return (
+            row["runtime"],
+            row.get("threads"),
+            tuple(row.get("cores") or ()),
+            t.split("-")[0],
+            row.get("harness"),
+            row.get("loadgen_scenario"),
+            row.get("inputs"),
+        )
 
     for row in rows:
-        if "int8" not in row["target"]:
+        if "int8" not in row["target"] or row.get("latency_ms_p50") is None:
             continue
         for other in rows:
             if other is row or family(other) != family(row) or not any(p in other["target"] for p in ("fp16", "fp32")):
+                continue
+            if other.get("latency_ms_p50") is None:
                 continue
             if other["latency_ms_p50"] < row["latency_ms_p50"]:
                 row.setdefault("warnings", []).append(
@@ -177,13 +249,12 @@ def mobile_profile(
     return out
 
 
-def _worker() -> None:
-    cfg_dict = json.loads(sys.stdin.read())
+def _run_payload(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     for key in ("cores", "batch_sizes", "providers"):
         if cfg_dict.get(key) is not None:
             cfg_dict[key] = tuple(cfg_dict[key])
-    print(json.dumps(run_config(BenchConfig(**cfg_dict))))
+    return run_config(BenchConfig(**cfg_dict))
 
 
 if __name__ == "__main__":
-    _worker()
+    worker_main(_run_payload)

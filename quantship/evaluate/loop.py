@@ -13,11 +13,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from quantship.config import PreprocessSpec
-from quantship.data.datasets import ImageDataset, Skipped, iter_batches
+from quantship.data.datasets import Batch, ImageDataset, Skipped, iter_batches
+from quantship.data.preprocess import InputEncoding
 from quantship.errors import QuantshipError
 from quantship.evaluate.tasks import Arrays, Task, concat
 from quantship.progress import track
-from quantship.runtime.base import Runner
+from quantship.runtime.base import Runner, TensorMeta, dequantize
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TargetRun:
     parts: list[Arrays] = field(default_factory=list)
     seconds: float = 0.0  # runtime time over the timed batches
     timed_images: int = 0
+    nonfinite_images: int = 0  # images whose outputs hold NaN or inf (scored as wrong, never as class 0)
     error: str | None = None  # why the target stopped (its runner failed); the others go on
 
     @property
@@ -61,26 +63,65 @@ def run_targets(
         Target name -> :class:`TargetRun`.
     """
     runs = {name: TargetRun(name) for name in runners}
+    feeds = {name: InputFeed.of(runner, preprocess) for name, runner in runners.items()}
     live = dict(runners)
     n_batches = (len(dataset) + batch_size - 1) // batch_size
     batches = iter_batches(dataset, preprocess, batch_size, workers, skipped)
     for i, batch in enumerate(track(batches, total=n_batches, desc=desc)):
-        b, v = batch.inputs.shape[:2]
-        flat = batch.inputs.reshape(b * v, *batch.inputs.shape[2:])
+        b = len(batch.keys)
         timed = i >= warmup_batches or n_batches == 1
         for name, runner in list(live.items()):
             run = runs[name]
             try:
-                out = first_output(runner.infer(flat))
+                out = feeds[name].run(runner, batch)
             except QuantshipError as exc:  # one failing runtime does not take the others down
                 run.error = str(exc)
                 del live[name]
                 continue
+            run.nonfinite_images += int(nonfinite_images(out, b).sum())
             if timed:
                 run.seconds += runner.last_inference_time or 0.0
                 run.timed_images += b
             run.parts.append(task.score(out, batch))
     return runs
+
+
+@dataclass(frozen=True)
+class InputFeed:
+    """How one runner is fed from a batch's uint8 pixels.
+
+    A model whose input is quantized (TFLite int8/uint8 I/O) gets its integer tensor straight from the pixels
+    (normalisation and quantization folded into one table lookup, no float pass) and its output is
+    dequantized here; every other model gets the float32 input, computed once per batch for all of them.
+    """
+
+    encoding: InputEncoding
+    raw: bool = False
+    outputs: tuple[TensorMeta, ...] = ()
+
+    @classmethod
+    def of(cls, runner: Runner, spec: PreprocessSpec) -> "InputFeed":
+        metas = runner.input_metadata()
+        if len(metas) == 1 and metas[0].quantized:
+            m = metas[0]
+            return cls(InputEncoding.of(spec, m.dtype, m.scale, m.zero_point), True, tuple(runner.output_metadata()))
+        return cls(InputEncoding.of(spec))
+
+    def run(self, runner: Runner, batch: Batch) -> np.ndarray:
+        """The first output (float) of ``runner`` on every view of ``batch``, flattened (images x views)."""
+        x = batch.encoded(self.encoding)
+        outputs = runner.infer(x.reshape(-1, *x.shape[2:]), raw=self.raw)
+        name, y = next(iter(outputs.items()))
+        meta = next((m for m in self.outputs if m.name == name), None)
+        return dequantize(y, meta) if meta is not None and meta.quantized else y
+
+
+def nonfinite_images(outputs: np.ndarray, images: int) -> np.ndarray:
+    """Per image (of ``images``, each with its views), whether any of its outputs is NaN or inf."""
+    out = np.asarray(outputs)
+    if out.dtype.kind not in "fc" or not images:
+        return np.zeros(images, bool)
+    return ~np.isfinite(out.reshape(images, -1)).all(axis=1)
 
 
 def first_output(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -95,6 +136,4 @@ def runner_outputs(runner: Runner, x: np.ndarray, batch: int = 32) -> np.ndarray
 
 def as_batch(keys: Any, labels: Any, inputs: np.ndarray | None = None) -> Any:
     """A minimal batch record (keys, labels, inputs with one view) for scoring outputs computed elsewhere."""
-    from quantship.data.datasets import Batch
-
     return Batch(list(keys), inputs[:, None] if inputs is not None else np.zeros((len(keys), 1)), list(labels))

@@ -55,6 +55,7 @@ BENCH_COLUMNS = (
     ("latency_ms_p90", "p90 ms", "{:.2f}"),
     ("latency_ms_p99", "p99 ms", "{:.2f}"),
     ("latency_ms_mean", "mean ms", "{:.2f}"),
+    ("runtime_ms_p50", "runtime p50 ms", "{:.2f}"),
     ("throughput", "images/s", "{:.1f}"),
     ("init_ms", "init ms", "{:.0f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),

@@ -136,8 +136,12 @@ class ClassificationTask(Task):
         scores = self.scores(outputs, len(batch.keys))
         labels = np.asarray(batch.labels, dtype=np.int64).reshape(-1)
         k = min(5, scores.shape[1])
+        # An image whose scores hold NaN or inf predicts nothing (class -1, wrong): argsort would otherwise rank
+        # the NaNs and report some class, usually 0, as the prediction.
+        finite = np.isfinite(scores).all(axis=1)
         # argsort on negated scores is stable: ties keep the lower class index first, for every runtime.
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        order = np.argsort(-np.where(finite[:, None], scores, 0), axis=1, kind="stable")[:, :k]
+        order[~finite] = -1
         out = {
             "keys": np.asarray(batch.keys, dtype=str),
             "pred": order[:, 0].astype(np.int64),
@@ -214,8 +218,13 @@ class DetectionTask(Task):
 
         if self.anchors is None:
             raise ConfigError("scoring detections needs the model's anchor configuration")
+        from quantship.data.detection import Detections
+
+        # Outputs with NaN or inf detect nothing (the loop counts those images).
         dets = [
             postprocess(o, self.anchors, self.anchors_cfg, (lab["width"], lab["height"]))
+            if np.isfinite(o).all()
+            else Detections.empty()
             for o, lab in zip(outputs, batch.labels)
         ]
         if not dets:
@@ -314,9 +323,19 @@ def _align(arrays: Arrays, reference: Arrays) -> tuple[np.ndarray, np.ndarray]:
 _TASKS: dict[str, Callable[..., Task]] = {}
 
 
-def register_task(name: str, factory: Callable[..., Task]) -> None:
-    """Register how a task is made for a dataset: ``factory(dataset, loaded, anchors_file) -> Task``."""
+_METRICS: dict[str, tuple[str, ...]] = {}
+
+
+def register_task(name: str, factory: Callable[..., Task], metrics: tuple[str, ...] = ()) -> None:
+    """Register how a task is made for a dataset: ``factory(dataset, loaded, anchors_file) -> Task``, and the
+    metrics its gates may name."""
     _TASKS[name] = factory
+    _METRICS[name] = tuple(metrics)
+
+
+def task_metrics(name: str) -> tuple[str, ...]:
+    """The metrics a gate may name for a task (to check a plan before any work)."""
+    return _METRICS.get(name, ())
 
 
 def make_task(dataset: Any, loaded: Any = None, anchors_file: str | None = None, **kwargs: Any) -> Task:
@@ -338,5 +357,5 @@ def _detection(dataset: Any, loaded: Any, anchors_file: str | None, **kwargs: An
     return DetectionTask(dataset.meta, {s.key: s.label for s in dataset.samples}, anchors)
 
 
-register_task("classification", _classification)
-register_task("detection", _detection)
+register_task("classification", _classification, ClassificationTask.metrics)
+register_task("detection", _detection, DetectionTask.metrics)

@@ -1,4 +1,5 @@
-"""``quantship bench``: build artifacts if asked, time each one in its own process, write the rows."""
+"""``quantship bench``: build artifacts if asked, time each one in its own process (plainly or under MLPerf
+LoadGen), time the Keras model's forward/backward passes if asked, write the rows."""
 
 from __future__ import annotations
 
@@ -7,12 +8,139 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from quantship.errors import ConfigError
-from quantship.evaluate.bench import BenchConfig, bench, display_fields, mobile_profile
+from quantship.evaluate.bench import (
+    DEFAULT_MIN_QUERIES,
+    DEFAULT_MIN_SECONDS,
+    BenchConfig,
+    bench,
+    display_fields,
+    mobile_profile,
+)
 from quantship.evaluate.environment import environment
 from quantship.evaluate.report import BENCH_COLUMNS
 from quantship.evaluate.results import text_table
 from quantship.fileio import write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
+
+LOADGEN_COLUMNS = (
+    ("target", "target", "{}"),
+    ("loadgen_scenario", "scenario", "{}"),
+    ("latency_ms_p50", "p50 ms", "{:.2f}"),
+    ("latency_ms_p90", "p90 ms", "{:.2f}"),
+    ("latency_ms_p99", "p99 ms", "{:.2f}"),
+    ("runtime_ms_p50", "runtime p50 ms", "{:.2f}"),
+    ("throughput", "samples/s", "{:.1f}"),
+    ("loadgen_queries", "queries", "{}"),
+    ("loadgen_samples", "samples", "{}"),
+    ("validity", "validity", "{}"),
+)
+FB_COLUMNS = (
+    ("model", "model", "{}"),
+    ("batch", "batch", "{}"),
+    ("device", "device", "{}"),
+    ("forward_ms", "forward ms", "{:.2f}"),
+    ("backward_ms", "backward ms", "{:.2f}"),
+    ("total_ms", "total ms", "{:.2f}"),
+    ("iterations", "iterations", "{}"),
+)
+LAYER_COLUMNS = (("layer", "layer", "{}"), ("type", "type", "{}"), ("forward_ms", "forward ms", "{:.3f}"))
+
+
+def _check_fb_model(model: str) -> None:
+    from quantship.models.loading import is_model_file
+    from quantship.models.registry import get_model_spec
+
+    if is_model_file(model):
+        return
+    spec = get_model_spec(model)
+    if spec.task != "classification":
+        raise ConfigError(f"{model} is a {spec.task} model; --forward-backward takes classification models")
+
+
+def _plan_line(
+    n: int, scenarios: list, warmup_seconds: float, min_queries: int | None, min_seconds: float | None
+) -> str:
+    if scenarios:
+        names = ", ".join(s.value for s in scenarios)
+        if min_queries is None and min_seconds is None:
+            return f"benchmarking {n} configuration(s) under MLPerf LoadGen ({names}): MLPerf's minimums (600 s each)"
+        queries = min_queries if min_queries is not None else "MLPerf's"
+        seconds = f"{min_seconds:g} s" if min_seconds is not None else "MLPerf's duration"
+        return (
+            f"benchmarking {n} configuration(s) under MLPerf LoadGen ({names}): minimums {queries} queries, {seconds}"
+        )
+    queries = min_queries if min_queries is not None else DEFAULT_MIN_QUERIES
+    seconds = min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS
+    return (
+        f"benchmarking {n} configuration(s): warm-up {warmup_seconds:g} s, then >= {queries} queries and >= "
+        f"{seconds:g} s each"
+    )
+
+
+def _configs(
+    named: list[tuple[str, str]], out: Path, scenarios: list, mobile: bool, threads: int | None, common: dict
+) -> list[BenchConfig]:
+    """One configuration per artifact (per thread count with ``mobile``), under each LoadGen scenario if any."""
+    from quantship.targets import get_target, list_targets
+
+    known = {t.name for t in list_targets()}
+    configs = []
+    for name, path in named:
+        variants = [dict(loadgen=s.value, loadgen_dir=str(out / "loadgen" / f"{name}-{s.value}")) for s in scenarios]
+        # A target is timed with the session options it is evaluated with (Q/DQ targets: as fake-quant).
+        session = get_target(name).session_config if name in known else ()
+        for extra in variants or [{}]:
+            if mobile and path.endswith(".tflite"):
+                configs += mobile_profile(path, name, **common, **extra)
+            else:
+                configs.append(
+                    BenchConfig(path, target=name, threads=threads, session_config=session, **common, **extra)
+                )
+    return configs
+
+
+def _inference_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    plain = [display_fields(dict(r)) for r in rows if r.get("harness") != "loadgen"]
+    under_loadgen = [display_fields(dict(r)) for r in rows if r.get("harness") == "loadgen"]
+    if plain:
+        lines.append(text_table(plain, BENCH_COLUMNS))
+    if under_loadgen:
+        lines.append(text_table(under_loadgen, LOADGEN_COLUMNS))
+    for r in rows:
+        lines += [f"warning: {r['target']}: {w}" for w in r.get("warnings", [])]
+        if r.get("compute_ms_mean") is not None:
+            lines.append(
+                f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H "
+                f"{r['d2h_ms_mean']:.3f} ms"
+            )
+        if r.get("input_conversion_ms") and r.get("inputs") == "float":
+            lines.append(
+                f"{r['target']}: the latency includes the runner's input quantization "
+                f"({r['input_conversion_ms']:.3f} ms per query; --raw-inputs leaves it out)"
+            )
+        if r.get("loadgen_log_dir"):
+            lines.append(f"{r['target']} ({r['loadgen_scenario']}): LoadGen logs in {r['loadgen_log_dir']}")
+    return lines
+
+
+def _forward_backward_rows(cfg: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    from quantship.evaluate.fbtime import forward_backward
+
+    rows = forward_backward([cfg])
+    lines = [text_table(rows, FB_COLUMNS)]
+    for r in rows:
+        if r.get("slowest_layers"):
+            lines.append(
+                f"\n{r['model']}, batch {r['batch']}: the {len(r['slowest_layers'])} slowest layers' forward "
+                f"times ({r['layers_timed']} layers timed alone, {r['layers_forward_ms_sum']:.2f} ms together)"
+            )
+            lines.append(text_table(r["slowest_layers"], LAYER_COLUMNS))
+    return rows, lines
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def run_bench(
@@ -24,60 +152,87 @@ def run_bench(
     mobile: bool = False,
     batch_sizes: Sequence[int] = (1,),
     warmup_seconds: float = 1.0,
-    min_queries: int = 200,
-    min_seconds: float = 5.0,
+    min_queries: int | None = None,
+    min_seconds: float | None = None,
     cuda_graph: bool = False,
     providers: Sequence[str] = ("cpu",),
+    loadgen: Sequence[str] = (),
+    raw_inputs: bool = False,
+    forward_backward: bool = False,
+    per_layer: bool = False,
 ) -> JobResult:
-    """Benchmark artifact files, and the artifacts of ``model``'s targets built first with ``convert``
-    (the keyword arguments of :func:`quantship.jobs.convert.convert_artifacts`)."""
+    """Benchmark artifact files, and the artifacts of ``model``'s targets built first with ``convert`` (the keyword
+    arguments of :func:`quantship.jobs.convert.convert_artifacts`; no targets in it: none built).
+
+    Args:
+        min_queries, min_seconds: None: 200 queries and 5 s for plain timing, MLPerf's minimums under LoadGen.
+        loadgen: LoadGen scenarios; each artifact runs once under each of them instead of plain timing.
+        raw_inputs: Samples preloaded in the model's own input types, the runner run raw.
+        forward_backward: Also time ``model``'s forward and forward+backward passes (Keras, training mode) at
+            each batch size; ``per_layer`` adds the ten slowest layers' forward times.
+    """
+    from quantship.evaluate.fbtime import FBConfig
+    from quantship.evaluate.loadgen import Scenario
+
+    scenarios = [Scenario.parse(s) for s in loadgen]
+    if (forward_backward or per_layer) and not model:
+        raise ConfigError("--forward-backward times a Keras model: give --model")
+    if per_layer and not forward_backward:
+        raise ConfigError("--per-layer goes with --forward-backward")
+    convert = dict(convert or {})
+    fb_config = None
+    if forward_backward:
+        _check_fb_model(model)
+        fb_config = FBConfig(
+            model,
+            convert.get("weights"),
+            tuple(batch_sizes),
+            warmup_seconds,
+            min_queries or DEFAULT_MIN_QUERIES,
+            min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
+            per_layer,
+            threads,
+            convert.get("preprocess_overrides") or None,
+        )
     named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in artifacts]
     failures: dict[str, str] = {}
-    if model:
+    if model and convert.get("targets"):
         from quantship.jobs.convert import convert_artifacts
 
-        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **(convert or {}))
+        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **convert)
         named += [(name, str(a.path)) for name, a in built.items() if a is not None]
-    if not named:
+    if not named and not forward_backward:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
+    out = Path(out)
     common = dict(
         warmup_seconds=warmup_seconds,
         min_queries=min_queries,
         min_seconds=min_seconds,
         batch_sizes=tuple(batch_sizes),
         cuda_graph=cuda_graph,
+        raw_inputs=raw_inputs,
         providers=tuple(providers),
     )
-    from quantship.targets import get_target, list_targets
-
-    known = {t.name for t in list_targets()}
-    configs = []
-    for name, path in named:
-        if mobile and path.endswith(".tflite"):
-            configs += mobile_profile(path, name, **common)
-        else:
-            # A target is timed with the session options it is evaluated with (Q/DQ targets: as fake-quant).
-            session = get_target(name).session_config if name in known else ()
-            configs.append(BenchConfig(path, target=name, threads=threads, session_config=session, **common))
-    lines = [
-        f"benchmarking {len(configs)} configuration(s): warm-up {warmup_seconds:g} s, then >= {min_queries} "
-        f"queries and >= {min_seconds:g} s each"
-    ]
-    rows = bench(configs)
+    configs = _configs(named, out, scenarios, mobile, threads, common)
+    lines = [_plan_line(len(configs), scenarios, warmup_seconds, min_queries, min_seconds)] if configs else []
+    rows = bench(configs) if configs else []
     for r in rows:
         r["model"] = model or ""
-    out = Path(out)
-    write_text_atomic(out / "bench.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    if rows:
+        _write_jsonl(out / "bench.jsonl", rows)
+    lines += _inference_lines(rows)
+    fb_rows: list[dict[str, Any]] = []
+    if fb_config is not None:
+        lines.append(
+            f"forward/backward of {model} (Keras, training mode): warm-up {warmup_seconds:g} s, then >= "
+            f"{fb_config.min_queries} iterations and >= {fb_config.min_seconds:g} s at batch "
+            f"{', '.join(map(str, batch_sizes))}"
+        )
+        fb_rows, fb_lines = _forward_backward_rows(fb_config)
+        _write_jsonl(out / "forward_backward.jsonl", fb_rows)
+        lines += fb_lines + [f"forward/backward: {out / 'forward_backward.jsonl'}"]
     write_json_atomic(out / "environment.json", environment())
-    lines.append(text_table([display_fields(dict(r)) for r in rows], BENCH_COLUMNS))
-    for r in rows:
-        for w in r.get("warnings", []):
-            lines.append(f"warning: {r['target']}: {w}")
-        if r.get("compute_ms_mean") is not None:
-            lines.append(
-                f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H "
-                f"{r['d2h_ms_mean']:.3f} ms"
-            )
     lines += [f"FAILED {name}: {error}" for name, error in failures.items()]
-    lines.append(f"results: {out / 'bench.jsonl'}")
-    return JobResult(rows, lines, 1 if failures else 0)
+    if rows:
+        lines.append(f"results: {out / 'bench.jsonl'}")
+    return JobResult(rows + fb_rows, lines, 1 if failures else 0)

@@ -10,7 +10,7 @@ from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError
 from quantship.fileio import FolderLock
 from quantship.jobs import JobResult
-from quantship.jobs.common import build_targets, calibration_data, draw_calibration, load_for
+from quantship.jobs.common import build_targets, calibration_data, draw_listed_calibration, load_for
 from quantship.manifest import Artifact
 from quantship.models.loading import resolve_preprocess
 from quantship.runtime.base import RunnerOptions
@@ -26,13 +26,18 @@ def convert_artifacts(
     labels: str | None = None,
     calib_images: int = 100,
     calib_seed: int = 0,
+    calib_list: str | None = None,
+    calib_percentile: float = 99.99,
     preprocess_overrides: dict[str, Any] | None = None,
     workers: int = 4,
     threads: int | None = None,
     trt: TrtOptions = TrtOptions(),
+    allow_missing_images: bool = False,
+    trust_savedmodel: bool = False,
 ) -> tuple[dict[str, Artifact | None], dict[str, str]]:
-    """Build the artifacts of ``targets`` (``data`` is read as calibration data only); returns the artifacts
-    and an error message per target that failed to build."""
+    """Build the artifacts of ``targets`` (``data`` is read as calibration data only, restricted to the files
+    ``calib_list`` names when given); returns the artifacts and an error message per target that failed to
+    build."""
     chosen = parse_targets(targets)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
     calibrated = needs_calibration(chosen, trt)
@@ -41,8 +46,9 @@ def convert_artifacts(
         raise ConfigError(
             f"{names} need calibration images: pass --data KIND:PATH (calibration draws --calib-images from it)"
         )
-    dataset = load_dataset(data, labels=labels) if calibrated else None
-    loaded = load_for(model, weights, preprocess)
+    dataset = load_dataset(data, labels=labels, allow_missing_images=allow_missing_images) if calibrated else None
+    drawn = draw_listed_calibration(dataset, calib_images, calib_seed, calib_list) if dataset is not None else None
+    loaded = load_for(model, weights, preprocess, trust_savedmodel=trust_savedmodel)
     ctx = BuildContext(
         loaded,
         Path(out_dir),
@@ -50,8 +56,10 @@ def convert_artifacts(
         trt=trt,
         log_path=Path(out_dir) / "convert.log",
     )
-    if dataset is not None:
-        ctx.calibration = calibration_data(draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers)
+    if drawn is not None:
+        ctx.calibration = calibration_data(
+            drawn[0], loaded, workers=workers, percentile=calib_percentile, source=drawn[1]
+        )
     try:
         return build_targets(ctx, chosen)
     finally:

@@ -154,7 +154,7 @@ def _run_demo(out: Path, threads: int) -> JobResult:
         rows = evaluated_rows(
             task, targets, runs, artifacts, failures, loaded, evalset, [], options, {"calibration_images": len(calib)}
         )
-        # Latency: batch 1, `threads` threads, after warm-up; the runtime call alone is timed.
+        # Latency: batch 1, `threads` threads, after warm-up; the whole infer call (runtime-only time beside it).
         one = np.zeros((1, *loaded.input_shape), np.float32)
         for tg, row in zip(targets, rows):
             if row["status"] == "ok":

@@ -5,23 +5,28 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from quantship.data.datasets import Skipped, load_dataset
+from quantship.data.datasets import Skipped
 from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.jobs.common import (
     build_targets,
+    check_model_source,
+    check_readable,
     evaluate_targets,
     evaluated_rows,
     failure_lines,
+    load_evaluation_data,
     load_for,
+    nonfinite_error,
     prepare_run,
+    run_data,
 )
 from quantship.jobs.specs import EvalSpec
 from quantship.models.loading import resolve_preprocess
 from quantship.runtime.base import RunnerOptions
-from quantship.targets import parse_targets
+from quantship.targets import needs_calibration, parse_targets
 
 
 def run_eval(spec: EvalSpec) -> JobResult:
@@ -36,12 +41,14 @@ def run_eval(spec: EvalSpec) -> JobResult:
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out_dir = Path(spec.out_dir)
     with FolderLock(out_dir, f"quantship eval {spec.model}"):
-        dataset = load_dataset(spec.data, labels=spec.labels)
-        loaded = load_for(spec.model, spec.weights, preprocess, dataset)
+        dataset = load_evaluation_data(spec.data, spec.labels, spec.allow_missing_images)
+        check_model_source(spec.model, spec.weights, spec.trust_savedmodel)
+        split = run_data(dataset, spec.calibration, spec.limit, bool(needs_calibration(targets, spec.trt)))
+        loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
         task = make_task(dataset, loaded, spec.anchors)
         options = RunnerOptions(threads=spec.threads, providers=spec.providers)
         ctx, calib, evalset = prepare_run(
-            loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt
+            loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt, split
         )
         skipped: list[Skipped] = []
         try:
@@ -52,9 +59,21 @@ def run_eval(spec: EvalSpec) -> JobResult:
             ctx.close()
         if skipped:
             write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
-        extra = {"calibration_images": len(calib), "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16]}
+        check_readable(len(evalset) - len(skipped), skipped)
+        calib_info = ctx.calibration.info if ctx.calibration else {}
+        extra = {
+            "calibration_images": len(calib),
+            "calibration_source": calib_info.get("source"),
+            "calibration_list_sha256": calib_info.get("list_sha256"),
+            "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16],
+        }
         rows = evaluated_rows(task, targets, runs, artifacts, failures, loaded, evalset, skipped, options, extra)
-        notes = [f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"]
+        origin = f" from {calib_info['source']}" if calib_info.get("source") else ""
+        listed = f" listed in {calib_info['list']}" if calib_info.get("list") else ""
+        notes = [
+            f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"
+            f"{listed}{origin}"
+        ]
         if skipped:
             notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
         notes += failure_lines(rows)
@@ -64,7 +83,14 @@ def run_eval(spec: EvalSpec) -> JobResult:
         f"{len(evalset)} images, {len(calib)} calibration images"
         + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else "")
     )
+    if dataset.meta.get("missing_images"):
+        lines.append(
+            f"{dataset.meta['missing_images']} image(s) listed in the ground truth are missing (not evaluated)"
+        )
     failed = failure_lines(rows)
     lines += failed
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
-    return JobResult(rows, lines, 1 if failed else 0)
+    nonfinite = nonfinite_error(rows, spec.allow_nonfinite)
+    if nonfinite:
+        lines.append(nonfinite)
+    return JobResult(rows, lines, 1 if failed or nonfinite else 0)

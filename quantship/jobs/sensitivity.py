@@ -156,11 +156,10 @@ class TfliteBackend:
             floats |= set(self.layers) - set(only)
         spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)))
         data = self.converter.convert(spec, self.calibration)
-        import tempfile
-        from pathlib import Path
+        from quantship.fileio import temp_dir
 
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "m.tflite"
+        with temp_dir(self.converter.work_dir, "sensitivity") as tmp:
+            path = tmp / "m.tflite"
             path.write_bytes(data)
             with make_runner(path, RunnerOptions(threads=self.threads)) as r:
                 return runner_outputs(r, x)
@@ -408,7 +407,7 @@ class SensitivitySetup:
         from quantship.convert.tflite import TfliteConverter
 
         if not hasattr(self, "_converter"):
-            self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log")
+            self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log", work_dir=self.work)
         return TfliteBackend(self._converter, self.calib_batches, self.threads)
 
     def close(self) -> None:
@@ -429,31 +428,55 @@ def prepare(
     threads: int | None = None,
     workers: int = 4,
     anchors: str | None = None,
+    allow_missing_images: bool = False,
+    trust_savedmodel: bool = False,
+    calib_data: str | None = None,
+    calib_list: str | None = None,
 ) -> SensitivitySetup:
-    """Load the model, split the data (calibration / held-out), compute fp32 outputs, export ONNX."""
+    """Load the model, split the data (calibration / held-out), compute fp32 outputs, export ONNX.
+
+    Calibration images come from ``calib_data`` when given (then the held-out images are the first ``images``
+    of ``data``), restricted to the files ``calib_list`` names when given; otherwise they are drawn from
+    ``data``, disjoint from the held-out images."""
     from pathlib import Path
 
     import onnx
 
+    from quantship.config import CalibrationSpec
     from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
-    from quantship.data.datasets import iter_batches, load_dataset, split_calibration
+    from quantship.data.datasets import iter_batches, split_calibration
     from quantship.evaluate.tasks import make_task
-    from quantship.jobs.common import calibration_data, load_for
+    from quantship.jobs.common import (
+        calibration_data,
+        calibration_source,
+        load_evaluation_data,
+        load_for,
+        split_run_data,
+    )
     from quantship.models.loading import resolve_preprocess
 
     work = Path(work)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
-    dataset = load_dataset(data, labels=labels)
-    calib, held_set = split_calibration(
-        dataset, calib_images, limit=min(images, len(dataset) - calib_images), seed=seed
-    )
-    loaded = load_for(model, weights, preprocess, dataset)
+    dataset = load_evaluation_data(data, labels, allow_missing_images)
+    calibration = CalibrationSpec(num_images=calib_images, seed=seed, data=calib_data, list=calib_list)
+    source = calibration_source(calibration, dataset)
+    if source.pool is None:
+        calib, held_set = split_calibration(
+            dataset, calib_images, limit=min(images, len(dataset) - calib_images), seed=seed
+        )
+    else:
+        calib, held_set = split_run_data(dataset, calibration, source, images, needed=True)
+    loaded = load_for(model, weights, preprocess, dataset, trust_savedmodel=trust_savedmodel)
     task = make_task(dataset, loaded, anchors)
     xs, ys, keys = [], [], []
     for b in iter_batches(held_set, loaded.preprocess.with_overrides(crops="center"), 32, workers):
         xs.append(b.inputs[:, 0])
         ys += list(b.labels)
         keys += list(b.keys)
+    if not xs:
+        from quantship.errors import DataError
+
+        raise DataError(f"{dataset.source}: none of the {len(held_set)} held-out images could be read")
     x = np.concatenate(xs)
     reference = _predict(loaded.model, x)
     manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights}}
@@ -466,7 +489,7 @@ def prepare(
     node_layers = onnx_node_layers(onnx.load(str(onnx_art.path)), loaded.model)
     return SensitivitySetup(
         loaded,
-        calibration_data(calib, loaded, workers=workers).batches,
+        calibration_data(calib, loaded, workers=workers, source=source).batches,
         HeldOut(x, ys, reference, task, keys),
         onnx_art.path,
         node_layers,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from quantship.data.datasets import ImageDataset, Skipped, load_dataset, split_calibration
+from quantship.data.datasets import ImageDataset, Skipped
 from quantship.errors import DataError
 from quantship.evaluate.environment import environment
 from quantship.evaluate.loop import run_targets
@@ -40,7 +40,18 @@ from quantship.fileio import (
     write_text_atomic,
 )
 from quantship.jobs import JobResult
-from quantship.jobs.common import TARGET_ERRORS, load_for, prepare_run, remove_artifact, runtime_fields, target_fields
+from quantship.jobs.common import (
+    TARGET_ERRORS,
+    RunData,
+    load_evaluation_data,
+    load_for,
+    nonfinite_error,
+    prepare_run,
+    remove_artifact,
+    run_data,
+    runtime_fields,
+    target_fields,
+)
 from quantship.jobs.specs import PlanModel, SignoffPlan
 from quantship.manifest import Artifact, tool_versions
 from quantship.models.loading import is_model_file, resolve_preprocess, weights_file
@@ -192,6 +203,7 @@ def _evaluate_unit(
                     **(run.arrays or task.empty()),
                     "seconds": np.asarray([run.seconds]),
                     "timed_images": np.asarray([run.timed_images]),
+                    "nonfinite_images": np.asarray([run.nonfinite_images]),
                     "skipped": np.asarray([s.key for s in skipped], dtype=str),
                 },
             )
@@ -226,6 +238,7 @@ def _unit_row(
         "task": task.name,
         "images": task.count(d),
         "skipped": int(d["skipped"].size),
+        "nonfinite_images": int(d["nonfinite_images"].sum()) if "nonfinite_images" in d else 0,
         **task.fields(task.evaluate(d, d["keys"])),
         "latency_ms": 1e3 * float(d["seconds"].sum()) / timed if timed else None,
         **runtime_fields(target, RunnerOptions(threads=plan.threads, providers=plan.ort_providers)),
@@ -274,6 +287,13 @@ def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def _plan_data(plan: SignoffPlan, targets: list[Target]) -> tuple[ImageDataset, RunData]:
+    """The plan's evaluation data (refused when unlabelled) and its calibration/evaluation split, calibration
+    drawn from ``calibration: {data, list}`` when given; both checked before any model is loaded."""
+    dataset = load_evaluation_data(plan.data, plan.labels, plan.allow_missing_images)
+    return dataset, run_data(dataset, plan.calibration, plan.limit, bool(needs_calibration(targets, plan.tensorrt)))
+
+
 def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run (or resume) the plan; returns (rows of the plan, verdicts). Rows, verdicts, the plan and the
     environment are written under ``out_dir``."""
@@ -283,9 +303,8 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
     with FolderLock(out_dir, f"quantship signoff {plan.name}"):
         rows_path = out_dir / "signoff.jsonl"
         stored = {r["unit_key"]: r for r in read_jsonl(rows_path) if "unit_key" in r}
-        dataset = load_dataset(plan.data, labels=plan.labels)
-        n_calib = plan.calibration.num_images if needs_calibration(targets, plan.tensorrt) else 0
-        calib, evalset = split_calibration(dataset, n_calib, plan.limit, plan.calibration.seed)
+        dataset, split = _plan_data(plan, targets)
+        calib, evalset = split.calib, split.evalset
         options = RunnerOptions(threads=plan.threads, providers=plan.ort_providers)
         current: list[str] = []
         for entry in plan.models:
@@ -295,10 +314,21 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
             todo = [t for t in targets if not _stored_intact(stored.get(keys[t.name]), plan, evalset)]
             if not todo:
                 continue
-            loaded = load_for(entry.name, entry.weights, preprocesses[entry.name], dataset)
+            loaded = load_for(
+                entry.name, entry.weights, preprocesses[entry.name], dataset, trust_savedmodel=plan.trust_savedmodel
+            )
             task = make_task(dataset, loaded, plan.anchors)
             ctx, _, _ = prepare_run(
-                loaded, targets, dataset, plan.calibration, plan.limit, out_dir, options, plan.workers, plan.tensorrt
+                loaded,
+                targets,
+                dataset,
+                plan.calibration,
+                plan.limit,
+                out_dir,
+                options,
+                plan.workers,
+                plan.tensorrt,
+                split,
             )
             try:
                 for t in todo:
@@ -328,11 +358,14 @@ def _run_unit(
     try:
         art = t.build(ctx, t.spec)
         _evaluate_unit(plan, ctx, t, art, evalset, task, state)
-        return _unit_row(plan, ctx.loaded.name, t, key, state, art, task)
+        row = _unit_row(plan, ctx.loaded.name, t, key, state, art, task)
     except (*TARGET_ERRORS, _UnitFailed) as exc:
         remove_artifact(art)
         note(f"FAILED {ctx.loaded.name} {t.name}: {exc}")
         return _failed_row(ctx.loaded.name, t, key, str(exc))
+    if not row["images"] and row["skipped"]:
+        raise DataError(f"none of the {row['skipped']} evaluation images could be read ({t.name}); see {state}")
+    return row
 
 
 def run_signoff(plan: SignoffPlan, out_dir: Path) -> JobResult:
@@ -352,4 +385,7 @@ def run_signoff(plan: SignoffPlan, out_dir: Path) -> JobResult:
     if overall == "FAIL" and all(v["verdict"] in (PASS, "INCONCLUSIVE") for v in verdict_rows) and not failed_units:
         overall = "INCONCLUSIVE"
     lines.append(f"\n{overall}: {passed} of {len(verdict_rows)} gates passed. Report: {page}, {md}")
-    return JobResult(rows, lines, 0 if overall == "PASS" else 1)
+    nonfinite = nonfinite_error(rows, plan.allow_nonfinite, "allow_nonfinite: true (or --allow-nonfinite)")
+    if nonfinite:
+        lines.append(nonfinite)
+    return JobResult(rows, lines, 0 if overall == "PASS" and not nonfinite else 1)

@@ -29,6 +29,9 @@ class EvalSpec:
     trt: TrtOptions = field(default_factory=TrtOptions)
     anchors: str | None = None  # anchor configuration of a detection model given as a file
     providers: tuple[str, ...] = ("cpu",)  # ONNX Runtime execution providers
+    allow_nonfinite: bool = False  # NaN/inf outputs are counted in the rows but do not fail the run
+    allow_missing_images: bool = False  # ground truth listing absent files: evaluate those present
+    trust_savedmodel: bool = False  # a SavedModel runs its graph's operations: only when the user says so
 
 
 @dataclass(frozen=True)
@@ -61,56 +64,281 @@ class SignoffPlan:
     anchors: str | None = None
     tensorrt: TrtOptions = field(default_factory=TrtOptions)
     ort_providers: tuple[str, ...] = ("cpu",)
+    allow_nonfinite: bool = False
+    allow_missing_images: bool = False
+    trust_savedmodel: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "SignoffPlan":
-        d = dict(d)
-        known = {f.name for f in fields(cls)} | {"dataset"}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
-            )
-        if "dataset" in d:
-            d["data"] = d.pop("dataset")
-        for key in ("models", "targets", "data", "gates"):
-            if not d.get(key):
-                raise ConfigError(f"{source}: '{key}' is required")
-        try:
-            models = tuple(PlanModel(m) if isinstance(m, str) else PlanModel(**m) for m in d.pop("models"))
-            gates = tuple(Gate(**{**g, "targets": tuple(g.get("targets", ("*",)))}) for g in d.pop("gates"))
-            calib = CalibrationSpec(**d.pop("calibration", {}))
-            trt_fields = dict(d.pop("tensorrt", {}))
-            if calib.method is not None:
-                if "qdq_method" in trt_fields:
-                    raise ConfigError(
-                        f"{source}: the calibration of trt-int8-qdq is set twice (calibration.method and "
-                        "tensorrt.qdq_method): keep one"
-                    )
-                trt_fields["qdq_method"] = calib.method
-            trt = TrtOptions(**trt_fields)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        targets = d.pop("targets")
-        targets = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets))
-        if "ort_providers" in d:
-            providers = d.pop("ort_providers")
-            d["ort_providers"] = tuple(
-                p.strip() for p in (providers.split(",") if isinstance(providers, str) else providers)
-            )
-        return cls(models=models, targets=targets, gates=gates, calibration=calib, tensorrt=trt, **d)
+        """Check the whole plan (every key's type and range, names of models, targets, datasets and gate metrics,
+        gates that apply to no target) before any work; each problem is one :class:`ConfigError` naming the key.
+        """
+        return _PlanReader(source).read(d)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SignoffPlan":
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "SignoffPlan":
+        """Read and check a YAML plan; ``overrides`` (command-line flags) replace its keys."""
         import yaml
+
+        from quantship.fileio import read_text
 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"plan not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(read_text(path, ConfigError))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a plan is a mapping of keys (models, targets, dataset, gates, ...)")
-        return cls.from_dict(data, str(path))
+        return cls.from_dict({**data, **(overrides or {})}, str(path))
+
+
+class _PlanReader:
+    """Reads a plan mapping key by key, with one clear error per bad value."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {message}")
+
+    def integer(self, d: dict, key: str, default: Any, minimum: int = 1, optional: bool = False) -> Any:
+        value = d.get(key, default)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(key, f"expected a whole number >= {minimum}, got {value!r}")
+        return value
+
+    def number(self, d: dict, key: str, default: Any, low: float, high: float) -> float:
+        value = d.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+            raise self.error(key, f"expected a number between {low:g} and {high:g} (exclusive), got {value!r}")
+        return float(value)
+
+    def text(self, d: dict, key: str, default: Any = None, optional: bool = True) -> Any:
+        value = d.get(key, default)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"expected a text value, got {value!r}")
+        return value.strip()
+
+    def known(self, d: dict, key: str, known: set[str]) -> None:
+        unknown = set(d) - known
+        if unknown:
+            where = f"{self.source}: {key}" if key else self.source
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; known: {', '.join(sorted(known))}"
+            )
+
+    def flag(self, d: dict, key: str) -> bool:
+        value = d.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}")
+        return value
+
+    def names(self, value: Any, key: str) -> list[str]:
+        """A list of names, or one comma-separated text (as ``--targets`` takes)."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
+            raise self.error(key, f"expected a list of names (or one comma-separated text), got {value!r}")
+        items = [t.strip() for t in items if t.strip()]
+        if not items:
+            raise self.error(key, "no name given")
+        return items
+
+    def read(self, d: dict[str, Any]) -> SignoffPlan:
+        from quantship.data.datasets import dataset_task
+        from quantship.evaluate.tasks import task_metrics
+        from quantship.targets import parse_targets
+
+        d = dict(d)
+        self.known(d, "", {f.name for f in fields(SignoffPlan)} | {"dataset"})
+        if "dataset" in d:
+            if "data" in d:
+                raise self.error("dataset", "give 'dataset' or 'data', not both")
+            d["data"] = d.pop("dataset")
+        for key in ("models", "targets", "data", "gates"):
+            if d.get(key) in (None, "", [], {}):
+                raise ConfigError(f"{self.source}: '{key}' is required")
+        data = self.text(d, "data", optional=False)
+        try:
+            task = dataset_task(data)
+        except ConfigError as exc:
+            raise self.error("dataset", str(exc)) from None
+        reference = self.text(d, "reference", "keras-fp32", optional=False)
+        try:
+            reference = parse_targets([reference], "reference")[0].name
+            targets = [t.name for t in parse_targets(self.names(d["targets"], "targets"), "targets")]
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
+        compared = [t for t in targets if t != reference]
+        if not compared:
+            raise self.error("targets", f"nothing to compare with the reference {reference}; list other targets")
+        flags = {k: self.flag(d, k) for k in ("allow_nonfinite", "allow_missing_images", "trust_savedmodel")}
+        models = self.models(d["models"], flags["trust_savedmodel"])
+        gates = self.gates(d["gates"], task_metrics(task), compared, reference)
+        calibration = self.calibration(d.get("calibration") or {})
+        trt_fields = d.get("tensorrt") or {}
+        if calibration.method is not None and isinstance(trt_fields, dict):
+            if "qdq_method" in trt_fields:
+                raise self.error(
+                    "tensorrt.qdq_method",
+                    "the calibration of trt-int8-qdq is set twice (calibration.method and tensorrt.qdq_method): "
+                    "keep one",
+                )
+            trt_fields = {**trt_fields, "qdq_method": calibration.method}
+        tensorrt = self.tensorrt(trt_fields)
+        name = self.text(d, "name", "signoff", optional=False)
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise self.error("name", f"'{name}' names the results folder runs/<name>: no '/' in it")
+        return SignoffPlan(
+            models=models,
+            targets=tuple(targets),
+            data=data,
+            gates=gates,
+            reference=reference,
+            labels=self.text(d, "labels"),
+            limit=self.integer(d, "limit", None, optional=True),
+            calibration=calibration,
+            batch_size=self.integer(d, "batch_size", 8),
+            threads=self.integer(d, "threads", None, optional=True),
+            workers=self.integer(d, "workers", 4),
+            chunk_images=self.integer(d, "chunk_images", 256),
+            bootstrap_samples=self.integer(d, "bootstrap_samples", 1000),
+            confidence=self.number(d, "confidence", 0.95, 0.0, 1.0),
+            min_images=self.integer(d, "min_images", 1),
+            ort_providers=tuple(self.names(d.get("ort_providers", ["cpu"]), "ort_providers")),
+            name=name,
+            anchors=self.text(d, "anchors"),
+            tensorrt=tensorrt,
+            **flags,
+        )
+
+    def models(self, value: Any, trust_savedmodel: bool) -> tuple[PlanModel, ...]:
+        from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
+
+        if not isinstance(value, list):
+            raise self.error("models", f"expected a list of models (names or mappings), got {value!r}")
+        out = []
+        for i, m in enumerate(value):
+            key = f"models[{i}]"
+            if isinstance(m, str):
+                m = {"name": m}
+            if not isinstance(m, dict):
+                raise self.error(key, f"expected a model name or a mapping with name, weights, preprocess; got {m!r}")
+            self.known(m, key, {"name", "weights", "preprocess"})
+            name = self.text(m, "name", optional=False) if "name" in m else None
+            if name is None:
+                raise self.error(key, "'name' is required (a registry name or a model file)")
+            weights = m.get("weights")
+            if weights is not None and not isinstance(weights, str):
+                raise self.error(f"{key}.weights", f"expected a file name, 'pretrained' or 'random', got {weights!r}")
+            preprocess = self.preprocess(m.get("preprocess"), f"{key}.preprocess")
+            try:
+                for path, option in ((name, "name"), (weights, "weights")):
+                    if path is None or path in ("pretrained", "random"):
+                        continue
+                    if option == "name" and not is_model_file(path):
+                        continue
+                    file = Path(path).expanduser()
+                    if not file.exists():
+                        raise ConfigError(f"{option}: file not found: {file}")
+                    check_savedmodel_trust(file, trust_savedmodel, f"{option}:")
+                resolve_preprocess(name, weights, preprocess)
+            except ConfigError as exc:
+                text = str(exc).replace("--trust-savedmodel", "trust_savedmodel: true (or --trust-savedmodel)")
+                raise self.error(key, text) from None
+            out.append(PlanModel(name, weights, preprocess))
+        return tuple(out)
+
+    def preprocess(self, value: Any, key: str) -> dict[str, Any]:
+        from quantship.config import PreprocessSpec, parse_preprocess_overrides
+
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            overrides = parse_preprocess_overrides(value, key)
+        elif isinstance(value, dict):
+            overrides = {str(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
+        else:
+            raise self.error(key, f"expected 'mode=tf,size=224,...' (as --preprocess) or a mapping, got {value!r}")
+        try:
+            PreprocessSpec().with_overrides(**overrides)
+        except ConfigError as exc:
+            raise self.error(key, str(exc)) from None
+        return overrides
+
+    def gates(self, value: Any, metrics: tuple[str, ...], targets: list[str], reference: str) -> tuple[Gate, ...]:
+        if not isinstance(value, list):
+            raise self.error("gates", f"expected a list of gates, got {value!r}")
+        out = []
+        for i, g in enumerate(value):
+            key = f"gates[{i}]"
+            if not isinstance(g, dict):
+                raise self.error(key, f"expected a mapping (metric, relative or max_drop_points, targets), got {g!r}")
+            self.known(g, key, {"metric", "relative", "max_drop_points", "targets", "decision"})
+            metric = g.get("metric", "top1")
+            if metrics and metric not in metrics:
+                raise self.error(
+                    f"{key}.metric", f"'{metric}' is not measured on this dataset (choose one of: {', '.join(metrics)})"
+                )
+            for k in ("relative", "max_drop_points"):
+                v = g.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v):
+                    raise self.error(f"{key}.{k}", f"expected a number, got {v!r}")
+            patterns = tuple(self.names(g.get("targets", ["*"]), f"{key}.targets"))
+            try:
+                gate = Gate(metric, g.get("relative"), g.get("max_drop_points"), patterns, g.get("decision", "point"))
+            except ConfigError as exc:
+                raise self.error(key, str(exc)) from None
+            if not any(gate.applies(t) for t in targets):
+                raise self.error(
+                    f"{key}.targets",
+                    f"{list(patterns)} match none of the compared targets ({', '.join(targets)}; the reference "
+                    f"{reference} is not gated): this gate would apply to nothing",
+                )
+            out.append(gate)
+        return tuple(out)
+
+    def calibration(self, value: Any) -> CalibrationSpec:
+        if not isinstance(value, dict):
+            raise self.error("calibration", f"expected a mapping (num_images, seed, method, ...), got {value!r}")
+        self.known(value, "calibration", {f.name for f in fields(CalibrationSpec)})
+        v = dict(value)
+        self.source, source = f"{self.source}: calibration", self.source
+        try:
+            num = self.integer(v, "num_images", 100)
+            seed = self.integer(v, "seed", 0, minimum=0)
+            batch = self.integer(v, "batch_size", 8)
+            percentile = self.number(v, "percentile", 99.99, 0.0, 100.0 + 1e-9)
+            data, listing = self.text(v, "data"), self.text(v, "list")  # a calibration dataset, an MLPerf-style list
+            return CalibrationSpec(num, seed, v.get("method"), percentile, batch, data, listing)
+        except ConfigError as exc:
+            if str(exc).startswith(self.source):
+                raise
+            raise ConfigError(f"{self.source}: {exc}") from None
+        finally:
+            self.source = source
+
+    def tensorrt(self, value: Any) -> TrtOptions:
+        if not isinstance(value, dict):
+            raise self.error("tensorrt", f"expected a mapping (batch, workspace_mb, ...), got {value!r}")
+        self.known(value, "tensorrt", {f.name for f in fields(TrtOptions)})
+        v = dict(value)
+        self.integer(v, "workspace_mb", 2048)
+        if "cuda_graph" in v:
+            self.flag(v, "cuda_graph")
+        for k in ("timing_cache", "calibration_cache"):
+            if v.get(k) is not None:
+                self.text(v, k)
+        if "batch" in v and not isinstance(v["batch"], (str, int)) or isinstance(v.get("batch"), bool):
+            raise self.error("tensorrt.batch", f"expected N or 'MIN:OPT:MAX', got {v['batch']!r}")
+        if isinstance(v.get("batch"), int):
+            v["batch"] = str(v["batch"])
+        try:
+            return TrtOptions(**v)
+        except ConfigError as exc:
+            raise self.error("tensorrt", str(exc)) from None

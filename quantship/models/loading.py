@@ -118,6 +118,21 @@ def _wrap_savedmodel_layer(layer: Any, spec: ModelSpec | None, preprocess: Prepr
 MODEL_FILE_SUFFIXES = (".keras", ".h5")
 
 
+def check_savedmodel_trust(path: Path, trusted: bool, option: str) -> None:
+    """Refuse a SavedModel folder unless the user said it is trusted. A SavedModel is a program: loading it runs
+    the operations of its graph (which can read and write files), while ``.keras`` and ``.h5`` files are read as
+    data (Keras' safe mode: no Lambda layers, no custom code).
+
+    Raises:
+        ConfigError: ``path`` is a folder and ``trusted`` is False.
+    """
+    if path.is_dir() and not trusted:
+        raise ConfigError(
+            f"{option} {path}: a SavedModel folder is a program (loading it runs the operations of its graph); "
+            "pass --trust-savedmodel if you trust its source, or give the model as .keras / .h5"
+        )
+
+
 def is_model_file(model: str) -> bool:
     """Whether ``--model`` names a model file or SavedModel folder rather than a registry architecture (the one
     place this is decided): a known model-file suffix, a path separator, or something that exists on disk."""
@@ -153,6 +168,7 @@ def load_model(
     weights: str | os.PathLike | None = None,
     preprocess: PreprocessSpec | None = None,
     num_classes: int | None = None,
+    trust_savedmodel: bool = False,
 ) -> LoadedModel:
     """Build or load a Keras model.
 
@@ -162,15 +178,17 @@ def load_model(
             weights) or ``random``.
         preprocess: Preprocessing to use; by default :func:`resolve_preprocess` without overrides.
         num_classes: Classifier width when it differs from the registry default.
+        trust_savedmodel: Allow a SavedModel folder (loading one runs its graph's operations).
 
     Raises:
-        ConfigError: Unknown model, or a path model without preprocessing.
+        ConfigError: Unknown model, a path model without preprocessing, or a SavedModel not trusted.
         ModelLoadError: Unreadable file, or weights that do not fit the architecture.
     """
     if is_model_file(model):
         path = Path(model).expanduser()
         if not path.exists():
             raise ModelLoadError(f"model file not found: {path}")
+        check_savedmodel_trust(path, trust_savedmodel, "--model")
         preprocess = preprocess or resolve_preprocess(model, weights)
         loaded = _load_full_model(path)
         if not hasattr(loaded, "inputs"):
@@ -185,6 +203,7 @@ def load_model(
         keras_model = spec.build(**build_kwargs)
         return LoadedModel(spec.name, keras_model, pre, "random", weights_fingerprint(keras_model), spec)
     wpath = _weights_path(spec, weights)
+    check_savedmodel_trust(wpath, trust_savedmodel, "--weights")
     name = wpath.name
     is_full = name.endswith(".keras") or (
         name.endswith(".h5") and not name.endswith(".weights.h5") and _is_legacy_full_h5(wpath)

@@ -1,0 +1,800 @@
+"""Every bad input gets one clear error, or a correct result (issue 14): one table, one row per case.
+
+Each row builds its input in a temporary folder, runs the exact command, and checks the exit code, a fragment of
+the message (for exit code 2: the only line on stderr, no traceback) and what ``--out`` holds afterwards: nothing for
+a case refused before any work; for a case that skips and continues, or records a failure in a row, exactly the
+files and rows it should have, no temporary file left, every file with the permissions of the user's umask.
+
+Cases refused before any heavy work run as subprocesses, which also check that no heavy library (TensorFlow, Keras,
+ONNX Runtime, TensorRT, LiteRT) was imported. The others call the CLI's ``main()`` in-process (it must put file
+descriptor 2 and ``sys.stderr`` back when it returns) and share one tiny model trained once per session.
+Add a row whenever an option is added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from conftest import CLASSES, TINY_PREPROCESS, encode, synthetic_image, write_synset_dataset
+
+HEAVY = ("tensorflow", "keras", "onnxruntime", "tensorrt", "ai_edge_litert", "tf2onnx")
+NOTHING = frozenset()  # --out absent or empty afterwards
+# Written when a library has something to say, and the lock file a job holds on its folder (left, unlocked, by a
+# job that ran): not part of the contract. A run refused before any work leaves neither.
+LOGS = {"native.log", "convert.log", ".quantship.lock"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: how the input is built, the command, what must come out.
+
+    Attributes:
+        build: ``build(tmp, env) -> placeholders`` writes the input under ``tmp`` (``env`` holds the shared
+            models and data) and returns extra ``{name}`` values for ``argv``.
+        argv: The command after ``quantship``, with ``{out}``, ``{tmp}``, ``{model}``, ``{data}``... placeholders.
+        inprocess: Run through ``main()`` in this process (needs a model); else a subprocess.
+        code: Expected exit code.
+        message: A fragment the message must contain.
+        out: The names ``--out`` holds afterwards (logs aside); :data:`NOTHING` for none.
+        check: More checks on the output folder (rows, file contents).
+    """
+
+    id: str
+    argv: tuple[str, ...]
+    code: int
+    message: str
+    out: frozenset[str] = NOTHING
+    build: Callable[[Path, dict], dict] = lambda tmp, env: {}
+    inprocess: bool = False
+    check: Callable[[Path], None] | None = None
+
+
+def eval_argv(*extra: str, data: str = "imagenet:{data}", targets: str = "keras-fp32") -> tuple[str, ...]:
+    """``quantship eval`` of the tiny model on ``data`` with ``extra`` options (later options win)."""
+    base = ("eval", "--model", "{model}", "--preprocess", TINY_PREPROCESS, "--data", data)
+    return (*base, "--targets", targets, "--calib-images", "2", "--out", "{out}", "-q", *extra)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _flat(tmp: Path, gt: bytes, names: tuple[str, ...] = ("a.JPEG", "b.JPEG")) -> Path:
+    """A flat folder of JPEGs with a ``val.txt`` ground truth given as raw bytes."""
+    folder = tmp / "flat"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(encode(synthetic_image(i % 3, rng)))
+    (folder / "val.txt").write_bytes(gt)
+    return folder
+
+
+def flat(gt: bytes, names: tuple[str, ...] = ("a.JPEG", "b.JPEG")) -> Callable[[Path, dict], dict]:
+    return lambda tmp, env: {"flat": str(_flat(tmp, gt, names))}
+
+
+def with_bad_image(name: str, data: Callable[[], bytes]) -> Callable[[Path, dict], dict]:
+    """The shared 6-image dataset plus one bad image."""
+
+    def build(tmp: Path, env: dict) -> dict:
+        root = shutil.copytree(env["data"], tmp / "data")
+        (root / CLASSES[0] / name).write_bytes(data())
+        return {"data": str(root)}
+
+    return build
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, with a few bytes of pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def jpeg_cut_in_half() -> bytes:
+    """A JPEG cut in half with an end-of-image marker appended: decodes with grey pixels and a libjpeg warning."""
+    data = encode(synthetic_image(0, np.random.default_rng(5), size=96))
+    return data[: len(data) // 2] + b"\xff\xd9"
+
+
+def all_unreadable(tmp: Path, env: dict) -> dict:
+    root = tmp / "data"
+    for cls in CLASSES[:2]:
+        (root / cls).mkdir(parents=True)
+        (root / cls / "x.JPEG").write_bytes(b"not an image at all")
+    return {"data": str(root)}
+
+
+class _HugeArray:
+    """Pickles as numpy's ``_reconstruct`` of a (10**13,) array: terabytes if allocated."""
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (10**13,), b"b"))
+
+
+def val224(data: Any) -> Callable[[Path, dict], dict]:
+    def build(tmp: Path, env: dict) -> dict:
+        path = tmp / "val224.pkl"
+        path.write_bytes(pickle.dumps({"data": data, "target": [0]}, protocol=2))
+        return {"pkl": str(path)}
+
+    return build
+
+
+def voc_with_list(listing: bytes) -> Callable[[Path, dict], dict]:
+    def build(tmp: Path, env: dict) -> dict:
+        from detection_fixtures import write_voc
+
+        root = write_voc(tmp / "voc", 2, seed=1)
+        (root / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_bytes(listing)
+        return {"voc": str(root)}
+
+    return build
+
+
+def coco(edit: Callable[[dict, Path], Any] = lambda doc, root: None, raw: str | None = None):
+    """Generated COCO data whose annotation JSON ``edit`` changes (or replaces with ``raw`` text)."""
+
+    def build(tmp: Path, env: dict) -> dict:
+        from detection_fixtures import write_coco
+
+        root = write_coco(tmp / "coco", 3, seed=2)
+        ann = root / "annotations" / "instances_val2017.json"
+        doc = json.loads(ann.read_text())
+        edit(doc, root)
+        ann.write_text(raw if raw is not None else json.dumps(doc))
+        return {"coco": str(root)}
+
+    return build
+
+
+def coco_symlinked_with_corrupt_image(tmp: Path, env: dict) -> dict:
+    """COCO whose val2017 is a symlink to a folder elsewhere (allowed), with one corrupt image."""
+    from detection_fixtures import write_coco
+
+    root = write_coco(tmp / "coco", 4, seed=3)
+    elsewhere = tmp / "mnt" / "val2017"
+    elsewhere.parent.mkdir()
+    shutil.move(root / "val2017", elsewhere)
+    (root / "val2017").symlink_to(elsewhere, target_is_directory=True)
+    victim = sorted(elsewhere.glob("*.jpg"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    return {"coco": str(root), "victim": victim.name}
+
+
+def _traverse(doc: dict, root: Path) -> None:
+    doc["images"][1]["file_name"] = "../../secret.jpg"
+
+
+def plan(edit: dict | None = None, drop: tuple[str, ...] = (), raw: bytes | None = None):
+    """A sign-off plan: the tiny model, its preprocessing as the CLI string, one target, one gate, with ``edit``
+    applied to the top level (or the raw bytes given)."""
+
+    def build(tmp: Path, env: dict) -> dict:
+        import yaml
+
+        doc = {
+            "name": "bad",
+            "dataset": f"imagenet:{env['data']}",
+            "models": [{"name": str(env["model"]), "preprocess": TINY_PREPROCESS}],
+            "targets": ["tflite-fp32"],
+            "gates": [{"metric": "top1", "relative": 0.9}],
+        }
+        for key, value in (edit or {}).items():
+            doc[key] = value(doc) if callable(value) else value
+        for key in drop:
+            doc.pop(key)
+        path = tmp / "plan.yaml"
+        path.write_bytes(raw if raw is not None else yaml.safe_dump(doc).encode())
+        return {"plan": str(path)}
+
+    return build
+
+
+class model_edit:  # noqa: N801 - reads as a function in the table
+    """The plan's model with some keys changed (its repr names the change, for the row's id)."""
+
+    def __init__(self, **change: Any):
+        self.change = change
+
+    def __call__(self, doc: dict) -> list:
+        return [{**doc["models"][0], **self.change}]
+
+    def __repr__(self) -> str:
+        return ",".join(f"{k}={v!r}" for k, v in self.change.items())
+
+
+def results_folder(env_text: str | None = None, verdict: dict | None = None):
+    """A results folder as eval / sign-off leave it, with a corrupt environment.json or a broken verdict row."""
+
+    def build(tmp: Path, env: dict) -> dict:
+        folder = tmp / "results"
+        folder.mkdir()
+        row = {"model": "tiny", "target": "keras-fp32", "task": "classification", "images": 6, "top1": 0.5}
+        (folder / "results.jsonl").write_text(json.dumps(row) + "\n")
+        if env_text is not None:
+            (folder / "environment.json").write_text(env_text)
+        if verdict is not None:
+            (folder / "verdicts.jsonl").write_text(json.dumps(verdict) + "\n")
+        return {"results": str(folder)}
+
+    return build
+
+
+def savedmodel_folder(tmp: Path, env: dict) -> dict:
+    """A folder that looks like a SavedModel (refused before it is read)."""
+    folder = tmp / "sm"
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"\x08\x01")
+    return {"sm": str(folder)}
+
+
+def stale_temp_files(tmp: Path, env: dict) -> dict:
+    """An output folder with what a killed run leaves (process 999999999 does not exist) and a file of the user's."""
+    out = tmp / "out"
+    (out / ".quantship-tmp" / "savedmodel-999999999-abc" / "model").mkdir(parents=True)
+    (out / "artifacts").mkdir()
+    (out / "artifacts" / ".tiny-tflite-fp32.tflite.999999999-x1y2.tmp").write_bytes(b"half")
+    (out / ".report_chart.png.999999999-q9w8.tmp").write_bytes(b"half")
+    (out / "keep.txt").write_text("mine")
+    return {}
+
+
+def garbage_onnx(tmp: Path, env: dict) -> dict:
+    (tmp / "garbage.onnx").write_bytes(b"\x00garbage" * 10)
+    return {}
+
+
+def out_is_a_file(tmp: Path, env: dict) -> dict:
+    (tmp / "out").write_text("a file where the results folder should be")
+    return {}
+
+
+def parent_is_a_file(tmp: Path, env: dict) -> dict:
+    (tmp / "file").write_text("x")
+    return {"out": str(tmp / "file" / "sub")}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def rows(name: str = "results.jsonl", **expected: Any) -> Callable[[Path], list[dict]]:
+    """Check that every row of ``name`` has the ``expected`` values."""
+
+    def check(out: Path) -> None:
+        got = [json.loads(line) for line in (out / name).read_text().splitlines()]
+        assert got, f"{name} holds no row"
+        for r in got:
+            for key, value in expected.items():
+                assert r.get(key) == value, (key, r.get(key), value)
+
+    return check
+
+
+def skipped_holds(fragment: str, *more: str) -> Callable[[Path], None]:
+    def check(out: Path) -> None:
+        text = (out / "skipped.txt").read_text()
+        for f in (fragment, *more):
+            assert f in text, text
+
+    return check
+
+
+def both(*checks: Callable[[Path], None]) -> Callable[[Path], None]:
+    def check(out: Path) -> None:
+        for c in checks:
+            c(out)
+
+    return check
+
+
+def signoff_ran(out: Path) -> None:
+    got = [json.loads(line) for line in (out / "signoff.jsonl").read_text().splitlines()]
+    assert sorted(r["target"] for r in got) == ["keras-fp32", "tflite-fp32"]
+    verdicts = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    assert [v["target"] for v in verdicts] == ["tflite-fp32"] and verdicts[0]["passed"]
+    assert json.loads((out / "plan.json").read_text())["models"][0]["preprocess"]["size"] == [32, 32]
+
+
+# ------------------------------------------------------------------------------------------------- table
+
+P = TINY_PREPROCESS
+EVAL_OUT = frozenset({"results.jsonl", "results.md"})
+CASES = [
+    # --- ground truth, data lists and pickles that are not what they claim
+    Case(
+        "gt-not-utf8",
+        eval_argv(data="imagenet:{flat}"),
+        2,
+        "val.txt:2: not UTF-8",
+        build=flat(b"a.JPEG 0\nb.JPEG caf\xe9\n"),
+    ),
+    Case(
+        "gt-one-file-two-labels",
+        eval_argv(data="imagenet:{flat}"),
+        2,
+        "a.JPEG has two different labels, 0 (line 1) and 2 (line 3)",
+        build=flat(b"a.JPEG 0\nb.JPEG 1\na.JPEG 2\n"),
+    ),
+    Case(
+        "gt-lists-absent-files",
+        eval_argv(data="imagenet:{flat}"),
+        2,
+        "lists 2 file(s) that are not in",
+        build=flat(b"a.JPEG 0\nb.JPEG 1\nc.JPEG 1\nd.JPEG 2\n"),
+    ),
+    Case(
+        "gt-lists-absent-files-allowed",
+        eval_argv("--allow-missing-images", data="imagenet:{flat}"),
+        0,
+        "2 image(s) listed in the ground truth are missing",
+        EVAL_OUT,
+        flat(b"a.JPEG 0\nb.JPEG 1\nc.JPEG 1\nd.JPEG 2\n"),
+        inprocess=True,
+        check=rows(missing_images=2, images=2),
+    ),
+    Case(
+        "voc-list-not-utf8",
+        eval_argv(data="voc2007:{voc}"),
+        2,
+        "test.txt:2: not UTF-8",
+        build=voc_with_list(b"000000\n00000\xe9\n"),
+    ),
+    Case("val224-data-huge-int", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(10**11)),
+    Case("val224-data-negative", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(-1)),
+    Case("val224-data-none", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(None)),
+    Case(
+        "val224-array-of-10**13",
+        eval_argv(data="imagenet:{pkl}"),
+        2,
+        "larger than its file",
+        build=val224([_HugeArray()]),
+    ),
+    Case(
+        "coco-top-level-list",
+        eval_argv(data="coco:{coco}"),
+        2,
+        "the top level must be an object",
+        build=coco(raw="[]"),
+    ),
+    Case(
+        "coco-no-annotations",
+        eval_argv(data="coco:{coco}"),
+        2,
+        "'annotations' is empty",
+        build=coco(lambda doc, root: doc.update(annotations=[])),
+    ),
+    Case(
+        "coco-duplicate-image-id",
+        eval_argv(data="coco:{coco}"),
+        2,
+        "images[0] and images[1] have the same id 1000",
+        build=coco(lambda doc, root: doc["images"][1].update(id=1000)),
+    ),
+    Case(
+        "coco-file-name-outside",
+        eval_argv(data="coco:{coco}"),
+        2,
+        "file_name '../../secret.jpg' points outside",
+        build=coco(_traverse),
+    ),
+    # --- images: skipped and listed, the run goes on; none readable: refused
+    Case(
+        "png-claiming-50000x50000",
+        eval_argv(),
+        0,
+        "1 unreadable skipped",
+        EVAL_OUT | {"skipped.txt"},
+        with_bad_image("huge.png", lambda: png_claiming(50000, 50000)),
+        inprocess=True,
+        check=both(rows(images=6, skipped=1), skipped_holds("huge.png", "50000x50000 pixels")),
+    ),
+    Case(
+        "jpeg-cut-in-half-with-end-marker",
+        eval_argv(),
+        0,
+        "1 unreadable skipped",
+        EVAL_OUT | {"skipped.txt"},
+        with_bad_image("cut.JPEG", jpeg_cut_in_half),
+        inprocess=True,
+        check=both(rows(images=6, skipped=1), skipped_holds("cut.JPEG", "corrupt JPEG")),
+    ),
+    Case(
+        "every-image-unreadable",
+        eval_argv(),
+        2,
+        "none of the 2 evaluation images could be read",
+        frozenset({"skipped.txt"}),
+        all_unreadable,
+        inprocess=True,
+    ),
+    Case(
+        "detection-skipped-listed-symlinked-folder",
+        (
+            "eval",
+            "--model",
+            "{detector}",
+            "--preprocess",
+            "mode=tf,size=64,crop_pct=1.0,resize=stretch",
+            "--anchors",
+            "{anchors}",
+            "--data",
+            "coco:{coco}",
+            "--targets",
+            "keras-fp32",
+            "--out",
+            "{out}",
+            "-q",
+        ),
+        0,
+        "1 unreadable skipped (skipped.txt)",
+        EVAL_OUT | {"skipped.txt"},
+        coco_symlinked_with_corrupt_image,
+        inprocess=True,
+        check=both(rows(images=3, skipped=1, task="detection"), skipped_holds("corrupt JPEG")),
+    ),
+    # --- outputs that are not numbers
+    Case(
+        "nan-weights",
+        eval_argv(),
+        1,
+        "NaN or inf outputs on some images (scored as wrong) from: nan keras-fp32 (6 of 6)",
+        EVAL_OUT,
+        lambda tmp, env: {"model": str(env["nan_model"])},
+        inprocess=True,
+        check=rows(nonfinite_images=6, top1=0.0, top5=0.0),
+    ),
+    Case(
+        "overflowing-weights",
+        eval_argv(),
+        1,
+        "inf keras-fp32 (6 of 6)",
+        EVAL_OUT,
+        lambda tmp, env: {"model": str(env["inf_model"])},
+        inprocess=True,
+        check=rows(nonfinite_images=6, top1=0.0),
+    ),
+    Case(
+        "nan-weights-allowed",
+        eval_argv("--allow-nonfinite"),
+        0,
+        "keras-fp32",
+        EVAL_OUT,
+        lambda tmp, env: {"model": str(env["nan_model"])},
+        inprocess=True,
+        check=rows(nonfinite_images=6, top1=0.0),
+    ),
+    # --- preprocessing overrides
+    *(
+        Case(f"preprocess-{text}", eval_argv("--preprocess", text), 2, fragment)
+        for text, fragment in (
+            ("size=", "--preprocess expects key=value pairs separated by commas, got 'size='"),
+            ("size=abc", "--preprocess size must be N or HxW, got 'abc'"),
+            ("size=0", "size must be two integers in 1..8192"),
+            ("size=100000", "size must be two integers in 1..8192"),
+            ("mode=foo", "unknown normalisation mode 'foo'"),
+            ("crop_pct=2", "crop_pct must be in [0.1, 1.0]"),
+            ("crop_pct=x", "crop_pct must be a number, got 'x'"),
+            ("mean=1/2", "mean expects one or three numbers"),
+            ("mean=nan", "mean and std must be finite numbers"),
+            ("std=1e-30", "std must be at least 0.001"),
+            ("std=inf", "mean and std must be finite numbers"),
+            ("interpolation=cubicle", "unknown interpolation 'cubicle'"),
+            ("colour=red", "unknown preprocessing option(s): colour"),
+        )
+    ),
+    # --- options
+    Case("targets-empty", eval_argv(targets=""), 2, "--targets: no target given"),
+    Case("targets-commas", eval_argv(targets=",,"), 2, "--targets: no target given"),
+    Case("targets-unknown", eval_argv(targets="tflite-int3"), 2, "unknown target 'tflite-int3'"),
+    Case("calib-images-negative", eval_argv("--calib-images", "-1"), 2, "argument --calib-images: expected a positive"),
+    Case(
+        "batch-size-0", eval_argv("--batch-size", "0"), 2, "argument --batch-size: expected a positive integer, got 0"
+    ),
+    Case("threads-0", eval_argv("--threads", "0"), 2, "argument --threads: expected a positive integer, got 0"),
+    Case(
+        "calib-percentile-101",
+        eval_argv("--calib-percentile", "101"),
+        2,
+        "argument --calib-percentile: expected a percentile in (0, 100], got 101",
+    ),
+    Case("limit-0", eval_argv("--limit", "0"), 2, "argument --limit: expected a positive integer, got 0"),
+    Case("missing-required-option", ("eval", "--model", "{model}", "--out", "{out}"), 2, "required: --data"),
+    Case("out-is-a-file", eval_argv(), 2, "is a file, not a folder", frozenset({"<file>"}), out_is_a_file),
+    Case("out-parent-is-a-file", eval_argv(), 2, "is a file, so no folder can be made there", build=parent_is_a_file),
+    Case("out-under-proc", eval_argv(), 2, "cannot write there", build=lambda tmp, env: {"out": "/proc/quantship/o"}),
+    Case(
+        "stale-temp-files-swept",
+        eval_argv(targets=","),
+        2,
+        "no target given",
+        frozenset({"keep.txt", "artifacts"}),
+        stale_temp_files,
+        check=lambda out: not list((out / "artifacts").iterdir()) or pytest.fail("temp file left"),
+    ),
+    Case(
+        "savedmodel-as-model",
+        ("eval", "--model", "{sm}", "--preprocess", P, "--data", "imagenet:{data}", "--out", "{out}"),
+        2,
+        "a SavedModel folder is a program",
+        build=savedmodel_folder,
+    ),
+    Case(
+        "savedmodel-as-weights",
+        ("eval", "--model", "mobilenet_0.25_128", "--weights", "{sm}", "--data", "imagenet:{data}")
+        + ("--targets", "keras-fp32", "--out", "{out}"),
+        2,
+        "--weights {sm}: a SavedModel folder is a program (loading it runs the operations of its graph); pass "
+        "--trust-savedmodel",
+        build=savedmodel_folder,
+    ),
+    Case(
+        "calibrate-garbage-onnx",
+        ("calibrate", "--model", "{tmp}/garbage.onnx", "--preprocess", P, "--data", "imagenet:{data}")
+        + ("--qdq", "{out}/q.onnx", "--out", "{out}"),
+        2,
+        "garbage.onnx: not a valid ONNX model",
+        build=garbage_onnx,
+    ),
+    Case(
+        "calibrate-output-is-a-folder",
+        ("calibrate", "--model", "{model}", "--preprocess", P, "--data", "imagenet:{data}")
+        + ("--qdq", "{tmp}", "--out", "{out}"),
+        2,
+        "--qdq {tmp}: is a folder; give a file name",
+    ),
+    Case(
+        "sensitivity-recipe-without-equals",
+        ("sensitivity", "--model", "{model}", "--preprocess", P, "--data", "imagenet:{data}")
+        + ("--recipe", "conv1", "--out", "{out}"),
+        2,
+        "--recipe expects layer=kind pairs separated by commas, got 'conv1'",
+    ),
+    # --- sign-off plans: checked whole when loaded
+    Case(
+        "plan-not-utf8",
+        ("signoff", "{plan}", "--out", "{out}"),
+        2,
+        "plan.yaml:2: not UTF-8",
+        build=plan(raw=b"name: x\nmodels: [caf\xe9]\n"),
+    ),
+    *(
+        Case(f"plan-{key}-{value!r}", ("signoff", "{plan}", "--out", "{out}"), 2, fragment, build=plan({key: value}))
+        for key, value, fragment in (
+            ("limit", "abc", "limit: expected a whole number >= 1, got 'abc'"),
+            ("limit", 12.5, "limit: expected a whole number >= 1, got 12.5"),
+            ("chunk_images", 0, "chunk_images: expected a whole number >= 1, got 0"),
+            ("chunk_images", -1, "chunk_images: expected a whole number >= 1, got -1"),
+            ("chunk_images", "x", "chunk_images: expected a whole number >= 1, got 'x'"),
+            ("bootstrap_samples", -10, "bootstrap_samples: expected a whole number >= 1, got -10"),
+            ("bootstrap_samples", "many", "bootstrap_samples: expected a whole number >= 1, got 'many'"),
+            ("bootstrap_samples", 0, "bootstrap_samples: expected a whole number >= 1, got 0"),
+            ("confidence", 1.5, "confidence: expected a number between 0 and 1 (exclusive), got 1.5"),
+            ("confidence", "high", "confidence: expected a number between 0 and 1 (exclusive), got 'high'"),
+            ("confidence", 0, "confidence: expected a number between 0 and 1 (exclusive), got 0"),
+            ("workers", "x", "workers: expected a whole number >= 1, got 'x'"),
+            ("targets", 5, "targets: expected a list of names (or one comma-separated text), got 5"),
+            ("models", "tiny", "models: expected a list of models (names or mappings), got 'tiny'"),
+            ("reference", "tflite-int3", "unknown target 'tflite-int3'"),
+            ("reference", "tflite-fp32", "nothing to compare with the reference tflite-fp32"),
+            ("gates", [{"metric": "mAP", "relative": 0.9}], "gates[0].metric: 'mAP' is not measured on this dataset"),
+            ("gates", [{"relative": "abc"}], "gates[0].relative: expected a number, got 'abc'"),
+            ("gates", [{"relative": 0.9, "targets": ["onnx-*"]}], "would apply to nothing"),
+            ("gates", [{"relative": 0.9, "targets": "onnx-*"}], "['onnx-*'] match none of the compared targets"),
+            ("calibration", {"num_images": 0}, "calibration: num_images: expected a whole number >= 1, got 0"),
+            ("models", model_edit(preprocess="mode=raw,size="), "models[0].preprocess expects key=value pairs"),
+            ("models", model_edit(preprocess={"std": 0}), "models[0].preprocess: preprocess std must be at least"),
+            ("models", model_edit(preprocess=["size", 32]), "models[0].preprocess: expected 'mode=tf,size=224,...'"),
+            ("models", model_edit(name="no-such-model"), "models[0]: unknown model 'no-such-model'"),
+            ("models", model_edit(weights="absent.weights.h5"), "models[0]: weights: file not found"),
+            ("name", "../../escape", "name: '../../escape' names the results folder"),
+            ("trust_savedmodel", "yes", "trust_savedmodel: expected true or false, got 'yes'"),
+        )
+    ),
+    Case(
+        "plan-savedmodel-not-trusted",
+        ("signoff", "{plan}", "--out", "{out}"),
+        2,
+        "models[0]: name: {sm}: a SavedModel folder is a program",
+        build=lambda tmp, env: {
+            **savedmodel_folder(tmp, env),
+            **plan({"models": [{"name": str(tmp / "sm")}]})(tmp, env),
+        },
+    ),
+    Case(
+        "plan-string-forms-accepted",
+        ("signoff", "{plan}", "--out", "{out}", "-q"),
+        0,
+        "PASS: 1 of 1 gates passed",
+        frozenset(
+            {"signoff.jsonl", "verdicts.jsonl", "environment.json", "plan.json", "report.md", "report.html"}
+            | {"report_chart.png", "artifacts", "state"}
+        ),
+        plan({"targets": "tflite-fp32", "gates": [{"relative": 0.9, "targets": "tflite-*"}]}),
+        inprocess=True,
+        check=signoff_ran,
+    ),
+    # --- reports of damaged folders
+    Case(
+        "report-corrupt-environment",
+        ("report", "{results}"),
+        2,
+        "environment.json: the environment record is not valid JSON",
+        build=results_folder("{"),
+    ),
+    Case(
+        "report-verdict-row-missing-keys",
+        ("report", "{results}"),
+        2,
+        "verdicts.jsonl:1: verdict row lacks gate, verdict",
+        build=results_folder(verdict={"model": "tiny", "target": "tflite-int8", "passed": True}),
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def data_env(tmp_path_factory) -> dict:
+    """What every row shares: a 6-image dataset, and a model path for the rows refused before a model is read."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    placeholder = root / "tiny.keras"
+    placeholder.write_bytes(b"never read: refused before any model is loaded")
+    return {"model": placeholder, "data": write_synset_dataset(root / "data", 2, seed=3)}
+
+
+@pytest.fixture(scope="module")
+def model_env(data_env, trained_tiny, tmp_path_factory) -> dict:
+    """For the rows that run: the tiny model, its NaN and overflowing copies, an untrained tiny SSD."""
+    import keras
+
+    from detection_fixtures import build_tiny_detector
+
+    model, path = trained_tiny
+    root = tmp_path_factory.mktemp("bad-inputs-models")
+    broken = {}
+    for name, value in (("nan", np.nan), ("inf", 1e38)):
+        clone = keras.models.clone_model(model)
+        clone.set_weights([np.full_like(w, value) for w in model.get_weights()])
+        broken[name] = root / f"{name}.keras"
+        clone.save(broken[name])
+    detector, cfg = build_tiny_detector()
+    detector.save(root / "detector.keras")
+    (root / "anchors.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    return {
+        **data_env,
+        "model": path,
+        "nan_model": broken["nan"],
+        "inf_model": broken["inf"],
+        "detector": root / "detector.keras",
+        "anchors": root / "anchors.json",
+    }
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+_SUBPROCESS = (
+    "import sys; from quantship.cli import main; rc = main(sys.argv[1:]); "
+    f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules)); sys.exit(rc)"
+)
+
+
+def _files(out: Path, ignore: set[str]) -> set[str]:
+    return {p.name for p in out.iterdir()} - ignore if out.is_dir() else set()
+
+
+def _run_subprocess(argv: list[str]) -> tuple[int, str, str]:
+    res = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS, *argv], capture_output=True, text=True, timeout=120, env=os.environ.copy()
+    )
+    out_lines = res.stdout.splitlines()
+    heavy = next((ln for ln in out_lines if ln.startswith("HEAVY=")), "HEAVY=?")
+    assert heavy == "HEAVY=", f"refused after importing {heavy[6:]}: not before heavy work"
+    return res.returncode, res.stdout, res.stderr
+
+
+def _run_inprocess(argv: list[str], capfd) -> tuple[int, str, str]:
+    from quantship.cli import main
+
+    before, stream = os.fstat(2), sys.stderr
+    code = main(argv)
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino), "main() did not restore fd 2"
+    assert sys.stderr is stream, "main() did not restore sys.stderr"
+    captured = capfd.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.inprocess else []) for c in CASES]
+)
+def test_bad_input(case: Case, request, tmp_path, capfd):
+    env = request.getfixturevalue("model_env" if case.inprocess else "data_env")
+    values = {k: str(v) for k, v in env.items()}
+    values.update(tmp=str(tmp_path), out=str(tmp_path / "out"))
+    values.update(case.build(tmp_path, env) or {})
+    argv = [a.format(**values) for a in case.argv]
+    message = case.message.format(**values)
+    code, stdout, stderr = _run_inprocess(argv, capfd) if case.inprocess else _run_subprocess(argv)
+
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    assert code == case.code, f"exit {code}, expected {case.code}\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    if case.code == 2:
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1, f"expected one line on stderr, got {lines}"
+    assert message in stdout + stderr, f"'{message}' not in:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+
+    out = Path(values["out"])
+    expected = {(out.name if n == "<file>" else n) for n in case.out}
+    if out.is_file():
+        assert expected == {out.name}, f"{out} is a file"
+    else:
+        held = _files(out, LOGS if expected else set())
+        assert held == expected, f"--out holds {sorted(held)}, expected {sorted(expected)}"
+        leftovers = [p for p in out.rglob("*") if ".tmp" in p.name or p.name == ".quantship-tmp"]
+        assert not leftovers, f"temporary files left: {leftovers}"
+        mode = 0o666 & ~_umask()
+        for p in out.rglob("*"):
+            if p.is_file() and p.name != "keep.txt":
+                assert p.stat().st_mode & 0o777 == mode, f"{p}: mode {p.stat().st_mode & 0o777:o}, umask wants {mode:o}"
+    # Temporary folders of this process (SavedModel exports) stay inside --out, none in the system's temp folder.
+    assert not list(Path(tempfile.gettempdir()).glob(f"*-{os.getpid()}-*")), "left in the system temp folder"
+    if case.check is not None:
+        case.check(out)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.slow
+def test_killed_conversion_leaves_no_temporary_files(trained_tiny, tmp_path):
+    """``kill`` (SIGTERM) during the SavedModel export behind TFLite conversion: exit 130, one line, and neither the
+    export nor any atomic-write temporary is left in the output folder."""
+    import signal
+    import time
+
+    _, model = trained_tiny
+    out = tmp_path / "out"
+    argv = ["convert", "--model", str(model), "--preprocess", TINY_PREPROCESS, "--targets", "tflite-fp32"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantship", *argv, "--out", str(out), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".quantship-tmp/savedmodel-*/model/*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the export never started"
+        time.sleep(0.02)
+    assert proc.poll() is None, "the conversion ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["quantship convert: interrupted"]
+    left = [p for p in out.rglob("*") if ".tmp" in p.name or p.name == ".quantship-tmp"]
+    assert not left, left
