@@ -149,6 +149,17 @@ def test_ort_int8_runs_fused_uint8_kernels_and_equals_its_fake_quant(tiny_onnx, 
     # the other side, so the probabilities agree to a few quantization steps, and every top-1 is the same.
     assert np.abs(fused - fake).max() < 0.02
     assert (fused.argmax(1) == fake.argmax(1)).all()
+    # The first QLinearConv (conv1 + ReLU, fed the same uint8 input either way) is within one step of fake-quant.
+    from quantship.convert.layer_names import KerasLayers, onnx_tensor_layers
+    from quantship.runtime.onnxruntime import make_session, tap_tensors
+
+    tensor = onnx_tensor_layers(model, KerasLayers.of(tiny_onnx[0]))["conv1"].name
+    tapped = tap_tensors(model, [tensor])
+    got = [
+        make_session(tapped.model, 1, session_config=config).run([tapped.outputs[tensor]], {"input": x})[0]
+        for config in ((), QDQ_FAKE_QUANT)
+    ]
+    assert tapped.steps[tensor] > 0 and np.abs(got[0] - got[1]).max() <= tapped.steps[tensor] * 1.001
 
 
 @pytest.mark.slow
