@@ -238,6 +238,7 @@ def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
         "calibration_method": spec.calibration.value,
         "calibration_percentile": percentile,
         "runtime_session_config": dict(get_target(spec.name).session_config),
+        "qdq_placement": "residual-skip-quantized",  # NVIDIA's residual-Add rule (issue 12): older files differ
     }
     build_key = sha256_json(manifest)
     if (existing := load_reusable(path, build_key)) is not None:
@@ -273,6 +274,50 @@ for _method in CalibrationMethod:
         session_config=QDQ_FAKE_QUANT,
     )
     register_alias(f"onnx-int8-{_method.value}", _qdq.name)
+
+
+def _ort_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    from quantship.calibrate.api import calibrate, collect_statistics, write_ort_model
+    from quantship.fileio import sha256_json
+    from quantship.manifest import load_reusable
+
+    fp32 = _onnx_export(ctx)
+    path = ctx.artifact_path(spec, ".onnx")
+    batches = ctx.calibration_batches(spec.name)
+    percentile = ctx.calibration.percentile if spec.calibration is CalibrationMethod.PERCENTILE else None
+    manifest = {
+        **ctx.base_manifest(spec),
+        "source_onnx_sha256": fp32.manifest["sha256"],
+        "calibration_method": spec.calibration.value,
+        "calibration_percentile": percentile,
+        "runtime_session_config": {},  # ORT's defaults: what a user's own application opens the file with
+        "layout_version": 1,
+    }
+    build_key = sha256_json(manifest)
+    if (existing := load_reusable(path, build_key)) is not None:
+        return existing
+    # The same statistics pass as the Q/DQ targets (it observes the tensors of both layouts).
+    collector = ctx.shared(
+        "onnx-stats", lambda: collect_statistics(fp32.path, batches(), scope="qdq", threads=ctx.runner_options.threads)
+    )
+    write_ort_model(
+        calibrate(collector, spec.calibration, percentile), fp32.path, path, {**manifest, "build_key": build_key}
+    )
+    return load_reusable(path, build_key)
+
+
+for _method in CalibrationMethod:
+    register_target(
+        TargetSpec(
+            f"ort-int8-{_method.value}",
+            "onnx",
+            Precision.INT8,
+            calibration=_method,
+            description=f"int8 ONNX laid out for ONNX Runtime's fused CPU kernels (QLinearConv, uint8 activations), "
+            f"{_method.value} calibration, at ORT's default session options: for CPU deployment",
+        ),
+        _ort_int8_build,
+    )
 
 # --------------------------------------------------------------------------------------- tensorrt
 

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 from quantship.calibrate.calibrators import Calibrator, compute_ranges, get_calibrator
 from quantship.calibrate.collector import StatisticsCollector
 from quantship.calibrate.histogram import TensorStats
+from quantship.calibrate.ort_layout import OrtQdqReport, OrtWeights, insert_ort_qdq, ort_tensors
 from quantship.calibrate.qdq import QdqReport, insert_qdq, qdq_tensors
 from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION, CalibrationCache, write_cache
 from quantship.config import CalibrationMethod
@@ -59,15 +60,20 @@ def collect_statistics(
         onnx_model: ``onnx.ModelProto`` or path.
         feed: Iterable of input batches.
         scope: ``all`` (every float activation: what a TensorRT cache holds) or ``qdq`` (only the tensors the
-            Q/DQ pass needs: faster).
+            Q/DQ layouts need, TensorRT's and ONNX Runtime's: faster).
     """
     onnx = lazy_import("onnx")
     model = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
     if scope not in ("all", "qdq"):
         raise ConfigError(f"statistics scope must be 'all' or 'qdq', got '{scope}'")
-    collector = StatisticsCollector(model, None if scope == "all" else qdq_tensors(model), threads=threads)
+    collector = StatisticsCollector(model, None if scope == "all" else layout_tensors(model), threads=threads)
     collector.collect(feed)
     return collector
+
+
+def layout_tensors(model: Any) -> list[str]:
+    """The tensors whose statistics the Q/DQ layouts read (TensorRT's first, then ONNX Runtime's), without repeats."""
+    return list(dict.fromkeys([*qdq_tensors(model), *ort_tensors(model)]))
 
 
 def calibrate(
@@ -108,4 +114,35 @@ def write_outputs(
                 "qdq_report": report.lines(),
             },
         )
+    return report
+
+
+def write_ort_model(
+    result: CalibrationResult,
+    onnx_model: Any,
+    path: str | Path,
+    manifest: dict[str, Any] | None = None,
+    weights: OrtWeights = OrtWeights(),
+) -> OrtQdqReport:
+    """Write the ONNX Runtime int8 model (:func:`~quantship.calibrate.ort_layout.insert_ort_qdq`) of one
+    calibration, with a manifest that says how its weights are stored and that it needs no session option."""
+    onnx = lazy_import("onnx")
+    model = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
+    qmodel, report = insert_ort_qdq(model, result.stats, result.amax, weights)
+    write_onnx_artifact(
+        qmodel,
+        path,
+        {
+            **(manifest or {}),
+            "precision": "int8-qdq-ort",
+            "calibration_method": result.calibrator.describe(),
+            "ort_layout": {
+                "activations": "uint8, asymmetric, per tensor",
+                "weights": {**weights.describe(), "granularity": "per output channel, symmetric"},
+                "exact_on_x86_without_vnni": weights.exact_without_vnni,
+                "session_options_needed": {},
+            },
+            "qdq_report": report.lines(),
+        },
+    )
     return report

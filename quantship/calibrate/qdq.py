@@ -2,8 +2,9 @@
 
 Placement follows TensorRT's rules for Q/DQ networks: symmetric int8 with zero point 0; weights per output
 channel (int8 initializer + DequantizeLinear), activations per tensor (QuantizeLinear -> DequantizeLinear)
-at the inputs of Conv / ConvTranspose / Gemm / MatMul, at the inputs of pooling, and at the residual
-input of Add (the branch that does not come straight from a convolution, so TensorRT fuses Conv + Add).
+at the inputs of Conv / ConvTranspose / Gemm / MatMul, at the inputs of pooling, and at the residual (skip)
+input of Add, also when a convolution produced it (NVIDIA's "quantize the residual input in skip
+connections", so TensorRT fuses the branch's Conv + Add in int8; see :func:`residual_add_inputs`).
 Outputs of weighted layers are left unquantized: TensorRT fuses them with what follows.
 
 ONNX Runtime runs the result on the CPU (dequantize -> float op), which gives the int8 accuracy of the
@@ -132,10 +133,42 @@ def _weight_axis(node: Any, weight: np.ndarray) -> int:
     return weight.ndim - 1  # MatMul: (..., K, N)
 
 
+def residual_add_inputs(
+    node: Any, depth: dict[str, int], producers: dict[str, Any], consumers: dict[str, int]
+) -> list[int]:
+    """Which inputs of a two-activation Add get a Q/DQ (NVIDIA's residual rule).
+
+    TensorRT fuses a weighted op with the Add that follows it (Conv + Add [+ ReLU] in one int8 kernel) when the
+    Add's *other* input is int8. An input is fusable when it is produced by a weighted op whose only consumer is
+    this Add; the fusable input on the longer path (the branch, not the shortcut) stays float and the other input
+    (the skip connection) is quantized, whatever produced it, also another convolution. With no fusable input
+    both inputs are quantized.
+    """
+    ins = list(node.input)
+    fusable = [
+        i
+        for i in (0, 1)
+        if ins[i] in producers and producers[ins[i]].op_type in WEIGHTED_OPS and consumers.get(ins[i], 0) == 1
+    ]
+    if not fusable:
+        return [0, 1]
+    branch = max(fusable, key=lambda i: (depth.get(ins[i], 0), i))
+    return [i for i in (0, 1) if i != branch]
+
+
 def activation_inputs(model: Any) -> dict[int, list[int]]:
-    """For each node index, which of its inputs get an activation Q/DQ (TensorRT placement rules)."""
+    """For each node index, which of its inputs get an activation Q/DQ (TensorRT placement rules): the data
+    inputs of weighted ops and pooling, and the inputs of Add chosen by :func:`residual_add_inputs`."""
     inits = {i.name for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    depth: dict[str, int] = {}  # longest path from the graph inputs (ONNX nodes are topologically sorted)
+    for node in model.graph.node:
+        for i in node.input:
+            consumers[i] = consumers.get(i, 0) + 1
+        d = 1 + max((depth.get(i, 0) for i in node.input), default=0)
+        for o in node.output:
+            depth[o] = d
     out: dict[int, list[int]] = {}
     for k, node in enumerate(model.graph.node):
         ins = list(node.input)
@@ -144,10 +177,7 @@ def activation_inputs(model: Any) -> dict[int, list[int]]:
         elif node.op_type in POOLING_OPS:
             out[k] = [0]
         elif node.op_type == "Add" and len(ins) == 2 and not any(i in inits for i in ins):
-            from_conv = [
-                producers.get(i) is not None and producers[i].op_type in ("Conv", "Gemm", "MatMul") for i in ins
-            ]
-            out[k] = [i for i in (0, 1) if not from_conv[i]] if any(from_conv) else [0, 1]
+            out[k] = residual_add_inputs(node, depth, producers, consumers)
     return out
 
 

@@ -12,7 +12,19 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-MODULES = ("models", "targets", "eval", "convert", "calibrate", "bench", "signoff", "report", "sensitivity", "demo")
+MODULES = (
+    "models",
+    "targets",
+    "eval",
+    "convert",
+    "calibrate",
+    "bench",
+    "signoff",
+    "report",
+    "sensitivity",
+    "diff",
+    "demo",
+)
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,10 @@ class BenchConfig:
     loadgen_dir: str | None = None
     samples: int = 64
     raw_inputs: bool = False
+    session_config: tuple[tuple[str, str], ...] = ()  # ONNX Runtime session entries the target runs with
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "session_config", tuple(tuple(kv) for kv in self.session_config))
         runtime_for_artifact(self.artifact)  # a file no runtime runs: say so now, not in the worker
         if (self.min_queries is not None and self.min_queries <= 0) or self.warmup_seconds < 0:
             raise ConfigError("min_queries must be positive, min_seconds and warmup_seconds not negative")
@@ -152,7 +154,9 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         os.sched_setaffinity(0, set(cfg.cores))
     t0 = time.perf_counter()
     runtime = runtime_for_artifact(cfg.artifact)
-    options = RunnerOptions(threads=cfg.threads, providers=cfg.providers, cuda_graph=cfg.cuda_graph)
+    options = RunnerOptions(
+        threads=cfg.threads, providers=cfg.providers, session_config=cfg.session_config, cuda_graph=cfg.cuda_graph
+    )
     runner = make_runner(cfg.artifact, options, cfg.target or None)
     runner.activate()
     init_ms = (time.perf_counter() - t0) * 1e3
@@ -165,6 +169,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         "inputs": "raw" if cfg.raw_inputs else "float",
         "threads": cfg.threads,
         "providers": runner.active_providers if runtime.name == "onnx" else None,
+        "session_config": dict(cfg.session_config),
         "cores": list(cfg.cores) if cfg.cores else None,
         "file_size_bytes": Path(cfg.artifact).stat().st_size,
         "init_ms": init_ms,

@@ -153,3 +153,31 @@ def sensitivity_chart(rows: Sequence[dict], top: int = 30) -> bytes | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)
+
+
+def sqnr_by_layer_chart(rows: Sequence[dict], ceiling_db: float = 100.0) -> bytes | None:
+    """PNG: SQNR (dB) of one target against the reference at every compared layer in graph order, the first drop
+    marked and named. ``rows`` are one target's ``kind: layer`` rows of ``diff.jsonl``; exact matches are drawn at
+    ``ceiling_db``."""
+    if not rows:
+        return None
+    plt = _pyplot()
+    ys = [min(float(r["sqnr_db"]), ceiling_db) for r in rows]  # float("inf") for an exact match
+    xs = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.07 * len(rows) + 3), 3.6), dpi=110)
+    ax.plot(xs, ys, marker=".", ms=3, lw=1, color="C0")
+    drop = next((i for i, r in enumerate(rows) if r.get("first_drop")), None)
+    if drop is not None:
+        ax.scatter([drop], [ys[drop]], s=50, color="C3", zorder=3)
+        ax.annotate(
+            f"first drop: {rows[drop]['layer']}", (drop, ys[drop]), textcoords="offset points", xytext=(6, -12),
+            fontsize=8, color="C3",
+        )  # fmt: skip
+    every = max(1, len(rows) // 40)
+    ax.set_xticks(xs[::every])
+    ax.set_xticklabels([r["layer"] for r in rows][::every], rotation=90, fontsize=6)
+    ax.set_ylabel("SQNR vs reference, dB")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{rows[0]['target']} vs {rows[0]['reference']}: SQNR by layer (graph order)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)

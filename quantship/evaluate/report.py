@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from quantship.errors import DataError
-from quantship.evaluate.charts import accuracy_latency_chart, sensitivity_chart
+from quantship.evaluate.charts import accuracy_latency_chart, sensitivity_chart, sqnr_by_layer_chart
 from quantship.evaluate.results import Columns, markdown_table, per_class_ap_markdown, table_rows
 from quantship.fileio import write_bytes_atomic, write_text_atomic
 
@@ -180,11 +180,14 @@ def load_results(folder: Path) -> dict[str, Any]:
         "bench": _read_jsonl_strict(folder / "bench.jsonl"),
         "sensitivity": _read_jsonl_strict(folder / "sensitivity.jsonl"),
         "predictions": _read_jsonl_strict(folder / "predictions.jsonl"),
+        "diff": _read_jsonl_strict(folder / "diff.jsonl"),
         "environment": _read_json(folder / "environment.json", "the environment record"),
         "folder": folder,
     }
-    if not (data["rows"] or data["bench"] or data["sensitivity"]):
-        raise DataError(f"{folder}: no stored results (results.jsonl, signoff.jsonl, bench.jsonl or sensitivity.jsonl)")
+    if not (data["rows"] or data["bench"] or data["sensitivity"] or data["diff"]):
+        raise DataError(
+            f"{folder}: no stored results (results.jsonl, signoff.jsonl, bench.jsonl, sensitivity.jsonl or diff.jsonl)"
+        )
     for n, v in enumerate(data["verdicts"], 1):
         missing = [k for k in VERDICT_KEYS if k not in v]
         if missing:
@@ -430,6 +433,29 @@ def _executor_text(ex: dict[str, Any]) -> str:
     return text
 
 
+def _diff_section(doc: _Doc, rows: list[dict[str, Any]]) -> None:
+    """``quantship diff``: per target, its SQNR-by-layer chart, the first drop and the layer table."""
+    from quantship.evaluate.diff import DIFF_COLUMNS, display_rows
+
+    doc.heading("Layer by layer against the reference (quantship diff)")
+    for s in [r for r in rows if r.get("kind") == "summary"]:
+        doc.heading(s["target"], 3)
+        if s.get("status") == "failed":
+            doc.para(f"FAILED: {s.get('error', '')}")
+            continue
+        mine = [r for r in rows if r.get("kind") == "layer" and r.get("target") == s["target"]]
+        chart = sqnr_by_layer_chart(mine)
+        if chart:
+            doc.image(chart, f"diff_sqnr_{s['target']}.png", f"SQNR by layer, {s['target']}")
+        config = ", ".join(f"{k}={v}" for k, v in (s.get("session_config") or {}).items()) or "default"
+        drop = s.get("first_drop_layer")
+        doc.para(
+            f"{s['images']} images; session options: {config}; first layer more than {s['drop_db']:g} dB below its "
+            f"input: {drop or 'none'}. " + " ".join(s.get("notes", []))
+        )
+        doc.table(display_rows(mine), DIFF_COLUMNS)
+
+
 def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` (+ its PNGs) and a self-contained ``report.html`` into ``folder``."""
     folder = Path(folder)
@@ -464,6 +490,8 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
         if rows_k:
             doc.heading(heading, 3)
             doc.table(rows_k, cols)
+    if data["diff"]:
+        _diff_section(doc, data["diff"])
     if data["other_rows"]:
         doc.heading("Stored results not in this plan")
         doc.para("Kept on disk (state/ and signoff.jsonl) and reused if the plan asks for exactly these inputs again.")

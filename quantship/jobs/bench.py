@@ -81,14 +81,21 @@ def _configs(
     named: list[tuple[str, str]], out: Path, scenarios: list, mobile: bool, threads: int | None, common: dict
 ) -> list[BenchConfig]:
     """One configuration per artifact (per thread count with ``mobile``), under each LoadGen scenario if any."""
+    from quantship.targets import get_target, list_targets
+
+    known = {t.name for t in list_targets()}
     configs = []
     for name, path in named:
         variants = [dict(loadgen=s.value, loadgen_dir=str(out / "loadgen" / f"{name}-{s.value}")) for s in scenarios]
+        # A target is timed with the session options it is evaluated with (Q/DQ targets: as fake-quant).
+        session = get_target(name).session_config if name in known else ()
         for extra in variants or [{}]:
             if mobile and path.endswith(".tflite"):
                 configs += mobile_profile(path, name, **common, **extra)
             else:
-                configs.append(BenchConfig(path, target=name, threads=threads, **common, **extra))
+                configs.append(
+                    BenchConfig(path, target=name, threads=threads, session_config=session, **common, **extra)
+                )
     return configs
 
 

@@ -37,6 +37,8 @@ TARGETS = (
     "qdq-int8-max",
     "qdq-int8-percentile",
     "qdq-int8-mse",
+    "ort-int8-entropy",
+    "ort-int8-max",
 )
 
 # photo -> (primary label, labels that count as the obvious class)

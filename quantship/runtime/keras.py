@@ -50,3 +50,23 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> KerasRunner:
 
 
 register_runtime(RuntimeInfo("keras", _make, description="Keras (TensorFlow backend), in memory: the fp32 reference"))
+
+
+def layer_outputs(model: Any, layers: list[str]) -> Any:
+    """A function from an input batch to ``{layer: output}`` for the named layers of a single-input Keras model
+    (one multi-output model, one trace for every batch size); an input layer's output is the input itself."""
+    import keras
+    import tensorflow as tf
+
+    inner = [name for name in layers if model.get_layer(name).output is not model.inputs[0]]
+    probe = keras.Model(model.inputs, [model.get_layer(name).output for name in inner])
+    signature = [tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)]
+    fn = tf.function(lambda x: probe(x, training=False), input_signature=signature)
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        outs = fn(x)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        values = {name: np.asarray(o) for name, o in zip(inner, outs)}
+        return {name: values[name] if name in values else np.asarray(x, np.float32) for name in layers}
+
+    return run

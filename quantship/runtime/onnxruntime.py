@@ -8,6 +8,8 @@ analysis all use it.
 from __future__ import annotations
 
 import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -124,11 +126,117 @@ FUSED_INT8_OPS = frozenset(
 )
 
 
-def fused_int8_ops(optimized_model: str | os.PathLike) -> list[str]:
-    """Names (``op_type:node``) of the nodes in a graph saved by ONNX Runtime that are its fused int8 kernels."""
+def fused_int8_ops(optimized_model: str | os.PathLike | Any) -> list[str]:
+    """Names (``op_type:node``) of the nodes in a graph saved by ONNX Runtime (a path, or the loaded model) that are
+    its fused int8 kernels."""
     onnx = lazy_import("onnx")
-    graph = onnx.load(str(optimized_model)).graph
+    graph = (optimized_model if hasattr(optimized_model, "graph") else onnx.load(str(optimized_model))).graph
     return [f"{n.op_type}:{n.name}" for n in graph.node if n.op_type in FUSED_INT8_OPS]
+
+
+def optimized_graph(
+    model: str | os.PathLike | bytes | Any,
+    session_config: Sequence[tuple[str, str]] = (),
+    threads: int | None = None,
+    providers: Sequence[str] = ("cpu",),
+) -> Any:
+    """The graph ONNX Runtime actually runs for ``model`` under these session options (``onnx.ModelProto``)."""
+    onnx = lazy_import("onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        make_session(model, threads, providers, session_config, optimized_model_path=path)
+        return onnx.load(str(path))
+
+
+@dataclass
+class TappedModel:
+    """A model with intermediate tensors added as graph outputs (:func:`tap_tensors`).
+
+    Attributes:
+        model: The ``onnx.ModelProto`` with the extra outputs.
+        outputs: Tensor -> the graph output that holds it.
+        steps: Tensor -> its quantization step, for the tensors read after their QuantizeLinear.
+        unobservable: Tensors ONNX Runtime no longer computes as such (fused into a kernel) under the session
+            options given: reading them would change what it runs.
+    """
+
+    model: Any
+    outputs: dict[str, str] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
+    unobservable: list[str] = field(default_factory=list)
+
+
+def _activations_to_uint8(m: Any) -> None:
+    """Rewrite, in place, each int8 activation Q -> DQ pair as uint8 with zero point + 128, as ONNX Runtime's
+    ``QDQS8ToU8Transformer`` does when it loads the model (the values are the same), on the pairs it converts: a Q
+    read by one DQ that is read by one node. Done beforehand, a tap's extra DequantizeLinear of the Q leaves ORT's
+    fusions as they were (checked by the caller on the graph ORT runs)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in m.graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    made: dict[str, str] = {}
+    for q in [n for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) == 3]:
+        zp = inits.get(q.input[2])
+        users = readers.get(q.output[0], [])
+        if zp is None or q.input[0] in inits or len(users) != 1 or users[0].op_type != "DequantizeLinear":
+            continue
+        if len(readers.get(users[0].output[0], [])) != 1:  # nor does ORT convert a pair whose DQ has several readers
+            continue
+        value = numpy_helper.to_array(zp)
+        if value.dtype != np.int8 or value.size != 1 or users[0].input[2] != q.input[2]:
+            continue
+        if q.input[2] not in made:
+            made[q.input[2]] = f"{q.input[2]}__u8"
+            m.graph.initializer.append(
+                numpy_helper.from_array((value.astype(np.int16) + 128).astype(np.uint8), made[q.input[2]])
+            )
+        q.input[2] = users[0].input[2] = made[q.input[2]]
+
+
+def tap_tensors(model: Any, tensors: Sequence[str], computed: set[str] | None = None) -> TappedModel:
+    """A copy of ``model`` whose outputs also hold ``tensors``, each as the rest of the graph sees it.
+
+    A tensor that feeds a QuantizeLinear is read after quantization: a new DequantizeLinear of the Q's output
+    becomes the graph output, so the DQ -> op -> Q groups ONNX Runtime fuses stay as they were (exposing the float
+    tensor, or the existing DQ's output, would keep ORT from fusing them; int8 pairs are made uint8 first, see
+    :func:`_activations_to_uint8`). Other tensors are exposed as they are, when they are in ``computed`` (the node
+    outputs of the graph ORT optimized, :func:`optimized_graph`; None: all).
+    """
+    onnx = lazy_import("onnx")
+    from onnx import helper, numpy_helper
+
+    tapped = TappedModel(onnx.ModelProto())
+    m = tapped.model
+    m.CopyFrom(model)
+    _activations_to_uint8(m)
+    inits = {i.name: i for i in m.graph.initializer}
+    quantizer = {n.input[0]: n for n in m.graph.node if n.op_type == "QuantizeLinear"}
+    existing = {o.name for o in m.graph.output}
+    graph_inputs = {i.name for i in m.graph.input}
+    for t in dict.fromkeys(tensors):
+        q = quantizer.get(t)
+        if q is not None:
+            out = f"{t}__tap_dq"
+            attrs = {a.name: helper.get_attribute_value(a) for a in q.attribute if a.name == "axis"}
+            dq_inputs = [q.output[0], *q.input[1:]]
+            m.graph.node.append(helper.make_node("DequantizeLinear", dq_inputs, [out], name=f"{t}__tap", **attrs))
+            scale = inits.get(q.input[1])
+            if scale is not None and numpy_helper.to_array(scale).size == 1:
+                tapped.steps[t] = float(numpy_helper.to_array(scale).reshape(-1)[0])
+        elif t in existing or t in graph_inputs or computed is None or t in computed:
+            out = t
+        else:
+            tapped.unobservable.append(t)
+            continue
+        if out not in existing:
+            m.graph.output.append(helper.make_empty_tensor_value_info(out))
+            existing.add(out)
+        tapped.outputs[t] = out
+    return tapped
 
 
 class OnnxRunner(Runner):

@@ -39,12 +39,20 @@ class TfliteRunner(Runner):
     """
 
     def __init__(
-        self, path: str | os.PathLike, num_threads: int | None = None, name: str | None = None, use_xnnpack: bool = True
+        self,
+        path: str | os.PathLike,
+        num_threads: int | None = None,
+        name: str | None = None,
+        use_xnnpack: bool = True,
+        preserve_all_tensors: bool = False,
     ):
         super().__init__(name or Path(path).stem)
         self.path = Path(path)
         self.num_threads = num_threads
-        self.use_xnnpack = use_xnnpack
+        # Keeping every intermediate tensor readable needs LiteRT's builtin kernels: a delegate (XNNPACK) computes
+        # the ops it takes inside itself and writes only their final outputs.
+        self.preserve_all_tensors = preserve_all_tensors
+        self.use_xnnpack = use_xnnpack and not preserve_all_tensors
         self._interp = None
         self._batch: int | None = None
 
@@ -57,7 +65,10 @@ class TfliteRunner(Runner):
         )
         try:
             self._interp = litert.Interpreter(
-                model_path=str(self.path), num_threads=self.num_threads, experimental_op_resolver_type=resolver
+                model_path=str(self.path),
+                num_threads=self.num_threads,
+                experimental_op_resolver_type=resolver,
+                experimental_preserve_all_tensors=self.preserve_all_tensors,
             )
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
@@ -93,6 +104,28 @@ class TfliteRunner(Runner):
         for index, m in self._outputs:
             y = interp.get_tensor(index)
             out[m.name] = y if raw or not m.quantized else dequantize(y, m)
+        return out
+
+    def intermediate_tensors(self) -> list[tuple[str, np.ndarray, float | None]]:
+        """After :meth:`infer` (with ``preserve_all_tensors``): the inputs and every op's outputs in execution
+        order, as (name, float value, quantization step or None for a float tensor)."""
+        self._require_active("reading its tensors")
+        if not self.preserve_all_tensors:
+            raise RuntimeBackendError(f"{self.name}: intermediate tensors need preserve_all_tensors=True")
+        interp = self._interp
+        details = {d["index"]: d for d in interp.get_tensor_details()}
+        order = [i for i, _, _ in self._inputs]
+        for op in interp._get_ops_details():  # execution order; the public API lists tensors by index only
+            order += [i for i in op["outputs"] if i >= 0]
+        out = []
+        for index in dict.fromkeys(order):
+            d = details[index]
+            value = interp.get_tensor(index)
+            m = _meta(d)
+            if m.quantized:
+                out.append((m.name, dequantize(value, m), float(m.scale)))
+            elif np.dtype(value.dtype).kind == "f":
+                out.append((m.name, value.astype(np.float32, copy=False), None))
         return out
 
     def deactivate_impl(self) -> None:

@@ -1,0 +1,600 @@
+"""Q/DQ laid out for ONNX Runtime's fused int8 CPU kernels: the ``ort-int8-<method>`` model.
+
+TensorRT-style placement (:mod:`quantship.calibrate.qdq`: Q/DQ at op inputs only, symmetric int8) leaves ORT
+almost nothing to fuse. ORT (CPU provider, default optimization level) replaces a Q/DQ group with one integer
+kernel only when it fits that kernel:
+
+* Conv: ``DQ(x: uint8) + DQ(w) [+ DQ(bias: int32, scale s_x * s_w)] -> Conv -> Q(y: uint8)`` becomes
+  ``QLinearConv`` (int8 *activations* fuse only where ORT allows int8, never on x86: they must be uint8);
+* a Relu/Clip between the Conv and its Q is removed when the Q range lies inside the clip range, so the Q goes
+  after the ReLU6 with zero point 0 and ``scale * 255 <= 6`` (ORT's ``ClipQuantFusion`` test, see
+  :func:`uint8_params`);
+* ``DQ + DQ -> Add -> Q`` becomes ``QLinearAdd``, pooling likewise ``QLinearGlobalAveragePool``; Squeeze,
+  Reshape, Transpose between Q/DQ pairs with equal parameters run on uint8;
+* ``DQ(x) + DQ(W) [+ DQ(bias)] -> Gemm`` with a float output becomes ``QGemm``.
+
+So: batch norms that tf2onnx leaves after depthwise convolutions (``Mul`` + ``Add``) are folded into the Conv
+first, ``MatMul + Add(bias)`` becomes ``Gemm``; activations are uint8, asymmetric, per tensor; weights symmetric
+per output channel. Which weight type keeps every CPU exact matters (MLAS source, ``qlinearconv.cc`` and the
+``QgemmU8X8Kernel*``/``ConvSymKernel*`` kernels): a u8 x s8 product pair is summed in a *saturating 16-bit*
+register (``vpmaddubsw``) on x86 CPUs without VNNI, and 2 * 255 * 127 > 32767. Hence, by default:
+
+* regular and pointwise Conv, Gemm: **uint8** weights, ``q = round(w / s) + 128`` with zero point 128 on every
+  channel (QLinearConv takes one weight zero point): MLAS's U8U8 kernels widen both operands to 16 bits and
+  multiply-add into 32-bit lanes, never saturating. It is what ORT's ``session.x64quantprecision=1`` does to int8
+  weights at load time, done once in the file, so the file is right under default session options;
+* depthwise Conv: **int8** weights (zero point 0): MLAS's depthwise kernels never sum two products in 16 bits,
+  and int8 keeps the faster symmetric depthwise kernels;
+* bias: int32 ``round(b / (s_x * s_w))``; the weight scale of a channel is floored at ``|b| / (s_x * 2**30)`` so
+  a dead channel (weights ~0, bias not, as batch-norm folding leaves) never overflows int32.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from quantship.errors import CalibrationError
+from quantship.lazy import lazy_import
+
+ACT_OPS = {"Relu", "Clip"}  # absorbed into the integer op before them when the uint8 range fits inside them
+PASS_THROUGH = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Transpose"}  # uint8 in -> uint8 out, same params
+POOL_OPS = {"GlobalAveragePool", "AveragePool"}
+WEIGHTED = {"Conv", "MatMul", "Gemm"}
+INT32_MAX = 2**31 - 1
+FLT_EPSILON = np.float32(np.finfo(np.float32).eps)
+
+
+class WeightType(str, enum.Enum):
+    """How the weights of one kind of layer are stored."""
+
+    UINT8 = "uint8"  # q + 128, zero point 128: exact on every x86 CPU (U8U8 kernels)
+    INT8 = "int8"  # zero point 0: saturates on x86 without VNNI, except in depthwise kernels
+    INT8_7BIT = "int8_7bit"  # q in [-64, 64] (ORT's reduce_range): never saturates, one bit lost
+
+
+@dataclass(frozen=True)
+class OrtWeights:
+    """Weight types per layer kind (the default is exact on every x86 CPU under default session options)."""
+
+    pointwise: WeightType = WeightType.UINT8  # every Conv that is not depthwise
+    depthwise: WeightType = WeightType.INT8
+    gemm: WeightType = WeightType.UINT8
+
+    def __post_init__(self) -> None:
+        for name in ("pointwise", "depthwise", "gemm"):
+            object.__setattr__(self, name, WeightType(getattr(self, name)))
+
+    def describe(self) -> dict[str, str]:
+        return {"conv": self.pointwise.value, "depthwise_conv": self.depthwise.value, "gemm": self.gemm.value}
+
+    @property
+    def exact_without_vnni(self) -> bool:
+        """Whether no kernel can saturate on an x86 CPU without VNNI (int8 is safe in depthwise kernels only)."""
+        return WeightType.INT8 not in (self.pointwise, self.gemm)
+
+
+@dataclass
+class OrtQdqReport:
+    """What :func:`insert_ort_qdq` did."""
+
+    quantized: list[str] = field(default_factory=list)
+    float_nodes: list[tuple[str, str]] = field(default_factory=list)
+    folded_bn: int = 0
+    gemm_fused: int = 0
+    missing_ranges: list[str] = field(default_factory=list)
+    bias_clipped: list[str] = field(default_factory=list)
+    weight_types: Counter = field(default_factory=Counter)
+    qdq_tensors: int = 0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{len(self.quantized)} nodes quantized, {self.qdq_tensors} uint8 activation tensors, "
+            f"{self.folded_bn} Mul/Add folded into Conv, {self.gemm_fused} MatMul+Add made Gemm; weights: "
+            + ", ".join(f"{k} x{n}" for k, n in sorted(self.weight_types.items()))
+        ]
+        if self.float_nodes:
+            ops = Counter(op for op, _ in self.float_nodes)
+            out.append("left in float: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
+        if self.missing_ranges:
+            out.append(
+                f"{len(self.missing_ranges)} tensor(s) without a range left float, e.g. {self.missing_ranges[0]}"
+            )
+        if self.bias_clipped:
+            out.append(f"{len(self.bias_clipped)} int32 bias(es) clipped, e.g. {self.bias_clipped[0]}")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- graph helpers
+
+
+def _consumers(nodes: Iterable[Any]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for n in nodes:
+        for i in n.input:
+            if i:
+                out.setdefault(i, []).append(n)
+    return out
+
+
+def _const(model: Any, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    for i in model.graph.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name and n.attribute and n.attribute[0].name == "value":
+            return numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def clip_bounds(model: Any, node: Any) -> tuple[float, float] | None:
+    """(min, max) of a Relu or of a Clip with constant bounds, else None."""
+    if node.op_type == "Relu":
+        return 0.0, math.inf
+    if node.op_type != "Clip":
+        return None
+    lo, hi = -math.inf, math.inf
+    for a in node.attribute:  # opset < 11
+        if a.name == "min":
+            lo = a.f
+        elif a.name == "max":
+            hi = a.f
+    for idx in (1, 2):
+        if len(node.input) > idx and node.input[idx]:
+            v = _const(model, node.input[idx])
+            if v is None:
+                return None
+            lo, hi = (float(v), hi) if idx == 1 else (lo, float(v))
+    return lo, hi
+
+
+def _copy(model: Any) -> Any:
+    onnx = lazy_import("onnx")
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _channel_vector(c: np.ndarray, cout: int) -> np.ndarray | None:
+    if c.size == 1:
+        return np.full(cout, float(c.reshape(-1)[0]), np.float32)
+    if c.size == cout and c.ndim >= 3 and c.shape[-3] == cout and all(d == 1 for d in c.shape[-2:]):
+        return c.reshape(-1).astype(np.float32)  # (1, C, 1, 1) or (C, 1, 1): an NCHW per-channel constant
+    return None
+
+
+def fold_batchnorm(model: Any) -> tuple[Any, int]:
+    """Fold ``Conv -> Mul(const) -> Add(const)`` chains into the Conv's weight and bias.
+
+    The Conv takes over the output name of the last node folded into it, so statistics collected on the unfolded
+    model (keyed by tensor name) apply to the folded one. Returns (model, number of Mul/Add nodes folded).
+    """
+    from onnx import numpy_helper
+
+    m = _copy(model)
+    graph_outputs = {o.name for o in m.graph.output}
+    folded = 0
+    while True:
+        inits = {i.name: i for i in m.graph.initializer}
+        cons = _consumers(m.graph.node)
+        target = None
+        for conv in m.graph.node:
+            if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in inits:
+                continue
+            y = conv.output[0]
+            users = cons.get(y, [])
+            if y in graph_outputs or len(users) != 1 or users[0].op_type not in ("Mul", "Add"):
+                continue
+            nxt = users[0]
+            if len(nxt.input) != 2:
+                continue
+            c = _const(m, nxt.input[1] if nxt.input[0] == y else nxt.input[0])
+            w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float32)
+            cv = _channel_vector(c, w.shape[0]) if c is not None else None
+            if cv is not None:
+                target = (conv, nxt, w, cv)
+                break
+        if target is None:
+            break
+        conv, nxt, w, cv = target
+        has_b = len(conv.input) > 2 and conv.input[2]
+        b = (
+            numpy_helper.to_array(inits[conv.input[2]]).astype(np.float32)
+            if has_b
+            else np.zeros(w.shape[0], np.float32)
+        )
+        if nxt.op_type == "Mul":
+            w, b = w * cv.reshape(-1, *([1] * (w.ndim - 1))), b * cv
+        else:
+            b = b + cv
+        wn, bn = f"{conv.name}_w_fold{folded}", f"{conv.name}_b_fold{folded}"
+        m.graph.initializer.extend([numpy_helper.from_array(w, wn), numpy_helper.from_array(b.astype(np.float32), bn)])
+        x = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([x, wn, bn])
+        conv.output[0] = nxt.output[0]
+        m.graph.node.remove(nxt)
+        folded += 1
+    _drop_unused_initializers(m)
+    return m, folded
+
+
+def fuse_matmul_add(model: Any) -> tuple[Any, int]:
+    """``MatMul(x, W) -> Add(bias)`` => ``Gemm(x, W, bias)`` keeping the Add's output name. ORT would otherwise
+    make a float Gemm of them before its Q/DQ fusions run (and a float bias blocks ``QGemm``)."""
+    from onnx import helper, numpy_helper
+
+    m = _copy(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    graph_outputs = {o.name for o in m.graph.output}
+    cons = _consumers(m.graph.node)
+    count = 0
+    for mm in list(m.graph.node):
+        if mm.op_type != "MatMul" or mm.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[mm.input[1]])
+        users = cons.get(mm.output[0], [])
+        if w.ndim != 2 or len(users) != 1 or users[0].op_type != "Add" or mm.output[0] in graph_outputs:
+            continue
+        add = users[0]
+        b = _const(m, add.input[1] if add.input[0] == mm.output[0] else add.input[0])
+        if b is None or b.size != w.shape[1]:
+            continue
+        bias = f"{mm.name}_gemm_bias"
+        m.graph.initializer.append(numpy_helper.from_array(b.reshape(-1).astype(np.float32), bias))
+        gemm = helper.make_node("Gemm", [mm.input[0], mm.input[1], bias], [add.output[0]], name=mm.name)
+        idx = list(m.graph.node).index(mm)
+        m.graph.node.remove(mm)
+        m.graph.node.insert(idx, gemm)
+        m.graph.node.remove(add)
+        count += 1
+    _drop_unused_initializers(m)
+    return m, count
+
+
+def _drop_unused_initializers(m: Any) -> None:
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    keep = [i for i in m.graph.initializer if i.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+
+
+def prepare_for_ort(model: Any) -> tuple[Any, int, int]:
+    """Batch norms folded and ``MatMul + Add`` made ``Gemm``: (model, Mul/Add folded, Gemms made)."""
+    m, folded = fold_batchnorm(model)
+    m, gemms = fuse_matmul_add(m)
+    return m, folded, gemms
+
+
+# ---------------------------------------------------------------------------------------- quantization params
+
+
+def uint8_params(lo: float, hi: float, clip_hi: float | None = None) -> tuple[np.float32, np.uint8]:
+    """Asymmetric uint8 (scale, zero point) covering [lo, hi] (widened to include 0).
+
+    With ``clip_hi`` (the max of a ReLU6/Clip just before the Q) and a zero point of 0, the scale is nudged down by
+    ulps until ``float32(scale) * 255 <= clip_hi + FLT_EPSILON``: the exact test ORT makes before it removes the
+    Clip (``clip_quantizelinear.cc``); otherwise the Clip stays and the Conv does not fuse.
+    """
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32((hi - lo) / 255.0)
+    if not scale > 0:
+        scale = np.float32(1.0)
+    zp = int(np.clip(round(-lo / float(scale)), 0, 255))
+    if clip_hi is not None and zp == 0 and math.isfinite(clip_hi):
+        while np.float32(scale * np.float32(255.0)) > np.float32(clip_hi) + FLT_EPSILON:
+            scale = np.nextafter(scale, np.float32(0))
+    return np.float32(scale), np.uint8(zp)
+
+
+def activation_range(stats: Any, amax: float | None, clip: tuple[float, float] | None) -> tuple[float, float] | None:
+    """[lo, hi] of a tensor: its observed min/max, clipped to the calibrated |x| bound ``amax`` (when given) and
+    to the bounds of the ReLU/Clip that produced it; None for a tensor that was always zero."""
+    lo, hi = float(stats.min), float(stats.max)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    if amax is not None and amax > 0:
+        lo, hi = max(lo, -amax), min(hi, amax)
+    if clip is not None:
+        lo, hi = max(lo, clip[0]), min(hi, clip[1])
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    return (lo, hi) if hi > lo else None
+
+
+def quantize_weight(
+    w: np.ndarray, axis: int, weight_type: WeightType, min_scale: np.ndarray | float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric per-channel weights -> (q, scale, zero point) in ``weight_type``.
+
+    ``min_scale`` (per channel or scalar) floors the scale: see the module docstring on int32 biases.
+    """
+    qmax = 64 if weight_type is WeightType.INT8_7BIT else 127
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    amax = np.abs(moved).max(axis=1)
+    scale = np.maximum(np.where(amax > 0, amax / qmax, 1.0), min_scale).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax)
+    if weight_type is WeightType.UINT8:
+        return (q + 128).astype(np.uint8), scale, np.full(scale.shape, 128, np.uint8)
+    return q.astype(np.int8), scale, np.zeros(scale.shape, np.int8)
+
+
+def _weight_axis(node: Any, w: np.ndarray) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
+    return w.ndim - 1  # MatMul (K, N)
+
+
+def is_depthwise(node: Any, w: np.ndarray) -> bool:
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return node.op_type == "Conv" and group > 1 and w.shape[1] == 1 and w.shape[0] == group
+
+
+# -------------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Plan:
+    """Which nodes become integer ops (and which of their inputs are quantized), and which op outputs get a Q."""
+
+    model: Any
+    node_inputs: dict[str, list[int]]
+    outputs: dict[str, str]  # node name -> the tensor its Q goes on (its output, or the ReLU/Clip's after it)
+    clips: dict[str, tuple[float, float]]  # tensor -> bounds of the ReLU/Clip that produced it
+    pass_through: dict[str, str]  # tensor -> its input, for Squeeze/Reshape/... between quantized tensors
+
+
+def _plan(m: Any, exclude: set[str]) -> _Plan:
+    inits = {i.name for i in m.graph.initializer}
+    nodes = list(m.graph.node)
+    cons = _consumers(nodes)
+    prod = {o: n for n in nodes for o in n.output}
+    graph_inputs = {i.name for i in m.graph.input if i.name not in inits}
+    graph_outputs = {o.name for o in m.graph.output}
+
+    def is_act(t: str) -> bool:
+        return bool(t) and t not in inits and (t in prod or t in graph_inputs)
+
+    node_inputs: dict[str, list[int]] = {}
+    for n in nodes:
+        if n.name in exclude:
+            continue
+        weighted = len(n.input) > 1 and n.input[1] in inits and is_act(n.input[0])
+        if n.op_type == "Conv" and weighted:
+            node_inputs[n.name] = [0]
+        elif n.op_type in ("MatMul", "Gemm") and weighted and _const(m, n.input[1]).ndim == 2:
+            node_inputs[n.name] = [0]
+        elif n.op_type == "Add" and len(n.input) == 2 and all(is_act(t) for t in n.input):
+            node_inputs[n.name] = [0, 1]
+        elif n.op_type in POOL_OPS and is_act(n.input[0]):
+            node_inputs[n.name] = [0]
+    outputs: dict[str, str] = {}
+    clips: dict[str, tuple[float, float]] = {}
+    for n in nodes:
+        if n.op_type in ACT_OPS and (b := clip_bounds(m, n)) is not None:
+            clips[n.output[0]] = b
+        if n.name not in node_inputs or n.op_type in ("MatMul", "Gemm"):
+            continue  # weighted heads keep a float output (QGemm / MatMulIntegerToFloat)
+        y = n.output[0]
+        users = cons.get(y, [])
+        if len(users) == 1 and users[0].op_type in ACT_OPS and y not in graph_outputs and clip_bounds(m, users[0]):
+            y = users[0].output[0]  # the Q after the ReLU/ReLU6: ORT removes the Clip and fuses Conv -> Q
+        outputs[n.name] = y
+    pass_through = {
+        n.output[0]: n.input[0] for n in nodes if n.op_type in PASS_THROUGH and n.input and is_act(n.input[0])
+    }
+    return _Plan(m, node_inputs, outputs, clips, pass_through)
+
+
+def ort_tensors(model: Any) -> list[str]:
+    """The tensors (names of ``model``, before any folding) whose statistics :func:`insert_ort_qdq` reads."""
+    m, _, _ = prepare_for_ort(model)
+    plan = _plan(m, set())
+    names: list[str] = []
+    for n in m.graph.node:
+        for i in plan.node_inputs.get(n.name, []):
+            names.append(n.input[i])
+        if n.name in plan.outputs:
+            names.append(plan.outputs[n.name])
+    out: list[str] = []
+    for t in names:
+        while t in plan.pass_through:  # equal parameters: the range is the input's
+            t = plan.pass_through[t]
+        if t not in out:
+            out.append(t)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ pass
+
+
+def insert_ort_qdq(
+    model: Any,
+    stats: dict[str, Any],
+    amax: dict[str, float] | None = None,
+    weights: OrtWeights = OrtWeights(),
+    exclude: Iterable[str] = (),
+) -> tuple[Any, OrtQdqReport]:
+    """A copy of ``model`` with Q/DQ laid out for ORT's fused uint8 CPU kernels, and a report.
+
+    Args:
+        model: Float ``onnx.ModelProto`` (opset >= 13), e.g. a tf2onnx export.
+        stats: Tensor name -> :class:`~quantship.calibrate.histogram.TensorStats` (``min``/``max``), collected on
+            ``model`` (at least on :func:`ort_tensors`).
+        amax: Calibrated |x| bound per tensor (a calibrator's ranges); clips [min, max] to [-amax, amax].
+        weights: Weight types per layer kind.
+        exclude: Node names kept in float.
+
+    Raises:
+        CalibrationError: The model's opset is below 13 (per-channel DequantizeLinear).
+    """
+    onnx = lazy_import("onnx")
+    from onnx import helper, numpy_helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise CalibrationError(f"the ORT int8 layout needs ONNX opset >= 13 (per-channel Q/DQ), the model has {opset}")
+    report = OrtQdqReport()
+    m, report.folded_bn, report.gemm_fused = prepare_for_ort(model)
+    plan = _plan(m, set(exclude))
+    inits = {i.name: i for i in m.graph.initializer}
+    amax = amax or {}
+
+    act: dict[str, tuple[np.float32, np.uint8]] = {}
+
+    def ensure(t: str) -> bool:
+        if t in act:
+            return True
+        if t in plan.pass_through and ensure(plan.pass_through[t]):
+            act[t] = act[plan.pass_through[t]]  # ORT drops DQ -> op -> Q and runs the op on uint8
+            return True
+        clip = plan.clips.get(t)
+        s = stats.get(t)
+        r = activation_range(s, amax.get(t), clip) if s is not None else None
+        if r is None:
+            if t not in report.missing_ranges:
+                report.missing_ranges.append(t)
+            return False
+        act[t] = uint8_params(*r, clip_hi=clip[1] if clip is not None and r[0] == 0.0 else None)
+        return True
+
+    quantized: dict[str, bool] = {}
+    for n in m.graph.node:
+        if n.name in plan.node_inputs:
+            quantized[n.name] = all(ensure(n.input[i]) for i in plan.node_inputs[n.name])
+            if quantized[n.name] and n.name in plan.outputs:
+                ensure(plan.outputs[n.name])
+
+    new_nodes: list[Any] = []
+    new_inits: list[Any] = []
+    made: set[str] = set()
+    dq_count: Counter = Counter()
+
+    def params(t: str) -> tuple[str, str]:
+        sn, zn = f"{t}_scale", f"{t}_zero_point"
+        if sn not in made:
+            s, z = act[t]
+            new_inits.extend(
+                [
+                    numpy_helper.from_array(np.array(s, np.float32), sn),
+                    numpy_helper.from_array(np.array(z, np.uint8), zn),
+                ]
+            )
+            made.add(sn)
+        return sn, zn
+
+    def emit_q(t: str) -> None:
+        sn, zn = params(t)
+        new_nodes.append(
+            helper.make_node("QuantizeLinear", [t, sn, zn], [f"{t}_quantized"], name=f"{t}_QuantizeLinear")
+        )
+
+    def emit_dq(t: str) -> str:  # every consumer reads a quantized tensor through its own DequantizeLinear
+        sn, zn = params(t)
+        k = dq_count[t]
+        dq_count[t] += 1
+        out = f"{t}_DequantizeLinear_Output_{k}"
+        new_nodes.append(
+            helper.make_node("DequantizeLinear", [f"{t}_quantized", sn, zn], [out], name=f"{t}_DequantizeLinear_{k}")
+        )
+        return out
+
+    def weight_dq(node: Any, name: str, min_scale: np.ndarray | float) -> tuple[str, np.ndarray]:
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        axis = _weight_axis(node, w)
+        if node.op_type != "Conv":
+            wt, kind = weights.gemm, "gemm"
+        elif is_depthwise(node, w):
+            wt, kind = weights.depthwise, "depthwise"
+        else:
+            wt, kind = weights.pointwise, "conv"
+        report.weight_types[f"{kind} {wt.value}"] += 1
+        q, scale, zp = quantize_weight(w, axis, wt, min_scale)
+        base = f"{node.name}_{name}"
+        qn, sn, zn, out = f"{base}_wq", f"{base}_wscale", f"{base}_wzp", f"{base}_wdq"
+        new_inits.extend(
+            [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn), numpy_helper.from_array(zp, zn)]
+        )
+        new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=f"{base}_wDQ", axis=axis))
+        return out, scale
+
+    def bias_dq(node: Any, name: str, s_x: np.float32, s_w: np.ndarray) -> str:
+        b = numpy_helper.to_array(inits[name]).astype(np.float64)
+        s_b = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)
+        q = np.round(b / s_b.astype(np.float64))
+        if np.abs(q).max() > INT32_MAX:
+            report.bias_clipped.append(node.name)
+        q = np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+        base = f"{node.name}_{name}"
+        qn, sn, zn, out = f"{base}_bq", f"{base}_bscale", f"{base}_bzp", f"{base}_bdq"
+        zeros = np.zeros(s_b.shape, np.int32)
+        new_inits.extend(
+            [numpy_helper.from_array(q, qn), numpy_helper.from_array(s_b, sn), numpy_helper.from_array(zeros, zn)]
+        )
+        new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=f"{base}_bDQ", axis=0))
+        return out
+
+    for t in m.graph.input:
+        if t.name in act:
+            emit_q(t.name)
+    for n in m.graph.node:
+        nc = onnx.NodeProto()
+        nc.CopyFrom(n)
+        for i, t in enumerate(n.input):
+            if t in act:
+                nc.input[i] = emit_dq(t)
+        if quantized.get(n.name):
+            if n.op_type in WEIGHTED:
+                s_x = act[n.input[0]][0]
+                has_bias = len(n.input) > 2 and n.input[2] in inits
+                min_scale: np.ndarray | float = 0.0
+                if has_bias:
+                    min_scale = np.abs(numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)) / (
+                        float(s_x) * 2.0**30
+                    )
+                nc.input[1], s_w = weight_dq(n, n.input[1], min_scale)
+                if has_bias:
+                    nc.input[2] = bias_dq(n, n.input[2], s_x, s_w)
+            report.quantized.append(n.name)
+        elif n.op_type not in ACT_OPS | PASS_THROUGH | {"Constant"}:
+            report.float_nodes.append((n.op_type, n.name))
+        new_nodes.append(nc)
+        for o in n.output:
+            if o in act:
+                emit_q(o)
+    report.qdq_tensors = len(act)
+
+    out = _copy(m)
+    del out.graph.node[:]
+    out.graph.node.extend(new_nodes)
+    used = {i for nd in new_nodes for i in nd.input}
+    del out.graph.initializer[:]
+    out.graph.initializer.extend([i for i in m.graph.initializer if i.name in used] + new_inits)
+    return out, report
+
+
+def artifact_weight_types(model: Any) -> dict[str, list[str]]:
+    """Element types of the quantized weights in a Q/DQ model, per op type of the consumer of their
+    DequantizeLinear (``{"Conv": ["uint8", "int8"], "Gemm": ["uint8"]}``): read back from the file itself."""
+    onnx = lazy_import("onnx")
+    inits = {i.name: i for i in model.graph.initializer}
+    cons = _consumers(model.graph.node)
+    out: dict[str, set[str]] = {}
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        for user in cons.get(n.output[0], []):
+            if user.op_type in WEIGHTED and list(user.input).index(n.output[0]) == 1:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(inits[n.input[0]].data_type)
+                out.setdefault(user.op_type, set()).add(np.dtype(dtype).name)
+    return {k: sorted(v) for k, v in out.items()}

@@ -1,0 +1,213 @@
+"""The ONNX Runtime int8 layout (``ort-int8-<method>``) and the residual-Add rule of the TensorRT Q/DQ placement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import synthetic_set, tf_preprocess
+
+# ------------------------------------------------------------------------------- placement (no model needed)
+
+
+def _residual_graph():
+    """x -> conv_a -> r (ReLU) -> conv_b -> conv_c -> add(conv_c, r)  and  add2(conv_d(r2), conv_e(r2)) where both
+    Add inputs come from convolutions: the skip input of add is a ReLU, of add2 the shallower conv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name):
+        return numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "wb"], ["b"], name="conv_b"),
+        helper.make_node("Conv", ["b", "wc"], ["c"], name="conv_c"),
+        helper.make_node("Add", ["c", "r"], ["s1"], name="add"),  # branch c (fusable), skip r
+        helper.make_node("Conv", ["s1", "wd"], ["d"], name="conv_d"),  # d feeds add2 and conv_e: not fusable
+        helper.make_node("Conv", ["d", "we"], ["e"], name="conv_e"),
+        helper.make_node("Add", ["d", "e"], ["s2"], name="add2"),  # branch e (fusable, deeper), skip d (a conv)
+        helper.make_node("Add", ["s2", "s1"], ["y"], name="add3"),  # no weighted input: both quantized
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [w("wa"), w("wb"), w("wc"), w("wd"), w("we")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_residual_add_quantizes_the_skip_input_even_from_a_conv():
+    from quantship.calibrate.qdq import activation_inputs, qdq_tensors
+
+    model = _residual_graph()
+    by_name = {model.graph.node[k].name: v for k, v in activation_inputs(model).items()}
+    assert by_name["add"] == [1]  # r (the skip), not c (the branch conv TensorRT fuses with the Add)
+    assert by_name["add2"] == [0]  # d, although a conv produced it: it also feeds conv_e, so it is the skip
+    assert by_name["add3"] == [0, 1]  # no input from a weighted op
+    assert "e" not in qdq_tensors(model) and "c" not in qdq_tensors(model)
+
+
+@pytest.mark.slow
+def test_every_residual_add_of_efficientnet_lite0_gets_its_skip_input_quantized(tmp_path):
+    import onnx
+
+    from quantship.calibrate.qdq import activation_inputs
+    from quantship.convert.onnx import convert_to_onnx
+    from quantship.models.loading import load_model
+
+    art = convert_to_onnx(load_model("efficientnet_lite0", "random").model, tmp_path / "lite0.onnx")
+    model = onnx.load(str(art.path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    uses = [i for n in model.graph.node for i in n.input]
+    adds = {k: v for k, v in activation_inputs(model).items() if model.graph.node[k].op_type == "Add"}
+    assert len(adds) == 9
+    for k, idx in adds.items():
+        node = model.graph.node[k]
+        assert len(idx) == 1, node.name  # one input quantized: the skip; the branch's project conv stays float
+        branch, skip = node.input[1 - idx[0]], node.input[idx[0]]
+        assert producers[branch].op_type == "Conv" and uses.count(branch) == 1, node.name  # the block's project conv
+        assert uses.count(skip) == 2, node.name  # the previous block's output, also read by this block's expand conv
+
+
+# ------------------------------------------------------------------------------------- the ORT int8 layout
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(trained_tiny, tmp_path_factory):
+    from quantship.convert.onnx import OnnxSpec, convert_to_onnx
+
+    model, _ = trained_tiny
+    art = convert_to_onnx(model, tmp_path_factory.mktemp("ort") / "tiny.onnx", OnnxSpec(opset=17))
+    calib, _ = synthetic_set(12, seed=31)
+    evalx, _ = synthetic_set(40, seed=32)
+    return model, art, tf_preprocess(calib), tf_preprocess(evalx)
+
+
+def _ort_model(art, calib, method, tmp_path):
+    from quantship.calibrate.api import calibrate, collect_statistics, write_ort_model
+
+    collector = collect_statistics(art.path, [calib[i : i + 6] for i in range(0, len(calib), 6)], scope="qdq")
+    path = tmp_path / f"ort-{method}.onnx"
+    report = write_ort_model(calibrate(collector, method), art.path, path, {"target": f"ort-int8-{method}"})
+    return path, report
+
+
+def _run(path, x, session_config=(), optimized=None):
+    from quantship.runtime.onnxruntime import make_session
+
+    s = make_session(path, 1, session_config=session_config, optimized_model_path=optimized)
+    return s.run(None, {"input": x})[0]
+
+
+@pytest.mark.slow
+def test_ort_int8_runs_fused_uint8_kernels_and_equals_its_fake_quant(tiny_onnx, tmp_path):
+    """The artifact's pointwise/Gemm weights are uint8 (zero point 128) and its depthwise weights int8; ORT at its
+    default options fuses every Conv into QLinearConv; the fused outputs equal the same file run as fake-quant
+    within rounding."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from quantship.calibrate.ort_layout import artifact_weight_types
+    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, fused_int8_ops
+    from quantship.targets import parse_targets
+
+    _, art, calib, x = tiny_onnx
+    path, report = _ort_model(art, calib, "max", tmp_path)
+    assert not report.missing_ranges and not report.bias_clipped
+    model = onnx.load(str(path))
+    assert artifact_weight_types(model) == {"Conv": ["int8", "uint8"], "Gemm": ["uint8"]}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consumers = {i: n for n in model.graph.node for i in n.input}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[0].endswith("_wq"):
+            conv = consumers[n.output[0]]
+            group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+            if group > 1:  # depthwise
+                assert inits[n.input[0]].dtype == np.int8 and not inits[n.input[2]].any()
+            else:
+                assert inits[n.input[0]].dtype == np.uint8 and (inits[n.input[2]] == 128).all()
+    manifest = json.loads(path.with_name(path.name + ".json").read_text())
+    assert manifest["ort_layout"]["session_options_needed"] == {}
+    assert manifest["ort_layout"]["weights"]["conv"] == "uint8"
+    assert parse_targets("ort-int8-max")[0].session_config == ()  # the target runs at ORT's defaults
+
+    fused = _run(path, x, optimized=tmp_path / "ran.onnx")
+    ops = [op.split(":")[0] for op in fused_int8_ops(tmp_path / "ran.onnx")]
+    assert ops.count("QLinearConv") == 3 and "QGemm" in ops
+    ran = onnx.load(str(tmp_path / "ran.onnx")).graph
+    assert not [n for n in ran.node if n.op_type in ("Conv", "FusedConv", "Relu", "Clip")]  # nothing left float
+    fake = _run(path, x, QDQ_FAKE_QUANT, optimized=tmp_path / "fake.onnx")
+    assert fused_int8_ops(tmp_path / "fake.onnx") == []
+    # Requantisation in the integer kernels rounds in fixed point where fake-quant rounds a float: ties may land on
+    # the other side, so the probabilities agree to a few quantization steps, and every top-1 is the same.
+    assert np.abs(fused - fake).max() < 0.02
+    assert (fused.argmax(1) == fake.argmax(1)).all()
+    # The first QLinearConv (conv1 + ReLU, fed the same uint8 input either way) is within one step of fake-quant.
+    from quantship.convert.layer_names import KerasLayers, onnx_tensor_layers
+    from quantship.runtime.onnxruntime import make_session, tap_tensors
+
+    tensor = onnx_tensor_layers(model, KerasLayers.of(tiny_onnx[0]))["conv1"].name
+    tapped = tap_tensors(model, [tensor])
+    got = [
+        make_session(tapped.model, 1, session_config=config).run([tapped.outputs[tensor]], {"input": x})[0]
+        for config in ((), QDQ_FAKE_QUANT)
+    ]
+    assert tapped.steps[tensor] > 0 and np.abs(got[0] - got[1]).max() <= tapped.steps[tensor] * 1.001
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_ort_int8_accuracy_is_that_of_its_fake_quant(tiny_onnx, method, tmp_path):
+    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
+
+    model, art, calib, x = tiny_onnx
+    path, _ = _ort_model(art, calib, method, tmp_path)
+    ref = _run(art.path, x).argmax(1)
+    fused, fake = _run(path, x).argmax(1), _run(path, x, QDQ_FAKE_QUANT).argmax(1)
+    assert (fake == ref).mean() >= 0.9
+    assert abs((fused == ref).mean() - (fake == ref).mean()) <= 1 / len(x) + 1e-9
+
+
+def test_uint8_params_let_ort_remove_a_relu6():
+    """After a ReLU6 the zero point is 0 and float32(scale) * 255 <= 6 + FLT_EPSILON, ORT's test for removing it."""
+    from quantship.calibrate.ort_layout import uint8_params
+
+    for hi in (6.0, 5.99999, 6.0000005):
+        scale, zp = uint8_params(0.0, min(hi, 6.0), clip_hi=6.0)
+        assert zp == 0 and np.float32(scale * np.float32(255)) <= np.float32(6) + np.finfo(np.float32).eps
+    scale, zp = uint8_params(-1.0, 3.0)
+    assert zp == 64 and scale == pytest.approx(4 / 255)
+
+
+def test_weights_are_uint8_with_zero_point_128_and_int32_bias_never_overflows():
+    from quantship.calibrate.ort_layout import WeightType, quantize_weight
+
+    w = np.array([[[[0.5]], [[-1.0]]], [[[0.0]], [[0.0]]], [[[2.54]], [[1.27]]]], np.float32)  # (3, 2, 1, 1)
+    q, scale, zp = quantize_weight(w, 0, WeightType.UINT8)
+    assert q.dtype == np.uint8 and (zp == 128).all()
+    np.testing.assert_array_equal(q[:, :, 0, 0].astype(int) - 128, [[64, -127], [0, 0], [127, 64]])
+    q8, _, zp8 = quantize_weight(w, 0, WeightType.INT8)
+    assert q8.dtype == np.int8 and not zp8.any()
+    # A dead channel (weights 1e-9, bias 1.2) with s_x = 0.02: the scale floor keeps bias / (s_x * s_w) < 2**31.
+    floor = np.array([1.2 / (0.02 * 2.0**30)] * 3)
+    _, s, _ = quantize_weight(np.full((3, 2, 1, 1), 1e-9, np.float32), 0, WeightType.UINT8, floor)
+    assert (1.2 / (0.02 * s) < 2**31).all()
+
+
+def test_bench_times_a_target_with_its_session_options(tmp_path):
+    """``bench`` runs each configuration in a worker process from JSON: the target's session options survive it."""
+    import json
+    from dataclasses import asdict
+
+    from quantship.evaluate.bench import BenchConfig
+    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
+
+    cfg = BenchConfig(str(tmp_path / "m.onnx"), target="qdq-int8-max", session_config=QDQ_FAKE_QUANT)
+    assert BenchConfig(**json.loads(json.dumps(asdict(cfg)))).session_config == QDQ_FAKE_QUANT
