@@ -39,6 +39,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from quantship.calibrate.qdq import with_nodes
 from quantship.errors import CalibrationError
 from quantship.lazy import lazy_import
 
@@ -418,6 +419,185 @@ def ort_tensors(model: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ pass
 
 
+@dataclass
+class _ActivationParams:
+    """The uint8 (scale, zero point) of each activation tensor that gets a Q, worked out on first use."""
+
+    plan: _Plan
+    stats: dict[str, Any]
+    amax: dict[str, float]
+    report: OrtQdqReport
+    params: dict[str, tuple[np.float32, np.uint8]] = field(default_factory=dict)
+
+    def ensure(self, t: str) -> bool:
+        """Whether ``t`` is quantized, its parameters set now if need be; a tensor without a range is reported."""
+        act, plan = self.params, self.plan
+        if t in act:
+            return True
+        if t in plan.pass_through and self.ensure(plan.pass_through[t]):
+            act[t] = act[plan.pass_through[t]]  # ORT drops DQ -> op -> Q and runs the op on uint8
+            return True
+        clip = plan.clips.get(t)
+        s = self.stats.get(t)
+        r = activation_range(s, self.amax.get(t), clip) if s is not None else None
+        if r is None:
+            if t not in self.report.missing_ranges:
+                self.report.missing_ranges.append(t)
+            return False
+        act[t] = uint8_params(*r, clip_hi=clip[1] if clip is not None and r[0] == 0.0 else None)
+        return True
+
+    def quantized_nodes(self, m: Any) -> dict[str, bool]:
+        """Planned node -> whether it becomes an integer op (every quantized input has a range); the tensor its Q
+        goes on gets parameters too."""
+        plan = self.plan
+        quantized: dict[str, bool] = {}
+        for n in m.graph.node:
+            if n.name in plan.node_inputs:
+                quantized[n.name] = all(self.ensure(n.input[i]) for i in plan.node_inputs[n.name])
+                if quantized[n.name] and n.name in plan.outputs:
+                    self.ensure(plan.outputs[n.name])
+        return quantized
+
+
+class _OrtQdqWriter:
+    """Builds the nodes and new initializers of the ORT layout: a Q after each quantized tensor, one DQ per reader,
+    and DQs of quantized weights and int32 biases."""
+
+    def __init__(
+        self,
+        act: dict[str, tuple[np.float32, np.uint8]],
+        inits: dict[str, Any],
+        weights: OrtWeights,
+        report: OrtQdqReport,
+    ):
+        self.act, self.inits, self.weights, self.report = act, inits, weights, report
+        self.nodes: list[Any] = []
+        self.new_inits: list[Any] = []
+        self._made: set[str] = set()
+        self._dq_count: Counter = Counter()
+
+    def _params(self, t: str) -> tuple[str, str]:
+        """Names of the scale and zero point initializers of activation ``t``, made on first use."""
+        from onnx import numpy_helper
+
+        sn, zn = f"{t}_scale", f"{t}_zero_point"
+        if sn not in self._made:
+            s, z = self.act[t]
+            self.new_inits.extend(
+                [
+                    numpy_helper.from_array(np.array(s, np.float32), sn),
+                    numpy_helper.from_array(np.array(z, np.uint8), zn),
+                ]
+            )
+            self._made.add(sn)
+        return sn, zn
+
+    def emit_q(self, t: str) -> None:
+        """Append the QuantizeLinear of activation ``t``."""
+        from onnx import helper
+
+        sn, zn = self._params(t)
+        self.nodes.append(
+            helper.make_node("QuantizeLinear", [t, sn, zn], [f"{t}_quantized"], name=f"{t}_QuantizeLinear")
+        )
+
+    def emit_dq(self, t: str) -> str:
+        """Append a new DequantizeLinear of ``t`` (every consumer reads it through its own) and return its output."""
+        from onnx import helper
+
+        sn, zn = self._params(t)
+        k = self._dq_count[t]
+        self._dq_count[t] += 1
+        out = f"{t}_DequantizeLinear_Output_{k}"
+        self.nodes.append(
+            helper.make_node("DequantizeLinear", [f"{t}_quantized", sn, zn], [out], name=f"{t}_DequantizeLinear_{k}")
+        )
+        return out
+
+    def _weight_type(self, node: Any, w: np.ndarray) -> tuple[WeightType, str]:
+        """The weight type of a weighted node and the layer kind it is counted under."""
+        if node.op_type != "Conv":
+            return self.weights.gemm, "gemm"
+        if is_depthwise(node, w):
+            return self.weights.depthwise, "depthwise"
+        return self.weights.pointwise, "conv"
+
+    def weight_dq(self, node: Any, name: str, min_scale: np.ndarray | float) -> tuple[str, np.ndarray]:
+        """Quantize weight ``name`` of ``node`` per channel; (the output of its DequantizeLinear, its scales)."""
+        from onnx import helper, numpy_helper
+
+        w = numpy_helper.to_array(self.inits[name]).astype(np.float32)
+        axis = _weight_axis(node, w)
+        wt, kind = self._weight_type(node, w)
+        self.report.weight_types[f"{kind} {wt.value}"] += 1
+        q, scale, zp = quantize_weight(w, axis, wt, min_scale)
+        base = f"{node.name}_{name}"
+        qn, sn, zn, out = f"{base}_wq", f"{base}_wscale", f"{base}_wzp", f"{base}_wdq"
+        self.new_inits.extend(
+            [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn), numpy_helper.from_array(zp, zn)]
+        )
+        self.nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=f"{base}_wDQ", axis=axis))
+        return out, scale
+
+    def bias_dq(self, node: Any, name: str, s_x: np.float32, s_w: np.ndarray) -> str:
+        """Quantize bias ``name`` to int32 at scale ``s_x * s_w`` (clipped, and reported, where it overflows);
+        the output of its DequantizeLinear."""
+        from onnx import helper, numpy_helper
+
+        b = numpy_helper.to_array(self.inits[name]).astype(np.float64)
+        s_b = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)
+        q = np.round(b / s_b.astype(np.float64))
+        if np.abs(q).max() > INT32_MAX:
+            self.report.bias_clipped.append(node.name)
+        q = np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+        base = f"{node.name}_{name}"
+        qn, sn, zn, out = f"{base}_bq", f"{base}_bscale", f"{base}_bzp", f"{base}_bdq"
+        zeros = np.zeros(s_b.shape, np.int32)
+        self.new_inits.extend(
+            [numpy_helper.from_array(q, qn), numpy_helper.from_array(s_b, sn), numpy_helper.from_array(zeros, zn)]
+        )
+        self.nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=f"{base}_bDQ", axis=0))
+        return out
+
+    def quantize_weighted(self, n: Any, nc: Any) -> None:
+        """Point the copy ``nc`` of weighted node ``n`` at its quantized weight (and int32 bias, whose size floors
+        the weight scales)."""
+        from onnx import numpy_helper
+
+        s_x = self.act[n.input[0]][0]
+        has_bias = len(n.input) > 2 and n.input[2] in self.inits
+        min_scale: np.ndarray | float = 0.0
+        if has_bias:
+            min_scale = np.abs(numpy_helper.to_array(self.inits[n.input[2]]).astype(np.float64)) / (
+                float(s_x) * 2.0**30
+            )
+        nc.input[1], s_w = self.weight_dq(n, n.input[1], min_scale)
+        if has_bias:
+            nc.input[2] = self.bias_dq(n, n.input[2], s_x, s_w)
+
+    def add_node(self, n: Any, quantized: bool) -> None:
+        """Append a copy of ``n`` reading quantized tensors through DQs (integer op or float, as reported), then
+        the Qs of its quantized outputs."""
+        onnx = lazy_import("onnx")
+
+        nc = onnx.NodeProto()
+        nc.CopyFrom(n)
+        for i, t in enumerate(n.input):
+            if t in self.act:
+                nc.input[i] = self.emit_dq(t)
+        if quantized:
+            if n.op_type in WEIGHTED:
+                self.quantize_weighted(n, nc)
+            self.report.quantized.append(n.name)
+        elif n.op_type not in ACT_OPS | PASS_THROUGH | {"Constant"}:
+            self.report.float_nodes.append((n.op_type, n.name))
+        self.nodes.append(nc)
+        for o in n.output:
+            if o in self.act:
+                self.emit_q(o)
+
+
 def insert_ort_qdq(
     model: Any,
     stats: dict[str, Any],
@@ -438,149 +618,23 @@ def insert_ort_qdq(
     Raises:
         CalibrationError: The model's opset is below 13 (per-channel DequantizeLinear).
     """
-    onnx = lazy_import("onnx")
-    from onnx import helper, numpy_helper
-
+    lazy_import("onnx")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         raise CalibrationError(f"the ORT int8 layout needs ONNX opset >= 13 (per-channel Q/DQ), the model has {opset}")
     report = OrtQdqReport()
     m, report.folded_bn, report.gemm_fused = prepare_for_ort(model)
     plan = _plan(m, set(exclude))
-    inits = {i.name: i for i in m.graph.initializer}
-    amax = amax or {}
-
-    act: dict[str, tuple[np.float32, np.uint8]] = {}
-
-    def ensure(t: str) -> bool:
-        if t in act:
-            return True
-        if t in plan.pass_through and ensure(plan.pass_through[t]):
-            act[t] = act[plan.pass_through[t]]  # ORT drops DQ -> op -> Q and runs the op on uint8
-            return True
-        clip = plan.clips.get(t)
-        s = stats.get(t)
-        r = activation_range(s, amax.get(t), clip) if s is not None else None
-        if r is None:
-            if t not in report.missing_ranges:
-                report.missing_ranges.append(t)
-            return False
-        act[t] = uint8_params(*r, clip_hi=clip[1] if clip is not None and r[0] == 0.0 else None)
-        return True
-
-    quantized: dict[str, bool] = {}
-    for n in m.graph.node:
-        if n.name in plan.node_inputs:
-            quantized[n.name] = all(ensure(n.input[i]) for i in plan.node_inputs[n.name])
-            if quantized[n.name] and n.name in plan.outputs:
-                ensure(plan.outputs[n.name])
-
-    new_nodes: list[Any] = []
-    new_inits: list[Any] = []
-    made: set[str] = set()
-    dq_count: Counter = Counter()
-
-    def params(t: str) -> tuple[str, str]:
-        sn, zn = f"{t}_scale", f"{t}_zero_point"
-        if sn not in made:
-            s, z = act[t]
-            new_inits.extend(
-                [
-                    numpy_helper.from_array(np.array(s, np.float32), sn),
-                    numpy_helper.from_array(np.array(z, np.uint8), zn),
-                ]
-            )
-            made.add(sn)
-        return sn, zn
-
-    def emit_q(t: str) -> None:
-        sn, zn = params(t)
-        new_nodes.append(
-            helper.make_node("QuantizeLinear", [t, sn, zn], [f"{t}_quantized"], name=f"{t}_QuantizeLinear")
-        )
-
-    def emit_dq(t: str) -> str:  # every consumer reads a quantized tensor through its own DequantizeLinear
-        sn, zn = params(t)
-        k = dq_count[t]
-        dq_count[t] += 1
-        out = f"{t}_DequantizeLinear_Output_{k}"
-        new_nodes.append(
-            helper.make_node("DequantizeLinear", [f"{t}_quantized", sn, zn], [out], name=f"{t}_DequantizeLinear_{k}")
-        )
-        return out
-
-    def weight_dq(node: Any, name: str, min_scale: np.ndarray | float) -> tuple[str, np.ndarray]:
-        w = numpy_helper.to_array(inits[name]).astype(np.float32)
-        axis = _weight_axis(node, w)
-        if node.op_type != "Conv":
-            wt, kind = weights.gemm, "gemm"
-        elif is_depthwise(node, w):
-            wt, kind = weights.depthwise, "depthwise"
-        else:
-            wt, kind = weights.pointwise, "conv"
-        report.weight_types[f"{kind} {wt.value}"] += 1
-        q, scale, zp = quantize_weight(w, axis, wt, min_scale)
-        base = f"{node.name}_{name}"
-        qn, sn, zn, out = f"{base}_wq", f"{base}_wscale", f"{base}_wzp", f"{base}_wdq"
-        new_inits.extend(
-            [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn), numpy_helper.from_array(zp, zn)]
-        )
-        new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=f"{base}_wDQ", axis=axis))
-        return out, scale
-
-    def bias_dq(node: Any, name: str, s_x: np.float32, s_w: np.ndarray) -> str:
-        b = numpy_helper.to_array(inits[name]).astype(np.float64)
-        s_b = (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32)
-        q = np.round(b / s_b.astype(np.float64))
-        if np.abs(q).max() > INT32_MAX:
-            report.bias_clipped.append(node.name)
-        q = np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
-        base = f"{node.name}_{name}"
-        qn, sn, zn, out = f"{base}_bq", f"{base}_bscale", f"{base}_bzp", f"{base}_bdq"
-        zeros = np.zeros(s_b.shape, np.int32)
-        new_inits.extend(
-            [numpy_helper.from_array(q, qn), numpy_helper.from_array(s_b, sn), numpy_helper.from_array(zeros, zn)]
-        )
-        new_nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=f"{base}_bDQ", axis=0))
-        return out
-
+    act = _ActivationParams(plan, stats, amax or {}, report)
+    quantized = act.quantized_nodes(m)
+    writer = _OrtQdqWriter(act.params, {i.name: i for i in m.graph.initializer}, weights, report)
     for t in m.graph.input:
-        if t.name in act:
-            emit_q(t.name)
+        if t.name in act.params:
+            writer.emit_q(t.name)
     for n in m.graph.node:
-        nc = onnx.NodeProto()
-        nc.CopyFrom(n)
-        for i, t in enumerate(n.input):
-            if t in act:
-                nc.input[i] = emit_dq(t)
-        if quantized.get(n.name):
-            if n.op_type in WEIGHTED:
-                s_x = act[n.input[0]][0]
-                has_bias = len(n.input) > 2 and n.input[2] in inits
-                min_scale: np.ndarray | float = 0.0
-                if has_bias:
-                    min_scale = np.abs(numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)) / (
-                        float(s_x) * 2.0**30
-                    )
-                nc.input[1], s_w = weight_dq(n, n.input[1], min_scale)
-                if has_bias:
-                    nc.input[2] = bias_dq(n, n.input[2], s_x, s_w)
-            report.quantized.append(n.name)
-        elif n.op_type not in ACT_OPS | PASS_THROUGH | {"Constant"}:
-            report.float_nodes.append((n.op_type, n.name))
-        new_nodes.append(nc)
-        for o in n.output:
-            if o in act:
-                emit_q(o)
-    report.qdq_tensors = len(act)
-
-    out = _copy(m)
-    del out.graph.node[:]
-    out.graph.node.extend(new_nodes)
-    used = {i for nd in new_nodes for i in nd.input}
-    del out.graph.initializer[:]
-    out.graph.initializer.extend([i for i in m.graph.initializer if i.name in used] + new_inits)
-    return out, report
+        writer.add_node(n, bool(quantized.get(n.name)))
+    report.qdq_tensors = len(act.params)
+    return with_nodes(m, writer.nodes, writer.new_inits), report
 
 
 def artifact_weight_types(model: Any) -> dict[str, list[str]]:

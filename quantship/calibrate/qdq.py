@@ -203,6 +203,107 @@ def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def with_nodes(model: Any, nodes: list[Any], new_inits: list[Any]) -> Any:
+    """A copy of ``model`` whose graph runs ``nodes``: of its initializers only those a node still reads are kept
+    (a weight now stored quantized is dropped in its float form), followed by ``new_inits``."""
+    onnx = lazy_import("onnx")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept + new_inits)
+    return out
+
+
+def _is_known(op_type: str) -> bool:
+    """Whether the pass knows ``op_type``: it quantizes it or deliberately leaves it in float."""
+    return op_type in WEIGHTED_OPS or op_type in POOLING_OPS or op_type == "Add" or op_type in FLOAT_OPS
+
+
+def _kept_float(node: Any, exclude: set[str], include: set[str] | None, node_layers: dict[str, str]) -> bool:
+    """Whether ``node`` stays float on request: excluded, or not among ``include`` when that is given."""
+    return _is_excluded(node, exclude, node_layers) or (
+        include is not None and not _is_excluded(node, include, node_layers)
+    )
+
+
+class _QdqWriter:
+    """The Q/DQ nodes and initializers made so far, each tensor quantized once whatever reads it."""
+
+    def __init__(self, amax: dict[str, float], inits: dict[str, Any], report: QdqReport):
+        self.amax, self.inits, self.report = amax, inits, report
+        self.nodes: list[Any] = []
+        self.new_inits: list[Any] = []
+        self._dq_of: dict[str, str] = {}  # tensor -> its dequantized name (activations and weights)
+
+    def act_qdq(self, tensor: str) -> str | None:
+        """The dequantized name of activation ``tensor`` after a Q/DQ pair at amax / 127; None (reported) without
+        a calibrated range."""
+        from onnx import helper, numpy_helper
+
+        if tensor in self._dq_of:
+            return self._dq_of[tensor]
+        if tensor not in self.amax or self.amax[tensor] <= 0:
+            if tensor not in self.report.missing_ranges:
+                self.report.missing_ranges.append(tensor)
+            return None
+        scale, zp = f"{tensor}_scale", f"{tensor}_zero_point"
+        self.new_inits.append(numpy_helper.from_array(np.array(self.amax[tensor] / INT8_MAX, np.float32), scale))
+        self.new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zp))
+        q, dq = f"{tensor}_QuantizeLinear_Output", f"{tensor}_DequantizeLinear_Output"
+        self.nodes.append(helper.make_node("QuantizeLinear", [tensor, scale, zp], [q], name=f"{tensor}_QuantizeLinear"))
+        self.nodes.append(helper.make_node("DequantizeLinear", [q, scale, zp], [dq], name=f"{tensor}_DequantizeLinear"))
+        self._dq_of[tensor] = dq
+        return dq
+
+    def weight_dq(self, node: Any, name: str) -> str | None:
+        """The dequantized name of weight ``name`` stored as per-channel int8; None (reported) when it is not an
+        initializer."""
+        from onnx import helper, numpy_helper
+
+        if name in self._dq_of:
+            return self._dq_of[name]
+        if name not in self.inits:
+            self.report.float_weights.append(name)
+            return None
+        w = numpy_helper.to_array(self.inits[name]).astype(np.float32)
+        axis = _weight_axis(node, w)
+        q, scale = quantize_weight(w, axis)
+        qn, sn, zn, dq = f"{name}_quantized", f"{name}_scale", f"{name}_zero_point", f"{name}_DequantizeLinear_Output"
+        self.new_inits.extend(
+            [
+                numpy_helper.from_array(q, qn),
+                numpy_helper.from_array(scale, sn),
+                numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn),
+            ]
+        )
+        self.nodes.append(
+            helper.make_node("DequantizeLinear", [qn, sn, zn], [dq], name=f"{name}_DequantizeLinear", axis=axis)
+        )
+        self._dq_of[name] = dq
+        return dq
+
+    def quantize_node(self, node: Any, node_copy: Any, inputs: list[int]) -> None:
+        """Point ``node_copy`` at the Q/DQ of its activation ``inputs`` and of its weight; reported as quantized when
+        any of them is."""
+        changed = False
+        for i in inputs:
+            dq = self.act_qdq(node.input[i])
+            if dq is not None:
+                node_copy.input[i] = dq
+                changed = True
+        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in self.inits:
+            dq = self.weight_dq(node, node.input[1])
+            if dq is not None:
+                node_copy.input[1] = dq
+                changed = True
+        if changed:
+            self.report.quantized.append(node.name)
+
+
 def insert_qdq(
     model: Any,
     amax: dict[str, float],
@@ -222,95 +323,20 @@ def insert_qdq(
             quantizable node stays float: the one-layer-at-a-time mode of sensitivity analysis.
     """
     onnx = lazy_import("onnx")
-    from onnx import helper, numpy_helper
 
     exclude, node_layers = set(exclude), dict(node_layers or {})
     include = set(include) if include is not None else None
-    src = model
-    inits = {i.name: i for i in src.graph.initializer}
-    act_inputs = activation_inputs(src)
+    act_inputs = activation_inputs(model)
     report = QdqReport()
-    new_nodes: list[Any] = []
-    new_inits: list[Any] = []
-    dq_of: dict[str, str] = {}  # tensor -> its dequantized name (activations and weights)
-
-    def act_qdq(tensor: str) -> str | None:
-        if tensor in dq_of:
-            return dq_of[tensor]
-        if tensor not in amax or amax[tensor] <= 0:
-            if tensor not in report.missing_ranges:
-                report.missing_ranges.append(tensor)
-            return None
-        scale, zp = f"{tensor}_scale", f"{tensor}_zero_point"
-        new_inits.append(numpy_helper.from_array(np.array(amax[tensor] / INT8_MAX, np.float32), scale))
-        new_inits.append(numpy_helper.from_array(np.array(0, np.int8), zp))
-        q, dq = f"{tensor}_QuantizeLinear_Output", f"{tensor}_DequantizeLinear_Output"
-        new_nodes.append(helper.make_node("QuantizeLinear", [tensor, scale, zp], [q], name=f"{tensor}_QuantizeLinear"))
-        new_nodes.append(helper.make_node("DequantizeLinear", [q, scale, zp], [dq], name=f"{tensor}_DequantizeLinear"))
-        dq_of[tensor] = dq
-        return dq
-
-    def weight_dq(node: Any, name: str) -> str | None:
-        if name in dq_of:
-            return dq_of[name]
-        if name not in inits:
-            report.float_weights.append(name)
-            return None
-        w = numpy_helper.to_array(inits[name]).astype(np.float32)
-        axis = _weight_axis(node, w)
-        q, scale = quantize_weight(w, axis)
-        qn, sn, zn, dq = f"{name}_quantized", f"{name}_scale", f"{name}_zero_point", f"{name}_DequantizeLinear_Output"
-        new_inits.extend(
-            [
-                numpy_helper.from_array(q, qn),
-                numpy_helper.from_array(scale, sn),
-                numpy_helper.from_array(np.zeros(scale.shape, np.int8), zn),
-            ]
-        )
-        new_nodes.append(
-            helper.make_node("DequantizeLinear", [qn, sn, zn], [dq], name=f"{name}_DequantizeLinear", axis=axis)
-        )
-        dq_of[name] = dq
-        return dq
-
-    for k, node in enumerate(src.graph.node):
+    writer = _QdqWriter(amax, {i.name: i for i in model.graph.initializer}, report)
+    for k, node in enumerate(model.graph.node):
         node_copy = onnx.NodeProto()
         node_copy.CopyFrom(node)
-        if (
-            node.op_type not in WEIGHTED_OPS
-            and node.op_type not in POOLING_OPS
-            and node.op_type != "Add"
-            and node.op_type not in FLOAT_OPS
-        ):
+        if not _is_known(node.op_type):
             report.unknown_ops.append((node.op_type, node.name))
-        elif k in act_inputs and (
-            _is_excluded(node, exclude, node_layers)
-            or (include is not None and not _is_excluded(node, include, node_layers))
-        ):
+        elif k in act_inputs and _kept_float(node, exclude, include, node_layers):
             report.excluded.append(node.name)
         elif k in act_inputs:
-            changed = False
-            for i in act_inputs[k]:
-                dq = act_qdq(node.input[i])
-                if dq is not None:
-                    node_copy.input[i] = dq
-                    changed = True
-            if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in inits:
-                dq = weight_dq(node, node.input[1])
-                if dq is not None:
-                    node_copy.input[1] = dq
-                    changed = True
-            if changed:
-                report.quantized.append(node.name)
-        new_nodes.append(node_copy)
-
-    out = onnx.ModelProto()
-    out.CopyFrom(src)
-    del out.graph.node[:]
-    out.graph.node.extend(new_nodes)
-    # Weights now stored as int8 are dropped in their float form when nothing else reads them.
-    used = {i for n in new_nodes for i in n.input}
-    kept = [i for i in src.graph.initializer if i.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept + new_inits)
-    return out, report
+            writer.quantize_node(node, node_copy, act_inputs[k])
+        writer.nodes.append(node_copy)
+    return with_nodes(model, writer.nodes, writer.new_inits), report
