@@ -129,6 +129,127 @@ def _check_schedule_memory(settings: LoadgenSettings, min_duration_ms: float) ->
         )
 
 
+class _SystemUnderTest:
+    """LoadGen's SUT and QSL callbacks around a runner: queries served from the preloaded samples, the runner's
+    time per call and the first error kept."""
+
+    def __init__(
+        self, lg: Any, runner: Runner, samples: Sequence[dict[str, np.ndarray]], settings: LoadgenSettings, raw: bool
+    ):
+        self.lg, self.runner, self.settings, self.raw = lg, runner, settings, raw
+        self.names = list(samples[0])
+        self.stacked = {k: np.concatenate([s[k] for s in samples]) for k in self.names}
+        self.loaded: set[int] = set()
+        self.runtime_s: list[float] = []
+        self.failure: list[BaseException] = []
+        self.batch = settings.batch if settings.scenario is Scenario.OFFLINE else 0
+
+    def load_samples(self, indices: list[int]) -> None:
+        """QSL: the samples are in memory already, so loading them is remembering the indices."""
+        self.loaded.update(indices)
+
+    def unload_samples(self, indices: list[int]) -> None:
+        """QSL: forget the indices."""
+        self.loaded.difference_update(indices)
+
+    def _feed(self, idx: list[int]) -> dict[str, np.ndarray]:
+        """The runner's feed for the samples ``idx`` (one sample: a slice of the stacked arrays)."""
+        if len(idx) == 1:
+            return {k: self.stacked[k][idx[0] : idx[0] + 1] for k in self.names}
+        return {k: np.take(self.stacked[k], idx, axis=0) for k in self.names}
+
+    def run(self, query_samples: list[Any]) -> None:
+        """Run the runner once on ``query_samples`` and complete them with its first output's rows."""
+        lg = self.lg
+        # Responses point at the outputs, kept alive until QuerySamplesComplete has returned.
+        idx = [q.index for q in query_samples]
+        out = self.runner.infer(self._feed(idx), raw=self.raw)
+        self.runtime_s.append(self.runner.last_inference_time)
+        first = np.ascontiguousarray(next(iter(out.values())))
+        rows = [first[i] for i in range(len(idx))] if first.ndim and first.shape[0] == len(idx) else [first] * len(idx)
+        lg.QuerySamplesComplete(
+            [lg.QuerySampleResponse(q.id, r.ctypes.data, r.nbytes) for q, r in zip(query_samples, rows)]
+        )
+
+    def issue_queries(self, query_samples: list[Any]) -> None:
+        """SUT: serve the queries as the scenario groups them (Offline in batches, MultiStream as one, else one by
+        one); after an error, complete the rest empty and keep the error."""
+        lg, batch = self.lg, self.batch
+        # An exception escaping this callback leaves LoadGen unable to finish (the process aborts at exit):
+        # complete every sample, remember the error, raise it once the test is over.
+        done = 0
+        try:
+            if batch:
+                for start in range(0, len(query_samples), batch):
+                    self.run(query_samples[start : start + batch])
+                    done = start + batch
+            elif self.settings.scenario is Scenario.MULTISTREAM:
+                self.run(query_samples)
+                done = len(query_samples)
+            else:
+                for i, q in enumerate(query_samples):
+                    self.run([q])
+                    done = i + 1
+        except BaseException as exc:  # noqa: BLE001 - re-raised after StartTest returns
+            if not self.failure:
+                self.failure.append(exc)
+            lg.QuerySamplesComplete([lg.QuerySampleResponse(q.id, 0, 0) for q in query_samples[done:]])
+
+    def flush_queries(self) -> None:
+        """SUT: nothing is held back, so nothing to flush."""
+
+    def raise_failure(self) -> None:
+        """Raise the first error of the run, if any, as a :class:`RuntimeBackendError`."""
+        if self.failure:
+            exc = self.failure[0]
+            if isinstance(exc, RuntimeBackendError):
+                raise exc
+            raise RuntimeBackendError(f"{self.runner.name}: failed under LoadGen: {type(exc).__name__}: {exc}") from exc
+
+
+def _log_settings(lg: Any, folder: Path) -> Any:
+    """LoadGen's log settings: ``mlperf_log_*`` files in ``folder``, nothing copied to stdout, no trace."""
+    out_settings = lg.LogOutputSettings()
+    out_settings.outdir = str(folder)
+    out_settings.prefix = "mlperf_log_"
+    out_settings.copy_summary_to_stdout = False
+    out_settings.copy_detail_to_stdout = False
+    log_settings = lg.LogSettings()
+    log_settings.log_output = out_settings
+    log_settings.enable_trace = False
+    return log_settings
+
+
+def _start_test(lg: Any, sut: _SystemUnderTest, count: int, ts: Any, folder: Path) -> float:
+    """Run the LoadGen test on ``count`` samples, SUT and QSL destroyed afterwards whatever happens; its wall time
+    in seconds."""
+    log_settings = _log_settings(lg, folder)
+    sut_handle = lg.ConstructSUT(sut.issue_queries, sut.flush_queries)
+    qsl = lg.ConstructQSL(count, count, sut.load_samples, sut.unload_samples)
+    start = time.perf_counter()
+    try:
+        # A ./audit.config would turn this into a compliance test: point LoadGen at a file that does not exist.
+        lg.StartTestWithLogSettings(sut_handle, qsl, ts, log_settings, str(folder / "no-audit.config"))
+    finally:
+        lg.DestroyQSL(qsl)
+        lg.DestroySUT(sut_handle)
+    return time.perf_counter() - start
+
+
+def _result_row(
+    folder: Path, defaults: dict[str, int], settings: LoadgenSettings, wall: float, runtime_s: list[float]
+) -> dict[str, Any]:
+    """The row of a finished run: LoadGen's figures from its detail log, the log folder, the wall time and
+    ``runtime_ms_*`` over the runner's calls."""
+    row = loadgen_row(parse_detail(folder / DETAIL), defaults, settings)
+    row.update(loadgen_log_dir=str(folder), loadgen_wall_s=wall, iterations=len(runtime_s))
+    if runtime_s:
+        from quantship.evaluate.latency import latency_stats
+
+        row.update(latency_stats(np.asarray(runtime_s) * 1e3, "runtime_ms"))
+    return row
+
+
 def run_loadgen(
     runner: Runner,
     samples: Sequence[dict[str, np.ndarray]],
@@ -156,88 +277,10 @@ def run_loadgen(
     folder.mkdir(parents=True, exist_ok=True)  # LoadGen cannot create it, and aborts at exit when it is missing
     ts, defaults = _test_settings(lg, settings, folder)
     _check_schedule_memory(settings, ts.min_duration_ms)
-    names = list(samples[0])
-    stacked = {k: np.concatenate([s[k] for s in samples]) for k in names}
-    loaded: set[int] = set()
-    runtime_s: list[float] = []
-    failure: list[BaseException] = []
-    batch = settings.batch if settings.scenario is Scenario.OFFLINE else 0
-
-    def load_samples(indices: list[int]) -> None:
-        loaded.update(indices)  # the samples are in memory already: loading them is remembering the indices
-
-    def unload_samples(indices: list[int]) -> None:
-        loaded.difference_update(indices)
-
-    def run(query_samples: list[Any]) -> None:
-        # Responses point at the outputs, kept alive until QuerySamplesComplete has returned.
-        idx = [q.index for q in query_samples]
-        if len(idx) == 1:
-            feed = {k: stacked[k][idx[0] : idx[0] + 1] for k in names}
-        else:
-            feed = {k: np.take(stacked[k], idx, axis=0) for k in names}
-        out = runner.infer(feed, raw=raw)
-        runtime_s.append(runner.last_inference_time)
-        first = np.ascontiguousarray(next(iter(out.values())))
-        rows = [first[i] for i in range(len(idx))] if first.ndim and first.shape[0] == len(idx) else [first] * len(idx)
-        lg.QuerySamplesComplete(
-            [lg.QuerySampleResponse(q.id, r.ctypes.data, r.nbytes) for q, r in zip(query_samples, rows)]
-        )
-
-    def issue_queries(query_samples: list[Any]) -> None:
-        # An exception escaping this callback leaves LoadGen unable to finish (the process aborts at exit):
-        # complete every sample, remember the error, raise it once the test is over.
-        done = 0
-        try:
-            if batch:
-                for start in range(0, len(query_samples), batch):
-                    run(query_samples[start : start + batch])
-                    done = start + batch
-            elif settings.scenario is Scenario.MULTISTREAM:
-                run(query_samples)
-                done = len(query_samples)
-            else:
-                for i, q in enumerate(query_samples):
-                    run([q])
-                    done = i + 1
-        except BaseException as exc:  # noqa: BLE001 - re-raised after StartTest returns
-            if not failure:
-                failure.append(exc)
-            lg.QuerySamplesComplete([lg.QuerySampleResponse(q.id, 0, 0) for q in query_samples[done:]])
-
-    def flush_queries() -> None:
-        pass
-
-    out_settings = lg.LogOutputSettings()
-    out_settings.outdir = str(folder)
-    out_settings.prefix = "mlperf_log_"
-    out_settings.copy_summary_to_stdout = False
-    out_settings.copy_detail_to_stdout = False
-    log_settings = lg.LogSettings()
-    log_settings.log_output = out_settings
-    log_settings.enable_trace = False
-    sut = lg.ConstructSUT(issue_queries, flush_queries)
-    qsl = lg.ConstructQSL(len(samples), len(samples), load_samples, unload_samples)
-    start = time.perf_counter()
-    try:
-        # A ./audit.config would turn this into a compliance test: point LoadGen at a file that does not exist.
-        lg.StartTestWithLogSettings(sut, qsl, ts, log_settings, str(folder / "no-audit.config"))
-    finally:
-        lg.DestroyQSL(qsl)
-        lg.DestroySUT(sut)
-    wall = time.perf_counter() - start
-    if failure:
-        exc = failure[0]
-        if isinstance(exc, RuntimeBackendError):
-            raise exc
-        raise RuntimeBackendError(f"{runner.name}: failed under LoadGen: {type(exc).__name__}: {exc}") from exc
-    row = loadgen_row(parse_detail(folder / DETAIL), defaults, settings)
-    row.update(loadgen_log_dir=str(folder), loadgen_wall_s=wall, iterations=len(runtime_s))
-    if runtime_s:
-        from quantship.evaluate.latency import latency_stats
-
-        row.update(latency_stats(np.asarray(runtime_s) * 1e3, "runtime_ms"))
-    return row
+    sut = _SystemUnderTest(lg, runner, samples, settings, raw)
+    wall = _start_test(lg, sut, len(samples), ts, folder)
+    sut.raise_failure()
+    return _result_row(folder, defaults, settings, wall, sut.runtime_s)
 
 
 # ---------------------------------------------------------------------------------------------------- logs
