@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -212,6 +212,176 @@ def _ground_truth(doc: dict[str, Any], image_ids: Sequence[int]) -> tuple[list[d
     return gts, cat_ids
 
 
+class _FlatObjects(NamedTuple):
+    """Every image's ground-truth objects in one flat array each, with the image each belongs to."""
+
+    img: np.ndarray
+    xywh: np.ndarray
+    area: np.ndarray
+    crowd: np.ndarray
+    cls: np.ndarray
+
+
+class _FlatDetections(NamedTuple):
+    """Every image's detections in one flat array each, with their image and position in it."""
+
+    img: np.ndarray
+    xywh: np.ndarray
+    score: np.ndarray
+    cls: np.ndarray
+    pos: np.ndarray
+
+
+class _Groups(NamedTuple):
+    """The (image, category) groups of the kept detections and their objects."""
+
+    start: np.ndarray  # first position of each group in ``keep``
+    num_dets: np.ndarray
+    num_objects: np.ndarray
+    first_object: np.ndarray  # into ``objects``
+    objects: np.ndarray  # flat object indices ordered by (image, category), input order inside
+
+
+def _flat(parts: list[tuple], j: int, shape: Any, dt: Any) -> np.ndarray:
+    """Field ``j`` of every image's arrays concatenated, as ``dt`` (empty of ``shape`` without images)."""
+    return np.concatenate([p[j] for p in parts]).astype(dt) if parts else np.zeros(shape, dt)
+
+
+def _image_rank(gt_per_image: Sequence[Any]) -> np.ndarray:
+    """Each image's place in pycocotools' image order: increasing id (input order when ids are missing or equal)."""
+    n = len(gt_per_image)
+    ids = [_field(g, "image_id") for g in gt_per_image]
+    order = np.argsort(np.asarray(ids, np.int64), kind="stable") if n and None not in ids else np.arange(n)
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def _flat_objects(gt_per_image: Sequence[Any]) -> _FlatObjects:
+    """The ground truth of every image (:func:`_gt_arrays`) flattened."""
+    gts = [_gt_arrays(g) for g in gt_per_image]
+    img = np.repeat(np.arange(len(gt_per_image)), [len(g[3]) for g in gts])
+    return _FlatObjects(
+        img,
+        _flat(gts, 0, (0, 4), np.float64),
+        _flat(gts, 1, 0, np.float64),
+        _flat(gts, 2, 0, bool),
+        _flat(gts, 3, 0, np.int64),
+    )
+
+
+def _flat_detections(dets_per_image: Sequence[Any]) -> _FlatDetections:
+    """The detections of every image (:func:`_det_arrays`) flattened."""
+    dts = [_det_arrays(d) for d in dets_per_image]
+    img = np.repeat(np.arange(len(dets_per_image)), [len(d[2]) for d in dts])
+    pos = np.concatenate([np.arange(len(d[2])) for d in dts]) if dts else np.zeros(0, np.int64)
+    return _FlatDetections(
+        img, _flat(dts, 0, (0, 4), np.float64), _flat(dts, 1, 0, np.float64), _flat(dts, 2, 0, np.int64), pos
+    )
+
+
+def _check_classes(g_cls: np.ndarray, d_cls: np.ndarray, K: int) -> None:
+    """Refuse a class index outside the categories."""
+    for arr, what in ((g_cls, "ground truth"), (d_cls, "detection")):
+        if arr.size and (arr.min() < 0 or arr.max() >= K):
+            raise ValueError(f"{what} class index outside 0..{K - 1}")
+
+
+def _object_counts(g: _FlatObjects, g_ignore: np.ndarray, n: int, K: int) -> np.ndarray:
+    """(images, area ranges, categories): how many objects each image has that the range does not ignore."""
+    return np.stack(
+        [
+            np.bincount(g.img[~g_ignore[a]] * K + g.cls[~g_ignore[a]], minlength=n * K).reshape(n, K)
+            for a in range(len(AREAS))
+        ],
+        axis=1,
+    )
+
+
+def _top_detections(d: _FlatDetections, d_key: np.ndarray) -> np.ndarray:
+    """Indices of the detections kept, grouped by (image, category) ``d_key``: by score inside a group (stable:
+    input order breaks ties), its top MAX_DETS."""
+    srt = np.lexsort((d.pos, -d.score, d_key))
+    d_key_s = d_key[srt]
+    new = np.ones(srt.size, bool)
+    new[1:] = d_key_s[1:] != d_key_s[:-1]
+    starts = np.flatnonzero(new)
+    within = np.arange(srt.size) - np.repeat(starts, np.diff(np.append(starts, srt.size)))
+    return srt[within < MAX_DETS]
+
+
+def _groups(k_key: np.ndarray, g: _FlatObjects, K: int) -> _Groups:
+    """The groups of consecutive kept detections with equal (image, category) key ``k_key``, with their objects
+    in input order."""
+    N = k_key.size
+    grp_start = np.flatnonzero(np.concatenate(([True], k_key[1:] != k_key[:-1]))) if N else np.zeros(0, np.int64)
+    grp_key = k_key[grp_start]
+    grp_D = np.diff(np.append(grp_start, N))
+    g_key = g.img * K + g.cls
+    g_sorted = np.argsort(g_key, kind="stable")
+    g_lo = np.searchsorted(g_key[g_sorted], grp_key, side="left")
+    grp_G = np.searchsorted(g_key[g_sorted], grp_key, side="right") - g_lo
+    return _Groups(grp_start, grp_D, grp_G, g_lo, g_sorted)
+
+
+def _match_bucket(
+    sel: np.ndarray,
+    grp: _Groups,
+    d_xywh: np.ndarray,
+    keep: np.ndarray,
+    g: _FlatObjects,
+    g_ignore: np.ndarray,
+    matched: np.ndarray,
+    on_ignored: np.ndarray,
+) -> None:
+    """Match the groups ``sel`` as one padded batch under every area range, marking ``matched`` / ``on_ignored``
+    (A, T, positions in ``keep``)."""
+    Dm, Gm = int(grp.num_dets[sel].max()), int(grp.num_objects[sel].max())
+    dj, gj = np.arange(Dm), np.arange(Gm)
+    d_valid = dj[None, :] < grp.num_dets[sel, None]
+    g_valid = gj[None, :] < grp.num_objects[sel, None]
+    d_idx = np.where(d_valid, grp.start[sel, None] + dj[None, :], 0)  # into keep
+    g_idx = grp.objects[np.where(g_valid, grp.first_object[sel, None] + gj[None, :], 0)]  # into the flat objects
+    crowd = g.crowd[g_idx] & g_valid
+    ious = bbox_iou_batched(d_xywh[keep[d_idx]], g.xywh[g_idx], crowd)
+    for a in range(len(AREAS)):
+        ign = g_ignore[a][g_idx]
+        m, on_ign = _greedy_match(ious, d_valid, g_valid & ~ign, g_valid & ign, crowd)
+        b_i, t_i, j_i = np.nonzero(m & d_valid[:, None, :])
+        matched[a, t_i, d_idx[b_i, j_i]] = True
+        b_i, t_i, j_i = np.nonzero(on_ign & d_valid[:, None, :])
+        on_ignored[a, t_i, d_idx[b_i, j_i]] = True
+
+
+def _match(
+    d: _FlatDetections, keep: np.ndarray, k_key: np.ndarray, g: _FlatObjects, g_ignore: np.ndarray, K: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(matched, matched to an ignored object), (A, T, kept detections): every group matched to its objects, in
+    buckets of similar (detections, objects) counts to keep padding small."""
+    N = keep.size
+    matched = np.zeros((len(AREAS), IOU_THRESHOLDS.size, N), bool)
+    on_ignored = np.zeros((len(AREAS), IOU_THRESHOLDS.size, N), bool)
+    grp = _groups(k_key, g, K)
+    bucket = np.ceil(np.log2(np.maximum(grp.num_dets, 1))).astype(int) * 64 + np.ceil(
+        np.log2(np.maximum(grp.num_objects, 1))
+    ).astype(int)
+    for bk in np.unique(bucket[grp.num_objects > 0]):
+        sel = np.flatnonzero((bucket == bk) & (grp.num_objects > 0))
+        _match_bucket(sel, grp, d.xywh, keep, g, g_ignore, matched, on_ignored)
+    return matched, on_ignored
+
+
+def _true_false_positives(
+    matched: np.ndarray, on_ignored: np.ndarray, kept_xywh: np.ndarray, ranges: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives), (A, T, N): a detection matched to an ignored object, or unmatched and
+    outside the area range, is neither."""
+    d_area = kept_xywh[:, 2] * kept_xywh[:, 3]
+    d_out = (d_area[None, :] < ranges[:, :1]) | (d_area[None, :] > ranges[:, 1:])  # (A, N)
+    dt_ignore = on_ignored | (~matched & d_out[:, None, :])
+    return matched & ~dt_ignore, ~matched & ~dt_ignore
+
+
 class CocoMatcher:
     """Per-image COCO matching done once; AP of the full set or of any resample of images.
 
@@ -227,100 +397,23 @@ class CocoMatcher:
             raise ValueError(f"{len(gt_per_image)} ground-truth entries but {len(dets_per_image)} detection entries")
         self.num_images = n = len(gt_per_image)
         self.num_categories = K = categories if isinstance(categories, int) else len(categories)
-        ids = [_field(g, "image_id") for g in gt_per_image]
-        # pycocotools' image order: increasing id (input order when ids are missing or equal).
-        order = np.argsort(np.asarray(ids, np.int64), kind="stable") if n and None not in ids else np.arange(n)
-        self.rank = np.empty(n, np.int64)
-        self.rank[order] = np.arange(n)
-        A, T = len(AREAS), IOU_THRESHOLDS.size
+        self.rank = _image_rank(gt_per_image)
         ranges = np.asarray([AREA_RANGES[a] for a in AREAS])
-
-        # Everything flat, with its image.
-        gts = [_gt_arrays(g) for g in gt_per_image]
-        dts = [_det_arrays(d) for d in dets_per_image]
-        g_img = np.repeat(np.arange(n), [len(g[3]) for g in gts])
-        d_img = np.repeat(np.arange(n), [len(d[2]) for d in dts])
-
-        def flat(parts, j, shape, dt):
-            return np.concatenate([p[j] for p in parts]).astype(dt) if parts else np.zeros(shape, dt)
-
-        g_xywh, g_area, g_crowd, g_cls = (
-            flat(gts, 0, (0, 4), np.float64),
-            flat(gts, 1, 0, np.float64),
-            flat(gts, 2, 0, bool),
-            flat(gts, 3, 0, np.int64),
-        )
-        d_xywh, d_score, d_cls = (
-            flat(dts, 0, (0, 4), np.float64),
-            flat(dts, 1, 0, np.float64),
-            flat(dts, 2, 0, np.int64),
-        )
-        d_pos = np.concatenate([np.arange(len(d[2])) for d in dts]) if dts else np.zeros(0, np.int64)
-        for arr, what in ((g_cls, "ground truth"), (d_cls, "detection")):
-            if arr.size and (arr.min() < 0 or arr.max() >= K):
-                raise ValueError(f"{what} class index outside 0..{K - 1}")
-
+        g, d = _flat_objects(gt_per_image), _flat_detections(dets_per_image)
+        _check_classes(g.cls, d.cls, K)
         # Objects: ignored per area range (crowd, or area outside the range); counts of the others.
-        g_ignore = g_crowd[None, :] | (g_area[None, :] < ranges[:, :1]) | (g_area[None, :] > ranges[:, 1:])  # (A, G)
-        self.npig_image = np.stack(
-            [
-                np.bincount(g_img[~g_ignore[a]] * K + g_cls[~g_ignore[a]], minlength=n * K).reshape(n, K)
-                for a in range(A)
-            ],
-            axis=1,
-        )
+        g_ignore = g.crowd[None, :] | (g.area[None, :] < ranges[:, :1]) | (g.area[None, :] > ranges[:, 1:])  # (A, G)
+        self.npig_image = _object_counts(g, g_ignore, n, K)
+        d_key = d.img * K + d.cls
+        keep = _top_detections(d, d_key)  # grouped by (image, category), score order inside
+        matched, on_ignored = _match(d, keep, d_key[keep], g, g_ignore, K)
+        tp, fp = _true_false_positives(matched, on_ignored, d.xywh[keep], ranges)
+        self._store_in_accumulate_order(d, keep, tp, fp)
 
-        # Detections per (image, category): by score (stable: input order breaks ties), top MAX_DETS.
-        d_key = d_img * K + d_cls
-        srt = np.lexsort((d_pos, -d_score, d_key))
-        d_key_s = d_key[srt]
-        new = np.ones(srt.size, bool)
-        new[1:] = d_key_s[1:] != d_key_s[:-1]
-        starts = np.flatnonzero(new)
-        within = np.arange(srt.size) - np.repeat(starts, np.diff(np.append(starts, srt.size)))
-        keep = srt[within < MAX_DETS]  # grouped by (image, category), score order inside
-        N = keep.size
-        d_area = d_xywh[keep, 2] * d_xywh[keep, 3]
-        d_out = (d_area[None, :] < ranges[:, :1]) | (d_area[None, :] > ranges[:, 1:])  # (A, N)
-        matched = np.zeros((A, T, N), bool)
-        on_ignored = np.zeros((A, T, N), bool)
-
-        # Objects of each detection group, in input order.
-        k_key = d_key[keep]
-        grp_start = np.flatnonzero(np.concatenate(([True], k_key[1:] != k_key[:-1]))) if N else np.zeros(0, np.int64)
-        grp_key = k_key[grp_start]
-        grp_D = np.diff(np.append(grp_start, N))
-        g_key = g_img * K + g_cls
-        g_sorted = np.argsort(g_key, kind="stable")
-        g_lo = np.searchsorted(g_key[g_sorted], grp_key, side="left")
-        grp_G = np.searchsorted(g_key[g_sorted], grp_key, side="right") - g_lo
-
-        # Batched matching, in buckets of similar (detections, objects) counts to keep padding small.
-        bucket = np.ceil(np.log2(np.maximum(grp_D, 1))).astype(int) * 64 + np.ceil(
-            np.log2(np.maximum(grp_G, 1))
-        ).astype(int)
-        for bk in np.unique(bucket[grp_G > 0]):
-            sel = np.flatnonzero((bucket == bk) & (grp_G > 0))
-            Dm, Gm = int(grp_D[sel].max()), int(grp_G[sel].max())
-            dj, gj = np.arange(Dm), np.arange(Gm)
-            d_valid = dj[None, :] < grp_D[sel, None]
-            g_valid = gj[None, :] < grp_G[sel, None]
-            d_idx = np.where(d_valid, grp_start[sel, None] + dj[None, :], 0)  # into keep
-            g_idx = g_sorted[np.where(g_valid, g_lo[sel, None] + gj[None, :], 0)]  # into the flat objects
-            crowd = g_crowd[g_idx] & g_valid
-            ious = bbox_iou_batched(d_xywh[keep[d_idx]], g_xywh[g_idx], crowd)
-            for a in range(A):
-                ign = g_ignore[a][g_idx]
-                m, on_ign = _greedy_match(ious, d_valid, g_valid & ~ign, g_valid & ign, crowd)
-                b_i, t_i, j_i = np.nonzero(m & d_valid[:, None, :])
-                matched[a, t_i, d_idx[b_i, j_i]] = True
-                b_i, t_i, j_i = np.nonzero(on_ign & d_valid[:, None, :])
-                on_ignored[a, t_i, d_idx[b_i, j_i]] = True
-        dt_ignore = on_ignored | (~matched & d_out[:, None, :])
-        tp = matched & ~dt_ignore
-        fp = ~matched & ~dt_ignore
-
-        img, k, score, pos = d_img[keep], d_cls[keep], d_score[keep], d_pos[keep]
+    def _store_in_accumulate_order(self, d: _FlatDetections, keep: np.ndarray, tp: np.ndarray, fp: np.ndarray) -> None:
+        """Keep the kept detections' image, category, score, tp and fp in pycocotools' accumulate order, and their
+        tie groups."""
+        img, k, score, pos = d.img[keep], d.cls[keep], d.score[keep], d.pos[keep]
         # Category, then score (high first), then image order, then position in the image: pycocotools' order.
         srt = np.lexsort((pos, self.rank[img], -score, k))
         self.det_image, self.det_category, self.det_score = img[srt], k[srt], score[srt]
