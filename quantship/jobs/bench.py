@@ -124,11 +124,18 @@ def _inference_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _forward_backward_rows(cfg: Any) -> tuple[list[dict[str, Any]], list[str]]:
+def _forward_backward_rows(cfg: Any, out: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Time the Keras model's forward and forward+backward passes: the rows (written to ``forward_backward.jsonl``
+    under ``out``) and their lines."""
     from quantship.evaluate.fbtime import forward_backward
 
+    lines = [
+        f"forward/backward of {cfg.model} (Keras, training mode): warm-up {cfg.warmup_seconds:g} s, then >= "
+        f"{cfg.min_queries} iterations and >= {cfg.min_seconds:g} s at batch "
+        f"{', '.join(map(str, cfg.batch_sizes))}"
+    ]
     rows = forward_backward([cfg])
-    lines = [text_table(rows, FB_COLUMNS)]
+    lines.append(text_table(rows, FB_COLUMNS))
     for r in rows:
         if r.get("slowest_layers"):
             lines.append(
@@ -136,11 +143,88 @@ def _forward_backward_rows(cfg: Any) -> tuple[list[dict[str, Any]], list[str]]:
                 f"times ({r['layers_timed']} layers timed alone, {r['layers_forward_ms_sum']:.2f} ms together)"
             )
             lines.append(text_table(r["slowest_layers"], LAYER_COLUMNS))
-    return rows, lines
+    _write_jsonl(out / "forward_backward.jsonl", rows)
+    return rows, lines + [f"forward/backward: {out / 'forward_backward.jsonl'}"]
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def _check_fb_options(model: str | None, forward_backward: bool, per_layer: bool) -> None:
+    """Refuse --forward-backward without a model and --per-layer without --forward-backward."""
+    if (forward_backward or per_layer) and not model:
+        raise ConfigError("--forward-backward times a Keras model: give --model")
+    if per_layer and not forward_backward:
+        raise ConfigError("--per-layer goes with --forward-backward")
+
+
+def _fb_config(
+    model: str,
+    convert: dict[str, Any],
+    batch_sizes: Sequence[int],
+    warmup_seconds: float,
+    min_queries: int | None,
+    min_seconds: float | None,
+    per_layer: bool,
+    threads: int | None,
+) -> Any:
+    """The forward/backward timing of ``model`` (checked to be a classification model), with the weights and
+    preprocessing overrides of ``convert``."""
+    from quantship.evaluate.fbtime import FBConfig
+
+    _check_fb_model(model)
+    return FBConfig(
+        model,
+        convert.get("weights"),
+        tuple(batch_sizes),
+        warmup_seconds,
+        min_queries or DEFAULT_MIN_QUERIES,
+        min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
+        per_layer,
+        threads,
+        convert.get("preprocess_overrides") or None,
+    )
+
+
+def _named_artifacts(
+    artifacts: Sequence[str], model: str | None, convert: dict[str, Any], out: Path, threads: int | None
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(name, path) of every artifact to time: the files given, then the targets of ``model`` built with
+    ``convert``; and the targets that failed to build."""
+    named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in artifacts]
+    failures: dict[str, str] = {}
+    if model and convert.get("targets"):
+        from quantship.jobs.convert import convert_artifacts
+
+        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **convert)
+        named += [(name, str(a.path)) for name, a in built.items() if a is not None]
+    return named, failures
+
+
+def _inference_rows(
+    named: list[tuple[str, str]],
+    out: Path,
+    scenarios: list,
+    mobile: bool,
+    threads: int | None,
+    common: dict,
+    model: str | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Time every artifact in its own process (under each LoadGen scenario, if any): the rows (written to
+    ``bench.jsonl`` under ``out``) and their lines."""
+    configs = _configs(named, out, scenarios, mobile, threads, common)
+    lines = []
+    if configs:
+        lines.append(
+            _plan_line(len(configs), scenarios, common["warmup_seconds"], common["min_queries"], common["min_seconds"])
+        )
+    rows = bench(configs) if configs else []
+    for r in rows:
+        r["model"] = model or ""
+    if rows:
+        _write_jsonl(out / "bench.jsonl", rows)
+    return rows, lines + _inference_lines(rows)
 
 
 def run_bench(
@@ -171,36 +255,17 @@ def run_bench(
         forward_backward: Also time ``model``'s forward and forward+backward passes (Keras, training mode) at
             each batch size; ``per_layer`` adds the ten slowest layers' forward times.
     """
-    from quantship.evaluate.fbtime import FBConfig
     from quantship.evaluate.loadgen import Scenario
 
     scenarios = [Scenario.parse(s) for s in loadgen]
-    if (forward_backward or per_layer) and not model:
-        raise ConfigError("--forward-backward times a Keras model: give --model")
-    if per_layer and not forward_backward:
-        raise ConfigError("--per-layer goes with --forward-backward")
+    _check_fb_options(model, forward_backward, per_layer)
     convert = dict(convert or {})
     fb_config = None
     if forward_backward:
-        _check_fb_model(model)
-        fb_config = FBConfig(
-            model,
-            convert.get("weights"),
-            tuple(batch_sizes),
-            warmup_seconds,
-            min_queries or DEFAULT_MIN_QUERIES,
-            min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
-            per_layer,
-            threads,
-            convert.get("preprocess_overrides") or None,
+        fb_config = _fb_config(
+            model, convert, batch_sizes, warmup_seconds, min_queries, min_seconds, per_layer, threads
         )
-    named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in artifacts]
-    failures: dict[str, str] = {}
-    if model and convert.get("targets"):
-        from quantship.jobs.convert import convert_artifacts
-
-        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **convert)
-        named += [(name, str(a.path)) for name, a in built.items() if a is not None]
+    named, failures = _named_artifacts(artifacts, model, convert, out, threads)
     if not named and not forward_backward:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
     out = Path(out)
@@ -213,24 +278,11 @@ def run_bench(
         raw_inputs=raw_inputs,
         providers=tuple(providers),
     )
-    configs = _configs(named, out, scenarios, mobile, threads, common)
-    lines = [_plan_line(len(configs), scenarios, warmup_seconds, min_queries, min_seconds)] if configs else []
-    rows = bench(configs) if configs else []
-    for r in rows:
-        r["model"] = model or ""
-    if rows:
-        _write_jsonl(out / "bench.jsonl", rows)
-    lines += _inference_lines(rows)
+    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model)
     fb_rows: list[dict[str, Any]] = []
     if fb_config is not None:
-        lines.append(
-            f"forward/backward of {model} (Keras, training mode): warm-up {warmup_seconds:g} s, then >= "
-            f"{fb_config.min_queries} iterations and >= {fb_config.min_seconds:g} s at batch "
-            f"{', '.join(map(str, batch_sizes))}"
-        )
-        fb_rows, fb_lines = _forward_backward_rows(fb_config)
-        _write_jsonl(out / "forward_backward.jsonl", fb_rows)
-        lines += fb_lines + [f"forward/backward: {out / 'forward_backward.jsonl'}"]
+        fb_rows, fb_lines = _forward_backward_rows(fb_config, out)
+        lines += fb_lines
     write_json_atomic(out / "environment.json", environment())
     lines += [f"FAILED {name}: {error}" for name, error in failures.items()]
     if rows:
