@@ -434,6 +434,111 @@ def _pixels(entry: Any, views: list[np.ndarray], hits: list[int]) -> np.ndarray:
     return np.stack(views)
 
 
+def _decode(sample: Sample, spec: PreprocessSpec, keep_images: bool) -> tuple[Any, str | None]:
+    """Read and decode one image: ((its uint8 views, the decoded image or None), None), or (None, why it could not
+    be read)."""
+    try:
+        data = sample.read()
+    except OSError as exc:
+        return None, f"cannot read: {exc}"
+    try:
+        if keep_images:
+            img = decode_image(data, sample.key)
+            return (np.stack(crop_views(img, spec)), img), None
+        return (image_views(data, spec, sample.key), None), None
+    except DataError as exc:
+        return None, str(exc)
+
+
+def _cache_entry(cache: Any, dataset: ImageDataset, spec: PreprocessSpec, keep_images: bool) -> Any:
+    """The input cache entry of ``dataset`` under ``spec`` (``DEFAULT_CACHE``: the process's cache); None without a
+    cache, with ``keep_images`` or for an empty dataset."""
+    if cache is DEFAULT_CACHE:
+        from quantship.data.cache import default_input_cache
+
+        cache = default_input_cache()
+    return cache.entry(dataset, spec) if cache is not None and not keep_images and len(dataset) else None
+
+
+class _Prefetcher:
+    """A dataset's images in order, each as (sample, position, cached views or the Future of its decoding), kept
+    ``ahead`` images in advance: taking one queues the next."""
+
+    def __init__(self, dataset: ImageDataset, entry: Any, submit: Callable[[Sample], cf.Future], ahead: int):
+        self.samples, self.positions = dataset.samples, dataset.positions()
+        self.entry, self.submit = entry, submit
+        self.pending: collections.deque = collections.deque()
+        self.nxt = 0
+        while self.nxt < len(self.samples) and len(self.pending) < ahead:
+            self._enqueue()
+
+    def _enqueue(self) -> None:
+        """Queue the next image: its views from the cache, else its decoding submitted."""
+        s, pos = self.samples[self.nxt], self.positions[self.nxt]
+        self.nxt += 1
+        hit = self.entry.get(pos) if self.entry is not None else None
+        self.pending.append((s, pos, hit) if hit is not None else (s, pos, self.submit(s)))
+
+    def __iter__(self) -> Iterator[tuple[Sample, int, Any]]:
+        while self.pending:
+            item = self.pending.popleft()
+            if self.nxt < len(self.samples):
+                self._enqueue()
+            yield item
+
+
+def _resolve(
+    sample: Sample, pos: int, item: Any, entry: Any, skipped: list[Skipped] | None
+) -> tuple[np.ndarray, Any, bool] | None:
+    """(views, decoded image or None, whether they came from the cache) of a queued image; a decoded one is added
+    to the cache, one that could not be read is recorded in ``skipped`` and gives None."""
+    if not isinstance(item, cf.Future):
+        return item, None, True
+    result, reason = item.result()
+    if result is None:
+        if skipped is not None:
+            skipped.append(Skipped(sample.key, reason or "unreadable"))
+        return None
+    views, img = result
+    if entry is not None:
+        entry.add(pos, views)
+    return views, img, False
+
+
+class _BatchParts:
+    """The images of the batch being put together."""
+
+    def __init__(self, keep_images: bool):
+        self.keep_images = keep_images
+        self._reset()
+
+    def _reset(self) -> None:
+        """Start an empty batch."""
+        self.keys: list[str] = []
+        self.labels: list[Any] = []
+        self.views: list[np.ndarray] = []
+        self.images: list[np.ndarray] = []
+        self.hits: list[int] = []  # listing position of each image read from the cache, -1 for a decoded one
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, sample: Sample, pos: int, views: np.ndarray, img: Any, cached: bool) -> None:
+        """Add one image's views (and, decoded with ``keep_images``, the image itself)."""
+        if not cached and self.keep_images:
+            self.images.append(img)
+        self.keys.append(sample.key)
+        self.labels.append(sample.label)
+        self.views.append(views)
+        self.hits.append(pos if cached else -1)
+
+    def take(self, entry: Any, spec: PreprocessSpec) -> Batch:
+        """The batch of the images added so far; the next one starts empty."""
+        batch = Batch(self.keys, None, self.labels, self.images or None, _pixels(entry, self.views, self.hits), spec)
+        self._reset()
+        return batch
+
+
 def iter_batches(
     dataset: ImageDataset,
     spec: PreprocessSpec,
@@ -459,70 +564,20 @@ def iter_batches(
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     cv2 = lazy_import("cv2", "opencv-python-headless")
     cv2.setNumThreads(1)  # the pool already runs one image per thread
-    if cache is DEFAULT_CACHE:
-        from quantship.data.cache import default_input_cache
-
-        cache = default_input_cache()
-    entry = cache.entry(dataset, spec) if cache is not None and not keep_images and len(dataset) else None
-
-    def load(sample: Sample):
-        try:
-            data = sample.read()
-        except OSError as exc:
-            return None, f"cannot read: {exc}"
-        try:
-            if keep_images:
-                img = decode_image(data, sample.key)
-                return (np.stack(crop_views(img, spec)), img), None
-            return (image_views(data, spec, sample.key), None), None
-        except DataError as exc:
-            return None, str(exc)
-
-    samples, positions = dataset.samples, dataset.positions()
+    entry = _cache_entry(cache, dataset, spec, keep_images)
     with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending: collections.deque = collections.deque()
-        nxt = 0
-
-        def enqueue() -> None:
-            nonlocal nxt
-            s, pos = samples[nxt], positions[nxt]
-            nxt += 1
-            hit = entry.get(pos) if entry is not None else None
-            pending.append((s, pos, hit) if hit is not None else (s, pos, pool.submit(load, s)))
-
-        while nxt < len(samples) and len(pending) < batch_size * 3:
-            enqueue()
-        keys: list[str] = []
-        labels: list[Any] = []
-        views: list[np.ndarray] = []
-        images: list[np.ndarray] = []
-        hits: list[int] = []  # listing position of each image read from the cache, -1 for a decoded one
+        queue = _Prefetcher(dataset, entry, lambda s: pool.submit(_decode, s, spec, keep_images), batch_size * 3)
+        parts = _BatchParts(keep_images)
         try:
-            while pending:
-                sample, pos, item = pending.popleft()
-                cached = not isinstance(item, cf.Future)
-                if nxt < len(samples):
-                    enqueue()
-                if not cached:
-                    result, reason = item.result()
-                    if result is None:
-                        if skipped is not None:
-                            skipped.append(Skipped(sample.key, reason or "unreadable"))
-                        continue
-                    item, img = result
-                    if entry is not None:
-                        entry.add(pos, item)
-                    if keep_images:
-                        images.append(img)
-                keys.append(sample.key)
-                labels.append(sample.label)
-                views.append(item)
-                hits.append(pos if cached else -1)
-                if len(keys) == batch_size:
-                    yield Batch(keys, None, labels, images or None, _pixels(entry, views, hits), spec)
-                    keys, labels, views, images, hits = [], [], [], [], []
-            if keys:
-                yield Batch(keys, None, labels, images or None, _pixels(entry, views, hits), spec)
+            for sample, pos, item in queue:
+                got = _resolve(sample, pos, item, entry, skipped)
+                if got is None:
+                    continue
+                parts.add(sample, pos, *got)
+                if len(parts) == batch_size:
+                    yield parts.take(entry, spec)
+            if len(parts):
+                yield parts.take(entry, spec)
         finally:
             if entry is not None:
                 entry.flush()
