@@ -260,11 +260,8 @@ def run_bench(
     scenarios = [Scenario.parse(s) for s in loadgen]
     _check_fb_options(model, forward_backward, per_layer)
     convert = dict(convert or {})
-    fb_config = None
-    if forward_backward:
-        fb_config = _fb_config(
-            model, convert, batch_sizes, warmup_seconds, min_queries, min_seconds, per_layer, threads
-        )
+    fb_args = (model, convert, batch_sizes, warmup_seconds, min_queries, min_seconds, per_layer, threads)
+    fb_config = _fb_config(*fb_args) if forward_backward else None
     named, failures = _named_artifacts(artifacts, model, convert, out, threads)
     if not named and not forward_backward:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
