@@ -109,7 +109,7 @@ def build(work: Path, threads: int) -> dict[str, str]:
 
     _, calib = write_demo_data(work / "demo")
     n = len(list(calib.glob("*.png")))
-    built = convert_artifacts(
+    built, failures = convert_artifacts(
         "efficientnet_lite0",
         ",".join(TARGETS),
         work / "artifacts",
@@ -118,6 +118,8 @@ def build(work: Path, threads: int) -> dict[str, str]:
         calib_images=n,
         threads=threads,
     )
+    if failures:
+        raise SystemExit("; ".join(f"{name}: {error}" for name, error in failures.items()))
     return {name: str(a.path) for name, a in built.items() if a is not None}
 
 
