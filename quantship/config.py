@@ -260,16 +260,21 @@ class TargetSpec:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """How the calibration split is drawn and used."""
+    """How the calibration split is drawn and used.
+
+    ``method`` applies only to targets whose name carries no method (``trt-int8-qdq``): the method in a
+    target's name (``qdq-int8-entropy``, ``tflite-int8-mse``) is the method used.
+    """
 
     num_images: int = 100
     seed: int = 0
-    method: CalibrationMethod = CalibrationMethod.ENTROPY
+    method: CalibrationMethod | None = None
     percentile: float = 99.99
     batch_size: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
+        if self.method is not None:
+            object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
 
 
 @dataclass(frozen=True)
@@ -307,7 +312,7 @@ class TrtOptions:
         workspace_mb: Builder workspace memory pool limit.
         timing_cache: File to load the timing cache from and save it back to.
         calibration_cache: An explicit TensorRT calibration cache (used as given).
-        qdq_method: Calibration of the Q/DQ model behind ``trt-int8-qdq``.
+        qdq_method: Calibration of the Q/DQ model behind ``trt-int8-qdq`` (None: entropy).
         cuda_graph: Run engines through captured CUDA graphs.
     """
 
@@ -315,13 +320,14 @@ class TrtOptions:
     workspace_mb: int = 2048
     timing_cache: Path | None = None
     calibration_cache: Path | None = None
-    qdq_method: CalibrationMethod = CalibrationMethod.ENTROPY
+    qdq_method: CalibrationMethod | None = None
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.batch, str):
             object.__setattr__(self, "batch", BatchProfile.parse(self.batch))
-        object.__setattr__(self, "qdq_method", CalibrationMethod.parse(self.qdq_method))
+        if self.qdq_method is not None:
+            object.__setattr__(self, "qdq_method", CalibrationMethod.parse(self.qdq_method))
         for name in ("timing_cache", "calibration_cache"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):

@@ -139,8 +139,24 @@ def get_target(name: str) -> Target:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _TARGETS:
-        raise ConfigError(f"unknown target '{name}'; known targets: {', '.join(_TARGETS)}")
+        raise ConfigError(f"unknown target '{name}'{_suffix_hint(key)}; known targets: {', '.join(_TARGETS)}")
     return _TARGETS[key]
+
+
+IO_SUFFIXES = ("uint8io", "floatio")  # I/O variants of tflite-int8; any other suffix of a target is a method
+
+
+def _suffix_hint(key: str) -> str:
+    """For ``base-<suffix>``: what suffixes ``base`` takes (calibration methods, I/O types)."""
+    base, _, suffix = key.rpartition("-")
+    methods = [m.value for m in CalibrationMethod if f"{base}-{m.value}" in _TARGETS]
+    ios = [s for s in IO_SUFFIXES if f"{base}-{s}" in _TARGETS]
+    if not (methods or ios):
+        return ""
+    return (
+        f" ('{suffix}' is neither a calibration method of {base} ({', '.join(methods) or 'none'}) nor an I/O type "
+        f"({', '.join(ios) or 'none'}))"
+    )
 
 
 def parse_targets(names: str | Iterable[str], option: str = "--targets") -> list[Target]:
@@ -218,8 +234,41 @@ def _onnx_fp32_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     return _onnx_export(ctx)
 
 
+def _layer_outputs(ctx: BuildContext) -> dict[str, str]:
+    """Keras layer -> the tensor of the ONNX export holding its output (how TFLite tensors find our ranges)."""
+
+    def build() -> dict[str, str]:
+        import onnx
+
+        from quantship.convert.onnx import onnx_layer_outputs
+
+        return onnx_layer_outputs(onnx.load(str(_onnx_export(ctx).path)), ctx.loaded.model)
+
+    return ctx.shared("onnx-layer-outputs", build)
+
+
+def _calibration(ctx: BuildContext, spec: TargetSpec) -> Any:
+    """The run's calibration with ``spec``'s method. One statistics pass (on the ONNX export, observing the Q/DQ
+    inputs and every Keras layer's output) serves every method and every backend of the run."""
+    from quantship.calibrate.api import calibrate, collect_statistics
+
+    batches = ctx.calibration_batches(spec.name)
+    fp32 = _onnx_export(ctx)
+    collector = ctx.shared(
+        "onnx-stats",
+        lambda: collect_statistics(
+            fp32.path,
+            batches(),
+            scope="qdq",
+            threads=ctx.runner_options.threads,
+            extra=_layer_outputs(ctx).values(),
+        ),
+    )
+    return ctx.shared(f"calibration-{spec.calibration.value}", lambda: calibrate(collector, spec.calibration))
+
+
 def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
+    from quantship.calibrate.api import write_outputs
     from quantship.fileio import sha256_json
     from quantship.manifest import load_reusable
 
@@ -234,16 +283,64 @@ def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     build_key = sha256_json(manifest)
     if (existing := load_reusable(path, build_key)) is not None:
         return existing
-    batches = ctx.calibration_batches(spec.name)
-    # One statistics pass serves every calibration method of the run.
-    collector = ctx.shared(
-        "onnx-stats", lambda: collect_statistics(fp32.path, batches(), scope="qdq", threads=ctx.runner_options.threads)
-    )
-    write_outputs(
-        calibrate(collector, spec.calibration), fp32.path, qdq=path, manifest={**manifest, "build_key": build_key}
-    )
+    write_outputs(_calibration(ctx, spec), fp32.path, qdq=path, manifest={**manifest, "build_key": build_key})
     return load_reusable(path, build_key)
 
+
+def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    """Full-integer TFLite with our calibrator's ranges: the converter calibrates only (its recorded min/max are
+    replaced by ours, mapped through the Keras layer names), then quantizes."""
+    from quantship.convert.tflite import TfliteConverter, ranges_from_amax
+    from quantship.fileio import sha256_json
+    from quantship.manifest import load_reusable, write_artifact
+
+    converter = ctx.shared("tflite-converter", lambda: TfliteConverter(ctx.loaded.model, ctx.log_path))
+    fp32 = _onnx_export(ctx)
+    path = ctx.artifact_path(spec, ".tflite")
+    manifest = {
+        **ctx.base_manifest(spec),
+        "format": "tflite",
+        "precision": spec.precision.value,
+        "io_dtype": spec.io_dtype.value,
+        "calibration_method": spec.calibration.value,
+        "ranges_from": "quantship statistics of the ONNX export, mapped to TFLite tensors by Keras layer",
+        "source_onnx_sha256": fp32.manifest["sha256"],
+    }
+    build_key = sha256_json(manifest)
+    if (existing := load_reusable(path, build_key)) is not None:
+        return existing
+    batches = ctx.calibration_batches(spec.name)
+    calibrated = ctx.shared("tflite-calibrated", lambda: converter.calibrate_only(batches))
+    result = _calibration(ctx, spec)
+    minimum = {name: s.min for name, s in result.stats.items()}
+    replaced = ranges_from_amax(calibrated, ctx.loaded.model, _layer_outputs(ctx), result.amax, minimum)
+    data = converter.quantize_calibrated(calibrated, spec.io_dtype, replaced.ranges)
+    return write_artifact(
+        path,
+        data,
+        {
+            **manifest,
+            "calibrator": result.calibrator.describe(),
+            "tensors_with_our_range": len(replaced.ranges),
+            "tensors_with_converter_range": replaced.kept,
+            "build_key": build_key,
+        },
+    )
+
+
+for _method in CalibrationMethod:
+    register_target(
+        TargetSpec(
+            f"tflite-int8-{_method.value}",
+            "tflite",
+            Precision.INT8,
+            calibration=_method,
+            io_dtype=IODType.INT8,
+            description=f"TFLite full integer int8, int8 I/O, ranges from quantship's {_method.value} calibration "
+            "(the converter calibrates only; its min/max are replaced by ours)",
+        ),
+        _tflite_method_build,
+    )
 
 register_target(
     TargetSpec("onnx-fp32", "onnx", Precision.FP32, description="ONNX (tf2onnx) on ONNX Runtime, float32"),
@@ -275,7 +372,8 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     trt = import_tensorrt()  # say so before exporting or calibrating anything
     opts = ctx.trt
     if spec.trt_int8 is TrtInt8Mode.EXPLICIT:
-        source = _qdq_build(ctx, get_target(f"qdq-int8-{opts.qdq_method.value}").spec)
+        method = opts.qdq_method or DEFAULT_UNNAMED_METHOD
+        source = _qdq_build(ctx, get_target(f"qdq-int8-{method.value}").spec)
     else:
         source = _onnx_export(ctx)
     implicit = spec.trt_int8 is TrtInt8Mode.IMPLICIT
@@ -345,6 +443,31 @@ for _name, _prec, _mode, _cal, _desc in (
     register_target(TargetSpec(_name, "trt", _prec, calibration=_cal, trt_int8=_mode, description=_desc), _trt_build)
 
 DEFAULT_TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8")
+
+
+DEFAULT_UNNAMED_METHOD = CalibrationMethod.ENTROPY
+
+
+def unnamed_method(
+    targets: Iterable[Target],
+    calibration_method: CalibrationMethod | None,
+    trt_qdq_method: CalibrationMethod | None,
+    where: str = "plan",
+) -> CalibrationMethod | None:
+    """The method for targets whose name carries none (``trt-int8-qdq``), from a plan's ``calibration.method``
+    or ``tensorrt.qdq_method`` (``--trt-qdq-method``); None leaves the default (entropy). The method in any
+    other target's name is the method used, whatever these say.
+
+    Raises:
+        ConfigError: Both are set and some target takes them (which one would apply is not for us to guess).
+    """
+    takers = [t.name for t in targets if t.spec.trt_int8 is TrtInt8Mode.EXPLICIT]
+    if calibration_method is not None and trt_qdq_method is not None and takers:
+        raise ConfigError(
+            f"{where}: calibration.method ({calibration_method.value}) and tensorrt.qdq_method "
+            f"({trt_qdq_method.value}) both set the calibration of {', '.join(takers)}; set one of them"
+        )
+    return trt_qdq_method or calibration_method
 
 
 def needs_calibration(targets: Iterable[Target], trt: TrtOptions = TrtOptions()) -> list[Target]:

@@ -51,7 +51,7 @@ class CalibrationResult:
 
 
 def collect_statistics(
-    onnx_model: Any, feed: Iterable, scope: str = "all", threads: int | None = None
+    onnx_model: Any, feed: Iterable, scope: str = "all", threads: int | None = None, extra: Iterable[str] = ()
 ) -> StatisticsCollector:
     """One pass of the feed through the model.
 
@@ -60,12 +60,14 @@ def collect_statistics(
         feed: Iterable of input batches.
         scope: ``all`` (every float activation: what a TensorRT cache holds) or ``qdq`` (only the tensors the
             Q/DQ pass needs: faster).
+        extra: More tensors to observe with ``qdq`` (the Keras layer outputs whose ranges a TFLite model takes).
     """
     onnx = lazy_import("onnx")
     model = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
     if scope not in ("all", "qdq"):
         raise ConfigError(f"statistics scope must be 'all' or 'qdq', got '{scope}'")
-    collector = StatisticsCollector(model, None if scope == "all" else qdq_tensors(model), threads=threads)
+    tensors = None if scope == "all" else list(dict.fromkeys([*qdq_tensors(model), *extra]))
+    collector = StatisticsCollector(model, tensors, threads=threads)
     collector.collect(feed)
     return collector
 

@@ -123,8 +123,8 @@ def trt(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--trt-qdq-method",
-        default="entropy",
-        help="calibration of the Q/DQ model behind trt-int8-qdq (default entropy)",
+        help="calibration of the Q/DQ model behind trt-int8-qdq, the one target whose name carries no method "
+        "(default entropy)",
     )
     g.add_argument("--trt-cuda-graph", action="store_true", help="run engines through captured CUDA graphs")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from quantship.config import CalibrationSpec, Gate, TrtOptions
 from quantship.errors import ConfigError
+from quantship.targets import parse_targets, unnamed_method
 
 
 @dataclass
@@ -82,6 +84,8 @@ class SignoffPlan:
             raise ConfigError(f"{source}: {exc}") from None
         targets = d.pop("targets")
         targets = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets))
+        method = unnamed_method(parse_targets(targets, "targets"), calib.method, trt.qdq_method, source)
+        trt = dataclasses.replace(trt, qdq_method=method)
         return cls(models=models, targets=targets, gates=gates, calibration=calib, tensorrt=trt, **d)
 
     @classmethod
