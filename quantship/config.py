@@ -216,6 +216,7 @@ class CalibrationMethod(str, enum.Enum):
     ENTROPY = "entropy"
     PERCENTILE = "percentile"
     MSE = "mse"
+    AUTO = "auto"  # per layer, the one of the four above with the smallest output error on calibration images
 
     @classmethod
     def parse(cls, value: Any) -> "CalibrationMethod":
@@ -275,6 +276,42 @@ class CalibrationSpec:
     def __post_init__(self) -> None:
         if self.method is not None:
             object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
+
+
+RELU6_MODES = ("keep", "relu")
+
+
+@dataclass(frozen=True)
+class PtqSteps:
+    """Post-training steps applied to the Keras model before quantized targets are exported (recorded in their
+    manifests); see :mod:`quantship.convert.ptq`.
+
+    Attributes:
+        equalize: Cross-layer equalization (batch norms folded first).
+        bias_correct: Bias correction from calibration statistics (batch norms folded first).
+        relu6: ``keep`` (equalize only through ReLU and linear links: exact) or ``relu`` (the published
+            method: ReLU6 between two equalized layers becomes ReLU).
+    """
+
+    equalize: bool = False
+    bias_correct: bool = False
+    relu6: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.relu6 not in RELU6_MODES:
+            raise ConfigError(f"relu6 mode must be one of {', '.join(RELU6_MODES)}, got '{self.relu6}'")
+
+    @property
+    def active(self) -> bool:
+        return self.equalize or self.bias_correct
+
+    @property
+    def label(self) -> str:
+        parts = [("equalize" if self.relu6 == "keep" else "equalize-relu")] if self.equalize else []
+        return "+".join(parts + (["bias-correct"] if self.bias_correct else [])) or "none"
+
+    def describe(self) -> dict[str, Any]:
+        return {"equalize": self.equalize, "bias_correct": self.bias_correct, "relu6": self.relu6}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from quantship.config import CalibrationMethod, IODType, Precision, TargetSpec, TrtInt8Mode, TrtOptions
+from quantship.config import CalibrationMethod, IODType, Precision, PtqSteps, TargetSpec, TrtInt8Mode, TrtOptions
 from quantship.errors import ConfigError
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel
@@ -44,7 +44,32 @@ class BuildContext:
     runner_options: RunnerOptions = field(default_factory=RunnerOptions)
     trt: TrtOptions = field(default_factory=TrtOptions)
     log_path: Path | None = None
+    ptq: PtqSteps = field(default_factory=PtqSteps)
     _cache: dict[str, Any] = field(default_factory=dict)
+
+    def uses_ptq(self, spec: TargetSpec) -> bool:
+        """Whether ``spec`` is built from the model with the post-training steps (targets with int8 weights)."""
+        return self.ptq.active and spec.precision in QUANTIZED_WEIGHTS
+
+    def keras_model(self, spec: TargetSpec) -> Any:
+        """The Keras model ``spec`` converts: with the post-training steps applied (once per run) for targets with
+        int8 weights; the loaded model itself otherwise (it stays the fp32 reference)."""
+        if not self.uses_ptq(spec):
+            return self.loaded.model
+        return self._prepared()[0]
+
+    def _prepared(self) -> tuple[Any, Any]:
+        def build() -> tuple[Any, Any]:
+            from quantship.convert.ptq import prepare_model
+
+            batches = self.calibration.batches if (self.calibration and self.ptq.bias_correct) else None
+            return prepare_model(self.loaded.model, self.ptq, batches)
+
+        return self.shared("ptq-model", build)
+
+    def variant(self, spec: TargetSpec) -> str:
+        """Key suffix of what is shared between targets built from the same Keras model."""
+        return f"+{self.ptq.label}" if self.uses_ptq(spec) else ""
 
     def shared(self, key: str, factory: Callable[[], Any]) -> Any:
         """One object per run (e.g. the SavedModel export every TFLite precision converts from)."""
@@ -73,10 +98,16 @@ class BuildContext:
             "preprocess": lm.preprocess.to_dict(),
             "preprocess_hash": lm.preprocess.hash(),
             "calibration": dict(self.calibration.info) if self.calibration else {},
+            **({"post_training": self._prepared()[1].to_dict()} if self.uses_ptq(target) else {}),
         }
 
-    def artifact_path(self, target: TargetSpec, suffix: str) -> Path:
-        return self.out_dir / "artifacts" / f"{self.loaded.name}-{target.name}{suffix}"
+    def artifact_path(self, target: TargetSpec, suffix: str, variant: str | None = None) -> Path:
+        v = self.variant(target) if variant is None else variant
+        return self.out_dir / "artifacts" / f"{self.loaded.name}-{target.name}{v}{suffix}"
+
+
+# Precisions with int8 weights: what the post-training steps (equalization, bias correction) are for.
+QUANTIZED_WEIGHTS = (Precision.INT8, Precision.INT16X8, Precision.DYNAMIC)
 
 
 @dataclass(frozen=True)
@@ -195,10 +226,18 @@ register_target(TargetSpec("keras-fp32", "keras", Precision.FP32, description="K
 # ----------------------------------------------------------------------------------------- tflite
 
 
-def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.tflite import TfliteConverter, TfliteSpec, convert_to_tflite
+def _tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
+    from quantship.convert.tflite import TfliteConverter
 
-    converter = ctx.shared("tflite-converter", lambda: TfliteConverter(ctx.loaded.model, ctx.log_path))
+    return ctx.shared(
+        f"tflite-converter{ctx.variant(spec)}", lambda: TfliteConverter(ctx.keras_model(spec), ctx.log_path)
+    )
+
+
+def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    from quantship.convert.tflite import TfliteSpec, convert_to_tflite
+
+    converter = _tflite_converter(ctx, spec)
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
     calib = ctx.calibration_batches(spec.name) if tspec.needs_calibration else None
     return convert_to_tflite(converter, tspec, ctx.artifact_path(spec, ".tflite"), calib, ctx.base_manifest(spec))
@@ -218,23 +257,29 @@ for _name, _prec, _io, _desc in (
 # ------------------------------------------------------------------------------------------- onnx
 
 
-def _onnx_export(ctx: BuildContext) -> Artifact:
+def _onnx_export(ctx: BuildContext, target: TargetSpec | None = None) -> Artifact:
+    """The float ONNX export of the Keras model ``target`` converts (the plain model for onnx-fp32)."""
     from quantship.convert.onnx import convert_to_onnx
 
-    def export() -> Artifact:
-        spec = get_target("onnx-fp32").spec
-        return convert_to_onnx(
-            ctx.loaded.model, ctx.artifact_path(spec, ".onnx"), manifest=ctx.base_manifest(spec), log_path=ctx.log_path
-        )
+    spec = get_target("onnx-fp32").spec
+    source = target or spec
+    variant = ctx.variant(source)
 
-    return ctx.shared("onnx-export", export)
+    def export() -> Artifact:
+        manifest = ctx.base_manifest(spec)
+        if variant:
+            manifest["post_training"] = ctx.base_manifest(source)["post_training"]
+        path = ctx.artifact_path(spec, ".onnx", variant)
+        return convert_to_onnx(ctx.keras_model(source), path, manifest=manifest, log_path=ctx.log_path)
+
+    return ctx.shared(f"onnx-export{variant}", export)
 
 
 def _onnx_fp32_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     return _onnx_export(ctx)
 
 
-def _layer_outputs(ctx: BuildContext) -> dict[str, str]:
+def _layer_outputs(ctx: BuildContext, spec: TargetSpec) -> dict[str, str]:
     """Keras layer -> the tensor of the ONNX export holding its output (how TFLite tensors find our ranges)."""
 
     def build() -> dict[str, str]:
@@ -242,9 +287,9 @@ def _layer_outputs(ctx: BuildContext) -> dict[str, str]:
 
         from quantship.convert.onnx import onnx_layer_outputs
 
-        return onnx_layer_outputs(onnx.load(str(_onnx_export(ctx).path)), ctx.loaded.model)
+        return onnx_layer_outputs(onnx.load(str(_onnx_export(ctx, spec).path)), ctx.keras_model(spec))
 
-    return ctx.shared("onnx-layer-outputs", build)
+    return ctx.shared(f"onnx-layer-outputs{ctx.variant(spec)}", build)
 
 
 def _calibration(ctx: BuildContext, spec: TargetSpec) -> Any:
@@ -253,18 +298,19 @@ def _calibration(ctx: BuildContext, spec: TargetSpec) -> Any:
     from quantship.calibrate.api import calibrate, collect_statistics
 
     batches = ctx.calibration_batches(spec.name)
-    fp32 = _onnx_export(ctx)
+    fp32 = _onnx_export(ctx, spec)
+    v = ctx.variant(spec)
     collector = ctx.shared(
-        "onnx-stats",
+        f"onnx-stats{v}",
         lambda: collect_statistics(
             fp32.path,
             batches(),
             scope="qdq",
             threads=ctx.runner_options.threads,
-            extra=_layer_outputs(ctx).values(),
+            extra=_layer_outputs(ctx, spec).values(),
         ),
     )
-    return ctx.shared(f"calibration-{spec.calibration.value}", lambda: calibrate(collector, spec.calibration))
+    return ctx.shared(f"calibration-{spec.calibration.value}{v}", lambda: calibrate(collector, spec.calibration))
 
 
 def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
@@ -272,7 +318,7 @@ def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     from quantship.fileio import sha256_json
     from quantship.manifest import load_reusable
 
-    fp32 = _onnx_export(ctx)
+    fp32 = _onnx_export(ctx, spec)
     path = ctx.artifact_path(spec, ".onnx")
     manifest = {
         **ctx.base_manifest(spec),
@@ -290,12 +336,12 @@ def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     """Full-integer TFLite with our calibrator's ranges: the converter calibrates only (its recorded min/max are
     replaced by ours, mapped through the Keras layer names), then quantizes."""
-    from quantship.convert.tflite import TfliteConverter, ranges_from_amax
+    from quantship.convert.tflite import ranges_from_amax
     from quantship.fileio import sha256_json
     from quantship.manifest import load_reusable, write_artifact
 
-    converter = ctx.shared("tflite-converter", lambda: TfliteConverter(ctx.loaded.model, ctx.log_path))
-    fp32 = _onnx_export(ctx)
+    converter = _tflite_converter(ctx, spec)
+    fp32 = _onnx_export(ctx, spec)
     path = ctx.artifact_path(spec, ".tflite")
     manifest = {
         **ctx.base_manifest(spec),
@@ -310,10 +356,10 @@ def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     if (existing := load_reusable(path, build_key)) is not None:
         return existing
     batches = ctx.calibration_batches(spec.name)
-    calibrated = ctx.shared("tflite-calibrated", lambda: converter.calibrate_only(batches))
+    calibrated = ctx.shared(f"tflite-calibrated{ctx.variant(spec)}", lambda: converter.calibrate_only(batches))
     result = _calibration(ctx, spec)
     minimum = {name: s.min for name, s in result.stats.items()}
-    replaced = ranges_from_amax(calibrated, ctx.loaded.model, _layer_outputs(ctx), result.amax, minimum)
+    replaced = ranges_from_amax(calibrated, ctx.keras_model(spec), _layer_outputs(ctx, spec), result.amax, minimum)
     data = converter.quantize_calibrated(calibrated, spec.io_dtype, replaced.ranges)
     return write_artifact(
         path,
@@ -375,7 +421,7 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
         method = opts.qdq_method or DEFAULT_UNNAMED_METHOD
         source = _qdq_build(ctx, get_target(f"qdq-int8-{method.value}").spec)
     else:
-        source = _onnx_export(ctx)
+        source = _onnx_export(ctx, spec)
     implicit = spec.trt_int8 is TrtInt8Mode.IMPLICIT
     cache = opts.calibration_cache
     if implicit and cache is None:
@@ -388,6 +434,7 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
                 "preprocess": ctx.loaded.preprocess.hash(),
                 "method": spec.calibration.value,
                 "tensorrt": trt.__version__,
+                "post_training": ctx.ptq.describe() if ctx.uses_ptq(spec) else None,
             }
         )[:16]
         cache = ctx.artifact_path(spec, f".{key}.cache")

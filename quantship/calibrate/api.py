@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from quantship.calibrate.calibrators import Calibrator, compute_ranges, get_calibrator
+from quantship.calibrate.calibrators import AutoCalibrator, Calibrator, compute_ranges, get_calibrator
 from quantship.calibrate.collector import StatisticsCollector
 from quantship.calibrate.histogram import TensorStats
 from quantship.calibrate.qdq import QdqReport, insert_qdq, qdq_tensors
@@ -75,7 +75,15 @@ def collect_statistics(
 def calibrate(
     collector: StatisticsCollector, method: CalibrationMethod | str, percentile: float | None = None
 ) -> CalibrationResult:
+    """Ranges by ``method`` from the collector's statistics (``auto``: per tensor, the method with the smallest
+    output error on the calibration images the collector kept)."""
     cal = get_calibrator(method, percentile=percentile)
+    if isinstance(cal, AutoCalibrator):
+        from quantship.calibrate.auto import choose_ranges
+
+        choice = choose_ranges(collector.model, collector.stats, collector.sample, percentile, collector.threads)
+        cal = AutoCalibrator(choice.chosen, percentile)
+        return CalibrationResult(collector.stats, cal, choice.amax, collector.images)
     return CalibrationResult(collector.stats, cal, compute_ranges(collector.stats, cal), collector.images)
 
 

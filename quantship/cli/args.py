@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from quantship.config import CalibrationSpec, TrtOptions, parse_preprocess_overrides
+from quantship.config import CalibrationSpec, PtqSteps, TrtOptions, parse_preprocess_overrides
 
 
 def positive_int(text: str) -> int:
@@ -93,6 +93,31 @@ def data(p: argparse.ArgumentParser, required: bool = True, calib_default: int =
 
 def calibration(args: argparse.Namespace) -> CalibrationSpec:
     return CalibrationSpec(num_images=args.calib_images, seed=args.calib_seed)
+
+
+def post_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("post-training steps (Keras model of the quantized targets, before any export)")
+    g.add_argument(
+        "--equalize",
+        action="store_true",
+        help="cross-layer equalization of consecutive convolutions (batch norms folded first)",
+    )
+    g.add_argument(
+        "--relu6",
+        choices=("keep", "relu"),
+        default="keep",
+        help="with --equalize: keep ReLU6 and equalize only through ReLU and linear links (exact), or make "
+        "ReLU6 between equalized layers ReLU as the published method does (default keep)",
+    )
+    g.add_argument(
+        "--bias-correct",
+        action="store_true",
+        help="remove the expected output shift of int8 weights from each bias (calibration statistics)",
+    )
+
+
+def ptq_steps(args: argparse.Namespace) -> PtqSteps:
+    return PtqSteps(equalize=args.equalize, bias_correct=args.bias_correct, relu6=args.relu6)
 
 
 def runtime(p: argparse.ArgumentParser, batch: bool = True) -> None:

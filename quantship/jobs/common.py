@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from quantship.config import CalibrationSpec, CropMode, PreprocessSpec, TrtOptions
+from quantship.config import CalibrationSpec, CropMode, PreprocessSpec, PtqSteps, TrtOptions
 from quantship.data.datasets import ImageDataset, Skipped, iter_batches, split_calibration
 from quantship.errors import DataError
 from quantship.evaluate.loop import TargetRun, run_targets
@@ -20,7 +20,7 @@ from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, is_model_file, load_model
 from quantship.progress import track
 from quantship.runtime.base import RunnerOptions
-from quantship.targets import BuildContext, CalibrationData, Target, needs_calibration
+from quantship.targets import QUANTIZED_WEIGHTS, BuildContext, CalibrationData, Target, needs_calibration
 
 log = logging.getLogger("quantship")
 REFERENCE_TARGET = "keras-fp32"
@@ -86,10 +86,13 @@ def prepare_run(
     runner_options: RunnerOptions,
     workers: int,
     trt: TrtOptions = TrtOptions(),
+    ptq: PtqSteps = PtqSteps(),
 ) -> tuple[BuildContext, ImageDataset, ImageDataset]:
     """Split calibration/evaluation images (calibration only when a target needs it) and make the context
     that builds every target's artifact."""
-    needs_calib = bool(needs_calibration(targets, trt))
+    needs_calib = bool(needs_calibration(targets, trt)) or (
+        ptq.bias_correct and any(t.spec.precision in QUANTIZED_WEIGHTS for t in targets)
+    )
     calib, evalset = split_calibration(dataset, calibration.num_images if needs_calib else 0, limit, calibration.seed)
     ctx = BuildContext(
         loaded,
@@ -98,6 +101,7 @@ def prepare_run(
         runner_options=runner_options,
         trt=trt,
         log_path=out_dir / "convert.log",
+        ptq=ptq,
     )
     return ctx, calib, evalset
 

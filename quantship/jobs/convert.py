@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from quantship.config import TrtOptions
+from quantship.config import PtqSteps, TrtOptions
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError
 from quantship.jobs import JobResult
@@ -13,7 +13,7 @@ from quantship.jobs.common import build_targets, calibration_data, draw_calibrat
 from quantship.manifest import Artifact
 from quantship.models.loading import resolve_preprocess
 from quantship.runtime.base import RunnerOptions
-from quantship.targets import BuildContext, needs_calibration, parse_targets
+from quantship.targets import QUANTIZED_WEIGHTS, BuildContext, needs_calibration, parse_targets
 
 
 def convert_artifacts(
@@ -29,11 +29,15 @@ def convert_artifacts(
     workers: int = 4,
     threads: int | None = None,
     trt: TrtOptions = TrtOptions(),
+    ptq: PtqSteps = PtqSteps(),
 ) -> dict[str, Artifact | None]:
     """Build the artifacts of ``targets`` (``data`` is read as calibration data only)."""
     chosen = parse_targets(targets)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
     calibrated = needs_calibration(chosen, trt)
+    if ptq.bias_correct and not calibrated:
+        # Bias correction reads calibration images too (the dynamic-range TFLite target needs none otherwise).
+        calibrated = [t for t in chosen if t.spec.precision in QUANTIZED_WEIGHTS]
     if calibrated and not data:
         names = ", ".join(t.name for t in calibrated)
         raise ConfigError(
@@ -47,6 +51,7 @@ def convert_artifacts(
         runner_options=RunnerOptions(threads=threads),
         trt=trt,
         log_path=Path(out_dir) / "convert.log",
+        ptq=ptq,
     )
     if dataset is not None:
         ctx.calibration = calibration_data(draw_calibration(dataset, calib_images, calib_seed), loaded, workers=workers)

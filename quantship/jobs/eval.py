@@ -33,7 +33,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     options = RunnerOptions(threads=spec.threads)
     ctx, calib, evalset = prepare_run(
-        loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt
+        loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt, spec.ptq
     )
     skipped: list[Skipped] = []
     try:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from quantship.config import CalibrationMethod, Gate
+from quantship.config import CalibrationMethod, Gate, PtqSteps
 from quantship.data.classes import class_name
 from quantship.errors import ConfigError
 from quantship.evaluate.loop import as_batch, runner_outputs
@@ -325,9 +325,20 @@ def top3(probs: np.ndarray, n: int = 3) -> list[str]:
 
 
 def weight_study(
-    model: Any, held: HeldOut, kinds: Sequence[str], per_layer: bool = False, recipe: dict[str, str] | None = None
+    model: Any,
+    held: HeldOut,
+    kinds: Sequence[str],
+    per_layer: bool = False,
+    recipe: dict[str, str] | None = None,
+    ptq: PtqSteps | None = None,
+    calib_batches: Callable[[], Iterable[np.ndarray]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Accuracy and a prediction check for each weight precision, for all layers at once (and per layer)."""
+    """Accuracy and a prediction check for each weight precision, for all layers at once (and per layer).
+
+    With post-training steps (``ptq``), each all-layers precision is measured again on the model with the steps:
+    batch norms folded, equalized, and with bias correction for *that* precision's weights (the expected shift
+    of its own weight error, from the input means over ``calib_batches``).
+    """
     rows = []
     layers = list(_kernels(model))
     configs: list[tuple[str, str, dict[str, str]]] = [(kind, "all", {name: kind for name in layers}) for kind in kinds]
@@ -343,7 +354,61 @@ def weight_study(
             restore()
         check = top3(out) if held.task.name == "classification" else []
         rows.append(
-            {"kind": "weights", "precision": kind, "layers": scope, **score(out, held), "prediction_check": check}
+            {
+                "kind": "weights",
+                "precision": kind,
+                "layers": scope,
+                "post_training": "none",
+                **score(out, held),
+                "prediction_check": check,
+            }
+        )
+    if ptq is not None and ptq.active:
+        rows += _weight_study_with_steps(model, held, kinds, ptq, calib_batches)
+    return rows
+
+
+def _weight_study_with_steps(
+    model: Any,
+    held: HeldOut,
+    kinds: Sequence[str],
+    ptq: PtqSteps,
+    calib_batches: Callable[[], Iterable[np.ndarray]] | None,
+) -> list[dict[str, Any]]:
+    import dataclasses
+
+    from quantship.convert.ptq import apply_bias_correction, bias_correction, biased_layers, input_means, prepare_model
+
+    prepared, report = prepare_model(model, dataclasses.replace(ptq, bias_correct=False))
+    means = None
+    if ptq.bias_correct:
+        if calib_batches is None:
+            raise ConfigError("bias correction needs calibration images")
+        means = input_means(prepared, biased_layers(prepared), calib_batches())
+    rows = []
+    layers = list(_kernels(prepared))
+    for kind in kinds:
+        corrections = {}
+        if means is not None:
+            corrections = bias_correction(prepared, means, lambda k, dw, kind=kind: weight_variant(k, kind, dw))
+            apply_bias_correction(prepared, corrections)
+        restore = apply_weight_recipe(prepared, {name: kind for name in layers})
+        try:
+            out = _predict(prepared, held.x)
+        finally:
+            restore()
+            apply_bias_correction(prepared, {n: -d for n, d in corrections.items()})
+        check = top3(out) if held.task.name == "classification" else []
+        rows.append(
+            {
+                "kind": "weights",
+                "precision": kind,
+                "layers": "all",
+                "post_training": ptq.label,
+                "post_training_report": report.to_dict(),
+                **score(out, held),
+                "prediction_check": check,
+            }
         )
     return rows
 
@@ -552,6 +617,7 @@ class Analyses:
     per_layer: bool = False
     recipe: dict[str, str] | None = None
     gate: Gate | None = None
+    ptq: PtqSteps = field(default_factory=PtqSteps)  # shown in the weight study
 
     def __post_init__(self) -> None:
         self.method = CalibrationMethod.parse(self.method)
@@ -588,7 +654,15 @@ def run_analyses(
         if a.depthwise:
             rows += depthwise_vs_pointwise(backend, setup.held, layer_types(setup.loaded.model))
     if a.weight_kinds or a.recipe:
-        rows += weight_study(setup.loaded.model, setup.held, a.weight_kinds, per_layer=a.per_layer, recipe=a.recipe)
+        rows += weight_study(
+            setup.loaded.model,
+            setup.held,
+            a.weight_kinds,
+            per_layer=a.per_layer,
+            recipe=a.recipe,
+            ptq=a.ptq,
+            calib_batches=setup.calib_batches,
+        )
     result = None
     if a.gate is not None and per_backend:
         result = find_fallback(
@@ -609,6 +683,17 @@ SENSITIVITY_SHOWN = (
     ("backend", "backend", "{}"),
     ("rank", "rank", "{}"),
     ("layer", "layer", "{}"),
+    ("metric", "metric", "{}"),
+    ("value", "value", "{:.4f}"),
+    ("delta", "Δ", "{:+.4f}"),
+    ("agreement_top1", "agree", "{:.4f}"),
+    ("sqnr_db", "SQNR dB", "{:.1f}"),
+)
+
+
+WEIGHTS_SHOWN = (
+    ("precision", "weights", "{}"),
+    ("post_training", "post-training", "{}"),
     ("metric", "metric", "{}"),
     ("value", "value", "{:.4f}"),
     ("delta", "Δ", "{:+.4f}"),
@@ -648,6 +733,10 @@ def run_sensitivity(
     single = [r for r in rows if r["kind"] == "single"]
     if single:
         lines.append(text_table(single[: len(analyses.backends) * show], SENSITIVITY_SHOWN))
+    weights = [r for r in rows if r["kind"] == "weights" and r["layers"] in ("all", "mixed")]
+    if weights:
+        lines.append("weight study (all layers at once; post-training steps as asked):")
+        lines.append(text_table(weights, WEIGHTS_SHOWN))
     for r in rows:
         if r["kind"] == "fallback_cost":
             lines.append(

@@ -49,6 +49,7 @@ def unit_key(plan: SignoffPlan, model: Any, target: str) -> str:
             "calibration": dataclasses.asdict(plan.calibration),
             "anchors": plan.anchors,
             "tensorrt": dataclasses.asdict(plan.tensorrt),
+            **({"post_training": plan.post_training.describe()} if plan.post_training.active else {}),
         }
     )[:16]
 
@@ -192,6 +193,7 @@ def signoff(plan: SignoffPlan, out_dir: Path) -> tuple[list[dict[str, Any]], lis
             RunnerOptions(threads=plan.threads),
             plan.workers,
             plan.tensorrt,
+            plan.post_training,
         )
         try:
             for t in targets:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from quantship.config import CalibrationSpec, Gate, TrtOptions
+from quantship.config import CalibrationSpec, Gate, PtqSteps, TrtOptions
 from quantship.errors import ConfigError
 from quantship.targets import parse_targets, unnamed_method
 
@@ -30,6 +30,7 @@ class EvalSpec:
     preprocess_overrides: dict[str, Any] = field(default_factory=dict)
     trt: TrtOptions = field(default_factory=TrtOptions)
     anchors: str | None = None  # anchor configuration of a detection model given as a file
+    ptq: PtqSteps = field(default_factory=PtqSteps)  # post-training steps of the quantized targets
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class SignoffPlan:
     name: str = "signoff"
     anchors: str | None = None
     tensorrt: TrtOptions = field(default_factory=TrtOptions)
+    post_training: PtqSteps = field(default_factory=PtqSteps)  # equalize / bias_correct / relu6
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "SignoffPlan":
@@ -80,13 +82,14 @@ class SignoffPlan:
             gates = tuple(Gate(**{**g, "targets": tuple(g.get("targets", ("*",)))}) for g in d.pop("gates"))
             calib = CalibrationSpec(**d.pop("calibration", {}))
             trt = TrtOptions(**d.pop("tensorrt", {}))
+            ptq = PtqSteps(**d.pop("post_training", {}))
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         targets = d.pop("targets")
         targets = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets))
         method = unnamed_method(parse_targets(targets, "targets"), calib.method, trt.qdq_method, source)
         trt = dataclasses.replace(trt, qdq_method=method)
-        return cls(models=models, targets=targets, gates=gates, calibration=calib, tensorrt=trt, **d)
+        return cls(models=models, targets=targets, gates=gates, calibration=calib, tensorrt=trt, post_training=ptq, **d)
 
     @classmethod
     def load(cls, path: str | Path) -> "SignoffPlan":
