@@ -227,3 +227,20 @@ def test_weight_study_shows_the_steps(trained_tiny):
         ("int8-tensor", "equalize+bias-correct"),
     ]
     assert rows[1]["post_training_report"]["equalized_pairs"] == 3
+
+
+def test_demo_pass_rule_judges_only_photos_where_fp32_is_confident():
+    from types import SimpleNamespace
+
+    from quantship.jobs.demo import prediction_check
+
+    def target(name, scores):
+        return SimpleNamespace(target=SimpleNamespace(name=name), arrays={"scores": np.asarray(scores, np.float64)})
+
+    fp32 = [[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]]  # confident on the first photo only
+    same = target("int8-a", [[0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])  # differs only where fp32 is not confident
+    check, ok = prediction_check(["a", "b"], [target("keras-fp32", fp32), same])
+    assert ok and any("not judged" in line and "b (fp32 top-1" in line for line in check)
+    other = target("int8-b", [[0.3, 0.6, 0.1], [0.4, 0.35, 0.25]])
+    check, ok = prediction_check(["a", "b"], [target("keras-fp32", fp32), other])
+    assert not ok and any(line.strip().startswith("BAD int8-b") for line in check)
