@@ -160,6 +160,28 @@ def test_tflite_ranking_and_fallback(hostile, tmp_path):
 
 
 @pytest.mark.slow
+def test_fast_paths_give_the_slow_paths_numbers_and_rankings(qdq_backend, hostile, tmp_path):
+    """One gated Q/DQ graph and one TFLite calibration give exactly what rebuilding every variant gives."""
+    from quantship.convert.tflite import TfliteConverter
+
+    model, calib, held = hostile
+    slow = QdqBackend(qdq_backend.model, qdq_backend.amax, qdq_backend.node_layers, fast=False)
+    for kw in ({"only": ["conv2"]}, {"only": ["dw", "fc"]}, {"float_layers": ["conv2"]}, {}):
+        np.testing.assert_allclose(qdq_backend.run(held.x, **kw), slow.run(held.x, **kw), rtol=0, atol=1e-6)
+    fast_rows, slow_rows = layer_sensitivity(qdq_backend, held), layer_sensitivity(slow, held)
+    assert [(r["layer"], r["agreement_top1"]) for r in fast_rows] == [
+        (r["layer"], r["agreement_top1"]) for r in slow_rows
+    ]
+    with TfliteConverter(model, tmp_path / "convert.log") as conv:
+        fast, slow = TfliteBackend(conv, lambda: [calib]), TfliteBackend(conv, lambda: [calib], fast=False)
+        fast_rows, slow_rows = layer_sensitivity(fast, held), layer_sensitivity(slow, held)
+        assert [r["layer"] for r in fast_rows] == [r["layer"] for r in slow_rows]
+        for f, s in zip(fast_rows, slow_rows):
+            assert f["agreement_top1"] == s["agreement_top1"] and f["sqnr_db"] == pytest.approx(s["sqnr_db"], abs=1e-6)
+        np.testing.assert_array_equal(fast.run(held.x, only=["conv1", "dw"]), slow.run(held.x, only=["conv1", "dw"]))
+
+
+@pytest.mark.slow
 def test_depthwise_vs_pointwise_and_weight_study(qdq_backend, hostile):
     model, _, held = hostile
     types = layer_types(model)

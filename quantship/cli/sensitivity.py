@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="mixed weight recipe: layer=kind,layer=kind")
     a.post_training(p)
     p.add_argument("--gate", help="find float layers so int8 passes, e.g. 'top1>=0.99', 'mAP>=0.95' or 'drop<=0.5'")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="convert every variant from scratch (the slow path: TFLite calibrates each time, a Q/DQ model is "
+        "written per variant); the default calibrates once and switches layers in one graph, with the same numbers",
+    )
     p.add_argument("--threads", type=a.positive_int)
     p.add_argument("--show", type=a.positive_int, default=10, help="rows shown per backend")
     a.out(p, "quantship-sensitivity")
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         recipe=recipe(args.recipe),
         gate=Gate.parse(args.gate) if args.gate else None,
         ptq=a.ptq_steps(args),
+        fast=not args.rebuild,
     )
     setup = dict(
         model=args.model,

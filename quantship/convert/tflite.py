@@ -147,15 +147,19 @@ class TfliteConverter:
             self._op_names = [d["name"] for d in interp.get_tensor_details()]
         return self._op_names
 
-    def _convert_with_denylist(
-        self, conv: Any, spec: TfliteSpec, calibration: CalibrationFeed, seen: list[int]
-    ) -> bytes:
-        """int8 with the given Keras layers kept in float, via the converter's quantization debugger."""
+    def denylist_nodes(self, float_layers: Iterable[str]) -> list[str]:
+        """Output tensor names of the ops that belong to the given Keras layers (the quantization debugger's and
+        :meth:`quantize_calibrated`'s deny list).
+
+        Raises:
+            ConfigError: A layer with no TFLite op.
+        """
         from quantship.convert.onnx import _segment_layer
 
-        tf = lazy_import("tensorflow")
         layer_names = {layer.name for layer in self.model.layers}
-        wanted = set(spec.float_layers)
+        wanted = set(float_layers)
+        if not wanted:
+            return []
         nodes = [
             n
             for n in self.float_model_tensor_names()
@@ -164,6 +168,14 @@ class TfliteConverter:
         missing = wanted - {_segment_layer(part, layer_names) for n in nodes for part in n.split(";")}
         if missing:
             raise ConfigError(f"no TFLite op found for Keras layer(s) {sorted(missing)}")
+        return nodes
+
+    def _convert_with_denylist(
+        self, conv: Any, spec: TfliteSpec, calibration: CalibrationFeed, seen: list[int]
+    ) -> bytes:
+        """int8 with the given Keras layers kept in float, via the converter's quantization debugger."""
+        tf = lazy_import("tensorflow")
+        nodes = self.denylist_nodes(spec.float_layers)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         conv.inference_input_type = tf.float32
         conv.inference_output_type = tf.float32

@@ -114,51 +114,104 @@ def gate_passes(gate: Gate, metrics: dict[str, Any]) -> bool:
 
 
 class QdqBackend:
-    """Runs the Q/DQ ONNX model with any subset of layers quantized (one calibration pass, reused)."""
+    """Runs the Q/DQ ONNX model with any subset of layers quantized (one calibration pass, reused).
+
+    Fast path (default): one graph with a switch on every node's Q/DQ (:mod:`quantship.calibrate.qdq_gated`) and
+    one ONNX Runtime session for every subset; ``fast=False`` writes and loads a new Q/DQ model per subset (the
+    same numbers, kept to check the fast path against).
+    """
 
     name = "qdq"
 
     def __init__(
-        self, onnx_model: Any, amax: dict[str, float], node_layers: dict[str, str], threads: int | None = None
+        self,
+        onnx_model: Any,
+        amax: dict[str, float],
+        node_layers: dict[str, str],
+        threads: int | None = None,
+        fast: bool = True,
     ):
-        self.model, self.amax, self.node_layers, self.threads = onnx_model, amax, node_layers, threads
+        self.model, self.amax, self.node_layers, self.threads, self.fast = onnx_model, amax, node_layers, threads, fast
         order = [n.name for n in onnx_model.graph.node if n.name in node_layers]
         self.layers = list(dict.fromkeys(node_layers[n] for n in order))  # Keras names in graph order
+        self._gated: Any = None
+        self._session: Any = None
+
+    def _quantized(self, node: str, float_layers: set[str], only: set[str] | None) -> bool:
+        # The rule of insert_qdq's exclude / include: a node is named by itself or by its Keras layer.
+        def named(names: set[str]) -> bool:
+            return node in names or self.node_layers.get(node) in names
+
+        return not named(float_layers) and (only is None or named(only))
 
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
-        from quantship.calibrate.qdq import insert_qdq
-        from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
+        from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 
-        model, _ = insert_qdq(self.model, self.amax, exclude=float_layers, node_layers=self.node_layers, include=only)
-        with OnnxRunner(
-            model.SerializeToString(), num_threads=self.threads, name="qdq", session_config=QDQ_FAKE_QUANT
-        ) as runner:
-            return runner_outputs(runner, x)
+        if not self.fast:
+            from quantship.calibrate.qdq import insert_qdq
+            from quantship.runtime.onnxruntime import OnnxRunner
+
+            model, _ = insert_qdq(
+                self.model, self.amax, exclude=float_layers, node_layers=self.node_layers, include=only
+            )
+            with OnnxRunner(
+                model.SerializeToString(), num_threads=self.threads, name="qdq", session_config=QDQ_FAKE_QUANT
+            ) as runner:
+                return runner_outputs(runner, x)
+        from quantship.calibrate.qdq_gated import GATES_INPUT, insert_gated_qdq
+        from quantship.runtime.onnxruntime import make_session
+
+        if self._session is None:
+            self._gated = insert_gated_qdq(self.model, self.amax)
+            self._session = make_session(
+                self._gated.model, self.threads, session_config=QDQ_FAKE_QUANT, what="gated Q/DQ model"
+            )
+            self._input = next(i.name for i in self._session.get_inputs() if i.name != GATES_INPUT)
+        floats, chosen = set(float_layers), set(only) if only is not None else None
+        gates = self._gated.gates(lambda node: self._quantized(node, floats, chosen))
+        return in_batches(lambda b: self._session.run(None, {self._input: b, GATES_INPUT: gates})[0], x)
 
 
 class TfliteBackend:
-    """Converts to TFLite int8 with any set of Keras layers kept in float (quantization-debugger denylist)."""
+    """TFLite int8 with any set of Keras layers kept in float.
+
+    Fast path (default): the converter calibrates once (its private calibrate-only path) and each set is only
+    quantized, with the float layers' ops on the deny list; ``fast=False`` converts from scratch through the
+    quantization debugger every time (calibration included: about 15 s a model for EfficientNet-Lite0).
+    """
 
     name = "tflite"
 
-    def __init__(self, converter: Any, calibration: Callable[[], Iterable], threads: int | None = None):
+    def __init__(
+        self, converter: Any, calibration: Callable[[], Iterable], threads: int | None = None, fast: bool = True
+    ):
         from quantship.convert.onnx import WEIGHTED_KERAS
 
-        self.converter, self.calibration, self.threads = converter, calibration, threads
+        self.converter, self.calibration, self.threads, self.fast = converter, calibration, threads, fast
         self.layers = [layer.name for layer in converter.model.layers if type(layer).__name__ in WEIGHTED_KERAS]
+        self._calibrated: bytes | None = None
+
+    def model_bytes(self, floats: set[str]) -> bytes:
+        from quantship.config import IODType, Precision
+        from quantship.convert.tflite import TfliteSpec
+
+        if not self.fast:
+            return self.converter.convert(
+                TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats))), self.calibration
+            )
+        if self._calibrated is None:
+            self._calibrated = self.converter.calibrate_only(self.calibration)
+        nodes = self.converter.denylist_nodes(sorted(floats))
+        return self.converter.quantize_calibrated(self._calibrated, IODType.FLOAT32, float_nodes=nodes)
 
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
-        from quantship.config import Precision
-        from quantship.convert.tflite import TfliteSpec
+        import tempfile
+        from pathlib import Path
 
         floats = set(float_layers)
         if only is not None:
             floats |= set(self.layers) - set(only)
-        spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)))
-        data = self.converter.convert(spec, self.calibration)
-        import tempfile
-        from pathlib import Path
-
+        data = self.model_bytes(floats)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.tflite"
             path.write_bytes(data)
@@ -458,23 +511,34 @@ class SensitivitySetup:
     node_layers: dict[str, str]
     work: Any
     threads: int | None = None
+    _backends: dict[Any, Any] = field(default_factory=dict)
 
-    def qdq(self, method: CalibrationMethod | str = CalibrationMethod.MAX) -> QdqBackend:
+    def qdq(self, method: CalibrationMethod | str = CalibrationMethod.MAX, fast: bool = True) -> QdqBackend:
+        """The Q/DQ backend (one per method; one statistics pass for all)."""
         import onnx
 
         from quantship.calibrate.api import calibrate, collect_statistics
 
-        proto = onnx.load(str(self.onnx_path))
-        if not hasattr(self, "_collector"):
-            self._collector = collect_statistics(proto, self.calib_batches(), scope="qdq", threads=self.threads)
-        return QdqBackend(proto, calibrate(self._collector, method).amax, self.node_layers, self.threads)
+        method = CalibrationMethod.parse(method)
+        key = ("qdq", method, fast)
+        if key not in self._backends:
+            proto = onnx.load(str(self.onnx_path))
+            if not hasattr(self, "_collector"):
+                self._collector = collect_statistics(proto, self.calib_batches(), scope="qdq", threads=self.threads)
+            amax = calibrate(self._collector, method).amax
+            self._backends[key] = QdqBackend(proto, amax, self.node_layers, self.threads, fast=fast)
+        return self._backends[key]
 
-    def tflite(self) -> TfliteBackend:
+    def tflite(self, fast: bool = True) -> TfliteBackend:
+        """The TFLite backend (it calibrates once, on first use)."""
         from quantship.convert.tflite import TfliteConverter
 
         if not hasattr(self, "_converter"):
             self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log")
-        return TfliteBackend(self._converter, self.calib_batches, self.threads)
+        key = ("tflite", fast)
+        if key not in self._backends:
+            self._backends[key] = TfliteBackend(self._converter, self.calib_batches, self.threads, fast=fast)
+        return self._backends[key]
 
     def close(self) -> None:
         if hasattr(self, "_converter"):
@@ -549,8 +613,6 @@ def apply_fallback(
     """Write the TFLite and Q/DQ int8 models with ``float_layers`` in float next to the plain int8 ones, and
     report what the fallback costs (file size, batch-1 latency) and gains (held-out metrics)."""
     from quantship.calibrate.qdq import insert_qdq
-    from quantship.config import IODType, Precision
-    from quantship.convert.tflite import TfliteSpec
     from quantship.evaluate.latency import measure_latency
     from quantship.manifest import write_artifact
     from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
@@ -566,11 +628,10 @@ def apply_fallback(
     tfl = setup.tflite()
     qdq = setup.qdq(method)
     for label, floats in (("int8", ()), ("int8+fallback", tuple(float_layers))):
-        spec = TfliteSpec(Precision.INT8, IODType.FLOAT32, float_layers=tuple(sorted(floats)))
         path = art_dir / f"{name}-tflite-{label.replace('+', '-')}.tflite"
         write_artifact(
             path,
-            tfl.converter.convert(spec, setup.calib_batches),
+            tfl.model_bytes(set(floats)),
             {**base_manifest, "format": "tflite", "precision": label, "float_layers": list(floats)},
         )
         model, _ = insert_qdq(qdq.model, qdq.amax, exclude=floats, node_layers=qdq.node_layers)
@@ -618,6 +679,7 @@ class Analyses:
     recipe: dict[str, str] | None = None
     gate: Gate | None = None
     ptq: PtqSteps = field(default_factory=PtqSteps)  # shown in the weight study
+    fast: bool = True  # calibrate TFLite once and switch Q/DQ nodes in one graph (False: rebuild every variant)
 
     def __post_init__(self) -> None:
         self.method = CalibrationMethod.parse(self.method)
@@ -639,7 +701,7 @@ def run_analyses(
     a = analyses
     if a.gate is not None:
         setup.held.task.check_metric(a.gate.metric)
-    chosen = {"qdq": lambda: setup.qdq(a.method), "tflite": setup.tflite}
+    chosen = {"qdq": lambda: setup.qdq(a.method, fast=a.fast), "tflite": lambda: setup.tflite(fast=a.fast)}
     idx = np.arange(len(setup.held.x))
     rank_set = setup.held.subset(idx[0::2]) if a.gate is not None else setup.held
     rows: list[dict[str, Any]] = []
