@@ -79,12 +79,24 @@ def calibrate(
     output error on the calibration images the collector kept)."""
     cal = get_calibrator(method, percentile=percentile)
     if isinstance(cal, AutoCalibrator):
-        from quantship.calibrate.auto import choose_ranges
+        from quantship.calibrate.auto import CANDIDATES, choose_ranges
 
-        choice = choose_ranges(collector.model, collector.stats, collector.sample, percentile, collector.threads)
+        per_method = {m: _ranges(collector, get_calibrator(m, percentile=percentile)) for m in CANDIDATES}
+        choice = choose_ranges(
+            collector.model, collector.stats, collector.sample, percentile, collector.threads, per_method=per_method
+        )
         cal = AutoCalibrator(choice.chosen, percentile)
         return CalibrationResult(collector.stats, cal, choice.amax, collector.images)
-    return CalibrationResult(collector.stats, cal, compute_ranges(collector.stats, cal), collector.images)
+    return CalibrationResult(collector.stats, cal, _ranges(collector, cal), collector.images)
+
+
+def _ranges(collector: StatisticsCollector, cal: Calibrator) -> dict[str, float]:
+    """Ranges of one calibrator, computed once per collector (the auto method needs every method's)."""
+    cache = collector.__dict__.setdefault("_ranges", {})
+    key = repr(sorted(cal.describe().items()))
+    if key not in cache:
+        cache[key] = compute_ranges(collector.stats, cal)
+    return dict(cache[key])
 
 
 def write_outputs(

@@ -100,6 +100,7 @@ def choose_ranges(
     percentile: float | None = None,
     threads: int | None = None,
     candidates: Sequence[CalibrationMethod] = CANDIDATES,
+    per_method: dict[CalibrationMethod, dict[str, float]] | None = None,
 ) -> AutoChoice:
     """For every observed tensor, the candidate range with the smallest output error on ``sample``.
 
@@ -109,11 +110,13 @@ def choose_ranges(
         sample: Calibration input batches to measure errors on.
         percentile: Of the percentile candidate.
         threads: ONNX Runtime threads.
+        per_method: The candidates' ranges when already computed.
     """
     onnx = lazy_import("onnx")
     from quantship.runtime.onnxruntime import make_session
 
-    per_method = {m: compute_ranges(stats, get_calibrator(m, percentile)) for m in candidates}
+    if per_method is None:
+        per_method = {m: compute_ranges(stats, get_calibrator(m, percentile)) for m in candidates}
     tensors = [t for t in stats if all(t in per_method[m] for m in candidates)]
     inits = {i.name: i for i in model.graph.initializer}
     consumers: dict[str, list[Any]] = {}
