@@ -276,15 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model}: {len(x)} evaluation images, {calib.info['num_images']} calibration images", flush=True)
         rows: dict[str, np.ndarray] = {}
         anchors: list[str] = []
-        for steps in [s for s in args.steps.split(",") if s]:
-            targets = ["tflite-int8"] + [f"tflite-int8-{m}" for m in methods] + [f"qdq-int8-{m}" for m in methods]
-            ys = our_targets(loaded, calib, x, steps, targets, mout, args.threads)
-            for name, y in ys.items():
-                if steps == "none" and name == "tflite-int8":
-                    rows["tflite converter int8"] = y
-                    anchors.append("tflite converter int8")
-                else:
-                    rows[f"{name} [{steps}]"] = y
+        # The anchors first. The float ONNX export every Q/DQ anchor quantizes is the plain model's.
+        base = our_targets(loaded, calib, x, "none", ["tflite-int8", "onnx-fp32"], mout, args.threads)
+        rows["tflite converter int8"] = base["tflite-int8"]
+        anchors.append("tflite converter int8")
         onnx_fp32 = mout / "none" / "artifacts" / f"{loaded.name}-onnx-fp32.onnx"
         rows[ORT_ANCHOR] = cached(
             mout / "anchors" / "ort.npy",
@@ -305,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
                     np.save(path, y)
                     rows[f"modelopt {method}"] = y
                     anchors.append(f"modelopt {method}")
+        for steps in [s for s in args.steps.split(",") if s]:
+            targets = ["tflite-int8"] + [f"tflite-int8-{m}" for m in methods] + [f"qdq-int8-{m}" for m in methods]
+            ys = our_targets(loaded, calib, x, steps, targets, mout, args.threads)
+            for name, y in ys.items():
+                if not (steps == "none" and name == "tflite-int8"):  # that one is the converter's anchor
+                    rows[f"{name} [{steps}]"] = y
         table = compare(rows, ref, anchors)
         report[model] = {"images": len(x), "calibration_images": calib.info["num_images"], "rows": table}
         print(markdown(model, len(x), table), flush=True)

@@ -289,8 +289,9 @@ class PtqSteps:
     Attributes:
         equalize: Cross-layer equalization (batch norms folded first).
         bias_correct: Bias correction from calibration statistics (batch norms folded first).
-        relu6: ``keep`` (equalize only through ReLU and linear links: exact) or ``relu`` (the published
-            method: ReLU6 between two equalized layers becomes ReLU).
+        relu6: ``keep`` (ReLU6 stays: through it, channels are rescaled only where the clip stays exact on the
+            calibration images) or ``relu`` (the published method: ReLU6 between two equalized layers becomes
+            ReLU, which changes the float function).
     """
 
     equalize: bool = False

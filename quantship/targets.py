@@ -62,7 +62,7 @@ class BuildContext:
         def build() -> tuple[Any, Any]:
             from quantship.convert.ptq import prepare_model
 
-            batches = self.calibration.batches if (self.calibration and self.ptq.bias_correct) else None
+            batches = self.calibration.batches if self.calibration else None
             return prepare_model(self.loaded.model, self.ptq, batches)
 
         return self.shared("ptq-model", build)

@@ -106,8 +106,9 @@ def post_training(p: argparse.ArgumentParser) -> None:
         "--relu6",
         choices=("keep", "relu"),
         default="keep",
-        help="with --equalize: keep ReLU6 and equalize only through ReLU and linear links (exact), or make "
-        "ReLU6 between equalized layers ReLU as the published method does (default keep)",
+        help="with --equalize: keep ReLU6 and rescale through it only where the clip stays exact on the "
+        "calibration images, or make ReLU6 between equalized layers ReLU as the published method does "
+        "(changes the float model; default keep)",
     )
     g.add_argument(
         "--bias-correct",

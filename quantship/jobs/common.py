@@ -91,7 +91,7 @@ def prepare_run(
     """Split calibration/evaluation images (calibration only when a target needs it) and make the context
     that builds every target's artifact."""
     needs_calib = bool(needs_calibration(targets, trt)) or (
-        ptq.bias_correct and any(t.spec.precision in QUANTIZED_WEIGHTS for t in targets)
+        ptq.active and any(t.spec.precision in QUANTIZED_WEIGHTS for t in targets)
     )
     calib, evalset = split_calibration(dataset, calibration.num_images if needs_calib else 0, limit, calibration.seed)
     ctx = BuildContext(

@@ -35,8 +35,8 @@ def convert_artifacts(
     chosen = parse_targets(targets)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
     calibrated = needs_calibration(chosen, trt)
-    if ptq.bias_correct and not calibrated:
-        # Bias correction reads calibration images too (the dynamic-range TFLite target needs none otherwise).
+    if ptq.active and not calibrated:
+        # The steps read calibration images too (the dynamic-range TFLite target needs none otherwise).
         calibrated = [t for t in chosen if t.spec.precision in QUANTIZED_WEIGHTS]
     if calibrated and not data:
         names = ", ".join(t.name for t in calibrated)
