@@ -110,6 +110,25 @@ def test_relu6_links_are_left_alone_or_made_relu_as_published():
         PtqSteps(equalize=True, relu6="clip")
 
 
+def test_equalization_through_relu6_is_exact_on_the_calibration_images():
+    """ReLU6 kept: a channel that reaches 6 on the calibration images keeps its scale, the others move only as far
+    as the clip stays out of reach, so the model is unchanged on those images."""
+    from quantship.convert.ptq import relu6_maxima
+
+    model = block_model()
+    x = np.random.default_rng(2).normal(0, 3, size=(8, 24, 24, 3)).astype(np.float32)
+    folded, _ = fold_batch_norms(model)
+    maxima = relu6_maxima(folded, equalization_pairs(folded), [x])["stem_conv"]
+    assert (maxima >= 6).any() and (maxima < 6).any()  # both kinds of channel
+    prepared, report = prepare_model(model, PtqSteps(equalize=True), lambda: [x[:4], x[4:]])
+    assert report.pairs == [("stem_conv", "dwconv")] and report.relu6_pairs == 1
+    assert report.relu6_channels_at_clip == int((maxima >= 6).sum())
+    assert max_abs_difference(model, prepared, x) < 1e-5
+    w0, w1 = (np.abs(m.get_layer("stem_conv").get_weights()[0]).max(axis=(0, 1, 2)) for m in (folded, prepared))
+    np.testing.assert_allclose(w1[maxima >= 6], w0[maxima >= 6], rtol=1e-6)  # clipped channels keep s = 1
+    assert not np.allclose(w1[maxima < 6], w0[maxima < 6])
+
+
 def test_bias_correction_removes_the_mean_shift_of_int8_weights(x12):
     """On a 1x1 convolution the expected output shift E[(W_q - W) x] is exact: after correction the int8-weight
     layer's mean output per channel equals the float layer's."""
