@@ -267,8 +267,9 @@ def _onnx_export(ctx: BuildContext, target: TargetSpec | None = None) -> Artifac
 
     def export() -> Artifact:
         manifest = ctx.base_manifest(spec)
-        if variant:
+        if variant:  # the steps read the calibration images: they are part of what made this export
             manifest["post_training"] = ctx.base_manifest(source)["post_training"]
+            manifest["post_training_calibration"] = dict(ctx.calibration.info) if ctx.calibration else {}
         path = ctx.artifact_path(spec, ".onnx", variant)
         return convert_to_onnx(ctx.keras_model(source), path, manifest=manifest, log_path=ctx.log_path)
 
