@@ -81,11 +81,14 @@ class MseCalibrator(Calibrator):
         counts = stats.counts.astype(np.float64)
         centers = (np.arange(len(counts), dtype=np.float64) + 0.5) * stats.width
         candidates = np.arange(min(self.start_bin, len(counts) - 1), len(counts), self.stride)
+        # Empty bins add nothing: sum over the others only (a grown histogram's tail is mostly empty).
+        nz = counts > 0
+        values, weights = centers[nz], counts[nz]
         best, best_i = np.inf, candidates[-1]
         for chunk in np.array_split(candidates, max(1, len(candidates) // 256)):
             scale = centers[chunk][:, None] / INT8_MAX
-            q = np.clip(np.round(centers[None, :] / scale), -INT8_MAX - 1, INT8_MAX) * scale
-            mse = ((q - centers[None, :]) ** 2 * counts[None, :]).mean(axis=1)
+            q = np.clip(np.round(values[None, :] / scale), -INT8_MAX - 1, INT8_MAX) * scale
+            mse = ((q - values[None, :]) ** 2 * weights[None, :]).sum(axis=1) / len(counts)
             j = int(np.argmin(mse))
             if mse[j] < best:
                 best, best_i = mse[j], chunk[j]
