@@ -160,18 +160,11 @@ def test_tflite_ranking_and_fallback(hostile, tmp_path):
 
 
 @pytest.mark.slow
-def test_fast_paths_give_the_slow_paths_numbers_and_rankings(qdq_backend, hostile, tmp_path):
-    """One gated Q/DQ graph and one TFLite calibration give exactly what rebuilding every variant gives."""
+def test_tflite_fast_path_gives_the_slow_paths_numbers_and_rankings(hostile, tmp_path):
+    """One calibration, then only quantization per variant: exactly what converting every variant gives."""
     from quantship.convert.tflite import TfliteConverter
 
     model, calib, held = hostile
-    slow = QdqBackend(qdq_backend.model, qdq_backend.amax, qdq_backend.node_layers, fast=False)
-    for kw in ({"only": ["conv2"]}, {"only": ["dw", "fc"]}, {"float_layers": ["conv2"]}, {}):
-        np.testing.assert_allclose(qdq_backend.run(held.x, **kw), slow.run(held.x, **kw), rtol=0, atol=1e-6)
-    fast_rows, slow_rows = layer_sensitivity(qdq_backend, held), layer_sensitivity(slow, held)
-    assert [(r["layer"], r["agreement_top1"]) for r in fast_rows] == [
-        (r["layer"], r["agreement_top1"]) for r in slow_rows
-    ]
     with TfliteConverter(model, tmp_path / "convert.log") as conv:
         fast, slow = TfliteBackend(conv, lambda: [calib]), TfliteBackend(conv, lambda: [calib], fast=False)
         fast_rows, slow_rows = layer_sensitivity(fast, held), layer_sensitivity(slow, held)

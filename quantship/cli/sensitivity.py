@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rebuild",
         action="store_true",
-        help="convert every variant from scratch (the slow path: TFLite calibrates each time, a Q/DQ model is "
-        "written per variant); the default calibrates once and switches layers in one graph, with the same numbers",
+        help="convert every TFLite variant from scratch through the quantization debugger (the slow path: it "
+        "calibrates each time); the default calibrates once and only quantizes each variant, with the same numbers",
     )
     p.add_argument("--threads", type=a.positive_int)
     p.add_argument("--show", type=a.positive_int, default=10, help="rows shown per backend")
