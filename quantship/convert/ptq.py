@@ -290,6 +290,8 @@ def _ratio(r1: np.ndarray, r2: np.ndarray) -> float:
 
 
 RELU6 = 6.0
+# A channel below the clip may be scaled up until its calibration maximum reaches RELU6 / RELU6_HEADROOM.
+RELU6_HEADROOM = 1.0
 
 
 def relu6_maxima(model: Any, pairs: list[_Pair], batches: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
@@ -353,7 +355,7 @@ def equalize(
             if p.relu6:
                 m = maxima[p.first]
                 clipped = m >= RELU6
-                s = np.where(clipped, 1.0, np.maximum(s, m / RELU6))
+                s = np.where(clipped, 1.0, np.maximum(s, np.minimum(1.0, m * RELU6_HEADROOM / RELU6)))
                 maxima[p.first] = np.where(clipped, m, m / s)
             worst = max(worst, float(np.max(np.abs(np.log(s)))))
             _scale_pair(first, second, s)

@@ -402,7 +402,7 @@ def _weight_study_with_steps(
 
     from quantship.convert.ptq import apply_bias_correction, bias_correction, biased_layers, input_means, prepare_model
 
-    prepared, report = prepare_model(model, dataclasses.replace(ptq, bias_correct=False))
+    prepared, report = prepare_model(model, dataclasses.replace(ptq, bias_correct=False), calib_batches)
     means = None
     if ptq.bias_correct:
         if calib_batches is None:
