@@ -44,6 +44,8 @@ STEPS = {
     "equalize": dict(equalize=True),
     "bias-correct": dict(bias_correct=True),
     "equalize+bias-correct": dict(equalize=True, bias_correct=True),
+    "equalize-calibration": dict(equalize=True, relu6="calibration"),
+    "equalize-calibration+bias-correct": dict(equalize=True, bias_correct=True, relu6="calibration"),
     "equalize-relu": dict(equalize=True, relu6="relu"),
     "equalize-relu+bias-correct": dict(equalize=True, bias_correct=True, relu6="relu"),
 }

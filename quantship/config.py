@@ -278,7 +278,7 @@ class CalibrationSpec:
             object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
 
 
-RELU6_MODES = ("keep", "relu")
+RELU6_MODES = ("keep", "calibration", "relu")
 
 
 @dataclass(frozen=True)
@@ -289,9 +289,11 @@ class PtqSteps:
     Attributes:
         equalize: Cross-layer equalization (batch norms folded first).
         bias_correct: Bias correction from calibration statistics (batch norms folded first).
-        relu6: ``keep`` (ReLU6 stays: through it, channels are rescaled only where the clip stays exact on the
-            calibration images) or ``relu`` (the published method: ReLU6 between two equalized layers becomes
-            ReLU, which changes the float function).
+        relu6: How equalization passes a ReLU6 (see :mod:`quantship.convert.ptq`): ``keep`` (ReLU6 stays; a
+            channel below the clip is only scaled up, until twice its calibration maximum reaches 6: exact
+            wherever its values stay below twice that maximum), ``calibration`` (ReLU6 stays; channels are
+            scaled either way as far as the clip stays exact on the calibration images) or ``relu`` (the
+            published method: ReLU6 between two equalized layers becomes ReLU, which changes the float model).
     """
 
     equalize: bool = False
@@ -308,7 +310,7 @@ class PtqSteps:
 
     @property
     def label(self) -> str:
-        parts = [("equalize" if self.relu6 == "keep" else "equalize-relu")] if self.equalize else []
+        parts = [("equalize" if self.relu6 == "keep" else f"equalize-{self.relu6}")] if self.equalize else []
         return "+".join(parts + (["bias-correct"] if self.bias_correct else [])) or "none"
 
     def describe(self) -> dict[str, Any]:

@@ -108,6 +108,7 @@ def test_relu6_links_are_left_alone_or_made_relu_as_published():
     ]
     with pytest.raises(ConfigError, match="relu6 mode"):
         PtqSteps(equalize=True, relu6="clip")
+    assert PtqSteps(equalize=True, relu6="calibration").label == "equalize-calibration"
 
 
 def test_equalization_through_relu6_is_exact_on_the_calibration_images():
@@ -120,13 +121,18 @@ def test_equalization_through_relu6_is_exact_on_the_calibration_images():
     folded, _ = fold_batch_norms(model)
     maxima = relu6_maxima(folded, equalization_pairs(folded), [x])["stem_conv"]
     assert (maxima >= 6).any() and (maxima < 6).any()  # both kinds of channel
-    prepared, report = prepare_model(model, PtqSteps(equalize=True), lambda: [x[:4], x[4:]])
-    assert report.pairs == [("stem_conv", "dwconv")] and report.relu6_pairs == 1
-    assert report.relu6_channels_at_clip == int((maxima >= 6).sum())
-    assert max_abs_difference(model, prepared, x) < 1e-5
-    w0, w1 = (np.abs(m.get_layer("stem_conv").get_weights()[0]).max(axis=(0, 1, 2)) for m in (folded, prepared))
-    np.testing.assert_allclose(w1[maxima >= 6], w0[maxima >= 6], rtol=1e-6)  # clipped channels keep s = 1
-    assert not np.allclose(w1[maxima < 6], w0[maxima < 6])
+    for mode in ("keep", "calibration"):
+        prepared, report = prepare_model(model, PtqSteps(equalize=True, relu6=mode), lambda: [x[:4], x[4:]])
+        assert report.pairs == [("stem_conv", "dwconv")] and report.relu6_pairs == 1
+        assert report.relu6_channels_at_clip == int((maxima >= 6).sum())
+        assert max_abs_difference(model, prepared, x) < 1e-5
+        w0, w1 = (np.abs(m.get_layer("stem_conv").get_weights()[0]).max(axis=(0, 1, 2)) for m in (folded, prepared))
+        np.testing.assert_allclose(w1[maxima >= 6], w0[maxima >= 6], rtol=1e-6)  # clipped channels keep s = 1
+        if mode == "keep":  # only scaled up (W1's channel grows), by at most 6 / (2 m)
+            ratio = w1[maxima < 6] / w0[maxima < 6]
+            assert (ratio >= 1 - 1e-6).all() and (ratio <= np.maximum(1, 3 / maxima[maxima < 6]) + 1e-6).all()
+        else:
+            assert not np.allclose(w1[maxima < 6], w0[maxima < 6])
 
 
 def test_bias_correction_removes_the_mean_shift_of_int8_weights(x12):

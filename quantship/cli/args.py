@@ -104,11 +104,12 @@ def post_training(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--relu6",
-        choices=("keep", "relu"),
+        choices=("keep", "calibration", "relu"),
         default="keep",
-        help="with --equalize: keep ReLU6 and rescale through it only where the clip stays exact on the "
-        "calibration images, or make ReLU6 between equalized layers ReLU as the published method does "
-        "(changes the float model; default keep)",
+        help="with --equalize, how to pass ReLU6: keep (a channel below the clip is scaled up until twice its "
+        "calibration maximum reaches 6, never down), calibration (either way, as far as the clip stays exact on "
+        "the calibration images), relu (ReLU6 becomes ReLU as in the published method; changes the float "
+        "model). Default keep",
     )
     g.add_argument(
         "--bias-correct",
