@@ -38,13 +38,15 @@ class TfliteSpec:
     precision: Precision
     io_dtype: IODType = IODType.FLOAT32
     float_layers: tuple[str, ...] = ()  # Keras layer names kept in float (int8 only; float I/O)
+    float_nodes: tuple[str, ...] = ()  # and op output tensors kept in float (see TfliteConverter.nodes_outside)
 
     def __post_init__(self) -> None:
         if self.precision not in TFLITE_PRECISIONS:
             raise ConfigError(f"TFLite has no precision '{self.precision.value}'")
         if self.io_dtype is not IODType.FLOAT32 and self.precision is not Precision.INT8:
             raise ConfigError(f"integer I/O ({self.io_dtype.value}) applies to full-integer int8 only")
-        if self.float_layers and (self.precision is not Precision.INT8 or self.io_dtype is not IODType.FLOAT32):
+        denied = self.float_layers or self.float_nodes
+        if denied and (self.precision is not Precision.INT8 or self.io_dtype is not IODType.FLOAT32):
             raise ConfigError("float layers (a denylist) apply to int8 with float I/O only")
 
     @property
@@ -125,7 +127,7 @@ class TfliteConverter:
             conv.target_spec.supported_ops = [
                 tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
             ]
-        if spec.float_layers:
+        if spec.float_layers or spec.float_nodes:
             return self._convert_with_denylist(conv, spec, calibration, seen)
         try:
             with redirect_native_output(self.log_path):
@@ -146,6 +148,26 @@ class TfliteConverter:
             interp = litert.Interpreter(model_content=data)
             self._op_names = [d["name"] for d in interp.get_tensor_details()]
         return self._op_names
+
+    def op_outputs(self) -> list[str]:
+        """Output tensor names of the float model's operators (no weights or constants)."""
+        if getattr(self, "_op_outputs", None) is None:
+            from tensorflow.lite.tools import flatbuffer_utils
+
+            model = flatbuffer_utils.convert_bytearray_to_object(self.convert(TfliteSpec(Precision.FP32)))
+            sg = model.subgraphs[0]
+            names = [sg.tensors[i].name for op in sg.operators for i in op.outputs]
+            self._op_outputs = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        return self._op_outputs
+
+    def nodes_outside(self, layers: Iterable[str]) -> list[str]:
+        """The deny list that leaves only the ops of the given Keras layers int8: every operator output none of
+        whose fused parts belongs to them, including ops named after no layer (a classifier's softmax)."""
+        from quantship.convert.onnx import _segment_layer
+
+        names = {layer.name for layer in self.model.layers}
+        keep = set(layers)
+        return [n for n in self.op_outputs() if not any(_segment_layer(p, names) in keep for p in n.split(";"))]
 
     def denylist_nodes(self, float_layers: Iterable[str]) -> list[str]:
         """Output tensor names of the ops that belong to the given Keras layers (the quantization debugger's and
@@ -175,7 +197,7 @@ class TfliteConverter:
     ) -> bytes:
         """int8 with the given Keras layers kept in float, via the converter's quantization debugger."""
         tf = lazy_import("tensorflow")
-        nodes = self.denylist_nodes(spec.float_layers)
+        nodes = list(dict.fromkeys([*self.denylist_nodes(spec.float_layers), *spec.float_nodes]))
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         conv.inference_input_type = tf.float32
         conv.inference_output_type = tf.float32
