@@ -222,17 +222,18 @@ def layer_sensitivity(
 
 
 def depthwise_vs_pointwise(backend: Any, held: HeldOut, layer_types: dict[str, str]) -> list[dict[str, Any]]:
-    """Quantize only pointwise (1x1) convolutions and dense layers, vs every layer."""
+    """Quantize only pointwise (1x1) convolutions and dense layers, vs every layer with weights (other ops, pooling
+    and softmax, are float in both rows)."""
     pointwise = [name for name in backend.layers if layer_types.get(name) in ("pointwise", "dense")]
     rows = []
-    for label, only in (("pointwise+dense only", pointwise), ("all layers", None)):
+    for label, only in (("pointwise+dense only", pointwise), ("all layers", list(backend.layers))):
         out = backend.run(held.x, only=only)
         rows.append(
             {
                 "kind": "depthwise_vs_pointwise",
                 "backend": backend.name,
                 "setting": label,
-                "quantized_layers": len(only) if only is not None else len(backend.layers),
+                "quantized_layers": len(only),
                 **score(out, held),
             }
         )
