@@ -134,6 +134,18 @@ def test_qdq_ranking_puts_the_hostile_layer_first(qdq_backend, hostile):
 
 
 @pytest.mark.slow
+def test_qdq_layers_share_their_prefix_and_give_the_same_outputs(qdq_backend, hostile):
+    """One layer (or layers 0..k) quantized, the prefix computed once: the same outputs as one model per row."""
+    _, _, held = hostile
+    layers = qdq_backend.layers
+    for cumulative in (False, True):
+        shared = qdq_backend.run_layers(held.x, layers, cumulative)
+        for k, layer in enumerate(layers):
+            only = layers[: k + 1] if cumulative else [layer]
+            np.testing.assert_allclose(shared[k], qdq_backend.run(held.x, only=only), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_qdq_fallback_keeps_exactly_the_hostile_layer(qdq_backend, hostile):
     _, _, held = hostile
     ranking = [r["layer"] for r in layer_sensitivity(qdq_backend, held.subset(range(0, 90, 2)))]

@@ -142,6 +142,108 @@ class QdqBackend:
         ) as runner:
             return runner_outputs(runner, x)
 
+    def run_layers(self, x: np.ndarray, layers: Sequence[str], cumulative: bool = False) -> list[np.ndarray]:
+        """:meth:`run` with ``only=[layer]`` (or ``only=layers[:k+1]``) for every layer, in graph order, without
+        computing the same prefix twice: with one layer quantized, everything before it is the float model, so
+        its inputs are carried from cut to cut through the float graph and only the rest of the network runs per
+        layer; cumulatively, the part before layer k+1 is the same for every later row (layers 0..k quantized),
+        so the float rest after it runs on the state the all-layers model reached there."""
+        import onnx
+
+        from quantship.calibrate.qdq import insert_qdq
+
+        layers = list(layers)
+        graph = _Cuts(onnx.shape_inference.infer_shapes(self.model), self.node_layers)
+        if [layer for layer in graph.order if layer in set(layers)] != layers:
+            return [self.run(x, only=layers[: k + 1] if cumulative else [layer]) for k, layer in enumerate(layers)]
+        source = (
+            self.model
+            if not cumulative
+            else insert_qdq(self.model, self.amax, node_layers=self.node_layers, include=layers)[0]
+        )
+        outputs: list[np.ndarray] = []
+        state = {graph.inputs[0]: x}
+        previous: list[str] = [graph.inputs[0]]
+        for k, layer in enumerate(layers):
+            cut = graph.position[layers[k + 1]] if cumulative and k + 1 < len(layers) else graph.position[layer]
+            if cumulative and k + 1 == len(layers):
+                outputs.append(self.run(x, only=layers))
+                break
+            live = graph.live(cut)
+            state = self._advance(source, state, previous, live)
+            previous = live
+            only = layers[: k + 1] if cumulative else [layer]
+            model, _ = insert_qdq(self.model, self.amax, node_layers=self.node_layers, include=only)
+            outputs.append(self._suffix(model, live, state))
+        return outputs
+
+    def _session(self, model: Any) -> Any:
+        from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, make_session
+
+        return make_session(model, self.threads, session_config=QDQ_FAKE_QUANT, what="Q/DQ model part")
+
+    def _advance(
+        self, model: Any, state: dict[str, np.ndarray], inputs: list[str], live: list[str]
+    ) -> dict[str, np.ndarray]:
+        """The values of the ``live`` tensors, computed from ``state`` (the values of ``inputs``)."""
+        from onnx.utils import Extractor
+
+        carried = {t: state[t] for t in live if t in state}
+        wanted = [t for t in live if t not in state]
+        if not wanted:
+            return carried
+        session = self._session(Extractor(_with_shapes(model)).extract_model(inputs, wanted))
+        names = [i.name for i in session.get_inputs()]
+        n = len(next(iter(state.values())))
+        parts = [session.run(wanted, {t: state[t][i : i + 32] for t in names}) for i in range(0, n, 32)]
+        return {**carried, **{t: np.concatenate([p[j] for p in parts]) for j, t in enumerate(wanted)}}
+
+    def _suffix(self, model: Any, live: list[str], state: dict[str, np.ndarray]) -> np.ndarray:
+        from onnx.utils import Extractor
+
+        output = model.graph.output[0].name
+        session = self._session(Extractor(_with_shapes(model)).extract_model(live, [output]))
+        names = [i.name for i in session.get_inputs()]
+        n = len(next(iter(state.values())))
+        return np.concatenate(
+            [session.run([output], {t: state[t][i : i + 32] for t in names})[0] for i in range(0, n, 32)]
+        )
+
+
+def _with_shapes(model: Any) -> Any:
+    import onnx
+
+    return onnx.shape_inference.infer_shapes(model)
+
+
+class _Cuts:
+    """Positions of the Keras layers' nodes in a topologically ordered ONNX graph, and the tensors alive at each
+    position (made before it, read at or after it)."""
+
+    def __init__(self, model: Any, node_layers: dict[str, str]):
+        inits = {i.name for i in model.graph.initializer}
+        self.inputs = [i.name for i in model.graph.input if i.name not in inits]
+        self.position: dict[str, int] = {}
+        self.order: list[str] = []
+        made: dict[str, int] = {t: -1 for t in self.inputs}
+        last: dict[str, int] = {}
+        for i, node in enumerate(model.graph.node):
+            layer = node_layers.get(node.name)
+            if layer is not None and layer not in self.position:
+                self.position[layer] = i
+                self.order.append(layer)
+            for t in node.output:
+                made[t] = i
+            for t in node.input:
+                if t and t not in inits:
+                    last[t] = i
+        for o in model.graph.output:
+            last[o.name] = len(model.graph.node)
+        self._made, self._last = made, last
+
+    def live(self, position: int) -> list[str]:
+        return [t for t, i in self._made.items() if i < position and self._last.get(t, -2) >= position]
+
 
 class TfliteBackend:
     """TFLite int8 with any set of Keras layers kept in float.
@@ -201,9 +303,10 @@ def layer_sensitivity(
     """One row per layer: that layer alone quantized (or layers 0..k with ``cumulative``)."""
     layers = list(layers or backend.layers)
     rows = []
+    shared = backend.run_layers(held.x, layers, cumulative) if hasattr(backend, "run_layers") else None
     for k, layer in enumerate(layers):
         only = layers[: k + 1] if cumulative else [layer]
-        out = backend.run(held.x, only=only)
+        out = shared[k] if shared is not None else backend.run(held.x, only=only)
         rows.append(
             {
                 "kind": "cumulative" if cumulative else "single",
