@@ -235,6 +235,7 @@ class CalibrationMethod(str, enum.Enum):
     ENTROPY = "entropy"
     PERCENTILE = "percentile"
     MSE = "mse"
+    AUTO = "auto"  # per layer, the one of the four above with the smallest output error on calibration images
 
     @classmethod
     def parse(cls, value: Any) -> "CalibrationMethod":
@@ -337,6 +338,45 @@ class InputCacheOptions:
             raise ConfigError(f"--input-cache-max-gb must be a positive number, got {self.max_gb}")
 
 
+RELU6_MODES = ("keep", "calibration", "relu")
+
+
+@dataclass(frozen=True)
+class PtqSteps:
+    """Post-training steps applied to the Keras model before quantized targets are exported (recorded in their
+    manifests); see :mod:`quantship.convert.ptq`.
+
+    Attributes:
+        equalize: Cross-layer equalization (batch norms folded first).
+        bias_correct: Bias correction from calibration statistics (batch norms folded first).
+        relu6: How equalization passes a ReLU6 (see :mod:`quantship.convert.ptq`): ``keep`` (ReLU6 stays; a
+            channel below the clip is only scaled up, until twice its calibration maximum reaches 6: exact
+            wherever its values stay below twice that maximum), ``calibration`` (ReLU6 stays; channels are
+            scaled either way as far as the clip stays exact on the calibration images) or ``relu`` (the
+            published method: ReLU6 between two equalized layers becomes ReLU, which changes the float model).
+    """
+
+    equalize: bool = False
+    bias_correct: bool = False
+    relu6: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.relu6 not in RELU6_MODES:
+            raise ConfigError(f"relu6 mode must be one of {', '.join(RELU6_MODES)}, got '{self.relu6}'")
+
+    @property
+    def active(self) -> bool:
+        return self.equalize or self.bias_correct
+
+    @property
+    def label(self) -> str:
+        parts = [("equalize" if self.relu6 == "keep" else f"equalize-{self.relu6}")] if self.equalize else []
+        return "+".join(parts + (["bias-correct"] if self.bias_correct else [])) or "none"
+
+    def describe(self) -> dict[str, Any]:
+        return {"equalize": self.equalize, "bias_correct": self.bias_correct, "relu6": self.relu6}
+
+
 @dataclass(frozen=True)
 class BatchProfile:
     """Optimization profile of the batch dimension (min <= opt <= max); min == max is a fixed batch."""
@@ -372,7 +412,7 @@ class TrtOptions:
         workspace_mb: Builder workspace memory pool limit.
         timing_cache: File to load the timing cache from and save it back to.
         calibration_cache: An explicit TensorRT calibration cache (used as given).
-        qdq_method: Calibration of the Q/DQ model behind ``trt-int8-qdq``.
+        qdq_method: Calibration of the Q/DQ model behind ``trt-int8-qdq`` (None: entropy).
         cuda_graph: Run engines through captured CUDA graphs.
     """
 
@@ -380,13 +420,14 @@ class TrtOptions:
     workspace_mb: int = 2048
     timing_cache: Path | None = None
     calibration_cache: Path | None = None
-    qdq_method: CalibrationMethod = CalibrationMethod.ENTROPY
+    qdq_method: CalibrationMethod | None = None
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.batch, str):
             object.__setattr__(self, "batch", BatchProfile.parse(self.batch))
-        object.__setattr__(self, "qdq_method", CalibrationMethod.parse(self.qdq_method))
+        if self.qdq_method is not None:
+            object.__setattr__(self, "qdq_method", CalibrationMethod.parse(self.qdq_method))
         for name in ("timing_cache", "calibration_cache"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):

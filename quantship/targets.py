@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from quantship.config import CalibrationMethod, IODType, Precision, TargetSpec, TrtInt8Mode, TrtOptions
+from quantship.config import CalibrationMethod, IODType, Precision, PtqSteps, TargetSpec, TrtInt8Mode, TrtOptions
 from quantship.errors import ConfigError
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel
@@ -47,7 +47,32 @@ class BuildContext:
     runner_options: RunnerOptions = field(default_factory=RunnerOptions)
     trt: TrtOptions = field(default_factory=TrtOptions)
     log_path: Path | None = None
+    ptq: PtqSteps = field(default_factory=PtqSteps)
     _cache: dict[str, Any] = field(default_factory=dict)
+
+    def uses_ptq(self, spec: TargetSpec) -> bool:
+        """Whether ``spec`` is built from the model with the post-training steps (targets with int8 weights)."""
+        return self.ptq.active and spec.precision in QUANTIZED_WEIGHTS
+
+    def keras_model(self, spec: TargetSpec) -> Any:
+        """The Keras model ``spec`` converts: with the post-training steps applied (once per run) for targets with
+        int8 weights; the loaded model itself otherwise (it stays the fp32 reference)."""
+        if not self.uses_ptq(spec):
+            return self.loaded.model
+        return self._prepared()[0]
+
+    def _prepared(self) -> tuple[Any, Any]:
+        def build() -> tuple[Any, Any]:
+            from quantship.convert.ptq import prepare_model
+
+            batches = self.calibration.batches if self.calibration else None
+            return prepare_model(self.loaded.model, self.ptq, batches)
+
+        return self.shared("ptq-model", build)
+
+    def variant(self, spec: TargetSpec) -> str:
+        """Key suffix of what is shared between targets built from the same Keras model."""
+        return f"+{self.ptq.label}" if self.uses_ptq(spec) else ""
 
     def shared(self, key: str, factory: Callable[[], Any]) -> Any:
         """One object per run (e.g. the SavedModel export every TFLite precision converts from)."""
@@ -76,10 +101,16 @@ class BuildContext:
             "preprocess": lm.preprocess.to_dict(),
             "preprocess_hash": lm.preprocess.hash(),
             "calibration": dict(self.calibration.info) if self.calibration else {},
+            **({"post_training": self._prepared()[1].to_dict()} if self.uses_ptq(target) else {}),
         }
 
-    def artifact_path(self, target: TargetSpec, suffix: str) -> Path:
-        return self.out_dir / "artifacts" / f"{self.loaded.name}-{target.name}{suffix}"
+    def artifact_path(self, target: TargetSpec, suffix: str, variant: str | None = None) -> Path:
+        v = self.variant(target) if variant is None else variant
+        return self.out_dir / "artifacts" / f"{self.loaded.name}-{target.name}{v}{suffix}"
+
+
+# Precisions with int8 weights: what the post-training steps (equalization, bias correction) are for.
+QUANTIZED_WEIGHTS = (Precision.INT8, Precision.INT16X8, Precision.DYNAMIC)
 
 
 @dataclass(frozen=True)
@@ -142,8 +173,24 @@ def get_target(name: str) -> Target:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _TARGETS:
-        raise ConfigError(f"unknown target '{name}'; known targets: {', '.join(_TARGETS)}")
+        raise ConfigError(f"unknown target '{name}'{_suffix_hint(key)}; known targets: {', '.join(_TARGETS)}")
     return _TARGETS[key]
+
+
+IO_SUFFIXES = ("uint8io", "floatio")  # I/O variants of tflite-int8; any other suffix of a target is a method
+
+
+def _suffix_hint(key: str) -> str:
+    """For ``base-<suffix>``: what suffixes ``base`` takes (calibration methods, I/O types)."""
+    base, _, suffix = key.rpartition("-")
+    methods = [m.value for m in CalibrationMethod if f"{base}-{m.value}" in _TARGETS]
+    ios = [s for s in IO_SUFFIXES if f"{base}-{s}" in _TARGETS]
+    if not (methods or ios):
+        return ""
+    return (
+        f" ('{suffix}' is neither a calibration method of {base} ({', '.join(methods) or 'none'}) nor an I/O type "
+        f"({', '.join(ios) or 'none'}))"
+    )
 
 
 def parse_targets(names: str | Iterable[str], option: str = "--targets") -> list[Target]:
@@ -182,12 +229,19 @@ register_target(TargetSpec("keras-fp32", "keras", Precision.FP32, description="K
 # ----------------------------------------------------------------------------------------- tflite
 
 
-def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.tflite import TfliteConverter, TfliteSpec, convert_to_tflite
+def _tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
+    from quantship.convert.tflite import TfliteConverter
 
-    converter = ctx.shared(
-        "tflite-converter", lambda: TfliteConverter(ctx.loaded.model, ctx.log_path, work_dir=ctx.out_dir)
+    return ctx.shared(
+        f"tflite-converter{ctx.variant(spec)}",
+        lambda: TfliteConverter(ctx.keras_model(spec), ctx.log_path, work_dir=ctx.out_dir),
     )
+
+
+def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    from quantship.convert.tflite import TfliteSpec, convert_to_tflite
+
+    converter = _tflite_converter(ctx, spec)
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
     calib = ctx.calibration_batches(spec.name) if tspec.needs_calibration else None
     return convert_to_tflite(converter, tspec, ctx.artifact_path(spec, ".tflite"), calib, ctx.base_manifest(spec))
@@ -207,31 +261,80 @@ for _name, _prec, _io, _desc in (
 # ------------------------------------------------------------------------------------------- onnx
 
 
-def _onnx_export(ctx: BuildContext) -> Artifact:
+def _onnx_export(ctx: BuildContext, target: TargetSpec | None = None) -> Artifact:
+    """The float ONNX export of the Keras model ``target`` converts (the plain model for onnx-fp32)."""
     from quantship.convert.onnx import convert_to_onnx
 
-    def export() -> Artifact:
-        spec = get_target("onnx-fp32").spec
-        return convert_to_onnx(
-            ctx.loaded.model, ctx.artifact_path(spec, ".onnx"), manifest=ctx.base_manifest(spec), log_path=ctx.log_path
-        )
+    spec = get_target("onnx-fp32").spec
+    source = target or spec
+    variant = ctx.variant(source)
 
-    return ctx.shared("onnx-export", export)
+    def export() -> Artifact:
+        manifest = ctx.base_manifest(spec)
+        if variant:  # the steps read the calibration images: they are part of what made this export
+            manifest["post_training"] = ctx.base_manifest(source)["post_training"]
+            manifest["post_training_calibration"] = dict(ctx.calibration.info) if ctx.calibration else {}
+        path = ctx.artifact_path(spec, ".onnx", variant)
+        return convert_to_onnx(ctx.keras_model(source), path, manifest=manifest, log_path=ctx.log_path)
+
+    return ctx.shared(f"onnx-export{variant}", export)
 
 
 def _onnx_fp32_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     return _onnx_export(ctx)
 
 
+def _layer_outputs(ctx: BuildContext, spec: TargetSpec) -> dict[str, str]:
+    """Keras layer -> the tensor of the ONNX export holding its output (how TFLite tensors find our ranges)."""
+
+    def build() -> dict[str, str]:
+        import onnx
+
+        from quantship.convert.onnx import onnx_layer_outputs
+
+        return onnx_layer_outputs(onnx.load(str(_onnx_export(ctx, spec).path)), ctx.keras_model(spec))
+
+    return ctx.shared(f"onnx-layer-outputs{ctx.variant(spec)}", build)
+
+
+def _percentile(ctx: BuildContext, spec: TargetSpec) -> float | None:
+    """The percentile ``spec``'s ranges depend on (its method's, or one of ``auto``'s candidates'), for build keys."""
+    uses = spec.calibration in (CalibrationMethod.PERCENTILE, CalibrationMethod.AUTO)
+    return ctx.calibration.percentile if uses and ctx.calibration else None
+
+
+def _calibration(ctx: BuildContext, spec: TargetSpec) -> Any:
+    """The run's calibration with ``spec``'s method. One statistics pass (on the ONNX export, observing the Q/DQ
+    inputs and every Keras layer's output) serves every method and every backend of the run."""
+    from quantship.calibrate.api import calibrate, collect_statistics
+
+    batches = ctx.calibration_batches(spec.name)
+    fp32 = _onnx_export(ctx, spec)
+    v = ctx.variant(spec)
+    collector = ctx.shared(
+        f"onnx-stats{v}",
+        lambda: collect_statistics(
+            fp32.path,
+            batches(),
+            scope="qdq",
+            threads=ctx.runner_options.threads,
+            extra=_layer_outputs(ctx, spec).values(),
+        ),
+    )
+    percentile = ctx.calibration.percentile if ctx.calibration else None
+    return ctx.shared(
+        f"calibration-{spec.calibration.value}{v}", lambda: calibrate(collector, spec.calibration, percentile)
+    )
+
+
 def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
+    from quantship.calibrate.api import write_outputs
     from quantship.fileio import sha256_json
     from quantship.manifest import load_reusable
 
-    fp32 = _onnx_export(ctx)
+    fp32 = _onnx_export(ctx, spec)
     path = ctx.artifact_path(spec, ".onnx")
-    batches = ctx.calibration_batches(spec.name)
-    percentile = ctx.calibration.percentile if spec.calibration is CalibrationMethod.PERCENTILE else None
+    percentile = _percentile(ctx, spec)
     manifest = {
         **ctx.base_manifest(spec),
         "source_onnx_sha256": fp32.manifest["sha256"],
@@ -243,18 +346,65 @@ def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     build_key = sha256_json(manifest)
     if (existing := load_reusable(path, build_key)) is not None:
         return existing
-    # One statistics pass serves every calibration method of the run.
-    collector = ctx.shared(
-        "onnx-stats", lambda: collect_statistics(fp32.path, batches(), scope="qdq", threads=ctx.runner_options.threads)
-    )
-    write_outputs(
-        calibrate(collector, spec.calibration, percentile),
-        fp32.path,
-        qdq=path,
-        manifest={**manifest, "build_key": build_key},
-    )
+    write_outputs(_calibration(ctx, spec), fp32.path, qdq=path, manifest={**manifest, "build_key": build_key})
     return load_reusable(path, build_key)
 
+
+def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    """Full-integer TFLite with our calibrator's ranges: the converter calibrates only (its recorded min/max are
+    replaced by ours, mapped through the Keras layer names), then quantizes."""
+    from quantship.convert.tflite import ranges_from_amax
+    from quantship.fileio import sha256_json
+    from quantship.manifest import load_reusable, write_artifact
+
+    converter = _tflite_converter(ctx, spec)
+    fp32 = _onnx_export(ctx, spec)
+    path = ctx.artifact_path(spec, ".tflite")
+    manifest = {
+        **ctx.base_manifest(spec),
+        "format": "tflite",
+        "precision": spec.precision.value,
+        "io_dtype": spec.io_dtype.value,
+        "calibration_method": spec.calibration.value,
+        "calibration_percentile": _percentile(ctx, spec),
+        "ranges_from": "quantship statistics of the ONNX export, mapped to TFLite tensors by Keras layer",
+        "source_onnx_sha256": fp32.manifest["sha256"],
+    }
+    build_key = sha256_json(manifest)
+    if (existing := load_reusable(path, build_key)) is not None:
+        return existing
+    batches = ctx.calibration_batches(spec.name)
+    calibrated = ctx.shared(f"tflite-calibrated{ctx.variant(spec)}", lambda: converter.calibrate_only(batches))
+    result = _calibration(ctx, spec)
+    minimum = {name: s.min for name, s in result.stats.items()}
+    replaced = ranges_from_amax(calibrated, ctx.keras_model(spec), _layer_outputs(ctx, spec), result.amax, minimum)
+    data = converter.quantize_calibrated(calibrated, spec.io_dtype, replaced.ranges)
+    return write_artifact(
+        path,
+        data,
+        {
+            **manifest,
+            "calibrator": result.calibrator.describe(),
+            "tensors_with_our_range": len(replaced.ranges),
+            "tensors_with_converter_range": replaced.kept,
+            "build_key": build_key,
+        },
+    )
+
+
+for _method in CalibrationMethod:
+    register_target(
+        TargetSpec(
+            f"tflite-int8-{_method.value}",
+            "tflite",
+            Precision.INT8,
+            calibration=_method,
+            io_dtype=IODType.INT8,
+            description=f"TFLite full integer int8, int8 I/O, ranges from quantship's {_method.value} calibration "
+            "(the converter calibrates only; its min/max are replaced by ours)",
+        ),
+        _tflite_method_build,
+    )
 
 register_target(
     TargetSpec("onnx-fp32", "onnx", Precision.FP32, description="ONNX (tf2onnx) on ONNX Runtime, float32"),
@@ -277,14 +427,13 @@ for _method in CalibrationMethod:
 
 
 def _ort_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.calibrate.api import calibrate, collect_statistics, write_ort_model
+    from quantship.calibrate.api import write_ort_model
     from quantship.fileio import sha256_json
     from quantship.manifest import load_reusable
 
-    fp32 = _onnx_export(ctx)
+    fp32 = _onnx_export(ctx, spec)
     path = ctx.artifact_path(spec, ".onnx")
-    batches = ctx.calibration_batches(spec.name)
-    percentile = ctx.calibration.percentile if spec.calibration is CalibrationMethod.PERCENTILE else None
+    percentile = _percentile(ctx, spec)
     manifest = {
         **ctx.base_manifest(spec),
         "source_onnx_sha256": fp32.manifest["sha256"],
@@ -297,12 +446,7 @@ def _ort_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     if (existing := load_reusable(path, build_key)) is not None:
         return existing
     # The same statistics pass as the Q/DQ targets (it observes the tensors of both layouts).
-    collector = ctx.shared(
-        "onnx-stats", lambda: collect_statistics(fp32.path, batches(), scope="qdq", threads=ctx.runner_options.threads)
-    )
-    write_ort_model(
-        calibrate(collector, spec.calibration, percentile), fp32.path, path, {**manifest, "build_key": build_key}
-    )
+    write_ort_model(_calibration(ctx, spec), fp32.path, path, {**manifest, "build_key": build_key})
     return load_reusable(path, build_key)
 
 
@@ -330,9 +474,10 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     trt = import_tensorrt()  # say so before exporting or calibrating anything
     opts = ctx.trt
     if spec.trt_int8 is TrtInt8Mode.EXPLICIT:
-        source = _qdq_build(ctx, get_target(f"qdq-int8-{opts.qdq_method.value}").spec)
+        method = opts.qdq_method or DEFAULT_UNNAMED_METHOD
+        source = _qdq_build(ctx, get_target(f"qdq-int8-{method.value}").spec)
     else:
-        source = _onnx_export(ctx)
+        source = _onnx_export(ctx, spec)
     implicit = spec.trt_int8 is TrtInt8Mode.IMPLICIT
     cache = opts.calibration_cache
     if implicit and cache is None:
@@ -345,6 +490,7 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
                 "preprocess": ctx.loaded.preprocess.hash(),
                 "method": spec.calibration.value,
                 "tensorrt": trt.__version__,
+                "post_training": ctx.ptq.describe() if ctx.uses_ptq(spec) else None,
             }
         )[:16]
         cache = ctx.artifact_path(spec, f".{key}.cache")
@@ -403,11 +549,17 @@ for _name, _prec, _mode, _cal, _desc in (
 DEFAULT_TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8")
 
 
-def needs_calibration(targets: Iterable[Target], trt: TrtOptions = TrtOptions()) -> list[Target]:
+DEFAULT_UNNAMED_METHOD = CalibrationMethod.ENTROPY
+
+
+def needs_calibration(
+    targets: Iterable[Target], trt: TrtOptions = TrtOptions(), ptq: PtqSteps = PtqSteps()
+) -> list[Target]:
     """The targets that need calibration images (implicit TensorRT int8 can read its ranges from a given
-    calibration cache instead)."""
+    calibration cache instead; post-training steps need them for every target with int8 weights)."""
     return [
         t
         for t in targets
-        if t.spec.needs_calibration and not (t.spec.trt_int8 is TrtInt8Mode.IMPLICIT and trt.calibration_cache)
+        if (t.spec.needs_calibration and not (t.spec.trt_int8 is TrtInt8Mode.IMPLICIT and trt.calibration_cache))
+        or (ptq.active and t.spec.precision in QUANTIZED_WEIGHTS)
     ]

@@ -88,6 +88,38 @@ def trained_tiny(tmp_path_factory):
     return model, path
 
 
+def block_model():
+    """Conv + BN + ReLU6, zero padding + stride-2 depthwise + BN + ReLU6, linear project + BN into a residual Add,
+    pooling and a classifier: every tensor kind MobileNetV2 / EfficientNet-Lite have, in 24x24."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    L = keras.layers
+    inputs = keras.Input((24, 24, 3), name="input")
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(6.0, name="stem_relu6")(x)
+    x = L.ZeroPadding2D((1, 1), name="dw_pad")(x)
+    x = L.DepthwiseConv2D(3, strides=2, padding="valid", use_bias=False, name="dwconv")(x)
+    x = L.BatchNormalization(name="dw_bn")(x)
+    s = x = L.ReLU(6.0, name="dw_relu6")(x)
+    x = L.Conv2D(8, 1, use_bias=False, name="project_conv")(x)
+    x = L.BatchNormalization(name="project_bn")(x)
+    x = L.Add(name="add")([x, s])
+    x = L.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = L.Dense(4, name="predictions")(x)
+    out = L.Activation("softmax", name="probs")(x)
+    model = keras.Model(inputs, out, name="blocks")
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # batch norms with real statistics, so folding them changes the numbers
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights(
+                [rng.uniform(0.5, 2, n), rng.normal(0, 0.5, n), rng.normal(0, 0.5, n), rng.uniform(0.5, 2, n)]
+            )
+    return model
+
+
 TINY_PREPROCESS = "mode=tf,size=32,crop_pct=1.0"
 
 

@@ -135,6 +135,18 @@ def test_qdq_ranking_puts_the_hostile_layer_first(qdq_backend, hostile):
 
 
 @pytest.mark.slow
+def test_qdq_layers_share_their_prefix_and_give_the_same_outputs(qdq_backend, hostile):
+    """One layer (or layers 0..k) quantized, the prefix computed once: the same outputs as one model per row."""
+    _, _, held = hostile
+    layers = qdq_backend.layers
+    for cumulative in (False, True):
+        shared = qdq_backend.run_layers(held.x, layers, cumulative)
+        for k, layer in enumerate(layers):
+            only = layers[: k + 1] if cumulative else [layer]
+            np.testing.assert_allclose(shared[k], qdq_backend.run(held.x, only=only), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_qdq_fallback_keeps_exactly_the_hostile_layer(qdq_backend, hostile):
     _, _, held = hostile
     ranking = [r["layer"] for r in layer_sensitivity(qdq_backend, held.subset(range(0, 90, 2)))]
@@ -158,6 +170,21 @@ def test_tflite_ranking_and_fallback(hostile, tmp_path):
         result = find_fallback([backend], [r["layer"] for r in rows], held, GATE)
     assert result.passed and sorted(result.float_layers) == ["conv1", "conv2"]
     assert [s["passed"] for s in result.steps] == [False, False, True]
+
+
+@pytest.mark.slow
+def test_tflite_fast_path_gives_the_slow_paths_numbers_and_rankings(hostile, tmp_path):
+    """One calibration, then only quantization per variant: exactly what converting every variant gives."""
+    from quantship.convert.tflite import TfliteConverter
+
+    model, calib, held = hostile
+    with TfliteConverter(model, tmp_path / "convert.log") as conv:
+        fast, slow = TfliteBackend(conv, lambda: [calib]), TfliteBackend(conv, lambda: [calib], fast=False)
+        fast_rows, slow_rows = layer_sensitivity(fast, held), layer_sensitivity(slow, held)
+        assert [r["layer"] for r in fast_rows] == [r["layer"] for r in slow_rows]
+        for f, s in zip(fast_rows, slow_rows):
+            assert f["agreement_top1"] == s["agreement_top1"] and f["sqnr_db"] == pytest.approx(s["sqnr_db"], abs=1e-6)
+        np.testing.assert_array_equal(fast.run(held.x, only=["conv1", "dw"]), slow.run(held.x, only=["conv1", "dw"]))
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from quantship.calibrate.calibrators import Calibrator, compute_ranges, get_calibrator
+from quantship.calibrate.calibrators import AutoCalibrator, Calibrator, compute_ranges, get_calibrator
 from quantship.calibrate.collector import StatisticsCollector
 from quantship.calibrate.histogram import TensorStats
 from quantship.calibrate.ort_layout import OrtQdqReport, OrtWeights, insert_ort_qdq, ort_tensors
@@ -52,7 +52,7 @@ class CalibrationResult:
 
 
 def collect_statistics(
-    onnx_model: Any, feed: Iterable, scope: str = "all", threads: int | None = None
+    onnx_model: Any, feed: Iterable, scope: str = "all", threads: int | None = None, extra: Iterable[str] = ()
 ) -> StatisticsCollector:
     """One pass of the feed through the model.
 
@@ -61,12 +61,14 @@ def collect_statistics(
         feed: Iterable of input batches.
         scope: ``all`` (every float activation: what a TensorRT cache holds) or ``qdq`` (only the tensors the
             Q/DQ layouts need, TensorRT's and ONNX Runtime's: faster).
+        extra: More tensors to observe with ``qdq`` (the Keras layer outputs whose ranges a TFLite model takes).
     """
     onnx = lazy_import("onnx")
     model = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, Path)) else onnx_model
     if scope not in ("all", "qdq"):
         raise ConfigError(f"statistics scope must be 'all' or 'qdq', got '{scope}'")
-    collector = StatisticsCollector(model, None if scope == "all" else layout_tensors(model), threads=threads)
+    tensors = None if scope == "all" else list(dict.fromkeys([*layout_tensors(model), *extra]))
+    collector = StatisticsCollector(model, tensors, threads=threads)
     collector.collect(feed)
     return collector
 
@@ -79,8 +81,28 @@ def layout_tensors(model: Any) -> list[str]:
 def calibrate(
     collector: StatisticsCollector, method: CalibrationMethod | str, percentile: float | None = None
 ) -> CalibrationResult:
+    """Ranges by ``method`` from the collector's statistics (``auto``: per tensor, the method with the smallest
+    output error on the calibration images the collector kept)."""
     cal = get_calibrator(method, percentile=percentile)
-    return CalibrationResult(collector.stats, cal, compute_ranges(collector.stats, cal), collector.images)
+    if isinstance(cal, AutoCalibrator):
+        from quantship.calibrate.auto import CANDIDATES, choose_ranges
+
+        per_method = {m: _ranges(collector, get_calibrator(m, percentile=percentile)) for m in CANDIDATES}
+        choice = choose_ranges(
+            collector.model, collector.stats, collector.sample, percentile, collector.threads, per_method=per_method
+        )
+        cal = AutoCalibrator(choice.chosen, percentile)
+        return CalibrationResult(collector.stats, cal, choice.amax, collector.images)
+    return CalibrationResult(collector.stats, cal, _ranges(collector, cal), collector.images)
+
+
+def _ranges(collector: StatisticsCollector, cal: Calibrator) -> dict[str, float]:
+    """Ranges of one calibrator, computed once per collector (the auto method needs every method's)."""
+    cache = collector.__dict__.setdefault("_ranges", {})
+    key = repr(sorted(cal.describe().items()))
+    if key not in cache:
+        cache[key] = compute_ranges(collector.stats, cal)
+    return dict(cache[key])
 
 
 def write_outputs(

@@ -81,11 +81,14 @@ class MseCalibrator(Calibrator):
         counts = stats.counts.astype(np.float64)
         centers = (np.arange(len(counts), dtype=np.float64) + 0.5) * stats.width
         candidates = np.arange(min(self.start_bin, len(counts) - 1), len(counts), self.stride)
+        # Empty bins add nothing: sum over the others only (a grown histogram's tail is mostly empty).
+        nz = counts > 0
+        values, weights = centers[nz], counts[nz]
         best, best_i = np.inf, candidates[-1]
         for chunk in np.array_split(candidates, max(1, len(candidates) // 256)):
             scale = centers[chunk][:, None] / INT8_MAX
-            q = np.clip(np.round(centers[None, :] / scale), -INT8_MAX - 1, INT8_MAX) * scale
-            mse = ((q - centers[None, :]) ** 2 * counts[None, :]).mean(axis=1)
+            q = np.clip(np.round(values[None, :] / scale), -INT8_MAX - 1, INT8_MAX) * scale
+            mse = ((q - values[None, :]) ** 2 * weights[None, :]).sum(axis=1) / len(counts)
             j = int(np.argmin(mse))
             if mse[j] < best:
                 best, best_i = mse[j], chunk[j]
@@ -155,6 +158,40 @@ class EntropyCalibrator(Calibrator):
         return {"method": self.name, "num_quantized_bins": self.num_quantized_bins, "start_bin": self.start_bin}
 
 
+AUTO_CANDIDATES = (
+    CalibrationMethod.MAX,
+    CalibrationMethod.ENTROPY,
+    CalibrationMethod.PERCENTILE,
+    CalibrationMethod.MSE,
+)
+
+
+class AutoCalibrator(Calibrator):
+    """The per-layer choice among :data:`AUTO_CANDIDATES` (see :mod:`quantship.calibrate.auto`): it needs the
+    model and calibration images, not one tensor's statistics, so :func:`quantship.calibrate.api.calibrate`
+    computes its ranges; this object records the choice in results and manifests."""
+
+    name = "auto"
+    trt_algorithm = None
+
+    def __init__(self, chosen: dict[str, str] | None = None, percentile: float | None = None):
+        self.chosen = dict(chosen or {})
+        self.percentile = percentile
+
+    def _amax(self, stats: Any) -> float:
+        raise ConfigError("the auto method chooses per tensor from the model's outputs: use calibrate.api.calibrate")
+
+    def describe(self) -> dict[str, Any]:
+        counts = {m.value: sum(1 for v in self.chosen.values() if v == m.value) for m in AUTO_CANDIDATES}
+        return {
+            "method": self.name,
+            "candidates": [m.value for m in AUTO_CANDIDATES],
+            "percentile": self.percentile,
+            "chosen_counts": counts,
+            "chosen": dict(sorted(self.chosen.items())),
+        }
+
+
 CALIBRATORS: dict[CalibrationMethod, type[Calibrator]] = {
     CalibrationMethod.MAX: MaxCalibrator,
     CalibrationMethod.ENTROPY: EntropyCalibrator,
@@ -167,6 +204,8 @@ def get_calibrator(method: CalibrationMethod | str, percentile: float | None = N
     """Instantiate a calibrator (``max``, ``entropy``, ``percentile``, ``mse``); ``percentile`` applies to the
     percentile method only."""
     method = CalibrationMethod.parse(method)
+    if method is CalibrationMethod.AUTO:
+        return AutoCalibrator(percentile=percentile)
     if method not in CALIBRATORS:
         raise ConfigError(
             f"no calibrator for method '{method.value}'; choose one of: {', '.join(m.value for m in CALIBRATORS)}"

@@ -48,10 +48,17 @@ class StatisticsCollector:
         tensors: Tensors to observe (default: every float activation).
         num_bins: Initial histogram bins.
         threads: ONNX Runtime intra-op threads and histogram threads (default: all cores).
+        keep_images: Input images kept from the feed (``sample``, a seeded uniform draw): what the auto method
+            measures output errors on.
     """
 
     def __init__(
-        self, model: Any, tensors: Sequence[str] | None = None, num_bins: int = DEFAULT_BINS, threads: int | None = None
+        self,
+        model: Any,
+        tensors: Sequence[str] | None = None,
+        num_bins: int = DEFAULT_BINS,
+        threads: int | None = None,
+        keep_images: int = 8,
     ):
         onnx = lazy_import("onnx")
         self.model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
@@ -61,6 +68,9 @@ class StatisticsCollector:
         self.stats: dict[str, TensorStats] = {t: TensorStats(t, num_bins) for t in self.tensors}
         self.batches = 0
         self.images = 0
+        self.keep_images = keep_images
+        self.sample: list[dict[str, np.ndarray]] = []
+        self._rng = np.random.default_rng(0)
 
     def _session(self):
         from quantship.errors import RuntimeBackendError
@@ -92,9 +102,24 @@ class StatisticsCollector:
                 # numpy releases the GIL in abs/max/bincount: histogram the tensors in parallel.
                 list(pool.map(lambda nv: self.stats[nv[0]].update(nv[1]), zip(out_names, values)))
                 del values
+                n = next(iter(batch.values())).shape[0]
+                self._keep(batch, n)
                 self.batches += 1
-                self.images += next(iter(batch.values())).shape[0]
+                self.images += n
         return self.stats
+
+    def _keep(self, batch: dict[str, np.ndarray], n: int) -> None:
+        """Reservoir sampling (seeded): ``sample`` stays a uniform draw of ``keep_images`` single-image batches
+        from the whole feed, however it is ordered."""
+        for i in range(n):
+            seen = self.images + i
+            one = {k: v[i : i + 1].copy() for k, v in batch.items()}
+            if len(self.sample) < self.keep_images:
+                self.sample.append(one)
+            else:
+                j = int(self._rng.integers(0, seen + 1))
+                if j < self.keep_images:
+                    self.sample[j] = one
 
     def memory_bytes(self) -> int:
         return sum(s.nbytes() for s in self.stats.values())

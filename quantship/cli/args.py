@@ -11,6 +11,7 @@ from quantship.config import (
     CalibrationSpec,
     InputCacheOptions,
     PreprocessSpec,
+    PtqSteps,
     TrtOptions,
     parse_preprocess_overrides,
 )
@@ -210,6 +211,33 @@ def providers(text: str) -> tuple[str, ...]:
     return names
 
 
+def post_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("post-training steps (Keras model of the quantized targets, before any export)")
+    g.add_argument(
+        "--equalize",
+        action="store_true",
+        help="cross-layer equalization of consecutive convolutions (batch norms folded first)",
+    )
+    g.add_argument(
+        "--relu6",
+        choices=("keep", "calibration", "relu"),
+        default="keep",
+        help="with --equalize, how to pass ReLU6: keep (a channel below the clip is scaled up until twice its "
+        "calibration maximum reaches 6, never down), calibration (either way, as far as the clip stays exact on "
+        "the calibration images), relu (ReLU6 becomes ReLU as in the published method; changes the float "
+        "model). Default keep",
+    )
+    g.add_argument(
+        "--bias-correct",
+        action="store_true",
+        help="remove the expected output shift of int8 weights from each bias (calibration statistics)",
+    )
+
+
+def ptq_steps(args: argparse.Namespace) -> PtqSteps:
+    return PtqSteps(equalize=args.equalize, bias_correct=args.bias_correct, relu6=args.relu6)
+
+
 def runtime(p: argparse.ArgumentParser, batch: bool = True) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--threads", type=positive_int, help="CPU threads of LiteRT / ONNX Runtime")
@@ -245,8 +273,8 @@ def trt(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--trt-qdq-method",
-        default="entropy",
-        help="calibration of the Q/DQ model behind trt-int8-qdq (default entropy)",
+        help="calibration of the Q/DQ model behind trt-int8-qdq, the one target whose name carries no method "
+        "(default entropy)",
     )
     g.add_argument("--trt-cuda-graph", action="store_true", help="run engines through captured CUDA graphs")
 

@@ -12,7 +12,9 @@ from quantship.cli.registry import Command
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a.model(p)
     a.data(p, evaluation=False, percentile=False)
-    p.add_argument("--method", default="entropy", help="max | entropy | percentile | mse (default entropy)")
+    p.add_argument(
+        "--method", default="entropy", help="max | entropy | percentile | mse | auto (per tensor; default entropy)"
+    )
     p.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     p.add_argument("--cache", help="write a TensorRT calibration cache here")
     p.add_argument("--qdq", help="write the Q/DQ ONNX model (TensorRT explicit quantization) here")

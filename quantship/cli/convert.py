@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.runtime(p, batch=False)
     a.targets(p, "tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8,tflite-int16x8")
     a.out(p, "quantship-out")
+    a.post_training(p)
     g = p.add_argument_group("float fallback")
     g.add_argument(
         "--auto-fallback",
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         trt=a.trt_options(args),
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
+        ptq=a.ptq_steps(args),
     )
     print(result.text)
     return result.exit_code

@@ -1,4 +1,5 @@
-"""``quantship demo``: the pretrained EfficientNet-Lite0 on sample photos, every target, no data needed."""
+"""``quantship demo``: a pretrained ImageNet model (EfficientNet-Lite0 by default) on sample photos, every target,
+no data needed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from quantship.cli.registry import Command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from quantship.jobs.demo import DEMO_MODELS, MODEL
+
     a.out(p, "quantship-demo")
+    p.add_argument(
+        "--model",
+        default=MODEL,
+        choices=tuple(DEMO_MODELS),
+        help=f"pretrained model (default {MODEL}; mobilenet_v2_tv: torchvision's MobileNetV2)",
+    )
     p.add_argument("--threads", type=a.positive_int, default=2)
     a.common(p)
 
@@ -18,14 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from quantship.jobs.demo import run_demo
 
-    result = run_demo(Path(args.out), threads=args.threads)
+    result = run_demo(Path(args.out), threads=args.threads, model=args.model)
     print(result.text)
     return result.exit_code
 
 
 COMMAND = Command(
     "demo",
-    "pretrained EfficientNet-Lite0 on sample photos: every TFLite precision, ONNX and Q/DQ int8",
+    "pretrained EfficientNet-Lite0 (or MobileNetV2) on sample photos: every TFLite precision, ONNX and Q/DQ int8",
     add_arguments,
     run,
 )

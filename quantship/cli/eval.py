@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.data(p)
     a.runtime(p)
     a.targets(p, ",".join(DEFAULT_TARGETS))
+    a.post_training(p)
     a.out(p, "quantship-out", "output folder (artifacts, results.jsonl, results.md)")
     p.add_argument(
         "--task",
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
+        ptq=a.ptq_steps(args),
     )
     print(
         f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})"

@@ -27,13 +27,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.input_cache(p)
     p.add_argument("--anchors", help="anchor configuration (JSON) of a detection model given as a file")
     p.add_argument("--backend", default="qdq,tflite", help="qdq (Q/DQ ONNX on ONNX Runtime) and/or tflite (full int8)")
-    p.add_argument("--method", default="max", help="calibration of the Q/DQ model (max)")
+    p.add_argument(
+        "--method", default="max", help="calibration of the Q/DQ model: max, entropy, percentile, mse or auto (max)"
+    )
     p.add_argument("--cumulative", action="store_true", help="also quantize layers 0..k in order, row by row")
     p.add_argument("--depthwise", action="store_true", help="also compare pointwise/dense-only vs all layers quantized")
     p.add_argument("--weight-study", help="weight precisions: fp16,int8-tensor,int8-channel,mantissa:K")
     p.add_argument("--per-layer", action="store_true", help="weight study per layer too (not only all layers at once)")
     p.add_argument("--recipe", help="mixed weight recipe: layer=kind,layer=kind")
+    a.post_training(p)
     p.add_argument("--gate", help="find float layers so int8 passes, e.g. 'top1>=0.99', 'mAP>=0.95' or 'drop<=0.5'")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="convert every TFLite variant from scratch through the quantization debugger (the slow path: it "
+        "calibrates each time); the default calibrates once and only quantizes each variant, with the same numbers",
+    )
     p.add_argument("--threads", type=a.positive_int)
     p.add_argument("--show", type=a.positive_int, default=10, help="rows shown per backend")
     a.out(p, "quantship-sensitivity")
@@ -65,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         per_layer=args.per_layer,
         recipe=recipe(args.recipe),
         gate=Gate.parse(args.gate) if args.gate else None,
+        ptq=a.ptq_steps(args),
+        fast=not args.rebuild,
     )
     setup = dict(
         model=args.model,

@@ -82,6 +82,7 @@ def _rename_output(proto: Any, new: str) -> None:
     proto.graph.output[0].name = new
 
 
+PASS_THROUGH_KERAS = ("ZeroPadding2D", "Dropout", "Reshape", "Flatten")
 WEIGHTED_KERAS = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose", "Dense")
 
 
@@ -134,6 +135,47 @@ def onnx_node_layers(onnx_model: Any, keras_model: Any) -> dict[str, str]:
             if layer and (weighted := upstream_weighted(layer)):
                 out[node.name] = weighted
                 break
+    return out
+
+
+def onnx_layer_outputs(onnx_model: Any, keras_model: Any, node_layers: dict[str, str] | None = None) -> dict[str, str]:
+    """Keras layer name -> the ONNX tensor that holds that layer's output (with batch norms folded into the
+    convolution before them, as the converters fold them), for every layer the export keeps a tensor of.
+
+    A weighted node's output belongs to its Keras layer (see :func:`onnx_node_layers`), or to the batch norm it
+    absorbed; any other node's output to the layer its name names. When several tensors belong to one layer
+    (a batch norm kept as Mul + Add, a MatMul and its bias Add) the last one in graph order is the output.
+    Transposes only change the layout (tf2onnx names the input's NHWC -> NCHW transpose after the first
+    batch norm) and are skipped.
+    """
+    from quantship.convert.tflite import keras_output_layer
+
+    node_layers = node_layers if node_layers is not None else onnx_node_layers(onnx_model, keras_model)
+    names = {layer.name for layer in keras_model.layers}
+    out: dict[str, str] = {}
+    inputs = [layer.name for layer in keras_model.layers if type(layer).__name__ == "InputLayer"]
+    graph_inputs = [
+        i.name for i in onnx_model.graph.input if i.name not in {t.name for t in onnx_model.graph.initializer}
+    ]
+    if len(inputs) == 1 and len(graph_inputs) == 1:
+        out[inputs[0]] = graph_inputs[0]
+    for node in onnx_model.graph.node:
+        if node.op_type in ("Transpose", "Constant", "Shape") or not node.output:
+            continue
+        if node.name in node_layers:
+            layer = keras_output_layer(keras_model, node_layers[node.name])
+        else:
+            layer = _segment_layer(node.output[0], names) or _segment_layer(node.name, names)
+        if layer is not None:
+            out[layer] = node.output[0]
+    # Zero padding merged into the convolution after it (tf2onnx does so) has no tensor of its own: its values are
+    # its input's and zeros, so it takes its input's tensor (a symmetric range around zero covers both).
+    for layer in keras_model.layers:
+        if layer.name not in out and type(layer).__name__ in PASS_THROUGH_KERAS:
+            inbound = getattr(layer, "_inbound_nodes", [])
+            parents = inbound[0].parent_nodes if inbound else []
+            if len(parents) == 1 and parents[0].operation.name in out:
+                out[layer.name] = out[parents[0].operation.name]
     return out
 
 

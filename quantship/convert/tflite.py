@@ -36,13 +36,15 @@ class TfliteSpec:
     precision: Precision
     io_dtype: IODType = IODType.FLOAT32
     float_layers: tuple[str, ...] = ()  # Keras layer names kept in float (int8 only; float I/O)
+    float_nodes: tuple[str, ...] = ()  # and op output tensors kept in float (see TfliteConverter.nodes_outside)
 
     def __post_init__(self) -> None:
         if self.precision not in TFLITE_PRECISIONS:
             raise ConfigError(f"TFLite has no precision '{self.precision.value}'")
         if self.io_dtype is not IODType.FLOAT32 and self.precision is not Precision.INT8:
             raise ConfigError(f"integer I/O ({self.io_dtype.value}) applies to full-integer int8 only")
-        if self.float_layers and (self.precision is not Precision.INT8 or self.io_dtype is not IODType.FLOAT32):
+        denied = self.float_layers or self.float_nodes
+        if denied and (self.precision is not Precision.INT8 or self.io_dtype is not IODType.FLOAT32):
             raise ConfigError("float layers (a denylist) apply to int8 with float I/O only")
 
     @property
@@ -129,7 +131,7 @@ class TfliteConverter:
             conv.target_spec.supported_ops = [
                 tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
             ]
-        if spec.float_layers:
+        if spec.float_layers or spec.float_nodes:
             return self._convert_with_denylist(conv, spec, calibration, seen)
         try:
             with redirect_native_output(self.log_path):
@@ -151,15 +153,39 @@ class TfliteConverter:
             self._op_names = [d["name"] for d in interp.get_tensor_details()]
         return self._op_names
 
-    def _convert_with_denylist(
-        self, conv: Any, spec: TfliteSpec, calibration: CalibrationFeed, seen: list[int]
-    ) -> bytes:
-        """int8 with the given Keras layers kept in float, via the converter's quantization debugger."""
+    def op_outputs(self) -> list[str]:
+        """Output tensor names of the float model's operators (no weights or constants)."""
+        if getattr(self, "_op_outputs", None) is None:
+            from tensorflow.lite.tools import flatbuffer_utils
+
+            model = flatbuffer_utils.convert_bytearray_to_object(self.convert(TfliteSpec(Precision.FP32)))
+            sg = model.subgraphs[0]
+            names = [sg.tensors[i].name for op in sg.operators for i in op.outputs]
+            self._op_outputs = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        return self._op_outputs
+
+    def nodes_outside(self, layers: Iterable[str]) -> list[str]:
+        """The deny list that leaves only the ops of the given Keras layers int8: every operator output none of
+        whose fused parts belongs to them, including ops named after no layer (a classifier's softmax)."""
         from quantship.convert.onnx import _segment_layer
 
-        tf = lazy_import("tensorflow")
+        names = {layer.name for layer in self.model.layers}
+        keep = set(layers)
+        return [n for n in self.op_outputs() if not any(_segment_layer(p, names) in keep for p in n.split(";"))]
+
+    def denylist_nodes(self, float_layers: Iterable[str]) -> list[str]:
+        """Output tensor names of the ops that belong to the given Keras layers (the quantization debugger's and
+        :meth:`quantize_calibrated`'s deny list).
+
+        Raises:
+            ConfigError: A layer with no TFLite op.
+        """
+        from quantship.convert.onnx import _segment_layer
+
         layer_names = {layer.name for layer in self.model.layers}
-        wanted = set(spec.float_layers)
+        wanted = set(float_layers)
+        if not wanted:
+            return []
         nodes = [
             n
             for n in self.float_model_tensor_names()
@@ -168,6 +194,14 @@ class TfliteConverter:
         missing = wanted - {_segment_layer(part, layer_names) for n in nodes for part in n.split(";")}
         if missing:
             raise ConfigError(f"no TFLite op found for Keras layer(s) {sorted(missing)}")
+        return nodes
+
+    def _convert_with_denylist(
+        self, conv: Any, spec: TfliteSpec, calibration: CalibrationFeed, seen: list[int]
+    ) -> bytes:
+        """int8 with the given Keras layers kept in float, via the converter's quantization debugger."""
+        tf = lazy_import("tensorflow")
+        nodes = list(dict.fromkeys([*self.denylist_nodes(spec.float_layers), *spec.float_nodes]))
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         conv.inference_input_type = tf.float32
         conv.inference_output_type = tf.float32
@@ -185,10 +219,261 @@ class TfliteConverter:
         except Exception as exc:  # noqa: BLE001
             raise self._failure(spec, exc) from None
 
+    # ------------------------------------------------------------------ calibrate once, quantize many times
+
+    def calibrate_only(self, calibration: CalibrationFeed) -> bytes:
+        """The float model with every activation's min/max recorded by the converter's own calibrator, not yet
+        quantized (the converter's private calibrate-only path: see :func:`check_private_api`).
+
+        :meth:`quantize_calibrated` turns it into full-integer models: with any ranges replaced by ours
+        (``tflite-int8-<method>``) or with a deny list (sensitivity), without calibrating again.
+
+        Raises:
+            CalibrationError: An empty or non-finite feed.
+            ConversionError: The converter failed, or TensorFlow changed the private API.
+        """
+        tf = lazy_import("tensorflow", purpose="TFLite conversion")
+        check_private_api()
+        conv = tf.lite.TFLiteConverter.from_saved_model(str(self._saved_model()))
+        if not hasattr(conv, CALIBRATE_ONLY_ATTR):
+            raise ConversionError(_api_changed(f"TFLiteConverter has no attribute {CALIBRATE_ONLY_ATTR}"))
+        seen = [0]
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = _representative(calibration, seen)
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.experimental_new_quantizer = True
+        setattr(conv, CALIBRATE_ONLY_ATTR, True)
+        spec = TfliteSpec(Precision.INT8)
+        try:
+            with redirect_native_output(self.log_path):
+                data = conv.convert()
+        except CalibrationError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure(spec, exc) from None
+        if seen[0] == 0:
+            raise CalibrationError("the calibration feed yielded no images")
+        return bytes(data)
+
+    def quantize_calibrated(
+        self,
+        calibrated: bytes,
+        io_dtype: IODType = IODType.INT8,
+        ranges: dict[int, tuple[float, float]] | None = None,
+        float_nodes: Iterable[str] = (),
+    ) -> bytes:
+        """Quantize a :meth:`calibrate_only` model as ``convert`` would (per-channel weights, the new quantizer).
+
+        Args:
+            calibrated: The calibrate-only flatbuffer.
+            io_dtype: Input/output type (float I/O when ``float_nodes`` is given).
+            ranges: Tensor index -> (min, max) replacing the converter's recorded range.
+            float_nodes: Output tensor names of ops to keep in float (the quantization debugger's deny list).
+        """
+        tf = lazy_import("tensorflow", purpose="TFLite conversion")
+        check_private_api()
+        from tensorflow.lite.python import convert as tfl_convert
+
+        if ranges:
+            calibrated = set_tensor_ranges(calibrated, ranges)
+        io = {IODType.FLOAT32: tf.float32, IODType.INT8: tf.int8, IODType.UINT8: tf.uint8}[io_dtype]
+        nodes = list(float_nodes)
+        try:
+            with redirect_native_output(self.log_path), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data = tfl_convert.mlir_quantize(
+                    calibrated,
+                    disable_per_channel=False,
+                    input_data_type=io,
+                    output_data_type=io,
+                    denylisted_nodes=nodes or None,
+                    disable_per_channel_for_dense_layers=False,
+                )
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure(TfliteSpec(Precision.INT8, io_dtype), exc) from None
+        return bytes(data)
+
     def _failure(self, spec: TfliteSpec, exc: Exception) -> ConversionError:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f"; converter log: {self.log_path}" if self.log_path else ""
         return ConversionError(f"TFLite {spec.precision.value} conversion failed: {first}{where}")
+
+
+# The converter's private calibrate-only path (TensorFlow 2.21, ``tensorflow/lite/python/lite.py``
+# ``TFLiteConverterBase._quantize``): with ``_experimental_calibrate_only`` set, ``convert()`` runs the
+# representative dataset through the float model and returns it with each activation's min/max recorded in its
+# quantization parameters, unquantized; ``tensorflow.lite.python.convert.mlir_quantize`` then quantizes it (what
+# ``convert()`` does next, and what ``tf.lite.experimental.QuantizationDebugger`` calls with a deny list).
+# tests/test_tflite_methods.py pins both, so a TensorFlow that changes them fails there first, by name.
+CALIBRATE_ONLY_ATTR = "_experimental_calibrate_only"
+MLIR_QUANTIZE_PARAMS = (
+    "input_data_str",
+    "disable_per_channel",
+    "input_data_type",
+    "output_data_type",
+    "denylisted_nodes",
+    "disable_per_channel_for_dense_layers",
+)
+
+
+def _api_changed(what: str) -> str:
+    tf = lazy_import("tensorflow")
+    return (
+        f"TensorFlow {tf.__version__} changed the converter's private calibrate-only API ({what}); quantship's "
+        "tflite-int8-<method> targets and the sensitivity fast path were written against TensorFlow 2.21"
+    )
+
+
+def check_private_api() -> None:
+    """Fail loudly when the private converter API that calibrate-once / quantize-later needs is not there.
+
+    Raises:
+        ConversionError: Naming what changed.
+    """
+    import inspect
+
+    lazy_import("tensorflow", purpose="TFLite conversion")
+    try:
+        from tensorflow.lite.python import convert as tfl_convert
+        from tensorflow.lite.python import lite as tfl_lite
+        from tensorflow.lite.tools import flatbuffer_utils
+    except ImportError as exc:
+        raise ConversionError(_api_changed(f"import failed: {exc}")) from None
+    fn = getattr(tfl_convert, "mlir_quantize", None)
+    if fn is None:
+        raise ConversionError(_api_changed("tensorflow.lite.python.convert.mlir_quantize is gone"))
+    params = inspect.signature(fn).parameters
+    missing = [p for p in MLIR_QUANTIZE_PARAMS if p not in params]
+    if missing:
+        raise ConversionError(_api_changed(f"mlir_quantize lacks parameter(s) {missing}"))
+    if CALIBRATE_ONLY_ATTR not in inspect.getsource(tfl_lite.TFLiteConverterBase._quantize):
+        raise ConversionError(_api_changed(f"TFLiteConverterBase._quantize no longer reads {CALIBRATE_ONLY_ATTR}"))
+    for name in ("convert_bytearray_to_object", "convert_object_to_bytearray"):
+        if not hasattr(flatbuffer_utils, name):
+            raise ConversionError(_api_changed(f"flatbuffer_utils.{name} is gone"))
+
+
+def tensor_ranges(calibrated: bytes) -> dict[int, tuple[str, float, float]]:
+    """Tensor index -> (name, min, max) of every tensor of the main subgraph with a recorded range."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
+    out = {}
+    for i, t in enumerate(model.subgraphs[0].tensors):
+        q = t.quantization
+        if q is not None and q.min is not None and q.max is not None and len(q.min) == 1:
+            name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+            out[i] = (name, float(q.min[0]), float(q.max[0]))
+    return out
+
+
+def set_tensor_ranges(calibrated: bytes, ranges: dict[int, tuple[float, float]]) -> bytes:
+    """Replace the recorded (min, max) of the given tensors of a calibrate-only model.
+
+    Raises:
+        ConversionError: A tensor index without a recorded range (not an activation of this model).
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
+    tensors = model.subgraphs[0].tensors
+    for i, (lo, hi) in ranges.items():
+        q = tensors[i].quantization if 0 <= i < len(tensors) else None
+        if q is None or q.min is None or len(q.min) != 1:
+            raise ConversionError(f"TFLite tensor {i} has no recorded range to replace")
+        if not lo <= 0.0 <= hi or hi <= lo:
+            raise ConversionError(f"range [{lo}, {hi}] of TFLite tensor {i} must hold 0 and be non-empty")
+        q.min = np.array([lo], np.float32)
+        q.max = np.array([hi], np.float32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def keras_output_layer(model: Any, name: str) -> str:
+    """The Keras layer whose output a converter's fused op produces when the op is named after ``name``: a
+    convolution or dense layer followed by a batch norm that is its only consumer is folded into it (TFLite and
+    tf2onnx both fold it), so the tensor is the batch norm's output."""
+    from quantship.convert.onnx import WEIGHTED_KERAS
+
+    layer = model.get_layer(name)
+    while type(layer).__name__ in WEIGHTED_KERAS or type(layer).__name__ == "BatchNormalization":
+        nxt = _only_consumer(model, layer)
+        if nxt is None or type(nxt).__name__ != "BatchNormalization":
+            break
+        layer = nxt
+    return layer.name
+
+
+def _only_consumer(model: Any, layer: Any) -> Any | None:
+    consumers = [
+        other
+        for other in model.layers
+        for node in getattr(other, "_inbound_nodes", [])
+        for parent in node.parent_nodes
+        if parent.operation is layer
+    ]
+    return consumers[0] if len(consumers) == 1 else None
+
+
+def tflite_tensor_layers(calibrated: bytes, model: Any) -> dict[int, str]:
+    """Tensor index -> the Keras layer whose output the tensor holds, for every tensor with a recorded range.
+
+    A fused op's output tensor is named ``a;b;c`` after the TensorFlow ops it absorbed, the last one first (a
+    Conv2D + BatchNorm + ReLU6 is named after the ReLU6, whose output it is). The model input maps to the
+    Keras input layer; tensors that name no layer (the softmax output, with its fixed int8 range) are left out.
+    """
+    from quantship.convert.onnx import _segment_layer
+
+    names = {layer.name for layer in model.layers}
+    input_layers = [layer.name for layer in model.layers if type(layer).__name__ == "InputLayer"]
+    out = {}
+    for i, (name, _, _) in tensor_ranges(calibrated).items():
+        if name.startswith("serving_default_") and len(input_layers) == 1:
+            out[i] = input_layers[0]
+            continue
+        layer = _segment_layer(name.split(";")[0], names)
+        if layer is not None:
+            out[i] = keras_output_layer(model, layer)
+    return out
+
+
+@dataclass
+class RangeReplacement:
+    """Our ranges for the tensors of a calibrate-only TFLite model, and the tensors that keep the converter's.
+
+    Attributes:
+        ranges: Tensor index -> (min, max).
+        kept: Names of tensors with a recorded range that keep it (no Keras layer, or no range of ours: the
+            softmax output, whose int8 range TFLite fixes anyway).
+    """
+
+    ranges: dict[int, tuple[float, float]]
+    kept: list[str]
+
+
+def ranges_from_amax(
+    calibrated: bytes, model: Any, layer_tensors: dict[str, str], amax: dict[str, float], minimum: dict[str, float]
+) -> RangeReplacement:
+    """Map our symmetric ranges onto the tensors of a calibrate-only model, through the Keras layer names.
+
+    Args:
+        calibrated: The calibrate-only flatbuffer.
+        model: The Keras model it was converted from.
+        layer_tensors: Keras layer -> the tensor of ours holding its output (e.g.
+            :func:`quantship.convert.onnx.onnx_layer_outputs`).
+        amax: Our calibrated |x| range per tensor.
+        minimum: The smallest value seen per tensor: a tensor that is never negative (after ReLU / ReLU6) gets
+            [0, amax] (all 256 int8 levels on its values), any other [-amax, amax].
+    """
+    layers = tflite_tensor_layers(calibrated, model)
+    ranges, kept = {}, []
+    for i, (name, _, _) in tensor_ranges(calibrated).items():
+        tensor = layer_tensors.get(layers.get(i, ""))
+        a = amax.get(tensor) if tensor is not None else None
+        if a is None or a <= 0:
+            kept.append(name)
+            continue
+        ranges[i] = (0.0, a) if minimum.get(tensor, -1.0) >= 0.0 else (-a, a)
+    return RangeReplacement(ranges, kept)
 
 
 def _representative(calibration: CalibrationFeed, seen: list[int]):

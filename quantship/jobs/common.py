@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from quantship.config import CalibrationSpec, CropMode, InputCacheOptions, PreprocessSpec, TrtOptions
+from quantship.config import CalibrationSpec, CropMode, InputCacheOptions, PreprocessSpec, PtqSteps, TrtOptions
 from quantship.data.datasets import (
     ImageDataset,
     Skipped,
@@ -284,14 +284,16 @@ def prepare_run(
     workers: int,
     trt: TrtOptions = TrtOptions(),
     split: RunData | None = None,
+    ptq: PtqSteps = PtqSteps(),
 ) -> tuple[BuildContext, ImageDataset, ImageDataset]:
     """Split calibration/evaluation images (calibration only when a target needs it) and make the context
     that builds every target's artifact.
 
     Args:
         split: The images as :func:`run_data` split them beforehand; split here from ``calibration`` when None.
+        ptq: Post-training steps of the targets with int8 weights (they read the calibration images too).
     """
-    needs_calib = bool(needs_calibration(targets, trt))
+    needs_calib = bool(needs_calibration(targets, trt, ptq))
     if split is None:
         split = run_data(dataset, calibration, limit, needs_calib)
     calib, evalset = split.calib, split.evalset
@@ -306,6 +308,7 @@ def prepare_run(
         runner_options=runner_options,
         trt=trt,
         log_path=out_dir / "convert.log",
+        ptq=ptq,
     )
     return ctx, calib, evalset
 

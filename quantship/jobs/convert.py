@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from quantship.config import TrtOptions
+from quantship.config import PtqSteps, TrtOptions
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError
 from quantship.fileio import FolderLock
@@ -34,13 +34,14 @@ def convert_artifacts(
     trt: TrtOptions = TrtOptions(),
     allow_missing_images: bool = False,
     trust_savedmodel: bool = False,
+    ptq: PtqSteps = PtqSteps(),
 ) -> tuple[dict[str, Artifact | None], dict[str, str]]:
     """Build the artifacts of ``targets`` (``data`` is read as calibration data only, restricted to the files
     ``calib_list`` names when given); returns the artifacts and an error message per target that failed to
     build."""
     chosen = parse_targets(targets)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
-    calibrated = needs_calibration(chosen, trt)
+    calibrated = needs_calibration(chosen, trt, ptq)
     if calibrated and not data:
         names = ", ".join(t.name for t in calibrated)
         raise ConfigError(
@@ -55,6 +56,7 @@ def convert_artifacts(
         runner_options=RunnerOptions(threads=threads),
         trt=trt,
         log_path=Path(out_dir) / "convert.log",
+        ptq=ptq,
     )
     if drawn is not None:
         ctx.calibration = calibration_data(

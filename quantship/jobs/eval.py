@@ -43,12 +43,22 @@ def run_eval(spec: EvalSpec) -> JobResult:
     with FolderLock(out_dir, f"quantship eval {spec.model}"):
         dataset = load_evaluation_data(spec.data, spec.labels, spec.allow_missing_images)
         check_model_source(spec.model, spec.weights, spec.trust_savedmodel)
-        split = run_data(dataset, spec.calibration, spec.limit, bool(needs_calibration(targets, spec.trt)))
+        split = run_data(dataset, spec.calibration, spec.limit, bool(needs_calibration(targets, spec.trt, spec.ptq)))
         loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
         task = make_task(dataset, loaded, spec.anchors)
         options = RunnerOptions(threads=spec.threads, providers=spec.providers)
         ctx, calib, evalset = prepare_run(
-            loaded, targets, dataset, spec.calibration, spec.limit, out_dir, options, spec.workers, spec.trt, split
+            loaded,
+            targets,
+            dataset,
+            spec.calibration,
+            spec.limit,
+            out_dir,
+            options,
+            spec.workers,
+            spec.trt,
+            split,
+            spec.ptq,
         )
         skipped: list[Skipped] = []
         try:

@@ -3,10 +3,11 @@ in float so an int8 model passes its gate.
 
 * Layer sensitivity: quantize one layer at a time (the rest float), or layers 0..k cumulatively, for the
   Q/DQ ONNX model (TensorRT's placement; a layer = a weighted node with its input activation) and for TFLite
-  full int8 (the converter's quantization-debugger denylist; TFLite quantizes op outputs, and a tensor
-  between a float op and an int8 op is quantized at that boundary, so a hostile activation is reached from
-  both of its neighbours). Ops that are not layers with weights (pooling, softmax) stay quantized in every
-  TFLite configuration. Measured: task metric, top-1 agreement with fp32, output SQNR.
+  full int8 (a deny list of the ops to keep in float; TFLite quantizes op outputs, and a tensor between a float
+  op and an int8 op is quantized at that boundary, so a hostile activation is reached from both of its
+  neighbours). In these studies every other op is float, pooling and softmax included; the fallback search
+  keeps them int8. The converter calibrates once; each variant is only quantized. Measured: task metric, top-1
+  agreement with fp32, output SQNR.
 * Weight-precision studies on the Keras model: fp16 weights, int8 fixed point (max |w| -> 127, per tensor or
   per output channel), float32 mantissa truncation to k bits; per layer, all layers, or a mixed recipe.
 * Depthwise vs pointwise: quantize only pointwise/dense layers vs all.
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from quantship.config import CalibrationMethod, Gate
+from quantship.config import CalibrationMethod, Gate, PtqSteps
 from quantship.data.classes import class_name
 from quantship.errors import ConfigError
 from quantship.evaluate.loop import as_batch, runner_outputs
@@ -114,7 +115,13 @@ def gate_passes(gate: Gate, metrics: dict[str, Any]) -> bool:
 
 
 class QdqBackend:
-    """Runs the Q/DQ ONNX model with any subset of layers quantized (one calibration pass, reused)."""
+    """Runs the Q/DQ ONNX model with any subset of layers quantized (one calibration pass, reused).
+
+    Each subset gets its own Q/DQ model and ONNX Runtime session: measured on EfficientNet-Lite0, writing the
+    model takes 0.05 s and the session 0.1 s of CPU against 1.3 s to run 64 images, while one graph with a
+    switch (``Where``) on every Q/DQ pair ran 2.3x slower per image (ONNX Runtime cannot pre-pack weights
+    chosen at run time), so rebuilding is the fast way here.
+    """
 
     name = "qdq"
 
@@ -135,29 +142,150 @@ class QdqBackend:
         ) as runner:
             return runner_outputs(runner, x)
 
+    def run_layers(self, x: np.ndarray, layers: Sequence[str], cumulative: bool = False) -> list[np.ndarray]:
+        """:meth:`run` with ``only=[layer]`` (or ``only=layers[:k+1]``) for every layer, in graph order, without
+        computing the same prefix twice: with one layer quantized, everything before it is the float model, so
+        its inputs are carried from cut to cut through the float graph and only the rest of the network runs per
+        layer; cumulatively, the part before layer k+1 is the same for every later row (layers 0..k quantized),
+        so the float rest after it runs on the state the all-layers model reached there."""
+        import onnx
+
+        from quantship.calibrate.qdq import insert_qdq
+
+        layers = list(layers)
+        graph = _Cuts(onnx.shape_inference.infer_shapes(self.model), self.node_layers)
+        if [layer for layer in graph.order if layer in set(layers)] != layers:
+            return [self.run(x, only=layers[: k + 1] if cumulative else [layer]) for k, layer in enumerate(layers)]
+        source = (
+            self.model
+            if not cumulative
+            else insert_qdq(self.model, self.amax, node_layers=self.node_layers, include=layers)[0]
+        )
+        outputs: list[np.ndarray] = []
+        state = {graph.inputs[0]: x}
+        previous: list[str] = [graph.inputs[0]]
+        for k, layer in enumerate(layers):
+            cut = graph.position[layers[k + 1]] if cumulative and k + 1 < len(layers) else graph.position[layer]
+            if cumulative and k + 1 == len(layers):
+                outputs.append(self.run(x, only=layers))
+                break
+            live = graph.live(cut)
+            state = self._advance(source, state, previous, live)
+            previous = live
+            only = layers[: k + 1] if cumulative else [layer]
+            model, _ = insert_qdq(self.model, self.amax, node_layers=self.node_layers, include=only)
+            outputs.append(self._suffix(model, live, state))
+        return outputs
+
+    def _session(self, model: Any) -> Any:
+        from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, make_session
+
+        return make_session(model, self.threads, session_config=QDQ_FAKE_QUANT, what="Q/DQ model part")
+
+    def _advance(
+        self, model: Any, state: dict[str, np.ndarray], inputs: list[str], live: list[str]
+    ) -> dict[str, np.ndarray]:
+        """The values of the ``live`` tensors, computed from ``state`` (the values of ``inputs``)."""
+        from onnx.utils import Extractor
+
+        carried = {t: state[t] for t in live if t in state}
+        wanted = [t for t in live if t not in state]
+        if not wanted:
+            return carried
+        session = self._session(Extractor(_with_shapes(model)).extract_model(inputs, wanted))
+        names = [i.name for i in session.get_inputs()]
+        n = len(next(iter(state.values())))
+        parts = [session.run(wanted, {t: state[t][i : i + 32] for t in names}) for i in range(0, n, 32)]
+        return {**carried, **{t: np.concatenate([p[j] for p in parts]) for j, t in enumerate(wanted)}}
+
+    def _suffix(self, model: Any, live: list[str], state: dict[str, np.ndarray]) -> np.ndarray:
+        from onnx.utils import Extractor
+
+        output = model.graph.output[0].name
+        session = self._session(Extractor(_with_shapes(model)).extract_model(live, [output]))
+        names = [i.name for i in session.get_inputs()]
+        n = len(next(iter(state.values())))
+        return np.concatenate(
+            [session.run([output], {t: state[t][i : i + 32] for t in names})[0] for i in range(0, n, 32)]
+        )
+
+
+def _with_shapes(model: Any) -> Any:
+    import onnx
+
+    return onnx.shape_inference.infer_shapes(model)
+
+
+class _Cuts:
+    """Positions of the Keras layers' nodes in a topologically ordered ONNX graph, and the tensors alive at each
+    position (made before it, read at or after it)."""
+
+    def __init__(self, model: Any, node_layers: dict[str, str]):
+        inits = {i.name for i in model.graph.initializer}
+        self.inputs = [i.name for i in model.graph.input if i.name not in inits]
+        self.position: dict[str, int] = {}
+        self.order: list[str] = []
+        made: dict[str, int] = {t: -1 for t in self.inputs}
+        last: dict[str, int] = {}
+        for i, node in enumerate(model.graph.node):
+            layer = node_layers.get(node.name)
+            if layer is not None and layer not in self.position:
+                self.position[layer] = i
+                self.order.append(layer)
+            for t in node.output:
+                made[t] = i
+            for t in node.input:
+                if t and t not in inits:
+                    last[t] = i
+        for o in model.graph.output:
+            last[o.name] = len(model.graph.node)
+        self._made, self._last = made, last
+
+    def live(self, position: int) -> list[str]:
+        return [t for t, i in self._made.items() if i < position and self._last.get(t, -2) >= position]
+
 
 class TfliteBackend:
-    """Converts to TFLite int8 with any set of Keras layers kept in float (quantization-debugger denylist)."""
+    """TFLite int8 with any set of Keras layers kept in float.
+
+    Fast path (default): the converter calibrates once (its private calibrate-only path) and each set is only
+    quantized, with the float layers' ops on the deny list; ``fast=False`` converts from scratch through the
+    quantization debugger every time (calibration included: about 15 s a model for EfficientNet-Lite0).
+    """
 
     name = "tflite"
 
-    def __init__(self, converter: Any, calibration: Callable[[], Iterable], threads: int | None = None):
+    def __init__(
+        self, converter: Any, calibration: Callable[[], Iterable], threads: int | None = None, fast: bool = True
+    ):
         from quantship.convert.onnx import WEIGHTED_KERAS
 
-        self.converter, self.calibration, self.threads = converter, calibration, threads
+        self.converter, self.calibration, self.threads, self.fast = converter, calibration, threads, fast
         self.layers = [layer.name for layer in converter.model.layers if type(layer).__name__ in WEIGHTED_KERAS]
+        self._calibrated: bytes | None = None
 
-    def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
-        from quantship.config import Precision
+    def model_bytes(self, floats: set[str], nodes: Iterable[str] = ()) -> bytes:
+        """The int8 model with the ``floats`` layers' ops and the ``nodes`` ops kept in float."""
+        from quantship.config import IODType, Precision
         from quantship.convert.tflite import TfliteSpec
 
-        floats = set(float_layers)
-        if only is not None:
-            floats |= set(self.layers) - set(only)
-        spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)))
-        data = self.converter.convert(spec, self.calibration)
+        if not self.fast:
+            spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)), float_nodes=tuple(nodes))
+            return self.converter.convert(spec, self.calibration)
+        if self._calibrated is None:
+            self._calibrated = self.converter.calibrate_only(self.calibration)
+        denied = list(dict.fromkeys([*self.converter.denylist_nodes(sorted(floats)), *nodes]))
+        return self.converter.quantize_calibrated(self._calibrated, IODType.FLOAT32, float_nodes=denied)
+
+    def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
+        """Outputs with ``float_layers`` in float (the rest int8), or with only the ops of the ``only`` layers
+        int8 (every other op float: pooling and a softmax too, which TFLite would otherwise quantize in every
+        configuration and, on low-confidence images, cost more agreement than any one layer)."""
         from quantship.fileio import temp_dir
 
+        floats = set(float_layers)
+        nodes = self.converter.nodes_outside(only) if only is not None else []
+        data = self.model_bytes(floats, nodes)
         with temp_dir(self.converter.work_dir, "sensitivity") as tmp:
             path = tmp / "m.tflite"
             path.write_bytes(data)
@@ -174,9 +302,10 @@ def layer_sensitivity(
     """One row per layer: that layer alone quantized (or layers 0..k with ``cumulative``)."""
     layers = list(layers or backend.layers)
     rows = []
+    shared = backend.run_layers(held.x, layers, cumulative) if hasattr(backend, "run_layers") else None
     for k, layer in enumerate(layers):
         only = layers[: k + 1] if cumulative else [layer]
-        out = backend.run(held.x, only=only)
+        out = shared[k] if shared is not None else backend.run(held.x, only=only)
         rows.append(
             {
                 "kind": "cumulative" if cumulative else "single",
@@ -195,17 +324,18 @@ def layer_sensitivity(
 
 
 def depthwise_vs_pointwise(backend: Any, held: HeldOut, layer_types: dict[str, str]) -> list[dict[str, Any]]:
-    """Quantize only pointwise (1x1) convolutions and dense layers, vs every layer."""
+    """Quantize only pointwise (1x1) convolutions and dense layers, vs every layer with weights (other ops, pooling
+    and softmax, are float in both rows)."""
     pointwise = [name for name in backend.layers if layer_types.get(name) in ("pointwise", "dense")]
     rows = []
-    for label, only in (("pointwise+dense only", pointwise), ("all layers", None)):
+    for label, only in (("pointwise+dense only", pointwise), ("all layers", list(backend.layers))):
         out = backend.run(held.x, only=only)
         rows.append(
             {
                 "kind": "depthwise_vs_pointwise",
                 "backend": backend.name,
                 "setting": label,
-                "quantized_layers": len(only) if only is not None else len(backend.layers),
+                "quantized_layers": len(only),
                 **score(out, held),
             }
         )
@@ -324,9 +454,20 @@ def top3(probs: np.ndarray, n: int = 3) -> list[str]:
 
 
 def weight_study(
-    model: Any, held: HeldOut, kinds: Sequence[str], per_layer: bool = False, recipe: dict[str, str] | None = None
+    model: Any,
+    held: HeldOut,
+    kinds: Sequence[str],
+    per_layer: bool = False,
+    recipe: dict[str, str] | None = None,
+    ptq: PtqSteps | None = None,
+    calib_batches: Callable[[], Iterable[np.ndarray]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Accuracy and a prediction check for each weight precision, for all layers at once (and per layer)."""
+    """Accuracy and a prediction check for each weight precision, for all layers at once (and per layer).
+
+    With post-training steps (``ptq``), each all-layers precision is measured again on the model with the steps:
+    batch norms folded, equalized, and with bias correction for *that* precision's weights (the expected shift
+    of its own weight error, from the input means over ``calib_batches``).
+    """
     rows = []
     layers = list(_kernels(model))
     configs: list[tuple[str, str, dict[str, str]]] = [(kind, "all", {name: kind for name in layers}) for kind in kinds]
@@ -342,7 +483,61 @@ def weight_study(
             restore()
         check = top3(out) if held.task.name == "classification" else []
         rows.append(
-            {"kind": "weights", "precision": kind, "layers": scope, **score(out, held), "prediction_check": check}
+            {
+                "kind": "weights",
+                "precision": kind,
+                "layers": scope,
+                "post_training": "none",
+                **score(out, held),
+                "prediction_check": check,
+            }
+        )
+    if ptq is not None and ptq.active:
+        rows += _weight_study_with_steps(model, held, kinds, ptq, calib_batches)
+    return rows
+
+
+def _weight_study_with_steps(
+    model: Any,
+    held: HeldOut,
+    kinds: Sequence[str],
+    ptq: PtqSteps,
+    calib_batches: Callable[[], Iterable[np.ndarray]] | None,
+) -> list[dict[str, Any]]:
+    import dataclasses
+
+    from quantship.convert.ptq import apply_bias_correction, bias_correction, biased_layers, input_means, prepare_model
+
+    prepared, report = prepare_model(model, dataclasses.replace(ptq, bias_correct=False), calib_batches)
+    means = None
+    if ptq.bias_correct:
+        if calib_batches is None:
+            raise ConfigError("bias correction needs calibration images")
+        means = input_means(prepared, biased_layers(prepared), calib_batches())
+    rows = []
+    layers = list(_kernels(prepared))
+    for kind in kinds:
+        corrections = {}
+        if means is not None:
+            corrections = bias_correction(prepared, means, lambda k, dw, kind=kind: weight_variant(k, kind, dw))
+            apply_bias_correction(prepared, corrections)
+        restore = apply_weight_recipe(prepared, {name: kind for name in layers})
+        try:
+            out = _predict(prepared, held.x)
+        finally:
+            restore()
+            apply_bias_correction(prepared, {n: -d for n, d in corrections.items()})
+        check = top3(out) if held.task.name == "classification" else []
+        rows.append(
+            {
+                "kind": "weights",
+                "precision": kind,
+                "layers": "all",
+                "post_training": ptq.label,
+                "post_training_report": report.to_dict(),
+                **score(out, held),
+                "prediction_check": check,
+            }
         )
     return rows
 
@@ -392,23 +587,34 @@ class SensitivitySetup:
     node_layers: dict[str, str]
     work: Any
     threads: int | None = None
+    _backends: dict[Any, Any] = field(default_factory=dict)
 
     def qdq(self, method: CalibrationMethod | str = CalibrationMethod.MAX) -> QdqBackend:
+        """The Q/DQ backend (one per method; one statistics pass for all)."""
         import onnx
 
         from quantship.calibrate.api import calibrate, collect_statistics
 
-        proto = onnx.load(str(self.onnx_path))
-        if not hasattr(self, "_collector"):
-            self._collector = collect_statistics(proto, self.calib_batches(), scope="qdq", threads=self.threads)
-        return QdqBackend(proto, calibrate(self._collector, method).amax, self.node_layers, self.threads)
+        method = CalibrationMethod.parse(method)
+        key = ("qdq", method)
+        if key not in self._backends:
+            proto = onnx.load(str(self.onnx_path))
+            if not hasattr(self, "_collector"):
+                self._collector = collect_statistics(proto, self.calib_batches(), scope="qdq", threads=self.threads)
+            amax = calibrate(self._collector, method).amax
+            self._backends[key] = QdqBackend(proto, amax, self.node_layers, self.threads)
+        return self._backends[key]
 
-    def tflite(self) -> TfliteBackend:
+    def tflite(self, fast: bool = True) -> TfliteBackend:
+        """The TFLite backend (it calibrates once, on first use)."""
         from quantship.convert.tflite import TfliteConverter
 
         if not hasattr(self, "_converter"):
             self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log", work_dir=self.work)
-        return TfliteBackend(self._converter, self.calib_batches, self.threads)
+        key = ("tflite", fast)
+        if key not in self._backends:
+            self._backends[key] = TfliteBackend(self._converter, self.calib_batches, self.threads, fast=fast)
+        return self._backends[key]
 
     def close(self) -> None:
         if hasattr(self, "_converter"):
@@ -507,8 +713,6 @@ def apply_fallback(
     """Write the TFLite and Q/DQ int8 models with ``float_layers`` in float next to the plain int8 ones, and
     report what the fallback costs (file size, batch-1 latency) and gains (held-out metrics)."""
     from quantship.calibrate.qdq import insert_qdq
-    from quantship.config import IODType, Precision
-    from quantship.convert.tflite import TfliteSpec
     from quantship.evaluate.latency import measure_latency
     from quantship.manifest import write_artifact
     from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
@@ -524,11 +728,10 @@ def apply_fallback(
     tfl = setup.tflite()
     qdq = setup.qdq(method)
     for label, floats in (("int8", ()), ("int8+fallback", tuple(float_layers))):
-        spec = TfliteSpec(Precision.INT8, IODType.FLOAT32, float_layers=tuple(sorted(floats)))
         path = art_dir / f"{name}-tflite-{label.replace('+', '-')}.tflite"
         write_artifact(
             path,
-            tfl.converter.convert(spec, setup.calib_batches),
+            tfl.model_bytes(set(floats)),
             {**base_manifest, "format": "tflite", "precision": label, "float_layers": list(floats)},
         )
         model, _ = insert_qdq(qdq.model, qdq.amax, exclude=floats, node_layers=qdq.node_layers)
@@ -575,6 +778,8 @@ class Analyses:
     per_layer: bool = False
     recipe: dict[str, str] | None = None
     gate: Gate | None = None
+    ptq: PtqSteps = field(default_factory=PtqSteps)  # shown in the weight study
+    fast: bool = True  # TFLite: calibrate once, then only quantize each variant (False: convert each from scratch)
 
     def __post_init__(self) -> None:
         self.method = CalibrationMethod.parse(self.method)
@@ -596,7 +801,7 @@ def run_analyses(
     a = analyses
     if a.gate is not None:
         setup.held.task.check_metric(a.gate.metric)
-    chosen = {"qdq": lambda: setup.qdq(a.method), "tflite": setup.tflite}
+    chosen = {"qdq": lambda: setup.qdq(a.method), "tflite": lambda: setup.tflite(fast=a.fast)}
     idx = np.arange(len(setup.held.x))
     rank_set = setup.held.subset(idx[0::2]) if a.gate is not None else setup.held
     rows: list[dict[str, Any]] = []
@@ -611,7 +816,15 @@ def run_analyses(
         if a.depthwise:
             rows += depthwise_vs_pointwise(backend, setup.held, layer_types(setup.loaded.model))
     if a.weight_kinds or a.recipe:
-        rows += weight_study(setup.loaded.model, setup.held, a.weight_kinds, per_layer=a.per_layer, recipe=a.recipe)
+        rows += weight_study(
+            setup.loaded.model,
+            setup.held,
+            a.weight_kinds,
+            per_layer=a.per_layer,
+            recipe=a.recipe,
+            ptq=a.ptq,
+            calib_batches=setup.calib_batches,
+        )
     result = None
     if a.gate is not None and per_backend:
         result = find_fallback(
@@ -632,6 +845,17 @@ SENSITIVITY_SHOWN = (
     ("backend", "backend", "{}"),
     ("rank", "rank", "{}"),
     ("layer", "layer", "{}"),
+    ("metric", "metric", "{}"),
+    ("value", "value", "{:.4f}"),
+    ("delta", "Δ", "{:+.4f}"),
+    ("agreement_top1", "agree", "{:.4f}"),
+    ("sqnr_db", "SQNR dB", "{:.1f}"),
+)
+
+
+WEIGHTS_SHOWN = (
+    ("precision", "weights", "{}"),
+    ("post_training", "post-training", "{}"),
     ("metric", "metric", "{}"),
     ("value", "value", "{:.4f}"),
     ("delta", "Δ", "{:+.4f}"),
@@ -672,6 +896,10 @@ def run_sensitivity(
     single = [r for r in rows if r["kind"] == "single"]
     if single:
         lines.append(text_table(single[: len(analyses.backends) * show], SENSITIVITY_SHOWN))
+    weights = [r for r in rows if r["kind"] == "weights" and r["layers"] in ("all", "mixed")]
+    if weights:
+        lines.append("weight study (all layers at once; post-training steps as asked):")
+        lines.append(text_table(weights, WEIGHTS_SHOWN))
     for r in rows:
         if r["kind"] == "fallback_cost":
             lines.append(

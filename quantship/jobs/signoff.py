@@ -107,6 +107,7 @@ def unit_key(plan: SignoffPlan, entry: PlanModel, target: str, inputs: dict[str,
             "threads": plan.threads,
             "ort_providers": list(plan.ort_providers),
             **inputs,
+            **({"post_training": plan.post_training.describe()} if plan.post_training.active else {}),
         }
     )[:16]
 
@@ -335,7 +336,9 @@ def plan_data(plan: SignoffPlan, targets: list[Target]) -> tuple[ImageDataset, R
     drawn from ``calibration: {data, list}`` when given; both checked before any model is loaded (every executor
     reads the data through here: a Ray worker reads it by path)."""
     dataset = load_evaluation_data(plan.data, plan.labels, plan.allow_missing_images)
-    return dataset, run_data(dataset, plan.calibration, plan.limit, bool(needs_calibration(targets, plan.tensorrt)))
+    return dataset, run_data(
+        dataset, plan.calibration, plan.limit, bool(needs_calibration(targets, plan.tensorrt, plan.post_training))
+    )
 
 
 @dataclass
@@ -395,7 +398,17 @@ def model_context(
     task = make_task(dataset, loaded, plan.anchors)
     options = RunnerOptions(threads=plan.threads, providers=plan.ort_providers)
     ctx, _, _ = prepare_run(
-        loaded, targets, dataset, plan.calibration, plan.limit, out_dir, options, plan.workers, plan.tensorrt, split
+        loaded,
+        targets,
+        dataset,
+        plan.calibration,
+        plan.limit,
+        out_dir,
+        options,
+        plan.workers,
+        plan.tensorrt,
+        split,
+        plan.post_training,
     )
     return ctx, task
 

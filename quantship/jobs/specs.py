@@ -7,7 +7,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from quantship.config import CalibrationSpec, Gate, TrtOptions
+from quantship.config import CalibrationSpec, Gate, PtqSteps, TrtInt8Mode, TrtOptions
 from quantship.errors import ConfigError
 
 
@@ -33,6 +33,7 @@ class EvalSpec:
     allow_nonfinite: bool = False  # NaN/inf outputs are counted in the rows but do not fail the run
     allow_missing_images: bool = False  # ground truth listing absent files: evaluate those present
     trust_savedmodel: bool = False  # a SavedModel runs its graph's operations: only when the user says so
+    ptq: PtqSteps = field(default_factory=PtqSteps)  # post-training steps of the quantized targets
 
 
 class ExecutorKind(str, Enum):
@@ -76,6 +77,7 @@ class SignoffPlan:
     allow_missing_images: bool = False
     trust_savedmodel: bool = False
     executor: ExecutorKind = ExecutorKind.LOCAL  # not part of any unit key: both executors compute the same numbers
+    post_training: PtqSteps = field(default_factory=PtqSteps)  # equalize / bias_correct / relu6
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "SignoffPlan":
@@ -161,7 +163,7 @@ class _PlanReader:
     def read(self, d: dict[str, Any]) -> SignoffPlan:
         from quantship.data.datasets import dataset_task
         from quantship.evaluate.tasks import task_metrics
-        from quantship.targets import parse_targets
+        from quantship.targets import get_target, parse_targets
 
         d = dict(d)
         self.known(d, "", {f.name for f in fields(SignoffPlan)} | {"dataset"})
@@ -192,13 +194,15 @@ class _PlanReader:
         calibration = self.calibration(d.get("calibration") or {})
         trt_fields = d.get("tensorrt") or {}
         if calibration.method is not None and isinstance(trt_fields, dict):
-            if "qdq_method" in trt_fields:
+            # The method in a target's name is the method used: these two set only trt-int8-qdq's.
+            takers = [t for t in targets if get_target(t).spec.trt_int8 is TrtInt8Mode.EXPLICIT]
+            if "qdq_method" in trt_fields and takers:
                 raise self.error(
                     "tensorrt.qdq_method",
-                    "the calibration of trt-int8-qdq is set twice (calibration.method and tensorrt.qdq_method): "
+                    f"calibration.method and tensorrt.qdq_method both set the calibration of {', '.join(takers)}: "
                     "keep one",
                 )
-            trt_fields = {**trt_fields, "qdq_method": calibration.method}
+            trt_fields = {"qdq_method": calibration.method, **trt_fields}
         tensorrt = self.tensorrt(trt_fields)
         name = self.text(d, "name", "signoff", optional=False)
         if "/" in name or "\\" in name or name in (".", ".."):
@@ -224,8 +228,24 @@ class _PlanReader:
             anchors=self.text(d, "anchors"),
             tensorrt=tensorrt,
             executor=self.executor(d),
+            post_training=self.post_training(d.get("post_training") or {}),
             **flags,
         )
+
+    def post_training(self, value: Any) -> PtqSteps:
+        if not isinstance(value, dict):
+            raise self.error("post_training", f"expected a mapping (equalize, bias_correct, relu6), got {value!r}")
+        self.known(value, "post_training", {f.name for f in fields(PtqSteps)})
+        self.source, source = f"{self.source}: post_training", self.source
+        try:
+            flags = {k: self.flag(value, k) for k in ("equalize", "bias_correct")}
+            relu6 = self.text(value, "relu6", "keep", optional=False)
+            try:
+                return PtqSteps(**flags, relu6=relu6)
+            except ConfigError as exc:
+                raise self.error("relu6", str(exc)) from None
+        finally:
+            self.source = source
 
     def executor(self, d: dict) -> ExecutorKind:
         value = d.get("executor", ExecutorKind.LOCAL.value)
