@@ -12,20 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-# The demo's calibration photos (quantship/jobs/demo.py) and the others scikit-image ships without a download.
-CALIB_PHOTOS = (
-    "astronaut",
-    "hubble_deep_field",
-    "retina",
-    "immunohistochemistry",
-    "camera",
-    "moon",
-    "coins",
-    "brick",
-    "grass",
-    "gravel",
-    "clock",
-)
+from quantship.jobs.demo import CALIB_PHOTOS  # the demo's calibration photos
+
+# The photos scikit-image ships without a download, other than the calibration ones.
 EVAL_PHOTOS = (
     "chelsea",
     "coffee",

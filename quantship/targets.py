@@ -327,27 +327,41 @@ def _calibration(ctx: BuildContext, spec: TargetSpec) -> Any:
     )
 
 
-def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.calibrate.api import write_outputs
+def _calibrated_onnx(
+    ctx: BuildContext, spec: TargetSpec, session_config: dict[str, str], layout: dict[str, Any], write: Callable
+) -> Artifact:
+    """An int8 ONNX model written by ``write(calibration, fp32_path, path, manifest)`` from the run's calibration with
+    ``spec``'s method; reused when its manifest (source export, method, percentile, ``layout``) matches."""
     from quantship.fileio import sha256_json
     from quantship.manifest import load_reusable
 
     fp32 = _onnx_export(ctx, spec)
     path = ctx.artifact_path(spec, ".onnx")
-    percentile = _percentile(ctx, spec)
     manifest = {
         **ctx.base_manifest(spec),
         "source_onnx_sha256": fp32.manifest["sha256"],
         "calibration_method": spec.calibration.value,
-        "calibration_percentile": percentile,
-        "runtime_session_config": dict(get_target(spec.name).session_config),
-        "qdq_placement": "residual-skip-quantized",  # NVIDIA's residual-Add rule (issue 12): older files differ
+        "calibration_percentile": _percentile(ctx, spec),
+        "runtime_session_config": dict(session_config),
+        **layout,
     }
     build_key = sha256_json(manifest)
-    if (existing := load_reusable(path, build_key)) is not None:
-        return existing
-    write_outputs(_calibration(ctx, spec), fp32.path, qdq=path, manifest={**manifest, "build_key": build_key})
-    return load_reusable(path, build_key)
+    if (existing := load_reusable(path, build_key)) is None:
+        write(_calibration(ctx, spec), fp32.path, path, {**manifest, "build_key": build_key})
+        existing = load_reusable(path, build_key)
+    return existing
+
+
+def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
+    from quantship.calibrate.api import write_outputs
+
+    return _calibrated_onnx(
+        ctx,
+        spec,
+        get_target(spec.name).session_config,
+        {"qdq_placement": "residual-skip-quantized"},  # NVIDIA's residual-Add rule (issue 12): older files differ
+        lambda result, fp32, path, manifest: write_outputs(result, fp32, qdq=path, manifest=manifest),
+    )
 
 
 def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
@@ -428,26 +442,10 @@ for _method in CalibrationMethod:
 
 def _ort_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     from quantship.calibrate.api import write_ort_model
-    from quantship.fileio import sha256_json
-    from quantship.manifest import load_reusable
 
-    fp32 = _onnx_export(ctx, spec)
-    path = ctx.artifact_path(spec, ".onnx")
-    percentile = _percentile(ctx, spec)
-    manifest = {
-        **ctx.base_manifest(spec),
-        "source_onnx_sha256": fp32.manifest["sha256"],
-        "calibration_method": spec.calibration.value,
-        "calibration_percentile": percentile,
-        "runtime_session_config": {},  # ORT's defaults: what a user's own application opens the file with
-        "layout_version": 1,
-    }
-    build_key = sha256_json(manifest)
-    if (existing := load_reusable(path, build_key)) is not None:
-        return existing
-    # The same statistics pass as the Q/DQ targets (it observes the tensors of both layouts).
-    write_ort_model(_calibration(ctx, spec), fp32.path, path, {**manifest, "build_key": build_key})
-    return load_reusable(path, build_key)
+    # ORT's default session options (what a user's own application opens the file with); the same statistics pass
+    # as the Q/DQ targets (it observes the tensors of both layouts).
+    return _calibrated_onnx(ctx, spec, {}, {"layout_version": 1}, write_ort_model)
 
 
 for _method in CalibrationMethod:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantship.config import (
     CalibrationSpec,
@@ -19,44 +19,25 @@ from quantship.errors import ConfigError
 from quantship.fileio import check_output_dir
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(cast: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: ``cast`` the text, then check ``ok``; the message says ``what`` was expected."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text.strip()}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 
 
 def percentile_value(text: str) -> float:
@@ -235,7 +216,29 @@ def post_training(p: argparse.ArgumentParser) -> None:
 
 
 def ptq_steps(args: argparse.Namespace) -> PtqSteps:
+    """The post-training steps of a command that declares them (none for one that does not)."""
+    if not hasattr(args, "equalize"):
+        return PtqSteps()
     return PtqSteps(equalize=args.equalize, bias_correct=args.bias_correct, relu6=args.relu6)
+
+
+def convert_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``convert`` and ``bench`` pass to :func:`quantship.jobs.convert.convert_artifacts` from their options."""
+    return dict(
+        weights=args.weights,
+        data=args.data,
+        labels=args.labels,
+        calib_images=args.calib_images,
+        calib_seed=args.calib_seed,
+        calib_list=args.calib_list,
+        calib_percentile=args.calib_percentile,
+        preprocess_overrides=preprocess(args),
+        workers=args.workers,
+        trt=trt_options(args),
+        allow_missing_images=args.allow_missing_images,
+        trust_savedmodel=args.trust_savedmodel,
+        ptq=ptq_steps(args),
+    )
 
 
 def runtime(p: argparse.ArgumentParser, batch: bool = True) -> None:

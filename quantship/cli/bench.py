@@ -84,21 +84,7 @@ def run(args: argparse.Namespace) -> int:
     targets = args.targets
     if targets is None and args.model and not args.forward_backward:
         targets = "tflite-fp32,tflite-fp16,tflite-int8"
-    convert = dict(
-        targets=targets,
-        weights=args.weights,
-        data=args.data,
-        labels=args.labels,
-        calib_images=args.calib_images,
-        calib_seed=args.calib_seed,
-        calib_list=args.calib_list,
-        calib_percentile=args.calib_percentile,
-        preprocess_overrides=a.preprocess(args),
-        workers=args.workers,
-        trt=a.trt_options(args),
-        allow_missing_images=args.allow_missing_images,
-        trust_savedmodel=args.trust_savedmodel,
-    )
+    convert = dict(targets=targets, **a.convert_kwargs(args))
     result = run_bench(
         Path(args.out),
         args.artifact,

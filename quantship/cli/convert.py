@@ -45,20 +45,8 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         args.targets,
         Path(args.out),
-        weights=args.weights,
-        data=args.data,
-        labels=args.labels,
-        calib_images=args.calib_images,
-        calib_seed=args.calib_seed,
-        calib_list=args.calib_list,
-        calib_percentile=args.calib_percentile,
-        preprocess_overrides=a.preprocess(args),
-        workers=args.workers,
         threads=args.threads,
-        trt=a.trt_options(args),
-        allow_missing_images=args.allow_missing_images,
-        trust_savedmodel=args.trust_savedmodel,
-        ptq=a.ptq_steps(args),
+        **a.convert_kwargs(args),
     )
     print(result.text)
     return result.exit_code
