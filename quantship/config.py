@@ -74,6 +74,12 @@ MAX_INPUT_SIZE = 8192  # pixels per side of a model input
 MIN_STD = 1e-3  # smallest std (0..255 scale): 255 / 1e-3 is still a finite, if huge, input
 
 
+# How the longer side is sized when the shorter one is resized to N: torchvision's Resize(N) truncates
+# (int(N * long / short)); it was rounded before. Part of every preprocessing hash and input-cache key, so results
+# and cached pixels made under the old rule are never reused.
+RESIZE_LONG_SIDE = "floor"
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """Classification preprocessing as data: resize the shorter side, crop, normalise, order, layout.
@@ -167,7 +173,7 @@ class PreprocessSpec:
     def hash(self) -> str:
         from quantship.fileio import sha256_json
 
-        return sha256_json(self.to_dict())[:16]
+        return sha256_json({**self.to_dict(), "resize_long_side": RESIZE_LONG_SIDE})[:16]
 
 
 def parse_preprocess_overrides(text: str | None, where: str = "--preprocess") -> dict[str, Any]:

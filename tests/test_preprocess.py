@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from quantship.config import PreprocessSpec
+from quantship.config import Interpolation, PreprocessSpec
 from quantship.data.preprocess import crop_views, decode_image, preprocess_image
 from quantship.errors import ConfigError, DataError
 
@@ -67,3 +67,13 @@ def test_decode_gray_and_rgba_to_rgb():
     assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == gray).all()
     with pytest.raises(DataError, match="not a readable image"):
         decode_image(b"GIF89a garbage", "x.gif")
+
+
+def test_resize_shorter_truncates_the_longer_side_as_torchvision():
+    # torchvision's Resize(256) on a 300 x 451 image: int(256 * 451 / 300) = int(384.85) = 384 (rounding gives 385).
+    from quantship.data.preprocess import resize_shorter
+
+    img = np.zeros((300, 451, 3), np.uint8)
+    assert resize_shorter(img, 256, Interpolation.BILINEAR).shape[:2] == (256, 384)
+    assert resize_shorter(img.transpose(1, 0, 2), 256, Interpolation.BILINEAR).shape[:2] == (384, 256)
+    assert resize_shorter(np.zeros((300, 300, 3), np.uint8), 256, Interpolation.BILINEAR).shape[:2] == (256, 256)

@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from quantship.config import ChannelOrder, CropMode, Interpolation, Layout, PreprocessSpec, ResizeMode
+from quantship.config import (
+    RESIZE_LONG_SIDE,
+    ChannelOrder,
+    CropMode,
+    Interpolation,
+    Layout,
+    PreprocessSpec,
+    ResizeMode,
+)
 from quantship.errors import DataError
 from quantship.lazy import lazy_import
 
@@ -169,10 +177,12 @@ def _first_line(exc: Exception) -> str:
 
 
 def resize_shorter(img: np.ndarray, shorter: int, interpolation: Interpolation) -> np.ndarray:
-    """Resize so that the shorter side is ``shorter`` pixels, keeping the aspect ratio."""
+    """Resize so that the shorter side is ``shorter`` pixels, keeping the aspect ratio; the longer side is
+    ``int(shorter * long / short)`` (truncated, as torchvision's ``Resize(shorter)`` and timm do)."""
     h, w = img.shape[:2]
-    scale = shorter / min(h, w)
-    new_w, new_h = max(shorter, int(round(w * scale))), max(shorter, int(round(h * scale)))
+    short, long = min(h, w), max(h, w)
+    other = max(shorter, int(shorter * long / short))
+    new_w, new_h = (other, shorter) if w >= h else (shorter, other)
     if (new_h, new_w) == (h, w):
         return img
     return _resize(img, new_w, new_h, interpolation)
@@ -234,7 +244,10 @@ def geometry(spec: PreprocessSpec) -> dict:
     """The part of a spec that decides the uint8 pixels of each view (resize, crop, interpolation, views);
     normalisation, channel order and layout are applied later, on the fly."""
     d = spec.to_dict()
-    return {k: d[k] for k in ("size", "crop_pct", "interpolation", "crops", "resize")}
+    return {
+        **{k: d[k] for k in ("size", "crop_pct", "interpolation", "crops", "resize")},
+        "long_side": RESIZE_LONG_SIDE,
+    }
 
 
 def image_views(data: bytes, spec: PreprocessSpec, source: str = "image") -> np.ndarray:
