@@ -57,6 +57,13 @@ class CropMode(str, enum.Enum):
     TWELVE = "12crop"  # the 10 crops + the whole image resized to the crop size, and its mirror
 
 
+class CentreOffset(str, enum.Enum):
+    """Where the centre crop starts when the margin (resized side - crop side) is odd."""
+
+    FLOOR = "floor"  # margin // 2: TensorFlow's central_crop, Keras
+    ROUND = "round"  # int(round(margin / 2)), half to even: torchvision's CenterCrop (and timm's)
+
+
 # Normalisation families of the field; mean/std are per channel in RGB order on the 0..255 scale.
 NORMALIZATION_MODES: dict[str, dict[str, Any]] = {
     "caffe": {"mean": (123.68, 116.779, 103.939), "std": (1.0, 1.0, 1.0), "channel_order": ChannelOrder.BGR},
@@ -98,6 +105,7 @@ class PreprocessSpec:
     layout: Layout = Layout.NHWC
     crops: CropMode = CropMode.CENTER
     resize: ResizeMode = ResizeMode.SHORTER_CROP
+    centre: CentreOffset = CentreOffset.FLOOR
 
     def __post_init__(self) -> None:
         def triple(v: Any, what: str) -> tuple[float, ...]:
@@ -119,6 +127,7 @@ class PreprocessSpec:
         object.__setattr__(self, "layout", _choice(Layout, self.layout, "layout"))
         object.__setattr__(self, "crops", _choice(CropMode, self.crops, "crop mode"))
         object.__setattr__(self, "resize", _choice(ResizeMode, self.resize, "resize mode"))
+        object.__setattr__(self, "centre", _choice(CentreOffset, self.centre, "centre crop offset"))
         if len(self.size) != 2 or min(self.size) <= 0 or max(self.size) > MAX_INPUT_SIZE:
             raise ConfigError(f"preprocess size must be two integers in 1..{MAX_INPUT_SIZE}, got {self.size}")
         try:

@@ -24,7 +24,6 @@ CHECKPOINT_MODULES = {
 }
 CAT = {"tabby", "tiger cat", "Egyptian cat"}
 COFFEE = {"espresso", "cup", "coffee mug"}
-ROCKET = {"missile", "projectile", "space shuttle"}
 
 
 @pytest.fixture(scope="module", params=sorted(CHECKPOINT_MODULES))
@@ -43,11 +42,10 @@ def photos():
 
 
 def test_obvious_photos(loaded, photos):
-    # Lite2 reads the rocket photo as a drilling platform (0.10) and Lite1 gives "space shuttle" only 0.08,
-    # so the rocket is asked of MobileNetV2 alone.
+    # Lite2 reads the rocket photo as a drilling platform (0.10), Lite1 gives "space shuttle" only 0.08, and
+    # MobileNetV2 through torchvision's exact preprocessing says drilling platform (0.35) against missile (0.29):
+    # the rocket is not an obvious photo for these models.
     expected = {"chelsea": CAT, "coffee": COFFEE}
-    if loaded.name == "mobilenet_v2_tv":
-        expected["rocket"] = ROCKET
     x = np.concatenate([preprocess_image(photos[p], loaded.preprocess) for p in expected])
     probs = np.asarray(loaded.model(x, training=False))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
@@ -103,9 +101,14 @@ def test_antialiased_bilinear_is_pils_resize_and_does_not_alias():
     assert view.shape == (224, 224, 3) and np.ptp(view[8:-8, 8:-8]) <= 2
     aliased = crop_views(board, spec.with_overrides(interpolation="bilinear"))[0]
     assert np.ptp(aliased) > 100
-    photo = np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8)
-    ref = np.asarray(Image.fromarray(photo).resize((385, 256), Image.BILINEAR))
-    np.testing.assert_array_equal(crop_views(photo, spec)[0], ref[16:240, 80:304])
+    # torchvision: Resize(256) makes 451 x 300 into 384 x 256 (int(384.85)); CenterCrop(224) starts at
+    # int(round(160 / 2)) = 80. 449 x 300 -> 383 x 256, whose odd margin 159 starts at round(79.5) = 80, not 79.
+    for width in (451, 449):
+        photo = np.random.default_rng(width).integers(0, 256, (300, width, 3), dtype=np.uint8)
+        long_side = int(256 * width / 300)
+        ref = np.asarray(Image.fromarray(photo).resize((long_side, 256), Image.BILINEAR))
+        left = int(round((long_side - 224) / 2.0))
+        np.testing.assert_array_equal(crop_views(photo, spec)[0], ref[16:240, left : left + 224])
 
 
 # ----------------------------------------------------------------------------- MobileNetV2 port, numerically

@@ -72,7 +72,7 @@ def model(p: argparse.ArgumentParser, required: bool = True) -> None:
         "--preprocess",
         help="preprocessing overrides: mode=caffe|tf|torch|raw, size=224, crop_pct=0.875, "
         "interpolation=bilinear|bicubic|area, mean=a/b/c, std=a/b/c, channel_order=rgb|bgr, layout=nhwc|nchw, "
-        "crops=center|10crop|12crop",
+        "crops=center|10crop|12crop, centre=floor|round (odd crop margins: TensorFlow's floor or torchvision's round)",
     )
     g.add_argument(
         "--trust-savedmodel",

@@ -21,13 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"pretrained model (default {MODEL}; mobilenet_v2_tv: torchvision's MobileNetV2)",
     )
     p.add_argument("--threads", type=a.positive_int, default=2)
+    a.post_training(p)
     a.common(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from quantship.jobs.demo import run_demo
 
-    result = run_demo(Path(args.out), threads=args.threads, model=args.model)
+    result = run_demo(Path(args.out), threads=args.threads, model=args.model, ptq=a.ptq_steps(args))
     print(result.text)
     return result.exit_code
 

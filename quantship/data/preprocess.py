@@ -18,6 +18,7 @@ import numpy as np
 
 from quantship.config import (
     RESIZE_LONG_SIDE,
+    CentreOffset,
     ChannelOrder,
     CropMode,
     Interpolation,
@@ -188,6 +189,12 @@ def resize_shorter(img: np.ndarray, shorter: int, interpolation: Interpolation) 
     return _resize(img, new_w, new_h, interpolation)
 
 
+def centre_offset(margin: int, rule: CentreOffset) -> int:
+    """Start of a centre crop with ``margin`` pixels to spare: ``margin // 2`` (TensorFlow) or torchvision's
+    ``int(round(margin / 2))`` (half to even: 79.5 -> 80, 80.5 -> 80)."""
+    return int(round(margin / 2.0)) if rule is CentreOffset.ROUND else margin // 2
+
+
 def _crop(img: np.ndarray, top: int, left: int, size: tuple[int, int]) -> np.ndarray:
     return img[top : top + size[0], left : left + size[1]]
 
@@ -199,7 +206,7 @@ def crop_views(img: np.ndarray, spec: PreprocessSpec) -> list[np.ndarray]:
         return [_resize(img, cw, ch, spec.interpolation)]
     resized = resize_shorter(img, max(spec.resize_shorter, ch, cw), spec.interpolation)
     h, w = resized.shape[:2]
-    centre = _crop(resized, (h - ch) // 2, (w - cw) // 2, spec.size)
+    centre = _crop(resized, centre_offset(h - ch, spec.centre), centre_offset(w - cw, spec.centre), spec.size)
     if spec.crops is CropMode.CENTER:
         return [centre]
     corners = [
@@ -245,7 +252,7 @@ def geometry(spec: PreprocessSpec) -> dict:
     normalisation, channel order and layout are applied later, on the fly."""
     d = spec.to_dict()
     return {
-        **{k: d[k] for k in ("size", "crop_pct", "interpolation", "crops", "resize")},
+        **{k: d[k] for k in ("size", "crop_pct", "interpolation", "crops", "resize", "centre")},
         "long_side": RESIZE_LONG_SIDE,
     }
 

@@ -24,8 +24,11 @@ scikit-image ships (scale 0.18 to 1.5), against PIL, as mean |pixel difference| 
 of this model's probabilities / top-1 agreement: ``INTER_LINEAR`` 1.62 / 0.26 / 84%, ``INTER_AREA`` 1.30 /
 0.22 / 84%, ``INTER_CUBIC`` 2.93 / 0.40 / 84%, Gaussian blur then ``INTER_LINEAR`` 0.32 / 0.05 / 100%. So
 the registry entry uses ``Interpolation.BILINEAR_ANTIALIAS``, which is PIL's resize itself (0 / 0 / 100%).
-The longer side is truncated as torchvision does (451 x 256 / 300 -> 384; quantship rounded it to 385
-before, which moved the probabilities by L1 0.28 and 0.43 on the two of five photos where the two differ).
+The geometry is torchvision's too: the longer side is truncated (451 x 256 / 300 -> 384; quantship rounded it
+to 385 before) and an odd crop margin is split as CenterCrop splits it (``int(round(159 / 2))`` = 80; the floor
+gives 79): ``centre="round"`` in the spec. Before both, the probabilities on two of five photos moved by L1 0.27
+and 0.28 from torchvision's pipeline (PIL resize, CenterCrop, normalisation); now they are equal (L1 0.0 on
+chelsea, coffee, rocket, astronaut and the motorcycle; the rocket is then "drilling platform" 0.35, not missile).
 """
 
 from __future__ import annotations

@@ -162,9 +162,14 @@ register_model(
         build=_mobilenet_v2_tv,
         input_size=(224, 224),
         # torchvision's evaluation: PIL's (antialiased) bilinear resize of the shorter side to 256, 224 centre
-        # crop, x/255 with the ImageNet mean/std; see quantship/models/mobilenet_v2_tv.py.
+        # crop placed as torchvision's CenterCrop places it, x/255 with the ImageNet mean/std; see
+        # quantship/models/mobilenet_v2_tv.py.
         preprocess=PreprocessSpec.from_mode(
-            "torch", size=(224, 224), crop_pct=0.875, interpolation=Interpolation.BILINEAR_ANTIALIAS
+            "torch",
+            size=(224, 224),
+            crop_pct=0.875,
+            interpolation=Interpolation.BILINEAR_ANTIALIAS,
+            centre="round",
         ),
         family="mobilenet_v2",
         pretrained=_mobilenet_v2_tv_pretrained,
