@@ -268,3 +268,12 @@ def test_demo_pass_rule_judges_only_photos_where_fp32_is_confident():
     other = np.asarray([[0.3, 0.6, 0.1], [0.4, 0.35, 0.25]])
     check, ok, rows = prediction_check(["a", "b"], {"keras-fp32": fp32, "int8-b": other})
     assert not ok and any(line.strip().startswith("BAD int8-b") for line in check)
+
+
+def test_demo_with_no_confident_photo_does_not_pass():
+    from quantship.jobs.demo import _verdict
+
+    ok, text = _verdict(True, [{"photo": "a", "judged": False}, {"photo": "b", "judged": False}], 2)
+    assert not ok and "the 0 of 2 photos" in text
+    ok, text = _verdict(True, [{"photo": "a", "judged": True}, {"photo": "b", "judged": False}], 2)
+    assert ok and "the 1 of 2 photos where fp32 is confident (p > 0.5: a)" in text

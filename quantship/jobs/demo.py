@@ -148,12 +148,7 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
 
     t0 = time.perf_counter()
     note(f"quantship demo -> {out}  (library logs: {out / 'native.log'}, converter log: {out / 'convert.log'})")
-    val_dir, calib_dir = write_demo_data(out / "demo-data")
-    evalset = load_dataset(f"imagenet:{val_dir}")
-    calib = load_dataset(f"imagenet:{calib_dir}")
-    check_disjoint(calib, evalset)
-    note(f"data: {len(evalset)} photos to classify, {len(calib)} calibration crops of {len(CALIB_PHOTOS)} other photos")
-
+    evalset, calib = _demo_data(out)
     loaded = load_for(model, "pretrained", resolve_preprocess(model, "pretrained"))
     note(f"model: {model}: {DEMO_MODELS[model]} ({loaded.weights})")
     targets = parse_targets(TARGETS)
@@ -211,20 +206,32 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
         out / "predictions.md",
         "# Prediction check\n```" + "\n".join(check) + "\n```\n\n" + markdown_table(rows, SUMMARY_COLUMNS) + "\n",
     )
-    ok = all_ok and not failed
-    judged = sorted({p["photo"] for p in predictions if p["judged"]})
-    ok = ok and bool(judged)  # nothing judged proves nothing
-    where = f"the {len(judged)} of {len(photos)} photos where fp32 is confident (p > {CONFIDENT}: {', '.join(judged)})"
-    verdict = (
-        f"every target has fp32's top-1 on {where}"
-        if ok
-        else f"some target FAILED or DIFFERS from fp32's top-1 on {where}"
-    )
+    ok, verdict = _verdict(all_ok and not failed, predictions, len(photos))
     lines.append(
         f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, "
         f"{out / 'predictions.md'}; report: {report_html}"
     )
     return JobResult(rows, lines, 0 if ok else 1)
+
+
+def _demo_data(out: Path) -> tuple[Any, Any]:
+    """The demo's photos to classify and its calibration crops, written as ImageNet folders and loaded back."""
+    val_dir, calib_dir = write_demo_data(out / "demo-data")
+    evalset = load_dataset(f"imagenet:{val_dir}")
+    calib = load_dataset(f"imagenet:{calib_dir}")
+    check_disjoint(calib, evalset)
+    note(f"data: {len(evalset)} photos to classify, {len(calib)} calibration crops of {len(CALIB_PHOTOS)} other photos")
+    return evalset, calib
+
+
+def _verdict(ok: bool, predictions: list[dict[str, Any]], photos: int) -> tuple[bool, str]:
+    """Pass or fail, and the sentence saying on how many photos it was judged (none judged proves nothing)."""
+    judged = sorted({p["photo"] for p in predictions if p["judged"]})
+    ok = ok and bool(judged)
+    where = f"the {len(judged)} of {photos} photos where fp32 is confident (p > {CONFIDENT}: {', '.join(judged)})"
+    if ok:
+        return ok, f"every target has fp32's top-1 on {where}"
+    return ok, f"some target FAILED or DIFFERS from fp32's top-1 on {where}"
 
 
 def write_thumbnails(out: Path, photos: list[str], evalset: Any, size: int = 160) -> None:
