@@ -327,23 +327,22 @@ def _calibration(ctx: BuildContext, spec: TargetSpec) -> Any:
     )
 
 
-def _calibrated_onnx(
-    ctx: BuildContext, spec: TargetSpec, session_config: dict[str, str], layout: dict[str, Any], write: Callable
+def _calibrated_build(
+    ctx: BuildContext, spec: TargetSpec, suffix: str, fields: dict[str, Any], write: Callable[..., Any]
 ) -> Artifact:
-    """An int8 ONNX model written by ``write(calibration, fp32_path, path, manifest)`` from the run's calibration with
-    ``spec``'s method; reused when its manifest (source export, method, percentile, ``layout``) matches."""
+    """An artifact written by ``write(calibration, fp32_path, path, manifest)`` from the run's calibration with
+    ``spec``'s method; reused when its manifest (source export, method, percentile and ``fields``) matches."""
     from quantship.fileio import sha256_json
     from quantship.manifest import load_reusable
 
     fp32 = _onnx_export(ctx, spec)
-    path = ctx.artifact_path(spec, ".onnx")
+    path = ctx.artifact_path(spec, suffix)
     manifest = {
         **ctx.base_manifest(spec),
         "source_onnx_sha256": fp32.manifest["sha256"],
         "calibration_method": spec.calibration.value,
         "calibration_percentile": _percentile(ctx, spec),
-        "runtime_session_config": dict(session_config),
-        **layout,
+        **fields,
     }
     build_key = sha256_json(manifest)
     if (existing := load_reusable(path, build_key)) is None:
@@ -355,11 +354,15 @@ def _calibrated_onnx(
 def _qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     from quantship.calibrate.api import write_outputs
 
-    return _calibrated_onnx(
+    fields = {
+        "runtime_session_config": dict(get_target(spec.name).session_config),
+        "qdq_placement": "residual-skip-quantized",  # NVIDIA's residual-Add rule (issue 12): older files differ
+    }
+    return _calibrated_build(
         ctx,
         spec,
-        get_target(spec.name).session_config,
-        {"qdq_placement": "residual-skip-quantized"},  # NVIDIA's residual-Add rule (issue 12): older files differ
+        ".onnx",
+        fields,
         lambda result, fp32, path, manifest: write_outputs(result, fp32, qdq=path, manifest=manifest),
     )
 
@@ -368,42 +371,30 @@ def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     """Full-integer TFLite with our calibrator's ranges: the converter calibrates only (its recorded min/max are
     replaced by ours, mapped through the Keras layer names), then quantizes."""
     from quantship.convert.tflite import ranges_from_amax
-    from quantship.fileio import sha256_json
-    from quantship.manifest import load_reusable, write_artifact
+    from quantship.manifest import write_artifact
 
     converter = _tflite_converter(ctx, spec)
-    fp32 = _onnx_export(ctx, spec)
-    path = ctx.artifact_path(spec, ".tflite")
-    manifest = {
-        **ctx.base_manifest(spec),
-        "format": "tflite",
-        "precision": spec.precision.value,
-        "io_dtype": spec.io_dtype.value,
-        "calibration_method": spec.calibration.value,
-        "calibration_percentile": _percentile(ctx, spec),
-        "ranges_from": "quantship statistics of the ONNX export, mapped to TFLite tensors by Keras layer",
-        "source_onnx_sha256": fp32.manifest["sha256"],
-    }
-    build_key = sha256_json(manifest)
-    if (existing := load_reusable(path, build_key)) is not None:
-        return existing
-    batches = ctx.calibration_batches(spec.name)
-    calibrated = ctx.shared(f"tflite-calibrated{ctx.variant(spec)}", lambda: converter.calibrate_only(batches))
-    result = _calibration(ctx, spec)
-    minimum = {name: s.min for name, s in result.stats.items()}
-    replaced = ranges_from_amax(calibrated, ctx.keras_model(spec), _layer_outputs(ctx, spec), result.amax, minimum)
-    data = converter.quantize_calibrated(calibrated, spec.io_dtype, replaced.ranges)
-    return write_artifact(
-        path,
-        data,
-        {
-            **manifest,
+
+    def write(result: Any, fp32: Path, path: Path, manifest: dict[str, Any]) -> None:
+        batches = ctx.calibration_batches(spec.name)
+        calibrated = ctx.shared(f"tflite-calibrated{ctx.variant(spec)}", lambda: converter.calibrate_only(batches))
+        minimum = {name: s.min for name, s in result.stats.items()}
+        replaced = ranges_from_amax(calibrated, ctx.keras_model(spec), _layer_outputs(ctx, spec), result.amax, minimum)
+        data = converter.quantize_calibrated(calibrated, spec.io_dtype, replaced.ranges)
+        extra = {
             "calibrator": result.calibrator.describe(),
             "tensors_with_our_range": len(replaced.ranges),
             "tensors_with_converter_range": replaced.kept,
-            "build_key": build_key,
-        },
-    )
+        }
+        write_artifact(path, data, {**manifest, **extra})
+
+    fields = {
+        "format": "tflite",
+        "precision": spec.precision.value,
+        "io_dtype": spec.io_dtype.value,
+        "ranges_from": "quantship statistics of the ONNX export, mapped to TFLite tensors by Keras layer",
+    }
+    return _calibrated_build(ctx, spec, ".tflite", fields, write)
 
 
 for _method in CalibrationMethod:
@@ -445,7 +436,7 @@ def _ort_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
     # ORT's default session options (what a user's own application opens the file with); the same statistics pass
     # as the Q/DQ targets (it observes the tensors of both layouts).
-    return _calibrated_onnx(ctx, spec, {}, {"layout_version": 1}, write_ort_model)
+    return _calibrated_build(ctx, spec, ".onnx", {"runtime_session_config": {}, "layout_version": 1}, write_ort_model)
 
 
 for _method in CalibrationMethod:
