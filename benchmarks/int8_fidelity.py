@@ -255,11 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-images", type=int, default=100)
     p.add_argument("--steps", default="none,equalize,bias-correct,equalize+bias-correct")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--modelopt-python", default="/work/scratch/modelopt-venv/bin/python")
+    p.add_argument(
+        "--modelopt-python",
+        help="python of a separate environment with nvidia-modelopt (it pins its own onnx/onnxruntime); "
+        "without it the ModelOpt anchors are left out",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="int8-fidelity-out")
     args = p.parse_args(argv)
+    if args.modelopt_python is not None and not Path(args.modelopt_python).is_file():
+        p.error(f"--modelopt-python: {args.modelopt_python} is not a file")
     out = Path(args.out)
     data = out / "photos"
     write_photo_sets(data, args.eval_images, args.calib_images)
@@ -288,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             lambda: ort_anchor(onnx_fp32, calib.batches(), x, mout / "anchors", args.threads),
         )
         anchors.append(ORT_ANCHOR)
-        if Path(args.modelopt_python).is_file():
+        if args.modelopt_python is None:
+            print("ModelOpt anchors left out: no --modelopt-python given", flush=True)
+        else:
             for method in ("max", "entropy"):
                 path = mout / "anchors" / f"modelopt-{method}.npy"
                 y = (
