@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from quantship.config import CalibrationSpec, Gate, PtqSteps, TrtInt8Mode, TrtOptions
 from quantship.errors import ConfigError
@@ -110,6 +111,20 @@ class _PlanReader:
 
     def __init__(self, source: str):
         self.source = source
+
+    @contextlib.contextmanager
+    def section(self, key: str) -> Iterator[None]:
+        """Read a nested mapping: errors inside name ``key`` after the source (``plan: calibration: seed: ...``),
+        those of the values' own checks included."""
+        self.source, outer = f"{self.source}: {key}", self.source
+        try:
+            yield
+        except ConfigError as exc:
+            if str(exc).startswith(self.source):
+                raise
+            raise ConfigError(f"{self.source}: {exc}") from None
+        finally:
+            self.source = outer
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {key}: {message}")
@@ -236,16 +251,13 @@ class _PlanReader:
         if not isinstance(value, dict):
             raise self.error("post_training", f"expected a mapping (equalize, bias_correct, relu6), got {value!r}")
         self.known(value, "post_training", {f.name for f in fields(PtqSteps)})
-        self.source, source = f"{self.source}: post_training", self.source
-        try:
+        with self.section("post_training"):
             flags = {k: self.flag(value, k) for k in ("equalize", "bias_correct")}
             relu6 = self.text(value, "relu6", "keep", optional=False)
             try:
                 return PtqSteps(**flags, relu6=relu6)
             except ConfigError as exc:
                 raise self.error("relu6", str(exc)) from None
-        finally:
-            self.source = source
 
     def executor(self, d: dict) -> ExecutorKind:
         value = d.get("executor", ExecutorKind.LOCAL.value)
@@ -346,20 +358,13 @@ class _PlanReader:
             raise self.error("calibration", f"expected a mapping (num_images, seed, method, ...), got {value!r}")
         self.known(value, "calibration", {f.name for f in fields(CalibrationSpec)})
         v = dict(value)
-        self.source, source = f"{self.source}: calibration", self.source
-        try:
+        with self.section("calibration"):
             num = self.integer(v, "num_images", 100)
             seed = self.integer(v, "seed", 0, minimum=0)
             batch = self.integer(v, "batch_size", 8)
             percentile = self.number(v, "percentile", 99.99, 0.0, 100.0 + 1e-9)
             data, listing = self.text(v, "data"), self.text(v, "list")  # a calibration dataset, an MLPerf-style list
             return CalibrationSpec(num, seed, v.get("method"), percentile, batch, data, listing)
-        except ConfigError as exc:
-            if str(exc).startswith(self.source):
-                raise
-            raise ConfigError(f"{self.source}: {exc}") from None
-        finally:
-            self.source = source
 
     def tensorrt(self, value: Any) -> TrtOptions:
         if not isinstance(value, dict):
