@@ -455,11 +455,17 @@ class TrtOptions:
 class Gate:
     """An accuracy gate on targets against the reference.
 
-    Exactly one of ``relative`` (target >= relative * reference, e.g. 0.99) and ``max_drop_points``
-    (reference - target <= N percentage points) is set. ``targets`` holds glob patterns (default: all).
-    ``decision``: ``point`` judges the point value over the whole set (as MLPerf does); ``interval`` passes only
-    when the whole confidence interval clears the gate, fails when it misses it entirely and is otherwise
-    INCONCLUSIVE.
+    Exactly one rule is set: ``relative`` (target >= relative * reference, e.g. 0.99), ``max_drop_points``
+    (reference - target <= N percentage points), ``minimum`` (target >= the value, for a metric that must be
+    high: ``min:`` in a plan) or ``maximum`` (target <= the value, for a metric that must be low, a distance
+    between output distributions: ``max:``). ``targets`` holds glob patterns (default: all). ``decision``:
+    ``point`` judges the point value over the whole set (as MLPerf does); ``interval`` passes only when the
+    whole confidence interval clears the gate, fails when it misses it entirely and is otherwise INCONCLUSIVE.
+    ``score_threshold``: for ``pseudo_map``, the score above which the reference's detections are taken as
+    ground truth (None: 0.5).
+
+    Which metrics exist, whether they must be high or low and their ranges are declared by the tasks
+    (:mod:`quantship.evaluate.tasks`, ``check_gate``): this record checks only its own shape.
     """
 
     metric: str = "top1"
@@ -467,33 +473,46 @@ class Gate:
     max_drop_points: float | None = None
     targets: tuple[str, ...] = ("*",)
     decision: str = "point"
+    minimum: float | None = None
+    maximum: float | None = None
+    score_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.relative is None) == (self.max_drop_points is None):
-            raise ConfigError(f"gate on {self.metric}: give exactly one of 'relative' and 'max_drop_points'")
+        given = [k for k in GATE_RULES if getattr(self, k) is not None]
+        if len(given) != 1:
+            keys = "', '".join(GATE_RULE_KEYS[k] for k in GATE_RULES)
+            raise ConfigError(f"gate on {self.metric}: give exactly one of '{keys}'")
+        for k in (*GATE_RULES, "score_threshold"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ConfigError(f"gate on {self.metric}: {GATE_RULE_KEYS.get(k, k)} must be a number, got {v!r}")
+        if not isinstance(self.metric, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.metric):
+            raise ConfigError(f"gate metric must be a metric name (e.g. top1, agreement_top1), got {self.metric!r}")
         if self.relative is not None and not 0 < self.relative <= 1.5:
             raise ConfigError(f"gate on {self.metric}: relative must be in (0, 1.5], got {self.relative}")
-        if self.metric not in GATE_METRICS:
-            raise ConfigError(
-                f"gate metric must be top1, top5 (classification) or mAP (detection), got '{self.metric}'"
-            )
-        if self.max_drop_points is not None and self.max_drop_points < 0:
-            raise ConfigError(f"gate on {self.metric}: max_drop_points must not be negative")
+        if self.max_drop_points is not None and not 0 <= self.max_drop_points <= 100:
+            raise ConfigError(f"gate on {self.metric}: max_drop_points must be in [0, 100], got {self.max_drop_points}")
+        if self.score_threshold is not None and not 0 < self.score_threshold < 1:
+            raise ConfigError(f"gate on {self.metric}: score_threshold must be in (0, 1), got {self.score_threshold}")
         if self.decision not in ("point", "interval"):
             raise ConfigError(f"gate on {self.metric}: decision must be 'point' or 'interval', got '{self.decision}'")
 
     @classmethod
     def parse(cls, text: str) -> "Gate":
-        """The command-line form: ``top1>=0.99`` / ``top5>=0.99x`` / ``mAP>=0.95`` (relative to the reference)
-        or ``drop<=0.5`` / ``top5-drop<=0.5`` (points)."""
+        """The command-line form: ``top1>=0.99`` / ``top5>=0.99x`` / ``mAP>=0.95`` / ``agreement_top1>=0.99``
+        (relative to the reference), ``drop<=0.5`` / ``top5-drop<=0.5`` (points) or ``mean_l1<=0.3`` (a maximum
+        of a metric that must be low). The metric name is checked against the task by ``check_gate``."""
         t = text.replace(" ", "")
-        metrics = "|".join(GATE_METRICS)
-        if m := re.fullmatch(rf"(?i:({metrics}))?>=([0-9.]+)x?", t):
-            return cls(metric=_gate_metric(m.group(1) or "top1"), relative=_number(m.group(2), text))
-        if m := re.fullmatch(rf"(?i:(?:({metrics})-?)?drop<=([0-9.]+))", t):
-            return cls(metric=_gate_metric(m.group(1) or "top1"), max_drop_points=_number(m.group(2), text))
+        name = r"[A-Za-z_][A-Za-z0-9_]*?"
+        if m := re.fullmatch(rf"({name})?>=([0-9.]+)x?", t):
+            return cls(metric=m.group(1) or "top1", relative=_number(m.group(2), text))
+        if m := re.fullmatch(rf"(?:({name})-?)?(?i:drop)<=([0-9.]+)", t):
+            return cls(metric=m.group(1) or "top1", max_drop_points=_number(m.group(2), text))
+        if m := re.fullmatch(rf"({name})<=([0-9.]+)", t):
+            return cls(metric=m.group(1), maximum=_number(m.group(2), text))
         raise ConfigError(
-            f"gate '{text}' not understood; use e.g. 'top1>=0.99' (relative to fp32) or 'drop<=0.5' (points)"
+            f"gate '{text}' not understood; use e.g. 'top1>=0.99' (relative to fp32), 'drop<=0.5' (points) or "
+            "'mean_l1<=0.3' (a maximum)"
         )
 
     def applies(self, target: str) -> bool:
@@ -501,17 +520,30 @@ class Gate:
 
         return any(fnmatch.fnmatch(target, pat) for pat in self.targets)
 
+    @property
+    def absolute(self) -> bool:
+        """The gate bounds the target's own value (min / max), not its relation to the reference."""
+        return self.minimum is not None or self.maximum is not None
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether the gated quantity clears the gate by being at least the threshold (False for ``max``)."""
+        return self.maximum is None
+
     def value(self, target: float, reference: float) -> float:
-        """The gated quantity: target / reference (relative gates) or target - reference in points."""
+        """The gated quantity: target / reference (relative gates), target - reference in points (drop gates) or
+        the target's own value (min / max gates)."""
+        if self.absolute:
+            return float(target)
         if self.relative is not None:
             return target / reference if reference > 0 else float("nan")
         return 100.0 * (target - reference)
 
     def passes_value(self, value: float) -> bool:
         """Whether a gated quantity (as :meth:`value` computes it) clears the gate."""
-        if self.relative is not None:
-            return bool(value >= self.relative)
-        return bool(-value <= self.max_drop_points)
+        if self.maximum is not None:
+            return bool(value <= self.maximum)
+        return bool(value >= self.threshold)
 
     def evaluate(self, target: float, reference: float) -> bool:
         """PASS or FAIL on point values of the gate's metric."""
@@ -520,24 +552,40 @@ class Gate:
 
     @property
     def kind(self) -> str:
-        return "relative" if self.relative is not None else "drop_points"
+        return {"relative": "relative", "max_drop_points": "drop_points", "minimum": "min", "maximum": "max"}[
+            next(k for k in GATE_RULES if getattr(self, k) is not None)
+        ]
 
     @property
     def threshold(self) -> float:
-        """The gated quantity (:meth:`value`) clears the gate when it is >= this."""
-        return float(self.relative) if self.relative is not None else -float(self.max_drop_points)
+        """The gated quantity (:meth:`value`) clears the gate when it is >= this (<= for a ``max`` gate)."""
+        if self.relative is not None:
+            return float(self.relative)
+        if self.max_drop_points is not None:
+            return -float(self.max_drop_points)
+        return float(self.minimum if self.minimum is not None else self.maximum)
+
+    @property
+    def pseudo_threshold(self) -> float:
+        """The reference's detection score taken as ground truth by ``pseudo_map``."""
+        return 0.5 if self.score_threshold is None else float(self.score_threshold)
 
     def describe(self) -> str:
+        what = self.metric
+        if self.score_threshold is not None or self.metric == "pseudo_map":
+            what = f"{self.metric} (reference detections scoring >= {self.pseudo_threshold:g})"
         if self.relative is not None:
-            return f"{self.metric} >= {self.relative:g} x reference"
-        return f"{self.metric} drop <= {self.max_drop_points:g} points"
+            return f"{what} >= {self.relative:g} x reference"
+        if self.max_drop_points is not None:
+            return f"{what} drop <= {self.max_drop_points:g} points"
+        if self.minimum is not None:
+            return f"{what} >= {self.minimum:g}"
+        return f"{what} <= {self.maximum:g}"
 
 
-GATE_METRICS = ("top1", "top5", "mAP")
-
-
-def _gate_metric(text: str) -> str:
-    return next(m for m in GATE_METRICS if m.lower() == text.lower())
+# A gate's rules: the attribute and the plan key naming it.
+GATE_RULES = ("relative", "max_drop_points", "minimum", "maximum")
+GATE_RULE_KEYS = {"relative": "relative", "max_drop_points": "max_drop_points", "minimum": "min", "maximum": "max"}
 
 
 def _number(text: str, where: str) -> float:

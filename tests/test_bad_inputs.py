@@ -212,6 +212,14 @@ def plan(edit: dict | None = None, drop: tuple[str, ...] = (), raw: bytes | None
     return build
 
 
+def broken_images(tmp: Path) -> dict:
+    """A folder of two files named as images that no decoder reads."""
+    (tmp / "broken").mkdir(exist_ok=True)
+    (tmp / "broken" / "a.jpg").write_bytes(b"\xff\xd8 not a jpeg \xff\xd9")
+    (tmp / "broken" / "b.png").write_bytes(b"\x89PNG\r\n broken")
+    return {}
+
+
 class model_edit:  # noqa: N801 - reads as a function in the table
     """The plan's model with some keys changed (its repr names the change, for the row's id)."""
 
@@ -598,7 +606,23 @@ CASES = [
             ("models", "tiny", "models: expected a list of models (names or mappings), got 'tiny'"),
             ("reference", "tflite-int3", "unknown target 'tflite-int3'"),
             ("reference", "tflite-fp32", "nothing to compare with the reference tflite-fp32"),
-            ("gates", [{"metric": "mAP", "relative": 0.9}], "gates[0].metric: 'mAP' is not measured on this dataset"),
+            ("gates", [{"metric": "mAP", "relative": 0.9}], "gates[0] (mAP): metric 'mAP' is not measured for a"),
+            # label-free gates: direction, range and the data they need
+            ("gates", [{"metric": "pseudo_map", "relative": 0.9}], "(pseudo_map is a detection metric)"),
+            ("gates", [{"metric": "agreement_top1", "max": 0.5}], "agreement_top1 must be high, so it takes min"),
+            ("gates", [{"metric": "mean_l1", "min": 0.1}], "mean_l1 is a distance (lower is better"),
+            ("gates", [{"metric": "mean_l1", "relative": 0.9}], "gate it with max, e.g. {{metric: mean_l1, max: 0.3}}"),
+            ("gates", [{"metric": "mean_l1", "max": 3.0}], "gates[0] (mean_l1): mean_l1 lies in [0, 2]; got 3"),
+            ("gates", [{"metric": "mean_l1", "max": -0.1}], "mean_l1 lies in [0, 2]; got -0.1"),
+            ("gates", [{"metric": "mean_kl", "max": float("nan")}], "gates[0].max: expected a number, got nan"),
+            ("gates", [{"metric": "mean_kl", "max": "low"}], "gates[0].max: expected a number, got 'low'"),
+            ("gates", [{"metric": "agreement_top1", "min": 1.5}], "agreement_top1 lies in [0, 1]; got 1.5"),
+            ("gates", [{"metric": "agreement_top1", "relative": 1.2}], "relative must be at most 1 for agreement"),
+            ("gates", [{"metric": "agreement_top5", "max_drop_points": 101}], "max_drop_points must be in [0, 100]"),
+            ("gates", [{"metric": "mean_l1", "max": 0.3, "min": 0.1}], "give exactly one of 'relative'"),
+            ("gates", [{"metric": "top1", "relative": 0.9, "score_threshold": 0.5}], "applies only to pseudo_map"),
+            ("gates", [{"metric": "mean_l1", "max": 1e300}], "mean_l1 lies in [0, 2]; got 1e+300"),
+            ("gates", [{"metric": "", "relative": 0.9}], "gate metric must be a metric name"),
             ("gates", [{"relative": "abc"}], "gates[0].relative: expected a number, got 'abc'"),
             ("gates", [{"relative": 0.9, "targets": ["onnx-*"]}], "would apply to nothing"),
             ("gates", [{"relative": 0.9, "targets": "onnx-*"}], "['onnx-*'] match none of the compared targets"),
@@ -614,6 +638,32 @@ CASES = [
             ("name", "../../escape", "name: '../../escape' names the results folder"),
             ("trust_savedmodel", "yes", "trust_savedmodel: expected true or false, got 'yes'"),
         )
+    ),
+    Case(
+        "plan-labelled-gate-on-images",
+        ("signoff", "{plan}", "--out", "{out}"),
+        2,
+        "gates[0] (top1): metric 'top1' needs labels and the evaluation data has none (images:)",
+        build=lambda tmp, env: plan({"dataset": f"images:{env['data']}"})(tmp, env),
+    ),
+    Case(
+        "plan-images-folder-unreadable",
+        ("signoff", "{plan}", "--out", "{out}"),
+        2,
+        "none of the 2 image file(s) could be read as an image",
+        build=lambda tmp, env: {
+            **broken_images(tmp),
+            **plan({"dataset": f"images:{tmp / 'broken'}", "gates": [{"metric": "agreement_top1", "min": 0.9}]})(
+                tmp, env
+            ),
+        },
+    ),
+    Case(
+        "eval-images-folder-unreadable",
+        ("eval", "--model", "{model}", "--preprocess", P, "--data", "images:{tmp}/broken", "--out", "{out}"),
+        2,
+        "none of the 2 image file(s) could be read as an image",
+        build=lambda tmp, env: broken_images(tmp),
     ),
     Case(
         "plan-savedmodel-not-trusted",

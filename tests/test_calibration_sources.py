@@ -55,8 +55,12 @@ def test_images_kind_is_recursive_sorted_unlabelled_and_refused_for_evaluation(f
         load_dataset(f"images:{tmp_path / 'empty'}")
     from quantship.jobs.common import load_evaluation_data
 
-    with pytest.raises(ConfigError, match="no labels.*--calib-data"):
-        load_evaluation_data(f"images:{train}")
+    assert not load_evaluation_data(f"images:{train}").labelled  # label-free evaluation data
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="none of the 1 image file"):
+        load_evaluation_data(f"images:{broken}")
 
 
 def test_calibration_list_by_name_or_relative_path(folders, tmp_path):
@@ -159,8 +163,10 @@ def test_bad_calibration_input_is_one_line_exit_2_before_any_work(capsys, folder
     for extra, message in cases:
         code, err = _eval(capsys, tmp_path, f"imagenet:{val}", *extra)
         assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
-    code, err = _eval(capsys, tmp_path, f"images:{train}")
-    assert code == 2 and len(err) == 1 and "no labels" in err[0]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"\x89PNG broken")
+    code, err = _eval(capsys, tmp_path, f"images:{tmp_path / 'broken'}")
+    assert code == 2 and len(err) == 1 and "could be read as an image" in err[0]
     assert not (tmp_path / "o" / "artifacts").exists()  # nothing was built
 
 
@@ -234,5 +240,5 @@ def test_signoff_plan_calibration_data_and_list(folders, tmp_path):
     assert len(split.evalset) == len(dataset) == 12 and len(split.calib) == 2
     assert {Path(s.key).name for s in split.calib.samples} < {"cal_00.jpg", "cal_03.jpg", "cal_04.jpg"}
     assert split.source.separate and split.source.info["list"] == str(listing)
-    with pytest.raises(ConfigError, match="no labels"):
-        plan_data(SignoffPlan.from_dict({**plan, "dataset": f"images:{train}"}), targets)
+    with pytest.raises(ConfigError, match=r"gates\[0\] \(top1\): metric 'top1' needs labels"):
+        SignoffPlan.from_dict({**plan, "dataset": f"images:{train}"})

@@ -227,6 +227,11 @@ def load_dataset(spec: str, allow_missing_images: bool = False, option: str = "-
     return _DATASETS[kind](Path(spec.partition(":")[2]).expanduser(), **kwargs)
 
 
+def labelled_kind(spec: str, option: str = "--data") -> bool:
+    """Whether data ``KIND:PATH`` has ground truth (False for ``images:``), on the name alone."""
+    return _kind(spec, option) not in _UNLABELLED
+
+
 def require_labelled(spec: str, option: str = "--data") -> None:
     """Refuse evaluation data without ground truth (checked on the name alone, before any work).
 

@@ -8,17 +8,25 @@
 Each gate says how it decides (:attr:`quantship.config.Gate.decision`): ``point`` on the point value over the
 whole set (as MLPerf judges), ``interval`` on the whole interval (PASS / FAIL / INCONCLUSIVE). A gate over fewer
 than ``min_images`` images is INCONCLUSIVE whatever the rule.
+
+* Agreement with the reference (its own is 1.0 by definition) and a labelled accuracy under a ``min`` gate are
+  means of per-image 0/1 values against a fixed value: an exact Clopper-Pearson interval.
+* Distances to the reference (``mean_l1``, ``mean_kl``; ``max`` gates) are means of continuous per-image values:
+  a percentile bootstrap of the mean, labelled approximate.
+
+Underpowered: a ``point`` PASS whose interval does not clear the threshold keeps PASS and gains
+``underpowered: true`` and ``images_to_settle``; the sign-off headline says so and ``--strict`` fails on it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from quantship.config import Gate
-from quantship.evaluate.intervals import FAIL, INCONCLUSIVE, PASS, decide, paired_verdict
+from quantship.evaluate.intervals import FAIL, INCONCLUSIVE, PASS, clopper_pearson, decide, paired_verdict
 from quantship.evaluate.tasks import PairedSample
 
 MAX_RESAMPLED_METRICS = 200  # resampling a metric that is not a mean (mAP) recomputes it: cap the count
@@ -45,41 +53,125 @@ def _bootstrap_images_to_settle(value: float, lo: float, hi: float, threshold: f
     return max(n, math.ceil(n * ((hi - lo) / 2.0 / gap) ** 2))
 
 
+def gate_decide(gate: Gate, value: float, lo: float, hi: float, rule: str) -> str:
+    """:func:`decide` for any gate: a ``max`` gate (lower is better) is judged on the negated quantity."""
+    if gate.higher_is_better:
+        return decide(value, lo, hi, gate.threshold, rule)
+    return decide(-value, -hi, -lo, -gate.threshold, rule)
+
+
+def _settle_scaled(n: int, settled: Callable[[float], bool], max_images: int = 10**9) -> int | None:
+    """Smallest N >= n at which ``settled(N)`` holds (it is monotone in N): doubling, then bisection."""
+    if settled(n):
+        return n
+    lo_n, hi_n = n, 2 * n
+    while not settled(hi_n):
+        lo_n, hi_n = hi_n, 2 * hi_n
+        if lo_n > max_images:
+            return None
+    while hi_n - lo_n > 1:
+        mid = (lo_n + hi_n) // 2
+        lo_n, hi_n = (lo_n, mid) if settled(mid) else (mid, hi_n)
+    return hi_n
+
+
+def _gated(gate: Gate, lo: float, hi: float, reference: float) -> tuple[float, float]:
+    """An interval of the target's value in the gate's units, the reference's value being fixed: the ratio for
+    a relative gate, the difference in points for a drop gate, the value itself for min / max."""
+    if gate.absolute:
+        return lo, hi
+    if gate.relative is not None:
+        return (lo / reference, hi / reference) if reference > 0 else (float("nan"), float("nan"))
+    return 100.0 * (lo - reference), 100.0 * (hi - reference)
+
+
+def _proportion_interval(
+    gate: Gate, values: np.ndarray, reference: float, confidence: float
+) -> tuple[float, float, int | None]:
+    """Exact (Clopper-Pearson) interval of a per-image 0/1 mean whose reference value is fixed (agreement with
+    the reference, or a labelled accuracy under a min gate), in the gate's units, and the images that would
+    settle it at the observed rate (None when already settled or never)."""
+    n, x = len(values), float(np.sum(values))
+    lo, hi = _gated(gate, *clopper_pearson(x, n, confidence), reference)
+    value = gate.value(x / n if n else float("nan"), reference)
+    if not n or gate_decide(gate, value, lo, hi, "interval") != INCONCLUSIVE:
+        return lo, hi, None
+    if not math.isfinite(value) or value == gate.threshold:
+        return lo, hi, None
+
+    def settled(size: float) -> bool:
+        a, b = _gated(gate, *clopper_pearson(x * size / n, size, confidence), reference)
+        return gate_decide(gate, value, a, b, "interval") != INCONCLUSIVE
+
+    return lo, hi, _settle_scaled(n, settled)
+
+
+def _bootstrap_mean(values: np.ndarray, samples: int, confidence: float, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of a per-image mean (vectorised: the mean is cheap to resample)."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    if not n:
+        return float("nan"), float("nan")
+    means = np.empty(samples)
+    for i in range(0, samples, 256):  # blocks keep the index matrix small at large n
+        k = min(256, samples - i)
+        means[i : i + k] = values[rng.integers(0, n, (k, n))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
 def gate_verdict(
     gate: Gate, paired: PairedSample, samples: int = 1000, confidence: float = 0.95, min_images: int = 1
 ) -> dict[str, Any]:
-    """One verdict row: point values, the gated quantity, its interval, the rule and PASS / FAIL / INCONCLUSIVE."""
+    """One verdict row: point values, the gated quantity, its interval, the rule and PASS / FAIL / INCONCLUSIVE.
+
+    A point-rule PASS whose interval does not clear the threshold stays PASS and is marked ``underpowered``,
+    with ``images_to_settle`` filled as for an INCONCLUSIVE verdict: the point value clears the gate but these
+    images cannot show that the target would on more of them."""
     value = gate.value(paired.target, paired.reference)
-    if paired.per_image is not None:
+    settle: int | None = None
+    if paired.per_image is not None and not gate.absolute:
         t, r = paired.per_image
         exact = paired_verdict(
             t, r, relative=gate.relative, max_drop_points=gate.max_drop_points, confidence=confidence, rule="interval"
         )
         lo, hi, method, settle = exact["ci_low"], exact["ci_high"], "exact", exact["images_to_settle"]
+    elif paired.per_image is not None or (paired.values is not None and paired.binary):
+        values = paired.per_image[0] if paired.per_image is not None else paired.values
+        lo, hi, settle = _proportion_interval(gate, np.asarray(values, np.float64), paired.reference, confidence)
+        method = "exact: Clopper-Pearson"
     else:
-        stat = bootstrap_gate_values(gate, paired, samples)
-        finite = stat[~np.isnan(stat)]
-        alpha = (1.0 - confidence) / 2.0
-        lo, hi = (
-            (float(np.quantile(finite, alpha)), float(np.quantile(finite, 1.0 - alpha)))
-            if finite.size
-            else (float("nan"), float("nan"))
-        )
-        method = f"bootstrap, {stat.size} resamples (approximate)"
-        settle = None
-        if decide(value, lo, hi, gate.threshold, "interval") == INCONCLUSIVE:
+        if paired.values is not None:
+            lo, hi = _gated(gate, *_bootstrap_mean(np.asarray(paired.values, np.float64), samples, confidence),
+                            paired.reference)  # fmt: skip
+            method = f"bootstrap, {samples} resamples (approximate)"
+        else:
+            stat = bootstrap_gate_values(gate, paired, samples)
+            finite = stat[~np.isnan(stat)]
+            alpha = (1.0 - confidence) / 2.0
+            lo, hi = (
+                (float(np.quantile(finite, alpha)), float(np.quantile(finite, 1.0 - alpha)))
+                if finite.size
+                else (float("nan"), float("nan"))
+            )
+            method = f"bootstrap, {stat.size} resamples (approximate)"
+        if gate_decide(gate, value, lo, hi, "interval") == INCONCLUSIVE:
             settle = _bootstrap_images_to_settle(value, lo, hi, gate.threshold, paired.images)
-    verdict = decide(value, lo, hi, gate.threshold, gate.decision)
+    verdict = gate_decide(gate, value, lo, hi, gate.decision)
+    settled_by_interval = gate_decide(gate, value, lo, hi, "interval") == PASS
     if paired.images < min_images:
         verdict, settle = INCONCLUSIVE, max(min_images, settle or 0)
+    underpowered = verdict == PASS and not settled_by_interval
     return {
         "metric": paired.metric,
         "gate": gate.describe(),
         "kind": gate.kind,
         "rule": gate.decision,
+        "threshold": gate.threshold,
+        "unit": _unit(gate, paired),
         "reference_value": paired.reference,
         "target_value": paired.target,
-        "delta_points": 100.0 * (paired.target - paired.reference),
+        "delta_points": 100.0 * (paired.target - paired.reference) if paired.unit == "fraction" else None,
         "value": value,
         "ci_low": lo,
         "ci_high": hi,
@@ -89,8 +181,18 @@ def gate_verdict(
         "min_images": min_images,
         "verdict": verdict,
         "passed": verdict == PASS,
-        "images_to_settle": settle if verdict == INCONCLUSIVE else None,
+        "underpowered": underpowered,
+        "images_to_settle": settle if verdict == INCONCLUSIVE or underpowered else None,
     }
 
 
-__all__ = ["FAIL", "INCONCLUSIVE", "PASS", "bootstrap_gate_values", "gate_verdict"]
+def _unit(gate: Gate, paired: PairedSample) -> str:
+    """What the gated quantity and its interval are expressed in."""
+    if gate.relative is not None:
+        return "ratio"
+    if gate.max_drop_points is not None:
+        return "points"
+    return paired.unit
+
+
+__all__ = ["FAIL", "INCONCLUSIVE", "PASS", "bootstrap_gate_values", "gate_decide", "gate_verdict"]

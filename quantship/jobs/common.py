@@ -20,7 +20,6 @@ from quantship.data.datasets import (
     file_list_hash,
     iter_batches,
     load_dataset,
-    require_labelled,
     select_listed,
     split_calibration,
 )
@@ -89,13 +88,37 @@ def use_input_cache(options: InputCacheOptions) -> None:
 
 
 def load_evaluation_data(data: str, labels: str | None = None, allow_missing_images: bool = False) -> ImageDataset:
-    """The evaluation dataset; data without labels (``images:``) is refused before it is read.
+    """The evaluation dataset. Data without labels (``images:``) is evaluation data only for label-free metrics:
+    the caller has refused labelled gates on it before (``check_gate``); here a folder none of whose images
+    decodes is refused before any model loads.
 
     Raises:
-        ConfigError: Unlabelled data kind. DataError: Missing or malformed data.
+        DataError: Missing or malformed data, or an ``images:`` folder without one readable image.
     """
-    require_labelled(data)
-    return load_dataset(data, labels=labels, allow_missing_images=allow_missing_images)
+    dataset = load_dataset(data, labels=labels, allow_missing_images=allow_missing_images)
+    if not dataset.labelled:
+        require_readable_image(dataset, data)
+    return dataset
+
+
+def require_readable_image(dataset: ImageDataset, data: str) -> None:
+    """Decode the folder's images in order until one reads (usually the first): a folder of nothing but broken
+    files would otherwise load every model and then fail on every chunk.
+
+    Raises:
+        DataError: No image of the folder decodes.
+    """
+    from quantship.data.preprocess import decode_image
+
+    for s in dataset.samples:
+        try:
+            decode_image(s.read(), s.key)
+            return
+        except (DataError, OSError, ValueError):
+            continue
+    raise DataError(
+        f"{data}: none of the {len(dataset)} image file(s) could be read as an image; give a folder of JPEG/PNG images"
+    )
 
 
 @dataclass

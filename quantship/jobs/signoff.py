@@ -321,7 +321,7 @@ def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[
                     out.append({**head, **no_run, "error": f"{why}: {err}"})
                     continue
                 d, ref_d = load_chunks(Path(row["state"])), load_chunks(Path(ref["state"]))
-                paired = task.paired(gate.metric, d, ref_d, d["keys"])
+                paired = task.paired(gate.metric, d, ref_d, d["keys"], score_threshold=gate.score_threshold)
                 out.append(
                     {**head, **gate_verdict(gate, paired, plan.bootstrap_samples, plan.confidence, plan.min_images)}
                 )

@@ -176,8 +176,7 @@ class _PlanReader:
         return items
 
     def read(self, d: dict[str, Any]) -> SignoffPlan:
-        from quantship.data.datasets import dataset_task
-        from quantship.evaluate.tasks import task_metrics
+        from quantship.data.datasets import dataset_task, labelled_kind
         from quantship.targets import get_target, parse_targets
 
         d = dict(d)
@@ -191,7 +190,7 @@ class _PlanReader:
                 raise ConfigError(f"{self.source}: '{key}' is required")
         data = self.text(d, "data", optional=False)
         try:
-            task = dataset_task(data)
+            task, labelled = dataset_task(data), labelled_kind(data)
         except ConfigError as exc:
             raise self.error("dataset", str(exc)) from None
         reference = self.text(d, "reference", "keras-fp32", optional=False)
@@ -205,7 +204,7 @@ class _PlanReader:
             raise self.error("targets", f"nothing to compare with the reference {reference}; list other targets")
         flags = {k: self.flag(d, k) for k in ("allow_nonfinite", "allow_missing_images", "trust_savedmodel")}
         models = self.models(d["models"], flags["trust_savedmodel"])
-        gates = self.gates(d["gates"], task_metrics(task), compared, reference)
+        gates = self.gates(d["gates"], task, labelled, compared, reference)
         calibration = self.calibration(d.get("calibration") or {})
         trt_fields = d.get("tensorrt") or {}
         if calibration.method is not None and isinstance(trt_fields, dict):
@@ -321,29 +320,41 @@ class _PlanReader:
             raise self.error(key, str(exc)) from None
         return overrides
 
-    def gates(self, value: Any, metrics: tuple[str, ...], targets: list[str], reference: str) -> tuple[Gate, ...]:
+    def gates(self, value: Any, task: str, labelled: bool, targets: list[str], reference: str) -> tuple[Gate, ...]:
+        from quantship.config import GATE_RULE_KEYS
+        from quantship.evaluate.tasks import check_gate
+
         if not isinstance(value, list):
             raise self.error("gates", f"expected a list of gates, got {value!r}")
+        rules = {plan_key: attr for attr, plan_key in GATE_RULE_KEYS.items()}
         out = []
         for i, g in enumerate(value):
             key = f"gates[{i}]"
             if not isinstance(g, dict):
-                raise self.error(key, f"expected a mapping (metric, relative or max_drop_points, targets), got {g!r}")
-            self.known(g, key, {"metric", "relative", "max_drop_points", "targets", "decision"})
-            metric = g.get("metric", "top1")
-            if metrics and metric not in metrics:
                 raise self.error(
-                    f"{key}.metric", f"'{metric}' is not measured on this dataset (choose one of: {', '.join(metrics)})"
+                    key, f"expected a mapping (metric, relative / max_drop_points / min / max, targets), got {g!r}"
                 )
-            for k in ("relative", "max_drop_points"):
+            self.known(g, key, {"metric", *rules, "targets", "decision", "score_threshold"})
+            metric = g.get("metric", "top1")
+            if not isinstance(metric, str):
+                raise self.error(f"{key}.metric", f"expected a metric name, got {metric!r}")
+            for k in (*rules, "score_threshold"):
                 v = g.get(k)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v):
                     raise self.error(f"{key}.{k}", f"expected a number, got {v!r}")
             patterns = tuple(self.names(g.get("targets", ["*"]), f"{key}.targets"))
             try:
-                gate = Gate(metric, g.get("relative"), g.get("max_drop_points"), patterns, g.get("decision", "point"))
+                gate = Gate(
+                    metric,
+                    targets=patterns,
+                    decision=g.get("decision", "point"),
+                    score_threshold=g.get("score_threshold"),
+                    **{attr: g.get(k) for k, attr in rules.items()},
+                )
+                gate = check_gate(gate, task, labelled, f"{key} ({metric})")
             except ConfigError as exc:
-                raise self.error(key, str(exc)) from None
+                text = str(exc) if str(exc).startswith(key) else f"{key}: {exc}"
+                raise ConfigError(f"{self.source}: {text}") from None
             if not any(gate.applies(t) for t in targets):
                 raise self.error(
                     f"{key}.targets",
