@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow SavedModel folders, which run their graph's operations (plan key trust_savedmodel)",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="an underpowered PASS (the point value clears a gate, its interval does not) fails the run "
+        "(plan key strict; gates with decision: interval are INCONCLUSIVE instead)",
+    )
     a.common(p)
 
 
@@ -42,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from quantship.jobs.signoff import run_signoff
     from quantship.jobs.specs import SignoffPlan
 
-    flags = ("allow_nonfinite", "allow_missing_images", "trust_savedmodel")
+    flags = ("allow_nonfinite", "allow_missing_images", "trust_savedmodel", "strict")
     plan = SignoffPlan.load(args.plan, {f: True for f in flags if getattr(args, f)})
     out = Path(args.out or f"runs/{plan.name}")
     if not args.out:  # an explicit --out is checked before the command runs

@@ -28,6 +28,8 @@ ACCURACY_COLUMNS = (
     ("top1", "top-1", "{:.4f}"),
     ("top5", "top-5", "{:.4f}"),
     ("delta_top1", "Δ top-1", "{:+.4f}"),
+    ("agreement_top1", "agree top-1", "{:.4f}"),
+    ("mean_l1", "mean L1", "{:.4f}"),
     ("mAP", "mAP", "{:.4f}"),
     ("delta_mAP", "Δ mAP", "{:+.4f}"),
     ("latency_ms", "ms/image (eval)", "{:.2f}"),
@@ -45,7 +47,7 @@ VERDICT_COLUMNS = (
     ("reference_value", "reference", "{:.4f}"),
     ("delta_points", "Δ points", "{:+.2f}"),
     ("ci", "interval", "{}"),
-    ("verdict", "verdict", "{}"),
+    ("verdict_text", "verdict", "{}"),
     ("settle", "images to settle", "{}"),
 )
 BENCH_COLUMNS = (
@@ -174,6 +176,7 @@ def load_results(folder: Path) -> dict[str, Any]:
         by_key = {r.get("unit_key"): r for r in rows}
         rows, other = [by_key[k] for k in keys if k in by_key], [r for k, r in by_key.items() if k not in set(keys)]
     data = {
+        "plan": plan,
         "rows": rows,
         "other_rows": other,
         "verdicts": _read_jsonl_strict(folder / "verdicts.jsonl"),
@@ -218,17 +221,23 @@ def load_results(folder: Path) -> dict[str, Any]:
     return data
 
 
+_KIND_UNITS = {"drop_points": "points", "relative": "ratio"}
+
+
 def _verdict_display(v: dict[str, Any]) -> None:
+    """Display fields of a verdict row: its interval with its unit (points, ratio, fraction, ...), the verdict
+    as shown (an underpowered PASS says so) and the images that would settle it."""
     lo, hi = v.get("ci_low"), v.get("ci_high")
     if lo is None or hi is None:
         v["ci"] = v.get("error", "-")
     else:
-        fmt = "{:+.3g}" if v.get("kind") == "drop_points" else "{:.4f}"
-        unit = " points" if v.get("kind") == "drop_points" else ""
+        unit = v.get("unit") or _KIND_UNITS.get(v.get("kind", ""), "fraction")
+        fmt = "{:+.3g}" if unit == "points" else "{:.4f}"
         method = v.get("interval", "")
         conf = f"{100 * v['confidence']:g}% " if v.get("confidence") else ""
-        v["ci"] = f"[{fmt.format(lo)}, {fmt.format(hi)}]{unit} ({conf}{method})".replace(" ()", "")
-    v["settle"] = v.get("images_to_settle") if v.get("verdict") == "INCONCLUSIVE" else None
+        v["ci"] = f"[{fmt.format(lo)}, {fmt.format(hi)}] {unit} ({conf}{method})".replace(" ()", "")
+    v["verdict_text"] = "PASS (underpowered)" if v.get("verdict") == "PASS" and v.get("underpowered") else v["verdict"]
+    v["settle"] = v.get("images_to_settle") if v.get("verdict") == "INCONCLUSIVE" or v.get("underpowered") else None
 
 
 def _manifests(rows: Sequence[dict]) -> dict[str, Any]:
@@ -318,7 +327,7 @@ class _Doc:
             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#f3f3f3}"
             "td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}"
             ".pass{color:#176117;font-weight:bold}.fail{color:#b00020;font-weight:bold}"
-            ".inconclusive{color:#9a6700;font-weight:bold}.verdict{font-size:1.4em;margin:0.4em 0 1em}"
+            ".inconclusive,.underpowered{color:#9a6700;font-weight:bold}.verdict{font-size:1.4em;margin:0.4em 0 1em}"
             "pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}"
             ".photos{display:flex;flex-wrap:wrap;gap:16px}.card{border:1px solid #ddd;padding:8px;width:360px}"
             ".card img{max-width:160px;float:left;margin:0 8px 4px 0}.card ul{font-size:12px;padding-left:1em;"
@@ -358,7 +367,10 @@ def _b64(png: bytes) -> str:
 def _html_table(rows: Sequence[dict], columns: Columns) -> str:
     header, body = table_rows(rows, columns)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    css = {"PASS": "pass", "FAIL": "fail", "INCONCLUSIVE": "inconclusive", "failed": "fail"}
+    css = {
+        "PASS": "pass", "FAIL": "fail", "INCONCLUSIVE": "inconclusive", "failed": "fail",
+        "PASS (underpowered)": "underpowered",
+    }  # fmt: skip
     trs = [
         "<tr>" + "".join(f'<td class="{css.get(c, "")}">{html.escape(c)}</td>' for c in cells) + "</tr>"
         for cells in body
@@ -378,21 +390,20 @@ def _verdict_section(doc: _Doc, data: dict[str, Any]) -> None:
             + (" Some targets FAILED to run." if failed_units else "")
         )
         return
-    counts = {k: sum(1 for v in verdicts if v["verdict"] == k) for k in ("PASS", "FAIL", "INCONCLUSIVE")}
-    overall = "FAIL" if counts["FAIL"] or failed_units else "INCONCLUSIVE" if counts["INCONCLUSIVE"] else "PASS"
-    text = f"{overall}: {counts['PASS']} of {len(verdicts)} gates passed"
-    if counts["INCONCLUSIVE"]:
-        text += f", {counts['INCONCLUSIVE']} inconclusive"
-    if failed_units:
-        text += f"; {len(failed_units)} unit(s) failed to run"
-    doc.para(text, f"verdict {overall.lower()}")
+    from quantship.evaluate.verdicts import overall_verdict
+
+    overall = overall_verdict(verdicts, len(failed_units))
+    doc.para(overall.headline, f"verdict {overall.css}")
     doc.table(verdicts, VERDICT_COLUMNS)
     rules = sorted({v.get("rule", "point") for v in verdicts})
     doc.para(
         "Decided on: 'point' = the point value over all evaluated images (as MLPerf judges); 'interval' = PASS only "
         "when the whole interval clears the gate, FAIL when it misses it entirely, otherwise INCONCLUSIVE. "
-        "Intervals: 'exact' = guaranteed-coverage paired interval (top-k); 'bootstrap' = paired bootstrap over "
-        f"images (mAP; approximate). Rules used here: {', '.join(rules)}."
+        "PASS (underpowered): the point value clears the gate but the interval does not, so these images cannot "
+        "show it would on more; 'images to settle' estimates how many would. Intervals: 'exact' = "
+        "guaranteed-coverage interval (top-k against labels: paired; agreement with the reference: "
+        "Clopper-Pearson); 'bootstrap' = bootstrap over images (mAP, distances; approximate). Rules used "
+        f"here: {', '.join(rules)}."
     )
 
 
@@ -460,7 +471,8 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` (+ its PNGs) and a self-contained ``report.html`` into ``folder``."""
     folder = Path(folder)
     data = load_results(folder)
-    title = title or f"quantship report: {folder.name}"
+    plan_name = data["plan"].get("name")
+    title = title or (f"sign-off: {plan_name}" if plan_name else f"quantship report: {folder.name}")
     doc = _Doc()
     if data["rows"]:
         _verdict_section(doc, data)

@@ -21,7 +21,8 @@ Underpowered: a ``point`` PASS whose interval does not clear the threshold keeps
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -195,4 +196,73 @@ def _unit(gate: Gate, paired: PairedSample) -> str:
     return paired.unit
 
 
-__all__ = ["FAIL", "INCONCLUSIVE", "PASS", "bootstrap_gate_values", "gate_decide", "gate_verdict"]
+__all__ = [
+    "FAIL", "INCONCLUSIVE", "PASS", "Overall", "bootstrap_gate_values", "gate_decide", "gate_verdict",
+    "overall_verdict",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Overall:
+    """A sign-off's overall verdict from its gate verdicts: what the console and the report lead with.
+
+    Attributes:
+        verdict: FAIL (a gate failed or a unit did not run), INCONCLUSIVE (no failure, some gate undecided) or
+            PASS (every gate passed; some may be underpowered).
+        gates: Gate verdicts counted.
+        passed: PASS verdicts (underpowered ones included).
+        inconclusive: INCONCLUSIVE verdicts.
+        underpowered: PASS verdicts whose interval does not clear the threshold.
+        images_needed: The most images any undecided or underpowered gate needs to settle (None: unknown).
+        failed_units: Units that did not run.
+    """
+
+    verdict: str
+    gates: int
+    passed: int
+    inconclusive: int
+    underpowered: int
+    images_needed: int | None
+    failed_units: int = 0
+
+    @property
+    def headline(self) -> str:
+        need = f" ({self.images_needed} images needed)" if self.images_needed else ""
+        if self.verdict == PASS and self.underpowered:
+            return f"PASS, but {self.underpowered} of {self.gates} gates are underpowered{need}"
+        text = f"{self.verdict}: {self.passed} of {self.gates} gates passed"
+        if self.inconclusive:
+            text += f", {self.inconclusive} inconclusive{need if self.verdict == INCONCLUSIVE else ''}"
+        if self.underpowered:
+            text += f", {self.underpowered} of them underpowered"
+        if self.failed_units:
+            text += f"; {self.failed_units} unit(s) failed to run"
+        return text
+
+    @property
+    def css(self) -> str:
+        """The colour class: green only for a PASS every gate's interval supports."""
+        if self.verdict == PASS and self.underpowered:
+            return "underpowered"
+        return self.verdict.lower()
+
+    def exit_code(self, strict: bool = False) -> int:
+        """0 for PASS (underpowered too, under the point rule), 1 otherwise; ``strict`` also fails an
+        underpowered PASS."""
+        return 0 if self.verdict == PASS and not (strict and self.underpowered) else 1
+
+
+def overall_verdict(verdicts: Sequence[dict[str, Any]], failed_units: int = 0) -> Overall:
+    """The overall verdict of a sign-off's gate verdict rows (see :class:`Overall`)."""
+    count = {k: sum(1 for v in verdicts if v.get("verdict") == k) for k in (PASS, FAIL, INCONCLUSIVE)}
+    weak = [v for v in verdicts if v.get("verdict") == PASS and v.get("underpowered")]
+    verdict = FAIL if count[FAIL] or failed_units or not verdicts else INCONCLUSIVE if count[INCONCLUSIVE] else PASS
+    settle = [
+        v["images_to_settle"]
+        for v in verdicts
+        if v.get("images_to_settle") and (v.get("verdict") == INCONCLUSIVE or v.get("underpowered"))
+    ]
+    return Overall(
+        verdict, len(verdicts), count[PASS], count[INCONCLUSIVE], len(weak), max(settle) if settle else None,
+        failed_units,
+    )  # fmt: skip

@@ -30,7 +30,7 @@ from quantship.evaluate.loop import run_targets
 from quantship.evaluate.report import VERDICT_COLUMNS, build_report, load_results
 from quantship.evaluate.results import text_table
 from quantship.evaluate.tasks import Task, concat, make_task
-from quantship.evaluate.verdicts import PASS, gate_verdict
+from quantship.evaluate.verdicts import gate_verdict, overall_verdict
 from quantship.fileio import (
     FolderLock,
     append_jsonl,
@@ -300,6 +300,22 @@ def failed_row(model: str, target: Target, key: str, error: str) -> dict[str, An
 # ---------------------------------------------------------------------------------------------- verdicts
 
 
+def with_agreement(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[dict[str, Any]]:
+    """The rows with each target's agreement and distances to its model's reference row (label-free: every
+    target gets them, labelled data or not), computed from the stored chunks after all units ran, since a unit
+    runs without its reference."""
+    refs = {r["model"]: r for r in rows if r["target"] == plan.reference and r.get("status") == "ok"}
+    out = []
+    for r in rows:
+        ref = refs.get(r["model"])
+        if r.get("status") == "ok" and ref is not None:
+            mine = load_chunks(Path(r["state"]))
+            theirs = mine if ref is r else load_chunks(Path(ref["state"]))
+            r = {**r, **task.agreement(mine, theirs)}
+        out.append(r)
+    return out
+
+
 def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[dict[str, Any]]:
     """Gate every (model, target) row of the plan against its model's reference row."""
     out = []
@@ -479,10 +495,12 @@ def signoff(
         for row in executor.run(SignoffJob(plan, targets, dataset, split, out_dir), work):
             stored[row["unit_key"]] = row
             append_jsonl(rows_path, row)
+        task = make_task(dataset)
+        rows = with_agreement(plan, [stored[k] for k in current], task)
+        stored.update((r["unit_key"], r) for r in rows)
         # One row per key (a unit that failed and then ran keeps only its last row), rewritten atomically.
         write_text_atomic(rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in stored.values()))
-        rows = [stored[k] for k in current]
-        verdict_rows = verdicts(plan, rows, make_task(dataset))
+        verdict_rows = verdicts(plan, rows, task)
         write_text_atomic(
             out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdict_rows)
         )
@@ -544,12 +562,14 @@ def run_signoff(plan: SignoffPlan, out_dir: Path, ray_address: str | None = None
     lines = [text_table(load_results(out_dir)["verdicts"], VERDICT_COLUMNS)]
     failed_units = [r for r in rows if r.get("status") == "failed"]
     lines += [f"FAILED {r['model']} {r['target']}: {r['error']}" for r in failed_units]
-    passed = sum(1 for v in verdict_rows if v["verdict"] == PASS)
-    overall = "PASS" if passed == len(verdict_rows) and not failed_units else "FAIL"
-    if overall == "FAIL" and all(v["verdict"] in (PASS, "INCONCLUSIVE") for v in verdict_rows) and not failed_units:
-        overall = "INCONCLUSIVE"
-    lines.append(f"\n{overall}: {passed} of {len(verdict_rows)} gates passed. Report: {page}, {md}")
+    overall = overall_verdict(verdict_rows, len(failed_units))
+    lines.append(f"\n{overall.headline}. Report: {page}, {md}")
+    if overall.underpowered:
+        lines.append(
+            "underpowered: the point values clear these gates but their intervals do not; "
+            + ("--strict / strict: true fails the run on it" if plan.strict else "exit 0 (--strict fails on it)")
+        )
     nonfinite = nonfinite_error(rows, plan.allow_nonfinite, "allow_nonfinite: true (or --allow-nonfinite)")
     if nonfinite:
         lines.append(nonfinite)
-    return JobResult(rows, lines, 0 if overall == "PASS" and not nonfinite else 1)
+    return JobResult(rows, lines, 1 if nonfinite else overall.exit_code(plan.strict))

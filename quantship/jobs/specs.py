@@ -78,6 +78,7 @@ class SignoffPlan:
     allow_missing_images: bool = False
     trust_savedmodel: bool = False
     executor: ExecutorKind = ExecutorKind.LOCAL  # not part of any unit key: both executors compute the same numbers
+    strict: bool = False  # an underpowered PASS (point value clears, interval does not) fails the run
     post_training: PtqSteps = field(default_factory=PtqSteps)  # equalize / bias_correct / relu6
 
     @classmethod
@@ -202,7 +203,7 @@ class _PlanReader:
         compared = [t for t in targets if t != reference]
         if not compared:
             raise self.error("targets", f"nothing to compare with the reference {reference}; list other targets")
-        flags = {k: self.flag(d, k) for k in ("allow_nonfinite", "allow_missing_images", "trust_savedmodel")}
+        flags = {k: self.flag(d, k) for k in ("allow_nonfinite", "allow_missing_images", "trust_savedmodel", "strict")}
         models = self.models(d["models"], flags["trust_savedmodel"])
         gates = self.gates(d["gates"], task, labelled, compared, reference)
         calibration = self.calibration(d.get("calibration") or {})
