@@ -679,9 +679,10 @@ CASES = [
         "plan-string-forms-accepted",
         ("signoff", "{plan}", "--out", "{out}", "-q"),
         0,
-        "PASS: 1 of 1 gates passed",
+        "1 of 1 gates",
         frozenset(
-            {"signoff.jsonl", "verdicts.jsonl", "environment.json", "plan.json", "report.md", "report.html"}
+            {"signoff.jsonl", "verdicts.jsonl", "agreement.jsonl", "environment.json", "plan.json", "report.md"}
+            | {"report.html"}
             | {"report_chart.png", "artifacts", "state"}
         ),
         plan({"targets": "tflite-fp32", "gates": [{"relative": 0.9, "targets": "tflite-*"}]}),

@@ -160,7 +160,9 @@ def test_signoff_on_unlabelled_images_with_label_free_gates(trained_tiny, unlabe
     out = tmp_path / "out"
     code = main(["signoff", str(plan), "--out", str(out), "-q"])
     text = capsys.readouterr().out
-    rows = [json.loads(line) for line in (out / "signoff.jsonl").read_text().splitlines()]
+    from quantship.evaluate.report import load_results
+
+    rows = load_results(out)["rows"]  # the unit rows joined with agreement.jsonl
     verdicts = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
     int8 = next(r for r in rows if r["target"] == "tflite-int8")
     ref = next(r for r in rows if r["target"] == "keras-fp32")

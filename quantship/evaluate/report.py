@@ -175,6 +175,8 @@ def load_results(folder: Path) -> dict[str, Any]:
         keys = list(plan["unit_keys"])
         by_key = {r.get("unit_key"): r for r in rows}
         rows, other = [by_key[k] for k in keys if k in by_key], [r for k, r in by_key.items() if k not in set(keys)]
+        agreement = {a.get("unit_key"): a for a in _read_jsonl_strict(folder / "agreement.jsonl")}
+        rows = [{**r, **agreement.get(r.get("unit_key"), {})} for r in rows]
     data = {
         "plan": plan,
         "rows": rows,

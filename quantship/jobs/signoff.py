@@ -300,6 +300,9 @@ def failed_row(model: str, target: Target, key: str, error: str) -> dict[str, An
 # ---------------------------------------------------------------------------------------------- verdicts
 
 
+AGREEMENT_FIELDS = ("agreement_top1", "agreement_top5", "mean_l1", "mean_kl")
+
+
 def with_agreement(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[dict[str, Any]]:
     """The rows with each target's agreement and distances to its model's reference row (label-free: every
     target gets them, labelled data or not), computed from the stored chunks after all units ran, since a unit
@@ -495,11 +498,20 @@ def signoff(
         for row in executor.run(SignoffJob(plan, targets, dataset, split, out_dir), work):
             stored[row["unit_key"]] = row
             append_jsonl(rows_path, row)
-        task = make_task(dataset)
-        rows = with_agreement(plan, [stored[k] for k in current], task)
-        stored.update((r["unit_key"], r) for r in rows)
         # One row per key (a unit that failed and then ran keeps only its last row), rewritten atomically.
         write_text_atomic(rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in stored.values()))
+        task = make_task(dataset)
+        rows = with_agreement(plan, [stored[k] for k in current], task)
+        # Agreement depends on two units, so it is not part of either's stored row: a file of its own, rewritten
+        # from the chunks by every run (the report joins it to the rows by unit key).
+        write_text_atomic(
+            out_dir / "agreement.jsonl",
+            "".join(
+                json.dumps({"unit_key": r["unit_key"], **{k: r[k] for k in AGREEMENT_FIELDS if k in r}}) + "\n"
+                for r in rows
+                if "agreement_top1" in r
+            ),
+        )
         verdict_rows = verdicts(plan, rows, task)
         write_text_atomic(
             out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdict_rows)
