@@ -47,6 +47,7 @@ VERDICT_COLUMNS = (
     ("reference_value", "reference", "{:.4f}"),
     ("delta_points", "Δ points", "{:+.2f}"),
     ("ci", "interval", "{}"),
+    ("ci_method", "interval method", "{}"),
     ("verdict_text", "verdict", "{}"),
     ("settle", "images to settle", "{}"),
 )
@@ -185,6 +186,7 @@ def load_results(folder: Path) -> dict[str, Any]:
         "bench": _read_jsonl_strict(folder / "bench.jsonl"),
         "sensitivity": _read_jsonl_strict(folder / "sensitivity.jsonl"),
         "predictions": _read_jsonl_strict(folder / "predictions.jsonl"),
+        "verdict": _read_json(folder / "verdict.json", "the job's verdict record"),
         "diff": _read_jsonl_strict(folder / "diff.jsonl"),
         "environment": _read_json(folder / "environment.json", "the environment record"),
         "folder": folder,
@@ -237,7 +239,8 @@ def _verdict_display(v: dict[str, Any]) -> None:
         fmt = "{:+.3g}" if unit == "points" else "{:.4f}"
         method = v.get("interval", "")
         conf = f"{100 * v['confidence']:g}% " if v.get("confidence") else ""
-        v["ci"] = f"[{fmt.format(lo)}, {fmt.format(hi)}] {unit} ({conf}{method})".replace(" ()", "")
+        v["ci"] = f"[{fmt.format(lo)}, {fmt.format(hi)}] {unit}"
+        v["ci_method"] = f"{conf}{method}".strip() or None
     v["verdict_text"] = "PASS (underpowered)" if v.get("verdict") == "PASS" and v.get("underpowered") else v["verdict"]
     v["settle"] = v.get("images_to_settle") if v.get("verdict") == "INCONCLUSIVE" or v.get("underpowered") else None
 
@@ -283,7 +286,9 @@ class _Doc:
         self.blocks.append(("para", (text, css)))
 
     def table(self, rows: Sequence[dict], columns: Columns) -> None:
-        self.blocks.append(("table", (rows, columns)))
+        """A table of the columns some row fills (a label-free run has no top-1 column of dashes)."""
+        held = tuple(c for c in columns if any(r.get(c[0]) is not None for r in rows)) or columns
+        self.blocks.append(("table", (rows, held)))
 
     def image(self, png: bytes, name: str, alt: str) -> None:
         self.blocks.append(("image", (png, name, alt)))
@@ -295,7 +300,7 @@ class _Doc:
     def details(self, name: str, text: str) -> None:
         self.blocks.append(("details", (name, text)))
 
-    def photos(self, cards: list[tuple[str, bytes | None, str | None, list[str]]]) -> None:
+    def photos(self, cards: list[PhotoCard]) -> None:
         self.blocks.append(("photos", cards))
 
     def markdown(self, folder: Path) -> str:
@@ -315,25 +320,19 @@ class _Doc:
             elif kind == "details":
                 md += [f"### {value[0]}", "", "```json", value[1], "```", ""]
             elif kind == "photos":
-                for name, _png, path, lines in value:
-                    md += [f"### {name}", ""] + ([f"![{name}]({path})", ""] if path else [])
-                    md += [f"- {line}" for line in lines] + [""]
+                for card in value:
+                    md += [f"### {card.name}", ""] + ([f"![{card.name}]({card.path})", ""] if card.path else [])
+                    md += [f"*{m}*  " for m in card.meta] + [""]
+                    md += [f"- **{text}**" if differs else f"- {text}" for text, differs in card.lines] + [""]
         return "\n".join(md) + "\n"
 
     def html(self, title: str) -> str:
         parts = [
-            "<!doctype html><html><head><meta charset='utf-8'>",
+            "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+            # Without the viewport a phone lays the page out 980 px wide and shrinks it to unreadable text.
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>",
             f"<title>{html.escape(title)}</title>",
-            "<style>body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}"
-            "table{border-collapse:collapse;margin:0.6em 0 1.4em}"
-            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#f3f3f3}"
-            "td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}"
-            ".pass{color:#176117;font-weight:bold}.fail{color:#b00020;font-weight:bold}"
-            ".inconclusive,.underpowered{color:#9a6700;font-weight:bold}.verdict{font-size:1.4em;margin:0.4em 0 1em}"
-            "pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}"
-            ".photos{display:flex;flex-wrap:wrap;gap:16px}.card{border:1px solid #ddd;padding:8px;width:360px}"
-            ".card img{max-width:160px;float:left;margin:0 8px 4px 0}.card ul{font-size:12px;padding-left:1em;"
-            "clear:both;margin:4px 0}</style></head><body>",
+            f"<style>{REPORT_CSS}</style></head><body>",
             f"<h1>{html.escape(title)}</h1>",
         ]
         for kind, value in self.blocks:
@@ -353,13 +352,52 @@ class _Doc:
                 )
             elif kind == "photos":
                 cards = []
-                for name, png, _path, lines in value:
-                    img = f"<img alt='{html.escape(name)}' src='data:image/png;base64,{_b64(png)}'>" if png else ""
-                    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-                    cards.append(f"<div class='card'><b>{html.escape(name)}</b><br>{img}<ul>{items}</ul></div>")
+                for card in value:
+                    img = (
+                        f"<img alt='{html.escape(card.name)}' src='data:image/png;base64,{_b64(card.png)}'>"
+                        if card.png
+                        else ""
+                    )
+                    meta = "".join(f"<div class='meta'>{html.escape(m)}</div>" for m in card.meta)
+                    items = "".join(
+                        f"<li class='{'differs' if differs else ''}'>{html.escape(text)}</li>"
+                        for text, differs in card.lines
+                    )
+                    cards.append(
+                        f"<div class='card'><b>{html.escape(card.name)}</b>{meta}{img}<ul>{items}</ul></div>"
+                    )
                 parts.append(f"<div class='photos'>{''.join(cards)}</div>")
         parts.append("</body></html>")
         return "\n".join(parts)
+
+
+# Wide content scrolls inside its own box (tables, preformatted text), never the page: a phone keeps the
+# verdict and the text readable at its width. Images shrink to the page width.
+REPORT_CSS = (
+    "*{box-sizing:border-box}"
+    "body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222;"
+    "line-height:1.4}"
+    "h1{font-size:1.5em;overflow-wrap:anywhere}h2{font-size:1.25em}h3{font-size:1.05em}"
+    "p{overflow-wrap:anywhere}"
+    ".scroll{overflow-x:auto;max-width:100%;margin:0.6em 0 1.4em}"
+    "table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}"
+    "th{background:#f3f3f3}"
+    "td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}"
+    "img{max-width:100%;height:auto}"
+    ".pass{color:#176117;font-weight:bold}.fail{color:#b00020;font-weight:bold}"
+    ".inconclusive,.underpowered{color:#9a6700;font-weight:bold}"
+    ".verdict{font-size:1.3em;margin:0.4em 0 1em;padding:0.4em 0.6em;border-left:6px solid currentColor;"
+    "background:#fafafa}"
+    "pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto;max-width:100%}"
+    "details{max-width:100%}"
+    ".photos{display:flex;flex-wrap:wrap;gap:16px}"
+    ".card{border:1px solid #ddd;padding:8px;width:380px;max-width:100%}"
+    ".card img{max-width:160px;width:40%;float:left;margin:0 8px 4px 0}"
+    ".card .meta{font-size:13px;margin:2px 0 6px}"
+    ".card ul{font-size:12px;padding-left:1.1em;clear:both;margin:4px 0;overflow-wrap:anywhere}"
+    ".differs{color:#b00020;font-weight:bold}"
+)
 
 
 def _b64(png: bytes) -> str:
@@ -377,7 +415,7 @@ def _html_table(rows: Sequence[dict], columns: Columns) -> str:
         "<tr>" + "".join(f'<td class="{css.get(c, "")}">{html.escape(c)}</td>' for c in cells) + "</tr>"
         for cells in body
     ]
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table></div>"
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -386,6 +424,10 @@ def _html_table(rows: Sequence[dict], columns: Columns) -> str:
 def _verdict_section(doc: _Doc, data: dict[str, Any]) -> None:
     verdicts = data["verdicts"]
     failed_units = [r for r in data["rows"] if r.get("status") == "failed"]
+    own = data.get("verdict") or {}
+    if not verdicts and own.get("verdict"):  # a job with its own rule (the demo's prediction check)
+        doc.para(f"{own['verdict']}: {own.get('text', '')}", f"verdict {str(own['verdict']).lower()}")
+        return
     if not verdicts:
         doc.para(
             "No gates: a plain evaluation, no pass/fail verdict."
@@ -417,18 +459,41 @@ def _chart_points(data: dict[str, Any]) -> list[tuple[str, str, float, float]]:
     ]
 
 
-def _photo_cards(data: dict[str, Any], folder: Path) -> list[tuple[str, bytes | None, str | None, list[str]]]:
-    cards: dict[str, tuple[bytes | None, str | None, list[str]]] = {}
+@dataclass
+class PhotoCard:
+    """One evaluated photo of a prediction check: its thumbnail, what is known about it (ground truth, whether
+    it was judged) and each target's top-3, marked where the target's top-1 differs from fp32's."""
+
+    name: str
+    png: bytes | None
+    path: str | None
+    meta: list[str]
+    lines: list[tuple[str, bool]]  # (text, top-1 differs from the reference's)
+
+
+def _photo_cards(data: dict[str, Any], folder: Path) -> list[PhotoCard]:
+    cards: dict[str, PhotoCard] = {}
+    reference: dict[str, str] = {}
     for p in data["predictions"]:
         name = p.get("photo", "?")
+        top = p.get("top3") or [["?", 0.0]]
         if name not in cards:
             thumb = p.get("thumbnail")
             png = (folder / thumb).read_bytes() if thumb and (folder / thumb).is_file() else None
-            cards[name] = (png, thumb if png else None, [])
-        top = ", ".join(f"{label} {prob:.2f}" for label, prob in p.get("top3", []))
-        mark = "" if p.get("ok", True) else "  <- differs"
-        cards[name][2].append(f"{p.get('target')}: {top}{mark}")
-    return [(name, *v) for name, v in cards.items()]
+            # The first target of a photo is the reference (keras-fp32 leads the demo's targets).
+            reference[name] = top[0][0]
+            meta = [f"ground truth: {p['truth']}" if p.get("truth") else "ground truth: not known"]
+            if "judged" in p:
+                meta.append(
+                    f"judged: fp32's top-1 {top[0][0]} with p = {top[0][1]:.2f}"
+                    if p["judged"]
+                    else f"not judged: fp32 is not confident (top-1 {top[0][0]}, p = {top[0][1]:.2f})"
+                )
+            cards[name] = PhotoCard(name, png, thumb if png else None, meta, [])
+        differs = top[0][0] != reference[name]
+        text = f"{p.get('target')}: " + ", ".join(f"{label} {prob:.2f}" for label, prob in top)
+        cards[name].lines.append((text + ("  ← top-1 differs from fp32" if differs else ""), differs))
+    return list(cards.values())
 
 
 def _executor_text(ex: dict[str, Any]) -> str:
@@ -491,6 +556,13 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
             doc.image(chart, "report_chart.png", "accuracy vs latency")
     if data["predictions"]:
         doc.heading("Prediction check (top-3 per target)")
+        judged = sorted({p.get("photo") for p in data["predictions"] if p.get("judged")})
+        photos = sorted({p.get("photo") for p in data["predictions"]})
+        if any("judged" in p for p in data["predictions"]):
+            doc.para(
+                f"Judged: {len(judged)} of {len(photos)} photos ({', '.join(judged) or 'none'}), those where fp32 is "
+                "confident; a target's line is marked where its top-1 differs from fp32's."
+            )
         doc.photos(_photo_cards(data, folder))
     if data["bench"]:
         doc.heading("Latency")

@@ -201,12 +201,14 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
     write_results(out, rows, title, [f"latency at batch 1, {threads} threads", *failed], task.columns)
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in predictions))
     write_json_atomic(out / "environment.json", environment())
+    ok, verdict = _verdict(all_ok and not failed, predictions, len(photos))
+    # The report leads with the demo's own verdict (its rule is the prediction check, not gates).
+    write_json_atomic(out / "verdict.json", {"verdict": "PASS" if ok else "FAIL", "text": verdict})
     _, report_html = build_report(out, f"quantship demo: {model}")
     write_text_atomic(
         out / "predictions.md",
         "# Prediction check\n```" + "\n".join(check) + "\n```\n\n" + markdown_table(rows, SUMMARY_COLUMNS) + "\n",
     )
-    ok, verdict = _verdict(all_ok and not failed, predictions, len(photos))
     lines.append(
         f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, "
         f"{out / 'predictions.md'}; report: {report_html}"
@@ -271,11 +273,13 @@ def prediction_check(photos: list[str], scores: dict[str, np.ndarray]) -> tuple[
             all_ok &= ok
             obvious = "obvious class" if int(top3[0]) in accepted else "not the obvious class"
             desc = ", ".join(f"{class_name(int(c))} {p[c]:.2f}" for c in top3)
-            tag = "ok " if same else ("BAD" if confident else " - ")
+            tag = ("ok " if same else "BAD") if confident else " - "  # a photo not judged is neither ok nor bad
             versus = "same top-1 as fp32" if same else "DIFFERENT top-1 from fp32"
             check.append(f"  {tag} {name:20s} {desc}   ({versus}, {obvious})")
+            truth = class_name(wnid_to_label()[EVAL_PHOTOS[photo][0]]) if photo in EVAL_PHOTOS else None
             rows.append({"photo": photo, "thumbnail": f"thumbnails/{photo}.png", "target": name, "ok": ok,
-                         "judged": confident, "top3": [[class_name(int(c)), float(p[c])] for c in top3]})  # fmt: skip
+                         "judged": confident, "truth": truth,
+                         "top3": [[class_name(int(c)), float(p[c])] for c in top3]})  # fmt: skip
     if unjudged:
         check.append(f"\nnot judged (fp32 not confident): {', '.join(unjudged)}")
     return check, all_ok, rows

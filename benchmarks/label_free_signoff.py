@@ -1,0 +1,65 @@
+"""A sign-off without labels: EfficientNet-Lite0 and MobileNetV2 int8 targets against fp32 on scikit-image's
+photos and seeded crops of them (``images:``), gated on top-1 agreement and on the mean L1 distance of the
+probability vectors. Prints each gate's verdict, interval and the images it would need to settle.
+
+    PYTHONPATH=. python benchmarks/label_free_signoff.py [--smoke] [--images N] [--out DIR]
+
+The crops of one photo are correlated: the intervals treat them as independent images, so they are narrower
+than the truth (the benchmark shows how the verdicts and the images-to-settle figures behave, not a release).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def main() -> int:
+    from photos import write_photo_sets
+
+    from quantship.cli import main as cli
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="60 images, one model, one target")
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--out", default="runs/label-free-signoff")
+    p.add_argument("--targets", default="tflite-int8,ort-int8-entropy")
+    args = p.parse_args()
+    images = 60 if args.smoke else args.images
+    out = Path(args.out)
+    evals, calib = write_photo_sets(out / "data", eval_images=images, calib_images=100)
+    models = ["efficientnet_lite0"] if args.smoke else ["efficientnet_lite0", "mobilenet_v2_tv"]
+    targets = args.targets.split(",")[:1] if args.smoke else args.targets.split(",")
+    plan = {
+        "name": "label-free",
+        "dataset": f"images:{evals}",
+        "calibration": {"num_images": 100, "data": f"images:{calib}"},
+        "models": [{"name": m, "weights": "pretrained"} for m in models],
+        "targets": targets,
+        "gates": [
+            {"metric": "agreement_top1", "max_drop_points": 5},
+            {"metric": "mean_l1", "max": 0.2},
+        ],
+    }
+    (out / "plan.yaml").write_text(yaml.safe_dump(plan))
+    code = cli(["signoff", str(out / "plan.yaml"), "--out", str(out / "run")])
+    rows = [json.loads(line) for line in (out / "run" / "verdicts.jsonl").read_text().splitlines()]
+    print(f"\n{images} images (photos + crops, no labels); targets: {', '.join(targets)}")
+    for v in rows:
+        print(
+            f"{v['model']:<20} {v['target']:<18} {v['gate']:<42} value {v['value']:+.4f} "
+            f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] {v['unit']:<8} {v['verdict']}"
+            + (" (underpowered)" if v.get("underpowered") else "")
+            + (f", {v['images_to_settle']} images to settle" if v.get("images_to_settle") else "")
+        )
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
