@@ -196,3 +196,25 @@ def test_eval_on_unlabelled_images_reports_agreement(trained_tiny, unlabelled_fo
     rows = [json.loads(line) for line in Path(out / "results.jsonl").read_text().splitlines()]
     fp16 = next(r for r in rows if r["target"] == "tflite-fp16")
     assert "top1" not in fp16 and fp16["agreement_top1"] >= 0.9 and 0 <= fp16["mean_l1"] < 0.05
+
+
+# ------------------------------------------------------------------------------------------- charts
+
+
+def test_sensitivity_chart_plots_sqnr_when_no_layer_harms_and_never_a_negative_harm():
+    from quantship.evaluate.charts import sensitivity_bars, sensitivity_chart
+
+    calm = [
+        {"kind": "single", "backend": b, "layer": name, "agreement_top1": 1.0, "sqnr_db": db}
+        for b in ("qdq", "tflite")
+        for name, db in (("conv1", 31.0), ("dw1", 12.5), ("pw1", 24.0))
+    ]
+    label, order, bars = sensitivity_bars(calm)
+    assert label.startswith("SQNR") and order == ["dw1", "pw1", "conv1"] and bars[("qdq", "dw1")] == 12.5
+    helped = [
+        {"kind": "single", "backend": "qdq", "layer": "a", "metric": "mAP", "delta": 0.02, "sqnr_db": 20.0},
+        {"kind": "single", "backend": "qdq", "layer": "b", "metric": "mAP", "delta": -0.05, "sqnr_db": 30.0},
+    ]
+    label, order, bars = sensitivity_bars(helped)
+    assert label == "drop of mAP" and order == ["b", "a"] and min(bars.values()) == 0.0 and bars[("qdq", "b")] == 0.05
+    assert sensitivity_chart(calm)[:4] == b"\x89PNG"

@@ -119,26 +119,48 @@ def accuracy_latency_figure(points: Sequence[tuple[str, str, float, float]]) -> 
     return fig, ax, boxes
 
 
+def sensitivity_bars(rows: Sequence[dict], top: int = 30) -> tuple[str, list[str], dict[tuple[str, str], float]]:
+    """What :func:`sensitivity_chart` draws: the axis label, the layers (most harmful first, at most ``top``) and
+    the bar of each (backend, layer).
+
+    Harm is 1 - top-1 agreement with fp32 where the rows have agreement, else the drop of their metric; a layer
+    that helps (a negative drop) gets 0, so no bar is negative. When every harm is 0 (a small evaluation set on
+    which no single layer changes a prediction) the bars are each layer's SQNR against fp32 instead, lowest
+    first, which still ranks the layers."""
+    single = [r for r in rows if r.get("kind") == "single"]
+
+    def harm(r: dict) -> float:
+        if r.get("agreement_top1") is not None:
+            return max(0.0, 1.0 - r["agreement_top1"])
+        return max(0.0, -(r.get("delta") or 0.0))
+
+    def sqnr(r: dict) -> float:
+        return min(float(r["sqnr_db"]), 100.0) if r.get("sqnr_db") is not None else 100.0
+
+    by_sqnr = all(harm(r) == 0 for r in single) and any(r.get("sqnr_db") is not None for r in single)
+    order: list[str] = []
+    key = (lambda r: sqnr(r)) if by_sqnr else (lambda r: (-harm(r), sqnr(r)))
+    for r in sorted(single, key=key):
+        if r["layer"] not in order:
+            order.append(r["layer"])
+    bars = {(r["backend"], r["layer"]): (sqnr(r) if by_sqnr else harm(r)) for r in single}
+    if by_sqnr:
+        label = "SQNR vs fp32, dB (lowest first: no single layer changed a prediction on these images)"
+    elif single and single[0].get("agreement_top1") is not None:
+        label = "1 - top-1 agreement with fp32"
+    else:
+        label = f"drop of {single[0].get('metric', 'top1') if single else 'the metric'}"
+    return label, order[:top], bars
+
+
 def sensitivity_chart(rows: Sequence[dict], top: int = 30) -> bytes | None:
-    """PNG: per-layer harm of quantizing that layer alone, per backend: 1 - top-1 agreement with fp32 where the
-    task has agreement, else the drop of its metric."""
+    """PNG: per-layer harm of quantizing that layer alone, per backend (see :func:`sensitivity_bars`)."""
     single = [r for r in rows if r.get("kind") == "single"]
     if not single:
         return None
     plt = _pyplot()
-
-    def harm(r: dict) -> float:
-        if "agreement_top1" in r:
-            return 1.0 - r["agreement_top1"]
-        return -r.get("delta", 0.0)
-
+    label, order, by = sensitivity_bars(single, top)
     backends = sorted({r["backend"] for r in single})
-    order: list[str] = []
-    for r in sorted(single, key=lambda r: (-harm(r), r["sqnr_db"])):
-        if r["layer"] not in order:
-            order.append(r["layer"])
-    order = order[:top]
-    by = {(r["backend"], r["layer"]): harm(r) for r in single}
     fig, ax = plt.subplots(figsize=(7.5, max(2.5, 0.28 * len(order) + 1)), dpi=110)
     height = 0.8 / len(backends)
     for bi, b in enumerate(backends):
@@ -147,9 +169,13 @@ def sensitivity_chart(rows: Sequence[dict], top: int = 30) -> bytes | None:
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(order))])
     ax.set_yticklabels(order, fontsize=7)
     ax.invert_yaxis()
-    metric = single[0].get("metric", "top1")
-    ax.set_xlabel("1 - top-1 agreement with fp32" if "agreement_top1" in single[0] else f"drop of {metric}")
-    ax.set_title("per-layer quantization harm (that layer alone quantized)")
+    ax.set_xlim(0.0, max(max(by.values(), default=0.0) * 1.05, 1e-9 if label.startswith("SQNR") else 0.01))
+    ax.set_xlabel(label, fontsize=8)
+    ax.set_title(
+        "per-layer quantization noise (that layer alone quantized)"
+        if label.startswith("SQNR")
+        else "per-layer quantization harm (that layer alone quantized)"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)

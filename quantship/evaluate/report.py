@@ -363,9 +363,7 @@ class _Doc:
                         f"<li class='{'differs' if differs else ''}'>{html.escape(text)}</li>"
                         for text, differs in card.lines
                     )
-                    cards.append(
-                        f"<div class='card'><b>{html.escape(card.name)}</b>{meta}{img}<ul>{items}</ul></div>"
-                    )
+                    cards.append(f"<div class='card'><b>{html.escape(card.name)}</b>{meta}{img}<ul>{items}</ul></div>")
                 parts.append(f"<div class='photos'>{''.join(cards)}</div>")
         parts.append("</body></html>")
         return "\n".join(parts)
