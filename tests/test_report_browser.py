@@ -77,7 +77,8 @@ def _signoff_folder(root: Path) -> Path:
                                  **gate_verdict(gate, paired)})  # fmt: skip
     (root / "signoff.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "verdicts.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verdicts))
-    (root / "plan.json").write_text(json.dumps({"name": "release-candidate", "unit_keys": [r["unit_key"] for r in rows]}))
+    plan = {"name": "release-candidate", "unit_keys": [r["unit_key"] for r in rows]}
+    (root / "plan.json").write_text(json.dumps(plan))
     (root / "environment.json").write_text(json.dumps({"cpu": "test CPU", "cpu_count": 2, "libraries": {}}))
     return root
 
