@@ -221,6 +221,15 @@ def load_results(folder: Path) -> dict[str, Any]:
 
     for b in data["bench"]:
         display_fields(b)
+    # A model given as a file is shown by its file name (the full path once, under "Models"): a path in every
+    # row would make each table as wide as the path.
+    data["model_paths"] = {}
+    for group in ("rows", "other_rows", "verdicts", "bench", "sensitivity"):
+        for r in data[group]:
+            m = r.get("model")
+            if isinstance(m, str) and ("/" in m or "\\" in m):
+                r["model"] = Path(m).name
+                data["model_paths"][r["model"]] = m
     data["manifests"] = _manifests(data["rows"])
     return data
 
@@ -236,7 +245,7 @@ def _verdict_display(v: dict[str, Any]) -> None:
         v["ci"] = v.get("error", "-")
     else:
         unit = v.get("unit") or _KIND_UNITS.get(v.get("kind", ""), "fraction")
-        fmt = "{:+.3g}" if unit == "points" else "{:.4f}"
+        fmt = "{:+.2f}" if unit == "points" else "{:.4f}"
         method = v.get("interval", "")
         conf = f"{100 * v['confidence']:g}% " if v.get("confidence") else ""
         v["ci"] = f"[{fmt.format(lo)}, {fmt.format(hi)}] {unit}"
@@ -379,9 +388,12 @@ REPORT_CSS = (
     "p{overflow-wrap:anywhere}"
     ".scroll{overflow-x:auto;max-width:100%;margin:0.6em 0 1.4em}"
     "table{border-collapse:collapse}"
-    "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}"
-    "th{background:#f3f3f3}"
-    "td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right;white-space:nowrap}"
+    "th{background:#f3f3f3;vertical-align:bottom}"
+    "td:first-child,td:nth-child(2),td:nth-child(3),th:first-child,th:nth-child(2),th:nth-child(3){text-align:left}"
+    # A long text cell (a model file's path, a long gate) wraps within a bounded width instead of widening the
+    # whole table.
+    "td.long{white-space:normal;overflow-wrap:anywhere;min-width:min(16em,45vw);max-width:28em}"
     "img{max-width:100%;height:auto}"
     ".pass{color:#176117;font-weight:bold}.fail{color:#b00020;font-weight:bold}"
     ".inconclusive,.underpowered{color:#9a6700;font-weight:bold}"
@@ -410,7 +422,9 @@ def _html_table(rows: Sequence[dict], columns: Columns) -> str:
         "PASS (underpowered)": "underpowered",
     }  # fmt: skip
     trs = [
-        "<tr>" + "".join(f'<td class="{css.get(c, "")}">{html.escape(c)}</td>' for c in cells) + "</tr>"
+        "<tr>"
+        + "".join(f'<td class="{css.get(c, "long" if len(c) > 32 else "")}">{html.escape(c)}</td>' for c in cells)
+        + "</tr>"
         for cells in body
     ]
     return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table></div>"
@@ -537,7 +551,13 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
     folder = Path(folder)
     data = load_results(folder)
     plan_name = data["plan"].get("name")
-    title = title or (f"sign-off: {plan_name}" if plan_name else f"quantship report: {folder.name}")
+    # `quantship report` on a folder keeps the title its job gave it: the plan's name, the demo's own.
+    title = (
+        title
+        or (f"sign-off: {plan_name}" if plan_name else None)
+        or data["verdict"].get("title")
+        or f"quantship report: {folder.name}"
+    )
     doc = _Doc()
     if data["rows"]:
         _verdict_section(doc, data)
@@ -580,6 +600,9 @@ def build_report(folder: Path, title: str | None = None) -> tuple[Path, Path]:
         doc.heading("Stored results not in this plan")
         doc.para("Kept on disk (state/ and signoff.jsonl) and reused if the plan asks for exactly these inputs again.")
         doc.table(data["other_rows"], OTHER_COLUMNS)
+    if data["model_paths"]:
+        doc.heading("Models")
+        doc.markdown_lines([f"- {name}: {path}" for name, path in sorted(data["model_paths"].items())])
     env = data["environment"]
     if env:
         doc.heading("Environment")

@@ -203,8 +203,11 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
     write_json_atomic(out / "environment.json", environment())
     ok, verdict = _verdict(all_ok and not failed, predictions, len(photos))
     # The report leads with the demo's own verdict (its rule is the prediction check, not gates).
-    write_json_atomic(out / "verdict.json", {"verdict": "PASS" if ok else "FAIL", "text": verdict})
-    _, report_html = build_report(out, f"quantship demo: {model}")
+    report_title = f"quantship demo: {model}"
+    write_json_atomic(
+        out / "verdict.json", {"verdict": "PASS" if ok else "FAIL", "text": verdict, "title": report_title}
+    )
+    _, report_html = build_report(out, report_title)
     write_text_atomic(
         out / "predictions.md",
         "# Prediction check\n```" + "\n".join(check) + "\n```\n\n" + markdown_table(rows, SUMMARY_COLUMNS) + "\n",
