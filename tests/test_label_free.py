@@ -218,3 +218,35 @@ def test_sensitivity_chart_plots_sqnr_when_no_layer_harms_and_never_a_negative_h
     label, order, bars = sensitivity_bars(helped)
     assert label == "drop of mAP" and order == ["b", "a"] and min(bars.values()) == 0.0 and bars[("qdq", "b")] == 0.05
     assert sensitivity_chart(calm)[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_sensitivity_on_unlabelled_images_ranks_by_agreement_and_shows_every_backend(
+    trained_tiny, unlabelled_folder, tmp_path, capsys
+):
+    from quantship.cli import main
+
+    _, model = trained_tiny
+    out = tmp_path / "s"
+    argv = [
+        "sensitivity",
+        "--model",
+        str(model),
+        "--preprocess",
+        TINY_PREPROCESS,
+        "--data",
+        f"images:{unlabelled_folder}",
+    ]
+    code = main([*argv, "--images", "10", "--calib-images", "8", "--show", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    rows = [json.loads(line) for line in (out / "sensitivity.jsonl").read_text().splitlines()]
+    single = [r for r in rows if r["kind"] == "single"]
+    assert {r["backend"] for r in single} == {"qdq", "tflite"}
+    assert all(r["metric"] == "agreement_top1" and "top1" not in r and r["mean_l1"] >= 0 for r in single)
+    for backend in ("qdq", "tflite"):
+        mine = [r for r in single if r["backend"] == backend]
+        keys = [(-r["delta"], r["mean_l1"]) for r in mine]
+        assert keys == sorted(keys, reverse=True)  # most harmful first: agreement, then distance
+        # --show 2: the two most harmful layers of every backend on the console
+        assert sum(1 for line in text.splitlines() if line.startswith(backend + " ")) == 2, text

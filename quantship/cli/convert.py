@@ -53,14 +53,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _auto_fallback(args: argparse.Namespace) -> int:
-    from quantship.config import Gate
     from quantship.jobs.sensitivity import Analyses, run_sensitivity
 
     if not args.gate or not args.data:
         raise ConfigError(
             "--auto-fallback needs --gate (e.g. 'top1>=0.99') and --data (calibration and held-out images)"
         )
-    analyses = Analyses(backends=("qdq", "tflite"), method=args.fallback_method, gate=Gate.parse(args.gate))
+    gate = a.checked_gate(args.gate, args.data)
+    analyses = Analyses(backends=("qdq", "tflite"), method=args.fallback_method, gate=gate)
     setup = dict(
         model=args.model,
         weights=args.weights,

@@ -36,7 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-layer", action="store_true", help="weight study per layer too (not only all layers at once)")
     p.add_argument("--recipe", help="mixed weight recipe: layer=kind,layer=kind")
     a.post_training(p)
-    p.add_argument("--gate", help="find float layers so int8 passes, e.g. 'top1>=0.99', 'mAP>=0.95' or 'drop<=0.5'")
+    p.add_argument(
+        "--gate",
+        help="find float layers so int8 passes, e.g. 'top1>=0.99', 'mAP>=0.95', 'drop<=0.5'; without labels "
+        "(--data images:PATH) 'agreement_top1>=0.99' or 'mean_l1<=0.1'",
+    )
     p.add_argument(
         "--rebuild",
         action="store_true",
@@ -62,7 +66,6 @@ def recipe(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.config import Gate
     from quantship.jobs.sensitivity import Analyses, run_sensitivity
 
     analyses = Analyses(
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         weight_kinds=tuple(a.names(args.weight_study)),
         per_layer=args.per_layer,
         recipe=recipe(args.recipe),
-        gate=Gate.parse(args.gate) if args.gate else None,
+        gate=a.checked_gate(args.gate, args.data) if args.gate else None,
         ptq=a.ptq_steps(args),
         fast=not args.rebuild,
     )

@@ -19,6 +19,7 @@ SENSITIVITY_SHOWN = (
     ("value", "value", "{:.4f}"),
     ("delta", "Δ", "{:+.4f}"),
     ("agreement_top1", "agree", "{:.4f}"),
+    ("mean_l1", "mean L1", "{:.4f}"),
     ("sqnr_db", "SQNR dB", "{:.1f}"),
 )
 
@@ -65,7 +66,9 @@ def run_sensitivity(
     write_text_atomic(out / jsonl_name, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows))
     single = [r for r in rows if r["kind"] == "single"]
     if single:
-        lines.append(text_table(single[: len(analyses.backends) * show], SENSITIVITY_SHOWN))
+        # The --show most harmful layers of every backend (rows come ranked per backend).
+        shown = [r for b in analyses.backends for r in [x for x in single if x["backend"] == b][:show]]
+        lines.append(text_table(shown, SENSITIVITY_SHOWN))
     weights = [r for r in rows if r["kind"] == "weights" and r["layers"] in ("all", "mixed")]
     if weights:
         lines.append("weight study (all layers at once; post-training steps as asked):")

@@ -63,24 +63,41 @@ def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:
 
 
 def score(output: np.ndarray, held: HeldOut) -> dict[str, Any]:
-    """Every metric of the task on ``output`` and on the fp32 reference, their differences, agreement with the
-    reference, and output SQNR; ``metric``/``value``/``delta`` repeat the task's primary metric."""
+    """Every metric the task's data gives on ``output`` and on the fp32 reference, their differences, agreement
+    with the reference, and output SQNR; ``metric``/``value``/``delta`` repeat the task's primary metric (top-1
+    with labels, top-1 agreement with fp32 without). A label-free metric's reference value is fixed (agreement
+    with itself 1, distance to itself 0)."""
     task = held.task
     arrays, ref = held.arrays(output), held.reference_arrays
     m, rm = task.evaluate(arrays, held.keys), task.evaluate(ref, held.keys)
+    agreement = task.agreement(arrays, ref)
     out: dict[str, Any] = {}
-    for name in task.metrics:
-        out[name], out[f"reference_{name}"], out[f"delta_{name}"] = m[name], rm[name], m[name] - rm[name]
-    out.update(task.agreement(arrays, ref))
+    for name in task.measured:
+        spec = task.spec(name)
+        if spec.labelled:
+            value, reference = m[name], rm[name]
+        elif name in agreement and spec.reference_value is not None:
+            value, reference = agreement[name], spec.reference_value
+        else:
+            continue  # a label-free metric this step does not compute (pseudo-mAP: sign-off gates only)
+        out[name], out[f"reference_{name}"], out[f"delta_{name}"] = value, reference, value - reference
+    out.update(agreement)
     out["sqnr_db"] = sqnr_db(held.reference, output)
-    out.update(metric=task.primary, value=m[task.primary], delta=m[task.primary] - rm[task.primary])
+    primary = task.primary if task.primary in out else next(iter(task.measured))
+    out.update(metric=primary, value=out.get(primary), delta=out.get(f"delta_{primary}"))
     return out
 
 
-def harm_key(row: dict[str, Any]) -> tuple[float, float, float]:
-    """Most harmful first: the primary metric's change, then agreement with fp32 (where the task has it), then
-    SQNR."""
-    return (row["delta"], row.get(f"agreement_{row['metric']}", 1.0), row["sqnr_db"])
+def harm_key(row: dict[str, Any]) -> tuple[float, ...]:
+    """Most harmful first: the primary metric's change, then top-1 agreement with fp32 (where the task has it),
+    then the distance of the output distributions (larger first: without labels it separates layers that change
+    no top-1 on a few images), then SQNR."""
+    return (
+        row["delta"] if row.get("delta") is not None else 0.0,
+        row.get("agreement_top1", 1.0),
+        -row.get("mean_l1", 0.0),
+        row["sqnr_db"],
+    )
 
 
 def gate_passes(gate: Gate, metrics: dict[str, Any]) -> bool:
