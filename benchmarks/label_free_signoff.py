@@ -42,9 +42,12 @@ def main() -> int:
         "calibration": {"num_images": 100, "data": f"images:{calib}"},
         "models": [{"name": m, "weights": "pretrained"} for m in models],
         "targets": targets,
+        # A release-style gate (at most 5 points of disagreement) and two looser ones near what int8 reaches on
+        # these out-of-distribution photos, where the interval and the images to settle matter.
         "gates": [
             {"metric": "agreement_top1", "max_drop_points": 5},
-            {"metric": "mean_l1", "max": 0.2},
+            {"metric": "agreement_top1", "min": 0.7},
+            {"metric": "mean_l1", "max": 0.5},
         ],
     }
     (out / "plan.yaml").write_text(yaml.safe_dump(plan))
