@@ -250,3 +250,36 @@ def test_sensitivity_on_unlabelled_images_ranks_by_agreement_and_shows_every_bac
         assert keys == sorted(keys, reverse=True)  # most harmful first: agreement, then distance
         # --show 2: the two most harmful layers of every backend on the console
         assert sum(1 for line in text.splitlines() if line.startswith(backend + " ")) == 2, text
+
+
+def test_pseudo_map_scores_the_target_against_the_reference_detections():
+    """The reference's detections above the score threshold are the ground truth: the reference scores 1.0 on
+    them; a target that loses one object of four and misplaces another scores less, with a bootstrap interval."""
+    from quantship.evaluate.tasks import DetectionTask
+
+    task = DetectionTask({"classes": ["cat", "dog"]}, {}, labelled=False)
+    box = np.array([[10, 10, 60, 60], [100, 100, 180, 160]], np.float32)
+
+    def arrays(per_image):
+        return {
+            "keys": np.asarray([f"img{i}" for i in range(len(per_image))]),
+            "det_count": np.asarray([len(d[0]) for d in per_image]),
+            "det_boxes": np.concatenate([d[0] for d in per_image]).reshape(-1, 4).astype(np.float32),
+            "det_scores": np.concatenate([d[1] for d in per_image]).astype(np.float32),
+            "det_classes": np.concatenate([d[2] for d in per_image]).astype(np.int64),
+        }
+
+    # two images, two confident objects each, and a low-score detection the threshold leaves out of the truth
+    ref = arrays([(np.vstack([box, box[:1] + 5]), np.array([0.9, 0.8, 0.3]), np.array([0, 1, 1]))] * 2)
+    moved = box.copy()
+    moved[1] += 70  # IoU 0 with the reference's box
+    tgt = arrays([(box, np.array([0.9, 0.8]), np.array([0, 1])), (moved[:2], np.array([0.9, 0.7]), np.array([0, 1]))])
+    assert task.measured == ("pseudo_map",) and task.evaluate(tgt, tgt["keys"]) == {}
+    same = task.paired("pseudo_map", ref, ref, ref["keys"], score_threshold=0.5)
+    assert same.target == same.reference == 1.0
+    paired = task.paired("pseudo_map", tgt, ref, ref["keys"], score_threshold=0.5)
+    assert paired.reference == 1.0 and paired.target == pytest.approx(0.75)  # cat AP 1, dog AP 0.5
+    strict = task.paired("pseudo_map", tgt, ref, ref["keys"], score_threshold=0.2)  # the 0.3 box joins the truth
+    assert strict.target < paired.target
+    v = gate_verdict(Gate(metric="pseudo_map", relative=0.9), paired, samples=50)
+    assert v["verdict"] == "FAIL" and v["interval"].startswith("bootstrap") and v["ci_low"] <= 0.75 <= v["ci_high"]
