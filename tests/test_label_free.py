@@ -283,3 +283,19 @@ def test_pseudo_map_scores_the_target_against_the_reference_detections():
     assert strict.target < paired.target
     v = gate_verdict(Gate(metric="pseudo_map", relative=0.9), paired, samples=50)
     assert v["verdict"] == "FAIL" and v["interval"].startswith("bootstrap") and v["ci_low"] <= 0.75 <= v["ci_high"]
+
+
+def test_min_gate_on_a_resampled_metric_bounds_the_target_value():
+    """A min gate on mAP (or pseudo_map) is judged on the target's own value and its bootstrap, not on a
+    difference to the reference."""
+    rng = np.random.default_rng(1)
+    per_image = rng.uniform(0.5, 0.9, 60)
+
+    def resample(idx):
+        pick = per_image if idx is None else per_image[idx]
+        return float(pick.mean()), 0.95
+
+    paired = PairedSample("mAP", float(per_image.mean()), 0.95, 60, resample=resample)
+    v = gate_verdict(Gate(metric="mAP", minimum=0.5), paired, samples=100)
+    assert v["verdict"] == "PASS" and not v["underpowered"] and 0.6 < v["ci_low"] <= v["value"] <= v["ci_high"] < 0.8
+    assert gate_verdict(Gate(metric="mAP", minimum=0.85), paired, samples=100)["verdict"] == "FAIL"

@@ -40,6 +40,8 @@ def bootstrap_gate_values(gate: Gate, paired: PairedSample, samples: int, seed: 
     idx = [rng.integers(0, n, n) for _ in range(min(samples, MAX_RESAMPLED_METRICS))]
     pairs = np.array([paired.resample(i) for i in idx], dtype=np.float64).reshape(-1, 2)
     tb, rb = pairs[:, 0], pairs[:, 1]
+    if gate.absolute:  # min / max: the target's own value
+        return tb
     if gate.relative is not None:
         return np.where(rb > 0, tb / np.where(rb > 0, rb, 1.0), np.nan)
     return 100.0 * (tb - rb)
