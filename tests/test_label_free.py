@@ -299,3 +299,13 @@ def test_min_gate_on_a_resampled_metric_bounds_the_target_value():
     v = gate_verdict(Gate(metric="mAP", minimum=0.5), paired, samples=100)
     assert v["verdict"] == "PASS" and not v["underpowered"] and 0.6 < v["ci_low"] <= v["value"] <= v["ci_high"] < 0.8
     assert gate_verdict(Gate(metric="mAP", minimum=0.85), paired, samples=100)["verdict"] == "FAIL"
+
+
+def test_chunks_join_with_a_chunk_of_no_readable_image():
+    from quantship.evaluate.tasks import concat
+
+    task = ClassificationTask(labelled=False)
+    full = {**task.score(np.eye(3)[:2], _Batch(["a", "b"])), "skipped": np.zeros(0, str), "seconds": np.ones(1)}
+    empty = {**task.empty(), "skipped": np.asarray(["c"]), "seconds": np.ones(1)}
+    joined = concat([full, empty])
+    assert joined["probs"].shape == (2, 3) and joined["skipped"].tolist() == ["c"] and joined["seconds"].sum() == 2

@@ -91,10 +91,15 @@ def concat(parts: Sequence[Arrays]) -> Arrays:
     parts = [p for p in parts if p]
     if not parts:
         return {}
-    # A part of no image (a chunk whose images were all unreadable) may hold arrays of another trailing shape
-    # (no class count yet): it adds nothing.
-    held = [p for p in parts if "keys" not in p or len(p["keys"])] or parts[:1]
-    return {k: np.concatenate([p[k] for p in held]) for k in held[0]}
+
+    def join(arrays: list[np.ndarray]) -> np.ndarray:
+        # A part of no image (a chunk whose images were all unreadable) holds per-image vectors of another
+        # trailing shape (no class count yet): it adds no row, so it is left out of those.
+        if any(a.ndim > 1 for a in arrays):
+            arrays = [a for a in arrays if len(a)] or arrays[:1]
+        return np.concatenate(arrays)
+
+    return {k: join([p[k] for p in parts]) for k in parts[0]}
 
 
 class Task(abc.ABC):
