@@ -15,11 +15,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantship.config import IODType, Precision
+from quantship.convert.artifact import write_artifact
 from quantship.errors import CalibrationError, ConfigError, ConversionError
 from quantship.fileio import make_temp_dir, remove_temp_dir, sha256_json
 from quantship.lazy import lazy_import
 from quantship.logs import redirect_native_output
-from quantship.manifest import Artifact, load_reusable, write_artifact
+from quantship.manifest import Artifact, load_reusable
 
 TFLITE_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8, Precision.INT16X8)
 

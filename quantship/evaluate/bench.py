@@ -168,7 +168,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         "harness": "bench",
         "inputs": "raw" if cfg.raw_inputs else "float",
         "threads": cfg.threads,
-        "providers": runner.active_providers if runtime.name == "onnx" else None,
+        "providers": runner.active_providers,
         "session_config": dict(cfg.session_config),
         "cores": list(cfg.cores) if cfg.cores else None,
         "file_size_bytes": Path(cfg.artifact).stat().st_size,

@@ -135,6 +135,11 @@ class Runner(abc.ABC):
         self._require_active("asking for its metadata")
         return self.output_metadata_impl()
 
+    @property
+    def active_providers(self) -> list[str] | None:
+        """The execution providers the runtime chose, for runtimes that have them (ONNX Runtime); None otherwise."""
+        return None
+
     def deactivate(self) -> None:
         if self.is_active:
             self.deactivate_impl()

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.errors import RuntimeBackendError
-from quantship.lazy import lazy_import
+from quantship.lazy import is_available, lazy_import
 from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
 from quantship.runtime.registry import RuntimeInfo, register_runtime
 
@@ -323,4 +323,18 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> OnnxRunner:
     )
 
 
-register_runtime(RuntimeInfo("onnx", _make, suffixes=(".onnx",), description="ONNX Runtime (CPU provider by default)"))
+def _row_fields(options: RunnerOptions) -> dict[str, Any]:
+    return {"providers": provider_names(options.providers)}
+
+
+register_runtime(
+    RuntimeInfo(
+        "onnx",
+        _make,
+        suffixes=(".onnx",),
+        description="ONNX Runtime (CPU provider by default)",
+        available=lambda: is_available("onnxruntime"),
+        row_fields=_row_fields,
+        distributions=("tf2onnx", "onnx", "onnxruntime"),  # tf2onnx exports, onnx rewrites, ONNX Runtime runs
+    )
+)

@@ -39,6 +39,7 @@ from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
 from quantship.progress import track
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.registry import get_runtime
 from quantship.targets.base import BuildContext, CalibrationData, Target, needs_calibration
 
 log = logging.getLogger("quantship")
@@ -398,13 +399,8 @@ def target_fields(target: Target) -> dict[str, Any]:
 
 
 def runtime_fields(target: Target, options: RunnerOptions) -> dict[str, Any]:
-    """How a target was run: CPU threads of LiteRT / ONNX Runtime and ONNX Runtime's execution providers."""
-    from quantship.runtime.onnxruntime import provider_names
-
-    fields: dict[str, Any] = {"threads": options.threads}
-    if target.spec.backend == "onnx":
-        fields["providers"] = provider_names(options.providers)
-    return fields
+    """How a target was run: CPU threads, and what its runtime adds (ONNX Runtime: its execution providers)."""
+    return {"threads": options.threads, **get_runtime(target.spec.backend).row_fields(options)}
 
 
 def evaluated_rows(

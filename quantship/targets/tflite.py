@@ -7,9 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from quantship.config import CalibrationMethod, IODType, Precision, TargetSpec
+from quantship.convert.layer_names import KerasLayers, tflite_tensor_layer
 from quantship.manifest import Artifact
-from quantship.targets.base import BuildContext, register_target
+from quantship.targets.base import BuildContext, Capture, LayerProbe, register_layer_probe, register_target
 from quantship.targets.calibrated import calibrated_build, layer_outputs
 
 
@@ -46,8 +49,8 @@ for _name, _prec, _io, _desc in (
 def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     """Full-integer TFLite with our calibrator's ranges: the converter calibrates only (its recorded min/max are
     replaced by ours, mapped through the Keras layer names), then quantizes."""
+    from quantship.convert.artifact import write_artifact
     from quantship.convert.tflite import ranges_from_amax
-    from quantship.manifest import write_artifact
 
     converter = tflite_converter(ctx, spec)
 
@@ -86,3 +89,45 @@ for _method in CalibrationMethod:
         ),
         _tflite_method_build,
     )
+
+
+# ------------------------------------------------------------------------------------ diff: layer probe
+
+
+class TfliteProbe(LayerProbe):
+    """TFLite: the interpreter with every tensor kept (LiteRT's builtin kernels: a delegate computes its ops inside
+    itself), quantized tensors dequantized with their own scale."""
+
+    def __init__(self, name: str, path: Path, layers: KerasLayers, threads: int | None):
+        from quantship.runtime.tflite import TfliteRunner
+
+        self.name, self.layers = name, layers
+        self.notes = ["LiteRT builtin kernels (intermediate tensors are not kept inside the XNNPACK delegate)"]
+        self.tensors = {}
+        self._runner = TfliteRunner(path, threads, name, preserve_all_tensors=True).activate()
+        self._inputs = {m.name for m in self._runner.input_metadata()}
+        self._outputs = [m.name for m in self._runner.output_metadata()]
+
+    def run(self, x: np.ndarray) -> Capture:
+        self._runner.infer(x)
+        out: Capture = {}
+        for name, value, step in self._runner.intermediate_tensors():
+            if name in self._inputs:
+                layer = self.layers.input_layer
+            elif name in self._outputs and len(self._outputs) == len(self.layers.output_layers):
+                layer = self.layers.output_layers[self._outputs.index(name)]  # renamed after the signature
+            else:
+                layer = tflite_tensor_layer(name, self.layers)
+            if layer:  # the last tensor written for a layer holds its output
+                out[layer] = (value, step)
+                self.tensors[layer] = name
+        return out
+
+    def close(self) -> None:
+        self._runner.deactivate()
+
+
+register_layer_probe(
+    "tflite",
+    lambda target, artifact, loaded, layers, options: TfliteProbe(target.name, artifact.path, layers, options.threads),
+)
