@@ -54,7 +54,6 @@ from quantship.targets.run import (
 log = logging.getLogger("quantship")
 
 
-
 # ------------------------------------------------------------------------------------------ unit keys
 
 
