@@ -4,8 +4,7 @@
    :func:`quantship.cli.main` (the real parser) on the tiny model and generated data, with the option shapes the
    README shows; a row asserts exit 0 and the files the command must write. The table is checked against the
    command registry: a command without a row fails the test, so every command added later gets one.
-2. Every ``bash`` block of README.md and docs/*.md that runs ``quantship`` parses with the current parser: no
-   unknown option, no missing required one.
+2. (Every documented ``quantship`` line parsing with the current parser is tests/test_docs.py's.)
 
 A command whose function was tested while its parser was broken shipped once (``quantship diff`` lacked
 ``--calib-percentile``): these tests go through the parser on purpose.
@@ -14,8 +13,6 @@ A command whose function was tested while its parser was broken shipped once (``
 from __future__ import annotations
 
 import json
-import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -209,65 +206,3 @@ def test_command(row: Row, env, tmp_path, capsys, monkeypatch):
             assert got, f"{name} holds no row"
             failed = [r for r in got if r.get("status") == "failed"]
             assert not failed, f"{name}: failed rows {failed}"
-
-
-# ----------------------------------------------------------------------------------- documented commands
-
-
-def _documented_commands() -> list[tuple[str, str]]:
-    """``(where, command line)`` of every ``quantship`` call in the bash blocks of README.md and docs/*.md,
-    continuation lines joined and comments dropped; ``docker run IMAGE ARGS`` of a quantship image counts."""
-    found = []
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]:
-        text = page.read_text(encoding="utf-8")
-        for block in re.finditer(r"^```(?:bash|sh|shell|console)\n(.*?)^```", text, flags=re.M | re.S):
-            first = text[: block.start(1)].count("\n") + 1
-            joined, start = "", None
-            for i, line in enumerate(block.group(1).splitlines()):
-                start = first + i if start is None else start
-                if line.rstrip().endswith("\\"):  # a continuation line
-                    joined += line.rstrip()[:-1] + " "
-                    continue
-                for part in re.split(r"&&|\|\||;|\|", joined + line):
-                    argv = _quantship_argv(part)
-                    if argv is not None:
-                        found.append((f"{page.relative_to(ROOT)}:{start}", argv))
-                joined, start = "", None
-    return found
-
-
-def _quantship_argv(command: str) -> list[str] | None:
-    """The arguments after ``quantship`` (or a quantship docker image), or None when ``command`` runs another
-    program."""
-    try:
-        words = shlex.split(command, comments=True)
-    except ValueError:
-        return None
-    words = [w for w in words if w != "$"]
-    if words[:1] == ["quantship"]:
-        return words[1:]
-    if words[:2] == ["python", "-m"] and words[2:3] == ["quantship"]:
-        return words[3:]
-    if words[:2] == ["docker", "run"]:
-        image = next((i for i, w in enumerate(words) if w.startswith("quantship:")), None)
-        if image is not None:
-            return words[image + 1 :]
-    return None
-
-
-def test_readme_and_docs_commands_parse(capsys):
-    """Placeholders (paths, HEAD:6379, file names) are fine; an option the parser does not know, a missing required
-    one or a value its type refuses is not."""
-    from quantship.cli import build_parser
-
-    commands = _documented_commands()
-    assert len(commands) >= 10, f"found only {len(commands)} quantship commands in README.md and docs/"
-    parser = build_parser()
-    bad = []
-    for where, argv in commands:
-        try:
-            parser.parse_args(argv)
-        except SystemExit as exc:
-            if exc.code not in (0, None):
-                bad.append(f"{where}: quantship {' '.join(argv)}\n    {capsys.readouterr().err.strip()}")
-    assert not bad, "documented commands the parser refuses:\n" + "\n".join(bad)
