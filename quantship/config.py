@@ -545,3 +545,32 @@ def _number(text: str, where: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"gate '{where}': '{text}' is not a number") from None
+
+
+ORT_PROVIDER_ALIASES = ("cpu", "cuda", "tensorrt")  # short names of ONNX Runtime execution providers
+
+
+def check_ort_provider_names(names: Any, where: str) -> tuple[str, ...]:
+    """ONNX Runtime execution providers as written (``--ort-providers``, a plan's ``ort_providers``): a list of
+    names or one comma-separated text, each an alias (:data:`ORT_PROVIDER_ALIASES`) or a full ONNX Runtime name
+    (``...ExecutionProvider``). Checked without importing ONNX Runtime, so a plan is refused whole whether or not
+    a target uses them (whether they are available is checked where one would).
+
+    Raises:
+        ConfigError: Naming ``where``: not a list of texts, no name, an empty name (a stray comma), an unknown one.
+    """
+    items = names.split(",") if isinstance(names, str) else names
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
+        raise ConfigError(f"{where}: expected provider names, e.g. cpu or CUDAExecutionProvider,CPUExecutionProvider")
+    items = [t.strip() for t in items]
+    if not items or items == [""]:
+        raise ConfigError(f"{where}: no execution provider given, e.g. cpu or CUDAExecutionProvider")
+    if "" in items:
+        raise ConfigError(f"{where}: an empty provider name in {','.join(items)!r} (a stray comma?)")
+    for name in items:
+        if name.lower() not in ORT_PROVIDER_ALIASES and not name.endswith("ExecutionProvider"):
+            raise ConfigError(
+                f"{where}: unknown execution provider '{name}'; give {', '.join(ORT_PROVIDER_ALIASES)} or a full "
+                "ONNX Runtime name such as CUDAExecutionProvider"
+            )
+    return tuple(items)

@@ -80,6 +80,25 @@ def check_model_source(model: str, weights: str | None, trust_savedmodel: bool =
         check_savedmodel_trust(Path(str(weights)).expanduser(), trust_savedmodel, "--weights")
 
 
+def check_providers_for(targets: Sequence[Target], providers: Sequence[str], where: str = "--ort-providers") -> None:
+    """Refuse, before any work, ONNX Runtime execution providers this machine's onnxruntime lacks when a target
+    runs on ONNX Runtime (unknown names were refused when the options were read).
+
+    Raises:
+        ConfigError: Naming ``where``, what is missing and what is available.
+    """
+    if not any(t.spec.backend == "onnx" for t in targets):  # the ONNX Runtime runtime
+        return
+    from quantship.runtime.onnxruntime import unavailable_providers
+
+    missing, available = unavailable_providers(providers)
+    if missing:
+        raise ConfigError(
+            f"{where}: {', '.join(missing)} not available in this onnxruntime build (available: "
+            f"{', '.join(available)}); install onnxruntime-gpu for CUDA / TensorRT, or give cpu"
+        )
+
+
 def use_input_cache(options: InputCacheOptions) -> None:
     """Configure the preprocessed-input cache every pass of this process uses (``--input-cache DIR``,
     ``--no-input-cache``, ``--input-cache-max-gb``)."""

@@ -13,6 +13,7 @@ from quantship.jobs import JobResult
 from quantship.jobs.common import (
     build_targets,
     check_model_source,
+    check_providers_for,
     check_readable,
     evaluate_targets,
     evaluated_rows,
@@ -38,6 +39,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
     """
     # Names are checked before any work: unknown targets, models or options fail at once.
     targets = parse_targets(spec.targets)
+    check_providers_for(targets, spec.providers)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out_dir = Path(spec.out_dir)
     with FolderLock(out_dir, f"quantship eval {spec.model}"):

@@ -45,6 +45,7 @@ from quantship.jobs import JobResult
 from quantship.jobs.common import (
     TARGET_ERRORS,
     RunData,
+    check_providers_for,
     load_evaluation_data,
     load_for,
     nonfinite_error,
@@ -459,8 +460,10 @@ def signoff(
     """
     out_dir = Path(out_dir)
     targets = parse_targets([plan.reference, *plan.targets], "plan targets")
-    preprocesses = {m.name: resolve_preprocess(m.name, m.weights, m.preprocess) for m in plan.models}
     executor = executor or make_executor(plan, ray_address)
+    if isinstance(executor, LocalExecutor):  # Ray workers may have providers this machine lacks: they check there
+        check_providers_for(targets, plan.ort_providers, "ort_providers")
+    preprocesses = {m.name: resolve_preprocess(m.name, m.weights, m.preprocess) for m in plan.models}
     with FolderLock(out_dir, f"quantship signoff {plan.name}"):
         clean_stale_instance(out_dir)
         rows_path = out_dir / "signoff.jsonl"
