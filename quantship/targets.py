@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantship.config import CalibrationMethod, IODType, Precision, PtqSteps, TargetSpec, TrtInt8Mode, TrtOptions
-from quantship.errors import ConfigError
+from quantship.errors import CalibrationError, ConfigError
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel
 from quantship.runtime.base import Runner, RunnerOptions
@@ -229,6 +229,22 @@ register_target(TargetSpec("keras-fp32", "keras", Precision.FP32, description="K
 # ----------------------------------------------------------------------------------------- tflite
 
 
+def _check_finite(ctx: BuildContext, spec: TargetSpec) -> None:
+    """Weights and calibration outputs of the Keras model ``spec`` calibrates checked once per run (see
+    :func:`~quantship.convert.tflite.check_finite_for_calibration`); the outcome, a refusal included, is shared."""
+    from quantship.convert.tflite import check_finite_for_calibration
+
+    def check() -> Exception | None:
+        try:
+            check_finite_for_calibration(ctx.keras_model(spec), ctx.calibration_batches(spec.name)())
+        except CalibrationError as exc:
+            return exc
+        return None
+
+    if (error := ctx.shared(f"finite-check{ctx.variant(spec)}", check)) is not None:
+        raise CalibrationError(str(error))
+
+
 def _tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
     from quantship.convert.tflite import TfliteConverter
 
@@ -243,6 +259,8 @@ def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
     converter = _tflite_converter(ctx, spec)
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
+    if tspec.needs_calibration:
+        _check_finite(ctx, spec)
     calib = ctx.calibration_batches(spec.name) if tspec.needs_calibration else None
     return convert_to_tflite(converter, tspec, ctx.artifact_path(spec, ".tflite"), calib, ctx.base_manifest(spec))
 
@@ -376,6 +394,7 @@ def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     converter = _tflite_converter(ctx, spec)
 
     def write(result: Any, fp32: Path, path: Path, manifest: dict[str, Any]) -> None:
+        _check_finite(ctx, spec)  # the converter still calibrates (its ranges are then replaced by ours)
         batches = ctx.calibration_batches(spec.name)
         calibrated = ctx.shared(f"tflite-calibrated{ctx.variant(spec)}", lambda: converter.calibrate_only(batches))
         minimum = {name: s.min for name, s in result.stats.items()}

@@ -37,7 +37,7 @@ from quantship.evaluate.loop import TargetRun, run_targets
 from quantship.evaluate.tasks import Task
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
-from quantship.progress import track
+from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import BuildContext, CalibrationData, Target, needs_calibration
 
@@ -354,6 +354,10 @@ def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> tuple[dict[st
     failed: dict[str, str] = {}
     for t in track(targets, total=len(targets), desc="convert"):
         log.info("building %s", t.name)
+        # A converter that crashes the process (a segmentation fault in native code) then leaves a last line
+        # naming its target, where no exception handler could.
+        if t.build is not None:
+            note(f"{t.name}: building")
         try:
             artifacts[t.name] = t.build(ctx, t.spec)
         except TARGET_ERRORS as exc:
