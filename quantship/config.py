@@ -574,3 +574,30 @@ def check_ort_provider_names(names: Any, where: str) -> tuple[str, ...]:
                 "ONNX Runtime name such as CUDAExecutionProvider"
             )
     return tuple(items)
+
+
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 27  # a 134-megapixel photo, 400 MB as BGR; a PNG header can claim 50000 x 50000
+
+
+def max_image_pixels() -> int:
+    """Decoded pixels per image at most: ``QUANTSHIP_MAX_IMAGE_PIXELS`` when set, else
+    :data:`DEFAULT_MAX_IMAGE_PIXELS`. Read when asked (the CLI asks before any work), not at import.
+
+    Raises:
+        ConfigError: The variable is not a whole number >= 1.
+    """
+    import os
+
+    text = os.environ.get("QUANTSHIP_MAX_IMAGE_PIXELS")
+    if text is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(
+            f"QUANTSHIP_MAX_IMAGE_PIXELS={text!r}: expected a whole number of pixels >= 1 (default "
+            f"{DEFAULT_MAX_IMAGE_PIXELS}); unset it for the default"
+        )
+    return value

@@ -62,9 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     from quantship import progress
+    from quantship.config import max_image_pixels
     from quantship.fileio import cache_dir, check_output_dir, sweep_temp_files
     from quantship.logs import route_native_stderr
 
+    try:
+        max_image_pixels()  # a bad QUANTSHIP_MAX_IMAGE_PIXELS is named before any work
+    except QuantshipError as exc:
+        print(f"quantship {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     out = getattr(args, "out", None)
     if out is not None:
         # A file, a read-only or pseudo file system, a data folder where the results should go: say so before any

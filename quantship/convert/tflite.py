@@ -504,7 +504,9 @@ def check_finite_for_calibration(model: Any, batches: Iterable[np.ndarray]) -> N
     except Exception:  # noqa: BLE001 - a model whose layers cannot be tapped: its outputs alone are checked
         probe, names = model, [layers[-1].name if layers else model.name]
     for k, batch in enumerate(batches, 1):
-        got = keras.tree.flatten(probe(batch, training=False))
+        with warnings.catch_warnings():  # Keras: a single array for a one-input model (the structure it expects)
+            warnings.simplefilter("ignore", UserWarning)
+            got = keras.tree.flatten(probe(batch, training=False))
         for name, value in zip(names, got):
             if not np.isfinite(np.asarray(value)).all():
                 raise CalibrationError(
