@@ -251,6 +251,7 @@ def calibration_data(
                 raise DataError(
                     f"no readable calibration image among {len(calib)} ({skipped[0].reason if skipped else ''})"
                 )
+            data.read.update(images=sum(len(b) for b in cache), skipped=len(skipped))
         return cache
 
     info = {
@@ -262,7 +263,8 @@ def calibration_data(
     }
     if method:
         info["method"] = method
-    return CalibrationData(batches, info, percentile, batch_size)
+    data = CalibrationData(batches, info, percentile, batch_size)
+    return data
 
 
 def draw_calibration(dataset: ImageDataset, num_images: int, seed: int) -> ImageDataset:

@@ -73,8 +73,10 @@ def run_eval(spec: EvalSpec) -> JobResult:
             write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
         check_readable(len(evalset) - len(skipped), skipped)
         calib_info = ctx.calibration.info if ctx.calibration else {}
+        used = ctx.calibration.images_used() if ctx.calibration else None
         extra = {
-            "calibration_images": len(calib),
+            # The images calibration read (an unreadable one is left out), not the ones drawn.
+            "calibration_images": len(calib) if used is None else used,
             "calibration_source": calib_info.get("source"),
             "calibration_list_sha256": calib_info.get("list_sha256"),
             "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16],
@@ -82,9 +84,10 @@ def run_eval(spec: EvalSpec) -> JobResult:
         rows = evaluated_rows(task, targets, runs, artifacts, failures, loaded, evalset, skipped, options, extra)
         origin = f" from {calib_info['source']}" if calib_info.get("source") else ""
         listed = f" listed in {calib_info['list']}" if calib_info.get("list") else ""
+        unread = len(calib) - used if used is not None else 0
         notes = [
             f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"
-            f"{listed}{origin}"
+            f"{listed}{origin}" + (f" ({unread} unreadable, left out)" if unread else "")
         ]
         if skipped:
             notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
@@ -93,6 +96,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
     lines = ["", text_table(rows, task.columns), ""]
     lines.append(
         f"{len(evalset)} images, {len(calib)} calibration images"
+        + (f" ({unread} unreadable, left out)" if unread else "")
         + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else "")
     )
     if dataset.meta.get("missing_images"):
