@@ -59,7 +59,7 @@ def load_inputs(model: str, data_root: Path, workers: int):
     from smoke import load
 
     from quantship.data.datasets import iter_batches, load_dataset
-    from quantship.jobs.common import calibration_data
+    from quantship.targets.run import calibration_data
 
     loaded = load(model, "pretrained")
     calib = calibration_data(load_dataset(f"imagenet:{data_root / 'calib'}"), loaded, workers=workers)
