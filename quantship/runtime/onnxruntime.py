@@ -47,6 +47,13 @@ def provider_names(providers: Sequence[str]) -> list[str]:
     return [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in providers if p.strip()]
 
 
+def unavailable_providers(providers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the providers asked for that this onnxruntime build lacks, the ones it has)."""
+    ort = lazy_import("onnxruntime", purpose="running ONNX models")
+    available = ort.get_available_providers()
+    return [p for p in provider_names(providers) if p not in available], available
+
+
 def make_session(
     model: str | os.PathLike | bytes | Any,
     threads: int | None = None,

@@ -181,8 +181,10 @@ class _PlanReader:
         flags = {k: self.flag(d, k) for k in ("allow_nonfinite", "allow_missing_images", "trust_savedmodel")}
         models = self.models(d["models"], flags["trust_savedmodel"])
         gates = self.gates(d["gates"], task_metrics(task), compared, reference)
-        calibration = self.calibration(d.get("calibration") or {})
-        trt_fields = d.get("tensorrt") or {}
+        # A section the user wrote must be a mapping (``post_training: []`` is an error, not the defaults); an empty
+        # one (``calibration:`` with nothing under it) reads as YAML's null: the defaults.
+        calibration = self.calibration({} if d.get("calibration") is None else d["calibration"])
+        trt_fields = {} if d.get("tensorrt") is None else d["tensorrt"]
         if calibration.method is not None and isinstance(trt_fields, dict):
             # The method in a target's name is the method used: these two set only trt-int8-qdq's.
             takers = [t for t in targets if get_target(t).spec.trt_int8 is TrtInt8Mode.EXPLICIT]
@@ -213,14 +215,22 @@ class _PlanReader:
             bootstrap_samples=self.integer(d, "bootstrap_samples", 1000),
             confidence=self.number(d, "confidence", 0.95, 0.0, 1.0),
             min_images=self.integer(d, "min_images", 1),
-            ort_providers=tuple(self.names(d.get("ort_providers", ["cpu"]), "ort_providers")),
+            ort_providers=self.providers(d.get("ort_providers", ["cpu"])),
             name=name,
             anchors=self.text(d, "anchors"),
             tensorrt=tensorrt,
             executor=self.executor(d),
-            post_training=self.post_training(d.get("post_training") or {}),
+            post_training=self.post_training({} if d.get("post_training") is None else d["post_training"]),
             **flags,
         )
+
+    def providers(self, value: Any) -> tuple[str, ...]:
+        from quantship.config import check_ort_provider_names
+
+        try:
+            return check_ort_provider_names(value, "ort_providers")
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
 
     def post_training(self, value: Any) -> PtqSteps:
         if not isinstance(value, dict):

@@ -39,6 +39,7 @@ from quantship.signoff.units import (
     verdicts,
 )
 from quantship.targets import parse_targets
+from quantship.targets.run import check_providers_for
 
 
 def make_executor(plan: SignoffPlan, ray_address: str | None = None, local_cpus: int | None = None) -> Executor:
@@ -62,8 +63,10 @@ def signoff(
     """
     out_dir = Path(out_dir)
     targets = parse_targets([plan.reference, *plan.targets], "plan targets")
-    preprocesses = {m.name: resolve_preprocess(m.name, m.weights, m.preprocess) for m in plan.models}
     executor = executor or make_executor(plan, ray_address)
+    if isinstance(executor, LocalExecutor):  # Ray workers may have providers this machine lacks: they check there
+        check_providers_for(targets, plan.ort_providers, "ort_providers")
+    preprocesses = {m.name: resolve_preprocess(m.name, m.weights, m.preprocess) for m in plan.models}
     with FolderLock(out_dir, f"quantship signoff {plan.name}"):
         clean_stale_instance(out_dir)
         rows_path = out_dir / "signoff.jsonl"

@@ -30,6 +30,12 @@ class CalibrationData:
     info: dict[str, Any]
     percentile: float | None = None
     batch_size: int = 8
+    read: dict[str, int] = field(default_factory=dict)  # once decoded: images read, and skipped as unreadable
+
+    def images_used(self) -> int | None:
+        """How many calibration images were read (unreadable ones left out); None before any target decoded
+        them."""
+        return self.read.get("images")
 
 
 @dataclass
