@@ -117,7 +117,9 @@ def comparison_key(info: dict[str, Any]) -> tuple:
     return (info.get("latency_batch"), info.get("threads"), tuple(info.get("cores") or ()))
 
 
-def _matches(reference: str, target: str, artifact: str) -> bool:
+def matches_reference(reference: str, target: str, artifact: str) -> bool:
+    """``reference`` (``--reference``) names this configuration: its target (``--mobile``'s ``x@2t`` by ``x``)
+    or its file."""
     if reference in (target, artifact) or target.split("@")[0] == reference:
         return True
     try:
@@ -134,7 +136,7 @@ def check_reference(reference: str | None, workers: Sequence[Any]) -> None:
     """
     if reference is None:
         return
-    if not any(_matches(reference, w.target, w.artifact) for w in workers):
+    if not any(matches_reference(reference, w.target, w.artifact) for w in workers):
         names = ", ".join(dict.fromkeys(w.target.split("@")[0] for w in workers))
         raise ConfigError(f"--reference {reference} is none of the configurations benched ({names}): name one of them")
 
@@ -149,7 +151,9 @@ def references(infos: Sequence[dict[str, Any]], reference: str | None) -> list[i
     out = []
     for info in infos:
         group = [j for j, other in enumerate(infos) if comparison_key(other) == comparison_key(info)]
-        named = [j for j in group if reference and _matches(reference, infos[j]["target"], infos[j]["artifact"])]
+        named = [
+            j for j in group if reference and matches_reference(reference, infos[j]["target"], infos[j]["artifact"])
+        ]
         fp32 = [j for j in group if _is_fp32(infos[j]) and infos[j].get("runtime") == info.get("runtime")]
         out.append((named or fp32 or group)[0])
     return out
@@ -271,7 +275,7 @@ def _raise_start_failure(
     it came."""
     for i, exc in failures.items():
         w = workers[i]
-        is_named_reference = reference is not None and _matches(reference, w.target, w.artifact)
+        is_named_reference = reference is not None and matches_reference(reference, w.target, w.artifact)
         # Without --reference, a failed fp32 configuration would have been some row's reference.
         is_default_reference = reference is None and "fp32" in w.target
         if is_named_reference or is_default_reference:
