@@ -109,12 +109,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-sizes must be integers separated by commas, got '{args.batch_sizes}'") from None
     if min(batch_sizes) <= 0:
         raise ConfigError(f"--batch-sizes must be positive, got '{args.batch_sizes}'")
-    from quantship.evaluate.stability import StopRule
-
     if args.reference is not None and not args.reference.strip():
         raise ConfigError("--reference is empty: name a target or an artifact file that is benched")
-    # Refused here, before anything is built or timed.
-    stop = StopRule(ratio_precision=args.ratio_precision, min_rounds=args.min_rounds, max_seconds=args.max_seconds)
     targets = args.targets
     if targets is None and args.model and not args.forward_backward:
         targets = "tflite-fp32,tflite-fp16,tflite-int8"
@@ -137,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
         per_layer=args.per_layer,
         providers=args.ort_providers,
         reference=args.reference,
-        stop=stop,
+        ratio_precision=args.ratio_precision,
+        min_rounds=args.min_rounds,
+        max_seconds=args.max_seconds,
         queries_per_round=args.queries_per_round,
     )
     print(result.text)
