@@ -262,6 +262,8 @@ def test_bench_cli_loadgen_and_bad_input(tiny_files, tmp_path):
     (row,) = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert row["loadgen_scenario"] == "singlestream" and row["loadgen_valid"]
     assert "VALID only under reduced settings" in res.stdout
+    # LoadGen's early-stopping estimate, in the row and in the console table.
+    assert row["loadgen_early_stopping_ms"] >= row["latency_ms_p90"] * 0.5 and "early-stopping ms" in res.stdout
     assert (out / "loadgen" / "tiny-tflite-fp32-singlestream" / "mlperf_log_summary.txt").is_file()
 
     for argv, message in (
