@@ -83,7 +83,8 @@ def test_stability_reasons():
 def test_stop_rule():
     rule = StopRule(ratio_precision=0.03, min_rounds=3, max_seconds=10)
     assert rule.decide(2, 0.0, [0.01]) is None  # fewer than min_rounds, even with the precision reached
-    assert rule.decide(2, 11.0, [0.5]) is None  # min_rounds wins over max_seconds
+    assert rule.decide(2, 11.0, [0.5]) is StopReason.MAX_SECONDS  # the time limit is hard, past two rounds
+    assert rule.decide(1, 11.0, [0.5]) is None
     assert rule.decide(3, 1.0, [0.01, 0.02]) is StopReason.PRECISION
     assert rule.decide(3, 1.0, [0.01, 0.05]) is None
     assert rule.decide(3, 10.0, [0.01, 0.05]) is StopReason.MAX_SECONDS

@@ -70,12 +70,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="P",
         help="add rounds until every ratio's 95 %% interval is within +-P (a fraction: 0.03 is +-3 %%, the default)",
     )
-    g.add_argument("--min-rounds", type=int, default=10, help="at least this many rounds (10; at least 2)")
+    g.add_argument(
+        "--min-rounds",
+        type=int,
+        default=10,
+        help="at least this many rounds unless --max-seconds ends the run first (10; at least 2)",
+    )
     g.add_argument(
         "--max-seconds",
         type=float,
         default=60.0,
-        help="stop adding rounds after this many seconds even if the precision is not reached (60)",
+        help="stop adding rounds after this many seconds even if the precision or a minimum is not reached (60)",
     )
     g.add_argument(
         "--queries-per-round", type=a.positive_int, default=20, help="queries per configuration per round (20)"

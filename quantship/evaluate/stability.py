@@ -123,9 +123,9 @@ class StopRule:
 
     Attributes:
         ratio_precision: Stop when every ratio's interval half-width (relative) is within this fraction.
-        min_rounds: Never fewer rounds (at least 2: an interval needs them).
-        max_seconds: Stop after this much timing (wall clock), once ``min_rounds`` rounds are done, even when the
-            precision is not reached.
+        min_rounds: Never fewer rounds unless time is up (at least 2: an interval needs them).
+        max_seconds: Stop after this much timing (wall clock) even when the precision or ``min_rounds`` is not
+            reached (after two rounds at least).
     """
 
     ratio_precision: float = 0.03
@@ -151,10 +151,10 @@ class StopRule:
             half_widths: The current relative half-width of every ratio (empty: nothing to compare).
             minimums_met: Every configuration has its minimum queries and seconds.
         """
+        if elapsed >= self.max_seconds and rounds >= 2:  # the time limit is hard: a run always ends
+            return StopReason.MAX_SECONDS
         if rounds < self.min_rounds:
             return None
-        if elapsed >= self.max_seconds:
-            return StopReason.MAX_SECONDS
         if not minimums_met:
             return None
         if not half_widths:
