@@ -509,6 +509,9 @@ def latency_pass(
     max_seconds: float = 60.0,
     ratio_precision: float = 0.03,
     lines: list[str] | None = None,
+    min_rounds: int = 10,
+    queries_per_round: int = PASS_OPTIONS["queries_per_round"],
+    reference: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Interleaved batch-1 latency of artifact files for another job's table: ``{target: bench row}``.
 
@@ -526,7 +529,13 @@ def latency_pass(
         BenchConfig(path, target=name, threads=threads, session_config=tuple(session), warmup_seconds=0.5)
         for name, path, session in files
     ]
-    options = InterleaveOptions(stop=StopRule(ratio_precision, 10, max_seconds), **PASS_OPTIONS)
+    options = InterleaveOptions(
+        stop=StopRule(ratio_precision, min_rounds, max_seconds),
+        queries_per_round=queries_per_round,
+        min_queries=PASS_OPTIONS["min_queries"],
+        min_seconds=PASS_OPTIONS["min_seconds"],
+        reference=reference,
+    )
     rows = bench(configs, interleave=options, lines=lines)
     if lines is not None:
         lines += stability_lines(rows)
