@@ -1,12 +1,17 @@
 """Latency benchmarking of any artifact on its runtime (``quantship bench``).
 
-Each configuration runs in a fresh process, so initialisation time and peak resident memory are its own (and
+Each configuration runs in its own process, so initialisation time and peak resident memory are its own (and
 LoadGen's ``FromConfig`` applies MLPerf's rules, which it does only once per process). A query's latency is the
 whole :meth:`Runner.infer` call on a preloaded input (``Runner.last_query_time``: the runner's own conversions
-included), the runtime's call alone is reported beside it (``runtime_ms_*``). Plain timing: warm-up, then at
-least ``min_queries`` queries and at least ``min_seconds`` seconds over a preloaded sample set (MLPerf
-SingleStream's rule, scaled down). With ``loadgen`` set, MLPerf LoadGen issues and times the queries instead
-(:mod:`quantship.evaluate.loadgen`), on the same sample set through the same ``infer`` call.
+included), the runtime's call alone is reported beside it (``runtime_ms_*``).
+
+Plain timing is interleaved (:mod:`quantship.evaluate.interleave`): every configuration's process
+(:class:`LocalBenchWorker`, driving a :class:`ConfigSession` on its side) stays alive, warms up, then runs a fixed
+number of queries per round, the order rotated each round, until the minimums (queries and seconds per
+configuration, MLPerf SingleStream's rule scaled down) are met and every ratio to the reference is as precise
+as asked, or the time is up. With ``loadgen`` set, MLPerf LoadGen issues and times the queries instead
+(:mod:`quantship.evaluate.loadgen`), one fresh process per configuration, on the same sample set through the same
+``infer`` call.
 """
 
 from __future__ import annotations
