@@ -545,3 +545,59 @@ def _number(text: str, where: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"gate '{where}': '{text}' is not a number") from None
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """Where and how a run reaches the device it measures on (``--remote``).
+
+    Attributes:
+        url: ``ssh://[user@]host[:port]`` (the scheme names the transport).
+        python: The interpreter on the device (a name on its PATH or a path).
+        ssh_key: Identity file passed to ``ssh -i``.
+        ssh_options: ``-o K=V`` options passed to the system OpenSSH client, in order.
+        cache: Keep artifacts on the device between runs under their content hash.
+        connect_timeout: Seconds to wait for the connection (OpenSSH's ``ConnectTimeout``).
+    """
+
+    url: str
+    python: str = "python3"
+    ssh_key: Path | None = None
+    ssh_options: tuple[tuple[str, str], ...] = ()
+    cache: bool = True
+    connect_timeout: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise ConfigError("--remote: empty URL; give ssh://[user@]host[:port]")
+        if not isinstance(self.python, str) or not self.python.strip() or "\n" in self.python:
+            raise ConfigError("--remote-python: give the device's interpreter, e.g. python3 or /usr/bin/python3")
+        if self.ssh_key is not None:
+            key = Path(self.ssh_key).expanduser()
+            if not key.is_file():
+                raise ConfigError(f"--ssh-key {self.ssh_key}: no such file; give the private key file")
+            object.__setattr__(self, "ssh_key", key)
+        options = tuple(parse_ssh_option(o) if isinstance(o, str) else tuple(o) for o in self.ssh_options)
+        object.__setattr__(self, "ssh_options", options)
+        if not isinstance(self.connect_timeout, int) or not 0 < self.connect_timeout <= 600:
+            raise ConfigError(f"remote connect timeout must be 1..600 seconds, got {self.connect_timeout}")
+
+
+def parse_ssh_option(text: str) -> tuple[str, str]:
+    """``K=V`` (as ``ssh -o`` takes it) -> (K, V).
+
+    Raises:
+        ConfigError: No ``=``, an empty key, a line break, or host key checking turned off.
+    """
+    key, sep, value = str(text).partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key or not value or any(c in text for c in "\r\n\0") or not key.isalnum():
+        raise ConfigError(f"--ssh-option '{text}': expected KEY=VALUE as ssh -o takes it, e.g. Port=2222")
+    if key.lower() == "stricthostkeychecking" and value.lower() in ("no", "off"):
+        raise ConfigError(
+            f"--ssh-option {text}: host key checking stays on; pass StrictHostKeyChecking=accept-new to accept the "
+            "key of a host seen for the first time"
+        )
+    if key.lower() == "batchmode":
+        raise ConfigError(f"--ssh-option {text}: quantship never prompts (BatchMode=yes is always set)")
+    return key, value
