@@ -21,7 +21,8 @@ ALLOWED = {
     "convert": {"calibrate", "runtime"},
     "evaluate": {"data", "models", "runtime"},
     "targets": {"convert", "calibrate", "runtime", "models", "data"},
-    "jobs": {"targets", "evaluate", "convert", "calibrate", "runtime", "models", "data"},
+    "remote": {"evaluate", "runtime", "data"},
+    "jobs": {"targets", "remote", "evaluate", "convert", "calibrate", "runtime", "models", "data"},
     "cli": {"jobs"},
     "__main__": {"cli"},
 }

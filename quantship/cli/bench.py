@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--per-layer", action="store_true", help="with --forward-backward: the ten slowest layers' forward")
     a.out(p, "quantship-bench")
+    a.remote(p)
     a.trt(p)
     a.common(p)
 
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         forward_backward=args.forward_backward,
         per_layer=args.per_layer,
         providers=args.ort_providers,
+        remote=a.remote_options(args),
     )
     print(result.text)
     return result.exit_code

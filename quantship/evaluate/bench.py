@@ -173,6 +173,7 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         "cores": list(cfg.cores) if cfg.cores else None,
         "file_size_bytes": Path(cfg.artifact).stat().st_size,
         "init_ms": init_ms,
+        "where": "local",
     }
     try:
         row["input_conversion_ms"] = _input_conversion_ms(runner, sample_set(runner, 1)[0])

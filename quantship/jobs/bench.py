@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from quantship.errors import ConfigError
+from quantship.config import RemoteOptions
+from quantship.errors import ConfigError, RemoteConnectionLost
 from quantship.evaluate.bench import (
     DEFAULT_MIN_QUERIES,
     DEFAULT_MIN_SECONDS,
@@ -210,21 +211,61 @@ def _inference_rows(
     threads: int | None,
     common: dict,
     model: str | None,
+    session: Any = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Time every artifact in its own process (under each LoadGen scenario, if any): the rows (written to
-    ``bench.jsonl`` under ``out``) and their lines."""
+    """Time every artifact in its own process (under each LoadGen scenario, if any), on the device of
+    ``session`` when given: the rows (written to ``bench.jsonl`` under ``out``) and their lines.
+
+    Raises:
+        RemoteConnectionLost: The device went away; the rows measured before are written (``incomplete_run``).
+    """
     configs = _configs(named, out, scenarios, mobile, threads, common)
     lines = []
     if configs:
         lines.append(
             _plan_line(len(configs), scenarios, common["warmup_seconds"], common["min_queries"], common["min_seconds"])
         )
-    rows = bench(configs) if configs else []
+    lost = None
+    if session is not None:
+        from quantship.remote.bench import remote_bench
+
+        lines.append(f"on {session.url}: {session.environment.get('cpu')} ({session.environment.get('machine')})")
+        rows, lost = remote_bench(session, configs)
+    else:
+        rows = bench(configs) if configs else []
     for r in rows:
         r["model"] = model or ""
     if rows:
         _write_jsonl(out / "bench.jsonl", rows)
+    if lost:
+        kept = (
+            f"; the {len(rows)} row(s) measured before are in {out / 'bench.jsonl'}, marked incomplete_run"
+            if rows
+            else ""
+        )
+        raise RemoteConnectionLost(f"{lost}{kept}")
     return rows, lines + _inference_lines(rows)
+
+
+def _check_remote(
+    remote: RemoteOptions, convert: dict[str, Any], mobile: bool, loadgen: Sequence[str], fb: bool
+) -> None:
+    """Refuse, before any work, what ``bench --remote`` cannot do on a device."""
+    if loadgen:
+        raise ConfigError("--loadgen runs MLPerf LoadGen on this machine; with --remote, time without --loadgen")
+    if mobile:
+        raise ConfigError("--mobile pins this machine's cores; with --remote, give --threads for the device")
+    if fb:
+        raise ConfigError("--forward-backward times Keras (TensorFlow) here; it does not run with --remote")
+    if convert.get("targets"):
+        from quantship.targets import parse_targets
+
+        keras = [t.name for t in parse_targets(convert["targets"]) if t.spec.backend == "keras"]
+        if keras:
+            raise ConfigError(
+                f"{', '.join(keras)} runs in TensorFlow, which the device runner does not have; bench --remote "
+                "times .tflite, .onnx and .engine artifacts"
+            )
 
 
 def run_bench(
@@ -244,6 +285,7 @@ def run_bench(
     raw_inputs: bool = False,
     forward_backward: bool = False,
     per_layer: bool = False,
+    remote: RemoteOptions | None = None,
 ) -> JobResult:
     """Benchmark artifact files, and the artifacts of ``model``'s targets built first with ``convert`` (the keyword
     arguments of :func:`quantship.jobs.convert.convert_artifacts`; no targets in it: none built).
@@ -254,12 +296,77 @@ def run_bench(
         raw_inputs: Samples preloaded in the model's own input types, the runner run raw.
         forward_backward: Also time ``model``'s forward and forward+backward passes (Keras, training mode) at
             each batch size; ``per_layer`` adds the ten slowest layers' forward times.
+        remote: Time on this device instead (each configuration in its own runner process there).
     """
     from quantship.evaluate.loadgen import Scenario
 
     scenarios = [Scenario.parse(s) for s in loadgen]
     _check_fb_options(model, forward_backward, per_layer)
     convert = dict(convert or {})
+    if remote is not None:
+        from quantship.remote.host import DeviceSession
+
+        _check_remote(remote, convert, mobile, loadgen, forward_backward)
+        with DeviceSession(remote) as session:  # unreachable or unfit device: said before any conversion
+            return _run_bench(
+                out,
+                artifacts,
+                model,
+                convert,
+                threads,
+                mobile,
+                batch_sizes,
+                warmup_seconds,
+                min_queries,
+                min_seconds,
+                cuda_graph,
+                providers,
+                scenarios,
+                raw_inputs,
+                forward_backward,
+                per_layer,
+                session,
+            )
+    return _run_bench(
+        out,
+        artifacts,
+        model,
+        convert,
+        threads,
+        mobile,
+        batch_sizes,
+        warmup_seconds,
+        min_queries,
+        min_seconds,
+        cuda_graph,
+        providers,
+        scenarios,
+        raw_inputs,
+        forward_backward,
+        per_layer,
+        None,
+    )
+
+
+def _run_bench(
+    out: Path,
+    artifacts: Sequence[str],
+    model: str | None,
+    convert: dict[str, Any],
+    threads: int | None,
+    mobile: bool,
+    batch_sizes: Sequence[int],
+    warmup_seconds: float,
+    min_queries: int | None,
+    min_seconds: float | None,
+    cuda_graph: bool,
+    providers: Sequence[str],
+    scenarios: list,
+    raw_inputs: bool,
+    forward_backward: bool,
+    per_layer: bool,
+    session: Any,
+) -> JobResult:
     fb_args = (model, convert, batch_sizes, warmup_seconds, min_queries, min_seconds, per_layer, threads)
     fb_config = _fb_config(*fb_args) if forward_backward else None
     named, failures = _named_artifacts(artifacts, model, convert, out, threads)
@@ -275,12 +382,15 @@ def run_bench(
         raw_inputs=raw_inputs,
         providers=tuple(providers),
     )
-    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model)
+    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model, session)
     fb_rows: list[dict[str, Any]] = []
     if fb_config is not None:
         fb_rows, fb_lines = _forward_backward_rows(fb_config, out)
         lines += fb_lines
-    write_json_atomic(out / "environment.json", environment())
+    env = environment()
+    if session is not None:
+        env["remote"] = session.fields()
+    write_json_atomic(out / "environment.json", env)
     lines += [f"FAILED {name}: {error}" for name, error in failures.items()]
     if rows:
         lines.append(f"results: {out / 'bench.jsonl'}")

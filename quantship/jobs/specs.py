@@ -8,7 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantship.config import CalibrationSpec, Gate, PtqSteps, TrtInt8Mode, TrtOptions
+from quantship.config import CalibrationSpec, Gate, PtqSteps, RemoteOptions, TrtInt8Mode, TrtOptions
 from quantship.errors import ConfigError
 
 
@@ -35,6 +35,7 @@ class EvalSpec:
     allow_missing_images: bool = False  # ground truth listing absent files: evaluate those present
     trust_savedmodel: bool = False  # a SavedModel runs its graph's operations: only when the user says so
     ptq: PtqSteps = field(default_factory=PtqSteps)  # post-training steps of the quantized targets
+    remote: RemoteOptions | None = None  # run the artifacts on this device (the reference stays here)
 
 
 class ExecutorKind(str, Enum):

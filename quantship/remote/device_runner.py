@@ -359,7 +359,8 @@ class TrtRunner(Runner):
             self._engine = self._runtime.deserialize_cuda_engine(f.read())
         if self._engine is None:
             raise Refused(
-                f"TensorRT {trt.__version__} cannot load this engine ({'; '.join(self._errors[-2:]) or 'built elsewhere'})",
+                f"TensorRT {trt.__version__} cannot load this engine "
+                f"({'; '.join(self._errors[-2:]) or 'built elsewhere'})",
                 "engine",
             )
         self._context = self._engine.create_execution_context()
@@ -488,7 +489,11 @@ def build_engine(req):
     if req.get("calibration_cache"):
         with open(req["calibration_cache"], "rb") as f:
             blob = f.read()
-        base = trt.IInt8EntropyCalibrator2 if req.get("calibrator") != "IInt8MinMaxCalibrator" else trt.IInt8MinMaxCalibrator
+        base = (
+            trt.IInt8EntropyCalibrator2
+            if req.get("calibrator") != "IInt8MinMaxCalibrator"
+            else trt.IInt8MinMaxCalibrator
+        )
 
         class CacheOnly(base):
             """A calibrator that hands TensorRT the host's cache and no batches: TensorRT then skips calibration."""
@@ -682,7 +687,9 @@ class Server:
         if runtime == "tflite":
             runner = TfliteRunner(path, req.get("threads"), req.get("use_xnnpack", True))
         elif runtime == "onnx":
-            runner = OnnxRunner(path, req.get("threads"), req.get("providers") or ("cpu",), req.get("session_config") or ())
+            runner = OnnxRunner(
+                path, req.get("threads"), req.get("providers") or ("cpu",), req.get("session_config") or ()
+            )
         elif runtime == "trt":
             runner = TrtRunner(path, req.get("manifest"))
         else:
@@ -761,8 +768,17 @@ class Server:
 
 def main():
     if sys.version_info < (3, 10):
-        sys.stdout.write(json.dumps({"ok": False, "error": f"Python {platform.python_version()} on the device; "
-                                     "quantship's runner needs Python >= 3.10", "kind": "missing"}) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "ok": False,
+                    "error": f"Python {platform.python_version()} on the device; "
+                    "quantship's runner needs Python >= 3.10",
+                    "kind": "missing",
+                }
+            )
+            + "\n"
+        )
         return 2
     # Native libraries may print on fd 1: the protocol gets its own copy of it, fd 1 goes to stderr.
     out = os.fdopen(os.dup(1), "wb")

@@ -25,7 +25,7 @@ from quantship.config import RemoteOptions
 from quantship.errors import RemoteConnectionLost, RemoteError, RuntimeBackendError
 from quantship.fileio import sha256_file
 from quantship.manifest import manifest_path
-from quantship.remote.transport import Transport, make_transport, quote_command, stop
+from quantship.remote.transport import Transport, classify, make_transport, stop
 from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
 
 log = logging.getLogger("quantship.remote")
@@ -120,8 +120,6 @@ class DeviceSession:
         if len(parts) != 3:
             self._keeper.wait(10)
             text = err.read_text(errors="replace")
-            from quantship.remote.transport import classify
-
             raise classify(self.transport.url, text, "making the session folder on the device")
         self.swept, self.base, self.folder = int(parts[0]), parts[1], parts[2]
         self.transport.upload(RUNNER_FILE, f"{self.folder}/runner.py")
@@ -159,14 +157,14 @@ class DeviceSession:
         root = f"{self.base}/artifacts" if self.options.cache else f"{self.folder}/artifacts"
         folder = f"{root}/{digest}"
         remote = f"{folder}/{local.name}"
-        have = self.transport.run(["sh", "-c", 'test -s "$1"', "sh", remote], timeout=60)
-        copied = have.returncode != 0
+        # One round trip: the cached file is there, or its folder is made for the copy.
+        have = self.transport.run(
+            ["sh", "-c", 'test -s "$1" && echo cached || mkdir -p -m 700 "$2"', "sh", remote, folder], timeout=60
+        )
+        copied = b"cached" not in have.stdout
         if copied:
-            made = self.transport.run(["mkdir", "-p", "-m", "700", "--", folder], timeout=60)
-            if made.returncode != 0:
-                from quantship.remote.transport import classify
-
-                raise classify(self.transport.url, made.stderr.decode(errors="replace"), f"storing {local.name}")
+            if have.returncode != 0:
+                raise classify(self.transport.url, have.stderr.decode(errors="replace"), f"storing {local.name}")
             mpath = manifest_path(local)
             if mpath.is_file():
                 self.transport.upload(mpath, f"{remote}.json")
@@ -217,7 +215,11 @@ class DeviceProcess:
             RemoteConnectionLost: The runner or the connection went away.
         """
         items = [(k, np.ascontiguousarray(v)) for k, v in (tensors or {}).items()]
-        header = {"cmd": cmd, **fields, "tensors": [{"name": k, "dtype": v.dtype.name, "shape": list(v.shape)} for k, v in items]}
+        header = {
+            "cmd": cmd,
+            **fields,
+            "tensors": [{"name": k, "dtype": v.dtype.name, "shape": list(v.shape)} for k, v in items],
+        }
         payload = [json.dumps(header).encode() + b"\n"] + [v.tobytes() for _, v in items]
         try:
             data = b"".join(payload)
@@ -366,8 +368,3 @@ class RemoteRunner(Runner):
     @property
     def active_providers(self) -> list[str]:
         return list(self.loaded.get("providers") or [])
-
-
-def remote_command_line(session: DeviceSession, command: list[str]) -> str:
-    """The command line a device runs for ``command`` (for messages and docs)."""
-    return quote_command(command)

@@ -163,9 +163,7 @@ class Transport(abc.ABC):
         from quantship.fileio import atomic_path
 
         with atomic_path(local) as tmp, open(tmp, "wb") as f:
-            proc = subprocess.run(
-                self.argv(["cat", remote]), stdout=f, stderr=subprocess.PIPE, start_new_session=True
-            )
+            proc = subprocess.run(self.argv(["cat", remote]), stdout=f, stderr=subprocess.PIPE, start_new_session=True)
             if proc.returncode != 0:
                 raise classify(self.url, proc.stderr.decode(errors="replace"), f"copying {remote} from the device")
 
