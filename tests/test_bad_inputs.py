@@ -64,6 +64,18 @@ class Case:
     check: Callable[[Path], None] | None = None
 
 
+def bench_argv(*extra: str) -> tuple[str, ...]:
+    """``quantship bench`` of the two files :func:`two_tflite` writes, with ``extra`` options."""
+    return ("bench", "--artifact", "{tmp}/a-fp32.tflite", "--artifact", "{tmp}/b-int8.tflite", "--out", "{out}", *extra)
+
+
+def two_tflite(tmp: Path, env: dict) -> dict:
+    """Two files named like LiteRT models that no interpreter can load (never read by a refused command)."""
+    for name in ("a-fp32.tflite", "b-int8.tflite"):
+        (tmp / name).write_bytes(b"not a flatbuffer")
+    return {}
+
+
 def eval_argv(*extra: str, data: str = "imagenet:{data}", targets: str = "keras-fp32") -> tuple[str, ...]:
     """``quantship eval`` of the tiny model on ``data`` with ``extra`` options (later options win)."""
     base = ("eval", "--model", "{model}", "--preprocess", TINY_PREPROCESS, "--data", data)
@@ -672,6 +684,35 @@ CASES = [
         plan({"targets": "tflite-fp32", "gates": [{"relative": 0.9, "targets": "tflite-*"}]}),
         inprocess=True,
         check=signoff_ran,
+    ),
+    # --- bench: interleaved timing options (issue 23); refused before anything is timed
+    *(
+        Case(f"bench-{name}", bench_argv(*extra), 2, message, build=two_tflite)
+        for name, extra, message in (
+            ("reference-unknown", ("--reference", "zzz"), "--reference zzz is none of the configurations to bench"),
+            ("reference-empty", ("--reference", ""), "--reference is empty"),
+            ("ratio-precision-0", ("--ratio-precision", "0"), "--ratio-precision must be a fraction between 0 and 1"),
+            ("ratio-precision-1", ("--ratio-precision", "1"), "--ratio-precision must be a fraction between 0 and 1"),
+            ("ratio-precision-neg", ("--ratio-precision=-0.1",), "--ratio-precision must be a fraction between"),
+            ("ratio-precision-nan", ("--ratio-precision", "nan"), "--ratio-precision must be a fraction between"),
+            ("ratio-precision-huge", ("--ratio-precision", "1e300"), "--ratio-precision must be a fraction between"),
+            ("ratio-precision-word", ("--ratio-precision", "tight"), "argument --ratio-precision: invalid float"),
+            ("ratio-precision-empty", ("--ratio-precision", ""), "argument --ratio-precision: invalid float"),
+            ("min-rounds-1", ("--min-rounds", "1"), "--min-rounds must be at least 2"),
+            ("min-rounds-neg", ("--min-rounds=-3",), "--min-rounds must be at least 2"),
+            ("min-rounds-float", ("--min-rounds", "2.5"), "argument --min-rounds: invalid int value"),
+            ("max-seconds-0", ("--max-seconds", "0"), "--max-seconds must be a positive number of seconds"),
+            ("max-seconds-inf", ("--max-seconds", "inf"), "--max-seconds must be a positive number of seconds"),
+            ("max-seconds-nan", ("--max-seconds", "nan"), "--max-seconds must be a positive number of seconds"),
+            ("queries-per-round-0", ("--queries-per-round", "0"), "argument --queries-per-round: expected a positive"),
+        )
+    ),
+    Case(
+        "bench-reference-fails-to-run",
+        bench_argv("--reference", "{tmp}/a-fp32.tflite"),
+        2,
+        "the reference a-fp32 ({tmp}/a-fp32.tflite) failed to run",
+        build=two_tflite,
     ),
     # --- reports of damaged folders
     Case(

@@ -56,10 +56,16 @@ BENCH_COLUMNS = (
     ("latency_ms_p99", "p99 ms", "{:.2f}"),
     ("latency_ms_mean", "mean ms", "{:.2f}"),
     ("runtime_ms_p50", "runtime p50 ms", "{:.2f}"),
+    ("latency_cov", "CoV", "{:.2f}"),
+    ("ratio_display", "vs reference [95% interval]", "{}"),
     ("throughput", "images/s", "{:.1f}"),
+    ("throughput_batch", "at batch", "{}"),
     ("init_ms", "init ms", "{:.0f}"),
+    ("first_inference_ms", "1st inference ms", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("size_mb", "size MB", "{:.2f}"),
+    ("execution", "execution", "{}"),
+    ("stable_display", "stable", "{}"),
     ("warning", "warning", "{}"),
 )
 OTHER_COLUMNS = (

@@ -1,9 +1,10 @@
-"""``bench --remote``: each configuration timed by its own runner process on the device, with the statistics of a
-local bench (:func:`quantship.evaluate.latency.latency_stats` over the device's per-query times).
+"""``bench --remote``: every configuration timed by its own runner process on the device, through the interleaved
+bench's :class:`~quantship.evaluate.interleave.BenchWorker` protocol, so device configurations take rounds in turn
+exactly as local ones do (and can be interleaved with local ones in one run: ``benchmarks/remote_overhead.py``).
 
-The device runner makes the same seeded sample set as the host would (nothing but the artifact is sent), warms
-up and times the same ``infer`` call as :func:`quantship.evaluate.latency.time_runner`; the host turns the
-per-query times into the row.
+The device runner makes the same seeded sample set the host would (nothing but the artifact is sent), times the
+same ``infer`` call as quantship's local :class:`~quantship.evaluate.bench.ConfigSession`, and answers per-query
+times; the host builds the row with the same statistics as a local bench.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.errors import ConfigError, RemoteConnectionLost
-from quantship.evaluate.bench import DEFAULT_MIN_QUERIES, DEFAULT_MIN_SECONDS, BenchConfig, annotate
+from quantship.evaluate.bench import BenchConfig, latency_batch
 from quantship.evaluate.latency import latency_stats
 from quantship.remote.host import DeviceProcess, DeviceSession, RemoteRunner
 from quantship.runtime.base import RunnerOptions
@@ -33,8 +34,11 @@ def check_remote_config(cfg: BenchConfig) -> None:
 
 
 class RemoteBenchWorker:
-    """One configuration's runner on the device, kept alive so that its timing can be asked for in rounds (the
-    interleaved bench) or all at once.
+    """A :class:`~quantship.evaluate.interleave.BenchWorker` whose configuration runs in its own runner process on
+    the device.
+
+    It keeps what it has measured (``info``, ``rounds``), so that rows survive a connection that drops
+    mid-run (:func:`partial_rows`).
 
     Args:
         session: The open device session.
@@ -45,24 +49,35 @@ class RemoteBenchWorker:
         check_remote_config(cfg)
         self.session = session
         self.cfg = cfg
+        self.target = cfg.target or Path(cfg.artifact).stem
+        self.artifact = str(cfg.artifact)
         self.runtime = runtime_for_artifact(cfg.artifact)
         self.process: DeviceProcess | None = None
-        self.row: dict[str, Any] = {}
+        self.info: dict[str, Any] | None = None
+        self.rounds: list[list[float]] = []
 
     def start(self) -> dict[str, Any]:
-        """Copy the artifact if needed, start the device runner and load the model; returns the row's fixed
-        fields (everything but the timings)."""
+        """Copy the artifact (unless cached), start the device runner, load, time the first inference, warm up."""
         cfg = self.cfg
         options = RunnerOptions(
             threads=cfg.threads, providers=cfg.providers, session_config=cfg.session_config, cuda_graph=cfg.cuda_graph
         )
-        runner = RemoteRunner(self.session, cfg.artifact, self.runtime.name, options, cfg.target or "")
+        runner = RemoteRunner(self.session, cfg.artifact, self.runtime.name, options, self.target)
         remote, copied = self.session.put(cfg.artifact)
         self.process = self.session.process()
         loaded = runner.load(self.process, remote, cfg.cores)
-        self.row = {
-            "target": cfg.target or Path(cfg.artifact).stem,
-            "artifact": str(cfg.artifact),
+        batch = latency_batch(cfg)
+        started = self.process.request(
+            "bench_start",
+            batch=batch,
+            samples=cfg.samples,
+            raw=cfg.raw_inputs,
+            warmup_seconds=cfg.warmup_seconds,
+            cores=list(cfg.cores) if cfg.cores else None,
+        )[0]
+        self.info = {
+            "target": self.target,
+            "artifact": self.artifact,
             "runtime": self.runtime.name,
             "timing": self.runtime.timing,
             "harness": "bench",
@@ -71,37 +86,52 @@ class RemoteBenchWorker:
             "providers": loaded.get("providers") if self.runtime.name == "onnx" else None,
             "session_config": dict(cfg.session_config),
             "cores": list(cfg.cores) if cfg.cores else None,
+            "cores_in_use": started["cores_in_use"],
             "file_size_bytes": loaded["file_size_bytes"],
             "init_ms": loaded["init_ms"],
+            "first_inference_ms": started["first_inference_ms"],
+            "warmup_queries": started["warmup_queries"],
+            "latency_batch": batch,
+            "input_conversion_ms": started["input_conversion_ms"],
+            "load_average_before": started["load_average_before"],
+            "cpu_mhz_before": started["cpu_mhz_before"],
             "where": "remote",
             "remote": {**self.session.fields(), "artifact_copied": copied},
         }
-        self.row["input_conversion_ms"] = self.process.request("conversion")[0]["input_conversion_ms"]
-        return self.row
+        return dict(self.info)
 
-    def time(
-        self, batch: int, min_iters: int, min_seconds: float, warmup_seconds: float, warmup_calls: int = 1
-    ) -> dict[str, Any]:
-        """One timing pass on the device: per-query times (ms) of the whole call, of the runtime's call, phases."""
-        cfg = self.cfg
-        answer, _ = self.process.request(
-            "time",
-            batch=batch,
-            samples=cfg.samples,
-            raw=cfg.raw_inputs,
-            warmup_calls=warmup_calls,
-            warmup_seconds=warmup_seconds,
-            min_iters=min_iters,
-            min_seconds=min_seconds,
-        )
-        return answer
+    def round(self, queries: int) -> list[float]:
+        """``queries`` back-to-back queries on the device at the latency batch (ms each, the device's clock)."""
+        times = [float(v) for v in self.process.request("round", queries=int(queries))[0]["query_ms"]]
+        self.rounds.append(times)
+        return times
 
     def finish(self) -> dict[str, Any]:
-        """The device process's peak memory and the configuration; stops the runner."""
-        self.row["peak_rss_mb"] = self.process.request("rusage")[0]["peak_rss_mb"]
-        self.row["config"] = asdict(self.cfg)
+        """The device's own figures after the rounds; stops the device runner."""
+        cfg = self.cfg
+        other = [b for b in cfg.batch_sizes if b != latency_batch(cfg)]
+        answer = self.process.request(
+            "bench_finish",
+            other_batches=other,
+            samples=cfg.samples,
+            raw=cfg.raw_inputs,
+            warmup_seconds=cfg.warmup_seconds,
+            min_iters=cfg.min_queries or 200,
+            min_seconds=cfg.min_seconds if cfg.min_seconds is not None else 5.0,
+            cores=list(cfg.cores) if cfg.cores else None,
+        )[0]
+        row: dict[str, Any] = {
+            "load_average_after": answer["load_average_after"],
+            "cpu_mhz_after": answer["cpu_mhz_after"],
+            "peak_rss_mb": answer["peak_rss_mb"],
+            "config": asdict(cfg),
+        }
+        if answer["runtime_ms"]:
+            row.update(latency_stats(np.asarray(answer["runtime_ms"]), "runtime_ms"))
+        row.update({f"{k}_mean": v for k, v in answer["phases"].items()})
+        row.update({f"throughput_ips_b{b}": v for b, v in answer["throughput"].items()})
         self.close()
-        return self.row
+        return row
 
     def close(self) -> None:
         if self.process is not None:
@@ -109,43 +139,40 @@ class RemoteBenchWorker:
             self.process = None
 
 
-def remote_config_row(session: DeviceSession, cfg: BenchConfig) -> dict[str, Any]:
-    """:func:`quantship.evaluate.bench.run_config` on the device: the same row, ``where: remote``."""
-    worker = RemoteBenchWorker(session, cfg)
-    try:
-        row = worker.start()
-        min_queries = cfg.min_queries if cfg.min_queries is not None else DEFAULT_MIN_QUERIES
-        min_seconds = cfg.min_seconds if cfg.min_seconds is not None else DEFAULT_MIN_SECONDS
-        for b in cfg.batch_sizes:
-            t = worker.time(b, min_queries, min_seconds, cfg.warmup_seconds)
-            query = np.asarray(t["query_ms"])
-            if b == 1 or "latency_ms_p50" not in row:
-                row.update(latency_stats(query))
-                row.update(latency_stats(np.asarray(t["runtime_ms"]), "runtime_ms"))
-                row["latency_batch"] = b
-                for k, v in (t.get("phases") or {}).items():
-                    row[f"{k}_mean"] = float(np.mean(v))
-            row[f"throughput_ips_b{b}"] = b * len(query) / (query.sum() / 1e3)
-        return worker.finish()
-    finally:
-        worker.close()
+def partial_rows(workers: Sequence[RemoteBenchWorker]) -> list[dict[str, Any]]:
+    """The rows of an interrupted remote run: each configuration that was started, with the statistics of the
+    rounds it completed, marked ``incomplete_run``."""
+    rows = []
+    for w in workers:
+        if w.info is None:
+            continue
+        row = {**w.info, "incomplete_run": True, "rounds": len(w.rounds), "config": asdict(w.cfg)}
+        if w.rounds:
+            row.update(latency_stats(np.concatenate([np.asarray(r) for r in w.rounds])))
+        rows.append(row)
+    return rows
 
 
-def remote_bench(session: DeviceSession, configs: Sequence[BenchConfig]) -> tuple[list[dict[str, Any]], str | None]:
-    """Every configuration on the device, one runner process each, in turn.
+def remote_bench(
+    session: DeviceSession, configs: Sequence[BenchConfig], interleave: Any = None, lines: list[str] | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Every configuration on the device, interleaved round by round as a local bench runs them.
 
     Returns:
-        The rows, and None; or, when the connection dropped, the rows measured before (each marked
+        The rows, and None; or, when the connection dropped, the rows measured before (marked
         ``incomplete_run: true``) and the error message.
     """
+    from quantship.evaluate.bench import bench
+
     for cfg in configs:
         check_remote_config(cfg)
-    rows: list[dict[str, Any]] = []
+    made: list[RemoteBenchWorker] = []
+
+    def make(cfg: BenchConfig) -> RemoteBenchWorker:
+        made.append(RemoteBenchWorker(session, cfg))
+        return made[-1]
+
     try:
-        for cfg in configs:
-            rows.append(remote_config_row(session, cfg))
+        return bench(configs, interleave=interleave, lines=lines, make_worker=make), None
     except RemoteConnectionLost as exc:
-        for r in rows:
-            r["incomplete_run"] = True
-        return annotate(rows), str(exc)
-    return annotate(rows), None
+        return partial_rows(made), str(exc)

@@ -597,6 +597,47 @@ def environment():
     return env
 
 
+def load_average():
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
+
+
+def cpu_mhz(cores=None):
+    """Mean current frequency (MHz) of ``cores`` from cpufreq, else ``/proc/cpuinfo``; None when unreadable."""
+    values = []
+    for core in cores if cores is not None else range(os.cpu_count() or 1):
+        text = _read(f"/sys/devices/system/cpu/cpu{core}/cpufreq/scaling_cur_freq")
+        if not text or not text.isdigit():
+            values = []
+            break
+        values.append(int(text) / 1e3)
+    if not values:
+        mhz, core = {}, None
+        for line in (_read("/proc/cpuinfo") or "").splitlines():
+            if line.startswith("processor"):
+                core = int(line.split(":")[1])
+            elif line.startswith("cpu MHz") and core is not None:
+                mhz[core] = float(line.split(":")[1])
+        values = [v for c, v in mhz.items() if cores is None or c in cores]
+    return float(sum(values) / len(values)) if values else None
+
+
+def machine_state(cores=None):
+    return {"load_average": load_average(), "cpu_mhz": cpu_mhz(cores)}
+
+
+def peak_rss_mb():
+    """This process's own peak resident memory (VmHWM), as quantship's local bench reads it."""
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 # ---------------------------------------------------------------------------------------------------- server
 def sample_set(runner, count, batch, seed=0):
     """quantship's ``sample_set``: the same seeded float samples, made here instead of sent."""
@@ -666,11 +707,17 @@ class Server:
         if cmd == "conversion":
             return self.conversion(), None
         if cmd == "rusage":
-            import resource
-
-            return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}, None
+            return {"peak_rss_mb": peak_rss_mb()}, None
         if cmd == "build_engine":
             return build_engine(req), None
+        if cmd in ("bench_start", "round", "bench_finish") and self.runner is None:
+            raise Refused("load a model first", "error")
+        if cmd == "bench_start":
+            return self.bench_start(req), None
+        if cmd == "round":
+            return {"query_ms": self.round(int(req["queries"]))}, None
+        if cmd == "bench_finish":
+            return self.bench_finish(req), None
         raise Refused(f"unknown command {cmd!r}", "error")
 
     def load(self, req):
@@ -730,6 +777,64 @@ class Server:
             for k, v in (runner.last_timings or {}).items():
                 phases.setdefault(k, []).append(v)
         return {"query_ms": query, "runtime_ms": runtime, "phases": phases}
+
+    # -- the interleaved bench: quantship's ConfigSession, on the device ----------------------------------
+    def bench_start(self, req):
+        """First inference on its own, warm-up, and the machine's state before the rounds."""
+        runner, raw = self.runner, bool(req.get("raw"))
+        cores = req.get("cores")
+        before = machine_state(cores)
+        self._feeds = sample_set(runner, int(req.get("samples", 64)), int(req["batch"]))
+        if raw:
+            self._feeds = [native_feed(runner, f) for f in self._feeds]
+        self._raw, self._next, self._runtime_ms, self._phases = raw, 0, [], {}
+        runner.infer(self._feeds[0], raw)
+        first = runner.last_query_time * 1e3
+        end = time.perf_counter() + float(req.get("warmup_seconds", 0.0))
+        warmup = 0
+        while warmup < 5 or time.perf_counter() < end:
+            self._infer_next()
+            warmup += 1
+        return {
+            "first_inference_ms": first,
+            "warmup_queries": warmup,
+            "cores_in_use": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "load_average_before": before["load_average"],
+            "cpu_mhz_before": before["cpu_mhz"],
+            **self.conversion(),
+        }
+
+    def _infer_next(self):
+        feed = self._feeds[self._next % len(self._feeds)]
+        self._next += 1
+        self.runner.infer(feed, self._raw)
+
+    def round(self, queries):
+        runner, out = self.runner, []
+        for _ in range(queries):
+            self._infer_next()
+            out.append(runner.last_query_time * 1e3)
+            self._runtime_ms.append(runner.last_inference_time * 1e3)
+            for k, v in (runner.last_timings or {}).items():
+                self._phases.setdefault(k, []).append(v)
+        return out
+
+    def bench_finish(self, req):
+        """After the last round: the machine's state, the runtime's own times, throughput at the other batch
+        sizes (plain timing), this process's peak memory."""
+        after = machine_state(req.get("cores"))
+        out = {
+            "load_average_after": after["load_average"],
+            "cpu_mhz_after": after["cpu_mhz"],
+            "runtime_ms": self._runtime_ms,
+            "phases": {k: float(np.mean(v)) for k, v in self._phases.items()},
+            "throughput": {},
+        }
+        for b in req.get("other_batches", []):
+            t = self.time(dict(req, batch=b, warmup_calls=1))
+            out["throughput"][str(b)] = b * len(t["query_ms"]) / (sum(t["query_ms"]) / 1e3)
+        out["peak_rss_mb"] = peak_rss_mb()
+        return out
 
     def conversion(self, repeats=20):
         runner = self.runner
