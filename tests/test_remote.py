@@ -180,12 +180,14 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-TIMING = ("latency_ms", "runtime_ms", "throughput", "init_ms", "peak_rss_mb", "input_conversion_ms", "latency_ms")
+# What a measurement (or the machine's state around it) decides; everything else in a row must be equal.
+MEASURED = ("latency_", "runtime_ms_", "throughput_ips_", "ratio_", "load_average_", "cpu_mhz_")
+MEASURED_KEYS = {"init_ms", "peak_rss_mb", "input_conversion_ms", "first_inference_ms", "stable", "unstable_reason"}
+MEASURED_KEYS |= {"round_p50_ms", "rounds", "stopped_by", "warmup_queries", "iterations", "where", "remote"}
 
 
 def _non_timing(row: dict) -> dict:
-    skip = {"where", "remote", "artifact", "config", "latency_ms"}
-    return {k: v for k, v in row.items() if k not in skip and not k.startswith(TIMING)}
+    return {k: v for k, v in row.items() if k not in MEASURED_KEYS and not k.startswith(MEASURED)}
 
 
 @pytest.fixture(scope="session")
@@ -276,7 +278,8 @@ def test_bench_remote_matches_local_and_reuses_artifacts(device, evaluated, tmp_
     odd = tmp_path / ODD_NAME
     shutil.copy(artifacts["tflite-int8"], odd)
     common = ["bench", "--artifact", str(odd), "--artifact", str(artifacts["onnx-fp32"]), "--threads", "1"]
-    common += ["--min-queries", "20", "--min-seconds", "0", "--warmup", "0", "-q"]
+    common += ["--min-queries", "20", "--min-seconds", "0", "--warmup", "0", "--min-rounds", "2", "--max-seconds", "1"]
+    common += ["-q"]
     assert _main(common + ["--out", str(tmp_path / "local")]) == 0
     assert _main(common + ["--out", str(tmp_path / "r1")] + device.args()) == 0
     assert _main(common + ["--out", str(tmp_path / "r2")] + device.args()) == 0
@@ -284,8 +287,7 @@ def test_bench_remote_matches_local_and_reuses_artifacts(device, evaluated, tmp_
     for lr, r1, r2 in zip(local, first, second):
         assert lr["where"] == "local" and r1["where"] == r2["where"] == "remote"
         assert _non_timing(r1) == _non_timing(lr) == _non_timing(r2)
-        assert r1["config"] == lr["config"]
-        assert r1["iterations"] == 20 and r1["latency_ms_p50"] > 0
+        assert r1["iterations"] >= 20 and r1["latency_ms_p50"] > 0 and r1["rounds"] >= 2
         assert r2["remote"]["artifact_copied"] is False
     assert first[0]["remote"]["artifact_copied"] is True
     env = json.loads((tmp_path / "r1" / "environment.json").read_text())
@@ -301,7 +303,7 @@ def test_bench_remote_matches_local_and_reuses_artifacts(device, evaluated, tmp_
 def test_no_cache_copies_again_and_leaves_nothing(device, evaluated, tmp_path):
     _, _, artifacts = evaluated
     argv = ["bench", "--artifact", str(artifacts["onnx-fp32"]), "--min-queries", "5", "--min-seconds", "0"]
-    argv += ["--warmup", "0", "-q", "--out", str(tmp_path), "--remote-no-cache", *device.args()]
+    argv += ["--min-rounds", "2", "--warmup", "0", "-q", "--out", str(tmp_path), "--remote-no-cache", *device.args()]
     assert _main(argv) == 0
     assert _rows(tmp_path / "bench.jsonl")[0]["remote"]["artifact_copied"] is True
     assert not device.sessions()
@@ -426,12 +428,13 @@ def test_killed_run_is_cleaned_up(device, onnx_file, tmp_path):
 
 
 def test_dropped_connection_keeps_rows_marked_incomplete(device, evaluated, tmp_path):
-    """The connection drops while the second configuration runs: exit 2, one line, the first row kept."""
+    """The connection drops in the middle of the rounds: exit 2, one line; each configuration's rounds so far are
+    kept in bench.jsonl, marked incomplete_run."""
     _, _, artifacts = evaluated
-    proc = _start_bench(device, [artifacts["tflite-int8"], artifacts["onnx-fp32"]], tmp_path / "out", 1.5)
+    proc = _start_bench(device, [artifacts["tflite-int8"], artifacts["onnx-fp32"]], tmp_path / "out", 60)
     try:
         _wait_for(lambda: _runner_started(device, 3), "the second configuration")
-        time.sleep(0.3)
+        time.sleep(2.0)  # some rounds
         for pid in device.session_children():
             os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
@@ -441,4 +444,6 @@ def test_dropped_connection_keeps_rows_marked_incomplete(device, evaluated, tmp_
     assert proc.returncode == 2 and len(lines) == 1, err
     assert "connection to the device runner was lost" in lines[0] and "marked incomplete_run" in lines[0]
     rows = _rows(tmp_path / "out" / "bench.jsonl")
-    assert [r["target"] for r in rows] == [artifacts["tflite-int8"].stem] and rows[0]["incomplete_run"] is True
+    assert [r["target"] for r in rows] == [artifacts["tflite-int8"].stem, artifacts["onnx-fp32"].stem]
+    assert all(r["incomplete_run"] is True and r["where"] == "remote" for r in rows)
+    assert rows[0]["rounds"] >= 1 and rows[0]["latency_ms_p50"] > 0

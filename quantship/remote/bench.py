@@ -130,6 +130,7 @@ class RemoteBenchWorker:
             row.update(latency_stats(np.asarray(answer["runtime_ms"]), "runtime_ms"))
         row.update({f"{k}_mean": v for k, v in answer["phases"].items()})
         row.update({f"throughput_ips_b{b}": v for b, v in answer["throughput"].items()})
+        row.update(answer.get("details") or {})
         self.close()
         return row
 

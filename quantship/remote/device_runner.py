@@ -184,6 +184,26 @@ class TfliteRunner(Runner):
         self._interp.allocate_tensors()
         self._batch = batch
 
+    def execution_details(self, feed=None):
+        """quantship's ``delegate_coverage``: the nodes the delegate (XNNPACK) took, read from the node list."""
+        ops = self._interp._get_ops_details()
+        delegates = [op for op in ops if op["op_name"] == "DELEGATE"]
+        originals = [op for op in ops if op["op_name"] != "DELEGATE"]
+        producer = {int(t): op["index"] for op in originals for t in op["outputs"] if t >= 0}
+        by_index = {op["index"]: op for op in originals}
+        replaced = set()
+        for d in delegates:
+            stop = {int(t) for t in d["inputs"]}
+            todo = [int(t) for t in d["outputs"]]
+            while todo:
+                t = todo.pop()
+                node = producer.get(t)
+                if t in stop or node is None or node in replaced:
+                    continue
+                replaced.add(node)
+                todo += [int(x) for x in by_index[node]["inputs"] if x >= 0]
+        return {"delegated_nodes": len(replaced), "total_nodes": len(originals), "delegate_partitions": len(delegates)}
+
     def infer_impl(self, feed, raw):
         interp = self._interp
         self._ensure_batch(next(iter(feed.values())).shape[0])
@@ -212,9 +232,40 @@ _ORT_TYPES = {
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
+FUSED_INT8_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearConcat",
+        "QLinearSoftmax",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "NhwcQLinearConv",
+    }
+)
+
+
 class OnnxRunner(Runner):
     def __init__(self, path, threads=None, providers=("cpu",), session_config=()):
         super().__init__()
+        self._args = (path, threads, providers, session_config)
+        self._session = self._make(path, threads, providers, session_config)
+        self.providers = list(self._session.get_providers())
+        self.inputs = self._meta(self._session.get_inputs())
+        self.outputs = self._meta(self._session.get_outputs())
+        self._names = [m.name for m in self.outputs]
+
+    @staticmethod
+    def _make(path, threads, providers, session_config, profile_prefix=None):
         ort = _need("onnxruntime", "onnxruntime", "an .onnx model")
         names = [_PROVIDERS.get(p.strip().lower(), p.strip()) for p in providers if p.strip()]
         available = ort.get_available_providers()
@@ -232,15 +283,40 @@ class OnnxRunner(Runner):
             opts.inter_op_num_threads = 1
         for key, value in session_config:
             opts.add_session_config_entry(key, str(value))
+        if profile_prefix is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         try:
-            self._session = ort.InferenceSession(path, sess_options=opts, providers=names)
+            return ort.InferenceSession(path, sess_options=opts, providers=names)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
             raise Refused(f"ONNX Runtime {ort.__version__} cannot load the model ({first})", "load") from None
-        self.providers = list(self._session.get_providers())
-        self.inputs = self._meta(self._session.get_inputs())
-        self.outputs = self._meta(self._session.get_outputs())
-        self._names = [m.name for m in self.outputs]
+
+    def execution_details(self, feed=None):
+        """quantship's ``executed_kernels``: the kernel types a profiled session with the same options runs."""
+        if feed is None:
+            return {}
+        import shutil
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix="profile-", dir=".")
+        try:
+            session = self._make(*self._args, profile_prefix=os.path.join(tmp, "profile"))
+            session.run(None, feed)
+            with open(session.end_profiling()) as f:
+                events = json.load(f)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        counts = {}
+        for e in events:
+            args = e.get("args") or {}
+            if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and "op_name" in args:
+                provider = str(args.get("provider", "")).replace("ExecutionProvider", "")
+                key = f"{args['op_name']}@{provider}" if provider else args["op_name"]
+                counts[key] = counts.get(key, 0) + 1
+        kernels = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        int8 = sum(n for k, n in kernels.items() if k.split("@")[0] in FUSED_INT8_OPS)
+        return {"ort_kernels": kernels, "ort_int8_kernels": int8}
 
     @staticmethod
     def _meta(items):
@@ -833,7 +909,9 @@ class Server:
         for b in req.get("other_batches", []):
             t = self.time(dict(req, batch=b, warmup_calls=1))
             out["throughput"][str(b)] = b * len(t["query_ms"]) / (sum(t["query_ms"]) / 1e3)
-        out["peak_rss_mb"] = peak_rss_mb()
+        out["peak_rss_mb"] = peak_rss_mb()  # before the profiled session below adds its own memory
+        details = getattr(self.runner, "execution_details", None)
+        out["details"] = details(sample_set(self.runner, 1, 1)[0]) if details else {}
         return out
 
     def conversion(self, repeats=20):
