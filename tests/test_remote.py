@@ -447,3 +447,41 @@ def test_dropped_connection_keeps_rows_marked_incomplete(device, evaluated, tmp_
     assert [r["target"] for r in rows] == [artifacts["tflite-int8"].stem, artifacts["onnx-fp32"].stem]
     assert all(r["incomplete_run"] is True and r["where"] == "remote" for r in rows)
     assert rows[0]["rounds"] >= 1 and rows[0]["latency_ms_p50"] > 0
+
+
+# ------------------------------------------------------------------------------------------- TensorRT on a device
+def test_convert_remote_trt_needs_tensorrt_on_the_device(device, trained_tiny, tmp_path, capfd):
+    """convert --remote of a trt-* target asks the device's TensorRT (none here): one line, exit 2, before any
+    export."""
+    _, model = trained_tiny
+    argv = ["convert", "--model", str(model), "--preprocess", TINY_PREPROCESS, "--targets", "trt-fp16"]
+    _fails(argv + ["--out", str(tmp_path / "out"), "-q", *device.args()], capfd, "no TensorRT on the device")
+    assert not list((tmp_path / "out").rglob("*.onnx"))
+
+
+def test_remote_engine_build_plan_goes_to_the_device(device, trained_tiny, synset_dataset, tmp_path):
+    """With the device saying it has TensorRT 10 and a GPU (this one has neither: TensorRT cannot run here), the
+    host makes the ONNX file and the calibration cache from its own images, copies both (not the images) and asks
+    the device to build; the device runner's own import of TensorRT then refuses, naming what to install."""
+    from quantship.errors import RemoteError
+    from quantship.jobs.convert import convert_artifacts
+    from quantship.remote.host import DeviceSession
+
+    _, model = trained_tiny
+    with DeviceSession(device.options()) as session:
+        session.environment.update(tensorrt="10.3.0", gpu="Orin (nvgpu)", compute_capability="8.7")
+        with pytest.raises(RemoteError, match="TensorRT on the device"):
+            convert_artifacts(
+                str(model),
+                "trt-int8-entropy",
+                tmp_path,
+                data=f"imagenet:{synset_dataset}",
+                calib_images=8,
+                preprocess_overrides={"mode": "tf", "size": 32, "crop_pct": 1.0},
+                session=session,
+            )
+        copied = {Path(p).suffix for p in session.uploaded}
+    assert copied == {".onnx", ".cache"}
+    (cache,) = tmp_path.rglob("*.cache")
+    assert b"TRT-" in cache.read_bytes()[:40]
+    assert not list(tmp_path.rglob("*.engine"))

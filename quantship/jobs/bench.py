@@ -201,7 +201,12 @@ def _fb_config(
 
 
 def _named_artifacts(
-    artifacts: Sequence[str], model: str | None, convert: dict[str, Any], out: Path, threads: int | None
+    artifacts: Sequence[str],
+    model: str | None,
+    convert: dict[str, Any],
+    out: Path,
+    threads: int | None,
+    session: Any = None,
 ) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(name, path) of every artifact to time: the files given, then the targets of ``model`` built with
     ``convert``; and the targets that failed to build."""
@@ -210,7 +215,7 @@ def _named_artifacts(
     if model and convert.get("targets"):
         from quantship.jobs.convert import convert_artifacts
 
-        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **convert)
+        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, session=session, **convert)
         named += [(name, str(a.path)) for name, a in built.items() if a is not None]
     return named, failures
 
@@ -390,7 +395,7 @@ def _bench_body(
     session: Any,
 ) -> JobResult:
     """:func:`run_bench` once its options are checked (and its device session, if any, open)."""
-    named, failures = _named_artifacts(artifacts, model, convert, out, threads)
+    named, failures = _named_artifacts(artifacts, model, convert, out, threads, session)
     if not named and fb_config is None:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
     out = Path(out)

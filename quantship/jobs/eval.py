@@ -64,6 +64,10 @@ def run_eval(spec: EvalSpec) -> JobResult:
             split,
             spec.ptq,
         )
+        if session is not None:  # TensorRT engines are built on the device they run on
+            from quantship.jobs.remote_engine import RemoteEngineBuilder
+
+            ctx.engine_builder = RemoteEngineBuilder(session)
         skipped: list[Skipped] = []
         try:
             artifacts, failures = build_targets(ctx, targets)
