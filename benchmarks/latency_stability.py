@@ -60,7 +60,8 @@ def bench(files: list[str], out: Path, args, *extra: str) -> dict[str, dict]:
     cmd = [sys.executable, "-m", "quantship", "bench", "--out", str(out), "-q"]
     cmd += [x for f in files for x in ("--artifact", f)]
     cmd += ["--threads", str(args.threads), "--warmup", "0.5", "--min-queries", "100", "--min-seconds", "1"]
-    cmd += ["--min-rounds", "10", "--max-seconds", str(args.max_seconds), *extra]
+    cmd += ["--min-rounds", "10", "--max-seconds", str(args.max_seconds), "--queries-per-round", str(args.per_round)]
+    cmd += extra
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"bench failed ({res.returncode}): {res.stderr.strip()[-500:]}")
@@ -150,6 +151,7 @@ def part_c(files: dict[str, str], work: Path, args) -> dict:
     cmd = [sys.executable, "-m", "quantship", "bench", "--out", str(out), "-q", "--threads", str(args.threads)]
     cmd += ["--artifact", files["tflite-fp32"], "--artifact", files["tflite-int8"], "--warmup", "0.5"]
     cmd += ["--min-rounds", "10", "--max-seconds", str(args.max_seconds), "--ratio-precision", "0.0001"]
+    cmd += ["--queries-per-round", str(args.per_round)]
     bench_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(5 + args.max_seconds / 2)  # ~5 s of start-up (processes, models, warm-up), then half the rounds
     busy = subprocess.Popen(
@@ -186,6 +188,7 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=5, help="(b) separate bench processes (5)")
     p.add_argument("--max-seconds", type=float, default=30.0, help="each bench run's --max-seconds (30)")
     p.add_argument("--threads", type=int, default=1, help="threads of each configuration (1)")
+    p.add_argument("--per-round", type=int, default=20, help="queries per configuration per round (20)")
     p.add_argument("--parts", default="abc", help="which of a, b, c to run (abc)")
     p.add_argument("--smoke", action="store_true", help="3 repeats, 2 processes, 10 s runs")
     p.add_argument("--work", help="working folder (default: a temporary one; built models are reused from it)")
@@ -208,7 +211,7 @@ def main() -> None:
         if part in args.parts:
             results[part] = fn(files, work, args)
     print(f"\n{head.split(';')[0]}; {args.threads} thread(s); load average now {load():.1f}")
-    print(f"settings: --max-seconds {args.max_seconds:g}, --min-rounds 10, 20 queries per round; {work}")
+    print(f"settings: --max-seconds {args.max_seconds:g}, --min-rounds 10, {args.per_round} queries per round; {work}")
     for part in results.values():
         print(part["summary"])
     print(f"total {time.time() - started:.0f} s")

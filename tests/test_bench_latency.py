@@ -262,6 +262,8 @@ def test_bench_cli_loadgen_and_bad_input(tiny_files, tmp_path):
     (row,) = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert row["loadgen_scenario"] == "singlestream" and row["loadgen_valid"]
     assert "VALID only under reduced settings" in res.stdout
+    # LoadGen's early-stopping estimate, in the row and in the console table.
+    assert row["loadgen_early_stopping_ms"] >= row["latency_ms_p90"] * 0.5 and "early-stopping ms" in res.stdout
     assert (out / "loadgen" / "tiny-tflite-fp32-singlestream" / "mlperf_log_summary.txt").is_file()
 
     for argv, message in (
@@ -317,7 +319,10 @@ def test_interleaved_bench_through_the_cli(tiny_files, tmp_path, capsys):
         assert r["load_average_before"] is not None and r["load_average_after"] is not None
         assert r["throughput_ips_b1"] > 0 and r["throughput_ips_b2"] > 0 and r["throughput_batch"] in (1, 2)
         assert 0 < r["peak_rss_mb"] < 250, r["peak_rss_mb"]  # its own memory, not the parent's 300 MB+
-        assert "bootstrap" in r["ratio_interval"] and r["ratio_ci_low"] <= r["ratio_to_reference"] <= r["ratio_ci_high"]
+        assert (
+            "order statistics" in r["ratio_interval"]
+            and r["ratio_ci_low"] <= r["ratio_to_reference"] <= r["ratio_ci_high"]
+        )
         assert r["stopped_by"] in ("precision", "max-seconds")
     # References: the first fp32 of the same runtime (the ONNX file is its own).
     assert [r["reference"] for r in rows.values()] == ["tiny-tflite-fp32"] * 3 + ["tiny-onnx-fp32"]

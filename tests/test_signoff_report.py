@@ -467,3 +467,30 @@ def test_chart_labels_do_not_overlap_and_the_log_axis_reads():
     minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
     assert minor == [] and "10" in major and "50" in major and all("^" not in m for m in major)
     _pyplot().close(fig)
+
+
+def test_chart_draws_ratio_intervals_as_error_bars():
+    from quantship.evaluate.charts import _pyplot, accuracy_latency_figure
+    from quantship.evaluate.report import _chart_points
+
+    bench = [
+        {"target": "m-fp32", "model": "m", "latency_ms_p50": 10.0, "ratio_to_reference": 1.0, "reference": "m-fp32"},
+        {
+            "target": "m-int8",
+            "model": "m",
+            "latency_ms_p50": 6.0,
+            "reference": "m-fp32",
+            "ratio_to_reference": 0.6,
+            "ratio_ci_low": 0.57,
+            "ratio_ci_high": 0.63,
+        },
+    ]
+    rows = [{"model": "m", "target": t, "top1": 0.7} for t in ("m-fp32", "m-int8")]
+    points = _chart_points({"bench": bench, "rows": rows})
+    assert points[0][4] is None and points[1][4] == pytest.approx((5.7, 6.3))
+    fig, ax, _ = accuracy_latency_figure(points)
+    (bars,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    (segments,) = [s.get_segments() for s in bars.lines[2]]
+    assert [tuple(np.round(seg[:, 0], 6)) for seg in segments] == [(5.7, 6.3)]  # one bar, the int8 point's
+    assert "95 % interval" in ax.get_xlabel()
+    _pyplot().close(fig)

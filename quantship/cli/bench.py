@@ -70,12 +70,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="P",
         help="add rounds until every ratio's 95 %% interval is within +-P (a fraction: 0.03 is +-3 %%, the default)",
     )
-    g.add_argument("--min-rounds", type=int, default=10, help="at least this many rounds (10; at least 2)")
+    g.add_argument(
+        "--min-rounds",
+        type=int,
+        default=10,
+        help="at least this many rounds unless --max-seconds ends the run first (10; at least 2)",
+    )
     g.add_argument(
         "--max-seconds",
         type=float,
         default=60.0,
-        help="stop adding rounds after this many seconds even if the precision is not reached (60)",
+        help="stop adding rounds after this many seconds even if the precision or a minimum is not reached (60)",
     )
     g.add_argument(
         "--queries-per-round", type=a.positive_int, default=20, help="queries per configuration per round (20)"
@@ -110,12 +115,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-sizes must be integers separated by commas, got '{args.batch_sizes}'") from None
     if min(batch_sizes) <= 0:
         raise ConfigError(f"--batch-sizes must be positive, got '{args.batch_sizes}'")
-    from quantship.evaluate.stability import StopRule
-
     if args.reference is not None and not args.reference.strip():
         raise ConfigError("--reference is empty: name a target or an artifact file that is benched")
-    # Refused here, before anything is built or timed.
-    stop = StopRule(ratio_precision=args.ratio_precision, min_rounds=args.min_rounds, max_seconds=args.max_seconds)
     targets = args.targets
     if targets is None and args.model and not args.forward_backward:
         targets = "tflite-fp32,tflite-fp16,tflite-int8"
@@ -138,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
         per_layer=args.per_layer,
         providers=args.ort_providers,
         reference=args.reference,
-        stop=stop,
+        ratio_precision=args.ratio_precision,
+        min_rounds=args.min_rounds,
+        max_seconds=args.max_seconds,
         queries_per_round=args.queries_per_round,
         remote=a.remote_options(args),
     )

@@ -503,6 +503,40 @@ def bench(
     return annotate(done)
 
 
+# Bench pass of another job (demo, sign-off): shorter than a `bench` run's defaults, same method.
+PASS_OPTIONS = dict(queries_per_round=10, min_queries=100, min_seconds=1.0)
+
+
+def latency_pass(
+    files: Sequence[tuple[str, str, Sequence[tuple[str, str]]]],
+    threads: int | None,
+    max_seconds: float = 60.0,
+    ratio_precision: float = 0.03,
+    lines: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Interleaved batch-1 latency of artifact files for another job's table: ``{target: bench row}``.
+
+    Args:
+        files: ``(target, artifact path, session config)`` of each configuration.
+        threads: CPU threads of each (None: the runtime's default).
+        lines: Receives the run's summary and its stability warnings.
+    """
+    from quantship.evaluate.interleave import InterleaveOptions, stability_lines
+    from quantship.evaluate.stability import StopRule
+
+    if not files:
+        return {}
+    configs = [
+        BenchConfig(path, target=name, threads=threads, session_config=tuple(session), warmup_seconds=0.5)
+        for name, path, session in files
+    ]
+    options = InterleaveOptions(stop=StopRule(ratio_precision, 10, max_seconds), **PASS_OPTIONS)
+    rows = bench(configs, interleave=options, lines=lines)
+    if lines is not None:
+        lines += stability_lines(rows)
+    return {r["target"]: r for r in rows}
+
+
 def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add a warning to every int8 row that is slower than an fp16/fp32 sibling (same runtime and threads)."""
 

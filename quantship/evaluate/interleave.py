@@ -90,7 +90,6 @@ class InterleaveOptions:
             run first).
         reference: Target name or file every ratio is taken to (None: the first fp32 configuration of the same
             runtime in a comparison group, else the group's first).
-        seed: Of the bootstrap intervals.
     """
 
     stop: StopRule = field(default_factory=StopRule)
@@ -98,7 +97,6 @@ class InterleaveOptions:
     min_queries: int = 200
     min_seconds: float = 5.0
     reference: str | None = None
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.queries_per_round <= 0 or self.min_queries <= 0 or self.min_seconds < 0:
@@ -190,11 +188,8 @@ class InterleavedRun:
         )
 
 
-def _estimates(times: list[list[list[float]]], refs: list[int], seed: int) -> list[RatioEstimate | None]:
-    return [
-        ratio_to_reference(times[i], times[refs[i]], seed=seed) if len(times[i]) >= 2 else None
-        for i in range(len(times))
-    ]
+def _estimates(times: list[list[list[float]]], refs: list[int]) -> list[RatioEstimate | None]:
+    return [ratio_to_reference(times[i], times[refs[i]]) if len(times[i]) >= 2 else None for i in range(len(times))]
 
 
 def run_interleaved(
@@ -236,7 +231,6 @@ def run_interleaved(
     spent = [0.0] * n  # wall time of each worker's rounds, as the host sees it: what --min-seconds counts
     start = time.perf_counter()
     rounds = 0
-    checked = 0
     while True:
         for i in rotation(n, rounds):
             t0 = time.perf_counter()
@@ -247,16 +241,14 @@ def run_interleaved(
         if on_round is not None:
             on_round(rounds, elapsed)
         met = all(sum(len(r) for r in t) >= options.min_queries for t in times) and min(spent) >= options.min_seconds
-        reason = options.stop.decide(rounds, elapsed, [1.0], met)  # 1.0: a width that never passes
-        if reason is None and met and rounds >= options.stop.min_rounds and rounds - checked >= max(1, checked // 20):
-            # Bootstrapping every ratio costs O(rounds) per round: past the first rounds, check every ~5 %.
-            checked = rounds
-            widths = [e.half_width for i, e in enumerate(_estimates(times, refs, options.seed)) if refs[i] != i]
-            reason = options.stop.decide(rounds, elapsed, widths, met)
+        widths = [1.0]  # before two rounds: a width that never passes
+        if rounds >= 2:
+            widths = [e.half_width for i, e in enumerate(_estimates(times, refs)) if refs[i] != i]
+        reason = options.stop.decide(rounds, elapsed, widths, met)
         if reason is not None:
             break
     seconds = time.perf_counter() - start
-    estimates = _estimates(times, refs, options.seed)
+    estimates = _estimates(times, refs)
     rows = []
     for i, w in enumerate(workers):
         row = dict(ready[i])

@@ -289,10 +289,9 @@ def _interleave_options(
     stop: Any, queries_per_round: int, min_queries: int | None, min_seconds: float | None, reference: str | None
 ) -> Any:
     from quantship.evaluate.interleave import InterleaveOptions
-    from quantship.evaluate.stability import StopRule
 
     return InterleaveOptions(
-        stop=stop or StopRule(),
+        stop=stop,
         queries_per_round=queries_per_round,
         min_queries=min_queries if min_queries is not None else DEFAULT_MIN_QUERIES,
         min_seconds=min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
@@ -332,7 +331,9 @@ def run_bench(
     forward_backward: bool = False,
     per_layer: bool = False,
     reference: str | None = None,
-    stop: Any = None,
+    ratio_precision: float = 0.03,
+    min_rounds: int = 10,
+    max_seconds: float = 60.0,
     queries_per_round: int = 20,
     remote: RemoteOptions | None = None,
 ) -> JobResult:
@@ -347,12 +348,15 @@ def run_bench(
             each batch size; ``per_layer`` adds the ten slowest layers' forward times.
         reference: Target name or artifact file every ratio is taken to (None: the first fp32 configuration of
             the same runtime, else the first).
-        stop: The interleaved run's :class:`~quantship.evaluate.stability.StopRule` (None: its defaults).
+        ratio_precision, min_rounds, max_seconds: The interleaved run's stopping rule
+            (:class:`~quantship.evaluate.stability.StopRule`; refused before anything is built or timed).
         queries_per_round: Queries per configuration per round.
         remote: Time on this device instead (each configuration in its own runner process there).
     """
     from quantship.evaluate.loadgen import Scenario
+    from quantship.evaluate.stability import StopRule
 
+    stop = StopRule(ratio_precision=ratio_precision, min_rounds=min_rounds, max_seconds=max_seconds)
     scenarios = [Scenario.parse(s) for s in loadgen]
     _check_fb_options(model, forward_backward, per_layer)
     convert = dict(convert or {})
