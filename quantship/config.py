@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from quantship.errors import ConfigError
 
@@ -547,6 +548,64 @@ def _number(text: str, where: str) -> float:
         raise ConfigError(f"gate '{where}': '{text}' is not a number") from None
 
 
+# URL schemes of the registered transports (``quantship.remote.transport`` adds each one it registers).
+REMOTE_SCHEMES: set[str] = {"ssh"}
+
+
+@dataclass(frozen=True)
+class RemoteURL:
+    """A parsed ``scheme://[user@]host[:port]``."""
+
+    scheme: str
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "RemoteURL":
+        """Parse and check a device URL.
+
+        Raises:
+            ConfigError: Not ``scheme://[user@]host[:port]``, an unknown scheme, a password, a path, a bad port.
+        """
+        example = "ssh://[user@]host[:port], e.g. ssh://pi@192.168.1.20"
+        raw = str(text).strip()
+        if "://" not in raw:
+            raise ConfigError(f"--remote {text!r}: expected {example}")
+        try:
+            parts = urlsplit(raw)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"--remote {text!r}: {exc}; expected {example}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in REMOTE_SCHEMES:
+            raise ConfigError(
+                f"--remote {text!r}: unknown scheme '{scheme}'; known: {', '.join(sorted(REMOTE_SCHEMES))}"
+            )
+        if parts.password is not None:
+            raise ConfigError(f"--remote: put no password in the URL; use --ssh-key FILE or an ssh agent ({example})")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"--remote {text!r}: a device URL has no path or query; expected {example}")
+        host = parts.hostname or ""
+        # The host and user go to ssh as arguments, never through a shell; still refuse what could read as an
+        # option (-oProxyCommand=...) or is not a host name at all.
+        if not host or host.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._:%\-\[\]]+", host):
+            raise ConfigError(f"--remote {text!r}: no valid host name; expected {example}")
+        user = parts.username
+        if user is not None and (not user or user.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._\-]+", user)):
+            raise ConfigError(f"--remote {text!r}: invalid user name '{user}'; expected {example}")
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"--remote {text!r}: port must be 1..65535")
+        return cls(scheme, host, user, port)
+
+    def public(self) -> str:
+        """The URL without credentials (what rows and reports record)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{self.scheme}://{user}{host}{port}"
+
+
 @dataclass(frozen=True)
 class RemoteOptions:
     """Where and how a run reaches the device it measures on (``--remote``).
@@ -570,6 +629,7 @@ class RemoteOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.strip():
             raise ConfigError("--remote: empty URL; give ssh://[user@]host[:port]")
+        RemoteURL.parse(self.url)
         if not isinstance(self.python, str) or not self.python.strip() or "\n" in self.python:
             raise ConfigError("--remote-python: give the device's interpreter, e.g. python3 or /usr/bin/python3")
         if self.ssh_key is not None:

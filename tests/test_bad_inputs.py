@@ -659,6 +659,15 @@ CASES = [
             ("models", model_edit(name="no-such-model"), "models[0]: unknown model 'no-such-model'"),
             ("models", model_edit(weights="absent.weights.h5"), "models[0]: weights: file not found"),
             ("name", "../../escape", "name: '../../escape' names the results folder"),
+            ("remote", 5, "remote: expected ssh://[user@]host[:port] or a mapping"),
+            ("remote", "", "remote: url: expected a text value"),
+            ("remote", "http://pi", "unknown scheme 'http'"),
+            ("remote", "ssh://pi:0", "port must be 1..65535"),
+            ("remote", {"url": "ssh://pi", "port": 22}, "remote: unknown key(s) port"),
+            ("remote", {"url": "ssh://pi", "ssh_options": "Port=22"}, "ssh_options: expected a list of K=V"),
+            ("remote", {"url": "ssh://pi", "ssh_options": ["Port"]}, "expected KEY=VALUE"),
+            ("remote", {"url": "ssh://pi", "cache": "no"}, "cache: expected true or false"),
+            ("remote", {"url": "ssh://pi", "ssh_key": "/no/such/key"}, "--ssh-key /no/such/key: no such file"),
             ("trust_savedmodel", "yes", "trust_savedmodel: expected true or false, got 'yes'"),
         )
     ),
@@ -713,6 +722,13 @@ CASES = [
         2,
         "the reference a-fp32 ({tmp}/a-fp32.tflite) failed to run",
         build=two_tflite,
+    ),
+    Case(
+        "plan-remote-with-ray",
+        ("signoff", "{plan}", "--out", "{out}"),
+        2,
+        "remote: a run on a remote device goes through the local executor: drop executor: ray",
+        build=plan({"remote": "ssh://pi", "executor": "ray"}),
     ),
     # --- reports of damaged folders
     Case(

@@ -485,3 +485,33 @@ def test_remote_engine_build_plan_goes_to_the_device(device, trained_tiny, synse
     (cache,) = tmp_path.rglob("*.cache")
     assert b"TRT-" in cache.read_bytes()[:40]
     assert not list(tmp_path.rglob("*.engine"))
+
+
+def test_signoff_plan_remote(device, trained_tiny, synset_dataset, tmp_path):
+    """A plan with ``remote:`` runs its artifacts on the device and its reference here; the units say where."""
+    import yaml
+
+    _, model = trained_tiny
+    plan = {
+        "name": "remote",
+        "dataset": f"imagenet:{synset_dataset}",
+        "limit": 12,
+        "calibration": {"num_images": 8},
+        "models": [{"name": str(model), "preprocess": TINY_PREPROCESS}],
+        "targets": ["onnx-fp32"],
+        "gates": [{"metric": "top1", "relative": 0.9}],
+        "remote": {
+            "url": device.url,
+            "python": str(device.python),
+            "ssh_key": str(device.root / "user_key"),
+            "ssh_options": [f"UserKnownHostsFile={device.known_hosts}"],
+        },
+    }
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    assert _main(["signoff", str(path), "--out", str(tmp_path / "out"), "-q"]) == 0
+    rows = {r["target"]: r for r in _rows(tmp_path / "out" / "signoff.jsonl")}
+    assert rows["keras-fp32"]["where"] == "local" and "remote" not in rows["keras-fp32"]
+    assert rows["onnx-fp32"]["where"] == "remote" and rows["onnx-fp32"]["remote"]["url"] == device.url
+    assert rows["onnx-fp32"]["top1"] == rows["keras-fp32"]["top1"]
+    assert not device.sessions()

@@ -99,7 +99,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
         try:
             artifacts, failures = build_targets(ctx, targets)
             built = [t for t in targets if t.name not in failures]
-            make = _remote_runners(session, copied) if session else None
+            make = remote_runners(session, copied) if session else None
             runs = evaluate_targets(ctx, built, artifacts, evalset, task, spec.batch_size, spec.workers, skipped, make)
         finally:
             ctx.close()
@@ -153,7 +153,7 @@ def _remote_session(spec: EvalSpec) -> Any:
     return DeviceSession(spec.remote)
 
 
-def _remote_runners(session: Any, copied: dict[str, bool]) -> Callable:
+def remote_runners(session: Any, copied: dict[str, bool]) -> Callable:
     """Runners of ``eval --remote``: each artifact runs on the device, with the options its target runs with
     locally; the in-memory reference (keras-fp32) runs here."""
     from quantship.remote.host import RemoteRunner

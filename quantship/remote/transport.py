@@ -18,69 +18,15 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Sequence
-from urllib.parse import urlsplit
 
-from quantship.config import RemoteOptions
-from quantship.errors import ConfigError, MissingDependencyError, RemoteError
+from quantship.config import REMOTE_SCHEMES, RemoteOptions, RemoteURL
+from quantship.errors import MissingDependencyError, RemoteError
 
 # Host-side folders of sessions (the ControlMaster socket, stderr files); a folder left by a killed run is swept
 # by the next run when the process named in it is gone.
 LOCAL_PREFIX = "quantship-remote-"
-
-
-@dataclass(frozen=True)
-class RemoteURL:
-    """A parsed ``scheme://[user@]host[:port]``."""
-
-    scheme: str
-    host: str
-    user: str | None = None
-    port: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "RemoteURL":
-        """Parse and check a device URL.
-
-        Raises:
-            ConfigError: Not ``scheme://[user@]host[:port]``, an unknown scheme, a password, a path, a bad port.
-        """
-        example = "ssh://[user@]host[:port], e.g. ssh://pi@192.168.1.20"
-        raw = str(text).strip()
-        if "://" not in raw:
-            raise ConfigError(f"--remote {text!r}: expected {example}")
-        try:
-            parts = urlsplit(raw)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"--remote {text!r}: {exc}; expected {example}") from None
-        scheme = parts.scheme.lower()
-        if scheme not in _TRANSPORTS:
-            raise ConfigError(f"--remote {text!r}: unknown scheme '{scheme}'; known: {', '.join(sorted(_TRANSPORTS))}")
-        if parts.password is not None:
-            raise ConfigError(f"--remote: put no password in the URL; use --ssh-key FILE or an ssh agent ({example})")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"--remote {text!r}: a device URL has no path or query; expected {example}")
-        host = parts.hostname or ""
-        # The host and user go to ssh as arguments, never through a shell; still refuse what could read as an
-        # option (-oProxyCommand=...) or is not a host name at all.
-        if not host or host.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._:%\-\[\]]+", host):
-            raise ConfigError(f"--remote {text!r}: no valid host name; expected {example}")
-        user = parts.username
-        if user is not None and (not user or user.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._\-]+", user)):
-            raise ConfigError(f"--remote {text!r}: invalid user name '{user}'; expected {example}")
-        if port is not None and not 0 < port < 65536:
-            raise ConfigError(f"--remote {text!r}: port must be 1..65535")
-        return cls(scheme, host, user, port)
-
-    def public(self) -> str:
-        """The URL without credentials (what rows and reports record)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        user = f"{self.user}@" if self.user else ""
-        port = f":{self.port}" if self.port else ""
-        return f"{self.scheme}://{user}{host}{port}"
 
 
 def quote_command(argv: Sequence[str]) -> str:
@@ -276,6 +222,7 @@ _TRANSPORTS: dict[str, type[Transport]] = {}
 def register_transport(cls: type[Transport]) -> type[Transport]:
     """Add a transport under its URL scheme (``ssh``; ``adb`` would be another)."""
     _TRANSPORTS[cls.scheme] = cls
+    REMOTE_SCHEMES.add(cls.scheme)
     return cls
 
 
