@@ -427,6 +427,19 @@ def test_killed_run_is_cleaned_up(device, onnx_file, tmp_path):
     assert not device.sessions()
 
 
+def test_terminated_run_cleans_up_on_its_way_out(device, onnx_file, tmp_path):
+    """``kill`` (SIGTERM) mid-run unwinds like Ctrl-C: exit 130, and the device folder is gone when it exits."""
+    proc = _start_bench(device, [onnx_file], tmp_path / "out", 60)
+    try:
+        _wait_for(lambda: _runner_started(device, 2), "the device runner")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert not device.sessions()
+
+
 def test_dropped_connection_keeps_rows_marked_incomplete(device, evaluated, tmp_path):
     """The connection drops in the middle of the rounds: exit 2, one line; each configuration's rounds so far are
     kept in bench.jsonl, marked incomplete_run."""
