@@ -137,6 +137,9 @@ def run_eval(spec: EvalSpec) -> JobResult:
         )
     failed = failure_lines(rows)
     lines += failed
+    if session is not None:
+        env = session.environment
+        lines.append(f"artifacts ran on {session.url} ({env.get('cpu')}, {env.get('machine')}); the reference ran here")
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
     nonfinite = nonfinite_error(rows, spec.allow_nonfinite)
     if nonfinite:
