@@ -212,6 +212,7 @@ def plan(edit: dict | None = None, drop: tuple[str, ...] = (), raw: bytes | None
             "models": [{"name": str(env["model"]), "preprocess": TINY_PREPROCESS}],
             "targets": ["tflite-fp32"],
             "gates": [{"metric": "top1", "relative": 0.9}],
+            "bench": False,
         }
         for key, value in (edit or {}).items():
             doc[key] = value(doc) if callable(value) else value
@@ -669,6 +670,16 @@ CASES = [
             ("remote", {"url": "ssh://pi", "cache": "no"}, "cache: expected true or false"),
             ("remote", {"url": "ssh://pi", "ssh_key": "/no/such/key"}, "--ssh-key /no/such/key: no such file"),
             ("trust_savedmodel", "yes", "trust_savedmodel: expected true or false, got 'yes'"),
+            ("bench", "yes", "bench: expected true, false or a mapping"),
+            ("bench", {"ratio_precision": 0}, "bench: ratio_precision: expected a number between 0 and 1"),
+            ("bench", {"ratio_precision": "nan"}, "bench: ratio_precision: expected a number between 0 and 1"),
+            ("bench", {"min_rounds": 1}, "bench: min_rounds: expected a whole number >= 2, got 1"),
+            ("bench", {"max_seconds": -5}, "bench: max_seconds: expected a positive number of seconds, got -5"),
+            ("bench", {"max_seconds": 1e300}, "bench: max_seconds: expected a positive number of seconds"),
+            ("bench", {"queries_per_round": 0}, "bench: queries_per_round: expected a whole number >= 1, got 0"),
+            ("bench", {"reference": "onnx-fp32"}, "bench: reference: 'onnx-fp32' is none of the plan's targets"),
+            ("bench", {"enabled": "no"}, "bench: enabled: expected true or false, got 'no'"),
+            ("bench", {"rounds": 5}, "bench: unknown key(s) rounds"),
         )
     ),
     Case(

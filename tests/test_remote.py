@@ -513,6 +513,7 @@ def test_signoff_plan_remote(device, trained_tiny, synset_dataset, tmp_path):
         "models": [{"name": str(model), "preprocess": TINY_PREPROCESS}],
         "targets": ["onnx-fp32"],
         "gates": [{"metric": "top1", "relative": 0.9}],
+        "bench": {"max_seconds": 1, "min_rounds": 2},
         "remote": {
             "url": device.url,
             "python": str(device.python),
@@ -527,4 +528,6 @@ def test_signoff_plan_remote(device, trained_tiny, synset_dataset, tmp_path):
     assert rows["keras-fp32"]["where"] == "local" and "remote" not in rows["keras-fp32"]
     assert rows["onnx-fp32"]["where"] == "remote" and rows["onnx-fp32"]["remote"]["url"] == device.url
     assert rows["onnx-fp32"]["top1"] == rows["keras-fp32"]["top1"]
+    timed = _rows(tmp_path / "out" / "bench.jsonl")  # the report's latency: measured on the device too
+    assert [(r["target"], r["where"]) for r in timed] == [("onnx-fp32", "remote")]
     assert not device.sessions()

@@ -96,7 +96,14 @@ def test_plan_validation():
 
 
 def _write_plan(
-    path: Path, model: Path, data: Path, gates: list[dict], targets: list[str], limit: int = 90, chunk: int = 32
+    path: Path,
+    model: Path,
+    data: Path,
+    gates: list[dict],
+    targets: list[str],
+    limit: int = 90,
+    chunk: int = 32,
+    bench: bool | dict = False,  # one test runs the bench pass; the others leave it out (time)
 ) -> Path:
     import yaml
 
@@ -114,6 +121,7 @@ def _write_plan(
                 ],
                 "targets": targets,
                 "gates": gates,
+                "bench": bench,
             }
         )
     )
@@ -230,9 +238,19 @@ def test_report_is_rebuilt_from_stored_results_and_holds_its_plot(trained_tiny, 
         bigger_dataset,
         [{"metric": "top1", "relative": 0.95}],
         ["tflite-fp32", "tflite-int8"],
+        bench={"min_rounds": 4, "max_seconds": 3, "queries_per_round": 5},
     )
     out = tmp_path / "out"
     assert _signoff(plan, out).returncode == 0
+    # The report's latency comes from the interleaved bench pass over the artifact files (Keras has none).
+    bench = {r["target"]: r for r in map(json.loads, (out / "bench.jsonl").read_text().splitlines())}
+    assert sorted(bench) == ["tflite-fp32", "tflite-int8"] and bench["tflite-int8"]["reference"] == "tflite-fp32"
+    assert all(r["model"] == "tiny" and r["rounds"] >= 4 and r["latency_batch"] == 1 for r in bench.values())
+    from quantship.evaluate.report import _chart_points, load_results
+
+    points = {p[1]: p for p in _chart_points(load_results(out))}
+    assert points["tflite-int8"][2] == bench["tflite-int8"]["latency_ms_p50"] and points["tflite-int8"][4]
+    assert points["tflite-fp32"][4] is None  # the reference: no bar
     (out / "report.html").unlink()
     res = subprocess.run([sys.executable, "-m", "quantship", "report", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -89,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--loadgen",
         metavar="SCENARIO",
+        type=a.name_list("LoadGen scenario"),
         help=f"time under MLPerf LoadGen instead: {'|'.join(SCENARIOS)} (comma-separated for several); its logs "
         "go to OUT/loadgen/",
     )

@@ -1,12 +1,17 @@
 """Latency benchmarking of any artifact on its runtime (``quantship bench``).
 
-Each configuration runs in a fresh process, so initialisation time and peak resident memory are its own (and
+Each configuration runs in its own process, so initialisation time and peak resident memory are its own (and
 LoadGen's ``FromConfig`` applies MLPerf's rules, which it does only once per process). A query's latency is the
 whole :meth:`Runner.infer` call on a preloaded input (``Runner.last_query_time``: the runner's own conversions
-included), the runtime's call alone is reported beside it (``runtime_ms_*``). Plain timing: warm-up, then at
-least ``min_queries`` queries and at least ``min_seconds`` seconds over a preloaded sample set (MLPerf
-SingleStream's rule, scaled down). With ``loadgen`` set, MLPerf LoadGen issues and times the queries instead
-(:mod:`quantship.evaluate.loadgen`), on the same sample set through the same ``infer`` call.
+included), the runtime's call alone is reported beside it (``runtime_ms_*``).
+
+Plain timing is interleaved (:mod:`quantship.evaluate.interleave`): every configuration's process
+(:class:`LocalBenchWorker`, driving a :class:`ConfigSession` on its side) stays alive, warms up, then runs a fixed
+number of queries per round, the order rotated each round, until the minimums (queries and seconds per
+configuration, MLPerf SingleStream's rule scaled down) are met and every ratio to the reference is as precise
+as asked, or the time is up. With ``loadgen`` set, MLPerf LoadGen issues and times the queries instead
+(:mod:`quantship.evaluate.loadgen`), one fresh process per configuration, on the same sample set through the same
+``infer`` call.
 """
 
 from __future__ import annotations
@@ -201,7 +206,7 @@ def _base_row(cfg: BenchConfig, runner, runtime, init_ms: float) -> dict[str, An
         "harness": "bench",
         "inputs": "raw" if cfg.raw_inputs else "float",
         "threads": cfg.threads,
-        "providers": runner.active_providers if runtime.name == "onnx" else None,
+        "providers": runner.active_providers,
         "session_config": dict(cfg.session_config),
         "cores": list(cfg.cores) if cfg.cores else None,
         "cores_in_use": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -513,6 +518,10 @@ def latency_pass(
     max_seconds: float = 60.0,
     ratio_precision: float = 0.03,
     lines: list[str] | None = None,
+    min_rounds: int = 10,
+    queries_per_round: int = PASS_OPTIONS["queries_per_round"],
+    reference: str | None = None,
+    make_worker: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Interleaved batch-1 latency of artifact files for another job's table: ``{target: bench row}``.
 
@@ -520,6 +529,7 @@ def latency_pass(
         files: ``(target, artifact path, session config)`` of each configuration.
         threads: CPU threads of each (None: the runtime's default).
         lines: Receives the run's summary and its stability warnings.
+        make_worker: As :func:`bench`'s (a sign-off plan's ``remote:`` device).
     """
     from quantship.evaluate.interleave import InterleaveOptions, stability_lines
     from quantship.evaluate.stability import StopRule
@@ -530,8 +540,14 @@ def latency_pass(
         BenchConfig(path, target=name, threads=threads, session_config=tuple(session), warmup_seconds=0.5)
         for name, path, session in files
     ]
-    options = InterleaveOptions(stop=StopRule(ratio_precision, 10, max_seconds), **PASS_OPTIONS)
-    rows = bench(configs, interleave=options, lines=lines)
+    options = InterleaveOptions(
+        stop=StopRule(ratio_precision, min_rounds, max_seconds),
+        queries_per_round=queries_per_round,
+        min_queries=PASS_OPTIONS["min_queries"],
+        min_seconds=PASS_OPTIONS["min_seconds"],
+        reference=reference,
+    )
+    rows = bench(configs, interleave=options, lines=lines, make_worker=make_worker)
     if lines is not None:
         lines += stability_lines(rows)
     return {r["target"]: r for r in rows}

@@ -161,6 +161,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 VERDICT_KEYS = ("model", "target", "gate", "verdict")
+ROW_KEYS = ("target",)  # what every result row is reported by
 
 
 def load_results(folder: Path) -> dict[str, Any]:
@@ -206,6 +207,11 @@ def load_results(folder: Path) -> dict[str, Any]:
             r["float_layers_text"] = ", ".join(r["float_layers"]) or "-"
         if isinstance(r.get("prediction_check"), list):
             r["prediction_text"] = " | ".join(r["prediction_check"])
+    name = "signoff.jsonl" if (folder / "signoff.jsonl").is_file() else "results.jsonl"
+    for n, r in enumerate(data["rows"], 1):
+        missing = [k for k in ROW_KEYS if k not in r]
+        if missing:
+            raise DataError(f"{folder / name}: row {n} lacks {', '.join(missing)}; run the job again to rewrite it")
     for r in data["rows"]:
         r.setdefault("status", "ok")
         if isinstance(r.get("providers"), list):

@@ -275,9 +275,11 @@ def _check_remote(
     if fb:
         raise ConfigError("--forward-backward times Keras (TensorFlow) here; it does not run with --remote")
     if convert.get("targets"):
+        from quantship.runtime.registry import get_runtime
         from quantship.targets import parse_targets
 
-        keras = [t.name for t in parse_targets(convert["targets"]) if t.spec.backend == "keras"]
+        # A runtime without artifact files runs the model in memory (Keras: TensorFlow), which no device has.
+        keras = [t.name for t in parse_targets(convert["targets"]) if not get_runtime(t.spec.backend).suffixes]
         if keras:
             raise ConfigError(
                 f"{', '.join(keras)} runs in TensorFlow, which the device runner does not have; bench --remote "

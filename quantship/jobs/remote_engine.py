@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from quantship.convert.artifact import write_artifact
 from quantship.errors import RemoteError
 from quantship.fileio import sha256_json
-from quantship.manifest import Artifact, load_reusable, write_artifact
+from quantship.manifest import Artifact, load_reusable
 
 
 class RemoteEngineBuilder:

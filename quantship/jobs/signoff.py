@@ -42,10 +42,13 @@ def _remote_executor(session: Any) -> Any:
     def fields(target: str) -> dict[str, Any] | None:
         return {**session.fields(), "artifact_copied": copied[target]} if target in copied else None
 
+    from quantship.remote.bench import RemoteBenchWorker
+
     return LocalExecutor(
         make_runner=remote_runners(session, copied),
         engine_builder=RemoteEngineBuilder(session),
         remote_fields=fields,
+        make_bench_worker=lambda cfg: RemoteBenchWorker(session, cfg),
     )
 
 

@@ -83,7 +83,7 @@ class RemoteBenchWorker:
             "harness": "bench",
             "inputs": "raw" if cfg.raw_inputs else "float",
             "threads": cfg.threads,
-            "providers": loaded.get("providers") if self.runtime.name == "onnx" else None,
+            "providers": loaded.get("providers"),  # the runtime's own list (ONNX Runtime's), else None
             "session_config": dict(cfg.session_config),
             "cores": list(cfg.cores) if cfg.cores else None,
             "cores_in_use": started["cores_in_use"],

@@ -334,7 +334,7 @@ class RemoteRunner(Runner):
             threads=self.options.threads,
             providers=list(self.options.providers),
             session_config=[list(kv) for kv in self.options.session_config],
-            manifest=f"{remote}.json" if self.runtime == "trt" else None,
+            manifest=f"{remote}.json",  # read by runtimes that check where an artifact was built (TensorRT)
             cores=list(cores) if cores else None,
         )[0]
 

@@ -135,6 +135,11 @@ class Runner(abc.ABC):
         self._require_active("asking for its metadata")
         return self.output_metadata_impl()
 
+    @property
+    def active_providers(self) -> list[str] | None:
+        """The execution providers the runtime chose, for runtimes that have them (ONNX Runtime); None otherwise."""
+        return None
+
     def execution_details(self, feed: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Flat row fields on how the runtime executes the model (LiteRT: the nodes its delegate took; ONNX
         Runtime: the kernel types a session runs), measured on the active runner; ``feed`` (float) is a sample

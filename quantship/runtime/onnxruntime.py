@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.errors import RuntimeBackendError
-from quantship.lazy import lazy_import
+from quantship.lazy import is_available, lazy_import
 from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
 from quantship.runtime.registry import RuntimeInfo, register_runtime
 
@@ -45,6 +45,13 @@ PROVIDER_ALIASES = {
 def provider_names(providers: Sequence[str]) -> list[str]:
     """Full execution provider names from aliases (``cpu``, ``cuda``, ``tensorrt``) or full names."""
     return [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in providers if p.strip()]
+
+
+def unavailable_providers(providers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the providers asked for that this onnxruntime build lacks, the ones it has)."""
+    ort = lazy_import("onnxruntime", purpose="running ONNX models")
+    available = ort.get_available_providers()
+    return [p for p in provider_names(providers) if p not in available], available
 
 
 def make_session(
@@ -367,4 +374,18 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> OnnxRunner:
     )
 
 
-register_runtime(RuntimeInfo("onnx", _make, suffixes=(".onnx",), description="ONNX Runtime (CPU provider by default)"))
+def _row_fields(options: RunnerOptions) -> dict[str, Any]:
+    return {"providers": provider_names(options.providers)}
+
+
+register_runtime(
+    RuntimeInfo(
+        "onnx",
+        _make,
+        suffixes=(".onnx",),
+        description="ONNX Runtime (CPU provider by default)",
+        available=lambda: is_available("onnxruntime"),
+        row_fields=_row_fields,
+        distributions=("tf2onnx", "onnx", "onnxruntime"),  # tf2onnx exports, onnx rewrites, ONNX Runtime runs
+    )
+)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from quantship.errors import RuntimeBackendError
-from quantship.lazy import lazy_import
+from quantship.lazy import is_available, lazy_import
 from quantship.runtime.base import Runner, RunnerOptions, TensorMeta, dequantize, quantize
 from quantship.runtime.registry import RuntimeInfo, register_runtime
 
@@ -178,5 +178,12 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> TfliteRunner
 
 
 register_runtime(
-    RuntimeInfo("tflite", _make, suffixes=(".tflite",), description="LiteRT (TFLite) interpreter, XNNPACK")
+    RuntimeInfo(
+        "tflite",
+        _make,
+        suffixes=(".tflite",),
+        description="LiteRT (TFLite) interpreter, XNNPACK",
+        available=lambda: is_available("ai_edge_litert"),
+        distributions=("tensorflow", "ai-edge-litert"),  # TensorFlow's converter writes the files LiteRT runs
+    )
 )

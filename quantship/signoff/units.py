@@ -32,10 +32,11 @@ from quantship.fileio import (
     sha256_file,
     sha256_json,
 )
-from quantship.manifest import Artifact, tool_versions
+from quantship.manifest import Artifact
 from quantship.models.loading import is_model_file, weights_file
 from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.registry import tool_versions
 from quantship.signoff.plan import PlanModel, SignoffPlan
 from quantship.targets import BuildContext, Target, needs_calibration
 from quantship.targets.run import (
@@ -51,12 +52,6 @@ from quantship.targets.run import (
 )
 
 log = logging.getLogger("quantship")
-
-# Libraries whose versions change the numbers a unit produces.
-NUMERIC_TOOLS = (
-    "quantship", "tensorflow", "keras", "ai-edge-litert", "tf2onnx", "onnx", "onnxruntime", "numpy",
-    "opencv-python-headless", "pillow",
-)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ unit keys
@@ -104,9 +99,10 @@ def unit_key(plan: SignoffPlan, entry: PlanModel, target: str, inputs: dict[str,
 def _remote_identity(plan: SignoffPlan, target: str) -> dict[str, Any]:
     """A target run on a device (``remote:``) is another unit than the same target run here; an in-memory target
     (the Keras reference) runs here either way, and a plan without ``remote`` keeps its keys."""
+    from quantship.runtime.registry import get_runtime
     from quantship.targets import get_target
 
-    if plan.remote is None or get_target(target).spec.backend == "keras":
+    if plan.remote is None or not get_runtime(get_target(target).spec.backend).suffixes:
         return {}
     return {"remote": {"url": plan.remote.url, "python": plan.remote.python}}
 
@@ -123,7 +119,7 @@ def unit_inputs(
         "eval_listing": evalset.listing_hash(),
         "calibration_listing": calib.listing_hash(),
         "preprocess": preprocess.hash(),
-        "tools": {k: v for k, v in tool_versions().items() if k in NUMERIC_TOOLS},
+        "tools": tool_versions(),  # every distribution the runtime registry lists (decoders included)
     }
 
 
@@ -427,6 +423,7 @@ class LocalExecutor:
     make_runner: Any = None
     engine_builder: Any = None
     remote_fields: Any = None
+    make_bench_worker: Any = None  # the report's bench pass on the device (``BenchConfig -> BenchWorker``)
 
     def run(self, job: SignoffJob, work: list[ModelWork]) -> Iterator[dict[str, Any]]:
         for w in work:
