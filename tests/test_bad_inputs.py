@@ -703,6 +703,38 @@ CASES = [
         2,
         "--recipe expects layer=kind pairs separated by commas, got 'conv1'",
     ),
+    # --- remote device (issue 22): refused before any connection or heavy work
+    *[
+        Case(f"remote-{name}", ("bench", "--artifact", "{tmp}/m.onnx", "--out", "{out}", *extra), 2, message)
+        for name, extra, message in (
+            ("url-empty", ("--remote", ""), "--remote: empty URL"),
+            ("url-no-scheme", ("--remote", "pi@raspberrypi"), "expected ssh://[user@]host[:port]"),
+            ("url-scheme", ("--remote", "http://pi"), "unknown scheme 'http'"),
+            ("url-password", ("--remote", "ssh://pi:secret@pi"), "put no password in the URL"),
+            ("url-path", ("--remote", "ssh://pi/home/pi"), "has no path or query"),
+            ("url-port-zero", ("--remote", "ssh://pi:0"), "port must be 1..65535"),
+            ("url-port-huge", ("--remote", "ssh://pi:99999"), "Port out of range"),
+            ("url-port-nan", ("--remote", "ssh://pi:NaN"), "expected ssh://"),
+            ("url-option-host", ("--remote", "ssh://-oProxyCommand=x"), "no valid host name"),
+            ("python-empty", ("--remote", "ssh://pi", "--remote-python", ""), "--remote-python: give"),
+            ("key-missing", ("--remote", "ssh://pi", "--ssh-key", "{tmp}/none"), "--ssh-key {tmp}/none: no such file"),
+            ("key-empty", ("--remote", "ssh://pi", "--ssh-key", ""), "no such file"),
+            ("option-no-value", ("--remote", "ssh://pi", "--ssh-option", "Port"), "expected KEY=VALUE"),
+            ("option-empty", ("--remote", "ssh://pi", "--ssh-option", ""), "expected KEY=VALUE"),
+            ("option-hostkey-off", ("--remote", "ssh://pi", "--ssh-option", "StrictHostKeyChecking=no"), "stays on"),
+            ("option-batchmode", ("--remote", "ssh://pi", "--ssh-option", "BatchMode=no"), "never prompts"),
+            ("no-cache-alone", ("--remote-no-cache",), "--remote-no-cache go(es) with --remote URL"),
+            ("loadgen", ("--remote", "ssh://pi", "--loadgen", "offline"), "--loadgen runs MLPerf LoadGen"),
+            ("mobile", ("--remote", "ssh://pi", "--mobile"), "--mobile pins this machine's cores"),
+            ("unreachable", ("--remote", "ssh://127.0.0.1:1", "--ssh-option", "ConnectTimeout=5"), "unreachable"),
+        )
+    ],
+    Case(
+        "remote-bench-keras",
+        ("bench", "--model", "mobilenet_v2", "--targets", "keras-fp32", "--remote", "ssh://pi", "--out", "{out}"),
+        2,
+        "keras-fp32 runs in TensorFlow",
+    ),
     # --- sign-off plans: checked whole when loaded
     Case(
         "plan-not-utf8",
@@ -744,6 +776,15 @@ CASES = [
             ("models", model_edit(name="no-such-model"), "models[0]: unknown model 'no-such-model'"),
             ("models", model_edit(weights="absent.weights.h5"), "models[0]: weights: file not found"),
             ("name", "../../escape", "name: '../../escape' names the results folder"),
+            ("remote", 5, "remote: expected ssh://[user@]host[:port] or a mapping"),
+            ("remote", "", "remote: url: expected a text value"),
+            ("remote", "http://pi", "unknown scheme 'http'"),
+            ("remote", "ssh://pi:0", "port must be 1..65535"),
+            ("remote", {"url": "ssh://pi", "port": 22}, "remote: unknown key(s) port"),
+            ("remote", {"url": "ssh://pi", "ssh_options": "Port=22"}, "ssh_options: expected a list of K=V"),
+            ("remote", {"url": "ssh://pi", "ssh_options": ["Port"]}, "expected KEY=VALUE"),
+            ("remote", {"url": "ssh://pi", "cache": "no"}, "cache: expected true or false"),
+            ("remote", {"url": "ssh://pi", "ssh_key": "/no/such/key"}, "--ssh-key /no/such/key: no such file"),
             ("trust_savedmodel", "yes", "trust_savedmodel: expected true or false, got 'yes'"),
             ("bench", "yes", "bench: expected true, false or a mapping"),
             ("bench", {"ratio_precision": 0}, "bench: ratio_precision: expected a number between 0 and 1"),
@@ -808,6 +849,13 @@ CASES = [
         2,
         "the reference a-fp32 ({tmp}/a-fp32.tflite) failed to run",
         build=two_tflite,
+    ),
+    Case(
+        "plan-remote-with-ray",
+        ("signoff", "{plan}", "--out", "{out}"),
+        2,
+        "remote: a run on a remote device goes through the local executor: drop executor: ray",
+        build=plan({"remote": "ssh://pi", "executor": "ray"}),
     ),
     # --- reports of damaged folders
     Case(
