@@ -33,8 +33,8 @@ def test_help_without_heavy_imports():
     code = HIDE_EXTRAS + (
         "from quantship.cli import build_parser, main\n"
         "build_parser().format_help()\n"
-        "import quantship.models.zoo, quantship.targets, quantship.jobs.common, quantship.jobs.bench\n"
-        "import quantship.jobs.signoff, quantship.jobs.signoff_ray, quantship.jobs.ray_cluster\n"
+        "import quantship.models.zoo, quantship.targets, quantship.targets.run, quantship.jobs.bench\n"
+        "import quantship.jobs.signoff, quantship.signoff.ray_executor, quantship.signoff.cluster\n"
         "import quantship.evaluate.loadgen, quantship.evaluate.fbtime, quantship.evaluate.bench\n"
         "for argv in (['--help'], ['bench', '--help'], ['signoff', '--help']):\n"
         "    try:\n"
@@ -122,7 +122,7 @@ def test_unknown_target_and_model(capsys, tmp_path):
         "--weights",
         "random",
         "--data",
-        f"imagenet:{tmp_path}",
+        f"imagenet:{tmp_path / 'data'}",  # --out beside the data, not inside it
         "--targets",
         "tflite-int3",
         "--out",
@@ -136,7 +136,7 @@ def test_unknown_target_and_model(capsys, tmp_path):
         "--model",
         "resnet5000",
         "--data",
-        f"imagenet:{tmp_path}",
+        f"imagenet:{tmp_path / 'data'}",
         "--targets",
         "keras-fp32",
         "--out",

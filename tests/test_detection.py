@@ -314,6 +314,7 @@ def test_signoff_gates_detection_on_map(tiny_detector, tmp_path, kind):
                 "targets": ["tflite-int8"],
                 "anchors": str(tiny_detector / "anchors.json"),
                 "bootstrap_samples": 50,
+                "bench": False,  # the bench pass is tested in test_signoff_report.py
                 "gates": [{"metric": "mAP", "relative": 0.9}, {"metric": "mAP", "relative": 1.2}],
             }
         )
@@ -384,7 +385,7 @@ def test_sensitivity_and_fallback_rank_detection_layers_on_map(tiny_detector, tm
     """Per-layer sensitivity and the float fallback work for a detection model, on mAP (the task's metric)."""
     from quantship.config import Gate, parse_preprocess_overrides
     from quantship.errors import ConfigError
-    from quantship.jobs.sensitivity import Analyses, prepare, run_analyses
+    from quantship.sensitivity import Analyses, prepare, run_analyses
 
     data = write_voc(tmp_path / "v", 40, seed=5)
     setup = prepare(

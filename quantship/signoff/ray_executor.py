@@ -34,10 +34,14 @@ from typing import Any, Iterator
 from quantship.config import InputCacheOptions
 from quantship.errors import ExecutorError
 from quantship.fileio import write_json_atomic, write_text_atomic
-from quantship.jobs.common import TARGET_ERRORS, remove_artifact
-from quantship.jobs.ray_cluster import RayCluster, strip_ansi
-from quantship.jobs.signoff import (
-    NUMERIC_TOOLS,
+from quantship.manifest import Artifact
+from quantship.models.loading import is_model_file, model_name
+from quantship.progress import note, track
+from quantship.runtime.base import RunnerOptions
+from quantship.runtime.registry import get_runtime
+from quantship.signoff.cluster import RayCluster, strip_ansi
+from quantship.signoff.plan import PlanModel, SignoffPlan
+from quantship.signoff.units import (
     ModelWork,
     SignoffJob,
     UnitFailed,
@@ -51,12 +55,8 @@ from quantship.jobs.signoff import (
     unit_row,
     unit_state,
 )
-from quantship.jobs.specs import PlanModel, SignoffPlan
-from quantship.manifest import Artifact
-from quantship.models.loading import is_model_file, model_name
-from quantship.progress import note, track
-from quantship.runtime.base import RunnerOptions
 from quantship.targets import BuildContext, Target, get_target, parse_targets
+from quantship.targets.run import TARGET_ERRORS, remove_artifact
 
 DEFAULT_MAX_RETRIES = 2  # a worker that dies (out of memory, node lost) is replaced this many times per task
 PROBE_TIMEOUT_S = 300.0  # nodes answer the start-up check within this (a fresh worker imports Python first)
@@ -154,7 +154,7 @@ class _WorkerState:
 
     def model(self, run: _Run, entry: PlanModel, preprocess: Any, dataset: Any) -> tuple[Any, Any]:
         from quantship.evaluate.tasks import make_task
-        from quantship.jobs.common import load_for
+        from quantship.targets.run import load_for
 
         key = _model_key(entry, preprocess)
         if key not in self.models:
@@ -273,7 +273,7 @@ def evaluate_chunk_task(
 
 def probe_node(cwd: str, probe: str, token: str, paths: dict[str, str], versions: dict[str, str]) -> list[str]:
     """Ray task, once per node at start: what this node lacks to take part (nothing: an empty list)."""
-    from quantship.manifest import tool_versions
+    from quantship.runtime.registry import tool_versions
 
     if os.path.isdir(cwd):
         os.chdir(cwd)
@@ -316,7 +316,7 @@ class _Unit:
 
 
 def _needs_gpu(target: Target) -> bool:
-    return target.spec.backend == "trt"
+    return get_runtime(target.spec.backend).gpu
 
 
 def gpu_type_to_use(nodes: list[dict[str, Any]]) -> str | None:
@@ -427,7 +427,7 @@ class _RayRun:
         has the driver's versions of the libraries the numbers depend on."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from quantship.manifest import tool_versions
+        from quantship.runtime.registry import tool_versions
 
         token = secrets.token_hex(16)
         probe = self.out_abs / f".ray-probe-{token[:12]}"
@@ -438,7 +438,7 @@ class _RayRun:
         for w in self.work:
             if is_model_file(w.entry.name):
                 paths[f"model file of {model_name(w.entry.name)}"] = w.entry.name
-        versions = {k: v for k, v in tool_versions().items() if k in NUMERIC_TOOLS}
+        versions = tool_versions()
         fn = self.ray.remote(probe_node)
         refs = [
             fn.options(
