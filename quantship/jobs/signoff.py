@@ -68,10 +68,14 @@ def _run(plan: SignoffPlan, out_dir: Path, executor: Any, session: Any = None) -
     overall = overall_verdict(verdict_rows, len(failed_units))
     lines.append(f"\n{overall.headline}. Report: {page}, {md}")
     if overall.underpowered:
-        lines.append(
-            "underpowered: the point values clear these gates but their intervals do not; "
-            + ("--strict / strict: true fails the run on it" if plan.strict else "exit 0 (--strict fails on it)")
+        consequence = (
+            "--strict / strict: true fails the run on it"
+            if plan.strict
+            else "the run passes (--strict fails on it)"
+            if overall.verdict == "PASS"
+            else "more images would settle them"
         )
+        lines.append(f"underpowered: the point values clear these gates but their intervals do not; {consequence}")
     nonfinite = nonfinite_error(rows, plan.allow_nonfinite, "allow_nonfinite: true (or --allow-nonfinite)")
     if nonfinite:
         lines.append(nonfinite)
