@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 from quantship.config import (
     CalibrationSpec,
-    Gate,
     InputCacheOptions,
     PreprocessSpec,
     PtqSteps,
@@ -436,13 +435,3 @@ def remote_options(args: argparse.Namespace) -> RemoteOptions | None:
         ssh_options=tuple(args.ssh_option),
         cache=not args.remote_no_cache,
     )
-
-
-def checked_gate(text: str, data: str) -> Gate:
-    """``--gate`` parsed and checked against the metrics of ``--data``'s task before any work: a metric the data
-    cannot give (top1 on ``images:``), one of another task, a rule against the metric's direction or a threshold
-    outside its range is one line, exit 2."""
-    from quantship.data.datasets import dataset_task, labelled_kind
-    from quantship.evaluate.tasks import check_gate
-
-    return check_gate(Gate.parse(text), dataset_task(data), labelled_kind(data), f"--gate {text}")

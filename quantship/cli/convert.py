@@ -58,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _auto_fallback(args: argparse.Namespace) -> int:
-    from quantship.jobs.sensitivity import Analyses, run_sensitivity
+    from quantship.jobs.sensitivity import Analyses, checked_gate, run_sensitivity
 
     if not args.gate or not args.data:
         raise ConfigError(
             "--auto-fallback needs --gate (e.g. 'top1>=0.99') and --data (calibration and held-out images)"
         )
-    gate = a.checked_gate(args.gate, args.data)
+    gate = checked_gate(args.gate, args.data)
     analyses = Analyses(backends=("qdq", "tflite"), method=args.fallback_method, gate=gate)
     setup = dict(
         model=args.model,

@@ -66,7 +66,7 @@ def recipe(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.sensitivity import Analyses, run_sensitivity
+    from quantship.jobs.sensitivity import Analyses, checked_gate, run_sensitivity
 
     analyses = Analyses(
         backends=tuple(a.names(args.backend)),
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         weight_kinds=tuple(a.names(args.weight_study)),
         per_layer=args.per_layer,
         recipe=recipe(args.recipe),
-        gate=a.checked_gate(args.gate, args.data) if args.gate else None,
+        gate=checked_gate(args.gate, args.data) if args.gate else None,
         ptq=a.ptq_steps(args),
         fast=not args.rebuild,
     )

@@ -1,7 +1,8 @@
 """``images:PATH``: a folder of images without labels (searched recursively, in sorted path order).
 
-Such data can only be calibration data (``--calib-data images:PATH``, or ``--data`` of ``convert``,
-``calibrate`` and ``bench``): evaluation refuses it (:func:`quantship.data.datasets.require_labelled`).
+Such data is calibration data (``--calib-data images:PATH``, or ``--data`` of ``convert``, ``calibrate`` and
+``bench``) and evaluation data for the label-free metrics only (agreement with the reference, output distances:
+``quantship.evaluate.tasks.check_gate`` refuses a labelled gate on it).
 """
 
 from __future__ import annotations

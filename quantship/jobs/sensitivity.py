@@ -8,7 +8,18 @@ from typing import Any
 from quantship.progress import note
 from quantship.sensitivity import Analyses, prepare, run_analyses
 
-__all__ = ["Analyses", "run_sensitivity"]
+__all__ = ["Analyses", "checked_gate", "run_sensitivity"]
+
+
+def checked_gate(text: str, data: str) -> Any:
+    """``--gate`` parsed and checked against the metrics of ``--data``'s task before any work: a metric the data
+    cannot give (top1 on ``images:``), one of another task, a rule against the metric's direction or a threshold
+    outside its range is one line, exit 2."""
+    from quantship.config import Gate
+    from quantship.data.datasets import dataset_task, labelled_kind
+    from quantship.evaluate.tasks import check_gate
+
+    return check_gate(Gate.parse(text), dataset_task(data), labelled_kind(data), f"--gate {text}")
 
 
 SENSITIVITY_SHOWN = (
