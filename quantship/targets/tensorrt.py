@@ -34,7 +34,7 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
                 "weights": ctx.loaded.weights_hash,
                 "calibration": ctx.calibration.info if ctx.calibration else None,
                 "preprocess": ctx.loaded.preprocess.hash(),
-                "method": spec.calibration.value,
+                "method": spec.calibration.value if spec.calibration else None,
                 "tensorrt": trt.__version__,
                 "post_training": ctx.ptq.describe() if ctx.uses_ptq(spec) else None,
             }
