@@ -104,19 +104,22 @@ def bare_loop(path: str, threads: int, min_queries: int, min_seconds: float, war
 
 
 def build(work: Path, threads: int) -> dict[str, str]:
-    from quantship.jobs.convert import convert_artifacts
+    from quantship.config import CalibrationSpec
+    from quantship.jobs.convert import ConvertSpec, convert_artifacts
     from quantship.jobs.demo import write_demo_data
 
     _, calib = write_demo_data(work / "demo")
     n = len(list(calib.glob("*.png")))
     built, failures = convert_artifacts(
-        "efficientnet_lite0",
-        ",".join(TARGETS),
-        work / "artifacts",
-        weights="pretrained",
-        data=f"imagenet:{calib}",
-        calib_images=n,
-        threads=threads,
+        ConvertSpec(
+            "efficientnet_lite0",
+            ",".join(TARGETS),
+            work / "artifacts",
+            weights="pretrained",
+            data=f"imagenet:{calib}",
+            calibration=CalibrationSpec(num_images=n),
+            threads=threads,
+        )
     )
     if failures:
         raise SystemExit("; ".join(f"{name}: {error}" for name, error in failures.items()))

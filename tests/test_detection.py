@@ -382,22 +382,20 @@ def test_saved_model_with_l2_normalization_loads_in_a_fresh_process(tmp_path):
 @pytest.mark.slow
 def test_sensitivity_and_fallback_rank_detection_layers_on_map(tiny_detector, tmp_path):
     """Per-layer sensitivity and the float fallback work for a detection model, on mAP (the task's metric)."""
-    from quantship.config import Gate, parse_preprocess_overrides
+    from quantship.config import CalibrationSpec, Gate, parse_preprocess_overrides
     from quantship.errors import ConfigError
-    from quantship.sensitivity import Analyses, prepare, run_analyses
+    from quantship.sensitivity import Analyses, SensitivitySpec, prepare, run_analyses
 
     data = write_voc(tmp_path / "v", 40, seed=5)
-    setup = prepare(
+    spec = SensitivitySpec(
         str(tiny_detector / "tiny_ssd.keras"),
-        None,
         f"voc2007:{data}",
-        None,
         images=30,
-        calib_images=10,
-        work=tmp_path / "s",
+        calibration=CalibrationSpec(num_images=10),
         preprocess_overrides=parse_preprocess_overrides(f"mode=tf,size={SIZE},crop_pct=1.0,resize=stretch"),
         anchors=str(tiny_detector / "anchors.json"),
     )
+    setup = prepare(spec, tmp_path / "s")
     try:
         assert setup.held.task.name == "detection"
         rows, result = run_analyses(setup, Analyses(backends=("qdq",), gate=Gate.parse("mAP>=0.9")))

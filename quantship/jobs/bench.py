@@ -3,7 +3,9 @@ LoadGen), time the Keras model's forward/backward passes if asked, write the row
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +23,7 @@ from quantship.evaluate.report import BENCH_COLUMNS
 from quantship.evaluate.results import text_table
 from quantship.fileio import write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
+from quantship.jobs.convert import ConvertSpec, convert_artifacts
 
 LOADGEN_COLUMNS = (
     ("target", "target", "{}"),
@@ -159,45 +162,35 @@ def _check_fb_options(model: str | None, forward_backward: bool, per_layer: bool
         raise ConfigError("--per-layer goes with --forward-backward")
 
 
-def _fb_config(
-    model: str,
-    convert: dict[str, Any],
-    batch_sizes: Sequence[int],
-    warmup_seconds: float,
-    min_queries: int | None,
-    min_seconds: float | None,
-    per_layer: bool,
-    threads: int | None,
-) -> Any:
-    """The forward/backward timing of ``model`` (checked to be a classification model), with the weights and
-    preprocessing overrides of ``convert``."""
+def _fb_config(spec: BenchSpec) -> Any:
+    """The forward/backward timing of the spec's model (checked to be a classification model), with the weights and
+    preprocessing overrides of its conversion."""
     from quantship.evaluate.fbtime import FBConfig
 
-    _check_fb_model(model)
+    convert = spec.convert
+    assert convert is not None  # _check_fb_options refused a run without a model
+    _check_fb_model(convert.model)
     return FBConfig(
-        model,
-        convert.get("weights"),
-        tuple(batch_sizes),
-        warmup_seconds,
-        min_queries or DEFAULT_MIN_QUERIES,
-        min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
-        per_layer,
-        threads,
-        convert.get("preprocess_overrides") or None,
+        convert.model,
+        convert.weights,
+        tuple(spec.batch_sizes),
+        spec.warmup_seconds,
+        spec.min_queries or DEFAULT_MIN_QUERIES,
+        spec.min_seconds if spec.min_seconds is not None else DEFAULT_MIN_SECONDS,
+        spec.per_layer,
+        spec.threads,
+        convert.preprocess_overrides or None,
     )
 
 
-def _named_artifacts(
-    artifacts: Sequence[str], model: str | None, convert: dict[str, Any], out: Path, threads: int | None
-) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(name, path) of every artifact to time: the files given, then the targets of ``model`` built with
-    ``convert``; and the targets that failed to build."""
-    named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in artifacts]
+def _named_artifacts(spec: BenchSpec) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(name, path) of every artifact to time: the files given, then the targets of the spec's model built with
+    its conversion; and the targets that failed to build."""
+    named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in spec.artifacts]
     failures: dict[str, str] = {}
-    if model and convert.get("targets"):
-        from quantship.jobs.convert import convert_artifacts
-
-        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **convert)
+    if spec.convert is not None and spec.convert.targets:
+        convert = dataclasses.replace(spec.convert, out_dir=Path(spec.out), threads=spec.threads)
+        built, failures = convert_artifacts(convert)
         named += [(name, str(a.path)) for name, a in built.items() if a is not None]
     return named, failures
 
@@ -227,55 +220,63 @@ def _inference_rows(
     return rows, lines + _inference_lines(rows)
 
 
-def run_bench(
-    out: Path,
-    artifacts: Sequence[str] = (),
-    model: str | None = None,
-    convert: dict[str, Any] | None = None,
-    threads: int | None = None,
-    mobile: bool = False,
-    batch_sizes: Sequence[int] = (1,),
-    warmup_seconds: float = 1.0,
-    min_queries: int | None = None,
-    min_seconds: float | None = None,
-    cuda_graph: bool = False,
-    providers: Sequence[str] = ("cpu",),
-    loadgen: Sequence[str] = (),
-    raw_inputs: bool = False,
-    forward_backward: bool = False,
-    per_layer: bool = False,
-) -> JobResult:
-    """Benchmark artifact files, and the artifacts of ``model``'s targets built first with ``convert`` (the keyword
-    arguments of :func:`quantship.jobs.convert.convert_artifacts`; no targets in it: none built).
+@dataclass
+class BenchSpec:
+    """Everything ``quantship bench`` needs.
 
-    Args:
+    Attributes:
+        artifacts: Artifact files to time.
+        convert: The model whose targets are built first and timed (no targets: none built; its model is what
+            ``forward_backward`` times).
         min_queries, min_seconds: None: 200 queries and 5 s for plain timing, MLPerf's minimums under LoadGen.
         loadgen: LoadGen scenarios; each artifact runs once under each of them instead of plain timing.
         raw_inputs: Samples preloaded in the model's own input types, the runner run raw.
-        forward_backward: Also time ``model``'s forward and forward+backward passes (Keras, training mode) at
+        forward_backward: Also time the model's forward and forward+backward passes (Keras, training mode) at
             each batch size; ``per_layer`` adds the ten slowest layers' forward times.
     """
+
+    out: Path
+    artifacts: Sequence[str] = ()
+    convert: ConvertSpec | None = None
+    threads: int | None = None
+    mobile: bool = False
+    batch_sizes: Sequence[int] = (1,)
+    warmup_seconds: float = 1.0
+    min_queries: int | None = None
+    min_seconds: float | None = None
+    cuda_graph: bool = False
+    providers: Sequence[str] = ("cpu",)
+    loadgen: Sequence[str] = ()
+    raw_inputs: bool = False
+    forward_backward: bool = False
+    per_layer: bool = False
+
+    @property
+    def model(self) -> str | None:
+        return self.convert.model if self.convert is not None else None
+
+
+def run_bench(spec: BenchSpec) -> JobResult:
+    """Benchmark artifact files, and the artifacts of the spec's model built first (:class:`BenchSpec`)."""
     from quantship.evaluate.loadgen import Scenario
 
-    scenarios = [Scenario.parse(s) for s in loadgen]
-    _check_fb_options(model, forward_backward, per_layer)
-    convert = dict(convert or {})
-    fb_args = (model, convert, batch_sizes, warmup_seconds, min_queries, min_seconds, per_layer, threads)
-    fb_config = _fb_config(*fb_args) if forward_backward else None
-    named, failures = _named_artifacts(artifacts, model, convert, out, threads)
-    if not named and not forward_backward:
+    scenarios = [Scenario.parse(s) for s in spec.loadgen]
+    _check_fb_options(spec.model, spec.forward_backward, spec.per_layer)
+    fb_config = _fb_config(spec) if spec.forward_backward else None
+    named, failures = _named_artifacts(spec)
+    if not named and not spec.forward_backward:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
-    out = Path(out)
+    out = Path(spec.out)
     common = dict(
-        warmup_seconds=warmup_seconds,
-        min_queries=min_queries,
-        min_seconds=min_seconds,
-        batch_sizes=tuple(batch_sizes),
-        cuda_graph=cuda_graph,
-        raw_inputs=raw_inputs,
-        providers=tuple(providers),
+        warmup_seconds=spec.warmup_seconds,
+        min_queries=spec.min_queries,
+        min_seconds=spec.min_seconds,
+        batch_sizes=tuple(spec.batch_sizes),
+        cuda_graph=spec.cuda_graph,
+        raw_inputs=spec.raw_inputs,
+        providers=tuple(spec.providers),
     )
-    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model)
+    rows, lines = _inference_rows(named, out, scenarios, spec.mobile, spec.threads, common, spec.model)
     fb_rows: list[dict[str, Any]] = []
     if fb_config is not None:
         fb_rows, fb_lines = _forward_backward_rows(fb_config, out)

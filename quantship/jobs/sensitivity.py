@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from quantship.progress import note
-from quantship.sensitivity import Analyses, prepare, run_analyses
+from quantship.sensitivity import Analyses, SensitivitySpec, prepare, run_analyses
 
-__all__ = ["Analyses", "run_sensitivity"]
+__all__ = ["Analyses", "SensitivitySpec", "run_sensitivity"]
 
 
 SENSITIVITY_SHOWN = (
@@ -35,7 +35,7 @@ WEIGHTS_SHOWN = (
 
 
 def run_sensitivity(
-    setup_args: dict[str, Any],
+    spec: SensitivitySpec,
     analyses: Analyses,
     out: Any,
     threads: int | None = None,
@@ -56,8 +56,8 @@ def run_sensitivity(
 
     out = Path(out)
     lines: list[str] = []
-    with FolderLock(out, f"quantship sensitivity {setup_args.get('model')}"):
-        setup = prepare(**setup_args, work=out, threads=threads)
+    with FolderLock(out, f"quantship sensitivity {spec.model}"):
+        setup = prepare(spec, out, threads)
         try:
             rows, result = run_analyses(setup, analyses, threads=threads, print_fn=note)
         finally:
