@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import json
 import math
 import re
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from quantship.errors import ConfigError
+from quantship.fileio import sha256_json
 
 
-def _choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
+def parse_choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
+    """``value`` as a member of ``enum_cls`` (a member or its value), else a ConfigError naming ``what``."""
     if isinstance(value, enum_cls):
         return value
     try:
@@ -22,6 +25,9 @@ def _choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
     except ValueError:
         names = ", ".join(m.value for m in enum_cls)
         raise ConfigError(f"unknown {what} '{value}'; choose one of: {names}") from None
+
+
+_choice = parse_choice  # the short name this module's readers use
 
 
 class Interpolation(str, enum.Enum):
@@ -180,7 +186,6 @@ class PreprocessSpec:
         return json.loads(json.dumps(dataclasses.asdict(self), default=lambda o: o.value))
 
     def hash(self) -> str:
-        from quantship.fileio import sha256_json
 
         return sha256_json({**self.to_dict(), "resize_long_side": RESIZE_LONG_SIDE})[:16]
 
@@ -497,7 +502,6 @@ class Gate:
         )
 
     def applies(self, target: str) -> bool:
-        import fnmatch
 
         return any(fnmatch.fnmatch(target, pat) for pat in self.targets)
 

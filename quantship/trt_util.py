@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from quantship.cuda import device_info
 from quantship.errors import ConfigError, MissingDependencyError, RuntimeBackendError
 
 if TYPE_CHECKING:  # the TensorRT stubs type these (scripts/typecheck.sh); never imported at run time
@@ -92,7 +93,6 @@ def make_logger(sink: list[str]) -> tensorrt.ILogger:
 
 def engine_environment(trt: Any = None) -> dict[str, Any]:
     """TensorRT version and GPU of this machine (needs TensorRT and a GPU)."""
-    from quantship.cuda import device_info
 
     trt = trt or import_tensorrt()
     return {"tensorrt": trt.__version__, **device_info()}

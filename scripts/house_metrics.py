@@ -75,7 +75,15 @@ def main(argv: list[str] | None = None) -> int:
                 many_params.append((n, f"{mod}.{fn.name}"))
         for node, internal in nested_imports(tree):
             inside["internal" if internal else ("heavy" if heavy(node) else "other")] += 1
+        checking_only = {
+            id(n)
+            for top in tree.body
+            if isinstance(top, ast.If) and isinstance(top.test, ast.Name) and top.test.id == "TYPE_CHECKING"
+            for n in ast.walk(top)
+        }
         for node in ast.walk(tree):
+            if id(node) in checking_only:  # never imported at run time: no cycle, not counted
+                continue
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("quantship"):
                 internal_total += 1
                 graph[mod].add(node.module)

@@ -364,10 +364,10 @@ def test_coco_intervals_treat_a_repeated_image_as_its_own_image(tmp_path):
 def test_saved_model_with_l2_normalization_loads_in_a_fresh_process(tmp_path):
     import keras
 
-    from quantship.models.ssd import _l2norm_layer
+    from quantship.models.ssd import l2norm_layer
 
     inputs = keras.Input((8, 8, 4))
-    model = keras.Model(inputs, _l2norm_layer()(20.0, name="conv4_3_norm")(inputs))
+    model = keras.Model(inputs, l2norm_layer()(20.0, name="conv4_3_norm")(inputs))
     model.save(tmp_path / "m.keras")
     code = (
         "from quantship.models.loading import load_model; from quantship.config import PreprocessSpec; "

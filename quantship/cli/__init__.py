@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from quantship import __version__
+from quantship import __version__, progress
 from quantship.errors import QuantshipError
+from quantship.fileio import cache_dir, check_output_dir, sweep_temp_files
+from quantship.logs import route_native_stderr
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,9 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from quantship import progress
-    from quantship.fileio import cache_dir, check_output_dir, sweep_temp_files
-    from quantship.logs import route_native_stderr
 
     out = getattr(args, "out", None)
     if out:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.config import CalibrationSpec, Gate
 from quantship.errors import ConfigError
 
 
@@ -48,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _auto_fallback(args: argparse.Namespace) -> int:
-    from quantship.config import CalibrationSpec, Gate
     from quantship.jobs.sensitivity import Analyses, SensitivitySpec, run_sensitivity
 
     if not args.gate or not args.data:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.config import CalibrationSpec, Gate
 from quantship.errors import ConfigError
 
 
@@ -62,7 +63,6 @@ def recipe(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.config import CalibrationSpec, Gate
     from quantship.jobs.sensitivity import Analyses, SensitivitySpec, run_sensitivity
 
     analyses = Analyses(

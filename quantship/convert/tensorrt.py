@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from quantship.calibrate.feed import FixedBatches
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache
 from quantship.calibrate.trt_calibrator import TRT_CALIBRATORS, make_calibrator
-from quantship.config import BatchProfile, CalibrationMethod, Precision, TrtInt8Mode, _choice
+from quantship.config import BatchProfile, CalibrationMethod, Precision, TrtInt8Mode, parse_choice
 from quantship.convert.artifact import write_artifact
 from quantship.errors import ConfigError, ConversionError
 from quantship.fileio import sha256_json, write_bytes_atomic
@@ -60,7 +60,7 @@ class EngineSpec:
     calibration_batch: int = 8
 
     def __post_init__(self) -> None:
-        precision = _choice(Precision, self.precision, "TensorRT precision")
+        precision = parse_choice(Precision, self.precision, "TensorRT precision")
         if precision not in ENGINE_PRECISIONS:
             raise ConfigError(
                 f"unknown TensorRT precision '{precision.value}'; choose one of: "
@@ -68,7 +68,7 @@ class EngineSpec:
             )
         object.__setattr__(self, "precision", precision)
         if self.int8_mode is not None:
-            object.__setattr__(self, "int8_mode", _choice(TrtInt8Mode, self.int8_mode, "TensorRT int8 mode"))
+            object.__setattr__(self, "int8_mode", parse_choice(TrtInt8Mode, self.int8_mode, "TensorRT int8 mode"))
         if self.calibration is not None:
             object.__setattr__(self, "calibration", CalibrationMethod.parse(self.calibration))
         if precision is Precision.INT8 and self.int8_mode is None:

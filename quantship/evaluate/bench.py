@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from quantship.errors import ConfigError, MissingDependencyError
 from quantship.evaluate.latency import latency_stats, native_feed, sample_set, time_runner
+from quantship.evaluate.loadgen import LoadgenSettings, Scenario, expected_from, run_loadgen
 from quantship.evaluate.worker import run_worker, worker_main
 from quantship.runtime.base import RunnerOptions
 from quantship.runtime.registry import make_runner, runtime_for_artifact
@@ -124,7 +126,6 @@ def _plain(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
 
 
 def _loadgen(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
-    from quantship.evaluate.loadgen import LoadgenSettings, Scenario, expected_from, run_loadgen
 
     scenario = Scenario.parse(cfg.loadgen)
     per_query = {Scenario.SINGLESTREAM: 1, Scenario.MULTISTREAM: 8, Scenario.OFFLINE: max(cfg.batch_sizes)}[scenario]
@@ -148,7 +149,6 @@ def _loadgen(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
 
 def run_config(cfg: BenchConfig) -> dict[str, Any]:
     """Benchmark in this process (the worker side of :func:`bench`)."""
-    import resource
 
     if cfg.cores:
         os.sched_setaffinity(0, set(cfg.cores))

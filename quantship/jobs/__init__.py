@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quantship.config import InputCacheOptions
+from quantship.data.cache import configure
 
 
 @dataclass
@@ -25,6 +26,5 @@ class JobResult:
 def use_input_cache(options: InputCacheOptions) -> None:
     """Configure the preprocessed-input cache every pass of this process uses (``--input-cache DIR``,
     ``--no-input-cache``, ``--input-cache-max-gb``)."""
-    from quantship.data.cache import configure
 
     configure(options)

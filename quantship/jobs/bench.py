@@ -19,11 +19,16 @@ from quantship.evaluate.bench import (
     mobile_profile,
 )
 from quantship.evaluate.environment import environment
+from quantship.evaluate.fbtime import FBConfig, forward_backward
+from quantship.evaluate.loadgen import Scenario
 from quantship.evaluate.report import BENCH_COLUMNS
 from quantship.evaluate.results import text_table
 from quantship.fileio import write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.jobs.convert import ConvertSpec, convert_artifacts
+from quantship.models.loading import is_model_file
+from quantship.models.registry import get_model_spec
+from quantship.targets import get_target, list_targets
 
 LOADGEN_COLUMNS = (
     ("target", "target", "{}"),
@@ -50,8 +55,6 @@ LAYER_COLUMNS = (("layer", "layer", "{}"), ("type", "type", "{}"), ("forward_ms"
 
 
 def _check_fb_model(model: str) -> None:
-    from quantship.models.loading import is_model_file
-    from quantship.models.registry import get_model_spec
 
     if is_model_file(model):
         return
@@ -84,7 +87,6 @@ def _configs(
     named: list[tuple[str, str]], out: Path, scenarios: list, mobile: bool, threads: int | None, common: dict
 ) -> list[BenchConfig]:
     """One configuration per artifact (per thread count with ``mobile``), under each LoadGen scenario if any."""
-    from quantship.targets import get_target, list_targets
 
     known = {t.name for t in list_targets()}
     configs = []
@@ -130,7 +132,6 @@ def _inference_lines(rows: list[dict[str, Any]]) -> list[str]:
 def _forward_backward_rows(cfg: Any, out: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Time the Keras model's forward and forward+backward passes: the rows (written to ``forward_backward.jsonl``
     under ``out``) and their lines."""
-    from quantship.evaluate.fbtime import forward_backward
 
     lines = [
         f"forward/backward of {cfg.model} (Keras, training mode): warm-up {cfg.warmup_seconds:g} s, then >= "
@@ -165,7 +166,6 @@ def _check_fb_options(model: str | None, forward_backward: bool, per_layer: bool
 def _fb_config(spec: BenchSpec) -> Any:
     """The forward/backward timing of the spec's model (checked to be a classification model), with the weights and
     preprocessing overrides of its conversion."""
-    from quantship.evaluate.fbtime import FBConfig
 
     convert = spec.convert
     assert convert is not None  # _check_fb_options refused a run without a model
@@ -258,7 +258,6 @@ class BenchSpec:
 
 def run_bench(spec: BenchSpec) -> JobResult:
     """Benchmark artifact files, and the artifacts of the spec's model built first (:class:`BenchSpec`)."""
-    from quantship.evaluate.loadgen import Scenario
 
     scenarios = [Scenario.parse(s) for s in spec.loadgen]
     _check_fb_options(spec.model, spec.forward_backward, spec.per_layer)

@@ -6,10 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from quantship.calibrate.api import calibrate
+from quantship.calibrate.calibrators import get_calibrator
+from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION
 from quantship.config import CalibrationMethod, CalibrationSpec, PreprocessSpec
+from quantship.convert.calibrated import collect_statistics, write_outputs
+from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError, DataError, ModelLoadError
 from quantship.jobs import JobResult
+from quantship.lazy import lazy_import
 from quantship.models.loading import LoadedModel, resolve_preprocess
 from quantship.targets.run import calibration_data, draw_listed_calibration, load_for
 
@@ -50,10 +56,6 @@ class CalibrateSpec:
 
 def run_calibrate(spec: CalibrateSpec) -> JobResult:
     """One statistics pass over the calibration images, then the outputs the spec asks for."""
-    from quantship.calibrate.api import calibrate
-    from quantship.calibrate.calibrators import get_calibrator
-    from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION
-    from quantship.convert.calibrated import collect_statistics, write_outputs
 
     model, cache, qdq, ranges, percentile = spec.model, spec.cache, spec.qdq, spec.ranges, spec.percentile
     method = CalibrationMethod.parse(spec.method)
@@ -127,8 +129,6 @@ def _onnx_source(
         return loaded, onnx_path, {}, {"onnx": str(onnx_path)}
     import onnx
 
-    from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
-
     loaded = load_for(model, spec.weights, preprocess, trust_savedmodel=spec.trust_savedmodel)
     onnx_path = out_dir / f"{loaded.name}-fp32.onnx"
     manifest = {"source_model": {"name": loaded.name, "weights": loaded.weights, "weights_sha256": loaded.weights_hash}}
@@ -143,7 +143,6 @@ def _check_onnx(path: Path) -> None:
     Raises:
         ModelLoadError: Naming the file and what the ONNX checker says.
     """
-    from quantship.lazy import lazy_import
 
     onnx = lazy_import("onnx")
     try:

@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from quantship.evaluate.report import build_report
+from quantship.evaluate.results import text_table
+from quantship.fileio import FolderLock, write_text_atomic
+from quantship.jobs import JobResult
 from quantship.progress import note
 from quantship.sensitivity import Analyses, SensitivitySpec, prepare, run_analyses
 
@@ -46,13 +52,6 @@ def run_sensitivity(
     """``quantship sensitivity`` (and ``convert --auto-fallback``, which asks for the gate alone): prepare, run the
     analyses, write the rows (and the report); the exit code is 1 when a gate is asked for and some backend
     still fails it."""
-    import json
-    from pathlib import Path
-
-    from quantship.evaluate.report import build_report
-    from quantship.evaluate.results import text_table
-    from quantship.fileio import FolderLock, write_text_atomic
-    from quantship.jobs import JobResult
 
     out = Path(out)
     lines: list[str] = []

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from quantship import cuda
+from quantship.cuda import check, cudart
 from quantship.errors import RuntimeBackendError
 from quantship.lazy import is_available
 from quantship.manifest import manifest_path
@@ -86,7 +88,6 @@ class TrtRunner(Runner):
         self._io: list[IOTensor] = []
 
     def activate_impl(self) -> None:
-        from quantship import cuda
 
         trt = import_tensorrt()
         if not self.path.is_file():
@@ -143,7 +144,6 @@ class TrtRunner(Runner):
         return self._context
 
     def _launch(self, key: tuple) -> None:
-        from quantship.cuda import check, cudart
 
         if not self.cuda_graph:
             if not self._ctx.execute_async_v3(int(self._stream.handle)):
@@ -166,7 +166,6 @@ class TrtRunner(Runner):
         check(rt.cudaGraphLaunch(self._graphs[key][1], self._stream.handle), "cudaGraphLaunch")
 
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
-        from quantship.cuda import check, cudart
 
         rt = cudart()
         h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost

@@ -9,10 +9,24 @@ from typing import Any, Callable
 
 import numpy as np
 
+from quantship.calibrate.api import calibrate
 from quantship.config import CalibrationMethod, CalibrationSpec
+from quantship.convert.calibrated import collect_statistics
+from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
+from quantship.convert.tflite import TfliteConverter
+from quantship.data.datasets import iter_batches, split_calibration
+from quantship.evaluate.tasks import make_task
+from quantship.models.loading import resolve_preprocess
 from quantship.sensitivity.backends import QdqBackend, TfliteBackend
 from quantship.sensitivity.scoring import HeldOut
 from quantship.sensitivity.weights import predict
+from quantship.targets.run import (
+    calibration_data,
+    calibration_source,
+    load_evaluation_data,
+    load_for,
+    split_run_data,
+)
 
 
 @dataclass
@@ -32,9 +46,6 @@ class SensitivitySetup:
         """The Q/DQ backend (one per method; one statistics pass for all)."""
         import onnx
 
-        from quantship.calibrate.api import calibrate
-        from quantship.convert.calibrated import collect_statistics
-
         method = CalibrationMethod.parse(method)
         key = ("qdq", method)
         if key not in self._backends:
@@ -47,7 +58,6 @@ class SensitivitySetup:
 
     def tflite(self, fast: bool = True) -> TfliteBackend:
         """The TFLite backend (it calibrates once, on first use)."""
-        from quantship.convert.tflite import TfliteConverter
 
         if not hasattr(self, "_converter"):
             self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log", work_dir=self.work)
@@ -90,18 +100,6 @@ def prepare(spec: SensitivitySpec, work: Any, threads: int | None = None) -> Sen
     export ONNX."""
 
     import onnx
-
-    from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
-    from quantship.data.datasets import iter_batches, split_calibration
-    from quantship.evaluate.tasks import make_task
-    from quantship.models.loading import resolve_preprocess
-    from quantship.targets.run import (
-        calibration_data,
-        calibration_source,
-        load_evaluation_data,
-        load_for,
-        split_run_data,
-    )
 
     work = Path(work)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)

@@ -8,8 +8,21 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantship.config import CalibrationSpec, Gate, PtqSteps, TrtInt8Mode, TrtOptions
+from quantship.config import (
+    CalibrationSpec,
+    Gate,
+    PreprocessSpec,
+    PtqSteps,
+    TrtInt8Mode,
+    TrtOptions,
+    parse_preprocess_overrides,
+)
+from quantship.data.datasets import dataset_task
 from quantship.errors import ConfigError
+from quantship.evaluate.tasks import task_metrics
+from quantship.fileio import read_text
+from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
+from quantship.targets import get_target, parse_targets
 
 
 class ExecutorKind(str, Enum):
@@ -66,8 +79,6 @@ class SignoffPlan:
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "SignoffPlan":
         """Read and check a YAML plan; ``overrides`` (command-line flags) replace its keys."""
         import yaml
-
-        from quantship.fileio import read_text
 
         path = Path(path)
         if not path.is_file():
@@ -151,9 +162,6 @@ class _PlanReader:
         return items
 
     def read(self, d: dict[str, Any]) -> SignoffPlan:
-        from quantship.data.datasets import dataset_task
-        from quantship.evaluate.tasks import task_metrics
-        from quantship.targets import get_target, parse_targets
 
         d = dict(d)
         self.known(d, "", {f.name for f in fields(SignoffPlan)} | {"dataset"})
@@ -243,7 +251,6 @@ class _PlanReader:
             raise self.error("executor", f"expected one of {known}, got {value!r}") from None
 
     def models(self, value: Any, trust_savedmodel: bool) -> tuple[PlanModel, ...]:
-        from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
 
         if not isinstance(value, list):
             raise self.error("models", f"expected a list of models (names or mappings), got {value!r}")
@@ -280,7 +287,6 @@ class _PlanReader:
         return tuple(out)
 
     def preprocess(self, value: Any, key: str) -> dict[str, Any]:
-        from quantship.config import PreprocessSpec, parse_preprocess_overrides
 
         if value is None:
             return {}

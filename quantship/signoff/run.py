@@ -32,8 +32,8 @@ from quantship.signoff.units import (
     LocalExecutor,
     ModelWork,
     SignoffJob,
-    _stored_intact,
     plan_data,
+    stored_intact,
     unit_inputs,
     unit_key,
     verdicts,
@@ -76,7 +76,7 @@ def signoff(
             inputs = unit_inputs(plan, entry, preprocesses[entry.name], evalset, calib)
             keys = {t.name: unit_key(plan, entry, t.name, inputs) for t in targets}
             current += keys.values()
-            todo = [t for t in targets if not _stored_intact(stored.get(keys[t.name]), plan, evalset)]
+            todo = [t for t in targets if not stored_intact(stored.get(keys[t.name]), plan, evalset)]
             if todo:
                 work.append(ModelWork(entry, preprocesses[entry.name], keys, todo))
         for row in executor.run(SignoffJob(plan, targets, dataset, split, out_dir), work):

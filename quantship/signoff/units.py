@@ -226,7 +226,7 @@ def _evaluate_unit(
             evaluate_chunk(plan, runner, target, ctx.loaded.preprocess, evalset, task, state, start, end, 0 if k else 1)
 
 
-def _stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: ImageDataset) -> bool:
+def stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: ImageDataset) -> bool:
     """A unit is done when its row ran and every chunk it rests on is still on disk and readable (a damaged
     chunk is discarded here, so the unit recomputes that chunk alone)."""
     if not row or row.get("status") != "ok":

@@ -6,16 +6,16 @@ Everything TensorRT in quantship: engine build :mod:`quantship.convert.tensorrt`
 from __future__ import annotations
 
 from quantship.config import CalibrationMethod, Precision, TargetSpec, TrtInt8Mode
+from quantship.convert.tensorrt import EngineSpec, build_engine
+from quantship.fileio import sha256_json
 from quantship.manifest import Artifact
 from quantship.targets.base import DEFAULT_UNNAMED_METHOD, BuildContext, get_target, register_target
 from quantship.targets.calibrated import onnx_export
 from quantship.targets.onnx import qdq_build
+from quantship.trt_util import import_tensorrt
 
 
 def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.tensorrt import EngineSpec, build_engine
-    from quantship.fileio import sha256_json
-    from quantship.trt_util import import_tensorrt
 
     trt = import_tensorrt()  # say so before exporting or calibrating anything
     opts = ctx.trt

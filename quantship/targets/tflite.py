@@ -10,14 +10,16 @@ from typing import Any
 import numpy as np
 
 from quantship.config import CalibrationMethod, IODType, Precision, TargetSpec
+from quantship.convert.artifact import write_artifact
 from quantship.convert.layer_names import KerasLayers, tflite_tensor_layer
+from quantship.convert.tflite import TfliteConverter, TfliteSpec, convert_to_tflite, ranges_from_amax
 from quantship.manifest import Artifact
+from quantship.runtime.tflite import TfliteRunner
 from quantship.targets.base import BuildContext, Capture, LayerProbe, register_layer_probe, register_target
 from quantship.targets.calibrated import calibrated_build, layer_outputs
 
 
 def tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
-    from quantship.convert.tflite import TfliteConverter
 
     return ctx.shared(
         f"tflite-converter{ctx.variant(spec)}",
@@ -26,7 +28,6 @@ def tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
 
 
 def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.tflite import TfliteSpec, convert_to_tflite
 
     converter = tflite_converter(ctx, spec)
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
@@ -49,8 +50,6 @@ for _name, _prec, _io, _desc in (
 def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     """Full-integer TFLite with our calibrator's ranges: the converter calibrates only (its recorded min/max are
     replaced by ours, mapped through the Keras layer names), then quantizes."""
-    from quantship.convert.artifact import write_artifact
-    from quantship.convert.tflite import ranges_from_amax
 
     converter = tflite_converter(ctx, spec)
 
@@ -99,7 +98,6 @@ class TfliteProbe(LayerProbe):
     itself), quantized tensors dequantized with their own scale."""
 
     def __init__(self, name: str, path: Path, layers: KerasLayers, threads: int | None):
-        from quantship.runtime.tflite import TfliteRunner
 
         self.name, self.layers = name, layers
         self.notes = ["LiteRT builtin kernels (intermediate tensors are not kept inside the XNNPACK delegate)"]
