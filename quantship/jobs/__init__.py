@@ -9,6 +9,8 @@ from typing import Any
 from quantship.config import InputCacheOptions
 from quantship.data.cache import configure
 
+__all__ = ["JobResult", "use_input_cache"]  # each job's entry point: its module (eval, convert, calibrate, bench, ...)
+
 
 @dataclass
 class JobResult:
@@ -26,5 +28,4 @@ class JobResult:
 def use_input_cache(options: InputCacheOptions) -> None:
     """Configure the preprocessed-input cache every pass of this process uses (``--input-cache DIR``,
     ``--no-input-cache``, ``--input-cache-max-gb``)."""
-
     configure(options)
