@@ -33,16 +33,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="held-out images for ranking and verifying the fallback",
     )
     g.add_argument("--fallback-method", default="max", help="calibration of the Q/DQ model (max)")
+    a.remote(p)
     a.trt(p)
     a.common(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    remote = a.remote_options(args)
     if args.auto_fallback:
+        if remote is not None:
+            raise ConfigError("--auto-fallback evaluates on this machine; it does not run with --remote")
         return _auto_fallback(args)
     from quantship.jobs.convert import ConvertSpec, run_convert
 
-    spec = ConvertSpec(args.model, args.targets, Path(args.out), threads=args.threads, **a.convert_kwargs(args))
+    spec = ConvertSpec(
+        args.model, args.targets, Path(args.out), threads=args.threads, remote=remote, **a.convert_kwargs(args)
+    )
     result = run_convert(spec)
     print(result.text)
     return result.exit_code

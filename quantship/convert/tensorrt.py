@@ -200,7 +200,7 @@ def build_engine(
     plan = plan_build(
         spec, TrtVersion.parse(trt.__version__), calibration_feed is not None, bool(cache_file and cache_file.is_file())
     )
-    manifest = _engine_manifest(spec, plan, engine_environment(trt), onnx_path, manifest or {})
+    manifest = engine_manifest(spec, plan, engine_environment(trt), onnx_path, manifest or {})
     build_key = sha256_json(manifest)
     if reuse and (existing := load_reusable(out_path, build_key)) is not None:
         return existing
@@ -245,7 +245,7 @@ def build_engine(
     return write_artifact(out_path, bytes(serialized), {**manifest, "build_key": build_key})
 
 
-def _engine_manifest(
+def engine_manifest(
     spec: EngineSpec, plan: BuildPlan, env: dict[str, Any], onnx_path: Path, base: dict[str, Any]
 ) -> dict[str, Any]:
     """What identifies an engine: the caller's facts, this machine's TensorRT and GPU, and the build plan."""

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from quantship.config import CalibrationSpec, PtqSteps, TrtOptions
+from quantship.config import CalibrationSpec, PtqSteps, RemoteOptions, TrtOptions
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError
 from quantship.fileio import FolderLock
 from quantship.jobs import JobResult
+from quantship.jobs.remote_engine import RemoteEngineBuilder
 from quantship.manifest import Artifact
 from quantship.models.loading import resolve_preprocess
 from quantship.runtime.base import RunnerOptions
@@ -41,12 +43,17 @@ class ConvertSpec:
     allow_missing_images: bool = False
     trust_savedmodel: bool = False
     ptq: PtqSteps = field(default_factory=PtqSteps)
+    remote: RemoteOptions | None = None  # build the TensorRT engines on this device (--remote)
 
 
-def convert_artifacts(spec: ConvertSpec) -> tuple[dict[str, Artifact | None], dict[str, str]]:
+def convert_artifacts(spec: ConvertSpec, session: Any = None) -> tuple[dict[str, Artifact | None], dict[str, str]]:
     """Build the artifacts of ``targets`` (``data`` is read as calibration data only, restricted to the files
-    ``calib_list`` names when given); returns the artifacts and an error message per target that failed to
-    build."""
+    ``calibration.list`` names when given); returns the artifacts and an error message per target that failed to
+    build.
+
+    Args:
+        session: An open device session (``--remote``): TensorRT engines are built on that device.
+    """
     chosen = parse_targets(spec.targets)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     calibrated = needs_calibration(chosen, spec.trt, spec.ptq)
@@ -70,6 +77,7 @@ def convert_artifacts(spec: ConvertSpec) -> tuple[dict[str, Artifact | None], di
         trt=spec.trt,
         log_path=out_dir / "convert.log",
         ptq=spec.ptq,
+        engine_builder=_engine_builder(session),
     )
     if drawn is not None:
         ctx.calibration = calibration_data(
@@ -81,10 +89,24 @@ def convert_artifacts(spec: ConvertSpec) -> tuple[dict[str, Artifact | None], di
         ctx.close()
 
 
+def _engine_builder(session: Any) -> Any:
+    if session is None:
+        return None
+
+    return RemoteEngineBuilder(session)
+
+
 def run_convert(spec: ConvertSpec) -> JobResult:
-    """``quantship convert``: the artifacts and a line per artifact; exit code 1 when a target failed to build."""
-    with FolderLock(spec.out_dir, f"quantship convert {spec.model}"):
-        artifacts, failures = convert_artifacts(spec)
+    """``quantship convert``: the artifacts and a line per artifact; exit code 1 when a target failed to build
+    (the TensorRT engines are built on ``spec.remote``'s device when given; the other artifacts do not depend on
+    where they run)."""
+    session = None
+    if spec.remote is not None:
+        from quantship.remote.host import DeviceSession
+
+        session = DeviceSession(spec.remote)  # a malformed URL is refused here
+    with session or contextlib.nullcontext(), FolderLock(spec.out_dir, f"quantship convert {spec.model}"):
+        artifacts, failures = convert_artifacts(spec, session=session)
     lines = [
         f"{name:22s} {art.path}  ({art.manifest['size_bytes'] / 1e6:.2f} MB, manifest {art.manifest_path.name})"
         for name, art in artifacts.items()

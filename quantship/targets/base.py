@@ -31,6 +31,12 @@ class CalibrationData:
     info: dict[str, Any]
     percentile: float | None = None
     batch_size: int = 8
+    read: dict[str, int] = field(default_factory=dict)  # once decoded: images read, and skipped as unreadable
+
+    def images_used(self) -> int | None:
+        """How many calibration images were read (unreadable ones left out); None before any target decoded
+        them."""
+        return self.read.get("images")
 
 
 @dataclass
@@ -44,6 +50,9 @@ class BuildContext:
     trt: TrtOptions = field(default_factory=TrtOptions)
     log_path: Path | None = None
     ptq: PtqSteps = field(default_factory=PtqSteps)
+    # Builds TensorRT engines somewhere else (``convert --remote``: on the device, with its GPU and TensorRT): an
+    # object with ``tensorrt_version`` and ``build_engine(onnx, spec, out, feed, manifest) -> Artifact``.
+    engine_builder: Any = None
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def uses_ptq(self, spec: TargetSpec) -> bool:

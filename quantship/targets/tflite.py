@@ -12,11 +12,33 @@ import numpy as np
 from quantship.config import CalibrationMethod, IODType, Precision, TargetSpec
 from quantship.convert.artifact import write_artifact
 from quantship.convert.layer_names import KerasLayers, tflite_tensor_layer
-from quantship.convert.tflite import TfliteConverter, TfliteSpec, convert_to_tflite, ranges_from_amax
+from quantship.convert.tflite import (
+    TfliteConverter,
+    TfliteSpec,
+    check_finite_for_calibration,
+    convert_to_tflite,
+    ranges_from_amax,
+)
+from quantship.errors import CalibrationError
 from quantship.manifest import Artifact
 from quantship.runtime.tflite import TfliteRunner
 from quantship.targets.base import BuildContext, Capture, LayerProbe, register_layer_probe, register_target
 from quantship.targets.calibrated import calibrated_build, layer_outputs
+
+
+def check_finite(ctx: BuildContext, spec: TargetSpec) -> None:
+    """Weights and calibration outputs of the Keras model ``spec`` calibrates checked once per run (see
+    :func:`~quantship.convert.tflite.check_finite_for_calibration`); the outcome, a refusal included, is shared."""
+
+    def check() -> Exception | None:
+        try:
+            check_finite_for_calibration(ctx.keras_model(spec), ctx.calibration_batches(spec.name)())
+        except CalibrationError as exc:
+            return exc
+        return None
+
+    if (error := ctx.shared(f"finite-check{ctx.variant(spec)}", check)) is not None:
+        raise CalibrationError(str(error))
 
 
 def tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
@@ -31,6 +53,8 @@ def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
     converter = tflite_converter(ctx, spec)
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
+    if tspec.needs_calibration:
+        check_finite(ctx, spec)
     calib = ctx.calibration_batches(spec.name) if tspec.needs_calibration else None
     return convert_to_tflite(converter, tspec, ctx.artifact_path(spec, ".tflite"), calib, ctx.base_manifest(spec))
 
@@ -54,6 +78,7 @@ def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     converter = tflite_converter(ctx, spec)
 
     def write(result: Any, fp32: Path, path: Path, manifest: dict[str, Any]) -> None:
+        check_finite(ctx, spec)  # the converter still calibrates (its ranges are then replaced by ours)
         batches = ctx.calibration_batches(spec.name)
         calibrated = ctx.shared(f"tflite-calibrated{ctx.variant(spec)}", lambda: converter.calibrate_only(batches))
         minimum = {name: s.min for name, s in result.stats.items()}
