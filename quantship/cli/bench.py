@@ -102,6 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--per-layer", action="store_true", help="with --forward-backward: the ten slowest layers' forward")
     a.out(p, "quantship-bench")
+    a.remote(p)
     a.trt(p)
     a.common(p)
 
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         min_rounds=args.min_rounds,
         max_seconds=args.max_seconds,
         queries_per_round=args.queries_per_round,
+        remote=a.remote_options(args),
     )
     print(result.text)
     return result.exit_code

@@ -32,12 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="held-out images for ranking and verifying the fallback",
     )
     g.add_argument("--fallback-method", default="max", help="calibration of the Q/DQ model (max)")
+    a.remote(p)
     a.trt(p)
     a.common(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    remote = a.remote_options(args)
     if args.auto_fallback:
+        if remote is not None:
+            raise ConfigError("--auto-fallback evaluates on this machine; it does not run with --remote")
         return _auto_fallback(args)
     from quantship.jobs.convert import run_convert
 
@@ -46,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         args.targets,
         Path(args.out),
         threads=args.threads,
+        remote=remote,
         **a.convert_kwargs(args),
     )
     print(result.text)

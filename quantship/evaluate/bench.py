@@ -212,6 +212,7 @@ def _base_row(cfg: BenchConfig, runner, runtime, init_ms: float) -> dict[str, An
         "cores_in_use": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "file_size_bytes": Path(cfg.artifact).stat().st_size,
         "init_ms": init_ms,
+        "where": "local",
     }
 
 
@@ -461,6 +462,7 @@ def bench(
     timeout: float | None = None,
     interleave: "InterleaveOptions | None" = None,
     lines: list[str] | None = None,
+    make_worker: Any = None,
 ) -> list[dict[str, Any]]:
     """Time every configuration in its own process and return one flat row per configuration, in order.
 
@@ -472,6 +474,8 @@ def bench(
         interleave: Rounds, stopping rule and reference (None: defaults, with the minimum queries and seconds
             taken from the configurations).
         lines: Receives the interleaved run's summary line.
+        make_worker: ``make_worker(cfg) -> BenchWorker`` (``bench --remote``: a runner on the device); default
+            :class:`LocalBenchWorker`.
     """
     from quantship.evaluate.interleave import InterleaveOptions, check_reference, run_interleaved
 
@@ -484,7 +488,7 @@ def bench(
                 c.min_seconds if c.min_seconds is not None else DEFAULT_MIN_SECONDS for c in (configs[i] for i in plain)
             ),
         )
-        workers = [LocalBenchWorker(configs[i], timeout) for i in plain]
+        workers = [make_worker(configs[i]) if make_worker else LocalBenchWorker(configs[i], timeout) for i in plain]
         check_reference(options.reference, workers)
         try:
             run = run_interleaved(workers, options)
@@ -517,6 +521,7 @@ def latency_pass(
     min_rounds: int = 10,
     queries_per_round: int = PASS_OPTIONS["queries_per_round"],
     reference: str | None = None,
+    make_worker: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Interleaved batch-1 latency of artifact files for another job's table: ``{target: bench row}``.
 
@@ -524,6 +529,7 @@ def latency_pass(
         files: ``(target, artifact path, session config)`` of each configuration.
         threads: CPU threads of each (None: the runtime's default).
         lines: Receives the run's summary and its stability warnings.
+        make_worker: As :func:`bench`'s (a sign-off plan's ``remote:`` device).
     """
     from quantship.evaluate.interleave import InterleaveOptions, stability_lines
     from quantship.evaluate.stability import StopRule
@@ -541,7 +547,7 @@ def latency_pass(
         min_seconds=PASS_OPTIONS["min_seconds"],
         reference=reference,
     )
-    rows = bench(configs, interleave=options, lines=lines)
+    rows = bench(configs, interleave=options, lines=lines, make_worker=make_worker)
     if lines is not None:
         lines += stability_lines(rows)
     return {r["target"]: r for r in rows}

@@ -3,11 +3,13 @@ LoadGen), time the Keras model's forward/backward passes if asked, write the row
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from quantship.errors import ConfigError
+from quantship.config import RemoteOptions
+from quantship.errors import ConfigError, RemoteConnectionLost
 from quantship.evaluate.bench import (
     DEFAULT_MIN_QUERIES,
     DEFAULT_MIN_SECONDS,
@@ -199,7 +201,12 @@ def _fb_config(
 
 
 def _named_artifacts(
-    artifacts: Sequence[str], model: str | None, convert: dict[str, Any], out: Path, threads: int | None
+    artifacts: Sequence[str],
+    model: str | None,
+    convert: dict[str, Any],
+    out: Path,
+    threads: int | None,
+    session: Any = None,
 ) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(name, path) of every artifact to time: the files given, then the targets of ``model`` built with
     ``convert``; and the targets that failed to build."""
@@ -208,7 +215,7 @@ def _named_artifacts(
     if model and convert.get("targets"):
         from quantship.jobs.convert import convert_artifacts
 
-        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **convert)
+        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, session=session, **convert)
         named += [(name, str(a.path)) for name, a in built.items() if a is not None]
     return named, failures
 
@@ -222,21 +229,62 @@ def _inference_rows(
     common: dict,
     model: str | None,
     interleave: Any = None,
+    session: Any = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Time every artifact in its own process (interleaved; or under each LoadGen scenario): the rows (written to
-    ``bench.jsonl`` under ``out``) and their lines."""
+    """Time every artifact in its own process (interleaved; or under each LoadGen scenario), on the device of
+    ``session`` when given: the rows (written to ``bench.jsonl`` under ``out``) and their lines.
+
+    Raises:
+        RemoteConnectionLost: The device went away; the rows measured before are written (``incomplete_run``).
+    """
     configs = _configs(named, out, scenarios, mobile, threads, common)
     lines = []
     if configs:
         lines.append(
             _plan_line(len(configs), scenarios, common["warmup_seconds"], common["min_queries"], common["min_seconds"])
         )
-    rows = bench(configs, interleave=interleave, lines=lines) if configs else []
+    lost = None
+    if session is not None and configs:
+        from quantship.remote.bench import remote_bench
+
+        env = session.environment
+        lines.append(f"on {session.url}: {env.get('cpu')} ({env.get('machine')}, {env.get('cpu_count')} CPUs)")
+        rows, lost = remote_bench(session, configs, interleave, lines)
+    else:
+        rows = bench(configs, interleave=interleave, lines=lines) if configs else []
     for r in rows:
         r["model"] = model or ""
     if rows:
         _write_jsonl(out / "bench.jsonl", rows)
+    if lost:
+        kept = (
+            f"; {len(rows)} row(s) measured so far are in {out / 'bench.jsonl'}, marked incomplete_run" if rows else ""
+        )
+        raise RemoteConnectionLost(f"{lost}{kept}")
     return rows, lines + _inference_lines(rows)
+
+
+def _check_remote(
+    remote: RemoteOptions, convert: dict[str, Any], mobile: bool, loadgen: Sequence[str], fb: bool
+) -> None:
+    """Refuse, before any work, what ``bench --remote`` cannot do on a device."""
+    if loadgen:
+        raise ConfigError("--loadgen runs MLPerf LoadGen on this machine; with --remote, time without --loadgen")
+    if mobile:
+        raise ConfigError("--mobile pins this machine's cores; with --remote, give --threads for the device")
+    if fb:
+        raise ConfigError("--forward-backward times Keras (TensorFlow) here; it does not run with --remote")
+    if convert.get("targets"):
+        from quantship.runtime.registry import get_runtime
+        from quantship.targets import parse_targets
+
+        # A runtime without artifact files runs the model in memory (Keras: TensorFlow), which no device has.
+        keras = [t.name for t in parse_targets(convert["targets"]) if not get_runtime(t.spec.backend).suffixes]
+        if keras:
+            raise ConfigError(
+                f"{', '.join(keras)} runs in TensorFlow, which the device runner does not have; bench --remote "
+                "times .tflite, .onnx and .engine artifacts"
+            )
 
 
 def _interleave_options(
@@ -289,6 +337,7 @@ def run_bench(
     min_rounds: int = 10,
     max_seconds: float = 60.0,
     queries_per_round: int = 20,
+    remote: RemoteOptions | None = None,
 ) -> JobResult:
     """Benchmark artifact files, and the artifacts of ``model``'s targets built first with ``convert`` (the keyword
     arguments of :func:`quantship.jobs.convert.convert_artifacts`; no targets in it: none built).
@@ -304,6 +353,7 @@ def run_bench(
         ratio_precision, min_rounds, max_seconds: The interleaved run's stopping rule
             (:class:`~quantship.evaluate.stability.StopRule`; refused before anything is built or timed).
         queries_per_round: Queries per configuration per round.
+        remote: Time on this device instead (each configuration in its own runner process there).
     """
     from quantship.evaluate.loadgen import Scenario
     from quantship.evaluate.stability import StopRule
@@ -315,8 +365,44 @@ def run_bench(
     fb_args = (model, convert, batch_sizes, warmup_seconds, min_queries, min_seconds, per_layer, threads)
     fb_config = _fb_config(*fb_args) if forward_backward else None
     _check_reference_named(reference, artifacts, convert.get("targets") if model else None)
-    named, failures = _named_artifacts(artifacts, model, convert, out, threads)
-    if not named and not forward_backward:
+    session = None
+    if remote is not None:
+        from quantship.remote.host import DeviceSession
+
+        _check_remote(remote, convert, mobile, loadgen, forward_backward)
+        session = DeviceSession(remote)  # a malformed URL is refused here
+    # An unreachable or unfit device is reported before anything is converted.
+    with session or contextlib.nullcontext():
+        return _bench_body(
+            out, artifacts, model, convert, threads, mobile, batch_sizes, warmup_seconds, min_queries, min_seconds,
+            cuda_graph, providers, scenarios, raw_inputs, stop, queries_per_round, reference, fb_config, session,
+        )  # fmt: skip
+
+
+def _bench_body(
+    out: Path,
+    artifacts: Sequence[str],
+    model: str | None,
+    convert: dict[str, Any],
+    threads: int | None,
+    mobile: bool,
+    batch_sizes: Sequence[int],
+    warmup_seconds: float,
+    min_queries: int | None,
+    min_seconds: float | None,
+    cuda_graph: bool,
+    providers: Sequence[str],
+    scenarios: list,
+    raw_inputs: bool,
+    stop: Any,
+    queries_per_round: int,
+    reference: str | None,
+    fb_config: Any,
+    session: Any,
+) -> JobResult:
+    """:func:`run_bench` once its options are checked (and its device session, if any, open)."""
+    named, failures = _named_artifacts(artifacts, model, convert, out, threads, session)
+    if not named and fb_config is None:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
     out = Path(out)
     common = dict(
@@ -329,12 +415,15 @@ def run_bench(
         providers=tuple(providers),
     )
     interleave = _interleave_options(stop, queries_per_round, min_queries, min_seconds, reference)
-    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model, interleave)
+    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model, interleave, session)
     fb_rows: list[dict[str, Any]] = []
     if fb_config is not None:
         fb_rows, fb_lines = _forward_backward_rows(fb_config, out)
         lines += fb_lines
-    write_json_atomic(out / "environment.json", environment())
+    env = environment()
+    if session is not None:
+        env["remote"] = session.fields()
+    write_json_atomic(out / "environment.json", env)
     lines += [f"FAILED {name}: {error}" for name, error in failures.items()]
     if rows:
         lines.append(f"results: {out / 'bench.jsonl'}")

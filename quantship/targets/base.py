@@ -49,6 +49,9 @@ class BuildContext:
     trt: TrtOptions = field(default_factory=TrtOptions)
     log_path: Path | None = None
     ptq: PtqSteps = field(default_factory=PtqSteps)
+    # Builds TensorRT engines somewhere else (``convert --remote``: on the device, with its GPU and TensorRT): an
+    # object with ``tensorrt_version`` and ``build_engine(onnx, spec, out, feed, manifest) -> Artifact``.
+    engine_builder: Any = None
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def uses_ptq(self, spec: TargetSpec) -> bool:
