@@ -1099,6 +1099,14 @@ CASES = [
         inprocess=True,
     ),
     Case(
+        "diff-ort-providers-unavailable",
+        ("diff", "--model", "{model}", "--preprocess", P, "--data", "imagenet:{data}", "--images", "2")
+        + ("--calib-images", "2", "--targets", "keras-fp32,onnx-fp32", "--ort-providers", "cuda", "--out", "{out}"),
+        2,
+        "--ort-providers: CUDAExecutionProvider not available",
+        inprocess=True,
+    ),
+    Case(
         "ray-address-empty",
         ("signoff", "{plan}", "--ray-address", "", "--out", "{out}"),
         2,

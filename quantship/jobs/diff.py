@@ -249,8 +249,10 @@ def run_diff(spec: DiffSpec, providers: Sequence[str] = ("cpu",)) -> JobResult:
         to build.
     """
     from quantship.models.loading import resolve_preprocess
+    from quantship.targets.run import check_providers_for
 
     targets = parse_targets(spec.targets)
+    check_providers_for(targets, providers)
     _check_targets(targets)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out = Path(spec.out_dir)
