@@ -39,7 +39,7 @@ from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import Target, parse_targets
 from quantship.targets.base import LayerProbe, ProbeOptions, check_layer_probe, make_layer_probe
-from quantship.targets.run import build_targets, load_for, prepare_run
+from quantship.targets.run import build_targets, check_providers_for, load_for, prepare_run
 
 
 @dataclass(frozen=True)
@@ -250,6 +250,7 @@ def run_diff(spec: DiffSpec, providers: Sequence[str] = ("cpu",)) -> JobResult:
     """
 
     targets = parse_targets(spec.targets)
+    check_providers_for(targets, providers)
     _check_targets(targets)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out = Path(spec.out_dir)
