@@ -20,8 +20,10 @@ import importlib
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,9 +37,19 @@ def _is_program(path: Path) -> bool:
     return "__main__" in path.read_text(encoding="utf-8")
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    """The package of this checkout, temporary folders (mkdtemp) and caches under ``tmp_path``."""
-    env = {**os.environ, "TMPDIR": str(tmp_path), "QUANTSHIP_CACHE": str(tmp_path / "cache")}
+@pytest.fixture
+def short_tmp():
+    """A temporary folder with a short path (the scripts' mkdtemp folders go there): OpenSSH's control socket
+    path must fit a Unix socket name (108 bytes), which pytest's own folders can exceed."""
+    folder = Path(tempfile.mkdtemp(prefix="qs"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _env(tmp_path: Path, temp: Path | None = None) -> dict[str, str]:
+    """The package of this checkout, temporary folders (mkdtemp) under ``temp`` (else ``tmp_path``), caches under
+    ``tmp_path``."""
+    env = {**os.environ, "TMPDIR": str(temp or tmp_path), "QUANTSHIP_CACHE": str(tmp_path / "cache")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env.pop("RAY_ADDRESS", None)
@@ -51,7 +63,7 @@ def test_benchmarks_are_found():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.stem)
-def test_benchmark_smoke(script: Path, tmp_path):
+def test_benchmark_smoke(script: Path, tmp_path, short_tmp):
     if not _is_program(script):  # a helper module the scripts share (photos.py, smoke.py)
         code = f"import sys; sys.path.insert(0, {str(script.parent)!r}); import {script.stem}"
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(tmp_path))
@@ -62,7 +74,7 @@ def test_benchmark_smoke(script: Path, tmp_path):
     argv = [sys.executable, str(script), "--smoke"]
     if re.search(r'add_argument\(\s*"--out"', text):  # results go under tmp_path, not the working folder
         argv += ["--out", str(tmp_path / "out")]
-    res = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path), timeout=600)
+    res = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path, short_tmp), timeout=600)
     tail = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     assert res.returncode == 0, f"{script.name} --smoke: exit {res.returncode}\n{tail}"
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
