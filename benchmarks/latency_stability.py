@@ -36,19 +36,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def build(work: Path, threads: int) -> dict[str, str]:
     """EfficientNet-Lite0 tflite-fp32 and tflite-int8 (reused from ``work`` when already built)."""
-    from quantship.jobs.convert import convert_artifacts
+    from quantship.config import CalibrationSpec
+    from quantship.jobs.convert import ConvertSpec, convert_artifacts
     from quantship.jobs.demo import write_demo_data
 
     _, calib = write_demo_data(work / "demo")
     n = len(list(calib.glob("*.png")))
     built, failures = convert_artifacts(
-        "efficientnet_lite0",
-        "tflite-fp32,tflite-int8",
-        work / "artifacts",
-        weights="pretrained",
-        data=f"imagenet:{calib}",
-        calib_images=n,
-        threads=threads,
+        ConvertSpec(
+            "efficientnet_lite0",
+            "tflite-fp32,tflite-int8",
+            work / "artifacts",
+            weights="pretrained",
+            data=f"imagenet:{calib}",
+            calibration=CalibrationSpec(num_images=n),
+            threads=threads,
+        )
     )
     if failures:
         raise SystemExit("; ".join(f"{name}: {error}" for name, error in failures.items()))

@@ -7,8 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from quantship.config import CalibrationMethod, Gate
+from quantship.convert.artifact import write_artifact
+from quantship.convert.qdq import insert_qdq
+from quantship.evaluate.latency import measure_latency
 from quantship.evaluate.loop import runner_outputs
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 from quantship.runtime.registry import make_runner
 from quantship.sensitivity.scoring import HeldOut, gate_passes, harm_key, score
 from quantship.sensitivity.setup import SensitivitySetup
@@ -62,10 +66,6 @@ def apply_fallback(
 ) -> list[dict[str, Any]]:
     """Write the TFLite and Q/DQ int8 models with ``float_layers`` in float next to the plain int8 ones, and
     report what the fallback costs (file size, batch-1 latency) and gains (held-out metrics)."""
-    from quantship.convert.artifact import write_artifact
-    from quantship.convert.qdq import insert_qdq
-    from quantship.evaluate.latency import measure_latency
-    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 
     method = CalibrationMethod.parse(method)
     art_dir = setup.work / "artifacts"
