@@ -140,7 +140,7 @@ class LayerLayout:
     weight_type: str
     channels: int
     limited: int = 0  # channels whose scale was raised so that no kernel pair can saturate
-    min_levels: int = 127  # the fewest int8 levels a channel of this layer kept (amax / scale)
+    min_levels: int = 127  # the fewest int8 levels a limited channel of this layer kept (amax / scale)
     worst_pair: int = 0  # the largest same-sign |q0| + |q1| of a kernel pair at the full int8 scale
     why: str = ""
 
@@ -601,10 +601,11 @@ def layer_layout(
     full = np.maximum(np.where(amax > 0, amax / 127, 1.0), min_scale).astype(np.float32)
     full_pairs = pair_sums(np.clip(np.round(rows / full[:, None]), -127, 127))
     worst = 0 if kind == "depthwise" else int(full_pairs.max(initial=0))  # depthwise kernels sum no pairs
-    levels = np.where(amax > 0, amax / scale, 127)
+    raised = scale > full
+    levels = amax[raised] / scale[raised] if raised.any() else np.array([64 if wt is WeightType.INT8_7BIT else 127])
     out = LayerLayout(node, kind, wt.value, int(scale.size), worst_pair=worst, min_levels=int(levels.min() + 1e-3))
     if wt is WeightType.INT8_PAIRS:
-        out.limited = int((scale > full).sum())
+        out.limited = int(raised.sum())
         if out.limited:
             c = int(np.argmax(full_pairs))
             out.why = (
