@@ -118,17 +118,22 @@ def data(
     )
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
     if percentile:
-        g.add_argument(
-            "--calib-percentile",
-            type=percentile_value,
-            default=99.99,
-            help="percentile of the percentile calibration method (qdq-int8-percentile), default 99.99",
-        )
+        calib_percentile(g)
     calibration_source(g, evaluation)
     g.add_argument(
         "--workers", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="image decoding threads"
     )
     input_cache(p)
+
+
+def calib_percentile(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """``--calib-percentile``: every command that builds a calibrated target through :func:`calibration` needs it."""
+    g.add_argument(
+        "--calib-percentile",
+        type=percentile_value,
+        default=99.99,
+        help="percentile of the percentile calibration method (qdq-int8-percentile), default 99.99",
+    )
 
 
 def calibration_source(g: argparse._ArgumentGroup, separate: bool = True) -> None:
