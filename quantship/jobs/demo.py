@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -221,11 +221,19 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
                 with tg.make_runner(ctx, artifacts[tg.name]) as runner:
                     row.update(measure_latency(runner, one, warmup=5, min_iters=30))
                 row["latency_ms"] = row["latency_ms_p50"]
+        scores = {name: run.arrays["scores"] for name, run in runs.items() if not run.error}
+        photos = [Path(s.key).stem for s in evalset.samples]
+        _, _, first = prediction_check(photos, scores)
+        failing = sorted({p["target"] for p in first if not p["ok"]}, key=list(scores).index)
+        why = explain_failures(ctx, loaded, targets, artifacts, evalset, scores, first, failing, threads)
+        repairs = []
+        if any(family(name) == "tflite-int8" for name in failing):
+            repairs.append(repair_tflite(ctx, loaded, out, options, one, evalset))
+            scores[repairs[-1]["target"]] = repairs[-1].pop("scores")
+            rows.append(repairs[-1])
     finally:
         ctx.close()
 
-    scores = {name: run.arrays["scores"] for name, run in runs.items() if not run.error}
-    photos = [Path(s.key).stem for s in evalset.samples]
     check, all_ok, predictions = prediction_check(photos, scores)
     write_thumbnails(out, photos, evalset)
     lines = [
@@ -238,6 +246,16 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
     )
     failed = [f"FAILED {r['target']}: {r['error']}" for r in rows if r["status"] == "failed"]
     lines += failed
+    if why:
+        lines.append("\nWhy (the first tensor where each failing target parts from fp32, from `quantship diff`):")
+        lines += [f"  {line}" for line in why.values()]
+    for r in repairs:
+        lines.append(
+            f"\nRepaired {r['repairs']}: {r['artifact']} with {', '.join(r['float_units']) or 'nothing'} in float "
+            f"(found on {r['search_images']} held-out crops, greedy in sensitivity order then pruned; "
+            f"{'passes' if r['search_passed'] else 'still FAILS'} there)"
+        )
+    ship, missing = recommendations(predictions, [r["target"] for r in rows if r["status"] == "ok"])
     title = f"quantship demo: {model}, every TFLite precision, ONNX and Q/DQ int8"
     write_results(out, rows, title, [f"latency at batch 1, {threads} threads", *failed], task.columns)
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in predictions))
@@ -247,7 +265,10 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
         out / "predictions.md",
         "# Prediction check\n```" + "\n".join(check) + "\n```\n\n" + markdown_table(rows, SUMMARY_COLUMNS) + "\n",
     )
-    ok, verdict = _verdict(all_ok and not failed, predictions, len(photos))
+    lines.append("\nShip: " + ", ".join(ship.values()) + " (each passes on every judged photo)")
+    if missing:
+        lines.append("No passing file for: " + ", ".join(missing))
+    ok, verdict = _verdict(not missing, predictions, len(photos))
     lines.append(
         f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, "
         f"{out / 'predictions.md'}; report: {report_html}"
@@ -266,13 +287,174 @@ def _demo_data(out: Path) -> tuple[Any, Any]:
 
 
 def _verdict(ok: bool, predictions: list[dict[str, Any]], photos: int) -> tuple[bool, str]:
-    """Pass or fail, and the sentence saying on how many photos it was judged (none judged proves nothing)."""
+    """Pass or fail (``ok``: every file the demo recommends passes), and the sentence saying on how many photos it
+    was judged (none judged proves nothing)."""
     judged = sorted({p["photo"] for p in predictions if p["judged"]})
     ok = ok and bool(judged)
     where = f"the {len(judged)} of {photos} photos where fp32 is confident (p > {CONFIDENT}: {', '.join(judged)})"
     if ok:
-        return ok, f"every target has fp32's top-1 on {where}"
-    return ok, f"some target FAILED or DIFFERS from fp32's top-1 on {where}"
+        return ok, f"every file recommended to ship has fp32's top-1 on {where}"
+    return ok, f"some kind of file has no passing target: FAILED or DIFFERS from fp32's top-1 on {where}"
+
+
+FAMILIES = ("tflite-int8", "qdq-int8", "ort-int8")
+
+
+def family(target: str) -> str:
+    """What a file is an alternative for: the int8 targets of one backend (any calibrator, a repaired file)
+    are one family; every other target is its own."""
+    return next((f for f in FAMILIES if target.startswith(f)), target)
+
+
+def recommendations(predictions: list[dict[str, Any]], built: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Per family, the first built target that passes on every judged photo (the default before its
+    alternatives); and the families with none."""
+    bad = {p["target"] for p in predictions if not p["ok"]}
+    ship: dict[str, str] = {}
+    missing: list[str] = []
+    for name in built:
+        fam = family(name)
+        if fam not in ship and name not in bad:
+            ship[fam] = name
+    for name in built:
+        fam = family(name)
+        if fam not in ship and fam not in missing:
+            missing.append(fam)
+    return ship, missing
+
+
+def _judge_images(loaded: Any, evalset: Any) -> np.ndarray:
+    from quantship.jobs.diff import _images
+
+    return _images(evalset, loaded, 16, 2)
+
+
+def explain_failures(
+    ctx: Any,
+    loaded: Any,
+    targets: Sequence[Any],
+    artifacts: dict[str, Any],
+    evalset: Any,
+    scores: dict[str, np.ndarray],
+    predictions: list[dict[str, Any]],
+    failing: Sequence[str],
+    threads: int,
+) -> dict[str, str]:
+    """One line per failing target: where it parts from fp32 (a layer-by-layer diff on the photos) and what its
+    output quantization did on the first judged photo it got wrong."""
+    from quantship.convert.layer_names import KerasLayers
+    from quantship.evaluate.diff import layer_rows
+    from quantship.evaluate.explain import failure_line
+    from quantship.jobs.diff import DiffSpec, compare_targets, make_probe
+
+    by_name = {t.name: t for t in targets}
+    wanted = [n for n in failing if by_name[n].spec.backend in ("tflite", "onnx")]
+    if not wanted:
+        return {}
+    x = _judge_images(loaded, evalset)
+    layers = KerasLayers.of(loaded.model)
+    spec = DiffSpec(loaded.name, "", tuple(["keras-fp32", *wanted]), ctx.out_dir, threads=threads)
+    photos = [Path(s.key).stem for s in evalset.samples]
+    out: dict[str, str] = {}
+    probes = []
+    try:
+        for name in ["keras-fp32", *wanted]:
+            probes.append(make_probe(by_name[name], artifacts.get(name), loaded, layers, spec, ("cpu",)))
+        comparisons = compare_targets(probes, x, 16, progress=lambda it, **_: it)
+    finally:
+        for p in probes:
+            p.close()
+    fp32 = next(iter(scores.values()))
+    for name, comp in zip(wanted, comparisons):
+        rows = layer_rows(comp, layers.order, layers.inputs, layers.types)
+        wrong = next((p["photo"] for p in predictions if p["target"] == name and p["judged"] and not p["ok"]), None)
+        i = photos.index(wrong) if wrong in photos else None
+        out[name] = failure_line(name, rows, fp32, scores.get(name), i, wrong or "", class_name)
+    return out
+
+
+REPAIR_CROPS = 6  # per evaluation photo: held-out crops (other framings) the repair's float set is searched on
+
+
+def repair_set(out: Path, loaded: Any, seed: int = 1) -> Any:
+    """Held-out images for the repair search: seeded crops of the evaluation photos' sources (not the judged
+    crops themselves), kept where fp32 is confident; labelled with fp32's top-1 (the demo's rule on them)."""
+    from quantship.data.datasets import iter_batches
+    from quantship.jobs.sensitivity import HeldOut
+
+    rng = np.random.default_rng(seed)
+    root = out / "demo-data" / "repair"
+    lines = []
+    for source in dict.fromkeys(p.source for p in EVAL_PHOTOS.values()):
+        img = _photo(source)
+        h, w = img.shape[:2]
+        for i in range(REPAIR_CROPS):
+            sc = rng.uniform(0.55, 0.95)
+            ch, cw = int(h * sc), int(w * sc)
+            y, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            crop = img[y : y + ch, x0 : x0 + cw]
+            crop = crop[:, ::-1] if i % 2 else crop
+            write_bytes_atomic(root / f"{source}_{i}.png", _png(np.ascontiguousarray(crop)))
+            lines.append(f"{source}_{i}.png 0\n")
+    write_text_atomic(root / "labels.txt", "".join(lines))
+    xs = [b.inputs[:, 0] for b in iter_batches(load_dataset(f"imagenet:{root}"), loaded.preprocess, 32, 2)]
+    x = np.concatenate(xs).astype(np.float32)
+    ref = loaded.model.predict(x, verbose=0)
+    keep = ref.max(axis=1) > CONFIDENT
+    return HeldOut(x[keep], list(ref[keep].argmax(1)), ref[keep])
+
+
+def repair_tflite(ctx: Any, loaded: Any, out: Path, options: Any, one: np.ndarray, evalset: Any) -> dict[str, Any]:
+    """``tflite-int8`` repaired: the fallback search over op units (softmax, adds, pooling, the output op) and,
+    only if they cannot, the weighted layers, on held-out crops; the file written with its manifest and scored
+    on the photos (a row like the other targets', ``scores`` popped by the caller)."""
+    from quantship.config import Gate
+    from quantship.jobs.sensitivity import TfliteBackend
+    from quantship.jobs.sensitivity_ops import UnitBackend, find_unit_fallback, tflite_units
+    from quantship.manifest import write_artifact
+    from quantship.runtime.registry import make_runner
+    from quantship.targets import _tflite_converter, parse_targets
+
+    spec = parse_targets(["tflite-int8"])[0].spec
+    conv = _tflite_converter(ctx, spec)
+    held = repair_set(out, loaded)
+    inner = TfliteBackend(conv, ctx.calibration_batches("tflite-int8"), options.threads)
+    backend = UnitBackend(inner, {u.key: u for u in tflite_units(conv, inner.layers)})
+    gate = Gate(metric="top1", relative=0.99)
+    note(f"repairing tflite-int8: fallback search on {len(held.x)} held-out crops where fp32 is confident")
+    result, _ = find_unit_fallback([backend], held, held, gate)
+    name = "tflite-int8+fallback"
+    path = out / "artifacts" / f"{loaded.name}-{name.replace('+', '-')}.tflite"
+    write_artifact(
+        path,
+        backend.artifact(result.float_layers),
+        {
+            **ctx.base_manifest(spec),
+            "target": name,
+            "precision": "int8+fallback",
+            "io": "float32 input and output",
+            "float_units": list(result.float_layers),
+            "fallback_search": {"images": len(held.x), "gate": gate.describe(), "passed": result.passed},
+        },
+    )
+    from quantship.evaluate.loop import runner_outputs
+
+    with make_runner(path, options) as runner:
+        scores = runner_outputs(runner, _judge_images(loaded, evalset))
+        lat = measure_latency(runner, one, warmup=5, min_iters=30)
+    return {
+        "target": name,
+        "status": "ok",
+        "repairs": "tflite-int8",
+        "artifact": str(path),
+        "size_mb": path.stat().st_size / 1e6,
+        "float_units": list(result.float_layers),
+        "search_images": len(held.x),
+        "search_passed": result.passed,
+        "scores": scores,
+        **lat,
+        "latency_ms": lat["latency_ms_p50"],
+    }
 
 
 def write_thumbnails(out: Path, photos: list[str], evalset: Any, size: int = 160) -> None:

@@ -205,3 +205,27 @@ def prune_fallback(
         if ok:
             kept = trial
     return kept, steps
+
+
+def find_unit_fallback(
+    backends: Sequence[UnitBackend], rank_set: Any, verify: Any, gate: Gate, layers_too: bool = True
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The float set of units and layers that makes every backend pass ``gate`` on ``verify``: op units ranked
+    alone-int8 on ``rank_set`` first (cheap: a model has few); only when they cannot pass, the weighted layers
+    ranked the same way after them; greedy in rank order, then pruned. Returns (the
+    :class:`~quantship.jobs.sensitivity.FallbackResult` with the pruned set, the ranking rows)."""
+    from quantship.jobs.sensitivity import FallbackResult, combined_ranking, find_fallback, layer_sensitivity
+
+    rows = {b.name: unit_sensitivity(b, rank_set) for b in backends}
+    ranking = combined_ranking(rows)
+    result = find_fallback(backends, ranking, verify, gate)
+    if not result.passed and layers_too:
+        for b in backends:
+            rows[b.name] = rows[b.name] + layer_sensitivity(b.inner, rank_set)
+        ranking = ranking + [r for r in combined_ranking(rows) if r not in ranking]
+        result = find_fallback(backends, ranking, verify, gate)
+    all_rows = [r for v in rows.values() for r in v]
+    if not result.passed:
+        return result, all_rows
+    pruned, steps = prune_fallback(backends, result.float_layers, verify, gate)
+    return FallbackResult(pruned, True, result.steps + steps), all_rows
