@@ -11,7 +11,7 @@ a user's application opens the file with), interleaved with fp32 so that load dr
 
 Models compared:
 * ``ort-int8-<method>``: quantship's layout for ORT's fused kernels (uint8 activations, int8 weights held below
-  the u8 x s8 pair limit channel by channel, :mod:`quantship.calibrate.ort_layout`), one statistics pass for all
+  the u8 x s8 pair limit channel by channel, :mod:`quantship.convert.ort_layout`), one statistics pass for all
   methods; also run as fake-quant (``session.disable_quant_qdq``) for the "agreement within 1 point of its
   fake-quant" check;
 * ``ort-int8-<method> [uint8 w]`` / ``[7-bit w]``: the same calibration with the previous layout's uint8
@@ -80,7 +80,7 @@ def prepare(args, work: Path) -> tuple[Path, np.ndarray, np.ndarray]:
 
 def layouts(names: list[str]) -> dict[str, object]:
     """Weight layouts to build per method: ``pairs`` (the default), ``uint8`` (the previous default), ``7bit``."""
-    from quantship.calibrate.ort_layout import OrtWeights, WeightType
+    from quantship.convert.ort_layout import OrtWeights, WeightType
 
     known = {
         "pairs": ("", OrtWeights()),
@@ -96,7 +96,8 @@ def layouts(names: list[str]) -> dict[str, object]:
 def build_ours(
     fp32: Path, cal: np.ndarray, methods: list[str], work: Path, threads: int, weight_layouts: dict
 ) -> dict[str, Path]:
-    from quantship.calibrate.api import calibrate, collect_statistics, write_ort_model
+    from quantship.calibrate.api import calibrate
+    from quantship.convert.calibrated import collect_statistics, write_ort_model
 
     t = time.perf_counter()
     collector = collect_statistics(fp32, (cal[i : i + 8] for i in range(0, len(cal), 8)), scope="qdq", threads=threads)

@@ -25,7 +25,7 @@ def flat_softmax():
     model = keras.Model(inputs, out)
     cx, _ = synthetic_set(8, seed=51)
     ex, _ = synthetic_set(14, seed=52)
-    from quantship.jobs.sensitivity import HeldOut
+    from quantship.sensitivity import HeldOut
 
     calib, x = tf_preprocess(cx), tf_preprocess(ex)
     ref = model.predict(x, verbose=0)
@@ -37,7 +37,7 @@ def flat_softmax():
 def test_fallback_keeps_the_int8_softmax_float_where_no_layer_set_passes(flat_softmax, tmp_path):
     from quantship.config import Gate
     from quantship.convert.tflite import TfliteConverter
-    from quantship.jobs.sensitivity import (
+    from quantship.sensitivity import (
         TfliteBackend,
         combined_ranking,
         find_fallback,
@@ -45,7 +45,7 @@ def test_fallback_keeps_the_int8_softmax_float_where_no_layer_set_passes(flat_so
         layer_sensitivity,
         score,
     )
-    from quantship.jobs.sensitivity_ops import UnitBackend, prune_fallback, tflite_units, unit_sensitivity
+    from quantship.sensitivity.units import UnitBackend, prune_fallback, tflite_units, unit_sensitivity
 
     model, calib, held = flat_softmax
     gate = Gate(metric="top1", relative=0.99)
@@ -77,7 +77,7 @@ def test_qdq_units_are_the_quantized_adds_and_pools(flat_softmax, tmp_path):
     import onnx
 
     from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
-    from quantship.jobs.sensitivity_ops import qdq_units
+    from quantship.sensitivity.units import qdq_units
 
     model, _, _ = flat_softmax
     proto = onnx.load(str(convert_to_onnx(model, tmp_path / "m.onnx").path))

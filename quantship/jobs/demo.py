@@ -182,10 +182,10 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
     from quantship.evaluate.results import write_results
     from quantship.evaluate.tasks import ClassificationTask
     from quantship.fileio import write_json_atomic
-    from quantship.jobs.common import build_targets, calibration_data, evaluate_targets, evaluated_rows, load_for
     from quantship.models.loading import resolve_preprocess
     from quantship.runtime.base import RunnerOptions
     from quantship.targets import BuildContext, parse_targets
+    from quantship.targets.run import build_targets, calibration_data, evaluate_targets, evaluated_rows, load_for
 
     t0 = time.perf_counter()
     note(f"quantship demo -> {out}  (library logs: {out / 'native.log'}, converter log: {out / 'convert.log'})")
@@ -380,7 +380,7 @@ def repair_set(out: Path, loaded: Any, seed: int = 1) -> Any:
     """Held-out images for the repair search: seeded crops of the evaluation photos' sources (not the judged
     crops themselves), kept where fp32 is confident; labelled with fp32's top-1 (the demo's rule on them)."""
     from quantship.data.datasets import iter_batches
-    from quantship.jobs.sensitivity import HeldOut
+    from quantship.sensitivity import HeldOut
 
     rng = np.random.default_rng(seed)
     root = out / "demo-data" / "repair"
@@ -409,14 +409,15 @@ def repair_tflite(ctx: Any, loaded: Any, out: Path, options: Any, one: np.ndarra
     only if they cannot, the weighted layers, on held-out crops; the file written with its manifest and scored
     on the photos (a row like the other targets', ``scores`` popped by the caller)."""
     from quantship.config import Gate
-    from quantship.jobs.sensitivity import TfliteBackend
-    from quantship.jobs.sensitivity_ops import UnitBackend, find_unit_fallback, tflite_units
     from quantship.manifest import write_artifact
     from quantship.runtime.registry import make_runner
-    from quantship.targets import _tflite_converter, parse_targets
+    from quantship.sensitivity import TfliteBackend
+    from quantship.sensitivity.units import UnitBackend, find_unit_fallback, tflite_units
+    from quantship.targets import parse_targets
+    from quantship.targets.tflite import tflite_converter
 
     spec = parse_targets(["tflite-int8"])[0].spec
-    conv = _tflite_converter(ctx, spec)
+    conv = tflite_converter(ctx, spec)
     held = repair_set(out, loaded)
     inner = TfliteBackend(conv, ctx.calibration_batches("tflite-int8"), options.threads)
     backend = UnitBackend(inner, {u.key: u for u in tflite_units(conv, inner.layers)})

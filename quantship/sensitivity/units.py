@@ -7,7 +7,7 @@ other op either backend quantizes is one too, keyed ``<kind>:<Keras layer>`` (``
 both backends; an op named after no Keras layer (TFLite's classifier softmax, ``StatefulPartitionedCall:0``) is
 keyed by its tensor. A backend ignores the keys it does not have (the Q/DQ placement never quantizes a softmax).
 
-Ranking uses :func:`quantship.jobs.sensitivity.score` on the model with *only that unit* int8 (everything else
+Ranking uses :func:`quantship.sensitivity.scoring.score` on the model with *only that unit* int8 (everything else
 float), as the layer study does; :func:`find_fallback` adds units in rank order until every backend passes the
 gate; :func:`prune_fallback` then returns to int8 every unit whose return keeps the gate met (least harmful
 first), so a unit taken early that a later one made unnecessary does not stay float.
@@ -80,7 +80,7 @@ def tflite_units(converter: Any, weighted_layers: Iterable[str]) -> list[OpUnit]
 
 def qdq_units(model: Any, node_layers: dict[str, str], layer_names: set[str]) -> list[OpUnit]:
     """The Q/DQ model's quantized ops outside the weighted layers (residual adds, pooling)."""
-    from quantship.calibrate.qdq import activation_inputs
+    from quantship.convert.qdq import activation_inputs
 
     units: dict[str, list] = {}
     for k in activation_inputs(model):
@@ -95,7 +95,7 @@ def qdq_units(model: Any, node_layers: dict[str, str], layer_names: set[str]) ->
 
 @dataclass
 class UnitBackend:
-    """A sensitivity backend (:class:`~quantship.jobs.sensitivity.TfliteBackend` or ``QdqBackend``) whose float
+    """A sensitivity backend (:class:`~quantship.sensitivity.backends.TfliteBackend` or ``QdqBackend``) whose float
     sets may hold op unit keys besides Keras layer names."""
 
     inner: Any
@@ -124,7 +124,7 @@ class UnitBackend:
                 keep = set(only_nodes)
                 return self.inner.model_bytes(set(), [n for n in conv.op_outputs() if n not in keep])
             return self.inner.model_bytes(set(layers), nodes)
-        from quantship.calibrate.qdq import insert_qdq
+        from quantship.convert.qdq import insert_qdq
 
         q = self.inner
         if only_nodes is not None:
@@ -160,7 +160,7 @@ class UnitBackend:
 
 def unit_sensitivity(backend: UnitBackend, held: Any) -> list[dict[str, Any]]:
     """One row per op unit of ``backend`` (that unit alone int8), shaped as the layer study's rows."""
-    from quantship.jobs.sensitivity import score
+    from quantship.sensitivity.scoring import score
 
     rows = []
     for k, (key, unit) in enumerate(backend.units.items()):
@@ -183,7 +183,7 @@ def prune_fallback(
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Return to int8, one at a time from the last-added (least harmful) unit, every unit whose return keeps
     every backend passing ``gate`` on ``verify``: (the pruned float set, one step row per trial)."""
-    from quantship.jobs.sensitivity import gate_passes, score
+    from quantship.sensitivity.scoring import gate_passes, score
 
     kept = list(floats)
     steps: list[dict[str, Any]] = []
@@ -213,8 +213,9 @@ def find_unit_fallback(
     """The float set of units and layers that makes every backend pass ``gate`` on ``verify``: op units ranked
     alone-int8 on ``rank_set`` first (cheap: a model has few); only when they cannot pass, the weighted layers
     ranked the same way after them; greedy in rank order, then pruned. Returns (the
-    :class:`~quantship.jobs.sensitivity.FallbackResult` with the pruned set, the ranking rows)."""
-    from quantship.jobs.sensitivity import FallbackResult, combined_ranking, find_fallback, layer_sensitivity
+    :class:`~quantship.sensitivity.fallback.FallbackResult` with the pruned set, the ranking rows)."""
+    from quantship.sensitivity.fallback import FallbackResult, combined_ranking, find_fallback
+    from quantship.sensitivity.scoring import layer_sensitivity
 
     rows = {b.name: unit_sensitivity(b, rank_set) for b in backends}
     ranking = combined_ranking(rows)
