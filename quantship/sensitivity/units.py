@@ -230,3 +230,13 @@ def find_unit_fallback(
         return result, all_rows
     pruned, steps = prune_fallback(backends, result.float_layers, verify, gate)
     return FallbackResult(pruned, True, result.steps + steps), all_rows
+
+
+def unit_backends(setup: Any, inner: dict[str, Any]) -> dict[str, UnitBackend]:
+    """The backends of a study (name -> ``TfliteBackend`` / ``QdqBackend``) with their op units."""
+    names = {layer.name for layer in setup.loaded.model.layers}
+    out = {}
+    for name, b in inner.items():
+        units = tflite_units(b.converter, b.layers) if name == "tflite" else qdq_units(b.model, b.node_layers, names)
+        out[name] = UnitBackend(b, {u.key: u for u in units})
+    return out
