@@ -228,8 +228,12 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
         why = explain_failures(ctx, loaded, targets, artifacts, evalset, scores, first, failing, threads)
         repairs = []
         if any(family(name) == "tflite-int8" for name in failing):
-            repairs.append(repair_tflite(ctx, loaded, out, options, one, evalset))
-            scores[repairs[-1]["target"]] = repairs[-1].pop("scores")
+            repaired = repair_tflite(ctx, loaded, out, options, one, evalset)
+            scores[repaired["target"]] = got = repaired.pop("scores")
+            base = next(r for r in rows if r["target"] == "tflite-int8")
+            keep = ("model", "dataset", "images", "runtime", "backend", "preprocess")
+            repaired["agreement_top1"] = float(np.mean(got.argmax(1) == scores["keras-fp32"].argmax(1)))
+            repairs.append({**{k: base[k] for k in keep if k in base}, **repaired})
             rows.append(repairs[-1])
     finally:
         ctx.close()
@@ -256,6 +260,10 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
             f"{'passes' if r['search_passed'] else 'still FAILS'} there)"
         )
     ship, missing = recommendations(predictions, [r["target"] for r in rows if r["status"] == "ok"])
+    ship_lines = ["\nShip: " + ", ".join(ship.values()) + " (each passes on every judged photo)"]
+    if missing:
+        ship_lines.append("No passing file for: " + ", ".join(missing))
+    lines += ship_lines
     title = f"quantship demo: {model}, every TFLite precision, ONNX and Q/DQ int8"
     write_results(out, rows, title, [f"latency at batch 1, {threads} threads", *failed], task.columns)
     write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(p, sort_keys=True) + "\n" for p in predictions))
@@ -263,11 +271,15 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
     _, report_html = build_report(out, f"quantship demo: {model}")
     write_text_atomic(
         out / "predictions.md",
-        "# Prediction check\n```" + "\n".join(check) + "\n```\n\n" + markdown_table(rows, SUMMARY_COLUMNS) + "\n",
+        "# Prediction check\n```"
+        + "\n".join(check)
+        + "\n```\n\n"
+        + markdown_table(rows, SUMMARY_COLUMNS)
+        + "\n"
+        + "".join(f"\n- why: {line}" for line in why.values())
+        + "".join(f"\n- {line.strip()}" for line in ship_lines)
+        + "\n",
     )
-    lines.append("\nShip: " + ", ".join(ship.values()) + " (each passes on every judged photo)")
-    if missing:
-        lines.append("No passing file for: " + ", ".join(missing))
     ok, verdict = _verdict(not missing, predictions, len(photos))
     lines.append(
         f"\n{verdict}. {time.perf_counter() - t0:.0f} s in all. Results: {out / 'results.md'}, "
