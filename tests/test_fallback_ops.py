@@ -83,3 +83,16 @@ def test_qdq_units_are_the_quantized_adds_and_pools(flat_softmax, tmp_path):
     proto = onnx.load(str(convert_to_onnx(model, tmp_path / "m.onnx").path))
     units = qdq_units(proto, onnx_node_layers(proto, model), {la.name for la in model.layers})
     assert {u.key: u.kind for u in units} == {"add:res_add": "add", "pool:gap": "pool"}
+
+
+def test_weighted_only_is_parsed_and_bad_fallback_input_is_refused_first(capsys):
+    """``--weighted-only`` reaches the job through the real parser; a fallback without its gate or data is
+    refused with one line and exit 2 before any work."""
+    from quantship.cli import build_parser, main
+
+    args = build_parser().parse_args(["convert", "--model", "mobilenet_v2_tv", "--auto-fallback", "--weighted-only"])
+    assert args.weighted_only and args.auto_fallback
+    assert main(["convert", "--model", "mobilenet_v2_tv", "--auto-fallback", "--weighted-only"]) == 2
+    assert "--auto-fallback needs --gate" in capsys.readouterr().err
+    args = build_parser().parse_args(["sensitivity", "--model", "m", "--data", "imagenet:x", "--weighted-only"])
+    assert args.weighted_only
