@@ -39,8 +39,8 @@ def test_failure_line_names_the_first_drop_and_the_tied_int8_softmax():
     line = failure_line("x", rows, close, np.array([[0.39, 0.40, 0.2, 0.0]]), 0, "a", str)
     assert "leads its runner-up by 0.51 quantization steps" in line
     # No drop flagged: the lowest SQNR is named instead.
-    line = failure_line("x", [_row("a", 20.0, 40.0), _row("b", 12.0, 20.0)])
-    assert line.startswith("x parts from fp32 at b: SQNR 20 -> 12 dB")
+    line = failure_line("x", [_row("a", 19.0, 40.0), _row("b", 12.0, 19.0)])
+    assert line == "x parts from fp32 at b: SQNR 19 -> 12 dB (first below 20 dB: a, 19 dB)"
 
 
 def test_demo_recommends_per_family_the_first_passing_file_and_names_the_families_without_one():

@@ -15,6 +15,8 @@ import numpy as np
 
 from quantship.evaluate.diff import as_float, first_drop
 
+PARTED_DB = 20.0  # a tensor this far from fp32 (SQNR) has parted from it, whatever its input's SQNR
+
 
 def _worst(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The first drop, or failing that the compared tensor with the lowest SQNR."""
@@ -74,6 +76,9 @@ def failure_line(
         )
         if steps is not None:
             where += f", up to {float(steps):.1f} quantization steps off"
+        low = next((r for r in rows if as_float(r["sqnr_db"]) < PARTED_DB), None)
+        if low is not None and low is not worst:
+            where += f" (first below {PARTED_DB:g} dB: {low['layer']}, {as_float(low['sqnr_db']):.0f} dB)"
     line = f"{target} {where}"
     if reference is not None and outputs is not None and image is not None and rows:
         last = rows[-1]
