@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from quantship.errors import ConfigError
 
@@ -545,3 +546,174 @@ def _number(text: str, where: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"gate '{where}': '{text}' is not a number") from None
+
+
+# URL schemes of the registered transports (``quantship.remote.transport`` adds each one it registers).
+REMOTE_SCHEMES: set[str] = {"ssh"}
+
+
+@dataclass(frozen=True)
+class RemoteURL:
+    """A parsed ``scheme://[user@]host[:port]``."""
+
+    scheme: str
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "RemoteURL":
+        """Parse and check a device URL.
+
+        Raises:
+            ConfigError: Not ``scheme://[user@]host[:port]``, an unknown scheme, a password, a path, a bad port.
+        """
+        example = "ssh://[user@]host[:port], e.g. ssh://pi@192.168.1.20"
+        raw = str(text).strip()
+        if "://" not in raw:
+            raise ConfigError(f"--remote {text!r}: expected {example}")
+        try:
+            parts = urlsplit(raw)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"--remote {text!r}: {exc}; expected {example}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in REMOTE_SCHEMES:
+            raise ConfigError(
+                f"--remote {text!r}: unknown scheme '{scheme}'; known: {', '.join(sorted(REMOTE_SCHEMES))}"
+            )
+        if parts.password is not None:
+            raise ConfigError(f"--remote: put no password in the URL; use --ssh-key FILE or an ssh agent ({example})")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"--remote {text!r}: a device URL has no path or query; expected {example}")
+        host = parts.hostname or ""
+        # The host and user go to ssh as arguments, never through a shell; still refuse what could read as an
+        # option (-oProxyCommand=...) or is not a host name at all.
+        if not host or host.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._:%\-\[\]]+", host):
+            raise ConfigError(f"--remote {text!r}: no valid host name; expected {example}")
+        user = parts.username
+        if user is not None and (not user or user.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._\-]+", user)):
+            raise ConfigError(f"--remote {text!r}: invalid user name '{user}'; expected {example}")
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"--remote {text!r}: port must be 1..65535")
+        return cls(scheme, host, user, port)
+
+    def public(self) -> str:
+        """The URL without credentials (what rows and reports record)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{self.scheme}://{user}{host}{port}"
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """Where and how a run reaches the device it measures on (``--remote``).
+
+    Attributes:
+        url: ``ssh://[user@]host[:port]`` (the scheme names the transport).
+        python: The interpreter on the device (a name on its PATH or a path).
+        ssh_key: Identity file passed to ``ssh -i``.
+        ssh_options: ``-o K=V`` options passed to the system OpenSSH client, in order.
+        cache: Keep artifacts on the device between runs under their content hash.
+        connect_timeout: Seconds to wait for the connection (OpenSSH's ``ConnectTimeout``).
+    """
+
+    url: str
+    python: str = "python3"
+    ssh_key: Path | None = None
+    ssh_options: tuple[tuple[str, str], ...] = ()
+    cache: bool = True
+    connect_timeout: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise ConfigError("--remote: empty URL; give ssh://[user@]host[:port]")
+        RemoteURL.parse(self.url)
+        if not isinstance(self.python, str) or not self.python.strip() or "\n" in self.python:
+            raise ConfigError("--remote-python: give the device's interpreter, e.g. python3 or /usr/bin/python3")
+        if self.ssh_key is not None:
+            key = Path(self.ssh_key).expanduser()
+            if not key.is_file():
+                raise ConfigError(f"--ssh-key {self.ssh_key}: no such file; give the private key file")
+            object.__setattr__(self, "ssh_key", key)
+        options = tuple(parse_ssh_option(o) if isinstance(o, str) else tuple(o) for o in self.ssh_options)
+        object.__setattr__(self, "ssh_options", options)
+        if not isinstance(self.connect_timeout, int) or not 0 < self.connect_timeout <= 600:
+            raise ConfigError(f"remote connect timeout must be 1..600 seconds, got {self.connect_timeout}")
+
+
+def parse_ssh_option(text: str) -> tuple[str, str]:
+    """``K=V`` (as ``ssh -o`` takes it) -> (K, V).
+
+    Raises:
+        ConfigError: No ``=``, an empty key, a line break, or host key checking turned off.
+    """
+    key, sep, value = str(text).partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key or not value or any(c in text for c in "\r\n\0") or not key.isalnum():
+        raise ConfigError(f"--ssh-option '{text}': expected KEY=VALUE as ssh -o takes it, e.g. Port=2222")
+    if key.lower() == "stricthostkeychecking" and value.lower() in ("no", "off"):
+        raise ConfigError(
+            f"--ssh-option {text}: host key checking stays on; pass StrictHostKeyChecking=accept-new to accept the "
+            "key of a host seen for the first time"
+        )
+    if key.lower() == "batchmode":
+        raise ConfigError(f"--ssh-option {text}: quantship never prompts (BatchMode=yes is always set)")
+    return key, value
+
+
+ORT_PROVIDER_ALIASES = ("cpu", "cuda", "tensorrt")  # short names of ONNX Runtime execution providers
+
+
+def check_ort_provider_names(names: Any, where: str) -> tuple[str, ...]:
+    """ONNX Runtime execution providers as written (``--ort-providers``, a plan's ``ort_providers``): a list of
+    names or one comma-separated text, each an alias (:data:`ORT_PROVIDER_ALIASES`) or a full ONNX Runtime name
+    (``...ExecutionProvider``). Checked without importing ONNX Runtime, so a plan is refused whole whether or not
+    a target uses them (whether they are available is checked where one would).
+
+    Raises:
+        ConfigError: Naming ``where``: not a list of texts, no name, an empty name (a stray comma), an unknown one.
+    """
+    items = names.split(",") if isinstance(names, str) else names
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
+        raise ConfigError(f"{where}: expected provider names, e.g. cpu or CUDAExecutionProvider,CPUExecutionProvider")
+    items = [t.strip() for t in items]
+    if not items or items == [""]:
+        raise ConfigError(f"{where}: no execution provider given, e.g. cpu or CUDAExecutionProvider")
+    if "" in items:
+        raise ConfigError(f"{where}: an empty provider name in {','.join(items)!r} (a stray comma?)")
+    for name in items:
+        if name.lower() not in ORT_PROVIDER_ALIASES and not name.endswith("ExecutionProvider"):
+            raise ConfigError(
+                f"{where}: unknown execution provider '{name}'; give {', '.join(ORT_PROVIDER_ALIASES)} or a full "
+                "ONNX Runtime name such as CUDAExecutionProvider"
+            )
+    return tuple(items)
+
+
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 27  # a 134-megapixel photo, 400 MB as BGR; a PNG header can claim 50000 x 50000
+
+
+def max_image_pixels() -> int:
+    """Decoded pixels per image at most: ``QUANTSHIP_MAX_IMAGE_PIXELS`` when set, else
+    :data:`DEFAULT_MAX_IMAGE_PIXELS`. Read when asked (the CLI asks before any work), not at import.
+
+    Raises:
+        ConfigError: The variable is not a whole number >= 1.
+    """
+    import os
+
+    text = os.environ.get("QUANTSHIP_MAX_IMAGE_PIXELS")
+    if text is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(
+            f"QUANTSHIP_MAX_IMAGE_PIXELS={text!r}: expected a whole number of pixels >= 1 (default "
+            f"{DEFAULT_MAX_IMAGE_PIXELS}); unset it for the default"
+        )
+    return value

@@ -12,8 +12,11 @@ from quantship.config import (
     InputCacheOptions,
     PreprocessSpec,
     PtqSteps,
+    RemoteOptions,
     TrtOptions,
+    check_ort_provider_names,
     parse_preprocess_overrides,
+    parse_ssh_option,
 )
 from quantship.errors import ConfigError
 from quantship.fileio import check_output_dir
@@ -50,8 +53,40 @@ def percentile_value(text: str) -> float:
     return value
 
 
-def names(text: str | None) -> list[str]:
-    """A comma-separated list of names (layers, artifacts), blanks dropped."""
+def text_value(what: str) -> Callable[[str], str]:
+    """An argparse type for a text that must say something (``--ray-address ''`` is not "run locally")."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty text (leave the option out instead)")
+        return text.strip()
+
+    return parse
+
+
+def name_list(what: str, choices: tuple[str, ...] | None = None) -> Callable[[str], list[str]]:
+    """An argparse type for comma-separated names: none empty (a stray comma is a typo), each one of ``choices``
+    when given."""
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",")]
+        if not any(items):
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty text")
+        if "" in items:
+            raise argparse.ArgumentTypeError(f"an empty name in '{text}' (a stray comma?)")
+        bad = [t for t in items if choices is not None and t.lower() not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} '{bad[0]}'; known: {', '.join(choices or ())}")
+        return [t.lower() if choices is not None else t for t in items]
+
+    return parse
+
+
+def names(text: str | list[str] | None) -> list[str]:
+    """A comma-separated list of names (layers, artifacts), blanks dropped (a list: as parsed by
+    :func:`name_list`)."""
+    if isinstance(text, list):
+        return text
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
@@ -163,6 +198,33 @@ def calibration(args: argparse.Namespace) -> CalibrationSpec:
     )
 
 
+def check_out_outside_data(out: str, sources: dict[str, str | None]) -> None:
+    """Refuse an output folder that is, or is inside, a data folder (``--data``, ``--calib-data``, a plan's
+    dataset): results, artifacts and logs would be written among the images (and read back as images).
+
+    Args:
+        out: The ``--out`` value.
+        sources: Option (or plan key) -> its ``KIND:PATH`` value (None: not given).
+
+    Raises:
+        ConfigError: Naming ``--out``, the option and the folder.
+    """
+    target = Path(out).expanduser().resolve()
+    for option, spec in sources.items():
+        if not spec or not isinstance(spec, str):
+            continue
+        kind, sep, rest = spec.partition(":")
+        folder = Path(rest if sep and kind.isalnum() and len(kind) > 1 else spec).expanduser().resolve()
+        if not folder.is_dir():
+            continue
+        if target == folder or folder in target.parents:
+            where = "is" if target == folder else "is inside"
+            raise ConfigError(
+                f"--out {out}: {where} the data folder of {option} ({folder}); results would be written among the "
+                "images: give a folder outside it"
+            )
+
+
 def input_cache(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("preprocessed-input cache (each image decoded once, for every target and run)")
     g.add_argument(
@@ -189,12 +251,10 @@ def input_cache_options(args: argparse.Namespace) -> InputCacheOptions | None:
 
 
 def providers(text: str) -> tuple[str, ...]:
-    names = tuple(names_ for names_ in (t.strip() for t in text.split(",")) if names_)
-    if not names:
-        raise argparse.ArgumentTypeError(
-            "expected execution providers, e.g. CUDAExecutionProvider,CPUExecutionProvider"
-        )
-    return names
+    try:
+        return check_ort_provider_names(text, "expected execution providers")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("expected execution providers: ")) from None
 
 
 def post_training(p: argparse.ArgumentParser) -> None:
@@ -310,3 +370,68 @@ def check_output_file(option: str, value: str | None) -> None:
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; give a file name")
     check_output_dir(path.parent, option)
+
+
+def _ssh_option(text: str) -> str:
+    try:
+        parse_ssh_option(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+    return text
+
+
+def remote(p: argparse.ArgumentParser) -> None:
+    """``--remote URL`` and how to reach the device (bench, eval, convert)."""
+    g = p.add_argument_group("remote device: measure where the model ships (see docs/devices.md)")
+    g.add_argument(
+        "--remote",
+        metavar="URL",
+        help="ssh://[user@]host[:port]: run the artifacts on that device (it needs Python >= 3.10, numpy and the "
+        "artifact's runtime; nothing is installed there)",
+    )
+    g.add_argument("--remote-python", metavar="PATH", default="python3", help="the interpreter on the device (python3)")
+    g.add_argument("--ssh-key", metavar="FILE", help="private key for ssh -i (default: ssh's own: agent, config)")
+    g.add_argument(
+        "--ssh-option",
+        metavar="K=V",
+        action="append",
+        default=[],
+        type=_ssh_option,
+        help="passed to ssh as -o K=V (repeatable), e.g. StrictHostKeyChecking=accept-new, ProxyJump=gateway",
+    )
+    g.add_argument(
+        "--remote-no-cache",
+        action="store_true",
+        help="do not keep artifacts on the device between runs (they are kept under their SHA-256 by default)",
+    )
+
+
+def remote_options(args: argparse.Namespace) -> RemoteOptions | None:
+    """The device of a command with ``--remote`` (None without it).
+
+    Raises:
+        ConfigError: A remote option without ``--remote``, or a bad value.
+    """
+    if not hasattr(args, "remote"):
+        return None
+    if args.remote is None:
+        given = [
+            name
+            for name, on in (
+                ("--remote-python", args.remote_python != "python3"),
+                ("--ssh-key", args.ssh_key is not None),
+                ("--ssh-option", bool(args.ssh_option)),
+                ("--remote-no-cache", args.remote_no_cache),
+            )
+            if on
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)} go(es) with --remote URL")
+        return None
+    return RemoteOptions(
+        url=args.remote,
+        python=args.remote_python,
+        ssh_key=args.ssh_key,
+        ssh_options=tuple(args.ssh_option),
+        cache=not args.remote_no_cache,
+    )

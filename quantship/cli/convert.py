@@ -38,12 +38,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="keep only layers with weights in float (by default also the softmax, residual adds, pooling and "
         "the output op where that is what the gate needs)",
     )
+    a.remote(p)
     a.trt(p)
     a.common(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    remote = a.remote_options(args)
     if args.auto_fallback:
+        if remote is not None:
+            raise ConfigError("--auto-fallback evaluates on this machine; it does not run with --remote")
         return _auto_fallback(args)
     from quantship.jobs.convert import run_convert
 
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         args.targets,
         Path(args.out),
         threads=args.threads,
+        remote=remote,
         **a.convert_kwargs(args),
     )
     print(result.text)

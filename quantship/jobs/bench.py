@@ -3,11 +3,13 @@ LoadGen), time the Keras model's forward/backward passes if asked, write the row
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from quantship.errors import ConfigError
+from quantship.config import RemoteOptions
+from quantship.errors import ConfigError, RemoteConnectionLost
 from quantship.evaluate.bench import (
     DEFAULT_MIN_QUERIES,
     DEFAULT_MIN_SECONDS,
@@ -17,6 +19,7 @@ from quantship.evaluate.bench import (
     mobile_profile,
 )
 from quantship.evaluate.environment import environment
+from quantship.evaluate.interleave import stability_lines
 from quantship.evaluate.report import BENCH_COLUMNS
 from quantship.evaluate.results import text_table
 from quantship.fileio import write_json_atomic, write_text_atomic
@@ -30,6 +33,7 @@ LOADGEN_COLUMNS = (
     ("latency_ms_p99", "p99 ms", "{:.2f}"),
     ("runtime_ms_p50", "runtime p50 ms", "{:.2f}"),
     ("throughput", "samples/s", "{:.1f}"),
+    ("loadgen_early_stopping_ms", "early-stopping ms", "{:.2f}"),
     ("loadgen_queries", "queries", "{}"),
     ("loadgen_samples", "samples", "{}"),
     ("validity", "validity", "{}"),
@@ -107,8 +111,17 @@ def _inference_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(text_table(plain, BENCH_COLUMNS))
     if under_loadgen:
         lines.append(text_table(under_loadgen, LOADGEN_COLUMNS))
+    lines += stability_lines(plain)
     for r in rows:
         lines += [f"warning: {r['target']}: {w}" for w in r.get("warnings", [])]
+        if r.get("delegate_partitions") is not None and r["delegated_nodes"] < r["total_nodes"]:
+            lines.append(
+                f"{r['target']}: LiteRT's delegate (XNNPACK) took {r['delegated_nodes']} of {r['total_nodes']} nodes "
+                f"in {r['delegate_partitions']} partition(s); the rest run on LiteRT's builtin kernels"
+            )
+        if r.get("ort_kernels"):
+            kernels = ", ".join(f"{k} {n}" for k, n in r["ort_kernels"].items())
+            lines.append(f"{r['target']}: ONNX Runtime executes {kernels}")
         if r.get("compute_ms_mean") is not None:
             lines.append(
                 f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H "
@@ -188,7 +201,12 @@ def _fb_config(
 
 
 def _named_artifacts(
-    artifacts: Sequence[str], model: str | None, convert: dict[str, Any], out: Path, threads: int | None
+    artifacts: Sequence[str],
+    model: str | None,
+    convert: dict[str, Any],
+    out: Path,
+    threads: int | None,
+    session: Any = None,
 ) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(name, path) of every artifact to time: the files given, then the targets of ``model`` built with
     ``convert``; and the targets that failed to build."""
@@ -197,7 +215,7 @@ def _named_artifacts(
     if model and convert.get("targets"):
         from quantship.jobs.convert import convert_artifacts
 
-        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, **convert)
+        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, session=session, **convert)
         named += [(name, str(a.path)) for name, a in built.items() if a is not None]
     return named, failures
 
@@ -210,21 +228,91 @@ def _inference_rows(
     threads: int | None,
     common: dict,
     model: str | None,
+    interleave: Any = None,
+    session: Any = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Time every artifact in its own process (under each LoadGen scenario, if any): the rows (written to
-    ``bench.jsonl`` under ``out``) and their lines."""
+    """Time every artifact in its own process (interleaved; or under each LoadGen scenario), on the device of
+    ``session`` when given: the rows (written to ``bench.jsonl`` under ``out``) and their lines.
+
+    Raises:
+        RemoteConnectionLost: The device went away; the rows measured before are written (``incomplete_run``).
+    """
     configs = _configs(named, out, scenarios, mobile, threads, common)
     lines = []
     if configs:
         lines.append(
             _plan_line(len(configs), scenarios, common["warmup_seconds"], common["min_queries"], common["min_seconds"])
         )
-    rows = bench(configs) if configs else []
+    lost = None
+    if session is not None and configs:
+        from quantship.remote.bench import remote_bench
+
+        env = session.environment
+        lines.append(f"on {session.url}: {env.get('cpu')} ({env.get('machine')}, {env.get('cpu_count')} CPUs)")
+        rows, lost = remote_bench(session, configs, interleave, lines)
+    else:
+        rows = bench(configs, interleave=interleave, lines=lines) if configs else []
     for r in rows:
         r["model"] = model or ""
     if rows:
         _write_jsonl(out / "bench.jsonl", rows)
+    if lost:
+        kept = (
+            f"; {len(rows)} row(s) measured so far are in {out / 'bench.jsonl'}, marked incomplete_run" if rows else ""
+        )
+        raise RemoteConnectionLost(f"{lost}{kept}")
     return rows, lines + _inference_lines(rows)
+
+
+def _check_remote(
+    remote: RemoteOptions, convert: dict[str, Any], mobile: bool, loadgen: Sequence[str], fb: bool
+) -> None:
+    """Refuse, before any work, what ``bench --remote`` cannot do on a device."""
+    if loadgen:
+        raise ConfigError("--loadgen runs MLPerf LoadGen on this machine; with --remote, time without --loadgen")
+    if mobile:
+        raise ConfigError("--mobile pins this machine's cores; with --remote, give --threads for the device")
+    if fb:
+        raise ConfigError("--forward-backward times Keras (TensorFlow) here; it does not run with --remote")
+    if convert.get("targets"):
+        from quantship.runtime.registry import get_runtime
+        from quantship.targets import parse_targets
+
+        # A runtime without artifact files runs the model in memory (Keras: TensorFlow), which no device has.
+        keras = [t.name for t in parse_targets(convert["targets"]) if not get_runtime(t.spec.backend).suffixes]
+        if keras:
+            raise ConfigError(
+                f"{', '.join(keras)} runs in TensorFlow, which the device runner does not have; bench --remote "
+                "times .tflite, .onnx and .engine artifacts"
+            )
+
+
+def _interleave_options(
+    stop: Any, queries_per_round: int, min_queries: int | None, min_seconds: float | None, reference: str | None
+) -> Any:
+    from quantship.evaluate.interleave import InterleaveOptions
+
+    return InterleaveOptions(
+        stop=stop,
+        queries_per_round=queries_per_round,
+        min_queries=min_queries if min_queries is not None else DEFAULT_MIN_QUERIES,
+        min_seconds=min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
+        reference=reference,
+    )
+
+
+def _check_reference_named(reference: str | None, artifacts: Sequence[str], targets: str | None) -> None:
+    """Refuse a ``--reference`` that is neither an artifact given nor a target to build, before anything is built
+    or timed (the interleaved run checks again against what was built)."""
+    if reference is None:
+        return
+    from quantship.evaluate.interleave import matches_reference
+
+    names = [t.strip() for t in (targets or "").split(",") if t.strip()]
+    if any(matches_reference(reference, Path(a).stem, str(a)) for a in artifacts) or reference in names:
+        return
+    given = ", ".join([Path(a).stem for a in artifacts] + names) or "nothing"
+    raise ConfigError(f"--reference {reference} is none of the configurations to bench ({given}): name one of them")
 
 
 def run_bench(
@@ -244,6 +332,12 @@ def run_bench(
     raw_inputs: bool = False,
     forward_backward: bool = False,
     per_layer: bool = False,
+    reference: str | None = None,
+    ratio_precision: float = 0.03,
+    min_rounds: int = 10,
+    max_seconds: float = 60.0,
+    queries_per_round: int = 20,
+    remote: RemoteOptions | None = None,
 ) -> JobResult:
     """Benchmark artifact files, and the artifacts of ``model``'s targets built first with ``convert`` (the keyword
     arguments of :func:`quantship.jobs.convert.convert_artifacts`; no targets in it: none built).
@@ -254,16 +348,61 @@ def run_bench(
         raw_inputs: Samples preloaded in the model's own input types, the runner run raw.
         forward_backward: Also time ``model``'s forward and forward+backward passes (Keras, training mode) at
             each batch size; ``per_layer`` adds the ten slowest layers' forward times.
+        reference: Target name or artifact file every ratio is taken to (None: the first fp32 configuration of
+            the same runtime, else the first).
+        ratio_precision, min_rounds, max_seconds: The interleaved run's stopping rule
+            (:class:`~quantship.evaluate.stability.StopRule`; refused before anything is built or timed).
+        queries_per_round: Queries per configuration per round.
+        remote: Time on this device instead (each configuration in its own runner process there).
     """
     from quantship.evaluate.loadgen import Scenario
+    from quantship.evaluate.stability import StopRule
 
+    stop = StopRule(ratio_precision=ratio_precision, min_rounds=min_rounds, max_seconds=max_seconds)
     scenarios = [Scenario.parse(s) for s in loadgen]
     _check_fb_options(model, forward_backward, per_layer)
     convert = dict(convert or {})
     fb_args = (model, convert, batch_sizes, warmup_seconds, min_queries, min_seconds, per_layer, threads)
     fb_config = _fb_config(*fb_args) if forward_backward else None
-    named, failures = _named_artifacts(artifacts, model, convert, out, threads)
-    if not named and not forward_backward:
+    _check_reference_named(reference, artifacts, convert.get("targets") if model else None)
+    session = None
+    if remote is not None:
+        from quantship.remote.host import DeviceSession
+
+        _check_remote(remote, convert, mobile, loadgen, forward_backward)
+        session = DeviceSession(remote)  # a malformed URL is refused here
+    # An unreachable or unfit device is reported before anything is converted.
+    with session or contextlib.nullcontext():
+        return _bench_body(
+            out, artifacts, model, convert, threads, mobile, batch_sizes, warmup_seconds, min_queries, min_seconds,
+            cuda_graph, providers, scenarios, raw_inputs, stop, queries_per_round, reference, fb_config, session,
+        )  # fmt: skip
+
+
+def _bench_body(
+    out: Path,
+    artifacts: Sequence[str],
+    model: str | None,
+    convert: dict[str, Any],
+    threads: int | None,
+    mobile: bool,
+    batch_sizes: Sequence[int],
+    warmup_seconds: float,
+    min_queries: int | None,
+    min_seconds: float | None,
+    cuda_graph: bool,
+    providers: Sequence[str],
+    scenarios: list,
+    raw_inputs: bool,
+    stop: Any,
+    queries_per_round: int,
+    reference: str | None,
+    fb_config: Any,
+    session: Any,
+) -> JobResult:
+    """:func:`run_bench` once its options are checked (and its device session, if any, open)."""
+    named, failures = _named_artifacts(artifacts, model, convert, out, threads, session)
+    if not named and fb_config is None:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
     out = Path(out)
     common = dict(
@@ -275,12 +414,16 @@ def run_bench(
         raw_inputs=raw_inputs,
         providers=tuple(providers),
     )
-    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model)
+    interleave = _interleave_options(stop, queries_per_round, min_queries, min_seconds, reference)
+    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model, interleave, session)
     fb_rows: list[dict[str, Any]] = []
     if fb_config is not None:
         fb_rows, fb_lines = _forward_backward_rows(fb_config, out)
         lines += fb_lines
-    write_json_atomic(out / "environment.json", environment())
+    env = environment()
+    if session is not None:
+        env["remote"] = session.fields()
+    write_json_atomic(out / "environment.json", env)
     lines += [f"FAILED {name}: {error}" for name, error in failures.items()]
     if rows:
         lines.append(f"results: {out / 'bench.jsonl'}")

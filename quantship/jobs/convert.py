@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Sequence
 
-from quantship.config import PtqSteps, TrtOptions
+from quantship.config import PtqSteps, RemoteOptions, TrtOptions
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError
 from quantship.fileio import FolderLock
@@ -35,10 +36,15 @@ def convert_artifacts(
     allow_missing_images: bool = False,
     trust_savedmodel: bool = False,
     ptq: PtqSteps = PtqSteps(),
+    session: Any = None,
 ) -> tuple[dict[str, Artifact | None], dict[str, str]]:
     """Build the artifacts of ``targets`` (``data`` is read as calibration data only, restricted to the files
     ``calib_list`` names when given); returns the artifacts and an error message per target that failed to
-    build."""
+    build.
+
+    Args:
+        session: An open device session (``--remote``): TensorRT engines are built on that device.
+    """
     chosen = parse_targets(targets)
     preprocess = resolve_preprocess(model, weights, preprocess_overrides)
     calibrated = needs_calibration(chosen, trt, ptq)
@@ -57,6 +63,7 @@ def convert_artifacts(
         trt=trt,
         log_path=Path(out_dir) / "convert.log",
         ptq=ptq,
+        engine_builder=_engine_builder(session),
     )
     if drawn is not None:
         ctx.calibration = calibration_data(
@@ -68,10 +75,29 @@ def convert_artifacts(
         ctx.close()
 
 
-def run_convert(model: str, targets: str | Sequence[str], out_dir: Path, **kwargs: Any) -> JobResult:
-    """``quantship convert``: the artifacts and a line per artifact; exit code 1 when a target failed to build."""
-    with FolderLock(out_dir, f"quantship convert {model}"):
-        artifacts, failures = convert_artifacts(model, targets, out_dir, **kwargs)
+def _engine_builder(session: Any) -> Any:
+    if session is None:
+        return None
+    from quantship.jobs.remote_engine import RemoteEngineBuilder
+
+    return RemoteEngineBuilder(session)
+
+
+def run_convert(
+    model: str, targets: str | Sequence[str], out_dir: Path, remote: RemoteOptions | None = None, **kwargs: Any
+) -> JobResult:
+    """``quantship convert``: the artifacts and a line per artifact; exit code 1 when a target failed to build.
+
+    Args:
+        remote: Build the TensorRT engines on this device (the other artifacts do not depend on where they run).
+    """
+    session = None
+    if remote is not None:
+        from quantship.remote.host import DeviceSession
+
+        session = DeviceSession(remote)  # a malformed URL is refused here
+    with session or contextlib.nullcontext(), FolderLock(out_dir, f"quantship convert {model}"):
+        artifacts, failures = convert_artifacts(model, targets, out_dir, session=session, **kwargs)
     lines = [
         f"{name:22s} {art.path}  ({art.manifest['size_bytes'] / 1e6:.2f} MB, manifest {art.manifest_path.name})"
         for name, art in artifacts.items()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from quantship.config import CalibrationSpec, PtqSteps, TrtOptions
+from quantship.config import CalibrationSpec, PtqSteps, RemoteOptions, TrtOptions
 from quantship.data.datasets import Skipped
 from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
@@ -19,6 +20,7 @@ from quantship.targets import needs_calibration, parse_targets
 from quantship.targets.run import (
     build_targets,
     check_model_source,
+    check_providers_for,
     check_readable,
     evaluate_targets,
     evaluated_rows,
@@ -54,6 +56,7 @@ class EvalSpec:
     allow_missing_images: bool = False  # ground truth listing absent files: evaluate those present
     trust_savedmodel: bool = False  # a SavedModel runs its graph's operations: only when the user says so
     ptq: PtqSteps = field(default_factory=PtqSteps)  # post-training steps of the quantized targets
+    remote: RemoteOptions | None = None  # run the artifacts on this device (the reference stays here)
 
 
 def run_eval(spec: EvalSpec) -> JobResult:
@@ -65,9 +68,12 @@ def run_eval(spec: EvalSpec) -> JobResult:
     """
     # Names are checked before any work: unknown targets, models or options fail at once.
     targets = parse_targets(spec.targets)
+    check_providers_for(targets, spec.providers)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out_dir = Path(spec.out_dir)
-    with FolderLock(out_dir, f"quantship eval {spec.model}"):
+    session = _remote_session(spec)
+    copied: dict[str, bool] = {}
+    with session or contextlib.nullcontext(), FolderLock(out_dir, f"quantship eval {spec.model}"):
         dataset = load_evaluation_data(spec.data, spec.labels, spec.allow_missing_images)
         check_model_source(spec.model, spec.weights, spec.trust_savedmodel)
         split = run_data(dataset, spec.calibration, spec.limit, bool(needs_calibration(targets, spec.trt, spec.ptq)))
@@ -87,29 +93,39 @@ def run_eval(spec: EvalSpec) -> JobResult:
             split,
             spec.ptq,
         )
+        if session is not None:  # TensorRT engines are built on the device they run on
+            from quantship.jobs.remote_engine import RemoteEngineBuilder
+
+            ctx.engine_builder = RemoteEngineBuilder(session)
         skipped: list[Skipped] = []
         try:
             artifacts, failures = build_targets(ctx, targets)
             built = [t for t in targets if t.name not in failures]
-            runs = evaluate_targets(ctx, built, artifacts, evalset, task, spec.batch_size, spec.workers, skipped)
+            make = remote_runners(session, copied) if session else None
+            runs = evaluate_targets(ctx, built, artifacts, evalset, task, spec.batch_size, spec.workers, skipped, make)
         finally:
             ctx.close()
         if skipped:
             write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
         check_readable(len(evalset) - len(skipped), skipped)
         calib_info = ctx.calibration.info if ctx.calibration else {}
+        used = ctx.calibration.images_used() if ctx.calibration else None
         extra = {
-            "calibration_images": len(calib),
+            # The images calibration read (an unreadable one is left out), not the ones drawn.
+            "calibration_images": len(calib) if used is None else used,
             "calibration_source": calib_info.get("source"),
             "calibration_list_sha256": calib_info.get("list_sha256"),
             "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16],
         }
         rows = evaluated_rows(task, targets, runs, artifacts, failures, loaded, evalset, skipped, options, extra)
+        if session is not None:
+            _mark_remote(rows, session, copied)
         origin = f" from {calib_info['source']}" if calib_info.get("source") else ""
         listed = f" listed in {calib_info['list']}" if calib_info.get("list") else ""
+        unread = len(calib) - used if used is not None else 0
         notes = [
             f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"
-            f"{listed}{origin}"
+            f"{listed}{origin}" + (f" ({unread} unreadable, left out)" if unread else "")
         ]
         if skipped:
             notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
@@ -118,6 +134,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
     lines = ["", text_table(rows, task.columns), ""]
     lines.append(
         f"{len(evalset)} images, {len(calib)} calibration images"
+        + (f" ({unread} unreadable, left out)" if unread else "")
         + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else "")
     )
     if dataset.meta.get("missing_images"):
@@ -126,8 +143,44 @@ def run_eval(spec: EvalSpec) -> JobResult:
         )
     failed = failure_lines(rows)
     lines += failed
+    if session is not None:
+        env = session.environment
+        lines.append(f"artifacts ran on {session.url} ({env.get('cpu')}, {env.get('machine')}); the reference ran here")
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
     nonfinite = nonfinite_error(rows, spec.allow_nonfinite)
     if nonfinite:
         lines.append(nonfinite)
     return JobResult(rows, lines, 1 if failed or nonfinite else 0)
+
+
+def _remote_session(spec: EvalSpec) -> Any:
+    """The (unopened) device session of ``eval --remote``, or None; a malformed URL is refused here."""
+    if spec.remote is None:
+        return None
+    from quantship.remote.host import DeviceSession
+
+    return DeviceSession(spec.remote)
+
+
+def remote_runners(session: Any, copied: dict[str, bool]) -> Callable:
+    """Runners of ``eval --remote``: each artifact runs on the device, with the options its target runs with
+    locally; the in-memory reference (keras-fp32) runs here."""
+    from quantship.remote.host import RemoteRunner
+
+    def make(target: Any, ctx: Any, artifact: Any) -> Any:
+        if artifact is None:
+            return target.make_runner(ctx, artifact)
+        runner = RemoteRunner(session, artifact.path, target.spec.backend, target.runner_options(ctx), target.name)
+        copied[target.name] = session.put(artifact.path)[1]
+        return runner
+
+    return make
+
+
+def _mark_remote(rows: list[dict[str, Any]], session: Any, copied: dict[str, bool]) -> None:
+    """``where`` and the ``remote`` object of the rows that ran on the device."""
+    fields = session.fields()
+    for row in rows:
+        if row.get("target") in copied:
+            row["where"] = "remote"
+            row["remote"] = {**fields, "artifact_copied": copied[row["target"]]}

@@ -66,9 +66,9 @@ def apply_fallback(
 
     ``float_layers`` may hold op unit keys (:mod:`quantship.sensitivity.units`) besides Keras layer names when
     ``units`` is set; a backend ignores the keys it has no op for."""
+    from quantship.convert.artifact import write_artifact
     from quantship.convert.qdq import insert_qdq
     from quantship.evaluate.latency import measure_latency
-    from quantship.manifest import write_artifact
     from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 
     method = CalibrationMethod.parse(method)

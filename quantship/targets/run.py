@@ -8,7 +8,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -37,8 +37,9 @@ from quantship.evaluate.loop import TargetRun, run_targets
 from quantship.evaluate.tasks import Task
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
-from quantship.progress import track
-from quantship.runtime.base import RunnerOptions
+from quantship.progress import note, track
+from quantship.runtime.base import Runner, RunnerOptions
+from quantship.runtime.registry import get_runtime
 from quantship.targets.base import BuildContext, CalibrationData, Target, needs_calibration
 
 log = logging.getLogger("quantship")
@@ -78,6 +79,25 @@ def check_model_source(model: str, weights: str | None, trust_savedmodel: bool =
         check_savedmodel_trust(path, trust_savedmodel, "--model")
     elif weights not in (None, "pretrained", "random"):
         check_savedmodel_trust(Path(str(weights)).expanduser(), trust_savedmodel, "--weights")
+
+
+def check_providers_for(targets: Sequence[Target], providers: Sequence[str], where: str = "--ort-providers") -> None:
+    """Refuse, before any work, ONNX Runtime execution providers this machine's onnxruntime lacks when a target
+    runs on ONNX Runtime (unknown names were refused when the options were read).
+
+    Raises:
+        ConfigError: Naming ``where``, what is missing and what is available.
+    """
+    if not any(t.spec.backend == "onnx" for t in targets):  # the ONNX Runtime runtime
+        return
+    from quantship.runtime.onnxruntime import unavailable_providers
+
+    missing, available = unavailable_providers(providers)
+    if missing:
+        raise ConfigError(
+            f"{where}: {', '.join(missing)} not available in this onnxruntime build (available: "
+            f"{', '.join(available)}); install onnxruntime-gpu for CUDA / TensorRT, or give cpu"
+        )
 
 
 def load_evaluation_data(data: str, labels: str | None = None, allow_missing_images: bool = False) -> ImageDataset:
@@ -224,6 +244,7 @@ def calibration_data(
                 raise DataError(
                     f"no readable calibration image among {len(calib)} ({skipped[0].reason if skipped else ''})"
                 )
+            data.read.update(images=sum(len(b) for b in cache), skipped=len(skipped))
         return cache
 
     info = {
@@ -235,7 +256,8 @@ def calibration_data(
     }
     if method:
         info["method"] = method
-    return CalibrationData(batches, info, percentile, batch_size)
+    data = CalibrationData(batches, info, percentile, batch_size)
+    return data
 
 
 def draw_calibration(dataset: ImageDataset, num_images: int, seed: int) -> ImageDataset:
@@ -327,6 +349,10 @@ def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> tuple[dict[st
     failed: dict[str, str] = {}
     for t in track(targets, total=len(targets), desc="convert"):
         log.info("building %s", t.name)
+        # A converter that crashes the process (a segmentation fault in native code) then leaves a last line
+        # naming its target, where no exception handler could.
+        if t.build is not None:
+            note(f"{t.name}: building")
         try:
             artifacts[t.name] = t.build(ctx, t.spec)
         except TARGET_ERRORS as exc:
@@ -357,17 +383,23 @@ def evaluate_targets(
     batch_size: int = 8,
     workers: int = 4,
     skipped: list[Skipped] | None = None,
+    make_runner: Callable[[Target, BuildContext, Artifact | None], Runner] | None = None,
 ) -> dict[str, TargetRun]:
     """Run every target on the same decoded, preprocessed batches (one decode per image for all targets).
 
     A target whose runner cannot load its artifact or fails while running gets a :class:`TargetRun` with its
     ``error`` set, and its artifact is removed; the others are evaluated.
+
+    Args:
+        make_runner: How a target's runner is made (``eval --remote``: on the device); default
+            :meth:`Target.make_runner`.
     """
     ctx = side_by_side(ctx, targets)
     runners, failed = {}, {}
     for t in targets:
         try:
-            runners[t.name] = t.make_runner(ctx, artifacts[t.name]).activate()
+            runner = make_runner(t, ctx, artifacts[t.name]) if make_runner else t.make_runner(ctx, artifacts[t.name])
+            runners[t.name] = runner.activate()
         except TARGET_ERRORS as exc:
             failed[t.name] = TargetRun(t.name, error=str(exc))
     try:
@@ -377,7 +409,7 @@ def evaluate_targets(
             r.deactivate()
     runs.update(failed)
     for name, run in runs.items():
-        if run.error:
+        if run.error and make_runner is None:  # an artifact another machine cannot run may still be good here
             remove_artifact(artifacts.get(name))
     return {t.name: runs[t.name] for t in targets}
 
@@ -398,13 +430,8 @@ def target_fields(target: Target) -> dict[str, Any]:
 
 
 def runtime_fields(target: Target, options: RunnerOptions) -> dict[str, Any]:
-    """How a target was run: CPU threads of LiteRT / ONNX Runtime and ONNX Runtime's execution providers."""
-    from quantship.runtime.onnxruntime import provider_names
-
-    fields: dict[str, Any] = {"threads": options.threads}
-    if target.spec.backend == "onnx":
-        fields["providers"] = provider_names(options.providers)
-    return fields
+    """How a target was run: CPU threads, and what its runtime adds (ONNX Runtime: its execution providers)."""
+    return {"threads": options.threads, **get_runtime(target.spec.backend).row_fields(options)}
 
 
 def evaluated_rows(
@@ -446,6 +473,7 @@ def evaluated_rows(
                 "reference": ref,
                 **task.agreement(a, arrays[ref]),
                 "latency_ms": runs[t.name].latency_ms,
+                "where": "local",
                 **runtime_fields(t, options),
                 **artifact_fields(artifacts.get(t.name)),
                 "weights": loaded.weights,
