@@ -33,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="held-out images for ranking and verifying the fallback",
     )
     g.add_argument("--fallback-method", default="max", help="calibration of the Q/DQ model (max)")
+    g.add_argument(
+        "--weighted-only",
+        action="store_true",
+        help="keep only layers with weights in float (by default also the softmax, residual adds, pooling and "
+        "the output op where that is what the gate needs)",
+    )
     a.remote(p)
     a.trt(p)
     a.common(p)
@@ -61,7 +67,12 @@ def _auto_fallback(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--auto-fallback needs --gate (e.g. 'top1>=0.99') and --data (calibration and held-out images)"
         )
-    analyses = Analyses(backends=("qdq", "tflite"), method=args.fallback_method, gate=Gate.parse(args.gate))
+    analyses = Analyses(
+        backends=("qdq", "tflite"),
+        method=args.fallback_method,
+        gate=Gate.parse(args.gate),
+        ops=not args.weighted_only,
+    )
     spec = SensitivitySpec(
         model=args.model,
         weights=args.weights,

@@ -39,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.post_training(p)
     p.add_argument("--gate", help="find float layers so int8 passes, e.g. 'top1>=0.99', 'mAP>=0.95' or 'drop<=0.5'")
     p.add_argument(
+        "--weighted-only",
+        action="store_true",
+        help="with --gate: keep only layers with weights in float (by default the fallback may also keep the "
+        "softmax, residual adds, pooling and the output op in float)",
+    )
+    p.add_argument(
         "--rebuild",
         action="store_true",
         help="convert every TFLite variant from scratch through the quantization debugger (the slow path: it "
@@ -76,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         gate=Gate.parse(args.gate) if args.gate else None,
         ptq=a.ptq_steps(args),
         fast=not args.rebuild,
+        ops=not args.weighted_only,
     )
     spec = SensitivitySpec(
         model=args.model,

@@ -167,6 +167,24 @@ class TfliteConverter:
             self._op_outputs = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         return self._op_outputs
 
+    def op_kinds(self) -> list[tuple[str, str]]:
+        """(builtin operator name, output tensor name) of every operator of the float model, in graph order."""
+        if getattr(self, "_op_kinds", None) is None:
+            from tensorflow.lite.tools import flatbuffer_utils
+
+            model = flatbuffer_utils.convert_bytearray_to_object(self.convert(TfliteSpec(Precision.FP32)))
+            sg = model.subgraphs[0]
+            codes = _builtin_names()
+            out = []
+            for op in sg.operators:
+                code = model.operatorCodes[op.opcodeIndex]
+                kind = codes.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+                for i in op.outputs:
+                    n = sg.tensors[i].name
+                    out.append((kind, n.decode() if isinstance(n, bytes) else str(n)))
+            self._op_kinds = out
+        return self._op_kinds
+
     def nodes_outside(self, layers: Iterable[str]) -> list[str]:
         """The deny list that leaves only the ops of the given Keras layers int8: every operator output none of
         whose fused parts belongs to them, including ops named after no layer (a classifier's softmax)."""
@@ -536,3 +554,11 @@ def convert_to_tflite(
             return existing
     data = converter.convert(spec, calibration)
     return write_artifact(out_path, data, {**manifest, "build_key": build_key})
+
+
+def _builtin_names() -> dict[int, str]:
+    """TFLite builtin operator code -> name (``25 -> "SOFTMAX"``), from the schema TensorFlow ships."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    ops = schema.BuiltinOperator
+    return {getattr(ops, k): k for k in dir(ops) if not k.startswith("_") and isinstance(getattr(ops, k), int)}
