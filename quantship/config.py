@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -13,9 +15,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from quantship.errors import ConfigError
+from quantship.fileio import sha256_json
 
 
-def _choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
+def parse_choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
+    """``value`` as a member of ``enum_cls`` (a member or its value), else a ConfigError naming ``what``."""
     if isinstance(value, enum_cls):
         return value
     try:
@@ -23,6 +27,9 @@ def _choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
     except ValueError:
         names = ", ".join(m.value for m in enum_cls)
         raise ConfigError(f"unknown {what} '{value}'; choose one of: {names}") from None
+
+
+_choice = parse_choice  # the short name this module's readers use
 
 
 class Interpolation(str, enum.Enum):
@@ -181,7 +188,6 @@ class PreprocessSpec:
         return json.loads(json.dumps(dataclasses.asdict(self), default=lambda o: o.value))
 
     def hash(self) -> str:
-        from quantship.fileio import sha256_json
 
         return sha256_json({**self.to_dict(), "resize_long_side": RESIZE_LONG_SIDE})[:16]
 
@@ -498,7 +504,6 @@ class Gate:
         )
 
     def applies(self, target: str) -> bool:
-        import fnmatch
 
         return any(fnmatch.fnmatch(target, pat) for pat in self.targets)
 
@@ -702,7 +707,6 @@ def max_image_pixels() -> int:
     Raises:
         ConfigError: The variable is not a whole number >= 1.
     """
-    import os
 
     text = os.environ.get("QUANTSHIP_MAX_IMAGE_PIXELS")
     if text is None:

@@ -1099,6 +1099,14 @@ CASES = [
         inprocess=True,
     ),
     Case(
+        "diff-ort-providers-unavailable",
+        ("diff", "--model", "{model}", "--preprocess", P, "--data", "imagenet:{data}", "--images", "2")
+        + ("--calib-images", "2", "--targets", "keras-fp32,onnx-fp32", "--ort-providers", "cuda", "--out", "{out}"),
+        2,
+        "--ort-providers: CUDAExecutionProvider not available",
+        inprocess=True,
+    ),
+    Case(
         "ray-address-empty",
         ("signoff", "{plan}", "--ray-address", "", "--out", "{out}"),
         2,
@@ -1194,6 +1202,7 @@ def _run_inprocess(argv: list[str], capfd) -> tuple[int, str, str]:
 )
 def test_bad_input(case: Case, request, tmp_path, capfd):
     env = request.getfixturevalue("model_env" if case.inprocess else "data_env")
+    capfd.readouterr()  # what building the shared models printed (TensorFlow's start-up lines) is not the row's
     values = {k: str(v) for k, v in env.items()}
     values.update(tmp=str(tmp_path), out=str(tmp_path / "out"))
     values.update(case.build(tmp_path, env) or {})

@@ -288,15 +288,13 @@ def ptq_steps(args: argparse.Namespace) -> PtqSteps:
 
 
 def convert_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """What ``convert`` and ``bench`` pass to :func:`quantship.jobs.convert.convert_artifacts` from their options."""
+    """The fields of :class:`quantship.jobs.convert.ConvertSpec` that ``convert`` and ``bench`` take from their
+    options (all but model, targets, output folder and threads)."""
     return dict(
         weights=args.weights,
         data=args.data,
         labels=args.labels,
-        calib_images=args.calib_images,
-        calib_seed=args.calib_seed,
-        calib_list=args.calib_list,
-        calib_percentile=args.calib_percentile,
+        calibration=calibration(args),
         preprocess_overrides=preprocess(args),
         workers=args.workers,
         trt=trt_options(args),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.config import CalibrationSpec, Gate
 from quantship.errors import ConfigError
 
 
@@ -49,23 +50,18 @@ def run(args: argparse.Namespace) -> int:
         if remote is not None:
             raise ConfigError("--auto-fallback evaluates on this machine; it does not run with --remote")
         return _auto_fallback(args)
-    from quantship.jobs.convert import run_convert
+    from quantship.jobs.convert import ConvertSpec, run_convert
 
-    result = run_convert(
-        args.model,
-        args.targets,
-        Path(args.out),
-        threads=args.threads,
-        remote=remote,
-        **a.convert_kwargs(args),
+    spec = ConvertSpec(
+        args.model, args.targets, Path(args.out), threads=args.threads, remote=remote, **a.convert_kwargs(args)
     )
+    result = run_convert(spec)
     print(result.text)
     return result.exit_code
 
 
 def _auto_fallback(args: argparse.Namespace) -> int:
-    from quantship.config import Gate
-    from quantship.jobs.sensitivity import Analyses, run_sensitivity
+    from quantship.jobs.sensitivity import Analyses, SensitivitySpec, run_sensitivity
 
     if not args.gate or not args.data:
         raise ConfigError(
@@ -77,21 +73,20 @@ def _auto_fallback(args: argparse.Namespace) -> int:
         gate=Gate.parse(args.gate),
         ops=not args.weighted_only,
     )
-    setup = dict(
+    spec = SensitivitySpec(
         model=args.model,
         weights=args.weights,
         data=args.data,
         labels=args.labels,
         images=args.fallback_images,
-        calib_images=args.calib_images,
+        calibration=CalibrationSpec(num_images=args.calib_images, list=args.calib_list),
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
-        calib_list=args.calib_list,
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
     )
     result = run_sensitivity(
-        setup, analyses, Path(args.out), threads=args.threads, jsonl_name="fallback.jsonl", report=False
+        spec, analyses, Path(args.out), threads=args.threads, jsonl_name="fallback.jsonl", report=False
     )
     print(result.text)
     return result.exit_code

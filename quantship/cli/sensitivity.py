@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.config import CalibrationSpec, Gate
 from quantship.errors import ConfigError
 
 
@@ -68,8 +69,7 @@ def recipe(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.config import Gate
-    from quantship.jobs.sensitivity import Analyses, run_sensitivity
+    from quantship.jobs.sensitivity import Analyses, SensitivitySpec, run_sensitivity
 
     analyses = Analyses(
         backends=tuple(a.names(args.backend)),
@@ -84,22 +84,20 @@ def run(args: argparse.Namespace) -> int:
         fast=not args.rebuild,
         ops=not args.weighted_only,
     )
-    setup = dict(
+    spec = SensitivitySpec(
         model=args.model,
         weights=args.weights,
         data=args.data,
         labels=args.labels,
         images=args.images,
-        calib_images=args.calib_images,
+        calibration=CalibrationSpec(num_images=args.calib_images, data=args.calib_data, list=args.calib_list),
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         anchors=args.anchors,
-        calib_data=args.calib_data,
-        calib_list=args.calib_list,
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
     )
-    result = run_sensitivity(setup, analyses, Path(args.out), threads=args.threads, show=args.show)
+    result = run_sensitivity(spec, analyses, Path(args.out), threads=args.threads, show=args.show)
     print(result.text)
     return result.exit_code
 

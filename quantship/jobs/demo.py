@@ -28,14 +28,21 @@ import numpy as np
 from quantship.config import PtqSteps
 from quantship.data.classes import class_name, wnid_to_label
 from quantship.data.datasets import check_disjoint, load_dataset
-from quantship.errors import QuantshipError
+from quantship.errors import ConfigError, QuantshipError
 from quantship.evaluate.bench import latency_pass
+from quantship.evaluate.environment import environment
 from quantship.evaluate.latency import measure_latency
-from quantship.evaluate.results import markdown_table, text_table
-from quantship.fileio import write_bytes_atomic, write_text_atomic
+from quantship.evaluate.report import build_report
+from quantship.evaluate.results import markdown_table, text_table, write_results
+from quantship.evaluate.tasks import ClassificationTask
+from quantship.fileio import FolderLock, write_bytes_atomic, write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.lazy import lazy_import
+from quantship.models.loading import resolve_preprocess
 from quantship.progress import note
+from quantship.runtime.base import RunnerOptions
+from quantship.targets import BuildContext, parse_targets
+from quantship.targets.run import build_targets, calibration_data, evaluate_targets, evaluated_rows, load_for
 
 MODEL = "efficientnet_lite0"
 # Models the demo runs (registry name -> where its ImageNet weights come from).
@@ -174,8 +181,6 @@ def run_demo(out: Path, threads: int = 2, model: str = MODEL, ptq: PtqSteps = Pt
     Raises:
         ConfigError: A model the demo does not know (see :data:`DEMO_MODELS`).
     """
-    from quantship.errors import ConfigError
-    from quantship.fileio import FolderLock
 
     if model not in DEMO_MODELS:
         raise ConfigError(f"--model: the demo runs {', '.join(DEMO_MODELS)}, not '{model}'")
@@ -185,15 +190,6 @@ def run_demo(out: Path, threads: int = 2, model: str = MODEL, ptq: PtqSteps = Pt
 
 
 def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
-    from quantship.evaluate.environment import environment
-    from quantship.evaluate.report import build_report
-    from quantship.evaluate.results import write_results
-    from quantship.evaluate.tasks import ClassificationTask
-    from quantship.fileio import write_json_atomic
-    from quantship.models.loading import resolve_preprocess
-    from quantship.runtime.base import RunnerOptions
-    from quantship.targets import BuildContext, parse_targets
-    from quantship.targets.run import build_targets, calibration_data, evaluate_targets, evaluated_rows, load_for
 
     t0 = time.perf_counter()
     note(f"quantship demo -> {out}  (library logs: {out / 'native.log'}, converter log: {out / 'convert.log'})")
@@ -233,7 +229,8 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
         ]
         latency_lines: list[str] = []
         try:
-            timed = latency_pass(files, threads, lines=latency_lines)
+            # 5 queries per round: int16x8 runs ~1 s per query on XNNPACK-less kernels and would leave 3 rounds.
+            timed = latency_pass(files, threads, max_seconds=90, lines=latency_lines, queries_per_round=5)
         except QuantshipError as exc:  # one file the runtime cannot run must not cost the demo its table
             latency_lines.append(f"interleaved latency failed ({exc}); each target timed on its own instead")
             timed = {}

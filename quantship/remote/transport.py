@@ -23,6 +23,7 @@ from typing import ClassVar, Sequence
 
 from quantship.config import REMOTE_SCHEMES, RemoteOptions, RemoteURL
 from quantship.errors import MissingDependencyError, RemoteError
+from quantship.fileio import atomic_path
 
 # Host-side folders of sessions (the ControlMaster socket, stderr files); a folder left by a killed run is swept
 # by the next run when the process named in it is gone.
@@ -106,7 +107,6 @@ class Transport(abc.ABC):
 
     def download(self, remote: str, local: Path) -> None:
         """Copy a device file to ``local`` (written atomically)."""
-        from quantship.fileio import atomic_path
 
         with atomic_path(local) as tmp, open(tmp, "wb") as f:
             proc = subprocess.run(self.argv(["cat", remote]), stdout=f, stderr=subprocess.PIPE, start_new_session=True)

@@ -7,8 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from quantship.config import CalibrationMethod, Gate
+from quantship.convert.artifact import write_artifact
+from quantship.convert.qdq import insert_qdq
+from quantship.evaluate.latency import measure_latency
 from quantship.evaluate.loop import runner_outputs
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 from quantship.runtime.registry import make_runner
 from quantship.sensitivity.scoring import HeldOut, gate_passes, harm_key, score
 from quantship.sensitivity.setup import SensitivitySetup
@@ -66,10 +70,6 @@ def apply_fallback(
 
     ``float_layers`` may hold op unit keys (:mod:`quantship.sensitivity.units`) besides Keras layer names when
     ``units`` is set; a backend ignores the keys it has no op for."""
-    from quantship.convert.artifact import write_artifact
-    from quantship.convert.qdq import insert_qdq
-    from quantship.evaluate.latency import measure_latency
-    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 
     method = CalibrationMethod.parse(method)
     art_dir = setup.work / "artifacts"

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from quantship.config import Gate
+from quantship.convert.layer_names import segment_layer
 from quantship.evaluate.loop import runner_outputs
 from quantship.runtime.base import RunnerOptions
 from quantship.runtime.registry import make_runner
@@ -53,9 +54,7 @@ class OpUnit:
 
 
 def _layer(name: str, layer_names: set[str]) -> str | None:
-    from quantship.convert.onnx import _segment_layer
-
-    return next((la for part in name.split(";") if (la := _segment_layer(part, layer_names))), None)
+    return next((la for part in name.split(";") if (la := segment_layer(part, layer_names))), None)
 
 
 def tflite_units(converter: Any, weighted_layers: Iterable[str]) -> list[OpUnit]:

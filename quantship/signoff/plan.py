@@ -8,8 +8,23 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantship.config import CalibrationSpec, Gate, PtqSteps, RemoteOptions, TrtInt8Mode, TrtOptions
+from quantship.config import (
+    CalibrationSpec,
+    Gate,
+    PreprocessSpec,
+    PtqSteps,
+    RemoteOptions,
+    TrtInt8Mode,
+    TrtOptions,
+    check_ort_provider_names,
+    parse_preprocess_overrides,
+)
+from quantship.data.datasets import dataset_task
 from quantship.errors import ConfigError
+from quantship.evaluate.tasks import task_metrics
+from quantship.fileio import read_text
+from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
+from quantship.targets import get_target, parse_targets
 
 
 class ExecutorKind(str, Enum):
@@ -87,8 +102,6 @@ class SignoffPlan:
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "SignoffPlan":
         """Read and check a YAML plan; ``overrides`` (command-line flags) replace its keys."""
         import yaml
-
-        from quantship.fileio import read_text
 
         path = Path(path)
         if not path.is_file():
@@ -172,9 +185,6 @@ class _PlanReader:
         return items
 
     def read(self, d: dict[str, Any]) -> SignoffPlan:
-        from quantship.data.datasets import dataset_task
-        from quantship.evaluate.tasks import task_metrics
-        from quantship.targets import get_target, parse_targets
 
         d = dict(d)
         self.known(d, "", {f.name for f in fields(SignoffPlan)} | {"dataset"})
@@ -279,7 +289,6 @@ class _PlanReader:
         return options_
 
     def providers(self, value: Any) -> tuple[str, ...]:
-        from quantship.config import check_ort_provider_names
 
         try:
             return check_ort_provider_names(value, "ort_providers")
@@ -333,7 +342,6 @@ class _PlanReader:
             raise self.error("executor", f"expected one of {known}, got {value!r}") from None
 
     def models(self, value: Any, trust_savedmodel: bool) -> tuple[PlanModel, ...]:
-        from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
 
         if not isinstance(value, list):
             raise self.error("models", f"expected a list of models (names or mappings), got {value!r}")
@@ -370,7 +378,6 @@ class _PlanReader:
         return tuple(out)
 
     def preprocess(self, value: Any, key: str) -> dict[str, Any]:
-        from quantship.config import PreprocessSpec, parse_preprocess_overrides
 
         if value is None:
             return {}

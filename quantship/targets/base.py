@@ -13,6 +13,7 @@ import numpy as np
 
 from quantship.config import CalibrationMethod, Precision, PtqSteps, TargetSpec, TrtInt8Mode, TrtOptions
 from quantship.convert.layer_names import KerasLayers
+from quantship.convert.ptq import prepare_model
 from quantship.errors import ConfigError
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel
@@ -67,7 +68,6 @@ class BuildContext:
 
     def _prepared(self) -> tuple[Any, Any]:
         def build() -> tuple[Any, Any]:
-            from quantship.convert.ptq import prepare_model
 
             batches = self.calibration.batches if self.calibration else None
             return prepare_model(self.loaded.model, self.ptq, batches)

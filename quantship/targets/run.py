@@ -39,6 +39,7 @@ from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
 from quantship.progress import note, track
 from quantship.runtime.base import Runner, RunnerOptions
+from quantship.runtime.onnxruntime import unavailable_providers
 from quantship.runtime.registry import get_runtime
 from quantship.targets.base import BuildContext, CalibrationData, Target, needs_calibration
 
@@ -90,7 +91,6 @@ def check_providers_for(targets: Sequence[Target], providers: Sequence[str], whe
     """
     if not any(t.spec.backend == "onnx" for t in targets):  # the ONNX Runtime runtime
         return
-    from quantship.runtime.onnxruntime import unavailable_providers
 
     missing, available = unavailable_providers(providers)
     if missing:
