@@ -258,9 +258,18 @@ def ptq_steps(args: argparse.Namespace) -> PtqSteps:
         raise ConfigError(f"{', '.join(given)} set AdaRound's budget: add --adaround")
     adaround = AdaRoundOptions(**{k: v for k, v in budget.items() if v is not None}) if args.adaround else None
     if getattr(args, "post_training", None) == "auto":
-        mixed = [f for f, on in (("--equalize", args.equalize), ("--bias-correct", args.bias_correct), ("--adaround", args.adaround)) if on]
+        flags = (("--equalize", args.equalize), ("--bias-correct", args.bias_correct), ("--adaround", args.adaround))
+        mixed = [f for f, on in flags if on]
         if mixed:
             raise ConfigError(f"--post-training auto chooses the steps itself: drop {', '.join(mixed)}")
+        from quantship.jobs.post_training import HOLD_OUT_EVERY, MIN_HELD_OUT
+
+        calib = getattr(args, "calib_images", None)
+        if calib is not None and calib < HOLD_OUT_EVERY * MIN_HELD_OUT:
+            raise ConfigError(
+                f"--post-training auto scores its candidates on every {HOLD_OUT_EVERY}th calibration image: "
+                f"--calib-images must be at least {HOLD_OUT_EVERY * MIN_HELD_OUT}, got {calib}"
+            )
         return PtqSteps(auto=True)
     return PtqSteps(equalize=args.equalize, bias_correct=args.bias_correct, relu6=args.relu6, adaround=adaround)
 

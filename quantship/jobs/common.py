@@ -36,6 +36,7 @@ from quantship.errors import (
 from quantship.evaluate.loop import TargetRun, run_targets
 from quantship.evaluate.tasks import Task
 from quantship.manifest import Artifact
+from quantship.jobs.post_training import build_searched
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
 from quantship.progress import track
 from quantship.runtime.base import RunnerOptions
@@ -336,7 +337,7 @@ def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> tuple[dict[st
     for t in track(targets, total=len(targets), desc="convert"):
         log.info("building %s", t.name)
         try:
-            artifacts[t.name] = t.build(ctx, t.spec)
+            artifacts[t.name] = build_searched(ctx, t)
         except TARGET_ERRORS as exc:
             failed[t.name] = str(exc)
     return artifacts, failed

@@ -54,6 +54,7 @@ from quantship.jobs.common import (
     runtime_fields,
     target_fields,
 )
+from quantship.jobs.post_training import build_searched
 from quantship.jobs.ray_cluster import clean_stale_instance
 from quantship.jobs.specs import ExecutorKind, PlanModel, SignoffPlan
 from quantship.manifest import Artifact, tool_versions
@@ -516,7 +517,7 @@ def _run_unit(
     timings = timings if timings is not None else {"build_s": 0.0, "evaluate_s": 0.0}
     try:
         t0 = time.perf_counter()
-        art = t.build(ctx, t.spec)
+        art = build_searched(ctx, t)
         t1 = time.perf_counter()
         _evaluate_unit(plan, ctx, t, art, evalset, task, state)
         timings["build_s"] += t1 - t0

@@ -35,6 +35,7 @@ from quantship.config import InputCacheOptions
 from quantship.errors import ExecutorError
 from quantship.fileio import write_json_atomic, write_text_atomic
 from quantship.jobs.common import TARGET_ERRORS, remove_artifact
+from quantship.jobs.post_training import build_searched
 from quantship.jobs.ray_cluster import RayCluster, strip_ansi
 from quantship.jobs.signoff import (
     NUMERIC_TOOLS,
@@ -217,7 +218,7 @@ def build_model(
         for t in targets:
             if t.name in target_names:
                 try:
-                    out[t.name] = {"artifact": t.build(ctx, t.spec)}
+                    out[t.name] = {"artifact": build_searched(ctx, t)}
                 except TARGET_ERRORS as exc:
                     out[t.name] = {"error": str(exc)}
     finally:
