@@ -86,7 +86,8 @@ def _onnx_int8_initializers(path) -> list[np.ndarray]:
 @pytest.mark.slow
 def test_exported_backends_carry_adarounds_integers(trained_tiny, synset_dataset, tmp_path):
     """Through the real command: the int8 weights inside the TFLite file, the Q/DQ model and the ONNX Runtime int8
-    model (uint8 q + 128 there) are exactly AdaRound's integers (and differ from round-to-nearest somewhere, so this can fail)."""
+    model (uint8 q + 128 there) are exactly AdaRound's integers (and differ from round-to-nearest somewhere, so
+    this can fail)."""
     from quantship.cli import main
 
     model, path = trained_tiny

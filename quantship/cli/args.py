@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantship.config import (
+    AdaRoundOptions,
     CalibrationSpec,
     InputCacheOptions,
     PreprocessSpec,
-    AdaRoundOptions,
     PtqSteps,
     TrtOptions,
     parse_preprocess_overrides,

@@ -35,8 +35,8 @@ from quantship.errors import (
 )
 from quantship.evaluate.loop import TargetRun, run_targets
 from quantship.evaluate.tasks import Task
-from quantship.manifest import Artifact
 from quantship.jobs.post_training import build_searched
+from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
 from quantship.progress import track
 from quantship.runtime.base import RunnerOptions

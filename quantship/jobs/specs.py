@@ -265,11 +265,13 @@ class _PlanReader:
                 raise self.error("relu6", str(exc)) from None
 
     def adaround(self, value: Any) -> AdaRoundOptions | None:
-        """``adaround: true`` (the default budget), false, or a mapping ``{iterations, images, batch}``."""
+        """``adaround: true`` (the default budget), false, or a mapping ``{iterations, images, positions}``."""
         if isinstance(value, bool):
             return AdaRoundOptions() if value else None
         if not isinstance(value, dict):
-            raise self.error("adaround", f"expected true, false or a mapping (iterations, images, batch), got {value!r}")
+            raise self.error(
+                "adaround", f"expected true, false or a mapping (iterations, images, positions), got {value!r}"
+            )
         self.known(value, "adaround", {f.name for f in fields(AdaRoundOptions)})
         with self.section("adaround"):
             defaults = AdaRoundOptions()
