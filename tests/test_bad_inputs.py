@@ -520,6 +520,44 @@ CASES = [
         "argument --calib-percentile: expected a percentile in (0, 100], got 101",
     ),
     Case("limit-0", eval_argv("--limit", "0"), 2, "argument --limit: expected a positive integer, got 0"),
+    # AdaRound's budget and the post-training search
+    *(
+        Case(f"adaround-{opt}-{value}", eval_argv("--adaround", f"--adaround-{opt}", value), 2, fragment)
+        for opt, value, fragment in (
+            ("iterations", "0", "argument --adaround-iterations: expected a positive integer, got 0"),
+            ("iterations", "-5", "argument --adaround-iterations: expected a positive integer, got -5"),
+            ("iterations", "nan", "argument --adaround-iterations: expected a positive integer, got 'nan'"),
+            ("iterations", "1e9", "argument --adaround-iterations: expected a positive integer, got '1e9'"),
+            ("iterations", "1000000", "adaround iterations must be a whole number from 1 to 100000, got 1000000"),
+            ("images", "", "argument --adaround-images: expected a positive integer, got ''"),
+            ("images", "many", "argument --adaround-images: expected a positive integer, got 'many'"),
+        )
+    ),
+    Case(
+        "adaround-budget-without-adaround",
+        eval_argv("--adaround-images", "8"),
+        2,
+        "--adaround-images set AdaRound's budget: add --adaround",
+    ),
+    Case("post-training-unknown", eval_argv("--post-training", "best"), 2, "argument --post-training: invalid choice"),
+    Case(
+        "post-training-auto-with-steps",
+        eval_argv("--post-training", "auto", "--equalize"),
+        2,
+        "--post-training auto chooses the steps itself: drop --equalize",
+    ),
+    Case(
+        "post-training-auto-few-calibration-images",
+        eval_argv("--post-training", "auto", "--calib-images", "4"),
+        2,
+        "--calib-images must be at least 8, got 4",
+    ),
+    Case(
+        "sensitivity-has-no-post-training-auto",
+        ("sensitivity", "--model", "{model}", "--data", "imagenet:{data}", "--post-training", "auto", "--out", "{out}"),
+        2,
+        "unrecognized arguments: --post-training auto",
+    ),
     Case("missing-required-option", ("eval", "--model", "{model}", "--out", "{out}"), 2, "required: --data"),
     Case("out-is-a-file", eval_argv(), 2, "is a file, not a folder", frozenset({"<file>"}), out_is_a_file),
     Case("out-parent-is-a-file", eval_argv(), 2, "is a file, so no folder can be made there", build=parent_is_a_file),
@@ -606,6 +644,17 @@ CASES = [
             ("post_training", {"equalize": "yes"}, "post_training: equalize: expected true or false, got 'yes'"),
             ("post_training", {"relu6": "clip"}, "post_training: relu6: relu6 mode must be one of keep"),
             ("post_training", {"fold": True}, "post_training: unknown key(s) fold"),
+            ("post_training", "best", "post_training: expected auto or a mapping (equalize, bias_correct, relu6"),
+            ("post_training", {"adaround": "yes"}, "post_training: adaround: expected true, false or a mapping"),
+            ("post_training", {"adaround": {"iterations": 0}}, "adaround: iterations: expected a whole number >= 1"),
+            ("post_training", {"adaround": {"images": -3}}, "adaround: images: expected a whole number >= 1, got -3"),
+            ("post_training", {"adaround": {"images": 2.5}}, "adaround: images: expected a whole number >= 1, got 2.5"),
+            ("post_training", {"adaround": {"steps": 10}}, "post_training: adaround: unknown key(s) steps"),
+            (
+                "post_training",
+                {"adaround": {"iterations": 10**9}},
+                "adaround: iterations: adaround iterations must be a whole number from 1 to 100000",
+            ),
             ("models", model_edit(preprocess="mode=raw,size="), "models[0].preprocess expects key=value pairs"),
             ("models", model_edit(preprocess={"std": 0}), "models[0].preprocess: preprocess std must be at least"),
             ("models", model_edit(preprocess=["size", 32]), "models[0].preprocess: expected 'mode=tf,size=224,...'"),
