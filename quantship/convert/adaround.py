@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -273,14 +274,6 @@ class _Sampler:
         return tf.gather_nd(self.x, grid), tf.reshape(y, [p, 1, 1, -1])
 
 
-def _inputs_of(model: Any, layer: Any, images: np.ndarray, batch: int = 8) -> np.ndarray:
-    """The input tensor of ``layer`` in ``model`` on ``images``."""
-    keras = lazy_import("keras")
-    probe = keras.Model(model.inputs, layer._inbound_nodes[0].input_tensors[0])
-    outs = [np.asarray(probe([images[i : i + batch]], training=False)) for i in range(0, len(images), batch)]
-    return np.concatenate(outs).astype(np.float32)
-
-
 def _batched(fn: Callable, x: np.ndarray, kernel: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate([np.asarray(fn(x[i : i + batch], kernel), np.float32) for i in range(0, len(x), batch)])
 
@@ -376,50 +369,84 @@ def adaround(
     images = np.asarray(images, np.float32)[: options.images]
     if len(images) == 0:
         raise ConfigError("adaround needs calibration images")
-    from quantship.convert.ptq import rebuild
-
+    if len(model.inputs) != 1:
+        raise ConfigError("adaround handles models with one input")
     started = time.perf_counter()
-    reference = rebuild(model, {})  # the float model, before any layer is rounded
     report = AdaRoundReport(options, images=len(images))
     integers: dict[str, np.ndarray] = {}
     flipped, total, err_near, err_ada = 0, 0, [], []
-    for layer in model.layers:
-        if _kind(layer) not in ROUNDED:
-            continue
-        why = eligible(layer)
-        if why is not None:
-            report.skipped.append(f"{layer.name}: {why}")
-            continue
-        if progress is not None:
-            progress(layer.name)
-        kind = _kind(layer)
-        after = _following_relu(model, layer)
-        ref_layer = reference.get_layer(layer.name)
-        ref_after = reference.get_layer(after.name) if after is not None else None
-        weights = layer.get_weights()
-        kernel = np.asarray(weights[0], np.float32)
+    # Two streams of activations through the graph, one layer at a time (each layer runs once per stream, however
+    # deep the model): the float model's, and the model's with every layer so far rounded.
+    floats: dict[int, np.ndarray] = {id(model.inputs[0]): images}
+    hats: dict[int, np.ndarray] = {id(model.inputs[0]): images}
+    layers = [layer for layer in model.layers if _kind(layer) != "InputLayer"]
+    readers = Counter(id(t) for layer in layers for t in _node(layer).input_tensors)
+    for layer in layers:
+        node = _node(layer)
         t0 = time.perf_counter()
-        x_float = _inputs_of(reference, ref_layer, images)
-        fn = _layer_fn(layer, after)
-        target = _batched(_layer_fn(ref_layer, ref_after), x_float, kernel)
-        del x_float
-        x_hat = _inputs_of(model, layer, images)
-        t1 = time.perf_counter()
-        q = round_layer(layer, after, kernel, x_hat, target, options, seed=len(report.layers))
-        report.timings.append((layer.name, t1 - t0, time.perf_counter() - t1))
-        near = nearest_integers(kernel, kind)
-        flipped += int(np.count_nonzero(q != near))
-        total += q.size
-        err_near.append(_relative_error(fn, x_hat, target, dequantized(near, kernel, kind)))
-        err_ada.append(_relative_error(fn, x_hat, target, dequantized(q, kernel, kind)))
-        layer.set_weights([dequantized(q, kernel, kind), *weights[1:]])
-        integers[layer.name] = q
-        report.layers.append(layer.name)
+        y_float = _call(layer, node, floats)
+        why = eligible(layer) if _kind(layer) in ROUNDED else "-"
+        if why is not None:
+            if why != "-":
+                report.skipped.append(f"{layer.name}: {why}")
+            y_hat = _call(layer, node, hats)
+        else:
+            if progress is not None:
+                progress(layer.name)
+            kind = _kind(layer)
+            after = _following_relu(model, layer)
+            weights = layer.get_weights()
+            kernel = np.asarray(weights[0], np.float32)
+            fn = _layer_fn(layer, after)
+            x_hat = hats[id(node.input_tensors[0])]
+            target = _batched(fn, floats[id(node.input_tensors[0])], kernel)
+            t1 = time.perf_counter()
+            q = round_layer(layer, after, kernel, x_hat, target, options, seed=len(report.layers))
+            t2 = time.perf_counter()
+            near = nearest_integers(kernel, kind)
+            flipped += int(np.count_nonzero(q != near))
+            total += q.size
+            err_near.append(_relative_error(fn, x_hat, target, dequantized(near, kernel, kind)))
+            err_ada.append(_relative_error(fn, x_hat, target, dequantized(q, kernel, kind)))
+            layer.set_weights([dequantized(q, kernel, kind), *weights[1:]])
+            integers[layer.name] = q
+            report.layers.append(layer.name)
+            y_hat = _call(layer, node, hats)
+            report.timings.append((layer.name, (t1 - t0) + (time.perf_counter() - t2), t2 - t1))
+        for t, yf, yh in zip(node.output_tensors, y_float, y_hat):
+            floats[id(t)], hats[id(t)] = yf, yh
+        for t in node.input_tensors:  # drop what no later layer reads
+            readers[id(t)] -= 1
+            if readers[id(t)] <= 0:
+                floats.pop(id(t), None)
+                hats.pop(id(t), None)
     report.flipped = flipped / total if total else 0.0
     report.error_nearest = float(np.mean(err_near)) if err_near else 0.0
     report.error_adaround = float(np.mean(err_ada)) if err_ada else 0.0
     report.seconds = time.perf_counter() - started
     return integers, report
+
+
+def _node(layer: Any) -> Any:
+    nodes = getattr(layer, "_inbound_nodes", [])
+    if len(nodes) != 1:
+        raise ConfigError(
+            f"adaround: layer '{layer.name}' is used {len(nodes)} times; a plain functional graph is needed"
+        )
+    return nodes[0]
+
+
+def _call(layer: Any, node: Any, values: dict[int, np.ndarray], batch: int = 8) -> list[np.ndarray]:
+    """The layer's outputs on the stored values of its inputs, a few images at a time."""
+    tree = lazy_import("keras.tree", "keras")
+    n = len(next(values[id(t)] for t in node.input_tensors))
+    chunks = []
+    for i in range(0, n, batch):
+        pick = lambda a: values[id(a)][i : i + batch] if id(a) in values else a  # noqa: E731
+        args = tree.map_structure(pick, node.arguments.args)
+        kwargs = tree.map_structure(pick, node.arguments.kwargs)
+        chunks.append([np.asarray(o, np.float32) for o in tree.flatten(layer(*args, **kwargs))])
+    return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
 
 
 def apply_integers(model: Any, integers: dict[str, np.ndarray]) -> None:

@@ -31,6 +31,7 @@ from quantship.config import AdaRoundOptions, PtqSteps
 from quantship.errors import ConfigError
 from quantship.evaluate.loop import runner_outputs
 from quantship.manifest import Artifact, write_artifact
+from quantship.progress import note
 from quantship.targets import QUANTIZED_WEIGHTS, BuildContext, CalibrationData, Target, get_target
 
 CANDIDATES = (
@@ -198,6 +199,10 @@ class PostTrainingSearch:
             "measures": "top-1 agreement and mean L1 of the outputs against fp32 Keras, on held-out calibration images",
         }
         self.seconds = 0.0  # the reference pass is counted once, in the first target's cost
+        note(
+            f"{target.name}: post-training auto chose {chosen.steps.label} of {len(scores)} candidates "
+            f"({record['seconds']:.0f} s): {reason}"
+        )
         return write_artifact(artifact.path, None, {**artifact.manifest, "post_training_search": record})
 
 
