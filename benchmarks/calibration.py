@@ -113,7 +113,8 @@ def prepare(args, work: Path) -> None:
 def run_ours(work: Path, batch: int, threads: int | None) -> dict:
     import onnx
 
-    from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
+    from quantship.calibrate.api import calibrate
+    from quantship.convert.calibrated import collect_statistics, write_outputs
 
     model = onnx.load(str(work / "model.onnx"))
     cal = np.load(work / "calib.npy")

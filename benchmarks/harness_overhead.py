@@ -158,7 +158,7 @@ def eval_seconds(ctx, targets, artifacts, evalset, task, batch: int, workers: in
     """Wall seconds of one evaluation pass of ``targets`` side by side (quantship eval's loop), after one batch
     of other images (``warmup``) has sized the runtimes' tensors, as the bare loops' warm-up call does."""
     from quantship.evaluate.loop import run_targets
-    from quantship.jobs.common import side_by_side
+    from quantship.targets.run import side_by_side
 
     ctx = side_by_side(ctx, targets)  # as evaluate_targets runs them
     runners = {t.name: t.make_runner(ctx, artifacts[t.name]).activate() for t in targets}
@@ -185,7 +185,7 @@ def decode_seconds(evalset, spec, batch: int, workers: int) -> Timing:
 
 def use_cache(root: Path | None) -> None:
     from quantship.config import InputCacheOptions
-    from quantship.jobs.common import use_input_cache
+    from quantship.jobs import use_input_cache
 
     use_input_cache(InputCacheOptions(enabled=root is not None, path=root))
 
@@ -231,10 +231,10 @@ def main() -> None:
 def run(args: argparse.Namespace, work: Path) -> None:
     from quantship.data.datasets import load_dataset, split_calibration
     from quantship.evaluate.tasks import ClassificationTask
-    from quantship.jobs.common import build_targets, calibration_data, load_for
     from quantship.models.loading import resolve_preprocess
     from quantship.runtime.base import RunnerOptions
     from quantship.targets import BuildContext, parse_targets
+    from quantship.targets.run import build_targets, calibration_data, load_for
 
     calib_n = 64
     data = args.data or f"imagenet:{make_jpegs(work / 'data', args.images + calib_n)}"

@@ -71,7 +71,8 @@ def prepare(args, work: Path) -> tuple[Path, np.ndarray, np.ndarray]:
 
 
 def build_ours(fp32: Path, cal: np.ndarray, methods: list[str], work: Path, threads: int) -> dict[str, Path]:
-    from quantship.calibrate.api import calibrate, collect_statistics, write_ort_model
+    from quantship.calibrate.api import calibrate
+    from quantship.convert.calibrated import collect_statistics, write_ort_model
 
     t = time.perf_counter()
     collector = collect_statistics(fp32, (cal[i : i + 8] for i in range(0, len(cal), 8)), scope="qdq", threads=threads)

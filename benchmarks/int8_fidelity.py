@@ -55,8 +55,8 @@ ORT_ANCHOR = "ort-quantize_static-minmax"
 def load_inputs(model: str, data_root: Path, workers: int):
     """The model, its calibration data (CalibrationData) and the preprocessed evaluation images."""
     from quantship.data.datasets import iter_batches, load_dataset
-    from quantship.jobs.common import calibration_data, load_for
     from quantship.models.loading import resolve_preprocess
+    from quantship.targets.run import calibration_data, load_for
 
     loaded = load_for(model, "pretrained", resolve_preprocess(model, "pretrained"))
     calib = calibration_data(load_dataset(f"imagenet:{data_root / 'calib'}"), loaded, workers=workers)

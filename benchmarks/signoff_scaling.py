@@ -105,9 +105,10 @@ def run_one(plan_file: str, out: str, cpus: int | None) -> dict:
     """One sign-off in this process (called in a child process, so that each run starts cold)."""
     from quantship.config import InputCacheOptions
     from quantship.data.cache import configure
-    from quantship.jobs.signoff import LocalExecutor, signoff
-    from quantship.jobs.signoff_ray import RayExecutor
-    from quantship.jobs.specs import SignoffPlan
+    from quantship.signoff.plan import SignoffPlan
+    from quantship.signoff.ray_executor import RayExecutor
+    from quantship.signoff.run import signoff
+    from quantship.signoff.units import LocalExecutor
 
     configure(InputCacheOptions(enabled=False))  # every run decodes its images (Ray workers get the setting too)
     plan = SignoffPlan.load(plan_file)

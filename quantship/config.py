@@ -356,6 +356,11 @@ class InputCacheOptions:
 RELU6_MODES = ("keep", "calibration", "relu")
 
 
+# ``post_training: auto`` scores its candidates on every 4th calibration image, and needs at least 2 of them.
+AUTO_HOLD_OUT_EVERY = 4
+AUTO_MIN_HELD_OUT = 2
+
+
 @dataclass(frozen=True)
 class AdaRoundOptions:
     """Budget of AdaRound (see :mod:`quantship.convert.adaround`): the paper's loss and schedule, fewer steps.

@@ -505,6 +505,9 @@ CASES = [
         )
     ),
     # --- options
+    Case("models-live-and-no-stats", ("models", "--live-stats", "--no-stats"), 2, "not allowed with argument"),
+    Case("models-live-stats-value", ("models", "--live-stats=yes"), 2, "ignored explicit argument 'yes'"),
+    Case("models-unknown-option", ("models", "--stats"), 2, "unrecognized arguments: --stats"),
     Case("targets-empty", eval_argv(targets=""), 2, "--targets: no target given"),
     Case("targets-commas", eval_argv(targets=",,"), 2, "--targets: no target given"),
     Case("targets-unknown", eval_argv(targets="tflite-int3"), 2, "unknown target 'tflite-int3'"),

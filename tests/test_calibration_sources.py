@@ -15,7 +15,7 @@ from quantship.cli import main
 from quantship.config import CalibrationSpec
 from quantship.data.datasets import FileRead, check_disjoint, file_list_hash, load_dataset, select_listed
 from quantship.errors import ConfigError, DataError
-from quantship.jobs.common import calibration_source, draw_listed_calibration, split_run_data
+from quantship.targets.run import calibration_source, draw_listed_calibration, split_run_data
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def _default_input_cache():
     """``main()`` configures the process's input cache from its options: back to the defaults afterwards."""
     yield
     from quantship.config import InputCacheOptions
-    from quantship.jobs.common import use_input_cache
+    from quantship.jobs import use_input_cache
 
     use_input_cache(InputCacheOptions())
 
@@ -53,7 +53,7 @@ def test_images_kind_is_recursive_sorted_unlabelled_and_refused_for_evaluation(f
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(DataError, match="no images"):
         load_dataset(f"images:{tmp_path / 'empty'}")
-    from quantship.jobs.common import load_evaluation_data
+    from quantship.targets.run import load_evaluation_data
 
     with pytest.raises(ConfigError, match="no labels.*--calib-data"):
         load_evaluation_data(f"images:{train}")
@@ -215,8 +215,8 @@ def test_eval_with_separate_calibration_data_and_list(trained_tiny, folders, tmp
 
 
 def test_signoff_plan_calibration_data_and_list(folders, tmp_path):
-    from quantship.jobs.signoff import plan_data
-    from quantship.jobs.specs import SignoffPlan
+    from quantship.signoff.plan import SignoffPlan
+    from quantship.signoff.units import plan_data
     from quantship.targets import parse_targets
 
     val, train = folders

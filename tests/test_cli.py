@@ -33,8 +33,8 @@ def test_help_without_heavy_imports():
     code = HIDE_EXTRAS + (
         "from quantship.cli import build_parser, main\n"
         "build_parser().format_help()\n"
-        "import quantship.models.zoo, quantship.targets, quantship.jobs.common, quantship.jobs.bench\n"
-        "import quantship.jobs.signoff, quantship.jobs.signoff_ray, quantship.jobs.ray_cluster\n"
+        "import quantship.models.zoo, quantship.targets, quantship.targets.run, quantship.jobs.bench\n"
+        "import quantship.jobs.signoff, quantship.signoff.ray_executor, quantship.signoff.cluster\n"
         "import quantship.evaluate.loadgen, quantship.evaluate.fbtime, quantship.evaluate.bench\n"
         "for argv in (['--help'], ['bench', '--help'], ['signoff', '--help']):\n"
         "    try:\n"

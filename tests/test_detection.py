@@ -384,7 +384,7 @@ def test_sensitivity_and_fallback_rank_detection_layers_on_map(tiny_detector, tm
     """Per-layer sensitivity and the float fallback work for a detection model, on mAP (the task's metric)."""
     from quantship.config import Gate, parse_preprocess_overrides
     from quantship.errors import ConfigError
-    from quantship.jobs.sensitivity import Analyses, prepare, run_analyses
+    from quantship.sensitivity import Analyses, prepare, run_analyses
 
     data = write_voc(tmp_path / "v", 40, seed=5)
     setup = prepare(

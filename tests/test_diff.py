@@ -218,3 +218,18 @@ def test_diff_needs_a_reference_and_a_target(tmp_path):
         run_diff(DiffSpec("efficientnet_lite0", f"imagenet:{tmp_path}", ("keras-fp32",), tmp_path / "o"))
     with pytest.raises(ConfigError, match="keras, tflite and onnx"):
         run_diff(DiffSpec("efficientnet_lite0", f"imagenet:{tmp_path}", ("keras-fp32", "trt-fp16"), tmp_path / "o"))
+
+
+def test_diff_command_through_main(trained_tiny, synset_dataset, tmp_path):
+    """The command itself, through the real parser (its function was tested while its parser lacked
+    ``--calib-percentile``, so every run ended in an AttributeError)."""
+    from quantship.cli import main
+
+    out = tmp_path / "out"
+    argv = ["diff", "--model", str(trained_tiny[1]), "--preprocess", "mode=tf,size=32,crop_pct=1.0"]
+    argv += ["--data", f"imagenet:{synset_dataset}", "--images", "4", "--calib-images", "4", "--threads", "1"]
+    argv += ["--targets", "keras-fp32,tflite-fp32", "--calib-percentile", "99.9", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "diff.jsonl").read_text().splitlines()]
+    assert [r["target"] for r in rows if r["kind"] == "summary"] == ["tflite-fp32"]
+    assert (out / "environment.json").is_file()

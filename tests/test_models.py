@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from quantship.errors import ConfigError, ModelLoadError
+from quantship.jobs.listing import ModelStats, committed_model_stats, measure_model_stats, model_table_path
 from quantship.models import get_model_spec, list_models
 from quantship.models.loading import load_model
 from quantship.models.stats import count_macs
 
 SMALL = "mobilenet_0.25_128"
+TABLE = committed_model_stats()
 
 
 @pytest.mark.slow
@@ -33,7 +38,68 @@ def test_every_registered_model_builds_at_its_input_size(name):
     else:
         assert model.outputs[0].shape[-1] == spec.num_classes
     assert spec.preprocess.size == spec.input_size
+    # `quantship models` prints the committed counts: they must be this model's (every model, so slow).
+    assert TABLE[name] == ModelStats(spec.input_size, int(model.count_params()), count_macs(model)), (
+        f"{name}: its row in {model_table_path()} is stale; rewrite the table with write_model_table()"
+    )
     keras.backend.clear_session()
+
+
+def test_every_registered_model_has_a_row_in_the_committed_table():
+    """`quantship models` reads parameters and MACs from a committed table: a model added to the registry without
+    a row, or a row left behind by a removed model, fails here (no model is built)."""
+    registered = {spec.name: spec for spec in list_models()}
+    assert not registered.keys() - TABLE.keys(), (
+        f"models without a row in {model_table_path()}: {sorted(registered.keys() - TABLE.keys())}; run "
+        "python -c 'from quantship.jobs.listing import write_model_table; write_model_table()'"
+    )
+    assert not TABLE.keys() - registered.keys(), f"rows of unregistered models: {sorted(TABLE.keys() - registered)}"
+    assert {n: TABLE[n].input for n in TABLE} == {n: s.input_size for n, s in registered.items()}
+
+
+@pytest.mark.parametrize("name", [SMALL, "squeezenet_v1_1"])
+def test_committed_row_of_a_small_model_is_what_building_it_counts(name):
+    assert measure_model_stats(get_model_spec(name)) == TABLE[name]
+
+
+def test_models_lists_the_committed_counts_without_building(tmp_path):
+    """The default listing, through the real parser, imports no heavy library (so it builds nothing)."""
+    code = (
+        "import sys\nfrom quantship.cli import main\nrc = main(['models'])\n"
+        "print('HEAVY', sorted(m for m in ('tensorflow', 'keras', 'onnxruntime') if m in sys.modules), rc)"
+    )
+    env = {**os.environ, "QUANTSHIP_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("HEAVY [] 0"), out.stdout[-500:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:] if line.strip()}
+    for name, stats in TABLE.items():
+        assert rows[name][3:5] == [f"{stats.params / 1e6:.2f}M", f"{stats.macs / 1e6:.0f}M"], rows[name]
+    assert not list(tmp_path.iterdir()), "the listing wrote to the cache: it counted something"
+
+
+def test_models_flags_a_model_without_a_row_and_live_stats_counts_it(monkeypatch, capsys, tmp_path):
+    """A model registered outside the package has no committed row: the listing says so (no stale or made-up
+    figure), and `--live-stats` builds it and counts it."""
+    from quantship.cli import main
+    from quantship.jobs import listing
+    from quantship.models.registry import ModelSpec
+
+    small = get_model_spec(SMALL)
+    plugin = ModelSpec(**{**{f: getattr(small, f) for f in small.__dataclass_fields__}, "name": "plugin_net"})
+    monkeypatch.setattr(listing, "registered_models", lambda: [small, plugin])
+    monkeypatch.setenv("QUANTSHIP_CACHE", str(tmp_path))
+    monkeypatch.setattr("quantship.models.registry._MODELS", {SMALL: small, "plugin_net": plugin})
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "no committed parameter/MAC counts for plugin_net" in out
+    assert out.splitlines()[3].split()[3:5] == ["-", "-"]
+
+    assert main(["models", "--live-stats"]) == 0
+    live = capsys.readouterr().out.splitlines()
+    want = [f"{TABLE[SMALL].params / 1e6:.2f}M", f"{TABLE[SMALL].macs / 1e6:.0f}M"]
+    assert live[2].split()[3:5] == want and live[3].split()[:1] == ["plugin_net"] and live[3].split()[3:5] == want
 
 
 # Published multiply-accumulates (MobileNet paper / TF release table, SqueezeNet v1.1 release notes) and

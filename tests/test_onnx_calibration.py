@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY_PREPROCESS, synthetic_set, tf_preprocess
-from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
-from quantship.calibrate.qdq import insert_qdq, quantize_weight
+from quantship.calibrate.api import calibrate
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache, write_cache
+from quantship.convert.calibrated import collect_statistics, write_outputs
 from quantship.convert.onnx import OnnxSpec, _segment_layer, convert_to_onnx, onnx_node_layers
+from quantship.convert.qdq import insert_qdq, quantize_weight
 from quantship.errors import CalibrationError, ConfigError, RuntimeBackendError
 from quantship.runtime.onnxruntime import OnnxRunner
 
@@ -343,7 +344,7 @@ def test_a_conv_with_large_activations_equals_numpy_fake_quant():
     every output within one output quantization step of a numpy fake-quant reference."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from quantship.calibrate.qdq import insert_qdq
+    from quantship.convert.qdq import insert_qdq
     from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 
     rng = np.random.default_rng(3)

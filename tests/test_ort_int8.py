@@ -42,7 +42,7 @@ def _residual_graph():
 
 
 def test_residual_add_quantizes_the_skip_input_even_from_a_conv():
-    from quantship.calibrate.qdq import activation_inputs, qdq_tensors
+    from quantship.convert.qdq import activation_inputs, qdq_tensors
 
     model = _residual_graph()
     by_name = {model.graph.node[k].name: v for k, v in activation_inputs(model).items()}
@@ -56,8 +56,8 @@ def test_residual_add_quantizes_the_skip_input_even_from_a_conv():
 def test_every_residual_add_of_efficientnet_lite0_gets_its_skip_input_quantized(tmp_path):
     import onnx
 
-    from quantship.calibrate.qdq import activation_inputs
     from quantship.convert.onnx import convert_to_onnx
+    from quantship.convert.qdq import activation_inputs
     from quantship.models.loading import load_model
 
     art = convert_to_onnx(load_model("efficientnet_lite0", "random").model, tmp_path / "lite0.onnx")
@@ -89,7 +89,8 @@ def tiny_onnx(trained_tiny, tmp_path_factory):
 
 
 def _ort_model(art, calib, method, tmp_path):
-    from quantship.calibrate.api import calibrate, collect_statistics, write_ort_model
+    from quantship.calibrate.api import calibrate
+    from quantship.convert.calibrated import collect_statistics, write_ort_model
 
     collector = collect_statistics(art.path, [calib[i : i + 6] for i in range(0, len(calib), 6)], scope="qdq")
     path = tmp_path / f"ort-{method}.onnx"
@@ -114,7 +115,7 @@ def test_ort_int8_runs_fused_uint8_kernels_and_equals_its_fake_quant(tiny_onnx, 
     import onnx
     from onnx import numpy_helper
 
-    from quantship.calibrate.ort_layout import artifact_weight_types
+    from quantship.convert.ort_layout import artifact_weight_types
     from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, fused_int8_ops
     from quantship.targets import parse_targets
 
@@ -177,7 +178,7 @@ def test_ort_int8_accuracy_is_that_of_its_fake_quant(tiny_onnx, method, tmp_path
 
 def test_uint8_params_let_ort_remove_a_relu6():
     """After a ReLU6 the zero point is 0 and float32(scale) * 255 <= 6 + FLT_EPSILON, ORT's test for removing it."""
-    from quantship.calibrate.ort_layout import uint8_params
+    from quantship.convert.ort_layout import uint8_params
 
     for hi in (6.0, 5.99999, 6.0000005):
         scale, zp = uint8_params(0.0, min(hi, 6.0), clip_hi=6.0)
@@ -187,7 +188,7 @@ def test_uint8_params_let_ort_remove_a_relu6():
 
 
 def test_weights_are_uint8_with_zero_point_128_and_int32_bias_never_overflows():
-    from quantship.calibrate.ort_layout import WeightType, quantize_weight
+    from quantship.convert.ort_layout import WeightType, quantize_weight
 
     w = np.array([[[[0.5]], [[-1.0]]], [[[0.0]], [[0.0]]], [[[2.54]], [[1.27]]]], np.float32)  # (3, 2, 1, 1)
     q, scale, zp = quantize_weight(w, 0, WeightType.UINT8)

@@ -59,8 +59,7 @@ def keras_call_target():
 def test_a_runtime_registered_outside_the_package_is_evaluated(
     keras_call_target, trained_tiny, synset_dataset, tmp_path
 ):
-    from quantship.jobs.eval import run_eval
-    from quantship.jobs.specs import EvalSpec
+    from quantship.jobs.eval import EvalSpec, run_eval
 
     _, model_path = trained_tiny
     spec = EvalSpec(

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import TINY_PREPROCESS
 from quantship.config import PtqSteps
-from quantship.jobs.post_training import CANDIDATES, Score, choose
+from quantship.targets.post_training import CANDIDATES, Score, choose
 
 
 def _score(steps: PtqSteps, agree: list[int], l1: list[float]) -> Score:

@@ -178,7 +178,8 @@ def test_auto_chooses_the_candidate_with_the_smallest_layer_error():
     import onnx
     from onnx import helper, numpy_helper
 
-    from quantship.calibrate.api import calibrate, collect_statistics
+    from quantship.calibrate.api import calibrate
+    from quantship.convert.calibrated import collect_statistics
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(4, 4, 1, 1)).astype(np.float32)
@@ -209,8 +210,7 @@ def test_auto_chooses_the_candidate_with_the_smallest_layer_error():
 def test_eval_with_post_training_steps_and_auto_records_them(trained_tiny, synset_dataset, tmp_path):
     from quantship.config import CalibrationSpec
     from quantship.config import parse_preprocess_overrides as ppo
-    from quantship.jobs.eval import run_eval
-    from quantship.jobs.specs import EvalSpec
+    from quantship.jobs.eval import EvalSpec, run_eval
 
     _, model_path = trained_tiny
     spec = EvalSpec(
@@ -238,7 +238,7 @@ def test_eval_with_post_training_steps_and_auto_records_them(trained_tiny, synse
 
 def test_weight_study_shows_the_steps(trained_tiny):
     from conftest import synthetic_set, tf_preprocess
-    from quantship.jobs.sensitivity import HeldOut, weight_study
+    from quantship.sensitivity import HeldOut, weight_study
 
     model, _ = trained_tiny
     x, y = synthetic_set(4, seed=21)

@@ -12,7 +12,7 @@ import pytest
 from conftest import synthetic_set, tf_preprocess
 from quantship.config import Gate
 from quantship.errors import ConfigError
-from quantship.jobs.sensitivity import (
+from quantship.sensitivity import (
     HeldOut,
     QdqBackend,
     TfliteBackend,
@@ -46,7 +46,7 @@ def test_fixed_point_round_trips_by_hand():
     c = fixed_point_int8(w, per_channel=True)  # column scales 1.27/127 and 2/127
     np.testing.assert_allclose(c, np.array([[50 * 0.01, -127 * 2 / 127], [127 * 0.01, 1 * 2 / 127]]), rtol=1e-5)
     assert np.array_equal(fixed_point_int8(t, per_channel=False), t)  # quantized values are a fixed point
-    from quantship.jobs.sensitivity import weight_variant
+    from quantship.sensitivity import weight_variant
 
     dw = np.zeros((1, 1, 2, 1), np.float32)
     dw[0, 0, :, 0] = [0.01, 1.0]  # a depthwise kernel: channels on axis 2
@@ -107,7 +107,8 @@ def hostile(tmp_path_factory):
 def qdq_backend(hostile, tmp_path_factory):
     import onnx
 
-    from quantship.calibrate.api import calibrate, collect_statistics
+    from quantship.calibrate.api import calibrate
+    from quantship.convert.calibrated import collect_statistics
     from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
 
     model, calib, _ = hostile
@@ -293,7 +294,7 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
 
 def test_gates_check_the_metric_they_name():
     """A top5 gate is evaluated on top-5 (it was evaluated on top-1)."""
-    from quantship.jobs.sensitivity import gate_passes
+    from quantship.sensitivity import gate_passes
 
     metrics = {"metric": "top1", "top1": 0.50, "reference_top1": 0.80, "top5": 0.90, "reference_top5": 0.91}
     assert gate_passes(Gate.parse("top5>=0.98"), metrics) and not gate_passes(Gate.parse("top1>=0.98"), metrics)

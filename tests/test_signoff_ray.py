@@ -31,7 +31,7 @@ PATH_FIELDS = ("state", "artifact", "manifest")
 @pytest.fixture(scope="session")
 def ray_instance():
     """The session's local Ray instance (sign-off runs in this process use it)."""
-    from quantship.jobs.ray_cluster import RayCluster
+    from quantship.signoff.cluster import RayCluster
 
     token_file = Path.home() / ".ray" / "auth_token"
     had_token = token_file.exists()
@@ -64,7 +64,7 @@ def images(tmp_path_factory):
 
 
 def _plan(models, data, targets, executor="ray", limit=32, chunk=8, **extra):
-    from quantship.jobs.specs import SignoffPlan
+    from quantship.signoff.plan import SignoffPlan
 
     mode, size, crop = (kv.split("=")[1] for kv in TINY_PREPROCESS.split(","))
     pre = {"mode": mode, "size": int(size), "crop_pct": float(crop)}
@@ -123,7 +123,8 @@ def test_local_instance_listens_on_loopback_only(ray_instance):
 @needs_ray
 def test_ray_rows_and_verdicts_equal_the_local_executor(ray_instance, models, images, tmp_path):
     from quantship.evaluate.report import build_report
-    from quantship.jobs.signoff import load_chunks, signoff
+    from quantship.signoff.run import signoff
+    from quantship.signoff.units import load_chunks
 
     targets = ["tflite-fp32", "tflite-int8", "onnx-fp32"]
     local_out, ray_out = tmp_path / "local", tmp_path / "ray"
@@ -162,7 +163,7 @@ def test_ray_rows_and_verdicts_equal_the_local_executor(ray_instance, models, im
 
 def _clean_env() -> dict[str, str]:
     """This process's environment without the session instance's settings (the child starts its own)."""
-    from quantship.jobs.ray_cluster import loopback_env
+    from quantship.signoff.cluster import loopback_env
 
     return {k: v for k, v in os.environ.items() if k not in loopback_env("") and not k.startswith("RAY_")}
 
@@ -171,8 +172,8 @@ def _clean_env() -> dict[str, str]:
 def test_killed_driver_resumes_with_nothing_recomputed_and_no_ray_process_left(ray_instance, models, images, tmp_path):
     import yaml
 
-    from quantship.jobs.ray_cluster import STATE_FILE, processes_using
-    from quantship.jobs.signoff import signoff
+    from quantship.signoff.cluster import STATE_FILE, processes_using
+    from quantship.signoff.run import signoff
 
     plan = _plan(models[:1], images, ["tflite-fp32"], limit=48, chunk=4, batch_size=1)
     plan_file = tmp_path / "plan.yaml"
@@ -212,8 +213,8 @@ def test_a_worker_side_exception_is_one_line_naming_the_unit(ray_instance, model
 
     from quantship.cli import main
     from quantship.data.datasets import load_dataset, split_calibration
-    from quantship.jobs.signoff import unit_inputs, unit_key, unit_state
     from quantship.models.loading import resolve_preprocess
+    from quantship.signoff.units import unit_inputs, unit_key, unit_state
 
     plan_dict = _plan(models[:1], images, ["tflite-fp32"], limit=16)
     plan = _load_plan(plan_dict)
@@ -238,7 +239,7 @@ def test_a_folder_a_worker_cannot_see_and_an_unreachable_cluster_are_one_line_er
 ):
     import yaml
 
-    import quantship.jobs.signoff_ray as signoff_ray
+    import quantship.signoff.ray_executor as signoff_ray
     from quantship.cli import main
 
     (plan_file := tmp_path / "plan.yaml").write_text(yaml.safe_dump(_plan(models[:1], images, ["tflite-fp32"])[0]))
@@ -268,8 +269,9 @@ def test_a_folder_a_worker_cannot_see_and_an_unreachable_cluster_are_one_line_er
 
 def test_the_executor_comes_from_the_plan_or_an_address_never_from_ray_address_alone(monkeypatch, tmp_path):
     from quantship.errors import ConfigError
-    from quantship.jobs.signoff import LocalExecutor, make_executor
-    from quantship.jobs.signoff_ray import RayExecutor
+    from quantship.signoff.ray_executor import RayExecutor
+    from quantship.signoff.run import make_executor
+    from quantship.signoff.units import LocalExecutor
 
     (model := tmp_path / "m.keras").write_bytes(b"")  # plans are checked before they run: the file must exist
     plan = _load_plan(_plan([model], "/data", ["tflite-fp32"], executor="local"))
@@ -284,7 +286,7 @@ def test_the_executor_comes_from_the_plan_or_an_address_never_from_ray_address_a
 
 def test_retries_and_where_chunks_ran_are_counted_from_their_records(tmp_path):
     from quantship.evaluate.report import _executor_text
-    from quantship.jobs.signoff_ray import _claim_attempt, _ray_fields, _retries, _task_name
+    from quantship.signoff.ray_executor import _claim_attempt, _ray_fields, _retries, _task_name
 
     attempts = tmp_path / "attempts"
     assert [_claim_attempt(attempts, "u.00000008") for _ in range(3)] == [1, 2, 3]  # a worker died twice
@@ -312,7 +314,7 @@ def test_retries_and_where_chunks_ran_are_counted_from_their_records(tmp_path):
 
 
 def test_tensorrt_tasks_stay_on_one_gpu_model_when_the_cluster_mixes_them():
-    from quantship.jobs.signoff_ray import gpu_type_to_use
+    from quantship.signoff.ray_executor import gpu_type_to_use
 
     node = {"cpus": 8, "gpus": 0, "gpu_type": None}
     assert gpu_type_to_use([node, {**node, "gpus": 2, "gpu_type": "A100"}]) is None  # one model: no pinning

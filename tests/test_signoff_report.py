@@ -20,7 +20,7 @@ from quantship.config import Gate
 from quantship.errors import ConfigError
 from quantship.evaluate.bench import BenchConfig, annotate, mobile_profile
 from quantship.evaluate.latency import latency_stats
-from quantship.jobs.specs import SignoffPlan
+from quantship.signoff.plan import SignoffPlan
 
 # ------------------------------------------------------------------------------------------ statistics
 

@@ -183,7 +183,8 @@ def test_int8_engines_agree_with_the_fake_quant_model(trained_tiny, tmp_path, mo
     explicit int8 from our Q/DQ model: top-1 agrees with the Q/DQ model run as fake-quant on ONNX Runtime, and
     the calibration cache is written, keyed and recorded."""
     from conftest import synthetic_set, tf_preprocess
-    from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
+    from quantship.calibrate.api import calibrate
+    from quantship.convert.calibrated import collect_statistics, write_outputs
     from quantship.convert.onnx import convert_to_onnx
     from quantship.convert.tensorrt import build_engine
     from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner

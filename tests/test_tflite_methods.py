@@ -69,7 +69,7 @@ def test_tflite_tensors_map_to_our_statistics_through_keras_layers(blocks):
     two passes saw the same values there. The one exception is TFLite's own: the residual branch's recorded range
     also covers the Add output's values (the Add reuses its buffer in place before the calibrator is done with
     it), so the converter quantizes it more coarsely than its values need."""
-    from quantship.calibrate.api import collect_statistics
+    from quantship.convert.calibrated import collect_statistics
     from quantship.convert.onnx import keras_to_onnx, onnx_layer_outputs
     from quantship.convert.tflite import tensor_ranges, tflite_tensor_layers
 
@@ -137,8 +137,7 @@ def test_target_names_tell_methods_from_io_suffixes():
 def test_eval_records_the_method_in_the_manifest(trained_tiny, synset_dataset, tmp_path):
     from quantship.config import CalibrationSpec
     from quantship.config import parse_preprocess_overrides as ppo
-    from quantship.jobs.eval import run_eval
-    from quantship.jobs.specs import EvalSpec
+    from quantship.jobs.eval import EvalSpec, run_eval
 
     _, model_path = trained_tiny
     spec = EvalSpec(
@@ -161,7 +160,7 @@ def test_eval_records_the_method_in_the_manifest(trained_tiny, synset_dataset, t
 
 
 def test_plan_method_applies_only_to_targets_without_one_in_their_name():
-    from quantship.jobs.specs import SignoffPlan
+    from quantship.signoff.plan import SignoffPlan
 
     base = {
         "models": ["mobilenet_0.25_128"],

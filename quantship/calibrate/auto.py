@@ -19,7 +19,7 @@ import numpy as np
 
 from quantship.calibrate.calibrators import AUTO_CANDIDATES as CANDIDATES  # noqa: E402
 from quantship.calibrate.calibrators import compute_ranges, get_calibrator
-from quantship.calibrate.qdq import INT8_MAX, quantize_weight
+from quantship.calibrate.int8 import INT8_MAX, quantize_weight
 from quantship.config import CalibrationMethod
 from quantship.lazy import lazy_import
 

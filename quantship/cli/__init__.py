@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from quantship.cli.args import input_cache_options
 
         if (cache_options := input_cache_options(args)) is not None:
-            from quantship.jobs.common import use_input_cache
+            from quantship.jobs import use_input_cache
 
             use_input_cache(cache_options)
         return args._commands[args.command].run(args)

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantship.config import (
+    AUTO_HOLD_OUT_EVERY,
+    AUTO_MIN_HELD_OUT,
     AdaRoundOptions,
     CalibrationSpec,
     InputCacheOptions,
@@ -119,17 +121,22 @@ def data(
     )
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
     if percentile:
-        g.add_argument(
-            "--calib-percentile",
-            type=percentile_value,
-            default=99.99,
-            help="percentile of the percentile calibration method (qdq-int8-percentile), default 99.99",
-        )
+        calib_percentile(g)
     calibration_source(g, evaluation)
     g.add_argument(
         "--workers", type=positive_int, default=max(2, min(8, os.cpu_count() or 2)), help="image decoding threads"
     )
     input_cache(p)
+
+
+def calib_percentile(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """``--calib-percentile``: every command that builds a calibrated target through :func:`calibration` needs it."""
+    g.add_argument(
+        "--calib-percentile",
+        type=percentile_value,
+        default=99.99,
+        help="percentile of the percentile calibration method (qdq-int8-percentile), default 99.99",
+    )
 
 
 def calibration_source(g: argparse._ArgumentGroup, separate: bool = True) -> None:
@@ -262,13 +269,11 @@ def ptq_steps(args: argparse.Namespace) -> PtqSteps:
         mixed = [f for f, on in flags if on]
         if mixed:
             raise ConfigError(f"--post-training auto chooses the steps itself: drop {', '.join(mixed)}")
-        from quantship.jobs.post_training import HOLD_OUT_EVERY, MIN_HELD_OUT
-
         calib = getattr(args, "calib_images", None)
-        if calib is not None and calib < HOLD_OUT_EVERY * MIN_HELD_OUT:
+        if calib is not None and calib < AUTO_HOLD_OUT_EVERY * AUTO_MIN_HELD_OUT:
             raise ConfigError(
-                f"--post-training auto scores its candidates on every {HOLD_OUT_EVERY}th calibration image: "
-                f"--calib-images must be at least {HOLD_OUT_EVERY * MIN_HELD_OUT}, got {calib}"
+                f"--post-training auto scores its candidates on every {AUTO_HOLD_OUT_EVERY}th calibration image: "
+                f"--calib-images must be at least {AUTO_HOLD_OUT_EVERY * AUTO_MIN_HELD_OUT}, got {calib}"
             )
         return PtqSteps(auto=True)
     return PtqSteps(equalize=args.equalize, bias_correct=args.bias_correct, relu6=args.relu6, adaround=adaround)

@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="calibration images of the int8 targets, disjoint from the compared ones (100)",
     )
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
+    a.calib_percentile(g)
     g.add_argument("--workers", type=a.positive_int, default=4, help="image decoding threads")
     a.runtime(p)
     a.targets(p, "keras-fp32,tflite-int8,qdq-int8-entropy,ort-int8-entropy")

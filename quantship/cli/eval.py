@@ -38,8 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.eval import run_eval
-    from quantship.jobs.specs import EvalSpec
+    from quantship.jobs.eval import EvalSpec, run_eval
 
     if args.task:
         kind = args.data.split(":", 1)[0]

@@ -9,14 +9,21 @@ from quantship.cli.registry import Command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-stats", action="store_true", help="skip building models to count parameters and MACs")
+    stats = p.add_mutually_exclusive_group()
+    stats.add_argument("--no-stats", action="store_true", help="leave out parameters and MACs")
+    stats.add_argument(
+        "--live-stats",
+        action="store_true",
+        help="count parameters and MACs by building every model (a minute or more) instead of reading the table "
+        "committed with quantship; needed for models registered outside the package",
+    )
     a.common(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from quantship.jobs.listing import list_models
 
-    print(list_models(with_stats=not args.no_stats).text)
+    print(list_models(with_stats=not args.no_stats, live_stats=args.live_stats).text)
     return 0
 
 

@@ -39,8 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantship.fileio import check_output_dir, sweep_temp_files
-    from quantship.jobs.signoff import run_signoff
-    from quantship.jobs.specs import SignoffPlan
+    from quantship.jobs.signoff import SignoffPlan, run_signoff
 
     flags = ("allow_nonfinite", "allow_missing_images", "trust_savedmodel")
     plan = SignoffPlan.load(args.plan, {f: True for f in flags if getattr(args, f)})

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from quantship.config import InputCacheOptions
+
 
 @dataclass
 class JobResult:
@@ -18,3 +20,11 @@ class JobResult:
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+def use_input_cache(options: InputCacheOptions) -> None:
+    """Configure the preprocessed-input cache every pass of this process uses (``--input-cache DIR``,
+    ``--no-input-cache``, ``--input-cache-max-gb``)."""
+    from quantship.data.cache import configure
+
+    configure(options)

@@ -9,8 +9,8 @@ from quantship.config import CalibrationMethod, PreprocessSpec
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError, DataError, ModelLoadError
 from quantship.jobs import JobResult
-from quantship.jobs.common import calibration_data, draw_listed_calibration, load_for
 from quantship.models.loading import LoadedModel, resolve_preprocess
+from quantship.targets.run import calibration_data, draw_listed_calibration, load_for
 
 
 def run_calibrate(
@@ -37,9 +37,10 @@ def run_calibrate(
 ) -> JobResult:
     """``model`` may be a registry name or Keras file (exported to ONNX with tf2onnx first), or an ``.onnx`` file
     (then ``--preprocess`` describes its input)."""
-    from quantship.calibrate.api import calibrate, collect_statistics, write_outputs
+    from quantship.calibrate.api import calibrate
     from quantship.calibrate.calibrators import get_calibrator
     from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION
+    from quantship.convert.calibrated import collect_statistics, write_outputs
 
     method = CalibrationMethod.parse(method)
     get_calibrator(method, percentile=percentile)  # a bad percentile fails before any work

@@ -10,11 +10,11 @@ from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError
 from quantship.fileio import FolderLock
 from quantship.jobs import JobResult
-from quantship.jobs.common import build_targets, calibration_data, draw_listed_calibration, load_for
 from quantship.manifest import Artifact
 from quantship.models.loading import resolve_preprocess
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import BuildContext, needs_calibration, parse_targets
+from quantship.targets.run import build_targets, calibration_data, draw_listed_calibration, load_for
 
 
 def convert_artifacts(

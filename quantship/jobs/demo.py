@@ -141,10 +141,10 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
     from quantship.evaluate.results import write_results
     from quantship.evaluate.tasks import ClassificationTask
     from quantship.fileio import write_json_atomic
-    from quantship.jobs.common import build_targets, calibration_data, evaluate_targets, evaluated_rows, load_for
     from quantship.models.loading import resolve_preprocess
     from quantship.runtime.base import RunnerOptions
     from quantship.targets import BuildContext, parse_targets
+    from quantship.targets.run import build_targets, calibration_data, evaluate_targets, evaluated_rows, load_for
 
     t0 = time.perf_counter()
     note(f"quantship demo -> {out}  (library logs: {out / 'native.log'}, converter log: {out / 'convert.log'})")

@@ -262,7 +262,7 @@ def _build(
     """Load the data and the model, split the images and build the targets: (loaded model, calibration set,
     evaluation set, artifacts, failures); the reference failing to build is an error."""
     from quantship.data.datasets import load_dataset
-    from quantship.jobs.common import build_targets, load_for, prepare_run
+    from quantship.targets.run import build_targets, load_for, prepare_run
 
     dataset = load_dataset(spec.data, labels=spec.labels)
     loaded = load_for(spec.model, spec.weights, preprocess, dataset)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from quantship.config import CalibrationSpec, PtqSteps, TrtOptions
 from quantship.data.datasets import Skipped
 from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
-from quantship.jobs.common import (
+from quantship.models.loading import resolve_preprocess
+from quantship.runtime.base import RunnerOptions
+from quantship.targets import needs_calibration, parse_targets
+from quantship.targets.run import (
     build_targets,
     check_model_source,
     check_readable,
@@ -23,10 +29,31 @@ from quantship.jobs.common import (
     prepare_run,
     run_data,
 )
-from quantship.jobs.specs import EvalSpec
-from quantship.models.loading import resolve_preprocess
-from quantship.runtime.base import RunnerOptions
-from quantship.targets import needs_calibration, parse_targets
+
+
+@dataclass
+class EvalSpec:
+    """Everything ``quantship eval`` needs; also the record of how a result was produced."""
+
+    model: str
+    data: str
+    targets: list[str]
+    out_dir: Path
+    weights: str | None = None
+    labels: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    threads: int | None = None
+    workers: int = 4
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    preprocess_overrides: dict[str, Any] = field(default_factory=dict)
+    trt: TrtOptions = field(default_factory=TrtOptions)
+    anchors: str | None = None  # anchor configuration of a detection model given as a file
+    providers: tuple[str, ...] = ("cpu",)  # ONNX Runtime execution providers
+    allow_nonfinite: bool = False  # NaN/inf outputs are counted in the rows but do not fail the run
+    allow_missing_images: bool = False  # ground truth listing absent files: evaluate those present
+    trust_savedmodel: bool = False  # a SavedModel runs its graph's operations: only when the user says so
+    ptq: PtqSteps = field(default_factory=PtqSteps)  # post-training steps of the quantized targets
 
 
 def run_eval(spec: EvalSpec) -> JobResult:

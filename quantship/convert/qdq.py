@@ -18,9 +18,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from quantship.calibrate.int8 import INT8_MAX, quantize_weight
 from quantship.lazy import lazy_import
-
-INT8_MAX = 127
 
 # op -> (weight input index, how to find the output-channel axis)
 WEIGHTED_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -190,17 +189,6 @@ def qdq_tensors(model: Any) -> list[str]:
             if name not in seen:
                 seen.append(name)
     return seen
-
-
-def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel int8: scale_c = max|w_c| / 127 (1 for an all-zero channel)."""
-    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    amax = np.abs(moved).max(axis=1)
-    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return q, scale
 
 
 def with_nodes(model: Any, nodes: list[Any], new_inits: list[Any]) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from quantship.config import CalibrationSpec, CropMode, InputCacheOptions, PreprocessSpec, PtqSteps, TrtOptions
+from quantship.config import CalibrationSpec, CropMode, PreprocessSpec, PtqSteps, TrtOptions
 from quantship.data.datasets import (
     ImageDataset,
     Skipped,
@@ -35,12 +35,12 @@ from quantship.errors import (
 )
 from quantship.evaluate.loop import TargetRun, run_targets
 from quantship.evaluate.tasks import Task
-from quantship.jobs.post_training import build_searched
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
 from quantship.progress import track
 from quantship.runtime.base import RunnerOptions
-from quantship.targets import BuildContext, CalibrationData, Target, needs_calibration
+from quantship.targets.base import BuildContext, CalibrationData, Target, needs_calibration
+from quantship.targets.post_training import build_searched
 
 log = logging.getLogger("quantship")
 REFERENCE_TARGET = "keras-fp32"
@@ -79,14 +79,6 @@ def check_model_source(model: str, weights: str | None, trust_savedmodel: bool =
         check_savedmodel_trust(path, trust_savedmodel, "--model")
     elif weights not in (None, "pretrained", "random"):
         check_savedmodel_trust(Path(str(weights)).expanduser(), trust_savedmodel, "--weights")
-
-
-def use_input_cache(options: InputCacheOptions) -> None:
-    """Configure the preprocessed-input cache every pass of this process uses (``--input-cache DIR``,
-    ``--no-input-cache``, ``--input-cache-max-gb``)."""
-    from quantship.data.cache import configure
-
-    configure(options)
 
 
 def load_evaluation_data(data: str, labels: str | None = None, allow_missing_images: bool = False) -> ImageDataset:

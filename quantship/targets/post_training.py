@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from quantship.config import AdaRoundOptions, PtqSteps
+from quantship.config import AUTO_HOLD_OUT_EVERY, AUTO_MIN_HELD_OUT, AdaRoundOptions, PtqSteps
 from quantship.errors import ConfigError
 from quantship.evaluate.loop import runner_outputs
 from quantship.manifest import Artifact, write_artifact
 from quantship.progress import note
-from quantship.targets import QUANTIZED_WEIGHTS, BuildContext, CalibrationData, Target, get_target
+from quantship.targets.base import QUANTIZED_WEIGHTS, BuildContext, CalibrationData, Target, get_target
 
 CANDIDATES = (
     PtqSteps(),
@@ -42,8 +42,7 @@ CANDIDATES = (
     PtqSteps(adaround=AdaRoundOptions()),
 )
 MAX_CANDIDATES = 12
-HOLD_OUT_EVERY = 4  # every 4th calibration image is held out for scoring
-MIN_HELD_OUT = 2
+HOLD_OUT_EVERY, MIN_HELD_OUT = AUTO_HOLD_OUT_EVERY, AUTO_MIN_HELD_OUT
 SEARCH_DIR = "post-training-search"
 
 
@@ -157,7 +156,7 @@ class PostTrainingSearch:
         return self.contexts[steps.label]
 
     def score(self, target: Target, steps: PtqSteps) -> tuple[Score, Artifact | None]:
-        from quantship.jobs.common import TARGET_ERRORS
+        from quantship.targets.run import TARGET_ERRORS
 
         started = time.perf_counter()
         sub = self.context(steps)

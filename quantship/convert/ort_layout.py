@@ -1,6 +1,6 @@
 """Q/DQ laid out for ONNX Runtime's fused int8 CPU kernels: the ``ort-int8-<method>`` model.
 
-TensorRT-style placement (:mod:`quantship.calibrate.qdq`: Q/DQ at op inputs only, symmetric int8) leaves ORT
+TensorRT-style placement (:mod:`quantship.convert.qdq`: Q/DQ at op inputs only, symmetric int8) leaves ORT
 almost nothing to fuse. ORT (CPU provider, default optimization level) replaces a Q/DQ group with one integer
 kernel only when it fits that kernel:
 
@@ -39,7 +39,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from quantship.calibrate.qdq import with_nodes
+from quantship.convert.qdq import with_nodes
 from quantship.errors import CalibrationError
 from quantship.lazy import lazy_import
 

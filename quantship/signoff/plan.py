@@ -1,4 +1,4 @@
-"""What a job is asked to do, as typed records: ``quantship eval``'s spec and a sign-off plan."""
+"""A sign-off plan as a typed record, and its reader: every key checked (type, range, names) before any work."""
 
 from __future__ import annotations
 
@@ -10,31 +10,6 @@ from typing import Any, Iterator
 
 from quantship.config import AdaRoundOptions, CalibrationSpec, Gate, PtqSteps, TrtInt8Mode, TrtOptions
 from quantship.errors import ConfigError
-
-
-@dataclass
-class EvalSpec:
-    """Everything ``quantship eval`` needs; also the record of how a result was produced."""
-
-    model: str
-    data: str
-    targets: list[str]
-    out_dir: Path
-    weights: str | None = None
-    labels: str | None = None
-    limit: int | None = None
-    batch_size: int = 8
-    threads: int | None = None
-    workers: int = 4
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    preprocess_overrides: dict[str, Any] = field(default_factory=dict)
-    trt: TrtOptions = field(default_factory=TrtOptions)
-    anchors: str | None = None  # anchor configuration of a detection model given as a file
-    providers: tuple[str, ...] = ("cpu",)  # ONNX Runtime execution providers
-    allow_nonfinite: bool = False  # NaN/inf outputs are counted in the rows but do not fail the run
-    allow_missing_images: bool = False  # ground truth listing absent files: evaluate those present
-    trust_savedmodel: bool = False  # a SavedModel runs its graph's operations: only when the user says so
-    ptq: PtqSteps = field(default_factory=PtqSteps)  # post-training steps of the quantized targets
 
 
 class ExecutorKind(str, Enum):

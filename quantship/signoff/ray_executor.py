@@ -34,10 +34,13 @@ from typing import Any, Iterator
 from quantship.config import InputCacheOptions
 from quantship.errors import ExecutorError
 from quantship.fileio import write_json_atomic, write_text_atomic
-from quantship.jobs.common import TARGET_ERRORS, remove_artifact
-from quantship.jobs.post_training import build_searched
-from quantship.jobs.ray_cluster import RayCluster, strip_ansi
-from quantship.jobs.signoff import (
+from quantship.manifest import Artifact
+from quantship.models.loading import is_model_file, model_name
+from quantship.progress import note, track
+from quantship.runtime.base import RunnerOptions
+from quantship.signoff.cluster import RayCluster, strip_ansi
+from quantship.signoff.plan import PlanModel, SignoffPlan
+from quantship.signoff.units import (
     NUMERIC_TOOLS,
     ModelWork,
     SignoffJob,
@@ -52,12 +55,9 @@ from quantship.jobs.signoff import (
     unit_row,
     unit_state,
 )
-from quantship.jobs.specs import PlanModel, SignoffPlan
-from quantship.manifest import Artifact
-from quantship.models.loading import is_model_file, model_name
-from quantship.progress import note, track
-from quantship.runtime.base import RunnerOptions
 from quantship.targets import BuildContext, Target, get_target, parse_targets
+from quantship.targets.post_training import build_searched
+from quantship.targets.run import TARGET_ERRORS, remove_artifact
 
 DEFAULT_MAX_RETRIES = 2  # a worker that dies (out of memory, node lost) is replaced this many times per task
 PROBE_TIMEOUT_S = 300.0  # nodes answer the start-up check within this (a fresh worker imports Python first)
@@ -155,7 +155,7 @@ class _WorkerState:
 
     def model(self, run: _Run, entry: PlanModel, preprocess: Any, dataset: Any) -> tuple[Any, Any]:
         from quantship.evaluate.tasks import make_task
-        from quantship.jobs.common import load_for
+        from quantship.targets.run import load_for
 
         key = _model_key(entry, preprocess)
         if key not in self.models:
