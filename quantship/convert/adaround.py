@@ -41,6 +41,7 @@ import numpy as np
 from quantship.config import AdaRoundOptions
 from quantship.errors import ConfigError
 from quantship.lazy import lazy_import
+from quantship.progress import note
 
 ZETA, GAMMA = 1.1, -0.1
 REG_PARAM = 0.01
@@ -527,6 +528,12 @@ def adaround_cached(
         report.error_adaround = float(figures.get("adaround_relative_error", 0.0))
         return report
     integers, report = adaround(model, images(), options, progress)
+    fit = sum(t[2] for t in report.timings)
+    note(
+        f"AdaRound: {len(report.layers)} layers, {report.images} images, {options.iterations} steps each, "
+        f"{report.seconds:.0f} s ({fit:.0f} s optimising); {report.flipped:.1%} of weights rounded away from "
+        f"nearest, layer output error {report.error_adaround:.3g} vs {report.error_nearest:.3g} (nearest)"
+    )
     if store is not None:
         store.save(integers, report.to_dict())
     return report
