@@ -65,3 +65,29 @@ def test_eval_post_training_auto_scores_every_candidate_on_held_out_calibration_
         suffix = "" if search["chosen"] == "none" else f"+{search['chosen']}"
         assert Path(rows[target]["artifact"]).name.startswith(f"tiny-{target}{suffix}.")
         assert rows[target]["agreement_top1"] >= 0.8
+
+
+def test_sign_off_unit_keys_carry_adaround_and_auto_and_keep_old_keys():
+    """A plan's post-training steps are part of each unit's key (results are never reused across them), and a plan
+    without them keeps the key it had before AdaRound and auto existed."""
+    import dataclasses
+
+    from quantship.config import AdaRoundOptions, Gate
+    from quantship.signoff.plan import PlanModel, SignoffPlan
+    from quantship.signoff.units import unit_key
+
+    entry = PlanModel("tiny")
+    plan = SignoffPlan(models=(entry,), targets=("tflite-int8",), data="imagenet:/x", gates=(Gate(relative=0.99),))
+    keys = {
+        label: unit_key(dataclasses.replace(plan, post_training=steps), entry, "tflite-int8", {})
+        for label, steps in (
+            ("none", PtqSteps()),
+            ("adaround", PtqSteps(adaround=AdaRoundOptions())),
+            ("adaround-2000", PtqSteps(adaround=AdaRoundOptions(iterations=2000))),
+            ("auto", PtqSteps(auto=True)),
+            ("equalize", PtqSteps(equalize=True)),
+        )
+    }
+    assert len(set(keys.values())) == len(keys)
+    assert PtqSteps(equalize=True).describe() == {"equalize": True, "bias_correct": False, "relu6": "keep"}
+    assert keys["none"] == unit_key(plan, entry, "tflite-int8", {})
