@@ -124,3 +124,20 @@ def test_exported_backends_carry_adarounds_integers(trained_tiny, synset_dataset
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "artifacts").glob("*+adaround*")}
     assert main([*argv, "--out", str(out)]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "artifacts").glob("*+adaround*")} == mtimes
+
+
+def test_weight_study_with_adaround(trained_tiny):
+    from conftest import synthetic_set, tf_preprocess
+    from quantship.sensitivity import HeldOut, weight_study
+
+    model, _ = trained_tiny
+    x, y = synthetic_set(2, seed=22)
+    x = tf_preprocess(x)
+    held = HeldOut(x, list(y), np.asarray(model(x)))
+    steps = PtqSteps(adaround=AdaRoundOptions(iterations=50, images=8))
+    rows = weight_study(model, held, ["int8-channel"], ptq=steps, calib_batches=lambda: [x])
+    assert [(r["precision"], r["post_training"]) for r in rows] == [
+        ("int8-channel", "none"),
+        ("int8-channel", "adaround"),
+    ]
+    assert rows[1]["post_training_report"]["adaround_layers"] == 4
