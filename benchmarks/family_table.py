@@ -5,6 +5,7 @@ benchmarks/int8_fidelity.py (scikit-image photos and crops; calibration crops of
 
     python benchmarks/family_table.py                       # ~10 min on 2 cores
     python benchmarks/family_table.py --int8 tflite-int8,tflite-int8-percentile
+    python benchmarks/family_table.py --smoke               # tiny random model, 6 images: runs in seconds
 
 Latency is the median over at least --iters calls after warm-up, the runtime call alone; on a shared machine it
 is noisy (the lead reruns it on a quiet one).
@@ -32,7 +33,7 @@ def measure(model: str, data: Path, int8_targets: list[str], threads: int, iters
 
     from quantship.evaluate.latency import measure_latency
     from quantship.evaluate.loop import runner_outputs
-    from quantship.models.stats import model_stats
+    from quantship.models.stats import count_macs
     from quantship.runtime.base import RunnerOptions
     from quantship.targets import BuildContext, get_target
 
@@ -40,12 +41,13 @@ def measure(model: str, data: Path, int8_targets: list[str], threads: int, iters
     ref = np.concatenate([np.asarray(loaded.model(x[i : i + 32], training=False)) for i in range(0, len(x), 32)])
     ctx = BuildContext(
         loaded,
-        out / model,
+        out / loaded.name,
         calibration=calib,
         runner_options=RunnerOptions(threads=threads),
         log_path=out / "convert.log",
     )
-    row = {"model": model, "input": int(loaded.input_shape[0]), **model_stats(model), "images": len(x)}
+    stats = {"params": int(loaded.model.count_params()), "macs": count_macs(loaded.model)}
+    row = {"model": loaded.name, "input": int(loaded.input_shape[0]), **stats, "images": len(x)}
     try:
         for name in ["tflite-fp32", *int8_targets]:
             target = get_target(name)
@@ -89,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--out", default="family-table-out")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, 6 images: checks the script runs (seconds)")
     args = p.parse_args(argv)
+    if args.smoke:
+        from smoke import tiny_model
+
+        args.models = tiny_model(Path(args.out))
+        args.eval_images, args.calib_images, args.iters = 6, 4, 5
     out = Path(args.out)
     data = out / "photos"
     write_photo_sets(data, args.eval_images, args.calib_images)

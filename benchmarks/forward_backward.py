@@ -7,6 +7,9 @@ every trainable weight): a short warm-up, then --iterations forward passes and f
 alternation. The table goes to stdout as Markdown (for the README), with the time the whole run took.
 
     python benchmarks/forward_backward.py [--iterations 20] [--batch 1] [--threads 2] [--models a,b,...]
+    python benchmarks/forward_backward.py --smoke      # the smallest zoo model, 2 iterations: runs in seconds
+
+Exit code 1 when a model failed (its table row says why).
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--batch", type=int, default=1)
@@ -28,7 +32,10 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=0.5, help="seconds after tracing (0.5)")
     p.add_argument("--models", help="comma-separated (default: every classification model in the zoo)")
     p.add_argument("--jsonl", help="also write the rows here")
+    p.add_argument("--smoke", action="store_true", help="mobilenet_0.25_128, 2 iterations: checks the script runs")
     args = p.parse_args()
+    if args.smoke:
+        args.models, args.iterations, args.warmup = "mobilenet_0.25_128", 2, 0.0
 
     from quantship.evaluate.environment import cpu_model
     from quantship.evaluate.fbtime import FBConfig, forward_backward
@@ -66,7 +73,8 @@ def main() -> None:
     )
     if args.jsonl:
         Path(args.jsonl).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0 if len(rows) == len(names) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

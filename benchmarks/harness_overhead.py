@@ -16,6 +16,7 @@ generated 500x375 JPEGs (crops of scikit-image's photos) unless --data is given:
    in its own process, alternating --repeats times (target: within 3 %).
 
     python benchmarks/harness_overhead.py [--images 256] [--batch 8] [--threads 2] [--data imagenet:PATH]
+    python benchmarks/harness_overhead.py --smoke    # tiny random model, 8 images, every part once: seconds
 
 Everything is written under a ``quantship-overhead-*`` folder in the system temp folder (artifacts, the
 cache, generated images), deleted at the end unless --keep.
@@ -213,12 +214,19 @@ def main() -> None:
     p.add_argument("--latency", action="store_true", help="also compare bench's p50 with a bare loop's")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, 8 images, every part once (seconds)")
     p.add_argument("--_bare", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.smoke and not args._bare:
+        args.images, args.batch, args.repeats, args.queries, args.latency = 8, 4, 1, 5, True
     if args._bare:  # worker: the bare loop in a fresh process, like quantship bench's own worker
         print(bare_p50(Path(args._bare), args.threads, args.queries))
         return
     work = Path(tempfile.mkdtemp(prefix="quantship-overhead-"))
+    if args.smoke:
+        from smoke import tiny_model
+
+        args.model, args.weights = tiny_model(work), None
     try:
         run(args, work)
     finally:
@@ -229,18 +237,19 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
+    from smoke import load
+
     from quantship.data.datasets import load_dataset, split_calibration
     from quantship.evaluate.tasks import ClassificationTask
-    from quantship.models.loading import resolve_preprocess
     from quantship.runtime.base import RunnerOptions
     from quantship.targets import BuildContext, parse_targets
-    from quantship.targets.run import build_targets, calibration_data, load_for
+    from quantship.targets.run import build_targets, calibration_data
 
-    calib_n = 64
+    calib_n = 4 if args.smoke else 64
     data = args.data or f"imagenet:{make_jpegs(work / 'data', args.images + calib_n)}"
     dataset = load_dataset(data)
     calib, evalset = split_calibration(dataset, calib_n, limit=min(args.images, len(dataset) - calib_n), seed=0)
-    loaded = load_for(args.model, args.weights, resolve_preprocess(args.model, args.weights))
+    loaded = load(args.model, args.weights)
     spec = loaded.preprocess
     use_cache(None)  # calibration decoded without the cache: the eval images stay cold for part 2
     targets = parse_targets(SIDE_BY_SIDE)
@@ -343,8 +352,8 @@ def latency(args: argparse.Namespace, artifacts, by_name) -> None:
             # The bare loop holds the model's own input type (int8 for an int8 input): bench with raw samples
             # times the same thing (benchmarks/latency_parity.py compares the full query latency too).
             cfg = BenchConfig(
-                str(path), name, threads=args.threads, warmup_seconds=1.0, min_queries=args.queries, min_seconds=3.0,
-                raw_inputs=True,
+                str(path), name, threads=args.threads, warmup_seconds=0.0 if args.smoke else 1.0,
+                min_queries=args.queries, min_seconds=0.0 if args.smoke else 3.0, raw_inputs=True,
             )  # fmt: skip
             ours.append(bench([cfg])[0]["latency_ms_p50"])
             cmd = [sys.executable, __file__, "--_bare", str(path), "--threads", str(args.threads)]

@@ -7,6 +7,7 @@ a user's application opens the file with), interleaved with fp32 so that load dr
     python benchmarks/int8_cpu.py                              # EfficientNet-Lite0, photo crops
     python benchmarks/int8_cpu.py --data imagenet:/data/val    # real images instead of photo crops
     python benchmarks/int8_cpu.py --ort-entropy                # also ORT's Entropy (<= 60 calibration images)
+    python benchmarks/int8_cpu.py --smoke                      # tiny random model, 4 images: runs in seconds
 
 Models compared:
 * ``ort-int8-<method>``: quantship's layout for ORT's fused kernels (uint8 activations, uint8 pointwise/Gemm and
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 FAKE_QUANT = (("session.disable_quant_qdq", "1"),)
 X64 = (("session.x64quantprecision", "1"),)
 
@@ -47,10 +49,11 @@ def cpu_description() -> str:
 
 def prepare(args, work: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     """The fp32 ONNX export and preprocessed calibration / evaluation arrays."""
-    from quantship.convert.onnx import convert_to_onnx
-    from quantship.models.loading import load_model
+    from smoke import load
 
-    loaded = load_model(args.model, args.weights)
+    from quantship.convert.onnx import convert_to_onnx
+
+    loaded = load(args.model, args.weights)
     art = convert_to_onnx(loaded.model, work / "fp32.onnx", log_path=work / "convert.log")
     if args.data:
         from quantship.data.datasets import iter_batches, load_dataset, split_calibration
@@ -201,7 +204,14 @@ def main() -> None:
     p.add_argument("--per-round", type=int, default=10, help="calls per model per round (10)")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--work", help="working folder (default: a temporary one)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, 4 images: checks the script runs")
     args = p.parse_args()
+    if args.smoke:
+        from smoke import tiny_model
+
+        args.work = args.work or tempfile.mkdtemp(prefix="quantship-int8cpu-smoke-")
+        args.model, args.weights = tiny_model(Path(args.work)), None
+        args.calib_images, args.eval_images, args.methods, args.rounds, args.per_round = 4, 4, "max,entropy", 2, 2
     if args.ort_entropy and args.calib_images > 60:
         sys.exit("ORT's Entropy keeps every intermediate output of every image: use --calib-images 60 or fewer")
 

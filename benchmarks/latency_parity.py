@@ -18,6 +18,7 @@ gets int8 samples as an MLPerf QSL holds them (what the bare loop does).
 
     python benchmarks/latency_parity.py [--repeats 5] [--threads 2] [--min-queries 1024] [--min-seconds 10]
     python benchmarks/latency_parity.py --artifact a.tflite --artifact b.onnx --repeats 5
+    python benchmarks/latency_parity.py --smoke     # tiny random model, 1 repeat of a few queries: seconds
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 TARGETS = ("tflite-fp32", "tflite-int8", "onnx-fp32")
 SAMPLES = 64
 
@@ -103,20 +105,25 @@ def bare_loop(path: str, threads: int, min_queries: int, min_seconds: float, war
     }
 
 
-def build(work: Path, threads: int) -> dict[str, str]:
+def build(work: Path, threads: int, smoke: bool = False) -> dict[str, str]:
+    """EfficientNet-Lite0's artifacts calibrated on the demo photos (smoke: the tiny model's, on 4 of them)."""
+    from smoke import PREPROCESS, tiny_model
+
+    from quantship.config import parse_preprocess_overrides
     from quantship.jobs.convert import convert_artifacts
     from quantship.jobs.demo import write_demo_data
 
     _, calib = write_demo_data(work / "demo")
-    n = len(list(calib.glob("*.png")))
+    n = 4 if smoke else len(list(calib.glob("*.png")))
     built, failures = convert_artifacts(
-        "efficientnet_lite0",
+        tiny_model(work) if smoke else "efficientnet_lite0",
         ",".join(TARGETS),
         work / "artifacts",
-        weights="pretrained",
+        weights=None if smoke else "pretrained",
         data=f"imagenet:{calib}",
         calib_images=n,
         threads=threads,
+        preprocess_overrides=parse_preprocess_overrides(PREPROCESS) if smoke else None,
     )
     if failures:
         raise SystemExit("; ".join(f"{name}: {error}" for name, error in failures.items()))
@@ -143,8 +150,11 @@ def main() -> None:
     p.add_argument("--min-seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--work", help="folder for the built files and LoadGen's logs (default: a temporary one)")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, 1 repeat of 5 queries (seconds)")
     p.add_argument("--_bare", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.smoke and not args._bare:
+        args.repeats, args.min_queries, args.min_seconds, args.warmup = 1, 5, 0.0, 0.0
     if args._bare:  # worker: the bare loop in a fresh process
         print(json.dumps(bare_loop(args._bare, args.threads, args.min_queries, args.min_seconds, args.warmup)))
         return
@@ -154,7 +164,7 @@ def main() -> None:
 
     t_start = time.perf_counter()
     work = Path(args.work or tempfile.mkdtemp(prefix="quantship-parity-"))
-    files = {Path(a).stem: a for a in args.artifact} or build(work, args.threads)
+    files = {Path(a).stem: a for a in args.artifact} or build(work, args.threads, args.smoke)
     print(
         f"CPU {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; {args.threads} threads, "
         f"batch 1, >= {args.min_queries} queries and >= {args.min_seconds:g} s per run, {args.repeats} repeats"

@@ -16,6 +16,7 @@ CPUs were shared with other work), and the speed-up over the 1-worker Ray run wi
 excluded.
 
     python benchmarks/signoff_scaling.py [--images 512] [--chunk 64] [--size 128] [--keep DIR]
+    python benchmarks/signoff_scaling.py --smoke    # 8 images of 32 px, the local executor only (no Ray): seconds
 
 Target (issue 18): on 2 cores, 2 workers at least 1.6x faster than 1 worker once the build phase is excluded.
 Timings on a machine that other jobs use are noisy: the load average is printed with the figures.
@@ -129,7 +130,12 @@ def main() -> int:
     p.add_argument("--keep", help="keep the generated files and results in this folder")
     p.add_argument("--run", nargs=3, metavar=("PLAN", "OUT", "CPUS"), help=argparse.SUPPRESS)
     p.add_argument("--setup", metavar="ROOT", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--smoke", action="store_true", help="8 images of 32 px in chunks of 4, the local executor only (seconds)"
+    )
     args = p.parse_args()
+    if args.smoke:
+        args.images, args.chunk, args.size = 8, 4, 32
     if args.setup:
         root = Path(args.setup)
         models = make_models(root, args.size)
@@ -154,7 +160,7 @@ def main() -> int:
     chunks = units * -(-args.images // args.chunk)
     print(f"plan: 2 models x {len(TARGETS) + 1} targets = {units} units, {args.images} images each, {chunks} chunks")
     results = {}
-    for name, cpus in RUNS:
+    for name, cpus in RUNS[:1] if args.smoke else RUNS:  # a smoke run starts no Ray instance
         out = root / f"out-{'local' if cpus is None else cpus}"
         shutil.rmtree(out, ignore_errors=True)
         load = os.getloadavg()[0]
@@ -184,6 +190,11 @@ def main() -> int:
             f"{busy}   (load average at start {load:.1f})",
             flush=True,
         )
+    if args.smoke:
+        print(f"smoke run: the local executor only; results in {root}")
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        return 0
     one, two = results["ray, 1 worker"], results["ray, 2 workers"]
     print(
         f"speed-up of 2 workers over 1: {one['wall_s'] / two['wall_s']:.2f}x build included, "

@@ -612,3 +612,59 @@ def _number(text: str, where: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"gate '{where}': '{text}' is not a number") from None
+
+
+ORT_PROVIDER_ALIASES = ("cpu", "cuda", "tensorrt")  # short names of ONNX Runtime execution providers
+
+
+def check_ort_provider_names(names: Any, where: str) -> tuple[str, ...]:
+    """ONNX Runtime execution providers as written (``--ort-providers``, a plan's ``ort_providers``): a list of
+    names or one comma-separated text, each an alias (:data:`ORT_PROVIDER_ALIASES`) or a full ONNX Runtime name
+    (``...ExecutionProvider``). Checked without importing ONNX Runtime, so a plan is refused whole whether or not
+    a target uses them (whether they are available is checked where one would).
+
+    Raises:
+        ConfigError: Naming ``where``: not a list of texts, no name, an empty name (a stray comma), an unknown one.
+    """
+    items = names.split(",") if isinstance(names, str) else names
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
+        raise ConfigError(f"{where}: expected provider names, e.g. cpu or CUDAExecutionProvider,CPUExecutionProvider")
+    items = [t.strip() for t in items]
+    if not items or items == [""]:
+        raise ConfigError(f"{where}: no execution provider given, e.g. cpu or CUDAExecutionProvider")
+    if "" in items:
+        raise ConfigError(f"{where}: an empty provider name in {','.join(items)!r} (a stray comma?)")
+    for name in items:
+        if name.lower() not in ORT_PROVIDER_ALIASES and not name.endswith("ExecutionProvider"):
+            raise ConfigError(
+                f"{where}: unknown execution provider '{name}'; give {', '.join(ORT_PROVIDER_ALIASES)} or a full "
+                "ONNX Runtime name such as CUDAExecutionProvider"
+            )
+    return tuple(items)
+
+
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 27  # a 134-megapixel photo, 400 MB as BGR; a PNG header can claim 50000 x 50000
+
+
+def max_image_pixels() -> int:
+    """Decoded pixels per image at most: ``QUANTSHIP_MAX_IMAGE_PIXELS`` when set, else
+    :data:`DEFAULT_MAX_IMAGE_PIXELS`. Read when asked (the CLI asks before any work), not at import.
+
+    Raises:
+        ConfigError: The variable is not a whole number >= 1.
+    """
+    import os
+
+    text = os.environ.get("QUANTSHIP_MAX_IMAGE_PIXELS")
+    if text is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(
+            f"QUANTSHIP_MAX_IMAGE_PIXELS={text!r}: expected a whole number of pixels >= 1 (default "
+            f"{DEFAULT_MAX_IMAGE_PIXELS}); unset it for the default"
+        )
+    return value

@@ -107,6 +107,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def temp_file_owner(name: str) -> int | None:
+    """The process id in an atomic-write temporary's name (``.NAME.PID-XXXX.tmp``), None for another name."""
+    m = _ATOMIC_TMP.match(name)
+    return int(m.group(1)) if m else None
+
+
+def process_gone(pid: int) -> bool:
+    """True when no process ``pid`` runs on this machine (this process counts as running)."""
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
 def sweep_temp_files(folder: str | os.PathLike, depth: int = 3) -> list[Path]:
     """Remove what killed runs left in an output folder: atomic-write temporaries (``.NAME.PID-XXXX.tmp*``) and
     ``.quantship-tmp/`` folders of processes that no longer run (a live run's are kept).
@@ -154,12 +165,14 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> None:
     """
     from quantship.errors import ConfigError
 
+    if not str(path).strip():
+        raise ConfigError(f"{option} '': an empty path (it would write into the current folder); give a folder")
     path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path}: is a file, not a folder; give a folder (it is created if missing)")
     created: list[Path] = []
     probe: Path | None = None
     try:
+        if path.exists() and not path.is_dir():  # exists() itself fails on a name too long for the file system
+            raise ConfigError(f"{option} {path}: is a file, not a folder; give a folder (it is created if missing)")
         missing = []
         p = path
         while not p.exists():

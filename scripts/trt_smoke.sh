@@ -12,7 +12,7 @@ LIMIT=${3:-1000}
 OUT=${4:-runs/trt-smoke-$MODEL}
 
 python3 -c "import tensorrt; print('TensorRT', tensorrt.__version__)"
-python3 -c "from quantship.runtime.cuda import device_info; print(device_info())"
+python3 -c "from quantship.cuda import device_info; print(device_info())"
 
 MAJOR=$(python3 -c "import tensorrt; print(tensorrt.__version__.split('.')[0])")
 if [ "$MAJOR" -ge 11 ]; then

@@ -64,6 +64,18 @@ class Case:
     check: Callable[[Path], None] | None = None
 
 
+def bench_argv(*extra: str) -> tuple[str, ...]:
+    """``quantship bench`` of the two files :func:`two_tflite` writes, with ``extra`` options."""
+    return ("bench", "--artifact", "{tmp}/a-fp32.tflite", "--artifact", "{tmp}/b-int8.tflite", "--out", "{out}", *extra)
+
+
+def two_tflite(tmp: Path, env: dict) -> dict:
+    """Two files named like LiteRT models that no interpreter can load (never read by a refused command)."""
+    for name in ("a-fp32.tflite", "b-int8.tflite"):
+        (tmp / name).write_bytes(b"not a flatbuffer")
+    return {}
+
+
 def eval_argv(*extra: str, data: str = "imagenet:{data}", targets: str = "keras-fp32") -> tuple[str, ...]:
     """``quantship eval`` of the tiny model on ``data`` with ``extra`` options (later options win)."""
     base = ("eval", "--model", "{model}", "--preprocess", TINY_PREPROCESS, "--data", data)
@@ -200,6 +212,7 @@ def plan(edit: dict | None = None, drop: tuple[str, ...] = (), raw: bytes | None
             "models": [{"name": str(env["model"]), "preprocess": TINY_PREPROCESS}],
             "targets": ["tflite-fp32"],
             "gates": [{"metric": "top1", "relative": 0.9}],
+            "bench": False,
         }
         for key, value in (edit or {}).items():
             doc[key] = value(doc) if callable(value) else value
@@ -693,6 +706,16 @@ CASES = [
             ("models", model_edit(weights="absent.weights.h5"), "models[0]: weights: file not found"),
             ("name", "../../escape", "name: '../../escape' names the results folder"),
             ("trust_savedmodel", "yes", "trust_savedmodel: expected true or false, got 'yes'"),
+            ("bench", "yes", "bench: expected true, false or a mapping"),
+            ("bench", {"ratio_precision": 0}, "bench: ratio_precision: expected a number between 0 and 1"),
+            ("bench", {"ratio_precision": "nan"}, "bench: ratio_precision: expected a number between 0 and 1"),
+            ("bench", {"min_rounds": 1}, "bench: min_rounds: expected a whole number >= 2, got 1"),
+            ("bench", {"max_seconds": -5}, "bench: max_seconds: expected a positive number of seconds, got -5"),
+            ("bench", {"max_seconds": 1e300}, "bench: max_seconds: expected a positive number of seconds"),
+            ("bench", {"queries_per_round": 0}, "bench: queries_per_round: expected a whole number >= 1, got 0"),
+            ("bench", {"reference": "onnx-fp32"}, "bench: reference: 'onnx-fp32' is none of the plan's targets"),
+            ("bench", {"enabled": "no"}, "bench: enabled: expected true or false, got 'no'"),
+            ("bench", {"rounds": 5}, "bench: unknown key(s) rounds"),
         )
     ),
     Case(
@@ -717,6 +740,35 @@ CASES = [
         plan({"targets": "tflite-fp32", "gates": [{"relative": 0.9, "targets": "tflite-*"}]}),
         inprocess=True,
         check=signoff_ran,
+    ),
+    # --- bench: interleaved timing options (issue 23); refused before anything is timed
+    *(
+        Case(f"bench-{name}", bench_argv(*extra), 2, message, build=two_tflite)
+        for name, extra, message in (
+            ("reference-unknown", ("--reference", "zzz"), "--reference zzz is none of the configurations to bench"),
+            ("reference-empty", ("--reference", ""), "--reference is empty"),
+            ("ratio-precision-0", ("--ratio-precision", "0"), "--ratio-precision must be a fraction between 0 and 1"),
+            ("ratio-precision-1", ("--ratio-precision", "1"), "--ratio-precision must be a fraction between 0 and 1"),
+            ("ratio-precision-neg", ("--ratio-precision=-0.1",), "--ratio-precision must be a fraction between"),
+            ("ratio-precision-nan", ("--ratio-precision", "nan"), "--ratio-precision must be a fraction between"),
+            ("ratio-precision-huge", ("--ratio-precision", "1e300"), "--ratio-precision must be a fraction between"),
+            ("ratio-precision-word", ("--ratio-precision", "tight"), "argument --ratio-precision: invalid float"),
+            ("ratio-precision-empty", ("--ratio-precision", ""), "argument --ratio-precision: invalid float"),
+            ("min-rounds-1", ("--min-rounds", "1"), "--min-rounds must be at least 2"),
+            ("min-rounds-neg", ("--min-rounds=-3",), "--min-rounds must be at least 2"),
+            ("min-rounds-float", ("--min-rounds", "2.5"), "argument --min-rounds: invalid int value"),
+            ("max-seconds-0", ("--max-seconds", "0"), "--max-seconds must be a positive number of seconds"),
+            ("max-seconds-inf", ("--max-seconds", "inf"), "--max-seconds must be a positive number of seconds"),
+            ("max-seconds-nan", ("--max-seconds", "nan"), "--max-seconds must be a positive number of seconds"),
+            ("queries-per-round-0", ("--queries-per-round", "0"), "argument --queries-per-round: expected a positive"),
+        )
+    ),
+    Case(
+        "bench-reference-fails-to-run",
+        bench_argv("--reference", "{tmp}/a-fp32.tflite"),
+        2,
+        "the reference a-fp32 ({tmp}/a-fp32.tflite) failed to run",
+        build=two_tflite,
     ),
     # --- reports of damaged folders
     Case(

@@ -262,6 +262,8 @@ def test_bench_cli_loadgen_and_bad_input(tiny_files, tmp_path):
     (row,) = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert row["loadgen_scenario"] == "singlestream" and row["loadgen_valid"]
     assert "VALID only under reduced settings" in res.stdout
+    # LoadGen's early-stopping estimate, in the row and in the console table.
+    assert row["loadgen_early_stopping_ms"] >= row["latency_ms_p90"] * 0.5 and "early-stopping ms" in res.stdout
     assert (out / "loadgen" / "tiny-tflite-fp32-singlestream" / "mlperf_log_summary.txt").is_file()
 
     for argv, message in (
@@ -277,6 +279,63 @@ def test_bench_cli_loadgen_and_bad_input(tiny_files, tmp_path):
         )
         assert res.returncode == 2 and message in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+
+
+def _vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.slow
+def test_interleaved_bench_through_the_cli(tiny_files, tmp_path, capsys):
+    import shutil
+
+    from quantship.cli import main
+
+    copy = tmp_path / "copy-fp32.tflite"
+    shutil.copy(tiny_files["tflite-fp32"], copy)
+    ballast = np.ones(300 << 17)  # 300 MB touched here: no worker may report this process's memory as its own
+    assert ballast[-1] == 1 and _vm_hwm_mb() > 300
+    out = tmp_path / "out"
+    files = [tiny_files["tflite-int8"], tiny_files["tflite-fp32"], copy, tiny_files["onnx-fp32"]]
+    argv = ["bench", *[x for f in files for x in ("--artifact", str(f))], "--threads", "1", "--warmup", "0.05"]
+    argv += ["--min-queries", "60", "--min-seconds", "0.05", "--min-rounds", "6", "--max-seconds", "4"]
+    argv += ["--queries-per-round", "10", "--batch-sizes", "1,2", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    rows = {r["target"]: r for r in map(json.loads, (out / "bench.jsonl").read_text().splitlines())}
+    assert list(rows) == ["tiny-tflite-int8", "tiny-tflite-fp32", "copy-fp32", "tiny-onnx-fp32"]
+    rounds = {r["rounds"] for r in rows.values()}
+    assert len(rounds) == 1 and rounds.pop() >= 6  # every configuration ran in every round
+    for r in rows.values():
+        assert r["iterations"] == 10 * r["rounds"] and len(r["round_p50_ms"]) == r["rounds"]
+        assert r["init_ms"] > 0 and r["first_inference_ms"] > 0 and r["warmup_queries"] >= 5
+        assert r["latency_ms_std"] >= 0 and r["latency_cov"] == pytest.approx(
+            r["latency_ms_std"] / r["latency_ms_mean"]
+        )
+        assert isinstance(r["stable"], bool) and (r["unstable_reason"] is None) == r["stable"]
+        assert r["load_average_before"] is not None and r["load_average_after"] is not None
+        assert r["throughput_ips_b1"] > 0 and r["throughput_ips_b2"] > 0 and r["throughput_batch"] in (1, 2)
+        assert 0 < r["peak_rss_mb"] < 250, r["peak_rss_mb"]  # its own memory, not the parent's 300 MB+
+        assert (
+            "order statistics" in r["ratio_interval"]
+            and r["ratio_ci_low"] <= r["ratio_to_reference"] <= r["ratio_ci_high"]
+        )
+        assert r["stopped_by"] in ("precision", "max-seconds")
+    # References: the first fp32 of the same runtime (the ONNX file is its own).
+    assert [r["reference"] for r in rows.values()] == ["tiny-tflite-fp32"] * 3 + ["tiny-onnx-fp32"]
+    assert rows["tiny-tflite-fp32"]["ratio_to_reference"] == 1.0
+    assert 0.8 < rows["copy-fp32"]["ratio_to_reference"] < 1.25  # the same file, interleaved
+    # What the runtime executes: XNNPACK takes all of the fp32 model, all but the int8 softmax; ORT's kernels.
+    assert (rows["tiny-tflite-fp32"]["delegated_nodes"], rows["tiny-tflite-fp32"]["delegate_partitions"]) == (6, 1)
+    assert rows["tiny-tflite-int8"]["delegated_nodes"] == rows["tiny-tflite-int8"]["total_nodes"] - 1 == 5
+    assert any(k.startswith(("Conv@", "FusedConv@")) for k in rows["tiny-onnx-fp32"]["ort_kernels"])
+    assert "interleaved 4 configuration(s)" in text and "order rotated every round" in text
+    assert "of tiny-tflite-fp32" in text and "vs reference [95% interval]" in text
+    assert "tiny-tflite-int8: LiteRT's delegate (XNNPACK) took 5 of 6 nodes" in text
+    assert "tiny-onnx-fp32: ONNX Runtime executes" in text
 
 
 # ------------------------------------------------------------------------------------------- forward/backward

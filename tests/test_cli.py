@@ -122,7 +122,7 @@ def test_unknown_target_and_model(capsys, tmp_path):
         "--weights",
         "random",
         "--data",
-        f"imagenet:{tmp_path}",
+        f"imagenet:{tmp_path / 'data'}",  # --out beside the data, not inside it
         "--targets",
         "tflite-int3",
         "--out",
@@ -136,7 +136,7 @@ def test_unknown_target_and_model(capsys, tmp_path):
         "--model",
         "resnet5000",
         "--data",
-        f"imagenet:{tmp_path}",
+        f"imagenet:{tmp_path / 'data'}",
         "--targets",
         "keras-fp32",
         "--out",

@@ -314,6 +314,7 @@ def test_signoff_gates_detection_on_map(tiny_detector, tmp_path, kind):
                 "targets": ["tflite-int8"],
                 "anchors": str(tiny_detector / "anchors.json"),
                 "bootstrap_samples": 50,
+                "bench": False,  # the bench pass is tested in test_signoff_report.py
                 "gates": [{"metric": "mAP", "relative": 0.9}, {"metric": "mAP", "relative": 1.2}],
             }
         )

@@ -86,16 +86,17 @@ def test_diff_names_exactly_the_layer_with_a_wrong_qdq_scale(trained_tiny, synse
     from onnx import numpy_helper
 
     from quantship.config import CalibrationMethod, Precision, TargetSpec
+    from quantship.convert.artifact import write_onnx_artifact
     from quantship.convert.layer_names import KerasLayers, onnx_tensor_layers
     from quantship.jobs.diff import run_diff
-    from quantship.manifest import write_onnx_artifact
     from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
-    from quantship.targets import _qdq_build, get_target, register_target, unregister_target
+    from quantship.targets import get_target, register_target, unregister_target
+    from quantship.targets.onnx import qdq_build
 
     faulty_layer = "dw1"
 
     def build(ctx, spec):
-        good = _qdq_build(ctx, get_target("qdq-int8-max").spec)
+        good = qdq_build(ctx, get_target("qdq-int8-max").spec)
         model = onnx.load(str(good.path))
         tensor = onnx_tensor_layers(model, KerasLayers.of(ctx.loaded.model))[faulty_layer].name
         for init in model.graph.initializer:

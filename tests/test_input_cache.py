@@ -91,7 +91,7 @@ def test_changed_file_or_geometry_is_not_served_from_the_cache(tmp_path, data, d
     assert len(list(root.iterdir())) == 3
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "no_index"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "zero_bytes", "no_index"])
 def test_corrupt_or_partial_shard_is_discarded_and_rebuilt(tmp_path, data, decodes, damage):
     root = tmp_path / "cache"
     ds = load_dataset(f"imagenet:{data}")
@@ -104,6 +104,8 @@ def test_corrupt_or_partial_shard_is_discarded_and_rebuilt(tmp_path, data, decod
         shard.write_bytes(bytes(blob))
     elif damage == "truncate":
         shard.write_bytes(bytes(blob[: len(blob) // 2]))
+    elif damage == "zero_bytes":  # what a full disk or a crash leaves (numpy: EOFError, not ValueError)
+        shard.write_bytes(b"")
     else:  # killed between writing the pixels and their index
         shard.with_suffix(".json").unlink()
     decodes.clear()
@@ -157,3 +159,18 @@ def test_int8_input_folded_into_one_lookup_equals_normalise_then_quantize():
                 np.testing.assert_array_equal(enc(pixels), quantize(floats, meta))
             np.testing.assert_array_equal(InputEncoding.of(spec)(pixels), floats)
     assert seen == {"identity", "flip", "shared", "per-channel"}
+
+
+def test_temporary_files_of_a_dead_process_are_removed_at_once(tmp_path, data):
+    """A fill killed while writing leaves ``.entry.json.PID-X.tmp`` / ``.shard-*.npy.PID-X.tmp``: gone at the next
+    open when process PID is gone (not an hour later); a live process's temporary stays."""
+    root = tmp_path / "cache"
+    ds = load_dataset(f"imagenet:{data}")
+    inputs(ds, SPEC, InputCache(root, 10**9))
+    (entry_dir,) = root.iterdir()
+    dead = [entry_dir / ".entry.json.999999999-ab12.tmp", entry_dir / ".shard-0123.npy.999999999-cd34.tmp"]
+    live = entry_dir / f".entry.json.{os.getppid()}-ef56.tmp"
+    for p in (*dead, live):
+        p.write_bytes(b"half")
+    inputs(ds, SPEC, InputCache(root, 10**9))
+    assert not any(p.exists() for p in dead) and live.exists()

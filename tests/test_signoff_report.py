@@ -96,7 +96,14 @@ def test_plan_validation():
 
 
 def _write_plan(
-    path: Path, model: Path, data: Path, gates: list[dict], targets: list[str], limit: int = 90, chunk: int = 32
+    path: Path,
+    model: Path,
+    data: Path,
+    gates: list[dict],
+    targets: list[str],
+    limit: int = 90,
+    chunk: int = 32,
+    bench: bool | dict = False,  # one test runs the bench pass; the others leave it out (time)
 ) -> Path:
     import yaml
 
@@ -114,6 +121,7 @@ def _write_plan(
                 ],
                 "targets": targets,
                 "gates": gates,
+                "bench": bench,
             }
         )
     )
@@ -230,9 +238,19 @@ def test_report_is_rebuilt_from_stored_results_and_holds_its_plot(trained_tiny, 
         bigger_dataset,
         [{"metric": "top1", "relative": 0.95}],
         ["tflite-fp32", "tflite-int8"],
+        bench={"min_rounds": 4, "max_seconds": 3, "queries_per_round": 5},
     )
     out = tmp_path / "out"
     assert _signoff(plan, out).returncode == 0
+    # The report's latency comes from the interleaved bench pass over the artifact files (Keras has none).
+    bench = {r["target"]: r for r in map(json.loads, (out / "bench.jsonl").read_text().splitlines())}
+    assert sorted(bench) == ["tflite-fp32", "tflite-int8"] and bench["tflite-int8"]["reference"] == "tflite-fp32"
+    assert all(r["model"] == "tiny" and r["rounds"] >= 4 and r["latency_batch"] == 1 for r in bench.values())
+    from quantship.evaluate.report import _chart_points, load_results
+
+    points = {p[1]: p for p in _chart_points(load_results(out))}
+    assert points["tflite-int8"][2] == bench["tflite-int8"]["latency_ms_p50"] and points["tflite-int8"][4]
+    assert points["tflite-fp32"][4] is None  # the reference: no bar
     (out / "report.html").unlink()
     res = subprocess.run([sys.executable, "-m", "quantship", "report", str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -466,4 +484,31 @@ def test_chart_labels_do_not_overlap_and_the_log_axis_reads():
     major = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
     minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
     assert minor == [] and "10" in major and "50" in major and all("^" not in m for m in major)
+    _pyplot().close(fig)
+
+
+def test_chart_draws_ratio_intervals_as_error_bars():
+    from quantship.evaluate.charts import _pyplot, accuracy_latency_figure
+    from quantship.evaluate.report import _chart_points
+
+    bench = [
+        {"target": "m-fp32", "model": "m", "latency_ms_p50": 10.0, "ratio_to_reference": 1.0, "reference": "m-fp32"},
+        {
+            "target": "m-int8",
+            "model": "m",
+            "latency_ms_p50": 6.0,
+            "reference": "m-fp32",
+            "ratio_to_reference": 0.6,
+            "ratio_ci_low": 0.57,
+            "ratio_ci_high": 0.63,
+        },
+    ]
+    rows = [{"model": "m", "target": t, "top1": 0.7} for t in ("m-fp32", "m-int8")]
+    points = _chart_points({"bench": bench, "rows": rows})
+    assert points[0][4] is None and points[1][4] == pytest.approx((5.7, 6.3))
+    fig, ax, _ = accuracy_latency_figure(points)
+    (bars,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    (segments,) = [s.get_segments() for s in bars.lines[2]]
+    assert [tuple(np.round(seg[:, 0], 6)) for seg in segments] == [(5.7, 6.3)]  # one bar, the int8 point's
+    assert "95 % interval" in ax.get_xlabel()
     _pyplot().close(fig)

@@ -16,6 +16,8 @@ from typing import Callable, NoReturn, Sequence
 from quantship import __version__
 from quantship.errors import QuantshipError
 
+DATA_OPTIONS = ("--data", "--calib-data")  # folders --out must stay out of
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``quantship eval: error: argument --batch-size: expected a positive integer,
@@ -60,14 +62,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     from quantship import progress
+    from quantship.config import max_image_pixels
     from quantship.fileio import cache_dir, check_output_dir, sweep_temp_files
     from quantship.logs import route_native_stderr
 
+    try:
+        max_image_pixels()  # a bad QUANTSHIP_MAX_IMAGE_PIXELS is named before any work
+    except QuantshipError as exc:
+        print(f"quantship {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     out = getattr(args, "out", None)
-    if out:
-        # A file, a read-only or pseudo file system where the results should go: say so before any work.
+    if out is not None:
+        # A file, a read-only or pseudo file system, a data folder where the results should go: say so before any
+        # work ('' is refused too: it would write into the current folder).
+        from quantship.cli.args import check_out_outside_data
+
         try:
             check_output_dir(out)
+            check_out_outside_data(out, {o: getattr(args, o[2:].replace("-", "_"), None) for o in DATA_OPTIONS})
         except QuantshipError as exc:
             print(f"quantship {args.command}: error: {exc}", file=sys.stderr)
             return exc.exit_code

@@ -16,6 +16,7 @@ from quantship.config import (
     PreprocessSpec,
     PtqSteps,
     TrtOptions,
+    check_ort_provider_names,
     parse_preprocess_overrides,
 )
 from quantship.errors import ConfigError
@@ -53,8 +54,40 @@ def percentile_value(text: str) -> float:
     return value
 
 
-def names(text: str | None) -> list[str]:
-    """A comma-separated list of names (layers, artifacts), blanks dropped."""
+def text_value(what: str) -> Callable[[str], str]:
+    """An argparse type for a text that must say something (``--ray-address ''`` is not "run locally")."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty text (leave the option out instead)")
+        return text.strip()
+
+    return parse
+
+
+def name_list(what: str, choices: tuple[str, ...] | None = None) -> Callable[[str], list[str]]:
+    """An argparse type for comma-separated names: none empty (a stray comma is a typo), each one of ``choices``
+    when given."""
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",")]
+        if not any(items):
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty text")
+        if "" in items:
+            raise argparse.ArgumentTypeError(f"an empty name in '{text}' (a stray comma?)")
+        bad = [t for t in items if choices is not None and t.lower() not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} '{bad[0]}'; known: {', '.join(choices or ())}")
+        return [t.lower() if choices is not None else t for t in items]
+
+    return parse
+
+
+def names(text: str | list[str] | None) -> list[str]:
+    """A comma-separated list of names (layers, artifacts), blanks dropped (a list: as parsed by
+    :func:`name_list`)."""
+    if isinstance(text, list):
+        return text
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
@@ -166,6 +199,33 @@ def calibration(args: argparse.Namespace) -> CalibrationSpec:
     )
 
 
+def check_out_outside_data(out: str, sources: dict[str, str | None]) -> None:
+    """Refuse an output folder that is, or is inside, a data folder (``--data``, ``--calib-data``, a plan's
+    dataset): results, artifacts and logs would be written among the images (and read back as images).
+
+    Args:
+        out: The ``--out`` value.
+        sources: Option (or plan key) -> its ``KIND:PATH`` value (None: not given).
+
+    Raises:
+        ConfigError: Naming ``--out``, the option and the folder.
+    """
+    target = Path(out).expanduser().resolve()
+    for option, spec in sources.items():
+        if not spec or not isinstance(spec, str):
+            continue
+        kind, sep, rest = spec.partition(":")
+        folder = Path(rest if sep and kind.isalnum() and len(kind) > 1 else spec).expanduser().resolve()
+        if not folder.is_dir():
+            continue
+        if target == folder or folder in target.parents:
+            where = "is" if target == folder else "is inside"
+            raise ConfigError(
+                f"--out {out}: {where} the data folder of {option} ({folder}); results would be written among the "
+                "images: give a folder outside it"
+            )
+
+
 def input_cache(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("preprocessed-input cache (each image decoded once, for every target and run)")
     g.add_argument(
@@ -192,12 +252,10 @@ def input_cache_options(args: argparse.Namespace) -> InputCacheOptions | None:
 
 
 def providers(text: str) -> tuple[str, ...]:
-    names = tuple(names_ for names_ in (t.strip() for t in text.split(",")) if names_)
-    if not names:
-        raise argparse.ArgumentTypeError(
-            "expected execution providers, e.g. CUDAExecutionProvider,CPUExecutionProvider"
-        )
-    return names
+    try:
+        return check_ort_provider_names(text, "expected execution providers")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("expected execution providers: ")) from None
 
 
 def post_training(p: argparse.ArgumentParser, auto: bool = True) -> None:

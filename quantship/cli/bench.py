@@ -1,5 +1,6 @@
-"""``quantship bench``: latency percentiles, throughput, init time, peak memory (each config in its own process),
-under MLPerf LoadGen on request, and forward/backward times of a Keras model."""
+"""``quantship bench``: latency percentiles, throughput, init time, peak memory (each config in its own process,
+several configurations interleaved round by round with ratios to a reference), under MLPerf LoadGen on request,
+and forward/backward times of a Keras model."""
 
 from __future__ import annotations
 
@@ -52,10 +53,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="preload samples in the model's own input types (int8 models: quantized once, as an MLPerf QSL holds "
         "them) and time the runner without its (de)quantization",
     )
+    g = p.add_argument_group(
+        "interleaved timing (several configurations: same rounds, order rotated, ratios to a reference with a 95 % "
+        "interval)"
+    )
+    g.add_argument(
+        "--reference",
+        metavar="TARGET|FILE",
+        help="what every ratio is taken to (default: the first fp32 configuration of the same runtime, else the first "
+        "one; ratios only within the same batch, threads and cores)",
+    )
+    g.add_argument(
+        "--ratio-precision",
+        type=float,
+        default=0.03,
+        metavar="P",
+        help="add rounds until every ratio's 95 %% interval is within +-P (a fraction: 0.03 is +-3 %%, the default)",
+    )
+    g.add_argument(
+        "--min-rounds",
+        type=int,
+        default=10,
+        help="at least this many rounds unless --max-seconds ends the run first (10; at least 2)",
+    )
+    g.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="stop adding rounds after this many seconds even if the precision or a minimum is not reached (60)",
+    )
+    g.add_argument(
+        "--queries-per-round", type=a.positive_int, default=20, help="queries per configuration per round (20)"
+    )
     g = p.add_argument_group("MLPerf LoadGen (pip install 'quantship[loadgen]')")
     g.add_argument(
         "--loadgen",
         metavar="SCENARIO",
+        type=a.name_list("LoadGen scenario"),
         help=f"time under MLPerf LoadGen instead: {'|'.join(SCENARIOS)} (comma-separated for several); its logs "
         "go to OUT/loadgen/",
     )
@@ -81,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-sizes must be integers separated by commas, got '{args.batch_sizes}'") from None
     if min(batch_sizes) <= 0:
         raise ConfigError(f"--batch-sizes must be positive, got '{args.batch_sizes}'")
+    if args.reference is not None and not args.reference.strip():
+        raise ConfigError("--reference is empty: name a target or an artifact file that is benched")
     targets = args.targets
     if targets is None and args.model and not args.forward_backward:
         targets = "tflite-fp32,tflite-fp16,tflite-int8"
@@ -102,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
         forward_backward=args.forward_backward,
         per_layer=args.per_layer,
         providers=args.ort_providers,
+        reference=args.reference,
+        ratio_precision=args.ratio_precision,
+        min_rounds=args.min_rounds,
+        max_seconds=args.max_seconds,
+        queries_per_round=args.queries_per_round,
     )
     print(result.text)
     return result.exit_code

@@ -15,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray-address",
         metavar="ADDR",
+        type=a.text_value("the Ray head's HOST:PORT"),
         help="run the units on the Ray cluster whose head is at HOST:PORT (needs quantship[ray]); the plan's "
         "'executor: ray' without an address starts a local instance (loopback only); RAY_ADDRESS is not read",
     )
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     flags = ("allow_nonfinite", "allow_missing_images", "trust_savedmodel")
     plan = SignoffPlan.load(args.plan, {f: True for f in flags if getattr(args, f)})
     out = Path(args.out or f"runs/{plan.name}")
+    a.check_out_outside_data(str(out), {"the plan's dataset": plan.data, "calibration.data": plan.calibration.data})
     if not args.out:  # an explicit --out is checked before the command runs
         check_output_dir(out)
         sweep_temp_files(out)

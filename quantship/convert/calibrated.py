@@ -10,12 +10,12 @@ from typing import Any, Iterable
 from quantship.calibrate.api import CalibrationResult
 from quantship.calibrate.collector import StatisticsCollector
 from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION, write_cache
+from quantship.convert.artifact import write_onnx_artifact
 from quantship.convert.ort_layout import OrtQdqReport, OrtWeights, insert_ort_qdq, ort_tensors
 from quantship.convert.qdq import QdqReport, insert_qdq, qdq_tensors
 from quantship.errors import ConfigError
 from quantship.fileio import write_json_atomic
 from quantship.lazy import lazy_import
-from quantship.manifest import write_onnx_artifact
 
 
 def collect_statistics(

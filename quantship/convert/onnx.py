@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantship.convert.artifact import write_onnx_artifact
 from quantship.errors import ConfigError, ConversionError
 from quantship.fileio import sha256_json
 from quantship.lazy import lazy_import
 from quantship.logs import redirect_native_output
-from quantship.manifest import Artifact, load_reusable, write_onnx_artifact
+from quantship.manifest import Artifact, load_reusable
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantship.config import PtqSteps
-from quantship.errors import ConfigError
+from quantship.errors import ConfigError, ConversionError
 from quantship.lazy import lazy_import
 
 WEIGHTED = ("Conv2D", "DepthwiseConv2D", "Dense")
@@ -456,6 +456,25 @@ def apply_bias_correction(model: Any, corrections: dict[str, np.ndarray]) -> Non
 # ---------------------------------------------------------------------------------------------- together
 
 
+def _checked_shapes(model: Any, batches: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """The calibration batches, each checked against the model's input shape (a ``--preprocess size`` the model
+    does not take fails this target with a message, as it fails the targets without post-training steps).
+
+    Raises:
+        ConversionError: Naming both shapes.
+    """
+    expected = tuple(model.inputs[0].shape[1:])
+    out = list(batches)
+    for x in out:
+        got = tuple(np.asarray(x).shape[1:])
+        if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
+            raise ConversionError(
+                f"the calibration images are {got}, the model takes {expected}: --preprocess (size, layout) does "
+                "not fit the model"
+            )
+    return out
+
+
 def prepare_model(
     model: Any,
     steps: PtqSteps,
@@ -481,6 +500,9 @@ def prepare_model(
     report = PtqReport(steps)
     if not steps.active:
         return model, report
+    if batches is not None:
+        _batches = batches
+        batches = lambda: _checked_shapes(model, _batches())  # noqa: E731 - the same callable, checked
     fold = _foldable(model)
     report.folded = sorted(fold.values())
     relu6_to_relu: list[str] = []

@@ -18,9 +18,10 @@ from quantship.calibrate.feed import FixedBatches
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache
 from quantship.calibrate.trt_calibrator import TRT_CALIBRATORS, make_calibrator
 from quantship.config import BatchProfile, CalibrationMethod, Precision, TrtInt8Mode, _choice
+from quantship.convert.artifact import write_artifact
 from quantship.errors import ConfigError, ConversionError
 from quantship.fileio import sha256_json, write_bytes_atomic
-from quantship.manifest import Artifact, load_reusable, write_artifact
+from quantship.manifest import Artifact, load_reusable
 from quantship.trt_util import TrtVersion, engine_environment, import_tensorrt, make_logger
 
 log = logging.getLogger("quantship.tensorrt")

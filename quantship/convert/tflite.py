@@ -15,11 +15,12 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantship.config import IODType, Precision
+from quantship.convert.artifact import write_artifact
 from quantship.errors import CalibrationError, ConfigError, ConversionError
 from quantship.fileio import make_temp_dir, remove_temp_dir, sha256_json
 from quantship.lazy import lazy_import
 from quantship.logs import redirect_native_output
-from quantship.manifest import Artifact, load_reusable, write_artifact
+from quantship.manifest import Artifact, load_reusable
 
 TFLITE_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8, Precision.INT16X8)
 
@@ -474,6 +475,45 @@ def ranges_from_amax(
             continue
         ranges[i] = (0.0, a) if minimum.get(tensor, -1.0) >= 0.0 else (-a, a)
     return RangeReplacement(ranges, kept)
+
+
+def check_finite_for_calibration(model: Any, batches: Iterable[np.ndarray]) -> None:
+    """Refuse, before the TFLite converter calibrates, a model whose weights or layer outputs on the calibration
+    images hold NaN or inf: its own calibration records such ranges without a word (NaN outputs then score like a
+    model) or crashes (weights of 1e38: a segmentation fault), where the statistics pass behind the ONNX Runtime and
+    Q/DQ targets refuses them. Every int8 target is then treated alike.
+
+    Raises:
+        CalibrationError: Naming the layer (and the weight, or the calibration batch).
+    """
+    keras = lazy_import("keras", purpose="checking the model before calibration")
+    for layer in model.layers:
+        for w in layer.weights:
+            if not np.isfinite(np.asarray(w)).all():
+                raise CalibrationError(
+                    f"layer '{layer.name}': weight '{w.name}' holds NaN or inf values; int8 ranges cannot be "
+                    "calibrated from it (check the weights file)"
+                )
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    names, outputs = [], []
+    for layer in layers:
+        for out in keras.tree.flatten(layer.output):
+            names.append(layer.name)
+            outputs.append(out)
+    try:
+        probe = keras.Model(model.inputs, outputs)
+    except Exception:  # noqa: BLE001 - a model whose layers cannot be tapped: its outputs alone are checked
+        probe, names = model, [layers[-1].name if layers else model.name]
+    for k, batch in enumerate(batches, 1):
+        with warnings.catch_warnings():  # Keras: a single array for a one-input model (the structure it expects)
+            warnings.simplefilter("ignore", UserWarning)
+            got = keras.tree.flatten(probe(batch, training=False))
+        for name, value in zip(names, got):
+            if not np.isfinite(np.asarray(value)).all():
+                raise CalibrationError(
+                    f"layer '{name}' outputs NaN or inf values in calibration batch {k} (weights too large, or not "
+                    "numbers?); int8 ranges cannot be calibrated from them"
+                )
 
 
 def _representative(calibration: CalibrationFeed, seen: list[int]):

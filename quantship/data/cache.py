@@ -185,8 +185,8 @@ class CacheEntry:
                 reason = f"pixels {data.dtype}{data.shape}, index says uint8{shard.shape}"
             elif zlib.crc32(data) != shard.crc:
                 reason = "CRC mismatch"
-        except (OSError, ValueError) as exc:
-            reason = f"unreadable ({str(exc).strip()[:120]})"
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: a zero-byte file (a full disk, a crash)
+            reason = f"unreadable ({str(exc).strip()[:120] or type(exc).__name__})"
         if reason is None:
             shard.data, shard.ok = data, True
             return
@@ -325,13 +325,18 @@ class InputCache:
 
     @staticmethod
     def _remove_stale(path: Path) -> None:
-        """Temporary and unindexed shard files left by a killed process (old enough not to be in flight)."""
+        """Temporary and unindexed shard files left by a killed process: a temporary (``.entry.json.PID-X.tmp``,
+        ``.shard-*.npy.PID-X.tmp``) as soon as the process named in it is gone, as the ``--out`` sweep does;
+        anything else once it is old enough not to be in flight (another machine sharing the folder)."""
+        from quantship.fileio import process_gone, temp_file_owner
+
         now = time.time()
         for p in path.iterdir():
-            stale = p.name.startswith(".") and p.name.endswith(".tmp")
-            stale |= p.suffix == ".npy" and not p.with_suffix(".json").exists()
+            temporary = p.name.startswith(".") and ".tmp" in p.name
+            stale = temporary or (p.suffix == ".npy" and not p.with_suffix(".json").exists())
+            owner = temp_file_owner(p.name) if temporary else None
             with contextlib.suppress(FileNotFoundError):
-                if stale and now - p.stat().st_mtime > STALE_SECONDS:
+                if (owner is not None and process_gone(owner)) or (stale and now - p.stat().st_mtime > STALE_SECONDS):
                     p.unlink()
 
     def usage(self) -> int:

@@ -224,6 +224,12 @@ def load_dataset(spec: str, allow_missing_images: bool = False, option: str = "-
     kind = _kind(spec, option)
     if allow_missing_images:
         kwargs["allow_missing_images"] = True
+    if kwargs.get("labels") is not None:  # named before the data is looked at ("no images" would mislead)
+        labels = Path(kwargs["labels"]).expanduser()
+        if not labels.exists():
+            raise DataError(f"--labels {labels}: file not found; give the ground-truth file")
+        if not labels.is_file():
+            raise DataError(f"--labels {labels}: is a folder, not a file; give the ground-truth file")
     return _DATASETS[kind](Path(spec.partition(":")[2]).expanduser(), **kwargs)
 
 
@@ -248,13 +254,12 @@ def read_file_list(path: str | os.PathLike) -> list[str]:
     Raises:
         DataError: The file is missing, unreadable or names nothing.
     """
+    from quantship.fileio import read_text
+
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"calibration list not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{p}: unreadable calibration list ({exc})") from None
+    text = read_text(p)  # UTF-8, a byte-order mark accepted (Windows editors write one)
     names = [ln.split()[0] for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not names:
         raise DataError(f"{p}: the calibration list names no files (one file name per line)")

@@ -8,6 +8,7 @@ x1, y1, x2, y2, ``classes`` (N,) as contiguous indices 0..C-1, ``difficult`` (N,
 from __future__ import annotations
 
 import json
+import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -174,6 +175,15 @@ def load_voc(
     return ImageDataset("voc2007", str(root), samples, task="detection", meta=meta)
 
 
+def _coco_id(value: Any, where: str) -> int:
+    """A COCO image id: a whole number in 0 .. 2**63-1 (a float such as 1e30 is not an id; digits in a text are)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise DataError(f"{where}: expected a whole number id >= 0, got {value!r}")
+    return value
+
+
 @register_dataset("coco", task="detection")
 def load_coco(
     path: Path, labels: str | None = None, split: str = "val2017", allow_missing_images: bool = False
@@ -199,8 +209,8 @@ def load_coco(
         raise DataError(f"{ann}: 'annotations' is empty: there is no ground truth to score detections against")
     ids: dict[int, int] = {}
     for k, img in enumerate(doc["images"]):
-        image_id = img.get("id") if isinstance(img, dict) else None
-        if isinstance(image_id, (int, str)) and image_id in ids:
+        image_id = _coco_id(img.get("id") if isinstance(img, dict) else None, f"{ann}: images[{k}].id")
+        if image_id in ids:
             raise DataError(f"{ann}: images[{ids[image_id]}] and images[{k}] have the same id {image_id}")
         ids[image_id] = k
     try:
@@ -211,7 +221,10 @@ def load_coco(
         for k, a in enumerate(doc["annotations"]):
             if a["category_id"] not in to_contiguous:
                 raise DataError(f"{ann}: annotations[{k}] has unknown category_id {a['category_id']}")
-            per_image.setdefault(int(a["image_id"]), []).append(a)
+            image_id = _coco_id(a["image_id"], f"{ann}: annotations[{k}].image_id")
+            if image_id not in ids:  # a box of no listed image: the ground truth and the images disagree
+                raise DataError(f"{ann}: annotations[{k}] is on image_id {image_id}, which no entry of 'images' has")
+            per_image.setdefault(image_id, []).append(a)
         samples = []
         missing = []
         for img in doc["images"]:
@@ -224,6 +237,11 @@ def load_coco(
             boxes = []
             for a in anns:
                 x, y, bw, bh = (float(v) for v in a["bbox"])
+                if not all(math.isfinite(v) for v in (x, y, bw, bh)):
+                    raise DataError(
+                        f"{ann}: annotation {a.get('id')} of image {img['id']} box {a['bbox']} holds a value that is "
+                        "not a finite number"
+                    )
                 if bw < 0 or bh < 0 or x > w or y > h or x + bw > w + 1 or y + bh > h + 1:
                     raise DataError(
                         f"{ann}: annotation {a.get('id')} of image {img['id']} box {a['bbox']} is outside the "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import os
 import pickle
 import re
 from pathlib import Path
@@ -43,7 +44,23 @@ def _file_reader(path: Path) -> FileRead:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    check_links(images)
+    return sorted(p for p in images if p.is_file())
+
+
+def check_links(paths: list[Path]) -> None:
+    """Refuse an image that is a symbolic link to nothing: left out, the data would quietly be a subset of what
+    the user laid out (a link into a folder that is not mounted, a moved file).
+
+    Raises:
+        DataError: Naming the link and where it points.
+    """
+    for p in paths:
+        if p.is_symlink() and not p.exists():
+            raise DataError(
+                f"{p}: a symbolic link to {os.readlink(p)}, which does not exist; restore its target or remove the link"
+            )
 
 
 def _parse_label(token: str, where: str) -> int:

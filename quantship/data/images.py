@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantship.data.datasets import FileRead, ImageDataset, Sample, register_dataset
-from quantship.data.imagenet import IMAGE_SUFFIXES
+from quantship.data.imagenet import IMAGE_SUFFIXES, check_links
 from quantship.errors import DataError
 
 
@@ -18,8 +18,10 @@ def image_files(folder: Path) -> list[Path]:
     out = []
     for p in folder.rglob("*"):
         rel = p.relative_to(folder).parts
-        if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel) and p.is_file():
-            out.append(p)
+        if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel):
+            check_links([p])
+            if p.is_file():
+                out.append(p)
     return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
 
 

@@ -25,6 +25,7 @@ from quantship.config import (
     Layout,
     PreprocessSpec,
     ResizeMode,
+    max_image_pixels,
 )
 from quantship.errors import DataError
 from quantship.lazy import lazy_import
@@ -59,7 +60,7 @@ def decode_image(data: bytes, source: str = "image", order: ChannelOrder = Chann
     Raises:
         DataError: The bytes are not a readable image; a JPEG is truncated (no end-of-image marker) or its
             decoder reports corrupt data (a file cut short and given an end marker decodes with grey pixels and
-            only a warning on the console); the image is larger than :data:`MAX_IMAGE_PIXELS`.
+            only a warning on the console); the image is larger than :func:`~quantship.config.max_image_pixels`.
     """
     cv2 = _cv2()
     if not data:
@@ -68,9 +69,10 @@ def decode_image(data: bytes, source: str = "image", order: ChannelOrder = Chann
     if is_jpeg and data.rfind(b"\xff\xd9") < 2:
         raise DataError(f"{source}: truncated JPEG (no end-of-image marker)")
     size = image_size(data)
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+    limit = max_image_pixels()
+    if size is not None and size[0] * size[1] > limit:
         raise DataError(
-            f"{source}: {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS} this reader decodes "
+            f"{source}: {size[0]}x{size[1]} pixels, more than the {limit} this reader decodes "
             "(QUANTSHIP_MAX_IMAGE_PIXELS raises the limit)"
         )
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -80,9 +82,10 @@ def decode_image(data: bytes, source: str = "image", order: ChannelOrder = Chann
         raise DataError(f"{source}: not a readable image ({_first_line(exc)})") from None
     if img is None or img.size == 0:
         raise DataError(f"{source}: not a readable image")
-    if is_jpeg and _grey_corner(img):
+    if is_jpeg and (_grey_corner(img) or _progressive(data)):
         # libjpeg fills what a cut-short scan lacks with uniform grey (128) and only warns on stderr; a grey
-        # last pixel makes us decode once more while listening to that warning.
+        # last pixel makes us decode once more while listening to that warning. A progressive JPEG cut short
+        # shows its earlier, coarser scans instead of grey: it is always listened to.
         warning = _jpeg_warning(cv2, buf)
         if warning:
             raise DataError(f"{source}: corrupt JPEG (decoder: {warning})")
@@ -100,9 +103,6 @@ def decode_image(data: bytes, source: str = "image", order: ChannelOrder = Chann
     return img if bgr else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-# Decoded pixels per image at most (2**27: a 134-megapixel photo, 400 MB as BGR); a PNG header can claim
-# 50000 x 50000 in a few bytes.
-MAX_IMAGE_PIXELS = int(os.environ.get("QUANTSHIP_MAX_IMAGE_PIXELS", str(1 << 27)))
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -115,6 +115,21 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     if data[:2] == b"BM" and len(data) >= 26:
         w, h = struct.unpack("<ii", data[18:26])
         return abs(w), abs(h)
+    frame = _jpeg_frame(data)
+    return frame[:2] if frame is not None else None
+
+
+_PROGRESSIVE_MARKERS = {0xC2, 0xC6, 0xCA, 0xCE}
+
+
+def _progressive(data: bytes) -> bool:
+    frame = _jpeg_frame(data)
+    return frame is not None and frame[2] in _PROGRESSIVE_MARKERS
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, start-of-frame marker) from a JPEG's frame header; None when there is none before the
+    first scan."""
     if data[:2] == b"\xff\xd8":
         i = 2
         while i + 4 <= len(data):
@@ -126,7 +141,7 @@ def image_size(data: bytes) -> tuple[int, int] | None:
                 continue
             if marker in _SOF_MARKERS and i + 9 <= len(data):
                 h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-                return w, h
+                return w, h, marker
             if marker == 0xDA:  # start of scan before any frame header
                 return None
             if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:

@@ -1,12 +1,17 @@
 """Latency benchmarking of any artifact on its runtime (``quantship bench``).
 
-Each configuration runs in a fresh process, so initialisation time and peak resident memory are its own (and
+Each configuration runs in its own process, so initialisation time and peak resident memory are its own (and
 LoadGen's ``FromConfig`` applies MLPerf's rules, which it does only once per process). A query's latency is the
 whole :meth:`Runner.infer` call on a preloaded input (``Runner.last_query_time``: the runner's own conversions
-included), the runtime's call alone is reported beside it (``runtime_ms_*``). Plain timing: warm-up, then at
-least ``min_queries`` queries and at least ``min_seconds`` seconds over a preloaded sample set (MLPerf
-SingleStream's rule, scaled down). With ``loadgen`` set, MLPerf LoadGen issues and times the queries instead
-(:mod:`quantship.evaluate.loadgen`), on the same sample set through the same ``infer`` call.
+included), the runtime's call alone is reported beside it (``runtime_ms_*``).
+
+Plain timing is interleaved (:mod:`quantship.evaluate.interleave`): every configuration's process
+(:class:`LocalBenchWorker`, driving a :class:`ConfigSession` on its side) stays alive, warms up, then runs a fixed
+number of queries per round, the order rotated each round, until the minimums (queries and seconds per
+configuration, MLPerf SingleStream's rule scaled down) are met and every ratio to the reference is as precise
+as asked, or the time is up. With ``loadgen`` set, MLPerf LoadGen issues and times the queries instead
+(:mod:`quantship.evaluate.loadgen`), one fresh process per configuration, on the same sample set through the same
+``infer`` call.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -25,6 +30,9 @@ from quantship.evaluate.latency import latency_stats, native_feed, sample_set, t
 from quantship.evaluate.worker import run_worker, worker_main
 from quantship.runtime.base import RunnerOptions
 from quantship.runtime.registry import make_runner, runtime_for_artifact
+
+if TYPE_CHECKING:
+    from quantship.evaluate.interleave import InterleaveOptions
 
 DEFAULT_MIN_QUERIES = 200
 DEFAULT_MIN_SECONDS = 5.0
@@ -92,6 +100,27 @@ class BenchConfig:
                 )
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB, its own only.
+
+    ``VmHWM`` of ``/proc/self/status``: the high-water mark of the address space this process has had since its
+    ``exec``. ``getrusage(RUSAGE_SELF).ru_maxrss`` is not: Linux carries the parent's peak over ``fork``/``vfork``
+    + ``exec`` (the old address space's high-water mark is kept in the signal struct), so a worker started by a
+    ``quantship bench --model`` process that had TensorFlow loaded for the conversion reported that process's
+    1.1 GB for a model that takes 175 MB on its own. ``ru_maxrss`` remains the fallback where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _input_conversion_ms(runner, feed: dict[str, np.ndarray], repeats: int = 20) -> float | None:
     """Median time of converting one float feed to the model's integer inputs, or None for float inputs."""
     if not any(m.quantized for m in runner.input_metadata()):
@@ -147,9 +176,7 @@ def _loadgen(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
 
 
 def run_config(cfg: BenchConfig) -> dict[str, Any]:
-    """Benchmark in this process (the worker side of :func:`bench`)."""
-    import resource
-
+    """Benchmark in this process (the worker side of :func:`bench` under LoadGen)."""
     if cfg.cores:
         os.sched_setaffinity(0, set(cfg.cores))
     t0 = time.perf_counter()
@@ -159,8 +186,19 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
     )
     runner = make_runner(cfg.artifact, options, cfg.target or None)
     runner.activate()
-    init_ms = (time.perf_counter() - t0) * 1e3
-    row: dict[str, Any] = {
+    row = _base_row(cfg, runner, runtime, (time.perf_counter() - t0) * 1e3)
+    try:
+        row["input_conversion_ms"] = _input_conversion_ms(runner, sample_set(runner, 1)[0])
+        (_loadgen if cfg.loadgen else _plain)(runner, cfg, row)
+    finally:
+        runner.deactivate()
+    row["peak_rss_mb"] = peak_rss_mb()
+    row["config"] = asdict(cfg)
+    return row
+
+
+def _base_row(cfg: BenchConfig, runner, runtime, init_ms: float) -> dict[str, Any]:
+    return {
         "target": cfg.target or Path(cfg.artifact).stem,
         "artifact": str(cfg.artifact),
         "runtime": runtime.name,
@@ -168,28 +206,345 @@ def run_config(cfg: BenchConfig) -> dict[str, Any]:
         "harness": "bench",
         "inputs": "raw" if cfg.raw_inputs else "float",
         "threads": cfg.threads,
-        "providers": runner.active_providers if runtime.name == "onnx" else None,
+        "providers": runner.active_providers,
         "session_config": dict(cfg.session_config),
         "cores": list(cfg.cores) if cfg.cores else None,
+        "cores_in_use": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "file_size_bytes": Path(cfg.artifact).stat().st_size,
         "init_ms": init_ms,
     }
-    try:
+
+
+def latency_batch(cfg: BenchConfig) -> int:
+    """The batch the latency percentiles are timed at: 1 when asked for, else the first batch size."""
+    return 1 if 1 in cfg.batch_sizes else cfg.batch_sizes[0]
+
+
+class ConfigSession:
+    """One configuration in this process, driven round by round (the worker side of :class:`LocalBenchWorker`;
+    a device runner does the same on its side).
+
+    ``start`` loads and allocates (``init_ms``), times the first inference on its own (``first_inference_ms``:
+    lazy allocation, kernel packing and delegate preparation happen there) and warms up; ``round`` times queries
+    at the latency batch over the preloaded sample set; ``finish`` reads what only this process knows.
+    """
+
+    def __init__(self, cfg: BenchConfig):
+        self.cfg = cfg
+        self.runner = None
+        self._feeds: list[dict[str, np.ndarray]] = []
+        self._next = 0
+        self._runtime_ms: list[float] = []
+        self._phases: dict[str, list[float]] = {}
+
+    def start(self) -> dict[str, Any]:
+        from quantship.evaluate.stability import machine_state
+
+        cfg = self.cfg
+        if cfg.cores:
+            os.sched_setaffinity(0, set(cfg.cores))
+        before = machine_state(cfg.cores)
+        t0 = time.perf_counter()
+        runtime = runtime_for_artifact(cfg.artifact)
+        options = RunnerOptions(
+            threads=cfg.threads, providers=cfg.providers, session_config=cfg.session_config, cuda_graph=cfg.cuda_graph
+        )
+        self.runner = runner = make_runner(cfg.artifact, options, cfg.target or None)
+        runner.activate()
+        row = _base_row(cfg, runner, runtime, (time.perf_counter() - t0) * 1e3)
+        batch = latency_batch(cfg)
+        self._feeds = _feeds(runner, cfg, batch)
+        runner.infer(self._feeds[0], raw=cfg.raw_inputs)
+        row["first_inference_ms"] = runner.last_query_time * 1e3
+        end = time.perf_counter() + cfg.warmup_seconds
+        warmup = 0
+        while warmup < 5 or time.perf_counter() < end:
+            runner.infer(self._next_feed(), raw=cfg.raw_inputs)
+            warmup += 1
+        row["warmup_queries"] = warmup
+        row["latency_batch"] = batch
         row["input_conversion_ms"] = _input_conversion_ms(runner, sample_set(runner, 1)[0])
-        (_loadgen if cfg.loadgen else _plain)(runner, cfg, row)
+        row["load_average_before"] = before["load_average"]
+        row["cpu_mhz_before"] = before["cpu_mhz"]
+        return row
+
+    def _next_feed(self) -> dict[str, np.ndarray]:
+        feed = self._feeds[self._next % len(self._feeds)]
+        self._next += 1
+        return feed
+
+    def round(self, queries: int) -> list[float]:
+        runner, raw = self.runner, self.cfg.raw_inputs
+        out = []
+        for _ in range(int(queries)):
+            runner.infer(self._next_feed(), raw=raw)
+            out.append(runner.last_query_time * 1e3)
+            self._runtime_ms.append(runner.last_inference_time * 1e3)
+            for k, v in (getattr(runner, "last_timings", None) or {}).items():
+                self._phases.setdefault(k, []).append(v)
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        from quantship.evaluate.stability import machine_state
+
+        cfg, runner = self.cfg, self.runner
+        after = machine_state(cfg.cores)
+        row: dict[str, Any] = {"load_average_after": after["load_average"], "cpu_mhz_after": after["cpu_mhz"]}
+        if self._runtime_ms:
+            row.update(latency_stats(np.asarray(self._runtime_ms), "runtime_ms"))
+        for k, v in self._phases.items():
+            row[f"{k}_mean"] = float(np.mean(v))
+        # Throughput at the other batch sizes: plain timing, after the interleaved rounds (an absolute figure).
+        for b in cfg.batch_sizes:
+            if b == latency_batch(cfg):
+                continue
+            min_queries = cfg.min_queries if cfg.min_queries is not None else DEFAULT_MIN_QUERIES
+            min_seconds = cfg.min_seconds if cfg.min_seconds is not None else DEFAULT_MIN_SECONDS
+            t = time_runner(
+                runner, _feeds(runner, cfg, b), 1, cfg.warmup_seconds, min_queries, min_seconds, cfg.raw_inputs
+            )
+            row[f"throughput_ips_b{b}"] = b * len(t.query_ms) / (t.query_ms.sum() / 1e3)
+        row["peak_rss_mb"] = peak_rss_mb()  # before the profiled session below adds its own memory
+        row.update(runner.execution_details(sample_set(runner, 1)[0]))
+        row["config"] = asdict(cfg)
+        return row
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.deactivate()
+            self.runner = None
+
+
+class LocalBenchWorker:
+    """A :class:`~quantship.evaluate.interleave.BenchWorker` in its own local process
+    (``python -m quantship.evaluate.bench --serve``), so its init time, peak memory and thread pools are its own.
+
+    The two processes talk in JSON lines: the host writes ``{"op": "start", "config": {BenchConfig fields}}``,
+    ``{"op": "round", "queries": N}``, ``{"op": "finish"}``, ``{"op": "close"}``; the worker answers each but
+    ``close`` with one line, ``{"ok": <start's row | list of ms | finish's row>}`` or
+    ``{"_error": message, "_type": QuantshipError subclass name}``.
+
+    Args:
+        cfg: The configuration.
+        timeout: Seconds any one answer may take (None: no limit).
+    """
+
+    def __init__(self, cfg: BenchConfig, timeout: float | None = None):
+        self.cfg = cfg
+        self.target = cfg.target or Path(cfg.artifact).stem
+        self.artifact = str(cfg.artifact)
+        self.timeout = timeout
+        self._proc = None
+        self._stderr = None
+
+    def _spawn(self) -> None:
+        import subprocess
+        import sys
+        import tempfile
+
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "quantship.evaluate.bench", "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+
+    def _ask(self, message: dict[str, Any]) -> Any:
+        import json
+        import select
+
+        from quantship import errors
+
+        what = f"benchmark of {self.artifact}"
+        proc = self._proc
+        try:
+            proc.stdin.write(json.dumps(message) + "\n")
+            proc.stdin.flush()
+            if self.timeout is not None and not select.select([proc.stdout], [], [], self.timeout)[0]:
+                raise errors.RuntimeBackendError(f"{what}: no answer to '{message['op']}' in {self.timeout:g} s")
+            line = proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            proc.wait(timeout=10)
+            self._stderr.seek(0)
+            err = [ln for ln in self._stderr.read().splitlines() if ln.strip()]
+            raise errors.RuntimeBackendError(f"{what} failed: {err[-1] if err else 'the worker ended'}")
+        answer = json.loads(line)
+        if "_error" in answer:
+            kind = getattr(errors, answer.get("_type", ""), None)
+            if not (isinstance(kind, type) and issubclass(kind, errors.QuantshipError)):
+                kind = errors.RuntimeBackendError
+            raise kind(answer["_error"])
+        return answer["ok"]
+
+    def start(self) -> dict[str, Any]:
+        self._spawn()
+        return self._ask({"op": "start", "config": asdict(self.cfg)})
+
+    def round(self, queries: int) -> list[float]:
+        return self._ask({"op": "round", "queries": int(queries)})
+
+    def finish(self) -> dict[str, Any]:
+        return self._ask({"op": "finish"})
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        import json
+        import subprocess
+
+        try:
+            if proc.poll() is None:
+                proc.stdin.write(json.dumps({"op": "close"}) + "\n")
+                proc.stdin.flush()
+            proc.stdin.close()
+            proc.wait(timeout=10)
+        except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        finally:
+            proc.stdout.close()
+            if self._stderr is not None:
+                self._stderr.close()
+                self._stderr = None
+
+
+def serve() -> None:
+    """The worker side of :class:`LocalBenchWorker`: answer JSON-line requests on stdin until ``close`` or EOF.
+
+    Native libraries may write to stdout from C: fd 1 points at stderr while the worker runs and answers go to
+    the original stdout.
+    """
+    import json
+    import sys
+
+    from quantship.errors import QuantshipError
+
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    session: ConfigSession | None = None
+    try:
+        for line in sys.stdin:
+            message = json.loads(line)
+            op = message.get("op")
+            if op == "close":
+                break
+            try:
+                if op == "start":
+                    session = ConfigSession(_config_from(message["config"]))
+                    result: Any = session.start()
+                elif op == "round" and session is not None:
+                    result = session.round(message["queries"])
+                elif op == "finish" and session is not None:
+                    result = session.finish()
+                else:
+                    raise ConfigError(f"bench worker: unexpected request {op!r}")
+                answer = {"ok": result}
+            except QuantshipError as exc:
+                answer = {"_error": str(exc), "_type": type(exc).__name__}
+            sys.stdout.flush()
+            answers.write(json.dumps(answer) + "\n")
     finally:
-        runner.deactivate()
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    row["config"] = asdict(cfg)
-    return row
+        if session is not None:
+            session.close()
+        answers.close()
 
 
-def bench(configs: Sequence[BenchConfig], timeout: float | None = None) -> list[dict[str, Any]]:
-    """Run each configuration in its own process; return one flat row per configuration."""
-    rows = [
-        run_worker("quantship.evaluate.bench", asdict(cfg), f"benchmark of {cfg.artifact}", timeout) for cfg in configs
+def bench(
+    configs: Sequence[BenchConfig],
+    timeout: float | None = None,
+    interleave: "InterleaveOptions | None" = None,
+    lines: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Time every configuration in its own process and return one flat row per configuration, in order.
+
+    Plain-timed configurations run interleaved (:func:`quantship.evaluate.interleave.run_interleaved`): one
+    persistent worker process each, driven round by round with the order rotated, each row with its ratio to a
+    reference. Configurations under LoadGen run one after another, each in a fresh process (LoadGen times them).
+
+    Args:
+        interleave: Rounds, stopping rule and reference (None: defaults, with the minimum queries and seconds
+            taken from the configurations).
+        lines: Receives the interleaved run's summary line.
+    """
+    from quantship.evaluate.interleave import InterleaveOptions, check_reference, run_interleaved
+
+    rows: list[dict[str, Any] | None] = [None] * len(configs)
+    plain = [i for i, c in enumerate(configs) if not c.loadgen]
+    if plain:
+        options = interleave or InterleaveOptions(
+            min_queries=max(c.min_queries or DEFAULT_MIN_QUERIES for c in (configs[i] for i in plain)),
+            min_seconds=max(
+                c.min_seconds if c.min_seconds is not None else DEFAULT_MIN_SECONDS for c in (configs[i] for i in plain)
+            ),
+        )
+        workers = [LocalBenchWorker(configs[i], timeout) for i in plain]
+        check_reference(options.reference, workers)
+        try:
+            run = run_interleaved(workers, options)
+        finally:
+            for w in workers:
+                w.close()
+        for i, row in zip(plain, run.rows):
+            rows[i] = row
+        if lines is not None:
+            lines.append(run.summary(options))
+    for i, cfg in enumerate(configs):
+        if cfg.loadgen:
+            rows[i] = run_worker("quantship.evaluate.bench", asdict(cfg), f"benchmark of {cfg.artifact}", timeout)
+    done = [r for r in rows if r is not None]
+    for r in done:
+        r["throughput_batch"] = throughput_batch(r)
+    return annotate(done)
+
+
+# Bench pass of another job (demo, sign-off): shorter than a `bench` run's defaults, same method.
+PASS_OPTIONS = dict(queries_per_round=10, min_queries=100, min_seconds=1.0)
+
+
+def latency_pass(
+    files: Sequence[tuple[str, str, Sequence[tuple[str, str]]]],
+    threads: int | None,
+    max_seconds: float = 60.0,
+    ratio_precision: float = 0.03,
+    lines: list[str] | None = None,
+    min_rounds: int = 10,
+    queries_per_round: int = PASS_OPTIONS["queries_per_round"],
+    reference: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Interleaved batch-1 latency of artifact files for another job's table: ``{target: bench row}``.
+
+    Args:
+        files: ``(target, artifact path, session config)`` of each configuration.
+        threads: CPU threads of each (None: the runtime's default).
+        lines: Receives the run's summary and its stability warnings.
+    """
+    from quantship.evaluate.interleave import InterleaveOptions, stability_lines
+    from quantship.evaluate.stability import StopRule
+
+    if not files:
+        return {}
+    configs = [
+        BenchConfig(path, target=name, threads=threads, session_config=tuple(session), warmup_seconds=0.5)
+        for name, path, session in files
     ]
-    return annotate(rows)
+    options = InterleaveOptions(
+        stop=StopRule(ratio_precision, min_rounds, max_seconds),
+        queries_per_round=queries_per_round,
+        min_queries=PASS_OPTIONS["min_queries"],
+        min_seconds=PASS_OPTIONS["min_seconds"],
+        reference=reference,
+    )
+    rows = bench(configs, interleave=options, lines=lines)
+    if lines is not None:
+        lines += stability_lines(rows)
+    return {r["target"]: r for r in rows}
 
 
 def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,6 +570,14 @@ def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             if other.get("latency_ms_p50") is None:
                 continue
+            if row.get("reference") == other["target"] and row.get("ratio_ci_low") is not None:
+                # Interleaved with it: judged by the ratio's interval, not by two absolute p50s.
+                if row["ratio_ci_low"] > 1:
+                    row.setdefault("warnings", []).append(
+                        f"int8 is slower than {other['target']} ({row['ratio_to_reference']:.2f}x, 95 % interval "
+                        f"{row['ratio_ci_low']:.2f}-{row['ratio_ci_high']:.2f}, timed interleaved)"
+                    )
+                continue
             if other["latency_ms_p50"] < row["latency_ms_p50"]:
                 row.setdefault("warnings", []).append(
                     f"int8 is slower than {other['target']} ({row['latency_ms_p50']:.2f} vs "
@@ -223,11 +586,33 @@ def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def throughput_batch(row: dict[str, Any]) -> int | None:
+    """The batch size of the row's best throughput (the one the console's throughput column shows)."""
+    tp = {int(k[len("throughput_ips_b") :]): v for k, v in row.items() if k.startswith("throughput_ips_b")}
+    return max(tp, key=lambda b: tp[b]) if tp else None
+
+
 def display_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """Add what tables show of a bench row: size in MB, best throughput, warnings as one string."""
+    """Add what tables show of a bench row: size in MB, best throughput and its batch, the ratio to the reference
+    with its interval, stability, warnings as one string."""
     row["size_mb"] = row.get("file_size_bytes", 0) / 1e6
-    tp = [v for k, v in row.items() if k.startswith("throughput_ips_b")]
-    row["throughput"] = max(tp) if tp else None
+    b = row.get("throughput_batch") or throughput_batch(row)
+    row["throughput"] = row.get(f"throughput_ips_b{b}") if b else None
+    row["throughput_batch"] = b
+    if row.get("ratio_to_reference") is not None:
+        if row.get("reference") == row.get("target"):
+            row["ratio_display"] = "reference"
+        else:
+            row["ratio_display"] = (
+                f"{row['ratio_to_reference']:.3f}x [{row['ratio_ci_low']:.3f}, {row['ratio_ci_high']:.3f}] "
+                f"of {row['reference']}"
+            )
+    if "stable" in row:
+        row["stable_display"] = "yes" if row["stable"] else "NO"
+    if row.get("total_nodes") is not None:
+        row["execution"] = f"{row['delegated_nodes']}/{row['total_nodes']} nodes delegated"
+    elif row.get("ort_kernels") is not None:
+        row["execution"] = f"{row.get('ort_int8_kernels', 0)}/{sum(row['ort_kernels'].values())} int8 kernels"
     row["warning"] = "; ".join(row.get("warnings", []))
     return row
 
@@ -249,12 +634,21 @@ def mobile_profile(
     return out
 
 
-def _run_payload(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+def _config_from(cfg_dict: dict[str, Any]) -> BenchConfig:
     for key in ("cores", "batch_sizes", "providers"):
         if cfg_dict.get(key) is not None:
             cfg_dict[key] = tuple(cfg_dict[key])
-    return run_config(BenchConfig(**cfg_dict))
+    return BenchConfig(**cfg_dict)
+
+
+def _run_payload(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    return run_config(_config_from(cfg_dict))
 
 
 if __name__ == "__main__":
-    worker_main(_run_payload)
+    import sys
+
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        worker_main(_run_payload)

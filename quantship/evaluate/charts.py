@@ -74,14 +74,15 @@ def _ms_formatter(value: float, _pos: Any) -> str:
     return f"{value:g}"
 
 
-def accuracy_latency_chart(points: Sequence[tuple[str, str, float, float]]) -> bytes | None:
+def accuracy_latency_chart(points: Sequence[tuple]) -> bytes | None:
     """PNG: accuracy (%) against latency (ms, log axis), one point per (model, target), every point labelled
-    with its target without overlaps. ``points`` holds (model, target, latency ms, accuracy 0..1)."""
+    with its target without overlaps. ``points`` holds (model, target, latency ms, accuracy 0..1) and optionally
+    a fifth item, (low ms, high ms) or None: a horizontal error bar (the interleaved bench's ratio interval)."""
     drawn = accuracy_latency_figure(points)
     return _png(drawn[0]) if drawn else None
 
 
-def accuracy_latency_figure(points: Sequence[tuple[str, str, float, float]]) -> tuple[Any, Any, list[tuple]] | None:
+def accuracy_latency_figure(points: Sequence[tuple]) -> tuple[Any, Any, list[tuple]] | None:
     """The chart's figure, axes and label boxes (display coordinates), before it is rendered to PNG."""
     points = [p for p in points if p[2] and p[2] > 0 and p[3] is not None and not math.isnan(p[3])]
     if not points:
@@ -96,6 +97,18 @@ def accuracy_latency_figure(points: Sequence[tuple[str, str, float, float]]) -> 
         ax.scatter(
             [p[2] for p in mine], [100 * p[3] for p in mine], label=model or "model", s=36, color=f"C{mi}", zorder=3
         )
+        bars = [p for p in mine if len(p) > 4 and p[4]]
+        if bars:
+            ax.errorbar(
+                [p[2] for p in bars],
+                [100 * p[3] for p in bars],
+                xerr=[[max(p[2] - p[4][0], 0.0) for p in bars], [max(p[4][1] - p[2], 0.0) for p in bars]],
+                fmt="none",
+                ecolor=f"C{mi}",
+                elinewidth=1.2,
+                capsize=3,
+                zorder=2,
+            )
     ax.set_xscale("log")
     xs = [p[2] for p in points]
     ys = [100 * p[3] for p in points]
@@ -108,7 +121,11 @@ def accuracy_latency_figure(points: Sequence[tuple[str, str, float, float]]) -> 
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(_ms_formatter))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("latency, ms per image (log scale)")
+    ax.set_xlabel(
+        "latency, ms per image (log scale; bars: 95 % interval of the ratio to the reference, interleaved)"
+        if any(len(p) > 4 and p[4] for p in points)
+        else "latency, ms per image (log scale)"
+    )
     ax.set_ylabel("top-1 accuracy or mAP, %")
     ax.grid(True, which="major", alpha=0.3)
     if len(models) > 1 or models[0]:

@@ -36,7 +36,7 @@ def cpu_flags() -> str:
 
 
 def environment() -> dict[str, Any]:
-    from quantship.manifest import tool_versions
+    from quantship.runtime.registry import tool_versions
 
     return {
         "cpu": cpu_model(),
@@ -44,5 +44,5 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
-        "libraries": tool_versions(),
+        "libraries": {"python": platform.python_version(), **tool_versions()},
     }

@@ -56,10 +56,16 @@ BENCH_COLUMNS = (
     ("latency_ms_p99", "p99 ms", "{:.2f}"),
     ("latency_ms_mean", "mean ms", "{:.2f}"),
     ("runtime_ms_p50", "runtime p50 ms", "{:.2f}"),
+    ("latency_cov", "CoV", "{:.2f}"),
+    ("ratio_display", "vs reference [95% interval]", "{}"),
     ("throughput", "images/s", "{:.1f}"),
+    ("throughput_batch", "at batch", "{}"),
     ("init_ms", "init ms", "{:.0f}"),
+    ("first_inference_ms", "1st inference ms", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("size_mb", "size MB", "{:.2f}"),
+    ("execution", "execution", "{}"),
+    ("stable_display", "stable", "{}"),
     ("warning", "warning", "{}"),
 )
 OTHER_COLUMNS = (
@@ -155,6 +161,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 VERDICT_KEYS = ("model", "target", "gate", "verdict")
+ROW_KEYS = ("target",)  # what every result row is reported by
 
 
 def load_results(folder: Path) -> dict[str, Any]:
@@ -200,6 +207,11 @@ def load_results(folder: Path) -> dict[str, Any]:
             r["float_layers_text"] = ", ".join(r["float_layers"]) or "-"
         if isinstance(r.get("prediction_check"), list):
             r["prediction_text"] = " | ".join(r["prediction_check"])
+    name = "signoff.jsonl" if (folder / "signoff.jsonl").is_file() else "results.jsonl"
+    for n, r in enumerate(data["rows"], 1):
+        missing = [k for k in ROW_KEYS if k not in r]
+        if missing:
+            raise DataError(f"{folder / name}: row {n} lacks {', '.join(missing)}; run the job again to rewrite it")
     for r in data["rows"]:
         r.setdefault("status", "ok")
         if isinstance(r.get("providers"), list):
@@ -245,11 +257,28 @@ def _manifests(rows: Sequence[dict]) -> dict[str, Any]:
     return out
 
 
-def _latency_for(data: dict[str, Any], row: dict[str, Any]) -> float | None:
+def _latency_row(data: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """The bench row of ``row``'s target (a bench pass's latency wins over the evaluation's), else ``row``."""
     for b in data["bench"]:
         if b.get("target", "").split("@")[0] == row["target"] and b.get("model", row.get("model")) == row.get("model"):
-            return b.get("latency_ms_p50")
-    return row.get("latency_ms_p50") or row.get("latency_ms")
+            return b
+    return row
+
+
+def _latency_for(data: dict[str, Any], row: dict[str, Any]) -> float | None:
+    lat = _latency_row(data, row)
+    return lat.get("latency_ms_p50") or lat.get("latency_ms")
+
+
+def _latency_interval(data: dict[str, Any], row: dict[str, Any]) -> tuple[float, float] | None:
+    """The ratio's 95 % interval carried onto the latency axis (p50 x low / ratio .. p50 x high / ratio): how
+    precisely this point's position relative to its reference is known; None without an interleaved ratio, and
+    for the reference itself."""
+    lat = _latency_row(data, row)
+    p50, ratio = lat.get("latency_ms_p50"), lat.get("ratio_to_reference")
+    if not p50 or not ratio or lat.get("ratio_ci_low") is None or lat.get("reference") == lat.get("target"):
+        return None
+    return p50 * lat["ratio_ci_low"] / ratio, p50 * lat["ratio_ci_high"] / ratio
 
 
 def _accuracy(row: dict[str, Any]) -> float | None:
@@ -396,9 +425,9 @@ def _verdict_section(doc: _Doc, data: dict[str, Any]) -> None:
     )
 
 
-def _chart_points(data: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+def _chart_points(data: dict[str, Any]) -> list[tuple]:
     return [
-        (r.get("model", ""), r["target"], _latency_for(data, r), _accuracy(r))
+        (r.get("model", ""), r["target"], _latency_for(data, r), _accuracy(r), _latency_interval(data, r))
         for r in data["rows"]
         if r.get("status", "ok") == "ok"
     ]

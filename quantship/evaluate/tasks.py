@@ -347,7 +347,29 @@ def make_task(dataset: Any, loaded: Any = None, anchors_file: str | None = None,
 
 
 def _classification(dataset: Any, loaded: Any, anchors_file: str | None, **kwargs: Any) -> Task:
+    if loaded is not None:
+        check_class_outputs(dataset, loaded)
     return ClassificationTask(**kwargs)
+
+
+def check_class_outputs(dataset: Any, loaded: Any) -> None:
+    """Refuse a classifier with fewer outputs than the dataset has classes: the images of the classes it cannot
+    name would be scored as its mistakes, quietly (a 10-class head on ImageNet, a dataset of another model).
+
+    Raises:
+        DataError: Naming the model's output width and the dataset's highest label.
+    """
+    try:
+        width = int(loaded.model.outputs[0].shape[-1])
+    except (AttributeError, IndexError, TypeError):
+        return  # a model without a static output width: nothing to compare
+    labels = [s.label for s in dataset.samples if isinstance(s.label, (int, np.integer))]
+    top = max(labels, default=-1)
+    if top >= width:
+        raise DataError(
+            f"{loaded.name} has {width} outputs (classes 0..{width - 1}), but {dataset.source} holds labels up to "
+            f"{top}: the model cannot predict those classes; evaluate it on data of its own classes"
+        )
 
 
 def _detection(dataset: Any, loaded: Any, anchors_file: str | None, **kwargs: Any) -> Task:

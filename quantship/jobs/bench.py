@@ -17,6 +17,7 @@ from quantship.evaluate.bench import (
     mobile_profile,
 )
 from quantship.evaluate.environment import environment
+from quantship.evaluate.interleave import stability_lines
 from quantship.evaluate.report import BENCH_COLUMNS
 from quantship.evaluate.results import text_table
 from quantship.fileio import write_json_atomic, write_text_atomic
@@ -30,6 +31,7 @@ LOADGEN_COLUMNS = (
     ("latency_ms_p99", "p99 ms", "{:.2f}"),
     ("runtime_ms_p50", "runtime p50 ms", "{:.2f}"),
     ("throughput", "samples/s", "{:.1f}"),
+    ("loadgen_early_stopping_ms", "early-stopping ms", "{:.2f}"),
     ("loadgen_queries", "queries", "{}"),
     ("loadgen_samples", "samples", "{}"),
     ("validity", "validity", "{}"),
@@ -107,8 +109,17 @@ def _inference_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(text_table(plain, BENCH_COLUMNS))
     if under_loadgen:
         lines.append(text_table(under_loadgen, LOADGEN_COLUMNS))
+    lines += stability_lines(plain)
     for r in rows:
         lines += [f"warning: {r['target']}: {w}" for w in r.get("warnings", [])]
+        if r.get("delegate_partitions") is not None and r["delegated_nodes"] < r["total_nodes"]:
+            lines.append(
+                f"{r['target']}: LiteRT's delegate (XNNPACK) took {r['delegated_nodes']} of {r['total_nodes']} nodes "
+                f"in {r['delegate_partitions']} partition(s); the rest run on LiteRT's builtin kernels"
+            )
+        if r.get("ort_kernels"):
+            kernels = ", ".join(f"{k} {n}" for k, n in r["ort_kernels"].items())
+            lines.append(f"{r['target']}: ONNX Runtime executes {kernels}")
         if r.get("compute_ms_mean") is not None:
             lines.append(
                 f"{r['target']}: H2D {r['h2d_ms_mean']:.3f} ms, compute {r['compute_ms_mean']:.3f} ms, D2H "
@@ -210,8 +221,9 @@ def _inference_rows(
     threads: int | None,
     common: dict,
     model: str | None,
+    interleave: Any = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Time every artifact in its own process (under each LoadGen scenario, if any): the rows (written to
+    """Time every artifact in its own process (interleaved; or under each LoadGen scenario): the rows (written to
     ``bench.jsonl`` under ``out``) and their lines."""
     configs = _configs(named, out, scenarios, mobile, threads, common)
     lines = []
@@ -219,12 +231,40 @@ def _inference_rows(
         lines.append(
             _plan_line(len(configs), scenarios, common["warmup_seconds"], common["min_queries"], common["min_seconds"])
         )
-    rows = bench(configs) if configs else []
+    rows = bench(configs, interleave=interleave, lines=lines) if configs else []
     for r in rows:
         r["model"] = model or ""
     if rows:
         _write_jsonl(out / "bench.jsonl", rows)
     return rows, lines + _inference_lines(rows)
+
+
+def _interleave_options(
+    stop: Any, queries_per_round: int, min_queries: int | None, min_seconds: float | None, reference: str | None
+) -> Any:
+    from quantship.evaluate.interleave import InterleaveOptions
+
+    return InterleaveOptions(
+        stop=stop,
+        queries_per_round=queries_per_round,
+        min_queries=min_queries if min_queries is not None else DEFAULT_MIN_QUERIES,
+        min_seconds=min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
+        reference=reference,
+    )
+
+
+def _check_reference_named(reference: str | None, artifacts: Sequence[str], targets: str | None) -> None:
+    """Refuse a ``--reference`` that is neither an artifact given nor a target to build, before anything is built
+    or timed (the interleaved run checks again against what was built)."""
+    if reference is None:
+        return
+    from quantship.evaluate.interleave import matches_reference
+
+    names = [t.strip() for t in (targets or "").split(",") if t.strip()]
+    if any(matches_reference(reference, Path(a).stem, str(a)) for a in artifacts) or reference in names:
+        return
+    given = ", ".join([Path(a).stem for a in artifacts] + names) or "nothing"
+    raise ConfigError(f"--reference {reference} is none of the configurations to bench ({given}): name one of them")
 
 
 def run_bench(
@@ -244,6 +284,11 @@ def run_bench(
     raw_inputs: bool = False,
     forward_backward: bool = False,
     per_layer: bool = False,
+    reference: str | None = None,
+    ratio_precision: float = 0.03,
+    min_rounds: int = 10,
+    max_seconds: float = 60.0,
+    queries_per_round: int = 20,
 ) -> JobResult:
     """Benchmark artifact files, and the artifacts of ``model``'s targets built first with ``convert`` (the keyword
     arguments of :func:`quantship.jobs.convert.convert_artifacts`; no targets in it: none built).
@@ -254,14 +299,22 @@ def run_bench(
         raw_inputs: Samples preloaded in the model's own input types, the runner run raw.
         forward_backward: Also time ``model``'s forward and forward+backward passes (Keras, training mode) at
             each batch size; ``per_layer`` adds the ten slowest layers' forward times.
+        reference: Target name or artifact file every ratio is taken to (None: the first fp32 configuration of
+            the same runtime, else the first).
+        ratio_precision, min_rounds, max_seconds: The interleaved run's stopping rule
+            (:class:`~quantship.evaluate.stability.StopRule`; refused before anything is built or timed).
+        queries_per_round: Queries per configuration per round.
     """
     from quantship.evaluate.loadgen import Scenario
+    from quantship.evaluate.stability import StopRule
 
+    stop = StopRule(ratio_precision=ratio_precision, min_rounds=min_rounds, max_seconds=max_seconds)
     scenarios = [Scenario.parse(s) for s in loadgen]
     _check_fb_options(model, forward_backward, per_layer)
     convert = dict(convert or {})
     fb_args = (model, convert, batch_sizes, warmup_seconds, min_queries, min_seconds, per_layer, threads)
     fb_config = _fb_config(*fb_args) if forward_backward else None
+    _check_reference_named(reference, artifacts, convert.get("targets") if model else None)
     named, failures = _named_artifacts(artifacts, model, convert, out, threads)
     if not named and not forward_backward:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
@@ -275,7 +328,8 @@ def run_bench(
         raw_inputs=raw_inputs,
         providers=tuple(providers),
     )
-    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model)
+    interleave = _interleave_options(stop, queries_per_round, min_queries, min_seconds, reference)
+    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model, interleave)
     fb_rows: list[dict[str, Any]] = []
     if fb_config is not None:
         fb_rows, fb_lines = _forward_backward_rows(fb_config, out)

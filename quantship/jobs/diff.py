@@ -1,21 +1,15 @@
 """``quantship diff``: where do two runtimes part ways? Every intermediate tensor of each target against the first
 target's, on the same images, matched through the Keras layer names the converters keep.
 
-* Keras: one multi-output model over every layer.
-* TFLite: the interpreter with every tensor kept (LiteRT's builtin kernels: a delegate computes its ops inside
-  itself), quantized tensors dequantized with their own scale.
-* ONNX: the tensors added as graph outputs, a quantized one read after its Q/DQ through a new DequantizeLinear
-  (for a fused ORT int8 model: what its integer kernels wrote), under the session options the target runs with.
-  Tensors ONNX Runtime fused away cannot be read without changing what it runs and are left out; the number of
-  fused int8 kernels is checked to be the same with and without the extra outputs.
+Each backend reads its tensors through the probe its target module registers (:class:`~quantship.targets.keras.
+KerasProbe`, :class:`~quantship.targets.tflite.TfliteProbe`, :class:`~quantship.targets.onnx.OnnxProbe`); a target
+whose backend registered none is refused before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from quantship.config import CalibrationSpec, CropMode
-from quantship.convert.layer_names import KerasLayers, onnx_tensor_layers, tflite_tensor_layer
+from quantship.convert.layer_names import KerasLayers
 from quantship.errors import ConfigError, DataError
 from quantship.evaluate.diff import (
     DEFAULT_DROP_DB,
@@ -39,10 +33,8 @@ from quantship.fileio import FolderLock, write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
-from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 from quantship.targets import Target, parse_targets
-
-Capture = dict[str, tuple[np.ndarray, float | None]]  # Keras layer -> (value, NHWC like Keras; quantization step)
+from quantship.targets.base import LayerProbe, ProbeOptions, check_layer_probe, make_layer_probe
 
 
 @dataclass(frozen=True)
@@ -76,142 +68,12 @@ class DiffSpec:
 # ------------------------------------------------------------------------------------------------ probes
 
 
-class _Probe:
-    """Runs one target and returns its tensors per Keras layer."""
-
-    name: str
-    session_config: tuple[tuple[str, str], ...] = ()
-    notes: list[str]
-    tensors: dict[str, str]  # layer -> the target's own tensor name
-
-    def run(self, x: np.ndarray) -> Capture: ...
-
-    def close(self) -> None:
-        pass
-
-
-class _KerasProbe(_Probe):
-    def __init__(self, name: str, model: Any, layers: KerasLayers):
-        from quantship.runtime.keras import layer_outputs
-
-        single = [n for n in layers.order if not isinstance(model.get_layer(n).output, (list, tuple, dict))]
-        self.name, self.notes, self.tensors = name, [], {n: n for n in single}
-        self._fn = layer_outputs(model, single)
-
-    def run(self, x: np.ndarray) -> Capture:
-        return {name: (value, None) for name, value in self._fn(x).items()}
-
-
-class _TfliteProbe(_Probe):
-    def __init__(self, name: str, path: Path, layers: KerasLayers, threads: int | None):
-        from quantship.runtime.tflite import TfliteRunner
-
-        self.name, self.layers = name, layers
-        self.notes = ["LiteRT builtin kernels (intermediate tensors are not kept inside the XNNPACK delegate)"]
-        self.tensors = {}
-        self._runner = TfliteRunner(path, threads, name, preserve_all_tensors=True).activate()
-        self._inputs = {m.name for m in self._runner.input_metadata()}
-        self._outputs = [m.name for m in self._runner.output_metadata()]
-
-    def run(self, x: np.ndarray) -> Capture:
-        self._runner.infer(x)
-        out: Capture = {}
-        for name, value, step in self._runner.intermediate_tensors():
-            if name in self._inputs:
-                layer = self.layers.input_layer
-            elif name in self._outputs and len(self._outputs) == len(self.layers.output_layers):
-                layer = self.layers.output_layers[self._outputs.index(name)]  # renamed after the signature
-            else:
-                layer = tflite_tensor_layer(name, self.layers)
-            if layer:  # the last tensor written for a layer holds its output
-                out[layer] = (value, step)
-                self.tensors[layer] = name
-        return out
-
-    def close(self) -> None:
-        self._runner.deactivate()
-
-
-class _OnnxProbe(_Probe):
-    def __init__(
-        self,
-        name: str,
-        path: Path,
-        layers: KerasLayers,
-        session_config: tuple[tuple[str, str], ...],
-        threads: int | None,
-        providers: Sequence[str],
-    ):
-        import onnx
-
-        from quantship.runtime.onnxruntime import OnnxRunner, fused_int8_ops, optimized_graph, tap_tensors
-
-        self.name, self.session_config, self.notes = name, session_config, []
-        model = onnx.load(str(path))
-        mapping = onnx_tensor_layers(model, layers)
-        names = [t.name for t in mapping.values()]
-
-        def int8_kernels(m: Any) -> Counter:  # which nodes ORT fused into which kernel (names without its tokens)
-            return Counter(re.sub(r"_token_\d+$", "", op) for op in fused_int8_ops(m))
-
-        ran = optimized_graph(model, session_config, threads, providers)
-        kernels = int8_kernels(ran)
-        # Every mapped tensor as an output, unless that keeps ORT from fusing an int8 group (a float tensor inside
-        # DQ -> Conv -> Q): then only the tensors ORT still computes. Float-only fusions (Conv + ReLU) do not matter.
-        tapped = tap_tensors(model, names)
-        tapped_kernels = int8_kernels(optimized_graph(tapped.model, session_config, threads, providers))
-        if tapped_kernels != kernels:
-            tapped = tap_tensors(model, names, {o for n in ran.graph.node for o in n.output})
-            tapped_kernels = int8_kernels(optimized_graph(tapped.model, session_config, threads, providers))
-        if kernels:
-            ops = Counter(k.split(":")[0] for k in kernels.elements())
-            self.notes.append("ONNX Runtime int8 kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(ops.items())))
-        if tapped_kernels != kernels:
-            self.notes.append(
-                f"WARNING: reading intermediate tensors changed ONNX Runtime's fusions ({len(kernels)} -> "
-                f"{len(tapped_kernels)} int8 kernels): the tensors are those of a slightly different graph"
-            )
-        if tapped.unobservable:
-            self.notes.append(f"{len(tapped.unobservable)} layer output(s) fused away by ONNX Runtime, not compared")
-        self._map = {layer: t for layer, t in mapping.items() if t.name in tapped.outputs}
-        self._tapped = tapped
-        self.tensors = {layer: t.name for layer, t in self._map.items()}
-        self._runner = OnnxRunner(
-            tapped.model.SerializeToString(), providers, threads, name, session_config=session_config
-        ).activate()
-
-    def run(self, x: np.ndarray) -> Capture:
-        outs = self._runner.infer(x)
-        out: Capture = {}
-        for layer, t in self._map.items():
-            value = outs[self._tapped.outputs[t.name]]
-            if t.channels_first and value.ndim == 4:
-                value = value.transpose(0, 2, 3, 1)
-            out[layer] = (value, self._tapped.steps.get(t.name))
-        return out
-
-    def close(self) -> None:
-        self._runner.deactivate()
-
-
-def _session_config(target: Target, qdq_ort_defaults: bool) -> tuple[tuple[str, str], ...]:
-    if qdq_ort_defaults and target.session_config == QDQ_FAKE_QUANT:
-        return ()
-    return target.session_config
-
-
 def make_probe(
     target: Target, artifact: Any, loaded: Any, layers: KerasLayers, spec: DiffSpec, providers: Sequence[str]
-) -> _Probe:
-    backend = target.spec.backend
-    if backend == "keras":
-        return _KerasProbe(target.name, loaded.model, layers)
-    if backend == "tflite":
-        return _TfliteProbe(target.name, artifact.path, layers, spec.threads)
-    if backend == "onnx":
-        config = _session_config(target, spec.qdq_ort_defaults)
-        return _OnnxProbe(target.name, artifact.path, layers, config, spec.threads, providers)
-    raise ConfigError(f"diff compares keras, tflite and onnx targets; '{target.name}' runs on {backend}")
+) -> LayerProbe:
+    """The probe of ``target``'s backend (each backend's module registers its own)."""
+    options = ProbeOptions(spec.threads, tuple(providers), spec.qdq_ort_defaults)
+    return make_layer_probe(target, artifact, loaded, layers, options)
 
 
 # ------------------------------------------------------------------------------------------------- the job
@@ -228,7 +90,7 @@ def _images(evalset: Any, loaded: Any, batch_size: int, workers: int) -> np.ndar
 
 
 def compare_targets(
-    probes: Sequence[_Probe], x: np.ndarray, batch_size: int, progress: Callable = track
+    probes: Sequence[LayerProbe], x: np.ndarray, batch_size: int, progress: Callable = track
 ) -> list[LayerComparison]:
     """Every target's tensors against the first's, accumulated batch by batch (one batch of tensors in memory)."""
     reference = probes[0]
@@ -252,8 +114,7 @@ def _check_targets(targets: Sequence[Target]) -> None:
     if len(targets) < 2:
         raise ConfigError("--targets: give the reference first and at least one target to compare with it")
     for t in targets:
-        if t.spec.backend not in ("keras", "tflite", "onnx"):
-            raise ConfigError(f"diff compares keras, tflite and onnx targets; '{t.name}' runs on {t.spec.backend}")
+        check_layer_probe(t)
 
 
 def _build(
@@ -287,9 +148,9 @@ def _probe_and_compare(
     spec: DiffSpec,
     providers: Sequence[str],
     x: np.ndarray,
-) -> tuple[list[_Probe], list[LayerComparison]]:
+) -> tuple[list[LayerProbe], list[LayerComparison]]:
     """Open a probe per built target and compare each with the first on ``x``; the probes are closed afterwards."""
-    probes: list[_Probe] = []
+    probes: list[LayerProbe] = []
     try:
         for t in built:
             probes.append(make_probe(t, artifacts.get(t.name), loaded, layers, spec, providers))
@@ -301,7 +162,7 @@ def _probe_and_compare(
 
 
 def _summary_row(
-    probe: _Probe, comp: LayerComparison, rows: list[dict[str, Any]], model: str, images: int, drop_db: float
+    probe: LayerProbe, comp: LayerComparison, rows: list[dict[str, Any]], model: str, images: int, drop_db: float
 ) -> dict[str, Any]:
     """The summary row of one target against the reference: its first SQNR drop, its output's SQNR, its notes."""
     drop = first_drop(rows)
@@ -328,7 +189,7 @@ def _summary_row(
 
 
 def _result_rows(
-    probes: Sequence[_Probe],
+    probes: Sequence[LayerProbe],
     comparisons: Sequence[LayerComparison],
     layers: KerasLayers,
     model: str,

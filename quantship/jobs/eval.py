@@ -19,6 +19,7 @@ from quantship.targets import needs_calibration, parse_targets
 from quantship.targets.run import (
     build_targets,
     check_model_source,
+    check_providers_for,
     check_readable,
     evaluate_targets,
     evaluated_rows,
@@ -65,6 +66,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
     """
     # Names are checked before any work: unknown targets, models or options fail at once.
     targets = parse_targets(spec.targets)
+    check_providers_for(targets, spec.providers)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out_dir = Path(spec.out_dir)
     with FolderLock(out_dir, f"quantship eval {spec.model}"):
@@ -98,8 +100,10 @@ def run_eval(spec: EvalSpec) -> JobResult:
             write_text_atomic(out_dir / "skipped.txt", "".join(f"{s.key}\t{s.reason}\n" for s in skipped))
         check_readable(len(evalset) - len(skipped), skipped)
         calib_info = ctx.calibration.info if ctx.calibration else {}
+        used = ctx.calibration.images_used() if ctx.calibration else None
         extra = {
-            "calibration_images": len(calib),
+            # The images calibration read (an unreadable one is left out), not the ones drawn.
+            "calibration_images": len(calib) if used is None else used,
             "calibration_source": calib_info.get("source"),
             "calibration_list_sha256": calib_info.get("list_sha256"),
             "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16],
@@ -107,9 +111,10 @@ def run_eval(spec: EvalSpec) -> JobResult:
         rows = evaluated_rows(task, targets, runs, artifacts, failures, loaded, evalset, skipped, options, extra)
         origin = f" from {calib_info['source']}" if calib_info.get("source") else ""
         listed = f" listed in {calib_info['list']}" if calib_info.get("list") else ""
+        unread = len(calib) - used if used is not None else 0
         notes = [
             f"{len(evalset)} evaluation images from {dataset.source}; {len(calib)} disjoint calibration images"
-            f"{listed}{origin}"
+            f"{listed}{origin}" + (f" ({unread} unreadable, left out)" if unread else "")
         ]
         if skipped:
             notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
@@ -118,6 +123,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
     lines = ["", text_table(rows, task.columns), ""]
     lines.append(
         f"{len(evalset)} images, {len(calib)} calibration images"
+        + (f" ({unread} unreadable, left out)" if unread else "")
         + (f", {len(skipped)} unreadable skipped (skipped.txt)" if skipped else "")
     )
     if dataset.meta.get("missing_images"):

@@ -135,6 +135,17 @@ class Runner(abc.ABC):
         self._require_active("asking for its metadata")
         return self.output_metadata_impl()
 
+    @property
+    def active_providers(self) -> list[str] | None:
+        """The execution providers the runtime chose, for runtimes that have them (ONNX Runtime); None otherwise."""
+        return None
+
+    def execution_details(self, feed: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Flat row fields on how the runtime executes the model (LiteRT: the nodes its delegate took; ONNX
+        Runtime: the kernel types a session runs), measured on the active runner; ``feed`` (float) is a sample
+        input for runtimes that need a run to tell. Empty for runtimes that cannot say."""
+        return {}
+
     def deactivate(self) -> None:
         if self.is_active:
             self.deactivate_impl()

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from quantship.lazy import is_available
 from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
 from quantship.runtime.registry import RuntimeInfo, register_runtime
 
@@ -49,7 +50,15 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> KerasRunner:
     return KerasRunner(source, name=name or "keras-fp32")
 
 
-register_runtime(RuntimeInfo("keras", _make, description="Keras (TensorFlow backend), in memory: the fp32 reference"))
+register_runtime(
+    RuntimeInfo(
+        "keras",
+        _make,
+        description="Keras (TensorFlow backend), in memory: the fp32 reference",
+        available=lambda: is_available("keras") and is_available("tensorflow"),
+        distributions=("tensorflow", "keras"),
+    )
+)
 
 
 def layer_outputs(model: Any, layers: list[str]) -> Any:

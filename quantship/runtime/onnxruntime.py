@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.errors import RuntimeBackendError
-from quantship.lazy import lazy_import
+from quantship.lazy import is_available, lazy_import
 from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
 from quantship.runtime.registry import RuntimeInfo, register_runtime
 
@@ -47,6 +47,13 @@ def provider_names(providers: Sequence[str]) -> list[str]:
     return [PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in providers if p.strip()]
 
 
+def unavailable_providers(providers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the providers asked for that this onnxruntime build lacks, the ones it has)."""
+    ort = lazy_import("onnxruntime", purpose="running ONNX models")
+    available = ort.get_available_providers()
+    return [p for p in provider_names(providers) if p not in available], available
+
+
 def make_session(
     model: str | os.PathLike | bytes | Any,
     threads: int | None = None,
@@ -55,6 +62,7 @@ def make_session(
     optimization: str | None = None,
     what: str = "the model",
     optimized_model_path: str | os.PathLike | None = None,
+    profile_prefix: str | os.PathLike | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession``.
 
@@ -66,6 +74,8 @@ def make_session(
         session_config: Session configuration entries (``session.disable_quant_qdq`` = ``1``, ...).
         optimization: ``disable`` (keep the graph as it is: statistics passes) or None (ORT's default).
         optimized_model_path: Save the graph ORT actually runs here (see :func:`fused_int8_ops`).
+        profile_prefix: Turn ORT's profiler on, its JSON file named from this prefix (see
+            :func:`executed_kernels`).
 
     Raises:
         RuntimeBackendError: Missing provider, or a model ONNX Runtime cannot load.
@@ -90,6 +100,9 @@ def make_session(
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
     source = model
     if hasattr(model, "SerializeToString"):
         source = model.SerializeToString()
@@ -146,6 +159,34 @@ def optimized_graph(
         path = Path(tmp) / "optimized.onnx"
         make_session(model, threads, providers, session_config, optimized_model_path=path)
         return onnx.load(str(path))
+
+
+def executed_kernels(
+    model: str | os.PathLike | bytes,
+    feed: dict[str, np.ndarray],
+    threads: int | None = None,
+    providers: Sequence[str] = ("cpu",),
+    session_config: Sequence[tuple[str, str]] = (),
+) -> dict[str, int]:
+    """The kernels an ONNX Runtime session executes for one run of ``feed``: ``{"<op type>@<provider>": count}``
+    from ORT's own profile (what ran, after its graph optimizations and fusions; not the file's node types).
+
+    A separate profiled session: profiling slows the run it records, so the timed session never has it on.
+    """
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        session = make_session(model, threads, providers, session_config, profile_prefix=Path(tmp) / "profile")
+        session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    counts: dict[str, int] = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time") and "op_name" in args:
+            provider = str(args.get("provider", "")).replace("ExecutionProvider", "")
+            key = f"{args['op_name']}@{provider}" if provider else args["op_name"]
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 @dataclass
@@ -308,6 +349,16 @@ class OnnxRunner(Runner):
     def output_metadata_impl(self) -> list[TensorMeta]:
         return self._outputs
 
+    def execution_details(self, feed=None) -> dict[str, Any]:
+        """``ort_kernels``: the kernel types a session with this runner's options executes, from ORT's profile
+        (``{"QLinearConv@CPU": 3, ...}``); ``ort_int8_kernels``: how many of them are ORT's fused int8 kernels."""
+        self._require_active("reading the kernels it runs")
+        if feed is None:
+            return {}
+        kernels = executed_kernels(self.model, dict(feed), self.num_threads, self.providers, self.session_config)
+        int8 = sum(n for k, n in kernels.items() if k.split("@")[0] in FUSED_INT8_OPS)
+        return {"ort_kernels": kernels, "ort_int8_kernels": int8}
+
     @property
     def active_providers(self) -> list[str]:
         return list(self._session.get_providers()) if self._session else []
@@ -323,4 +374,18 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> OnnxRunner:
     )
 
 
-register_runtime(RuntimeInfo("onnx", _make, suffixes=(".onnx",), description="ONNX Runtime (CPU provider by default)"))
+def _row_fields(options: RunnerOptions) -> dict[str, Any]:
+    return {"providers": provider_names(options.providers)}
+
+
+register_runtime(
+    RuntimeInfo(
+        "onnx",
+        _make,
+        suffixes=(".onnx",),
+        description="ONNX Runtime (CPU provider by default)",
+        available=lambda: is_available("onnxruntime"),
+        row_fields=_row_fields,
+        distributions=("tf2onnx", "onnx", "onnxruntime"),  # tf2onnx exports, onnx rewrites, ONNX Runtime runs
+    )
+)

@@ -1,7 +1,10 @@
-"""The runtimes by name: which artifact files each one runs, how its runner is made and how it is timed.
+"""The runtimes by name: which artifact files each one runs, how its runner is made and how it is timed, whether
+it is installed here, the fields its result rows carry and the Python distributions its numbers depend on.
 
 Each runtime module registers itself (:func:`register_runtime`); adding a runtime is one module and one
-registration. Targets (``quantship.targets``), ``bench`` and sensitivity find runners only through here.
+registration. Targets (``quantship.targets``), ``bench`` and sensitivity find runners only through here, and
+:func:`tool_distributions` is the one list of tool versions that manifests, environments and sign-off unit keys
+record.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from quantship.errors import ConfigError
 from quantship.runtime.base import Runner, RunnerOptions
 
 BUILTIN_RUNTIMES = ("keras", "tflite", "onnxruntime", "tensorrt")  # modules of quantship.runtime
+# What every runtime's numbers depend on besides its own libraries: this package, numpy, and the image decoders
+# that make every input (OpenCV decodes, Pillow reads what OpenCV cannot); a decoder upgrade changes pixels.
+SHARED_DISTRIBUTIONS = ("quantship", "numpy", "opencv-python", "opencv-python-headless", "pillow")
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,12 @@ class RuntimeInfo:
         timing: ``host`` (wall time of the runtime call) or ``cuda-events`` (H2D / compute / D2H from CUDA
             events beside the wall time).
         description: One line for listings.
+        available: ``available() -> bool``: whether this machine can run it (its libraries import).
+        row_fields: ``row_fields(options) -> dict``: what a result row records about how it ran, beyond the
+            threads every row has (ONNX Runtime: its execution providers).
+        gpu: Runs on an NVIDIA GPU (a Ray sign-off gives its tasks a GPU).
+        distributions: The pip distributions (converter and runtime) whose versions change this runtime's
+            numbers; part of every manifest and sign-off unit key.
     """
 
     name: str
@@ -36,6 +48,10 @@ class RuntimeInfo:
     suffixes: tuple[str, ...] = ()
     timing: str = "host"
     description: str = ""
+    available: Callable[[], bool] = lambda: True
+    row_fields: Callable[[RunnerOptions], dict[str, Any]] = lambda options: {}
+    gpu: bool = False
+    distributions: tuple[str, ...] = ()
 
 
 _RUNTIMES: dict[str, RuntimeInfo] = {}
@@ -93,3 +109,18 @@ def make_runner(
     or an in-memory model of an in-memory runtime."""
     info = get_runtime(runtime) if runtime else runtime_for_artifact(source)
     return info.make_runner(source, options, name)
+
+
+def tool_distributions() -> tuple[str, ...]:
+    """The one list of distributions whose versions are recorded (manifests, environment, sign-off unit keys):
+    the shared ones, then each registered runtime's, without repeats."""
+    _ensure_loaded()
+    names = [*SHARED_DISTRIBUTIONS, *(d for info in _RUNTIMES.values() for d in info.distributions)]
+    return tuple(dict.fromkeys(names))
+
+
+def tool_versions(names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Installed versions of :func:`tool_distributions` (or of ``names``); absent ones left out."""
+    from quantship.manifest import installed_versions
+
+    return installed_versions(names if names is not None else tool_distributions())

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.errors import RuntimeBackendError
+from quantship.lazy import is_available
 from quantship.manifest import manifest_path
 from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
 from quantship.runtime.registry import RuntimeInfo, register_runtime
@@ -249,6 +250,13 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> TrtRunner:
 
 register_runtime(
     RuntimeInfo(
-        "trt", _make, suffixes=(".engine", ".plan"), timing="cuda-events", description="TensorRT engine (NVIDIA GPU)"
+        "trt",
+        _make,
+        suffixes=(".engine", ".plan"),
+        timing="cuda-events",
+        description="TensorRT engine (NVIDIA GPU)",
+        available=lambda: is_available("tensorrt") and (is_available("cuda") or is_available("pycuda")),
+        gpu=True,
+        distributions=("tensorrt", "cuda-python", "pycuda"),
     )
 )

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from quantship.errors import RuntimeBackendError
-from quantship.lazy import lazy_import
+from quantship.lazy import is_available, lazy_import
 from quantship.runtime.base import Runner, RunnerOptions, TensorMeta, dequantize, quantize
 from quantship.runtime.registry import RuntimeInfo, register_runtime
 
@@ -128,6 +128,41 @@ class TfliteRunner(Runner):
                 out.append((m.name, value.astype(np.float32, copy=False), None))
         return out
 
+    def delegate_coverage(self) -> dict[str, int]:
+        """How much of the model the delegate (XNNPACK) runs: ``delegated_nodes`` of ``total_nodes``, in
+        ``delegate_partitions`` delegate nodes (what "Replacing N out of M node(s) with delegate ..., yielding K
+        partitions" says; LiteRT 2.3.0 no longer logs that line).
+
+        Read from the interpreter's node list after allocation: the delegate appends one ``DELEGATE`` node per
+        partition whose inputs and outputs are the partition's; the nodes it replaced are those reached walking
+        back from its outputs without crossing its inputs (a partition is a convex subgraph).
+        """
+        self._require_active("reading its delegate coverage")
+        ops = self._interp._get_ops_details()  # the public API has no node list
+        delegates = [op for op in ops if op["op_name"] == "DELEGATE"]
+        originals = [op for op in ops if op["op_name"] != "DELEGATE"]
+        producer = {int(t): op["index"] for op in originals for t in op["outputs"] if t >= 0}
+        by_index = {op["index"]: op for op in originals}
+        replaced: set[int] = set()
+        for d in delegates:
+            stop = {int(t) for t in d["inputs"]}
+            todo = [int(t) for t in d["outputs"]]
+            while todo:
+                t = todo.pop()
+                node = producer.get(t)
+                if t in stop or node is None or node in replaced:
+                    continue
+                replaced.add(node)
+                todo += [int(x) for x in by_index[node]["inputs"] if x >= 0]
+        return {
+            "delegated_nodes": len(replaced),
+            "total_nodes": len(originals),
+            "delegate_partitions": len(delegates),
+        }
+
+    def execution_details(self, feed=None) -> dict[str, Any]:
+        return self.delegate_coverage()
+
     def deactivate_impl(self) -> None:
         self._interp = None
 
@@ -143,5 +178,12 @@ def _make(source: Any, options: RunnerOptions, name: str | None) -> TfliteRunner
 
 
 register_runtime(
-    RuntimeInfo("tflite", _make, suffixes=(".tflite",), description="LiteRT (TFLite) interpreter, XNNPACK")
+    RuntimeInfo(
+        "tflite",
+        _make,
+        suffixes=(".tflite",),
+        description="LiteRT (TFLite) interpreter, XNNPACK",
+        available=lambda: is_available("ai_edge_litert"),
+        distributions=("tensorflow", "ai-edge-litert"),  # TensorFlow's converter writes the files LiteRT runs
+    )
 )

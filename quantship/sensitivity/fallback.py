@@ -62,9 +62,9 @@ def apply_fallback(
 ) -> list[dict[str, Any]]:
     """Write the TFLite and Q/DQ int8 models with ``float_layers`` in float next to the plain int8 ones, and
     report what the fallback costs (file size, batch-1 latency) and gains (held-out metrics)."""
+    from quantship.convert.artifact import write_artifact
     from quantship.convert.qdq import insert_qdq
     from quantship.evaluate.latency import measure_latency
-    from quantship.manifest import write_artifact
     from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 
     method = CalibrationMethod.parse(method)

@@ -27,6 +27,25 @@ class PlanModel:
 
 
 @dataclass(frozen=True)
+class BenchSection:
+    """The plan's ``bench:`` section: the report's latency from an interleaved bench pass over the plan's
+    artifact files (batch 1, the plan's threads), as ``quantship bench`` times them; not part of any unit key.
+
+    Attributes:
+        enabled: ``bench: false`` turns the pass off (the report then shows the evaluation's ms per image).
+        ratio_precision, min_rounds, max_seconds, queries_per_round: As ``quantship bench``'s options.
+        reference: Target every ratio is taken to (None: the first fp32 target of the same runtime).
+    """
+
+    enabled: bool = True
+    ratio_precision: float = 0.03
+    min_rounds: int = 10
+    max_seconds: float = 60.0
+    queries_per_round: int = 10
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
 class SignoffPlan:
     """A sign-off matrix: models x targets on one dataset, with gates."""
 
@@ -54,6 +73,7 @@ class SignoffPlan:
     trust_savedmodel: bool = False
     executor: ExecutorKind = ExecutorKind.LOCAL  # not part of any unit key: both executors compute the same numbers
     post_training: PtqSteps = field(default_factory=PtqSteps)  # equalize / bias_correct / relu6
+    bench: BenchSection = field(default_factory=BenchSection)  # the report's latency; no unit key holds it
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "SignoffPlan":
@@ -181,8 +201,10 @@ class _PlanReader:
         flags = {k: self.flag(d, k) for k in ("allow_nonfinite", "allow_missing_images", "trust_savedmodel")}
         models = self.models(d["models"], flags["trust_savedmodel"])
         gates = self.gates(d["gates"], task_metrics(task), compared, reference)
-        calibration = self.calibration(d.get("calibration") or {})
-        trt_fields = d.get("tensorrt") or {}
+        # A section the user wrote must be a mapping (``post_training: []`` is an error, not the defaults); an empty
+        # one (``calibration:`` with nothing under it) reads as YAML's null: the defaults.
+        calibration = self.calibration({} if d.get("calibration") is None else d["calibration"])
+        trt_fields = {} if d.get("tensorrt") is None else d["tensorrt"]
         if calibration.method is not None and isinstance(trt_fields, dict):
             # The method in a target's name is the method used: these two set only trt-int8-qdq's.
             takers = [t for t in targets if get_target(t).spec.trt_int8 is TrtInt8Mode.EXPLICIT]
@@ -213,14 +235,23 @@ class _PlanReader:
             bootstrap_samples=self.integer(d, "bootstrap_samples", 1000),
             confidence=self.number(d, "confidence", 0.95, 0.0, 1.0),
             min_images=self.integer(d, "min_images", 1),
-            ort_providers=tuple(self.names(d.get("ort_providers", ["cpu"]), "ort_providers")),
+            ort_providers=self.providers(d.get("ort_providers", ["cpu"])),
             name=name,
             anchors=self.text(d, "anchors"),
             tensorrt=tensorrt,
             executor=self.executor(d),
-            post_training=self.post_training(d.get("post_training") or {}),
+            post_training=self.post_training({} if d.get("post_training") is None else d["post_training"]),
+            bench=self.bench(d.get("bench", True), targets),
             **flags,
         )
+
+    def providers(self, value: Any) -> tuple[str, ...]:
+        from quantship.config import check_ort_provider_names
+
+        try:
+            return check_ort_provider_names(value, "ort_providers")
+        except ConfigError as exc:
+            raise ConfigError(f"{self.source}: {exc}") from None
 
     def post_training(self, value: Any) -> PtqSteps:
         if isinstance(value, str) and value.strip().lower() == "auto":
@@ -255,6 +286,32 @@ class _PlanReader:
                 return AdaRoundOptions(**budget)
             except ConfigError as exc:
                 raise self.error(next(iter(value), "iterations"), str(exc)) from None
+
+    def bench(self, value: Any, targets: list[str]) -> BenchSection:
+        """``bench: true|false`` or a mapping of :class:`BenchSection`'s fields."""
+        if isinstance(value, bool):
+            return BenchSection(enabled=value)
+        if not isinstance(value, dict):
+            raise self.error("bench", f"expected true, false or a mapping (ratio_precision, ...), got {value!r}")
+        self.known(value, "bench", {f.name for f in fields(BenchSection)})
+        with self.section("bench"):
+            enabled = value.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise self.error("enabled", f"expected true or false, got {enabled!r}")
+            reference = self.text(value, "reference")
+            if reference is not None and reference not in targets:
+                raise self.error("reference", f"'{reference}' is none of the plan's targets ({', '.join(targets)})")
+            max_seconds = value.get("max_seconds", 60.0)
+            if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not 0 < max_seconds < 1e6:
+                raise self.error("max_seconds", f"expected a positive number of seconds, got {max_seconds!r}")
+            return BenchSection(
+                enabled=enabled,
+                ratio_precision=self.number(value, "ratio_precision", 0.03, 0.0, 1.0),
+                min_rounds=self.integer(value, "min_rounds", 10, minimum=2),
+                max_seconds=float(max_seconds),
+                queries_per_round=self.integer(value, "queries_per_round", 10),
+                reference=reference,
+            )
 
     def executor(self, d: dict) -> ExecutorKind:
         value = d.get("executor", ExecutorKind.LOCAL.value)

@@ -38,10 +38,10 @@ from quantship.manifest import Artifact
 from quantship.models.loading import is_model_file, model_name
 from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.registry import get_runtime
 from quantship.signoff.cluster import RayCluster, strip_ansi
 from quantship.signoff.plan import PlanModel, SignoffPlan
 from quantship.signoff.units import (
-    NUMERIC_TOOLS,
     ModelWork,
     SignoffJob,
     UnitFailed,
@@ -274,7 +274,7 @@ def evaluate_chunk_task(
 
 def probe_node(cwd: str, probe: str, token: str, paths: dict[str, str], versions: dict[str, str]) -> list[str]:
     """Ray task, once per node at start: what this node lacks to take part (nothing: an empty list)."""
-    from quantship.manifest import tool_versions
+    from quantship.runtime.registry import tool_versions
 
     if os.path.isdir(cwd):
         os.chdir(cwd)
@@ -317,7 +317,7 @@ class _Unit:
 
 
 def _needs_gpu(target: Target) -> bool:
-    return target.spec.backend == "trt"
+    return get_runtime(target.spec.backend).gpu
 
 
 def gpu_type_to_use(nodes: list[dict[str, Any]]) -> str | None:
@@ -428,7 +428,7 @@ class _RayRun:
         has the driver's versions of the libraries the numbers depend on."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from quantship.manifest import tool_versions
+        from quantship.runtime.registry import tool_versions
 
         token = secrets.token_hex(16)
         probe = self.out_abs / f".ray-probe-{token[:12]}"
@@ -439,7 +439,7 @@ class _RayRun:
         for w in self.work:
             if is_model_file(w.entry.name):
                 paths[f"model file of {model_name(w.entry.name)}"] = w.entry.name
-        versions = {k: v for k, v in tool_versions().items() if k in NUMERIC_TOOLS}
+        versions = tool_versions()
         fn = self.ray.remote(probe_node)
         refs = [
             fn.options(

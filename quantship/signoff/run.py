@@ -20,10 +20,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quantship.errors import QuantshipError
 from quantship.evaluate.environment import environment
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import FolderLock, append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from quantship.models.loading import resolve_preprocess
+from quantship.progress import note
 from quantship.signoff.cluster import clean_stale_instance
 from quantship.signoff.plan import ExecutorKind, SignoffPlan
 from quantship.signoff.ray_executor import RayExecutor
@@ -38,7 +40,8 @@ from quantship.signoff.units import (
     unit_key,
     verdicts,
 )
-from quantship.targets import parse_targets
+from quantship.targets import get_target, parse_targets
+from quantship.targets.run import check_providers_for
 
 
 def make_executor(plan: SignoffPlan, ray_address: str | None = None, local_cpus: int | None = None) -> Executor:
@@ -48,6 +51,50 @@ def make_executor(plan: SignoffPlan, ray_address: str | None = None, local_cpus:
     if ray_address is None and plan.executor is not ExecutorKind.RAY:
         return LocalExecutor()
     return RayExecutor(address=ray_address, local_cpus=local_cpus)
+
+
+def bench_pass(plan: SignoffPlan, rows: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
+    """The report's latency: the plan's artifact files of each model timed interleaved (batch 1, the plan's
+    threads, ratios to the first fp32 target of the same runtime with their intervals), written to
+    ``bench.jsonl`` (measured again by every run: a latency is not a stored result). In-memory targets (Keras)
+    and files this machine cannot see keep the evaluation's ms per image. Off with ``bench: false``."""
+    from quantship.evaluate.bench import latency_pass
+
+    path = out_dir / "bench.jsonl"
+    if not plan.bench.enabled:
+        path.unlink(missing_ok=True)  # an older run's figures would pass for this plan's
+        return []
+    out: list[dict[str, Any]] = []
+    b = plan.bench
+    for model in dict.fromkeys(r["model"] for r in rows):
+        files = [
+            (r["target"], r["artifact"], tuple(get_target(r["target"]).session_config))
+            for r in rows
+            if r["model"] == model and r.get("status") == "ok" and r.get("artifact") and Path(r["artifact"]).is_file()
+        ]
+        if not files:
+            continue
+        note(f"bench pass: {model}, {len(files)} artifact(s) interleaved (batch 1)")
+        lines: list[str] = []
+        try:
+            timed = latency_pass(
+                files,
+                plan.threads,
+                max_seconds=b.max_seconds,
+                ratio_precision=b.ratio_precision,
+                lines=lines,
+                min_rounds=b.min_rounds,
+                queries_per_round=b.queries_per_round,
+                reference=b.reference,
+            )
+        except QuantshipError as exc:  # the evaluation stands; its latency is shown instead
+            note(f"bench pass of {model} failed ({exc}): the report shows the evaluation's ms per image")
+            continue
+        for line in lines:
+            note(line)
+        out += [{**row, "model": model} for row in timed.values()]
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in out))
+    return out
 
 
 def signoff(
@@ -62,8 +109,10 @@ def signoff(
     """
     out_dir = Path(out_dir)
     targets = parse_targets([plan.reference, *plan.targets], "plan targets")
-    preprocesses = {m.name: resolve_preprocess(m.name, m.weights, m.preprocess) for m in plan.models}
     executor = executor or make_executor(plan, ray_address)
+    if isinstance(executor, LocalExecutor):  # Ray workers may have providers this machine lacks: they check there
+        check_providers_for(targets, plan.ort_providers, "ort_providers")
+    preprocesses = {m.name: resolve_preprocess(m.name, m.weights, m.preprocess) for m in plan.models}
     with FolderLock(out_dir, f"quantship signoff {plan.name}"):
         clean_stale_instance(out_dir)
         rows_path = out_dir / "signoff.jsonl"
@@ -89,6 +138,7 @@ def signoff(
         write_text_atomic(
             out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdict_rows)
         )
+        bench_pass(plan, rows, out_dir)
         write_json_atomic(out_dir / "plan.json", {**dataclasses.asdict(plan), "unit_keys": current})
         write_json_atomic(
             out_dir / "environment.json",

@@ -32,10 +32,11 @@ from quantship.fileio import (
     sha256_file,
     sha256_json,
 )
-from quantship.manifest import Artifact, tool_versions
+from quantship.manifest import Artifact
 from quantship.models.loading import is_model_file, weights_file
 from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.registry import tool_versions
 from quantship.signoff.plan import PlanModel, SignoffPlan
 from quantship.targets import BuildContext, Target, needs_calibration
 from quantship.targets.post_training import build_searched
@@ -52,12 +53,6 @@ from quantship.targets.run import (
 )
 
 log = logging.getLogger("quantship")
-
-# Libraries whose versions change the numbers a unit produces.
-NUMERIC_TOOLS = (
-    "quantship", "tensorflow", "keras", "ai-edge-litert", "tf2onnx", "onnx", "onnxruntime", "numpy",
-    "opencv-python-headless", "pillow",
-)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ unit keys
@@ -113,7 +108,7 @@ def unit_inputs(
         "eval_listing": evalset.listing_hash(),
         "calibration_listing": calib.listing_hash(),
         "preprocess": preprocess.hash(),
-        "tools": {k: v for k, v in tool_versions().items() if k in NUMERIC_TOOLS},
+        "tools": tool_versions(),  # every distribution the runtime registry lists (decoders included)
     }
 
 

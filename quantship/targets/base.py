@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantship.config import CalibrationMethod, Precision, PtqSteps, TargetSpec, TrtInt8Mode, TrtOptions
+from quantship.convert.layer_names import KerasLayers
 from quantship.errors import ConfigError
 from quantship.lazy import lazy_import
 from quantship.manifest import Artifact
@@ -30,6 +31,12 @@ class CalibrationData:
     info: dict[str, Any]
     percentile: float | None = None
     batch_size: int = 8
+    read: dict[str, int] = field(default_factory=dict)  # once decoded: images read, and skipped as unreadable
+
+    def images_used(self) -> int | None:
+        """How many calibration images were read (unreadable ones left out); None before any target decoded
+        them."""
+        return self.read.get("images")
 
 
 @dataclass
@@ -233,6 +240,60 @@ def parse_targets(names: str | Iterable[str], option: str = "--targets") -> list
 
 def list_targets() -> list[Target]:
     return list(_TARGETS.values())
+
+
+# ----------------------------------------------------------------------------------- layer probes (diff)
+
+Capture = dict[str, tuple[np.ndarray, float | None]]  # Keras layer -> (value, NHWC like Keras; quantization step)
+
+
+class LayerProbe:
+    """Runs one target and returns its tensors per Keras layer."""
+
+    name: str
+    session_config: tuple[tuple[str, str], ...] = ()
+    notes: list[str]
+    tensors: dict[str, str]  # layer -> the target's own tensor name
+
+    def run(self, x: np.ndarray) -> Capture: ...
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How ``quantship diff`` runs a probe: CPU threads, ONNX Runtime providers, and whether the Q/DQ targets run
+    at ONNX Runtime's default session options instead of as fake-quant."""
+
+    threads: int | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    qdq_ort_defaults: bool = False
+
+
+ProbeFactory = Callable[[Target, "Artifact | None", LoadedModel, KerasLayers, ProbeOptions], LayerProbe]
+_PROBES: dict[str, ProbeFactory] = {}
+
+
+def register_layer_probe(backend: str, factory: ProbeFactory) -> None:
+    """How ``quantship diff`` reads every intermediate tensor of ``backend``'s targets (per Keras layer)."""
+    _PROBES[backend] = factory
+
+
+def check_layer_probe(target: Target) -> None:
+    """Raise :class:`ConfigError` when ``diff`` cannot read ``target``'s tensors."""
+    if target.spec.backend not in _PROBES:
+        names = list(_PROBES)
+        known = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+        raise ConfigError(f"diff compares {known} targets; '{target.name}' runs on {target.spec.backend}")
+
+
+def make_layer_probe(
+    target: Target, artifact: Artifact | None, loaded: LoadedModel, layers: KerasLayers, options: ProbeOptions
+) -> LayerProbe:
+    """The probe that runs ``target`` (built as ``artifact``) and returns its tensors per Keras layer."""
+    check_layer_probe(target)
+    return _PROBES[target.spec.backend](target, artifact, loaded, layers, options)
 
 
 DEFAULT_TARGETS = ("keras-fp32", "tflite-fp32", "tflite-fp16", "tflite-dynamic", "tflite-int8", "tflite-int16x8")

@@ -37,8 +37,9 @@ from quantship.evaluate.loop import TargetRun, run_targets
 from quantship.evaluate.tasks import Task
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
-from quantship.progress import track
+from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.registry import get_runtime
 from quantship.targets.base import BuildContext, CalibrationData, Target, needs_calibration
 from quantship.targets.post_training import build_searched
 
@@ -79,6 +80,25 @@ def check_model_source(model: str, weights: str | None, trust_savedmodel: bool =
         check_savedmodel_trust(path, trust_savedmodel, "--model")
     elif weights not in (None, "pretrained", "random"):
         check_savedmodel_trust(Path(str(weights)).expanduser(), trust_savedmodel, "--weights")
+
+
+def check_providers_for(targets: Sequence[Target], providers: Sequence[str], where: str = "--ort-providers") -> None:
+    """Refuse, before any work, ONNX Runtime execution providers this machine's onnxruntime lacks when a target
+    runs on ONNX Runtime (unknown names were refused when the options were read).
+
+    Raises:
+        ConfigError: Naming ``where``, what is missing and what is available.
+    """
+    if not any(t.spec.backend == "onnx" for t in targets):  # the ONNX Runtime runtime
+        return
+    from quantship.runtime.onnxruntime import unavailable_providers
+
+    missing, available = unavailable_providers(providers)
+    if missing:
+        raise ConfigError(
+            f"{where}: {', '.join(missing)} not available in this onnxruntime build (available: "
+            f"{', '.join(available)}); install onnxruntime-gpu for CUDA / TensorRT, or give cpu"
+        )
 
 
 def load_evaluation_data(data: str, labels: str | None = None, allow_missing_images: bool = False) -> ImageDataset:
@@ -225,6 +245,7 @@ def calibration_data(
                 raise DataError(
                     f"no readable calibration image among {len(calib)} ({skipped[0].reason if skipped else ''})"
                 )
+            data.read.update(images=sum(len(b) for b in cache), skipped=len(skipped))
         return cache
 
     info = {
@@ -236,7 +257,8 @@ def calibration_data(
     }
     if method:
         info["method"] = method
-    return CalibrationData(batches, info, percentile, batch_size)
+    data = CalibrationData(batches, info, percentile, batch_size)
+    return data
 
 
 def draw_calibration(dataset: ImageDataset, num_images: int, seed: int) -> ImageDataset:
@@ -328,6 +350,10 @@ def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> tuple[dict[st
     failed: dict[str, str] = {}
     for t in track(targets, total=len(targets), desc="convert"):
         log.info("building %s", t.name)
+        # A converter that crashes the process (a segmentation fault in native code) then leaves a last line
+        # naming its target, where no exception handler could.
+        if t.build is not None:
+            note(f"{t.name}: building")
         try:
             artifacts[t.name] = build_searched(ctx, t)
         except TARGET_ERRORS as exc:
@@ -399,13 +425,8 @@ def target_fields(target: Target) -> dict[str, Any]:
 
 
 def runtime_fields(target: Target, options: RunnerOptions) -> dict[str, Any]:
-    """How a target was run: CPU threads of LiteRT / ONNX Runtime and ONNX Runtime's execution providers."""
-    from quantship.runtime.onnxruntime import provider_names
-
-    fields: dict[str, Any] = {"threads": options.threads}
-    if target.spec.backend == "onnx":
-        fields["providers"] = provider_names(options.providers)
-    return fields
+    """How a target was run: CPU threads, and what its runtime adds (ONNX Runtime: its execution providers)."""
+    return {"threads": options.threads, **get_runtime(target.spec.backend).row_fields(options)}
 
 
 def evaluated_rows(

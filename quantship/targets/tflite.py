@@ -7,10 +7,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from quantship.config import CalibrationMethod, IODType, Precision, TargetSpec
+from quantship.convert.layer_names import KerasLayers, tflite_tensor_layer
+from quantship.errors import CalibrationError
 from quantship.manifest import Artifact
-from quantship.targets.base import BuildContext, register_target
+from quantship.targets.base import BuildContext, Capture, LayerProbe, register_layer_probe, register_target
 from quantship.targets.calibrated import calibrated_build, layer_outputs
+
+
+def check_finite(ctx: BuildContext, spec: TargetSpec) -> None:
+    """Weights and calibration outputs of the Keras model ``spec`` calibrates checked once per run (see
+    :func:`~quantship.convert.tflite.check_finite_for_calibration`); the outcome, a refusal included, is shared."""
+    from quantship.convert.tflite import check_finite_for_calibration
+
+    def check() -> Exception | None:
+        try:
+            check_finite_for_calibration(ctx.keras_model(spec), ctx.calibration_batches(spec.name)())
+        except CalibrationError as exc:
+            return exc
+        return None
+
+    if (error := ctx.shared(f"finite-check{ctx.variant(spec)}", check)) is not None:
+        raise CalibrationError(str(error))
 
 
 def tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
@@ -27,6 +47,8 @@ def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
     converter = tflite_converter(ctx, spec)
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
+    if tspec.needs_calibration:
+        check_finite(ctx, spec)
     calib = ctx.calibration_batches(spec.name) if tspec.needs_calibration else None
     return convert_to_tflite(converter, tspec, ctx.artifact_path(spec, ".tflite"), calib, ctx.base_manifest(spec))
 
@@ -46,12 +68,13 @@ for _name, _prec, _io, _desc in (
 def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     """Full-integer TFLite with our calibrator's ranges: the converter calibrates only (its recorded min/max are
     replaced by ours, mapped through the Keras layer names), then quantizes."""
+    from quantship.convert.artifact import write_artifact
     from quantship.convert.tflite import ranges_from_amax
-    from quantship.manifest import write_artifact
 
     converter = tflite_converter(ctx, spec)
 
     def write(result: Any, fp32: Path, path: Path, manifest: dict[str, Any]) -> None:
+        check_finite(ctx, spec)  # the converter still calibrates (its ranges are then replaced by ours)
         batches = ctx.calibration_batches(spec.name)
         calibrated = ctx.shared(f"tflite-calibrated{ctx.variant(spec)}", lambda: converter.calibrate_only(batches))
         minimum = {name: s.min for name, s in result.stats.items()}
@@ -86,3 +109,45 @@ for _method in CalibrationMethod:
         ),
         _tflite_method_build,
     )
+
+
+# ------------------------------------------------------------------------------------ diff: layer probe
+
+
+class TfliteProbe(LayerProbe):
+    """TFLite: the interpreter with every tensor kept (LiteRT's builtin kernels: a delegate computes its ops inside
+    itself), quantized tensors dequantized with their own scale."""
+
+    def __init__(self, name: str, path: Path, layers: KerasLayers, threads: int | None):
+        from quantship.runtime.tflite import TfliteRunner
+
+        self.name, self.layers = name, layers
+        self.notes = ["LiteRT builtin kernels (intermediate tensors are not kept inside the XNNPACK delegate)"]
+        self.tensors = {}
+        self._runner = TfliteRunner(path, threads, name, preserve_all_tensors=True).activate()
+        self._inputs = {m.name for m in self._runner.input_metadata()}
+        self._outputs = [m.name for m in self._runner.output_metadata()]
+
+    def run(self, x: np.ndarray) -> Capture:
+        self._runner.infer(x)
+        out: Capture = {}
+        for name, value, step in self._runner.intermediate_tensors():
+            if name in self._inputs:
+                layer = self.layers.input_layer
+            elif name in self._outputs and len(self._outputs) == len(self.layers.output_layers):
+                layer = self.layers.output_layers[self._outputs.index(name)]  # renamed after the signature
+            else:
+                layer = tflite_tensor_layer(name, self.layers)
+            if layer:  # the last tensor written for a layer holds its output
+                out[layer] = (value, step)
+                self.tensors[layer] = name
+        return out
+
+    def close(self) -> None:
+        self._runner.deactivate()
+
+
+register_layer_probe(
+    "tflite",
+    lambda target, artifact, loaded, layers, options: TfliteProbe(target.name, artifact.path, layers, options.threads),
+)
