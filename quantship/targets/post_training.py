@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from quantship.config import AUTO_HOLD_OUT_EVERY, AUTO_MIN_HELD_OUT, AdaRoundOptions, PtqSteps
+from quantship.convert.artifact import write_artifact
 from quantship.errors import ConfigError
 from quantship.evaluate.loop import runner_outputs
-from quantship.manifest import Artifact, write_artifact
+from quantship.manifest import Artifact
 from quantship.progress import note
 from quantship.targets.base import QUANTIZED_WEIGHTS, BuildContext, CalibrationData, Target, get_target
 
