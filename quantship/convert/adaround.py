@@ -30,6 +30,7 @@ The budget is reduced from the paper's 10000 steps on 1024 images (:class:`quant
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import Counter
@@ -529,7 +530,15 @@ def adaround_cached(
         report.error_nearest = float(figures.get("adaround_relative_error_nearest", 0.0))
         report.error_adaround = float(figures.get("adaround_relative_error", 0.0))
         return report
-    integers, report = adaround(model, images(), options, progress)
+    # Each layer traces its own graph on purpose (its shapes and weights are its own): TensorFlow's warning about
+    # "excessive retracing" would only be noise here.
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
+    tf_log.setLevel(max(level, logging.ERROR))
+    try:
+        integers, report = adaround(model, images(), options, progress)
+    finally:
+        tf_log.setLevel(level)
     fit = sum(t[2] for t in report.timings)
     note(
         f"AdaRound: {len(report.layers)} layers, {report.images} images, {options.iterations} steps each, "
