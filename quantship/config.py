@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from quantship.errors import ConfigError
+from quantship.fileio import sha256_json
 
 
-def _choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
+def parse_choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
+    """``value`` as a member of ``enum_cls`` (a member or its value), else a ConfigError naming ``what``."""
     if isinstance(value, enum_cls):
         return value
     try:
@@ -22,6 +27,9 @@ def _choice(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
     except ValueError:
         names = ", ".join(m.value for m in enum_cls)
         raise ConfigError(f"unknown {what} '{value}'; choose one of: {names}") from None
+
+
+_choice = parse_choice  # the short name this module's readers use
 
 
 class Interpolation(str, enum.Enum):
@@ -180,7 +188,6 @@ class PreprocessSpec:
         return json.loads(json.dumps(dataclasses.asdict(self), default=lambda o: o.value))
 
     def hash(self) -> str:
-        from quantship.fileio import sha256_json
 
         return sha256_json({**self.to_dict(), "resize_long_side": RESIZE_LONG_SIDE})[:16]
 
@@ -566,7 +573,6 @@ class Gate:
         )
 
     def applies(self, target: str) -> bool:
-        import fnmatch
 
         return any(fnmatch.fnmatch(target, pat) for pat in self.targets)
 
@@ -616,6 +622,121 @@ def _number(text: str, where: str) -> float:
         raise ConfigError(f"gate '{where}': '{text}' is not a number") from None
 
 
+# URL schemes of the registered transports (``quantship.remote.transport`` adds each one it registers).
+REMOTE_SCHEMES: set[str] = {"ssh"}
+
+
+@dataclass(frozen=True)
+class RemoteURL:
+    """A parsed ``scheme://[user@]host[:port]``."""
+
+    scheme: str
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "RemoteURL":
+        """Parse and check a device URL.
+
+        Raises:
+            ConfigError: Not ``scheme://[user@]host[:port]``, an unknown scheme, a password, a path, a bad port.
+        """
+        example = "ssh://[user@]host[:port], e.g. ssh://pi@192.168.1.20"
+        raw = str(text).strip()
+        if "://" not in raw:
+            raise ConfigError(f"--remote {text!r}: expected {example}")
+        try:
+            parts = urlsplit(raw)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"--remote {text!r}: {exc}; expected {example}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in REMOTE_SCHEMES:
+            raise ConfigError(
+                f"--remote {text!r}: unknown scheme '{scheme}'; known: {', '.join(sorted(REMOTE_SCHEMES))}"
+            )
+        if parts.password is not None:
+            raise ConfigError(f"--remote: put no password in the URL; use --ssh-key FILE or an ssh agent ({example})")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"--remote {text!r}: a device URL has no path or query; expected {example}")
+        host = parts.hostname or ""
+        # The host and user go to ssh as arguments, never through a shell; still refuse what could read as an
+        # option (-oProxyCommand=...) or is not a host name at all.
+        if not host or host.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._:%\-\[\]]+", host):
+            raise ConfigError(f"--remote {text!r}: no valid host name; expected {example}")
+        user = parts.username
+        if user is not None and (not user or user.startswith("-") or not re.fullmatch(r"[A-Za-z0-9._\-]+", user)):
+            raise ConfigError(f"--remote {text!r}: invalid user name '{user}'; expected {example}")
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"--remote {text!r}: port must be 1..65535")
+        return cls(scheme, host, user, port)
+
+    def public(self) -> str:
+        """The URL without credentials (what rows and reports record)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{self.scheme}://{user}{host}{port}"
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """Where and how a run reaches the device it measures on (``--remote``).
+
+    Attributes:
+        url: ``ssh://[user@]host[:port]`` (the scheme names the transport).
+        python: The interpreter on the device (a name on its PATH or a path).
+        ssh_key: Identity file passed to ``ssh -i``.
+        ssh_options: ``-o K=V`` options passed to the system OpenSSH client, in order.
+        cache: Keep artifacts on the device between runs under their content hash.
+        connect_timeout: Seconds to wait for the connection (OpenSSH's ``ConnectTimeout``).
+    """
+
+    url: str
+    python: str = "python3"
+    ssh_key: Path | None = None
+    ssh_options: tuple[tuple[str, str], ...] = ()
+    cache: bool = True
+    connect_timeout: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise ConfigError("--remote: empty URL; give ssh://[user@]host[:port]")
+        RemoteURL.parse(self.url)
+        if not isinstance(self.python, str) or not self.python.strip() or "\n" in self.python:
+            raise ConfigError("--remote-python: give the device's interpreter, e.g. python3 or /usr/bin/python3")
+        if self.ssh_key is not None:
+            key = Path(self.ssh_key).expanduser()
+            if not key.is_file():
+                raise ConfigError(f"--ssh-key {self.ssh_key}: no such file; give the private key file")
+            object.__setattr__(self, "ssh_key", key)
+        options = tuple(parse_ssh_option(o) if isinstance(o, str) else tuple(o) for o in self.ssh_options)
+        object.__setattr__(self, "ssh_options", options)
+        if not isinstance(self.connect_timeout, int) or not 0 < self.connect_timeout <= 600:
+            raise ConfigError(f"remote connect timeout must be 1..600 seconds, got {self.connect_timeout}")
+
+
+def parse_ssh_option(text: str) -> tuple[str, str]:
+    """``K=V`` (as ``ssh -o`` takes it) -> (K, V).
+
+    Raises:
+        ConfigError: No ``=``, an empty key, a line break, or host key checking turned off.
+    """
+    key, sep, value = str(text).partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key or not value or any(c in text for c in "\r\n\0") or not key.isalnum():
+        raise ConfigError(f"--ssh-option '{text}': expected KEY=VALUE as ssh -o takes it, e.g. Port=2222")
+    if key.lower() == "stricthostkeychecking" and value.lower() in ("no", "off"):
+        raise ConfigError(
+            f"--ssh-option {text}: host key checking stays on; pass StrictHostKeyChecking=accept-new to accept the "
+            "key of a host seen for the first time"
+        )
+    if key.lower() == "batchmode":
+        raise ConfigError(f"--ssh-option {text}: quantship never prompts (BatchMode=yes is always set)")
+    return key, value
+
+
 ORT_PROVIDER_ALIASES = ("cpu", "cuda", "tensorrt")  # short names of ONNX Runtime execution providers
 
 
@@ -655,7 +776,6 @@ def max_image_pixels() -> int:
     Raises:
         ConfigError: The variable is not a whole number >= 1.
     """
-    import os
 
     text = os.environ.get("QUANTSHIP_MAX_IMAGE_PIXELS")
     if text is None:

@@ -42,3 +42,13 @@ class UnsafePickleError(QuantshipError):
 class ExecutorError(QuantshipError):
     """A distributed run could not go on: the cluster is unreachable or unfit for the plan, a node cannot see
     the shared folder, or a unit raised on a worker (or its worker died more often than the retry limit)."""
+
+
+class RemoteError(QuantshipError):
+    """A remote device could not be used: unreachable, authentication or host key refused, no such interpreter,
+    numpy or the artifact's runtime missing there, its disk full, or a malformed ``--remote`` URL."""
+
+
+class RemoteConnectionLost(RemoteError):
+    """The connection to the device (or its runner) dropped in the middle of a run; the rows measured before are
+    kept and marked incomplete."""

@@ -15,9 +15,11 @@ from quantship.config import (
     InputCacheOptions,
     PreprocessSpec,
     PtqSteps,
+    RemoteOptions,
     TrtOptions,
     check_ort_provider_names,
     parse_preprocess_overrides,
+    parse_ssh_option,
 )
 from quantship.errors import ConfigError
 from quantship.fileio import check_output_dir
@@ -338,15 +340,13 @@ def ptq_steps(args: argparse.Namespace) -> PtqSteps:
 
 
 def convert_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """What ``convert`` and ``bench`` pass to :func:`quantship.jobs.convert.convert_artifacts` from their options."""
+    """The fields of :class:`quantship.jobs.convert.ConvertSpec` that ``convert`` and ``bench`` take from their
+    options (all but model, targets, output folder and threads)."""
     return dict(
         weights=args.weights,
         data=args.data,
         labels=args.labels,
-        calib_images=args.calib_images,
-        calib_seed=args.calib_seed,
-        calib_list=args.calib_list,
-        calib_percentile=args.calib_percentile,
+        calibration=calibration(args),
         preprocess_overrides=preprocess(args),
         workers=args.workers,
         trt=trt_options(args),
@@ -420,3 +420,68 @@ def check_output_file(option: str, value: str | None) -> None:
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; give a file name")
     check_output_dir(path.parent, option)
+
+
+def _ssh_option(text: str) -> str:
+    try:
+        parse_ssh_option(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+    return text
+
+
+def remote(p: argparse.ArgumentParser) -> None:
+    """``--remote URL`` and how to reach the device (bench, eval, convert)."""
+    g = p.add_argument_group("remote device: measure where the model ships (see docs/devices.md)")
+    g.add_argument(
+        "--remote",
+        metavar="URL",
+        help="ssh://[user@]host[:port]: run the artifacts on that device (it needs Python >= 3.10, numpy and the "
+        "artifact's runtime; nothing is installed there)",
+    )
+    g.add_argument("--remote-python", metavar="PATH", default="python3", help="the interpreter on the device (python3)")
+    g.add_argument("--ssh-key", metavar="FILE", help="private key for ssh -i (default: ssh's own: agent, config)")
+    g.add_argument(
+        "--ssh-option",
+        metavar="K=V",
+        action="append",
+        default=[],
+        type=_ssh_option,
+        help="passed to ssh as -o K=V (repeatable), e.g. StrictHostKeyChecking=accept-new, ProxyJump=gateway",
+    )
+    g.add_argument(
+        "--remote-no-cache",
+        action="store_true",
+        help="do not keep artifacts on the device between runs (they are kept under their SHA-256 by default)",
+    )
+
+
+def remote_options(args: argparse.Namespace) -> RemoteOptions | None:
+    """The device of a command with ``--remote`` (None without it).
+
+    Raises:
+        ConfigError: A remote option without ``--remote``, or a bad value.
+    """
+    if not hasattr(args, "remote"):
+        return None
+    if args.remote is None:
+        given = [
+            name
+            for name, on in (
+                ("--remote-python", args.remote_python != "python3"),
+                ("--ssh-key", args.ssh_key is not None),
+                ("--ssh-option", bool(args.ssh_option)),
+                ("--remote-no-cache", args.remote_no_cache),
+            )
+            if on
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)} go(es) with --remote URL")
+        return None
+    return RemoteOptions(
+        url=args.remote,
+        python=args.remote_python,
+        ssh_key=args.ssh_key,
+        ssh_options=tuple(args.ssh_option),
+        cache=not args.remote_no_cache,
+    )

@@ -102,12 +102,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--per-layer", action="store_true", help="with --forward-backward: the ten slowest layers' forward")
     a.out(p, "quantship-bench")
+    a.remote(p)
     a.trt(p)
     a.common(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.bench import run_bench
+    from quantship.jobs.bench import BenchSpec, run_bench
+    from quantship.jobs.convert import ConvertSpec
 
     try:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
@@ -120,11 +122,12 @@ def run(args: argparse.Namespace) -> int:
     targets = args.targets
     if targets is None and args.model and not args.forward_backward:
         targets = "tflite-fp32,tflite-fp16,tflite-int8"
-    convert = dict(targets=targets, **a.convert_kwargs(args))
-    result = run_bench(
+    convert = None
+    if args.model:
+        convert = ConvertSpec(args.model, targets or (), Path(args.out), threads=args.threads, **a.convert_kwargs(args))
+    spec = BenchSpec(
         Path(args.out),
         args.artifact,
-        model=args.model,
         convert=convert,
         threads=args.threads,
         mobile=args.mobile,
@@ -143,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
         min_rounds=args.min_rounds,
         max_seconds=args.max_seconds,
         queries_per_round=args.queries_per_round,
+        remote=a.remote_options(args),
     )
+    result = run_bench(spec)
     print(result.text)
     return result.exit_code
 

@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a target whose outputs hold NaN or inf on some images (counted in the rows, scored as wrong) does "
         "not fail the run (exit 1 by default)",
     )
+    a.remote(p)
     a.trt(p)
     a.common(p)
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
         ptq=a.ptq_steps(args),
+        remote=a.remote_options(args),
     )
     print(
         f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})"

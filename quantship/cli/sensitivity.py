@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.config import CalibrationSpec, Gate
 from quantship.errors import ConfigError
 
 
@@ -38,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.post_training(p, auto=False)
     p.add_argument("--gate", help="find float layers so int8 passes, e.g. 'top1>=0.99', 'mAP>=0.95' or 'drop<=0.5'")
     p.add_argument(
+        "--weighted-only",
+        action="store_true",
+        help="with --gate: keep only layers with weights in float (by default the fallback may also keep the "
+        "softmax, residual adds, pooling and the output op in float)",
+    )
+    p.add_argument(
         "--rebuild",
         action="store_true",
         help="convert every TFLite variant from scratch through the quantization debugger (the slow path: it "
@@ -62,8 +69,7 @@ def recipe(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.config import Gate
-    from quantship.jobs.sensitivity import Analyses, run_sensitivity
+    from quantship.jobs.sensitivity import Analyses, SensitivitySpec, run_sensitivity
 
     analyses = Analyses(
         backends=tuple(a.names(args.backend)),
@@ -76,23 +82,22 @@ def run(args: argparse.Namespace) -> int:
         gate=Gate.parse(args.gate) if args.gate else None,
         ptq=a.ptq_steps(args),
         fast=not args.rebuild,
+        ops=not args.weighted_only,
     )
-    setup = dict(
+    spec = SensitivitySpec(
         model=args.model,
         weights=args.weights,
         data=args.data,
         labels=args.labels,
         images=args.images,
-        calib_images=args.calib_images,
+        calibration=CalibrationSpec(num_images=args.calib_images, data=args.calib_data, list=args.calib_list),
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         anchors=args.anchors,
-        calib_data=args.calib_data,
-        calib_list=args.calib_list,
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
     )
-    result = run_sensitivity(setup, analyses, Path(args.out), threads=args.threads, show=args.show)
+    result = run_sensitivity(spec, analyses, Path(args.out), threads=args.threads, show=args.show)
     print(result.text)
     return result.exit_code
 

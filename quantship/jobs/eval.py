@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from quantship.config import CalibrationSpec, PtqSteps, TrtOptions
+from quantship.config import CalibrationSpec, PtqSteps, RemoteOptions, TrtOptions
 from quantship.data.datasets import Skipped
 from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.models.loading import resolve_preprocess
+from quantship.remote.host import DeviceSession, RemoteRunner
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import needs_calibration, parse_targets
 from quantship.targets.run import (
@@ -55,6 +57,7 @@ class EvalSpec:
     allow_missing_images: bool = False  # ground truth listing absent files: evaluate those present
     trust_savedmodel: bool = False  # a SavedModel runs its graph's operations: only when the user says so
     ptq: PtqSteps = field(default_factory=PtqSteps)  # post-training steps of the quantized targets
+    remote: RemoteOptions | None = None  # run the artifacts on this device (the reference stays here)
 
 
 def run_eval(spec: EvalSpec) -> JobResult:
@@ -69,7 +72,9 @@ def run_eval(spec: EvalSpec) -> JobResult:
     check_providers_for(targets, spec.providers)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out_dir = Path(spec.out_dir)
-    with FolderLock(out_dir, f"quantship eval {spec.model}"):
+    session = _remote_session(spec)
+    copied: dict[str, bool] = {}
+    with session or contextlib.nullcontext(), FolderLock(out_dir, f"quantship eval {spec.model}"):
         dataset = load_evaluation_data(spec.data, spec.labels, spec.allow_missing_images)
         check_model_source(spec.model, spec.weights, spec.trust_savedmodel)
         split = run_data(dataset, spec.calibration, spec.limit, bool(needs_calibration(targets, spec.trt, spec.ptq)))
@@ -89,11 +94,16 @@ def run_eval(spec: EvalSpec) -> JobResult:
             split,
             spec.ptq,
         )
+        if session is not None:  # TensorRT engines are built on the device they run on
+            from quantship.jobs.remote_engine import RemoteEngineBuilder
+
+            ctx.engine_builder = RemoteEngineBuilder(session)
         skipped: list[Skipped] = []
         try:
             artifacts, failures = build_targets(ctx, targets)
             built = [t for t in targets if t.name not in failures]
-            runs = evaluate_targets(ctx, built, artifacts, evalset, task, spec.batch_size, spec.workers, skipped)
+            make = remote_runners(session, copied) if session else None
+            runs = evaluate_targets(ctx, built, artifacts, evalset, task, spec.batch_size, spec.workers, skipped, make)
         finally:
             ctx.close()
         if skipped:
@@ -109,6 +119,8 @@ def run_eval(spec: EvalSpec) -> JobResult:
             "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16],
         }
         rows = evaluated_rows(task, targets, runs, artifacts, failures, loaded, evalset, skipped, options, extra)
+        if session is not None:
+            _mark_remote(rows, session, copied)
         origin = f" from {calib_info['source']}" if calib_info.get("source") else ""
         listed = f" listed in {calib_info['list']}" if calib_info.get("list") else ""
         unread = len(calib) - used if used is not None else 0
@@ -132,8 +144,42 @@ def run_eval(spec: EvalSpec) -> JobResult:
         )
     failed = failure_lines(rows)
     lines += failed
+    if session is not None:
+        env = session.environment
+        lines.append(f"artifacts ran on {session.url} ({env.get('cpu')}, {env.get('machine')}); the reference ran here")
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
     nonfinite = nonfinite_error(rows, spec.allow_nonfinite)
     if nonfinite:
         lines.append(nonfinite)
     return JobResult(rows, lines, 1 if failed or nonfinite else 0)
+
+
+def _remote_session(spec: EvalSpec) -> Any:
+    """The (unopened) device session of ``eval --remote``, or None; a malformed URL is refused here."""
+    if spec.remote is None:
+        return None
+
+    return DeviceSession(spec.remote)
+
+
+def remote_runners(session: Any, copied: dict[str, bool]) -> Callable:
+    """Runners of ``eval --remote``: each artifact runs on the device, with the options its target runs with
+    locally; the in-memory reference (keras-fp32) runs here."""
+
+    def make(target: Any, ctx: Any, artifact: Any) -> Any:
+        if artifact is None:
+            return target.make_runner(ctx, artifact)
+        runner = RemoteRunner(session, artifact.path, target.spec.backend, target.runner_options(ctx), target.name)
+        copied[target.name] = session.put(artifact.path)[1]
+        return runner
+
+    return make
+
+
+def _mark_remote(rows: list[dict[str, Any]], session: Any, copied: dict[str, bool]) -> None:
+    """``where`` and the ``remote`` object of the rows that ran on the device."""
+    fields = session.fields()
+    for row in rows:
+        if row.get("target") in copied:
+            row["where"] = "remote"
+            row["remote"] = {**fields, "artifact_copied": copied[row["target"]]}

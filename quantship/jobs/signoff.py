@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from quantship.errors import ConfigError
 from quantship.evaluate.report import VERDICT_COLUMNS, build_report, load_results
 from quantship.evaluate.results import text_table
 from quantship.evaluate.verdicts import PASS
 from quantship.jobs import JobResult
+from quantship.jobs.eval import remote_runners
+from quantship.jobs.remote_engine import RemoteEngineBuilder
 from quantship.progress import note
+from quantship.remote.bench import RemoteBenchWorker
 from quantship.signoff.plan import SignoffPlan
 from quantship.signoff.run import make_executor, signoff
+from quantship.signoff.units import LocalExecutor
 from quantship.targets.run import nonfinite_error
 
 __all__ = ["SignoffPlan", "run_signoff"]
@@ -19,7 +25,35 @@ __all__ = ["SignoffPlan", "run_signoff"]
 def run_signoff(plan: SignoffPlan, out_dir: Path, ray_address: str | None = None) -> JobResult:
     """``quantship signoff``: run or resume, build the report; exit code 1 unless every gate passes and every
     unit ran."""
-    executor = make_executor(plan, ray_address)
+    if plan.remote is not None:
+        from quantship.remote.host import DeviceSession
+
+        if ray_address is not None:
+            raise ConfigError("a plan with remote: runs through the local executor; drop --ray-address")
+        with DeviceSession(plan.remote) as session:  # an unreachable or unfit device: said before any work
+            return _run(plan, out_dir, _remote_executor(session), session)
+    return _run(plan, out_dir, make_executor(plan, ray_address))
+
+
+def _remote_executor(session: Any) -> Any:
+    """The local executor with every artifact run (and every TensorRT engine built) on the session's device."""
+
+    copied: dict[str, bool] = {}
+
+    def fields(target: str) -> dict[str, Any] | None:
+        return {**session.fields(), "artifact_copied": copied[target]} if target in copied else None
+
+    return LocalExecutor(
+        make_runner=remote_runners(session, copied),
+        engine_builder=RemoteEngineBuilder(session),
+        remote_fields=fields,
+        make_bench_worker=lambda cfg: RemoteBenchWorker(session, cfg),
+    )
+
+
+def _run(plan: SignoffPlan, out_dir: Path, executor: Any, session: Any = None) -> JobResult:
+    if session is not None:
+        note(f"every artifact runs on {session.url} ({session.environment.get('cpu')}); the reference runs here")
     note(
         f"quantship signoff: {len(plan.models)} model(s) x {len(plan.targets)} target(s) on {plan.data} -> "
         f"{out_dir} (resumable: run again to continue)"

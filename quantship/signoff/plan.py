@@ -8,8 +8,24 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantship.config import AdaRoundOptions, CalibrationSpec, Gate, PtqSteps, TrtInt8Mode, TrtOptions
+from quantship.config import (
+    AdaRoundOptions,
+    CalibrationSpec,
+    Gate,
+    PreprocessSpec,
+    PtqSteps,
+    RemoteOptions,
+    TrtInt8Mode,
+    TrtOptions,
+    check_ort_provider_names,
+    parse_preprocess_overrides,
+)
+from quantship.data.datasets import dataset_task
 from quantship.errors import ConfigError
+from quantship.evaluate.tasks import task_metrics
+from quantship.fileio import read_text
+from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
+from quantship.targets import get_target, parse_targets
 
 
 class ExecutorKind(str, Enum):
@@ -73,6 +89,7 @@ class SignoffPlan:
     trust_savedmodel: bool = False
     executor: ExecutorKind = ExecutorKind.LOCAL  # not part of any unit key: both executors compute the same numbers
     post_training: PtqSteps = field(default_factory=PtqSteps)  # equalize / bias_correct / relu6
+    remote: RemoteOptions | None = None  # every artifact runs on this device (the reference stays here)
     bench: BenchSection = field(default_factory=BenchSection)  # the report's latency; no unit key holds it
 
     @classmethod
@@ -86,8 +103,6 @@ class SignoffPlan:
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "SignoffPlan":
         """Read and check a YAML plan; ``overrides`` (command-line flags) replace its keys."""
         import yaml
-
-        from quantship.fileio import read_text
 
         path = Path(path)
         if not path.is_file():
@@ -171,9 +186,6 @@ class _PlanReader:
         return items
 
     def read(self, d: dict[str, Any]) -> SignoffPlan:
-        from quantship.data.datasets import dataset_task
-        from quantship.evaluate.tasks import task_metrics
-        from quantship.targets import get_target, parse_targets
 
         d = dict(d)
         self.known(d, "", {f.name for f in fields(SignoffPlan)} | {"dataset"})
@@ -242,11 +254,42 @@ class _PlanReader:
             executor=self.executor(d),
             post_training=self.post_training({} if d.get("post_training") is None else d["post_training"]),
             bench=self.bench(d.get("bench", True), targets),
+            remote=self.remote(d),
             **flags,
         )
 
+    def remote(self, d: dict) -> RemoteOptions | None:
+        """``remote: ssh://[user@]host[:port]``, or a mapping (url, python, ssh_key, ssh_options, cache)."""
+        if d.get("remote") is None:
+            return None
+        value = d["remote"]
+        if isinstance(value, str):
+            value = {"url": value}
+        if not isinstance(value, dict):
+            raise self.error(
+                "remote", f"expected ssh://[user@]host[:port] or a mapping (url, python, ...), got {value!r}"
+            )
+        self.known(value, "remote", {"url", "python", "ssh_key", "ssh_options", "cache"})
+        if self.executor(d) is ExecutorKind.RAY:
+            raise self.error("remote", "a run on a remote device goes through the local executor: drop executor: ray")
+        with self.section("remote"):
+            url = self.text(value, "url", optional=False)
+            python = self.text(value, "python", "python3", optional=False)
+            key = self.text(value, "ssh_key")
+            options = value.get("ssh_options") or []
+            if isinstance(options, str) or not isinstance(options, list):
+                raise self.error("ssh_options", f"expected a list of K=V, got {options!r}")
+            cache = self.flag(value, "cache") if "cache" in value else True
+            try:
+                from quantship.config import parse_ssh_option
+
+                parsed = tuple(parse_ssh_option(str(o)) for o in options)
+                options_ = RemoteOptions(url, python=python, ssh_key=key, ssh_options=parsed, cache=cache)
+            except ConfigError as exc:
+                raise self.error("", str(exc)) from None
+        return options_
+
     def providers(self, value: Any) -> tuple[str, ...]:
-        from quantship.config import check_ort_provider_names
 
         try:
             return check_ort_provider_names(value, "ort_providers")
@@ -322,7 +365,6 @@ class _PlanReader:
             raise self.error("executor", f"expected one of {known}, got {value!r}") from None
 
     def models(self, value: Any, trust_savedmodel: bool) -> tuple[PlanModel, ...]:
-        from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
 
         if not isinstance(value, list):
             raise self.error("models", f"expected a list of models (names or mappings), got {value!r}")
@@ -359,7 +401,6 @@ class _PlanReader:
         return tuple(out)
 
     def preprocess(self, value: Any, key: str) -> dict[str, Any]:
-        from quantship.config import PreprocessSpec, parse_preprocess_overrides
 
         if value is None:
             return {}

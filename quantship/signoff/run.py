@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from quantship.errors import QuantshipError
+from quantship.evaluate.bench import latency_pass
 from quantship.evaluate.environment import environment
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import FolderLock, append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
@@ -34,8 +35,8 @@ from quantship.signoff.units import (
     LocalExecutor,
     ModelWork,
     SignoffJob,
-    _stored_intact,
     plan_data,
+    stored_intact,
     unit_inputs,
     unit_key,
     verdicts,
@@ -53,12 +54,14 @@ def make_executor(plan: SignoffPlan, ray_address: str | None = None, local_cpus:
     return RayExecutor(address=ray_address, local_cpus=local_cpus)
 
 
-def bench_pass(plan: SignoffPlan, rows: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
+def bench_pass(
+    plan: SignoffPlan, rows: list[dict[str, Any]], out_dir: Path, make_worker: Any = None
+) -> list[dict[str, Any]]:
     """The report's latency: the plan's artifact files of each model timed interleaved (batch 1, the plan's
     threads, ratios to the first fp32 target of the same runtime with their intervals), written to
     ``bench.jsonl`` (measured again by every run: a latency is not a stored result). In-memory targets (Keras)
-    and files this machine cannot see keep the evaluation's ms per image. Off with ``bench: false``."""
-    from quantship.evaluate.bench import latency_pass
+    and files this machine cannot see keep the evaluation's ms per image. Off with ``bench: false``.
+    ``make_worker`` times each file elsewhere (a plan's ``remote:`` device: the executor's ``make_bench_worker``)."""
 
     path = out_dir / "bench.jsonl"
     if not plan.bench.enabled:
@@ -86,6 +89,7 @@ def bench_pass(plan: SignoffPlan, rows: list[dict[str, Any]], out_dir: Path) -> 
                 min_rounds=b.min_rounds,
                 queries_per_round=b.queries_per_round,
                 reference=b.reference,
+                make_worker=make_worker,
             )
         except QuantshipError as exc:  # the evaluation stands; its latency is shown instead
             note(f"bench pass of {model} failed ({exc}): the report shows the evaluation's ms per image")
@@ -125,7 +129,7 @@ def signoff(
             inputs = unit_inputs(plan, entry, preprocesses[entry.name], evalset, calib)
             keys = {t.name: unit_key(plan, entry, t.name, inputs) for t in targets}
             current += keys.values()
-            todo = [t for t in targets if not _stored_intact(stored.get(keys[t.name]), plan, evalset)]
+            todo = [t for t in targets if not stored_intact(stored.get(keys[t.name]), plan, evalset)]
             if todo:
                 work.append(ModelWork(entry, preprocesses[entry.name], keys, todo))
         for row in executor.run(SignoffJob(plan, targets, dataset, split, out_dir), work):
@@ -138,7 +142,7 @@ def signoff(
         write_text_atomic(
             out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdict_rows)
         )
-        bench_pass(plan, rows, out_dir)
+        bench_pass(plan, rows, out_dir, getattr(executor, "make_bench_worker", None))
         write_json_atomic(out_dir / "plan.json", {**dataclasses.asdict(plan), "unit_keys": current})
         write_json_atomic(
             out_dir / "environment.json",

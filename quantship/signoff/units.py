@@ -36,9 +36,9 @@ from quantship.manifest import Artifact
 from quantship.models.loading import is_model_file, weights_file
 from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
-from quantship.runtime.registry import tool_versions
+from quantship.runtime.registry import get_runtime, tool_versions
 from quantship.signoff.plan import PlanModel, SignoffPlan
-from quantship.targets import BuildContext, Target, needs_calibration
+from quantship.targets import BuildContext, Target, get_target, needs_calibration
 from quantship.targets.post_training import build_searched
 from quantship.targets.run import (
     TARGET_ERRORS,
@@ -92,8 +92,18 @@ def unit_key(plan: SignoffPlan, entry: PlanModel, target: str, inputs: dict[str,
             "ort_providers": list(plan.ort_providers),
             **inputs,
             **({"post_training": plan.post_training.describe()} if plan.post_training.active else {}),
+            **_remote_identity(plan, target),
         }
     )[:16]
+
+
+def _remote_identity(plan: SignoffPlan, target: str) -> dict[str, Any]:
+    """A target run on a device (``remote:``) is another unit than the same target run here; an in-memory target
+    (the Keras reference) runs here either way, and a plan without ``remote`` keeps its keys."""
+
+    if plan.remote is None or not get_runtime(get_target(target).spec.backend).suffixes:
+        return {}
+    return {"remote": {"url": plan.remote.url, "python": plan.remote.python}}
 
 
 def unit_inputs(
@@ -214,12 +224,14 @@ def _evaluate_unit(
     evalset: ImageDataset,
     task: Task,
     state: Path,
+    make_runner: Any = None,
 ) -> None:
-    """Evaluate one target chunk by chunk, skipping chunks already on disk (verified)."""
+    """Evaluate one target chunk by chunk, skipping chunks already on disk (verified); ``make_runner(target, ctx,
+    artifact)`` makes the runner when given (a plan's ``remote:`` device)."""
     todo = todo_spans(plan, evalset, state)
     if not todo:
         return
-    runner = target.make_runner(ctx, artifact)
+    runner = make_runner(target, ctx, artifact) if make_runner else target.make_runner(ctx, artifact)
     state.mkdir(parents=True, exist_ok=True)
     with runner:
         for k, (start, end) in enumerate(track(todo, total=len(todo), desc=f"{ctx.loaded.name} {target.name}")):
@@ -227,7 +239,7 @@ def _evaluate_unit(
             evaluate_chunk(plan, runner, target, ctx.loaded.preprocess, evalset, task, state, start, end, 0 if k else 1)
 
 
-def _stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: ImageDataset) -> bool:
+def stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: ImageDataset) -> bool:
     """A unit is done when its row ran and every chunk it rests on is still on disk and readable (a damaged
     chunk is discarded here, so the unit recomputes that chunk alone)."""
     if not row or row.get("status") != "ok":
@@ -259,6 +271,7 @@ def unit_row(
         "nonfinite_images": int(d["nonfinite_images"].sum()) if "nonfinite_images" in d else 0,
         **task.fields(task.evaluate(d, d["keys"])),
         "latency_ms": 1e3 * float(d["seconds"].sum()) / timed if timed else None,
+        "where": "local",
         **runtime_fields(target, RunnerOptions(threads=plan.threads, providers=plan.ort_providers)),
         "unit_key": key,
         "state": str(state),
@@ -404,17 +417,33 @@ class LocalExecutor:
     name: str = "local"
     description: str = "this process"
     timings: dict[str, float] = field(default_factory=lambda: {"build_s": 0.0, "evaluate_s": 0.0})
+    # A plan's ``remote:`` device (set by the job that opened its session): how runners and engines are made
+    # there, and the ``remote`` object of the rows that ran there (target name -> fields).
+    make_runner: Any = None
+    engine_builder: Any = None
+    remote_fields: Any = None
+    make_bench_worker: Any = None  # the report's bench pass on the device (``BenchConfig -> BenchWorker``)
 
     def run(self, job: SignoffJob, work: list[ModelWork]) -> Iterator[dict[str, Any]]:
         for w in work:
             t0 = time.perf_counter()
             ctx, task = model_context(job.plan, job.targets, job.dataset, job.split, job.out_dir, w.entry, w.preprocess)
+            ctx.engine_builder = self.engine_builder
             self.timings["build_s"] += time.perf_counter() - t0
             try:
                 for t in w.todo:
-                    yield _run_unit(job.plan, ctx, t, w.keys[t.name], job.evalset, task, job.out_dir, self.timings)
+                    row = _run_unit(
+                        job.plan, ctx, t, w.keys[t.name], job.evalset, task, job.out_dir, self.timings, self.make_runner
+                    )
+                    yield self._mark(row)
             finally:
                 ctx.close()
+
+    def _mark(self, row: dict[str, Any]) -> dict[str, Any]:
+        fields = self.remote_fields(row["target"]) if self.remote_fields else None
+        if fields is not None and row.get("status") == "ok":
+            return {**row, "where": "remote", "remote": fields}
+        return row
 
     def record(self) -> dict[str, Any]:
         return {"executor": self.name, "nodes": 1, "workers": 1, "timings": dict(self.timings)}
@@ -434,6 +463,7 @@ def _run_unit(
     task: Task,
     out_dir: Path,
     timings: dict[str, float] | None = None,
+    make_runner: Any = None,
 ) -> dict:
     """Build and evaluate one unit; a unit whose target fails to build or run gets a failed row (and leaves no
     half-built artifact), is retried by the next run, and does not stop the others."""
@@ -444,12 +474,13 @@ def _run_unit(
         t0 = time.perf_counter()
         art = build_searched(ctx, t)
         t1 = time.perf_counter()
-        _evaluate_unit(plan, ctx, t, art, evalset, task, state)
+        _evaluate_unit(plan, ctx, t, art, evalset, task, state, make_runner)
         timings["build_s"] += t1 - t0
         timings["evaluate_s"] += time.perf_counter() - t1
         row = unit_row(plan, ctx.loaded.name, t, key, state, art, task)
     except (*TARGET_ERRORS, UnitFailed) as exc:
-        remove_artifact(art)
+        if make_runner is None:  # an artifact a device cannot run may still be good here
+            remove_artifact(art)
         note(f"FAILED {ctx.loaded.name} {t.name}: {exc}")
         return failed_row(ctx.loaded.name, t, key, str(exc))
     check_readable(row, t, state)

@@ -13,6 +13,7 @@ import numpy as np
 
 from quantship.config import CalibrationMethod, Precision, PtqSteps, TargetSpec, TrtInt8Mode, TrtOptions
 from quantship.convert.layer_names import KerasLayers
+from quantship.convert.ptq import prepare_model
 from quantship.errors import ConfigError
 from quantship.lazy import lazy_import
 from quantship.manifest import Artifact
@@ -50,6 +51,9 @@ class BuildContext:
     trt: TrtOptions = field(default_factory=TrtOptions)
     log_path: Path | None = None
     ptq: PtqSteps = field(default_factory=PtqSteps)
+    # Builds TensorRT engines somewhere else (``convert --remote``: on the device, with its GPU and TensorRT): an
+    # object with ``tensorrt_version`` and ``build_engine(onnx, spec, out, feed, manifest) -> Artifact``.
+    engine_builder: Any = None
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def uses_ptq(self, spec: TargetSpec) -> bool:
@@ -87,7 +91,6 @@ class BuildContext:
 
     def _prepared(self) -> tuple[Any, Any]:
         def build() -> tuple[Any, Any]:
-            from quantship.convert.ptq import prepare_model
 
             batches = self.calibration.batches if self.calibration else None
             store = self.adaround_store() if self.ptq.adaround is not None else None

@@ -8,7 +8,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,7 +38,8 @@ from quantship.evaluate.tasks import Task
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
 from quantship.progress import note, track
-from quantship.runtime.base import RunnerOptions
+from quantship.runtime.base import Runner, RunnerOptions
+from quantship.runtime.onnxruntime import unavailable_providers
 from quantship.runtime.registry import get_runtime
 from quantship.targets.base import BuildContext, CalibrationData, Target, needs_calibration
 from quantship.targets.post_training import build_searched
@@ -91,7 +92,6 @@ def check_providers_for(targets: Sequence[Target], providers: Sequence[str], whe
     """
     if not any(t.spec.backend == "onnx" for t in targets):  # the ONNX Runtime runtime
         return
-    from quantship.runtime.onnxruntime import unavailable_providers
 
     missing, available = unavailable_providers(providers)
     if missing:
@@ -384,17 +384,23 @@ def evaluate_targets(
     batch_size: int = 8,
     workers: int = 4,
     skipped: list[Skipped] | None = None,
+    make_runner: Callable[[Target, BuildContext, Artifact | None], Runner] | None = None,
 ) -> dict[str, TargetRun]:
     """Run every target on the same decoded, preprocessed batches (one decode per image for all targets).
 
     A target whose runner cannot load its artifact or fails while running gets a :class:`TargetRun` with its
     ``error`` set, and its artifact is removed; the others are evaluated.
+
+    Args:
+        make_runner: How a target's runner is made (``eval --remote``: on the device); default
+            :meth:`Target.make_runner`.
     """
     ctx = side_by_side(ctx, targets)
     runners, failed = {}, {}
     for t in targets:
         try:
-            runners[t.name] = t.make_runner(ctx, artifacts[t.name]).activate()
+            runner = make_runner(t, ctx, artifacts[t.name]) if make_runner else t.make_runner(ctx, artifacts[t.name])
+            runners[t.name] = runner.activate()
         except TARGET_ERRORS as exc:
             failed[t.name] = TargetRun(t.name, error=str(exc))
     try:
@@ -404,7 +410,7 @@ def evaluate_targets(
             r.deactivate()
     runs.update(failed)
     for name, run in runs.items():
-        if run.error:
+        if run.error and make_runner is None:  # an artifact another machine cannot run may still be good here
             remove_artifact(artifacts.get(name))
     return {t.name: runs[t.name] for t in targets}
 
@@ -468,6 +474,7 @@ def evaluated_rows(
                 "reference": ref,
                 **task.agreement(a, arrays[ref]),
                 "latency_ms": runs[t.name].latency_ms,
+                "where": "local",
                 **runtime_fields(t, options),
                 **artifact_fields(artifacts.get(t.name)),
                 "weights": loaded.weights,

@@ -6,18 +6,20 @@ Everything TensorRT in quantship: engine build :mod:`quantship.convert.tensorrt`
 from __future__ import annotations
 
 from quantship.config import CalibrationMethod, Precision, TargetSpec, TrtInt8Mode
+from quantship.convert.tensorrt import EngineSpec, build_engine
+from quantship.fileio import sha256_json
 from quantship.manifest import Artifact
 from quantship.targets.base import DEFAULT_UNNAMED_METHOD, BuildContext, get_target, register_target
 from quantship.targets.calibrated import onnx_export
 from quantship.targets.onnx import qdq_build
+from quantship.trt_util import import_tensorrt
 
 
 def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.tensorrt import EngineSpec, build_engine
-    from quantship.fileio import sha256_json
-    from quantship.trt_util import import_tensorrt
 
-    trt = import_tensorrt()  # say so before exporting or calibrating anything
+    remote = ctx.engine_builder
+    # Say so before exporting or calibrating anything: no TensorRT here (or on the device).
+    version = remote.tensorrt_version if remote is not None else import_tensorrt().__version__
     opts = ctx.trt
     if spec.trt_int8 is TrtInt8Mode.EXPLICIT:
         method = opts.qdq_method or DEFAULT_UNNAMED_METHOD
@@ -34,8 +36,8 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
                 "weights": ctx.loaded.weights_hash,
                 "calibration": ctx.calibration.info if ctx.calibration else None,
                 "preprocess": ctx.loaded.preprocess.hash(),
-                "method": spec.calibration.value,
-                "tensorrt": trt.__version__,
+                "method": spec.calibration.value if spec.calibration else None,
+                "tensorrt": version,
                 "post_training": ctx.ptq.describe() if ctx.uses_ptq(spec) else None,
             }
         )[:16]
@@ -50,12 +52,20 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
         calibration_cache=cache,
         calibration_batch=ctx.calibration.batch_size if ctx.calibration else 8,
     )
-    feed = ctx.calibration.batches() if (implicit and ctx.calibration is not None) else None
     manifest = {
         **ctx.base_manifest(spec),
         "calibration_method": spec.calibration.value if spec.calibration else None,
         "source_onnx_sha256": source.manifest["sha256"],
     }
+    if remote is not None:
+        if implicit and cache is not None and not cache.is_file():  # implicit: the cache path was set above
+            # The device gets the host's calibration as a TensorRT cache: the images never leave this machine.
+            from quantship.calibrate.trt_cache import write_cache
+            from quantship.targets.calibrated import run_calibration
+
+            write_cache(cache, run_calibration(ctx, spec).trt_cache(version))
+        return remote.build_engine(source.path, engine_spec, ctx.artifact_path(spec, ".engine"), None, manifest)
+    feed = ctx.calibration.batches() if (implicit and ctx.calibration is not None) else None
     return build_engine(source.path, engine_spec, ctx.artifact_path(spec, ".engine"), feed, manifest)
 
 
