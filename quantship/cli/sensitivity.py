@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-study", help="weight precisions: fp16,int8-tensor,int8-channel,mantissa:K")
     p.add_argument("--per-layer", action="store_true", help="weight study per layer too (not only all layers at once)")
     p.add_argument("--recipe", help="mixed weight recipe: layer=kind,layer=kind")
-    a.post_training(p)
+    a.post_training(p, auto=False)
     p.add_argument("--gate", help="find float layers so int8 passes, e.g. 'top1>=0.99', 'mAP>=0.95' or 'drop<=0.5'")
     p.add_argument(
         "--weighted-only",

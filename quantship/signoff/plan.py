@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantship.config import (
+    AdaRoundOptions,
     CalibrationSpec,
     Gate,
     PreprocessSpec,
@@ -296,16 +297,38 @@ class _PlanReader:
             raise ConfigError(f"{self.source}: {exc}") from None
 
     def post_training(self, value: Any) -> PtqSteps:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return PtqSteps(auto=True)
         if not isinstance(value, dict):
-            raise self.error("post_training", f"expected a mapping (equalize, bias_correct, relu6), got {value!r}")
-        self.known(value, "post_training", {f.name for f in fields(PtqSteps)})
+            raise self.error(
+                "post_training", f"expected auto or a mapping (equalize, bias_correct, relu6, adaround), got {value!r}"
+            )
+        self.known(value, "post_training", {"equalize", "bias_correct", "relu6", "adaround"})
         with self.section("post_training"):
             flags = {k: self.flag(value, k) for k in ("equalize", "bias_correct")}
             relu6 = self.text(value, "relu6", "keep", optional=False)
+            adaround = self.adaround(value.get("adaround", False))
             try:
-                return PtqSteps(**flags, relu6=relu6)
+                return PtqSteps(**flags, relu6=relu6, adaround=adaround)
             except ConfigError as exc:
                 raise self.error("relu6", str(exc)) from None
+
+    def adaround(self, value: Any) -> AdaRoundOptions | None:
+        """``adaround: true`` (the default budget), false, or a mapping ``{iterations, images, positions}``."""
+        if isinstance(value, bool):
+            return AdaRoundOptions() if value else None
+        if not isinstance(value, dict):
+            raise self.error(
+                "adaround", f"expected true, false or a mapping (iterations, images, positions), got {value!r}"
+            )
+        self.known(value, "adaround", {f.name for f in fields(AdaRoundOptions)})
+        with self.section("adaround"):
+            defaults = AdaRoundOptions()
+            budget = {f.name: self.integer(value, f.name, getattr(defaults, f.name)) for f in fields(AdaRoundOptions)}
+            try:
+                return AdaRoundOptions(**budget)
+            except ConfigError as exc:
+                raise self.error(next(iter(value), "iterations"), str(exc)) from None
 
     def bench(self, value: Any, targets: list[str]) -> BenchSection:
         """``bench: true|false`` or a mapping of :class:`BenchSection`'s fields."""

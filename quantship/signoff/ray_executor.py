@@ -60,6 +60,7 @@ from quantship.signoff.units import (
     unit_state,
 )
 from quantship.targets import BuildContext, Target, get_target, parse_targets
+from quantship.targets.post_training import build_searched
 from quantship.targets.run import TARGET_ERRORS, load_for, remove_artifact
 
 DEFAULT_MAX_RETRIES = 2  # a worker that dies (out of memory, node lost) is replaced this many times per task
@@ -216,7 +217,7 @@ def build_model(
         for t in targets:
             if t.name in target_names:
                 try:
-                    out[t.name] = {"artifact": t.build(ctx, t.spec)}
+                    out[t.name] = {"artifact": build_searched(ctx, t)}
                 except TARGET_ERRORS as exc:
                     out[t.name] = {"error": str(exc)}
     finally:

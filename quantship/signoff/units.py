@@ -39,6 +39,7 @@ from quantship.runtime.base import RunnerOptions
 from quantship.runtime.registry import get_runtime, tool_versions
 from quantship.signoff.plan import PlanModel, SignoffPlan
 from quantship.targets import BuildContext, Target, get_target, needs_calibration
+from quantship.targets.post_training import build_searched
 from quantship.targets.run import (
     TARGET_ERRORS,
     RunData,
@@ -471,7 +472,7 @@ def _run_unit(
     timings = timings if timings is not None else {"build_s": 0.0, "evaluate_s": 0.0}
     try:
         t0 = time.perf_counter()
-        art = t.build(ctx, t.spec)
+        art = build_searched(ctx, t)
         t1 = time.perf_counter()
         _evaluate_unit(plan, ctx, t, art, evalset, task, state, make_runner)
         timings["build_s"] += t1 - t0

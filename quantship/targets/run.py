@@ -42,6 +42,7 @@ from quantship.runtime.base import Runner, RunnerOptions
 from quantship.runtime.onnxruntime import unavailable_providers
 from quantship.runtime.registry import get_runtime
 from quantship.targets.base import BuildContext, CalibrationData, Target, needs_calibration
+from quantship.targets.post_training import build_searched
 
 log = logging.getLogger("quantship")
 REFERENCE_TARGET = "keras-fp32"
@@ -354,7 +355,7 @@ def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> tuple[dict[st
         if t.build is not None:
             note(f"{t.name}: building")
         try:
-            artifacts[t.name] = t.build(ctx, t.spec)
+            artifacts[t.name] = build_searched(ctx, t)
         except TARGET_ERRORS as exc:
             failed[t.name] = str(exc)
     return artifacts, failed

@@ -240,6 +240,38 @@ CASES = [
         "argument --calib-percentile: expected a percentile in (0, 100], got 101",
     ),
     Case("limit-0", eval_argv("--limit", "0"), 2, "argument --limit: expected a positive integer, got 0"),
+    # AdaRound's budget and the post-training search
+    *(
+        Case(f"adaround-{opt}-{value}", eval_argv("--adaround", f"--adaround-{opt}", value), 2, fragment)
+        for opt, value, fragment in (
+            ("iterations", "0", "argument --adaround-iterations: expected a positive integer, got 0"),
+            ("iterations", "-5", "argument --adaround-iterations: expected a positive integer, got -5"),
+            ("iterations", "nan", "argument --adaround-iterations: expected a positive integer, got 'nan'"),
+            ("iterations", "1e9", "argument --adaround-iterations: expected a positive integer, got '1e9'"),
+            ("iterations", "1000000", "adaround iterations must be a whole number from 1 to 100000, got 1000000"),
+            ("images", "", "argument --adaround-images: expected a positive integer, got ''"),
+            ("images", "many", "argument --adaround-images: expected a positive integer, got 'many'"),
+        )
+    ),
+    Case(
+        "adaround-budget-without-adaround",
+        eval_argv("--adaround-images", "8"),
+        2,
+        "--adaround-images set AdaRound's budget: add --adaround",
+    ),
+    Case("post-training-unknown", eval_argv("--post-training", "best"), 2, "argument --post-training: invalid choice"),
+    Case(
+        "post-training-auto-with-steps",
+        eval_argv("--post-training", "auto", "--equalize"),
+        2,
+        "--post-training auto chooses the steps itself: drop --equalize",
+    ),
+    Case(
+        "post-training-auto-few-calibration-images",
+        eval_argv("--post-training", "auto", "--calib-images", "4"),
+        2,
+        "--calib-images must be at least 8, got 4",
+    ),
     Case("missing-required-option", ("eval", "--model", "{model}", "--out", "{out}"), 2, "required: --data"),
     Case("out-is-a-file", eval_argv(), 2, "is a file, not a folder", frozenset({"<file>"}), out_is_a_file),
     Case("out-parent-is-a-file", eval_argv(), 2, "is a file, so no folder can be made there", build=parent_is_a_file),
