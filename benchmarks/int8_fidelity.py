@@ -9,9 +9,11 @@ probability vectors:
   ``quantize_static`` (QDQ, MinMax, per-channel weights, Softmax left in float) run with Q/DQ fusion disabled;
   NVIDIA ModelOpt's ONNX PTQ (max and entropy, fp32 high precision) when its separate environment exists
   (``--modelopt-python``), run the same way;
-* ours: TFLite int8 from the converter with the post-training steps (equalized / bias-corrected Keras model
-  through the converter's own calibration), ``tflite-int8-<method>`` and the Q/DQ model (fake-quant) per
-  method, each without and with the steps.
+* ours: TFLite int8 from the converter with the post-training steps (equalized / bias-corrected / AdaRounded
+  Keras model through the converter's own calibration), ``tflite-int8-<method>`` and the Q/DQ model (fake-quant)
+  per method, each without and with the steps; ``--steps ...,adaround,auto`` adds AdaRound (budget:
+  ``--adaround-iterations``, ``--adaround-images``) and ``--post-training auto`` (each target's steps chosen on
+  held-out calibration images; the row names the choice, ``<target> [auto: <steps>]``).
 
 Each row's difference to the best anchor (per figure) comes with a 95 % paired interval: exact for agreement
 (``paired_diff_interval`` on the per-image 0/1 agreement), percentile bootstrap over images for mean L1.
@@ -49,7 +51,21 @@ STEPS = {
     "equalize-calibration+bias-correct": dict(equalize=True, bias_correct=True, relu6="calibration"),
     "equalize-relu": dict(equalize=True, relu6="relu"),
     "equalize-relu+bias-correct": dict(equalize=True, bias_correct=True, relu6="relu"),
+    "adaround": dict(adaround=True),  # AdaRound at --adaround-iterations / --adaround-images
+    "auto": dict(auto=True),  # --post-training auto: each target's steps chosen on held-out calibration images
 }
+ADAROUND: dict = {}  # AdaRoundOptions fields from the command line (none: the package's default budget)
+
+
+def ptq_steps(steps: str):
+    from quantship.config import AdaRoundOptions, PtqSteps
+
+    fields = dict(STEPS[steps])
+    if fields.pop("adaround", False):
+        fields["adaround"] = AdaRoundOptions(**ADAROUND)
+    return PtqSteps(**fields)
+
+
 ORT_ANCHOR = "ort-quantize_static-minmax"
 
 
@@ -80,10 +96,12 @@ def cached(path: Path, compute) -> np.ndarray:
 
 
 def our_targets(loaded, calib, x, steps: str, targets: list[str], out: Path, threads: int) -> dict[str, np.ndarray]:
-    from quantship.config import PtqSteps
+    """Each target's outputs on ``x``, built with the post-training ``steps`` (``auto``: chosen per target by the
+    search, whose record goes to ``outputs/<target>.search.json``)."""
     from quantship.evaluate.loop import runner_outputs
     from quantship.runtime.base import RunnerOptions
     from quantship.targets import BuildContext, get_target
+    from quantship.targets.post_training import build_searched
 
     ctx = BuildContext(
         loaded,
@@ -91,16 +109,20 @@ def our_targets(loaded, calib, x, steps: str, targets: list[str], out: Path, thr
         calibration=calib,
         runner_options=RunnerOptions(threads=threads),
         log_path=out / steps / "convert.log",
-        ptq=PtqSteps(**STEPS[steps]),
+        ptq=ptq_steps(steps),
     )
     results = {}
     try:
         for name in targets:
             target = get_target(name)
 
-            def compute(target=target):
+            def compute(target=target, name=name):
                 t0 = time.perf_counter()
-                artifact = target.build(ctx, target.spec)
+                artifact = build_searched(ctx, target)
+                search = artifact.manifest.get("post_training_search") if artifact is not None else None
+                if search is not None:
+                    (out / steps / "outputs").mkdir(parents=True, exist_ok=True)
+                    (out / steps / "outputs" / f"{name}.search.json").write_text(json.dumps(search, indent=1))
                 with target.make_runner(ctx, artifact) as r:
                     y = runner_outputs(r, x)
                 print(f"    {loaded.name} {steps:28s} {name:24s} {time.perf_counter() - t0:6.0f} s", flush=True)
@@ -261,6 +283,11 @@ def markdown(model: str, n: int, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _chosen(search_json: Path) -> str:
+    """``: <steps>`` for a target whose steps the search chose."""
+    return f": {json.loads(search_json.read_text())['chosen']}" if search_json.is_file() else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     from photos import write_photo_sets
 
@@ -275,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         help="python of a separate environment with nvidia-modelopt (it pins its own onnx/onnxruntime); "
         "without it the ModelOpt anchors are left out",
     )
+    p.add_argument("--adaround-iterations", type=int, help="AdaRound steps per layer (default: the package's)")
+    p.add_argument("--adaround-images", type=int, help="AdaRound calibration images (default: the package's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="int8-fidelity-out")
@@ -286,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         from smoke import tiny_model
 
         args.models = tiny_model(Path(args.out))
-        args.eval_images, args.calib_images, args.methods, args.steps = 6, 4, "max,entropy", "none,bias-correct"
+        args.eval_images, args.calib_images, args.methods = 6, 8, "max,entropy"
+        args.steps, args.adaround_iterations = "none,bias-correct,adaround,auto", args.adaround_iterations or 20
+    for key in ("iterations", "images"):
+        if getattr(args, f"adaround_{key}") is not None:
+            ADAROUND[key] = getattr(args, f"adaround_{key}")
     if args.modelopt_python is not None and not Path(args.modelopt_python).is_file():
         p.error(f"--modelopt-python: {args.modelopt_python} is not a file")
     out = Path(args.out)
@@ -338,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             ys = our_targets(loaded, calib, x, steps, targets, mout, args.threads)
             for name, y in ys.items():
                 if not (steps == "none" and name == "tflite-int8"):  # that one is the converter's anchor
-                    rows[f"{name} [{steps}]"] = y
+                    rows[f"{name} [{steps}{_chosen(mout / steps / 'outputs' / f'{name}.search.json')}]"] = y
         table = compare(rows, ref, anchors)
         report[loaded.name] = {"images": len(x), "calibration_images": calib.info["num_images"], "rows": table}
         print(markdown(loaded.name, len(x), table), flush=True)

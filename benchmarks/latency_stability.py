@@ -11,7 +11,7 @@ runs it (interleaved rounds, order rotated, ratio to the reference with a 95 % b
 (c) fp32 vs int8 with a busy loop started on core 0 halfway through the run: what the instability detector says.
 
     python benchmarks/latency_stability.py                 # full: 20 repeats, 5 processes
-    python benchmarks/latency_stability.py --smoke         # 3 repeats, 2 processes, short runs
+    python benchmarks/latency_stability.py --smoke         # tiny random model, 1 repeat, 1 process: seconds
     python benchmarks/latency_stability.py --fp32 a.tflite --int8 b.tflite --work /tmp/ls
 
 The load average is printed with the figures: on a shared machine they say what the bench does under that load.
@@ -32,23 +32,31 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/smoke.py
 
 
-def build(work: Path, threads: int) -> dict[str, str]:
-    """EfficientNet-Lite0 tflite-fp32 and tflite-int8 (reused from ``work`` when already built)."""
-    from quantship.jobs.convert import convert_artifacts
+def build(work: Path, threads: int, smoke: bool = False) -> dict[str, str]:
+    """EfficientNet-Lite0 tflite-fp32 and tflite-int8 (reused from ``work`` when already built); smoke: the tiny
+    random model's, calibrated on 4 photos."""
+    from smoke import PREPROCESS, tiny_model  # benchmarks/smoke.py, beside this file
+
+    from quantship.config import CalibrationSpec, parse_preprocess_overrides
+    from quantship.jobs.convert import ConvertSpec, convert_artifacts
     from quantship.jobs.demo import write_demo_data
 
     _, calib = write_demo_data(work / "demo")
-    n = len(list(calib.glob("*.png")))
+    n = 4 if smoke else len(list(calib.glob("*.png")))
     built, failures = convert_artifacts(
-        "efficientnet_lite0",
-        "tflite-fp32,tflite-int8",
-        work / "artifacts",
-        weights="pretrained",
-        data=f"imagenet:{calib}",
-        calib_images=n,
-        threads=threads,
+        ConvertSpec(
+            tiny_model(work) if smoke else "efficientnet_lite0",
+            "tflite-fp32,tflite-int8",
+            work / "artifacts",
+            weights=None if smoke else "pretrained",
+            data=f"imagenet:{calib}",
+            calibration=CalibrationSpec(num_images=n),
+            threads=threads,
+            preprocess_overrides=parse_preprocess_overrides(PREPROCESS) if smoke else None,
+        )
     )
     if failures:
         raise SystemExit("; ".join(f"{name}: {error}" for name, error in failures.items()))
@@ -59,7 +67,8 @@ def bench(files: list[str], out: Path, args, *extra: str) -> dict[str, dict]:
     """One `quantship bench` process over ``files``: its rows by target."""
     cmd = [sys.executable, "-m", "quantship", "bench", "--out", str(out), "-q"]
     cmd += [x for f in files for x in ("--artifact", f)]
-    cmd += ["--threads", str(args.threads), "--warmup", "0.5", "--min-queries", "100", "--min-seconds", "1"]
+    cmd += ["--threads", str(args.threads), "--warmup", str(args.warmup), "--min-queries", "100", "--min-seconds"]
+    cmd += [str(min(1.0, args.max_seconds / 2))]
     cmd += ["--min-rounds", "10", "--max-seconds", str(args.max_seconds), "--queries-per-round", str(args.per_round)]
     cmd += extra
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -149,11 +158,11 @@ def part_c(files: dict[str, str], work: Path, args) -> dict:
     """A busy loop pinned to core 0 starts halfway through a run that lasts --max-seconds."""
     out = work / "c"
     cmd = [sys.executable, "-m", "quantship", "bench", "--out", str(out), "-q", "--threads", str(args.threads)]
-    cmd += ["--artifact", files["tflite-fp32"], "--artifact", files["tflite-int8"], "--warmup", "0.5"]
+    cmd += ["--artifact", files["tflite-fp32"], "--artifact", files["tflite-int8"], "--warmup", str(args.warmup)]
     cmd += ["--min-rounds", "10", "--max-seconds", str(args.max_seconds), "--ratio-precision", "0.0001"]
     cmd += ["--queries-per-round", str(args.per_round)]
     bench_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(5 + args.max_seconds / 2)  # ~5 s of start-up (processes, models, warm-up), then half the rounds
+    time.sleep(args.startup + args.max_seconds / 2)  # start-up (processes, models, warm-up), then half the rounds
     busy = subprocess.Popen(
         [sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"],
     )
@@ -190,11 +199,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="threads of each configuration (1)")
     p.add_argument("--per-round", type=int, default=20, help="queries per configuration per round (20)")
     p.add_argument("--parts", default="abc", help="which of a, b, c to run (abc)")
-    p.add_argument("--smoke", action="store_true", help="3 repeats, 2 processes, 10 s runs")
+    p.add_argument("--smoke", action="store_true", help="tiny random model, 1 repeat, 1 process, 2 s runs (seconds)")
     p.add_argument("--work", help="working folder (default: a temporary one; built models are reused from it)")
     args = p.parse_args()
+    args.warmup, args.startup = 0.5, 5.0  # warm-up per configuration; seconds a bench takes to start timing
     if args.smoke:
-        args.repeats, args.processes, args.max_seconds = 3, 2, 10.0
+        args.repeats, args.processes, args.max_seconds, args.per_round = 1, 1, 2.0, 5
+        args.warmup, args.startup = 0.1, 2.0
     if bool(args.fp32) != bool(args.int8):
         sys.exit("give both --fp32 and --int8, or neither")
 
@@ -204,7 +215,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     head = f"CPU {cpu_model()} ({os.cpu_count()} cores; {cpu_flags()}); load average {load():.1f}"
     print(head, flush=True)
-    files = {"tflite-fp32": args.fp32, "tflite-int8": args.int8} if args.fp32 else build(work, args.threads)
+    if args.fp32:
+        files = {"tflite-fp32": args.fp32, "tflite-int8": args.int8}
+    else:
+        files = build(work, args.threads, args.smoke)
     started = time.time()
     results = {}
     for part, fn in (("a", part_a), ("b", part_b), ("c", part_c)):

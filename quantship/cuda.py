@@ -17,13 +17,15 @@ from quantship.errors import MissingDependencyError, RuntimeBackendError
 def cudart() -> Any:
     """The CUDA runtime bindings of cuda-python."""
     try:
-        from cuda.bindings import runtime  # cuda-python >= 12.6
+        # cuda-python ships compiled modules without type information (and only on GPU machines): the one import
+        # the type check cannot resolve.
+        from cuda.bindings import runtime  # pyright: ignore[reportMissingImports]  # cuda-python >= 12.6
 
         return runtime
     except ImportError:
         pass
     try:
-        from cuda import cudart as runtime  # type: ignore[no-redef]  # cuda-python < 12.6
+        from cuda import cudart as runtime  # type: ignore[no-redef]  # pyright: ignore[reportMissingImports]  # < 12.6
 
         return runtime
     except ImportError as exc:
@@ -148,7 +150,7 @@ class DeviceBuffer:
 
 class Stream:
     def __init__(self):
-        self.handle = check(cudart().cudaStreamCreate(), "cudaStreamCreate")
+        self.handle: Any = check(cudart().cudaStreamCreate(), "cudaStreamCreate")  # None once destroyed
 
     def synchronize(self) -> None:
         check(cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
@@ -161,7 +163,7 @@ class Stream:
 
 class Event:
     def __init__(self):
-        self.handle = check(cudart().cudaEventCreate(), "cudaEventCreate")
+        self.handle: Any = check(cudart().cudaEventCreate(), "cudaEventCreate")  # None once destroyed
 
     def record(self, stream: Stream) -> None:
         check(cudart().cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
+import fcntl
 import hashlib
 import json
 import os
@@ -12,6 +15,8 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+from quantship.errors import ConfigError, DataError
 
 TEMP_DIR = ".quantship-tmp"  # temporary folders of a run, inside its output folder
 # Temporary names carry the process id, so a later run can tell a dead run's leftovers from a live one's.
@@ -163,7 +168,6 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out") -> None:
     Raises:
         ConfigError: Naming the option, the path and what to do.
     """
-    from quantship.errors import ConfigError
 
     if not str(path).strip():
         raise ConfigError(f"{option} '': an empty path (it would write into the current folder); give a folder")
@@ -255,7 +259,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def read_text(path: str | os.PathLike, error: type | None = None) -> str:
     """A text file (data list, ground truth, plan) as UTF-8; a file that cannot be read, or a byte that is not
     UTF-8, raises ``error`` (:class:`~quantship.errors.DataError` by default) naming the file and line."""
-    from quantship.errors import DataError
 
     error = error or DataError
     path = Path(path)
@@ -290,8 +293,6 @@ def sha256_json(obj: Any) -> str:
 
 
 def _json_default(obj: Any) -> Any:
-    import dataclasses
-    import enum
 
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
@@ -321,7 +322,6 @@ LOCK_NAME = ".quantship.lock"
 def remove_unused_lock(folder: str | os.PathLike) -> None:
     """Remove the lock file of a folder that holds nothing else, unless a process holds the lock (for a run that
     created the folder and was refused before writing anything)."""
-    import fcntl
 
     path = Path(folder) / LOCK_NAME
     try:
@@ -355,9 +355,6 @@ class FolderLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "FolderLock":
-        import fcntl
-
-        from quantship.errors import ConfigError
 
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_NAME

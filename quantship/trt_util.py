@@ -9,15 +9,25 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
+from quantship.cuda import device_info
 from quantship.errors import ConfigError, MissingDependencyError, RuntimeBackendError
+
+if TYPE_CHECKING:  # the TensorRT stubs type these (scripts/typecheck.sh); never imported at run time
+    import tensorrt
 
 log = logging.getLogger("quantship.tensorrt")
 
 
-def import_tensorrt() -> Any:
-    """``import tensorrt`` with a message that says how to get it."""
+def import_tensorrt():  # noqa: ANN201 - the return type is the tensorrt module itself (see the docstring)
+    """``import tensorrt`` with a message that says how to get it.
+
+    Returns:
+        The ``tensorrt`` module. Its type is inferred from the import, so a type checker given the TensorRT stubs
+        (``scripts/typecheck.sh``: ``tensorrt-stubs`` as pyright's ``stubPath``) checks every ``trt.X`` a caller
+        uses; an annotation could only say ``ModuleType`` and would lose that.
+    """
     try:
         import tensorrt as trt  # noqa: PLC0415
     except ImportError as exc:
@@ -56,9 +66,10 @@ class TrtVersion:
         return f"{self.major}.{self.minor}.{self.patch}"
 
 
-def make_logger(trt: Any, sink: list[str]) -> Any:
+def make_logger(sink: list[str]) -> tensorrt.ILogger:
     """A ``trt.ILogger`` that routes TensorRT's log through Python logging (``quantship.tensorrt``) and keeps
     error messages in ``sink`` for our own error messages."""
+    trt = import_tensorrt()
     levels = {
         trt.ILogger.Severity.INTERNAL_ERROR: logging.ERROR,
         trt.ILogger.Severity.ERROR: logging.ERROR,
@@ -71,7 +82,7 @@ def make_logger(trt: Any, sink: list[str]) -> Any:
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
 
-        def log(self, severity: Any, msg: str) -> None:  # noqa: A003 - TensorRT's interface
+        def log(self, severity: tensorrt.ILogger.Severity, msg: str) -> None:  # noqa: A003 - TensorRT's interface
             level = levels.get(severity, logging.INFO)
             log.log(level, "%s", msg)
             if level >= logging.ERROR:
@@ -82,7 +93,6 @@ def make_logger(trt: Any, sink: list[str]) -> Any:
 
 def engine_environment(trt: Any = None) -> dict[str, Any]:
     """TensorRT version and GPU of this machine (needs TensorRT and a GPU)."""
-    from quantship.cuda import device_info
 
     trt = trt or import_tensorrt()
     return {"tensorrt": trt.__version__, **device_info()}

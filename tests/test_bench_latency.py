@@ -360,11 +360,12 @@ def small_cnn(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_forward_backward_rows(small_cnn, tmp_path):
-    from quantship.jobs.bench import run_bench
+    from quantship.jobs.bench import BenchSpec, run_bench
+    from quantship.jobs.convert import ConvertSpec
 
-    result = run_bench(
+    spec = BenchSpec(
         tmp_path / "fb",
-        model=str(small_cnn),
+        convert=ConvertSpec(str(small_cnn), (), tmp_path / "fb"),
         batch_sizes=(1, 4),
         warmup_seconds=0.1,
         min_queries=20,
@@ -373,6 +374,7 @@ def test_forward_backward_rows(small_cnn, tmp_path):
         per_layer=True,
         threads=1,
     )
+    result = run_bench(spec)
     rows = [json.loads(line) for line in (tmp_path / "fb" / "forward_backward.jsonl").read_text().splitlines()]
     assert rows == result.rows and [r["batch"] for r in rows] == [1, 4]
     for r in rows:

@@ -365,10 +365,10 @@ def test_coco_intervals_treat_a_repeated_image_as_its_own_image(tmp_path):
 def test_saved_model_with_l2_normalization_loads_in_a_fresh_process(tmp_path):
     import keras
 
-    from quantship.models.ssd import _l2norm_layer
+    from quantship.models.ssd import l2norm_layer
 
     inputs = keras.Input((8, 8, 4))
-    model = keras.Model(inputs, _l2norm_layer()(20.0, name="conv4_3_norm")(inputs))
+    model = keras.Model(inputs, l2norm_layer()(20.0, name="conv4_3_norm")(inputs))
     model.save(tmp_path / "m.keras")
     code = (
         "from quantship.models.loading import load_model; from quantship.config import PreprocessSpec; "
@@ -383,22 +383,20 @@ def test_saved_model_with_l2_normalization_loads_in_a_fresh_process(tmp_path):
 @pytest.mark.slow
 def test_sensitivity_and_fallback_rank_detection_layers_on_map(tiny_detector, tmp_path):
     """Per-layer sensitivity and the float fallback work for a detection model, on mAP (the task's metric)."""
-    from quantship.config import Gate, parse_preprocess_overrides
+    from quantship.config import CalibrationSpec, Gate, parse_preprocess_overrides
     from quantship.errors import ConfigError
-    from quantship.sensitivity import Analyses, prepare, run_analyses
+    from quantship.sensitivity import Analyses, SensitivitySpec, prepare, run_analyses
 
     data = write_voc(tmp_path / "v", 40, seed=5)
-    setup = prepare(
+    spec = SensitivitySpec(
         str(tiny_detector / "tiny_ssd.keras"),
-        None,
         f"voc2007:{data}",
-        None,
         images=30,
-        calib_images=10,
-        work=tmp_path / "s",
+        calibration=CalibrationSpec(num_images=10),
         preprocess_overrides=parse_preprocess_overrides(f"mode=tf,size={SIZE},crop_pct=1.0,resize=stretch"),
         anchors=str(tiny_detector / "anchors.json"),
     )
+    setup = prepare(spec, tmp_path / "s")
     try:
         assert setup.held.task.name == "detection"
         rows, result = run_analyses(setup, Analyses(backends=("qdq",), gate=Gate.parse("mAP>=0.9")))

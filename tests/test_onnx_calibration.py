@@ -13,7 +13,8 @@ from conftest import TINY_PREPROCESS, synthetic_set, tf_preprocess
 from quantship.calibrate.api import calibrate
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache, write_cache
 from quantship.convert.calibrated import collect_statistics, write_outputs
-from quantship.convert.onnx import OnnxSpec, _segment_layer, convert_to_onnx, onnx_node_layers
+from quantship.convert.layer_names import segment_layer
+from quantship.convert.onnx import OnnxSpec, convert_to_onnx, onnx_node_layers
 from quantship.convert.qdq import insert_qdq, quantize_weight
 from quantship.errors import CalibrationError, ConfigError, RuntimeBackendError
 from quantship.runtime.onnxruntime import OnnxRunner
@@ -63,9 +64,9 @@ def test_weight_quantization_by_hand():
 
 def test_keras_layer_names_from_tf2onnx_nodes():
     layers = {"conv1", "block_1_depthwise", "block_1"}
-    assert _segment_layer("model_1/block_1_depthwise_1/depthwise", layers) == "block_1_depthwise"
-    assert _segment_layer("model_1/conv1_1/Conv2D", layers) == "conv1"
-    assert _segment_layer("model_1/other/Relu", layers) is None
+    assert segment_layer("model_1/block_1_depthwise_1/depthwise", layers) == "block_1_depthwise"
+    assert segment_layer("model_1/conv1_1/Conv2D", layers) == "conv1"
+    assert segment_layer("model_1/other/Relu", layers) is None
 
 
 # --------------------------------------------------------------------------- with a trained model

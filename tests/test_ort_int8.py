@@ -106,10 +106,10 @@ def _run(path, x, session_config=(), optimized=None):
 
 
 @pytest.mark.slow
-def test_ort_int8_runs_fused_uint8_kernels_and_equals_its_fake_quant(tiny_onnx, tmp_path):
-    """The artifact's pointwise/Gemm weights are uint8 (zero point 128) and its depthwise weights int8; ORT at its
-    default options fuses every Conv into QLinearConv; the fused outputs equal the same file run as fake-quant
-    within rounding."""
+def test_ort_int8_runs_fused_int8_kernels_and_equals_its_fake_quant(tiny_onnx, tmp_path):
+    """The artifact's weights are int8 with zero point 0 (u8 x s8 kernels); ORT at its default options fuses every
+    Conv into QLinearConv; the fused outputs equal the same file run as fake-quant within rounding (on this CPU
+    too, whether it has VNNI or not: no kernel pair can saturate)."""
     import json
 
     import onnx
@@ -123,20 +123,20 @@ def test_ort_int8_runs_fused_uint8_kernels_and_equals_its_fake_quant(tiny_onnx, 
     path, report = _ort_model(art, calib, "max", tmp_path)
     assert not report.missing_ranges and not report.bias_clipped
     model = onnx.load(str(path))
-    assert artifact_weight_types(model) == {"Conv": ["int8", "uint8"], "Gemm": ["uint8"]}
+    assert artifact_weight_types(model) == {"Conv": ["int8"], "Gemm": ["int8"]}
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     consumers = {i: n for n in model.graph.node for i in n.input}
     for n in model.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[0].endswith("_wq"):
             conv = consumers[n.output[0]]
-            group = next((a.i for a in conv.attribute if a.name == "group"), 1)
-            if group > 1:  # depthwise
-                assert inits[n.input[0]].dtype == np.int8 and not inits[n.input[2]].any()
-            else:
-                assert inits[n.input[0]].dtype == np.uint8 and (inits[n.input[2]] == 128).all()
+            assert conv.op_type in ("Conv", "Gemm")
+            assert inits[n.input[0]].dtype == np.int8 and not inits[n.input[2]].any()
     manifest = json.loads(path.with_name(path.name + ".json").read_text())
     assert manifest["ort_layout"]["session_options_needed"] == {}
-    assert manifest["ort_layout"]["weights"]["conv"] == "uint8"
+    assert manifest["ort_layout"]["weights"]["conv"] == "int8_pairs"
+    assert manifest["ort_layout"]["exact_on_x86_without_vnni"] is True
+    layers = {la["kind"]: la for la in manifest["ort_layout"]["layers"]}
+    assert set(layers) == {"conv", "depthwise", "gemm"} and all(la["why"] for la in layers.values())
     assert parse_targets("ort-int8-max")[0].session_config == ()  # the target runs at ORT's defaults
 
     fused = _run(path, x, optimized=tmp_path / "ran.onnx")
@@ -212,3 +212,104 @@ def test_bench_times_a_target_with_its_session_options(tmp_path):
 
     cfg = BenchConfig(str(tmp_path / "m.onnx"), target="qdq-int8-max", session_config=QDQ_FAKE_QUANT)
     assert BenchConfig(**json.loads(json.dumps(asdict(cfg)))).session_config == QDQ_FAKE_QUANT
+
+
+def _im2col(x: np.ndarray, node, w_shape, zero_point: int) -> np.ndarray:
+    """uint8 NCHW input -> (output pixels, K) patches of one group in MLAS's K order (kernel position major, input
+    channel minor), padded with the input's zero point as QLinearConv pads."""
+    attrs = {a.name: list(a.ints) for a in node.attribute if a.ints}
+    kh, kw = w_shape[2:]
+    sh, sw = attrs.get("strides", [1, 1])
+    pt, pl, pb, pr = attrs.get("pads", [0, 0, 0, 0])
+    xp = np.pad(x[0], ((0, 0), (pt, pb), (pl, pr)), constant_values=zero_point)
+    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    cols = [xp[:, i : i + sh * oh : sh, j : j + sw * ow : sw] for i in range(kh) for j in range(kw)]  # (C, oh, ow)
+    return np.stack(cols, 0).transpose(2, 3, 0, 1).reshape(oh * ow, kh * kw * x.shape[1])
+
+
+@pytest.mark.slow
+def test_no_u8s8_kernel_pair_saturates_without_vnni(tiny_onnx, tmp_path):
+    """Exact emulation of MLAS's u8 x s8 kernels on x86 without VNNI (pairs of products added with 16-bit
+    saturation) on every non-depthwise layer of the ``ort-int8-max`` file, fed its real uint8 activations: equal to
+    the exact int32 sums. Full int8 weights of the same layers do saturate on the worst input (255 where a weight
+    is positive) - the pair check is what prevents it - and the int8_pairs weights do not, even there."""
+    import onnx
+    from onnx import numpy_helper
+
+    from quantship.convert.ort_layout import (
+        PAIR_LIMIT,
+        WeightType,
+        kernel_order,
+        mlas_u8s8_accumulate,
+        quantize_weight,
+    )
+    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, make_session
+
+    _, art, calib, x = tiny_onnx
+    path, report = _ort_model(art, calib, "max", tmp_path)
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    layers = []
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm"):
+            continue
+        wdq, xdq = producer[n.input[1]], producer[n.input[0]]
+        q = inits[wdq.input[0]]
+        if n.op_type == "Conv" and q.shape[1] == 1 and q.shape[0] > 1:
+            continue  # depthwise: no pair sums in 16 bits
+        layers.append((n, q, xdq.input[0], int(inits[xdq.input[2]])))
+    assert {n.op_type for n, *_ in layers} == {"Conv", "Gemm"}
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(model)
+    for _, _, t, _ in layers:
+        tapped.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    names = [t for _, _, t, _ in layers]
+    acts = make_session(tapped, 1, session_config=QDQ_FAKE_QUANT).run(names, {"input": x[:4]})
+    limited_somewhere, saturated_full = 0, 0
+    for (n, q, _, zp), a in zip(layers, acts):
+        assert a.dtype == np.uint8
+        rows = kernel_order(n, q)  # (Cout, K)
+        a2 = np.concatenate([_im2col(a[i : i + 1], n, q.shape, zp) for i in range(len(a))]) if q.ndim == 4 else a
+        exact = a2.astype(np.int32) @ rows.T.astype(np.int32)
+        np.testing.assert_array_equal(mlas_u8s8_accumulate(a2, rows.T), exact, err_msg=n.name)
+        worst = (255 * (rows > 0)).astype(np.uint8)  # per channel: every positive weight times 255
+        np.testing.assert_array_equal(
+            np.diag(mlas_u8s8_accumulate(worst, rows.T)), np.diag(worst.astype(np.int32) @ rows.T.astype(np.int32))
+        )
+        # The same layer at the full int8 scale (weights dequantized from the file: equal within rounding)
+        axis = 0
+        if n.op_type == "Gemm" and not next((a.i for a in n.attribute if a.name == "transB"), 0):
+            axis = 1
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        wf = q.astype(np.float32) * inits[producer[n.input[1]].input[1]].reshape(shape)
+        full, _, _ = quantize_weight(wf, axis, WeightType.INT8)
+        full_rows = kernel_order(n, full)
+        worst = (255 * (full_rows > 0)).astype(np.uint8)
+        sat = np.diag(mlas_u8s8_accumulate(worst, full_rows.T))
+        saturated_full += int((sat != np.diag(worst.astype(np.int32) @ full_rows.T.astype(np.int32))).sum())
+    for la in report.layers:
+        limited_somewhere += la.limited
+        if la.weight_type == "int8_pairs":
+            assert (la.limited > 0) == (la.worst_pair > PAIR_LIMIT), la
+            assert la.min_levels >= 64 and (la.min_levels < 127) == (la.limited > 0), la
+    assert limited_somewhere > 0 and saturated_full > 0
+
+
+def test_pair_safe_scales_only_raise_the_channels_that_could_saturate():
+    """Channel 0 has a same-sign kernel pair (127 + 127 levels): its scale rises until the pair fits 128 levels;
+    channel 1's largest pair is mixed-sign and channel 2's same-sign pair is 127 + 1: both keep amax / 127."""
+    from quantship.convert.ort_layout import PAIR_LIMIT, WeightType, pair_sums, quantize_weight
+
+    w = np.zeros((3, 4, 1, 1), np.float32)
+    w[0, :, 0, 0] = [1.0, 1.0, 0.0, 0.5]
+    w[1, :, 0, 0] = [1.0, -1.0, 0.3, -0.3]
+    w[2, :, 0, 0] = [1.0, 1 / 127, -0.5, 0.0]
+    q, scale, zp = quantize_weight(w, 0, WeightType.INT8_PAIRS, kernel_rows=w.reshape(3, 4))
+    assert q.dtype == np.int8 and not zp.any()
+    np.testing.assert_allclose(scale[1:], [1 / 127, 1 / 127], rtol=1e-6)
+    assert scale[0] > 1 / 127 and scale[0] <= 2 / 127.0 + 1e-7  # at most 7 bits on that channel
+    assert pair_sums(q.reshape(3, 4)).max() <= PAIR_LIMIT and pair_sums(q.reshape(3, 4))[0] >= PAIR_LIMIT - 1
+    full, _, _ = quantize_weight(w, 0, WeightType.INT8)
+    assert pair_sums(full.reshape(3, 4))[0] == 254  # what the pair check is for

@@ -421,9 +421,9 @@ def test_killed_run_is_cleaned_up(device, onnx_file, tmp_path):
     with DeviceSession(device.options()) as session:
         others = [s for s in device.sessions() if str(s) != session.folder]
         assert not others, others
-    import tempfile
+    from quantship.remote.transport import local_root
 
-    assert not list(Path(tempfile.gettempdir()).glob(f"{LOCAL_PREFIX}{proc.pid}-*"))
+    assert not list(Path(local_root()).glob(f"{LOCAL_PREFIX}{proc.pid}-*"))
     assert not device.sessions()
 
 
@@ -476,23 +476,24 @@ def test_remote_engine_build_plan_goes_to_the_device(device, trained_tiny, synse
     """With the device saying it has TensorRT 10 and a GPU (this one has neither: TensorRT cannot run here), the
     host makes the ONNX file and the calibration cache from its own images, copies both (not the images) and asks
     the device to build; the device runner's own import of TensorRT then refuses, naming what to install."""
+    from quantship.config import CalibrationSpec
     from quantship.errors import RemoteError
-    from quantship.jobs.convert import convert_artifacts
+    from quantship.jobs.convert import ConvertSpec, convert_artifacts
     from quantship.remote.host import DeviceSession
 
     _, model = trained_tiny
     with DeviceSession(device.options()) as session:
         session.environment.update(tensorrt="10.3.0", gpu="Orin (nvgpu)", compute_capability="8.7")
         with pytest.raises(RemoteError, match="TensorRT on the device"):
-            convert_artifacts(
+            spec = ConvertSpec(
                 str(model),
                 "trt-int8-entropy",
                 tmp_path,
                 data=f"imagenet:{synset_dataset}",
-                calib_images=8,
+                calibration=CalibrationSpec(num_images=8),
                 preprocess_overrides={"mode": "tf", "size": 32, "crop_pct": 1.0},
-                session=session,
             )
+            convert_artifacts(spec, session=session)
         copied = {Path(p).suffix for p in session.uploaded}
     assert copied == {".onnx", ".cache"}
     (cache,) = tmp_path.rglob("*.cache")

@@ -259,6 +259,10 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "fb" / "fallback.jsonl").read_text().splitlines()]
     costs = {(r["backend"], r["variant"]): r for r in rows if r["kind"] == "fallback_cost"}
     assert costs[("qdq", "int8+fallback")]["float_layers"] == ["conv2", "conv1"]
+    # The op units (TFLite's softmax, pooling) were ranked with the layers, and the greedy set was pruned.
+    units = {r["layer"]: r["unit_kind"] for r in rows if r["kind"] == "single" and "unit_kind" in r}
+    assert "pool:gap" in units.keys() and any(kind.startswith("softmax") for kind in units.values())
+    assert [r for r in rows if r["kind"] == "fallback_prune"]
     for backend in ("qdq", "tflite"):
         assert costs[(backend, "int8+fallback")]["agreement_top1"] > costs[(backend, "int8")]["agreement_top1"]
         assert Path(costs[(backend, "int8+fallback")]["artifact"]).is_file()

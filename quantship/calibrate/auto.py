@@ -22,6 +22,7 @@ from quantship.calibrate.calibrators import compute_ranges, get_calibrator
 from quantship.calibrate.int8 import INT8_MAX, quantize_weight
 from quantship.config import CalibrationMethod
 from quantship.lazy import lazy_import
+from quantship.runtime.onnxruntime import make_session
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 
@@ -113,7 +114,6 @@ def choose_ranges(
         per_method: The candidates' ranges when already computed.
     """
     onnx = lazy_import("onnx")
-    from quantship.runtime.onnxruntime import make_session
 
     if per_method is None:
         per_method = {m: compute_ranges(stats, get_calibrator(m, percentile)) for m in candidates}

@@ -16,8 +16,9 @@ import numpy as np
 
 from quantship.calibrate.feed import checked_batches
 from quantship.calibrate.histogram import DEFAULT_BINS, TensorStats
-from quantship.errors import CalibrationError
+from quantship.errors import CalibrationError, RuntimeBackendError
 from quantship.lazy import lazy_import
+from quantship.runtime.onnxruntime import make_session
 
 FLOAT = 1  # onnx.TensorProto.FLOAT
 
@@ -73,8 +74,6 @@ class StatisticsCollector:
         self._rng = np.random.default_rng(0)
 
     def _session(self):
-        from quantship.errors import RuntimeBackendError
-        from quantship.runtime.onnxruntime import make_session
 
         onnx = lazy_import("onnx")
         aug = onnx.ModelProto()

@@ -17,6 +17,7 @@ from quantship.calibrate.feed import FixedBatches
 from quantship.config import CalibrationMethod
 from quantship.errors import ConfigError, MissingDependencyError
 from quantship.fileio import write_bytes_atomic
+from quantship.trt_util import import_tensorrt
 
 log = logging.getLogger("quantship.tensorrt")
 
@@ -34,8 +35,9 @@ def device_buffer_factory() -> Any:
     except MissingDependencyError:
         pass
     try:
-        import pycuda.autoinit  # noqa: F401
-        import pycuda.driver as drv
+        # pycuda has no type information and installs only on GPU machines: the imports the type check cannot resolve.
+        import pycuda.autoinit  # noqa: F401  # pyright: ignore[reportMissingImports]
+        import pycuda.driver as drv  # pyright: ignore[reportMissingImports]
     except ImportError:
         raise MissingDependencyError(
             "the TensorRT calibrator needs cuda-python (pip install cuda-python) or pycuda"
@@ -56,7 +58,7 @@ def device_buffer_factory() -> Any:
     return PycudaBuffer
 
 
-def make_calibrator(trt: Any, method: CalibrationMethod, batches: FixedBatches, cache_path: Path | None) -> Any:
+def make_calibrator(method: CalibrationMethod, batches: FixedBatches, cache_path: Path | None) -> Any:
     """An ``IInt8EntropyCalibrator2`` or ``IInt8MinMaxCalibrator`` fed from ``batches`` (TensorRT 10).
 
     The cache at ``cache_path`` is read back only when it exists; callers decide whether an existing cache
@@ -64,7 +66,10 @@ def make_calibrator(trt: Any, method: CalibrationMethod, batches: FixedBatches, 
     """
     if method not in TRT_CALIBRATORS:
         raise ConfigError(f"TensorRT's implicit int8 has no '{method.value}' calibrator; use entropy or max")
-    base = getattr(trt, TRT_CALIBRATORS[method])
+    trt = import_tensorrt()
+    # TensorRT 10's calibrator classes (TensorRT 11 has none: plan_build refuses implicit int8 there first).
+    bases = {"IInt8EntropyCalibrator2": trt.IInt8EntropyCalibrator2, "IInt8MinMaxCalibrator": trt.IInt8MinMaxCalibrator}
+    base = bases[TRT_CALIBRATORS[method]]
     buffer_cls = device_buffer_factory()
 
     class Calibrator(base):  # type: ignore[misc, valid-type]

@@ -13,8 +13,11 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from quantship import __version__
+from quantship import __version__, progress
+from quantship.config import max_image_pixels
 from quantship.errors import QuantshipError
+from quantship.fileio import cache_dir, check_output_dir, sweep_temp_files
+from quantship.logs import route_native_stderr
 
 DATA_OPTIONS = ("--data", "--calib-data")  # folders --out must stay out of
 
@@ -61,10 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from quantship import progress
-    from quantship.config import max_image_pixels
-    from quantship.fileio import cache_dir, check_output_dir, sweep_temp_files
-    from quantship.logs import route_native_stderr
 
     try:
         max_image_pixels()  # a bad QUANTSHIP_MAX_IMAGE_PIXELS is named before any work

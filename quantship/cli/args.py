@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantship.config import (
+    AUTO_HOLD_OUT_EVERY,
+    AUTO_MIN_HELD_OUT,
+    AdaRoundOptions,
     CalibrationSpec,
     InputCacheOptions,
     PreprocessSpec,
@@ -257,7 +260,7 @@ def providers(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("expected execution providers: ")) from None
 
 
-def post_training(p: argparse.ArgumentParser) -> None:
+def post_training(p: argparse.ArgumentParser, auto: bool = True) -> None:
     g = p.add_argument_group("post-training steps (Keras model of the quantized targets, before any export)")
     g.add_argument(
         "--equalize",
@@ -278,25 +281,72 @@ def post_training(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="remove the expected output shift of int8 weights from each bias (calibration statistics)",
     )
+    g.add_argument(
+        "--adaround",
+        action="store_true",
+        help="AdaRound: learn each int8 weight's rounding (up or down) so every layer's output on calibration "
+        "images stays closest to the float model's; on the per-channel grid every backend uses",
+    )
+    defaults = AdaRoundOptions()
+    g.add_argument(
+        "--adaround-iterations",
+        type=positive_int,
+        metavar="N",
+        help=f"with --adaround, optimisation steps per layer (default {defaults.iterations}; the paper: 10000)",
+    )
+    g.add_argument(
+        "--adaround-images",
+        type=positive_int,
+        metavar="N",
+        help=f"with --adaround, calibration images each layer is fitted on (default {defaults.images}; at most the "
+        "calibration images there are)",
+    )
+    if auto:
+        g.add_argument(
+            "--post-training",
+            choices=("auto",),
+            help="auto: try none, bias correction, equalization, both and AdaRound for each target with int8 "
+            "weights, score them on a held-out part of the calibration images (top-1 agreement and mean L1 "
+            "against fp32) and keep the best; every candidate's score goes in the manifest",
+        )
 
 
 def ptq_steps(args: argparse.Namespace) -> PtqSteps:
-    """The post-training steps of a command that declares them (none for one that does not)."""
+    """The post-training steps of a command that declares them (none for one that does not).
+
+    Raises:
+        ConfigError: AdaRound budget options without --adaround, or --post-training auto with steps of its own.
+    """
     if not hasattr(args, "equalize"):
         return PtqSteps()
-    return PtqSteps(equalize=args.equalize, bias_correct=args.bias_correct, relu6=args.relu6)
+    budget = {"iterations": args.adaround_iterations, "images": args.adaround_images}
+    given = [f"--adaround-{k}" for k, v in budget.items() if v is not None]
+    if given and not args.adaround:
+        raise ConfigError(f"{', '.join(given)} set AdaRound's budget: add --adaround")
+    adaround = AdaRoundOptions(**{k: v for k, v in budget.items() if v is not None}) if args.adaround else None
+    if getattr(args, "post_training", None) == "auto":
+        flags = (("--equalize", args.equalize), ("--bias-correct", args.bias_correct), ("--adaround", args.adaround))
+        mixed = [f for f, on in flags if on]
+        if mixed:
+            raise ConfigError(f"--post-training auto chooses the steps itself: drop {', '.join(mixed)}")
+        calib = getattr(args, "calib_images", None)
+        if calib is not None and calib < AUTO_HOLD_OUT_EVERY * AUTO_MIN_HELD_OUT:
+            raise ConfigError(
+                f"--post-training auto scores its candidates on every {AUTO_HOLD_OUT_EVERY}th calibration image: "
+                f"--calib-images must be at least {AUTO_HOLD_OUT_EVERY * AUTO_MIN_HELD_OUT}, got {calib}"
+            )
+        return PtqSteps(auto=True)
+    return PtqSteps(equalize=args.equalize, bias_correct=args.bias_correct, relu6=args.relu6, adaround=adaround)
 
 
 def convert_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """What ``convert`` and ``bench`` pass to :func:`quantship.jobs.convert.convert_artifacts` from their options."""
+    """The fields of :class:`quantship.jobs.convert.ConvertSpec` that ``convert`` and ``bench`` take from their
+    options (all but model, targets, output folder and threads)."""
     return dict(
         weights=args.weights,
         data=args.data,
         labels=args.labels,
-        calib_images=args.calib_images,
-        calib_seed=args.calib_seed,
-        calib_list=args.calib_list,
-        calib_percentile=args.calib_percentile,
+        calibration=calibration(args),
         preprocess_overrides=preprocess(args),
         workers=args.workers,
         trt=trt_options(args),

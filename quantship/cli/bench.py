@@ -108,7 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.bench import run_bench
+    from quantship.jobs.bench import BenchSpec, run_bench
+    from quantship.jobs.convert import ConvertSpec
 
     try:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
@@ -121,11 +122,12 @@ def run(args: argparse.Namespace) -> int:
     targets = args.targets
     if targets is None and args.model and not args.forward_backward:
         targets = "tflite-fp32,tflite-fp16,tflite-int8"
-    convert = dict(targets=targets, **a.convert_kwargs(args))
-    result = run_bench(
+    convert = None
+    if args.model:
+        convert = ConvertSpec(args.model, targets or (), Path(args.out), threads=args.threads, **a.convert_kwargs(args))
+    spec = BenchSpec(
         Path(args.out),
         args.artifact,
-        model=args.model,
         convert=convert,
         threads=args.threads,
         mobile=args.mobile,
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         queries_per_round=args.queries_per_round,
         remote=a.remote_options(args),
     )
+    result = run_bench(spec)
     print(result.text)
     return result.exit_code
 

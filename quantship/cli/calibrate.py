@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.config import CalibrationSpec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,12 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.calibrate import run_calibrate
+    from quantship.jobs.calibrate import CalibrateSpec, run_calibrate
 
     for option, value in (("--cache", args.cache), ("--qdq", args.qdq), ("--ranges", args.ranges)):
         a.check_output_file(option, value)
 
-    result = run_calibrate(
+    spec = CalibrateSpec(
         model=args.model,
         weights=args.weights,
         data=args.data,
@@ -43,9 +44,7 @@ def run(args: argparse.Namespace) -> int:
         qdq=args.qdq,
         ranges=args.ranges,
         exclude=a.names(args.exclude),
-        calib_images=args.calib_images,
-        calib_seed=args.calib_seed,
-        calib_list=args.calib_list,
+        calibration=CalibrationSpec(num_images=args.calib_images, seed=args.calib_seed, list=args.calib_list),
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         threads=args.threads,
@@ -54,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
     )
+    result = run_calibrate(spec)
     print(result.text)
     return result.exit_code
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.config import CalibrationSpec
 from quantship.errors import ConfigError
 
 
@@ -32,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="held-out images for ranking and verifying the fallback",
     )
     g.add_argument("--fallback-method", default="max", help="calibration of the Q/DQ model (max)")
+    g.add_argument(
+        "--weighted-only",
+        action="store_true",
+        help="keep only layers with weights in float (by default also the softmax, residual adds, pooling and "
+        "the output op where that is what the gate needs)",
+    )
     a.remote(p)
     a.trt(p)
     a.common(p)
@@ -43,44 +50,43 @@ def run(args: argparse.Namespace) -> int:
         if remote is not None:
             raise ConfigError("--auto-fallback evaluates on this machine; it does not run with --remote")
         return _auto_fallback(args)
-    from quantship.jobs.convert import run_convert
+    from quantship.jobs.convert import ConvertSpec, run_convert
 
-    result = run_convert(
-        args.model,
-        args.targets,
-        Path(args.out),
-        threads=args.threads,
-        remote=remote,
-        **a.convert_kwargs(args),
+    spec = ConvertSpec(
+        args.model, args.targets, Path(args.out), threads=args.threads, remote=remote, **a.convert_kwargs(args)
     )
+    result = run_convert(spec)
     print(result.text)
     return result.exit_code
 
 
 def _auto_fallback(args: argparse.Namespace) -> int:
-    from quantship.jobs.sensitivity import Analyses, checked_gate, run_sensitivity
+    from quantship.jobs.sensitivity import Analyses, SensitivitySpec, checked_gate, run_sensitivity
 
     if not args.gate or not args.data:
         raise ConfigError(
             "--auto-fallback needs --gate (e.g. 'top1>=0.99') and --data (calibration and held-out images)"
         )
-    gate = checked_gate(args.gate, args.data)
-    analyses = Analyses(backends=("qdq", "tflite"), method=args.fallback_method, gate=gate)
-    setup = dict(
+    analyses = Analyses(
+        backends=("qdq", "tflite"),
+        method=args.fallback_method,
+        gate=checked_gate(args.gate, args.data),
+        ops=not args.weighted_only,
+    )
+    spec = SensitivitySpec(
         model=args.model,
         weights=args.weights,
         data=args.data,
         labels=args.labels,
         images=args.fallback_images,
-        calib_images=args.calib_images,
+        calibration=CalibrationSpec(num_images=args.calib_images, list=args.calib_list),
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
-        calib_list=args.calib_list,
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
     )
     result = run_sensitivity(
-        setup, analyses, Path(args.out), threads=args.threads, jsonl_name="fallback.jsonl", report=False
+        spec, analyses, Path(args.out), threads=args.threads, jsonl_name="fallback.jsonl", report=False
     )
     print(result.text)
     return result.exit_code

@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from quantship.errors import QuantshipError
+
 MODULES = (
     "models",
     "targets",
@@ -37,7 +39,6 @@ class Command:
 
 def _broken(name: str, exc: Exception) -> Command:
     def run(args: argparse.Namespace) -> int:
-        from quantship.errors import QuantshipError
 
         raise QuantshipError(f"this command cannot be loaded ({type(exc).__name__}: {exc})")
 

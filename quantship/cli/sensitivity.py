@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.config import CalibrationSpec
 from quantship.errors import ConfigError
 
 
@@ -35,11 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-study", help="weight precisions: fp16,int8-tensor,int8-channel,mantissa:K")
     p.add_argument("--per-layer", action="store_true", help="weight study per layer too (not only all layers at once)")
     p.add_argument("--recipe", help="mixed weight recipe: layer=kind,layer=kind")
-    a.post_training(p)
+    a.post_training(p, auto=False)
     p.add_argument(
         "--gate",
         help="find float layers so int8 passes, e.g. 'top1>=0.99', 'mAP>=0.95', 'drop<=0.5'; without labels "
         "(--data images:PATH) 'agreement_top1>=0.99' or 'mean_l1<=0.1'",
+    )
+    p.add_argument(
+        "--weighted-only",
+        action="store_true",
+        help="with --gate: keep only layers with weights in float (by default the fallback may also keep the "
+        "softmax, residual adds, pooling and the output op in float)",
     )
     p.add_argument(
         "--rebuild",
@@ -66,7 +73,7 @@ def recipe(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.sensitivity import Analyses, checked_gate, run_sensitivity
+    from quantship.jobs.sensitivity import Analyses, SensitivitySpec, checked_gate, run_sensitivity
 
     analyses = Analyses(
         backends=tuple(a.names(args.backend)),
@@ -79,23 +86,22 @@ def run(args: argparse.Namespace) -> int:
         gate=checked_gate(args.gate, args.data) if args.gate else None,
         ptq=a.ptq_steps(args),
         fast=not args.rebuild,
+        ops=not args.weighted_only,
     )
-    setup = dict(
+    spec = SensitivitySpec(
         model=args.model,
         weights=args.weights,
         data=args.data,
         labels=args.labels,
         images=args.images,
-        calib_images=args.calib_images,
+        calibration=CalibrationSpec(num_images=args.calib_images, data=args.calib_data, list=args.calib_list),
         preprocess_overrides=a.preprocess(args),
         workers=args.workers,
         anchors=args.anchors,
-        calib_data=args.calib_data,
-        calib_list=args.calib_list,
         allow_missing_images=args.allow_missing_images,
         trust_savedmodel=args.trust_savedmodel,
     )
-    result = run_sensitivity(setup, analyses, Path(args.out), threads=args.threads, show=args.show)
+    result = run_sensitivity(spec, analyses, Path(args.out), threads=args.threads, show=args.show)
     print(result.text)
     return result.exit_code
 

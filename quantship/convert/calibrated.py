@@ -103,6 +103,9 @@ def write_ort_model(
                 "weights": {**weights.describe(), "granularity": "per output channel, symmetric"},
                 "exact_on_x86_without_vnni": weights.exact_without_vnni,
                 "session_options_needed": {},
+                # per weighted layer: its weight type, how many channels were held below the u8 x s8 pair
+                # limit and why (quantship.convert.ort_layout.LayerLayout)
+                "layers": [la.to_dict() for la in report.layers],
             },
             "qdq_report": report.lines(),
         },

@@ -1,17 +1,55 @@
 """Which Keras layer's output a converted model's tensor holds, read from the names the converters give.
 
 Both converters name tensors after the TensorFlow ops they came from (``model/block0_project_bn_1/batchnorm/add_1``),
-so a name segment is a Keras layer name (:func:`quantship.convert.onnx._segment_layer`). When a converter fuses
+so a name segment is a Keras layer name (:func:`segment_layer`). When a converter fuses
 several layers into one op (Conv + batch norm + ReLU6), the tensor names all of them and holds the output of the
 *last* in graph order; when a layer becomes several ops (a batch norm as Mul + Add), the last op holds its output.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from quantship.convert.onnx import _segment_layer
+WEIGHTED_KERAS = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose", "Dense")
+
+
+def segment_layer(name: str, layer_names: set[str]) -> str | None:
+    """The Keras layer named by a ``/``-separated segment of a TensorFlow op name (TensorFlow's name scopes
+    add ``_N`` suffixes: ``conv1_1`` is layer ``conv1``)."""
+    for seg in name.split("/"):
+        if seg in layer_names:
+            return seg
+        base = re.sub(r"_\d+$", "", seg)
+        if base in layer_names:
+            return base
+    return None
+
+
+def keras_output_layer(model: Any, name: str) -> str:
+    """The Keras layer whose output a converter's fused op produces when the op is named after ``name``: a
+    convolution or dense layer followed by a batch norm that is its only consumer is folded into it (TFLite and
+    tf2onnx both fold it), so the tensor is the batch norm's output."""
+    layer = model.get_layer(name)
+    while type(layer).__name__ in WEIGHTED_KERAS or type(layer).__name__ == "BatchNormalization":
+        nxt = _only_consumer(model, layer)
+        if nxt is None or type(nxt).__name__ != "BatchNormalization":
+            break
+        layer = nxt
+    return layer.name
+
+
+def _only_consumer(model: Any, layer: Any) -> Any | None:
+    consumers = [
+        other
+        for other in model.layers
+        for node in getattr(other, "_inbound_nodes", [])
+        for parent in node.parent_nodes
+        if parent.operation is layer
+    ]
+    return consumers[0] if len(consumers) == 1 else None
+
 
 # ops that only move data: their output is the same layer's output in another layout or shape
 _ALIAS_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
@@ -53,7 +91,7 @@ class KerasLayers:
         """The layer latest in graph order among the layers named by ``candidates`` (op or tensor names)."""
         pos = {name: i for i, name in enumerate(self.order)}
         names = set(self.order)
-        found = [layer for c in candidates if c and (layer := _segment_layer(c, names))]
+        found = [layer for c in candidates if c and (layer := segment_layer(c, names))]
         return max(found, key=pos.__getitem__, default=None)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from quantship.convert.artifact import write_onnx_artifact
+from quantship.convert.layer_names import WEIGHTED_KERAS, keras_output_layer, segment_layer
 from quantship.errors import ConfigError, ConversionError
 from quantship.fileio import sha256_json
 from quantship.lazy import lazy_import
@@ -84,19 +84,6 @@ def _rename_output(proto: Any, new: str) -> None:
 
 
 PASS_THROUGH_KERAS = ("ZeroPadding2D", "Dropout", "Reshape", "Flatten")
-WEIGHTED_KERAS = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D", "Conv2DTranspose", "Dense")
-
-
-def _segment_layer(name: str, layer_names: set[str]) -> str | None:
-    """The Keras layer named by a ``/``-separated segment of a TensorFlow op name (TensorFlow's name scopes
-    add ``_N`` suffixes: ``conv1_1`` is layer ``conv1``)."""
-    for seg in name.split("/"):
-        if seg in layer_names:
-            return seg
-        base = re.sub(r"_\d+$", "", seg)
-        if base in layer_names:
-            return base
-    return None
 
 
 def onnx_node_layers(onnx_model: Any, keras_model: Any) -> dict[str, str]:
@@ -132,7 +119,7 @@ def onnx_node_layers(onnx_model: Any, keras_model: Any) -> dict[str, str]:
             continue
         candidates = [node.name, *node.input[1:], *(c for o in node.output for c in consumers.get(o, []))]
         for cand in candidates:
-            layer = _segment_layer(cand, names)
+            layer = segment_layer(cand, names)
             if layer and (weighted := upstream_weighted(layer)):
                 out[node.name] = weighted
                 break
@@ -149,7 +136,6 @@ def onnx_layer_outputs(onnx_model: Any, keras_model: Any, node_layers: dict[str,
     Transposes only change the layout (tf2onnx names the input's NHWC -> NCHW transpose after the first
     batch norm) and are skipped.
     """
-    from quantship.convert.tflite import keras_output_layer
 
     node_layers = node_layers if node_layers is not None else onnx_node_layers(onnx_model, keras_model)
     names = {layer.name for layer in keras_model.layers}
@@ -166,7 +152,7 @@ def onnx_layer_outputs(onnx_model: Any, keras_model: Any, node_layers: dict[str,
         if node.name in node_layers:
             layer = keras_output_layer(keras_model, node_layers[node.name])
         else:
-            layer = _segment_layer(node.output[0], names) or _segment_layer(node.name, names)
+            layer = segment_layer(node.output[0], names) or segment_layer(node.name, names)
         if layer is not None:
             out[layer] = node.output[0]
     # Zero padding merged into the convolution after it (tf2onnx does so) has no tensor of its own: its values are

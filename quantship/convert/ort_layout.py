@@ -15,16 +15,23 @@ kernel only when it fits that kernel:
 
 So: batch norms that tf2onnx leaves after depthwise convolutions (``Mul`` + ``Add``) are folded into the Conv
 first, ``MatMul + Add(bias)`` becomes ``Gemm``; activations are uint8, asymmetric, per tensor; weights symmetric
-per output channel. Which weight type keeps every CPU exact matters (MLAS source, ``qlinearconv.cc`` and the
-``QgemmU8X8Kernel*``/``ConvSymKernel*`` kernels): a u8 x s8 product pair is summed in a *saturating 16-bit*
-register (``vpmaddubsw``) on x86 CPUs without VNNI, and 2 * 255 * 127 > 32767. Hence, by default:
+per output channel. Which weight type keeps every CPU exact matters (MLAS source, ``qlinearconv.cc``,
+``convsym.cpp`` and the ``QgemmU8S8Kernel*``/``ConvSymKernel*`` kernels): on x86 CPUs without VNNI the u8 x s8
+kernels multiply two adjacent elements of the reduction dimension and add the two products in a *saturating
+16-bit* lane (``vpmaddubsw``), and 2 * 255 * 127 > 32767. Which two elements are adjacent is fixed by how MLAS packs
+the weights: ``QLinearConv`` reorders a filter to ``(kernel position, input channel)`` order (``ReorderFilter``, and
+``MlasConvSymPackW`` packs 4 input channels per kernel position), ``QGemm`` reduces along K; a pair is elements
+``(2j, 2j + 1)`` of that order (:func:`kernel_order`). A pair of int8 weights ``(q0, q1)`` can saturate only when
+both have the same sign and ``|q0| + |q1| > 128`` (255 * 128 = 32640 fits). Hence, by default:
 
-* regular and pointwise Conv, Gemm: **uint8** weights, ``q = round(w / s) + 128`` with zero point 128 on every
-  channel (QLinearConv takes one weight zero point): MLAS's U8U8 kernels widen both operands to 16 bits and
-  multiply-add into 32-bit lanes, never saturating. It is what ORT's ``session.x64quantprecision=1`` does to int8
-  weights at load time, done once in the file, so the file is right under default session options;
-* depthwise Conv: **int8** weights (zero point 0): MLAS's depthwise kernels never sum two products in 16 bits,
-  and int8 keeps the faster symmetric depthwise kernels;
+* regular and pointwise Conv, Gemm: **int8** weights, zero point 0 (:attr:`WeightType.INT8_PAIRS`): each output
+  channel keeps the full int8 scale ``amax / 127`` unless one of its kernel pairs could pass 128; only then is that
+  channel's scale raised, just enough that no pair can (at worst to ``amax / 64``, ORT's ``reduce_range``). ORT's
+  fast u8 x s8 kernels run everywhere and no CPU saturates; which layers and channels were limited, and why, is in
+  the report (:class:`LayerLayout`) and the artifact's manifest;
+* **uint8** weights (:attr:`WeightType.UINT8`, the layout before): ``q = round(w / s) + 128`` with zero point 128 on
+  every channel, run by MLAS's slower widening U8U8 kernels (what ``session.x64quantprecision=1`` does at load time);
+* depthwise Conv: **int8** weights (zero point 0): MLAS's depthwise kernels never sum two products in 16 bits;
 * bias: int32 ``round(b / (s_x * s_w))``; the weight scale of a channel is floored at ``|b| / (s_x * 2**30)`` so
   a dead channel (weights ~0, bias not, as batch-norm folding leaves) never overflows int32.
 """
@@ -57,15 +64,19 @@ class WeightType(str, enum.Enum):
     UINT8 = "uint8"  # q + 128, zero point 128: exact on every x86 CPU (U8U8 kernels)
     INT8 = "int8"  # zero point 0: saturates on x86 without VNNI, except in depthwise kernels
     INT8_7BIT = "int8_7bit"  # q in [-64, 64] (ORT's reduce_range): never saturates, one bit lost
+    INT8_PAIRS = "int8_pairs"  # int8, a channel's scale raised only where one of its kernel pairs could saturate
+
+
+PAIR_LIMIT = 32767 // 255  # 128: the largest |q0| + |q1| of a same-sign pair whose products fit 16 bits at u8 = 255
 
 
 @dataclass(frozen=True)
 class OrtWeights:
     """Weight types per layer kind (the default is exact on every x86 CPU under default session options)."""
 
-    pointwise: WeightType = WeightType.UINT8  # every Conv that is not depthwise
+    pointwise: WeightType = WeightType.INT8_PAIRS  # every Conv that is not depthwise
     depthwise: WeightType = WeightType.INT8
-    gemm: WeightType = WeightType.UINT8
+    gemm: WeightType = WeightType.INT8_PAIRS
 
     def __post_init__(self) -> None:
         for name in ("pointwise", "depthwise", "gemm"):
@@ -76,7 +87,8 @@ class OrtWeights:
 
     @property
     def exact_without_vnni(self) -> bool:
-        """Whether no kernel can saturate on an x86 CPU without VNNI (int8 is safe in depthwise kernels only)."""
+        """Whether no kernel can saturate on an x86 CPU without VNNI (full int8 is safe in depthwise kernels
+        only; :attr:`WeightType.INT8_PAIRS` is safe everywhere)."""
         return WeightType.INT8 not in (self.pointwise, self.gemm)
 
 
@@ -92,6 +104,7 @@ class OrtQdqReport:
     bias_clipped: list[str] = field(default_factory=list)
     weight_types: Counter = field(default_factory=Counter)
     qdq_tensors: int = 0
+    layers: list[LayerLayout] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [
@@ -108,7 +121,31 @@ class OrtQdqReport:
             )
         if self.bias_clipped:
             out.append(f"{len(self.bias_clipped)} int32 bias(es) clipped, e.g. {self.bias_clipped[0]}")
+        limited = [la for la in self.layers if la.limited]
+        if limited:
+            chans = sum(la.limited for la in limited)
+            out.append(
+                f"{len(limited)} layer(s) with {chans} channel(s) held below the u8 x s8 pair limit, e.g. "
+                f"{limited[0].why}"
+            )
         return out
+
+
+@dataclass
+class LayerLayout:
+    """How one weighted layer's weights were stored, and why (one row of the artifact manifest's ``layers``)."""
+
+    node: str
+    kind: str  # conv, depthwise, gemm
+    weight_type: str
+    channels: int
+    limited: int = 0  # channels whose scale was raised so that no kernel pair can saturate
+    min_levels: int = 127  # the fewest int8 levels a limited channel of this layer kept (amax / scale)
+    worst_pair: int = 0  # the largest same-sign |q0| + |q1| of a kernel pair at the full int8 scale
+    why: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 # ---------------------------------------------------------------------------------------------- graph helpers
@@ -309,23 +346,112 @@ def activation_range(stats: Any, amax: float | None, clip: tuple[float, float] |
     return (lo, hi) if hi > lo else None
 
 
+def kernel_order(node: Any, w: np.ndarray) -> np.ndarray:
+    """Weights of a Conv/Gemm/MatMul as ``(output channel, K)`` in the order MLAS reduces over K.
+
+    ``QLinearConv`` reorders an ``(M, C/group, kH, kW)`` filter to kernel position major, input channel minor
+    (``ReorderFilter``; ``MlasConvSymPackW`` packs 4 input channels per kernel position, the same pairs when C is
+    even, and only used when C % 4 == 0); ``QGemm``/``MatMulInteger`` reduce along K. The u8 x s8 kernels without
+    VNNI add the products of elements ``(2j, 2j + 1)`` of each row in 16 bits.
+    """
+    if node.op_type == "Conv":
+        return np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)
+    axis = _weight_axis(node, w)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def pair_sums(q: np.ndarray) -> np.ndarray:
+    """Per row of ``q`` (output channel, K) in kernel order: the largest ``|q0| + |q1|`` over the pairs
+    ``(2j, 2j + 1)`` whose two weights have the same sign (a mixed-sign pair never passes 255 * 128)."""
+    q = q.astype(np.int32)
+    if q.shape[1] % 2:
+        q = np.concatenate([q, np.zeros((q.shape[0], 1), np.int32)], axis=1)
+    a, b = q[:, 0::2], q[:, 1::2]
+    same = (a * b) > 0
+    return np.where(same, np.abs(a) + np.abs(b), 0).max(axis=1, initial=0)
+
+
+def pair_safe_scale(wk: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Per-channel scales, raised (only on the channels that need it, as little as possible) so that no same-sign
+    kernel pair of the rounded weights passes :data:`PAIR_LIMIT`.
+
+    Args:
+        wk: Float weights ``(channel, K)`` in kernel order (:func:`kernel_order`).
+        scale: The full int8 scales (``amax / 127``, floored).
+    """
+    scale = scale.astype(np.float32).copy()
+    wk = wk.astype(np.float32)
+    a, b = wk[:, 0::2], wk[:, 1::2]
+    if a.shape[1] != b.shape[1]:
+        b = np.concatenate([b, np.zeros((b.shape[0], 1), np.float32)], axis=1)
+    pair = np.where(a * b > 0, np.abs(a) + np.abs(b), 0).max(axis=1, initial=0)
+
+    def over() -> np.ndarray:
+        q = np.clip(np.round(wk / scale[:, None]), -127, 127)
+        return pair_sums(q) > PAIR_LIMIT
+
+    # |q0| + |q1| <= pair / s + 1 after rounding: pair / 128 is tried first, pair / 127 always fits.
+    for denom in (PAIR_LIMIT, PAIR_LIMIT - 0.5, PAIR_LIMIT - 1):
+        bad = over()
+        if not bad.any():
+            break
+        scale[bad] = np.maximum(scale[bad], (pair[bad] / denom).astype(np.float32))
+    while (bad := over()).any():  # float32 rounding of the scale itself: one ulp at a time
+        scale[bad] = np.nextafter(scale[bad], np.float32(np.inf))
+    return scale
+
+
 def quantize_weight(
-    w: np.ndarray, axis: int, weight_type: WeightType, min_scale: np.ndarray | float = 0.0
+    w: np.ndarray,
+    axis: int,
+    weight_type: WeightType,
+    min_scale: np.ndarray | float = 0.0,
+    kernel_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Symmetric per-channel weights -> (q, scale, zero point) in ``weight_type``.
 
     ``min_scale`` (per channel or scalar) floors the scale: see the module docstring on int32 biases.
+    ``kernel_rows`` (``w`` in kernel order, :func:`kernel_order`) is needed by :attr:`WeightType.INT8_PAIRS`.
     """
     qmax = 64 if weight_type is WeightType.INT8_7BIT else 127
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     amax = np.abs(moved).max(axis=1)
     scale = np.maximum(np.where(amax > 0, amax / qmax, 1.0), min_scale).astype(np.float32)
+    if weight_type is WeightType.INT8_PAIRS:
+        if kernel_rows is None:
+            raise CalibrationError("int8_pairs weights need the weights in kernel order (kernel_rows)")
+        scale = pair_safe_scale(kernel_rows, scale)
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax)
     if weight_type is WeightType.UINT8:
         return (q + 128).astype(np.uint8), scale, np.full(scale.shape, 128, np.uint8)
     return q.astype(np.int8), scale, np.zeros(scale.shape, np.int8)
+
+
+def mlas_u8s8_accumulate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` as MLAS's u8 x s8 kernels compute it on x86 without VNNI (exact numpy emulation).
+
+    ``vpmaddubsw`` multiplies elements ``2j`` and ``2j + 1`` of the reduction dimension and adds the two products
+    with *signed 16-bit saturation*; ``vpmaddwd`` then widens to 32 bits, where the rest of the sum is exact.
+
+    Args:
+        a: uint8 activations ``(M, K)`` (zero point not subtracted: MLAS corrects it afterwards, exactly).
+        b: int8 weights ``(K, N)`` in kernel order.
+
+    Returns:
+        int32 ``(M, N)``; equal to ``a.astype(int32) @ b.astype(int32)`` exactly when no pair saturated.
+    """
+    a = a.astype(np.int32)
+    b = b.astype(np.int32)
+    if a.shape[1] % 2:
+        a = np.concatenate([a, np.zeros((a.shape[0], 1), np.int32)], axis=1)
+        b = np.concatenate([b, np.zeros((1, b.shape[1]), np.int32)], axis=0)
+    acc = np.zeros((a.shape[0], b.shape[1]), np.int64)
+    for j in range(0, a.shape[1], 2):
+        pair = a[:, j : j + 1] * b[j] + a[:, j + 1 : j + 2] * b[j + 1]
+        acc += np.clip(pair, -32768, 32767)
+    return acc.astype(np.int32)
 
 
 def _weight_axis(node: Any, w: np.ndarray) -> int:
@@ -460,6 +586,48 @@ class _ActivationParams:
         return quantized
 
 
+def layer_layout(
+    node: str,
+    kind: str,
+    wt: WeightType,
+    w: np.ndarray,
+    axis: int,
+    rows: np.ndarray,
+    scale: np.ndarray,
+    min_scale: np.ndarray | float,
+) -> LayerLayout:
+    """What one layer's weights became and why (see :class:`LayerLayout`)."""
+    amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
+    full = np.maximum(np.where(amax > 0, amax / 127, 1.0), min_scale).astype(np.float32)
+    full_pairs = pair_sums(np.clip(np.round(rows / full[:, None]), -127, 127))
+    worst = 0 if kind == "depthwise" else int(full_pairs.max(initial=0))  # depthwise kernels sum no pairs
+    raised = scale > full
+    levels = amax[raised] / scale[raised] if raised.any() else np.array([64 if wt is WeightType.INT8_7BIT else 127])
+    out = LayerLayout(node, kind, wt.value, int(scale.size), worst_pair=worst, min_levels=int(levels.min() + 1e-3))
+    if wt is WeightType.INT8_PAIRS:
+        out.limited = int(raised.sum())
+        if out.limited:
+            c = int(np.argmax(full_pairs))
+            out.why = (
+                f"{node}: {out.limited} of {out.channels} channels held below the pair limit (largest same-sign "
+                f"kernel pair {worst} > {PAIR_LIMIT} levels, channel {c}; fewest levels kept {out.min_levels})"
+            )
+        else:
+            out.why = f"{node}: full int8, no same-sign kernel pair passes {PAIR_LIMIT} levels (largest {worst})"
+    elif wt is WeightType.INT8:
+        out.why = (
+            f"{node}: full int8, depthwise kernels add no two products in 16 bits"
+            if kind == "depthwise"
+            else f"{node}: full int8 as asked (largest same-sign kernel pair {worst}: saturates without VNNI if > "
+            f"{PAIR_LIMIT})"
+        )
+    elif wt is WeightType.INT8_7BIT:
+        out.why = f"{node}: 7-bit int8 as asked (reduce_range)"
+    else:
+        out.why = f"{node}: uint8 as asked (MLAS U8U8 kernels widen to 16 bits before adding)"
+    return out
+
+
 class _OrtQdqWriter:
     """Builds the nodes and new initializers of the ORT layout: a Q after each quantized tensor, one DQ per reader,
     and DQs of quantized weights and int32 biases."""
@@ -531,7 +699,9 @@ class _OrtQdqWriter:
         axis = _weight_axis(node, w)
         wt, kind = self._weight_type(node, w)
         self.report.weight_types[f"{kind} {wt.value}"] += 1
-        q, scale, zp = quantize_weight(w, axis, wt, min_scale)
+        rows = kernel_order(node, w)
+        q, scale, zp = quantize_weight(w, axis, wt, min_scale, rows)
+        self.report.layers.append(layer_layout(node.name, kind, wt, w, axis, rows, scale, min_scale))
         base = f"{node.name}_{name}"
         qn, sn, zn, out = f"{base}_wq", f"{base}_wscale", f"{base}_wzp", f"{base}_wdq"
         self.new_inits.extend(

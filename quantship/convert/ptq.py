@@ -1,6 +1,6 @@
 """Post-training steps on the Keras model, before any export, so TFLite, the Q/DQ model and TensorRT all get
 them: batch-norm folding, cross-layer equalization and bias correction (Nagel et al., "Data-Free Quantization
-Through Weight Equalization and Bias Correction", ICCV 2019).
+Through Weight Equalization and Bias Correction", ICCV 2019), and AdaRound (:mod:`quantship.convert.adaround`).
 
 * Folding: an equivalent Keras model in which every batch norm that follows a convolution or dense layer (its
   only consumer) is folded into that layer's kernel and bias. The folded layers keep their names; the batch
@@ -68,9 +68,11 @@ class PtqReport:
     range_ratio_after: float = 0.0
     corrected: list[str] = field(default_factory=list)  # layers whose bias was corrected
     mean_abs_correction: float = 0.0
+    adaround: Any = None  # quantship.convert.adaround.AdaRoundReport
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **(self.adaround.to_dict() if self.adaround is not None else {}),
             **self.steps.describe(),
             "batch_norms_folded": len(self.folded),
             "equalized_pairs": len(self.pairs),
@@ -474,14 +476,27 @@ def _checked_shapes(model: Any, batches: Iterable[np.ndarray]) -> list[np.ndarra
 
 
 def prepare_model(
-    model: Any, steps: PtqSteps, batches: Callable[[], Iterable[np.ndarray]] | None = None
+    model: Any,
+    steps: PtqSteps,
+    batches: Callable[[], Iterable[np.ndarray]] | None = None,
+    adaround_store: Any = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[Any, PtqReport]:
-    """A new Keras model with the steps applied (the original is left as it is: it stays the fp32 reference).
+    """A new Keras model with the steps applied (the original is left as it is: it stays the fp32 reference):
+    batch norms folded, equalization, AdaRound, bias correction, in that order (after AdaRound the rounded
+    weights are on the int8 grid, so bias correction finds nothing left to correct in them).
+
+    Args:
+        adaround_store: Where AdaRound's integers are kept for this build key
+            (:class:`quantship.convert.adaround.AdaRoundStore`; None: computed every time).
+        progress: Called with each layer's name as AdaRound starts it.
 
     Raises:
-        ConfigError: Bias correction without calibration batches, or a model that is not a plain functional
-            graph.
+        ConfigError: Bias correction or AdaRound without calibration batches, or a model that is not a plain
+            functional graph.
     """
+    if steps.auto:
+        raise ConfigError("post-training auto is a search over steps, not steps to apply: choose a candidate first")
     report = PtqReport(steps)
     if not steps.active:
         return model, report
@@ -508,6 +523,14 @@ def prepare_model(
         it, before, after, held = equalize(prepared, pairs, maxima, steps.relu6)
         report.iterations, report.range_ratio_before, report.range_ratio_after = it, before, after
         report.relu6_channels_at_clip = held
+    if steps.adaround is not None:
+        if batches is None:
+            raise ConfigError("adaround needs calibration images")
+        from quantship.convert.adaround import adaround_cached
+
+        options = steps.adaround
+        images = lambda: _first_images(batches(), options.images)  # noqa: E731
+        report.adaround = adaround_cached(prepared, images, options, adaround_store, progress)
     if steps.bias_correct:
         if batches is None:
             raise ConfigError("bias correction needs calibration images")
@@ -518,6 +541,17 @@ def prepare_model(
         if corrections:
             report.mean_abs_correction = float(np.mean([np.abs(d).mean() for d in corrections.values()]))
     return prepared, report
+
+
+def _first_images(batches: Iterable[np.ndarray], count: int) -> np.ndarray:
+    out, n = [], 0
+    for b in batches:
+        b = np.asarray(b, np.float32)
+        out.append(b[: count - n])
+        n += len(out[-1])
+        if n >= count:
+            break
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def max_abs_difference(a: Any, b: Any, x: np.ndarray) -> float:

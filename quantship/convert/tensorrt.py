@@ -12,17 +12,20 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from quantship.calibrate.feed import FixedBatches
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache
 from quantship.calibrate.trt_calibrator import TRT_CALIBRATORS, make_calibrator
-from quantship.config import BatchProfile, CalibrationMethod, Precision, TrtInt8Mode, _choice
+from quantship.config import BatchProfile, CalibrationMethod, Precision, TrtInt8Mode, parse_choice
 from quantship.convert.artifact import write_artifact
 from quantship.errors import ConfigError, ConversionError
 from quantship.fileio import sha256_json, write_bytes_atomic
 from quantship.manifest import Artifact, load_reusable
 from quantship.trt_util import TrtVersion, engine_environment, import_tensorrt, make_logger
+
+if TYPE_CHECKING:  # the TensorRT stubs type these (scripts/typecheck.sh); never imported at run time
+    import tensorrt
 
 log = logging.getLogger("quantship.tensorrt")
 
@@ -57,7 +60,7 @@ class EngineSpec:
     calibration_batch: int = 8
 
     def __post_init__(self) -> None:
-        precision = _choice(Precision, self.precision, "TensorRT precision")
+        precision = parse_choice(Precision, self.precision, "TensorRT precision")
         if precision not in ENGINE_PRECISIONS:
             raise ConfigError(
                 f"unknown TensorRT precision '{precision.value}'; choose one of: "
@@ -65,7 +68,7 @@ class EngineSpec:
             )
         object.__setattr__(self, "precision", precision)
         if self.int8_mode is not None:
-            object.__setattr__(self, "int8_mode", _choice(TrtInt8Mode, self.int8_mode, "TensorRT int8 mode"))
+            object.__setattr__(self, "int8_mode", parse_choice(TrtInt8Mode, self.int8_mode, "TensorRT int8 mode"))
         if self.calibration is not None:
             object.__setattr__(self, "calibration", CalibrationMethod.parse(self.calibration))
         if precision is Precision.INT8 and self.int8_mode is None:
@@ -78,6 +81,13 @@ class EngineSpec:
             )
         if self.workspace_mb <= 0 or self.calibration_batch <= 0:
             raise ConfigError("workspace and calibration batch must be positive")
+
+    @property
+    def implicit_method(self) -> CalibrationMethod:
+        """The calibrator of implicit int8 (entropy or max: checked above)."""
+        if self.calibration is None:
+            raise ConfigError("implicit int8 calibration in TensorRT needs a method: 'entropy' or 'max'")
+        return self.calibration
 
     @property
     def implicit_int8(self) -> bool:
@@ -127,7 +137,7 @@ def plan_build(spec: EngineSpec, version: TrtVersion, have_data: bool, cache_ava
     if not spec.implicit_int8:
         return BuildPlan(version, (), flags, "fp32" if onnx_input == "fp16" else onnx_input, None)
     if have_data:
-        return BuildPlan(version, (), flags, "fp32", "calibrator", TRT_CALIBRATORS[spec.calibration])
+        return BuildPlan(version, (), flags, "fp32", "calibrator", TRT_CALIBRATORS[spec.implicit_method])
     if cache_available:
         return BuildPlan(version, (), flags, "fp32", "cache-ranges")
     raise ConfigError("implicit int8 needs calibration data or an existing calibration cache (--trt-calib-cache)")
@@ -154,7 +164,8 @@ def onnx_fp16(onnx_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-def _parse_onnx(trt: Any, network: Any, logger: Any, path: Path) -> None:
+def _parse_onnx(network: tensorrt.INetworkDefinition, logger: tensorrt.ILogger, path: Path) -> None:
+    trt = import_tensorrt()
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(path)):
         errors = []
@@ -189,19 +200,20 @@ def build_engine(
     plan = plan_build(
         spec, TrtVersion.parse(trt.__version__), calibration_feed is not None, bool(cache_file and cache_file.is_file())
     )
-    manifest = _engine_manifest(spec, plan, engine_environment(trt), onnx_path, manifest or {})
+    manifest = engine_manifest(spec, plan, engine_environment(trt), onnx_path, manifest or {})
     build_key = sha256_json(manifest)
     if reuse and (existing := load_reusable(out_path, build_key)) is not None:
         return existing
 
     errors: list[str] = []
-    logger = make_logger(trt, errors)
+    logger = make_logger(errors)
     builder = trt.Builder(logger)
-    network = _parse_network(trt, builder, logger, plan, onnx_path)
+    network = _parse_network(builder, logger, plan, onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mb << 20)
+    builder_flags = {"FP16": trt.BuilderFlag.FP16, "INT8": trt.BuilderFlag.INT8}  # the names plan_build gives
     for name in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
+        config.set_flag(builder_flags[name])
     inputs, dynamic = _batch_profile(builder, network, config, spec.batch)
     timing_cache = None
     if spec.timing_cache is not None:
@@ -209,13 +221,13 @@ def build_engine(
         timing_cache = config.create_timing_cache(blob)
         config.set_timing_cache(timing_cache, ignore_mismatch=False)
     calibrator = batches = None
-    if plan.int8_source == "calibrator":
+    if plan.int8_source == "calibrator" and calibration_feed is not None:  # the plan has a calibrator only with data
         batches = FixedBatches(calibration_feed, spec.calibration_batch, inputs)
-        calibrator = make_calibrator(trt, spec.calibration, batches, cache_file)
+        calibrator = make_calibrator(spec.implicit_method, batches, cache_file)
         config.int8_calibrator = calibrator
         if dynamic:
             config.set_calibration_profile(_fixed_profile(builder, network, spec.calibration_batch))
-    elif plan.int8_source == "cache-ranges":
+    elif plan.int8_source == "cache-ranges" and cache_file is not None:  # the plan reads a cache only when it is there
         manifest["build"]["cache_ranges"] = _apply_cache_ranges(network, cache_file)
     try:
         serialized = builder.build_serialized_network(network, config)
@@ -225,7 +237,7 @@ def build_engine(
     if serialized is None:
         detail = "; ".join(errors[-3:]) or "see the log"
         raise ConversionError(f"TensorRT failed to build the {spec.label} engine from {onnx_path.name}: {detail}")
-    if timing_cache is not None:
+    if timing_cache is not None and spec.timing_cache is not None:
         write_bytes_atomic(spec.timing_cache, bytes(timing_cache.serialize()))
     if batches is not None:
         manifest["build"]["calibration_images"] = batches.images
@@ -233,7 +245,7 @@ def build_engine(
     return write_artifact(out_path, bytes(serialized), {**manifest, "build_key": build_key})
 
 
-def _engine_manifest(
+def engine_manifest(
     spec: EngineSpec, plan: BuildPlan, env: dict[str, Any], onnx_path: Path, base: dict[str, Any]
 ) -> dict[str, Any]:
     """What identifies an engine: the caller's facts, this machine's TensorRT and GPU, and the build plan."""
@@ -259,7 +271,10 @@ def _engine_manifest(
     return manifest
 
 
-def _parse_network(trt: Any, builder: Any, logger: Any, plan: BuildPlan, onnx_path: Path) -> Any:
+def _parse_network(
+    builder: tensorrt.Builder, logger: tensorrt.ILogger, plan: BuildPlan, onnx_path: Path
+) -> tensorrt.INetworkDefinition:
+    trt = import_tensorrt()
     flags = 0
     for name in plan.network_flags:
         member = getattr(trt.NetworkDefinitionCreationFlag, name, None)
@@ -268,12 +283,15 @@ def _parse_network(trt: Any, builder: Any, logger: Any, plan: BuildPlan, onnx_pa
     network = builder.create_network(flags)
     with tempfile.TemporaryDirectory(prefix="quantship-trt-") as tmp:
         source = onnx_fp16(onnx_path, Path(tmp) / "model-fp16.onnx") if plan.onnx_input == "fp16" else onnx_path
-        _parse_onnx(trt, network, logger, source)
+        _parse_onnx(network, logger, source)
     return network
 
 
 def _batch_profile(
-    builder: Any, network: Any, config: Any, batch: BatchProfile
+    builder: tensorrt.Builder,
+    network: tensorrt.INetworkDefinition,
+    config: tensorrt.IBuilderConfig,
+    batch: BatchProfile,
 ) -> tuple[list[tuple[str, tuple]], bool]:
     """The optimization profile of a dynamic batch dimension; returns the inputs (name, shape) and whether the
     batch is dynamic.
@@ -281,12 +299,13 @@ def _batch_profile(
     Raises:
         ConversionError: An input with a dynamic dimension other than the batch.
     """
+    trt = import_tensorrt()
     profile = builder.create_optimization_profile()
     inputs = []
     dynamic = False
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        shape = tuple(tensor.shape)
+        shape: tuple[int, ...] = tensor.shape[:]  # Dims -> tuple
         inputs.append((tensor.name, (None, *shape[1:])))
         if any(d < 0 for d in shape[1:]):
             raise ConversionError(
@@ -295,23 +314,27 @@ def _batch_profile(
         if shape[0] < 0:
             dynamic = True
             rest = shape[1:]
-            profile.set_shape(tensor.name, (batch.min, *rest), (batch.opt, *rest), (batch.max, *rest))
+            low, opt, high = (trt.Dims([n, *rest]) for n in (batch.min, batch.opt, batch.max))
+            profile.set_shape(tensor.name, low, opt, high)
     if dynamic:
         config.add_optimization_profile(profile)
     return inputs, dynamic
 
 
-def _fixed_profile(builder: Any, network: Any, batch: int) -> Any:
+def _fixed_profile(
+    builder: tensorrt.Builder, network: tensorrt.INetworkDefinition, batch: int
+) -> tensorrt.IOptimizationProfile:
     """A profile with every input fixed at ``batch`` (the calibrator's batch size)."""
+    trt = import_tensorrt()
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         t = network.get_input(i)
-        fixed = (batch, *tuple(t.shape)[1:])
+        fixed = trt.Dims([batch, *t.shape[1:]])
         profile.set_shape(t.name, fixed, fixed, fixed)
     return profile
 
 
-def _apply_cache_ranges(network: Any, cache_file: Path) -> dict[str, int]:
+def _apply_cache_ranges(network: tensorrt.INetworkDefinition, cache_file: Path) -> dict[str, int]:
     """Set each network tensor's dynamic range from a calibration cache; returns how many were set / missing."""
     cache = read_cache(cache_file)
     tensors = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}

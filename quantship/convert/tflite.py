@@ -7,6 +7,7 @@ live Keras model) and each precision is converted from that export. The converte
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 
 from quantship.config import IODType, Precision
 from quantship.convert.artifact import write_artifact
+from quantship.convert.layer_names import keras_output_layer, segment_layer
 from quantship.errors import CalibrationError, ConfigError, ConversionError
 from quantship.fileio import make_temp_dir, remove_temp_dir, sha256_json
 from quantship.lazy import lazy_import
@@ -165,14 +167,30 @@ class TfliteConverter:
             self._op_outputs = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         return self._op_outputs
 
+    def op_kinds(self) -> list[tuple[str, str]]:
+        """(builtin operator name, output tensor name) of every operator of the float model, in graph order."""
+        if getattr(self, "_op_kinds", None) is None:
+            from tensorflow.lite.tools import flatbuffer_utils
+
+            model = flatbuffer_utils.convert_bytearray_to_object(self.convert(TfliteSpec(Precision.FP32)))
+            sg = model.subgraphs[0]
+            codes = _builtin_names()
+            out = []
+            for op in sg.operators:
+                code = model.operatorCodes[op.opcodeIndex]
+                kind = codes.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+                for i in op.outputs:
+                    n = sg.tensors[i].name
+                    out.append((kind, n.decode() if isinstance(n, bytes) else str(n)))
+            self._op_kinds = out
+        return self._op_kinds
+
     def nodes_outside(self, layers: Iterable[str]) -> list[str]:
         """The deny list that leaves only the ops of the given Keras layers int8: every operator output none of
         whose fused parts belongs to them, including ops named after no layer (a classifier's softmax)."""
-        from quantship.convert.onnx import _segment_layer
-
         names = {layer.name for layer in self.model.layers}
         keep = set(layers)
-        return [n for n in self.op_outputs() if not any(_segment_layer(p, names) in keep for p in n.split(";"))]
+        return [n for n in self.op_outputs() if not any(segment_layer(p, names) in keep for p in n.split(";"))]
 
     def denylist_nodes(self, float_layers: Iterable[str]) -> list[str]:
         """Output tensor names of the ops that belong to the given Keras layers (the quantization debugger's and
@@ -181,8 +199,6 @@ class TfliteConverter:
         Raises:
             ConfigError: A layer with no TFLite op.
         """
-        from quantship.convert.onnx import _segment_layer
-
         layer_names = {layer.name for layer in self.model.layers}
         wanted = set(float_layers)
         if not wanted:
@@ -190,9 +206,9 @@ class TfliteConverter:
         nodes = [
             n
             for n in self.float_model_tensor_names()
-            if any(_segment_layer(part, layer_names) in wanted for part in n.split(";"))
+            if any(segment_layer(part, layer_names) in wanted for part in n.split(";"))
         ]
-        missing = wanted - {_segment_layer(part, layer_names) for n in nodes for part in n.split(";")}
+        missing = wanted - {segment_layer(part, layer_names) for n in nodes for part in n.split(";")}
         if missing:
             raise ConfigError(f"no TFLite op found for Keras layer(s) {sorted(missing)}")
         return nodes
@@ -331,7 +347,6 @@ def check_private_api() -> None:
     Raises:
         ConversionError: Naming what changed.
     """
-    import inspect
 
     lazy_import("tensorflow", purpose="TFLite conversion")
     try:
@@ -389,32 +404,6 @@ def set_tensor_ranges(calibrated: bytes, ranges: dict[int, tuple[float, float]])
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
-def keras_output_layer(model: Any, name: str) -> str:
-    """The Keras layer whose output a converter's fused op produces when the op is named after ``name``: a
-    convolution or dense layer followed by a batch norm that is its only consumer is folded into it (TFLite and
-    tf2onnx both fold it), so the tensor is the batch norm's output."""
-    from quantship.convert.onnx import WEIGHTED_KERAS
-
-    layer = model.get_layer(name)
-    while type(layer).__name__ in WEIGHTED_KERAS or type(layer).__name__ == "BatchNormalization":
-        nxt = _only_consumer(model, layer)
-        if nxt is None or type(nxt).__name__ != "BatchNormalization":
-            break
-        layer = nxt
-    return layer.name
-
-
-def _only_consumer(model: Any, layer: Any) -> Any | None:
-    consumers = [
-        other
-        for other in model.layers
-        for node in getattr(other, "_inbound_nodes", [])
-        for parent in node.parent_nodes
-        if parent.operation is layer
-    ]
-    return consumers[0] if len(consumers) == 1 else None
-
-
 def tflite_tensor_layers(calibrated: bytes, model: Any) -> dict[int, str]:
     """Tensor index -> the Keras layer whose output the tensor holds, for every tensor with a recorded range.
 
@@ -422,8 +411,6 @@ def tflite_tensor_layers(calibrated: bytes, model: Any) -> dict[int, str]:
     Conv2D + BatchNorm + ReLU6 is named after the ReLU6, whose output it is). The model input maps to the
     Keras input layer; tensors that name no layer (the softmax output, with its fixed int8 range) are left out.
     """
-    from quantship.convert.onnx import _segment_layer
-
     names = {layer.name for layer in model.layers}
     input_layers = [layer.name for layer in model.layers if type(layer).__name__ == "InputLayer"]
     out = {}
@@ -431,7 +418,7 @@ def tflite_tensor_layers(calibrated: bytes, model: Any) -> dict[int, str]:
         if name.startswith("serving_default_") and len(input_layers) == 1:
             out[i] = input_layers[0]
             continue
-        layer = _segment_layer(name.split(";")[0], names)
+        layer = segment_layer(name.split(";")[0], names)
         if layer is not None:
             out[i] = keras_output_layer(model, layer)
     return out
@@ -567,3 +554,11 @@ def convert_to_tflite(
             return existing
     data = converter.convert(spec, calibration)
     return write_artifact(out_path, data, {**manifest, "build_key": build_key})
+
+
+def _builtin_names() -> dict[int, str]:
+    """TFLite builtin operator code -> name (``25 -> "SOFTMAX"``), from the schema TensorFlow ships."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    ops = schema.BuiltinOperator
+    return {getattr(ops, k): k for k in dir(ops) if not k.startswith("_") and isinstance(getattr(ops, k), int)}

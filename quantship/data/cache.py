@@ -37,7 +37,7 @@ import numpy as np
 
 from quantship.config import InputCacheOptions, PreprocessSpec
 from quantship.data.preprocess import geometry, num_views
-from quantship.fileio import atomic_path, cache_dir, sha256_json, write_json_atomic
+from quantship.fileio import atomic_path, cache_dir, process_gone, sha256_json, temp_file_owner, write_json_atomic
 
 if TYPE_CHECKING:
     from quantship.data.datasets import ImageDataset
@@ -328,7 +328,6 @@ class InputCache:
         """Temporary and unindexed shard files left by a killed process: a temporary (``.entry.json.PID-X.tmp``,
         ``.shard-*.npy.PID-X.tmp``) as soon as the process named in it is gone, as the ``--out`` sweep does;
         anything else once it is old enough not to be in flight (another machine sharing the folder)."""
-        from quantship.fileio import process_gone, temp_file_owner
 
         now = time.time()
         for p in path.iterdir():

@@ -16,6 +16,7 @@ import numpy as np
 from quantship.config import PreprocessSpec
 from quantship.data.preprocess import InputEncoding, crop_views, decode_image, image_views
 from quantship.errors import ConfigError, DataError
+from quantship.fileio import read_text
 from quantship.lazy import lazy_import
 
 
@@ -259,7 +260,6 @@ def read_file_list(path: str | os.PathLike) -> list[str]:
     Raises:
         DataError: The file is missing, unreadable or names nothing.
     """
-    from quantship.fileio import read_text
 
     p = Path(path).expanduser()
     if not p.is_file():

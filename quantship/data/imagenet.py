@@ -27,6 +27,7 @@ from quantship.data.classes import imagenet_classes, wnid_to_label
 from quantship.data.datasets import FileRead, ImageDataset, Sample, register_dataset
 from quantship.errors import DataError, UnsafePickleError
 from quantship.fileio import read_text
+from quantship.safe_pickle import load_val224_pickle
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 GROUND_TRUTH_NAMES = (
@@ -262,7 +263,6 @@ def _brief(value: Any) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _cached_val224(path: str, _mtime: int) -> Any:
-    from quantship.safe_pickle import load_val224_pickle
 
     return load_val224_pickle(path)
 

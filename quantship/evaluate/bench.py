@@ -17,7 +17,13 @@ as asked, or the time is up. With ``loadgen`` set, MLPerf LoadGen issues and tim
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import resource
+import select
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +31,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from quantship.errors import ConfigError, MissingDependencyError
+from quantship import errors
+from quantship.errors import ConfigError, MissingDependencyError, QuantshipError
+from quantship.evaluate.interleave import InterleaveOptions, check_reference, run_interleaved
 from quantship.evaluate.latency import latency_stats, native_feed, sample_set, time_runner
+from quantship.evaluate.loadgen import LoadgenSettings, Scenario, expected_from, run_loadgen
+from quantship.evaluate.stability import StopRule, machine_state
 from quantship.evaluate.worker import run_worker, worker_main
 from quantship.runtime.base import RunnerOptions
 from quantship.runtime.registry import make_runner, runtime_for_artifact
@@ -116,7 +126,6 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024.0
     except (OSError, ValueError, IndexError):
         pass
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -153,7 +162,6 @@ def _plain(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
 
 
 def _loadgen(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
-    from quantship.evaluate.loadgen import LoadgenSettings, Scenario, expected_from, run_loadgen
 
     scenario = Scenario.parse(cfg.loadgen)
     per_query = {Scenario.SINGLESTREAM: 1, Scenario.MULTISTREAM: 8, Scenario.OFFLINE: max(cfg.batch_sizes)}[scenario]
@@ -177,6 +185,7 @@ def _loadgen(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
 
 def run_config(cfg: BenchConfig) -> dict[str, Any]:
     """Benchmark in this process (the worker side of :func:`bench` under LoadGen)."""
+
     if cfg.cores:
         os.sched_setaffinity(0, set(cfg.cores))
     t0 = time.perf_counter()
@@ -239,7 +248,6 @@ class ConfigSession:
         self._phases: dict[str, list[float]] = {}
 
     def start(self) -> dict[str, Any]:
-        from quantship.evaluate.stability import machine_state
 
         cfg = self.cfg
         if cfg.cores:
@@ -286,7 +294,6 @@ class ConfigSession:
         return out
 
     def finish(self) -> dict[str, Any]:
-        from quantship.evaluate.stability import machine_state
 
         cfg, runner = self.cfg, self.runner
         after = machine_state(cfg.cores)
@@ -339,9 +346,6 @@ class LocalBenchWorker:
         self._stderr = None
 
     def _spawn(self) -> None:
-        import subprocess
-        import sys
-        import tempfile
 
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
@@ -355,10 +359,6 @@ class LocalBenchWorker:
         )
 
     def _ask(self, message: dict[str, Any]) -> Any:
-        import json
-        import select
-
-        from quantship import errors
 
         what = f"benchmark of {self.artifact}"
         proc = self._proc
@@ -397,8 +397,6 @@ class LocalBenchWorker:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        import json
-        import subprocess
 
         try:
             if proc.poll() is None:
@@ -422,10 +420,6 @@ def serve() -> None:
     Native libraries may write to stdout from C: fd 1 points at stderr while the worker runs and answers go to
     the original stdout.
     """
-    import json
-    import sys
-
-    from quantship.errors import QuantshipError
 
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -477,7 +471,6 @@ def bench(
         make_worker: ``make_worker(cfg) -> BenchWorker`` (``bench --remote``: a runner on the device); default
             :class:`LocalBenchWorker`.
     """
-    from quantship.evaluate.interleave import InterleaveOptions, check_reference, run_interleaved
 
     rows: list[dict[str, Any] | None] = [None] * len(configs)
     plain = [i for i, c in enumerate(configs) if not c.loadgen]
@@ -532,7 +525,6 @@ def latency_pass(
         make_worker: As :func:`bench`'s (a sign-off plan's ``remote:`` device).
     """
     from quantship.evaluate.interleave import InterleaveOptions, stability_lines
-    from quantship.evaluate.stability import StopRule
 
     if not files:
         return {}

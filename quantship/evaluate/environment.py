@@ -6,6 +6,8 @@ import os
 import platform
 from typing import Any
 
+from quantship.runtime.registry import tool_versions
+
 
 def cpu_model() -> str:
     try:
@@ -36,7 +38,6 @@ def cpu_flags() -> str:
 
 
 def environment() -> dict[str, Any]:
-    from quantship.runtime.registry import tool_versions
 
     return {
         "cpu": cpu_model(),

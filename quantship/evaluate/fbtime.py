@@ -20,9 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from quantship.config import PreprocessSpec
 from quantship.errors import ConfigError
 from quantship.evaluate.worker import run_worker, worker_main
 from quantship.lazy import lazy_import
+from quantship.models.loading import is_model_file, load_model, resolve_preprocess
 
 SLOWEST_LAYERS = 10
 
@@ -208,8 +210,6 @@ def run_fb(cfg: FBConfig) -> list[dict[str, Any]]:
     if cfg.threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
-    from quantship.config import PreprocessSpec
-    from quantship.models.loading import is_model_file, load_model, resolve_preprocess
 
     t0 = time.perf_counter()
     weights = cfg.weights or "random"

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from quantship.errors import DataError
+from quantship.evaluate.bench import display_fields
 from quantship.evaluate.charts import accuracy_latency_chart, sensitivity_chart, sqnr_by_layer_chart
+from quantship.evaluate.diff import DIFF_COLUMNS, display_rows
 from quantship.evaluate.results import Columns, markdown_table, per_class_ap_markdown, table_rows
 from quantship.fileio import write_bytes_atomic, write_text_atomic
 
@@ -229,7 +231,6 @@ def load_results(folder: Path) -> dict[str, Any]:
             )
             if ref is not None and ref.get("top1") is not None:
                 r["delta_top1"] = r["top1"] - ref["top1"]
-    from quantship.evaluate.bench import display_fields
 
     for b in data["bench"]:
         display_fields(b)
@@ -554,7 +555,6 @@ def _executor_text(ex: dict[str, Any]) -> str:
 
 def _diff_section(doc: _Doc, rows: list[dict[str, Any]]) -> None:
     """``quantship diff``: per target, its SQNR-by-layer chart, the first drop and the layer table."""
-    from quantship.evaluate.diff import DIFF_COLUMNS, display_rows
 
     doc.heading("Layer by layer against the reference (quantship diff)")
     for s in [r for r in rows if r.get("kind") == "summary"]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from enum import Enum
+from math import comb
 from typing import Any, Sequence
 
 import numpy as np
@@ -83,7 +84,6 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
     Returns:
         (low, high, actual coverage).
     """
-    from math import comb
 
     x = np.sort(np.asarray(values, dtype=np.float64))
     n = x.size

@@ -21,8 +21,11 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 
 from quantship.config import Gate
+from quantship.data.detection import Detections
 from quantship.errors import ConfigError, DataError
+from quantship.evaluate.detection_metrics import metric_for
 from quantship.evaluate.results import Columns
+from quantship.models.ssd import anchors_for, make_anchors, postprocess
 
 Arrays = dict[str, np.ndarray]
 
@@ -403,17 +406,14 @@ class DetectionTask(Task):
     report_columns = (("mAP", "mAP", "{:.4f}"), ("delta_mAP", "Δ mAP", "{:+.4f}"))
 
     def __init__(self, meta: dict[str, Any], labels: dict[str, Any], anchors: Any = None, labelled: bool = True):
-        from quantship.models.ssd import make_anchors
 
         self.meta, self.labels, self.anchors_cfg, self.labelled = meta, labels, anchors, labelled
         self.anchors = make_anchors(anchors) if anchors is not None else None
 
     def score(self, outputs: np.ndarray, batch: Any) -> Arrays:
-        from quantship.models.ssd import postprocess
 
         if self.anchors is None:
             raise ConfigError("scoring detections needs the model's anchor configuration")
-        from quantship.data.detection import Detections
 
         # Outputs with NaN or inf detect nothing (the loop counts those images).
         dets = [
@@ -443,7 +443,6 @@ class DetectionTask(Task):
 
     def detections(self, arrays: Arrays) -> list[Any]:
         """Stored flat detections back to one :class:`Detections` per image."""
-        from quantship.data.detection import Detections
 
         cuts = np.cumsum(arrays["det_count"])[:-1]
         return [
@@ -465,7 +464,6 @@ class DetectionTask(Task):
         self, dets: Sequence[Any], labels: Sequence[dict[str, Any]], images: np.ndarray | None = None
     ) -> dict[str, Any]:
         """mAP (and COCO's figures) over all images or the given image indices."""
-        from quantship.evaluate.detection_metrics import metric_for
 
         idx = range(len(dets)) if images is None else images
         metric = metric_for(self.meta)
@@ -653,7 +651,6 @@ def check_class_outputs(dataset: Any, loaded: Any) -> None:
 
 
 def _detection(dataset: Any, loaded: Any, anchors_file: str | None, **kwargs: Any) -> Task:
-    from quantship.models.ssd import anchors_for
 
     anchors = anchors_for(loaded, dataset, anchors_file) if loaded is not None else None
     return DetectionTask(dataset.meta, {s.key: s.label for s in dataset.samples}, anchors, dataset.labelled)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quantship.config import InputCacheOptions
+from quantship.data.cache import configure
+
+__all__ = ["JobResult", "use_input_cache"]  # each job's entry point: its module (eval, convert, calibrate, bench, ...)
 
 
 @dataclass
@@ -25,6 +28,4 @@ class JobResult:
 def use_input_cache(options: InputCacheOptions) -> None:
     """Configure the preprocessed-input cache every pass of this process uses (``--input-cache DIR``,
     ``--no-input-cache``, ``--input-cache-max-gb``)."""
-    from quantship.data.cache import configure
-
     configure(options)

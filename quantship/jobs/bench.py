@@ -4,7 +4,9 @@ LoadGen), time the Keras model's forward/backward passes if asked, write the row
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,11 +21,18 @@ from quantship.evaluate.bench import (
     mobile_profile,
 )
 from quantship.evaluate.environment import environment
-from quantship.evaluate.interleave import stability_lines
+from quantship.evaluate.fbtime import FBConfig, forward_backward
+from quantship.evaluate.interleave import InterleaveOptions, matches_reference, stability_lines
+from quantship.evaluate.loadgen import Scenario
 from quantship.evaluate.report import BENCH_COLUMNS
 from quantship.evaluate.results import text_table
+from quantship.evaluate.stability import StopRule
 from quantship.fileio import write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
+from quantship.jobs.convert import ConvertSpec, convert_artifacts
+from quantship.models.loading import is_model_file
+from quantship.models.registry import get_model_spec
+from quantship.targets import get_target, list_targets
 
 LOADGEN_COLUMNS = (
     ("target", "target", "{}"),
@@ -51,8 +60,6 @@ LAYER_COLUMNS = (("layer", "layer", "{}"), ("type", "type", "{}"), ("forward_ms"
 
 
 def _check_fb_model(model: str) -> None:
-    from quantship.models.loading import is_model_file
-    from quantship.models.registry import get_model_spec
 
     if is_model_file(model):
         return
@@ -85,7 +92,6 @@ def _configs(
     named: list[tuple[str, str]], out: Path, scenarios: list, mobile: bool, threads: int | None, common: dict
 ) -> list[BenchConfig]:
     """One configuration per artifact (per thread count with ``mobile``), under each LoadGen scenario if any."""
-    from quantship.targets import get_target, list_targets
 
     known = {t.name for t in list_targets()}
     configs = []
@@ -140,7 +146,6 @@ def _inference_lines(rows: list[dict[str, Any]]) -> list[str]:
 def _forward_backward_rows(cfg: Any, out: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Time the Keras model's forward and forward+backward passes: the rows (written to ``forward_backward.jsonl``
     under ``out``) and their lines."""
-    from quantship.evaluate.fbtime import forward_backward
 
     lines = [
         f"forward/backward of {cfg.model} (Keras, training mode): warm-up {cfg.warmup_seconds:g} s, then >= "
@@ -172,50 +177,35 @@ def _check_fb_options(model: str | None, forward_backward: bool, per_layer: bool
         raise ConfigError("--per-layer goes with --forward-backward")
 
 
-def _fb_config(
-    model: str,
-    convert: dict[str, Any],
-    batch_sizes: Sequence[int],
-    warmup_seconds: float,
-    min_queries: int | None,
-    min_seconds: float | None,
-    per_layer: bool,
-    threads: int | None,
-) -> Any:
-    """The forward/backward timing of ``model`` (checked to be a classification model), with the weights and
-    preprocessing overrides of ``convert``."""
-    from quantship.evaluate.fbtime import FBConfig
+def _fb_config(spec: BenchSpec) -> Any:
+    """The forward/backward timing of the spec's model (checked to be a classification model), with the weights and
+    preprocessing overrides of its conversion."""
 
-    _check_fb_model(model)
+    convert = spec.convert
+    if convert is None:  # _check_fb_options refused a run without a model first
+        raise ConfigError("--forward-backward times a Keras model: give --model")
+    _check_fb_model(convert.model)
     return FBConfig(
-        model,
-        convert.get("weights"),
-        tuple(batch_sizes),
-        warmup_seconds,
-        min_queries or DEFAULT_MIN_QUERIES,
-        min_seconds if min_seconds is not None else DEFAULT_MIN_SECONDS,
-        per_layer,
-        threads,
-        convert.get("preprocess_overrides") or None,
+        convert.model,
+        convert.weights,
+        tuple(spec.batch_sizes),
+        spec.warmup_seconds,
+        spec.min_queries or DEFAULT_MIN_QUERIES,
+        spec.min_seconds if spec.min_seconds is not None else DEFAULT_MIN_SECONDS,
+        spec.per_layer,
+        spec.threads,
+        convert.preprocess_overrides or None,
     )
 
 
-def _named_artifacts(
-    artifacts: Sequence[str],
-    model: str | None,
-    convert: dict[str, Any],
-    out: Path,
-    threads: int | None,
-    session: Any = None,
-) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(name, path) of every artifact to time: the files given, then the targets of ``model`` built with
-    ``convert``; and the targets that failed to build."""
-    named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in artifacts]
+def _named_artifacts(spec: BenchSpec, session: Any = None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(name, path) of every artifact to time: the files given, then the targets of the spec's model built with
+    its conversion; and the targets that failed to build."""
+    named: list[tuple[str, str]] = [(Path(a).stem, str(a)) for a in spec.artifacts]
     failures: dict[str, str] = {}
-    if model and convert.get("targets"):
-        from quantship.jobs.convert import convert_artifacts
-
-        built, failures = convert_artifacts(model, out_dir=Path(out), threads=threads, session=session, **convert)
+    if spec.convert is not None and spec.convert.targets:
+        convert = dataclasses.replace(spec.convert, out_dir=Path(spec.out), threads=spec.threads)
+        built, failures = convert_artifacts(convert, session=session)
         named += [(name, str(a.path)) for name, a in built.items() if a is not None]
     return named, failures
 
@@ -264,22 +254,20 @@ def _inference_rows(
     return rows, lines + _inference_lines(rows)
 
 
-def _check_remote(
-    remote: RemoteOptions, convert: dict[str, Any], mobile: bool, loadgen: Sequence[str], fb: bool
-) -> None:
+def _check_remote(spec: BenchSpec) -> None:
     """Refuse, before any work, what ``bench --remote`` cannot do on a device."""
-    if loadgen:
+    if spec.loadgen:
         raise ConfigError("--loadgen runs MLPerf LoadGen on this machine; with --remote, time without --loadgen")
-    if mobile:
+    if spec.mobile:
         raise ConfigError("--mobile pins this machine's cores; with --remote, give --threads for the device")
-    if fb:
+    if spec.forward_backward:
         raise ConfigError("--forward-backward times Keras (TensorFlow) here; it does not run with --remote")
-    if convert.get("targets"):
+    if spec.convert is not None and spec.convert.targets:
         from quantship.runtime.registry import get_runtime
         from quantship.targets import parse_targets
 
         # A runtime without artifact files runs the model in memory (Keras: TensorFlow), which no device has.
-        keras = [t.name for t in parse_targets(convert["targets"]) if not get_runtime(t.spec.backend).suffixes]
+        keras = [t.name for t in parse_targets(spec.convert.targets) if not get_runtime(t.spec.backend).suffixes]
         if keras:
             raise ConfigError(
                 f"{', '.join(keras)} runs in TensorFlow, which the device runner does not have; bench --remote "
@@ -290,7 +278,6 @@ def _check_remote(
 def _interleave_options(
     stop: Any, queries_per_round: int, min_queries: int | None, min_seconds: float | None, reference: str | None
 ) -> Any:
-    from quantship.evaluate.interleave import InterleaveOptions
 
     return InterleaveOptions(
         stop=stop,
@@ -306,7 +293,6 @@ def _check_reference_named(reference: str | None, artifacts: Sequence[str], targ
     or timed (the interleaved run checks again against what was built)."""
     if reference is None:
         return
-    from quantship.evaluate.interleave import matches_reference
 
     names = [t.strip() for t in (targets or "").split(",") if t.strip()]
     if any(matches_reference(reference, Path(a).stem, str(a)) for a in artifacts) or reference in names:
@@ -315,38 +301,18 @@ def _check_reference_named(reference: str | None, artifacts: Sequence[str], targ
     raise ConfigError(f"--reference {reference} is none of the configurations to bench ({given}): name one of them")
 
 
-def run_bench(
-    out: Path,
-    artifacts: Sequence[str] = (),
-    model: str | None = None,
-    convert: dict[str, Any] | None = None,
-    threads: int | None = None,
-    mobile: bool = False,
-    batch_sizes: Sequence[int] = (1,),
-    warmup_seconds: float = 1.0,
-    min_queries: int | None = None,
-    min_seconds: float | None = None,
-    cuda_graph: bool = False,
-    providers: Sequence[str] = ("cpu",),
-    loadgen: Sequence[str] = (),
-    raw_inputs: bool = False,
-    forward_backward: bool = False,
-    per_layer: bool = False,
-    reference: str | None = None,
-    ratio_precision: float = 0.03,
-    min_rounds: int = 10,
-    max_seconds: float = 60.0,
-    queries_per_round: int = 20,
-    remote: RemoteOptions | None = None,
-) -> JobResult:
-    """Benchmark artifact files, and the artifacts of ``model``'s targets built first with ``convert`` (the keyword
-    arguments of :func:`quantship.jobs.convert.convert_artifacts`; no targets in it: none built).
+@dataclass
+class BenchSpec:
+    """Everything ``quantship bench`` needs.
 
-    Args:
+    Attributes:
+        artifacts: Artifact files to time.
+        convert: The model whose targets are built first and timed (no targets: none built; its model is what
+            ``forward_backward`` times).
         min_queries, min_seconds: None: 200 queries and 5 s for plain timing, MLPerf's minimums under LoadGen.
         loadgen: LoadGen scenarios; each artifact runs once under each of them instead of plain timing.
         raw_inputs: Samples preloaded in the model's own input types, the runner run raw.
-        forward_backward: Also time ``model``'s forward and forward+backward passes (Keras, training mode) at
+        forward_backward: Also time the model's forward and forward+backward passes (Keras, training mode) at
             each batch size; ``per_layer`` adds the ten slowest layers' forward times.
         reference: Target name or artifact file every ratio is taken to (None: the first fp32 configuration of
             the same runtime, else the first).
@@ -355,67 +321,75 @@ def run_bench(
         queries_per_round: Queries per configuration per round.
         remote: Time on this device instead (each configuration in its own runner process there).
     """
-    from quantship.evaluate.loadgen import Scenario
-    from quantship.evaluate.stability import StopRule
 
-    stop = StopRule(ratio_precision=ratio_precision, min_rounds=min_rounds, max_seconds=max_seconds)
-    scenarios = [Scenario.parse(s) for s in loadgen]
-    _check_fb_options(model, forward_backward, per_layer)
-    convert = dict(convert or {})
-    fb_args = (model, convert, batch_sizes, warmup_seconds, min_queries, min_seconds, per_layer, threads)
-    fb_config = _fb_config(*fb_args) if forward_backward else None
-    _check_reference_named(reference, artifacts, convert.get("targets") if model else None)
+    out: Path
+    artifacts: Sequence[str] = ()
+    convert: ConvertSpec | None = None
+    threads: int | None = None
+    mobile: bool = False
+    batch_sizes: Sequence[int] = (1,)
+    warmup_seconds: float = 1.0
+    min_queries: int | None = None
+    min_seconds: float | None = None
+    cuda_graph: bool = False
+    providers: Sequence[str] = ("cpu",)
+    loadgen: Sequence[str] = ()
+    raw_inputs: bool = False
+    forward_backward: bool = False
+    per_layer: bool = False
+    reference: str | None = None
+    ratio_precision: float = 0.03
+    min_rounds: int = 10
+    max_seconds: float = 60.0
+    queries_per_round: int = 20
+    remote: RemoteOptions | None = None
+
+    @property
+    def model(self) -> str | None:
+        return self.convert.model if self.convert is not None else None
+
+
+def run_bench(spec: BenchSpec) -> JobResult:
+    """Benchmark artifact files, and the artifacts of the spec's model built first (:class:`BenchSpec`)."""
+
+    stop = StopRule(ratio_precision=spec.ratio_precision, min_rounds=spec.min_rounds, max_seconds=spec.max_seconds)
+    scenarios = [Scenario.parse(s) for s in spec.loadgen]
+    _check_fb_options(spec.model, spec.forward_backward, spec.per_layer)
+    fb_config = _fb_config(spec) if spec.forward_backward else None
+    targets = spec.convert.targets if spec.convert is not None else None
+    _check_reference_named(
+        spec.reference, spec.artifacts, ",".join(targets) if isinstance(targets, (list, tuple)) else targets
+    )
     session = None
-    if remote is not None:
+    if spec.remote is not None:
         from quantship.remote.host import DeviceSession
 
-        _check_remote(remote, convert, mobile, loadgen, forward_backward)
-        session = DeviceSession(remote)  # a malformed URL is refused here
+        _check_remote(spec)
+        session = DeviceSession(spec.remote)  # a malformed URL is refused here
     # An unreachable or unfit device is reported before anything is converted.
     with session or contextlib.nullcontext():
-        return _bench_body(
-            out, artifacts, model, convert, threads, mobile, batch_sizes, warmup_seconds, min_queries, min_seconds,
-            cuda_graph, providers, scenarios, raw_inputs, stop, queries_per_round, reference, fb_config, session,
-        )  # fmt: skip
+        return _bench_body(spec, scenarios, stop, fb_config, session)
 
 
-def _bench_body(
-    out: Path,
-    artifacts: Sequence[str],
-    model: str | None,
-    convert: dict[str, Any],
-    threads: int | None,
-    mobile: bool,
-    batch_sizes: Sequence[int],
-    warmup_seconds: float,
-    min_queries: int | None,
-    min_seconds: float | None,
-    cuda_graph: bool,
-    providers: Sequence[str],
-    scenarios: list,
-    raw_inputs: bool,
-    stop: Any,
-    queries_per_round: int,
-    reference: str | None,
-    fb_config: Any,
-    session: Any,
-) -> JobResult:
+def _bench_body(spec: BenchSpec, scenarios: list, stop: Any, fb_config: Any, session: Any) -> JobResult:
     """:func:`run_bench` once its options are checked (and its device session, if any, open)."""
-    named, failures = _named_artifacts(artifacts, model, convert, out, threads, session)
+    named, failures = _named_artifacts(spec, session)
     if not named and fb_config is None:
         raise ConfigError("nothing to benchmark: give --artifact FILE (repeatable) or --model with --targets")
-    out = Path(out)
+    out = Path(spec.out)
     common = dict(
-        warmup_seconds=warmup_seconds,
-        min_queries=min_queries,
-        min_seconds=min_seconds,
-        batch_sizes=tuple(batch_sizes),
-        cuda_graph=cuda_graph,
-        raw_inputs=raw_inputs,
-        providers=tuple(providers),
+        warmup_seconds=spec.warmup_seconds,
+        min_queries=spec.min_queries,
+        min_seconds=spec.min_seconds,
+        batch_sizes=tuple(spec.batch_sizes),
+        cuda_graph=spec.cuda_graph,
+        raw_inputs=spec.raw_inputs,
+        providers=tuple(spec.providers),
     )
-    interleave = _interleave_options(stop, queries_per_round, min_queries, min_seconds, reference)
-    rows, lines = _inference_rows(named, out, scenarios, mobile, threads, common, model, interleave, session)
+    interleave = _interleave_options(stop, spec.queries_per_round, spec.min_queries, spec.min_seconds, spec.reference)
+    rows, lines = _inference_rows(
+        named, out, scenarios, spec.mobile, spec.threads, common, spec.model, interleave, session
+    )
     fb_rows: list[dict[str, Any]] = []
     if fb_config is not None:
         fb_rows, fb_lines = _forward_backward_rows(fb_config, out)

@@ -18,6 +18,7 @@ import numpy as np
 
 from quantship.config import CalibrationSpec, CropMode
 from quantship.convert.layer_names import KerasLayers
+from quantship.data.datasets import iter_batches, load_dataset
 from quantship.errors import ConfigError, DataError
 from quantship.evaluate.diff import (
     DEFAULT_DROP_DB,
@@ -28,13 +29,17 @@ from quantship.evaluate.diff import (
     first_drop,
     layer_rows,
 )
+from quantship.evaluate.environment import environment
+from quantship.evaluate.report import build_report
 from quantship.evaluate.results import text_table
 from quantship.fileio import FolderLock, write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
+from quantship.models.loading import resolve_preprocess
 from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import Target, parse_targets
 from quantship.targets.base import LayerProbe, ProbeOptions, check_layer_probe, make_layer_probe
+from quantship.targets.run import build_targets, check_providers_for, load_for, prepare_run
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,6 @@ def make_probe(
 
 
 def _images(evalset: Any, loaded: Any, batch_size: int, workers: int) -> np.ndarray:
-    from quantship.data.datasets import iter_batches
 
     spec = dataclasses.replace(loaded.preprocess, crops=CropMode.CENTER)
     batches = [b.inputs[:, 0] for b in iter_batches(evalset, spec, batch_size, workers)]
@@ -122,8 +126,6 @@ def _build(
 ) -> tuple[Any, Any, Any, dict[str, Any], dict[str, str]]:
     """Load the data and the model, split the images and build the targets: (loaded model, calibration set,
     evaluation set, artifacts, failures); the reference failing to build is an error."""
-    from quantship.data.datasets import load_dataset
-    from quantship.targets.run import build_targets, load_for, prepare_run
 
     dataset = load_dataset(spec.data, labels=spec.labels)
     loaded = load_for(spec.model, spec.weights, preprocess, dataset)
@@ -215,8 +217,6 @@ def _result_rows(
 
 def _write_results(out: Path, rows: list[dict[str, Any]], model: str) -> tuple[Path, Path]:
     """Write ``diff.jsonl``, ``environment.json`` and the report under ``out``: (markdown, page) of the report."""
-    from quantship.evaluate.environment import environment
-    from quantship.evaluate.report import build_report
 
     write_text_atomic(out / "diff.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     write_json_atomic(out / "environment.json", environment())
@@ -248,9 +248,9 @@ def run_diff(spec: DiffSpec, providers: Sequence[str] = ("cpu",)) -> JobResult:
         The rows, the tables and the first layer where each target's SQNR drops; exit code 1 when a target failed
         to build.
     """
-    from quantship.models.loading import resolve_preprocess
 
     targets = parse_targets(spec.targets)
+    check_providers_for(targets, providers)
     _check_targets(targets)
     preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
     out = Path(spec.out_dir)

@@ -15,6 +15,7 @@ from quantship.evaluate.tasks import make_task
 from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.models.loading import resolve_preprocess
+from quantship.remote.host import DeviceSession, RemoteRunner
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import needs_calibration, parse_targets
 from quantship.targets.run import (
@@ -157,7 +158,6 @@ def _remote_session(spec: EvalSpec) -> Any:
     """The (unopened) device session of ``eval --remote``, or None; a malformed URL is refused here."""
     if spec.remote is None:
         return None
-    from quantship.remote.host import DeviceSession
 
     return DeviceSession(spec.remote)
 
@@ -165,7 +165,6 @@ def _remote_session(spec: EvalSpec) -> Any:
 def remote_runners(session: Any, copied: dict[str, bool]) -> Callable:
     """Runners of ``eval --remote``: each artifact runs on the device, with the options its target runs with
     locally; the in-memory reference (keras-fp32) runs here."""
-    from quantship.remote.host import RemoteRunner
 
     def make(target: Any, ctx: Any, artifact: Any) -> Any:
         if artifact is None:

@@ -15,9 +15,11 @@ from importlib import resources
 from pathlib import Path
 
 from quantship.errors import QuantshipError
+from quantship.fileio import write_text_atomic
 from quantship.jobs import JobResult
 from quantship.models.registry import ModelSpec
 from quantship.models.registry import list_models as registered_models
+from quantship.models.stats import count_macs, model_stats
 from quantship.targets import DEFAULT_TARGETS, list_targets
 
 __all__ = [
@@ -86,8 +88,6 @@ def measure_model_stats(spec: ModelSpec) -> ModelStats:
     """Build ``spec``'s model (random weights) and count its parameters and MACs: seconds per model."""
     import keras
 
-    from quantship.models.stats import count_macs
-
     model = spec.build()
     try:
         height, width = (int(d) for d in model.inputs[0].shape[1:3])
@@ -99,7 +99,6 @@ def measure_model_stats(spec: ModelSpec) -> ModelStats:
 
 def write_model_table(path: Path | None = None) -> Path:
     """Build every registered model and write the table (one row per line, in registry order)."""
-    from quantship.fileio import write_text_atomic
 
     rows = [f"    {json.dumps(s.name)}: {json.dumps(measure_model_stats(s).to_json())}" for s in registered_models()]
     text = "{\n" + f'  "about": {json.dumps(ABOUT)},\n  "models": {{\n' + ",\n".join(rows) + "\n  }\n}\n"
@@ -107,7 +106,6 @@ def write_model_table(path: Path | None = None) -> Path:
 
 
 def _live_stats(spec: ModelSpec) -> ModelStats:
-    from quantship.models.stats import model_stats
 
     s = model_stats(spec.name)  # builds the model once per Keras version, then cached
     return ModelStats(spec.input_size, int(s["params"]), int(s["macs"]))

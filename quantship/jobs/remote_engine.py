@@ -13,10 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from quantship.calibrate.trt_calibrator import TRT_CALIBRATORS
 from quantship.convert.artifact import write_artifact
+from quantship.convert.tensorrt import engine_manifest, onnx_fp16, plan_build
 from quantship.errors import RemoteError
 from quantship.fileio import sha256_json
 from quantship.manifest import Artifact, load_reusable
+from quantship.trt_util import TrtVersion
 
 
 class RemoteEngineBuilder:
@@ -65,9 +68,6 @@ class RemoteEngineBuilder:
             RemoteError: No TensorRT or GPU on the device, the device's disk full, the connection lost.
             RuntimeBackendError: TensorRT on the device rejected the model or failed to build (its reason).
         """
-        from quantship.calibrate.trt_calibrator import TRT_CALIBRATORS
-        from quantship.convert.tensorrt import _engine_manifest, onnx_fp16, plan_build
-        from quantship.trt_util import TrtVersion
 
         onnx_path, out_path = Path(onnx_path), Path(out_path)
         version = TrtVersion.parse(self.tensorrt_version)
@@ -75,7 +75,7 @@ class RemoteEngineBuilder:
         have_cache = bool(cache and Path(cache).is_file())
         # A cache handed to TensorRT's calibrator replaces the calibration pass: the plan of a build with data.
         plan = plan_build(spec, version, have_cache, have_cache)
-        full = _engine_manifest(spec, plan, self.environment(), onnx_path, manifest or {})
+        full = engine_manifest(spec, plan, self.environment(), onnx_path, manifest or {})
         full["built_on"] = self.session.url
         build_key = sha256_json(full)
         if (existing := load_reusable(out_path, build_key)) is not None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantship.errors import DataError
 from quantship.evaluate.report import build_report
+from quantship.fileio import check_output_dir, sweep_temp_files
 from quantship.jobs import JobResult
 
 
 def run_report(folder: Path, title: str | None = None) -> JobResult:
-    from quantship.errors import DataError
-    from quantship.fileio import check_output_dir, sweep_temp_files
 
     folder = Path(folder)
     if not folder.is_dir():

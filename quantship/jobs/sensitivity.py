@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from quantship.evaluate.report import build_report
+from quantship.evaluate.results import text_table
+from quantship.fileio import FolderLock, write_text_atomic
+from quantship.jobs import JobResult
 from quantship.progress import note
-from quantship.sensitivity import Analyses, prepare, run_analyses
+from quantship.sensitivity import Analyses, SensitivitySpec, prepare, run_analyses
 
-__all__ = ["Analyses", "checked_gate", "run_sensitivity"]
+__all__ = ["Analyses", "SensitivitySpec", "checked_gate", "run_sensitivity"]
 
 
 def checked_gate(text: str, data: str) -> Any:
@@ -47,7 +53,7 @@ WEIGHTS_SHOWN = (
 
 
 def run_sensitivity(
-    setup_args: dict[str, Any],
+    spec: SensitivitySpec,
     analyses: Analyses,
     out: Any,
     threads: int | None = None,
@@ -58,18 +64,11 @@ def run_sensitivity(
     """``quantship sensitivity`` (and ``convert --auto-fallback``, which asks for the gate alone): prepare, run the
     analyses, write the rows (and the report); the exit code is 1 when a gate is asked for and some backend
     still fails it."""
-    import json
-    from pathlib import Path
-
-    from quantship.evaluate.report import build_report
-    from quantship.evaluate.results import text_table
-    from quantship.fileio import FolderLock, write_text_atomic
-    from quantship.jobs import JobResult
 
     out = Path(out)
     lines: list[str] = []
-    with FolderLock(out, f"quantship sensitivity {setup_args.get('model')}"):
-        setup = prepare(**setup_args, work=out, threads=threads)
+    with FolderLock(out, f"quantship sensitivity {spec.model}"):
+        setup = prepare(spec, out, threads)
         try:
             rows, result = run_analyses(setup, analyses, threads=threads, print_fn=note)
         finally:

@@ -10,9 +10,13 @@ from quantship.evaluate.report import VERDICT_COLUMNS, build_report, load_result
 from quantship.evaluate.results import text_table
 from quantship.evaluate.verdicts import overall_verdict
 from quantship.jobs import JobResult
+from quantship.jobs.eval import remote_runners
+from quantship.jobs.remote_engine import RemoteEngineBuilder
 from quantship.progress import note
+from quantship.remote.bench import RemoteBenchWorker
 from quantship.signoff.plan import SignoffPlan
 from quantship.signoff.run import make_executor, signoff
+from quantship.signoff.units import LocalExecutor
 from quantship.targets.run import nonfinite_error
 
 __all__ = ["SignoffPlan", "run_signoff"]
@@ -33,16 +37,11 @@ def run_signoff(plan: SignoffPlan, out_dir: Path, ray_address: str | None = None
 
 def _remote_executor(session: Any) -> Any:
     """The local executor with every artifact run (and every TensorRT engine built) on the session's device."""
-    from quantship.jobs.eval import remote_runners
-    from quantship.jobs.remote_engine import RemoteEngineBuilder
-    from quantship.signoff.units import LocalExecutor
 
     copied: dict[str, bool] = {}
 
     def fields(target: str) -> dict[str, Any] | None:
         return {**session.fields(), "artifact_copied": copied[target]} if target in copied else None
-
-    from quantship.remote.bench import RemoteBenchWorker
 
     return LocalExecutor(
         make_runner=remote_runners(session, copied),

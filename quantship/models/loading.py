@@ -6,6 +6,7 @@ only) and SavedModel directories; ``pretrained`` (built-in weights) and ``random
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import warnings
@@ -75,9 +76,9 @@ def _load_full_model(path: Path) -> Any:
         if path.suffix == ".keras":
             if not zipfile.is_zipfile(path):
                 raise ModelLoadError(f"{path}: not a .keras archive (truncated or corrupt file)")
-            from quantship.models.ssd import _l2norm_layer
+            from quantship.models.ssd import l2norm_layer
 
-            _l2norm_layer()  # our custom layers must be registered before Keras reads a config naming them
+            l2norm_layer()  # our custom layers must be registered before Keras reads a config naming them
             return keras.saving.load_model(str(path), compile=False, safe_mode=True)
         # legacy full-model .h5
         try:
@@ -282,7 +283,6 @@ def _check_fits(model: Any, spec: ModelSpec, pre: PreprocessSpec, path: Path) ->
 
 def weights_fingerprint(model: Any) -> str:
     """Hash of a model's weight values (for models not loaded from a file)."""
-    import hashlib
 
     h = hashlib.sha256()
     for w in model.weights:

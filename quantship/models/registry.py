@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,8 +52,9 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 def _ensure_loaded() -> None:
-    # Registration happens on import of the zoo modules; importing them builds nothing.
-    from quantship.models import zoo  # noqa: F401
+    # Registration happens on import of the zoo modules (by name, as the runtime registry loads its built-ins, so the
+    # registry does not import its own package back); importing them builds nothing.
+    importlib.import_module("quantship.models.zoo")
 
 
 def get_model_spec(name: str) -> ModelSpec:

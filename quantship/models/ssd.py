@@ -19,7 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from quantship.errors import ConfigError
+from quantship.data.detection import Detections
+from quantship.errors import ConfigError, ModelLoadError
+from quantship.fileio import write_json_atomic
 from quantship.lazy import lazy_import
 
 VARIANCES = (0.1, 0.1, 0.2, 0.2)
@@ -45,7 +47,6 @@ class AnchorConfig:
         return len(ars) + (1 if 1.0 in ars else 0)
 
     def save(self, path: str | Path) -> None:
-        from quantship.fileio import write_json_atomic
 
         write_json_atomic(path, asdict(self))
 
@@ -153,7 +154,6 @@ def postprocess(
     top_k: int = 200,
 ):
     """One image's raw output (A, classes + 4) -> Detections in that image's pixels (width, height)."""
-    from quantship.data.detection import Detections
 
     scores, loc = output[:, : cfg.num_classes], output[:, cfg.num_classes :]
     boxes = decode_boxes(loc, anchors, cfg.variances)
@@ -204,7 +204,7 @@ def match_anchors(
 
 
 @functools.lru_cache(maxsize=1)
-def _l2norm_layer():
+def l2norm_layer():
     """The L2Normalization layer class (defined, and registered for .keras loading, on first use)."""
     keras = lazy_import("keras")
 
@@ -325,7 +325,7 @@ def build_ssd_vgg16(size: int = 300, num_classes: int = 21, input_shape=None, **
     cfg = ssd_anchor_config(size, num_classes)
     inputs = keras.Input((size, size, 3), name="input")
     conv4_3, fc7 = _vgg16_base(inputs)
-    norm = _l2norm_layer()(20.0, name="conv4_3_norm")(conv4_3)
+    norm = l2norm_layer()(20.0, name="conv4_3_norm")(conv4_3)
     conv6_2 = _extra(fc7, "conv6_1", 256, "conv6_2", 512, 2, True)
     conv7_2 = _extra(conv6_2, "conv7_1", 128, "conv7_2", 256, 2, True)
     if size == 300:
@@ -414,8 +414,6 @@ def load_weights_by_name(model: Any, path: str | Path) -> dict[str, list[str]]:
         ModelLoadError: Unreadable file, or a layer whose weight shapes do not match.
     """
     import h5py
-
-    from quantship.errors import ModelLoadError
 
     path = Path(path)
     try:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from quantship.fileio import cache_dir, write_json_atomic
-from quantship.models.registry import list_models
+from quantship.models.registry import get_model_spec, list_models
 
 
 def count_macs(model: Any) -> int:
@@ -45,8 +45,6 @@ def count_macs(model: Any) -> int:
 def model_stats(name: str) -> dict[str, Any]:
     """``{"params": ..., "macs": ...}`` for a registered model, from the cache when available."""
     import keras
-
-    from quantship.models.registry import get_model_spec
 
     path = cache_dir() / f"model_stats-v2-keras{keras.__version__}.json"
     cache = json.loads(path.read_text()) if path.is_file() else {}

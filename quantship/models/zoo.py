@@ -11,7 +11,17 @@ import functools
 
 from quantship.config import Interpolation, PreprocessSpec
 from quantship.lazy import lazy_import
+from quantship.models import ssd
+from quantship.models.efficientnet_lite import build_efficientnet_lite
+from quantship.models.mobilenet_v2_tv import build_mobilenet_v2_tv
+from quantship.models.pretrained import (
+    efficientnet_lite0_imagenet_weights,
+    efficientnet_lite_imagenet_weights,
+    mobilenet_v2_tv_imagenet_weights,
+)
 from quantship.models.registry import ModelSpec, register_model
+from quantship.models.squeezenet import build_squeezenet_v1_1
+from quantship.models.ssd import build_ssd_vgg16, build_ssdlite_mobilenet_v2
 
 
 def _keras_app(app_name: str, size: int, **fixed):
@@ -69,7 +79,6 @@ _register_keras_app("mobilenet_v2", "MobileNetV2", 224, "tf", "mobilenet_v2", de
 
 
 def _squeezenet(num_classes: int = 1000, input_shape=None, classifier_activation="softmax"):
-    from quantship.models.squeezenet import build_squeezenet_v1_1
 
     return build_squeezenet_v1_1(num_classes, input_shape or (227, 227, 3), classifier_activation)
 
@@ -87,19 +96,16 @@ register_model(
 
 
 def _efficientnet_lite(variant: str, num_classes: int = 1000, input_shape=None, classifier_activation="softmax"):
-    from quantship.models.efficientnet_lite import build_efficientnet_lite
 
     return build_efficientnet_lite(variant, num_classes, input_shape, classifier_activation)
 
 
 def _lite0_pretrained():
-    from quantship.models.pretrained import efficientnet_lite0_imagenet_weights
 
     return efficientnet_lite0_imagenet_weights()
 
 
 def _lite_pretrained(variant: str):
-    from quantship.models.pretrained import efficientnet_lite_imagenet_weights
 
     return efficientnet_lite_imagenet_weights(variant)
 
@@ -145,13 +151,11 @@ for _variant, _res in (("lite1", 240), ("lite2", 260)):
 
 
 def _mobilenet_v2_tv(num_classes: int = 1000, input_shape=None, classifier_activation="softmax"):
-    from quantship.models.mobilenet_v2_tv import build_mobilenet_v2_tv
 
     return build_mobilenet_v2_tv(num_classes, input_shape, classifier_activation)
 
 
 def _mobilenet_v2_tv_pretrained():
-    from quantship.models.pretrained import mobilenet_v2_tv_imagenet_weights
 
     return mobilenet_v2_tv_imagenet_weights()
 
@@ -182,20 +186,17 @@ register_model(
 
 
 def _ssd(size: int, num_classes: int = 21, input_shape=None, classifier_activation=None):
-    from quantship.models.ssd import build_ssd_vgg16
 
     return build_ssd_vgg16(size, num_classes)
 
 
 def _ssdlite(num_classes: int = 21, input_shape=None, classifier_activation=None):
-    from quantship.models.ssd import build_ssdlite_mobilenet_v2
 
     return build_ssdlite_mobilenet_v2(num_classes)
 
 
 def _anchors(kind: str):
     def make(num_classes: int = 21):
-        from quantship.models import ssd
 
         return (
             ssd.ssd_anchor_config(int(kind), num_classes)

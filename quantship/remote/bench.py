@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.errors import ConfigError, RemoteConnectionLost
-from quantship.evaluate.bench import BenchConfig, latency_batch
+from quantship.evaluate.bench import BenchConfig, bench, latency_batch
 from quantship.evaluate.latency import latency_stats
 from quantship.remote.host import DeviceProcess, DeviceSession, RemoteRunner
 from quantship.runtime.base import RunnerOptions
@@ -163,7 +163,6 @@ def remote_bench(
         The rows, and None; or, when the connection dropped, the rows measured before (marked
         ``incomplete_run: true``) and the error message.
     """
-    from quantship.evaluate.bench import bench
 
     for cfg in configs:
         check_remote_config(cfg)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -60,7 +62,6 @@ NO_INTERPRETER = (126, 127)
 
 def _tag() -> str:
     host = re.sub(r"[^A-Za-z0-9]+", "-", socket.gethostname())[:24].strip("-") or "host"
-    import os
 
     return f"{host}-{os.getpid()}"
 
@@ -339,7 +340,6 @@ class RemoteRunner(Runner):
         )[0]
 
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
-        import time
 
         start = time.perf_counter()
         answer, out = self.process.request("infer", feed, raw=raw)

@@ -7,6 +7,7 @@ analysis all use it.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -173,7 +174,6 @@ def executed_kernels(
 
     A separate profiled session: profiling slows the run it records, so the timed session never has it on.
     """
-    import json
 
     with tempfile.TemporaryDirectory() as tmp:
         session = make_session(model, threads, providers, session_config, profile_prefix=Path(tmp) / "profile")

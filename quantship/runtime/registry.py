@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from quantship.errors import ConfigError
+from quantship.manifest import installed_versions
 from quantship.runtime.base import Runner, RunnerOptions
 
 BUILTIN_RUNTIMES = ("keras", "tflite", "onnxruntime", "tensorrt")  # modules of quantship.runtime
@@ -121,6 +122,5 @@ def tool_distributions() -> tuple[str, ...]:
 
 def tool_versions(names: tuple[str, ...] | None = None) -> dict[str, str]:
     """Installed versions of :func:`tool_distributions` (or of ``names``); absent ones left out."""
-    from quantship.manifest import installed_versions
 
     return installed_versions(names if names is not None else tool_distributions())

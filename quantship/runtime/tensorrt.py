@@ -8,16 +8,21 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from quantship import cuda
+from quantship.cuda import check, cudart
 from quantship.errors import RuntimeBackendError
 from quantship.lazy import is_available
 from quantship.manifest import manifest_path
 from quantship.runtime.base import Runner, RunnerOptions, TensorMeta
 from quantship.runtime.registry import RuntimeInfo, register_runtime
 from quantship.trt_util import check_engine_compatible, engine_environment, import_tensorrt, make_logger
+
+if TYPE_CHECKING:  # the TensorRT stubs type the engine objects (scripts/typecheck.sh); never imported at run time
+    import tensorrt
 
 log = logging.getLogger("quantship.tensorrt")
 
@@ -83,7 +88,6 @@ class TrtRunner(Runner):
         self._io: list[IOTensor] = []
 
     def activate_impl(self) -> None:
-        from quantship import cuda
 
         trt = import_tensorrt()
         if not self.path.is_file():
@@ -93,7 +97,7 @@ class TrtRunner(Runner):
         if self.check_manifest and mpath.is_file():
             check_engine_compatible(json.loads(mpath.read_text()), env, str(self.path))
         self._errors: list[str] = []
-        self._logger = make_logger(trt, self._errors)
+        self._logger = make_logger(self._errors)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
@@ -101,16 +105,21 @@ class TrtRunner(Runner):
                 f"{self.path}: TensorRT {trt.__version__} cannot load this engine "
                 f"({'; '.join(self._errors[-2:]) or 'not an engine, or built elsewhere'})"
             )
-        self._context = self._engine.create_execution_context()
+        context = self._engine.create_execution_context()
+        if context is None:  # TensorRT returns None when it cannot allocate the context (device memory)
+            raise RuntimeBackendError(
+                f"{self.path}: TensorRT could not create an execution context ({'; '.join(self._errors[-2:])})"
+            )
+        self._context: Any = context  # None after deactivate(); _ctx is the checked one
         engine = self._engine
         io = []
         batch_max = 1
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            shape = tuple(engine.get_tensor_shape(name))
+            shape = engine.get_tensor_shape(name)[:]  # Dims -> tuple
             if is_input and any(d < 0 for d in shape):
-                max_shape = tuple(engine.get_tensor_profile_shape(name, 0)[2])
+                max_shape = engine.get_tensor_profile_shape(name, 0)[2][:]
                 batch_max = max(batch_max, max_shape[0])
             else:
                 max_shape = shape
@@ -127,17 +136,23 @@ class TrtRunner(Runner):
         self._events = [cuda.Event() for _ in range(4)]
         self._graphs: dict[tuple, Any] = {}
 
+    @property
+    def _ctx(self) -> "tensorrt.IExecutionContext":
+        """The execution context (infer() runs only on an active runner, which has one)."""
+        if self._context is None:
+            raise RuntimeBackendError(f"{self.name}: activate() the runner before running it")
+        return self._context
+
     def _launch(self, key: tuple) -> None:
-        from quantship.cuda import check, cudart
 
         if not self.cuda_graph:
-            if not self._context.execute_async_v3(int(self._stream.handle)):
+            if not self._ctx.execute_async_v3(int(self._stream.handle)):
                 raise RuntimeBackendError(f"{self.name}: TensorRT execution failed ({'; '.join(self._errors[-2:])})")
             return
         rt = cudart()
         if key not in self._graphs:
             # One plain run first: TensorRT allocates lazily on the first enqueue, which a capture must not see.
-            self._context.execute_async_v3(int(self._stream.handle))
+            self._ctx.execute_async_v3(int(self._stream.handle))
             self._stream.synchronize()
             check(
                 rt.cudaStreamBeginCapture(
@@ -145,13 +160,12 @@ class TrtRunner(Runner):
                 ),
                 "cudaStreamBeginCapture",
             )
-            self._context.execute_async_v3(int(self._stream.handle))
+            self._ctx.execute_async_v3(int(self._stream.handle))
             graph = check(rt.cudaStreamEndCapture(self._stream.handle), "cudaStreamEndCapture")
             self._graphs[key] = (graph, check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate"))
         check(rt.cudaGraphLaunch(self._graphs[key][1], self._stream.handle), "cudaGraphLaunch")
 
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
-        from quantship.cuda import check, cudart
 
         rt = cudart()
         h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -166,7 +180,7 @@ class TrtRunner(Runner):
                     f"{self.name}: input '{t.name}' of shape {x.shape} exceeds the engine's profile (largest "
                     f"{t.max_shape})"
                 )
-            if any(d < 0 for d in t.shape) and not self._context.set_input_shape(t.name, x.shape):
+            if any(d < 0 for d in t.shape) and not self._ctx.set_input_shape(t.name, x.shape):
                 raise RuntimeBackendError(
                     f"{self.name}: shape {x.shape} is outside the engine's profile for '{t.name}' (largest "
                     f"{t.max_shape})"
@@ -181,7 +195,7 @@ class TrtRunner(Runner):
         for t in self._io:
             if t.is_input:
                 b = self._buffers[t.name]
-                n = int(np.prod(self._context.get_tensor_shape(t.name))) * t.dtype.itemsize
+                n = int(np.prod(self._ctx.get_tensor_shape(t.name)[:])) * t.dtype.itemsize
                 check(
                     rt.cudaMemcpyAsync(b.device, b.host.ctypes.data, n, h2d, self._stream.handle), "cudaMemcpyAsync H2D"
                 )
@@ -192,7 +206,7 @@ class TrtRunner(Runner):
         for t in self._io:
             if not t.is_input:
                 b = self._buffers[t.name]
-                shape = tuple(self._context.get_tensor_shape(t.name))
+                shape = self._ctx.get_tensor_shape(t.name)[:]
                 shapes[t.name] = shape
                 n = int(np.prod(shape)) * t.dtype.itemsize
                 check(

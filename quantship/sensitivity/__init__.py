@@ -24,7 +24,7 @@ from quantship.sensitivity.scoring import (
     score,
     sqnr_db,
 )
-from quantship.sensitivity.setup import SensitivitySetup, prepare
+from quantship.sensitivity.setup import SensitivitySetup, SensitivitySpec, prepare
 from quantship.sensitivity.weights import (
     WEIGHT_KINDS,
     fixed_point_int8,
@@ -40,6 +40,7 @@ __all__ = [
     "HeldOut",
     "QdqBackend",
     "SensitivitySetup",
+    "SensitivitySpec",
     "TfliteBackend",
     "apply_fallback",
     "combined_ranking",

@@ -44,6 +44,7 @@ class Analyses:
     gate: Gate | None = None
     ptq: PtqSteps = field(default_factory=PtqSteps)  # shown in the weight study
     fast: bool = True  # TFLite: calibrate once, then only quantize each variant (False: convert each from scratch)
+    ops: bool = True  # the fallback may also keep softmax, residual adds, pooling and the output op in float
 
     def __post_init__(self) -> None:
         self.method = CalibrationMethod.parse(self.method)
@@ -91,19 +92,39 @@ def run_analyses(
         )
     result = None
     if a.gate is not None and per_backend:
+        verify = setup.held.subset(idx[1::2])
+        backends = [chosen[n]() for n in a.backends]
+        wrapped = None
+        if a.ops:
+            from quantship.sensitivity.units import prune_fallback, unit_backends, unit_sensitivity
+
+            wrapped = unit_backends(setup, {n: chosen[n]() for n in a.backends})
+            for name, w in wrapped.items():
+                print_fn(f"{name}: {len(w.units)} op units (softmax, adds, pooling, output), one at a time")
+                unit_rows = unit_sensitivity(w, rank_set)
+                per_backend[name] = per_backend[name] + unit_rows
+                rows += unit_rows
+            backends = list(wrapped.values())
         ranking = combined_ranking(per_backend)
-        result = find_fallback([chosen[n]() for n in a.backends], ranking, setup.held.subset(idx[1::2]), a.gate)
+        result = find_fallback(backends, ranking, verify, a.gate)
+        if result.passed and wrapped is not None and result.float_layers:
+            pruned, steps = prune_fallback(backends, result.float_layers, verify, a.gate)
+            result = FallbackResult(pruned, True, result.steps + steps)
         rows += result.steps
         verdict = "passes" if result.passed else "still FAILS"
         if not result.passed and len(result.float_layers) == len(ranking):
             verdict += (
-                " with every layer that has weights in float: what is left in int8 lies outside them (residual "
-                "adds, pooling, TFLite's softmax), so no layer set meets this gate"
+                " with every layer that has weights and every op unit in float: the gate cannot be met by a float "
+                "fallback here"
+                if wrapped is not None
+                else " with every layer that has weights in float: what is left in int8 lies outside them "
+                "(residual adds, pooling, TFLite's softmax), so no layer set meets this gate; without --no-ops "
+                "the fallback may keep those in float too"
             )
         print_fn(
-            f"fallback for gate '{a.gate.describe()}': float layers {result.float_layers or 'none needed'}; "
+            f"fallback for gate '{a.gate.describe()}': float set {result.float_layers or 'none needed'}; "
             f"{verdict} on held-out images"
         )
         if result.float_layers:
-            rows += apply_fallback(setup, result.float_layers, a.method, threads=threads or 2)
+            rows += apply_fallback(setup, result.float_layers, a.method, threads=threads or 2, units=a.ops)
     return rows, result

@@ -7,8 +7,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from quantship.config import IODType, Precision
+from quantship.convert.layer_names import WEIGHTED_KERAS
+from quantship.convert.qdq import insert_qdq
+from quantship.convert.tflite import TfliteSpec
 from quantship.evaluate.loop import runner_outputs
+from quantship.fileio import temp_dir
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
 from quantship.runtime.registry import make_runner
 
 # ------------------------------------------------------------------------------------------ backends
@@ -33,8 +39,6 @@ class QdqBackend:
         self.layers = list(dict.fromkeys(node_layers[n] for n in order))  # Keras names in graph order
 
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
-        from quantship.convert.qdq import insert_qdq
-        from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
 
         model, _ = insert_qdq(self.model, self.amax, exclude=float_layers, node_layers=self.node_layers, include=only)
         with OnnxRunner(
@@ -49,8 +53,6 @@ class QdqBackend:
         layer; cumulatively, the part before layer k+1 is the same for every later row (layers 0..k quantized),
         so the float rest after it runs on the state the all-layers model reached there."""
         import onnx
-
-        from quantship.convert.qdq import insert_qdq
 
         layers = list(layers)
         graph = _Cuts(onnx.shape_inference.infer_shapes(self.model), self.node_layers)
@@ -158,7 +160,6 @@ class TfliteBackend:
     def __init__(
         self, converter: Any, calibration: Callable[[], Iterable], threads: int | None = None, fast: bool = True
     ):
-        from quantship.convert.onnx import WEIGHTED_KERAS
 
         self.converter, self.calibration, self.threads, self.fast = converter, calibration, threads, fast
         self.layers = [layer.name for layer in converter.model.layers if type(layer).__name__ in WEIGHTED_KERAS]
@@ -166,8 +167,6 @@ class TfliteBackend:
 
     def model_bytes(self, floats: set[str], nodes: Iterable[str] = ()) -> bytes:
         """The int8 model with the ``floats`` layers' ops and the ``nodes`` ops kept in float."""
-        from quantship.config import IODType, Precision
-        from quantship.convert.tflite import TfliteSpec
 
         if not self.fast:
             spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)), float_nodes=tuple(nodes))
@@ -181,7 +180,6 @@ class TfliteBackend:
         """Outputs with ``float_layers`` in float (the rest int8), or with only the ops of the ``only`` layers
         int8 (every other op float: pooling and a softmax too, which TFLite would otherwise quantize in every
         configuration and, on low-confidence images, cost more agreement than any one layer)."""
-        from quantship.fileio import temp_dir
 
         floats = set(float_layers)
         nodes = self.converter.nodes_outside(only) if only is not None else []

@@ -7,8 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from quantship.config import CalibrationMethod, Gate
+from quantship.convert.artifact import write_artifact
+from quantship.convert.qdq import insert_qdq
+from quantship.evaluate.latency import measure_latency
 from quantship.evaluate.loop import runner_outputs
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 from quantship.runtime.registry import make_runner
 from quantship.sensitivity.scoring import HeldOut, gate_passes, harm_key, score
 from quantship.sensitivity.setup import SensitivitySetup
@@ -59,13 +63,13 @@ def apply_fallback(
     float_layers: Sequence[str],
     method: CalibrationMethod | str = CalibrationMethod.MAX,
     threads: int = 2,
+    units: bool = True,
 ) -> list[dict[str, Any]]:
     """Write the TFLite and Q/DQ int8 models with ``float_layers`` in float next to the plain int8 ones, and
-    report what the fallback costs (file size, batch-1 latency) and gains (held-out metrics)."""
-    from quantship.convert.artifact import write_artifact
-    from quantship.convert.qdq import insert_qdq
-    from quantship.evaluate.latency import measure_latency
-    from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
+    report what the fallback costs (file size, batch-1 latency) and gains (held-out metrics).
+
+    ``float_layers`` may hold op unit keys (:mod:`quantship.sensitivity.units`) besides Keras layer names when
+    ``units`` is set; a backend ignores the keys it has no op for."""
 
     method = CalibrationMethod.parse(method)
     art_dir = setup.work / "artifacts"
@@ -77,18 +81,26 @@ def apply_fallback(
     rows = []
     tfl = setup.tflite()
     qdq = setup.qdq(method)
+    if units:
+        from quantship.sensitivity.units import unit_backends
+
+        wrapped = unit_backends(setup, {"tflite": tfl, "qdq": qdq})
     for label, floats in (("int8", ()), ("int8+fallback", tuple(float_layers))):
         path = art_dir / f"{name}-tflite-{label.replace('+', '-')}.tflite"
         write_artifact(
             path,
-            tfl.model_bytes(set(floats)),
+            wrapped["tflite"].artifact(floats) if units else tfl.model_bytes(set(floats)),
             {**base_manifest, "format": "tflite", "precision": label, "float_layers": list(floats)},
         )
-        model, _ = insert_qdq(qdq.model, qdq.amax, exclude=floats, node_layers=qdq.node_layers)
+        if units:
+            qdq_bytes = wrapped["qdq"].artifact(floats)
+        else:
+            qdq_bytes = insert_qdq(qdq.model, qdq.amax, exclude=floats, node_layers=qdq.node_layers)[0]
+            qdq_bytes = qdq_bytes.SerializeToString()
         opath = art_dir / f"{name}-qdq-{method.value}-{label.replace('+', '-')}.onnx"
         write_artifact(
             opath,
-            model.SerializeToString(),
+            qdq_bytes,
             {
                 **base_manifest,
                 "format": "onnx",

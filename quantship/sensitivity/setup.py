@@ -9,10 +9,24 @@ from typing import Any, Callable
 
 import numpy as np
 
-from quantship.config import CalibrationMethod
+from quantship.calibrate.api import calibrate
+from quantship.config import CalibrationMethod, CalibrationSpec
+from quantship.convert.calibrated import collect_statistics
+from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
+from quantship.convert.tflite import TfliteConverter
+from quantship.data.datasets import iter_batches, split_calibration
+from quantship.evaluate.tasks import make_task
+from quantship.models.loading import resolve_preprocess
 from quantship.sensitivity.backends import QdqBackend, TfliteBackend
 from quantship.sensitivity.scoring import HeldOut
 from quantship.sensitivity.weights import predict
+from quantship.targets.run import (
+    calibration_data,
+    calibration_source,
+    load_evaluation_data,
+    load_for,
+    split_run_data,
+)
 
 
 @dataclass
@@ -32,9 +46,6 @@ class SensitivitySetup:
         """The Q/DQ backend (one per method; one statistics pass for all)."""
         import onnx
 
-        from quantship.calibrate.api import calibrate
-        from quantship.convert.calibrated import collect_statistics
-
         method = CalibrationMethod.parse(method)
         key = ("qdq", method)
         if key not in self._backends:
@@ -47,7 +58,6 @@ class SensitivitySetup:
 
     def tflite(self, fast: bool = True) -> TfliteBackend:
         """The TFLite backend (it calibrates once, on first use)."""
-        from quantship.convert.tflite import TfliteConverter
 
         if not hasattr(self, "_converter"):
             self._converter = TfliteConverter(self.loaded.model, self.work / "convert.log", work_dir=self.work)
@@ -61,49 +71,41 @@ class SensitivitySetup:
             self._converter.close()
 
 
-def prepare(
-    model: str,
-    weights: str | None,
-    data: str,
-    labels: str | None,
-    images: int,
-    calib_images: int,
-    work: Any,
-    preprocess_overrides: dict | None = None,
-    seed: int = 0,
-    threads: int | None = None,
-    workers: int = 4,
-    anchors: str | None = None,
-    allow_missing_images: bool = False,
-    trust_savedmodel: bool = False,
-    calib_data: str | None = None,
-    calib_list: str | None = None,
-) -> SensitivitySetup:
-    """Load the model, split the data (calibration / held-out), compute fp32 outputs, export ONNX.
+@dataclass
+class SensitivitySpec:
+    """The model and data of a sensitivity study (``quantship sensitivity``, ``convert --auto-fallback``).
 
-    Calibration images come from ``calib_data`` when given (then the held-out images are the first ``images``
-    of ``data``), restricted to the files ``calib_list`` names when given; otherwise they are drawn from
-    ``data``, disjoint from the held-out images."""
+    Attributes:
+        images: Held-out images the analyses score on.
+        calibration: Count and seed of the calibration images; ``data`` (a separate calibration dataset, then the
+            held-out images are the first ``images`` of ``data``) and ``list`` (only the files it names) when
+            given; otherwise they are drawn from ``data``, disjoint from the held-out images.
+    """
+
+    model: str
+    data: str
+    weights: str | None = None
+    labels: str | None = None
+    images: int = 200
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    preprocess_overrides: dict | None = None
+    workers: int = 4
+    anchors: str | None = None
+    allow_missing_images: bool = False
+    trust_savedmodel: bool = False
+
+
+def prepare(spec: SensitivitySpec, work: Any, threads: int | None = None) -> SensitivitySetup:
+    """Load the model, split the data (calibration / held-out: :class:`SensitivitySpec`), compute fp32 outputs,
+    export ONNX."""
 
     import onnx
 
-    from quantship.config import CalibrationSpec
-    from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
-    from quantship.data.datasets import iter_batches, split_calibration
-    from quantship.evaluate.tasks import make_task
-    from quantship.models.loading import resolve_preprocess
-    from quantship.targets.run import (
-        calibration_data,
-        calibration_source,
-        load_evaluation_data,
-        load_for,
-        split_run_data,
-    )
-
     work = Path(work)
-    preprocess = resolve_preprocess(model, weights, preprocess_overrides)
-    dataset = load_evaluation_data(data, labels, allow_missing_images)
-    calibration = CalibrationSpec(num_images=calib_images, seed=seed, data=calib_data, list=calib_list)
+    preprocess = resolve_preprocess(spec.model, spec.weights, spec.preprocess_overrides)
+    dataset = load_evaluation_data(spec.data, spec.labels, spec.allow_missing_images)
+    calibration, images, workers = spec.calibration, spec.images, spec.workers
+    calib_images, seed = calibration.num_images, calibration.seed
     source = calibration_source(calibration, dataset)
     if source.pool is None:
         calib, held_set = split_calibration(
@@ -111,8 +113,8 @@ def prepare(
         )
     else:
         calib, held_set = split_run_data(dataset, calibration, source, images, needed=True)
-    loaded = load_for(model, weights, preprocess, dataset, trust_savedmodel=trust_savedmodel)
-    task = make_task(dataset, loaded, anchors)
+    loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
+    task = make_task(dataset, loaded, spec.anchors)
     xs, ys, keys = [], [], []
     for b in iter_batches(held_set, loaded.preprocess.with_overrides(crops="center"), 32, workers):
         xs.append(b.inputs[:, 0])

@@ -3,11 +3,14 @@ float32 mantissa truncation; per layer, all layers at once, or a mixed recipe.""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from quantship.config import PtqSteps
+from quantship.convert.layer_names import WEIGHTED_KERAS
+from quantship.convert.ptq import apply_bias_correction, bias_correction, biased_layers, input_means, prepare_model
 from quantship.data.classes import class_name
 from quantship.errors import ConfigError
 from quantship.sensitivity.scoring import HeldOut, in_batches, score
@@ -61,7 +64,6 @@ def weight_variant(w: np.ndarray, kind: str, depthwise: bool = False) -> np.ndar
 
 def _kernels(model: Any) -> dict[str, int]:
     """Layer name -> index of its kernel among the layer's weights (convolutions and dense layers)."""
-    from quantship.convert.onnx import WEIGHTED_KERAS
 
     return {layer.name: 0 for layer in model.layers if type(layer).__name__ in WEIGHTED_KERAS}
 
@@ -151,9 +153,6 @@ def _weight_study_with_steps(
     ptq: PtqSteps,
     calib_batches: Callable[[], Iterable[np.ndarray]] | None,
 ) -> list[dict[str, Any]]:
-    import dataclasses
-
-    from quantship.convert.ptq import apply_bias_correction, bias_correction, biased_layers, input_means, prepare_model
 
     prepared, report = prepare_model(model, dataclasses.replace(ptq, bias_correct=False), calib_batches)
     means = None

@@ -8,8 +8,23 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
-from quantship.config import CalibrationSpec, Gate, PtqSteps, RemoteOptions, TrtInt8Mode, TrtOptions
+from quantship.config import (
+    AdaRoundOptions,
+    CalibrationSpec,
+    Gate,
+    PreprocessSpec,
+    PtqSteps,
+    RemoteOptions,
+    TrtInt8Mode,
+    TrtOptions,
+    check_ort_provider_names,
+    parse_preprocess_overrides,
+)
+from quantship.data.datasets import dataset_task, labelled_kind
 from quantship.errors import ConfigError
+from quantship.fileio import read_text
+from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
+from quantship.targets import get_target, parse_targets
 
 
 class ExecutorKind(str, Enum):
@@ -88,8 +103,6 @@ class SignoffPlan:
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "SignoffPlan":
         """Read and check a YAML plan; ``overrides`` (command-line flags) replace its keys."""
         import yaml
-
-        from quantship.fileio import read_text
 
         path = Path(path)
         if not path.is_file():
@@ -173,8 +186,6 @@ class _PlanReader:
         return items
 
     def read(self, d: dict[str, Any]) -> SignoffPlan:
-        from quantship.data.datasets import dataset_task, labelled_kind
-        from quantship.targets import get_target, parse_targets
 
         d = dict(d)
         self.known(d, "", {f.name for f in fields(SignoffPlan)} | {"dataset"})
@@ -279,7 +290,6 @@ class _PlanReader:
         return options_
 
     def providers(self, value: Any) -> tuple[str, ...]:
-        from quantship.config import check_ort_provider_names
 
         try:
             return check_ort_provider_names(value, "ort_providers")
@@ -287,16 +297,38 @@ class _PlanReader:
             raise ConfigError(f"{self.source}: {exc}") from None
 
     def post_training(self, value: Any) -> PtqSteps:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return PtqSteps(auto=True)
         if not isinstance(value, dict):
-            raise self.error("post_training", f"expected a mapping (equalize, bias_correct, relu6), got {value!r}")
-        self.known(value, "post_training", {f.name for f in fields(PtqSteps)})
+            raise self.error(
+                "post_training", f"expected auto or a mapping (equalize, bias_correct, relu6, adaround), got {value!r}"
+            )
+        self.known(value, "post_training", {"equalize", "bias_correct", "relu6", "adaround"})
         with self.section("post_training"):
             flags = {k: self.flag(value, k) for k in ("equalize", "bias_correct")}
             relu6 = self.text(value, "relu6", "keep", optional=False)
+            adaround = self.adaround(value.get("adaround", False))
             try:
-                return PtqSteps(**flags, relu6=relu6)
+                return PtqSteps(**flags, relu6=relu6, adaround=adaround)
             except ConfigError as exc:
                 raise self.error("relu6", str(exc)) from None
+
+    def adaround(self, value: Any) -> AdaRoundOptions | None:
+        """``adaround: true`` (the default budget), false, or a mapping ``{iterations, images, positions}``."""
+        if isinstance(value, bool):
+            return AdaRoundOptions() if value else None
+        if not isinstance(value, dict):
+            raise self.error(
+                "adaround", f"expected true, false or a mapping (iterations, images, positions), got {value!r}"
+            )
+        self.known(value, "adaround", {f.name for f in fields(AdaRoundOptions)})
+        with self.section("adaround"):
+            defaults = AdaRoundOptions()
+            budget = {f.name: self.integer(value, f.name, getattr(defaults, f.name)) for f in fields(AdaRoundOptions)}
+            try:
+                return AdaRoundOptions(**budget)
+            except ConfigError as exc:
+                raise self.error(next(iter(value), "iterations"), str(exc)) from None
 
     def bench(self, value: Any, targets: list[str]) -> BenchSection:
         """``bench: true|false`` or a mapping of :class:`BenchSection`'s fields."""
@@ -333,7 +365,6 @@ class _PlanReader:
             raise self.error("executor", f"expected one of {known}, got {value!r}") from None
 
     def models(self, value: Any, trust_savedmodel: bool) -> tuple[PlanModel, ...]:
-        from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
 
         if not isinstance(value, list):
             raise self.error("models", f"expected a list of models (names or mappings), got {value!r}")
@@ -370,7 +401,6 @@ class _PlanReader:
         return tuple(out)
 
     def preprocess(self, value: Any, key: str) -> dict[str, Any]:
-        from quantship.config import PreprocessSpec, parse_preprocess_overrides
 
         if value is None:
             return {}

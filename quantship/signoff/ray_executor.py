@@ -32,13 +32,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from quantship.config import InputCacheOptions
+from quantship.data import cache
+from quantship.data.cache import current_options
 from quantship.errors import ExecutorError
+from quantship.evaluate.environment import cpu_flags, cpu_model
+from quantship.evaluate.tasks import make_task
 from quantship.fileio import write_json_atomic, write_text_atomic
 from quantship.manifest import Artifact
 from quantship.models.loading import is_model_file, model_name
 from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
-from quantship.runtime.registry import get_runtime
+from quantship.runtime.registry import get_runtime, tool_versions
 from quantship.signoff.cluster import RayCluster, strip_ansi
 from quantship.signoff.plan import PlanModel, SignoffPlan
 from quantship.signoff.units import (
@@ -56,7 +60,8 @@ from quantship.signoff.units import (
     unit_state,
 )
 from quantship.targets import BuildContext, Target, get_target, parse_targets
-from quantship.targets.run import TARGET_ERRORS, remove_artifact
+from quantship.targets.post_training import build_searched
+from quantship.targets.run import TARGET_ERRORS, load_for, remove_artifact
 
 DEFAULT_MAX_RETRIES = 2  # a worker that dies (out of memory, node lost) is replaced this many times per task
 PROBE_TIMEOUT_S = 300.0  # nodes answer the start-up check within this (a fresh worker imports Python first)
@@ -79,7 +84,6 @@ class _Run:
 
 
 def _enter(run: _Run) -> None:
-    from quantship.data import cache
 
     if os.getcwd() != run.cwd and os.path.isdir(run.cwd):
         os.chdir(run.cwd)
@@ -101,8 +105,6 @@ def _claim_attempt(folder: Path, key: str) -> int:
 
 def _where(attempt: int) -> dict[str, Any]:
     import ray
-
-    from quantship.evaluate.environment import cpu_flags, cpu_model
 
     ctx = ray.get_runtime_context()
     return {
@@ -153,8 +155,6 @@ class _WorkerState:
             self.models.popitem(last=False)
 
     def model(self, run: _Run, entry: PlanModel, preprocess: Any, dataset: Any) -> tuple[Any, Any]:
-        from quantship.evaluate.tasks import make_task
-        from quantship.targets.run import load_for
 
         key = _model_key(entry, preprocess)
         if key not in self.models:
@@ -217,7 +217,7 @@ def build_model(
         for t in targets:
             if t.name in target_names:
                 try:
-                    out[t.name] = {"artifact": t.build(ctx, t.spec)}
+                    out[t.name] = {"artifact": build_searched(ctx, t)}
                 except TARGET_ERRORS as exc:
                     out[t.name] = {"error": str(exc)}
     finally:
@@ -273,7 +273,6 @@ def evaluate_chunk_task(
 
 def probe_node(cwd: str, probe: str, token: str, paths: dict[str, str], versions: dict[str, str]) -> list[str]:
     """Ray task, once per node at start: what this node lacks to take part (nothing: an empty list)."""
-    from quantship.runtime.registry import tool_versions
 
     if os.path.isdir(cwd):
         os.chdir(cwd)
@@ -383,10 +382,8 @@ class _RayRun:
         self.out_abs = job.out_dir.resolve()
         attempts = self.out_abs / ATTEMPTS_DIR
         shutil.rmtree(attempts, ignore_errors=True)  # markers of an interrupted run (the lock is ours)
-        from quantship.data.cache import current_options
 
         self.run = _Run(job.plan, self.out_abs, os.getcwd(), attempts / secrets.token_hex(6), current_options())
-        from quantship.evaluate.tasks import make_task
 
         self.task = make_task(job.dataset)  # evaluates stored arrays (as the verdicts do)
         self.builds: dict[Any, tuple[ModelWork, list[_Unit]]] = {}
@@ -426,8 +423,6 @@ class _RayRun:
         """Every node sees the output folder (a file the driver just wrote), the data and the model files, and
         has the driver's versions of the libraries the numbers depend on."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from quantship.runtime.registry import tool_versions
 
         token = secrets.token_hex(16)
         probe = self.out_abs / f".ray-probe-{token[:12]}"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from quantship.errors import QuantshipError
+from quantship.evaluate.bench import latency_pass
 from quantship.evaluate.environment import environment
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import FolderLock, append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
@@ -35,8 +36,8 @@ from quantship.signoff.units import (
     LocalExecutor,
     ModelWork,
     SignoffJob,
-    _stored_intact,
     plan_data,
+    stored_intact,
     unit_inputs,
     unit_key,
     verdicts,
@@ -63,7 +64,6 @@ def bench_pass(
     ``bench.jsonl`` (measured again by every run: a latency is not a stored result). In-memory targets (Keras)
     and files this machine cannot see keep the evaluation's ms per image. Off with ``bench: false``.
     ``make_worker`` times each file elsewhere (a plan's ``remote:`` device: the executor's ``make_bench_worker``)."""
-    from quantship.evaluate.bench import latency_pass
 
     path = out_dir / "bench.jsonl"
     if not plan.bench.enabled:
@@ -131,7 +131,7 @@ def signoff(
             inputs = unit_inputs(plan, entry, preprocesses[entry.name], evalset, calib)
             keys = {t.name: unit_key(plan, entry, t.name, inputs) for t in targets}
             current += keys.values()
-            todo = [t for t in targets if not _stored_intact(stored.get(keys[t.name]), plan, evalset)]
+            todo = [t for t in targets if not stored_intact(stored.get(keys[t.name]), plan, evalset)]
             if todo:
                 work.append(ModelWork(entry, preprocesses[entry.name], keys, todo))
         for row in executor.run(SignoffJob(plan, targets, dataset, split, out_dir), work):

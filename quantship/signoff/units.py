@@ -36,9 +36,10 @@ from quantship.manifest import Artifact
 from quantship.models.loading import is_model_file, weights_file
 from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
-from quantship.runtime.registry import tool_versions
+from quantship.runtime.registry import get_runtime, tool_versions
 from quantship.signoff.plan import PlanModel, SignoffPlan
-from quantship.targets import BuildContext, Target, needs_calibration
+from quantship.targets import BuildContext, Target, get_target, needs_calibration
+from quantship.targets.post_training import build_searched
 from quantship.targets.run import (
     TARGET_ERRORS,
     RunData,
@@ -99,8 +100,6 @@ def unit_key(plan: SignoffPlan, entry: PlanModel, target: str, inputs: dict[str,
 def _remote_identity(plan: SignoffPlan, target: str) -> dict[str, Any]:
     """A target run on a device (``remote:``) is another unit than the same target run here; an in-memory target
     (the Keras reference) runs here either way, and a plan without ``remote`` keeps its keys."""
-    from quantship.runtime.registry import get_runtime
-    from quantship.targets import get_target
 
     if plan.remote is None or not get_runtime(get_target(target).spec.backend).suffixes:
         return {}
@@ -243,7 +242,7 @@ def _evaluate_unit(
             evaluate_chunk(plan, runner, target, ctx.loaded.preprocess, evalset, task, state, start, end, 0 if k else 1)
 
 
-def _stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: ImageDataset) -> bool:
+def stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: ImageDataset) -> bool:
     """A unit is done when its row ran and every chunk it rests on is still on disk and readable (a damaged
     chunk is discarded here, so the unit recomputes that chunk alone)."""
     if not row or row.get("status") != "ok":
@@ -494,7 +493,7 @@ def _run_unit(
     timings = timings if timings is not None else {"build_s": 0.0, "evaluate_s": 0.0}
     try:
         t0 = time.perf_counter()
-        art = t.build(ctx, t.spec)
+        art = build_searched(ctx, t)
         t1 = time.perf_counter()
         _evaluate_unit(plan, ctx, t, art, evalset, task, state, make_runner)
         timings["build_s"] += t1 - t0

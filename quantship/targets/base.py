@@ -13,7 +13,9 @@ import numpy as np
 
 from quantship.config import CalibrationMethod, Precision, PtqSteps, TargetSpec, TrtInt8Mode, TrtOptions
 from quantship.convert.layer_names import KerasLayers
+from quantship.convert.ptq import prepare_model
 from quantship.errors import ConfigError
+from quantship.lazy import lazy_import
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel
 from quantship.runtime.base import Runner, RunnerOptions
@@ -55,8 +57,10 @@ class BuildContext:
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def uses_ptq(self, spec: TargetSpec) -> bool:
-        """Whether ``spec`` is built from the model with the post-training steps (targets with int8 weights)."""
-        return self.ptq.active and spec.precision in QUANTIZED_WEIGHTS
+        """Whether ``spec`` is built from the model with the post-training steps (targets with int8 weights).
+        With ``auto`` this context applies none: the search (:mod:`quantship.targets.post_training`) builds each
+        candidate in a context of its own."""
+        return self.ptq.active and not self.ptq.auto and spec.precision in QUANTIZED_WEIGHTS
 
     def keras_model(self, spec: TargetSpec) -> Any:
         """The Keras model ``spec`` converts: with the post-training steps applied (once per run) for targets with
@@ -65,12 +69,32 @@ class BuildContext:
             return self.loaded.model
         return self._prepared()[0]
 
+    def adaround_store(self) -> Any:
+        """Where AdaRound's integers for this run's build key are kept: the model's weights, preprocessing,
+        calibration images, the steps before it and its budget, the TensorFlow version."""
+        from quantship.convert.adaround import CACHE_FORMAT, AdaRoundStore
+        from quantship.fileio import sha256_json
+
+        tf = lazy_import("tensorflow")
+        key = sha256_json(
+            {
+                "weights": self.loaded.weights_hash,
+                "model": self.loaded.name,
+                "preprocess": self.loaded.preprocess.hash(),
+                "calibration": self.calibration.info if self.calibration else None,
+                "steps": self.ptq.describe(),
+                "tensorflow": tf.__version__,
+                "format": CACHE_FORMAT,
+            }
+        )[:16]
+        return AdaRoundStore(self.out_dir / "artifacts" / f"{self.loaded.name}-adaround-{key}.npz")
+
     def _prepared(self) -> tuple[Any, Any]:
         def build() -> tuple[Any, Any]:
-            from quantship.convert.ptq import prepare_model
 
             batches = self.calibration.batches if self.calibration else None
-            return prepare_model(self.loaded.model, self.ptq, batches)
+            store = self.adaround_store() if self.ptq.adaround is not None else None
+            return prepare_model(self.loaded.model, self.ptq, batches, store)
 
         return self.shared("ptq-model", build)
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from quantship.calibrate.api import calibrate
 from quantship.config import CalibrationMethod, TargetSpec
-from quantship.manifest import Artifact
+from quantship.convert.calibrated import collect_statistics
+from quantship.convert.onnx import convert_to_onnx, onnx_layer_outputs
+from quantship.fileio import sha256_json
+from quantship.manifest import Artifact, load_reusable
 from quantship.targets.base import BuildContext, get_target
 
 
 def onnx_export(ctx: BuildContext, target: TargetSpec | None = None) -> Artifact:
     """The float ONNX export of the Keras model ``target`` converts (the plain model for onnx-fp32)."""
-    from quantship.convert.onnx import convert_to_onnx
 
     spec = get_target("onnx-fp32").spec
     source = target or spec
@@ -36,8 +39,6 @@ def layer_outputs(ctx: BuildContext, spec: TargetSpec) -> dict[str, str]:
     def build() -> dict[str, str]:
         import onnx
 
-        from quantship.convert.onnx import onnx_layer_outputs
-
         return onnx_layer_outputs(onnx.load(str(onnx_export(ctx, spec).path)), ctx.keras_model(spec))
 
     return ctx.shared(f"onnx-layer-outputs{ctx.variant(spec)}", build)
@@ -52,8 +53,6 @@ def calibration_percentile(ctx: BuildContext, spec: TargetSpec) -> float | None:
 def run_calibration(ctx: BuildContext, spec: TargetSpec) -> Any:
     """The run's calibration with ``spec``'s method. One statistics pass (on the ONNX export, observing the Q/DQ
     inputs and every Keras layer's output) serves every method and every backend of the run."""
-    from quantship.calibrate.api import calibrate
-    from quantship.convert.calibrated import collect_statistics
 
     batches = ctx.calibration_batches(spec.name)
     fp32 = onnx_export(ctx, spec)
@@ -79,8 +78,6 @@ def calibrated_build(
 ) -> Artifact:
     """An artifact written by ``write(calibration, fp32_path, path, manifest)`` from the run's calibration with
     ``spec``'s method; reused when its manifest (source export, method, percentile and ``fields``) matches."""
-    from quantship.fileio import sha256_json
-    from quantship.manifest import load_reusable
 
     fp32 = onnx_export(ctx, spec)
     path = ctx.artifact_path(spec, suffix)

@@ -8,6 +8,7 @@ import numpy as np
 
 from quantship.config import Precision, TargetSpec
 from quantship.convert.layer_names import KerasLayers
+from quantship.runtime.keras import layer_outputs
 from quantship.targets.base import BuildContext, Capture, LayerProbe, register_layer_probe, register_target
 
 
@@ -25,7 +26,6 @@ class KerasProbe(LayerProbe):
     """Keras: one multi-output model over every layer."""
 
     def __init__(self, name: str, model: Any, layers: KerasLayers):
-        from quantship.runtime.keras import layer_outputs
 
         single = [n for n in layers.order if not isinstance(model.get_layer(n).output, (list, tuple, dict))]
         self.name, self.notes, self.tensors = name, [], {n: n for n in single}

@@ -13,9 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.config import CalibrationMethod, Precision, TargetSpec
+from quantship.convert.calibrated import write_outputs
 from quantship.convert.layer_names import KerasLayers, onnx_tensor_layers
 from quantship.manifest import Artifact
-from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
+from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner, fused_int8_ops, optimized_graph, tap_tensors
 from quantship.targets.base import (
     BuildContext,
     Capture,
@@ -35,7 +36,6 @@ def _onnx_fp32_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
 
 def qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.calibrated import write_outputs
 
     fields = {
         "runtime_session_config": dict(get_target(spec.name).session_config),
@@ -89,8 +89,6 @@ class OnnxProbe(LayerProbe):
         providers: Sequence[str],
     ):
         import onnx
-
-        from quantship.runtime.onnxruntime import OnnxRunner, fused_int8_ops, optimized_graph, tap_tensors
 
         self.name, self.session_config, self.notes = name, session_config, []
         model = onnx.load(str(path))

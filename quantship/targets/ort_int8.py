@@ -4,17 +4,17 @@
 from __future__ import annotations
 
 from quantship.config import CalibrationMethod, Precision, TargetSpec
+from quantship.convert.calibrated import write_ort_model
 from quantship.manifest import Artifact
 from quantship.targets.base import BuildContext, register_target
 from quantship.targets.calibrated import calibrated_build
 
 
 def _ort_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.calibrated import write_ort_model
 
     # ORT's default session options (what a user's own application opens the file with); the same statistics pass
     # as the Q/DQ targets (it observes the tensors of both layouts).
-    return calibrated_build(ctx, spec, ".onnx", {"runtime_session_config": {}, "layout_version": 1}, write_ort_model)
+    return calibrated_build(ctx, spec, ".onnx", {"runtime_session_config": {}, "layout_version": 2}, write_ort_model)
 
 
 for _method in CalibrationMethod:

@@ -38,8 +38,10 @@ from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
 from quantship.progress import note, track
 from quantship.runtime.base import Runner, RunnerOptions
+from quantship.runtime.onnxruntime import unavailable_providers
 from quantship.runtime.registry import get_runtime
 from quantship.targets.base import BuildContext, CalibrationData, Target, needs_calibration
+from quantship.targets.post_training import build_searched
 
 log = logging.getLogger("quantship")
 REFERENCE_TARGET = "keras-fp32"
@@ -89,7 +91,6 @@ def check_providers_for(targets: Sequence[Target], providers: Sequence[str], whe
     """
     if not any(t.spec.backend == "onnx" for t in targets):  # the ONNX Runtime runtime
         return
-    from quantship.runtime.onnxruntime import unavailable_providers
 
     missing, available = unavailable_providers(providers)
     if missing:
@@ -377,7 +378,7 @@ def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> tuple[dict[st
         if t.build is not None:
             note(f"{t.name}: building")
         try:
-            artifacts[t.name] = t.build(ctx, t.spec)
+            artifacts[t.name] = build_searched(ctx, t)
         except TARGET_ERRORS as exc:
             failed[t.name] = str(exc)
     return artifacts, failed

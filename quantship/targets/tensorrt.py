@@ -6,16 +6,16 @@ Everything TensorRT in quantship: engine build :mod:`quantship.convert.tensorrt`
 from __future__ import annotations
 
 from quantship.config import CalibrationMethod, Precision, TargetSpec, TrtInt8Mode
+from quantship.convert.tensorrt import EngineSpec, build_engine
+from quantship.fileio import sha256_json
 from quantship.manifest import Artifact
 from quantship.targets.base import DEFAULT_UNNAMED_METHOD, BuildContext, get_target, register_target
 from quantship.targets.calibrated import onnx_export
 from quantship.targets.onnx import qdq_build
+from quantship.trt_util import import_tensorrt
 
 
 def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.tensorrt import EngineSpec, build_engine
-    from quantship.fileio import sha256_json
-    from quantship.trt_util import import_tensorrt
 
     remote = ctx.engine_builder
     # Say so before exporting or calibrating anything: no TensorRT here (or on the device).
@@ -36,7 +36,7 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
                 "weights": ctx.loaded.weights_hash,
                 "calibration": ctx.calibration.info if ctx.calibration else None,
                 "preprocess": ctx.loaded.preprocess.hash(),
-                "method": spec.calibration.value,
+                "method": spec.calibration.value if spec.calibration else None,
                 "tensorrt": version,
                 "post_training": ctx.ptq.describe() if ctx.uses_ptq(spec) else None,
             }
@@ -58,7 +58,7 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
         "source_onnx_sha256": source.manifest["sha256"],
     }
     if remote is not None:
-        if implicit and not cache.is_file():
+        if implicit and cache is not None and not cache.is_file():  # implicit: the cache path was set above
             # The device gets the host's calibration as a TensorRT cache: the images never leave this machine.
             from quantship.calibrate.trt_cache import write_cache
             from quantship.targets.calibrated import run_calibration

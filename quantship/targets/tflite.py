@@ -10,9 +10,18 @@ from typing import Any
 import numpy as np
 
 from quantship.config import CalibrationMethod, IODType, Precision, TargetSpec
+from quantship.convert.artifact import write_artifact
 from quantship.convert.layer_names import KerasLayers, tflite_tensor_layer
+from quantship.convert.tflite import (
+    TfliteConverter,
+    TfliteSpec,
+    check_finite_for_calibration,
+    convert_to_tflite,
+    ranges_from_amax,
+)
 from quantship.errors import CalibrationError
 from quantship.manifest import Artifact
+from quantship.runtime.tflite import TfliteRunner
 from quantship.targets.base import BuildContext, Capture, LayerProbe, register_layer_probe, register_target
 from quantship.targets.calibrated import calibrated_build, layer_outputs
 
@@ -20,7 +29,6 @@ from quantship.targets.calibrated import calibrated_build, layer_outputs
 def check_finite(ctx: BuildContext, spec: TargetSpec) -> None:
     """Weights and calibration outputs of the Keras model ``spec`` calibrates checked once per run (see
     :func:`~quantship.convert.tflite.check_finite_for_calibration`); the outcome, a refusal included, is shared."""
-    from quantship.convert.tflite import check_finite_for_calibration
 
     def check() -> Exception | None:
         try:
@@ -34,7 +42,6 @@ def check_finite(ctx: BuildContext, spec: TargetSpec) -> None:
 
 
 def tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
-    from quantship.convert.tflite import TfliteConverter
 
     return ctx.shared(
         f"tflite-converter{ctx.variant(spec)}",
@@ -43,7 +50,6 @@ def tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
 
 
 def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-    from quantship.convert.tflite import TfliteSpec, convert_to_tflite
 
     converter = tflite_converter(ctx, spec)
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
@@ -68,8 +74,6 @@ for _name, _prec, _io, _desc in (
 def _tflite_method_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     """Full-integer TFLite with our calibrator's ranges: the converter calibrates only (its recorded min/max are
     replaced by ours, mapped through the Keras layer names), then quantizes."""
-    from quantship.convert.artifact import write_artifact
-    from quantship.convert.tflite import ranges_from_amax
 
     converter = tflite_converter(ctx, spec)
 
@@ -119,7 +123,6 @@ class TfliteProbe(LayerProbe):
     itself), quantized tensors dequantized with their own scale."""
 
     def __init__(self, name: str, path: Path, layers: KerasLayers, threads: int | None):
-        from quantship.runtime.tflite import TfliteRunner
 
         self.name, self.layers = name, layers
         self.notes = ["LiteRT builtin kernels (intermediate tensors are not kept inside the XNNPACK delegate)"]

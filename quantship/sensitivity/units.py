@@ -1,0 +1,241 @@
+"""Fallback units beyond the weighted layers: softmax, residual adds, pooling and the model's output op, for the
+TFLite and the Q/DQ backends alike, ranked with the layers by the same measures, then the greedy float set pruned.
+
+A *unit* is what a fallback can keep in float. The weighted Keras layers are units (named by the layer); every
+other op either backend quantizes is one too, keyed ``<kind>:<Keras layer>`` (``add:block2_add``,
+``softmax:probs``) so that the same op of the TFLite and the Q/DQ model shares one key and one float set serves
+both backends; an op named after no Keras layer (TFLite's classifier softmax, ``StatefulPartitionedCall:0``) is
+keyed by its tensor. A backend ignores the keys it does not have (the Q/DQ placement never quantizes a softmax).
+
+Ranking uses :func:`quantship.sensitivity.scoring.score` on the model with *only that unit* int8 (everything else
+float), as the layer study does; :func:`find_fallback` adds units in rank order until every backend passes the
+gate; :func:`prune_fallback` then returns to int8 every unit whose return keeps the gate met (least harmful
+first), so a unit taken early that a later one made unnecessary does not stay float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from quantship.config import Gate
+from quantship.convert.layer_names import segment_layer
+from quantship.evaluate.loop import runner_outputs
+from quantship.runtime.base import RunnerOptions
+from quantship.runtime.registry import make_runner
+
+# TFLite ops a float fallback gains nothing from (they move values without arithmetic) or that are the
+# quantization boundary itself.
+TFLITE_SKIPPED = {"PAD", "PADV2", "RESHAPE", "SQUEEZE", "TRANSPOSE", "QUANTIZE", "DEQUANTIZE", "EXPAND_DIMS"}
+TFLITE_KINDS = {
+    "SOFTMAX": "softmax",
+    "ADD": "add",
+    "MEAN": "pool",
+    "AVERAGE_POOL_2D": "pool",
+    "MAX_POOL_2D": "pool",
+    "MUL": "mul",
+    "CONCATENATION": "concat",
+    "LOGISTIC": "sigmoid",
+    "HARD_SWISH": "hard_swish",
+}
+ONNX_KINDS = {"Add": "add", "GlobalAveragePool": "pool", "AveragePool": "pool", "MaxPool": "pool"}
+
+
+@dataclass(frozen=True)
+class OpUnit:
+    """One op (or the ops of one Keras layer) outside the weighted layers, in one backend."""
+
+    key: str
+    kind: str  # softmax, add, pool, output, ...
+    backend: str  # tflite or qdq
+    nodes: tuple[str, ...]  # TFLite op output names (deny list) or ONNX node names (Q/DQ exclude)
+
+
+def _layer(name: str, layer_names: set[str]) -> str | None:
+    return next((la for part in name.split(";") if (la := segment_layer(part, layer_names))), None)
+
+
+def tflite_units(converter: Any, weighted_layers: Iterable[str]) -> list[OpUnit]:
+    """The TFLite model's ops outside the weighted layers that a fallback may keep in float; the graph's last op
+    (the one whose int8 output is dequantized into the model's output) has kind ``output`` added to its own."""
+    names = {layer.name for layer in converter.model.layers}
+    weighted = set(converter.denylist_nodes(list(weighted_layers))) if weighted_layers else set()
+    kinds = converter.op_kinds()
+    units: dict[str, list] = {}
+    last = kinds[-1][1] if kinds else None
+    for op, tensor in kinds:
+        if tensor in weighted or op in TFLITE_SKIPPED:
+            continue
+        kind = TFLITE_KINDS.get(op, op.lower())
+        layer = _layer(tensor, names)
+        key = f"{kind}:{layer or tensor}"
+        if tensor == last:
+            kind = f"{kind}, output"
+        units.setdefault(key, [kind, []])[1].append(tensor)
+    return [OpUnit(k, kind, "tflite", tuple(nodes)) for k, (kind, nodes) in units.items()]
+
+
+def qdq_units(model: Any, node_layers: dict[str, str], layer_names: set[str]) -> list[OpUnit]:
+    """The Q/DQ model's quantized ops outside the weighted layers (residual adds, pooling)."""
+    from quantship.convert.qdq import activation_inputs
+
+    units: dict[str, list] = {}
+    for k in activation_inputs(model):
+        node = model.graph.node[k]
+        if node.name in node_layers or node.op_type not in ONNX_KINDS:
+            continue
+        kind = ONNX_KINDS[node.op_type]
+        key = f"{kind}:{_layer(node.name, layer_names) or node.name}"
+        units.setdefault(key, [kind, []])[1].append(node.name)
+    return [OpUnit(k, kind, "qdq", tuple(nodes)) for k, (kind, nodes) in units.items()]
+
+
+@dataclass
+class UnitBackend:
+    """A sensitivity backend (:class:`~quantship.sensitivity.backends.TfliteBackend` or ``QdqBackend``) whose float
+    sets may hold op unit keys besides Keras layer names."""
+
+    inner: Any
+    units: dict[str, OpUnit] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.inner.layers)
+
+    def _split(self, floats: Iterable[str]) -> tuple[list[str], list[str]]:
+        floats = list(floats)
+        layers = [f for f in floats if f in set(self.inner.layers)]
+        nodes = [n for f in floats if f in self.units for n in self.units[f].nodes]
+        return layers, nodes
+
+    def artifact(self, floats: Iterable[str] = (), only_nodes: Sequence[str] | None = None) -> bytes:
+        """The model bytes with ``floats`` (layers and unit keys) in float, or with only ``only_nodes`` int8."""
+        layers, nodes = self._split(floats)
+        if self.inner.name == "tflite":
+            conv = self.inner.converter
+            if only_nodes is not None:
+                keep = set(only_nodes)
+                return self.inner.model_bytes(set(), [n for n in conv.op_outputs() if n not in keep])
+            return self.inner.model_bytes(set(layers), nodes)
+        from quantship.convert.qdq import insert_qdq
+
+        q = self.inner
+        if only_nodes is not None:
+            model, _ = insert_qdq(q.model, q.amax, node_layers=q.node_layers, include=list(only_nodes))
+        else:
+            model, _ = insert_qdq(q.model, q.amax, exclude=[*layers, *nodes], node_layers=q.node_layers)
+        return model.SerializeToString()
+
+    def _outputs(self, data: bytes, x: np.ndarray) -> np.ndarray:
+        from quantship.fileio import temp_dir
+        from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
+
+        if self.inner.name == "tflite":
+            with temp_dir(self.inner.converter.work_dir, "sensitivity") as tmp:
+                path = tmp / "m.tflite"
+                path.write_bytes(data)
+                with make_runner(path, RunnerOptions(threads=self.inner.threads)) as r:
+                    return runner_outputs(r, x)
+        with OnnxRunner(data, num_threads=self.inner.threads, name="qdq", session_config=QDQ_FAKE_QUANT) as r:
+            return runner_outputs(r, x)
+
+    def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
+        """Outputs with ``float_layers`` (layers and unit keys) in float; ``only``: the inner backend's study."""
+        floats = list(float_layers)
+        if only is not None or not any(f in self.units for f in floats):
+            return self.inner.run(x, float_layers=[f for f in floats if f not in self.units], only=only)
+        return self._outputs(self.artifact(floats), x)
+
+    def run_unit_alone(self, x: np.ndarray, key: str) -> np.ndarray:
+        """Outputs with only unit ``key`` int8 (every other op float): its harm, as the layer study measures."""
+        return self._outputs(self.artifact(only_nodes=self.units[key].nodes), x)
+
+
+def unit_sensitivity(backend: UnitBackend, held: Any) -> list[dict[str, Any]]:
+    """One row per op unit of ``backend`` (that unit alone int8), shaped as the layer study's rows."""
+    from quantship.sensitivity.scoring import score
+
+    rows = []
+    for k, (key, unit) in enumerate(backend.units.items()):
+        rows.append(
+            {
+                "kind": "single",
+                "backend": backend.name,
+                "index": k,
+                "layer": key,
+                "unit_kind": unit.kind,
+                "quantized_layers": 0,
+                **score(backend.run_unit_alone(held.x, key), held),
+            }
+        )
+    return rows
+
+
+def prune_fallback(
+    backends: Sequence[Any], floats: Sequence[str], verify: Any, gate: Gate
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Return to int8, one at a time from the last-added (least harmful) unit, every unit whose return keeps
+    every backend passing ``gate`` on ``verify``: (the pruned float set, one step row per trial)."""
+    from quantship.sensitivity.scoring import gate_passes, score
+
+    kept = list(floats)
+    steps: list[dict[str, Any]] = []
+    for unit in reversed(list(floats)):
+        trial = [f for f in kept if f != unit]
+        results = [(b.name, score(b.run(verify.x, float_layers=trial), verify)) for b in backends]
+        ok = all(gate_passes(gate, m) for _, m in results)
+        for name, m in results:
+            steps.append(
+                {
+                    "kind": "fallback_prune",
+                    "backend": name,
+                    "returned_to_int8": unit,
+                    "float_layers": trial,
+                    "passed": gate_passes(gate, m),
+                    **m,
+                }
+            )
+        if ok:
+            kept = trial
+    return kept, steps
+
+
+def find_unit_fallback(
+    backends: Sequence[UnitBackend], rank_set: Any, verify: Any, gate: Gate, layers_too: bool = True
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The float set of units and layers that makes every backend pass ``gate`` on ``verify``: op units ranked
+    alone-int8 on ``rank_set`` first (cheap: a model has few); only when they cannot pass, the weighted layers
+    ranked the same way after them; greedy in rank order, then pruned. Returns (the
+    :class:`~quantship.sensitivity.fallback.FallbackResult` with the pruned set, the ranking rows)."""
+    from quantship.sensitivity.fallback import FallbackResult, combined_ranking, find_fallback
+    from quantship.sensitivity.scoring import layer_sensitivity
+
+    rows = {b.name: unit_sensitivity(b, rank_set) for b in backends}
+    ranking = combined_ranking(rows)
+    result = find_fallback(backends, ranking, verify, gate)
+    if not result.passed and layers_too:
+        for b in backends:
+            rows[b.name] = rows[b.name] + layer_sensitivity(b.inner, rank_set)
+        ranking = ranking + [r for r in combined_ranking(rows) if r not in ranking]
+        result = find_fallback(backends, ranking, verify, gate)
+    all_rows = [r for v in rows.values() for r in v]
+    if not result.passed:
+        return result, all_rows
+    pruned, steps = prune_fallback(backends, result.float_layers, verify, gate)
+    return FallbackResult(pruned, True, result.steps + steps), all_rows
+
+
+def unit_backends(setup: Any, inner: dict[str, Any]) -> dict[str, UnitBackend]:
+    """The backends of a study (name -> ``TfliteBackend`` / ``QdqBackend``) with their op units."""
+    names = {layer.name for layer in setup.loaded.model.layers}
+    out = {}
+    for name, b in inner.items():
+        units = tflite_units(b.converter, b.layers) if name == "tflite" else qdq_units(b.model, b.node_layers, names)
+        out[name] = UnitBackend(b, {u.key: u for u in units})
+    return out

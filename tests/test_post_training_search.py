@@ -1,0 +1,93 @@
+"""``--post-training auto``: the tie rule, and the whole search through the real ``eval`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY_PREPROCESS
+from quantship.config import PtqSteps
+from quantship.targets.post_training import CANDIDATES, Score, choose
+
+
+def _score(steps: PtqSteps, agree: list[int], l1: list[float]) -> Score:
+    a, d = np.array(agree, float), np.array(l1, float)
+    return Score(steps, float(a.mean()), float(d.mean()), agree=a, l1=d)
+
+
+def test_fewer_steps_win_when_the_held_out_images_cannot_tell_them_apart():
+    rng = np.random.default_rng(0)
+    n = 40
+    base_l1 = rng.uniform(0.1, 0.3, n)
+    both = PtqSteps(equalize=True, bias_correct=True)
+    # one image apart in agreement, L1 within noise: not resolved -> none (0 steps) is chosen over both (2 steps)
+    noisy = base_l1 + rng.normal(0, 0.02, n) - 0.001
+    close = [_score(both, [1] * n, noisy), _score(PtqSteps(), [1] * (n - 1) + [0], base_l1)]
+    chosen, reason = choose(close)
+    assert chosen.steps == PtqSteps() and "fewer steps" in reason
+    # a clear L1 gain on every image is resolved: the better candidate stays, whatever its number of steps
+    clear = [_score(both, [1] * n, base_l1 - 0.05), _score(PtqSteps(), [1] * n, base_l1)]
+    chosen, reason = choose(clear)
+    assert chosen.steps == both and "best held-out agreement" in reason
+    # a candidate that failed to build is never chosen
+    failed = Score(PtqSteps(bias_correct=True), error="conversion failed")
+    assert choose([failed, *clear])[0].steps == both
+
+
+@pytest.mark.slow
+def test_eval_post_training_auto_scores_every_candidate_on_held_out_calibration_images(
+    trained_tiny, synset_dataset, tmp_path
+):
+    from quantship.cli import main
+
+    _, model = trained_tiny
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(model), "--preprocess", TINY_PREPROCESS, "--data", f"imagenet:{synset_dataset}"]
+    argv += ["--targets", "keras-fp32,tflite-fp32,tflite-int8-max,qdq-int8-max", "--limit", "12"]
+    argv += ["--calib-images", "12", "--post-training", "auto", "--out", str(out), "-q"]
+    assert main(argv) == 0
+    rows = {r["target"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert "post_training_search" not in json.loads(Path(rows["tflite-fp32"]["manifest"]).read_text())
+    for target in ("tflite-int8-max", "qdq-int8-max"):
+        manifest = json.loads(Path(rows[target]["manifest"]).read_text())
+        search = manifest["post_training_search"]
+        labels = [c["steps"] for c in search["candidates"]]
+        assert labels == [c.label for c in CANDIDATES]
+        assert all(0 <= c["agreement_top1"] <= 1 and c["mean_l1"] >= 0 for c in search["candidates"])
+        assert search["chosen"] in labels and search["reason"] and search["seconds"] > 0
+        assert (search["held_out_images"], search["fit_images"]) == (3, 9)
+        assert manifest["calibration"]["num_images"] == 12  # the drawn set; 9 of them calibrated the candidate
+        assert manifest["calibration"]["post_training_search"]["fit_images"] == 9
+        assert "post-training-search" in rows[target]["artifact"]
+        suffix = "" if search["chosen"] == "none" else f"+{search['chosen']}"
+        assert Path(rows[target]["artifact"]).name.startswith(f"tiny-{target}{suffix}.")
+        assert rows[target]["agreement_top1"] >= 0.8
+
+
+def test_sign_off_unit_keys_carry_adaround_and_auto_and_keep_old_keys():
+    """A plan's post-training steps are part of each unit's key (results are never reused across them), and a plan
+    without them keeps the key it had before AdaRound and auto existed."""
+    import dataclasses
+
+    from quantship.config import AdaRoundOptions, Gate
+    from quantship.signoff.plan import PlanModel, SignoffPlan
+    from quantship.signoff.units import unit_key
+
+    entry = PlanModel("tiny")
+    plan = SignoffPlan(models=(entry,), targets=("tflite-int8",), data="imagenet:/x", gates=(Gate(relative=0.99),))
+    keys = {
+        label: unit_key(dataclasses.replace(plan, post_training=steps), entry, "tflite-int8", {})
+        for label, steps in (
+            ("none", PtqSteps()),
+            ("adaround", PtqSteps(adaround=AdaRoundOptions())),
+            ("adaround-2000", PtqSteps(adaround=AdaRoundOptions(iterations=2000))),
+            ("auto", PtqSteps(auto=True)),
+            ("equalize", PtqSteps(equalize=True)),
+        )
+    }
+    assert len(set(keys.values())) == len(keys)
+    assert PtqSteps(equalize=True).describe() == {"equalize": True, "bias_correct": False, "relu6": "keep"}
+    assert keys["none"] == unit_key(plan, entry, "tflite-int8", {})
