@@ -982,8 +982,8 @@ CASES = [
             ("ort_providers", "cpu,", "ort_providers: an empty provider name in 'cpu,'"),
             ("ort_providers", [], "ort_providers: no execution provider given"),
             ("ort_providers", 5, "ort_providers: expected provider names"),
-            ("post_training", [], "post_training: expected a mapping"),
-            ("post_training", False, "post_training: expected a mapping"),
+            ("post_training", [], "post_training: expected auto or a mapping"),
+            ("post_training", False, "post_training: expected auto or a mapping"),
             ("calibration", [], "calibration: expected a mapping"),
             ("tensorrt", [], "tensorrt: expected a mapping"),
         )
