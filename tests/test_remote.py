@@ -421,9 +421,9 @@ def test_killed_run_is_cleaned_up(device, onnx_file, tmp_path):
     with DeviceSession(device.options()) as session:
         others = [s for s in device.sessions() if str(s) != session.folder]
         assert not others, others
-    import tempfile
+    from quantship.remote.transport import local_root
 
-    assert not list(Path(tempfile.gettempdir()).glob(f"{LOCAL_PREFIX}{proc.pid}-*"))
+    assert not list(Path(local_root()).glob(f"{LOCAL_PREFIX}{proc.pid}-*"))
     assert not device.sessions()
 
 

@@ -157,7 +157,7 @@ class SshTransport(Transport):
 
     def open(self) -> None:
         sweep_local_folders()
-        self._dir = Path(tempfile.mkdtemp(prefix=f"{LOCAL_PREFIX}{os.getpid()}-"))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{LOCAL_PREFIX}{os.getpid()}-", dir=local_root()))
         self._control = self._dir / "cm"
         err = self._dir / "master.err"
         argv = self._base() + [
@@ -287,12 +287,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# A Unix socket path holds at most 108 bytes (104 on macOS), and ssh adds ~17 for its temporary name: a session's
+# folder goes under the system's temporary folder only when that leaves room.
+MAX_SOCKET_DIR = 60
+
+
+def local_root() -> str:
+    """Where host-side session folders go: the temporary folder, or /tmp when its path is too long for the
+    ControlMaster socket (a long TMPDIR)."""
+    root = tempfile.gettempdir()
+    return root if len(root) + len(LOCAL_PREFIX) + 20 <= MAX_SOCKET_DIR else "/tmp"
+
+
 def sweep_local_folders() -> list[Path]:
     """Remove host-side session folders whose process is gone (a killed run's ControlMaster socket and logs);
     the master of such a folder is asked to exit first."""
     removed = []
-    root = Path(tempfile.gettempdir())
-    for folder in root.glob(f"{LOCAL_PREFIX}*"):
+    for folder in {p for root in {tempfile.gettempdir(), local_root()} for p in Path(root).glob(f"{LOCAL_PREFIX}*")}:
         m = re.match(rf"{LOCAL_PREFIX}(\d+)-", folder.name)
         if not m or not folder.is_dir() or _pid_alive(int(m.group(1))):
             continue

@@ -1,0 +1,1 @@
+"""The bad-input table, one file per command (see table.py)."""
