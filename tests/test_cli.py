@@ -265,3 +265,18 @@ def test_bad_preprocess_option(capsys, tmp_path, synset_dataset):
         "-v",
     )
     assert code == 2 and "colour" in err
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`quantship targets | head -1`: the reader closes the pipe; no BrokenPipeError traceback, exit 141."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        ["bash", "-c", f"'{sys.executable}' -m quantship targets | head -c 1 >/dev/null; echo ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() in {"0", "141"}, proc.stdout

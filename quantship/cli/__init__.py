@@ -108,6 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         message = f"quantship {args.command}: interrupted"
         return 130
+    except BrokenPipeError:
+        # The reader went away (`quantship models | head`): nothing more to say, and no traceback at exit when
+        # Python flushes the closed stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     finally:
         progress.set_note(None)
         if restore is not None:
