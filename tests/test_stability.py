@@ -126,3 +126,13 @@ def test_stop_rule():
 def test_stop_rule_refuses(kw, message):
     with pytest.raises(ConfigError, match=message):
         StopRule(**kw)
+
+
+def test_median_interval_of_many_rounds():
+    """A fast model under --max-seconds runs thousands of rounds: comb(n, i) / 2**n overflowed a float at n = 1024."""
+    from quantship.evaluate.stability import median_interval
+
+    values = np.linspace(0.9, 1.1, 5000)
+    low, high, coverage = median_interval(values)
+    assert 0.95 <= coverage < 0.96
+    assert low < 1.0 < high and high - low < 0.01

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from enum import Enum
-from math import comb
+from math import lgamma, log
 from typing import Any, Sequence
 
 import numpy as np
@@ -87,7 +87,10 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
 
     x = np.sort(np.asarray(values, dtype=np.float64))
     n = x.size
-    cdf = np.cumsum([comb(n, i) for i in range(n + 1)]) / 2.0**n  # P(B <= i)
+    # P(B <= i) from log-probabilities: comb(n, i) / 2**n overflows a float from n = 1024 rounds (a fast model
+    # under --max-seconds reaches that).
+    log_pmf = [lgamma(n + 1) - lgamma(i + 1) - lgamma(n - i + 1) - n * log(2.0) for i in range(n + 1)]
+    cdf = np.cumsum(np.exp(log_pmf))
     j = 1
     while j + 1 <= n // 2 and 1 - 2 * cdf[j] >= confidence:  # j + 1 keeps the coverage: widen no further
         j += 1
