@@ -546,7 +546,7 @@ def prediction_check(photos: list[str], scores: dict[str, np.ndarray]) -> tuple[
             tag = ("ok " if same else "BAD") if confident else " - "  # a photo not judged is neither ok nor bad
             versus = "same top-1 as fp32" if same else "DIFFERENT top-1 from fp32"
             check.append(f"  {tag} {name:20s} {desc}   ({versus}, {obvious})")
-            truth = class_name(wnid_to_label()[EVAL_PHOTOS[photo][0]]) if photo in EVAL_PHOTOS else None
+            truth = class_name(wnid_to_label()[EVAL_PHOTOS[photo].wnid]) if photo in EVAL_PHOTOS else None
             rows.append({"photo": photo, "thumbnail": f"thumbnails/{photo}.png", "target": name, "ok": ok,
                          "judged": confident, "truth": truth,
                          "top3": [[class_name(int(c)), float(p[c])] for c in top3]})  # fmt: skip
