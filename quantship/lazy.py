@@ -1,10 +1,11 @@
-"""One helper for importing optional or heavy dependencies on first use."""
+"""One helper for importing optional or heavy dependencies on first use, and the lazy public names of each layer."""
 
 from __future__ import annotations
 
 import importlib
 import os
 from types import ModuleType
+from typing import Any, Callable
 
 from quantship.errors import MissingDependencyError
 
@@ -44,3 +45,15 @@ def is_available(name: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - broken installs (e.g. TensorRT without libs) count as absent
         return False
+
+
+def public_attributes(package: str, public: dict[str, str]) -> Callable[[str], Any]:
+    """A package's module-level ``__getattr__`` (PEP 562) that imports each public name from the module ``public``
+    maps it to on first use, so importing the package never loads its siblings."""
+
+    def __getattr__(name: str) -> Any:
+        if name in public:
+            return getattr(importlib.import_module(public[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

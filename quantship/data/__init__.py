@@ -8,8 +8,7 @@ The public names, by module (imported on first use, so importing one module neve
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from quantship.lazy import public_attributes
 
 _PUBLIC = {
     "ImageDataset": "quantship.data.datasets",
@@ -20,9 +19,4 @@ _PUBLIC = {
     "split_calibration": "quantship.data.datasets",
 }
 __all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = public_attributes(__name__, _PUBLIC)

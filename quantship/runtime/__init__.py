@@ -10,8 +10,7 @@ The public names, by module (imported on first use, so importing one module neve
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from quantship.lazy import public_attributes
 
 _PUBLIC = {
     "Runner": "quantship.runtime.base",
@@ -27,9 +26,4 @@ _PUBLIC = {
     "tool_versions": "quantship.runtime.registry",
 }
 __all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = public_attributes(__name__, _PUBLIC)
