@@ -59,6 +59,7 @@ def signoff_plan(tmp: Path, env: dict) -> dict:
         "targets": ["tflite-fp32"],
         "gates": [{"metric": "top1", "relative": 0.9}],
         "bootstrap_samples": 50,
+        "bench": {"max_seconds": 3},
     }
     path = tmp / "plan.yaml"
     path.write_text(yaml.safe_dump(doc))

@@ -154,6 +154,7 @@ def test_signoff_on_unlabelled_images_with_label_free_gates(trained_tiny, unlabe
                     {"metric": "agreement_top1", "relative": 0.9},
                     {"metric": "mean_l1", "max": 0.1},
                 ],
+                "bench": False,  # latency is not what this test is about
             }
         )
     )
