@@ -67,7 +67,7 @@ relative gate the value is the ratio and the threshold the required factor.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -272,6 +272,14 @@ def images_to_settle(
         return n
     if not math.isfinite(point) or point == threshold:
         return None
+    return smallest_settling_size(n, settled, max_images)
+
+
+def smallest_settling_size(n: int, settled: Callable[[float], bool], max_images: int = 10**9) -> int | None:
+    """Smallest N >= n at which ``settled(N)`` holds (it must be monotone in N): doubling from n, then bisection;
+    None when more than ``max_images`` would be needed."""
+    if settled(n):
+        return n
     lo_n, hi_n = n, 2 * n
     while not settled(hi_n):
         lo_n, hi_n = hi_n, 2 * hi_n

@@ -22,12 +22,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from quantship.config import Gate
-from quantship.evaluate.intervals import FAIL, INCONCLUSIVE, PASS, clopper_pearson, decide, paired_verdict
+from quantship.evaluate.intervals import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    clopper_pearson,
+    decide,
+    paired_verdict,
+    smallest_settling_size,
+)
 from quantship.evaluate.tasks import PairedSample
 
 MAX_RESAMPLED_METRICS = 200  # resampling a metric that is not a mean (mAP) recomputes it: cap the count
@@ -63,21 +71,6 @@ def gate_decide(gate: Gate, value: float, lo: float, hi: float, rule: str) -> st
     return decide(-value, -hi, -lo, -gate.threshold, rule)
 
 
-def _settle_scaled(n: int, settled: Callable[[float], bool], max_images: int = 10**9) -> int | None:
-    """Smallest N >= n at which ``settled(N)`` holds (it is monotone in N): doubling, then bisection."""
-    if settled(n):
-        return n
-    lo_n, hi_n = n, 2 * n
-    while not settled(hi_n):
-        lo_n, hi_n = hi_n, 2 * hi_n
-        if lo_n > max_images:
-            return None
-    while hi_n - lo_n > 1:
-        mid = (lo_n + hi_n) // 2
-        lo_n, hi_n = (lo_n, mid) if settled(mid) else (mid, hi_n)
-    return hi_n
-
-
 def _gated(gate: Gate, lo: float, hi: float, reference: float) -> tuple[float, float]:
     """An interval of the target's value in the gate's units, the reference's value being fixed: the ratio for
     a relative gate, the difference in points for a drop gate, the value itself for min / max."""
@@ -106,7 +99,7 @@ def _proportion_interval(
         a, b = _gated(gate, *clopper_pearson(x * size / n, size, confidence), reference)
         return gate_decide(gate, value, a, b, "interval") != INCONCLUSIVE
 
-    return lo, hi, _settle_scaled(n, settled)
+    return lo, hi, smallest_settling_size(n, settled)
 
 
 def _bootstrap_mean(values: np.ndarray, samples: int, confidence: float, seed: int = 0) -> tuple[float, float]:
