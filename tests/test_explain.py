@@ -62,3 +62,35 @@ def test_demo_recommends_per_family_the_first_passing_file_and_names_the_familie
     preds[3]["ok"] = False  # the repair fails too: TFLite int8 has nothing to ship
     ship, missing = recommendations(preds, built)
     assert missing == ["tflite-int8"] and "tflite-int8" not in ship
+
+
+def test_eval_gate_fails_a_target_and_says_why_and_what_passes(trained_tiny, synset_dataset, tmp_path, capsys):
+    """`eval --gate`: the int8 file fails a tight distance gate, the line names where it parts from fp32 and the
+    fp32 file that passed; the verdicts (with the why) are in verdicts.jsonl and the report."""
+    import json
+
+    from conftest import TINY_PREPROCESS
+
+    from quantship.cli import main
+
+    _, model_path = trained_tiny
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(model_path), "--preprocess", TINY_PREPROCESS, "--data"]
+    argv += [f"imagenet:{synset_dataset}", "--targets", "keras-fp32,tflite-fp32,tflite-int8", "--limit", "12"]
+    argv += ["--calib-images", "8", "--threads", "1", "--out", str(out), "--gate", "mean_l1<=0.001"]
+    code = main(argv)
+    text = capsys.readouterr().out
+    assert code == 1, text
+    verdicts = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    assert [(v["target"], v["verdict"]) for v in verdicts] == [("tflite-fp32", "PASS"), ("tflite-int8", "FAIL")]
+    why = verdicts[1]["why"]
+    assert why.startswith("tflite-int8 parts from fp32 at ") and "dB" in why, why
+    assert why.endswith("passes instead (same run): tflite-fp32"), why
+    assert "why" not in verdicts[0]
+    assert f"why tflite-int8 failed mean_l1 <= 0.001: {why}" in text
+    rows = {r["target"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert rows["tflite-int8"]["gate_verdict"] == "FAIL" and rows["tflite-int8"]["why"] == why
+    assert rows["tflite-fp32"]["gate_verdict"] == "PASS"
+    assert why in (out / "results.md").read_text()
+    assert main(["report", str(out)]) == 0
+    assert "Why each failing target failed" in (out / "report.html").read_text()

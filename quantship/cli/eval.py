@@ -33,6 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a target whose outputs hold NaN or inf on some images (counted in the rows, scored as wrong) does "
         "not fail the run (exit 1 by default)",
     )
+    p.add_argument(
+        "--gate",
+        action="append",
+        default=[],
+        help="judge every target against the reference (the first target), repeatable: e.g. 'top1>=0.99' "
+        "(relative), 'drop<=0.5' (points), 'agreement_top1>=0.95', 'mean_l1<=0.3'; exit 1 when a gate fails, "
+        "with one line on why (the first tensor where the target parts from the reference)",
+    )
     a.remote(p)
     a.trt(p)
     a.common(p)
@@ -40,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantship.jobs.eval import EvalSpec, run_eval
+    from quantship.jobs.sensitivity import checked_gate
 
     if args.task:
         kind = args.data.split(":", 1)[0]
@@ -69,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         trust_savedmodel=args.trust_savedmodel,
         ptq=a.ptq_steps(args),
         remote=a.remote_options(args),
+        gates=tuple(checked_gate(g, args.data) for g in args.gate),
     )
     print(
         f"quantship eval: {spec.model} on {spec.data} -> {spec.out_dir} (converter log: {spec.out_dir / 'convert.log'})"

@@ -6,11 +6,17 @@ Statistics accumulate over batches, so any number of images is compared with one
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from quantship.config import CropMode
+from quantship.data.datasets import iter_batches
+from quantship.errors import DataError
+from quantship.progress import track
 
 # A layer whose inputs are identical in both runs (the model input, a float op on float inputs) is compared with
 # this many dB: about what rounding a well-ranged tensor to int8 gives (6 dB per bit, less the crest factor). So
@@ -208,3 +214,39 @@ def display_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 d[k] = as_float(d[k])
         out.append(d)
     return out
+
+
+def diff_images(evalset: Any, preprocess: Any, batch_size: int, workers: int, limit: int | None = None) -> np.ndarray:
+    """The evaluation images as one array, centre-cropped with ``preprocess`` (the first ``limit`` of them): the
+    same input for every run a diff compares."""
+    if limit is not None and limit < len(evalset):
+        evalset = evalset.subset(range(limit))
+    spec = dataclasses.replace(preprocess, crops=CropMode.CENTER)
+    batches = [b.inputs[:, 0] for b in iter_batches(evalset, spec, batch_size, workers)]
+    if not batches:
+        raise DataError(f"no readable image among the {len(evalset)} evaluation images")
+    return np.concatenate(batches).astype(np.float32)
+
+
+def compare_targets(
+    probes: Sequence[Any], x: np.ndarray, batch_size: int, progress: Callable = track
+) -> list[LayerComparison]:
+    """Every probe's tensors against the first's, accumulated batch by batch (one batch of tensors in memory).
+
+    A probe (:class:`quantship.targets.base.LayerProbe`) has a ``name``, ``run(x) -> {layer: (value, step)}``
+    and ``tensors`` (layer -> its tensor name).
+    """
+    reference = probes[0]
+    comparisons = [LayerComparison(reference.name, p.name) for p in probes[1:]]
+    starts = list(range(0, len(x), batch_size))
+    for i in progress(starts, total=len(starts), desc="diff"):
+        xb = x[i : i + batch_size]
+        ref = reference.run(xb)
+        for probe, comp in zip(probes[1:], comparisons):
+            got = probe.run(xb)
+            for layer, (value, step) in got.items():
+                if layer in ref:
+                    comp.update(layer, ref[layer][0], value, step)
+    for probe, comp in zip(probes[1:], comparisons):
+        comp.tensors = dict(probe.tensors)
+    return comparisons

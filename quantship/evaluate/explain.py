@@ -86,3 +86,13 @@ def failure_line(
             reference[image], outputs[image], last.get("step"), name
         )
     return line
+
+
+def instead_clause(passing: Sequence[str] = (), fallback: str | None = None) -> str:
+    """What passes instead of a failing target: the fallback's file or float set when one was computed, else the
+    targets that passed in the same run, else that nothing did."""
+    if fallback:
+        return f"passes instead: {fallback}"
+    if passing:
+        return "passes instead (same run): " + ", ".join(passing)
+    return "nothing else in this run passes"

@@ -481,6 +481,11 @@ def _verdict_section(doc: _Doc, data: dict[str, Any]) -> None:
     overall = overall_verdict(verdicts, len(failed_units))
     doc.para(overall.headline, f"verdict {overall.css}")
     doc.table(verdicts, VERDICT_COLUMNS)
+    why = [v for v in verdicts if v.get("why")]
+    if why:
+        doc.para("Why each failing target failed (its first tensor to part from the reference, on a few images):")
+        for v in why:
+            doc.para(f"{v['target']} ({v['gate']}): {v['why']}")
     rules = sorted({v.get("rule", "point") for v in verdicts})
     doc.para(
         "Decided on: 'point' = the point value over all evaluated images (as MLPerf judges); 'interval' = PASS only "

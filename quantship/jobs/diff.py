@@ -8,23 +8,24 @@ whose backend registered none is refused before any work.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from quantship.config import CalibrationSpec, CropMode
+from quantship.config import CalibrationSpec
 from quantship.convert.layer_names import KerasLayers
-from quantship.data.datasets import iter_batches, load_dataset
-from quantship.errors import ConfigError, DataError
+from quantship.data.datasets import load_dataset
+from quantship.errors import ConfigError
 from quantship.evaluate.diff import (
     DEFAULT_DROP_DB,
     DIFF_COLUMNS,
     LayerComparison,
     as_float,
+    compare_targets,
+    diff_images,
     display_rows,
     first_drop,
     layer_rows,
@@ -35,7 +36,7 @@ from quantship.evaluate.results import text_table
 from quantship.fileio import FolderLock, write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.models.loading import resolve_preprocess
-from quantship.progress import note, track
+from quantship.progress import note
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import Target, parse_targets
 from quantship.targets.base import LayerProbe, ProbeOptions, check_layer_probe, make_layer_probe
@@ -82,35 +83,6 @@ def make_probe(
 
 
 # ------------------------------------------------------------------------------------------------- the job
-
-
-def _images(evalset: Any, loaded: Any, batch_size: int, workers: int) -> np.ndarray:
-
-    spec = dataclasses.replace(loaded.preprocess, crops=CropMode.CENTER)
-    batches = [b.inputs[:, 0] for b in iter_batches(evalset, spec, batch_size, workers)]
-    if not batches:
-        raise DataError(f"no readable image among the {len(evalset)} evaluation images")
-    return np.concatenate(batches).astype(np.float32)
-
-
-def compare_targets(
-    probes: Sequence[LayerProbe], x: np.ndarray, batch_size: int, progress: Callable = track
-) -> list[LayerComparison]:
-    """Every target's tensors against the first's, accumulated batch by batch (one batch of tensors in memory)."""
-    reference = probes[0]
-    comparisons = [LayerComparison(reference.name, p.name) for p in probes[1:]]
-    starts = list(range(0, len(x), batch_size))
-    for i in progress(starts, total=len(starts), desc="diff"):
-        xb = x[i : i + batch_size]
-        ref = reference.run(xb)
-        for probe, comp in zip(probes[1:], comparisons):
-            got = probe.run(xb)
-            for layer, (value, step) in got.items():
-                if layer in ref:
-                    comp.update(layer, ref[layer][0], value, step)
-    for probe, comp in zip(probes[1:], comparisons):
-        comp.tensors = dict(probe.tensors)
-    return comparisons
 
 
 def _check_targets(targets: Sequence[Target]) -> None:
@@ -257,7 +229,7 @@ def run_diff(spec: DiffSpec, providers: Sequence[str] = ("cpu",)) -> JobResult:
     with FolderLock(out, f"quantship diff {spec.model}"):
         loaded, calib, evalset, artifacts, failures = _build(spec, targets, preprocess, out, providers)
         built = [t for t in targets if t.name not in failures]
-        x = _images(evalset, loaded, spec.batch_size, spec.workers)
+        x = diff_images(evalset, loaded.preprocess, spec.batch_size, spec.workers)
         layers = KerasLayers.of(loaded.model)
         note(f"diff: {len(x)} images, {len(layers.order)} Keras layers, reference {built[0].name}")
         probes, comparisons = _probe_and_compare(built, artifacts, loaded, layers, spec, providers, x)

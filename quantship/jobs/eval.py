@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from quantship.config import CalibrationSpec, PtqSteps, RemoteOptions, TrtOptions
+from quantship.config import CalibrationSpec, Gate, PtqSteps, RemoteOptions, TrtOptions
 from quantship.data.datasets import Skipped
+from quantship.evaluate.diff import diff_images
+from quantship.evaluate.explain import instead_clause
+from quantship.evaluate.report import VERDICT_COLUMNS, load_results
 from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
+from quantship.evaluate.verdicts import FAIL, PASS, gate_verdict, overall_verdict
 from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.models.loading import resolve_preprocess
 from quantship.remote.host import DeviceSession, RemoteRunner
 from quantship.runtime.base import RunnerOptions
-from quantship.targets import needs_calibration, parse_targets
+from quantship.targets import get_target, needs_calibration, parse_targets
 from quantship.targets.run import (
     build_targets,
     check_model_source,
@@ -32,6 +37,7 @@ from quantship.targets.run import (
     prepare_run,
     run_data,
 )
+from quantship.targets.why import WHY_IMAGES, why_lines
 
 
 @dataclass
@@ -58,6 +64,7 @@ class EvalSpec:
     trust_savedmodel: bool = False  # a SavedModel runs its graph's operations: only when the user says so
     ptq: PtqSteps = field(default_factory=PtqSteps)  # post-training steps of the quantized targets
     remote: RemoteOptions | None = None  # run the artifacts on this device (the reference stays here)
+    gates: tuple[Gate, ...] = ()  # judged on every target against the reference (``--gate``); why-lines on failures
 
 
 def run_eval(spec: EvalSpec) -> JobResult:
@@ -121,6 +128,15 @@ def run_eval(spec: EvalSpec) -> JobResult:
         rows = evaluated_rows(task, targets, runs, artifacts, failures, loaded, evalset, skipped, options, extra)
         if session is not None:
             _mark_remote(rows, session, copied)
+        verdicts = gate_rows(spec.gates, task, rows, runs)
+        if verdicts:
+            x = diff_images(evalset, loaded.preprocess, 4, spec.workers, limit=WHY_IMAGES)
+            explain_verdicts(verdicts, rows, loaded, artifacts, x, spec.threads)
+            write_text_atomic(
+                out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdicts)
+            )
+        else:
+            (out_dir / "verdicts.jsonl").unlink(missing_ok=True)  # an older run's gates would pass for this run's
         origin = f" from {calib_info['source']}" if calib_info.get("source") else ""
         listed = f" listed in {calib_info['list']}" if calib_info.get("list") else ""
         unread = len(calib) - used if used is not None else 0
@@ -131,6 +147,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
         if skipped:
             notes.append(f"{len(skipped)} unreadable image(s) skipped, listed in skipped.txt")
         notes += failure_lines(rows)
+        notes += [f"why {v['target']} failed {v['gate']}: {v['why']}" for v in verdicts if v.get("why")]
         write_results(out_dir, rows, f"quantship eval: {loaded.name} on {dataset.source}", notes, task.columns)
     lines = ["", text_table(rows, task.columns), ""]
     lines.append(
@@ -147,11 +164,72 @@ def run_eval(spec: EvalSpec) -> JobResult:
     if session is not None:
         env = session.environment
         lines.append(f"artifacts ran on {session.url} ({env.get('cpu')}, {env.get('machine')}); the reference ran here")
+    gates_failed = False
+    if verdicts:
+        shown = load_results(out_dir)["verdicts"]  # with the report's display fields (interval, verdict text)
+        overall = overall_verdict(verdicts)
+        gates_failed = overall.exit_code() != 0
+        lines += ["", text_table(shown, VERDICT_COLUMNS), overall.headline]
+        lines += [f"  why {v['target']} failed {v['gate']}: {v['why']}" for v in verdicts if v.get("why")]
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
     nonfinite = nonfinite_error(rows, spec.allow_nonfinite)
     if nonfinite:
         lines.append(nonfinite)
-    return JobResult(rows, lines, 1 if failed or nonfinite else 0)
+    return JobResult(rows, lines, 1 if failed or nonfinite or gates_failed else 0)
+
+
+def gate_rows(gates: Sequence[Gate], task: Any, rows: list[dict[str, Any]], runs: dict[str, Any]) -> list[dict]:
+    """Every gate on every evaluated target against the rows' reference: verdict rows as sign-off writes them
+    (``verdicts.jsonl``); each target's row gains ``gate_verdict`` (FAIL if any of its gates failed)."""
+    out: list[dict[str, Any]] = []
+    ref = next((r["reference"] for r in rows if r.get("reference")), None)
+    for row in rows:
+        name = row["target"]
+        if name == ref:
+            continue
+        for gate in (g for g in gates if g.applies(name)):
+            head = {"model": row["model"], "target": name, "reference": ref, "gate": gate.describe()}
+            if row["status"] != "ok" or ref is None:
+                why = "the target did not run" if row["status"] != "ok" else "the reference did not run"
+                no_run = {"metric": gate.metric, "rule": gate.decision, "verdict": FAIL, "passed": False}
+                out.append({**head, **no_run, "error": f"{why}: {row.get('error', '')}"})
+                continue
+            a, r = runs[name].arrays, runs[ref].arrays
+            paired = task.paired(gate.metric, a, r, a.get("keys", []), score_threshold=gate.score_threshold)
+            out.append({**head, **gate_verdict(gate, paired)})
+        mine = [v["verdict"] for v in out if v["target"] == name]
+        if mine:
+            row["gate_verdict"] = FAIL if FAIL in mine else PASS if all(v == PASS for v in mine) else mine[0]
+    return out
+
+
+def explain_verdicts(
+    verdicts: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    loaded: Any,
+    artifacts: dict[str, Any],
+    images: Callable[[], Any],
+    threads: int | None,
+) -> None:
+    """A ``why`` line on each FAIL verdict of a target that ran (and on its row): where it parts from the
+    reference on the first :data:`~quantship.targets.why.WHY_IMAGES` images, and the targets that passed every
+    gate in this run. Computed after the verdicts, never changing them."""
+    failing = list(dict.fromkeys(v["target"] for v in verdicts if v["verdict"] == FAIL and "error" not in v))
+    if not failing:
+        return
+    targets = {v["target"] for v in verdicts}
+    passing = [t for t in targets if all(v["verdict"] == PASS for v in verdicts if v["target"] == t)]
+    passing.sort(key=[r["target"] for r in rows].index)
+    ref = get_target(verdicts[0]["reference"])
+    lines = why_lines(
+        loaded, ref, [get_target(n) for n in failing], artifacts, images, instead_clause(passing), threads
+    )
+    for v in verdicts:
+        if v["verdict"] == FAIL and v["target"] in lines:
+            v["why"] = lines[v["target"]]
+    for r in rows:
+        if r["target"] in lines:
+            r["why"] = lines[r["target"]]
 
 
 def _remote_session(spec: EvalSpec) -> Any:
