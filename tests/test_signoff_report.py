@@ -164,6 +164,11 @@ def test_failing_gate_fails_the_run(trained_tiny, bigger_dataset, tmp_path):
     ]
     assert all(v["ci_low"] <= v["value"] <= v["ci_high"] for v in verdicts)
     assert "FAIL: 2 of 3 gates passed" in res.stdout
+    # Why (issue 28): only the failing verdict gets a line, from the per-layer comparison, naming what passed.
+    why = verdicts[2]["why"]
+    assert why.startswith("tflite-fp16 parts from fp32 at ") and "dB" in why, why
+    assert why.endswith("passes instead (same run): tflite-fp32") and "why" not in verdicts[1]
+    assert f"tflite-fp16 failed top1 >= 1.01 x reference: {why}" in res.stdout
 
 
 @pytest.mark.slow

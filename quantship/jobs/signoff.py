@@ -62,6 +62,7 @@ def _run(plan: SignoffPlan, out_dir: Path, executor: Any, session: Any = None) -
     rows, verdict_rows = signoff(plan, out_dir, executor=executor)
     md, page = build_report(out_dir, f"sign-off: {plan.name}")
     lines = [text_table(load_results(out_dir)["verdicts"], VERDICT_COLUMNS)]
+    lines += [f"  why {v['model']} {v['target']} failed {v['gate']}: {v['why']}" for v in verdict_rows if v.get("why")]
     failed_units = [r for r in rows if r.get("status") == "failed"]
     lines += [f"FAILED {r['model']} {r['target']}: {r['error']}" for r in failed_units]
     overall = overall_verdict(verdict_rows, len(failed_units))

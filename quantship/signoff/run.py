@@ -43,6 +43,7 @@ from quantship.signoff.units import (
     verdicts,
     with_agreement,
 )
+from quantship.signoff.why import explain_failed_gates
 from quantship.targets import get_target, parse_targets
 from quantship.targets.run import check_providers_for
 
@@ -152,6 +153,7 @@ def signoff(
             ),
         )
         verdict_rows = verdicts(plan, rows, task)
+        explain_failed_gates(plan, verdict_rows, rows, evalset, preprocesses)
         write_text_atomic(
             out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdict_rows)
         )
