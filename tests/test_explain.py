@@ -70,7 +70,6 @@ def test_eval_gate_fails_a_target_and_says_why_and_what_passes(trained_tiny, syn
     import json
 
     from conftest import TINY_PREPROCESS
-
     from quantship.cli import main
 
     _, model_path = trained_tiny

@@ -313,3 +313,54 @@ def test_pair_safe_scales_only_raise_the_channels_that_could_saturate():
     assert pair_sums(q.reshape(3, 4)).max() <= PAIR_LIMIT and pair_sums(q.reshape(3, 4))[0] >= PAIR_LIMIT - 1
     full, _, _ = quantize_weight(w, 0, WeightType.INT8)
     assert pair_sums(full.reshape(3, 4))[0] == 254  # what the pair check is for
+
+
+def test_adarounds_integers_are_kept_at_the_full_scale_where_a_pair_is_at_most_two_levels_over():
+    """Weights on their int8 grid (AdaRound's s * q): channel 0 is under the pair limit and keeps its integers;
+    channel 1's pair is 2 levels over: its smaller weight moves 2 levels, every other integer and the scale stay;
+    channel 2's pair is 20 over: its scale rises (re-rounded, counted lost). Through the layout's own writer, on a
+    3x3 Conv whose pairs MLAS forms in (kernel position, input channel) order; the file's kernel never saturates."""
+    from onnx import helper, numpy_helper
+
+    from quantship.convert.ort_layout import (
+        PAIR_LIMIT,
+        OrtQdqReport,
+        OrtWeights,
+        WeightType,
+        _OrtQdqWriter,
+        kernel_order,
+        kernel_unorder,
+        pair_sums,
+        quantize_weight,
+    )
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-40, 40, size=(3, 2, 3, 3))
+    q[:, 0, 0, 0] = 127  # every channel's largest weight (scale amax / 127), first of the pair (ic 0, ic 1) at (0, 0)
+    q[:, 1, 0, 0] = [-50, 3, 21]  # pair sums: mixed sign; 130 (2 over); 148 (20 over)
+    q[:, :, 2, 2] = 0
+    scale = np.array([0.01, 0.02, 0.005], np.float32)
+    w = (q * scale[:, None, None, None]).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", kernel_shape=[3, 3])
+    np.testing.assert_array_equal(kernel_unorder(node, kernel_order(node, w), w), w)
+    report = OrtQdqReport()
+    writer = _OrtQdqWriter({}, {"w": numpy_helper.from_array(w, "w")}, OrtWeights(), report)
+    writer.weight_dq(node, "w", 0.0)
+    got = {i.name: numpy_helper.to_array(i) for i in writer.new_inits}
+    qf, sf = got["conv_w_wq"].astype(np.int32), got["conv_w_wscale"]
+    np.testing.assert_allclose(sf[:2], scale[:2], rtol=1e-6)
+    assert sf[2] > scale[2]  # 20 levels over: the scale rises
+    np.testing.assert_array_equal(qf[0], q[0])  # kept exactly
+    moved = np.argwhere(qf[1] != q[1])
+    assert moved.tolist() == [[1, 0, 0]] and qf[1, 1, 0, 0] == 1  # only the pair's smaller weight, by 2 levels
+    assert pair_sums(kernel_order(node, qf)).max() <= PAIR_LIMIT
+    (layer,) = report.layers
+    assert (layer.grid_channels, layer.grid_kept, layer.grid_nudged, layer.grid_lost) == (3, 1, 1, 1)
+    assert layer.grid_weights_moved == 1 and layer.limited == 1 and "AdaRound" in layer.why
+    # weights that are not on a grid (a float model) are untouched by this: the pair-safe scale as before
+    w2 = w + rng.normal(0, 1e-3, w.shape).astype(np.float32)
+    report2 = OrtQdqReport()
+    _OrtQdqWriter({}, {"w": numpy_helper.from_array(w2, "w")}, OrtWeights(), report2).weight_dq(node, "w", 0.0)
+    assert report2.layers[0].grid_channels == 0
+    _, s2, _ = quantize_weight(w2, 0, WeightType.INT8_PAIRS, kernel_rows=kernel_order(node, w2))
+    assert (s2 > np.abs(w2).reshape(3, -1).max(1) / 127 * (1 + 1e-6)).sum() == 2  # both pairs over: raised

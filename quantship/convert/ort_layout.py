@@ -143,6 +143,12 @@ class LayerLayout:
     min_levels: int = 127  # the fewest int8 levels a limited channel of this layer kept (amax / scale)
     worst_pair: int = 0  # the largest same-sign |q0| + |q1| of a kernel pair at the full int8 scale
     why: str = ""
+    # Channels whose weights already sat on their full int8 grid (AdaRound's integers, written back as s * q):
+    grid_channels: int = 0
+    grid_kept: int = 0  # ... kept exactly
+    grid_nudged: int = 0  # ... kept at the full scale with some pairs' smaller weight moved <= GRID_NUDGE levels
+    grid_weights_moved: int = 0  # weights moved by that nudge
+    grid_lost: int = 0  # ... whose scale had to be raised: re-rounded to nearest on the coarser grid
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -401,6 +407,80 @@ def pair_safe_scale(wk: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return scale
 
 
+GRID_NUDGE = 2  # at most this many levels over the pair limit are taken off a pair instead of raising the scale
+GRID_TOLERANCE = 1e-3  # |w / s - round(w / s)| below this for every weight: the channel is on its int8 grid
+
+
+@dataclass
+class GridKeep:
+    """What :func:`keep_grid_integers` did to one layer's channels that sat on their int8 grid."""
+
+    channels: int = 0
+    nudged: int = 0
+    weights_moved: int = 0
+    lost: int = 0
+
+
+def full_int8_scale(rows: np.ndarray, min_scale: np.ndarray | float = 0.0) -> np.ndarray:
+    """Per row (output channel) of ``rows``: ``max |w| / 127``, floored at ``min_scale`` (1.0 for an all-zero row)."""
+    amax = np.abs(rows).max(axis=1, initial=0.0)
+    return np.maximum(np.where(amax > 0, amax / 127, 1.0), min_scale).astype(np.float32)
+
+
+def keep_grid_integers(rows: np.ndarray, min_scale: np.ndarray | float = 0.0) -> tuple[np.ndarray, GridKeep]:
+    """Weights already on their full int8 grid (AdaRound's integers) kept at that grid where the pair limit allows.
+
+    A channel (row, in kernel order) whose every weight is ``s * q`` with ``s`` its full int8 scale keeps its
+    integers when no same-sign kernel pair passes :data:`PAIR_LIMIT`. When pairs pass it by at most
+    :data:`GRID_NUDGE` levels (AdaRound rounds each weight up or down, so it can push a pair 1-2 levels over where
+    nearest rounding would not), the smaller weight of each such pair is moved toward zero by the excess instead
+    of raising the whole channel's scale (which would re-round every weight of the channel to nearest on a coarser
+    grid and lose AdaRound's choices). The channel's largest weight is never moved, so its scale stays. Channels
+    further over are left to :func:`pair_safe_scale` and counted as lost.
+
+    Returns:
+        The rows with the nudged weights (``s * q'``, float32) and what was kept.
+    """
+    rows = rows.astype(np.float32)
+    scale = full_int8_scale(rows, min_scale)
+    qf = rows / scale[:, None]
+    q = np.round(qf)
+    on_grid = np.all(np.abs(qf - q) < GRID_TOLERANCE, axis=1) & (np.abs(rows).max(axis=1, initial=0.0) > 0)
+    report = GridKeep(channels=int(on_grid.sum()))
+    if not on_grid.any():
+        return rows, report
+    qi = q.astype(np.int32)
+    if qi.shape[1] % 2:
+        qi = np.concatenate([qi, np.zeros((qi.shape[0], 1), np.int32)], axis=1)
+    a, b = qi[:, 0::2], qi[:, 1::2]
+    excess = np.where(a * b > 0, np.abs(a) + np.abs(b) - PAIR_LIMIT, 0)
+    worst = excess.max(axis=1, initial=0)
+    nudge = on_grid & (worst > 0) & (worst <= GRID_NUDGE)
+    report.lost = int((on_grid & (worst > GRID_NUDGE)).sum())
+    if nudge.any():
+        over = (excess > 0) & nudge[:, None]
+        small_is_a = np.abs(a) <= np.abs(b)
+        # Move the smaller weight of each pair toward zero by the excess (its sign kept: it is at least excess).
+        a = np.where(over & small_is_a, a - np.sign(a) * excess, a)
+        b = np.where(over & ~small_is_a, b - np.sign(b) * excess, b)
+        moved = np.empty_like(qi)
+        moved[:, 0::2], moved[:, 1::2] = a, b
+        moved = moved[:, : rows.shape[1]]
+        report.nudged = int(nudge.sum())
+        report.weights_moved = int(over.sum())
+        rows = np.where(nudge[:, None], moved.astype(np.float32) * scale[:, None], rows).astype(np.float32)
+    return rows, report
+
+
+def kernel_unorder(node: Any, rows: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`kernel_order`: ``rows`` back in the layout of the weight ``like``."""
+    if node.op_type == "Conv":
+        m, c = like.shape[0], like.shape[1]
+        return np.moveaxis(rows.reshape(m, *like.shape[2:], c), -1, 1)
+    axis = _weight_axis(node, like)
+    return np.moveaxis(rows.reshape(np.moveaxis(like, axis, 0).shape), 0, axis)
+
+
 def quantize_weight(
     w: np.ndarray,
     axis: int,
@@ -595,8 +675,10 @@ def layer_layout(
     rows: np.ndarray,
     scale: np.ndarray,
     min_scale: np.ndarray | float,
+    grid: GridKeep | None = None,
 ) -> LayerLayout:
-    """What one layer's weights became and why (see :class:`LayerLayout`)."""
+    """What one layer's weights became and why (see :class:`LayerLayout`); ``grid``: what
+    :func:`keep_grid_integers` kept of weights that were already on their int8 grid (AdaRound's)."""
     amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
     full = np.maximum(np.where(amax > 0, amax / 127, 1.0), min_scale).astype(np.float32)
     full_pairs = pair_sums(np.clip(np.round(rows / full[:, None]), -127, 127))
@@ -625,6 +707,16 @@ def layer_layout(
         out.why = f"{node}: 7-bit int8 as asked (reduce_range)"
     else:
         out.why = f"{node}: uint8 as asked (MLAS U8U8 kernels widen to 16 bits before adding)"
+    if grid is not None and grid.channels:
+        out.grid_channels, out.grid_nudged, out.grid_weights_moved = grid.channels, grid.nudged, grid.weights_moved
+        out.grid_lost = grid.lost
+        out.grid_kept = grid.channels - grid.nudged - grid.lost
+        out.why += (
+            f"; weights on their int8 grid (AdaRound's integers) in {grid.channels} channels: {out.grid_kept} kept "
+            f"exactly, {grid.nudged} kept with {grid.weights_moved} weight(s) moved <= {GRID_NUDGE} levels to fit "
+            f"the pair limit, {grid.lost} re-rounded on a raised scale (a pair over the limit by more than "
+            f"{GRID_NUDGE})"
+        )
     return out
 
 
@@ -700,8 +792,13 @@ class _OrtQdqWriter:
         wt, kind = self._weight_type(node, w)
         self.report.weight_types[f"{kind} {wt.value}"] += 1
         rows = kernel_order(node, w)
+        grid = GridKeep()
+        if wt is WeightType.INT8_PAIRS:  # AdaRound's integers kept where the pair limit allows (keep_grid_integers)
+            rows, grid = keep_grid_integers(rows, min_scale)
+            if grid.nudged:
+                w = kernel_unorder(node, rows, w)
         q, scale, zp = quantize_weight(w, axis, wt, min_scale, rows)
-        self.report.layers.append(layer_layout(node.name, kind, wt, w, axis, rows, scale, min_scale))
+        self.report.layers.append(layer_layout(node.name, kind, wt, w, axis, rows, scale, min_scale, grid))
         base = f"{node.name}_{name}"
         qn, sn, zn, out = f"{base}_wq", f"{base}_wscale", f"{base}_wzp", f"{base}_wdq"
         self.new_inits.extend(

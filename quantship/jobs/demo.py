@@ -30,7 +30,9 @@ from quantship.data.classes import class_name, wnid_to_label
 from quantship.data.datasets import check_disjoint, load_dataset
 from quantship.errors import ConfigError, QuantshipError
 from quantship.evaluate.bench import latency_pass
+from quantship.evaluate.diff import diff_images
 from quantship.evaluate.environment import environment
+from quantship.evaluate.explain import failure_line, instead_clause
 from quantship.evaluate.latency import measure_latency
 from quantship.evaluate.report import build_report
 from quantship.evaluate.results import markdown_table, text_table, write_results
@@ -43,6 +45,7 @@ from quantship.progress import note
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import BuildContext, parse_targets
 from quantship.targets.run import build_targets, calibration_data, evaluate_targets, evaluated_rows, load_for
+from quantship.targets.why import WHY_IMAGES, why_lines
 
 MODEL = "efficientnet_lite0"
 # Models the demo runs (registry name -> where its ImageNet weights come from).
@@ -250,7 +253,6 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
         photos = [Path(s.key).stem for s in evalset.samples]
         _, _, first = prediction_check(photos, scores)
         failing = sorted({p["target"] for p in first if not p["ok"]}, key=list(scores).index)
-        why = explain_failures(ctx, loaded, targets, artifacts, evalset, scores, first, failing, threads)
         repairs = []
         if any(family(name) == "tflite-int8" for name in failing):
             repaired = repair_tflite(ctx, loaded, out, options, one, evalset)
@@ -260,6 +262,10 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
             repaired["agreement_top1"] = float(np.mean(got.argmax(1) == scores["keras-fp32"].argmax(1)))
             repairs.append({**{k: base[k] for k in keep if k in base}, **repaired})
             rows.append(repairs[-1])
+        _, _, after = prediction_check(photos, scores)
+        passing = [t for t in scores if all(p["ok"] for p in after if p["target"] == t)]
+        instead = {name: instead_of(name, passing, repairs) for name in failing}
+        why = explain_failures(loaded, targets, artifacts, evalset, scores, first, failing, threads, instead)
     finally:
         ctx.close()
 
@@ -277,7 +283,10 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
     failed = [f"FAILED {r['target']}: {r['error']}" for r in rows if r["status"] == "failed"]
     lines += failed
     if why:
-        lines.append("\nWhy (the first tensor where each failing target parts from fp32, from `quantship diff`):")
+        lines.append(
+            f"\nWhy (the first tensor where each failing target parts from fp32, on {WHY_IMAGES} photos; what passes "
+            "instead):"
+        )
         lines += [f"  {line}" for line in why.values()]
     for r in repairs:
         lines.append(
@@ -372,13 +381,11 @@ def recommendations(predictions: list[dict[str, Any]], built: Sequence[str]) -> 
 
 
 def _judge_images(loaded: Any, evalset: Any) -> np.ndarray:
-    from quantship.jobs.diff import _images
-
-    return _images(evalset, loaded, 16, 2)
+    """The photos, centre-cropped as every target sees them."""
+    return diff_images(evalset, loaded.preprocess, 16, 2)
 
 
 def explain_failures(
-    ctx: Any,
     loaded: Any,
     targets: Sequence[Any],
     artifacts: dict[str, Any],
@@ -387,38 +394,37 @@ def explain_failures(
     predictions: list[dict[str, Any]],
     failing: Sequence[str],
     threads: int,
+    instead: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """One line per failing target: where it parts from fp32 (a layer-by-layer diff on the photos) and what its
-    output quantization did on the first judged photo it got wrong."""
-    from quantship.convert.layer_names import KerasLayers
-    from quantship.evaluate.diff import layer_rows
-    from quantship.evaluate.explain import failure_line
-    from quantship.jobs.diff import DiffSpec, compare_targets, make_probe
-
+    """One line per failing target (:func:`quantship.targets.why.why_lines`): where it parts from fp32 (a
+    layer-by-layer comparison on the first photos), what its output quantization did on the first judged photo
+    it got wrong, and what passes instead (``instead``, per target)."""
     by_name = {t.name: t for t in targets}
-    wanted = [n for n in failing if by_name[n].spec.backend in ("tflite", "onnx")]
-    if not wanted:
-        return {}
-    x = _judge_images(loaded, evalset)
-    layers = KerasLayers.of(loaded.model)
-    spec = DiffSpec(loaded.name, "", tuple(["keras-fp32", *wanted]), ctx.out_dir, threads=threads)
     photos = [Path(s.key).stem for s in evalset.samples]
-    out: dict[str, str] = {}
-    probes = []
-    try:
-        for name in ["keras-fp32", *wanted]:
-            probes.append(make_probe(by_name[name], artifacts.get(name), loaded, layers, spec, ("cpu",)))
-        comparisons = compare_targets(probes, x, 16, progress=lambda it, **_: it)
-    finally:
-        for p in probes:
-            p.close()
     fp32 = next(iter(scores.values()))
-    for name, comp in zip(wanted, comparisons):
-        rows = layer_rows(comp, layers.order, layers.inputs, layers.types)
+
+    def line(name: str, rows: list[dict[str, Any]]) -> str:
         wrong = next((p["photo"] for p in predictions if p["target"] == name and p["judged"] and not p["ok"]), None)
         i = photos.index(wrong) if wrong in photos else None
-        out[name] = failure_line(name, rows, fp32, scores.get(name), i, wrong or "", class_name)
-    return out
+        return failure_line(name, rows, fp32, scores.get(name), i, wrong or "", class_name)
+
+    failed = [by_name[n] for n in failing if n in by_name]
+    return why_lines(
+        loaded, by_name["keras-fp32"], failed, artifacts, lambda: _judge_images(loaded, evalset), instead or {},
+        threads, line,
+    )  # fmt: skip
+
+
+def instead_of(name: str, passing: Sequence[str], repairs: Sequence[dict[str, Any]]) -> str:
+    """What passes instead of ``name``: its family's repaired file when that passes, else another file of its
+    family that passes, else any int8 file that passes."""
+    fam = family(name)
+    fixed = [r for r in repairs if r.get("repairs") == fam and r["target"] in passing]
+    if fixed:
+        units = ", ".join(fixed[0]["float_units"]) or "nothing"
+        return instead_clause(fallback=f"{fixed[0]['target']} ({fixed[0]['artifact']}; {units} in float)")
+    same = [t for t in passing if family(t) == fam and t != name]
+    return instead_clause(same or [t for t in passing if family(t) in FAMILIES])
 
 
 REPAIR_CROPS = 6  # per evaluation photo: held-out crops (other framings) the repair's float set is searched on
