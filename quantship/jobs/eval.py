@@ -129,14 +129,9 @@ def run_eval(spec: EvalSpec) -> JobResult:
         if session is not None:
             _mark_remote(rows, session, copied)
         verdicts = gate_rows(spec.gates, task, rows, runs)
-        if verdicts:
-            x = diff_images(evalset, loaded.preprocess, 4, spec.workers, limit=WHY_IMAGES)
-            explain_verdicts(verdicts, rows, loaded, artifacts, x, spec.threads)
-            write_text_atomic(
-                out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdicts)
-            )
-        else:
-            (out_dir / "verdicts.jsonl").unlink(missing_ok=True)  # an older run's gates would pass for this run's
+        images = lambda: diff_images(evalset, loaded.preprocess, 4, spec.workers, limit=WHY_IMAGES)  # noqa: E731
+        explain_verdicts(verdicts, rows, loaded, artifacts, images, spec.threads)
+        write_verdicts(out_dir, verdicts)
         origin = f" from {calib_info['source']}" if calib_info.get("source") else ""
         listed = f" listed in {calib_info['list']}" if calib_info.get("list") else ""
         unread = len(calib) - used if used is not None else 0
@@ -164,18 +159,33 @@ def run_eval(spec: EvalSpec) -> JobResult:
     if session is not None:
         env = session.environment
         lines.append(f"artifacts ran on {session.url} ({env.get('cpu')}, {env.get('machine')}); the reference ran here")
-    gates_failed = False
-    if verdicts:
-        shown = load_results(out_dir)["verdicts"]  # with the report's display fields (interval, verdict text)
-        overall = overall_verdict(verdicts)
-        gates_failed = overall.exit_code() != 0
-        lines += ["", text_table(shown, VERDICT_COLUMNS), overall.headline]
-        lines += [f"  why {v['target']} failed {v['gate']}: {v['why']}" for v in verdicts if v.get("why")]
+    gate_text, gates_failed = verdict_lines(out_dir, verdicts)
+    lines += gate_text
     lines.append(f"results: {out_dir / 'results.jsonl'}, {out_dir / 'results.md'}")
     nonfinite = nonfinite_error(rows, spec.allow_nonfinite)
     if nonfinite:
         lines.append(nonfinite)
     return JobResult(rows, lines, 1 if failed or nonfinite or gates_failed else 0)
+
+
+def write_verdicts(out_dir: Path, verdicts: list[dict[str, Any]]) -> None:
+    """``verdicts.jsonl`` as sign-off writes it (the report reads it); removed when no gate was given, so an
+    older run's verdicts never pass for this run's."""
+    if verdicts:
+        write_text_atomic(out_dir / "verdicts.jsonl", "".join(json.dumps(v, sort_keys=True) + "\n" for v in verdicts))
+    else:
+        (out_dir / "verdicts.jsonl").unlink(missing_ok=True)
+
+
+def verdict_lines(out_dir: Path, verdicts: list[dict[str, Any]]) -> tuple[list[str], bool]:
+    """The console's gate table, headline and why-lines; and whether the gates fail the run."""
+    if not verdicts:
+        return [], False
+    shown = load_results(out_dir)["verdicts"]  # with the report's display fields (interval, verdict text)
+    overall = overall_verdict(verdicts)
+    lines = ["", text_table(shown, VERDICT_COLUMNS), overall.headline]
+    lines += [f"  why {v['target']} failed {v['gate']}: {v['why']}" for v in verdicts if v.get("why")]
+    return lines, overall.exit_code() != 0
 
 
 def gate_rows(gates: Sequence[Gate], task: Any, rows: list[dict[str, Any]], runs: dict[str, Any]) -> list[dict]:

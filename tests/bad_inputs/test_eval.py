@@ -53,6 +53,19 @@ CASES = [
     ),
     # --- ground truth, data lists and pickles that are not what they claim
     Case(
+        "eval-gate-not-understood",
+        eval_argv("--gate", "top1>>0.99"),
+        2,
+        "gate 'top1>>0.99' not understood",
+    ),
+    Case(
+        "eval-gate-needs-labels",
+        ("eval", "--model", "{model}", "--preprocess", P, "--data", "images:{data}", "--gate", "top1>=0.99")
+        + ("--out", "{out}"),
+        2,
+        "--gate top1>=0.99: metric 'top1' needs labels and the evaluation data has none",
+    ),
+    Case(
         "gt-not-utf8",
         eval_argv(data="imagenet:{flat}"),
         2,
