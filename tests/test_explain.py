@@ -93,3 +93,28 @@ def test_eval_gate_fails_a_target_and_says_why_and_what_passes(trained_tiny, syn
     assert why in (out / "results.md").read_text()
     assert main(["report", str(out)]) == 0
     assert "Why each failing target failed" in (out / "report.html").read_text()
+
+
+def test_a_why_line_that_cannot_be_computed_says_so_and_raises_nothing(trained_tiny):
+    from conftest import TINY_PREPROCESS
+    from quantship.config import parse_preprocess_overrides
+    from quantship.errors import DataError
+    from quantship.models.loading import resolve_preprocess
+    from quantship.targets import get_target
+    from quantship.targets.run import load_for
+    from quantship.targets.why import why_lines
+
+    _, path = trained_tiny
+    loaded = load_for(str(path), None, resolve_preprocess(str(path), None, parse_preprocess_overrides(TINY_PREPROCESS)))
+    ref, int8 = get_target("keras-fp32"), get_target("tflite-int8")
+    x = np.zeros((2, 32, 32, 3), np.float32)
+    lines = why_lines(loaded, ref, [int8], {"keras-fp32": None}, x, "passes instead: y")
+    assert lines == {"tflite-int8": "tflite-int8: why not computed: its tensors could not be read (tflite-int8's "
+                     "artifact is not on this machine); passes instead: y"}  # fmt: skip
+
+    def unreadable():
+        raise DataError("no readable image among the 2 evaluation images")
+
+    lines = why_lines(loaded, ref, [int8], {"keras-fp32": None, "tflite-int8": None}, unreadable)
+    assert lines["tflite-int8"].endswith("no images or layers to compare (no readable image among the 2 evaluation "
+                                         "images)")  # fmt: skip
