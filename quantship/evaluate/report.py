@@ -483,7 +483,10 @@ def _verdict_section(doc: _Doc, data: dict[str, Any]) -> None:
     doc.table(verdicts, VERDICT_COLUMNS)
     why = [v for v in verdicts if v.get("why")]
     if why:
-        doc.para("Why each failing target failed (its first tensor to part from the reference, on a few images):")
+        doc.para(
+            "Why each failing target failed: its first tensor to part from the reference, from a layer-by-layer "
+            f"comparison on {why[0].get('why_images', 'a few')} images (computed after the verdicts)."
+        )
         for v in why:
             doc.para(f"{v['target']} ({v['gate']}): {v['why']}")
     rules = sorted({v.get("rule", "point") for v in verdicts})

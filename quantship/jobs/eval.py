@@ -184,7 +184,9 @@ def verdict_lines(out_dir: Path, verdicts: list[dict[str, Any]]) -> tuple[list[s
     shown = load_results(out_dir)["verdicts"]  # with the report's display fields (interval, verdict text)
     overall = overall_verdict(verdicts)
     lines = ["", text_table(shown, VERDICT_COLUMNS), overall.headline]
-    lines += [f"  why {v['target']} failed {v['gate']}: {v['why']}" for v in verdicts if v.get("why")]
+    why = [f"  why {v['target']} failed {v['gate']}: {v['why']}" for v in verdicts if v.get("why")]
+    if why:
+        lines += [f"why (the reference and each failing target compared layer by layer on {WHY_IMAGES} images):", *why]
     return lines, overall.exit_code() != 0
 
 
@@ -236,7 +238,7 @@ def explain_verdicts(
     )
     for v in verdicts:
         if v["verdict"] == FAIL and v["target"] in lines:
-            v["why"] = lines[v["target"]]
+            v["why"], v["why_images"] = lines[v["target"]], WHY_IMAGES
     for r in rows:
         if r["target"] in lines:
             r["why"] = lines[r["target"]]

@@ -18,6 +18,7 @@ from quantship.signoff.plan import SignoffPlan
 from quantship.signoff.run import make_executor, signoff
 from quantship.signoff.units import LocalExecutor
 from quantship.targets.run import nonfinite_error
+from quantship.targets.why import WHY_IMAGES
 
 __all__ = ["SignoffPlan", "run_signoff"]
 
@@ -62,7 +63,9 @@ def _run(plan: SignoffPlan, out_dir: Path, executor: Any, session: Any = None) -
     rows, verdict_rows = signoff(plan, out_dir, executor=executor)
     md, page = build_report(out_dir, f"sign-off: {plan.name}")
     lines = [text_table(load_results(out_dir)["verdicts"], VERDICT_COLUMNS)]
-    lines += [f"  why {v['model']} {v['target']} failed {v['gate']}: {v['why']}" for v in verdict_rows if v.get("why")]
+    why = [f"  why {v['model']} {v['target']} failed {v['gate']}: {v['why']}" for v in verdict_rows if v.get("why")]
+    if why:
+        lines += [f"why (the reference and each failing target compared layer by layer on {WHY_IMAGES} images):", *why]
     failed_units = [r for r in rows if r.get("status") == "failed"]
     lines += [f"FAILED {r['model']} {r['target']}: {r['error']}" for r in failed_units]
     overall = overall_verdict(verdict_rows, len(failed_units))

@@ -56,4 +56,4 @@ def explain_failed_gates(
             )
         for v in mine:
             if v["verdict"] == FAIL and v["target"] in lines:
-                v["why"] = lines[v["target"]]
+                v["why"], v["why_images"] = lines[v["target"]], WHY_IMAGES
