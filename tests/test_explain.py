@@ -118,3 +118,16 @@ def test_a_why_line_that_cannot_be_computed_says_so_and_raises_nothing(trained_t
     lines = why_lines(loaded, ref, [int8], {"keras-fp32": None, "tflite-int8": None}, unreadable)
     assert lines["tflite-int8"].endswith("no images or layers to compare (no readable image among the 2 evaluation "
                                          "images)")  # fmt: skip
+
+
+def test_demo_names_the_repaired_file_or_one_passing_file_per_family_instead():
+    from quantship.jobs.demo import instead_of
+
+    passing = ["keras-fp32", "qdq-int8-entropy", "qdq-int8-max", "ort-int8-entropy", "tflite-int8+fallback"]
+    repair = {"target": "tflite-int8+fallback", "repairs": "tflite-int8", "artifact": "a.tflite", "float_units": ["p"]}
+    assert instead_of("tflite-int8", passing, [repair]) == "passes instead: tflite-int8+fallback (a.tflite; p in float)"
+    assert instead_of("qdq-int8-mse", passing, []) == "passes instead (same run): qdq-int8-entropy"
+    assert instead_of("tflite-int16x8", passing, [repair]) == (
+        "passes instead (same run): qdq-int8-entropy, ort-int8-entropy, tflite-int8+fallback"
+    )
+    assert instead_of("tflite-int8", ["keras-fp32"], []) == "nothing else in this run passes"

@@ -424,7 +424,8 @@ def instead_of(name: str, passing: Sequence[str], repairs: Sequence[dict[str, An
         units = ", ".join(fixed[0]["float_units"]) or "nothing"
         return instead_clause(fallback=f"{fixed[0]['target']} ({fixed[0]['artifact']}; {units} in float)")
     same = [t for t in passing if family(t) == fam and t != name]
-    return instead_clause(same or [t for t in passing if family(t) in FAMILIES])
+    first_per_family = {family(t): t for t in reversed(passing) if family(t) in FAMILIES}  # reversed: first wins
+    return instead_clause(same[:1] or sorted(first_per_family.values(), key=passing.index))
 
 
 REPAIR_CROPS = 6  # per evaluation photo: held-out crops (other framings) the repair's float set is searched on
