@@ -362,5 +362,11 @@ def test_adarounds_integers_are_kept_at_the_full_scale_where_a_pair_is_at_most_t
     report2 = OrtQdqReport()
     _OrtQdqWriter({}, {"w": numpy_helper.from_array(w2, "w")}, OrtWeights(), report2).weight_dq(node, "w", 0.0)
     assert report2.layers[0].grid_channels == 0
+    # a depthwise layer (full int8) keeps every channel on its grid, and records them
+    dw = helper.make_node("Conv", ["x", "d"], ["z"], name="dw", kernel_shape=[3, 3], group=3)
+    d = (q[:, :1] * scale[:, None, None, None]).astype(np.float32)
+    report3 = OrtQdqReport()
+    _OrtQdqWriter({}, {"d": numpy_helper.from_array(d, "d")}, OrtWeights(), report3).weight_dq(dw, "d", 0.0)
+    assert (report3.layers[0].kind, report3.layers[0].grid_channels, report3.layers[0].grid_kept) == ("depthwise", 3, 3)
     _, s2, _ = quantize_weight(w2, 0, WeightType.INT8_PAIRS, kernel_rows=kernel_order(node, w2))
     assert (s2 > np.abs(w2).reshape(3, -1).max(1) / 127 * (1 + 1e-6)).sum() == 2  # both pairs over: raised

@@ -427,6 +427,14 @@ def full_int8_scale(rows: np.ndarray, min_scale: np.ndarray | float = 0.0) -> np
     return np.maximum(np.where(amax > 0, amax / 127, 1.0), min_scale).astype(np.float32)
 
 
+def on_int8_grid(rows: np.ndarray, min_scale: np.ndarray | float = 0.0) -> np.ndarray:
+    """Per row (output channel): whether every weight is ``s * q`` with ``s`` the row's full int8 scale (AdaRound's
+    integers written back), within :data:`GRID_TOLERANCE` of a level."""
+    rows = rows.astype(np.float32)
+    qf = rows / full_int8_scale(rows, min_scale)[:, None]
+    return np.all(np.abs(qf - np.round(qf)) < GRID_TOLERANCE, axis=1) & (np.abs(rows).max(axis=1, initial=0.0) > 0)
+
+
 def keep_grid_integers(rows: np.ndarray, min_scale: np.ndarray | float = 0.0) -> tuple[np.ndarray, GridKeep]:
     """Weights already on their full int8 grid (AdaRound's integers) kept at that grid where the pair limit allows.
 
@@ -443,9 +451,8 @@ def keep_grid_integers(rows: np.ndarray, min_scale: np.ndarray | float = 0.0) ->
     """
     rows = rows.astype(np.float32)
     scale = full_int8_scale(rows, min_scale)
-    qf = rows / scale[:, None]
-    q = np.round(qf)
-    on_grid = np.all(np.abs(qf - q) < GRID_TOLERANCE, axis=1) & (np.abs(rows).max(axis=1, initial=0.0) > 0)
+    q = np.round(rows / scale[:, None])
+    on_grid = on_int8_grid(rows, min_scale)
     report = GridKeep(channels=int(on_grid.sum()))
     if not on_grid.any():
         return rows, report
@@ -797,6 +804,9 @@ class _OrtQdqWriter:
             rows, grid = keep_grid_integers(rows, min_scale)
             if grid.nudged:
                 w = kernel_unorder(node, rows, w)
+        else:  # full int8 and uint8 (q + 128) keep the grid's integers; 7-bit weights re-round every channel
+            grid.channels = int(on_int8_grid(rows, min_scale).sum())
+            grid.lost = grid.channels if wt is WeightType.INT8_7BIT else 0
         q, scale, zp = quantize_weight(w, axis, wt, min_scale, rows)
         self.report.layers.append(layer_layout(node.name, kind, wt, w, axis, rows, scale, min_scale, grid))
         base = f"{node.name}_{name}"
