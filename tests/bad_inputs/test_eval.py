@@ -50,6 +50,7 @@ CASES = [
         2,
         "none of the 2 image file(s) could be read as an image",
         build=lambda tmp, env: broken_images(tmp),
+        subprocess=True,
     ),
     # --- ground truth, data lists and pickles that are not what they claim
     Case(
@@ -80,7 +81,7 @@ CASES = [
         "2 image(s) listed in the ground truth are missing",
         EVAL_OUT,
         flat(b"a.JPEG 0\nb.JPEG 1\nc.JPEG 1\nd.JPEG 2\n"),
-        inprocess=True,
+        heavy=True,
         check=rows(missing_images=2, images=2),
     ),
     Case(
@@ -136,7 +137,7 @@ CASES = [
         "1 unreadable skipped",
         EVAL_OUT | {"skipped.txt"},
         with_bad_image("huge.png", lambda: png_claiming(50000, 50000)),
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=6, skipped=1), skipped_holds("huge.png", "50000x50000 pixels")),
     ),
     Case(
@@ -146,7 +147,7 @@ CASES = [
         "1 unreadable skipped",
         EVAL_OUT | {"skipped.txt"},
         with_bad_image("cut.JPEG", jpeg_cut_in_half),
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=6, skipped=1), skipped_holds("cut.JPEG", "corrupt JPEG")),
     ),
     Case(
@@ -156,7 +157,7 @@ CASES = [
         "none of the 2 evaluation images could be read",
         frozenset({"skipped.txt"}),
         all_unreadable,
-        inprocess=True,
+        heavy=True,
     ),
     Case(
         "detection-skipped-listed-symlinked-folder",
@@ -180,7 +181,7 @@ CASES = [
         "1 unreadable skipped (skipped.txt)",
         EVAL_OUT | {"skipped.txt"},
         coco_symlinked_with_corrupt_image,
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=3, skipped=1, task="detection"), skipped_holds("corrupt JPEG")),
     ),
     # --- outputs that are not numbers
@@ -191,7 +192,7 @@ CASES = [
         "NaN or inf outputs on some images (scored as wrong) from: nan keras-fp32 (6 of 6)",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["nan_model"])},
-        inprocess=True,
+        heavy=True,
         check=rows(nonfinite_images=6, top1=0.0, top5=0.0),
     ),
     Case(
@@ -201,7 +202,7 @@ CASES = [
         "inf keras-fp32 (6 of 6)",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["inf_model"])},
-        inprocess=True,
+        heavy=True,
         check=rows(nonfinite_images=6, top1=0.0),
     ),
     Case(
@@ -211,7 +212,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["nan_model"])},
-        inprocess=True,
+        heavy=True,
         check=rows(nonfinite_images=6, top1=0.0),
     ),
     # --- preprocessing overrides
@@ -317,7 +318,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         cache_with_empty_shard,
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=6), cache_holds),
     ),
     Case(
@@ -345,7 +346,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         listing_with_bom,
-        inprocess=True,
+        heavy=True,
         check=rows(images=4),
     ),
     Case(
@@ -355,7 +356,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         flat(b"\xef\xbb\xbfa.JPEG 0\nb.JPEG 1\n"),
-        inprocess=True,
+        heavy=True,
         check=rows(images=2),
     ),
     Case(
@@ -365,7 +366,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         cache_with_stale_temporary,
-        inprocess=True,
+        heavy=True,
         check=cache_holds,
     ),
     Case(
@@ -375,7 +376,7 @@ CASES = [
         "FAILED tflite-int8: layer 'conv1': weight 'kernel' holds NaN or inf values",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["nan_model"])},
-        inprocess=True,
+        heavy=True,
         check=target_failed("tflite-int8", "holds NaN or inf"),
     ),
     Case(
@@ -385,7 +386,7 @@ CASES = [
         "outputs NaN or inf values in calibration batch 1",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["inf_model"])},
-        inprocess=True,
+        heavy=True,
         check=both(
             target_failed("tflite-int8", "calibration batch 1"), target_failed("tflite-int16x8", "calibration batch 1")
         ),
@@ -396,7 +397,7 @@ CASES = [
         2,
         "two has 2 outputs (classes 0..1)",
         build=two_output_model,
-        inprocess=True,
+        heavy=True,
     ),  # fmt: skip
     Case(
         "progressive-jpeg-cut-in-half-with-end-marker",
@@ -405,7 +406,7 @@ CASES = [
         "1 unreadable skipped",
         EVAL_OUT | {"skipped.txt"},
         with_bad_image("prog.JPEG", progressive_jpeg_cut_in_half),
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=6, skipped=1), skipped_holds("prog.JPEG", "corrupt JPEG")),
     ),
     Case(
@@ -436,7 +437,7 @@ CASES = [
         "4 calibration images (1 unreadable, left out)",
         EVAL_OUT | {"artifacts"},
         calib_with_unreadable,
-        inprocess=True,
+        heavy=True,
         check=rows(calibration_images=3),
     ),
     *(
@@ -455,7 +456,7 @@ CASES = [
         1,
         "the calibration images are (40, 40, 3), the model takes (32, 32, 3)",
         EVAL_OUT,
-        inprocess=True,
+        heavy=True,
         check=target_failed("tflite-int8", "--preprocess (size, layout) does not fit the model"),
     ),
     Case("ort-providers-stray-comma", eval_argv("--ort-providers", "cpu,"), 2, "an empty provider name in 'cpu,'"),
@@ -465,7 +466,7 @@ CASES = [
         eval_argv("--ort-providers", "cuda", targets="onnx-fp32"),
         2,
         "--ort-providers: CUDAExecutionProvider not available",
-        inprocess=True,
+        heavy=True,
     ),
     # A dangling link is an error, not a warning: the run would quietly evaluate a subset of the data the user laid
     # out (a link into a folder that is not mounted), and a warning scrolls away above the results.
