@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_PREPROCESS, synthetic_set, tf_preprocess
 from quantship.calibrate.api import calibrate
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache, write_cache
-from quantship.convert.calibrated import collect_statistics, write_outputs
+from quantship.convert.calibrated import CalibrationOutputs, collect_statistics, write_outputs
 from quantship.convert.layer_names import segment_layer
 from quantship.convert.onnx import OnnxSpec, convert_to_onnx, onnx_node_layers
 from quantship.convert.qdq import insert_qdq, quantize_weight
@@ -135,7 +135,7 @@ def test_qdq_model_keeps_top1_agreement(onnx_model, sets, method, tmp_path):
     calib, x, y = sets
     collector = collect_statistics(art.path, _batches(calib), scope="qdq")
     result = calibrate(collector, method)
-    report = write_outputs(result, art.path, qdq=tmp_path / "q.onnx")
+    report = write_outputs(result, art.path, CalibrationOutputs(qdq=tmp_path / "q.onnx"))
     assert len(report.quantized) == 5  # conv1, dw1, pw1, the global average pool and the dense layer (MatMul)
     assert not report.unknown_ops
     import onnx
@@ -320,21 +320,28 @@ def test_qdq_targets_run_the_graph_tensorrt_approximates(onnx_model, sets, tmp_p
     """The Q/DQ targets stand for TensorRT's int8: ONNX Runtime must run dequantize -> float op, not fuse the
     Q/DQ pairs into its own int8 kernels (whose u8 x s8 path saturates on AVX2 CPUs without VNNI). Checked on
     the graph ORT actually runs, so it fails on any CPU when fusion is on."""
-    from quantship.runtime.onnxruntime import fused_int8_ops, make_session
+    from quantship.runtime.onnxruntime import SessionDumps, fused_int8_ops, make_session
     from quantship.targets import parse_targets
 
     _, art = onnx_model
     calib, x, _ = sets
     write_outputs(
-        calibrate(collect_statistics(art.path, _batches(calib), scope="qdq"), "max"), art.path, qdq=tmp_path / "q.onnx"
+        calibrate(collect_statistics(art.path, _batches(calib), scope="qdq"), "max"),
+        art.path,
+        CalibrationOutputs(qdq=tmp_path / "q.onnx"),
     )
     target = parse_targets("onnx-int8-max")[0]  # the old name is an alias of the canonical one
     assert target.name == "qdq-int8-max"
     make_session(
-        tmp_path / "q.onnx", 1, session_config=target.session_config, optimized_model_path=tmp_path / "ran.onnx"
+        tmp_path / "q.onnx",
+        1,
+        session_config=target.session_config,
+        dumps=SessionDumps(optimized_model_path=tmp_path / "ran.onnx"),
     )
     assert fused_int8_ops(tmp_path / "ran.onnx") == []
-    make_session(tmp_path / "q.onnx", 1, optimized_model_path=tmp_path / "default.onnx")  # ORT's default options
+    make_session(
+        tmp_path / "q.onnx", 1, dumps=SessionDumps(optimized_model_path=tmp_path / "default.onnx")
+    )  # ORT's default options
     # ORT's default options do fuse (here the pooling; in EfficientNet-Lite0 also two projection Convs): the
     # assertion above is what fails when a Q/DQ target runs with them.
     assert fused_int8_ops(tmp_path / "default.onnx")

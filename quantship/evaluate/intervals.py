@@ -67,7 +67,7 @@ relative gate the value is the ratio and the threshold the required factor.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -109,14 +109,24 @@ def clopper_pearson(x: float, n: float, confidence: float = 0.95) -> tuple[float
 # ----------------------------------------------------------------------------------------- paired counts
 
 
-def paired_counts(target: np.ndarray, reference: np.ndarray) -> tuple[int, int, int, int]:
+class PairedCounts(NamedTuple):
+    """What a paired gate rests on: b = target-only right, c = reference-only right, n images, k = reference right
+    (fractional when scaled to another number of images)."""
+
+    b: float
+    c: float
+    n: float
+    k: float
+
+
+def paired_counts(target: np.ndarray, reference: np.ndarray) -> PairedCounts:
     """(b, c, n, k) from per-image 0/1 correctness of the same images: b = target-only right, c =
     reference-only right, n images, k = reference right."""
     t = np.asarray(target).astype(bool).ravel()
     r = np.asarray(reference).astype(bool).ravel()
     if t.shape != r.shape:
         raise ValueError(f"paired counts need the same images: {t.size} vs {r.size}")
-    return int(np.sum(t & ~r)), int(np.sum(~t & r)), int(t.size), int(r.sum())
+    return PairedCounts(int(np.sum(t & ~r)), int(np.sum(~t & r)), int(t.size), int(r.sum()))
 
 
 def _check(b: float, c: float, n: float, confidence: float) -> None:
@@ -240,10 +250,7 @@ def _gate_interval(kind: str, b: float, c: float, n: float, k: float, confidence
 
 
 def images_to_settle(
-    b: int,
-    c: int,
-    n: int,
-    k: int,
+    counts: PairedCounts,
     threshold: float,
     kind: str = "drop",
     confidence: float = 0.95,
@@ -259,6 +266,7 @@ def images_to_settle(
     settled, None when it never settles (point estimate exactly at the threshold, no images, or more than
     ``max_images`` needed). A planning figure, not a promise: it assumes the observed rates are the true
     ones, so with the true rates at these values about as many runs would settle later as earlier."""
+    b, c, n, k = counts
     if n <= 0:
         return None
     point = (100.0 * (b - c) / n) if kind == "drop" else ((k + b - c) / k if k > 0 else float("nan"))
@@ -310,7 +318,8 @@ def paired_verdict(
     (value = 100 * (acc_t - acc_r) in points, threshold = -max_drop_points) is given, as in config.Gate."""
     if (relative is None) == (max_drop_points is None):
         raise ValueError("give exactly one of 'relative' and 'max_drop_points'")
-    b, c, n, k = paired_counts(target, reference)
+    counts = paired_counts(target, reference)
+    b, c, n, k = counts
     kind = "relative" if relative is not None else "drop"
     threshold = float(relative) if relative is not None else -float(max_drop_points)
     if n == 0:
@@ -332,7 +341,7 @@ def paired_verdict(
         "target_only_right": b,
         "reference_only_right": c,
         "reference_right": k,
-        "images_to_settle": images_to_settle(b, c, n, k, threshold, kind, confidence)
+        "images_to_settle": images_to_settle(counts, threshold, kind, confidence)
         if decide(value, lo, hi, threshold) == INCONCLUSIVE
         else None,
         "method": "exact: Bonferroni of Clopper-Pearson intervals (disagreement rate x split)",

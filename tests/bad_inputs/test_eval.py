@@ -91,9 +91,10 @@ CASES = [
         "test.txt:2: not UTF-8",
         build=voc_with_list(b"000000\n00000\xe9\n"),
     ),
-    Case("val224-data-huge-int", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(10**11)),
-    Case("val224-data-negative", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(-1)),
-    Case("val224-data-none", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(None)),
+    *(
+        Case(f"val224-data-{name}", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(value))
+        for name, value in (("huge-int", 10**11), ("negative", -1), ("none", None))
+    ),
     Case(
         "val224-array-of-10**13",
         eval_argv(data="imagenet:{pkl}"),
@@ -234,21 +235,36 @@ CASES = [
             ("colour=red", "unknown preprocessing option(s): colour"),
         )
     ),
-    Case("targets-empty", eval_argv(targets=""), 2, "--targets: no target given"),
-    Case("targets-commas", eval_argv(targets=",,"), 2, "--targets: no target given"),
-    Case("targets-unknown", eval_argv(targets="tflite-int3"), 2, "unknown target 'tflite-int3'"),
-    Case("calib-images-negative", eval_argv("--calib-images", "-1"), 2, "argument --calib-images: expected a positive"),
-    Case(
-        "batch-size-0", eval_argv("--batch-size", "0"), 2, "argument --batch-size: expected a positive integer, got 0"
+    *(
+        Case(f"targets-{name}", eval_argv(targets=targets), 2, fragment)
+        for name, targets, fragment in (
+            ("empty", "", "--targets: no target given"),
+            ("commas", ",,", "--targets: no target given"),
+            ("unknown", "tflite-int3", "unknown target 'tflite-int3'"),
+        )
     ),
-    Case("threads-0", eval_argv("--threads", "0"), 2, "argument --threads: expected a positive integer, got 0"),
-    Case(
-        "calib-percentile-101",
-        eval_argv("--calib-percentile", "101"),
-        2,
-        "argument --calib-percentile: expected a percentile in (0, 100], got 101",
+    # --- one option's value out of range (the id: option-value)
+    *(
+        Case(name, eval_argv(f"--{option}", value), 2, fragment)
+        for name, option, value, fragment in (
+            ("calib-images-negative", "calib-images", "-1", "argument --calib-images: expected a positive"),
+            ("batch-size-0", "batch-size", "0", "argument --batch-size: expected a positive integer, got 0"),
+            ("threads-0", "threads", "0", "argument --threads: expected a positive integer, got 0"),
+            (
+                "calib-percentile-101",
+                "calib-percentile",
+                "101",
+                "argument --calib-percentile: expected a percentile in (0, 100], got 101",
+            ),
+            ("limit-0", "limit", "0", "argument --limit: expected a positive integer, got 0"),
+            ("post-training-unknown", "post-training", "best", "argument --post-training: invalid choice"),
+            ("out-empty", "out", "", "--out '': an empty path"),
+            ("labels-missing", "labels", "{tmp}/absent.txt", "--labels {tmp}/absent.txt: file not found"),
+            ("labels-a-folder", "labels", "{tmp}", "--labels {tmp}: is a folder, not a file"),
+            ("ort-providers-stray-comma", "ort-providers", "cpu,", "an empty provider name in 'cpu,'"),
+            ("ort-providers-unknown", "ort-providers", "foo", "unknown execution provider 'foo'"),
+        )
     ),
-    Case("limit-0", eval_argv("--limit", "0"), 2, "argument --limit: expected a positive integer, got 0"),
     # AdaRound's budget and the post-training search
     *(
         Case(f"adaround-{opt}-{value}", eval_argv("--adaround", f"--adaround-{opt}", value), 2, fragment)
@@ -268,7 +284,6 @@ CASES = [
         2,
         "--adaround-images set AdaRound's budget: add --adaround",
     ),
-    Case("post-training-unknown", eval_argv("--post-training", "best"), 2, "argument --post-training: invalid choice"),
     Case(
         "post-training-auto-with-steps",
         eval_argv("--post-training", "auto", "--equalize"),
@@ -328,7 +343,6 @@ CASES = [
         "cannot write there (File name too long)",
         build=lambda tmp, env: {"out": str(tmp / ("x" * 300))},
     ),
-    Case("out-empty", eval_argv("--out", ""), 2, "--out '': an empty path"),
     Case("out-inside-data-folder", eval_argv(), 2, "is inside the data folder of --data", build=out_inside_data),
     Case(
         "out-inside-calib-data-folder",
@@ -337,8 +351,6 @@ CASES = [
         "is inside the data folder of --calib-data",
         build=out_inside_calib_data,
     ),
-    Case("labels-missing", eval_argv("--labels", "{tmp}/absent.txt"), 2, "--labels {tmp}/absent.txt: file not found"),
-    Case("labels-a-folder", eval_argv("--labels", "{tmp}"), 2, "--labels {tmp}: is a folder, not a file"),
     Case(
         "calib-list-with-bom",
         eval_argv("--calib-list", "{list}"),
@@ -459,8 +471,6 @@ CASES = [
         heavy=True,
         check=target_failed("tflite-int8", "--preprocess (size, layout) does not fit the model"),
     ),
-    Case("ort-providers-stray-comma", eval_argv("--ort-providers", "cpu,"), 2, "an empty provider name in 'cpu,'"),
-    Case("ort-providers-unknown", eval_argv("--ort-providers", "foo"), 2, "unknown execution provider 'foo'"),
     Case(
         "ort-providers-unavailable",
         eval_argv("--ort-providers", "cuda", targets="onnx-fp32"),
