@@ -226,17 +226,13 @@ def test_nan_activation_names_the_tensor(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_path):
-    import subprocess
-    import sys
+def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_path, capfd):
+    from quantship.cli import main
 
     _, model_path = trained_tiny
     out = tmp_path / "cal"
-    res = subprocess.run(
+    code = main(
         [
-            sys.executable,
-            "-m",
-            "quantship",
             "calibrate",
             "--model",
             str(model_path),
@@ -256,11 +252,9 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
             str(out / "ranges.json"),
             "--out",
             str(out),
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert res.returncode == 0, res.stderr
+    assert code == 0, capfd.readouterr().err
     cache = read_cache(out / "tiny.cache")
     ranges = json.loads((out / "ranges.json").read_text())
     assert cache.algorithm == "EntropyCalibration2" and "input" in cache.scales
@@ -271,11 +265,8 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
     assert (out / "tiny-qdq.onnx").is_file() and (out / "tiny-qdq.onnx.json").is_file()
 
     ev = tmp_path / "ev"
-    res = subprocess.run(
+    code = main(
         [
-            sys.executable,
-            "-m",
-            "quantship",
             "eval",
             "--model",
             str(model_path),
@@ -293,11 +284,9 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
             "99.5",
             "--out",
             str(ev),
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert res.returncode == 0, res.stderr
+    assert code == 0, capfd.readouterr().err
     rows = [json.loads(line) for line in (ev / "results.jsonl").read_text().splitlines()]
     assert [r["target"] for r in rows] == [
         "keras-fp32",
