@@ -303,6 +303,50 @@ def fuse_matmul_add(model: Any) -> tuple[Any, int]:
     return m, count
 
 
+def fold_pad(model: Any) -> tuple[Any, int]:
+    """Fold ``Pad(constant 0, spatial axes only) -> Conv`` into the Conv's ``pads`` (ORT's own ``PadFusion``).
+
+    ORT fuses such a Pad on the float model, but not once Q/DQ nodes sit between the Pad and the Conv: the Pad then
+    runs in float between a DequantizeLinear and a QuantizeLinear (on MobileNetV2's four stride-2 depthwise inputs:
+    about a fifth of the int8 model's time). A QLinearConv pads with the input's zero point, i.e. with real 0.
+    Returns (model, Pads folded).
+    """
+    from onnx import helper
+
+    m = _copy(model)
+    graph_outputs = {o.name for o in m.graph.output}
+    cons = _consumers(m.graph.node)
+    folded = 0
+    for pad in list(m.graph.node):
+        if pad.op_type != "Pad" or pad.output[0] in graph_outputs or len(pad.input) < 2 or len(pad.input) > 3:
+            continue
+        mode = next((helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"), b"constant")
+        pads = _const(m, pad.input[1])
+        value = _const(m, pad.input[2]) if len(pad.input) == 3 and pad.input[2] else np.zeros(1)
+        users = cons.get(pad.output[0], [])
+        if mode not in (b"constant", "constant") or pads is None or value is None or np.any(value != 0):
+            continue
+        pads = pads.astype(np.int64).reshape(-1)
+        if pads.size != 8 or np.any(pads < 0) or np.any(pads[[0, 1, 4, 5]] != 0) or not users:
+            continue
+        if not all(u.op_type == "Conv" and list(u.input).index(pad.output[0]) == 0 for u in users):
+            continue
+        if any(helper.get_attribute_value(a) not in (b"NOTSET", "NOTSET") for u in users for a in u.attribute
+               if a.name == "auto_pad"):  # fmt: skip
+            continue
+        for conv in users:
+            old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0, 0, 0, 0])
+            new = [int(old[0] + pads[2]), int(old[1] + pads[3]), int(old[2] + pads[6]), int(old[3] + pads[7])]
+            keep = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend([*keep, helper.make_attribute("pads", new)])
+            conv.input[0] = pad.input[0]
+        m.graph.node.remove(pad)
+        folded += 1
+    _drop_unused_initializers(m)
+    return m, folded
+
+
 def _drop_unused_initializers(m: Any) -> None:
     used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
     keep = [i for i in m.graph.initializer if i.name in used]
@@ -311,9 +355,11 @@ def _drop_unused_initializers(m: Any) -> None:
 
 
 def prepare_for_ort(model: Any) -> tuple[Any, int, int]:
-    """Batch norms folded and ``MatMul + Add`` made ``Gemm``: (model, Mul/Add folded, Gemms made)."""
+    """Batch norms folded, ``MatMul + Add`` made ``Gemm`` and zero ``Pad`` folded into the Conv after it: (model,
+    Mul/Add folded, Gemms made)."""
     m, folded = fold_batchnorm(model)
     m, gemms = fuse_matmul_add(m)
+    m, _ = fold_pad(m)
     return m, folded, gemms
 
 
