@@ -14,7 +14,8 @@ kernel only when it fits that kernel:
 * ``DQ(x) + DQ(W) [+ DQ(bias)] -> Gemm`` with a float output becomes ``QGemm``.
 
 So: batch norms that tf2onnx leaves after depthwise convolutions (``Mul`` + ``Add``) are folded into the Conv
-first, ``MatMul + Add(bias)`` becomes ``Gemm``; activations are uint8, asymmetric, per tensor; weights symmetric
+first, ``MatMul + Add(bias)`` becomes ``Gemm``, a zero ``Pad`` before a Conv goes into its ``pads`` (ORT's
+PadFusion, which Q/DQ nodes between them would block); activations are uint8, asymmetric, per tensor; weights symmetric
 per output channel. Which weight type keeps every CPU exact matters (MLAS source, ``qlinearconv.cc``,
 ``convsym.cpp`` and the ``QgemmU8S8Kernel*``/``ConvSymKernel*`` kernels): on x86 CPUs without VNNI the u8 x s8
 kernels multiply two adjacent elements of the reduction dimension and add the two products in a *saturating
