@@ -40,6 +40,12 @@ def test_fewer_steps_win_when_the_held_out_images_cannot_tell_them_apart():
     clear = [_score(both, [1] * n, base_l1 - 0.05), _score(PtqSteps(), [1] * n, base_l1)]
     chosen, reason = choose(clear)
     assert chosen.steps == both and "best held-out agreement" in reason
+    # the tie rule swaps steps, never the calibrator: an unresolved simpler candidate of another calibrator stays out
+    other = _score(PtqSteps(), [1] * (n - 1) + [0], base_l1)
+    other.calibrator = "mse"
+    best = _score(both, [1] * n, noisy)
+    best.calibrator = "entropy"
+    assert choose([best, other])[0] is best
     # a candidate that failed to build is never chosen
     failed = Score(PtqSteps(bias_correct=True), error="conversion failed")
     assert choose([failed, *clear])[0].steps == both
