@@ -45,7 +45,8 @@ def test_fallback_keeps_the_int8_softmax_float_where_no_layer_set_passes(flat_so
         layer_sensitivity,
         score,
     )
-    from quantship.sensitivity.units import UnitBackend, prune_fallback, tflite_units, unit_sensitivity
+    from quantship.sensitivity.fallback import prune_fallback
+    from quantship.sensitivity.units import UnitBackend, tflite_units, unit_sensitivity
 
     model, calib, held = flat_softmax
     gate = Gate(metric="top1", relative=0.99)

@@ -24,9 +24,16 @@ import numpy as np
 
 from quantship.config import CalibrationMethod, Gate, PtqSteps
 from quantship.errors import ConfigError
-from quantship.sensitivity.fallback import FallbackResult, apply_fallback, combined_ranking, find_fallback
+from quantship.sensitivity.fallback import (
+    FallbackResult,
+    apply_fallback,
+    combined_ranking,
+    find_fallback,
+    prune_fallback,
+)
 from quantship.sensitivity.scoring import depthwise_vs_pointwise, layer_sensitivity, layer_types
 from quantship.sensitivity.setup import SensitivitySetup
+from quantship.sensitivity.units import unit_backends, unit_sensitivity
 from quantship.sensitivity.weights import weight_study, weight_variant
 
 
@@ -96,8 +103,6 @@ def run_analyses(
         backends = [chosen[n]() for n in a.backends]
         wrapped = None
         if a.ops:
-            from quantship.sensitivity.units import prune_fallback, unit_backends, unit_sensitivity
-
             wrapped = unit_backends(setup, {n: chosen[n]() for n in a.backends})
             for name, w in wrapped.items():
                 print_fn(f"{name}: {len(w.units)} op units (softmax, adds, pooling, output), one at a time")
