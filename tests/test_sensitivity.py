@@ -136,6 +136,27 @@ def test_qdq_ranking_puts_the_hostile_layer_first(qdq_backend, hostile):
 
 
 @pytest.mark.slow
+def test_screening_scores_only_harmless_layers_on_half_the_images(qdq_backend, hostile):
+    """The screening rule: a layer that changes nothing on every other image is scored on those only; every
+    other layer on all images, with the full study's numbers, so the harmful end of the ranking is unchanged."""
+    from quantship.sensitivity.scoring import shows_no_harm
+
+    _, _, held = hostile
+    n = len(held.x)
+    full = layer_sensitivity(qdq_backend, held)
+    screened = layer_sensitivity(qdq_backend, held, screen_min=10)
+    half = {r["layer"] for r in screened if r["screened"]}
+    assert half and "conv2" not in half and {r["images"] for r in screened if r["screened"]} == {(n + 1) // 2}
+    on_half = {r["layer"]: r for r in layer_sensitivity(qdq_backend, held.subset(range(0, n, 2)))}
+    assert all(shows_no_harm(on_half[layer]) for layer in half)
+    kept = [r for r in screened if not r["screened"]]
+    assert [r["layer"] for r in kept] == [r["layer"] for r in full][: len(kept)]
+    for r, f in zip(kept, full):
+        assert r["images"] == n and r["agreement_top1"] == f["agreement_top1"]
+        assert r["sqnr_db"] == pytest.approx(f["sqnr_db"], abs=1e-3)
+
+
+@pytest.mark.slow
 def test_qdq_layers_share_their_prefix_and_give_the_same_outputs(qdq_backend, hostile):
     """One layer (or layers 0..k) quantized, the prefix computed once: the same outputs as one model per row."""
     _, _, held = hostile
@@ -186,6 +207,9 @@ def test_tflite_fast_path_gives_the_slow_paths_numbers_and_rankings(hostile, tmp
         for f, s in zip(fast_rows, slow_rows):
             assert f["agreement_top1"] == s["agreement_top1"] and f["sqnr_db"] == pytest.approx(s["sqnr_db"], abs=1e-6)
         np.testing.assert_array_equal(fast.run(held.x, only=["conv1", "dw"]), slow.run(held.x, only=["conv1", "dw"]))
+        # The study runs LiteRT on every core: the thread count does not change an output.
+        one, two = (TfliteBackend(conv, lambda: [calib], threads=t) for t in (1, 2))
+        np.testing.assert_array_equal(one.run(held.x, only=["conv1", "dw"]), two.run(held.x, only=["conv1", "dw"]))
 
 
 @pytest.mark.slow

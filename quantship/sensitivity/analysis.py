@@ -31,7 +31,7 @@ from quantship.sensitivity.fallback import (
     find_fallback,
     prune_fallback,
 )
-from quantship.sensitivity.scoring import depthwise_vs_pointwise, layer_sensitivity, layer_types
+from quantship.sensitivity.scoring import SCREEN_MIN_IMAGES, depthwise_vs_pointwise, layer_sensitivity, layer_types
 from quantship.sensitivity.setup import SensitivitySetup
 from quantship.sensitivity.units import unit_backends, unit_sensitivity
 from quantship.sensitivity.weights import weight_study, weight_variant
@@ -75,18 +75,30 @@ def run_analyses(
         setup.held.task.check_metric(a.gate.metric)
     chosen = {"qdq": lambda: setup.qdq(a.method), "tflite": lambda: setup.tflite(fast=a.fast)}
     idx = np.arange(len(setup.held.x))
-    rank_set = setup.held.subset(idx[0::2]) if a.gate is not None else setup.held
+    # Ranking half: the gate ranks on it (and verifies on the other); the cumulative and depthwise studies, whose
+    # rows are read as curves rather than ranked, always run on it (half the variant runs).
+    half = setup.held.subset(idx[0::2])
+    rank_set = half if a.gate is not None else setup.held
     rows: list[dict[str, Any]] = []
     per_backend = {}
     for name in a.backends:
         backend = chosen[name]()
         print_fn(f"{name}: {len(backend.layers)} layers, one at a time, on {len(rank_set.x)} held-out images")
-        per_backend[name] = layer_sensitivity(backend, rank_set)
+        per_backend[name] = layer_sensitivity(backend, rank_set, screen_min=SCREEN_MIN_IMAGES)
         rows += per_backend[name]
+        screened = [r for r in per_backend[name] if r.get("screened")]
+        if screened:
+            print_fn(
+                f"{name}: {len(screened)} of {len(backend.layers)} layers changed no top-1 and no metric on every "
+                f"other held-out image ({screened[0]['images']}): scored on those only, the rest on all "
+                f"{len(rank_set.x)}"
+            )
+        if a.cumulative or a.depthwise:
+            print_fn(f"{name}: cumulative/depthwise studies on every other held-out image ({len(half.x)})")
         if a.cumulative:
-            rows += layer_sensitivity(backend, setup.held, cumulative=True)
+            rows += layer_sensitivity(backend, half, cumulative=True)
         if a.depthwise:
-            rows += depthwise_vs_pointwise(backend, setup.held, layer_types(setup.loaded.model))
+            rows += depthwise_vs_pointwise(backend, half, layer_types(setup.loaded.model))
     if a.weight_kinds or a.recipe:
         rows += weight_study(
             setup.loaded.model,
