@@ -312,6 +312,11 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
         text=True,
     )
     assert res.returncode == 0, res.stderr
+    # The cumulative study runs on the ranking half (every other image), and its rows and the console say so.
+    study = [json.loads(line) for line in (tmp_path / "s" / "sensitivity.jsonl").read_text().splitlines()]
+    assert {r["images"] for r in study if r["kind"] == "cumulative"} == {30}
+    assert {r["images"] for r in study if r["kind"] == "single"} == {60}
+    assert "cumulative/depthwise studies on every other held-out image (30)" in res.stderr + res.stdout
     page = (tmp_path / "s" / "report.html").read_text()
     # The one picture is the per-layer harm chart (a real PNG); the tables are there.
     (png,) = [p.split("'")[0] for p in page.split("alt='per-layer harm' src='data:image/png;base64,")[1:]]

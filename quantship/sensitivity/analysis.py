@@ -27,6 +27,7 @@ from quantship.errors import ConfigError
 from quantship.sensitivity.fallback import (
     FallbackResult,
     apply_fallback,
+    closest_set,
     combined_ranking,
     find_fallback,
     prune_fallback,
@@ -135,13 +136,24 @@ def run_analyses(
                 "fallback here"
                 if wrapped is not None
                 else " with every layer that has weights in float: what is left in int8 lies outside them "
-                "(residual adds, pooling, TFLite's softmax), so no layer set meets this gate; without --no-ops "
-                "the fallback may keep those in float too"
+                "(residual adds, pooling, TFLite's softmax), so no layer set meets this gate; without "
+                "--weighted-only the fallback may keep those in float too"
             )
         print_fn(
             f"fallback for gate '{a.gate.describe()}': float set {result.float_layers or 'none needed'}; "
             f"{verdict} on held-out images"
         )
-        if result.float_layers:
-            rows += apply_fallback(setup, result.float_layers, a.method, threads=threads or 2, units=a.ops)
+        applied = result.float_layers
+        closest = None if result.passed else closest_set(result.steps, a.gate)
+        if closest is not None:
+            # A failed search writes and reports the set that got nearest, not merely the last one it tried.
+            applied, values = closest
+            reached = ", ".join(f"{b} {v:.4f}" for b, v in values.items())
+            print_fn(
+                f"closest: float set {applied or 'none'} ({len(applied)} of {len(ranking)}) reaches {reached} "
+                f"of the gated quantity (gate: {a.gate.describe()})"
+            )
+            rows.append({"kind": "fallback_closest", "float_layers": applied, "gate_values": values})
+        if applied:
+            rows += apply_fallback(setup, applied, a.method, threads=threads or 2, units=a.ops)
     return rows, result

@@ -3,6 +3,7 @@ gate passes on held-out images, then write both int8 models with that set and re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -106,6 +107,27 @@ def find_unit_fallback(
         return result, all_rows
     pruned, steps = prune_fallback(backends, result.float_layers, verify, gate)
     return FallbackResult(pruned, True, result.steps + steps), all_rows
+
+
+def closest_set(steps: Sequence[dict[str, Any]], gate: Gate) -> tuple[list[str], dict[str, float]] | None:
+    """The float set among a search's steps whose worst backend comes nearest to ``gate`` (the smaller set on a
+    tie): (that set, the gated quantity per backend, as :meth:`~quantship.config.Gate.value` computes it), or
+    None without steps. What a failed search reports and writes: the set that gets closest, not the last tried."""
+    sign = 1.0 if gate.higher_is_better else -1.0
+    sets: dict[tuple[str, ...], dict[str, float]] = {}
+    for s in steps:
+        if s.get("kind") in ("fallback", "fallback_prune") and gate.metric in s:
+            value = gate.value(s[gate.metric], s[f"reference_{gate.metric}"])
+            sets.setdefault(tuple(s["float_layers"]), {})[s["backend"]] = value
+
+    def worst(values: dict[str, float]) -> float:
+        good = [sign * v for v in values.values()]
+        return -math.inf if any(v != v for v in good) else min(good)
+
+    if not sets:
+        return None
+    floats, values = max(sets.items(), key=lambda kv: (worst(kv[1]), -len(kv[0])))
+    return list(floats), values
 
 
 def apply_fallback(
