@@ -347,3 +347,16 @@ def test_fallback_passes_only_when_every_backend_passes(qdq_backend, hostile):
     result = find_fallback([qdq_backend, broken], ["conv2", "conv1"], held, GATE, max_layers=1)
     last = {s["backend"]: s["passed"] for s in result.steps if s["float_layers"] == ["conv2"]}
     assert last == {"qdq": True, "qdq-broken": False} and not result.passed
+
+
+def test_a_relative_gate_against_an_fp32_score_of_zero_is_refused():
+    """Photo folders labelled 0 give fp32 a top-1 of 0: 'top1>=0.99' could never pass, and the search walked every
+    layer and op unit to find that out (46 min on Lite0). It is one line before the search now."""
+    from quantship.sensitivity.scoring import check_gate_reference
+
+    reference = np.eye(3, dtype=np.float32)[[0, 1, 0, 1]]
+    unlabelled = HeldOut(np.zeros((4, 1)), [2, 2, 2, 2], reference)
+    with pytest.raises(ConfigError, match="agreement_top1"):
+        check_gate_reference(Gate.parse("top1>=0.99"), unlabelled)
+    check_gate_reference(Gate.parse("agreement_top1>=0.99"), unlabelled)
+    check_gate_reference(Gate.parse("top1>=0.99"), HeldOut(np.zeros((4, 1)), [0, 1, 0, 2], reference))

@@ -32,7 +32,13 @@ from quantship.sensitivity.fallback import (
     find_fallback,
     prune_fallback,
 )
-from quantship.sensitivity.scoring import SCREEN_MIN_IMAGES, depthwise_vs_pointwise, layer_sensitivity, layer_types
+from quantship.sensitivity.scoring import (
+    SCREEN_MIN_IMAGES,
+    check_gate_reference,
+    depthwise_vs_pointwise,
+    layer_sensitivity,
+    layer_types,
+)
 from quantship.sensitivity.setup import SensitivitySetup
 from quantship.sensitivity.units import unit_backends, unit_sensitivity
 from quantship.sensitivity.weights import weight_study, weight_variant
@@ -74,6 +80,7 @@ def run_analyses(
     a = analyses
     if a.gate is not None:
         setup.held.task.check_metric(a.gate.metric)
+        check_gate_reference(a.gate, setup.held)
     chosen = {"qdq": lambda: setup.qdq(a.method), "tflite": lambda: setup.tflite(fast=a.fast)}
     idx = np.arange(len(setup.held.x))
     # Ranking half: the gate ranks on it (and verifies on the other); the cumulative and depthwise studies, whose

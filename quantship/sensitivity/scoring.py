@@ -107,6 +107,24 @@ def gate_passes(gate: Gate, metrics: dict[str, Any]) -> bool:
     return gate.evaluate(metrics[gate.metric], metrics[f"reference_{gate.metric}"])
 
 
+def check_gate_reference(gate: Gate, held: HeldOut) -> None:
+    """A gate relative to fp32 needs fp32 to score above 0 on the held-out images (``imagenet:`` photo folders
+    labelled 0 score top-1 0): otherwise no float set can pass, and the search would walk every unit to learn it.
+
+    Raises:
+        ConfigError: fp32's value of the gate's metric is 0 under a relative gate.
+    """
+    if gate.relative is None or gate.metric not in held.task.measured:
+        return
+    reference = score(held.reference, held).get(f"reference_{gate.metric}")
+    if reference is not None and reference <= 0:
+        raise ConfigError(
+            f"--gate {gate.describe()}: fp32's {gate.metric} on these {len(held.x)} held-out images is "
+            f"{reference:g}, so no int8 model can pass it; label the images, or gate on agreement with fp32 "
+            f"('agreement_top1>=0.99')"
+        )
+
+
 # ----------------------------------------------------------------------------------- layer sensitivity
 
 
