@@ -117,7 +117,7 @@ def run_ours(work: Path, batch: int, threads: int | None) -> dict:
     import onnx
 
     from quantship.calibrate.api import calibrate
-    from quantship.convert.calibrated import collect_statistics, write_outputs
+    from quantship.convert.calibrated import CalibrationOutputs, collect_statistics, write_outputs
 
     model = onnx.load(str(work / "model.onnx"))
     cal = np.load(work / "calib.npy")
@@ -128,7 +128,7 @@ def run_ours(work: Path, batch: int, threads: int | None) -> dict:
             model, (cal[i : i + batch] for i in range(0, len(cal), batch)), scope="qdq", threads=threads
         )
         result = calibrate(collector, "entropy")
-        write_outputs(result, model, qdq=work / "ours.onnx")
+        write_outputs(result, model, CalibrationOutputs(qdq=work / "ours.onnx"))
         seconds = time.perf_counter() - t
     return {"seconds": seconds, "peak_rss": mem.peak, "baseline_rss": base, "output": "ours.onnx"}
 

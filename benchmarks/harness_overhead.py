@@ -158,15 +158,15 @@ def bare_p50(path: Path, threads: int, queries: int) -> float:
 def eval_seconds(ctx, targets, artifacts, evalset, task, batch: int, workers: int, warmup) -> Timing:
     """Wall seconds of one evaluation pass of ``targets`` side by side (quantship eval's loop), after one batch
     of other images (``warmup``) has sized the runtimes' tensors, as the bare loops' warm-up call does."""
-    from quantship.evaluate.loop import run_targets
+    from quantship.evaluate.loop import Batches, run_targets
     from quantship.targets.run import side_by_side
 
     ctx = side_by_side(ctx, targets)  # as evaluate_targets runs them
     runners = {t.name: t.make_runner(ctx, artifacts[t.name]).activate() for t in targets}
     try:
-        run_targets(runners, warmup, ctx.loaded.preprocess, task, batch, workers)
+        run_targets(runners, Batches(warmup, batch, workers), ctx.loaded.preprocess, task)
         with Clock() as c:
-            runs = run_targets(runners, evalset, ctx.loaded.preprocess, task, batch, workers)
+            runs = run_targets(runners, Batches(evalset, batch, workers), ctx.loaded.preprocess, task)
     finally:
         for r in runners.values():
             r.deactivate()

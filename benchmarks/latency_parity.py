@@ -107,29 +107,9 @@ def bare_loop(path: str, threads: int, min_queries: int, min_seconds: float, war
 
 def build(work: Path, threads: int, smoke: bool = False) -> dict[str, str]:
     """EfficientNet-Lite0's artifacts calibrated on the demo photos (smoke: the tiny model's, on 4 of them)."""
-    from smoke import PREPROCESS, tiny_model
+    from smoke import demo_artifacts  # benchmarks/smoke.py, beside this file
 
-    from quantship.config import CalibrationSpec, parse_preprocess_overrides
-    from quantship.jobs.convert import ConvertSpec, convert_artifacts
-    from quantship.jobs.demo import write_demo_data
-
-    _, calib = write_demo_data(work / "demo")
-    n = 4 if smoke else len(list(calib.glob("*.png")))
-    built, failures = convert_artifacts(
-        ConvertSpec(
-            tiny_model(work) if smoke else "efficientnet_lite0",
-            ",".join(TARGETS),
-            work / "artifacts",
-            weights=None if smoke else "pretrained",
-            data=f"imagenet:{calib}",
-            calibration=CalibrationSpec(num_images=n),
-            threads=threads,
-            preprocess_overrides=parse_preprocess_overrides(PREPROCESS) if smoke else None,
-        )
-    )
-    if failures:
-        raise SystemExit("; ".join(f"{name}: {error}" for name, error in failures.items()))
-    return {name: str(a.path) for name, a in built.items() if a is not None}
+    return demo_artifacts(work, ",".join(TARGETS), threads, smoke)
 
 
 def has_integer_input(path: str) -> bool:

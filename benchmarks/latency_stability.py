@@ -38,29 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/smoke.py
 def build(work: Path, threads: int, smoke: bool = False) -> dict[str, str]:
     """EfficientNet-Lite0 tflite-fp32 and tflite-int8 (reused from ``work`` when already built); smoke: the tiny
     random model's, calibrated on 4 photos."""
-    from smoke import PREPROCESS, tiny_model  # benchmarks/smoke.py, beside this file
+    from smoke import demo_artifacts  # benchmarks/smoke.py, beside this file
 
-    from quantship.config import CalibrationSpec, parse_preprocess_overrides
-    from quantship.jobs.convert import ConvertSpec, convert_artifacts
-    from quantship.jobs.demo import write_demo_data
-
-    _, calib = write_demo_data(work / "demo")
-    n = 4 if smoke else len(list(calib.glob("*.png")))
-    built, failures = convert_artifacts(
-        ConvertSpec(
-            tiny_model(work) if smoke else "efficientnet_lite0",
-            "tflite-fp32,tflite-int8",
-            work / "artifacts",
-            weights=None if smoke else "pretrained",
-            data=f"imagenet:{calib}",
-            calibration=CalibrationSpec(num_images=n),
-            threads=threads,
-            preprocess_overrides=parse_preprocess_overrides(PREPROCESS) if smoke else None,
-        )
-    )
-    if failures:
-        raise SystemExit("; ".join(f"{name}: {error}" for name, error in failures.items()))
-    return {name: str(a.path) for name, a in built.items() if a is not None}
+    return demo_artifacts(work, "tflite-fp32,tflite-int8", threads, smoke)
 
 
 def bench(files: list[str], out: Path, args, *extra: str) -> dict[str, dict]:

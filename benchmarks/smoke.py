@@ -49,3 +49,30 @@ def load(model: str, weights: str | None):
     from quantship.models.loading import is_model_file, load_model
 
     return load_model(model, None if is_model_file(model) else weights, preprocess_for(model))
+
+
+def demo_artifacts(work: Path, targets: str, threads: int, smoke: bool = False) -> dict[str, str]:
+    """EfficientNet-Lite0's ``targets`` (pretrained weights) calibrated on the demo photos, or with ``smoke`` the
+    tiny random model's calibrated on 4 of them: ``{target: artifact path}`` (the latency benchmarks' inputs).
+    Exits naming the targets that failed to build."""
+    from quantship.config import CalibrationSpec, parse_preprocess_overrides
+    from quantship.jobs.convert import ConvertSpec, convert_artifacts
+    from quantship.jobs.demo import write_demo_data
+
+    _, calib = write_demo_data(work / "demo")
+    n = 4 if smoke else len(list(calib.glob("*.png")))
+    built, failures = convert_artifacts(
+        ConvertSpec(
+            tiny_model(work) if smoke else "efficientnet_lite0",
+            targets,
+            work / "artifacts",
+            weights=None if smoke else "pretrained",
+            data=f"imagenet:{calib}",
+            calibration=CalibrationSpec(num_images=n),
+            threads=threads,
+            preprocess_overrides=parse_preprocess_overrides(PREPROCESS) if smoke else None,
+        )
+    )
+    if failures:
+        raise SystemExit("; ".join(f"{name}: {error}" for name, error in failures.items()))
+    return {name: str(a.path) for name, a in built.items() if a is not None}

@@ -374,8 +374,6 @@ class FolderLock:
 
     def __exit__(self, *exc: Any) -> None:
         if self._fd is not None:
-            import fcntl
-
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)

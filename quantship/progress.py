@@ -22,7 +22,7 @@ def track(iterable: Iterable[T], total: int | None = None, desc: str = "") -> It
     if not _enabled:
         yield from iterable
         return
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: only when a bar is shown (stderr is a terminal)
 
     with tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         yield from bar

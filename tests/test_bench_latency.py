@@ -4,8 +4,6 @@ real runs with reduced settings), bench and LoadGen rows side by side, forward/b
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,13 +230,13 @@ def test_raw_inputs_leave_out_quantization(tiny_files):
 
 
 @pytest.mark.slow
-def test_bench_cli_loadgen_and_bad_input(tiny_files, tmp_path):
+def test_bench_cli_loadgen_and_bad_input(tiny_files, tmp_path, capfd):
+    from quantship.cli import main
+
     out = tmp_path / "out"
-    res = subprocess.run(
+    capfd.readouterr()
+    code = main(
         [
-            sys.executable,
-            "-m",
-            "quantship",
             "bench",
             "--artifact",
             str(tiny_files["tflite-fp32"]),
@@ -254,16 +252,15 @@ def test_bench_cli_loadgen_and_bad_input(tiny_files, tmp_path):
             "1",
             "--out",
             str(out),
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert res.returncode == 0, res.stderr
+    res = capfd.readouterr()
+    assert code == 0, res.err
     (row,) = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert row["loadgen_scenario"] == "singlestream" and row["loadgen_valid"]
-    assert "VALID only under reduced settings" in res.stdout
+    assert "VALID only under reduced settings" in res.out
     # LoadGen's early-stopping estimate, in the row and in the console table.
-    assert row["loadgen_early_stopping_ms"] >= row["latency_ms_p90"] * 0.5 and "early-stopping ms" in res.stdout
+    assert row["loadgen_early_stopping_ms"] >= row["latency_ms_p90"] * 0.5 and "early-stopping ms" in res.out
     assert (out / "loadgen" / "tiny-tflite-fp32-singlestream" / "mlperf_log_summary.txt").is_file()
 
     for argv, message in (
@@ -272,13 +269,10 @@ def test_bench_cli_loadgen_and_bad_input(tiny_files, tmp_path):
         (["--model", "ssd300", "--forward-backward"], "ssd300 is a detection model"),
         (["--model", "mobilenet_v2", "--per-layer"], "--per-layer goes with --forward-backward"),
     ):
-        res = subprocess.run(
-            [sys.executable, "-m", "quantship", "bench", *argv, "--out", str(tmp_path / "bad")],
-            capture_output=True,
-            text=True,
-        )
-        assert res.returncode == 2 and message in res.stderr, res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+        code = main(["bench", *argv, "--out", str(tmp_path / "bad")])
+        err = capfd.readouterr().err
+        assert code == 2 and message in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def _vm_hwm_mb() -> float:

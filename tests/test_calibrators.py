@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tracemalloc
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -43,17 +42,14 @@ def reference_entropy_amax(hist, edges, num_quantized_bins=128, start=128):
         space = np.linspace(0, i, num=num_quantized_bins + 1)
         digitized = np.digitize(range(i), space) - 1
         digitized[bins[:i] == 0] = -1
-        q_counts = np.zeros(num_quantized_bins)
-        for idx, d in enumerate(digitized):
-            if d != -1:
-                q_counts[d] += bins[idx]
-        for key, val in Counter(digitized).items():
-            if key != -1:
-                q_counts[key] /= val
+        # pytorch-quantization's three Python loops over the bins, as bincounts (the same sums in the same order:
+        # the loops cost 18 s of CPU over the four distributions, these 8 s).
+        kept = digitized != -1
+        q_counts = np.bincount(digitized[kept], weights=bins[:i][kept], minlength=num_quantized_bins)
+        members = np.bincount(digitized[kept], minlength=num_quantized_bins)
+        q_counts[members > 0] /= members[members > 0]
         q = np.zeros(i)
-        for idx, d in enumerate(digitized):
-            if d != -1:
-                q[idx] = q_counts[d]
+        q[kept] = q_counts[digitized[kept]]
         p = bins[:i].copy()
         p[-1] += bins[i:].sum()
         divergences.append(kl_divergence(p / p.sum(), q / q.sum()))

@@ -52,31 +52,35 @@ def test_help_without_heavy_imports():
 
 
 @pytest.mark.slow
-def test_eval_all_tflite_targets(trained_tiny, synset_dataset, tmp_path):
+def test_eval_all_tflite_targets(trained_tiny, synset_dataset, tmp_path, capfd):
     _, model_path = trained_tiny
     out = tmp_path / "out"
-    res = run_cli(
-        "eval",
-        "--model",
-        str(model_path),
-        "--preprocess",
-        TINY_PREPROCESS,
-        "--data",
-        f"imagenet:{synset_dataset}",
-        "--targets",
-        "keras-fp32,tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8,tflite-int16x8",
-        "--limit",
-        "24",
-        "--calib-images",
-        "9",
-        "--out",
-        str(out),
-        "--threads",
-        "1",
+    capfd.readouterr()
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(model_path),
+            "--preprocess",
+            TINY_PREPROCESS,
+            "--data",
+            f"imagenet:{synset_dataset}",
+            "--targets",
+            "keras-fp32,tflite-fp32,tflite-fp16,tflite-dynamic,tflite-int8,tflite-int16x8",
+            "--limit",
+            "24",
+            "--calib-images",
+            "9",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ]
     )
-    assert res.returncode == 0, res.stderr
-    assert "tflite-int16x8" in res.stdout and "top-1" in res.stdout
-    assert "Created TensorFlow Lite" not in res.stdout + res.stderr  # library chatter goes to the log
+    res = capfd.readouterr()
+    assert code == 0, res.err
+    assert "tflite-int16x8" in res.out and "top-1" in res.out
+    assert "Created TensorFlow Lite" not in res.out + res.err  # library chatter goes to the log
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["target"] for r in rows] == [
         "keras-fp32",

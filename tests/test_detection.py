@@ -245,14 +245,14 @@ def tiny_detector(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["voc2007", "coco"])
-def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind):
+def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind, capfd):
+    from quantship.cli import main
+
     data = write_voc(tmp_path / "v", 60, seed=9) if kind == "voc2007" else write_coco(tmp_path / "c", 60, seed=9)
     out = tmp_path / "out"
-    res = subprocess.run(
+    capfd.readouterr()
+    code = main(
         [
-            sys.executable,
-            "-m",
-            "quantship",
             "eval",
             "--task",
             "detection",
@@ -270,11 +270,10 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
             "keras-fp32,tflite-fp32,tflite-int8,onnx-fp32,qdq-int8-entropy",
             "--out",
             str(out),
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert res.returncode == 0, res.stderr
+    res = capfd.readouterr()
+    assert code == 0, res.err
     rows = {r["target"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     ref = rows["keras-fp32"]
     assert ref["images"] == 40 and ref["mAP"] > 0.5, ref  # the detector learned the task
@@ -282,7 +281,7 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
     assert rows["onnx-fp32"]["mAP"] == pytest.approx(ref["mAP"], abs=0.01)
     for t in ("tflite-int8", "qdq-int8-entropy"):
         assert abs(rows[t]["delta_mAP"]) < 0.15  # int8 stays close to fp32 on this easy task
-    assert "mAP" in res.stdout and "tflite-int8" in res.stdout
+    assert "mAP" in res.out and "tflite-int8" in res.out
     if kind == "voc2007":
         md = (out / "results.md").read_text()
         assert "Per-class AP" in md and "| cat |" in md and "| dog |" in md
@@ -292,8 +291,10 @@ def test_every_runtime_on_a_trained_tiny_detector(tiny_detector, tmp_path, kind)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["voc2007", "coco"])
-def test_signoff_gates_detection_on_map(tiny_detector, tmp_path, kind):
+def test_signoff_gates_detection_on_map(tiny_detector, tmp_path, kind, capfd):
     import yaml
+
+    from quantship.cli import main
 
     data = write_voc(tmp_path / "v", 50, seed=4) if kind == "voc2007" else write_coco(tmp_path / "c", 50, seed=4)
     plan = tmp_path / "plan.yaml"
@@ -319,12 +320,8 @@ def test_signoff_gates_detection_on_map(tiny_detector, tmp_path, kind):
             }
         )
     )
-    res = subprocess.run(
-        [sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 1, res.stderr  # the second gate cannot pass
+    code = main(["signoff", str(plan), "--out", str(tmp_path / "o")])
+    assert code == 1, capfd.readouterr().err  # the second gate cannot pass
     verdicts = [json.loads(line) for line in (tmp_path / "o" / "verdicts.jsonl").read_text().splitlines()]
     assert [v["passed"] for v in verdicts] == [True, False]
     assert all(

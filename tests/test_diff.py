@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,12 +157,12 @@ def test_diff_across_keras_tflite_qdq_and_ort(trained_tiny, synset_dataset, tmp_
 
 
 @pytest.mark.slow
-def test_hidden_flag_runs_the_qdq_targets_at_ort_defaults(trained_tiny, synset_dataset, tmp_path):
+def test_hidden_flag_runs_the_qdq_targets_at_ort_defaults(trained_tiny, synset_dataset, tmp_path, capsys):
+    from quantship.cli import main
     from quantship.jobs.diff import run_diff
 
-    help_text = subprocess.run(
-        [sys.executable, "-m", "quantship", "diff", "--help"], capture_output=True, text=True
-    ).stdout
+    assert main(["diff", "--help"]) == 0
+    help_text = capsys.readouterr().out
     assert "--drop-db" in help_text and "--qdq-ort-defaults" not in help_text
     spec = _spec(trained_tiny, synset_dataset, tmp_path, ["keras-fp32", "qdq-int8-max"], qdq_ort_defaults=True)
     summary = next(r for r in run_diff(spec).rows if r["kind"] == "summary")

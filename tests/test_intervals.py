@@ -12,6 +12,7 @@ from quantship.evaluate.intervals import (
     FAIL,
     INCONCLUSIVE,
     PASS,
+    PairedCounts,
     clopper_pearson,
     decide,
     images_to_settle,
@@ -157,23 +158,23 @@ def test_decide_rules():
 
 def test_images_to_settle_is_the_first_size_that_settles():
     # All agree on 9 images, gate "drop <= 1 point": the interval must shrink inside [-1, +1] points.
-    n_star = images_to_settle(0, 0, 9, 9, -1.0, "drop")
+    n_star = images_to_settle(PairedCounts(0, 0, 9, 9), -1.0, "drop")
     assert 100 * paired_diff_interval(0, 0, n_star)[0] >= -1.0 > 100 * paired_diff_interval(0, 0, n_star - 1)[0]
     assert 400 < n_star < 800
     # Observed drop of 0.5 points at 2000 images, gate 1 point: needs more images, same proportions.
     b, c, n, k = 20, 30, 2000, 1500
     assert decide(-0.5, *[100 * v for v in paired_diff_interval(b, c, n)], -1.0) == INCONCLUSIVE
-    need = images_to_settle(b, c, n, k, -1.0, "drop")
+    need = images_to_settle(PairedCounts(b, c, n, k), -1.0, "drop")
     f = need / n
     assert 100 * paired_diff_interval(b * f, c * f, need)[0] >= -1.0
     f = (need - 1) / n
     assert 100 * paired_diff_interval(b * f, c * f, need - 1)[0] < -1.0
     # Relative gate.
-    need_r = images_to_settle(b, c, n, k, 0.98, "relative")
+    need_r = images_to_settle(PairedCounts(b, c, n, k), 0.98, "relative")
     f = need_r / n
     assert need_r > n and paired_ratio_interval(b * f, c * f, need_r, k * f)[0] >= 0.98
-    assert images_to_settle(b, c, n, k, -0.5, "drop") is None  # point exactly at the gate: never
-    assert images_to_settle(0, 300, 1000, 800, -1.0, "drop") == 1000  # already a clear FAIL
+    assert images_to_settle(PairedCounts(b, c, n, k), -0.5, "drop") is None  # point exactly at the gate: never
+    assert images_to_settle(PairedCounts(0, 300, 1000, 800), -1.0, "drop") == 1000  # already a clear FAIL
 
 
 def test_paired_counts_and_verdict():

@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_PREPROCESS, synthetic_set, tf_preprocess
 from quantship.calibrate.api import calibrate
 from quantship.calibrate.trt_cache import CalibrationCache, read_cache, write_cache
-from quantship.convert.calibrated import collect_statistics, write_outputs
+from quantship.convert.calibrated import CalibrationOutputs, collect_statistics, write_outputs
 from quantship.convert.layer_names import segment_layer
 from quantship.convert.onnx import OnnxSpec, convert_to_onnx, onnx_node_layers
 from quantship.convert.qdq import insert_qdq, quantize_weight
@@ -135,7 +135,7 @@ def test_qdq_model_keeps_top1_agreement(onnx_model, sets, method, tmp_path):
     calib, x, y = sets
     collector = collect_statistics(art.path, _batches(calib), scope="qdq")
     result = calibrate(collector, method)
-    report = write_outputs(result, art.path, qdq=tmp_path / "q.onnx")
+    report = write_outputs(result, art.path, CalibrationOutputs(qdq=tmp_path / "q.onnx"))
     assert len(report.quantized) == 5  # conv1, dw1, pw1, the global average pool and the dense layer (MatMul)
     assert not report.unknown_ops
     import onnx
@@ -226,17 +226,13 @@ def test_nan_activation_names_the_tensor(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_path):
-    import subprocess
-    import sys
+def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_path, capfd):
+    from quantship.cli import main
 
     _, model_path = trained_tiny
     out = tmp_path / "cal"
-    res = subprocess.run(
+    code = main(
         [
-            sys.executable,
-            "-m",
-            "quantship",
             "calibrate",
             "--model",
             str(model_path),
@@ -256,11 +252,9 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
             str(out / "ranges.json"),
             "--out",
             str(out),
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert res.returncode == 0, res.stderr
+    assert code == 0, capfd.readouterr().err
     cache = read_cache(out / "tiny.cache")
     ranges = json.loads((out / "ranges.json").read_text())
     assert cache.algorithm == "EntropyCalibration2" and "input" in cache.scales
@@ -271,11 +265,8 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
     assert (out / "tiny-qdq.onnx").is_file() and (out / "tiny-qdq.onnx.json").is_file()
 
     ev = tmp_path / "ev"
-    res = subprocess.run(
+    code = main(
         [
-            sys.executable,
-            "-m",
-            "quantship",
             "eval",
             "--model",
             str(model_path),
@@ -293,11 +284,9 @@ def test_cli_calibrate_and_eval_onnx_targets(trained_tiny, synset_dataset, tmp_p
             "99.5",
             "--out",
             str(ev),
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert res.returncode == 0, res.stderr
+    assert code == 0, capfd.readouterr().err
     rows = [json.loads(line) for line in (ev / "results.jsonl").read_text().splitlines()]
     assert [r["target"] for r in rows] == [
         "keras-fp32",
@@ -320,21 +309,28 @@ def test_qdq_targets_run_the_graph_tensorrt_approximates(onnx_model, sets, tmp_p
     """The Q/DQ targets stand for TensorRT's int8: ONNX Runtime must run dequantize -> float op, not fuse the
     Q/DQ pairs into its own int8 kernels (whose u8 x s8 path saturates on AVX2 CPUs without VNNI). Checked on
     the graph ORT actually runs, so it fails on any CPU when fusion is on."""
-    from quantship.runtime.onnxruntime import fused_int8_ops, make_session
+    from quantship.runtime.onnxruntime import SessionDumps, fused_int8_ops, make_session
     from quantship.targets import parse_targets
 
     _, art = onnx_model
     calib, x, _ = sets
     write_outputs(
-        calibrate(collect_statistics(art.path, _batches(calib), scope="qdq"), "max"), art.path, qdq=tmp_path / "q.onnx"
+        calibrate(collect_statistics(art.path, _batches(calib), scope="qdq"), "max"),
+        art.path,
+        CalibrationOutputs(qdq=tmp_path / "q.onnx"),
     )
     target = parse_targets("onnx-int8-max")[0]  # the old name is an alias of the canonical one
     assert target.name == "qdq-int8-max"
     make_session(
-        tmp_path / "q.onnx", 1, session_config=target.session_config, optimized_model_path=tmp_path / "ran.onnx"
+        tmp_path / "q.onnx",
+        1,
+        session_config=target.session_config,
+        dumps=SessionDumps(optimized_model_path=tmp_path / "ran.onnx"),
     )
     assert fused_int8_ops(tmp_path / "ran.onnx") == []
-    make_session(tmp_path / "q.onnx", 1, optimized_model_path=tmp_path / "default.onnx")  # ORT's default options
+    make_session(
+        tmp_path / "q.onnx", 1, dumps=SessionDumps(optimized_model_path=tmp_path / "default.onnx")
+    )  # ORT's default options
     # ORT's default options do fuse (here the pooling; in EfficientNet-Lite0 also two projection Convs): the
     # assertion above is what fails when a Q/DQ target runs with them.
     assert fused_int8_ops(tmp_path / "default.onnx")

@@ -99,9 +99,9 @@ def _ort_model(art, calib, method, tmp_path):
 
 
 def _run(path, x, session_config=(), optimized=None):
-    from quantship.runtime.onnxruntime import make_session
+    from quantship.runtime.onnxruntime import SessionDumps, make_session
 
-    s = make_session(path, 1, session_config=session_config, optimized_model_path=optimized)
+    s = make_session(path, 1, session_config=session_config, dumps=SessionDumps(optimized_model_path=optimized))
     return s.run(None, {"input": x})[0]
 
 

@@ -135,17 +135,19 @@ def bigger_dataset(tmp_path_factory):
     return write_synset_dataset(tmp_path_factory.mktemp("signoff-data"), 40, seed=9)
 
 
-def _signoff(plan: Path, out: Path, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        **kw,
-    )
+def _signoff(plan: Path, out: Path, capfd) -> subprocess.CompletedProcess:
+    """``quantship signoff PLAN --out OUT`` through ``main()`` in this process (a fresh interpreter per run would
+    import TensorFlow again), its output captured by ``capfd``."""
+    from quantship.cli import main
+
+    capfd.readouterr()
+    code = main(["signoff", str(plan), "--out", str(out)])
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(["quantship", "signoff"], code, captured.out, captured.err)
 
 
 @pytest.mark.slow
-def test_failing_gate_fails_the_run(trained_tiny, bigger_dataset, tmp_path):
+def test_failing_gate_fails_the_run(trained_tiny, bigger_dataset, tmp_path, capfd):
     _, model = trained_tiny
     plan = _write_plan(
         tmp_path / "plan.yaml",
@@ -154,7 +156,7 @@ def test_failing_gate_fails_the_run(trained_tiny, bigger_dataset, tmp_path):
         [{"metric": "top1", "relative": 0.9}, {"metric": "top1", "relative": 1.01, "targets": ["tflite-fp16"]}],
         ["tflite-fp32", "tflite-fp16"],
     )
-    res = _signoff(plan, tmp_path / "out")
+    res = _signoff(plan, tmp_path / "out", capfd)
     assert res.returncode == 1, res.stdout + res.stderr
     verdicts = [json.loads(line) for line in (tmp_path / "out" / "verdicts.jsonl").read_text().splitlines()]
     assert [(v["target"], v["gate"], v["passed"]) for v in verdicts] == [
@@ -167,7 +169,7 @@ def test_failing_gate_fails_the_run(trained_tiny, bigger_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_keeps_every_stored_result(trained_tiny, bigger_dataset, tmp_path):
+def test_kill_and_resume_keeps_every_stored_result(trained_tiny, bigger_dataset, tmp_path, capfd):
     _, model = trained_tiny
     plan = _write_plan(
         tmp_path / "plan.yaml",
@@ -199,7 +201,7 @@ def test_kill_and_resume_keeps_every_stored_result(trained_tiny, bigger_dataset,
     rows_before = (out / "signoff.jsonl").read_text()
     assert before and rows_before
 
-    res = _signoff(plan, out)
+    res = _signoff(plan, out, capfd)
     assert res.returncode == 0, res.stderr
     for p, (mtime, data) in before.items():
         assert p.stat().st_mtime_ns == mtime and p.read_bytes() == data, f"{p.name} was recomputed"
@@ -212,7 +214,7 @@ def test_kill_and_resume_keeps_every_stored_result(trained_tiny, bigger_dataset,
         assert len(list(Path(r["state"]).glob("chunk-*.npz"))) == 12
     # A third run recomputes nothing at all.
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "state").glob("*/chunk-*.npz")}
-    assert _signoff(plan, out).returncode == 0
+    assert _signoff(plan, out, capfd).returncode == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "state").glob("*/chunk-*.npz")} == mtimes
     assert (out / "signoff.jsonl").read_text() == text
 
@@ -230,7 +232,7 @@ class _Images(HTMLParser):
 
 
 @pytest.mark.slow
-def test_report_is_rebuilt_from_stored_results_and_holds_its_plot(trained_tiny, bigger_dataset, tmp_path):
+def test_report_is_rebuilt_from_stored_results_and_holds_its_plot(trained_tiny, bigger_dataset, tmp_path, capfd):
     _, model = trained_tiny
     plan = _write_plan(
         tmp_path / "plan.yaml",
@@ -241,7 +243,7 @@ def test_report_is_rebuilt_from_stored_results_and_holds_its_plot(trained_tiny, 
         bench={"min_rounds": 4, "max_seconds": 3, "queries_per_round": 5},
     )
     out = tmp_path / "out"
-    assert _signoff(plan, out).returncode == 0
+    assert _signoff(plan, out, capfd).returncode == 0
     # The report's latency comes from the interleaved bench pass over the artifact files (Keras has none).
     bench = {r["target"]: r for r in map(json.loads, (out / "bench.jsonl").read_text().splitlines())}
     assert sorted(bench) == ["tflite-fp32", "tflite-int8"] and bench["tflite-int8"]["reference"] == "tflite-fp32"
@@ -252,8 +254,9 @@ def test_report_is_rebuilt_from_stored_results_and_holds_its_plot(trained_tiny, 
     assert points["tflite-int8"][2] == bench["tflite-int8"]["latency_ms_p50"] and points["tflite-int8"][4]
     assert points["tflite-fp32"][4] is None  # the reference: no bar
     (out / "report.html").unlink()
-    res = subprocess.run([sys.executable, "-m", "quantship", "report", str(out)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    from quantship.cli import main
+
+    assert main(["report", str(out)]) == 0, capfd.readouterr().err
     parser = _Images()
     page = (out / "report.html").read_text()
     parser.feed(page)
@@ -288,13 +291,13 @@ def test_int8_slower_than_sibling_is_flagged():
 
 
 @pytest.mark.slow
-def test_bench_cli_on_a_tflite_file(trained_tiny, bigger_dataset, tmp_path):
+def test_bench_cli_on_a_tflite_file(trained_tiny, bigger_dataset, tmp_path, capfd):
+    from quantship.cli import main
+
     _, model = trained_tiny
-    res = subprocess.run(
+    capfd.readouterr()
+    code = main(
         [
-            sys.executable,
-            "-m",
-            "quantship",
             "bench",
             "--model",
             str(model),
@@ -318,11 +321,9 @@ def test_bench_cli_on_a_tflite_file(trained_tiny, bigger_dataset, tmp_path):
             "0.1",
             "--out",
             str(tmp_path / "b"),
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert res.returncode == 0, res.stderr
+    assert code == 0, capfd.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "b" / "bench.jsonl").read_text().splitlines()]
     assert [r["target"] for r in rows] == ["tflite-fp32", "tflite-int8"]
     for r in rows:
@@ -346,7 +347,7 @@ def _rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_replaced_model_file_is_evaluated_again(trained_tiny, bigger_dataset, tmp_path):
+def test_a_replaced_model_file_is_evaluated_again(trained_tiny, bigger_dataset, tmp_path, capfd):
     """Same path, other content: the stored rows must not be reused (they were: a PASS with the old numbers)."""
     import shutil
 
@@ -359,13 +360,13 @@ def test_a_replaced_model_file_is_evaluated_again(trained_tiny, bigger_dataset, 
         tmp_path / "plan.yaml", model, bigger_dataset, [{"metric": "top1", "relative": 0.9}], ["tflite-fp32"], limit=30
     )
     out = tmp_path / "out"
-    assert _signoff(plan, out).returncode == 0
+    assert _signoff(plan, out, capfd).returncode == 0
     first = {r["target"]: r for r in _rows(out)}
     other = _tiny_model()  # another model at the same path: it answers class 2 for every image
     k, b = other.get_layer("logits").get_weights()
     other.get_layer("logits").set_weights([k * 0, np.array([0.0, 0.0, 10.0], np.float32)])
     other.save(model)
-    _signoff(plan, out)
+    _signoff(plan, out, capfd)
     plan_keys = json.loads((out / "plan.json").read_text())["unit_keys"]
     current = {r["target"]: r for r in _rows(out) if r["unit_key"] in plan_keys}
     assert set(current) == {"keras-fp32", "tflite-fp32"}
@@ -376,7 +377,7 @@ def test_a_replaced_model_file_is_evaluated_again(trained_tiny, bigger_dataset, 
 
 
 @pytest.mark.slow
-def test_resume_only_reuses_exactly_matching_chunks(trained_tiny, bigger_dataset, tmp_path):
+def test_resume_only_reuses_exactly_matching_chunks(trained_tiny, bigger_dataset, tmp_path, capfd):
     """A corrupt chunk is discarded and recomputed alone; other chunking is another key (no double counting);
     targets dropped from the plan leave the verdicts and the report's tables, listed as not in this plan."""
     _, model = trained_tiny
@@ -385,13 +386,13 @@ def test_resume_only_reuses_exactly_matching_chunks(trained_tiny, bigger_dataset
         tmp_path / "plan.yaml", model, bigger_dataset, gates, ["tflite-fp32", "tflite-fp16"], limit=40, chunk=16
     )
     out = tmp_path / "out"
-    assert _signoff(plan, out).returncode == 0
+    assert _signoff(plan, out, capfd).returncode == 0
     chunks = sorted((out / "state").glob("*tflite-fp32*/chunk-*.npz"))
     assert len(chunks) == 3
     good = {p: p.stat().st_mtime_ns for p in (out / "state").glob("*/chunk-*.npz") if p != chunks[1]}
     chunks[1].write_bytes(chunks[1].read_bytes()[:100])  # truncated
     rows = {r["unit_key"]: r for r in _rows(out)}
-    res = _signoff(plan, out)
+    res = _signoff(plan, out, capfd)
     assert res.returncode == 0 and "discarding the stored chunk" in res.stdout, res.stdout + res.stderr
     assert {p: p.stat().st_mtime_ns for p in good} == good and chunks[1].stat().st_size > 100
 
@@ -401,7 +402,7 @@ def test_resume_only_reuses_exactly_matching_chunks(trained_tiny, bigger_dataset
     assert numbers({r["unit_key"]: r for r in _rows(out)}) == numbers(rows)  # the same rows, the same numbers
 
     plan = _write_plan(tmp_path / "plan2.yaml", model, bigger_dataset, gates, ["tflite-fp32"], limit=40, chunk=24)
-    assert _signoff(plan, out).returncode == 0
+    assert _signoff(plan, out, capfd).returncode == 0
     keys = json.loads((out / "plan.json").read_text())["unit_keys"]
     current = [r for r in _rows(out) if r["unit_key"] in keys]
     assert sorted(r["target"] for r in current) == ["keras-fp32", "tflite-fp32"]
@@ -421,8 +422,12 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path):
         "name: p\ndataset: imagenet:/nowhere\nmodels: [{name: mobilenet_v2, weights: random}]\n"
         "targets: [tflite-fp32]\ngates: [{metric: top1, relative: 0.9}]\n"
     )
-    with FolderLock(tmp_path / "out", "a test holding the folder"):
-        res = _signoff(plan, tmp_path / "out")
+    with FolderLock(tmp_path / "out", "a test holding the folder"):  # another process holds it: a subprocess
+        res = subprocess.run(
+            [sys.executable, "-m", "quantship", "signoff", str(plan), "--out", str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+        )
     assert res.returncode == 2
     assert f"{tmp_path / 'out'} is in use by another run (PID {os.getpid()}: a test holding the folder)" in res.stderr
     assert "Traceback" not in res.stderr

@@ -184,7 +184,7 @@ def test_int8_engines_agree_with_the_fake_quant_model(trained_tiny, tmp_path, mo
     the calibration cache is written, keyed and recorded."""
     from conftest import synthetic_set, tf_preprocess
     from quantship.calibrate.api import calibrate
-    from quantship.convert.calibrated import collect_statistics, write_outputs
+    from quantship.convert.calibrated import CalibrationOutputs, collect_statistics, write_outputs
     from quantship.convert.onnx import convert_to_onnx
     from quantship.convert.tensorrt import build_engine
     from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
@@ -198,7 +198,9 @@ def test_int8_engines_agree_with_the_fake_quant_model(trained_tiny, tmp_path, mo
     x = tf_preprocess(synthetic_set(10, seed=6)[0])
     batches = [calib[i : i + 8] for i in range(0, len(calib), 8)]
     write_outputs(
-        calibrate(collect_statistics(art.path, batches, scope="qdq"), method), art.path, qdq=tmp_path / "q.onnx"
+        calibrate(collect_statistics(art.path, batches, scope="qdq"), method),
+        art.path,
+        CalibrationOutputs(qdq=tmp_path / "q.onnx"),
     )
     cache = tmp_path / "m.cache"
     if mode == "implicit":

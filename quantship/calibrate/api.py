@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from quantship.calibrate.auto import CANDIDATES, choose_ranges
 from quantship.calibrate.calibrators import AutoCalibrator, Calibrator, compute_ranges, get_calibrator
 from quantship.calibrate.collector import StatisticsCollector
 from quantship.calibrate.histogram import TensorStats
@@ -53,8 +54,6 @@ def calibrate(
     output error on the calibration images the collector kept)."""
     cal = get_calibrator(method, percentile=percentile)
     if isinstance(cal, AutoCalibrator):
-        from quantship.calibrate.auto import CANDIDATES, choose_ranges
-
         per_method = {m: _ranges(collector, get_calibrator(m, percentile=percentile)) for m in CANDIDATES}
         choice = choose_ranges(
             collector.model, collector.stats, collector.sample, percentile, collector.threads, per_method=per_method

@@ -15,6 +15,7 @@ import numpy as np
 
 from quantship.calibrate.feed import FixedBatches
 from quantship.config import CalibrationMethod
+from quantship.cuda import DeviceBuffer, cudart
 from quantship.errors import ConfigError, MissingDependencyError
 from quantship.fileio import write_bytes_atomic
 from quantship.trt_util import import_tensorrt
@@ -28,8 +29,6 @@ TRT_CALIBRATORS = {CalibrationMethod.ENTROPY: "IInt8EntropyCalibrator2", Calibra
 def device_buffer_factory() -> Any:
     """Device buffers from cuda-python, or from pycuda when only that is installed."""
     try:
-        from quantship.cuda import DeviceBuffer, cudart
-
         cudart()
         return DeviceBuffer
     except MissingDependencyError:

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from quantship import __version__, progress
+from quantship.cli.args import check_out_outside_data, input_cache_options
+from quantship.cli.registry import load_commands
 from quantship.config import max_image_pixels
 from quantship.errors import QuantshipError
-from quantship.fileio import cache_dir, check_output_dir, sweep_temp_files
+from quantship.fileio import cache_dir, check_output_dir, remove_unused_lock, sweep_temp_files
+from quantship.jobs import use_input_cache
 from quantship.logs import route_native_stderr
 
 DATA_OPTIONS = ("--data", "--calib-data")  # folders --out must stay out of
@@ -31,8 +34,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from quantship.cli.registry import load_commands
-
     parser = Parser(
         prog="quantship",
         description="Export Keras models to TFLite / ONNX / TensorRT, evaluate every runtime on the same data, "
@@ -74,8 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out is not None:
         # A file, a read-only or pseudo file system, a data folder where the results should go: say so before any
         # work ('' is refused too: it would write into the current folder).
-        from quantship.cli.args import check_out_outside_data
-
         try:
             check_output_dir(out)
             check_out_outside_data(out, {o: getattr(args, o[2:].replace("-", "_"), None) for o in DATA_OPTIONS})
@@ -95,11 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore_term = _terminate_as_interrupt()
     message = None
     try:
-        from quantship.cli.args import input_cache_options
-
         if (cache_options := input_cache_options(args)) is not None:
-            from quantship.jobs import use_input_cache
-
             use_input_cache(cache_options)
         return args._commands[args.command].run(args)
     except QuantshipError as exc:
@@ -141,8 +136,6 @@ def _tidy(log_path: Path, log_existed: bool, created: list[Path]) -> None:
     except OSError:
         pass
     if created:
-        from quantship.fileio import remove_unused_lock
-
         remove_unused_lock(created[0])
     for folder in created:
         try:

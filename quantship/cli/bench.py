@@ -10,6 +10,8 @@ from pathlib import Path
 from quantship.cli import args as a
 from quantship.cli.registry import Command
 from quantship.errors import ConfigError
+from quantship.jobs.bench import BenchSpec, run_bench
+from quantship.jobs.convert import ConvertSpec
 
 SCENARIOS = ("singlestream", "multistream", "offline")
 
@@ -108,9 +110,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.bench import BenchSpec, run_bench
-    from quantship.jobs.convert import ConvertSpec
-
     try:
         batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     except ValueError:

@@ -8,6 +8,7 @@ from pathlib import Path
 from quantship.cli import args as a
 from quantship.cli.registry import Command
 from quantship.config import CalibrationSpec
+from quantship.jobs.calibrate import CalibrateSpec, run_calibrate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,8 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.calibrate import CalibrateSpec, run_calibrate
-
     for option, value in (("--cache", args.cache), ("--qdq", args.qdq), ("--ranges", args.ranges)):
         a.check_output_file(option, value)
 

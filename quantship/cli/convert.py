@@ -10,6 +10,8 @@ from quantship.cli import args as a
 from quantship.cli.registry import Command
 from quantship.config import CalibrationSpec
 from quantship.errors import ConfigError
+from quantship.jobs.convert import ConvertSpec, run_convert
+from quantship.jobs.sensitivity import Analyses, SensitivitySpec, checked_gate, run_sensitivity
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
         if remote is not None:
             raise ConfigError("--auto-fallback evaluates on this machine; it does not run with --remote")
         return _auto_fallback(args)
-    from quantship.jobs.convert import ConvertSpec, run_convert
 
     spec = ConvertSpec(
         args.model, args.targets, Path(args.out), threads=args.threads, remote=remote, **a.convert_kwargs(args)
@@ -61,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _auto_fallback(args: argparse.Namespace) -> int:
-    from quantship.jobs.sensitivity import Analyses, SensitivitySpec, checked_gate, run_sensitivity
-
     if not args.gate or not args.data:
         raise ConfigError(
             "--auto-fallback needs --gate (e.g. 'top1>=0.99') and --data (calibration and held-out images)"

@@ -8,11 +8,10 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.jobs.demo import DEMO_MODELS, MODEL, run_demo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from quantship.jobs.demo import DEMO_MODELS, MODEL
-
     a.out(p, "quantship-demo")
     p.add_argument(
         "--model",
@@ -26,8 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.demo import run_demo
-
     result = run_demo(Path(args.out), threads=args.threads, model=args.model, ptq=a.ptq_steps(args))
     print(result.text)
     return result.exit_code

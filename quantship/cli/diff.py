@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.jobs.diff import DiffSpec, run_diff
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,8 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.diff import DiffSpec, run_diff
-
     spec = DiffSpec(
         model=args.model,
         data=args.data,

@@ -8,13 +8,13 @@ from pathlib import Path
 from quantship.cli import args as a
 from quantship.cli.registry import Command
 from quantship.errors import ConfigError
+from quantship.jobs.eval import EvalSpec, run_eval
+from quantship.jobs.listing import DEFAULT_TARGETS
 
 DETECTION_KINDS = ("voc2007", "coco")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from quantship.jobs.listing import DEFAULT_TARGETS
-
     a.model(p)
     a.data(p)
     a.runtime(p)
@@ -39,8 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.eval import EvalSpec, run_eval
-
     if args.task:
         kind = args.data.split(":", 1)[0]
         if (kind in DETECTION_KINDS) != (args.task == "detection"):

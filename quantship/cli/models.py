@@ -6,6 +6,7 @@ import argparse
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.jobs.listing import list_models
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,8 +22,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.listing import list_models
-
     print(list_models(with_stats=not args.no_stats, live_stats=args.live_stats).text)
     return 0
 

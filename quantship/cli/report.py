@@ -7,6 +7,7 @@ from pathlib import Path
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.jobs.report import run_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,8 +16,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.report import run_report
-
     result = run_report(Path(args.results))
     print(result.text)
     return result.exit_code

@@ -8,6 +8,7 @@ from pathlib import Path
 from quantship.cli import args as a
 from quantship.cli.registry import Command
 from quantship.fileio import check_output_dir, sweep_temp_files
+from quantship.jobs.signoff import SignoffPlan, run_signoff
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,8 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.signoff import SignoffPlan, run_signoff
-
     flags = ("allow_nonfinite", "allow_missing_images", "trust_savedmodel", "strict")
     plan = SignoffPlan.load(args.plan, {f: True for f in flags if getattr(args, f)})
     out = Path(args.out or f"runs/{plan.name}")

@@ -6,6 +6,7 @@ import argparse
 
 from quantship.cli import args as a
 from quantship.cli.registry import Command
+from quantship.jobs.listing import list_target_lines
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,8 +14,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.listing import list_target_lines
-
     print(list_target_lines().text)
     return 0
 

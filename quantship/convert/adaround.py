@@ -30,17 +30,22 @@ The budget is reduced from the paper's 10000 steps on 1024 images (:class:`quant
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
 import time
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from quantship.config import AdaRoundOptions
 from quantship.errors import ConfigError
+from quantship.fileio import write_bytes_atomic
 from quantship.lazy import lazy_import
 from quantship.progress import note
 
@@ -478,15 +483,10 @@ class AdaRoundStore:
     a rerun with the same model, steps, calibration images and budget skips the optimisation."""
 
     def __init__(self, path: Any):
-        from pathlib import Path
-
         self.path = Path(path)
 
     def load(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """(integers, report figures), or None when nothing usable is stored."""
-        import json
-        import zipfile
-
         if not self.path.is_file():
             return None
         try:
@@ -500,11 +500,6 @@ class AdaRoundStore:
         return ints, meta["report"]
 
     def save(self, integers: dict[str, np.ndarray], report: dict[str, Any]) -> None:
-        import io
-        import json
-
-        from quantship.fileio import write_bytes_atomic
-
         names = list(integers)
         meta = {"format": CACHE_FORMAT, "layers": names, "report": report}
         buf = io.BytesIO()

@@ -4,6 +4,7 @@ Runtime int8 model. The pass observes the tensors the Q/DQ layouts (:mod:`quants
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -45,19 +46,33 @@ def layout_tensors(model: Any) -> list[str]:
     return list(dict.fromkeys([*qdq_tensors(model), *ort_tensors(model)]))
 
 
+@dataclass(frozen=True)
+class CalibrationOutputs:
+    """Where the outputs of one calibration go (None: not written).
+
+    Attributes:
+        cache: TensorRT calibration cache.
+        qdq: Q/DQ ONNX model.
+        ranges: Ranges JSON.
+    """
+
+    cache: str | Path | None = None
+    qdq: str | Path | None = None
+    ranges: str | Path | None = None
+
+
 def write_outputs(
     result: CalibrationResult,
     onnx_model: Any,
-    cache: str | Path | None = None,
-    qdq: str | Path | None = None,
-    ranges: str | Path | None = None,
+    outputs: CalibrationOutputs,
     exclude: Iterable[str] = (),
     node_layers: dict[str, str] | None = None,
     trt_version: str = DEFAULT_TRT_VERSION,
     manifest: dict[str, Any] | None = None,
 ) -> QdqReport | None:
-    """Write whichever of cache / Q/DQ model / ranges JSON are asked for (each atomically)."""
+    """Write whichever of cache / Q/DQ model / ranges JSON ``outputs`` asks for (each atomically)."""
     report = None
+    cache, qdq, ranges = outputs.cache, outputs.qdq, outputs.ranges
     if cache:
         write_cache(cache, result.trt_cache(trt_version))
     if ranges:

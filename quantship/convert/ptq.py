@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantship.config import PtqSteps
+from quantship.convert.adaround import adaround_cached
 from quantship.errors import ConfigError, ConversionError
 from quantship.lazy import lazy_import
 
@@ -526,7 +527,6 @@ def prepare_model(
     if steps.adaround is not None:
         if batches is None:
             raise ConfigError("adaround needs calibration images")
-        from quantship.convert.adaround import adaround_cached
 
         options = steps.adaround
         images = lambda: _first_images(batches(), options.images)  # noqa: E731

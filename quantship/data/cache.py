@@ -59,7 +59,7 @@ def _decoder_versions(spec: PreprocessSpec) -> dict[str, str]:
 
     out = {"opencv": cv2.__version__}
     if spec.interpolation.value == "bilinear_antialias":
-        import PIL
+        import PIL  # lazy: Pillow is an optional extra, needed only for bilinear_antialias
 
         out["pillow"] = PIL.__version__
     return out

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from quantship.config import PreprocessSpec
+from quantship.data.cache import default_input_cache
 from quantship.data.preprocess import InputEncoding, crop_views, decode_image, image_views
 from quantship.errors import ConfigError, DataError
 from quantship.fileio import read_text
@@ -199,6 +200,7 @@ def register_dataset(
 
 
 def _kind(spec: str, option: str = "--data") -> str:
+    # Lazy on purpose (a cycle): these modules import this one to register their loaders with it.
     from quantship.data import detection, imagenet, images  # noqa: F401  (registers loaders)
 
     kind, sep, path = spec.partition(":")
@@ -464,8 +466,6 @@ def _cache_entry(cache: Any, dataset: ImageDataset, spec: PreprocessSpec, keep_i
     """The input cache entry of ``dataset`` under ``spec`` (``DEFAULT_CACHE``: the process's cache); None without a
     cache, with ``keep_images`` or for an empty dataset."""
     if cache is DEFAULT_CACHE:
-        from quantship.data.cache import default_input_cache
-
         cache = default_input_cache()
     return cache.entry(dataset, spec) if cache is not None and not keep_images and len(dataset) else None
 

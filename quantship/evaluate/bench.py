@@ -33,7 +33,7 @@ import numpy as np
 
 from quantship import errors
 from quantship.errors import ConfigError, MissingDependencyError, QuantshipError
-from quantship.evaluate.interleave import InterleaveOptions, check_reference, run_interleaved
+from quantship.evaluate.interleave import InterleaveOptions, check_reference, run_interleaved, stability_lines
 from quantship.evaluate.latency import latency_stats, native_feed, sample_set, time_runner
 from quantship.evaluate.loadgen import LoadgenSettings, Scenario, expected_from, run_loadgen
 from quantship.evaluate.stability import StopRule, machine_state
@@ -101,8 +101,6 @@ class BenchConfig:
         if self.samples <= 0:
             raise ConfigError("the sample set must hold at least one sample")
         if self.loadgen is not None:
-            from quantship.evaluate.loadgen import Scenario
-
             Scenario.parse(self.loadgen)
             if importlib.util.find_spec("mlperf_loadgen") is None:
                 raise MissingDependencyError(
@@ -508,10 +506,8 @@ PASS_OPTIONS = dict(queries_per_round=10, min_queries=100, min_seconds=1.0)
 def latency_pass(
     files: Sequence[tuple[str, str, Sequence[tuple[str, str]]]],
     threads: int | None,
-    max_seconds: float = 60.0,
-    ratio_precision: float = 0.03,
+    stop: StopRule = StopRule(),
     lines: list[str] | None = None,
-    min_rounds: int = 10,
     queries_per_round: int = PASS_OPTIONS["queries_per_round"],
     reference: str | None = None,
     make_worker: Any = None,
@@ -521,11 +517,10 @@ def latency_pass(
     Args:
         files: ``(target, artifact path, session config)`` of each configuration.
         threads: CPU threads of each (None: the runtime's default).
+        stop: When the rounds stop (precision of the ratios, minimum rounds, time limit).
         lines: Receives the run's summary and its stability warnings.
         make_worker: As :func:`bench`'s (a sign-off plan's ``remote:`` device).
     """
-    from quantship.evaluate.interleave import InterleaveOptions, stability_lines
-
     if not files:
         return {}
     configs = [
@@ -533,7 +528,7 @@ def latency_pass(
         for name, path, session in files
     ]
     options = InterleaveOptions(
-        stop=StopRule(ratio_precision, min_rounds, max_seconds),
+        stop=stop,
         queries_per_round=queries_per_round,
         min_queries=PASS_OPTIONS["min_queries"],
         min_seconds=PASS_OPTIONS["min_seconds"],

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 
 def _pyplot():
+    # Lazy: pyplot takes ~0.5 s to import and only a report draws; the Agg backend is chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -327,15 +327,14 @@ def _groups(k_key: np.ndarray, g: _FlatObjects, K: int) -> _Groups:
 def _match_bucket(
     sel: np.ndarray,
     grp: _Groups,
-    d_xywh: np.ndarray,
-    keep: np.ndarray,
+    kept_xywh: np.ndarray,
     g: _FlatObjects,
     g_ignore: np.ndarray,
     matched: np.ndarray,
     on_ignored: np.ndarray,
 ) -> None:
     """Match the groups ``sel`` as one padded batch under every area range, marking ``matched`` / ``on_ignored``
-    (A, T, positions in ``keep``)."""
+    (A, T, positions in ``keep``); ``kept_xywh``: the boxes of the kept detections."""
     Dm, Gm = int(grp.num_dets[sel].max()), int(grp.num_objects[sel].max())
     dj, gj = np.arange(Dm), np.arange(Gm)
     d_valid = dj[None, :] < grp.num_dets[sel, None]
@@ -343,7 +342,7 @@ def _match_bucket(
     d_idx = np.where(d_valid, grp.start[sel, None] + dj[None, :], 0)  # into keep
     g_idx = grp.objects[np.where(g_valid, grp.first_object[sel, None] + gj[None, :], 0)]  # into the flat objects
     crowd = g.crowd[g_idx] & g_valid
-    ious = bbox_iou_batched(d_xywh[keep[d_idx]], g.xywh[g_idx], crowd)
+    ious = bbox_iou_batched(kept_xywh[d_idx], g.xywh[g_idx], crowd)
     for a in range(len(AREAS)):
         ign = g_ignore[a][g_idx]
         m, on_ign = _greedy_match(ious, d_valid, g_valid & ~ign, g_valid & ign, crowd)
@@ -365,9 +364,10 @@ def _match(
     bucket = np.ceil(np.log2(np.maximum(grp.num_dets, 1))).astype(int) * 64 + np.ceil(
         np.log2(np.maximum(grp.num_objects, 1))
     ).astype(int)
+    kept_xywh = d.xywh[keep]
     for bk in np.unique(bucket[grp.num_objects > 0]):
         sel = np.flatnonzero((bucket == bk) & (grp.num_objects > 0))
-        _match_bucket(sel, grp, d.xywh, keep, g, g_ignore, matched, on_ignored)
+        _match_bucket(sel, grp, kept_xywh, g, g_ignore, matched, on_ignored)
     return matched, on_ignored
 
 

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import psutil
 
 from quantship.errors import ConfigError, RuntimeBackendError
+from quantship.evaluate.latency import latency_stats
 from quantship.lazy import lazy_import
 from quantship.runtime.base import Runner
 
@@ -116,7 +118,6 @@ def _check_schedule_memory(settings: LoadgenSettings, min_duration_ms: float) ->
     latency allows in the minimum duration (a fast model under MLPerf's 600 s means millions)."""
     if settings.scenario is Scenario.OFFLINE:
         return
-    import psutil
 
     queries = 2 * min_duration_ms / max(settings.expected_latency_ms, 1e-3)
     need = queries * BYTES_PER_QUERY
@@ -244,8 +245,6 @@ def _result_row(
     row = loadgen_row(parse_detail(folder / DETAIL), defaults, settings)
     row.update(loadgen_log_dir=str(folder), loadgen_wall_s=wall, iterations=len(runtime_s))
     if runtime_s:
-        from quantship.evaluate.latency import latency_stats
-
         row.update(latency_stats(np.asarray(runtime_s) * 1e3, "runtime_ms"))
     return row
 

@@ -41,18 +41,33 @@ class TargetRun:
         return 1e3 * self.seconds / self.timed_images if self.timed_images else None
 
 
+@dataclass
+class Batches:
+    """The images a pass runs on and how they are read (what the evaluation loop and its callers hand down
+    together).
+
+    Attributes:
+        dataset: The images, in order.
+        batch_size: Images per runtime call.
+        workers: Decoding threads.
+        skipped: Filled with the images no decoder could read (left out, listed by the job).
+    """
+
+    dataset: ImageDataset
+    batch_size: int = 8
+    workers: int = 4
+    skipped: list[Skipped] | None = None
+
+
 def run_targets(
     runners: Mapping[str, Runner],
-    dataset: ImageDataset,
+    batches: Batches,
     preprocess: PreprocessSpec,
     task: Task,
-    batch_size: int = 8,
-    workers: int = 4,
-    skipped: list[Skipped] | None = None,
     warmup_batches: int = 1,
     desc: str = "evaluate",
 ) -> dict[str, TargetRun]:
-    """Run every (active) runner on every batch of ``dataset``.
+    """Run every (active) runner on every batch of ``batches``.
 
     Args:
         runners: Target name -> active runner.
@@ -65,9 +80,9 @@ def run_targets(
     runs = {name: TargetRun(name) for name in runners}
     feeds = {name: InputFeed.of(runner, preprocess) for name, runner in runners.items()}
     live = dict(runners)
-    n_batches = (len(dataset) + batch_size - 1) // batch_size
-    batches = iter_batches(dataset, preprocess, batch_size, workers, skipped)
-    for i, batch in enumerate(track(batches, total=n_batches, desc=desc)):
+    n_batches = (len(batches.dataset) + batches.batch_size - 1) // batches.batch_size
+    read = iter_batches(batches.dataset, preprocess, batches.batch_size, batches.workers, batches.skipped)
+    for i, batch in enumerate(track(read, total=n_batches, desc=desc)):
         b = len(batch.keys)
         timed = i >= warmup_batches or n_batches == 1
         for name, runner in list(live.items()):

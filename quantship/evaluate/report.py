@@ -20,6 +20,7 @@ from quantship.evaluate.bench import display_fields
 from quantship.evaluate.charts import accuracy_latency_chart, sensitivity_chart, sqnr_by_layer_chart
 from quantship.evaluate.diff import DIFF_COLUMNS, display_rows
 from quantship.evaluate.results import Columns, markdown_table, per_class_ap_markdown, table_rows
+from quantship.evaluate.verdicts import overall_verdict
 from quantship.fileio import write_bytes_atomic, write_text_atomic
 
 ACCURACY_COLUMNS = (
@@ -476,7 +477,6 @@ def _verdict_section(doc: _Doc, data: dict[str, Any]) -> None:
             + (" Some targets FAILED to run." if failed_units else "")
         )
         return
-    from quantship.evaluate.verdicts import overall_verdict
 
     overall = overall_verdict(verdicts, len(failed_units))
     doc.para(overall.headline, f"verdict {overall.css}")

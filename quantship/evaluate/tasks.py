@@ -23,7 +23,8 @@ import numpy as np
 from quantship.config import Gate
 from quantship.data.detection import Detections
 from quantship.errors import ConfigError, DataError
-from quantship.evaluate.detection_metrics import metric_for
+from quantship.evaluate.coco_ap import CocoMatcher
+from quantship.evaluate.detection_metrics import VocMetric, metric_for
 from quantship.evaluate.results import Columns
 from quantship.models.ssd import anchors_for, make_anchors, postprocess
 
@@ -487,8 +488,6 @@ class DetectionTask(Task):
         return out
 
     def _pseudo_map(self, dets: Sequence[Any], labels: Sequence[dict[str, Any]], idx: np.ndarray | None) -> float:
-        from quantship.evaluate.detection_metrics import VocMetric
-
         classes = self.meta.get("classes") or [str(c) for c in range(len(self.meta.get("category_ids", ())))]
         metric = VocMetric(classes, use_07_metric=False)
         pick = range(len(dets)) if idx is None else idx
@@ -516,8 +515,6 @@ class DetectionTask(Task):
         if self.meta.get("metric") == "coco":
             # COCO AP by our own matcher (equal to pycocotools): the annotations are read once, and an image drawn
             # twice in a resample is two images with their own objects (pycocotools would merge them by id).
-            from quantship.evaluate.coco_ap import CocoMatcher
-
             ids = [int(lab["image_id"]) for lab in labels]
             ann = self.meta["annotation_file"]
             target_m, ref_m = CocoMatcher.for_images(ann, ids, dets), CocoMatcher.for_images(ann, ids, ref_dets)

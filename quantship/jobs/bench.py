@@ -32,7 +32,10 @@ from quantship.jobs import JobResult
 from quantship.jobs.convert import ConvertSpec, convert_artifacts
 from quantship.models.loading import is_model_file
 from quantship.models.registry import get_model_spec
-from quantship.targets import get_target, list_targets
+from quantship.remote.bench import remote_bench
+from quantship.remote.host import DeviceSession
+from quantship.runtime.registry import get_runtime
+from quantship.targets import get_target, list_targets, parse_targets
 
 LOADGEN_COLUMNS = (
     ("target", "target", "{}"),
@@ -214,20 +217,19 @@ def _inference_rows(
     named: list[tuple[str, str]],
     out: Path,
     scenarios: list,
-    mobile: bool,
-    threads: int | None,
+    spec: BenchSpec,
     common: dict,
-    model: str | None,
     interleave: Any = None,
     session: Any = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Time every artifact in its own process (interleaved; or under each LoadGen scenario), on the device of
-    ``session`` when given: the rows (written to ``bench.jsonl`` under ``out``) and their lines.
+    ``session`` when given: the rows (written to ``bench.jsonl`` under ``out``) and their lines (``spec``: the
+    cores, threads and model name of the rows).
 
     Raises:
         RemoteConnectionLost: The device went away; the rows measured before are written (``incomplete_run``).
     """
-    configs = _configs(named, out, scenarios, mobile, threads, common)
+    configs = _configs(named, out, scenarios, spec.mobile, spec.threads, common)
     lines = []
     if configs:
         lines.append(
@@ -235,15 +237,13 @@ def _inference_rows(
         )
     lost = None
     if session is not None and configs:
-        from quantship.remote.bench import remote_bench
-
         env = session.environment
         lines.append(f"on {session.url}: {env.get('cpu')} ({env.get('machine')}, {env.get('cpu_count')} CPUs)")
         rows, lost = remote_bench(session, configs, interleave, lines)
     else:
         rows = bench(configs, interleave=interleave, lines=lines) if configs else []
     for r in rows:
-        r["model"] = model or ""
+        r["model"] = spec.model or ""
     if rows:
         _write_jsonl(out / "bench.jsonl", rows)
     if lost:
@@ -263,9 +263,6 @@ def _check_remote(spec: BenchSpec) -> None:
     if spec.forward_backward:
         raise ConfigError("--forward-backward times Keras (TensorFlow) here; it does not run with --remote")
     if spec.convert is not None and spec.convert.targets:
-        from quantship.runtime.registry import get_runtime
-        from quantship.targets import parse_targets
-
         # A runtime without artifact files runs the model in memory (Keras: TensorFlow), which no device has.
         keras = [t.name for t in parse_targets(spec.convert.targets) if not get_runtime(t.spec.backend).suffixes]
         if keras:
@@ -362,8 +359,6 @@ def run_bench(spec: BenchSpec) -> JobResult:
     )
     session = None
     if spec.remote is not None:
-        from quantship.remote.host import DeviceSession
-
         _check_remote(spec)
         session = DeviceSession(spec.remote)  # a malformed URL is refused here
     # An unreachable or unfit device is reported before anything is converted.
@@ -387,9 +382,7 @@ def _bench_body(spec: BenchSpec, scenarios: list, stop: Any, fb_config: Any, ses
         providers=tuple(spec.providers),
     )
     interleave = _interleave_options(stop, spec.queries_per_round, spec.min_queries, spec.min_seconds, spec.reference)
-    rows, lines = _inference_rows(
-        named, out, scenarios, spec.mobile, spec.threads, common, spec.model, interleave, session
-    )
+    rows, lines = _inference_rows(named, out, scenarios, spec, common, interleave, session)
     fb_rows: list[dict[str, Any]] = []
     if fb_config is not None:
         fb_rows, fb_lines = _forward_backward_rows(fb_config, out)

@@ -10,7 +10,7 @@ from quantship.calibrate.api import calibrate
 from quantship.calibrate.calibrators import get_calibrator
 from quantship.calibrate.trt_cache import DEFAULT_TRT_VERSION
 from quantship.config import CalibrationMethod, CalibrationSpec, PreprocessSpec
-from quantship.convert.calibrated import collect_statistics, write_outputs
+from quantship.convert.calibrated import CalibrationOutputs, collect_statistics, write_outputs
 from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
 from quantship.data.datasets import load_dataset
 from quantship.errors import ConfigError, DataError, ModelLoadError
@@ -86,9 +86,7 @@ def run_calibrate(spec: CalibrateSpec) -> JobResult:
     report = write_outputs(
         result,
         onnx_path,
-        cache,
-        qdq,
-        ranges,
+        CalibrationOutputs(cache, qdq, ranges),
         spec.exclude,
         node_layers,
         spec.trt_version or DEFAULT_TRT_VERSION,

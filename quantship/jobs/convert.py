@@ -15,6 +15,7 @@ from quantship.jobs import JobResult
 from quantship.jobs.remote_engine import RemoteEngineBuilder
 from quantship.manifest import Artifact
 from quantship.models.loading import resolve_preprocess
+from quantship.remote.host import DeviceSession
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import BuildContext, needs_calibration, parse_targets
 from quantship.targets.run import build_targets, calibration_data, draw_listed_calibration, load_for
@@ -102,8 +103,6 @@ def run_convert(spec: ConvertSpec) -> JobResult:
     where they run)."""
     session = None
     if spec.remote is not None:
-        from quantship.remote.host import DeviceSession
-
         session = DeviceSession(spec.remote)  # a malformed URL is refused here
     with session or contextlib.nullcontext(), FolderLock(spec.out_dir, f"quantship convert {spec.model}"):
         artifacts, failures = convert_artifacts(spec, session=session)

@@ -32,8 +32,10 @@ from quantship.errors import ConfigError, QuantshipError
 from quantship.evaluate.bench import latency_pass
 from quantship.evaluate.environment import environment
 from quantship.evaluate.latency import measure_latency
+from quantship.evaluate.loop import Batches
 from quantship.evaluate.report import build_report
 from quantship.evaluate.results import markdown_table, text_table, write_results
+from quantship.evaluate.stability import StopRule
 from quantship.evaluate.tasks import ClassificationTask
 from quantship.fileio import FolderLock, write_bytes_atomic, write_json_atomic, write_text_atomic
 from quantship.jobs import JobResult
@@ -42,7 +44,14 @@ from quantship.models.loading import resolve_preprocess
 from quantship.progress import note
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import BuildContext, parse_targets
-from quantship.targets.run import build_targets, calibration_data, evaluate_targets, evaluated_rows, load_for
+from quantship.targets.run import (
+    Evaluated,
+    build_targets,
+    calibration_data,
+    evaluate_targets,
+    evaluated_rows,
+    load_for,
+)
 
 MODEL = "efficientnet_lite0"
 # Models the demo runs (registry name -> where its ImageNet weights come from).
@@ -214,10 +223,9 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
         artifacts, failures = build_targets(ctx, targets)
         note(f"built {len(artifacts) - 1} artifacts in {time.perf_counter() - t:.0f} s")
         built = [tg for tg in targets if tg.name not in failures]
-        runs = evaluate_targets(ctx, built, artifacts, evalset, task, batch_size=len(evalset))
-        rows = evaluated_rows(
-            task, targets, runs, artifacts, failures, loaded, evalset, [], options, {"calibration_images": len(calib)}
-        )
+        runs = evaluate_targets(ctx, built, artifacts, Batches(evalset, batch_size=len(evalset)), task)
+        evaluated = Evaluated(runs, artifacts, failures)
+        rows = evaluated_rows(task, targets, evaluated, ctx, evalset, {"calibration_images": len(calib)})
         # Latency: batch 1, `threads` threads; the artifact files interleaved round by round in their own
         # processes (ratios to fp32 with intervals), the in-memory Keras model timed here on its own.
         one = np.zeros((1, *loaded.input_shape), np.float32)
@@ -230,7 +238,7 @@ def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
         latency_lines: list[str] = []
         try:
             # 5 queries per round: int16x8 runs ~1 s per query on XNNPACK-less kernels and would leave 3 rounds.
-            timed = latency_pass(files, threads, max_seconds=90, lines=latency_lines, queries_per_round=5)
+            timed = latency_pass(files, threads, StopRule(max_seconds=90), latency_lines, queries_per_round=5)
         except QuantshipError as exc:  # one file the runtime cannot run must not cost the demo its table
             latency_lines.append(f"interleaved latency failed ({exc}); each target timed on its own instead")
             timed = {}

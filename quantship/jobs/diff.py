@@ -39,7 +39,7 @@ from quantship.progress import note, track
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import Target, parse_targets
 from quantship.targets.base import LayerProbe, ProbeOptions, check_layer_probe, make_layer_probe
-from quantship.targets.run import build_targets, check_providers_for, load_for, prepare_run
+from quantship.targets.run import RunSettings, build_targets, check_providers_for, load_for, prepare_run
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,8 @@ def _build(
     dataset = load_dataset(spec.data, labels=spec.labels)
     loaded = load_for(spec.model, spec.weights, preprocess, dataset)
     options = RunnerOptions(threads=spec.threads, providers=tuple(providers))
-    ctx, calib, evalset = prepare_run(
-        loaded, targets, dataset, spec.calibration, spec.images, out, options, spec.workers
-    )
+    settings = RunSettings(spec.calibration, spec.images, options, spec.workers)
+    ctx, calib, evalset = prepare_run(loaded, targets, dataset, out, settings)
     try:
         artifacts, failures = build_targets(ctx, targets)
     finally:

@@ -10,15 +10,19 @@ from typing import Any, Callable
 
 from quantship.config import CalibrationSpec, PtqSteps, RemoteOptions, TrtOptions
 from quantship.data.datasets import Skipped
+from quantship.evaluate.loop import Batches
 from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
+from quantship.jobs.remote_engine import RemoteEngineBuilder
 from quantship.models.loading import resolve_preprocess
 from quantship.remote.host import DeviceSession, RemoteRunner
 from quantship.runtime.base import RunnerOptions
 from quantship.targets import needs_calibration, parse_targets
 from quantship.targets.run import (
+    Evaluated,
+    RunSettings,
     build_targets,
     check_model_source,
     check_providers_for,
@@ -81,29 +85,17 @@ def run_eval(spec: EvalSpec) -> JobResult:
         loaded = load_for(spec.model, spec.weights, preprocess, dataset, trust_savedmodel=spec.trust_savedmodel)
         task = make_task(dataset, loaded, spec.anchors)
         options = RunnerOptions(threads=spec.threads, providers=spec.providers)
-        ctx, calib, evalset = prepare_run(
-            loaded,
-            targets,
-            dataset,
-            spec.calibration,
-            spec.limit,
-            out_dir,
-            options,
-            spec.workers,
-            spec.trt,
-            split,
-            spec.ptq,
-        )
+        settings = RunSettings(spec.calibration, spec.limit, options, spec.workers, spec.trt, spec.ptq)
+        ctx, calib, evalset = prepare_run(loaded, targets, dataset, out_dir, settings, split)
         if session is not None:  # TensorRT engines are built on the device they run on
-            from quantship.jobs.remote_engine import RemoteEngineBuilder
-
             ctx.engine_builder = RemoteEngineBuilder(session)
         skipped: list[Skipped] = []
         try:
             artifacts, failures = build_targets(ctx, targets)
             built = [t for t in targets if t.name not in failures]
             make = remote_runners(session, copied) if session else None
-            runs = evaluate_targets(ctx, built, artifacts, evalset, task, spec.batch_size, spec.workers, skipped, make)
+            batches = Batches(evalset, spec.batch_size, spec.workers, skipped)
+            runs = evaluate_targets(ctx, built, artifacts, batches, task, make)
         finally:
             ctx.close()
         if skipped:
@@ -118,7 +110,7 @@ def run_eval(spec: EvalSpec) -> JobResult:
             "calibration_list_sha256": calib_info.get("list_sha256"),
             "eval_spec_hash": sha256_json(dataclasses.asdict(spec))[:16],
         }
-        rows = evaluated_rows(task, targets, runs, artifacts, failures, loaded, evalset, skipped, options, extra)
+        rows = evaluated_rows(task, targets, Evaluated(runs, artifacts, failures, skipped), ctx, evalset, extra)
         if session is not None:
             _mark_remote(rows, session, copied)
         origin = f" from {calib_info['source']}" if calib_info.get("source") else ""

@@ -14,6 +14,7 @@ from quantship.jobs.eval import remote_runners
 from quantship.jobs.remote_engine import RemoteEngineBuilder
 from quantship.progress import note
 from quantship.remote.bench import RemoteBenchWorker
+from quantship.remote.host import DeviceSession
 from quantship.signoff.plan import SignoffPlan
 from quantship.signoff.run import make_executor, signoff
 from quantship.signoff.units import LocalExecutor
@@ -26,8 +27,6 @@ def run_signoff(plan: SignoffPlan, out_dir: Path, ray_address: str | None = None
     """``quantship signoff``: run or resume, build the report; exit code 1 unless every gate passes and every
     unit ran (and, with ``strict``, no PASS is underpowered)."""
     if plan.remote is not None:
-        from quantship.remote.host import DeviceSession
-
         if ray_address is not None:
             raise ConfigError("a plan with remote: runs through the local executor; drop --ray-address")
         with DeviceSession(plan.remote) as session:  # an unreachable or unfit device: said before any work

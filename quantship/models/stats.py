@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from quantship.fileio import cache_dir, write_json_atomic
-from quantship.models.registry import get_model_spec, list_models
+from quantship.models.registry import get_model_spec
 
 
 def count_macs(model: Any) -> int:
@@ -56,28 +56,3 @@ def model_stats(name: str) -> dict[str, Any]:
         keras.backend.clear_session()
         write_json_atomic(path, cache)
     return cache[name]
-
-
-def model_table(with_stats: bool = True) -> str:
-    rows = []
-    for spec in list_models():
-        stats = model_stats(spec.name) if with_stats else {}
-        pre = spec.preprocess
-        rows.append(
-            (
-                spec.name,
-                spec.task,
-                f"{spec.input_size[0]}x{spec.input_size[1]}",
-                f"{stats['params'] / 1e6:.2f}M" if stats else "-",
-                f"{stats['macs'] / 1e6:.0f}M" if stats else "-",
-                "yes" if spec.pretrained else "-",
-                f"mean={'/'.join(f'{m:g}' for m in pre.mean)} std={'/'.join(f'{s:g}' for s in pre.std)} "
-                f"{pre.channel_order.value} "
-                + ("resize to input" if pre.resize.value == "stretch" else f"crop_pct={pre.crop_pct:g}")
-                + f" {pre.interpolation.value}",
-            )
-        )
-    header = ("model", "task", "input", "params", "MACs", "built-in weights", "default preprocessing")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])

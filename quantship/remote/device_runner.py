@@ -11,11 +11,16 @@ Each runtime is driven as quantship's local runner drives it (same interpreter/s
 (de)quantization, same timed call), so a row measured here compares with a row measured on the host.
 """
 
+import ctypes
 import json
 import os
 import platform
+import resource
+import shutil
 import sys
+import tempfile
 import time
+from importlib import metadata
 
 try:
     import numpy as np
@@ -296,8 +301,6 @@ class OnnxRunner(Runner):
         """quantship's ``executed_kernels``: the kernel types a profiled session with the same options runs."""
         if feed is None:
             return {}
-        import shutil
-        import tempfile
 
         tmp = tempfile.mkdtemp(prefix="profile-", dir=".")
         try:
@@ -461,7 +464,6 @@ class TrtRunner(Runner):
             nbytes = max(1, int(np.prod(max_shape)) * dtype.itemsize)
             host_ptr = _check(rt.cudaMallocHost(nbytes), "cudaMallocHost")
             dev_ptr = _check(rt.cudaMalloc(nbytes), "cudaMalloc")
-            import ctypes
 
             arr = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(int(host_ptr))).view(dtype)
             self._bufs[name] = (host_ptr, dev_ptr, arr, nbytes)
@@ -641,8 +643,6 @@ def environment():
         ("tensorrt", "tensorrt"),
     ):
         try:
-            from importlib import metadata
-
             libraries[dist] = metadata.version(dist)
         except Exception:  # noqa: BLE001 - not installed as a distribution (JetPack's apt packages)
             mod = sys.modules.get(module)
@@ -709,7 +709,6 @@ def peak_rss_mb():
     for line in (_read("/proc/self/status") or "").splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024.0
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

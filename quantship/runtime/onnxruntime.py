@@ -55,6 +55,20 @@ def unavailable_providers(providers: Sequence[str]) -> tuple[list[str], list[str
     return [p for p in provider_names(providers) if p not in available], available
 
 
+@dataclass(frozen=True)
+class SessionDumps:
+    """What a session writes beside running, to see what ONNX Runtime did (None: nothing).
+
+    Attributes:
+        optimized_model_path: Save the graph ORT actually runs here (see :func:`fused_int8_ops`).
+        profile_prefix: Turn ORT's profiler on, its JSON file named from this prefix (see
+            :func:`executed_kernels`).
+    """
+
+    optimized_model_path: str | os.PathLike | None = None
+    profile_prefix: str | os.PathLike | None = None
+
+
 def make_session(
     model: str | os.PathLike | bytes | Any,
     threads: int | None = None,
@@ -62,8 +76,7 @@ def make_session(
     session_config: Sequence[tuple[str, str]] = (),
     optimization: str | None = None,
     what: str = "the model",
-    optimized_model_path: str | os.PathLike | None = None,
-    profile_prefix: str | os.PathLike | None = None,
+    dumps: SessionDumps = SessionDumps(),
 ) -> Any:
     """An ``onnxruntime.InferenceSession``.
 
@@ -74,9 +87,7 @@ def make_session(
             build is an error, never a silent fallback.
         session_config: Session configuration entries (``session.disable_quant_qdq`` = ``1``, ...).
         optimization: ``disable`` (keep the graph as it is: statistics passes) or None (ORT's default).
-        optimized_model_path: Save the graph ORT actually runs here (see :func:`fused_int8_ops`).
-        profile_prefix: Turn ORT's profiler on, its JSON file named from this prefix (see
-            :func:`executed_kernels`).
+        dumps: The optimized graph and the profile to write.
 
     Raises:
         RuntimeBackendError: Missing provider, or a model ONNX Runtime cannot load.
@@ -99,11 +110,11 @@ def make_session(
         opts.add_session_config_entry(key, str(value))
     if optimization == "disable":
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if optimized_model_path is not None:
-        opts.optimized_model_filepath = str(optimized_model_path)
-    if profile_prefix is not None:
+    if dumps.optimized_model_path is not None:
+        opts.optimized_model_filepath = str(dumps.optimized_model_path)
+    if dumps.profile_prefix is not None:
         opts.enable_profiling = True
-        opts.profile_file_prefix = str(profile_prefix)
+        opts.profile_file_prefix = str(dumps.profile_prefix)
     source = model
     if hasattr(model, "SerializeToString"):
         source = model.SerializeToString()
@@ -158,7 +169,7 @@ def optimized_graph(
     onnx = lazy_import("onnx")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"
-        make_session(model, threads, providers, session_config, optimized_model_path=path)
+        make_session(model, threads, providers, session_config, dumps=SessionDumps(optimized_model_path=path))
         return onnx.load(str(path))
 
 
@@ -176,7 +187,8 @@ def executed_kernels(
     """
 
     with tempfile.TemporaryDirectory() as tmp:
-        session = make_session(model, threads, providers, session_config, profile_prefix=Path(tmp) / "profile")
+        dumps = SessionDumps(profile_prefix=Path(tmp) / "profile")
+        session = make_session(model, threads, providers, session_config, dumps=dumps)
         session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
     counts: dict[str, int] = {}

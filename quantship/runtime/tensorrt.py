@@ -228,8 +228,6 @@ class TrtRunner(Runner):
         return out
 
     def deactivate_impl(self) -> None:
-        from quantship.cuda import cudart
-
         rt = cudart()
         for graph, exec_ in self._graphs.values():
             rt.cudaGraphExecDestroy(exec_)

@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from quantship.errors import ConfigError, ExecutorError
 from quantship.fileio import write_json_atomic
 from quantship.lazy import lazy_import
@@ -134,8 +136,6 @@ def _is_loopback(ip: str) -> bool:
 def processes_using(folder: str | os.PathLike, candidates: list[Any] | None = None) -> list[Any]:
     """The processes (of this user) with a file open, or an argument, under ``folder``: every process of a Ray
     instance, its agents included once the driver is gone (their environment and command line are rewritten)."""
-    import psutil
-
     folder = os.path.realpath(folder)
     me = os.getpid()
     found = []
@@ -153,8 +153,6 @@ def processes_using(folder: str | os.PathLike, candidates: list[Any] | None = No
 
 def kill_processes_using(folder: str | os.PathLike, candidates: list[Any] | None = None) -> list[int]:
     """SIGKILL the processes using ``folder``; returns their ids."""
-    import psutil
-
     procs = processes_using(folder, candidates)
     for p in procs:
         with contextlib.suppress(psutil.Error):
@@ -171,8 +169,6 @@ def _owned_root(root: str | None) -> bool:
 def clean_stale_instance(folder: str | os.PathLike) -> list[int]:
     """Kill what the local instance of a killed run on ``folder`` left running, remove its files; returns the
     process ids killed. Call it while holding the folder's lock (then the run that wrote the record is over)."""
-    import psutil
-
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         return []
@@ -336,8 +332,6 @@ class RayCluster:
                 self.ray.shutdown()
         self._owned = False
         if self.temp_dir is not None:
-            import psutil
-
             kill_processes_using(self.temp_dir, psutil.Process().children(recursive=True))
         for key, value in self._saved_env.items():
             if value is None:
@@ -383,8 +377,6 @@ class RayCluster:
     def listening_sockets(self) -> list[dict[str, Any]]:
         """Every listening TCP socket of this process and its descendants (a local instance's processes), with
         whether it is bound to loopback."""
-        import psutil
-
         out = []
         me = psutil.Process()
         for p in [me, *me.children(recursive=True)]:

@@ -8,7 +8,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
 from quantship.config import (
+    GATE_RULE_KEYS,
     AdaRoundOptions,
     CalibrationSpec,
     Gate,
@@ -19,9 +22,11 @@ from quantship.config import (
     TrtOptions,
     check_ort_provider_names,
     parse_preprocess_overrides,
+    parse_ssh_option,
 )
 from quantship.data.datasets import dataset_task, labelled_kind
 from quantship.errors import ConfigError
+from quantship.evaluate.tasks import check_gate
 from quantship.fileio import read_text
 from quantship.models.loading import check_savedmodel_trust, is_model_file, resolve_preprocess
 from quantship.targets import get_target, parse_targets
@@ -102,8 +107,6 @@ class SignoffPlan:
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "SignoffPlan":
         """Read and check a YAML plan; ``overrides`` (command-line flags) replace its keys."""
-        import yaml
-
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"plan not found: {path}")
@@ -281,8 +284,6 @@ class _PlanReader:
                 raise self.error("ssh_options", f"expected a list of K=V, got {options!r}")
             cache = self.flag(value, "cache") if "cache" in value else True
             try:
-                from quantship.config import parse_ssh_option
-
                 parsed = tuple(parse_ssh_option(str(o)) for o in options)
                 options_ = RemoteOptions(url, python=python, ssh_key=key, ssh_options=parsed, cache=cache)
             except ConfigError as exc:
@@ -417,9 +418,6 @@ class _PlanReader:
         return overrides
 
     def gates(self, value: Any, task: str, labelled: bool, targets: list[str], reference: str) -> tuple[Gate, ...]:
-        from quantship.config import GATE_RULE_KEYS
-        from quantship.evaluate.tasks import check_gate
-
         if not isinstance(value, list):
             raise self.error("gates", f"expected a list of gates, got {value!r}")
         rules = {plan_key: attr for attr, plan_key in GATE_RULE_KEYS.items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -46,6 +47,7 @@ from quantship.runtime.registry import get_runtime, tool_versions
 from quantship.signoff.cluster import RayCluster, strip_ansi
 from quantship.signoff.plan import PlanModel, SignoffPlan
 from quantship.signoff.units import (
+    Chunk,
     ModelWork,
     SignoffJob,
     UnitFailed,
@@ -232,14 +234,12 @@ def evaluate_chunk_task(
     target_name: str,
     built: dict[str, Any],
     data_box: list[Any],
-    state: str,
-    start: int,
-    end: int,
+    chunk: Chunk,
 ) -> dict[str, Any]:
-    """Ray task: evaluate images ``start:end`` of one unit and store the chunk (after the model's build, whose
-    result ``built`` is). Returns where it ran, or the unit's error (the local executor's failed-row cases)."""
+    """Ray task: evaluate one chunk of a unit and store it (after the model's build, whose result ``built`` is).
+    Returns where it ran, or the unit's error (the local executor's failed-row cases)."""
     _enter(run)
-    state_dir = Path(state)
+    state_dir, start = chunk.state, chunk.start
     attempt = _claim_attempt(run.attempts, f"{state_dir.name}.{start:08d}")
     began = time.time()
     result = built["artifacts"][target_name]
@@ -264,7 +264,8 @@ def evaluate_chunk_task(
     try:
         runner, warmup = _WORKER.active_runner(key, lambda: target.make_runner(ctx, artifact))
         write_json_atomic(state_dir / f"chunk-{start:08d}.json", {**where, "executor": "ray"})
-        evaluate_chunk(plan, runner, target, loaded.preprocess, split.evalset, task, state_dir, start, end, warmup)
+        chunk = dataclasses.replace(chunk, warmup_batches=warmup)
+        evaluate_chunk(plan, runner, target, loaded.preprocess, split.evalset, task, chunk)
     except (*TARGET_ERRORS, UnitFailed) as exc:
         _WORKER.drop_runner()
         return {"error": str(exc), "where": where}
@@ -476,7 +477,7 @@ class _RayRun:
             for t in w.todo:
                 key = w.keys[t.name]
                 unit = _Unit(name, t, key, unit_state(job.out_dir, name, t.name, key))
-                state_abs = str(unit_state(self.out_abs, name, t.name, key))
+                state_abs = unit_state(self.out_abs, name, t.name, key)
                 todo = todo_spans(plan, job.evalset, unit.state)
                 self.stored_chunks += len(chunk_spans(plan, job.evalset)) - len(todo)
                 for s, e in todo:
@@ -486,7 +487,7 @@ class _RayRun:
                         num_gpus=int(gpu),
                         **(self.gpu_options if gpu else {}),
                         name=f"quantship {name} {t.name} chunk {s}",
-                    ).remote(self.run, w.entry, w.preprocess, t.name, ref, data_box, state_abs, s, e)
+                    ).remote(self.run, w.entry, w.preprocess, t.name, ref, data_box, Chunk(state_abs, s, e))
                     self.chunks[cref] = (unit, s, e)
                     unit.pending.add(cref)
                 units.append(unit)

@@ -23,6 +23,7 @@ from typing import Any
 from quantship.errors import QuantshipError
 from quantship.evaluate.bench import latency_pass
 from quantship.evaluate.environment import environment
+from quantship.evaluate.stability import StopRule
 from quantship.evaluate.tasks import make_task
 from quantship.fileio import FolderLock, append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
 from quantship.models.loading import resolve_preprocess
@@ -85,10 +86,8 @@ def bench_pass(
             timed = latency_pass(
                 files,
                 plan.threads,
-                max_seconds=b.max_seconds,
-                ratio_precision=b.ratio_precision,
+                StopRule(b.ratio_precision, b.min_rounds, b.max_seconds),
                 lines=lines,
-                min_rounds=b.min_rounds,
                 queries_per_round=b.queries_per_round,
                 reference=b.reference,
                 make_worker=make_worker,

@@ -24,7 +24,7 @@ import numpy as np
 
 from quantship.data.datasets import ImageDataset, Skipped
 from quantship.errors import DataError
-from quantship.evaluate.loop import run_targets
+from quantship.evaluate.loop import Batches, run_targets
 from quantship.evaluate.tasks import ARRAYS_VERSION, Task, concat, make_task
 from quantship.evaluate.verdicts import gate_verdict
 from quantship.fileio import (
@@ -43,6 +43,7 @@ from quantship.targets.post_training import build_searched
 from quantship.targets.run import (
     TARGET_ERRORS,
     RunData,
+    RunSettings,
     load_evaluation_data,
     load_for,
     prepare_run,
@@ -181,6 +182,20 @@ def todo_spans(plan: SignoffPlan, evalset: ImageDataset, state: Path) -> list[tu
     ]
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Images ``start:end`` of one unit, stored in the unit's folder ``state`` (what an executor schedules).
+
+    Attributes:
+        warmup_batches: Leading batches left out of the latency (the first chunk a process runs warms up).
+    """
+
+    state: Path
+    start: int
+    end: int
+    warmup_batches: int = 0
+
+
 def evaluate_chunk(
     plan: SignoffPlan,
     runner: Any,
@@ -188,27 +203,24 @@ def evaluate_chunk(
     preprocess: Any,
     evalset: ImageDataset,
     task: Task,
-    state: Path,
-    start: int,
-    end: int,
-    warmup_batches: int,
+    chunk: Chunk,
 ) -> None:
-    """Evaluate images ``start:end`` on an active runner and store them as one chunk, atomically (every executor
-    stores its chunks through here).
+    """Evaluate a chunk's images on an active runner and store them, atomically (every executor stores its chunks
+    through here).
 
     Raises:
         UnitFailed: The runner failed on an image batch.
     """
-    sub = evalset.subset(range(start, end))
     skipped: list[Skipped] = []
+    batches = Batches(evalset.subset(range(chunk.start, chunk.end)), plan.batch_size, plan.workers, skipped)
     run = run_targets(
-        {target.name: runner}, sub, preprocess, task, plan.batch_size, plan.workers, skipped,
-        warmup_batches=warmup_batches, desc=f"chunk {start}",
+        {target.name: runner}, batches, preprocess, task, warmup_batches=chunk.warmup_batches,
+        desc=f"chunk {chunk.start}",
     )[target.name]  # fmt: skip
     if run.error:
         raise UnitFailed(run.error)
     _save_chunk(
-        _chunk_path(state, start),
+        _chunk_path(chunk.state, chunk.start),
         {
             **(run.arrays or task.empty()),
             "seconds": np.asarray([run.seconds]),
@@ -219,19 +231,29 @@ def evaluate_chunk(
     )
 
 
-def _evaluate_unit(
-    plan: SignoffPlan,
-    ctx: BuildContext,
-    target: Target,
-    artifact: Artifact | None,
-    evalset: ImageDataset,
-    task: Task,
-    state: Path,
-    make_runner: Any = None,
-) -> None:
-    """Evaluate one target chunk by chunk, skipping chunks already on disk (verified); ``make_runner(target, ctx,
-    artifact)`` makes the runner when given (a plan's ``remote:`` device)."""
-    todo = todo_spans(plan, evalset, state)
+@dataclass
+class ModelUnits:
+    """What every unit of one plan model shares in the local executor.
+
+    Attributes:
+        ctx: The context that builds the model's targets.
+        evalset: The evaluation images.
+        task: Scores the model's outputs.
+        make_runner: ``make_runner(target, ctx, artifact)`` makes the runners when given (a plan's ``remote:``
+            device).
+    """
+
+    plan: SignoffPlan
+    ctx: BuildContext
+    evalset: ImageDataset
+    task: Task
+    make_runner: Any = None
+
+
+def _evaluate_unit(units: ModelUnits, target: Target, artifact: Artifact | None, state: Path) -> None:
+    """Evaluate one target chunk by chunk, skipping chunks already on disk (verified)."""
+    plan, ctx, make_runner = units.plan, units.ctx, units.make_runner
+    todo = todo_spans(plan, units.evalset, state)
     if not todo:
         return
     runner = make_runner(target, ctx, artifact) if make_runner else target.make_runner(ctx, artifact)
@@ -239,7 +261,8 @@ def _evaluate_unit(
     with runner:
         for k, (start, end) in enumerate(track(todo, total=len(todo), desc=f"{ctx.loaded.name} {target.name}")):
             # The first batch of the first chunk this process runs is warm-up, left out of the latency.
-            evaluate_chunk(plan, runner, target, ctx.loaded.preprocess, evalset, task, state, start, end, 0 if k else 1)
+            chunk = Chunk(state, start, end, 0 if k else 1)
+            evaluate_chunk(plan, runner, target, ctx.loaded.preprocess, units.evalset, units.task, chunk)
 
 
 def stored_intact(row: dict[str, Any] | None, plan: SignoffPlan, evalset: ImageDataset) -> bool:
@@ -415,19 +438,8 @@ def model_context(
     loaded = load_for(entry.name, entry.weights, preprocess, dataset, trust_savedmodel=plan.trust_savedmodel)
     task = make_task(dataset, loaded, plan.anchors)
     options = RunnerOptions(threads=plan.threads, providers=plan.ort_providers)
-    ctx, _, _ = prepare_run(
-        loaded,
-        targets,
-        dataset,
-        plan.calibration,
-        plan.limit,
-        out_dir,
-        options,
-        plan.workers,
-        plan.tensorrt,
-        split,
-        plan.post_training,
-    )
+    settings = RunSettings(plan.calibration, plan.limit, options, plan.workers, plan.tensorrt, plan.post_training)
+    ctx, _, _ = prepare_run(loaded, targets, dataset, out_dir, settings, split)
     return ctx, task
 
 
@@ -453,9 +465,8 @@ class LocalExecutor:
             self.timings["build_s"] += time.perf_counter() - t0
             try:
                 for t in w.todo:
-                    row = _run_unit(
-                        job.plan, ctx, t, w.keys[t.name], job.evalset, task, job.out_dir, self.timings, self.make_runner
-                    )
+                    units = ModelUnits(job.plan, ctx, job.evalset, task, self.make_runner)
+                    row = _run_unit(units, t, w.keys[t.name], job.out_dir, self.timings)
                     yield self._mark(row)
             finally:
                 ctx.close()
@@ -475,19 +486,10 @@ def unit_state(out_dir: Path, model: str, target: str, key: str) -> Path:
     return out_dir / "state" / f"{model}-{target}-{key}"
 
 
-def _run_unit(
-    plan: SignoffPlan,
-    ctx: BuildContext,
-    t: Target,
-    key: str,
-    evalset: ImageDataset,
-    task: Task,
-    out_dir: Path,
-    timings: dict[str, float] | None = None,
-    make_runner: Any = None,
-) -> dict:
+def _run_unit(units: ModelUnits, t: Target, key: str, out_dir: Path, timings: dict[str, float] | None = None) -> dict:
     """Build and evaluate one unit; a unit whose target fails to build or run gets a failed row (and leaves no
     half-built artifact), is retried by the next run, and does not stop the others."""
+    plan, ctx, task = units.plan, units.ctx, units.task
     state = unit_state(out_dir, ctx.loaded.name, t.name, key)
     art = None
     timings = timings if timings is not None else {"build_s": 0.0, "evaluate_s": 0.0}
@@ -495,12 +497,12 @@ def _run_unit(
         t0 = time.perf_counter()
         art = build_searched(ctx, t)
         t1 = time.perf_counter()
-        _evaluate_unit(plan, ctx, t, art, evalset, task, state, make_runner)
+        _evaluate_unit(units, t, art, state)
         timings["build_s"] += t1 - t0
         timings["evaluate_s"] += time.perf_counter() - t1
         row = unit_row(plan, ctx.loaded.name, t, key, state, art, task)
     except (*TARGET_ERRORS, UnitFailed) as exc:
-        if make_runner is None:  # an artifact a device cannot run may still be good here
+        if units.make_runner is None:  # an artifact a device cannot run may still be good here
             remove_artifact(art)
         note(f"FAILED {ctx.loaded.name} {t.name}: {exc}")
         return failed_row(ctx.loaded.name, t, key, str(exc))

@@ -12,9 +12,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from quantship.config import CalibrationMethod, Precision, PtqSteps, TargetSpec, TrtInt8Mode, TrtOptions
+from quantship.convert.adaround import CACHE_FORMAT, AdaRoundStore
 from quantship.convert.layer_names import KerasLayers
 from quantship.convert.ptq import prepare_model
 from quantship.errors import ConfigError
+from quantship.fileio import sha256_json
 from quantship.lazy import lazy_import
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel
@@ -72,9 +74,6 @@ class BuildContext:
     def adaround_store(self) -> Any:
         """Where AdaRound's integers for this run's build key are kept: the model's weights, preprocessing,
         calibration images, the steps before it and its budget, the TensorFlow version."""
-        from quantship.convert.adaround import CACHE_FORMAT, AdaRoundStore
-        from quantship.fileio import sha256_json
-
         tf = lazy_import("tensorflow")
         key = sha256_json(
             {

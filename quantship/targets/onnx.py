@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.config import CalibrationMethod, Precision, TargetSpec
-from quantship.convert.calibrated import write_outputs
+from quantship.convert.calibrated import CalibrationOutputs, write_outputs
 from quantship.convert.layer_names import KerasLayers, onnx_tensor_layers
 from quantship.manifest import Artifact
 from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner, fused_int8_ops, optimized_graph, tap_tensors
@@ -46,7 +46,9 @@ def qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
         spec,
         ".onnx",
         fields,
-        lambda result, fp32, path, manifest: write_outputs(result, fp32, qdq=path, manifest=manifest),
+        lambda result, fp32, path, manifest: write_outputs(
+            result, fp32, CalibrationOutputs(qdq=path), manifest=manifest
+        ),
     )
 
 

@@ -23,6 +23,7 @@ from quantship.data.datasets import (
     select_listed,
     split_calibration,
 )
+from quantship.data.preprocess import decode_image
 from quantship.errors import (
     CalibrationError,
     ConfigError,
@@ -32,7 +33,7 @@ from quantship.errors import (
     ModelLoadError,
     RuntimeBackendError,
 )
-from quantship.evaluate.loop import TargetRun, run_targets
+from quantship.evaluate.loop import Batches, TargetRun, run_targets
 from quantship.evaluate.tasks import Task
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel, check_savedmodel_trust, is_model_file, load_model
@@ -121,8 +122,6 @@ def require_readable_image(dataset: ImageDataset, data: str) -> None:
     Raises:
         DataError: No image of the folder decodes.
     """
-    from quantship.data.preprocess import decode_image
-
     for s in dataset.samples:
         try:
             decode_image(s.read(), s.key)
@@ -311,43 +310,62 @@ def draw_listed_calibration(
     return draw_calibration(source.pool or dataset, num_images, seed), source
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run splits its images and builds its targets (what eval, diff and sign-off hand :func:`prepare_run`
+    beside the model and the data).
+
+    Attributes:
+        calibration: Where the calibration images come from and how they are read.
+        limit: Evaluation images at most (None: all).
+        runner_options: Threads and execution providers of the runners.
+        workers: Decoding threads.
+        trt: TensorRT build options.
+        ptq: Post-training steps of the targets with int8 weights (they read the calibration images too).
+    """
+
+    calibration: CalibrationSpec
+    limit: int | None
+    runner_options: RunnerOptions
+    workers: int
+    trt: TrtOptions = TrtOptions()
+    ptq: PtqSteps = PtqSteps()
+
+
 def prepare_run(
     loaded: LoadedModel,
     targets: Sequence[Target],
     dataset: ImageDataset,
-    calibration: CalibrationSpec,
-    limit: int | None,
     out_dir: Path,
-    runner_options: RunnerOptions,
-    workers: int,
-    trt: TrtOptions = TrtOptions(),
+    settings: RunSettings,
     split: RunData | None = None,
-    ptq: PtqSteps = PtqSteps(),
 ) -> tuple[BuildContext, ImageDataset, ImageDataset]:
     """Split calibration/evaluation images (calibration only when a target needs it) and make the context
     that builds every target's artifact.
 
     Args:
-        split: The images as :func:`run_data` split them beforehand; split here from ``calibration`` when None.
-        ptq: Post-training steps of the targets with int8 weights (they read the calibration images too).
+        split: The images as :func:`run_data` split them beforehand; split here from ``settings.calibration``
+            when None.
     """
-    needs_calib = bool(needs_calibration(targets, trt, ptq))
+    s = settings
+    needs_calib = bool(needs_calibration(targets, s.trt, s.ptq))
     if split is None:
-        split = run_data(dataset, calibration, limit, needs_calib)
+        split = run_data(dataset, s.calibration, s.limit, needs_calib)
     calib, evalset = split.calib, split.evalset
     ctx = BuildContext(
         loaded,
         out_dir,
         calibration=calibration_data(
-            calib, loaded, calibration.batch_size, workers, percentile=calibration.percentile, source=split.source
+            calib, loaded, s.calibration.batch_size, s.workers, percentile=s.calibration.percentile,
+            source=split.source,
         )
         if needs_calib
         else None,
-        runner_options=runner_options,
-        trt=trt,
+        runner_options=s.runner_options,
+        trt=s.trt,
         log_path=out_dir / "convert.log",
-        ptq=ptq,
-    )
+        ptq=s.ptq,
+    )  # fmt: skip
     return ctx, calib, evalset
 
 
@@ -402,11 +420,8 @@ def evaluate_targets(
     ctx: BuildContext,
     targets: Sequence[Target],
     artifacts: dict[str, Artifact | None],
-    dataset: ImageDataset,
+    batches: Batches,
     task: Task,
-    batch_size: int = 8,
-    workers: int = 4,
-    skipped: list[Skipped] | None = None,
     make_runner: Callable[[Target, BuildContext, Artifact | None], Runner] | None = None,
 ) -> dict[str, TargetRun]:
     """Run every target on the same decoded, preprocessed batches (one decode per image for all targets).
@@ -427,7 +442,7 @@ def evaluate_targets(
         except TARGET_ERRORS as exc:
             failed[t.name] = TargetRun(t.name, error=str(exc))
     try:
-        runs = run_targets(runners, dataset, ctx.loaded.preprocess, task, batch_size, workers, skipped)
+        runs = run_targets(runners, batches, ctx.loaded.preprocess, task)
     finally:
         for r in runners.values():
             r.deactivate()
@@ -458,21 +473,40 @@ def runtime_fields(target: Target, options: RunnerOptions) -> dict[str, Any]:
     return {"threads": options.threads, **get_runtime(target.spec.backend).row_fields(options)}
 
 
+@dataclass
+class Evaluated:
+    """What building and running the targets left (what :func:`evaluated_rows` turns into rows).
+
+    Attributes:
+        runs: Target name -> its run (its ``error`` set when it failed to run).
+        artifacts: Target name -> its artifact.
+        failures: Target name -> why it failed to build.
+        skipped: The images no decoder could read.
+    """
+
+    runs: dict[str, TargetRun]
+    artifacts: dict[str, Artifact | None]
+    failures: dict[str, str]
+    skipped: Sequence[Skipped] = ()
+
+
 def evaluated_rows(
     task: Task,
     targets: Sequence[Target],
-    runs: dict[str, TargetRun],
-    artifacts: dict[str, Artifact | None],
-    failures: dict[str, str],
-    loaded: LoadedModel,
+    evaluated: Evaluated,
+    ctx: BuildContext,
     dataset: ImageDataset,
-    skipped: Sequence[Skipped],
-    options: RunnerOptions,
     extra: dict[str, Any] | None = None,
     reference: str = REFERENCE_TARGET,
 ) -> list[dict[str, Any]]:
     """One flat row per target: the task's metrics, differences and agreement against the reference target; a
-    target that failed to build or run gets a row with ``status: failed`` and its error."""
+    target that failed to build or run gets a row with ``status: failed`` and its error.
+
+    Args:
+        ctx: The context the targets were built in: its model, and the runner options the rows record.
+    """
+    runs, artifacts, skipped = evaluated.runs, evaluated.artifacts, evaluated.skipped
+    loaded, options, failures = ctx.loaded, ctx.runner_options, evaluated.failures
     errors = {**failures, **{name: run.error for name, run in runs.items() if run.error}}
     ok = [t for t in targets if t.name not in errors]
     arrays = {t.name: runs[t.name].arrays for t in ok}

@@ -5,12 +5,13 @@ Everything TensorRT in quantship: engine build :mod:`quantship.convert.tensorrt`
 
 from __future__ import annotations
 
+from quantship.calibrate.trt_cache import write_cache
 from quantship.config import CalibrationMethod, Precision, TargetSpec, TrtInt8Mode
 from quantship.convert.tensorrt import EngineSpec, build_engine
 from quantship.fileio import sha256_json
 from quantship.manifest import Artifact
 from quantship.targets.base import DEFAULT_UNNAMED_METHOD, BuildContext, get_target, register_target
-from quantship.targets.calibrated import onnx_export
+from quantship.targets.calibrated import onnx_export, run_calibration
 from quantship.targets.onnx import qdq_build
 from quantship.trt_util import import_tensorrt
 
@@ -60,9 +61,6 @@ def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
     if remote is not None:
         if implicit and cache is not None and not cache.is_file():  # implicit: the cache path was set above
             # The device gets the host's calibration as a TensorRT cache: the images never leave this machine.
-            from quantship.calibrate.trt_cache import write_cache
-            from quantship.targets.calibrated import run_calibration
-
             write_cache(cache, run_calibration(ctx, spec).trt_cache(version))
         return remote.build_engine(source.path, engine_spec, ctx.artifact_path(spec, ".engine"), None, manifest)
     feed = ctx.calibration.batches() if (implicit and ctx.calibration is not None) else None

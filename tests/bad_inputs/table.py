@@ -5,9 +5,14 @@ the message (for exit code 2: the only line on stderr, no traceback) and what ``
 a case refused before any work; for a case that skips and continues, or records a failure in a row, exactly the
 files and rows it should have, no temporary file left, every file with the permissions of the user's umask.
 
-Cases refused before any heavy work run as subprocesses, which also check that no heavy library (TensorFlow, Keras,
-ONNX Runtime, TensorRT, LiteRT) was imported. The others call the CLI's ``main()`` in-process (it must put file
-descriptor 2 and ``sys.stderr`` back when it returns) and share one tiny model trained once per session.
+Every row calls the CLI's ``main()`` in-process (it must put file descriptor 2 and ``sys.stderr`` back when it
+returns): a Python start-up and the package's import per row cost more than most rows' work (issue 24: ~1-2 s each,
+over 200 rows). Cases refused before any heavy work run with every import of a heavy library (TensorFlow, Keras,
+ONNX Runtime, TensorRT, LiteRT) refused and recorded (:func:`heavy_imports_refused`): the row fails if one was
+tried, as it would have shown in a process of its own. Rows marked ``heavy`` get past the checks, load a model and
+share one tiny model trained once per session. Rows that need a process boundary (environment variables) and a
+sample of one row per command (``subprocess=True``: the real entry point, its exit code and the heavy imports of a
+fresh interpreter) run as subprocesses.
 
 The rows live in ``test_<command>.py`` beside this file, one file per command (the split issue 24 asked for), each
 running its rows through :func:`run_case`; the data and models they share are built once per session
@@ -17,6 +22,8 @@ huge, wrong type, empty string, missing file, file where a folder is expected).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
 import json
 import os
 import pickle
@@ -28,7 +35,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -50,12 +57,13 @@ class Case:
         build: ``build(tmp, env) -> placeholders`` writes the input under ``tmp`` (``env`` holds the shared
             models and data) and returns extra ``{name}`` values for ``argv``.
         argv: The command after ``quantship``, with ``{out}``, ``{tmp}``, ``{model}``, ``{data}``... placeholders.
-        inprocess: Run through ``main()`` in this process (needs a model); else a subprocess.
+        heavy: The row loads a model (heavy libraries allowed; the trained models are built for it).
         code: Expected exit code.
         message: A fragment the message must contain.
         out: The names ``--out`` holds afterwards (logs aside); :data:`NOTHING` for none.
         check: More checks on the output folder (rows, file contents).
-        env: Environment variables of the run (subprocess rows).
+        env: Environment variables of the run (the row runs as a subprocess).
+        subprocess: Run as ``python -c 'main()'`` in a process of its own (the per-command sample).
     """
 
     id: str
@@ -64,9 +72,10 @@ class Case:
     message: str
     out: frozenset[str] = NOTHING
     build: Callable[[Path, dict], dict] = lambda tmp, env: {}
-    inprocess: bool = False
+    heavy: bool = False
     check: Callable[[Path], None] | None = None
     env: tuple[tuple[str, str], ...] = ()
+    subprocess: bool = False
 
 
 def bench_argv(*extra: str) -> tuple[str, ...]:
@@ -489,15 +498,50 @@ def _run_subprocess(argv: list[str], env: tuple[tuple[str, str], ...] = ()) -> t
     return res.returncode, res.stdout, res.stderr
 
 
-def _run_inprocess(argv: list[str], capfd) -> tuple[int, str, str]:
+class _HeavyImportRefuser(importlib.abc.MetaPathFinder):
+    """A finder ahead of all others that records and refuses every import of a heavy library."""
+
+    def __init__(self) -> None:
+        self.tried: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            self.tried.append(name)
+            raise ModuleNotFoundError(f"{name}: a heavy import in a row refused before any heavy work")
+        return None
+
+
+@contextlib.contextmanager
+def heavy_imports_refused() -> Iterator[list[str]]:
+    """While the block runs, every import of a heavy library fails and is recorded in the list it yields.
+
+    The heavy modules an earlier row loaded leave ``sys.modules`` for the block (else ``import tensorflow`` would
+    find them there and pass unseen) and come back afterwards.
+    """
+    loaded = {k: m for k, m in sys.modules.items() if k.split(".")[0] in HEAVY}
+    for name in loaded:
+        del sys.modules[name]
+    refuser = _HeavyImportRefuser()
+    sys.meta_path.insert(0, refuser)
+    try:
+        yield refuser.tried
+    finally:
+        sys.meta_path.remove(refuser)
+        sys.modules.update(loaded)
+
+
+def _run_inprocess(argv: list[str], capfd, light: bool = False) -> tuple[int, str, str]:
+    """``main(argv)`` in this process; ``light``: with every heavy import refused (a row refused before any)."""
     from quantship.cli import main
 
     before, stream = os.fstat(2), sys.stderr
-    code = main(argv)
+    with heavy_imports_refused() if light else contextlib.nullcontext([]) as tried:
+        code = main(argv)
     after = os.fstat(2)
     assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino), "main() did not restore fd 2"
     assert sys.stderr is stream, "main() did not restore sys.stderr"
     captured = capfd.readouterr()
+    assert not tried, f"refused after importing {', '.join(sorted(set(tried)))}: not before heavy work"
     return code, captured.out, captured.err
 
 
@@ -508,20 +552,23 @@ def _umask() -> int:
 
 
 def params(cases: list[Case]) -> list:
-    """pytest parameters of ``cases``: named by their id; the rows that run in-process are marked slow."""
-    return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.inprocess else []) for c in cases]
+    """pytest parameters of ``cases``: named by their id; the rows that load a model are marked slow."""
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.heavy else []) for c in cases]
 
 
 def run_case(case: Case, request, tmp_path, capfd):
     """Build the row's input, run its command, check exit code, message and what --out holds."""
-    env = request.getfixturevalue("model_env" if case.inprocess else "data_env")
+    env = request.getfixturevalue("model_env" if case.heavy else "data_env")
     capfd.readouterr()  # what building the shared models printed (TensorFlow's start-up lines) is not the row's
     values = {k: str(v) for k, v in env.items()}
     values.update(tmp=str(tmp_path), out=str(tmp_path / "out"))
     values.update(case.build(tmp_path, env) or {})
     argv = [a.format(**values) for a in case.argv]
     message = case.message.format(**values)
-    code, stdout, stderr = _run_inprocess(argv, capfd) if case.inprocess else _run_subprocess(argv, case.env)
+    if case.subprocess or case.env:
+        code, stdout, stderr = _run_subprocess(argv, case.env)
+    else:
+        code, stdout, stderr = _run_inprocess(argv, capfd, light=not case.heavy)
 
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
     assert code == case.code, f"exit {code}, expected {case.code}\n{stdout[-2000:]}\n{stderr[-2000:]}"

@@ -38,6 +38,7 @@ CASES = [
         ("bench", "--model", "mobilenet_v2", "--targets", "keras-fp32", "--remote", "ssh://pi", "--out", "{out}"),
         2,
         "keras-fp32 runs in TensorFlow",
+        subprocess=True,
     ),
     # --- bench: interleaved timing options (issue 23); refused before anything is timed
     *(

@@ -14,6 +14,7 @@ CASES = [
         2,
         "garbage.onnx: not a valid ONNX model",
         build=garbage_onnx,
+        subprocess=True,
     ),
     Case(
         "calibrate-output-is-a-folder",

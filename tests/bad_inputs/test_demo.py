@@ -18,6 +18,7 @@ CASES = [
         ("demo", "--post-training", "auto", "--adaround", "--out", "{out}"),
         2,
         "--post-training auto chooses the steps itself: drop --adaround",
+        subprocess=True,
     ),
 ]
 

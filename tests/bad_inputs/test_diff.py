@@ -13,7 +13,7 @@ CASES = [
         + ("--calib-images", "2", "--targets", "keras-fp32,onnx-fp32", "--ort-providers", "cuda", "--out", "{out}"),
         2,
         "--ort-providers: CUDAExecutionProvider not available",
-        inprocess=True,
+        heavy=True,
     ),
 ]
 

@@ -50,6 +50,7 @@ CASES = [
         2,
         "none of the 2 image file(s) could be read as an image",
         build=lambda tmp, env: broken_images(tmp),
+        subprocess=True,
     ),
     # --- ground truth, data lists and pickles that are not what they claim
     Case(
@@ -80,7 +81,7 @@ CASES = [
         "2 image(s) listed in the ground truth are missing",
         EVAL_OUT,
         flat(b"a.JPEG 0\nb.JPEG 1\nc.JPEG 1\nd.JPEG 2\n"),
-        inprocess=True,
+        heavy=True,
         check=rows(missing_images=2, images=2),
     ),
     Case(
@@ -90,9 +91,10 @@ CASES = [
         "test.txt:2: not UTF-8",
         build=voc_with_list(b"000000\n00000\xe9\n"),
     ),
-    Case("val224-data-huge-int", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(10**11)),
-    Case("val224-data-negative", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(-1)),
-    Case("val224-data-none", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(None)),
+    *(
+        Case(f"val224-data-{name}", eval_argv(data="imagenet:{pkl}"), 2, "'data' must be a list", build=val224(value))
+        for name, value in (("huge-int", 10**11), ("negative", -1), ("none", None))
+    ),
     Case(
         "val224-array-of-10**13",
         eval_argv(data="imagenet:{pkl}"),
@@ -136,7 +138,7 @@ CASES = [
         "1 unreadable skipped",
         EVAL_OUT | {"skipped.txt"},
         with_bad_image("huge.png", lambda: png_claiming(50000, 50000)),
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=6, skipped=1), skipped_holds("huge.png", "50000x50000 pixels")),
     ),
     Case(
@@ -146,7 +148,7 @@ CASES = [
         "1 unreadable skipped",
         EVAL_OUT | {"skipped.txt"},
         with_bad_image("cut.JPEG", jpeg_cut_in_half),
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=6, skipped=1), skipped_holds("cut.JPEG", "corrupt JPEG")),
     ),
     Case(
@@ -156,7 +158,7 @@ CASES = [
         "none of the 2 evaluation images could be read",
         frozenset({"skipped.txt"}),
         all_unreadable,
-        inprocess=True,
+        heavy=True,
     ),
     Case(
         "detection-skipped-listed-symlinked-folder",
@@ -180,7 +182,7 @@ CASES = [
         "1 unreadable skipped (skipped.txt)",
         EVAL_OUT | {"skipped.txt"},
         coco_symlinked_with_corrupt_image,
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=3, skipped=1, task="detection"), skipped_holds("corrupt JPEG")),
     ),
     # --- outputs that are not numbers
@@ -191,7 +193,7 @@ CASES = [
         "NaN or inf outputs on some images (scored as wrong) from: nan keras-fp32 (6 of 6)",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["nan_model"])},
-        inprocess=True,
+        heavy=True,
         check=rows(nonfinite_images=6, top1=0.0, top5=0.0),
     ),
     Case(
@@ -201,7 +203,7 @@ CASES = [
         "inf keras-fp32 (6 of 6)",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["inf_model"])},
-        inprocess=True,
+        heavy=True,
         check=rows(nonfinite_images=6, top1=0.0),
     ),
     Case(
@@ -211,7 +213,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["nan_model"])},
-        inprocess=True,
+        heavy=True,
         check=rows(nonfinite_images=6, top1=0.0),
     ),
     # --- preprocessing overrides
@@ -233,21 +235,36 @@ CASES = [
             ("colour=red", "unknown preprocessing option(s): colour"),
         )
     ),
-    Case("targets-empty", eval_argv(targets=""), 2, "--targets: no target given"),
-    Case("targets-commas", eval_argv(targets=",,"), 2, "--targets: no target given"),
-    Case("targets-unknown", eval_argv(targets="tflite-int3"), 2, "unknown target 'tflite-int3'"),
-    Case("calib-images-negative", eval_argv("--calib-images", "-1"), 2, "argument --calib-images: expected a positive"),
-    Case(
-        "batch-size-0", eval_argv("--batch-size", "0"), 2, "argument --batch-size: expected a positive integer, got 0"
+    *(
+        Case(f"targets-{name}", eval_argv(targets=targets), 2, fragment)
+        for name, targets, fragment in (
+            ("empty", "", "--targets: no target given"),
+            ("commas", ",,", "--targets: no target given"),
+            ("unknown", "tflite-int3", "unknown target 'tflite-int3'"),
+        )
     ),
-    Case("threads-0", eval_argv("--threads", "0"), 2, "argument --threads: expected a positive integer, got 0"),
-    Case(
-        "calib-percentile-101",
-        eval_argv("--calib-percentile", "101"),
-        2,
-        "argument --calib-percentile: expected a percentile in (0, 100], got 101",
+    # --- one option's value out of range (the id: option-value)
+    *(
+        Case(name, eval_argv(f"--{option}", value), 2, fragment)
+        for name, option, value, fragment in (
+            ("calib-images-negative", "calib-images", "-1", "argument --calib-images: expected a positive"),
+            ("batch-size-0", "batch-size", "0", "argument --batch-size: expected a positive integer, got 0"),
+            ("threads-0", "threads", "0", "argument --threads: expected a positive integer, got 0"),
+            (
+                "calib-percentile-101",
+                "calib-percentile",
+                "101",
+                "argument --calib-percentile: expected a percentile in (0, 100], got 101",
+            ),
+            ("limit-0", "limit", "0", "argument --limit: expected a positive integer, got 0"),
+            ("post-training-unknown", "post-training", "best", "argument --post-training: invalid choice"),
+            ("out-empty", "out", "", "--out '': an empty path"),
+            ("labels-missing", "labels", "{tmp}/absent.txt", "--labels {tmp}/absent.txt: file not found"),
+            ("labels-a-folder", "labels", "{tmp}", "--labels {tmp}: is a folder, not a file"),
+            ("ort-providers-stray-comma", "ort-providers", "cpu,", "an empty provider name in 'cpu,'"),
+            ("ort-providers-unknown", "ort-providers", "foo", "unknown execution provider 'foo'"),
+        )
     ),
-    Case("limit-0", eval_argv("--limit", "0"), 2, "argument --limit: expected a positive integer, got 0"),
     # AdaRound's budget and the post-training search
     *(
         Case(f"adaround-{opt}-{value}", eval_argv("--adaround", f"--adaround-{opt}", value), 2, fragment)
@@ -267,7 +284,6 @@ CASES = [
         2,
         "--adaround-images set AdaRound's budget: add --adaround",
     ),
-    Case("post-training-unknown", eval_argv("--post-training", "best"), 2, "argument --post-training: invalid choice"),
     Case(
         "post-training-auto-with-steps",
         eval_argv("--post-training", "auto", "--equalize"),
@@ -317,7 +333,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         cache_with_empty_shard,
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=6), cache_holds),
     ),
     Case(
@@ -327,7 +343,6 @@ CASES = [
         "cannot write there (File name too long)",
         build=lambda tmp, env: {"out": str(tmp / ("x" * 300))},
     ),
-    Case("out-empty", eval_argv("--out", ""), 2, "--out '': an empty path"),
     Case("out-inside-data-folder", eval_argv(), 2, "is inside the data folder of --data", build=out_inside_data),
     Case(
         "out-inside-calib-data-folder",
@@ -336,8 +351,6 @@ CASES = [
         "is inside the data folder of --calib-data",
         build=out_inside_calib_data,
     ),
-    Case("labels-missing", eval_argv("--labels", "{tmp}/absent.txt"), 2, "--labels {tmp}/absent.txt: file not found"),
-    Case("labels-a-folder", eval_argv("--labels", "{tmp}"), 2, "--labels {tmp}: is a folder, not a file"),
     Case(
         "calib-list-with-bom",
         eval_argv("--calib-list", "{list}"),
@@ -345,7 +358,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         listing_with_bom,
-        inprocess=True,
+        heavy=True,
         check=rows(images=4),
     ),
     Case(
@@ -355,7 +368,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         flat(b"\xef\xbb\xbfa.JPEG 0\nb.JPEG 1\n"),
-        inprocess=True,
+        heavy=True,
         check=rows(images=2),
     ),
     Case(
@@ -365,7 +378,7 @@ CASES = [
         "keras-fp32",
         EVAL_OUT,
         cache_with_stale_temporary,
-        inprocess=True,
+        heavy=True,
         check=cache_holds,
     ),
     Case(
@@ -375,7 +388,7 @@ CASES = [
         "FAILED tflite-int8: layer 'conv1': weight 'kernel' holds NaN or inf values",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["nan_model"])},
-        inprocess=True,
+        heavy=True,
         check=target_failed("tflite-int8", "holds NaN or inf"),
     ),
     Case(
@@ -385,7 +398,7 @@ CASES = [
         "outputs NaN or inf values in calibration batch 1",
         EVAL_OUT,
         lambda tmp, env: {"model": str(env["inf_model"])},
-        inprocess=True,
+        heavy=True,
         check=both(
             target_failed("tflite-int8", "calibration batch 1"), target_failed("tflite-int16x8", "calibration batch 1")
         ),
@@ -396,7 +409,7 @@ CASES = [
         2,
         "two has 2 outputs (classes 0..1)",
         build=two_output_model,
-        inprocess=True,
+        heavy=True,
     ),  # fmt: skip
     Case(
         "progressive-jpeg-cut-in-half-with-end-marker",
@@ -405,7 +418,7 @@ CASES = [
         "1 unreadable skipped",
         EVAL_OUT | {"skipped.txt"},
         with_bad_image("prog.JPEG", progressive_jpeg_cut_in_half),
-        inprocess=True,
+        heavy=True,
         check=both(rows(images=6, skipped=1), skipped_holds("prog.JPEG", "corrupt JPEG")),
     ),
     Case(
@@ -436,7 +449,7 @@ CASES = [
         "4 calibration images (1 unreadable, left out)",
         EVAL_OUT | {"artifacts"},
         calib_with_unreadable,
-        inprocess=True,
+        heavy=True,
         check=rows(calibration_images=3),
     ),
     *(
@@ -455,17 +468,15 @@ CASES = [
         1,
         "the calibration images are (40, 40, 3), the model takes (32, 32, 3)",
         EVAL_OUT,
-        inprocess=True,
+        heavy=True,
         check=target_failed("tflite-int8", "--preprocess (size, layout) does not fit the model"),
     ),
-    Case("ort-providers-stray-comma", eval_argv("--ort-providers", "cpu,"), 2, "an empty provider name in 'cpu,'"),
-    Case("ort-providers-unknown", eval_argv("--ort-providers", "foo"), 2, "unknown execution provider 'foo'"),
     Case(
         "ort-providers-unavailable",
         eval_argv("--ort-providers", "cuda", targets="onnx-fp32"),
         2,
         "--ort-providers: CUDAExecutionProvider not available",
-        inprocess=True,
+        heavy=True,
     ),
     # A dangling link is an error, not a warning: the run would quietly evaluate a subset of the data the user laid
     # out (a link into a folder that is not mounted), and a warning scrolls away above the results.

@@ -8,7 +8,13 @@ from bad_inputs.table import Case, params, run_case
 
 CASES = [
     # --- options
-    Case("models-live-and-no-stats", ("models", "--live-stats", "--no-stats"), 2, "not allowed with argument"),
+    Case(
+        "models-live-and-no-stats",
+        ("models", "--live-stats", "--no-stats"),
+        2,
+        "not allowed with argument",
+        subprocess=True,
+    ),
     Case("models-live-stats-value", ("models", "--live-stats=yes"), 2, "ignored explicit argument 'yes'"),
     Case("models-unknown-option", ("models", "--stats"), 2, "unrecognized arguments: --stats"),
 ]

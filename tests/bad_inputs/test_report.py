@@ -14,6 +14,7 @@ CASES = [
         2,
         "environment.json: the environment record is not valid JSON",
         build=results_folder("{"),
+        subprocess=True,
     ),
     Case(
         "report-verdict-row-missing-keys",

@@ -13,6 +13,7 @@ CASES = [
         + ("--auto-fallback", "--gate", "top5>=0.9", "--out", "{out}"),
         2,
         "metric 'top5' needs labels",
+        subprocess=True,
     ),
     *(
         Case(
@@ -47,6 +48,7 @@ CASES = [
         ),
         2,
         "--adaround-iterations set AdaRound's budget: add --adaround",
+        subprocess=True,
     ),
     Case(
         "sensitivity-has-no-post-training-auto",

@@ -16,6 +16,7 @@ CASES = [
         2,
         "plan.yaml:2: not UTF-8",
         build=plan(raw=b"name: x\nmodels: [caf\xe9]\n"),
+        subprocess=True,
     ),
     *(
         Case(f"plan-{key}-{value!r}", ("signoff", "{plan}", "--out", "{out}"), 2, fragment, build=plan({key: value}))
@@ -139,7 +140,7 @@ CASES = [
             | {"report_chart.png", "artifacts", "state"}
         ),
         plan({"targets": "tflite-fp32", "gates": [{"relative": 0.9, "targets": "tflite-*"}]}),
-        inprocess=True,
+        heavy=True,
         check=signoff_ran,
     ),
     Case(
@@ -176,7 +177,7 @@ CASES = [
         2,
         "ort_providers: CUDAExecutionProvider not available",
         build=plan({"ort_providers": ["cuda"], "targets": ["onnx-fp32"]}),
-        inprocess=True,
+        heavy=True,
     ),
     Case(
         "plan-ort-providers-unavailable-unused",
@@ -189,7 +190,7 @@ CASES = [
             | {"report_chart.png", "artifacts", "state"}
         ),
         plan({"ort_providers": ["cuda"]}),
-        inprocess=True,
+        heavy=True,
         check=signoff_ran,
     ),
     Case(
