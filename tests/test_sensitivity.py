@@ -280,6 +280,7 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
         text=True,
     )
     assert res.returncode == 0, res.stderr
+    assert "int8+fallback" in res.stdout and "agreement " in res.stdout  # the cost lines show agreement with fp32
     rows = [json.loads(line) for line in (tmp_path / "fb" / "fallback.jsonl").read_text().splitlines()]
     costs = {(r["backend"], r["variant"]): r for r in rows if r["kind"] == "fallback_cost"}
     assert costs[("qdq", "int8+fallback")]["float_layers"] == ["conv2", "conv1"]
