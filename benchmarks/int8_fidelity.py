@@ -284,8 +284,13 @@ def markdown(model: str, n: int, rows: list[dict]) -> str:
 
 
 def _chosen(search_json: Path) -> str:
-    """``: <steps>`` for a target whose steps the search chose."""
-    return f": {json.loads(search_json.read_text())['chosen']}" if search_json.is_file() else ""
+    """``: <steps>`` for a target whose steps the search chose (``: <calibrator> <steps>`` when it chose the
+    calibrator too)."""
+    if not search_json.is_file():
+        return ""
+    search = json.loads(search_json.read_text())
+    calibrator = search.get("chosen_calibrator")
+    return f": {calibrator + ' ' if calibrator else ''}{search['chosen']}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,7 @@ class RemoteError(QuantshipError):
 class RemoteConnectionLost(RemoteError):
     """The connection to the device (or its runner) dropped in the middle of a run; the rows measured before are
     kept and marked incomplete."""
+
+
+# Errors that concern one target (its conversion, its runtime): that target fails, the others go on.
+TARGET_ERRORS = (ConversionError, RuntimeBackendError, CalibrationError, MissingDependencyError)

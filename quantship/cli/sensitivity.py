@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="convert every TFLite variant from scratch through the quantization debugger (the slow path: it "
         "calibrates each time); the default calibrates once and only quantizes each variant, with the same numbers",
     )
-    p.add_argument("--threads", type=a.positive_int)
+    p.add_argument("--threads", type=a.positive_int, help="CPU threads of ONNX Runtime and LiteRT (every core)")
     p.add_argument("--show", type=a.positive_int, default=10, help="rows shown per backend")
     a.out(p, "quantship-sensitivity")
     a.common(p)

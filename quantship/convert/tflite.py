@@ -321,7 +321,7 @@ class TfliteConverter:
 # representative dataset through the float model and returns it with each activation's min/max recorded in its
 # quantization parameters, unquantized; ``tensorflow.lite.python.convert.mlir_quantize`` then quantizes it (what
 # ``convert()`` does next, and what ``tf.lite.experimental.QuantizationDebugger`` calls with a deny list).
-# tests/test_tflite_methods.py pins both, so a TensorFlow that changes them fails there first, by name.
+# tests/convert/test_tflite_methods.py pins both, so a TensorFlow that changes them fails there first, by name.
 CALIBRATE_ONLY_ATTR = "_experimental_calibrate_only"
 MLIR_QUANTIZE_PARAMS = (
     "input_data_str",

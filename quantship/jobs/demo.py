@@ -475,7 +475,8 @@ def repair_tflite(ctx: Any, loaded: Any, out: Path, options: Any, one: np.ndarra
     from quantship.convert.artifact import write_artifact
     from quantship.runtime.registry import make_runner
     from quantship.sensitivity import TfliteBackend
-    from quantship.sensitivity.units import UnitBackend, find_unit_fallback, tflite_units
+    from quantship.sensitivity.fallback import find_unit_fallback
+    from quantship.sensitivity.units import UnitBackend, tflite_units
     from quantship.targets import parse_targets
     from quantship.targets.tflite import tflite_converter
 

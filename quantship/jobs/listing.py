@@ -2,7 +2,7 @@
 
 The model listing reads parameters and MACs from a table committed with the package
 (``quantship/models/model_table.json``) instead of building every model: building the zoo takes about a
-minute, and over a minute on a loaded machine, to print a list. ``tests/test_models.py`` checks every row
+minute, and over a minute on a loaded machine, to print a list. ``tests/models/test_models.py`` checks every row
 against the built model and fails for a registered model without a row; :func:`write_model_table` rewrites the
 table after a model is added or changed. ``quantship models --live-stats`` counts by building.
 """
@@ -36,7 +36,7 @@ __all__ = [
 ABOUT = (
     "Parameters and multiply-accumulates (batch 1, convolutions and dense layers: "
     "quantship.models.stats.count_macs) of every registered model at its input size, read by `quantship models`. "
-    "tests/test_models.py checks each row against the built model; regenerate with: "
+    "tests/models/test_models.py checks each row against the built model; regenerate with: "
     'python -c "from quantship.jobs.listing import write_model_table; write_model_table()"'
 )
 

@@ -38,6 +38,7 @@ SENSITIVITY_SHOWN = (
     ("agreement_top1", "agree", "{:.4f}"),
     ("mean_l1", "mean L1", "{:.4f}"),
     ("sqnr_db", "SQNR dB", "{:.1f}"),
+    ("images", "images", "{}"),  # fewer than the rest: a layer screened as harmless on half the images
 )
 
 
@@ -87,7 +88,9 @@ def run_sensitivity(
         if r["kind"] == "fallback_cost":
             lines.append(
                 f"{r['backend']:7s} {r['variant']:14s} {r['artifact']}: {r['metric']} {r['value']:.4f}, "
-                f"{r['size_mb']:.2f} MB, p50 {r['latency_ms_p50']:.2f} ms"
+                # Agreement with fp32 too: on photo folders labelled 0 the metric itself says nothing.
+                + (f"agreement {r['agreement_top1']:.4f}, " if r.get("agreement_top1") is not None else "")
+                + f"{r['size_mb']:.2f} MB, p50 {r['latency_ms_p50']:.2f} ms"
             )
     if report:
         md, page = build_report(out, f"sensitivity: {setup.loaded.name}")

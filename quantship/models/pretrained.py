@@ -16,7 +16,7 @@ on five photos that scikit-image ships (cat, espresso, rocket, astronaut, motorc
 of the top class -0.89 with this normalisation, against -1.33 with ImageNet mean/std (``torch`` family),
 -1.08 with BGR order and -1.05 with ``x / 255``; top-1 is "espresso" at 0.95 for the coffee photo with it
 (0.77 with mean/std). So the checkpoint was converted from TensorFlow's weights and keeps their input
-convention. ``tests/test_pretrained.py`` checks the obvious photos against this. Lite1 (240) and Lite2 (260)
+convention. ``tests/models/test_pretrained.py`` checks the obvious photos against this. Lite1 (240) and Lite2 (260)
 are the same port at their resolutions (TensorFlow crops size / (size + 32): shorter side to 272 and 292).
 """
 

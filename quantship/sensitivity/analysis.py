@@ -24,9 +24,23 @@ import numpy as np
 
 from quantship.config import CalibrationMethod, Gate, PtqSteps
 from quantship.errors import ConfigError
-from quantship.sensitivity.fallback import FallbackResult, apply_fallback, combined_ranking, find_fallback
-from quantship.sensitivity.scoring import depthwise_vs_pointwise, layer_sensitivity, layer_types
+from quantship.sensitivity.fallback import (
+    FallbackResult,
+    apply_fallback,
+    closest_set,
+    combined_ranking,
+    find_fallback,
+    prune_fallback,
+)
+from quantship.sensitivity.scoring import (
+    SCREEN_MIN_IMAGES,
+    check_gate_reference,
+    depthwise_vs_pointwise,
+    layer_sensitivity,
+    layer_types,
+)
 from quantship.sensitivity.setup import SensitivitySetup
+from quantship.sensitivity.units import unit_backends, unit_sensitivity
 from quantship.sensitivity.weights import weight_study, weight_variant
 
 
@@ -66,20 +80,33 @@ def run_analyses(
     a = analyses
     if a.gate is not None:
         setup.held.task.check_metric(a.gate.metric)
+        check_gate_reference(a.gate, setup.held)
     chosen = {"qdq": lambda: setup.qdq(a.method), "tflite": lambda: setup.tflite(fast=a.fast)}
     idx = np.arange(len(setup.held.x))
-    rank_set = setup.held.subset(idx[0::2]) if a.gate is not None else setup.held
+    # Ranking half: the gate ranks on it (and verifies on the other); the cumulative and depthwise studies, whose
+    # rows are read as curves rather than ranked, always run on it (half the variant runs).
+    half = setup.held.subset(idx[0::2])
+    rank_set = half if a.gate is not None else setup.held
     rows: list[dict[str, Any]] = []
     per_backend = {}
     for name in a.backends:
         backend = chosen[name]()
         print_fn(f"{name}: {len(backend.layers)} layers, one at a time, on {len(rank_set.x)} held-out images")
-        per_backend[name] = layer_sensitivity(backend, rank_set)
+        per_backend[name] = layer_sensitivity(backend, rank_set, screen_min=SCREEN_MIN_IMAGES)
         rows += per_backend[name]
+        screened = [r for r in per_backend[name] if r.get("screened")]
+        if screened:
+            print_fn(
+                f"{name}: {len(screened)} of {len(backend.layers)} layers changed no top-1 and no metric on every "
+                f"other held-out image ({screened[0]['images']}): scored on those only, the rest on all "
+                f"{len(rank_set.x)}"
+            )
+        if a.cumulative or a.depthwise:
+            print_fn(f"{name}: cumulative/depthwise studies on every other held-out image ({len(half.x)})")
         if a.cumulative:
-            rows += layer_sensitivity(backend, setup.held, cumulative=True)
+            rows += layer_sensitivity(backend, half, cumulative=True)
         if a.depthwise:
-            rows += depthwise_vs_pointwise(backend, setup.held, layer_types(setup.loaded.model))
+            rows += depthwise_vs_pointwise(backend, half, layer_types(setup.loaded.model))
     if a.weight_kinds or a.recipe:
         rows += weight_study(
             setup.loaded.model,
@@ -96,8 +123,6 @@ def run_analyses(
         backends = [chosen[n]() for n in a.backends]
         wrapped = None
         if a.ops:
-            from quantship.sensitivity.units import prune_fallback, unit_backends, unit_sensitivity
-
             wrapped = unit_backends(setup, {n: chosen[n]() for n in a.backends})
             for name, w in wrapped.items():
                 print_fn(f"{name}: {len(w.units)} op units (softmax, adds, pooling, output), one at a time")
@@ -118,13 +143,24 @@ def run_analyses(
                 "fallback here"
                 if wrapped is not None
                 else " with every layer that has weights in float: what is left in int8 lies outside them "
-                "(residual adds, pooling, TFLite's softmax), so no layer set meets this gate; without --no-ops "
-                "the fallback may keep those in float too"
+                "(residual adds, pooling, TFLite's softmax), so no layer set meets this gate; without "
+                "--weighted-only the fallback may keep those in float too"
             )
         print_fn(
             f"fallback for gate '{a.gate.describe()}': float set {result.float_layers or 'none needed'}; "
             f"{verdict} on held-out images"
         )
-        if result.float_layers:
-            rows += apply_fallback(setup, result.float_layers, a.method, threads=threads or 2, units=a.ops)
+        applied = result.float_layers
+        closest = None if result.passed else closest_set(result.steps, a.gate)
+        if closest is not None:
+            # A failed search writes and reports the set that got nearest, not merely the last one it tried.
+            applied, values = closest
+            reached = ", ".join(f"{b} {v:.4f}" for b, v in values.items())
+            print_fn(
+                f"closest: float set {applied or 'none'} ({len(applied)} of {len(ranking)}) reaches {reached} "
+                f"of the gated quantity (gate: {a.gate.describe()})"
+            )
+            rows.append({"kind": "fallback_closest", "float_layers": applied, "gate_values": values})
+        if applied:
+            rows += apply_fallback(setup, applied, a.method, threads=threads or 2, units=a.ops)
     return rows, result

@@ -3,6 +3,7 @@ on ONNX Runtime) and TFLite full int8 (a deny list of ops kept in float)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -161,7 +162,10 @@ class TfliteBackend:
         self, converter: Any, calibration: Callable[[], Iterable], threads: int | None = None, fast: bool = True
     ):
 
-        self.converter, self.calibration, self.threads, self.fast = converter, calibration, threads, fast
+        self.converter, self.calibration, self.fast = converter, calibration, fast
+        # LiteRT runs one thread when not told (ONNX Runtime: every core); a study is throughput, and the
+        # outputs do not depend on the thread count (tests/test_sensitivity.py checks it).
+        self.threads = threads or os.cpu_count() or 1
         self.layers = [layer.name for layer in converter.model.layers if type(layer).__name__ in WEIGHTED_KERAS]
         self._calibrated: bytes | None = None
 

@@ -3,6 +3,7 @@ gate passes on held-out images, then write both int8 models with that set and re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -14,8 +15,9 @@ from quantship.evaluate.loop import runner_outputs
 from quantship.runtime.base import RunnerOptions
 from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT
 from quantship.runtime.registry import make_runner
-from quantship.sensitivity.scoring import HeldOut, gate_passes, harm_key, score
+from quantship.sensitivity.scoring import HeldOut, gate_passes, harm_key, layer_sensitivity, score
 from quantship.sensitivity.setup import SensitivitySetup
+from quantship.sensitivity.units import UnitBackend, unit_backends, unit_sensitivity
 
 # -------------------------------------------------------------------------------------------- fallback
 
@@ -58,6 +60,76 @@ def find_fallback(
     return FallbackResult(floats, False, steps)
 
 
+def prune_fallback(
+    backends: Sequence[Any], floats: Sequence[str], verify: Any, gate: Gate
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Return to int8, one at a time from the last-added (least harmful) unit, every unit whose return keeps
+    every backend passing ``gate`` on ``verify``: (the pruned float set, one step row per trial)."""
+    kept = list(floats)
+    steps: list[dict[str, Any]] = []
+    for unit in reversed(list(floats)):
+        trial = [f for f in kept if f != unit]
+        results = [(b.name, score(b.run(verify.x, float_layers=trial), verify)) for b in backends]
+        ok = all(gate_passes(gate, m) for _, m in results)
+        for name, m in results:
+            steps.append(
+                {
+                    "kind": "fallback_prune",
+                    "backend": name,
+                    "returned_to_int8": unit,
+                    "float_layers": trial,
+                    "passed": gate_passes(gate, m),
+                    **m,
+                }
+            )
+        if ok:
+            kept = trial
+    return kept, steps
+
+
+def find_unit_fallback(
+    backends: Sequence[UnitBackend], rank_set: Any, verify: Any, gate: Gate, layers_too: bool = True
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The float set of units and layers that makes every backend pass ``gate`` on ``verify``: op units ranked
+    alone-int8 on ``rank_set`` first (cheap: a model has few); only when they cannot pass, the weighted layers
+    ranked the same way after them; greedy in rank order, then pruned. Returns (the
+    :class:`FallbackResult` with the pruned set, the ranking rows)."""
+    rows = {b.name: unit_sensitivity(b, rank_set) for b in backends}
+    ranking = combined_ranking(rows)
+    result = find_fallback(backends, ranking, verify, gate)
+    if not result.passed and layers_too:
+        for b in backends:
+            rows[b.name] = rows[b.name] + layer_sensitivity(b.inner, rank_set)
+        ranking = ranking + [r for r in combined_ranking(rows) if r not in ranking]
+        result = find_fallback(backends, ranking, verify, gate)
+    all_rows = [r for v in rows.values() for r in v]
+    if not result.passed:
+        return result, all_rows
+    pruned, steps = prune_fallback(backends, result.float_layers, verify, gate)
+    return FallbackResult(pruned, True, result.steps + steps), all_rows
+
+
+def closest_set(steps: Sequence[dict[str, Any]], gate: Gate) -> tuple[list[str], dict[str, float]] | None:
+    """The float set among a search's steps whose worst backend comes nearest to ``gate`` (the smaller set on a
+    tie): (that set, the gated quantity per backend, as :meth:`~quantship.config.Gate.value` computes it), or
+    None without steps. What a failed search reports and writes: the set that gets closest, not the last tried."""
+    sign = 1.0 if gate.higher_is_better else -1.0
+    sets: dict[tuple[str, ...], dict[str, float]] = {}
+    for s in steps:
+        if s.get("kind") in ("fallback", "fallback_prune") and gate.metric in s:
+            value = gate.value(s[gate.metric], s[f"reference_{gate.metric}"])
+            sets.setdefault(tuple(s["float_layers"]), {})[s["backend"]] = value
+
+    def worst(values: dict[str, float]) -> float:
+        good = [sign * v for v in values.values()]
+        return -math.inf if any(v != v for v in good) else min(good)
+
+    if not sets:
+        return None
+    floats, values = max(sets.items(), key=lambda kv: (worst(kv[1]), -len(kv[0])))
+    return list(floats), values
+
+
 def apply_fallback(
     setup: SensitivitySetup,
     float_layers: Sequence[str],
@@ -82,8 +154,6 @@ def apply_fallback(
     tfl = setup.tflite()
     qdq = setup.qdq(method)
     if units:
-        from quantship.sensitivity.units import unit_backends
-
         wrapped = unit_backends(setup, {"tflite": tfl, "qdq": qdq})
     for label, floats in (("int8", ()), ("int8+fallback", tuple(float_layers))):
         path = art_dir / f"{name}-tflite-{label.replace('+', '-')}.tflite"

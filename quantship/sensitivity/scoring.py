@@ -107,27 +107,86 @@ def gate_passes(gate: Gate, metrics: dict[str, Any]) -> bool:
     return gate.evaluate(metrics[gate.metric], metrics[f"reference_{gate.metric}"])
 
 
+def check_gate_reference(gate: Gate, held: HeldOut) -> None:
+    """A gate relative to fp32 needs fp32 to score above 0 on the held-out images (``imagenet:`` photo folders
+    labelled 0 score top-1 0): otherwise no float set can pass, and the search would walk every unit to learn it.
+
+    Raises:
+        ConfigError: fp32's value of the gate's metric is 0 under a relative gate.
+    """
+    if gate.relative is None or gate.metric not in held.task.measured:
+        return
+    reference = score(held.reference, held).get(f"reference_{gate.metric}")
+    if reference is not None and reference <= 0:
+        raise ConfigError(
+            f"--gate {gate.describe()}: fp32's {gate.metric} on these {len(held.x)} held-out images is "
+            f"{reference:g}, so no int8 model can pass it; label the images, or gate on agreement with fp32 "
+            f"('agreement_top1>=0.99')"
+        )
+
+
 # ----------------------------------------------------------------------------------- layer sensitivity
 
 
+# A single-layer study on at least twice this many images screens every layer on every other image first.
+SCREEN_MIN_IMAGES = 100
+
+
+def _outputs(backend: Any, x: np.ndarray, layers: Sequence[str], cumulative: bool) -> list[np.ndarray]:
+    """Each layer's outputs on ``x`` (that layer alone quantized, or layers 0..k with ``cumulative``)."""
+    if hasattr(backend, "run_layers"):
+        return backend.run_layers(x, layers, cumulative)
+    return [backend.run(x, only=layers[: k + 1] if cumulative else [layer]) for k, layer in enumerate(layers)]
+
+
+def shows_no_harm(row: dict[str, Any]) -> bool:
+    """The screening rule: the primary metric did not move and no top-1 changed (where the task has top-1)."""
+    return (row.get("delta") or 0.0) == 0.0 and row.get("agreement_top1", 1.0) == 1.0
+
+
 def layer_sensitivity(
-    backend: Any, held: HeldOut, cumulative: bool = False, layers: Sequence[str] | None = None
+    backend: Any,
+    held: HeldOut,
+    cumulative: bool = False,
+    layers: Sequence[str] | None = None,
+    screen_min: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per layer: that layer alone quantized (or layers 0..k with ``cumulative``)."""
+    """One row per layer: that layer alone quantized (or layers 0..k with ``cumulative``).
+
+    With ``screen_min`` (a single-layer study on at least twice that many images; the command passes
+    :data:`SCREEN_MIN_IMAGES`), every layer first runs on every other image; a layer that shows no harm there
+    (:func:`shows_no_harm`) is scored on those images only (its row: ``images`` that many, ``screened`` true), every
+    other layer on all of them, with the numbers of the full study (up to the float rounding of another batching).
+    So the harmful end of the ranking, the order the fallback takes, is the full study's; only the order among the
+    layers that changed nothing on half the images rests on that half.
+    """
     layers = list(layers or backend.layers)
+    n = len(held.x)
+    screening = screen_min is not None and not cumulative and n >= 2 * screen_min
+    first, rest = (np.arange(0, n, 2), np.arange(1, n, 2)) if screening else (np.arange(n), np.arange(0))
+    part = held.subset(first) if screening else held
+    outs = _outputs(backend, part.x, layers, cumulative)
+    scored = [score(out, part) for out in outs]
+    harmful = [layer for layer, m in zip(layers, scored) if not screening or not shows_no_harm(m)]
+    if screening and harmful:
+        order = np.argsort(np.concatenate([first, rest]), kind="stable")
+        more = dict(zip(harmful, _outputs(backend, held.x[rest], harmful, False)))
+        for k, layer in enumerate(layers):
+            if layer in more:
+                scored[k] = score(np.concatenate([outs[k], more[layer]])[order], held)
     rows = []
-    shared = backend.run_layers(held.x, layers, cumulative) if hasattr(backend, "run_layers") else None
     for k, layer in enumerate(layers):
-        only = layers[: k + 1] if cumulative else [layer]
-        out = shared[k] if shared is not None else backend.run(held.x, only=only)
+        full = not screening or layer in harmful
         rows.append(
             {
                 "kind": "cumulative" if cumulative else "single",
                 "backend": backend.name,
                 "index": k,
                 "layer": layer,
-                "quantized_layers": len(only),
-                **score(out, held),
+                "quantized_layers": k + 1 if cumulative else 1,
+                "images": n if full else len(first),
+                "screened": not full,
+                **scored[k],
             }
         )
     if not cumulative:
@@ -150,6 +209,7 @@ def depthwise_vs_pointwise(backend: Any, held: HeldOut, layer_types: dict[str, s
                 "backend": backend.name,
                 "setting": label,
                 "quantized_layers": len(only),
+                "images": len(held.x),
                 **score(out, held),
             }
         )

@@ -8,9 +8,10 @@ both backends; an op named after no Keras layer (TFLite's classifier softmax, ``
 keyed by its tensor. A backend ignores the keys it does not have (the Q/DQ placement never quantizes a softmax).
 
 Ranking uses :func:`quantship.sensitivity.scoring.score` on the model with *only that unit* int8 (everything else
-float), as the layer study does; :func:`find_fallback` adds units in rank order until every backend passes the
-gate; :func:`prune_fallback` then returns to int8 every unit whose return keeps the gate met (least harmful
-first), so a unit taken early that a later one made unnecessary does not stay float.
+float), as the layer study does; the searches themselves live in :mod:`quantship.sensitivity.fallback` (which
+imports this module, never the reverse): ``find_fallback`` adds units in rank order until every backend passes the
+gate, ``prune_fallback`` then returns to int8 every unit whose return keeps the gate met (least harmful first), so
+a unit taken early that a later one made unnecessary does not stay float.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from quantship.config import Gate
 from quantship.convert.layer_names import segment_layer
 from quantship.evaluate.loop import runner_outputs
 from quantship.runtime.base import RunnerOptions
 from quantship.runtime.registry import make_runner
+from quantship.sensitivity.scoring import score
 
 # TFLite ops a float fallback gains nothing from (they move values without arithmetic) or that are the
 # quantization boundary itself.
@@ -159,8 +160,6 @@ class UnitBackend:
 
 def unit_sensitivity(backend: UnitBackend, held: Any) -> list[dict[str, Any]]:
     """One row per op unit of ``backend`` (that unit alone int8), shaped as the layer study's rows."""
-    from quantship.sensitivity.scoring import score
-
     rows = []
     for k, (key, unit) in enumerate(backend.units.items()):
         rows.append(
@@ -175,60 +174,6 @@ def unit_sensitivity(backend: UnitBackend, held: Any) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def prune_fallback(
-    backends: Sequence[Any], floats: Sequence[str], verify: Any, gate: Gate
-) -> tuple[list[str], list[dict[str, Any]]]:
-    """Return to int8, one at a time from the last-added (least harmful) unit, every unit whose return keeps
-    every backend passing ``gate`` on ``verify``: (the pruned float set, one step row per trial)."""
-    from quantship.sensitivity.scoring import gate_passes, score
-
-    kept = list(floats)
-    steps: list[dict[str, Any]] = []
-    for unit in reversed(list(floats)):
-        trial = [f for f in kept if f != unit]
-        results = [(b.name, score(b.run(verify.x, float_layers=trial), verify)) for b in backends]
-        ok = all(gate_passes(gate, m) for _, m in results)
-        for name, m in results:
-            steps.append(
-                {
-                    "kind": "fallback_prune",
-                    "backend": name,
-                    "returned_to_int8": unit,
-                    "float_layers": trial,
-                    "passed": gate_passes(gate, m),
-                    **m,
-                }
-            )
-        if ok:
-            kept = trial
-    return kept, steps
-
-
-def find_unit_fallback(
-    backends: Sequence[UnitBackend], rank_set: Any, verify: Any, gate: Gate, layers_too: bool = True
-) -> tuple[Any, list[dict[str, Any]]]:
-    """The float set of units and layers that makes every backend pass ``gate`` on ``verify``: op units ranked
-    alone-int8 on ``rank_set`` first (cheap: a model has few); only when they cannot pass, the weighted layers
-    ranked the same way after them; greedy in rank order, then pruned. Returns (the
-    :class:`~quantship.sensitivity.fallback.FallbackResult` with the pruned set, the ranking rows)."""
-    from quantship.sensitivity.fallback import FallbackResult, combined_ranking, find_fallback
-    from quantship.sensitivity.scoring import layer_sensitivity
-
-    rows = {b.name: unit_sensitivity(b, rank_set) for b in backends}
-    ranking = combined_ranking(rows)
-    result = find_fallback(backends, ranking, verify, gate)
-    if not result.passed and layers_too:
-        for b in backends:
-            rows[b.name] = rows[b.name] + layer_sensitivity(b.inner, rank_set)
-        ranking = ranking + [r for r in combined_ranking(rows) if r not in ranking]
-        result = find_fallback(backends, ranking, verify, gate)
-    all_rows = [r for v in rows.values() for r in v]
-    if not result.passed:
-        return result, all_rows
-    pruned, steps = prune_fallback(backends, result.float_layers, verify, gate)
-    return FallbackResult(pruned, True, result.steps + steps), all_rows
 
 
 def unit_backends(setup: Any, inner: dict[str, Any]) -> dict[str, UnitBackend]:

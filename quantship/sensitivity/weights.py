@@ -4,6 +4,7 @@ float32 mantissa truncation; per layer, all layers at once, or a mixed recipe.""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -13,6 +14,7 @@ from quantship.convert.layer_names import WEIGHTED_KERAS
 from quantship.convert.ptq import apply_bias_correction, bias_correction, biased_layers, input_means, prepare_model
 from quantship.data.classes import class_name
 from quantship.errors import ConfigError
+from quantship.lazy import lazy_import
 from quantship.sensitivity.scoring import HeldOut, in_batches, score
 
 WEIGHT_KINDS = ("fp16", "int8-tensor", "int8-channel", "mantissa")
@@ -89,8 +91,19 @@ def apply_weight_recipe(model: Any, recipe: dict[str, str]) -> Callable[[], None
     return restore
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def predict(model: Any, x: np.ndarray) -> np.ndarray:
-    return in_batches(lambda b: model(b, training=False), x)
+    """The Keras model's outputs on ``x``, through one ``tf.function`` per model: measured on EfficientNet-Lite0,
+    eager calls spent 2.2x the CPU time (the study predicts the reference and every weight precision). The
+    function reads the weights' variables at each call, so the weight study's in-place changes reach it, and
+    the reference and the variants go through the same graph (``mantissa:23`` stays bit-identical)."""
+    fn = _COMPILED.get(model)
+    if fn is None:
+        tf = lazy_import("tensorflow")
+        fn = _COMPILED[model] = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+    return in_batches(fn, x)
 
 
 def top3(probs: np.ndarray, n: int = 3) -> list[str]:

@@ -25,13 +25,10 @@ from quantship.data.datasets import (
 )
 from quantship.data.preprocess import decode_image
 from quantship.errors import (
-    CalibrationError,
+    TARGET_ERRORS,  # re-exported: signoff imports it from here
     ConfigError,
-    ConversionError,
     DataError,
-    MissingDependencyError,
     ModelLoadError,
-    RuntimeBackendError,
 )
 from quantship.evaluate.loop import Batches, TargetRun, run_targets
 from quantship.evaluate.tasks import Task
@@ -400,10 +397,6 @@ def build_targets(ctx: BuildContext, targets: Sequence[Target]) -> tuple[dict[st
         except TARGET_ERRORS as exc:
             failed[t.name] = str(exc)
     return artifacts, failed
-
-
-# Errors that concern one target (its conversion, its runtime): that target fails, the others go on.
-TARGET_ERRORS = (ConversionError, RuntimeBackendError, CalibrationError, MissingDependencyError)
 
 
 def side_by_side(ctx: BuildContext, targets: Sequence[Target]) -> BuildContext:

@@ -173,3 +173,20 @@ def test_weight_study_with_adaround(trained_tiny):
         ("int8-channel", "adaround"),
     ]
     assert rows[1]["post_training_report"]["adaround_layers"] == 4
+
+
+def test_adaround_reads_activations_on_the_int8_grid_a_backend_quantizes():
+    """Each layer is fitted on the quantized model's input (AIMET's sampling): the tensors an int8 backend quantizes
+    are fake-quantized on an 8-bit grid that holds zero exactly; a convolution output only its ReLU6 reads is not
+    (the backend fuses them)."""
+    from quantship.convert.adaround import _quantized_output, activation_grid, fake_quant
+
+    folded, _ = fold_batch_norms(block_model())
+    quantized = {layer.name for layer in folded.layers if _quantized_output(folded, layer)}
+    assert {"stem_relu6", "dw_relu6", "project_conv", "add", "avg_pool", "predictions"} <= quantized
+    assert not {"input", "stem_conv", "dwconv"} & quantized
+    values = np.random.default_rng(0).normal(1.0, 2.0, 1000).astype(np.float32)
+    grid = activation_grid(values)
+    fq = fake_quant(values, grid)
+    assert len(np.unique(fq)) <= 256 and np.abs(fq - values).max() <= grid[0] / 2 + 1e-6
+    assert fake_quant(np.zeros(3, np.float32), grid).tolist() == [0.0, 0.0, 0.0]

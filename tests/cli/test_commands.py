@@ -21,7 +21,7 @@ import pytest
 
 from conftest import TINY_PREPROCESS, write_synset_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 P = TINY_PREPROCESS
 
 
@@ -171,7 +171,7 @@ def test_every_registered_command_has_a_row():
     broken = {name: c.help for name, c in commands.items() if c.help.startswith("(unavailable")}
     assert not broken, f"commands that fail to import: {broken}"
     missing = set(commands) - {row.argv[0] for row in ROWS}
-    assert not missing, f"commands without a row in tests/test_commands.py ROWS: {sorted(missing)}"
+    assert not missing, f"commands without a row in tests/cli/test_commands.py ROWS: {sorted(missing)}"
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,8 @@ def test_fallback_keeps_the_int8_softmax_float_where_no_layer_set_passes(flat_so
         layer_sensitivity,
         score,
     )
-    from quantship.sensitivity.units import UnitBackend, prune_fallback, tflite_units, unit_sensitivity
+    from quantship.sensitivity.fallback import prune_fallback
+    from quantship.sensitivity.units import UnitBackend, tflite_units, unit_sensitivity
 
     model, calib, held = flat_softmax
     gate = Gate(metric="top1", relative=0.99)
@@ -96,3 +97,23 @@ def test_weighted_only_is_parsed_and_bad_fallback_input_is_refused_first(capsys)
     assert "--auto-fallback needs --gate" in capsys.readouterr().err
     args = build_parser().parse_args(["sensitivity", "--model", "m", "--data", "imagenet:x", "--weighted-only"])
     assert args.weighted_only
+
+
+def test_a_failed_search_reports_the_set_that_came_closest():
+    """The set whose worst backend is nearest the gate (smaller set on a tie), not the last one tried."""
+    from quantship.config import Gate
+    from quantship.sensitivity.fallback import closest_set
+
+    def step(floats, backend, top1):
+        return {"kind": "fallback", "backend": backend, "float_layers": floats, "top1": top1, "reference_top1": 1.0}
+
+    steps = [
+        *(step([], b, v) for b, v in (("qdq", 0.90), ("tflite", 0.80))),
+        *(step(["a"], b, v) for b, v in (("qdq", 0.97), ("tflite", 0.95))),
+        *(step(["a", "b"], b, v) for b, v in (("qdq", 0.99), ("tflite", 0.95))),
+        *(step(["a", "b", "c"], b, v) for b, v in (("qdq", 0.98), ("tflite", 0.94))),
+    ]
+    floats, values = closest_set(steps, Gate.parse("top1>=0.99"))
+    assert floats == ["a"] and values == {"qdq": 0.97, "tflite": 0.95}
+    assert closest_set(steps, Gate.parse("drop<=0.5"))[0] == ["a"]
+    assert closest_set([], Gate.parse("top1>=0.99")) is None

@@ -10,7 +10,15 @@ import pytest
 
 from conftest import TINY_PREPROCESS
 from quantship.config import PtqSteps
-from quantship.targets.post_training import CANDIDATES, Score, choose
+from quantship.targets.post_training import (
+    CANDIDATES,
+    FIRST_ROUND,
+    MAX_CANDIDATES,
+    SEARCHED_CALIBRATORS,
+    SECOND_ROUND,
+    Score,
+    choose,
+)
 
 
 def _score(steps: PtqSteps, agree: list[int], l1: list[float]) -> Score:
@@ -32,6 +40,12 @@ def test_fewer_steps_win_when_the_held_out_images_cannot_tell_them_apart():
     clear = [_score(both, [1] * n, base_l1 - 0.05), _score(PtqSteps(), [1] * n, base_l1)]
     chosen, reason = choose(clear)
     assert chosen.steps == both and "best held-out agreement" in reason
+    # the tie rule swaps steps, never the calibrator: an unresolved simpler candidate of another calibrator stays out
+    other = _score(PtqSteps(), [1] * (n - 1) + [0], base_l1)
+    other.calibrator = "mse"
+    best = _score(both, [1] * n, noisy)
+    best.calibrator = "entropy"
+    assert choose([best, other])[0] is best
     # a candidate that failed to build is never chosen
     failed = Score(PtqSteps(bias_correct=True), error="conversion failed")
     assert choose([failed, *clear])[0].steps == both
@@ -46,25 +60,36 @@ def test_eval_post_training_auto_scores_every_candidate_on_held_out_calibration_
     _, model = trained_tiny
     out = tmp_path / "out"
     argv = ["eval", "--model", str(model), "--preprocess", TINY_PREPROCESS, "--data", f"imagenet:{synset_dataset}"]
-    argv += ["--targets", "keras-fp32,tflite-fp32,tflite-int8-max,qdq-int8-max", "--limit", "12"]
+    argv += ["--targets", "keras-fp32,tflite-fp32,tflite-int8-max,qdq-int8-auto", "--limit", "12"]
     argv += ["--calib-images", "12", "--post-training", "auto", "--out", str(out), "-q"]
     assert main(argv) == 0
     rows = {r["target"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert "post_training_search" not in json.loads(Path(rows["tflite-fp32"]["manifest"]).read_text())
-    for target in ("tflite-int8-max", "qdq-int8-max"):
+    for target in ("tflite-int8-max", "qdq-int8-auto"):
         manifest = json.loads(Path(rows[target]["manifest"]).read_text())
         search = manifest["post_training_search"]
         labels = [c["steps"] for c in search["candidates"]]
-        assert labels == [c.label for c in CANDIDATES]
         assert all(0 <= c["agreement_top1"] <= 1 and c["mean_l1"] >= 0 for c in search["candidates"])
         assert search["chosen"] in labels and search["reason"] and search["seconds"] > 0
         assert (search["held_out_images"], search["fit_images"]) == (3, 9)
         assert manifest["calibration"]["num_images"] == 12  # the drawn set; 9 of them calibrated the candidate
         assert manifest["calibration"]["post_training_search"]["fit_images"] == 9
         assert "post-training-search" in rows[target]["artifact"]
-        suffix = "" if search["chosen"] == "none" else f"+{search['chosen']}"
-        assert Path(rows[target]["artifact"]).name.startswith(f"tiny-{target}{suffix}.")
         assert rows[target]["agreement_top1"] >= 0.8
+        suffix = "" if search["chosen"] == "none" else f"+{search['chosen']}"
+        if target == "tflite-int8-max":  # the calibrator its name fixes, the five steps
+            assert labels == [c.label for c in CANDIDATES] and search["chosen_calibrator"] is None
+            assert Path(rows[target]["artifact"]).name.startswith(f"tiny-{target}{suffix}.")
+            continue
+        # calibrator auto: four calibrators without and with equalization + bias correction, then the best one
+        # with the other three steps; the row's artifact is the chosen calibrator's
+        tried = [(c["calibrator"], c["steps"]) for c in search["candidates"]]
+        assert tried[:8] == [(m, s.label) for s in FIRST_ROUND for m in SEARCHED_CALIBRATORS]
+        lead = max(search["candidates"][:8], key=lambda c: (c["agreement_top1"], -c["mean_l1"]))["calibrator"]
+        assert tried[8:] == [(lead, s.label) for s in SECOND_ROUND] and len(tried) <= MAX_CANDIDATES
+        assert (search["chosen_calibrator"], search["chosen"]) in tried
+        chosen = f"qdq-int8-{search['chosen_calibrator']}"
+        assert Path(rows[target]["artifact"]).name.startswith(f"tiny-{chosen}{suffix}.")
 
 
 def test_sign_off_unit_keys_carry_adaround_and_auto_and_keep_old_keys():

@@ -136,6 +136,27 @@ def test_qdq_ranking_puts_the_hostile_layer_first(qdq_backend, hostile):
 
 
 @pytest.mark.slow
+def test_screening_scores_only_harmless_layers_on_half_the_images(qdq_backend, hostile):
+    """The screening rule: a layer that changes nothing on every other image is scored on those only; every
+    other layer on all images, with the full study's numbers, so the harmful end of the ranking is unchanged."""
+    from quantship.sensitivity.scoring import shows_no_harm
+
+    _, _, held = hostile
+    n = len(held.x)
+    full = layer_sensitivity(qdq_backend, held)
+    screened = layer_sensitivity(qdq_backend, held, screen_min=10)
+    half = {r["layer"] for r in screened if r["screened"]}
+    assert half and "conv2" not in half and {r["images"] for r in screened if r["screened"]} == {(n + 1) // 2}
+    on_half = {r["layer"]: r for r in layer_sensitivity(qdq_backend, held.subset(range(0, n, 2)))}
+    assert all(shows_no_harm(on_half[layer]) for layer in half)
+    kept = [r for r in screened if not r["screened"]]
+    assert [r["layer"] for r in kept] == [r["layer"] for r in full][: len(kept)]
+    for r, f in zip(kept, full):
+        assert r["images"] == n and r["agreement_top1"] == f["agreement_top1"]
+        assert r["sqnr_db"] == pytest.approx(f["sqnr_db"], abs=1e-3)
+
+
+@pytest.mark.slow
 def test_qdq_layers_share_their_prefix_and_give_the_same_outputs(qdq_backend, hostile):
     """One layer (or layers 0..k) quantized, the prefix computed once: the same outputs as one model per row."""
     _, _, held = hostile
@@ -186,6 +207,9 @@ def test_tflite_fast_path_gives_the_slow_paths_numbers_and_rankings(hostile, tmp
         for f, s in zip(fast_rows, slow_rows):
             assert f["agreement_top1"] == s["agreement_top1"] and f["sqnr_db"] == pytest.approx(s["sqnr_db"], abs=1e-6)
         np.testing.assert_array_equal(fast.run(held.x, only=["conv1", "dw"]), slow.run(held.x, only=["conv1", "dw"]))
+        # The study runs LiteRT on every core: the thread count does not change an output.
+        one, two = (TfliteBackend(conv, lambda: [calib], threads=t) for t in (1, 2))
+        np.testing.assert_array_equal(one.run(held.x, only=["conv1", "dw"]), two.run(held.x, only=["conv1", "dw"]))
 
 
 @pytest.mark.slow
@@ -256,6 +280,7 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
         text=True,
     )
     assert res.returncode == 0, res.stderr
+    assert "int8+fallback" in res.stdout and "agreement " in res.stdout  # the cost lines show agreement with fp32
     rows = [json.loads(line) for line in (tmp_path / "fb" / "fallback.jsonl").read_text().splitlines()]
     costs = {(r["backend"], r["variant"]): r for r in rows if r["kind"] == "fallback_cost"}
     assert costs[("qdq", "int8+fallback")]["float_layers"] == ["conv2", "conv1"]
@@ -288,6 +313,11 @@ def test_cli_auto_fallback_and_sensitivity_report(hostile, tmp_path):
         text=True,
     )
     assert res.returncode == 0, res.stderr
+    # The cumulative study runs on the ranking half (every other image), and its rows and the console say so.
+    study = [json.loads(line) for line in (tmp_path / "s" / "sensitivity.jsonl").read_text().splitlines()]
+    assert {r["images"] for r in study if r["kind"] == "cumulative"} == {30}
+    assert {r["images"] for r in study if r["kind"] == "single"} == {60}
+    assert "cumulative/depthwise studies on every other held-out image (30)" in res.stderr + res.stdout
     page = (tmp_path / "s" / "report.html").read_text()
     # The one picture is the per-layer harm chart (a real PNG); the tables are there.
     (png,) = [p.split("'")[0] for p in page.split("alt='per-layer harm' src='data:image/png;base64,")[1:]]
@@ -318,3 +348,16 @@ def test_fallback_passes_only_when_every_backend_passes(qdq_backend, hostile):
     result = find_fallback([qdq_backend, broken], ["conv2", "conv1"], held, GATE, max_layers=1)
     last = {s["backend"]: s["passed"] for s in result.steps if s["float_layers"] == ["conv2"]}
     assert last == {"qdq": True, "qdq-broken": False} and not result.passed
+
+
+def test_a_relative_gate_against_an_fp32_score_of_zero_is_refused():
+    """Photo folders labelled 0 give fp32 a top-1 of 0: 'top1>=0.99' could never pass, and the search walked every
+    layer and op unit to find that out (46 min on Lite0). It is one line before the search now."""
+    from quantship.sensitivity.scoring import check_gate_reference
+
+    reference = np.eye(3, dtype=np.float32)[[0, 1, 0, 1]]
+    unlabelled = HeldOut(np.zeros((4, 1)), [2, 2, 2, 2], reference)
+    with pytest.raises(ConfigError, match="agreement_top1"):
+        check_gate_reference(Gate.parse("top1>=0.99"), unlabelled)
+    check_gate_reference(Gate.parse("agreement_top1>=0.99"), unlabelled)
+    check_gate_reference(Gate.parse("top1>=0.99"), HeldOut(np.zeros((4, 1)), [0, 1, 0, 2], reference))
