@@ -9,6 +9,7 @@ from quantship.cli import args as a
 from quantship.cli.registry import Command
 from quantship.config import CalibrationSpec
 from quantship.errors import ConfigError
+from quantship.jobs.sensitivity import Analyses, SensitivitySpec, checked_gate, run_sensitivity
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,8 +74,6 @@ def recipe(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantship.jobs.sensitivity import Analyses, SensitivitySpec, checked_gate, run_sensitivity
-
     analyses = Analyses(
         backends=tuple(a.names(args.backend)),
         method=args.method,

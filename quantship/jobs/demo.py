@@ -25,16 +25,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from quantship.config import PtqSteps
+from quantship.config import Gate, PtqSteps
+from quantship.convert.artifact import write_artifact
 from quantship.data.classes import class_name, wnid_to_label
-from quantship.data.datasets import check_disjoint, load_dataset
+from quantship.data.datasets import check_disjoint, iter_batches, load_dataset
 from quantship.errors import ConfigError, QuantshipError
 from quantship.evaluate.bench import latency_pass
 from quantship.evaluate.diff import diff_images
 from quantship.evaluate.environment import environment
 from quantship.evaluate.explain import failure_line, instead_clause
 from quantship.evaluate.latency import measure_latency
-from quantship.evaluate.loop import Batches
+from quantship.evaluate.loop import Batches, runner_outputs
 from quantship.evaluate.report import build_report
 from quantship.evaluate.results import markdown_table, text_table, write_results
 from quantship.evaluate.stability import StopRule
@@ -45,6 +46,10 @@ from quantship.lazy import lazy_import
 from quantship.models.loading import resolve_preprocess
 from quantship.progress import note
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.registry import make_runner
+from quantship.sensitivity import HeldOut, TfliteBackend
+from quantship.sensitivity.fallback import find_unit_fallback
+from quantship.sensitivity.units import UnitBackend, tflite_units
 from quantship.targets import BuildContext, parse_targets
 from quantship.targets.run import (
     Evaluated,
@@ -54,6 +59,7 @@ from quantship.targets.run import (
     evaluated_rows,
     load_for,
 )
+from quantship.targets.tflite import tflite_converter
 from quantship.targets.why import WHY_IMAGES, why_lines
 
 MODEL = "efficientnet_lite0"
@@ -202,7 +208,6 @@ def run_demo(out: Path, threads: int = 2, model: str = MODEL, ptq: PtqSteps = Pt
 
 
 def _run_demo(out: Path, threads: int, model: str, ptq: PtqSteps) -> JobResult:
-
     t0 = time.perf_counter()
     note(f"quantship demo -> {out}  (library logs: {out / 'native.log'}, converter log: {out / 'convert.log'})")
     evalset, calib = _demo_data(out)
@@ -442,8 +447,6 @@ REPAIR_CROPS = 6  # per evaluation photo: held-out crops (other framings) the re
 def repair_set(out: Path, loaded: Any, seed: int = 1) -> Any:
     """Held-out images for the repair search: seeded crops of the evaluation photos' sources (not the judged
     crops themselves), kept where fp32 is confident; labelled with fp32's top-1 (the demo's rule on them)."""
-    from quantship.data.datasets import iter_batches
-    from quantship.sensitivity import HeldOut
 
     rng = np.random.default_rng(seed)
     root = out / "demo-data" / "repair"
@@ -471,14 +474,6 @@ def repair_tflite(ctx: Any, loaded: Any, out: Path, options: Any, one: np.ndarra
     """``tflite-int8`` repaired: the fallback search over op units (softmax, adds, pooling, the output op) and,
     only if they cannot, the weighted layers, on held-out crops; the file written with its manifest and scored
     on the photos (a row like the other targets', ``scores`` popped by the caller)."""
-    from quantship.config import Gate
-    from quantship.convert.artifact import write_artifact
-    from quantship.runtime.registry import make_runner
-    from quantship.sensitivity import TfliteBackend
-    from quantship.sensitivity.fallback import find_unit_fallback
-    from quantship.sensitivity.units import UnitBackend, tflite_units
-    from quantship.targets import parse_targets
-    from quantship.targets.tflite import tflite_converter
 
     spec = parse_targets(["tflite-int8"])[0].spec
     conv = tflite_converter(ctx, spec)
@@ -502,7 +497,6 @@ def repair_tflite(ctx: Any, loaded: Any, out: Path, options: Any, one: np.ndarra
             "fallback_search": {"images": len(held.x), "gate": gate.describe(), "passed": result.passed},
         },
     )
-    from quantship.evaluate.loop import runner_outputs
 
     with make_runner(path, options) as runner:
         scores = runner_outputs(runner, _judge_images(loaded, evalset))

@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from quantship.config import Gate
+from quantship.data.datasets import dataset_task, labelled_kind
 from quantship.evaluate.report import build_report
 from quantship.evaluate.results import text_table
+from quantship.evaluate.tasks import check_gate
 from quantship.fileio import FolderLock, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.progress import note
@@ -21,9 +24,6 @@ def checked_gate(text: str, data: str) -> Any:
     """``--gate`` parsed and checked against the metrics of ``--data``'s task before any work: a metric the data
     cannot give (top1 on ``images:``), one of another task, a rule against the metric's direction or a threshold
     outside its range is one line, exit 2."""
-    from quantship.config import Gate
-    from quantship.data.datasets import dataset_task, labelled_kind
-    from quantship.evaluate.tasks import check_gate
 
     return check_gate(Gate.parse(text), dataset_task(data), labelled_kind(data), f"--gate {text}")
 

@@ -15,7 +15,7 @@ from quantship.convert.tflite import TfliteSpec
 from quantship.evaluate.loop import runner_outputs
 from quantship.fileio import temp_dir
 from quantship.runtime.base import RunnerOptions
-from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
+from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner, make_session
 from quantship.runtime.registry import make_runner
 
 # ------------------------------------------------------------------------------------------ backends
@@ -40,7 +40,6 @@ class QdqBackend:
         self.layers = list(dict.fromkeys(node_layers[n] for n in order))  # Keras names in graph order
 
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
-
         model, _ = insert_qdq(self.model, self.amax, exclude=float_layers, node_layers=self.node_layers, include=only)
         with OnnxRunner(
             model.SerializeToString(), num_threads=self.threads, name="qdq", session_config=QDQ_FAKE_QUANT
@@ -81,8 +80,6 @@ class QdqBackend:
         return outputs
 
     def _session(self, model: Any) -> Any:
-        from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, make_session
-
         return make_session(model, self.threads, session_config=QDQ_FAKE_QUANT, what="Q/DQ model part")
 
     def _advance(

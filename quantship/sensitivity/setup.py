@@ -15,6 +15,7 @@ from quantship.convert.calibrated import collect_statistics
 from quantship.convert.onnx import convert_to_onnx, onnx_node_layers
 from quantship.convert.tflite import TfliteConverter
 from quantship.data.datasets import iter_batches, split_calibration
+from quantship.errors import DataError
 from quantship.evaluate.tasks import make_task
 from quantship.models.loading import resolve_preprocess
 from quantship.sensitivity.backends import QdqBackend, TfliteBackend
@@ -121,8 +122,6 @@ def prepare(spec: SensitivitySpec, work: Any, threads: int | None = None) -> Sen
         ys += list(b.labels)
         keys += list(b.keys)
     if not xs:
-        from quantship.errors import DataError
-
         raise DataError(f"{dataset.source}: none of the {len(held_set)} held-out images could be read")
     x = np.concatenate(xs)
     reference = predict(loaded.model, x)

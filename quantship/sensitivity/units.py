@@ -22,8 +22,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from quantship.convert.layer_names import segment_layer
+from quantship.convert.qdq import activation_inputs, insert_qdq
 from quantship.evaluate.loop import runner_outputs
+from quantship.fileio import temp_dir
 from quantship.runtime.base import RunnerOptions
+from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
 from quantship.runtime.registry import make_runner
 from quantship.sensitivity.scoring import score
 
@@ -80,7 +83,6 @@ def tflite_units(converter: Any, weighted_layers: Iterable[str]) -> list[OpUnit]
 
 def qdq_units(model: Any, node_layers: dict[str, str], layer_names: set[str]) -> list[OpUnit]:
     """The Q/DQ model's quantized ops outside the weighted layers (residual adds, pooling)."""
-    from quantship.convert.qdq import activation_inputs
 
     units: dict[str, list] = {}
     for k in activation_inputs(model):
@@ -124,7 +126,6 @@ class UnitBackend:
                 keep = set(only_nodes)
                 return self.inner.model_bytes(set(), [n for n in conv.op_outputs() if n not in keep])
             return self.inner.model_bytes(set(layers), nodes)
-        from quantship.convert.qdq import insert_qdq
 
         q = self.inner
         if only_nodes is not None:
@@ -134,9 +135,6 @@ class UnitBackend:
         return model.SerializeToString()
 
     def _outputs(self, data: bytes, x: np.ndarray) -> np.ndarray:
-        from quantship.fileio import temp_dir
-        from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
-
         if self.inner.name == "tflite":
             with temp_dir(self.inner.converter.work_dir, "sensitivity") as tmp:
                 path = tmp / "m.tflite"
