@@ -188,7 +188,6 @@ class PreprocessSpec:
         return json.loads(json.dumps(dataclasses.asdict(self), default=lambda o: o.value))
 
     def hash(self) -> str:
-
         return sha256_json({**self.to_dict(), "resize_long_side": RESIZE_LONG_SIDE})[:16]
 
 
@@ -592,7 +591,6 @@ class Gate:
         )
 
     def applies(self, target: str) -> bool:
-
         return any(fnmatch.fnmatch(target, pat) for pat in self.targets)
 
     @property

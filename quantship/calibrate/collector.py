@@ -74,7 +74,6 @@ class StatisticsCollector:
         self._rng = np.random.default_rng(0)
 
     def _session(self):
-
         onnx = lazy_import("onnx")
         aug = onnx.ModelProto()
         aug.CopyFrom(self.model)

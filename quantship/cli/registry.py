@@ -39,7 +39,6 @@ class Command:
 
 def _broken(name: str, exc: Exception) -> Command:
     def run(args: argparse.Namespace) -> int:
-
         raise QuantshipError(f"this command cannot be loaded ({type(exc).__name__}: {exc})")
 
     return Command(name, f"(unavailable: {exc})", lambda p: None, run)

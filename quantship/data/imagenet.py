@@ -263,7 +263,6 @@ def _brief(value: Any) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _cached_val224(path: str, _mtime: int) -> Any:
-
     return load_val224_pickle(path)
 
 

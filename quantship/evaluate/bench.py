@@ -160,7 +160,6 @@ def _plain(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
 
 
 def _loadgen(runner, cfg: BenchConfig, row: dict[str, Any]) -> None:
-
     scenario = Scenario.parse(cfg.loadgen)
     per_query = {Scenario.SINGLESTREAM: 1, Scenario.MULTISTREAM: 8, Scenario.OFFLINE: max(cfg.batch_sizes)}[scenario]
     # Warm-up doubles as the measurement LoadGen's schedule is generated from.
@@ -246,7 +245,6 @@ class ConfigSession:
         self._phases: dict[str, list[float]] = {}
 
     def start(self) -> dict[str, Any]:
-
         cfg = self.cfg
         if cfg.cores:
             os.sched_setaffinity(0, set(cfg.cores))
@@ -292,7 +290,6 @@ class ConfigSession:
         return out
 
     def finish(self) -> dict[str, Any]:
-
         cfg, runner = self.cfg, self.runner
         after = machine_state(cfg.cores)
         row: dict[str, Any] = {"load_average_after": after["load_average"], "cpu_mhz_after": after["cpu_mhz"]}
@@ -344,7 +341,6 @@ class LocalBenchWorker:
         self._stderr = None
 
     def _spawn(self) -> None:
-
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "quantship.evaluate.bench", "--serve"],
@@ -357,7 +353,6 @@ class LocalBenchWorker:
         )
 
     def _ask(self, message: dict[str, Any]) -> Any:
-
         what = f"benchmark of {self.artifact}"
         proc = self._proc
         try:

@@ -38,7 +38,6 @@ def cpu_flags() -> str:
 
 
 def environment() -> dict[str, Any]:
-
     return {
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),

@@ -407,12 +407,10 @@ class DetectionTask(Task):
     report_columns = (("mAP", "mAP", "{:.4f}"), ("delta_mAP", "Δ mAP", "{:+.4f}"))
 
     def __init__(self, meta: dict[str, Any], labels: dict[str, Any], anchors: Any = None, labelled: bool = True):
-
         self.meta, self.labels, self.anchors_cfg, self.labelled = meta, labels, anchors, labelled
         self.anchors = make_anchors(anchors) if anchors is not None else None
 
     def score(self, outputs: np.ndarray, batch: Any) -> Arrays:
-
         if self.anchors is None:
             raise ConfigError("scoring detections needs the model's anchor configuration")
 
@@ -648,7 +646,6 @@ def check_class_outputs(dataset: Any, loaded: Any) -> None:
 
 
 def _detection(dataset: Any, loaded: Any, anchors_file: str | None, **kwargs: Any) -> Task:
-
     anchors = anchors_for(loaded, dataset, anchors_file) if loaded is not None else None
     return DetectionTask(dataset.meta, {s.key: s.label for s in dataset.samples}, anchors, dataset.labelled)
 

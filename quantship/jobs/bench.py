@@ -63,7 +63,6 @@ LAYER_COLUMNS = (("layer", "layer", "{}"), ("type", "type", "{}"), ("forward_ms"
 
 
 def _check_fb_model(model: str) -> None:
-
     if is_model_file(model):
         return
     spec = get_model_spec(model)
@@ -275,7 +274,6 @@ def _check_remote(spec: BenchSpec) -> None:
 def _interleave_options(
     stop: Any, queries_per_round: int, min_queries: int | None, min_seconds: float | None, reference: str | None
 ) -> Any:
-
     return InterleaveOptions(
         stop=stop,
         queries_per_round=queries_per_round,

@@ -106,7 +106,6 @@ def write_model_table(path: Path | None = None) -> Path:
 
 
 def _live_stats(spec: ModelSpec) -> ModelStats:
-
     s = model_stats(spec.name)  # builds the model once per Keras version, then cached
     return ModelStats(spec.input_size, int(s["params"]), int(s["macs"]))
 

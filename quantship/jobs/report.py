@@ -11,7 +11,6 @@ from quantship.jobs import JobResult
 
 
 def run_report(folder: Path, title: str | None = None) -> JobResult:
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"results folder not found: {folder}")

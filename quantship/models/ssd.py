@@ -47,7 +47,6 @@ class AnchorConfig:
         return len(ars) + (1 if 1.0 in ars else 0)
 
     def save(self, path: str | Path) -> None:
-
         write_json_atomic(path, asdict(self))
 
     @classmethod

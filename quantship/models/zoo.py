@@ -79,7 +79,6 @@ _register_keras_app("mobilenet_v2", "MobileNetV2", 224, "tf", "mobilenet_v2", de
 
 
 def _squeezenet(num_classes: int = 1000, input_shape=None, classifier_activation="softmax"):
-
     return build_squeezenet_v1_1(num_classes, input_shape or (227, 227, 3), classifier_activation)
 
 
@@ -96,17 +95,14 @@ register_model(
 
 
 def _efficientnet_lite(variant: str, num_classes: int = 1000, input_shape=None, classifier_activation="softmax"):
-
     return build_efficientnet_lite(variant, num_classes, input_shape, classifier_activation)
 
 
 def _lite0_pretrained():
-
     return efficientnet_lite0_imagenet_weights()
 
 
 def _lite_pretrained(variant: str):
-
     return efficientnet_lite_imagenet_weights(variant)
 
 
@@ -151,12 +147,10 @@ for _variant, _res in (("lite1", 240), ("lite2", 260)):
 
 
 def _mobilenet_v2_tv(num_classes: int = 1000, input_shape=None, classifier_activation="softmax"):
-
     return build_mobilenet_v2_tv(num_classes, input_shape, classifier_activation)
 
 
 def _mobilenet_v2_tv_pretrained():
-
     return mobilenet_v2_tv_imagenet_weights()
 
 
@@ -186,18 +180,15 @@ register_model(
 
 
 def _ssd(size: int, num_classes: int = 21, input_shape=None, classifier_activation=None):
-
     return build_ssd_vgg16(size, num_classes)
 
 
 def _ssdlite(num_classes: int = 21, input_shape=None, classifier_activation=None):
-
     return build_ssdlite_mobilenet_v2(num_classes)
 
 
 def _anchors(kind: str):
     def make(num_classes: int = 21):
-
         return (
             ssd.ssd_anchor_config(int(kind), num_classes)
             if kind in ("300", "512")

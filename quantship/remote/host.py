@@ -340,7 +340,6 @@ class RemoteRunner(Runner):
         )[0]
 
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
-
         start = time.perf_counter()
         answer, out = self.process.request("infer", feed, raw=raw)
         self.last_round_trip_time = time.perf_counter() - start

@@ -88,7 +88,6 @@ class TrtRunner(Runner):
         self._io: list[IOTensor] = []
 
     def activate_impl(self) -> None:
-
         trt = import_tensorrt()
         if not self.path.is_file():
             raise RuntimeBackendError(f"TensorRT engine not found: {self.path}")
@@ -144,7 +143,6 @@ class TrtRunner(Runner):
         return self._context
 
     def _launch(self, key: tuple) -> None:
-
         if not self.cuda_graph:
             if not self._ctx.execute_async_v3(int(self._stream.handle)):
                 raise RuntimeBackendError(f"{self.name}: TensorRT execution failed ({'; '.join(self._errors[-2:])})")
@@ -166,7 +164,6 @@ class TrtRunner(Runner):
         check(rt.cudaGraphLaunch(self._graphs[key][1], self._stream.handle), "cudaGraphLaunch")
 
     def infer_impl(self, feed: dict[str, np.ndarray], raw: bool) -> dict[str, np.ndarray]:
-
         rt = cudart()
         h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         key = []

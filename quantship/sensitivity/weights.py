@@ -166,7 +166,6 @@ def _weight_study_with_steps(
     ptq: PtqSteps,
     calib_batches: Callable[[], Iterable[np.ndarray]] | None,
 ) -> list[dict[str, Any]]:
-
     prepared, report = prepare_model(model, dataclasses.replace(ptq, bias_correct=False), calib_batches)
     means = None
     if ptq.bias_correct:

@@ -189,7 +189,6 @@ class _PlanReader:
         return items
 
     def read(self, d: dict[str, Any]) -> SignoffPlan:
-
         d = dict(d)
         self.known(d, "", {f.name for f in fields(SignoffPlan)} | {"dataset"})
         if "dataset" in d:
@@ -291,7 +290,6 @@ class _PlanReader:
         return options_
 
     def providers(self, value: Any) -> tuple[str, ...]:
-
         try:
             return check_ort_provider_names(value, "ort_providers")
         except ConfigError as exc:
@@ -366,7 +364,6 @@ class _PlanReader:
             raise self.error("executor", f"expected one of {known}, got {value!r}") from None
 
     def models(self, value: Any, trust_savedmodel: bool) -> tuple[PlanModel, ...]:
-
         if not isinstance(value, list):
             raise self.error("models", f"expected a list of models (names or mappings), got {value!r}")
         out = []
@@ -402,7 +399,6 @@ class _PlanReader:
         return tuple(out)
 
     def preprocess(self, value: Any, key: str) -> dict[str, Any]:
-
         if value is None:
             return {}
         if isinstance(value, str):

@@ -86,7 +86,6 @@ class _Run:
 
 
 def _enter(run: _Run) -> None:
-
     if os.getcwd() != run.cwd and os.path.isdir(run.cwd):
         os.chdir(run.cwd)
     if cache.current_options() != run.input_cache:
@@ -157,7 +156,6 @@ class _WorkerState:
             self.models.popitem(last=False)
 
     def model(self, run: _Run, entry: PlanModel, preprocess: Any, dataset: Any) -> tuple[Any, Any]:
-
         key = _model_key(entry, preprocess)
         if key not in self.models:
             loaded = load_for(

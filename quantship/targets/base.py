@@ -90,7 +90,6 @@ class BuildContext:
 
     def _prepared(self) -> tuple[Any, Any]:
         def build() -> tuple[Any, Any]:
-
             batches = self.calibration.batches if self.calibration else None
             store = self.adaround_store() if self.ptq.adaround is not None else None
             return prepare_model(self.loaded.model, self.ptq, batches, store)

@@ -26,7 +26,6 @@ class KerasProbe(LayerProbe):
     """Keras: one multi-output model over every layer."""
 
     def __init__(self, name: str, model: Any, layers: KerasLayers):
-
         single = [n for n in layers.order if not isinstance(model.get_layer(n).output, (list, tuple, dict))]
         self.name, self.notes, self.tensors = name, [], {n: n for n in single}
         self._fn = layer_outputs(model, single)

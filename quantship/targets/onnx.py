@@ -36,7 +36,6 @@ def _onnx_fp32_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
 
 
 def qdq_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-
     fields = {
         "runtime_session_config": dict(get_target(spec.name).session_config),
         "qdq_placement": "residual-skip-quantized",  # NVIDIA's residual-Add rule (issue 12): older files differ

@@ -11,7 +11,6 @@ from quantship.targets.calibrated import calibrated_build
 
 
 def _ort_int8_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-
     # ORT's default session options (what a user's own application opens the file with); the same statistics pass
     # as the Q/DQ targets (it observes the tensors of both layouts).
     return calibrated_build(ctx, spec, ".onnx", {"runtime_session_config": {}, "layout_version": 3}, write_ort_model)

@@ -17,7 +17,6 @@ from quantship.trt_util import import_tensorrt
 
 
 def _trt_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-
     remote = ctx.engine_builder
     # Say so before exporting or calibrating anything: no TensorRT here (or on the device).
     version = remote.tensorrt_version if remote is not None else import_tensorrt().__version__

@@ -42,7 +42,6 @@ def check_finite(ctx: BuildContext, spec: TargetSpec) -> None:
 
 
 def tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
-
     return ctx.shared(
         f"tflite-converter{ctx.variant(spec)}",
         lambda: TfliteConverter(ctx.keras_model(spec), ctx.log_path, work_dir=ctx.out_dir),
@@ -50,7 +49,6 @@ def tflite_converter(ctx: BuildContext, spec: TargetSpec) -> Any:
 
 
 def _tflite_build(ctx: BuildContext, spec: TargetSpec) -> Artifact:
-
     converter = tflite_converter(ctx, spec)
     tspec = TfliteSpec(spec.precision, spec.io_dtype)
     if tspec.needs_calibration:
@@ -123,7 +121,6 @@ class TfliteProbe(LayerProbe):
     itself), quantized tensors dequantized with their own scale."""
 
     def __init__(self, name: str, path: Path, layers: KerasLayers, threads: int | None):
-
         self.name, self.layers = name, layers
         self.notes = ["LiteRT builtin kernels (intermediate tensors are not kept inside the XNNPACK delegate)"]
         self.tensors = {}
