@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -114,6 +114,39 @@ def _bootstrap_mean(values: np.ndarray, samples: int, confidence: float, seed: i
         means[i : i + k] = values[rng.integers(0, n, (k, n))].mean(axis=1)
     alpha = (1.0 - confidence) / 2.0
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+def judge_target(
+    gates: Sequence[Gate],
+    task: Any,
+    model: str,
+    target: str,
+    reference: str,
+    rows: tuple[dict[str, Any] | None, dict[str, Any] | None],
+    arrays: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Every gate of ``gates`` that applies to ``target``, judged against ``reference``: one verdict row each
+    (:func:`gate_verdict`; ``options`` are its samples / confidence / min_images). ``rows`` are the (target,
+    reference) result rows; when either is missing or did not run, each gate is a FAIL row with ``error``.
+    ``arrays`` returns the (target, reference) per-image arrays, read only when a gate is judged."""
+    out: list[dict[str, Any]] = []
+    row, ref = rows
+    loaded: tuple[dict[str, Any], dict[str, Any]] | None = None
+    for gate in (g for g in gates if g.applies(target)):
+        head = {"model": model, "target": target, "reference": reference, "gate": gate.describe()}
+        failed = next((r for r in (ref, row) if r is None or r.get("status") != "ok"), False)
+        if failed is not False:
+            why = "the reference did not run" if failed is None or failed is ref else "the target did not run"
+            err = (failed or {}).get("error", "no row")
+            no_run = {"metric": gate.metric, "rule": gate.decision, "verdict": FAIL, "passed": False}
+            out.append({**head, **no_run, "error": f"{why}: {err}"})
+            continue
+        loaded = loaded or arrays()
+        d, ref_d = loaded
+        paired = task.paired(gate.metric, d, ref_d, d.get("keys", []), score_threshold=gate.score_threshold)
+        out.append({**head, **gate_verdict(gate, paired, **options)})
+    return out
 
 
 def gate_verdict(

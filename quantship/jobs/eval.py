@@ -17,7 +17,7 @@ from quantship.evaluate.loop import Batches
 from quantship.evaluate.report import VERDICT_COLUMNS, load_results
 from quantship.evaluate.results import text_table, write_results
 from quantship.evaluate.tasks import make_task
-from quantship.evaluate.verdicts import FAIL, PASS, gate_verdict, overall_verdict
+from quantship.evaluate.verdicts import FAIL, PASS, judge_target, overall_verdict
 from quantship.fileio import FolderLock, sha256_json, write_text_atomic
 from quantship.jobs import JobResult
 from quantship.jobs.remote_engine import RemoteEngineBuilder
@@ -41,7 +41,7 @@ from quantship.targets.run import (
     prepare_run,
     run_data,
 )
-from quantship.targets.why import WHY_IMAGES, why_lines
+from quantship.targets.why import WHY_IMAGES, attach_why, gate_outcomes, why_lines
 
 
 @dataclass
@@ -187,20 +187,20 @@ def gate_rows(gates: Sequence[Gate], task: Any, rows: list[dict[str, Any]], runs
     (``verdicts.jsonl``); each target's row gains ``gate_verdict`` (FAIL if any of its gates failed)."""
     out: list[dict[str, Any]] = []
     ref = next((r["reference"] for r in rows if r.get("reference")), None)
+    by_target = {r["target"]: r for r in rows}
     for row in rows:
         name = row["target"]
         if name == ref:
             continue
-        for gate in (g for g in gates if g.applies(name)):
-            head = {"model": row["model"], "target": name, "reference": ref, "gate": gate.describe()}
-            if row["status"] != "ok" or ref is None:
-                why = "the target did not run" if row["status"] != "ok" else "the reference did not run"
-                no_run = {"metric": gate.metric, "rule": gate.decision, "verdict": FAIL, "passed": False}
-                out.append({**head, **no_run, "error": f"{why}: {row.get('error', '')}"})
-                continue
-            a, r = runs[name].arrays, runs[ref].arrays
-            paired = task.paired(gate.metric, a, r, a.get("keys", []), score_threshold=gate.score_threshold)
-            out.append({**head, **gate_verdict(gate, paired)})
+        out += judge_target(
+            gates,
+            task,
+            row["model"],
+            name,
+            ref,
+            (row, by_target.get(ref)),
+            lambda name=name: (runs[name].arrays, runs[ref].arrays),
+        )
         mine = [v["verdict"] for v in out if v["target"] == name]
         if mine:
             row["gate_verdict"] = FAIL if FAIL in mine else PASS if all(v == PASS for v in mine) else mine[0]
@@ -218,19 +218,14 @@ def explain_verdicts(
     """A ``why`` line on each FAIL verdict of a target that ran (and on its row): where it parts from the
     reference on the first :data:`~quantship.targets.why.WHY_IMAGES` images, and the targets that passed every
     gate in this run. Computed after the verdicts, never changing them."""
-    failing = list(dict.fromkeys(v["target"] for v in verdicts if v["verdict"] == FAIL and "error" not in v))
+    failing, passing = gate_outcomes(verdicts)
     if not failing:
         return
-    targets = {v["target"] for v in verdicts}
-    passing = [t for t in targets if all(v["verdict"] == PASS for v in verdicts if v["target"] == t)]
-    passing.sort(key=[r["target"] for r in rows].index)
     ref = get_target(verdicts[0]["reference"])
     lines = why_lines(
         loaded, ref, [get_target(n) for n in failing], artifacts, images, instead_clause(passing), threads
     )
-    for v in verdicts:
-        if v["verdict"] == FAIL and v["target"] in lines:
-            v["why"], v["why_images"] = lines[v["target"]], WHY_IMAGES
+    attach_why(verdicts, lines)
     for r in rows:
         if r["target"] in lines:
             r["why"] = lines[r["target"]]

@@ -26,7 +26,7 @@ from quantship.data.datasets import ImageDataset, Skipped
 from quantship.errors import DataError
 from quantship.evaluate.loop import Batches, run_targets
 from quantship.evaluate.tasks import ARRAYS_VERSION, Task, concat, make_task
-from quantship.evaluate.verdicts import gate_verdict
+from quantship.evaluate.verdicts import judge_target
 from quantship.fileio import (
     atomic_path,
     sha256_file,
@@ -352,20 +352,18 @@ def verdicts(plan: SignoffPlan, rows: list[dict[str, Any]], task: Task) -> list[
         for name, row in targets.items():
             if name == plan.reference:
                 continue
-            for gate in (g for g in plan.gates if g.applies(name)):
-                head = {"model": model, "target": name, "reference": plan.reference, "gate": gate.describe()}
-                failed = next((r for r in (ref, row) if r is None or r.get("status") != "ok"), False)
-                if failed is not False:
-                    why = "the reference did not run" if failed is None or failed is ref else "the target did not run"
-                    err = (failed or {}).get("error", "no row")
-                    no_run = {"metric": gate.metric, "rule": gate.decision, "verdict": "FAIL", "passed": False}
-                    out.append({**head, **no_run, "error": f"{why}: {err}"})
-                    continue
-                d, ref_d = load_chunks(Path(row["state"])), load_chunks(Path(ref["state"]))
-                paired = task.paired(gate.metric, d, ref_d, d["keys"], score_threshold=gate.score_threshold)
-                out.append(
-                    {**head, **gate_verdict(gate, paired, plan.bootstrap_samples, plan.confidence, plan.min_images)}
-                )
+            out += judge_target(
+                plan.gates,
+                task,
+                model,
+                name,
+                plan.reference,
+                (row, ref),
+                lambda row=row, ref=ref: (load_chunks(Path(row["state"])), load_chunks(Path(ref["state"]))),
+                samples=plan.bootstrap_samples,
+                confidence=plan.confidence,
+                min_images=plan.min_images,
+            )
     return out
 
 

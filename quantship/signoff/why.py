@@ -11,13 +11,12 @@ from typing import Any, Sequence
 
 from quantship.evaluate.diff import diff_images
 from quantship.evaluate.explain import instead_clause
-from quantship.evaluate.verdicts import FAIL, PASS
 from quantship.models.loading import model_name
 from quantship.progress import note
 from quantship.signoff.plan import SignoffPlan
 from quantship.targets import get_target
 from quantship.targets.run import load_for
-from quantship.targets.why import WHY_IMAGES, stored_artifacts, why_lines
+from quantship.targets.why import WHY_IMAGES, attach_why, gate_outcomes, stored_artifacts, why_lines
 
 
 def explain_failed_gates(
@@ -26,11 +25,9 @@ def explain_failed_gates(
     """Add ``why`` to every FAIL verdict whose target and reference ran (in place)."""
     for entry in plan.models:
         mine = [v for v in verdicts if v.get("model") == model_name(entry.name)]
-        failing = list(dict.fromkeys(v["target"] for v in mine if v["verdict"] == FAIL and "error" not in v))
+        failing, passing = gate_outcomes(mine)
         if not failing:
             continue
-        names = list(dict.fromkeys(v["target"] for v in mine))
-        passing = [t for t in names if all(v["verdict"] == PASS for v in mine if v["target"] == t)]
         note(f"why: {entry.name}: {', '.join(failing)} against {plan.reference} on {WHY_IMAGES} images")
         try:
             loaded = load_for(
@@ -54,6 +51,4 @@ def explain_failed_gates(
                 instead_clause(passing),
                 plan.threads,
             )
-        for v in mine:
-            if v["verdict"] == FAIL and v["target"] in lines:
-                v["why"], v["why_images"] = lines[v["target"]], WHY_IMAGES
+        attach_why(mine, lines)

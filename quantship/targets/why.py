@@ -19,6 +19,7 @@ from quantship.convert.layer_names import KerasLayers
 from quantship.errors import QuantshipError
 from quantship.evaluate.diff import compare_targets, layer_rows
 from quantship.evaluate.explain import failure_line, instead_clause
+from quantship.evaluate.verdicts import FAIL, PASS
 from quantship.manifest import Artifact
 from quantship.models.loading import LoadedModel
 from quantship.targets.base import LayerProbe, ProbeOptions, Target, check_layer_probe, make_layer_probe
@@ -98,6 +99,23 @@ def _short(exc: Exception) -> str:
     return (text[0][:160] if text else type(exc).__name__) or type(exc).__name__
 
 
+def gate_outcomes(verdicts: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """(failing, passing) targets of verdict rows, in their order of first appearance: failing = a FAIL verdict
+    of a target that ran (a row without ``error``); passing = every verdict of the target PASS."""
+    names = list(dict.fromkeys(v["target"] for v in verdicts))
+    ran_and_failed = {v["target"] for v in verdicts if v["verdict"] == FAIL and "error" not in v}
+    failing = [t for t in names if t in ran_and_failed]
+    passing = [t for t in names if all(v["verdict"] == PASS for v in verdicts if v["target"] == t)]
+    return failing, passing
+
+
+def attach_why(verdicts: Sequence[dict[str, Any]], lines: Mapping[str, str]) -> None:
+    """``why`` and ``why_images`` on each FAIL verdict whose target has a line (in place)."""
+    for v in verdicts:
+        if v["verdict"] == FAIL and v["target"] in lines:
+            v["why"], v["why_images"] = lines[v["target"]], WHY_IMAGES
+
+
 def why_lines(
     loaded: LoadedModel,
     reference: Target,
@@ -123,4 +141,12 @@ def why_lines(
     return out
 
 
-__all__ = ["WHY_IMAGES", "stored_artifacts", "instead_clause", "layer_comparisons", "why_lines"]
+__all__ = [
+    "WHY_IMAGES",
+    "attach_why",
+    "gate_outcomes",
+    "stored_artifacts",
+    "instead_clause",
+    "layer_comparisons",
+    "why_lines",
+]
