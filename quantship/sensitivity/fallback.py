@@ -47,17 +47,25 @@ def find_fallback(
     steps: list[dict[str, Any]] = []
     limit = len(ranking) if max_layers is None else min(max_layers, len(ranking))
     for k in range(limit + 1):
-        results = [(b.name, score(b.run(verify.x, float_layers=floats), verify)) for b in backends]
-        ok = all(gate_passes(gate, m) for _, m in results)
-        for name, m in results:
-            steps.append(
-                {"kind": "fallback", "backend": name, "float_layers": list(floats), "passed": gate_passes(gate, m), **m}
-            )
+        ok, rows = _trial(backends, floats, verify, gate, kind="fallback")
+        steps += rows
         if ok:
             return FallbackResult(floats, True, steps)
         if k < limit:
             floats.append(ranking[k])
     return FallbackResult(floats, False, steps)
+
+
+def _trial(
+    backends: Sequence[Any], floats: Sequence[str], verify: Any, gate: Gate, **fields: Any
+) -> tuple[bool, list[dict[str, Any]]]:
+    """Every backend run on ``verify`` with ``floats`` in float: (whether all pass ``gate``, one step row per
+    backend carrying ``fields``)."""
+    rows = []
+    for b in backends:
+        m = score(b.run(verify.x, float_layers=floats), verify)
+        rows.append({**fields, "backend": b.name, "float_layers": list(floats), "passed": gate_passes(gate, m), **m})
+    return all(r["passed"] for r in rows), rows
 
 
 def prune_fallback(
@@ -69,19 +77,8 @@ def prune_fallback(
     steps: list[dict[str, Any]] = []
     for unit in reversed(list(floats)):
         trial = [f for f in kept if f != unit]
-        results = [(b.name, score(b.run(verify.x, float_layers=trial), verify)) for b in backends]
-        ok = all(gate_passes(gate, m) for _, m in results)
-        for name, m in results:
-            steps.append(
-                {
-                    "kind": "fallback_prune",
-                    "backend": name,
-                    "returned_to_int8": unit,
-                    "float_layers": trial,
-                    "passed": gate_passes(gate, m),
-                    **m,
-                }
-            )
+        ok, rows = _trial(backends, trial, verify, gate, kind="fallback_prune", returned_to_int8=unit)
+        steps += rows
         if ok:
             kept = trial
     return kept, steps
