@@ -9,11 +9,12 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from quantship.config import IODType, Precision
-from quantship.convert.layer_names import WEIGHTED_KERAS
+from quantship.convert.layer_names import WEIGHTED_KERAS, segment_layer
 from quantship.convert.qdq import insert_qdq
 from quantship.convert.tflite import TfliteSpec
 from quantship.evaluate.loop import runner_outputs
 from quantship.fileio import temp_dir
+from quantship.lazy import lazy_import
 from quantship.runtime.base import RunnerOptions
 from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner, make_session
 from quantship.runtime.registry import make_runner
@@ -165,6 +166,7 @@ class TfliteBackend:
         self.threads = threads or os.cpu_count() or 1
         self.layers = [layer.name for layer in converter.model.layers if type(layer).__name__ in WEIGHTED_KERAS]
         self._calibrated: bytes | None = None
+        self._cuts: _TfliteCuts | None = None
 
     def model_bytes(self, floats: set[str], nodes: Iterable[str] = ()) -> bytes:
         """The int8 model with the ``floats`` layers' ops and the ``nodes`` ops kept in float."""
@@ -172,10 +174,8 @@ class TfliteBackend:
         if not self.fast:
             spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)), float_nodes=tuple(nodes))
             return self.converter.convert(spec, self.calibration)
-        if self._calibrated is None:
-            self._calibrated = self.converter.calibrate_only(self.calibration)
         denied = list(dict.fromkeys([*self.converter.denylist_nodes(sorted(floats)), *nodes]))
-        return self.converter.quantize_calibrated(self._calibrated, IODType.FLOAT32, float_nodes=denied)
+        return self.converter.quantize_calibrated(self._calibration(), IODType.FLOAT32, float_nodes=denied)
 
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
         """Outputs with ``float_layers`` in float (the rest int8), or with only the ops of the ``only`` layers
@@ -183,10 +183,145 @@ class TfliteBackend:
         configuration and, on low-confidence images, cost more agreement than any one layer)."""
 
         floats = set(float_layers)
-        nodes = self.converter.nodes_outside(only) if only is not None else []
-        data = self.model_bytes(floats, nodes)
+        nodes = self._nodes_outside(only) if only is not None else []
+        return self._run_model(self.model_bytes(floats, nodes), [x])[0]
+
+    def run_layers(self, x: np.ndarray, layers: Sequence[str], cumulative: bool = False) -> list[np.ndarray]:
+        """:meth:`run` with ``only=[layer]`` (or ``only=layers[:k+1]``) for every layer, in graph order, each
+        variant started at its layer rather than at the model's input (the same outputs, bit for bit: a test
+        checks it). With one layer int8 everything before its first op is the float model, so the float values
+        alive there are carried from cut to cut (one float segment per layer, one forward pass in all) and each
+        variant is quantized and run from that cut on; cumulatively, the values alive at layer k+1's cut are
+        those of row k's own variant, so each row runs from its layer's cut and hands them on.
+
+        The cut models come from the calibrate-only model, whose recorded ranges travel with every tensor, so
+        the quantizer gives each op the scales it has in the whole model; a tensor a float op hands to an int8
+        one is quantized at that boundary in both."""
+        layers = list(layers)
+        if not self.fast or [layer for layer in self._graph().order if layer in set(layers)] != layers:
+            return [self.run(x, only=layers[: k + 1] if cumulative else [layer]) for k, layer in enumerate(layers)]
+        graph = self._graph()
+        outputs: list[np.ndarray] = []
+        state = {graph.input: x}
+        start = 0
+        for k, layer in enumerate(layers):
+            if not cumulative and graph.position[layer] > start:
+                # The float segment up to this layer's cut: the calibrate-only model runs as the float model.
+                stop = graph.position[layer]
+                state = self._advance(graph, start, stop, state)
+                start = stop
+            nxt = graph.position[layers[k + 1]] if cumulative and k + 1 < len(layers) else None
+            handed = [t for t in graph.live(nxt) if t not in state] if nxt is not None else []
+            only = layers[: k + 1] if cumulative else [layer]
+            denied = [n for n in self._nodes_outside(only) if graph.made_at_or_after(n, start)]
+            data = self.converter.quantize_calibrated(
+                graph.cut(start, None, [graph.output, *handed]), IODType.FLOAT32, float_nodes=denied
+            )
+            got = self._run_model(data, [state[t] for t in graph.live(start)])
+            outputs.append(got[0])
+            if nxt is not None:
+                state = {**{t: state[t] for t in graph.live(nxt) if t in state}, **dict(zip(handed, got[1:]))}
+                start = nxt
+        return outputs
+
+    def _advance(
+        self, graph: "_TfliteCuts", start: int, stop: int, state: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The values of the tensors alive at ``stop``, from ``state`` (those alive at ``start``), through the
+        float model's operators ``start..stop``."""
+        live = graph.live(stop)
+        wanted = [t for t in live if t not in state]
+        got = self._run_model(graph.cut(start, stop, wanted), [state[t] for t in graph.live(start)]) if wanted else []
+        return {**{t: state[t] for t in live if t in state}, **dict(zip(wanted, got))}
+
+    def _graph(self) -> "_TfliteCuts":
+        if self._cuts is None:
+            self._cuts = _TfliteCuts(self._calibration(), {layer.name for layer in self.converter.model.layers})
+        return self._cuts
+
+    def _calibration(self) -> bytes:
+        if self._calibrated is None:
+            self._calibrated = self.converter.calibrate_only(self.calibration)
+        return self._calibrated
+
+    def _nodes_outside(self, layers: Iterable[str]) -> list[str]:
+        """The deny list that leaves only the ops of ``layers`` int8 (``TfliteConverter.nodes_outside``'s rule),
+        named as in the calibrate-only model that the quantizer reads (no float conversion made to learn them)."""
+        if not self.fast:
+            return self.converter.nodes_outside(layers)
+        graph, keep = self._graph(), set(layers)
+        names = graph.layer_names
+        return [n for n in graph.op_outputs if not any(segment_layer(p, names) in keep for p in n.split(";"))]
+
+    def _run_model(self, data: bytes, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Every output of the model ``data`` (in its order) fed ``inputs`` (in its order), in equal chunks of at
+        most 32 images: one tensor allocation per model, not one more for a short last batch."""
         with temp_dir(self.converter.work_dir, "sensitivity") as tmp:
             path = tmp / "m.tflite"
             path.write_bytes(data)
             with make_runner(path, RunnerOptions(threads=self.threads)) as r:
-                return runner_outputs(r, x)
+                names = [m.name for m in r.input_metadata()]
+                n = len(inputs[0])
+                step = -(-n // -(-n // 32)) if n else 1
+                parts = [
+                    list(r.infer({t: v[i : i + step] for t, v in zip(names, inputs)}).values())
+                    for i in range(0, n, step)
+                ]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+class _TfliteCuts:
+    """The calibrate-only TFLite model's operators in execution order: each Keras layer's first op, the tensors
+    alive at each position (made before it, read at or after it), and models cut out of it."""
+
+    def __init__(self, calibrated: bytes, layer_names: set[str]):
+        fu = lazy_import("tensorflow.lite.tools.flatbuffer_utils", "tensorflow", "cutting TFLite models")
+        self._fu = fu
+        self._model = fu.convert_bytearray_to_object(calibrated)
+        sg = self._model.subgraphs[0]
+        self._sg, self._ops = sg, list(sg.operators)
+        self._outputs = list(sg.outputs)
+        self.layer_names = layer_names
+        self.names = [t.name.decode() if isinstance(t.name, bytes) else str(t.name) for t in sg.tensors]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.input, self.output = self.names[sg.inputs[0]], self.names[sg.outputs[0]]
+        self.op_outputs = [self.names[t] for op in self._ops for t in op.outputs]
+        self.position: dict[str, int] = {}
+        self.order: list[str] = []
+        made: dict[int, int] = {int(t): -1 for t in sg.inputs}
+        last: dict[int, int] = {}
+        for i, op in enumerate(self._ops):
+            for t in op.outputs:
+                made[int(t)] = i
+                for part in self.names[t].split(";"):
+                    layer = segment_layer(part, layer_names)
+                    if layer is not None and layer not in self.position:
+                        self.position[layer] = i
+                        self.order.append(layer)
+            for t in op.inputs:
+                if t >= 0:
+                    last[int(t)] = i
+        for t in sg.outputs:
+            last[int(t)] = len(self._ops)
+        self._made, self._last = made, last
+
+    def live(self, position: int) -> list[str]:
+        return [self.names[t] for t, i in self._made.items() if i < position and self._last.get(t, -2) >= position]
+
+    def made_at_or_after(self, tensor: str, position: int) -> bool:
+        return self._made.get(self.index[tensor], -1) >= position
+
+    def cut(self, start: int, stop: int | None, outputs: list[str]) -> bytes:
+        """The operators ``start..stop`` (to the end when None), fed the tensors alive at ``start``, giving
+        ``outputs``."""
+        sg, signatures = self._sg, self._model.signatureDefs
+        try:
+            sg.operators = self._ops[start:stop]
+            sg.inputs = np.array([self.index[t] for t in self.live(start)], np.int32)
+            sg.outputs = np.array([self.index[t] for t in outputs], np.int32)
+            self._model.signatureDefs = []  # they name the whole model's input and output
+            return bytes(self._fu.convert_object_to_bytearray(self._model))
+        finally:
+            sg.operators, sg.outputs = self._ops, np.array(self._outputs, np.int32)
+            sg.inputs = np.array([self.index[self.input]], np.int32)
+            self._model.signatureDefs = signatures
