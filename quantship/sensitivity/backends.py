@@ -3,6 +3,7 @@ on ONNX Runtime) and TFLite full int8 (a deny list of ops kept in float)."""
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Callable, Iterable, Sequence
 
@@ -167,6 +168,7 @@ class TfliteBackend:
         self.layers = [layer.name for layer in converter.model.layers if type(layer).__name__ in WEIGHTED_KERAS]
         self._calibrated: bytes | None = None
         self._cuts: _TfliteCuts | None = None
+        self._models: dict[tuple, bytes] = {}  # cut models made once (float segments, one-layer variants)
 
     def model_bytes(self, floats: set[str], nodes: Iterable[str] = ()) -> bytes:
         """The int8 model with the ``floats`` layers' ops and the ``nodes`` ops kept in float."""
@@ -198,43 +200,60 @@ class TfliteBackend:
         the quantizer gives each op the scales it has in the whole model; a tensor a float op hands to an int8
         one is quantized at that boundary in both."""
         layers = list(layers)
-        if not self.fast or [layer for layer in self._graph().order if layer in set(layers)] != layers:
+        if not self.fast or [layer for layer in self.cuts().order if layer in set(layers)] != layers:
             return [self.run(x, only=layers[: k + 1] if cumulative else [layer]) for k, layer in enumerate(layers)]
-        graph = self._graph()
+        graph = self.cuts()
         outputs: list[np.ndarray] = []
         state = {graph.input: x}
         start = 0
         for k, layer in enumerate(layers):
             if not cumulative and graph.position[layer] > start:
-                # The float segment up to this layer's cut: the calibrate-only model runs as the float model.
-                stop = graph.position[layer]
-                state = self._advance(graph, start, stop, state)
-                start = stop
+                # The float model up to this layer's cut: the calibrate-only model runs as the float model.
+                state = self._advance(start, graph.position[layer], state)
+                start = graph.position[layer]
             nxt = graph.position[layers[k + 1]] if cumulative and k + 1 < len(layers) else None
             handed = [t for t in graph.live(nxt) if t not in state] if nxt is not None else []
-            only = layers[: k + 1] if cumulative else [layer]
-            denied = [n for n in self._nodes_outside(only) if graph.made_at_or_after(n, start)]
-            data = self.converter.quantize_calibrated(
-                graph.cut(start, None, [graph.output, *handed]), IODType.FLOAT32, float_nodes=denied
-            )
-            got = self._run_model(data, [state[t] for t in graph.live(start)])
+            only = tuple(layers[: k + 1] if cumulative else [layer])
+            got = self._run_model(self._variant(start, only, tuple(handed)), [state[t] for t in graph.live(start)])
             outputs.append(got[0])
             if nxt is not None:
                 state = {**{t: state[t] for t in graph.live(nxt) if t in state}, **dict(zip(handed, got[1:]))}
                 start = nxt
         return outputs
 
-    def _advance(
-        self, graph: "_TfliteCuts", start: int, stop: int, state: dict[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        """The values of the tensors alive at ``stop``, from ``state`` (those alive at ``start``), through the
-        float model's operators ``start..stop``."""
-        live = graph.live(stop)
-        wanted = [t for t in live if t not in state]
-        got = self._run_model(graph.cut(start, stop, wanted), [state[t] for t in graph.live(start)]) if wanted else []
-        return {**{t: state[t] for t in live if t in state}, **dict(zip(wanted, got))}
+    def _variant(self, start: int, only: tuple[str, ...], handed: tuple[str, ...]) -> bytes:
+        """The variant with only the ``only`` layers int8, from the cut at ``start``, giving the model's output
+        and the ``handed`` tensors. A one-layer variant is kept: the screened study runs it again on the other
+        half of the images."""
+        key = (start, only, handed)
+        if key in self._models:
+            return self._models[key]
+        graph = self.cuts()
+        denied = [n for n in self._nodes_outside(only) if graph.made_at_or_after(n, start)]
+        data = self.converter.quantize_calibrated(
+            graph.cut(start, None, [graph.output, *handed]), IODType.FLOAT32, float_nodes=denied
+        )
+        if len(only) == 1 and not handed:
+            self._models[key] = data
+        return data
 
-    def _graph(self) -> "_TfliteCuts":
+    def _advance(self, start: int, stop: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The values of the tensors alive at ``stop``, from ``state`` (those alive at ``start``), through the
+        float model's operators ``start..stop``, one layer's segment at a time (each cut once, then kept)."""
+        graph = self.cuts()
+        stops = sorted({graph.position[n] for n in self.layers if start < graph.position.get(n, -1) < stop})
+        for a, b in zip([start, *stops], [*stops, stop]):
+            live = graph.live(b)
+            wanted = [t for t in live if t not in state]
+            got: list[np.ndarray] = []
+            if wanted:
+                if (a, b) not in self._models:
+                    self._models[(a, b)] = graph.cut(a, b, wanted)
+                got = self._run_model(self._models[(a, b)], [state[t] for t in graph.live(a)])
+            state = {**{t: state[t] for t in live if t in state}, **dict(zip(wanted, got))}
+        return state
+
+    def cuts(self) -> "_TfliteCuts":
         if self._cuts is None:
             self._cuts = _TfliteCuts(self._calibration(), {layer.name for layer in self.converter.model.layers})
         return self._cuts
@@ -249,7 +268,7 @@ class TfliteBackend:
         named as in the calibrate-only model that the quantizer reads (no float conversion made to learn them)."""
         if not self.fast:
             return self.converter.nodes_outside(layers)
-        graph, keep = self._graph(), set(layers)
+        graph, keep = self.cuts(), set(layers)
         names = graph.layer_names
         return [n for n in graph.op_outputs if not any(segment_layer(p, names) in keep for p in n.split(";"))]
 
@@ -280,7 +299,6 @@ class _TfliteCuts:
         self._model = fu.convert_bytearray_to_object(calibrated)
         sg = self._model.subgraphs[0]
         self._sg, self._ops = sg, list(sg.operators)
-        self._outputs = list(sg.outputs)
         self.layer_names = layer_names
         self.names = [t.name.decode() if isinstance(t.name, bytes) else str(t.name) for t in sg.tensors]
         self.index = {name: i for i, name in enumerate(self.names)}
@@ -313,15 +331,38 @@ class _TfliteCuts:
 
     def cut(self, start: int, stop: int | None, outputs: list[str]) -> bytes:
         """The operators ``start..stop`` (to the end when None), fed the tensors alive at ``start``, giving
-        ``outputs``."""
-        sg, signatures = self._sg, self._model.signatureDefs
-        try:
-            sg.operators = self._ops[start:stop]
-            sg.inputs = np.array([self.index[t] for t in self.live(start)], np.int32)
-            sg.outputs = np.array([self.index[t] for t in outputs], np.int32)
-            self._model.signatureDefs = []  # they name the whole model's input and output
-            return bytes(self._fu.convert_object_to_bytearray(self._model))
-        finally:
-            sg.operators, sg.outputs = self._ops, np.array(self._outputs, np.int32)
-            sg.inputs = np.array([self.index[self.input]], np.int32)
-            self._model.signatureDefs = signatures
+        ``outputs``: a model of only the tensors and buffers those operators use (serializing all of the model's
+        tensors for every cut cost about what quantizing it does)."""
+        ops = self._ops[start:stop]
+        inputs = [self.index[t] for t in self.live(start)]
+        outs = [self.index[t] for t in outputs]
+        used = sorted({int(t) for op in ops for t in (*op.inputs, *op.outputs) if t >= 0} | {*inputs, *outs})
+        remap = {old: new for new, old in enumerate(used)}
+        buffers = [self._model.buffers[0]]  # buffer 0: the empty one the schema reserves
+        tensors = []
+        for old in used:
+            tensor = copy.copy(self._sg.tensors[old])
+            if tensor.buffer:
+                buffers.append(self._model.buffers[tensor.buffer])
+                tensor.buffer = len(buffers) - 1
+            tensors.append(tensor)
+        metadata = []
+        for m in self._model.metadata or []:
+            m = copy.copy(m)
+            buffers.append(self._model.buffers[m.buffer])
+            m.buffer = len(buffers) - 1
+            metadata.append(m)
+        operators = []
+        for op in ops:
+            op = copy.copy(op)
+            op.inputs = np.array([remap[int(t)] if t >= 0 else -1 for t in op.inputs], np.int32)
+            op.outputs = np.array([remap[int(t)] for t in op.outputs], np.int32)
+            operators.append(op)
+        sg = copy.copy(self._sg)
+        sg.tensors, sg.operators = tensors, operators
+        sg.inputs = np.array([remap[t] for t in inputs], np.int32)
+        sg.outputs = np.array([remap[t] for t in outs], np.int32)
+        model = copy.copy(self._model)
+        model.subgraphs, model.buffers, model.metadata = [sg], buffers, metadata
+        model.metadataBuffer, model.signatureDefs = None, []  # the signatures name the whole model's tensors
+        return bytes(self._fu.convert_object_to_bytearray(model))

@@ -213,6 +213,36 @@ def test_tflite_fast_path_gives_the_slow_paths_numbers_and_rankings(hostile, tmp
 
 
 @pytest.mark.slow
+def test_tflite_variants_start_at_their_layer_and_give_the_same_outputs(tmp_path):
+    """Each TFLite variant is cut out of the calibrate-only model at its layer and fed the values alive there
+    (float, or row k-1's for the cumulative rows): the whole variant's outputs, bit for bit, also where a residual
+    branch keeps two tensors alive at a cut."""
+    import keras
+
+    from quantship.convert.tflite import TfliteConverter
+
+    keras.utils.set_random_seed(7)
+    L = keras.layers
+    inputs = keras.Input((16, 16, 3), name="input")
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+    y = L.Conv2D(8, 1, activation="relu", name="conv2")(x)
+    y = L.DepthwiseConv2D(3, padding="same", name="dw")(y)
+    x = L.GlobalAveragePooling2D(name="gap")(L.Add(name="add")([x, y]))
+    model = keras.Model(inputs, L.Dense(4, activation="softmax", name="fc")(x))
+    rng = np.random.default_rng(0)
+    calib, x = (rng.normal(size=(n, 16, 16, 3)).astype(np.float32) for n in (8, 12))
+    with TfliteConverter(model, tmp_path / "convert.log", work_dir=tmp_path) as conv:
+        backend = TfliteBackend(conv, lambda: [calib])
+        cuts = backend.cuts()
+        assert len(cuts.live(cuts.position["dw"])) == 2  # conv1's output waits there for the add
+        for cumulative in (False, True):
+            shared = backend.run_layers(x, backend.layers, cumulative)
+            for k, layer in enumerate(backend.layers):
+                only = backend.layers[: k + 1] if cumulative else [layer]
+                np.testing.assert_array_equal(shared[k], backend.run(x, only=only))
+
+
+@pytest.mark.slow
 def test_depthwise_vs_pointwise_and_weight_study(qdq_backend, hostile):
     model, _, held = hostile
     before = [w.copy() for w in model.get_weights()]
