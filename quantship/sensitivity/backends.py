@@ -55,6 +55,7 @@ class QdqBackend:
         layer; cumulatively, the part before layer k+1 is the same for every later row (layers 0..k quantized),
         so the float rest after it runs on the state the all-layers model reached there."""
         import onnx
+        from onnx.utils import Extractor
 
         layers = list(layers)
         graph = _Cuts(onnx.shape_inference.infer_shapes(self.model), self.node_layers)
@@ -66,15 +67,17 @@ class QdqBackend:
             else insert_qdq(self.model, self.amax, node_layers=self.node_layers, include=layers)[0]
         )
         outputs: list[np.ndarray] = []
-        state = {graph.inputs[0]: x}
+        # Values travel as the batches they were computed in (no copy of the early layers' large tensors).
+        state = {graph.inputs[0]: [x[i : i + 32] for i in range(0, len(x), 32)]}
         previous: list[str] = [graph.inputs[0]]
+        extractor = Extractor(_with_shapes(source))  # every prefix is cut from the same model
         for k, layer in enumerate(layers):
             cut = graph.position[layers[k + 1]] if cumulative and k + 1 < len(layers) else graph.position[layer]
             if cumulative and k + 1 == len(layers):
                 outputs.append(self.run(x, only=layers))
                 break
             live = graph.live(cut)
-            state = self._advance(source, state, previous, live)
+            state = self._advance(extractor, state, previous, live)
             previous = live
             only = layers[: k + 1] if cumulative else [layer]
             model, _ = insert_qdq(self.model, self.amax, node_layers=self.node_layers, include=only)
@@ -85,30 +88,26 @@ class QdqBackend:
         return make_session(model, self.threads, session_config=QDQ_FAKE_QUANT, what="Q/DQ model part")
 
     def _advance(
-        self, model: Any, state: dict[str, np.ndarray], inputs: list[str], live: list[str]
-    ) -> dict[str, np.ndarray]:
-        """The values of the ``live`` tensors, computed from ``state`` (the values of ``inputs``)."""
-        from onnx.utils import Extractor
-
+        self, extractor: Any, state: dict[str, list[np.ndarray]], inputs: list[str], live: list[str]
+    ) -> dict[str, list[np.ndarray]]:
+        """The values of the ``live`` tensors (batch by batch), computed from ``state`` (those of ``inputs``)."""
         carried = {t: state[t] for t in live if t in state}
         wanted = [t for t in live if t not in state]
         if not wanted:
             return carried
-        session = self._session(Extractor(_with_shapes(model)).extract_model(inputs, wanted))
+        session = self._session(extractor.extract_model(inputs, wanted))
         names = [i.name for i in session.get_inputs()]
-        n = len(next(iter(state.values())))
-        parts = [session.run(wanted, {t: state[t][i : i + 32] for t in names}) for i in range(0, n, 32)]
-        return {**carried, **{t: np.concatenate([p[j] for p in parts]) for j, t in enumerate(wanted)}}
+        parts = [session.run(wanted, {t: state[t][c] for t in names}) for c in range(len(state[names[0]]))]
+        return {**carried, **{t: [p[j] for p in parts] for j, t in enumerate(wanted)}}
 
-    def _suffix(self, model: Any, live: list[str], state: dict[str, np.ndarray]) -> np.ndarray:
+    def _suffix(self, model: Any, live: list[str], state: dict[str, list[np.ndarray]]) -> np.ndarray:
         from onnx.utils import Extractor
 
         output = model.graph.output[0].name
         session = self._session(Extractor(_with_shapes(model)).extract_model(live, [output]))
         names = [i.name for i in session.get_inputs()]
-        n = len(next(iter(state.values())))
         return np.concatenate(
-            [session.run([output], {t: state[t][i : i + 32] for t in names})[0] for i in range(0, n, 32)]
+            [session.run([output], {t: state[t][c] for t in names})[0] for c in range(len(state[names[0]]))]
         )
 
 
@@ -186,7 +185,7 @@ class TfliteBackend:
 
         floats = set(float_layers)
         nodes = self._nodes_outside(only) if only is not None else []
-        return self._run_model(self.model_bytes(floats, nodes), [x])[0]
+        return np.concatenate(self._run_model(self.model_bytes(floats, nodes), [_chunks(x)])[0])
 
     def run_layers(self, x: np.ndarray, layers: Sequence[str], cumulative: bool = False) -> list[np.ndarray]:
         """:meth:`run` with ``only=[layer]`` (or ``only=layers[:k+1]``) for every layer, in graph order, each
@@ -198,13 +197,14 @@ class TfliteBackend:
 
         The cut models come from the calibrate-only model, whose recorded ranges travel with every tensor, so
         the quantizer gives each op the scales it has in the whole model; a tensor a float op hands to an int8
-        one is quantized at that boundary in both."""
+        one is quantized at that boundary in both. The values travel as the chunks they were computed in (no
+        copy of the early layers' large tensors into one array)."""
         layers = list(layers)
         if not self.fast or [layer for layer in self.cuts().order if layer in set(layers)] != layers:
             return [self.run(x, only=layers[: k + 1] if cumulative else [layer]) for k, layer in enumerate(layers)]
         graph = self.cuts()
         outputs: list[np.ndarray] = []
-        state = {graph.input: x}
+        state = {graph.input: _chunks(x)}
         start = 0
         for k, layer in enumerate(layers):
             if not cumulative and graph.position[layer] > start:
@@ -215,7 +215,7 @@ class TfliteBackend:
             handed = [t for t in graph.live(nxt) if t not in state] if nxt is not None else []
             only = tuple(layers[: k + 1] if cumulative else [layer])
             got = self._run_model(self._variant(start, only, tuple(handed)), [state[t] for t in graph.live(start)])
-            outputs.append(got[0])
+            outputs.append(np.concatenate(got[0]))
             if nxt is not None:
                 state = {**{t: state[t] for t in graph.live(nxt) if t in state}, **dict(zip(handed, got[1:]))}
                 start = nxt
@@ -237,7 +237,7 @@ class TfliteBackend:
             self._models[key] = data
         return data
 
-    def _advance(self, start: int, stop: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _advance(self, start: int, stop: int, state: dict[str, list[np.ndarray]]) -> dict[str, list[np.ndarray]]:
         """The values of the tensors alive at ``stop``, from ``state`` (those alive at ``start``), through the
         float model's operators ``start..stop``, one layer's segment at a time (each cut once, then kept)."""
         graph = self.cuts()
@@ -245,7 +245,7 @@ class TfliteBackend:
         for a, b in zip([start, *stops], [*stops, stop]):
             live = graph.live(b)
             wanted = [t for t in live if t not in state]
-            got: list[np.ndarray] = []
+            got: list[list[np.ndarray]] = []
             if wanted:
                 if (a, b) not in self._models:
                     self._models[(a, b)] = graph.cut(a, b, wanted)
@@ -272,21 +272,25 @@ class TfliteBackend:
         names = graph.layer_names
         return [n for n in graph.op_outputs if not any(segment_layer(p, names) in keep for p in n.split(";"))]
 
-    def _run_model(self, data: bytes, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Every output of the model ``data`` (in its order) fed ``inputs`` (in its order), in equal chunks of at
-        most 32 images: one tensor allocation per model, not one more for a short last batch."""
+    def _run_model(self, data: bytes, inputs: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+        """Every output of the model ``data`` (in its order, chunk by chunk) fed ``inputs`` (in its order, each a
+        list of chunks: :func:`_chunks`)."""
         with temp_dir(self.converter.work_dir, "sensitivity") as tmp:
             path = tmp / "m.tflite"
             path.write_bytes(data)
             with make_runner(path, RunnerOptions(threads=self.threads)) as r:
                 names = [m.name for m in r.input_metadata()]
-                n = len(inputs[0])
-                step = -(-n // -(-n // 32)) if n else 1
                 parts = [
-                    list(r.infer({t: v[i : i + step] for t, v in zip(names, inputs)}).values())
-                    for i in range(0, n, step)
+                    list(r.infer({t: v[c] for t, v in zip(names, inputs)}).values()) for c in range(len(inputs[0]))
                 ]
-        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+        return [[p[j] for p in parts] for j in range(len(parts[0]))]
+
+
+def _chunks(x: np.ndarray, most: int = 32) -> list[np.ndarray]:
+    """``x`` in equal chunks of at most ``most`` images: one tensor allocation per model, not one more for a short
+    last batch."""
+    step = -(-len(x) // -(-len(x) // most)) if len(x) else 1
+    return [x[i : i + step] for i in range(0, len(x), step)]
 
 
 class _TfliteCuts:
