@@ -168,6 +168,7 @@ class TfliteBackend:
         self._calibrated: bytes | None = None
         self._cuts: _TfliteCuts | None = None
         self._models: dict[tuple, bytes] = {}  # cut models made once (float segments, one-layer variants)
+        self._kept = 0  # bytes of one-layer variants kept in _models
 
     def model_bytes(self, floats: set[str], nodes: Iterable[str] = ()) -> bytes:
         """The int8 model with the ``floats`` layers' ops and the ``nodes`` ops kept in float."""
@@ -184,7 +185,7 @@ class TfliteBackend:
         configuration and, on low-confidence images, cost more agreement than any one layer)."""
 
         floats = set(float_layers)
-        nodes = self._nodes_outside(only) if only is not None else []
+        nodes = self.nodes_outside(only) if only is not None else []
         return np.concatenate(self._run_model(self.model_bytes(floats, nodes), [_chunks(x)])[0])
 
     def run_layers(self, x: np.ndarray, layers: Sequence[str], cumulative: bool = False) -> list[np.ndarray]:
@@ -200,7 +201,8 @@ class TfliteBackend:
         one is quantized at that boundary in both. The values travel as the chunks they were computed in (no
         copy of the early layers' large tensors into one array)."""
         layers = list(layers)
-        if not self.fast or [layer for layer in self.cuts().order if layer in set(layers)] != layers:
+        cuttable = self.fast and self.cuts().single_graph
+        if not cuttable or [layer for layer in self.cuts().order if layer in set(layers)] != layers:
             return [self.run(x, only=layers[: k + 1] if cumulative else [layer]) for k, layer in enumerate(layers)]
         graph = self.cuts()
         outputs: list[np.ndarray] = []
@@ -229,12 +231,13 @@ class TfliteBackend:
         if key in self._models:
             return self._models[key]
         graph = self.cuts()
-        denied = [n for n in self._nodes_outside(only) if graph.made_at_or_after(n, start)]
+        denied = [n for n in self.nodes_outside(only) if graph.made_at_or_after(n, start)]
         data = self.converter.quantize_calibrated(
             graph.cut(start, None, [graph.output, *handed]), IODType.FLOAT32, float_nodes=denied
         )
-        if len(only) == 1 and not handed:
+        if len(only) == 1 and not handed and self._kept + len(data) <= KEPT_VARIANT_BYTES:
             self._models[key] = data
+            self._kept += len(data)
         return data
 
     def _advance(self, start: int, stop: int, state: dict[str, list[np.ndarray]]) -> dict[str, list[np.ndarray]]:
@@ -263,7 +266,7 @@ class TfliteBackend:
             self._calibrated = self.converter.calibrate_only(self.calibration)
         return self._calibrated
 
-    def _nodes_outside(self, layers: Iterable[str]) -> list[str]:
+    def nodes_outside(self, layers: Iterable[str]) -> list[str]:
         """The deny list that leaves only the ops of ``layers`` int8 (``TfliteConverter.nodes_outside``'s rule),
         named as in the calibrate-only model that the quantizer reads (no float conversion made to learn them)."""
         if not self.fast:
@@ -286,6 +289,11 @@ class TfliteBackend:
         return [[p[j] for p in parts] for j in range(len(parts[0]))]
 
 
+# One-layer TFLite variants kept for the screened study's second half, at most this many bytes (a larger model
+# re-quantizes those past the budget).
+KEPT_VARIANT_BYTES = 1 << 30
+
+
 def _chunks(x: np.ndarray, most: int = 32) -> list[np.ndarray]:
     """``x`` in equal chunks of at most ``most`` images: one tensor allocation per model, not one more for a short
     last batch."""
@@ -303,6 +311,8 @@ class _TfliteCuts:
         self._model = fu.convert_bytearray_to_object(calibrated)
         sg = self._model.subgraphs[0]
         self._sg, self._ops = sg, list(sg.operators)
+        # A model with control flow (WHILE, IF) runs other subgraphs: it is not cut, each variant runs whole.
+        self.single_graph = len(self._model.subgraphs) == 1
         self.layer_names = layer_names
         self.names = [t.name.decode() if isinstance(t.name, bytes) else str(t.name) for t in sg.tensors]
         self.index = {name: i for i, name in enumerate(self.names)}

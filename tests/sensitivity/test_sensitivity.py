@@ -235,6 +235,8 @@ def test_tflite_variants_start_at_their_layer_and_give_the_same_outputs(tmp_path
         backend = TfliteBackend(conv, lambda: [calib])
         cuts = backend.cuts()
         assert len(cuts.live(cuts.position["dw"])) == 2  # conv1's output waits there for the add
+        # Deny lists named from the calibrate-only model are the converter's (named from its float model).
+        assert all(backend.nodes_outside(o) == conv.nodes_outside(o) for o in (["dw"], ["conv1", "fc"]))
         for cumulative in (False, True):
             shared = backend.run_layers(x, backend.layers, cumulative)
             for k, layer in enumerate(backend.layers):
