@@ -8,6 +8,7 @@ user's HOME on the device is a temporary folder (set through authorized_keys), s
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import os
@@ -310,7 +311,7 @@ def test_no_cache_copies_again_and_leaves_nothing(device, evaluated, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- errors
-def _fails(argv: list[str], capfd, message: str) -> None:
+def _fails(argv: list[str], capfd, message: str) -> str:
     capfd.readouterr()
     code = _main(argv)
     err = capfd.readouterr().err
@@ -318,6 +319,7 @@ def _fails(argv: list[str], capfd, message: str) -> None:
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, lines
     assert message in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
@@ -460,6 +462,128 @@ def test_dropped_connection_keeps_rows_marked_incomplete(device, evaluated, tmp_
     assert [r["target"] for r in rows] == [artifacts["tflite-int8"].stem, artifacts["onnx-fp32"].stem]
     assert all(r["incomplete_run"] is True and r["where"] == "remote" for r in rows)
     assert rows[0]["rounds"] >= 1 and rows[0]["latency_ms_p50"] > 0
+
+
+# ------------------------------------------------------------------------------------------- a hung device runner
+# The real device runner, made to hang in one command: what a deadlocked runtime or a build that never ends does.
+HANGING_RUNNER = r"""
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("device_runner", sys.argv[1])
+runner = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runner)
+handle = runner.Server.handle
+def hang(self, req, tensors):
+    if req.get("cmd") == HANG:
+        sys.stderr.write("stuck in " + HANG + "\n")
+        sys.stderr.flush()
+        time.sleep(3600)
+    return handle(self, req, tensors)
+runner.Server.handle = hang
+sys.argv = sys.argv[1:]
+sys.exit(runner.main())
+"""
+
+
+class HardTimeout(Exception):
+    """The guard of a test that would otherwise hang (the bug it is written for)."""
+
+
+def _hanging_python(device, folder: Path, command: str) -> tuple[Path, Path]:
+    """An interpreter for --remote-python that runs the device runner hanging in ``command``; each runner's pid is
+    appended to the returned file."""
+    script = folder / "hanging_runner.py"
+    script.write_text(f"HANG = {command!r}\n" + HANGING_RUNNER)
+    pids = folder / "runner.pids"
+    python = folder / "hanging-python"
+    # Called as `python -u runner.py PIDFILE`; exec keeps the pid the runner writes in its pid file.
+    python.write_text(f'#!/bin/sh\necho $$ >> "{pids}"\nshift\nexec "{device.python}" -u "{script}" "$@"\n')
+    python.chmod(0o755)
+    return python, pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _our_children() -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return [p for p in out if _alive(p)]
+
+
+def test_hung_runner_ends_with_one_line_within_its_deadline(device, onnx_file, tmp_path, capfd):
+    """A device runner that reads 'load' and never answers: within --remote-timeout the run ends with one line
+    (device, request, deadline, what to do, the runner's last stderr line), exit 2; the runner is gone on the
+    device, its ssh here, the session folder there, and no bench.jsonl is half written. Before deadlines existed
+    this hung forever: the alarm turns that into a failure."""
+    python, pids = _hanging_python(device, tmp_path, "load")
+    argv = ["bench", "--artifact", str(onnx_file), "--min-queries", "5", "--min-seconds", "0", "--warmup", "0"]
+    argv += ["-q", "--out", str(tmp_path / "out"), *device.args(python=python), "--remote-timeout", "4"]
+
+    def guard(*_):
+        raise HardTimeout("quantship bench --remote still waiting on a hung device runner after 90 s")
+
+    before = set(_our_children())
+    old = signal.signal(signal.SIGALRM, guard)
+    signal.alarm(90)
+    try:
+        start = time.monotonic()
+        line = _fails(argv, capfd, f"{device.url}: the device runner did not answer 'load' within 4 s and was stopped")
+        took = time.monotonic() - start
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "raise --remote-timeout SECONDS" in line and line.endswith("stuck in load"), line
+    assert took < 4 + 20, took
+    runners = [int(p) for p in pids.read_text().split()]
+    assert len(runners) == 2  # the session's 'hello' probe, then the configuration's runner that hung
+    _wait_for(lambda: not any(_alive(p) for p in runners), "the hung runner to be gone on the device", 10)
+    assert set(_our_children()) <= before, "an ssh client of the hung runner is still running here"
+    assert not device.sessions()
+    assert not (tmp_path / "out" / "bench.jsonl").exists()
+
+
+def test_timeout_message_names_what_to_do(device, onnx_file, tmp_path):
+    """The error a hung 'infer' raises through the library: RemoteTimeout (a RemoteConnectionLost, so bench keeps
+    its rows), naming the option and the runner's last words."""
+    from quantship.errors import RemoteConnectionLost, RemoteTimeout
+    from quantship.remote.host import DeviceSession, RemoteRunner
+    from quantship.runtime.base import RunnerOptions
+
+    python, _ = _hanging_python(device, tmp_path, "infer")
+    options = dataclasses.replace(device.options(), python=str(python), timeout=2.0)
+    with DeviceSession(options) as session:
+        runner = RemoteRunner(session, onnx_file, "onnx", RunnerOptions(threads=1), "onnx-fp32")
+        with runner, pytest.raises(RemoteTimeout) as caught:
+            runner.infer(np.zeros((1, 32, 32, 3), np.float32))
+        message = str(caught.value)
+    assert isinstance(caught.value, RemoteConnectionLost)
+    assert "'infer' within 3 s" in message  # 2 s fixed + 1 sample x 1 s
+    assert "--remote-timeout SECONDS" in message and message.endswith("stuck in infer")
+    assert not device.sessions()
+
+
+def test_request_deadlines():
+    """Deadlines fit the request: an engine build gets an hour, a round grows with its queries and with the
+    slowest query seen, --remote-timeout replaces the fixed part only."""
+    from quantship.remote.host import request_deadline
+
+    assert request_deadline("build_engine", {}) == 3600
+    assert request_deadline("load", {}) == 600
+    assert request_deadline("round", {"queries": 20}) == 120 + 20
+    assert request_deadline("round", {"queries": 20, "batch": 2}, slowest=0.5) == 120 + 20 * 2 * 5
+    assert request_deadline("infer", {}, samples=32, fixed=10) == 10 + 32
+    assert request_deadline("load", {}, fixed=7200) == 7200
+    finish = {"other_batches": [4], "min_iters": 200, "min_seconds": 5, "warmup_seconds": 1}
+    assert request_deadline("bench_finish", finish) == 600 + 6 + 201 * 4
 
 
 # ------------------------------------------------------------------------------------------- TensorRT on a device
