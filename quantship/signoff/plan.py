@@ -284,10 +284,13 @@ class _PlanReader:
                 raise self.error("ssh_options", f"expected a list of K=V, got {options!r}")
             cache = self.flag(value, "cache") if "cache" in value else True
             timeout = value.get("timeout")
+            if timeout is not None:
+                try:
+                    timeout = check_remote_timeout(timeout, "timeout")
+                except ConfigError as exc:
+                    raise self.error("timeout", str(exc).removeprefix("timeout: ")) from None
             try:
                 parsed = tuple(parse_ssh_option(str(o)) for o in options)
-                if timeout is not None:
-                    timeout = check_remote_timeout(timeout, "timeout")
                 options_ = RemoteOptions(
                     url, python=python, ssh_key=key, ssh_options=parsed, cache=cache, timeout=timeout
                 )

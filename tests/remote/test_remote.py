@@ -471,12 +471,14 @@ import importlib.util, sys, time
 spec = importlib.util.spec_from_file_location("device_runner", sys.argv[1])
 runner = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(runner)
-handle = runner.Server.handle
+handle, seen = runner.Server.handle, []
 def hang(self, req, tensors):
     if req.get("cmd") == HANG:
-        sys.stderr.write("stuck in " + HANG + "\n")
-        sys.stderr.flush()
-        time.sleep(3600)
+        seen.append(1)
+        if len(seen) > AFTER:
+            sys.stderr.write("stuck in " + HANG + "\n")
+            sys.stderr.flush()
+            time.sleep(3600)
     return handle(self, req, tensors)
 runner.Server.handle = hang
 sys.argv = sys.argv[1:]
@@ -488,11 +490,11 @@ class HardTimeout(Exception):
     """The guard of a test that would otherwise hang (the bug it is written for)."""
 
 
-def _hanging_python(device, folder: Path, command: str) -> tuple[Path, Path]:
-    """An interpreter for --remote-python that runs the device runner hanging in ``command``; each runner's pid is
-    appended to the returned file."""
+def _hanging_python(device, folder: Path, command: str, after: int = 0) -> tuple[Path, Path]:
+    """An interpreter for --remote-python that runs the device runner hanging in ``command`` (once each runner
+    has answered it ``after`` times); each runner's pid is appended to the returned file."""
     script = folder / "hanging_runner.py"
-    script.write_text(f"HANG = {command!r}\n" + HANGING_RUNNER)
+    script.write_text(f"HANG = {command!r}\nAFTER = {after}\n" + HANGING_RUNNER)
     pids = folder / "runner.pids"
     python = folder / "hanging-python"
     # Called as `python -u runner.py PIDFILE`; exec keeps the pid the runner writes in its pid file.
@@ -568,6 +570,23 @@ def test_timeout_message_names_what_to_do(device, onnx_file, tmp_path):
     assert isinstance(caught.value, RemoteConnectionLost)
     assert "'infer' within 3 s" in message  # 2 s fixed + 1 sample x 1 s
     assert "--remote-timeout SECONDS" in message and message.endswith("stuck in infer")
+    assert not device.sessions()
+
+
+def test_hung_round_keeps_the_rounds_done(device, evaluated, tmp_path, capfd):
+    """A runner that stops answering after two rounds: the round's deadline (fixed part + its queries' allowance)
+    passes, and the rounds done so far are kept in bench.jsonl, marked incomplete_run, as for a dropped
+    connection."""
+    _, _, artifacts = evaluated
+    python, _ = _hanging_python(device, tmp_path, "round", after=2)
+    argv = ["bench", "--artifact", str(artifacts["tflite-int8"]), "--artifact", str(artifacts["onnx-fp32"])]
+    argv += ["--min-queries", "5", "--min-seconds", "60", "--max-seconds", "90", "--warmup", "0", "-q"]
+    argv += ["--queries-per-round", "2", "--out", str(tmp_path / "out"), *device.args(python=python)]
+    line = _fails(argv + ["--remote-timeout", "2"], capfd, "did not answer 'round' within 4 s and was stopped")
+    assert "stuck in round" in line and "2 row(s) measured so far" in line and "marked incomplete_run" in line
+    rows = _rows(tmp_path / "out" / "bench.jsonl")
+    assert [(r["incomplete_run"], r["where"]) for r in rows] == [(True, "remote")] * 2
+    assert [r["rounds"] for r in rows] == [2, 2] and all(r["latency_ms_p50"] > 0 for r in rows)
     assert not device.sessions()
 
 
