@@ -96,7 +96,8 @@ def request_deadline(
     """
     base = DEADLINES.get(cmd, DEFAULT_DEADLINE) if fixed is None else fixed
     per = max(MIN_QUERY_ALLOWANCE, QUERY_ALLOWANCE_FACTOR * slowest)
-    batch = max(1, int(fields.get("batch") or 1))
+    batch = fields.get("batch")
+    batch = max(1, batch) if isinstance(batch, int) else 1  # build_engine's is a (min, opt, max) profile
     if cmd == "infer":
         return base + samples * per
     if cmd == "round":

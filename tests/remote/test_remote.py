@@ -601,6 +601,7 @@ def test_request_deadlines():
     assert request_deadline("round", {"queries": 20, "batch": 2}, slowest=0.5) == 120 + 20 * 2 * 5
     assert request_deadline("infer", {}, samples=32, fixed=10) == 10 + 32
     assert request_deadline("load", {}, fixed=7200) == 7200
+    assert request_deadline("build_engine", {"batch": [1, 8, 32]}, slowest=2.0) == 3600
     finish = {"other_batches": [4], "min_iters": 200, "min_seconds": 5, "warmup_seconds": 1}
     assert request_deadline("bench_finish", finish) == 600 + 6 + 201 * 4
 
