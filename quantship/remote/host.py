@@ -76,6 +76,8 @@ DEFAULT_DEADLINE = 120.0  # infer, round, time, conversion, rusage, ... (plus th
 # runner has answered so far, per sample) to its deadline: a round of many queries, or of a slow model, gets the
 # time it needs, and one that stops answering is still caught.
 MIN_QUERY_ALLOWANCE = 1.0
+# A runner asked to leave that is still there after this long is stuck in a request: it is killed on the device.
+BYE_GRACE = 5.0
 QUERY_ALLOWANCE_FACTOR = 10.0
 
 
@@ -496,8 +498,13 @@ class DeviceProcess:
             try:
                 self.popen.stdin.write(b'{"cmd": "bye"}\n')
                 self.popen.stdin.flush()
+                self.popen.stdin.close()
             except OSError:
                 pass
+            try:
+                self.popen.wait(BYE_GRACE)
+            except subprocess.TimeoutExpired:  # busy in a request that never ends (Ctrl-C while it hung)
+                self.kill()
         stop(self.popen)
         if self in self.session._processes:
             self.session._processes.remove(self)

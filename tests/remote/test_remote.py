@@ -590,6 +590,25 @@ def test_hung_round_keeps_the_rounds_done(device, evaluated, tmp_path, capfd):
     assert not device.sessions()
 
 
+def test_interrupted_while_the_runner_hangs_kills_it(device, onnx_file, tmp_path):
+    """``kill`` (SIGTERM, as Ctrl-C) while the device runner hangs in 'load' (its deadline far off): exit 130, and
+    the runner, which would never read the goodbye, is killed on the device, not left behind."""
+    python, pids = _hanging_python(device, tmp_path, "load")
+    argv = [sys.executable, "-m", "quantship", "bench", "-q", "--out", str(tmp_path / "out")]
+    argv += ["--artifact", str(onnx_file), "--min-queries", "5", *device.args(python=python)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: pids.is_file() and len(pids.read_text().split()) == 2, "the runner that hangs")
+        time.sleep(0.5)  # in its 'load'
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert not [p for p in map(int, pids.read_text().split()) if _alive(p)]
+    assert not device.sessions()
+
+
 def test_request_deadlines():
     """Deadlines fit the request: an engine build gets an hour, a round grows with its queries and with the
     slowest query seen, --remote-timeout replaces the fixed part only."""
