@@ -246,7 +246,8 @@ class DeviceSession:
         remote = f"{folder}/{local.name}"
         # One round trip: the cached file is there, or its folder is made for the copy.
         have = self.transport.run(
-            ["sh", "-c", 'test -s "$1" && echo cached || mkdir -p -m 700 "$2"', "sh", remote, folder], timeout=60
+            ["sh", "-c", 'test -s "$1" && echo cached || mkdir -p -m 700 "$2"', "sh", remote, folder],
+            timeout=self.fixed_deadline("put"),
         )
         copied = b"cached" not in have.stdout
         if copied:

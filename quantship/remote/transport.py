@@ -83,7 +83,11 @@ class Transport(abc.ABC):
     def run(
         self, command: Sequence[str], input: bytes | None = None, timeout: float | None = None
     ) -> subprocess.CompletedProcess:
-        """Run ``command`` on the device to its end; stdout and stderr captured."""
+        """Run ``command`` on the device to its end; stdout and stderr captured.
+
+        Raises:
+            RemoteTimeout: Not done within ``timeout`` seconds (the ssh client is killed).
+        """
         try:
             return subprocess.run(
                 self.argv(command),
@@ -93,8 +97,9 @@ class Transport(abc.ABC):
                 start_new_session=True,
             )
         except subprocess.TimeoutExpired:
-            raise RemoteError(
-                f"{self.url.public()}: no answer within {timeout:g} s to {command[0]} (connection lost?)"
+            raise RemoteTimeout(
+                f"{self.url.public()}: no answer within {timeout:g} s to {command[0]} and it was stopped; check the "
+                "device (its disk, its connection), or raise --remote-timeout SECONDS if it is just slow"
             ) from None
 
     def copy_deadline(self, size: int | None) -> float:
