@@ -76,9 +76,9 @@ DEFAULT_DEADLINE = 120.0  # infer, round, time, conversion, rusage, ... (plus th
 # runner has answered so far, per sample) to its deadline: a round of many queries, or of a slow model, gets the
 # time it needs, and one that stops answering is still caught.
 MIN_QUERY_ALLOWANCE = 1.0
+QUERY_ALLOWANCE_FACTOR = 10.0
 # A runner asked to leave that is still there after this long is stuck in a request: it is killed on the device.
 BYE_GRACE = 5.0
-QUERY_ALLOWANCE_FACTOR = 10.0
 
 
 def request_deadline(
@@ -186,7 +186,7 @@ class DeviceSession:
         if line is None:  # the device's shell never said where the folder is (a hung disk, a hung login)
             self._keeper.kill()
             self._keeper.wait()
-            raise self.late("making the session folder", seconds, err)
+            raise self.late("making the session folder", seconds, err, who="the device's shell")
         parts = line.decode(errors="replace").rstrip("\n").split("\t")
         if len(parts) != 3:
             self._keeper.wait(10)
@@ -205,14 +205,16 @@ class DeviceSession:
         """The fixed part of a request's deadline: ``--remote-timeout``, else the request kind's default."""
         return self.options.timeout if self.options.timeout is not None else DEADLINES.get(cmd, DEFAULT_DEADLINE)
 
-    def late(self, doing: str, seconds: float, stderr_path: Path | None = None) -> RemoteTimeout:
+    def late(
+        self, doing: str, seconds: float, stderr_path: Path | None = None, who: str = "the device runner"
+    ) -> RemoteTimeout:
         """The one-line error of a request that passed its deadline: the device, the request, the deadline, what
         to do, and the last line the device printed on stderr."""
         err = stderr_path.read_text(errors="replace") if stderr_path is not None and stderr_path.is_file() else ""
         detail = [ln.strip() for ln in err.strip().splitlines() if ln.strip()]
         said = f"; its last words on stderr: {detail[-1][:300]}" if detail else ""
         return RemoteTimeout(
-            f"{self.url}: the device runner did not answer '{doing}' within {seconds:g} s and was stopped; if the "
+            f"{self.url}: {who} did not answer '{doing}' within {seconds:g} s and was stopped; if the "
             f"device is just slow, raise --remote-timeout SECONDS (a plan: remote: {{timeout: SECONDS}}), else check "
             f"the device (overloaded? the runtime stuck? run the artifact there by hand){said}"
         )
@@ -460,7 +462,7 @@ class DeviceProcess:
             try:
                 self.session.transport.run(["sh", "-c", script, "sh", self.pid_file], timeout=15)
             except RemoteError as exc:  # the device does not answer at all: its ssh going is all that is left
-                log.warning("%s", exc)
+                log.debug("%s", exc)  # not a warning: the run ends with one line, the timeout's
         if self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait()
