@@ -1,5 +1,6 @@
 """Forward and backward time of every classification network in the zoo, the figure Caffe's model tables carry
-(`caffe time`: mean forward and backward at one image per batch).
+(`caffe time`: forward and backward at one image per batch; here medians, backward the median of the per-iteration
+differences with its 95 % interval, "not resolved" when that interval reaches 0).
 
 Each model runs in its own process through `quantship bench --forward-backward`'s code path (Keras, TensorFlow,
 random weights, batch norm in training mode, cross-entropy against random labels, the gradient with respect to
@@ -38,7 +39,7 @@ def main() -> int:
         args.models, args.iterations, args.warmup = "mobilenet_0.25_128", 2, 0.0
 
     from quantship.evaluate.environment import cpu_model
-    from quantship.evaluate.fbtime import FBConfig, forward_backward
+    from quantship.evaluate.fbtime import FBConfig, backward_text, forward_backward
     from quantship.models.registry import list_models
 
     names = args.models.split(",") if args.models else [m.name for m in list_models("classification")]
@@ -48,7 +49,7 @@ def main() -> int:
         f"forward/backward, batch {args.batch}, {args.iterations} iterations each, TensorFlow CPU, "
         f"{args.threads or 'default'} threads; CPU {cpu_model()}, {os.cpu_count()} cores, load average {load:.2f}\n"
     )
-    print("| model | params | forward ms | backward ms | total ms | process s |")
+    print("| model | params | forward ms | backward ms [95 % CI] | total ms | process s |")
     print("|---|---:|---:|---:|---:|---:|")
     rows = []
     for name in names:
@@ -62,7 +63,7 @@ def main() -> int:
         row["process_s"] = time.perf_counter() - t
         rows.append(row)
         print(
-            f"| {name} | {row['params'] / 1e6:.2f}M | {row['forward_ms']:.1f} | {row['backward_ms']:.1f} | "
+            f"| {name} | {row['params'] / 1e6:.2f}M | {row['forward_ms']:.1f} | {backward_text(row, 1)} | "
             f"{row['total_ms']:.1f} | {row['process_s']:.0f} |",
             flush=True,
         )

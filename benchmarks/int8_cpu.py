@@ -23,10 +23,13 @@ Models compared:
   ``session.x64quantprecision=1`` (ORT's documented fix: weights made uint8 at load time).
 
 Targets (issue 28): on a CPU without VNNI, agreement within 1 point of the same model run as fake-quant and latency
-<= 0.8x onnx-fp32 (2 threads, batch 1), judged on the upper end of the ratio's interval. The ratio is the median
-over rounds of (the model's p50 / fp32's p50 in the same round), every model timed in every round (order
-alternating), with a distribution-free 95 % interval for that median (binomial order statistics). The load average
-is printed with the figures.
+<= 0.8x onnx-fp32 (2 threads, batch 1), judged on the upper end of the ratio's interval. Timing goes through
+quantship's own interleaved bench (``bench.latency_pass``, issue 23): one worker process per model, every model timed
+in every round, the order rotated; ``--processes N`` repeats that run in fresh processes (a session's memory placement
+moves one model's time by up to ~20 % on this VM). The ratio is the median over every round of every repeat of (the
+model's p50 / fp32's p50 in the same round), with a distribution-free 95 % interval for that median (binomial order
+statistics); each repeat's own ratio is printed beside it, with fp32's p50 per repeat (the VM's speed state: fp32
+MobileNetV2 takes ~8 ms in the fast one, 17-26 ms in the slow ones) and the bench's stability flags.
 """
 
 from __future__ import annotations
@@ -186,62 +189,66 @@ def kernels(path: Path, config=()) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(ops.items())) + f"; float Conv/Gemm {floats}"
 
 
-def latency(models: dict[str, tuple[Path, tuple]], threads: int, rounds: int, per_round: int) -> dict[str, dict]:
-    """Batch-1 latency, every model in each round (order alternating), p50 over all calls, and the median over
-    rounds of the round's p50 / fp32's (cancels slow load drifts)."""
-    from quantship.runtime.onnxruntime import make_session
+def latency(
+    models: dict[str, tuple[Path, tuple]], threads: int, stop, per_round: int, processes: int
+) -> tuple[dict[str, dict], list[str]]:
+    """Batch-1 latency through quantship's interleaved bench (``quantship.evaluate.bench.latency_pass``: one worker
+    process per model, every model in every round, the order rotated), ``processes`` times over, each time in fresh
+    processes (a session's memory placement moves a model's time by up to ~20 % on this VM: one process pair says
+    little). Per model: the ratio to ``onnx-fp32`` pooled over every round of every repeat (median of the per-round
+    p50 ratios, distribution-free 95 % interval), the median of each repeat's own ratio, and the state the VM was
+    in (fp32's p50; the bench's speed-switch and load checks)."""
+    from quantship.evaluate.bench import latency_pass
+    from quantship.evaluate.stability import median_interval, speed_switch
 
-    x = np.zeros((1, 224, 224, 3), np.float32)
-    sessions = {}
-    for name, (path, config) in models.items():
-        s = make_session(path, threads, session_config=config)
-        x = np.zeros([d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape], np.float32)
-        sessions[name] = s
-    feed_name = next(iter(sessions.values())).get_inputs()[0].name
-    for s in sessions.values():
-        for _ in range(10):
-            s.run(None, {feed_name: x})
-    times = {n: [] for n in sessions}
-    per_round_p50 = {n: [] for n in sessions}
-    names = list(sessions)
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else names[::-1]:
-            t = []
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                sessions[n].run(None, {feed_name: x})
-                t.append((time.perf_counter() - t0) * 1e3)
-            times[n] += t
-            per_round_p50[n].append(float(np.median(t)))
-    ref = np.array(per_round_p50["onnx-fp32"])
+    files = [(name, str(path), config) for name, (path, config) in models.items()]
+    per_round_ratios: dict[str, list[float]] = {n: [] for n in models}
+    repeat_ratios: dict[str, list[float]] = {n: [] for n in models}
+    p50s: dict[str, list[float]] = {n: [] for n in models}
+    states: list[str] = []  # per pooled round: the VM's speed state (fp32's round p50 against the switch's midpoint)
+    fp32_round_ms: list[float] = []
+    notes = []
+    for k in range(processes):
+        lines: list[str] = []
+        rows = latency_pass(files, threads, stop, lines, per_round, reference="onnx-fp32")
+        ref = np.array(rows["onnx-fp32"]["round_p50_ms"])
+        switch = speed_switch(ref)
+        mid = (switch.fast_ms + switch.slow_ms) / 2 if switch else None
+        states += ["one" if mid is None else ("fast" if v < mid else "slow") for v in ref]
+        fp32_round_ms += list(ref)
+        for n, row in rows.items():
+            per_round_ratios[n] += list(np.array(row["round_p50_ms"]) / ref)
+            repeat_ratios[n].append(float(row.get("ratio_to_reference", 1.0)))
+            p50s[n].append(float(row["latency_ms_p50"]))
+        fp32 = rows["onnx-fp32"]
+        unstable = sum(r.get("stable") is False for r in rows.values())
+        notes.append(
+            f"process set {k + 1}/{processes}: {fp32['rounds']} rounds, fp32 p50 {fp32['latency_ms_p50']:.2f} ms, "
+            f"load {fp32.get('load_average_before') or 0:.1f}"
+            + (f"; {unstable} of {len(rows)} models flagged unstable" if unstable else "")
+            + (f" (fp32: {fp32['unstable_reason']})" if fp32.get("stable") is False else "")
+        )
+        print("  " + notes[-1], flush=True)
     out = {}
-    for n in names:
-        ratios = np.array(per_round_p50[n]) / ref
-        lo, hi = median_interval(ratios)
+    for n in models:
+        r = np.array(per_round_ratios[n])
+        lo, hi, coverage = median_interval(r)
         out[n] = {
-            "p50_ms": float(np.median(times[n])),
-            "ratio": float(np.median(ratios)),
+            "p50_ms": float(np.median(p50s[n])),
+            "ratio": float(np.median(r)),
             "ratio_lo": lo,
             "ratio_hi": hi,
-            "calls": len(times[n]),
+            "rounds": int(r.size),
+            "ratio_per_process_set": repeat_ratios[n],
+            "p50_ms_per_process_set": p50s[n],
         }
-    return out
-
-
-def median_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """Distribution-free interval for the median of ``values``: order statistics ``(j, n - 1 - j)`` with the largest
-    ``j`` such that a Binomial(n, 1/2) falls in ``[j + 1, n - j - 1]`` with probability >= ``confidence``."""
-    from math import comb
-
-    v = np.sort(np.asarray(values, float))
-    n = len(v)
-    cdf = np.cumsum([comb(n, k) for k in range(n + 1)]) / 2.0**n
-    j = 0
-    while j + 1 < n - 1 - (j + 1) and 1 - 2 * cdf[j + 1] >= confidence:
-        j += 1
-    if 1 - 2 * cdf[j] < confidence:
-        return float(v[0]), float(v[-1])
-    return float(v[j]), float(v[n - 1 - j])
+        for state in ("fast", "slow", "one"):
+            pick = np.array([x == state for x in states])
+            if pick.sum() >= 6:  # an interval with 95 % coverage needs 6 rounds
+                lo, hi, _ = median_interval(r[pick])
+                fp32_ms = float(np.median(np.array(fp32_round_ms)[pick]))
+                out[n][f"state_{state}"] = [float(np.median(r[pick])), lo, hi, int(pick.sum()), fp32_ms]
+    return out, notes
 
 
 def main() -> None:
@@ -254,7 +261,9 @@ def main() -> None:
     p.add_argument("--methods", default="max,entropy,percentile,mse", help="quantship calibrators")
     p.add_argument("--ort-entropy", action="store_true", help="also ORT's Entropy calibration (memory: ~85 MB/image)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every session (2)")
-    p.add_argument("--rounds", type=int, default=20, help="latency rounds (20)")
+    p.add_argument("--rounds", type=int, default=20, help="latency rounds at least, per process set (20)")
+    p.add_argument("--seconds", type=float, default=60.0, help="timing seconds at most, per process set (60)")
+    p.add_argument("--processes", type=int, default=1, help="process sets: the interleaved run repeated (1)")
     p.add_argument("--per-round", type=int, default=10, help="calls per model per round (10)")
     p.add_argument("--layouts", default="pairs,uint8,7bit", help="quantship weight layouts: pairs,uint8,7bit")
     p.add_argument("--no-latency", action="store_true")
@@ -267,6 +276,7 @@ def main() -> None:
         args.work = args.work or tempfile.mkdtemp(prefix="quantship-int8cpu-smoke-")
         args.model, args.weights = tiny_model(Path(args.work)), None
         args.calib_images, args.eval_images, args.methods, args.rounds, args.per_round = 4, 4, "max,entropy", 2, 2
+        args.seconds, args.processes = 2.0, 2
     if args.ort_entropy and args.calib_images > 60:
         sys.exit("ORT's Entropy keeps every intermediate output of every image: use --calib-images 60 or fewer")
 
@@ -308,25 +318,42 @@ def main() -> None:
 
     if not args.no_latency:
         load_before = os.getloadavg()[0]
-        lat = latency({n: (r["path"], r["config"]) for n, r in rows.items()}, args.threads, args.rounds, args.per_round)
+        from quantship.evaluate.stability import StopRule
+
+        # Precision 0.001: the run goes on to --seconds, so every process set gives the rounds it can.
+        stop = StopRule(ratio_precision=0.001, min_rounds=max(2, args.rounds), max_seconds=args.seconds)
+        models = {n: (r["path"], r["config"]) for n, r in rows.items()}
+        lat, notes = latency(models, args.threads, stop, args.per_round, args.processes)
         for n, v in lat.items():
             rows[n].update(v)
         load = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        load += "".join(f"\n  {line}" for line in notes)
     else:
         load = "latency not measured"
 
     print(f"\nCPU: {cpu_description()}; {args.threads} threads, batch 1; {load}")
     head = f"{'model':44s}{'agree':>7s}{'fake-q':>8s}{'L1':>7s}{'p50 ms':>8s}{'vs fp32 [95% CI]':>21s}"
-    head += "  int8 kernels ORT runs"
+    head += f"{'per process set':>20s}  int8 kernels ORT runs"
     print(head + "\n" + "-" * len(head))
     for name, r in rows.items():
         fake = f"{r['agree_fake']:8.3f}" if "agree_fake" in r else f"{'-':>8s}"
         lat_s = (
             f"{r['p50_ms']:8.2f}{r['ratio']:7.2f}x [{r['ratio_lo']:.2f}, {r['ratio_hi']:.2f}]"
+            + f"{' '.join(f'{v:.2f}' for v in r['ratio_per_process_set']):>20s}"
             if "p50_ms" in r
-            else f"{'-':>8s}{'-':>21s}"
+            else f"{'-':>8s}{'-':>21s}{'-':>20s}"
         )
         print(f"{name:44s}{r['agree']:7.3f}{fake}{r['l1']:7.3f}{lat_s}  {r['kernels']}")
+    state_rows = [(n, r) for n, r in rows.items() if any(k.startswith("state_") for k in r)]
+    if state_rows:
+        print("\nThe same rounds by the VM's speed state (fp32's round p50 on either side of the switch's midpoint):")
+        for name, r in state_rows:
+            cells = [
+                f"{st}: {v[0]:.2f}x [{v[1]:.2f}, {v[2]:.2f}] in {v[3]} rounds (fp32 {v[4]:.1f} ms)"
+                for st in ("fast", "slow", "one")
+                if (v := r.get(f"state_{st}"))
+            ]
+            print(f"  {name:44s}" + "; ".join(cells))
     saved = {n: {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for n, r in rows.items()}
     (work / "int8_cpu.json").write_text(json.dumps({"cpu": cpu_description(), "load": load, "rows": saved}, indent=1))
     print(f"\nresults: {work / 'int8_cpu.json'}")

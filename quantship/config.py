@@ -737,6 +737,8 @@ class RemoteOptions:
         ssh_options: ``-o K=V`` options passed to the system OpenSSH client, in order.
         cache: Keep artifacts on the device between runs under their content hash.
         connect_timeout: Seconds to wait for the connection (OpenSSH's ``ConnectTimeout``).
+        timeout: Seconds: the fixed part of every request's deadline on the device, replacing each request kind's
+            default (``--remote-timeout``; None: the defaults, see ``quantship.remote.host.DEADLINES``).
     """
 
     url: str
@@ -745,6 +747,7 @@ class RemoteOptions:
     ssh_options: tuple[tuple[str, str], ...] = ()
     cache: bool = True
     connect_timeout: int = 10
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.strip():
@@ -761,6 +764,30 @@ class RemoteOptions:
         object.__setattr__(self, "ssh_options", options)
         if not isinstance(self.connect_timeout, int) or not 0 < self.connect_timeout <= 600:
             raise ConfigError(f"remote connect timeout must be 1..600 seconds, got {self.connect_timeout}")
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", check_remote_timeout(self.timeout, "--remote-timeout"))
+
+
+# A week: longer than any engine build; beyond it a deadline is no deadline.
+MAX_REMOTE_TIMEOUT = 7 * 24 * 3600.0
+
+
+def check_remote_timeout(value: Any, where: str) -> float:
+    """A request deadline in seconds: a number in (0, one week].
+
+    Raises:
+        ConfigError: Naming ``where``.
+    """
+    try:
+        seconds = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_REMOTE_TIMEOUT:  # NaN fails too
+        raise ConfigError(
+            f"{where}: expected seconds in (0, {MAX_REMOTE_TIMEOUT:.0f}] (the deadline of each request to the device), "
+            f"got {value!r}"
+        )
+    return seconds
 
 
 def parse_ssh_option(text: str) -> tuple[str, str]:

@@ -54,5 +54,11 @@ class RemoteConnectionLost(RemoteError):
     kept and marked incomplete."""
 
 
+class RemoteTimeout(RemoteConnectionLost):
+    """The device runner did not answer a request within its deadline (a hung runtime, an engine build that never
+    ends, a device that stopped answering without closing the connection): the runner was stopped, so the run
+    lost it as if the connection had dropped (rows measured before are kept and marked incomplete)."""
+
+
 # Errors that concern one target (its conversion, its runtime): that target fails, the others go on.
 TARGET_ERRORS = (ConversionError, RuntimeBackendError, CalibrationError, MissingDependencyError)

@@ -454,6 +454,13 @@ def remote(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not keep artifacts on the device between runs (they are kept under their SHA-256 by default)",
     )
+    g.add_argument(
+        "--remote-timeout",
+        metavar="SECONDS",
+        help="the deadline of each request to the device runner, replacing the defaults by request (engine build "
+        "60 min, model load 10 min, one inference 2 min, a bench round 2 min, each plus its per-query allowance); "
+        "past it the runner is stopped and the run ends with one line",
+    )
 
 
 def remote_options(args: argparse.Namespace) -> RemoteOptions | None:
@@ -472,6 +479,7 @@ def remote_options(args: argparse.Namespace) -> RemoteOptions | None:
                 ("--ssh-key", args.ssh_key is not None),
                 ("--ssh-option", bool(args.ssh_option)),
                 ("--remote-no-cache", args.remote_no_cache),
+                ("--remote-timeout", args.remote_timeout is not None),
             )
             if on
         ]
@@ -484,4 +492,5 @@ def remote_options(args: argparse.Namespace) -> RemoteOptions | None:
         ssh_key=args.ssh_key,
         ssh_options=tuple(args.ssh_option),
         cache=not args.remote_no_cache,
+        timeout=args.remote_timeout,
     )

@@ -5,8 +5,22 @@ A forward pass is the network in training mode (batch norm on batch statistics, 
 phase) plus a cross-entropy loss against random labels; a forward+backward pass is the same under a gradient
 tape, with the gradient of that loss with respect to every trainable weight. Both are ``tf.function``-compiled,
 warmed up, then timed in alternation (one of each per iteration, so machine noise hits both alike) for at least
-``min_queries`` iterations and ``min_seconds`` seconds. Backward is the difference of the means, so
-forward + backward = total exactly.
+``min_queries`` iterations and ``min_seconds`` seconds.
+
+Statistics (:func:`forward_backward_stats`), robust as the project's latency figures are: forward and total are the
+medians of their per-iteration times; backward is the median of the per-iteration paired differences (this
+iteration's forward+backward minus this iteration's forward), with the distribution-free 95 % interval of that
+median (:func:`quantship.evaluate.stability.median_interval`). Backward is reported only when it is resolved: the
+interval lies above 0 and reaches its 95 % coverage (6 iterations or more). Otherwise ``backward_ms`` is None, the
+row says "not resolved" and why, and the interval is kept. A negative backward time is never reported.
+
+Why not the difference of the means (the first version, and ``caffe time``'s figure): one slow forward pass under
+load moves the forward mean more than the backward time, and the difference came out at -8.6 ms at load ~20.
+
+What holds between the three: forward_ms + backward_ms = total_ms is exact for means only. With medians it is
+exact when every iteration's backward pass takes the same time, and approximate otherwise (the median of the
+differences is not the difference of the medians); the means of forward and total stay in the row
+(``forward_ms_mean``, ``total_ms_mean``) for comparison with ``caffe time``.
 
 Each configuration runs in its own process (``quantship bench --forward-backward``), like the inference
 benchmarks.
@@ -22,6 +36,7 @@ import numpy as np
 
 from quantship.config import PreprocessSpec
 from quantship.errors import ConfigError
+from quantship.evaluate.stability import CONFIDENCE, median_interval
 from quantship.evaluate.worker import run_worker, worker_main
 from quantship.lazy import lazy_import
 from quantship.models.loading import is_model_file, load_model, resolve_preprocess
@@ -115,7 +130,8 @@ def forward_backward_functions(model: Any, x: Any, y: Any) -> tuple[Any, Any]:
 def time_forward_backward(
     model: Any, batch: int, warmup_seconds: float, min_iters: int, min_seconds: float, seed: int = 0
 ) -> dict[str, Any]:
-    """Mean forward, backward and total milliseconds of ``model`` at ``batch`` (see the module docstring)."""
+    """Forward, backward and total milliseconds of ``model`` at ``batch``: :func:`forward_backward_stats` of the
+    timed iterations (see the module docstring)."""
     tf = lazy_import("tensorflow", purpose="forward/backward timing")
     in_shape, classes = check_classifier(model, model.name)
     rng = np.random.default_rng(seed)
@@ -143,19 +159,71 @@ def time_forward_backward(
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         total.append(t2 - t1)
-    f_ms, t_ms = np.asarray(fwd) * 1e3, np.asarray(total) * 1e3
-    forward_ms, total_ms = float(f_ms.mean()), float(t_ms.mean())
+    return forward_backward_stats(np.asarray(fwd) * 1e3, np.asarray(total) * 1e3, batch)
+
+
+def forward_backward_stats(
+    forward_ms: Sequence[float], total_ms: Sequence[float], batch: int, confidence: float = CONFIDENCE
+) -> dict[str, Any]:
+    """The row fields of paired forward and forward+backward times (see the module docstring).
+
+    Args:
+        forward_ms, total_ms: Per-iteration times in milliseconds, ``total_ms[i]`` timed right after
+            ``forward_ms[i]`` (the pairs are what cancels the machine's drift).
+        batch: Images per pass (for the per-image fields).
+        confidence: Of backward's interval.
+
+    Returns:
+        Flat fields: ``forward_ms`` and ``total_ms`` (medians), ``backward_ms`` (median of the paired differences,
+        None when not resolved), ``backward_ms_ci_low`` / ``_ci_high`` / ``_ci_coverage`` (its interval, whose low
+        end may be below 0: it bounds a difference, not a time), ``backward_resolved``, ``backward_why`` (why not
+        resolved, else None), the means and per-image times.
+
+    Raises:
+        ValueError: Different numbers of forward and total times, or none.
+    """
+    f_ms, t_ms = np.asarray(forward_ms, dtype=np.float64), np.asarray(total_ms, dtype=np.float64)
+    if f_ms.shape != t_ms.shape or f_ms.ndim != 1 or not f_ms.size:
+        raise ValueError(f"forward and total times must pair up, got {f_ms.shape} and {t_ms.shape}")
+    diff = t_ms - f_ms
+    low, high, coverage = median_interval(diff, confidence)
+    why = None
+    if coverage < confidence:
+        why = (
+            f"{diff.size} iterations give its interval only {coverage * 100:.0f} % coverage, below "
+            f"{confidence * 100:.0f} % (time more iterations)"
+        )
+    elif low <= 0:
+        why = (
+            f"the {confidence * 100:.0f} % interval of the per-iteration difference, [{low:.3g}, {high:.3g}] ms, "
+            "reaches 0"
+        )
+    forward, total = float(np.median(f_ms)), float(np.median(t_ms))
     return {
         "batch": batch,
-        "iterations": len(fwd),
-        "forward_ms": forward_ms,
-        "backward_ms": total_ms - forward_ms,
-        "total_ms": total_ms,
-        "forward_ms_p50": float(np.percentile(f_ms, 50)),
-        "total_ms_p50": float(np.percentile(t_ms, 50)),
-        "forward_ms_per_image": forward_ms / batch,
-        "total_ms_per_image": total_ms / batch,
+        "iterations": int(diff.size),
+        "forward_ms": forward,
+        "backward_ms": float(np.median(diff)) if why is None else None,
+        "total_ms": total,
+        "backward_ms_ci_low": low,
+        "backward_ms_ci_high": high,
+        "backward_ms_ci_coverage": coverage,
+        "backward_resolved": why is None,
+        "backward_why": why,
+        "forward_ms_mean": float(f_ms.mean()),
+        "total_ms_mean": float(t_ms.mean()),
+        "forward_ms_per_image": forward / batch,
+        "total_ms_per_image": total / batch,
     }
+
+
+def backward_text(row: dict[str, Any], digits: int = 2) -> str:
+    """Backward's table cell: the median with its interval, or "not resolved" with the interval (never a negative
+    time)."""
+    interval = f"[{row['backward_ms_ci_low']:.{digits}f}, {row['backward_ms_ci_high']:.{digits}f}]"
+    if not row["backward_resolved"]:
+        return f"not resolved {interval}"
+    return f"{row['backward_ms']:.{digits}f} {interval}"
 
 
 def layer_forward_times(model: Any, batch: int, iters: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from quantship.errors import ConfigError, QuantshipError
+from quantship.errors import ConfigError, QuantshipError, RemoteConnectionLost
 from quantship.evaluate.latency import latency_stats
 from quantship.evaluate.stability import (
     RatioEstimate,
@@ -208,6 +208,7 @@ def run_interleaved(
 
     Raises:
         ConfigError: ``options.reference`` names no worker, or a reference fails to start.
+        RemoteConnectionLost: A device worker's device went away or stopped answering (at once, as raised).
         QuantshipError: Another worker fails (as the worker raised it).
     """
     options = options or InterleaveOptions()
@@ -219,6 +220,8 @@ def run_interleaved(
     for i, w in enumerate(workers):
         try:
             infos.append(w.start())
+        except RemoteConnectionLost:
+            raise  # a device gone (or hung past its deadline): the next configurations would only wait for it too
         except QuantshipError as exc:
             failures[i] = exc
             infos.append(None)

@@ -21,7 +21,7 @@ from quantship.evaluate.bench import (
     mobile_profile,
 )
 from quantship.evaluate.environment import environment
-from quantship.evaluate.fbtime import FBConfig, forward_backward
+from quantship.evaluate.fbtime import FBConfig, backward_text, forward_backward
 from quantship.evaluate.interleave import InterleaveOptions, matches_reference, stability_lines
 from quantship.evaluate.loadgen import Scenario
 from quantship.evaluate.report import BENCH_COLUMNS
@@ -55,7 +55,7 @@ FB_COLUMNS = (
     ("batch", "batch", "{}"),
     ("device", "device", "{}"),
     ("forward_ms", "forward ms", "{:.2f}"),
-    ("backward_ms", "backward ms", "{:.2f}"),
+    ("backward_display", "backward ms [95 % CI]", "{}"),
     ("total_ms", "total ms", "{:.2f}"),
     ("iterations", "iterations", "{}"),
 )
@@ -155,8 +155,10 @@ def _forward_backward_rows(cfg: Any, out: Path) -> tuple[list[dict[str, Any]], l
         f"{', '.join(map(str, cfg.batch_sizes))}"
     ]
     rows = forward_backward([cfg])
-    lines.append(text_table(rows, FB_COLUMNS))
+    lines.append(text_table([dict(r, backward_display=backward_text(r)) for r in rows], FB_COLUMNS))
     for r in rows:
+        if not r["backward_resolved"]:
+            lines.append(f"{r['model']}, batch {r['batch']}: backward not resolved: {r['backward_why']}")
         if r.get("slowest_layers"):
             lines.append(
                 f"\n{r['model']}, batch {r['batch']}: the {len(r['slowest_layers'])} slowest layers' forward "

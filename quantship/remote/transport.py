@@ -22,12 +22,17 @@ from pathlib import Path
 from typing import ClassVar, Sequence
 
 from quantship.config import REMOTE_SCHEMES, RemoteOptions, RemoteURL
-from quantship.errors import MissingDependencyError, RemoteError
+from quantship.errors import MissingDependencyError, RemoteError, RemoteTimeout
 from quantship.fileio import atomic_path
 
 # Host-side folders of sessions (the ControlMaster socket, stderr files); a folder left by a killed run is swept
 # by the next run when the process named in it is gone.
 LOCAL_PREFIX = "quantship-remote-"
+# Copies to and from the device get a deadline too (a hung disk there would hang them): the fixed part
+# (``--remote-timeout``, else this) plus the file's size at a slow Wi-Fi link's rate.
+COPY_DEADLINE = 120.0
+SLOWEST_LINK = 100_000  # bytes per second
+DOWNLOAD_ALLOWANCE = 3600.0  # a download's size is not known beforehand: an engine of ~300 MB at that rate
 
 
 def quote_command(argv: Sequence[str]) -> str:
@@ -78,7 +83,11 @@ class Transport(abc.ABC):
     def run(
         self, command: Sequence[str], input: bytes | None = None, timeout: float | None = None
     ) -> subprocess.CompletedProcess:
-        """Run ``command`` on the device to its end; stdout and stderr captured."""
+        """Run ``command`` on the device to its end; stdout and stderr captured.
+
+        Raises:
+            RemoteTimeout: Not done within ``timeout`` seconds (the ssh client is killed).
+        """
         try:
             return subprocess.run(
                 self.argv(command),
@@ -88,28 +97,59 @@ class Transport(abc.ABC):
                 start_new_session=True,
             )
         except subprocess.TimeoutExpired:
-            raise RemoteError(
-                f"{self.url.public()}: no answer within {timeout:g} s to {command[0]} (connection lost?)"
+            raise RemoteTimeout(
+                f"{self.url.public()}: no answer within {timeout:g} s to {command[0]} and it was stopped; check the "
+                "device (its disk, its connection), or raise --remote-timeout SECONDS if it is just slow"
             ) from None
 
+    def copy_deadline(self, size: int | None) -> float:
+        """Seconds a copy of ``size`` bytes may take (None: a download of unknown size)."""
+        fixed = self.options.timeout if self.options.timeout is not None else COPY_DEADLINE
+        return fixed + (size / SLOWEST_LINK if size is not None else DOWNLOAD_ALLOWANCE)
+
+    def _late_copy(self, what: str, seconds: float) -> RemoteTimeout:
+        return RemoteTimeout(
+            f"{self.url.public()}: {what} did not finish within {seconds:g} s and was stopped; if the link is just "
+            "slow, raise --remote-timeout SECONDS, else check the device (its disk, its connection)"
+        )
+
     def upload(self, local: Path, remote: str) -> None:
-        """Copy a local file to ``remote`` (written under a temporary name, then renamed into place)."""
+        """Copy a local file to ``remote`` (written under a temporary name, then renamed into place).
+
+        Raises:
+            RemoteTimeout: Not done within :meth:`copy_deadline`.
+        """
         script = 'umask 077 && cat > "$1.part" && mv -f "$1.part" "$1"'
+        seconds = self.copy_deadline(local.stat().st_size)
         with open(local, "rb") as f:
-            proc = subprocess.run(
-                self.argv(["sh", "-c", script, "sh", remote]),
-                stdin=f,
-                capture_output=True,
-                start_new_session=True,
-            )
+            try:
+                proc = subprocess.run(
+                    self.argv(["sh", "-c", script, "sh", remote]),
+                    stdin=f,
+                    capture_output=True,
+                    start_new_session=True,
+                    timeout=seconds,
+                )
+            except subprocess.TimeoutExpired:
+                raise self._late_copy(f"copying {local.name} to the device", seconds) from None
         if proc.returncode != 0:
             raise classify(self.url, proc.stderr.decode(errors="replace"), f"copying {local.name} to the device")
 
     def download(self, remote: str, local: Path) -> None:
         """Copy a device file to ``local`` (written atomically)."""
 
+        seconds = self.copy_deadline(None)
         with atomic_path(local) as tmp, open(tmp, "wb") as f:
-            proc = subprocess.run(self.argv(["cat", remote]), stdout=f, stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                proc = subprocess.run(
+                    self.argv(["cat", remote]),
+                    stdout=f,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    timeout=seconds,
+                )
+            except subprocess.TimeoutExpired:
+                raise self._late_copy(f"copying {remote} from the device", seconds) from None
             if proc.returncode != 0:
                 raise classify(self.url, proc.stderr.decode(errors="replace"), f"copying {remote} from the device")
 

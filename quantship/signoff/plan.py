@@ -21,6 +21,7 @@ from quantship.config import (
     TrtInt8Mode,
     TrtOptions,
     check_ort_provider_names,
+    check_remote_timeout,
     parse_preprocess_overrides,
     parse_ssh_option,
 )
@@ -261,7 +262,7 @@ class _PlanReader:
         )
 
     def remote(self, d: dict) -> RemoteOptions | None:
-        """``remote: ssh://[user@]host[:port]``, or a mapping (url, python, ssh_key, ssh_options, cache)."""
+        """``remote: ssh://[user@]host[:port]``, or a mapping (url, python, ssh_key, ssh_options, cache, timeout)."""
         if d.get("remote") is None:
             return None
         value = d["remote"]
@@ -271,7 +272,7 @@ class _PlanReader:
             raise self.error(
                 "remote", f"expected ssh://[user@]host[:port] or a mapping (url, python, ...), got {value!r}"
             )
-        self.known(value, "remote", {"url", "python", "ssh_key", "ssh_options", "cache"})
+        self.known(value, "remote", {"url", "python", "ssh_key", "ssh_options", "cache", "timeout"})
         if self.executor(d) is ExecutorKind.RAY:
             raise self.error("remote", "a run on a remote device goes through the local executor: drop executor: ray")
         with self.section("remote"):
@@ -282,9 +283,17 @@ class _PlanReader:
             if isinstance(options, str) or not isinstance(options, list):
                 raise self.error("ssh_options", f"expected a list of K=V, got {options!r}")
             cache = self.flag(value, "cache") if "cache" in value else True
+            timeout = value.get("timeout")
+            if timeout is not None:
+                try:
+                    timeout = check_remote_timeout(timeout, "timeout")
+                except ConfigError as exc:
+                    raise self.error("timeout", str(exc).removeprefix("timeout: ")) from None
             try:
                 parsed = tuple(parse_ssh_option(str(o)) for o in options)
-                options_ = RemoteOptions(url, python=python, ssh_key=key, ssh_options=parsed, cache=cache)
+                options_ = RemoteOptions(
+                    url, python=python, ssh_key=key, ssh_options=parsed, cache=cache, timeout=timeout
+                )
             except ConfigError as exc:
                 raise self.error("", str(exc)) from None
         return options_

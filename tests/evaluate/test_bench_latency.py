@@ -353,32 +353,68 @@ def small_cnn(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_forward_backward_rows(small_cnn, tmp_path):
-    from quantship.jobs.bench import BenchSpec, run_bench
-    from quantship.jobs.convert import ConvertSpec
+def test_forward_backward_rows(small_cnn, tmp_path, capsys):
+    from quantship.cli import main
 
-    spec = BenchSpec(
-        tmp_path / "fb",
-        convert=ConvertSpec(str(small_cnn), (), tmp_path / "fb"),
-        batch_sizes=(1, 4),
-        warmup_seconds=0.1,
-        min_queries=20,
-        min_seconds=0.2,
-        forward_backward=True,
-        per_layer=True,
-        threads=1,
-    )
-    result = run_bench(spec)
-    rows = [json.loads(line) for line in (tmp_path / "fb" / "forward_backward.jsonl").read_text().splitlines()]
-    assert rows == result.rows and [r["batch"] for r in rows] == [1, 4]
+    out = tmp_path / "fb"
+    argv = [
+        "bench",
+        "--model",
+        str(small_cnn),
+        "--forward-backward",
+        "--per-layer",
+        "--batch-sizes",
+        "1,4",
+        "--out",
+        str(out),
+    ]
+    code = main([*argv, "--warmup", "0.1", "--min-queries", "20", "--min-seconds", "0.2", "--threads", "1"])
+    text = capsys.readouterr().out
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "forward_backward.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in rows] == [1, 4]
     for r in rows:
         assert r["harness"] == "forward-backward" and r["iterations"] >= 20 and r["model"] == "small_cnn"
-        assert r["forward_ms"] > 0 and r["backward_ms"] > 0 and r["total_ms"] > r["forward_ms"]
-        assert r["total_ms"] == pytest.approx(r["forward_ms"] + r["backward_ms"], abs=1e-9)
+        assert 0 < r["forward_ms"] < r["total_ms"] and r["backward_ms_ci_low"] <= r["backward_ms_ci_high"]
+        # A loaded machine may leave backward unresolved; what is reported is never a negative time.
+        if r["backward_resolved"]:
+            assert 0 < r["backward_ms_ci_low"] <= r["backward_ms"] <= r["backward_ms_ci_high"]
+        else:
+            assert r["backward_ms"] is None and "reaches 0" in r["backward_why"] and "not resolved [" in text
         assert r["params"] > 0 and r["device"] in ("CPU", "GPU")
         layers = r["slowest_layers"]
         assert len(layers) == 10 and r["layers_timed"] == 11  # 3 x (conv, bn, relu), gap, probs
         assert [x["forward_ms"] for x in layers] == sorted((x["forward_ms"] for x in layers), reverse=True)
         assert all(x["forward_ms"] > 0 for x in layers) and {"conv0", "conv1", "conv2"} <= {x["layer"] for x in layers}
     assert rows[1]["total_ms"] > rows[0]["total_ms"]  # four images cost more than one
-    assert "forward ms" in result.text and "backward ms" in result.text and "slowest layers" in result.text
+    assert "forward ms" in text and "backward ms [95 % CI]" in text and "slowest layers" in text
+
+
+def test_backward_is_the_paired_median_never_a_negative_time():
+    """Backward from paired per-iteration times: a stall in one forward pass made the difference of the means
+    negative (-8.6 ms was reported at load ~20); the median of the paired differences is not moved by it, and a
+    difference whose interval reaches 0 is "not resolved", not a number."""
+    from quantship.evaluate.fbtime import backward_text, forward_backward_stats
+
+    rng = np.random.default_rng(0)
+    fwd = 10 + rng.uniform(0, 0.5, 40)
+    total = fwd + 2 + rng.uniform(-0.2, 0.2, 40)
+    fwd[3] = 500.0  # one forward pass stalled: the difference of the means is about -10 ms
+    assert total.mean() - fwd.mean() < 0
+    r = forward_backward_stats(fwd, total, batch=2)
+    assert r["backward_resolved"] and r["backward_why"] is None and r["iterations"] == 40
+    assert 1.8 < r["backward_ms_ci_low"] <= r["backward_ms"] <= r["backward_ms_ci_high"] < 2.2
+    assert r["backward_ms_ci_coverage"] >= 0.95 and r["forward_ms_per_image"] == r["forward_ms"] / 2
+    assert backward_text(r).startswith(f"{r['backward_ms']:.2f} [")
+
+    # Backward lost in the noise (forward+backward no slower than forward): not resolved, with the interval.
+    noise = forward_backward_stats(fwd, 10 + rng.uniform(0, 0.5, 40), batch=1)
+    assert not noise["backward_resolved"] and noise["backward_ms"] is None
+    assert noise["backward_ms_ci_low"] < 0 < noise["backward_ms_ci_high"] and "reaches 0" in noise["backward_why"]
+    assert backward_text(noise).startswith("not resolved [") and noise["forward_ms"] > 0 and noise["total_ms"] > 0
+
+    # Too few iterations for a 95 % interval: not resolved either, even when every difference is positive.
+    few = forward_backward_stats([10.0] * 5, [12.0] * 5, batch=1)
+    assert few["backward_ms"] is None and "coverage, below 95 %" in few["backward_why"]
+    with pytest.raises(ValueError, match="pair up"):
+        forward_backward_stats([10.0] * 5, [12.0] * 4, batch=1)

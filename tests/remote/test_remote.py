@@ -8,6 +8,8 @@ user's HOME on the device is a temporary folder (set through authorized_keys), s
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import getpass
 import json
 import os
@@ -310,7 +312,7 @@ def test_no_cache_copies_again_and_leaves_nothing(device, evaluated, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- errors
-def _fails(argv: list[str], capfd, message: str) -> None:
+def _fails(argv: list[str], capfd, message: str) -> str:
     capfd.readouterr()
     code = _main(argv)
     err = capfd.readouterr().err
@@ -318,6 +320,7 @@ def _fails(argv: list[str], capfd, message: str) -> None:
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, lines
     assert message in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
@@ -460,6 +463,176 @@ def test_dropped_connection_keeps_rows_marked_incomplete(device, evaluated, tmp_
     assert [r["target"] for r in rows] == [artifacts["tflite-int8"].stem, artifacts["onnx-fp32"].stem]
     assert all(r["incomplete_run"] is True and r["where"] == "remote" for r in rows)
     assert rows[0]["rounds"] >= 1 and rows[0]["latency_ms_p50"] > 0
+
+
+# ------------------------------------------------------------------------------------------- a hung device runner
+# The real device runner, made to hang in one command: what a deadlocked runtime or a build that never ends does.
+HANGING_RUNNER = r"""
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("device_runner", sys.argv[1])
+runner = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runner)
+handle, seen = runner.Server.handle, []
+def hang(self, req, tensors):
+    if req.get("cmd") == HANG:
+        seen.append(1)
+        if len(seen) > AFTER:
+            sys.stderr.write("stuck in " + HANG + "\n")
+            sys.stderr.flush()
+            time.sleep(3600)
+    return handle(self, req, tensors)
+runner.Server.handle = hang
+sys.argv = sys.argv[1:]
+sys.exit(runner.main())
+"""
+
+
+class HardTimeout(Exception):
+    """The guard of a test that would otherwise hang (the bug it is written for)."""
+
+
+@contextlib.contextmanager
+def _hard_timeout(seconds: int):
+    """Fail (instead of hanging CI) when the body is still running after ``seconds``."""
+
+    def guard(*_):
+        raise HardTimeout(f"still waiting on a hung device runner after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, guard)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _hanging_python(device, folder: Path, command: str, after: int = 0) -> tuple[Path, Path]:
+    """An interpreter for --remote-python that runs the device runner hanging in ``command`` (once each runner
+    has answered it ``after`` times); each runner's pid is appended to the returned file."""
+    script = folder / "hanging_runner.py"
+    script.write_text(f"HANG = {command!r}\nAFTER = {after}\n" + HANGING_RUNNER)
+    pids = folder / "runner.pids"
+    python = folder / "hanging-python"
+    # Called as `python -u runner.py PIDFILE`; exec keeps the pid the runner writes in its pid file.
+    python.write_text(f'#!/bin/sh\necho $$ >> "{pids}"\nshift\nexec "{device.python}" -u "{script}" "$@"\n')
+    python.chmod(0o755)
+    return python, pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _our_children() -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return [p for p in out if _alive(p)]
+
+
+def test_hung_runner_ends_with_one_line_within_its_deadline(device, onnx_file, tmp_path, capfd):
+    """A device runner that reads 'load' and never answers: within --remote-timeout the run ends with one line
+    (device, request, deadline, what to do, the runner's last stderr line), exit 2; the runner is gone on the
+    device, its ssh here, the session folder there, and no bench.jsonl is half written. Before deadlines existed
+    this hung forever: the alarm turns that into a failure."""
+    python, pids = _hanging_python(device, tmp_path, "load")
+    argv = ["bench", "--artifact", str(onnx_file), "--min-queries", "5", "--min-seconds", "0", "--warmup", "0"]
+    argv += ["-q", "--out", str(tmp_path / "out"), *device.args(python=python), "--remote-timeout", "4"]
+
+    before = set(_our_children())
+    with _hard_timeout(90):
+        start = time.monotonic()
+        line = _fails(argv, capfd, f"{device.url}: the device runner did not answer 'load' within 4 s and was stopped")
+        took = time.monotonic() - start
+    assert "raise --remote-timeout SECONDS" in line and line.endswith("stuck in load"), line
+    assert took < 4 + 20, took
+    runners = [int(p) for p in pids.read_text().split()]
+    assert len(runners) == 2  # the session's 'hello' probe, then the configuration's runner that hung
+    _wait_for(lambda: not any(_alive(p) for p in runners), "the hung runner to be gone on the device", 10)
+    assert set(_our_children()) <= before, "an ssh client of the hung runner is still running here"
+    assert not device.sessions()
+    assert not (tmp_path / "out" / "bench.jsonl").exists()
+
+
+def test_timeout_message_names_what_to_do(device, onnx_file, tmp_path):
+    """The error a hung 'infer' raises through the library: RemoteTimeout (a RemoteConnectionLost, so bench keeps
+    its rows), naming the option and the runner's last words."""
+    from quantship.errors import RemoteConnectionLost, RemoteTimeout
+    from quantship.remote.host import DeviceSession, RemoteRunner
+    from quantship.runtime.base import RunnerOptions
+
+    python, _ = _hanging_python(device, tmp_path, "infer")
+    options = dataclasses.replace(device.options(), python=str(python), timeout=3.0)
+    with DeviceSession(options) as session:
+        runner = RemoteRunner(session, onnx_file, "onnx", RunnerOptions(threads=1), "onnx-fp32")
+        with _hard_timeout(60), runner, pytest.raises(RemoteTimeout) as caught:
+            runner.infer(np.zeros((1, 32, 32, 3), np.float32))
+        message = str(caught.value)
+    assert isinstance(caught.value, RemoteConnectionLost)
+    assert "'infer' within 4 s" in message  # 3 s fixed + 1 sample x 1 s
+    assert "--remote-timeout SECONDS" in message and message.endswith("stuck in infer")
+    assert not device.sessions()
+
+
+def test_hung_round_keeps_the_rounds_done(device, evaluated, tmp_path, capfd):
+    """A runner that stops answering after two rounds: the round's deadline (fixed part + its queries' allowance)
+    passes, and the rounds done so far are kept in bench.jsonl, marked incomplete_run, as for a dropped
+    connection."""
+    _, _, artifacts = evaluated
+    python, _ = _hanging_python(device, tmp_path, "round", after=2)
+    argv = ["bench", "--artifact", str(artifacts["tflite-int8"]), "--artifact", str(artifacts["onnx-fp32"])]
+    argv += ["--min-queries", "5", "--min-seconds", "60", "--max-seconds", "90", "--warmup", "0", "-q"]
+    argv += ["--queries-per-round", "2", "--out", str(tmp_path / "out"), *device.args(python=python)]
+    with _hard_timeout(90):
+        line = _fails(argv + ["--remote-timeout", "3"], capfd, "did not answer 'round' within 5 s and was stopped")
+    assert "stuck in round" in line and "2 row(s) measured so far" in line and "marked incomplete_run" in line
+    rows = _rows(tmp_path / "out" / "bench.jsonl")
+    assert [(r["incomplete_run"], r["where"]) for r in rows] == [(True, "remote")] * 2
+    assert [r["rounds"] for r in rows] == [2, 2] and all(r["latency_ms_p50"] > 0 for r in rows)
+    assert not device.sessions()
+
+
+def test_interrupted_while_the_runner_hangs_kills_it(device, onnx_file, tmp_path):
+    """``kill`` (SIGTERM, as Ctrl-C) while the device runner hangs in 'load' (its deadline far off): exit 130, and
+    the runner, which would never read the goodbye, is killed on the device, not left behind."""
+    python, pids = _hanging_python(device, tmp_path, "load")
+    argv = [sys.executable, "-m", "quantship", "bench", "-q", "--out", str(tmp_path / "out")]
+    argv += ["--artifact", str(onnx_file), "--min-queries", "5", *device.args(python=python)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: pids.is_file() and len(pids.read_text().split()) == 2, "the runner that hangs")
+        time.sleep(0.5)  # in its 'load'
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert not [p for p in map(int, pids.read_text().split()) if _alive(p)]
+    assert not device.sessions()
+
+
+def test_request_deadlines():
+    """Deadlines fit the request: an engine build gets an hour, a round grows with its queries and with the
+    slowest query seen, --remote-timeout replaces the fixed part only."""
+    from quantship.remote.host import request_deadline
+
+    assert request_deadline("build_engine", {}) == 3600
+    assert request_deadline("load", {}) == 600
+    assert request_deadline("round", {"queries": 20}) == 120 + 20
+    assert request_deadline("round", {"queries": 20, "batch": 2}, slowest=0.5) == 120 + 20 * 2 * 5
+    assert request_deadline("infer", {}, samples=32, fixed=10) == 10 + 32
+    assert request_deadline("load", {}, fixed=7200) == 7200
+    assert request_deadline("build_engine", {"batch": [1, 8, 32]}, slowest=2.0) == 3600
+    finish = {"other_batches": [4], "min_iters": 200, "min_seconds": 5, "warmup_seconds": 1}
+    assert request_deadline("bench_finish", finish) == 600 + 6 + 201 * 4
 
 
 # ------------------------------------------------------------------------------------------- TensorRT on a device

@@ -28,6 +28,12 @@ CASES = [
             ("option-hostkey-off", ("--remote", "ssh://pi", "--ssh-option", "StrictHostKeyChecking=no"), "stays on"),
             ("option-batchmode", ("--remote", "ssh://pi", "--ssh-option", "BatchMode=no"), "never prompts"),
             ("no-cache-alone", ("--remote-no-cache",), "--remote-no-cache go(es) with --remote URL"),
+            ("timeout-alone", ("--remote-timeout", "60"), "--remote-timeout go(es) with --remote URL"),
+            *(
+                (f"timeout-{name}", ("--remote", "ssh://pi", "--remote-timeout", value), "--remote-timeout: expected")
+                for name, value in (("zero", "0"), ("negative", "-5"), ("nan", "nan"), ("inf", "inf"), ("text", "1m"))
+            ),
+            ("timeout-huge", ("--remote", "ssh://pi", "--remote-timeout", "1e9"), "expected seconds in (0, 604800]"),
             ("loadgen", ("--remote", "ssh://pi", "--loadgen", "offline"), "--loadgen runs MLPerf LoadGen"),
             ("mobile", ("--remote", "ssh://pi", "--mobile"), "--mobile pins this machine's cores"),
             ("unreachable", ("--remote", "ssh://127.0.0.1:1", "--ssh-option", "ConnectTimeout=5"), "unreachable"),
