@@ -311,8 +311,9 @@ class _TfliteCuts:
         self._model = fu.convert_bytearray_to_object(calibrated)
         sg = self._model.subgraphs[0]
         self._sg, self._ops = sg, list(sg.operators)
-        # A model with control flow (WHILE, IF) runs other subgraphs: it is not cut, each variant runs whole.
-        self.single_graph = len(self._model.subgraphs) == 1
+        # A model with control flow (WHILE, IF) runs other subgraphs, and the study feeds one input: any other
+        # model is not cut, each variant runs whole.
+        self.single_graph = len(self._model.subgraphs) == 1 and len(sg.inputs) == 1
         self.layer_names = layer_names
         self.names = [t.name.decode() if isinstance(t.name, bytes) else str(t.name) for t in sg.tensors]
         self.index = {name: i for i, name in enumerate(self.names)}
