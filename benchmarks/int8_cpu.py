@@ -332,16 +332,16 @@ def main() -> None:
         load = "latency not measured"
 
     print(f"\nCPU: {cpu_description()}; {args.threads} threads, batch 1; {load}")
-    head = f"{'model':44s}{'agree':>7s}{'fake-q':>8s}{'L1':>7s}{'p50 ms':>8s}{'vs fp32 [95% CI]':>21s}"
+    head = f"{'model':44s}{'agree':>7s}{'fake-q':>8s}{'L1':>7s}{'p50 ms':>8s}{'vs fp32 [95% CI]':>24s}"
     head += f"{'per process set':>20s}  int8 kernels ORT runs"
     print(head + "\n" + "-" * len(head))
     for name, r in rows.items():
         fake = f"{r['agree_fake']:8.3f}" if "agree_fake" in r else f"{'-':>8s}"
         lat_s = (
-            f"{r['p50_ms']:8.2f}{r['ratio']:7.2f}x [{r['ratio_lo']:.2f}, {r['ratio_hi']:.2f}]"
+            f"{r['p50_ms']:8.2f}{r['ratio']:7.3f}x [{r['ratio_lo']:.3f}, {r['ratio_hi']:.3f}]"
             + f"{' '.join(f'{v:.2f}' for v in r['ratio_per_process_set']):>20s}"
             if "p50_ms" in r
-            else f"{'-':>8s}{'-':>21s}{'-':>20s}"
+            else f"{'-':>8s}{'-':>24s}{'-':>20s}"
         )
         print(f"{name:44s}{r['agree']:7.3f}{fake}{r['l1']:7.3f}{lat_s}  {r['kernels']}")
     state_rows = [(n, r) for n, r in rows.items() if any(k.startswith("state_") for k in r)]
@@ -349,7 +349,7 @@ def main() -> None:
         print("\nThe same rounds by the VM's speed state (fp32's round p50 on either side of the switch's midpoint):")
         for name, r in state_rows:
             cells = [
-                f"{st}: {v[0]:.2f}x [{v[1]:.2f}, {v[2]:.2f}] in {v[3]} rounds (fp32 {v[4]:.1f} ms)"
+                f"{st}: {v[0]:.3f}x [{v[1]:.3f}, {v[2]:.3f}] in {v[3]} rounds (fp32 {v[4]:.1f} ms)"
                 for st in ("fast", "slow", "one")
                 if (v := r.get(f"state_{st}"))
             ]
