@@ -229,6 +229,13 @@ def latency(
             + (f" (fp32: {fp32['unstable_reason']})" if fp32.get("stable") is False else "")
         )
         print("  " + notes[-1], flush=True)
+    # The rounds of each speed state, and fp32's p50 in them: the same for every model.
+    fp32_ms = np.array(fp32_round_ms)
+    picks = {
+        state: (pick, float(np.median(fp32_ms[pick])))
+        for state in ("fast", "slow", "one")
+        if (pick := np.array([x == state for x in states], bool)).sum() >= 6  # 95 % coverage needs 6 rounds
+    }
     out = {}
     for n in models:
         r = np.array(per_round_ratios[n])
@@ -242,12 +249,9 @@ def latency(
             "ratio_per_process_set": repeat_ratios[n],
             "p50_ms_per_process_set": p50s[n],
         }
-        for state in ("fast", "slow", "one"):
-            pick = np.array([x == state for x in states])
-            if pick.sum() >= 6:  # an interval with 95 % coverage needs 6 rounds
-                lo, hi, _ = median_interval(r[pick])
-                fp32_ms = float(np.median(np.array(fp32_round_ms)[pick]))
-                out[n][f"state_{state}"] = [float(np.median(r[pick])), lo, hi, int(pick.sum()), fp32_ms]
+        for state, (pick, state_fp32_ms) in picks.items():
+            lo, hi, _ = median_interval(r[pick])
+            out[n][f"state_{state}"] = [float(np.median(r[pick])), lo, hi, int(pick.sum()), state_fp32_ms]
     return out, notes
 
 

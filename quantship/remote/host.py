@@ -81,6 +81,11 @@ QUERY_ALLOWANCE_FACTOR = 10.0
 BYE_GRACE = 5.0
 
 
+def fixed_deadline(cmd: str, fixed: float | None = None) -> float:
+    """The fixed part of a request's deadline: ``fixed`` (``--remote-timeout``), else the request kind's default."""
+    return DEADLINES.get(cmd, DEFAULT_DEADLINE) if fixed is None else fixed
+
+
 def request_deadline(
     cmd: str, fields: Mapping[str, Any], samples: int = 1, slowest: float = 0.0, fixed: float | None = None
 ) -> float:
@@ -96,7 +101,7 @@ def request_deadline(
     Returns:
         The fixed part plus the allowance for the queries the request asks for.
     """
-    base = DEADLINES.get(cmd, DEFAULT_DEADLINE) if fixed is None else fixed
+    base = fixed_deadline(cmd, fixed)
     per = max(MIN_QUERY_ALLOWANCE, QUERY_ALLOWANCE_FACTOR * slowest)
     batch = fields.get("batch")
     batch = max(1, batch) if isinstance(batch, int) else 1  # build_engine's is a (min, opt, max) profile
@@ -123,6 +128,10 @@ class Deadline:
 
     def left(self) -> float:
         return max(0.0, self.end - time.monotonic())
+
+    def poll_ms(self) -> int:
+        """What remains, as ``poll``'s timeout: whole milliseconds rounded up, at least 1 (0 would not wait)."""
+        return max(1, int(self.left() * 1000 + 0.999))
 
 
 def _tag() -> str:
@@ -181,7 +190,7 @@ class DeviceSession:
         self.transport.open()
         err = self._local("keeper.err")
         self._keeper = self.transport.popen(["sh", "-c", KEEPER_SCRIPT, "sh", _tag()], err)
-        seconds = self.fixed_deadline("hello")
+        seconds = fixed_deadline("hello", self.options.timeout)
         line = PipeReader(self._keeper.stdout.fileno()).readline(Deadline(seconds))
         if line is None:  # the device's shell never said where the folder is (a hung disk, a hung login)
             self._keeper.kill()
@@ -200,10 +209,6 @@ class DeviceSession:
         finally:
             probe.close()
         return self
-
-    def fixed_deadline(self, cmd: str) -> float:
-        """The fixed part of a request's deadline: ``--remote-timeout``, else the request kind's default."""
-        return self.options.timeout if self.options.timeout is not None else DEADLINES.get(cmd, DEFAULT_DEADLINE)
 
     def late(
         self, doing: str, seconds: float, stderr_path: Path | None = None, who: str = "the device runner"
@@ -249,7 +254,7 @@ class DeviceSession:
         # One round trip: the cached file is there, or its folder is made for the copy.
         have = self.transport.run(
             ["sh", "-c", 'test -s "$1" && echo cached || mkdir -p -m 700 "$2"', "sh", remote, folder],
-            timeout=self.fixed_deadline("put"),
+            timeout=fixed_deadline("put", self.options.timeout),
         )
         copied = b"cached" not in have.stdout
         if copied:
@@ -302,7 +307,7 @@ class PipeReader:
         """
         if self.eof:
             raise EOFError
-        if not self._poll.poll(max(1, int(deadline.left() * 1000 + 0.999))):
+        if not self._poll.poll(deadline.poll_ms()):
             return deadline.left() > 0  # woken early (a signal): wait again; else the deadline passed
         try:
             chunk = os.read(self.fd, 1 << 20)
@@ -348,7 +353,7 @@ def write_all(fd: int, data: bytes, deadline: Deadline) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     while view:
-        if not poller.poll(max(1, int(deadline.left() * 1000 + 0.999))):
+        if not poller.poll(deadline.poll_ms()):
             if deadline.left() > 0:
                 continue
             return False
