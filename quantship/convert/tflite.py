@@ -173,16 +173,7 @@ class TfliteConverter:
             from tensorflow.lite.tools import flatbuffer_utils
 
             model = flatbuffer_utils.convert_bytearray_to_object(self.convert(TfliteSpec(Precision.FP32)))
-            sg = model.subgraphs[0]
-            codes = _builtin_names()
-            out = []
-            for op in sg.operators:
-                code = model.operatorCodes[op.opcodeIndex]
-                kind = codes.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
-                for i in op.outputs:
-                    n = sg.tensors[i].name
-                    out.append((kind, n.decode() if isinstance(n, bytes) else str(n)))
-            self._op_kinds = out
+            self._op_kinds = operator_kinds(model)
         return self._op_kinds
 
     def nodes_outside(self, layers: Iterable[str]) -> list[str]:
@@ -199,19 +190,7 @@ class TfliteConverter:
         Raises:
             ConfigError: A layer with no TFLite op.
         """
-        layer_names = {layer.name for layer in self.model.layers}
-        wanted = set(float_layers)
-        if not wanted:
-            return []
-        nodes = [
-            n
-            for n in self.float_model_tensor_names()
-            if any(segment_layer(part, layer_names) in wanted for part in n.split(";"))
-        ]
-        missing = wanted - {segment_layer(part, layer_names) for n in nodes for part in n.split(";")}
-        if missing:
-            raise ConfigError(f"no TFLite op found for Keras layer(s) {sorted(missing)}")
-        return nodes
+        return layer_nodes(self.float_model_tensor_names(), {layer.name for layer in self.model.layers}, float_layers)
 
     def _convert_with_denylist(
         self, conv: Any, spec: TfliteSpec, calibration: CalibrationFeed, seen: list[int]
@@ -554,6 +533,37 @@ def convert_to_tflite(
             return existing
     data = converter.convert(spec, calibration)
     return write_artifact(out_path, data, {**manifest, "build_key": build_key})
+
+
+def layer_nodes(tensors: Iterable[str], layer_names: set[str], layers: Iterable[str]) -> list[str]:
+    """The names among ``tensors`` that belong to the given Keras layers (any of a fused name's ``;`` parts).
+
+    Raises:
+        ConfigError: A layer with no tensor.
+    """
+    wanted = set(layers)
+    if not wanted:
+        return []
+    nodes = [n for n in tensors if any(segment_layer(part, layer_names) in wanted for part in n.split(";"))]
+    missing = wanted - {segment_layer(part, layer_names) for n in nodes for part in n.split(";")}
+    if missing:
+        raise ConfigError(f"no TFLite op found for Keras layer(s) {sorted(missing)}")
+    return nodes
+
+
+def operator_kinds(model: Any) -> list[tuple[str, str]]:
+    """(builtin operator name, output tensor name) of every operator of a TFLite model object
+    (``flatbuffer_utils.convert_bytearray_to_object``), first subgraph, in execution order."""
+    sg = model.subgraphs[0]
+    codes = _builtin_names()
+    out = []
+    for op in sg.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        kind = codes.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+        for i in op.outputs:
+            n = sg.tensors[i].name
+            out.append((kind, n.decode() if isinstance(n, bytes) else str(n)))
+    return out
 
 
 def _builtin_names() -> dict[int, str]:

@@ -479,7 +479,7 @@ def repair_tflite(ctx: Any, loaded: Any, out: Path, options: Any, one: np.ndarra
     conv = tflite_converter(ctx, spec)
     held = repair_set(out, loaded)
     inner = TfliteBackend(conv, ctx.calibration_batches("tflite-int8"), options.threads)
-    backend = UnitBackend(inner, {u.key: u for u in tflite_units(conv, inner.layers)})
+    backend = UnitBackend(inner, {u.key: u for u in tflite_units(inner, inner.layers)})
     gate = Gate(metric="top1", relative=0.99)
     note(f"repairing tflite-int8: fallback search on {len(held.x)} held-out crops where fp32 is confident")
     result, _ = find_unit_fallback([backend], held, held, gate)

@@ -12,7 +12,7 @@ import numpy as np
 from quantship.config import IODType, Precision
 from quantship.convert.layer_names import WEIGHTED_KERAS, segment_layer
 from quantship.convert.qdq import insert_qdq
-from quantship.convert.tflite import TfliteSpec
+from quantship.convert.tflite import TfliteSpec, layer_nodes, operator_kinds
 from quantship.evaluate.loop import runner_outputs
 from quantship.fileio import temp_dir
 from quantship.lazy import lazy_import
@@ -176,7 +176,7 @@ class TfliteBackend:
         if not self.fast:
             spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)), float_nodes=tuple(nodes))
             return self.converter.convert(spec, self.calibration)
-        denied = list(dict.fromkeys([*self.converter.denylist_nodes(sorted(floats)), *nodes]))
+        denied = list(dict.fromkeys([*self.denylist_nodes(sorted(floats)), *nodes]))
         return self.converter.quantize_calibrated(self._calibration(), IODType.FLOAT32, float_nodes=denied)
 
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
@@ -275,6 +275,22 @@ class TfliteBackend:
         names = graph.layer_names
         return [n for n in graph.op_outputs if not any(segment_layer(p, names) in keep for p in n.split(";"))]
 
+    def denylist_nodes(self, layers: Iterable[str]) -> list[str]:
+        """The deny list that keeps the ops of ``layers`` in float (``TfliteConverter.denylist_nodes``), named as
+        :meth:`nodes_outside` names them."""
+        if not self.fast:
+            return self.converter.denylist_nodes(layers)
+        graph = self.cuts()
+        return layer_nodes(graph.op_outputs, graph.layer_names, layers)
+
+    def op_kinds(self) -> list[tuple[str, str]]:
+        """(builtin operator, output tensor) of every op, in execution order, named as :meth:`nodes_outside`
+        names them."""
+        return self.cuts().op_kinds if self.fast else self.converter.op_kinds()
+
+    def op_outputs(self) -> list[str]:
+        return [name for _, name in self.op_kinds()]
+
     def _run_model(self, data: bytes, inputs: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
         """Every output of the model ``data`` (in its order, chunk by chunk) fed ``inputs`` (in its order, each a
         list of chunks: :func:`_chunks`)."""
@@ -318,7 +334,8 @@ class _TfliteCuts:
         self.names = [t.name.decode() if isinstance(t.name, bytes) else str(t.name) for t in sg.tensors]
         self.index = {name: i for i, name in enumerate(self.names)}
         self.input, self.output = self.names[sg.inputs[0]], self.names[sg.outputs[0]]
-        self.op_outputs = [self.names[t] for op in self._ops for t in op.outputs]
+        self.op_kinds = operator_kinds(self._model)
+        self.op_outputs = [name for _, name in self.op_kinds]
         self.position: dict[str, int] = {}
         self.order: list[str] = []
         made: dict[int, int] = {int(t): -1 for t in sg.inputs}

@@ -61,12 +61,15 @@ def _layer(name: str, layer_names: set[str]) -> str | None:
     return next((la for part in name.split(";") if (la := segment_layer(part, layer_names))), None)
 
 
-def tflite_units(converter: Any, weighted_layers: Iterable[str]) -> list[OpUnit]:
+def tflite_units(backend: Any, weighted_layers: Iterable[str]) -> list[OpUnit]:
     """The TFLite model's ops outside the weighted layers that a fallback may keep in float; the graph's last op
-    (the one whose int8 output is dequantized into the model's output) has kind ``output`` added to its own."""
-    names = {layer.name for layer in converter.model.layers}
-    weighted = set(converter.denylist_nodes(list(weighted_layers))) if weighted_layers else set()
-    kinds = converter.op_kinds()
+    (the one whose int8 output is dequantized into the model's output) has kind ``output`` added to its own.
+
+    ``backend``: a :class:`~quantship.sensitivity.backends.TfliteBackend` (its op names are the ones its quantizer
+    reads, taken from the calibrate-only model without a float conversion)."""
+    names = {layer.name for layer in backend.converter.model.layers}
+    weighted = set(backend.denylist_nodes(list(weighted_layers))) if weighted_layers else set()
+    kinds = backend.op_kinds()
     units: dict[str, list] = {}
     last = kinds[-1][1] if kinds else None
     for op, tensor in kinds:
@@ -121,10 +124,9 @@ class UnitBackend:
         """The model bytes with ``floats`` (layers and unit keys) in float, or with only ``only_nodes`` int8."""
         layers, nodes = self._split(floats)
         if self.inner.name == "tflite":
-            conv = self.inner.converter
             if only_nodes is not None:
                 keep = set(only_nodes)
-                return self.inner.model_bytes(set(), [n for n in conv.op_outputs() if n not in keep])
+                return self.inner.model_bytes(set(), [n for n in self.inner.op_outputs() if n not in keep])
             return self.inner.model_bytes(set(layers), nodes)
 
         q = self.inner
@@ -179,6 +181,6 @@ def unit_backends(setup: Any, inner: dict[str, Any]) -> dict[str, UnitBackend]:
     names = {layer.name for layer in setup.loaded.model.layers}
     out = {}
     for name, b in inner.items():
-        units = tflite_units(b.converter, b.layers) if name == "tflite" else qdq_units(b.model, b.node_layers, names)
+        units = tflite_units(b, b.layers) if name == "tflite" else qdq_units(b.model, b.node_layers, names)
         out[name] = UnitBackend(b, {u.key: u for u in units})
     return out

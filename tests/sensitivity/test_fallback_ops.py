@@ -52,7 +52,9 @@ def test_fallback_keeps_the_int8_softmax_float_where_no_layer_set_passes(flat_so
     gate = Gate(metric="top1", relative=0.99)
     with TfliteConverter(model, tmp_path / "convert.log", work_dir=tmp_path) as conv:
         inner = TfliteBackend(conv, lambda: [calib])
-        units = tflite_units(conv, inner.layers)
+        units = tflite_units(inner, inner.layers)
+        # Named from the calibrate-only model (no float conversion): the same units as from the float model.
+        assert units == tflite_units(TfliteBackend(conv, lambda: [calib], fast=False), inner.layers)
         kinds = {u.key: u.kind for u in units}
         assert kinds["add:res_add"] == "add" and kinds["pool:gap"] == "pool"
         softmax = next(k for k, v in kinds.items() if v.startswith("softmax"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import synthetic_set, tf_preprocess
-from quantship.config import Gate
+from quantship.config import Gate, IODType
 from quantship.errors import ConfigError
 from quantship.sensitivity import (
     HeldOut,
@@ -237,6 +237,12 @@ def test_tflite_variants_start_at_their_layer_and_give_the_same_outputs(tmp_path
         assert len(cuts.live(cuts.position["dw"])) == 2  # conv1's output waits there for the add
         # Deny lists named from the calibrate-only model are the converter's (named from its float model).
         assert all(backend.nodes_outside(o) == conv.nodes_outside(o) for o in (["dw"], ["conv1", "fc"]))
+        # Float layers' deny lists too: the same int8 model as with the float model's tensor names.
+        assert set(backend.denylist_nodes(["dw"])) == set(conv.denylist_nodes(["dw"])) & set(conv.op_outputs())
+        whole = conv.denylist_nodes(["dw"])
+        assert backend.model_bytes({"dw"}) == conv.quantize_calibrated(
+            backend._calibration(), IODType.FLOAT32, float_nodes=whole
+        )
         for cumulative in (False, True):
             shared = backend.run_layers(x, backend.layers, cumulative)
             for k, layer in enumerate(backend.layers):
