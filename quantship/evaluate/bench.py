@@ -36,7 +36,7 @@ from quantship.errors import ConfigError, MissingDependencyError, QuantshipError
 from quantship.evaluate.interleave import InterleaveOptions, check_reference, run_interleaved, stability_lines
 from quantship.evaluate.latency import latency_stats, native_feed, sample_set, time_runner
 from quantship.evaluate.loadgen import LoadgenSettings, Scenario, expected_from, run_loadgen
-from quantship.evaluate.stability import StopRule, machine_state
+from quantship.evaluate.stability import StopRule, machine_state, settle_threads
 from quantship.evaluate.worker import run_worker, worker_main
 from quantship.runtime.base import RunnerOptions
 from quantship.runtime.registry import make_runner, runtime_for_artifact
@@ -227,6 +227,15 @@ def latency_batch(cfg: BenchConfig) -> int:
     return 1 if 1 in cfg.batch_sizes else cfg.batch_sizes[0]
 
 
+def settle_fields(waited_ms: Sequence[float], settled: Sequence[bool]) -> dict[str, Any]:
+    """A row's record of the waits after its rounds (:func:`~quantship.evaluate.stability.settle_threads`):
+    ``settle_ms_p50`` and ``unsettled_rounds``, the rounds after which its threads still used the CPU at the
+    limit (the next configuration's round may have shared the cores with them)."""
+    if not waited_ms:
+        return {}
+    return {"settle_ms_p50": float(np.median(waited_ms)), "unsettled_rounds": int(sum(not ok for ok in settled))}
+
+
 class ConfigSession:
     """One configuration in this process, driven round by round (the worker side of :class:`LocalBenchWorker`;
     a device runner does the same on its side).
@@ -243,6 +252,7 @@ class ConfigSession:
         self._next = 0
         self._runtime_ms: list[float] = []
         self._phases: dict[str, list[float]] = {}
+        self._settles: list[tuple[float, bool]] = []
 
     def start(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -287,12 +297,15 @@ class ConfigSession:
             self._runtime_ms.append(runner.last_inference_time * 1e3)
             for k, v in (getattr(runner, "last_timings", None) or {}).items():
                 self._phases.setdefault(k, []).append(v)
+        # The next configuration's round starts when this answer arrives: with this one's threads idle.
+        self._settles.append(settle_threads())
         return out
 
     def finish(self) -> dict[str, Any]:
         cfg, runner = self.cfg, self.runner
         after = machine_state(cfg.cores)
         row: dict[str, Any] = {"load_average_after": after["load_average"], "cpu_mhz_after": after["cpu_mhz"]}
+        row.update(settle_fields([s * 1e3 for s, _ in self._settles], [ok for _, ok in self._settles]))
         if self._runtime_ms:
             row.update(latency_stats(np.asarray(self._runtime_ms), "runtime_ms"))
         for k, v in self._phases.items():

@@ -301,7 +301,8 @@ def _row(
     b = row.get("latency_batch") or 1
     row[f"throughput_ips_b{b}"] = b * every.size / (every.sum() / 1e3)
     loads = [row.get("load_average_before"), row.get("load_average_after")]
-    row.update(stability(every, medians, int(row.get("cores_in_use") or 1), loads))
+    cores = int(row.get("cores_in_use") or 1)
+    row.update(stability(every, medians, cores, loads, int(row.get("unsettled_rounds") or 0)))
     return row
 
 

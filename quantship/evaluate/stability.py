@@ -18,6 +18,8 @@ Pure functions over timings in milliseconds (no runtime, no process): what an in
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from enum import Enum
 from math import lgamma, log
@@ -276,11 +278,61 @@ def machine_state(cores: Sequence[int] | None = None) -> dict[str, float | None]
     return {"load_average": load_average(), "cpu_mhz": cpu_mhz(cores)}
 
 
+# After its last call a runtime's thread pool keeps spinning for a while: ONNX Runtime's, at its default options,
+# kept one core busy for ~45 ms on the 2-core VM. In an interleaved round that core is taken from the next
+# configuration, whose first ~45 ms then run at half speed (a fast model spends more of its queries there:
+# int8/fp32 of MobileNetV2 read 0.82x instead of 0.66x). A worker therefore waits, after each round, until its
+# threads are idle. The kernel may charge a running thread's time only at its scheduler tick (4 ms here), so a
+# window shorter than two ticks can look idle while a thread spins.
+SETTLE_WINDOW_S = 0.012
+SETTLE_LIMIT_S = 0.5
+
+
+def _other_threads_running() -> bool:
+    """Whether a thread of this process other than the caller is running or waiting for a CPU (Linux; False where
+    ``/proc`` is not): a spinning thread that a loaded machine keeps off the CPU uses no CPU time meanwhile."""
+    me = str(threading.get_native_id())
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if tid != me and state == "R":
+            return True
+    return False
+
+
+def settle_threads(window: float = SETTLE_WINDOW_S, limit: float = SETTLE_LIMIT_S) -> tuple[float, bool]:
+    """Wait until this process's threads stop using the CPU: a ``window`` in which the process's CPU time grew
+    by less than a tenth of it (the caller sleeps meanwhile) and after which no other thread of it is runnable,
+    or ``limit`` seconds.
+
+    Returns:
+        (seconds waited, whether the threads went idle within ``limit``).
+    """
+    start = time.perf_counter()
+    before = time.process_time()
+    while True:
+        time.sleep(window)
+        now, waited = time.process_time(), time.perf_counter() - start
+        if now - before < window / 10 and not _other_threads_running():
+            return waited, True
+        if waited >= limit:
+            return waited, False
+        before = now
+
+
 def stability(
     query_ms: Sequence[float],
     round_medians: Sequence[float],
     cores_in_use: int,
     loads: Sequence[float | None] = (),
+    unsettled_rounds: int = 0,
 ) -> dict[str, Any]:
     """``stable`` and ``unstable_reason`` (None when stable) of one configuration's absolute times.
 
@@ -289,6 +341,8 @@ def stability(
         round_medians: Its per-round medians (in time order).
         cores_in_use: Cores the configuration may run on.
         loads: Load averages recorded around its timing (None entries: not readable).
+        unsettled_rounds: Rounds after which its threads still used the CPU at the settle limit
+            (:func:`~quantship.evaluate.stability.settle_threads`).
     """
     reasons = []
     cov = spread(query_ms)["latency_cov"]
@@ -300,4 +354,9 @@ def stability(
     high = [v for v in loads if v is not None and v > cores_in_use]
     if high:
         reasons.append(f"load average {max(high):.1f} > {cores_in_use} core(s) in use")
+    if unsettled_rounds:
+        reasons.append(
+            f"its threads still used the CPU {SETTLE_LIMIT_S:g} s after {unsettled_rounds} of its rounds: the next "
+            "configuration's round shared the cores with them (ratios too may be off)"
+        )
     return {"stable": not reasons, "unstable_reason": "; ".join(reasons) or None}

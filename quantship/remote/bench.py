@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from quantship.errors import ConfigError, RemoteConnectionLost
-from quantship.evaluate.bench import BenchConfig, bench, latency_batch
+from quantship.evaluate.bench import BenchConfig, bench, latency_batch, settle_fields
 from quantship.evaluate.latency import latency_stats
 from quantship.remote.host import DeviceProcess, DeviceSession, RemoteRunner
 from quantship.runtime.base import RunnerOptions
@@ -128,6 +128,7 @@ class RemoteBenchWorker:
         }
         if answer["runtime_ms"]:
             row.update(latency_stats(np.asarray(answer["runtime_ms"]), "runtime_ms"))
+        row.update(settle_fields(answer["settle_ms"], answer["settled"]))
         row.update({f"{k}_mean": v for k, v in answer["phases"].items()})
         row.update({f"throughput_ips_b{b}": v for b, v in answer["throughput"].items()})
         row.update(answer.get("details") or {})

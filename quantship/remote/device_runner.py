@@ -19,6 +19,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from importlib import metadata
 
@@ -704,6 +705,39 @@ def machine_state(cores=None):
     return {"load_average": load_average(), "cpu_mhz": cpu_mhz(cores)}
 
 
+def _other_threads_running():
+    me = str(threading.get_native_id())
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if tid != me and state == "R":
+            return True
+    return False
+
+
+def settle_threads(window=0.012, limit=0.5):
+    """quantship.evaluate.stability.settle_threads: wait until this process's threads stop using the CPU (a
+    runtime's thread pool spins for tens of ms after its last call, taking cores from the next configuration's
+    round); (seconds waited, whether they went idle within ``limit``)."""
+    start = time.perf_counter()
+    before = time.process_time()
+    while True:
+        time.sleep(window)
+        now, waited = time.process_time(), time.perf_counter() - start
+        if now - before < window / 10 and not _other_threads_running():
+            return waited, True
+        if waited >= limit:
+            return waited, False
+        before = now
+
+
 def peak_rss_mb():
     """This process's own peak resident memory (VmHWM), as quantship's local bench reads it."""
     for line in (_read("/proc/self/status") or "").splitlines():
@@ -862,7 +896,7 @@ class Server:
         self._feeds = sample_set(runner, int(req.get("samples", 64)), int(req["batch"]))
         if raw:
             self._feeds = [native_feed(runner, f) for f in self._feeds]
-        self._raw, self._next, self._runtime_ms, self._phases = raw, 0, [], {}
+        self._raw, self._next, self._runtime_ms, self._phases, self._settles = raw, 0, [], {}, []
         runner.infer(self._feeds[0], raw)
         first = runner.last_query_time * 1e3
         end = time.perf_counter() + float(req.get("warmup_seconds", 0.0))
@@ -892,6 +926,7 @@ class Server:
             self._runtime_ms.append(runner.last_inference_time * 1e3)
             for k, v in (runner.last_timings or {}).items():
                 self._phases.setdefault(k, []).append(v)
+        self._settles.append(settle_threads())  # the next configuration's round starts on idle cores
         return out
 
     def bench_finish(self, req):
@@ -902,6 +937,8 @@ class Server:
             "load_average_after": after["load_average"],
             "cpu_mhz_after": after["cpu_mhz"],
             "runtime_ms": self._runtime_ms,
+            "settle_ms": [w * 1e3 for w, _ in self._settles],
+            "settled": [ok for _, ok in self._settles],
             "phases": {k: float(np.mean(v)) for k, v in self._phases.items()},
             "throughput": {},
         }

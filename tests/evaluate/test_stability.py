@@ -11,6 +11,7 @@ from quantship.evaluate.stability import (
     StopReason,
     StopRule,
     ratio_to_reference,
+    settle_threads,
     speed_switch,
     spread,
     stability,
@@ -96,6 +97,10 @@ def test_stability_reasons():
     assert "coefficient of variation" in noisy["unstable_reason"] and "load average 3.5 > 2" in noisy["unstable_reason"]
     switched = np.r_[np.full(10, 7.5), np.full(10, 4.8)]
     assert "two speeds" in stability(quiet, switched, 2)["unstable_reason"]
+    assert (
+        "still used the CPU 0.5 s after 3 of its rounds"
+        in stability(quiet, medians, 2, unsettled_rounds=3)["unstable_reason"]
+    )
     s = spread([1.0, 1.0, 1.0])
     assert s == {"latency_ms_std": 0.0, "latency_cov": 0.0}
 
@@ -136,3 +141,28 @@ def test_median_interval_of_many_rounds():
     low, high, coverage = median_interval(values)
     assert 0.95 <= coverage < 0.96
     assert low < 1.0 < high and high - low < 0.01
+
+
+def test_settle_waits_for_a_busy_thread():
+    """A worker answers its round only when its threads are idle: a thread busy for 0.15 s more is waited for; one
+    busy past the limit is reported."""
+    import threading
+    import time
+
+    def busy(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    waited, idle = settle_threads()
+    assert idle and waited < 0.1  # nothing running: one window
+    t = threading.Thread(target=busy, args=(0.15,))
+    t.start()
+    waited, idle = settle_threads()
+    t.join()
+    assert idle and waited >= 0.12
+    t = threading.Thread(target=busy, args=(0.15,))
+    t.start()
+    waited, idle = settle_threads(limit=0.05)
+    t.join()
+    assert not idle and 0.05 <= waited < 0.15

@@ -186,6 +186,7 @@ def _rows(path: Path) -> list[dict]:
 MEASURED = ("latency_", "runtime_ms_", "throughput_ips_", "ratio_", "load_average_", "cpu_mhz_")
 MEASURED_KEYS = {"init_ms", "peak_rss_mb", "input_conversion_ms", "first_inference_ms", "stable", "unstable_reason"}
 MEASURED_KEYS |= {"round_p50_ms", "rounds", "stopped_by", "warmup_queries", "iterations", "where", "remote"}
+MEASURED_KEYS |= {"settle_ms_p50"}
 
 
 def _non_timing(row: dict) -> dict:
