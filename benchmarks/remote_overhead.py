@@ -1,9 +1,10 @@
 """What measuring over SSH costs (issue 22), on loopback: the device is this machine, reached through a throwaway
 OpenSSH server on 127.0.0.1 (key-only, host key pinned), the device runner started by ``python`` there.
 
-(a) bench: the same .tflite timed locally and on the "device", interleaved in one run (the same rounds, order
-    rotated, the local configuration the reference): the remote/local latency ratio with its 95 % interval. The
-    device runner times the same call on the device's clock, so the ratio should be 1 within +-5 %.
+(a) bench: the same file (.tflite, or .onnx with --artifact) timed locally and on the "device", interleaved in one
+    run (the same rounds, order rotated, the local configuration the reference): the remote/local latency ratio
+    with its 95 % interval. The device runner times the same call on the device's clock, so the ratio should be 1
+    within +-5 %.
 (b) eval: the per-query cost of ``eval --remote`` against a local eval: host round trip of one batch (feed sent,
     outputs back) against the local runner's query, alternating, for a float model (the largest feed).
 
@@ -114,11 +115,11 @@ def eval_cost(session, artifact: str, threads: int, batches: int, batch: int = 8
     """(b): host wall time of one eval batch, local runner vs the device runner through the session."""
     from quantship.remote.host import RemoteRunner
     from quantship.runtime.base import RunnerOptions
-    from quantship.runtime.registry import make_runner
+    from quantship.runtime.registry import make_runner, runtime_for_artifact
 
     options = RunnerOptions(threads=threads)
     local = make_runner(artifact, options).activate()
-    remote = RemoteRunner(session, artifact, "tflite", options, "remote").activate()
+    remote = RemoteRunner(session, artifact, runtime_for_artifact(artifact).name, options, "remote").activate()
     meta = local.input_metadata()[0]
     x = np.random.default_rng(0).uniform(-1, 1, (batch, *meta.shape[1:])).astype(np.float32)
     here, there, device = [], [], []
@@ -153,7 +154,7 @@ def eval_cost(session, artifact: str, threads: int, batches: int, batch: int = 8
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifact", help="a .tflite file (default: MobileNetV2 tflite-fp32, random weights)")
+    p.add_argument("--artifact", help="a .tflite or .onnx file (default: MobileNetV2 tflite-fp32, random weights)")
     p.add_argument("--work", help="working folder (default: a temporary one)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true")
