@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_PREPROCESS
-from quantship.config import PtqSteps
+from quantship.config import AdaRoundOptions, PtqSteps
 from quantship.targets.post_training import (
     CANDIDATES,
     FIRST_ROUND,
@@ -31,15 +31,17 @@ def test_fewer_steps_win_when_the_held_out_images_cannot_tell_them_apart():
     n = 40
     base_l1 = rng.uniform(0.1, 0.3, n)
     both = PtqSteps(equalize=True, bias_correct=True)
-    # one image apart in agreement, L1 within noise: not resolved -> none (0 steps) is chosen over both (2 steps)
-    noisy = base_l1 + rng.normal(0, 0.02, n) - 0.001
+    # one image apart in agreement, L1 lower by less than its noise: not resolved -> none (0 steps) is chosen over
+    # both (2 steps), the best-scoring one
+    noise = rng.normal(0, 0.02, n)
+    noisy = base_l1 + noise - noise.mean() - 0.003
     close = [_score(both, [1] * n, noisy), _score(PtqSteps(), [1] * (n - 1) + [0], base_l1)]
     chosen, reason = choose(close)
     assert chosen.steps == PtqSteps() and "fewer steps" in reason
     # a clear L1 gain on every image is resolved: the better candidate stays, whatever its number of steps
     clear = [_score(both, [1] * n, base_l1 - 0.05), _score(PtqSteps(), [1] * n, base_l1)]
     chosen, reason = choose(clear)
-    assert chosen.steps == both and "best held-out agreement" in reason
+    assert chosen.steps == both and "lowest held-out mean L1" in reason
     # the tie rule swaps steps, never the calibrator: an unresolved simpler candidate of another calibrator stays out
     other = _score(PtqSteps(), [1] * (n - 1) + [0], base_l1)
     other.calibrator = "mse"
@@ -49,6 +51,20 @@ def test_fewer_steps_win_when_the_held_out_images_cannot_tell_them_apart():
     # a candidate that failed to build is never chosen
     failed = Score(PtqSteps(bias_correct=True), error="conversion failed")
     assert choose([failed, *clear])[0].steps == both
+
+
+def test_agreement_decides_only_where_the_held_out_images_resolve_it():
+    # Lite0's search (25 held-out images): bias correction agreed on all 25, AdaRound on 22 with a lower L1 on
+    # every image; 3 images are not a resolved difference, so L1 decides (AdaRound was the better on 300 images)
+    n = 25
+    l1 = np.linspace(0.1, 0.3, n)
+    adaround = _score(PtqSteps(adaround=AdaRoundOptions()), [1] * (n - 3) + [0] * 3, l1 - 0.06)
+    bias = _score(PtqSteps(bias_correct=True), [1] * n, l1)
+    assert choose([bias, adaround])[0] is adaround
+    # 8 images fewer is resolved: that candidate is out however low its L1
+    worse = _score(PtqSteps(equalize=True), [1] * (n - 8) + [0] * 8, l1 - 0.09)
+    chosen, reason = choose([bias, adaround, worse])
+    assert chosen is adaround and "2 candidates" in reason
 
 
 @pytest.mark.slow
