@@ -21,8 +21,9 @@ post-training steps by trying them on the calibration images, never on an evalua
   interval that excludes zero) stay in, and the one with the lowest mean L1 among them is the best (the round-1
   leader too). On 25 held-out images agreement moves in steps of 4 %, so ranking by it first let three crops
   decide: Lite0's search chose mse + bias correction (held-out 1.00, 0.847 on 300 evaluation images) over mse +
-  AdaRound (0.88 with the lowest L1, 0.890 on the evaluation images); ranked this way both models' searches pick
-  their best candidate on the evaluation images (benchmarks/README.md, issue 27 follow-up). Then the tie rule: a
+  AdaRound (0.88 with the lowest L1, 0.890 on the evaluation images); ranked this way, the Q/DQ searches of Lite0
+  and MobileNetV2 and Lite0's TFLite search pick their best candidate on the evaluation images, and none picks a
+  worse one than before (benchmarks/README.md, issue 27 follow-up). Then the tie rule: a
   candidate with fewer steps replaces it when the held-out split cannot tell them apart, i.e. when neither the
   paired agreement difference nor the paired L1 difference is resolved.
 * The chosen candidate's artifact (calibrated on the fit part) is the target's artifact; its manifest carries
