@@ -12,7 +12,13 @@ import numpy as np
 from quantship.config import IODType, Precision
 from quantship.convert.layer_names import WEIGHTED_KERAS, segment_layer
 from quantship.convert.qdq import insert_qdq
-from quantship.convert.tflite import TfliteSpec, layer_nodes, operator_kinds
+from quantship.convert.tflite import (
+    TfliteSpec,
+    follow_movement,
+    layer_nodes,
+    movement_neighbours,
+    operator_kinds,
+)
 from quantship.evaluate.loop import runner_outputs
 from quantship.fileio import temp_dir
 from quantship.lazy import lazy_import
@@ -176,7 +182,7 @@ class TfliteBackend:
         if not self.fast:
             spec = TfliteSpec(Precision.INT8, float_layers=tuple(sorted(floats)), float_nodes=tuple(nodes))
             return self.converter.convert(spec, self.calibration)
-        denied = list(dict.fromkeys([*self.denylist_nodes(sorted(floats)), *nodes]))
+        denied = follow_movement([*self.denylist_nodes(sorted(floats)), *nodes], self.cuts().movement)
         return self.converter.quantize_calibrated(self._calibration(), IODType.FLOAT32, float_nodes=denied)
 
     def run(self, x: np.ndarray, float_layers: Iterable[str] = (), only: Iterable[str] | None = None) -> np.ndarray:
@@ -231,7 +237,8 @@ class TfliteBackend:
         if key in self._models:
             return self._models[key]
         graph = self.cuts()
-        denied = [n for n in self.nodes_outside(only) if graph.made_at_or_after(n, start)]
+        outside = follow_movement(self.nodes_outside(only), graph.movement)
+        denied = [n for n in outside if graph.made_at_or_after(n, start)]
         data = self.converter.quantize_calibrated(
             graph.cut(start, None, [graph.output, *handed]), IODType.FLOAT32, float_nodes=denied
         )
@@ -336,6 +343,7 @@ class _TfliteCuts:
         self.input, self.output = self.names[sg.inputs[0]], self.names[sg.outputs[0]]
         self.op_kinds = operator_kinds(self._model)
         self.op_outputs = [name for _, name in self.op_kinds]
+        self.movement = movement_neighbours(self._model)
         self.position: dict[str, int] = {}
         self.order: list[str] = []
         made: dict[int, int] = {int(t): -1 for t in sg.inputs}

@@ -23,6 +23,7 @@ import numpy as np
 
 from quantship.convert.layer_names import segment_layer
 from quantship.convert.qdq import activation_inputs, insert_qdq
+from quantship.convert.tflite import MOVEMENT_OPS
 from quantship.evaluate.loop import runner_outputs
 from quantship.fileio import temp_dir
 from quantship.runtime.base import RunnerOptions
@@ -30,9 +31,9 @@ from quantship.runtime.onnxruntime import QDQ_FAKE_QUANT, OnnxRunner
 from quantship.runtime.registry import make_runner
 from quantship.sensitivity.scoring import score
 
-# TFLite ops a float fallback gains nothing from (they move values without arithmetic) or that are the
-# quantization boundary itself.
-TFLITE_SKIPPED = {"PAD", "PADV2", "RESHAPE", "SQUEEZE", "TRANSPOSE", "QUANTIZE", "DEQUANTIZE", "EXPAND_DIMS"}
+# TFLite ops that are not units: the quantization boundary itself, and the ops that move values without
+# arithmetic, which a deny list takes along with their neighbours (convert.tflite.follow_movement).
+TFLITE_SKIPPED = {"QUANTIZE", "DEQUANTIZE", *MOVEMENT_OPS}
 TFLITE_KINDS = {
     "SOFTMAX": "softmax",
     "ADD": "add",
