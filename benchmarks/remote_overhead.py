@@ -9,7 +9,7 @@ OpenSSH server on 127.0.0.1 (key-only, host key pinned), the device runner start
     outputs back) against the local runner's query, alternating, for a float model (the largest feed).
 
     python benchmarks/remote_overhead.py                  # MobileNetV2 (random weights) 224x224, 60 s of rounds
-    python benchmarks/remote_overhead.py --smoke          # shorter rounds, fewer batches
+    python benchmarks/remote_overhead.py --smoke          # the tiny model of smoke.py, short rounds, few batches
     python benchmarks/remote_overhead.py --artifact m.tflite --work /tmp/ro
 
 Needs sshd (Debian: apt-get install -y openssh-server) and root, or an sshd the user may start. The load average
@@ -75,12 +75,18 @@ def start_sshd(root: Path) -> tuple[subprocess.Popen, dict]:
     )
 
 
-def build(work: Path) -> str:
-    """MobileNetV2 (random weights) as tflite-fp32, converted by ``quantship convert`` in its own process: this
-    process then holds no TensorFlow while it times (with TensorFlow loaded here, the local worker it starts ran
-    at half the speed of the device runner in one run on the shared machine)."""
+def build(work: Path, smoke: bool = False) -> str:
+    """MobileNetV2 (random weights; with ``smoke`` the tiny model of benchmarks/smoke.py) as tflite-fp32, converted
+    by ``quantship convert`` in its own process: this process then holds no TensorFlow while it times (with
+    TensorFlow loaded here, the local worker it starts ran at half the speed of the device runner in one run on
+    the shared machine)."""
     out = work / "artifacts"
-    cmd = [sys.executable, "-m", "quantship", "convert", "--model", "mobilenet_v2", "--weights", "random"]
+    model = ["--model", "mobilenet_v2", "--weights", "random"]
+    if smoke:
+        from smoke import PREPROCESS, tiny_model
+
+        model = ["--model", tiny_model(work), "--preprocess", PREPROCESS]
+    cmd = [sys.executable, "-m", "quantship", "convert", *model]
     subprocess.run(cmd + ["--targets", "tflite-fp32", "--out", str(out), "-q"], check=True, capture_output=True)
     return str(next(out.rglob("*tflite-fp32.tflite")))
 
@@ -160,8 +166,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args()
-    args.min_rounds, args.max_seconds = (5, 10.0) if args.smoke else (20, 60.0)
-    args.min_queries, args.min_seconds = (100, 2.0) if args.smoke else (400, 10.0)
+    args.min_rounds, args.max_seconds = (5, 4.0) if args.smoke else (20, 60.0)
+    args.min_queries, args.min_seconds = (20, 0.5) if args.smoke else (400, 10.0)
     batches = 10 if args.smoke else 50
 
     from quantship.config import RemoteOptions
@@ -169,7 +175,7 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="remote-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
-    artifact = args.artifact or build(work)
+    artifact = args.artifact or build(work, args.smoke)
     root = Path(tempfile.mkdtemp(prefix="sshd-"))
     sshd, fields = start_sshd(root)
     load_before = os.getloadavg()[0]
