@@ -7,6 +7,7 @@ live Keras model) and each precision is converted from that export. The converte
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -149,8 +150,7 @@ class TfliteConverter:
 
     def float_model_tensor_names(self) -> list[str]:
         """Tensor names of the float model (what the quantization debugger's denylist takes)."""
-        sg = self._float_model().subgraphs[0]
-        return [t.name.decode() if isinstance(t.name, bytes) else str(t.name) for t in sg.tensors]
+        return [tensor_name(t) for t in self._float_model().subgraphs[0].tensors]
 
     def _float_model(self) -> Any:
         """The float model as a flatbuffer object (converted once; its op names are the deny list's)."""
@@ -358,7 +358,7 @@ def tensor_ranges(calibrated: bytes) -> dict[int, tuple[str, float, float]]:
     for i, t in enumerate(model.subgraphs[0].tensors):
         q = t.quantization
         if q is not None and q.min is not None and q.max is not None and len(q.min) == 1:
-            name = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+            name = tensor_name(t)
             out[i] = (name, float(q.min[0]), float(q.max[0]))
     return out
 
@@ -556,15 +556,19 @@ def operator_kinds(model: Any) -> list[tuple[str, str]]:
     """(builtin operator name, output tensor name) of every operator of a TFLite model object
     (``flatbuffer_utils.convert_bytearray_to_object``), first subgraph, in execution order."""
     sg = model.subgraphs[0]
-    codes = _builtin_names()
-    out = []
-    for op in sg.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        kind = codes.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
-        for i in op.outputs:
-            n = sg.tensors[i].name
-            out.append((kind, n.decode() if isinstance(n, bytes) else str(n)))
-    return out
+    return [(_op_kind(model, op), tensor_name(sg.tensors[i])) for op in sg.operators for i in op.outputs]
+
+
+def tensor_name(tensor: Any) -> str:
+    """A flatbuffer tensor object's name as text (the object API keeps it as bytes)."""
+    n = tensor.name
+    return n.decode() if isinstance(n, bytes) else str(n)
+
+
+def _op_kind(model: Any, op: Any) -> str:
+    """The builtin operator name of a flatbuffer operator object (``"CUSTOM"`` for any other)."""
+    code = model.operatorCodes[op.opcodeIndex]
+    return _builtin_names().get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
 
 
 # Ops that move values without arithmetic. Quantized next to a float op they add a rounding and nothing else (a
@@ -578,11 +582,9 @@ def movement_neighbours(model: Any) -> dict[str, tuple[str, ...]]:
     outputs of the ops that read it or, when only the graph's output reads it, of the op that made its input.
     ``model``: a TFLite model object (``flatbuffer_utils.convert_bytearray_to_object``), first subgraph."""
     sg = model.subgraphs[0]
-    codes = _builtin_names()
 
     def name(i: int) -> str:
-        n = sg.tensors[i].name
-        return n.decode() if isinstance(n, bytes) else str(n)
+        return tensor_name(sg.tensors[i])
 
     made: dict[int, Any] = {int(t): op for op in sg.operators for t in op.outputs}
     readers: dict[int, list[Any]] = {}
@@ -592,8 +594,7 @@ def movement_neighbours(model: Any) -> dict[str, tuple[str, ...]]:
                 readers.setdefault(int(t), []).append(op)
     out: dict[str, tuple[str, ...]] = {}
     for op in sg.operators:
-        code = model.operatorCodes[op.opcodeIndex]
-        if codes.get(max(code.builtinCode, code.deprecatedBuiltinCode)) not in MOVEMENT_OPS:
+        if _op_kind(model, op) not in MOVEMENT_OPS:
             continue
         ops = [r for t in op.outputs for r in readers.get(int(t), [])]
         if not ops and len(op.inputs) and int(op.inputs[0]) in made:
@@ -619,6 +620,7 @@ def follow_movement(nodes: Iterable[str], neighbours: dict[str, tuple[str, ...]]
     return denied
 
 
+@functools.cache
 def _builtin_names() -> dict[int, str]:
     """TFLite builtin operator code -> name (``25 -> "SOFTMAX"``), from the schema TensorFlow ships."""
     from tensorflow.lite.python import schema_py_generated as schema

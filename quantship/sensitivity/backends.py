@@ -18,6 +18,7 @@ from quantship.convert.tflite import (
     layer_nodes,
     movement_neighbours,
     operator_kinds,
+    tensor_name,
 )
 from quantship.evaluate.loop import runner_outputs
 from quantship.fileio import temp_dir
@@ -338,7 +339,7 @@ class _TfliteCuts:
         # model is not cut, each variant runs whole.
         self.single_graph = len(self._model.subgraphs) == 1 and len(sg.inputs) == 1
         self.layer_names = layer_names
-        self.names = [t.name.decode() if isinstance(t.name, bytes) else str(t.name) for t in sg.tensors]
+        self.names = [tensor_name(t) for t in sg.tensors]
         self.index = {name: i for i, name in enumerate(self.names)}
         self.input, self.output = self.names[sg.inputs[0]], self.names[sg.outputs[0]]
         self.op_kinds = operator_kinds(self._model)
